@@ -1,0 +1,28 @@
+# `make demo` and `make test` set everything up in .venv at the repo root, then run.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first: a looser pin would pull gigabytes of CUDA wheels.
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/switch-serve demo
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+# Everything, the slow tests included.
+test-all: install
+	$(VENV)/bin/python -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,107 @@
+"""The Python API: serve a checkpoint folder as one model whose experts live in Ray actors.
+
+    with SwitchCluster("path/to/checkpoint", experts_per_actor=2) as model:
+        outputs = model.generate(input_ids=[[13, 7, 1]], max_new_tokens=16)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+from cluster.checkpoint import SwitchCheckpoint, expert_tensor_names
+from cluster.placement import Placement
+from experts.actor import ExpertActor
+from router_service.dispatch import ExpertDispatcher
+from router_service.generate import Generation, generate_greedy
+from router_service.model import SwitchFront
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+
+
+def actor_cpus(num_actors: int) -> float:
+    """CPUs each expert actor asks Ray for: a fair share of the cluster, at most one.
+
+    Asking for more than the cluster has leaves an actor pending forever, so small machines get fractions."""
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(0.01, min(1.0, round(total / (num_actors + 1), 2)))
+
+
+def launch_expert_actors(checkpoint: SwitchCheckpoint, placement: Placement) -> list:
+    """Start one actor per placement entry and wait until every one has loaded its weights."""
+    remote = ray.remote(ExpertActor).options(num_cpus=actor_cpus(len(placement.actors)))
+    actors = [remote.remote(checkpoint, {key: expert_tensor_names(*key) for key in keys})
+              for keys in placement.actors]
+    ray.get([actor.info.remote() for actor in actors])  # surfaces a load failure here, not mid-request
+    return actors
+
+
+class SwitchCluster:
+    """A checkpoint served with expert parallelism: the front here, the experts in Ray actors.
+
+    Starts a local Ray cluster unless one is running or `address` names one to join."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, experts_per_actor: int = 1, capacity: str = "hf",
+                 address: str | None = None):
+        self.checkpoint = SwitchCheckpoint.open(model_dir)
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
+        self.placement = Placement.packed(self.checkpoint.config, experts_per_actor)
+        try:
+            self.actors = launch_expert_actors(self.checkpoint, self.placement)
+            dispatch = ExpertDispatcher(self.actors, self.placement.owners(), self.checkpoint.config.num_experts)
+            self.front = SwitchFront(self.checkpoint, dispatch, capacity)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer saved in the checkpoint folder (loaded on first use)."""
+        if self._tokenizer is None:
+            path = Path(self.checkpoint.path)
+            if not any((path / f).is_file() for f in TOKENIZER_FILES):
+                raise ValueError(f"text: {path} holds no tokenizer; pass token ids instead")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return self._tokenizer
+
+    def generate(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
+                 max_new_tokens: int = 32) -> list[Generation]:
+        """Greedy generation for a batch of prompts, given as token ids or as text (exactly one of them)."""
+        if (input_ids is None) == (texts is None):
+            raise ValueError("input_ids, texts: give exactly one of them")
+        if texts is not None:
+            input_ids = [self.tokenizer(t)["input_ids"] for t in texts]
+        return generate_greedy(self.front, input_ids, max_new_tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def expert_token_counts(self) -> dict[tuple[str, int], list[int]]:
+        """Tokens each expert of each sparse layer has received since start."""
+        return {layer: counts.tolist() for layer, counts in self.front.expert_tokens.items()}
+
+    def actor_info(self) -> list[dict]:
+        return ray.get([actor.info.remote() for actor in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor)
+        self.actors = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> "SwitchCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,35 @@
+"""Small randomly initialised Switch checkpoints written by transformers itself, for tests and the demo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+TINY = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=4, num_decoder_layers=4,
+            num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=4, expert_capacity=64,
+            decoder_start_token_id=0)
+
+
+def tiny_config(**overrides) -> SwitchTransformersConfig:
+    return SwitchTransformersConfig(**{**TINY, **overrides})
+
+
+def write_random_checkpoint(path: str | os.PathLike, config: SwitchTransformersConfig, seed: int = 0,
+                            max_shard_size: str | None = None) -> SwitchTransformersForConditionalGeneration:
+    """Save a randomly initialised model (safetensors; sharded when max_shard_size is given); return it."""
+    torch.manual_seed(seed)
+    model = SwitchTransformersForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # transformers' own init makes tiny models emit one token forever; spread the weights out so that
+        # outputs vary with the prompt and parity tests compare something.
+        for name, param in model.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, param.shape[-1] ** -0.5 if param.dim() > 1 else 1.0)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(Path(path), **kwargs)
+    return model

@@ -1,0 +1,46 @@
+"""The expert actor: hosts some experts' weights and runs their FFNs for the token batches the front sends."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import ray
+import torch
+from transformers.activations import ACT2FN
+
+from experts.ffn import grouped_ffn
+from experts.wire import from_wire, to_wire
+
+ExpertKey = tuple[str, int, int]  # (stack, block index, expert index)
+
+
+class ExpertActor:
+    """Wrapped with `ray.remote` by the launcher. Holds no per-request state, so a restart loses nothing.
+
+    `checkpoint` is anything with `.config` and `.read(names) -> {name: tensor}` (cluster.SwitchCheckpoint);
+    `experts` maps each hosted expert to the names of its (wi, wo) tensors, the only tensors this actor reads.
+    """
+
+    def __init__(self, checkpoint, experts: dict[ExpertKey, tuple[str, str]], device: str = "cpu"):
+        self.checkpoint = checkpoint
+        self.device = torch.device(device)
+        tensors = checkpoint.read([name for pair in experts.values() for name in pair])
+        self.weights = {key: (tensors[wi].to(self.device), tensors[wo].to(self.device))
+                        for key, (wi, wo) in experts.items()}
+        self.dtype = next(iter(self.weights.values()))[0].dtype
+        self.act = ACT2FN[checkpoint.config.dense_act_fn]
+
+    def info(self) -> dict:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "device": str(self.device), "experts": sorted(self.weights)}
+
+    def tensors_read(self) -> list[str]:
+        return sorted(self.checkpoint.names_read)
+
+    @torch.inference_mode()
+    def forward(self, stack: str, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> np.ndarray:
+        """x holds counts[i] tokens for experts[i], back to back; returns their FFN outputs in the same order."""
+        hidden = from_wire(x, self.dtype).to(self.device)
+        weights = [self.weights[(stack, layer, e)] for e in experts]
+        return to_wire(grouped_ffn(hidden, counts, weights, self.act))

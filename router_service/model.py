@@ -1,0 +1,229 @@
+"""The front of a Switch Transformers model: everything except the expert FFNs.
+
+Embeddings, T5 RMS norms, self- and cross-attention with relative position bias, dense FFN layers, the fp32
+top-1 routers and the LM head run here, matching transformers' `SwitchTransformersForConditionalGeneration`
+operation for operation. Each sparse layer routes its tokens, applies the capacity rule and hands the kept
+tokens to an expert dispatcher (the Ray actors), then scales what comes back by the router probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersAttention
+
+from cluster.checkpoint import SwitchCheckpoint, expected_tensors, ffn_prefix, num_layers, sparse_layers
+
+CAPACITY_MODES = ("hf", "dropless")
+
+# (stack, layer, tokens [N, d_model], expert [N], keep [N]) -> expert outputs [N, d_model], zero where not kept
+Dispatch = Callable[[str, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EncoderOutput:
+    hidden: torch.Tensor  # [batch, src_len, d_model], right-padded
+    mask: torch.Tensor  # [batch, src_len] bool, True on real tokens
+    dropped: torch.Tensor  # [batch] tokens that went over an expert's capacity, summed over sparse layers
+
+
+@dataclass
+class DecoderCache:
+    """Per-layer key/value cache of a batch of sequences decoding in step."""
+
+    self_k: list[torch.Tensor]  # [batch, heads, length, d_kv], grows by one position per step
+    self_v: list[torch.Tensor]
+    cross_k: list[torch.Tensor]  # [batch, heads, src_len, d_kv], computed once from the encoder output
+    cross_v: list[torch.Tensor]
+    cross_bias: torch.Tensor  # [batch, 1, 1, src_len], additive mask over encoder padding
+
+    @property
+    def length(self) -> int:
+        return self.self_k[0].shape[2] if self.self_k else 0
+
+    def select(self, rows: torch.Tensor) -> "DecoderCache":
+        """The cache of the sequences at `rows` only: finished sequences leave and their memory is freed."""
+        def pick(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t[rows] for t in tensors]
+
+        return DecoderCache(pick(self.self_k), pick(self.self_v), pick(self.cross_k), pick(self.cross_v),
+                            self.cross_bias[rows])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """T5's layer norm: scale only, no mean subtraction, no bias; accumulated in fp32."""
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(weight.dtype)
+    return weight * x
+
+
+class SwitchFront:
+    """The non-expert weights of a checkpoint and the math that uses them. Never reads an expert tensor."""
+
+    def __init__(self, checkpoint: SwitchCheckpoint, dispatch: Dispatch, capacity: str = "hf",
+                 device: str = "cpu"):
+        if capacity not in CAPACITY_MODES:
+            raise ValueError(f"capacity must be one of {', '.join(CAPACITY_MODES)}, got {capacity!r}")
+        self.config = config = checkpoint.config
+        self.capacity = capacity
+        self.dispatch = dispatch
+        required, _ = expected_tensors(config)
+        names = [n for n in required if ".mlp.experts." not in n]
+        self.weights = {k: t.to(device) for k, t in checkpoint.read(names).items()}
+        self.dtype = self.weights[names[0]].dtype
+        self.act = ACT2FN[config.dense_act_fn]
+        self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
+        self.sparse = {stack: set(sparse_layers(config, stack)) for stack in ("encoder", "decoder")}
+        if config.tie_word_embeddings:
+            shared = self.weights["shared.weight"]
+            self.embed = {"encoder": shared, "decoder": shared}
+            self.lm_head = shared
+        else:
+            self.embed = {s: self.weights[f"{s}.embed_tokens.weight"] for s in ("encoder", "decoder")}
+            self.lm_head = self.weights["lm_head.weight"]
+        # Tokens routed to each expert of each sparse layer (kept by capacity), since start.
+        self.expert_tokens = {(s, i): torch.zeros(config.num_experts, dtype=torch.long)
+                              for s in self.sparse for i in sorted(self.sparse[s])}
+
+    # -- building blocks ----------------------------------------------------------------------------------
+
+    def _w(self, name: str) -> torch.Tensor:
+        return self.weights[name]
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.heads, self.d_kv).transpose(1, 2)
+
+    def _project(self, prefix: str, which: str, x: torch.Tensor) -> torch.Tensor:
+        return self._split_heads(F.linear(x, self._w(f"{prefix}.{which}.weight")))
+
+    def _attend(self, prefix: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+        """T5 attention: no 1/sqrt(d_kv) scaling; position bias and mask are added to the scores."""
+        scores = torch.matmul(q, k.transpose(2, 3)) + bias
+        out = torch.matmul(F.softmax(scores, dim=-1), v)
+        out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+        return F.linear(out, self._w(f"{prefix}.o.weight"))
+
+    def _position_bias(self, stack: str, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
+        """[1, heads, queries, keys] relative position bias from block 0 of the stack."""
+        memory = torch.arange(key_length)[None, :]
+        buckets = SwitchTransformersAttention._relative_position_bucket(
+            memory - query_positions[:, None], bidirectional=(stack == "encoder"),
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance)
+        table = self._w(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        return F.embedding(buckets.to(table.device), table).permute(2, 0, 1).unsqueeze(0)
+
+    def _padding_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """Additive [batch, 1, 1, keys] mask: 0 on real tokens, the dtype's minimum on padding."""
+        return (1.0 - mask[:, None, None, :].to(self.dtype)) * torch.finfo(self.dtype).min
+
+    def _ffn(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feed-forward sub-layer's output (before the residual) and the dropped-token count per row."""
+        prefix = ffn_prefix(stack, layer)
+        normed = rms_norm(x, self._w(f"{prefix}.layer_norm.weight"), self.eps)
+        if layer not in self.sparse[stack]:
+            h = self.act(F.linear(normed, self._w(f"{prefix}.mlp.wi.weight")))
+            return F.linear(h.to(self.dtype), self._w(f"{prefix}.mlp.wo.weight")), torch.zeros(x.shape[0], dtype=torch.long)
+        return self._moe(stack, layer, normed, valid)
+
+    def _moe(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route the real tokens of x [batch, len, d_model] top-1, apply capacity, run the experts remotely."""
+        prefix = f"{ffn_prefix(stack, layer)}.mlp.router.classifier"
+        rows, cols = valid.nonzero(as_tuple=True)  # sequence by sequence, earlier positions first
+        tokens = x[rows, cols]
+        logits = F.linear(tokens.to(torch.float32), self._w(f"{prefix}.weight").to(torch.float32),
+                          self.weights.get(f"{prefix}.bias"))
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype)
+        expert = probs.argmax(dim=-1)
+        prob = probs.max(dim=-1).values
+        keep = self._within_capacity(expert, rows, x.shape[0])
+        self.expert_tokens[(stack, layer)] += torch.bincount(expert[keep], minlength=self.config.num_experts)
+        out_tokens = self.dispatch(stack, layer, tokens, expert, keep) * prob[:, None]
+        out = torch.zeros_like(x)
+        out[rows, cols] = out_tokens.to(x.dtype)
+        return out, torch.bincount(rows[~keep], minlength=x.shape[0])
+
+    def _within_capacity(self, expert: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        """transformers' rule: each expert takes at most `expert_capacity` tokens of each sequence, earlier
+        positions first. Per sequence, so a request's result does not depend on what it is batched with."""
+        if self.capacity == "dropless":
+            return torch.ones_like(expert, dtype=torch.bool)
+        onehot = F.one_hot(expert, self.config.num_experts)
+        seen = onehot.cumsum(0)  # [tokens, experts], running over the whole flattened batch
+        lengths = torch.bincount(rows, minlength=batch)
+        starts = lengths.cumsum(0) - lengths
+        before = torch.cat([torch.zeros_like(seen[:1]), seen])[starts]  # counts before each sequence began
+        priority = seen.gather(1, expert[:, None]).squeeze(1) - before[rows, expert]
+        return priority <= self.config.expert_capacity
+
+    # -- the two stacks -----------------------------------------------------------------------------------
+
+    def encode(self, input_ids: list[list[int]]) -> EncoderOutput:
+        """Run the encoder over a batch of prompts of different lengths (right-padded internally)."""
+        batch, length = len(input_ids), max(len(ids) for ids in input_ids)
+        ids = torch.full((batch, length), self.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(batch, length, dtype=torch.bool)
+        for b, seq in enumerate(input_ids):
+            ids[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[b, :len(seq)] = True
+        h = F.embedding(ids, self.embed["encoder"])
+        bias = self._position_bias("encoder", torch.arange(length), length) + self._padding_bias(mask)
+        dropped = torch.zeros(batch, dtype=torch.long)
+        for i in range(num_layers(self.config, "encoder")):
+            p = f"encoder.block.{i}.layer.0"
+            n = rms_norm(h, self._w(f"{p}.layer_norm.weight"), self.eps)
+            attn = f"{p}.SelfAttention"
+            q, k, v = (self._project(attn, w, n) for w in "qkv")
+            h = h + self._attend(attn, q, k, v, bias)
+            ffn_out, ffn_dropped = self._ffn("encoder", i, h, mask)
+            h, dropped = h + ffn_out, dropped + ffn_dropped
+        h = rms_norm(h, self._w("encoder.final_layer_norm.weight"), self.eps)
+        return EncoderOutput(h, mask, dropped)
+
+    def start_decoding(self, encoded: EncoderOutput) -> DecoderCache:
+        """Cross-attention keys and values, computed once per request; an empty self-attention cache."""
+        cross_k, cross_v = [], []
+        for i in range(num_layers(self.config, "decoder")):
+            attn = f"decoder.block.{i}.layer.1.EncDecAttention"
+            cross_k.append(self._project(attn, "k", encoded.hidden))
+            cross_v.append(self._project(attn, "v", encoded.hidden))
+        return DecoderCache([], [], cross_k, cross_v, self._padding_bias(encoded.mask))
+
+    def decode_step(self, cache: DecoderCache, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per sequence; returns next-token logits [batch, vocab] and dropped counts [batch].
+        The cache grows by one position."""
+        position = cache.length
+        h = F.embedding(tokens[:, None], self.embed["decoder"])
+        self_bias = self._position_bias("decoder", torch.tensor([position]), position + 1)
+        valid = torch.ones(h.shape[:2], dtype=torch.bool)
+        dropped = torch.zeros(tokens.shape[0], dtype=torch.long)
+        first_step = not cache.self_k
+        for i in range(num_layers(self.config, "decoder")):
+            p = f"decoder.block.{i}.layer"
+            n = rms_norm(h, self._w(f"{p}.0.layer_norm.weight"), self.eps)
+            attn = f"{p}.0.SelfAttention"
+            q, k, v = (self._project(attn, w, n) for w in "qkv")
+            if first_step:
+                cache.self_k.append(k)
+                cache.self_v.append(v)
+            else:
+                cache.self_k[i] = torch.cat([cache.self_k[i], k], dim=2)
+                cache.self_v[i] = torch.cat([cache.self_v[i], v], dim=2)
+            h = h + self._attend(attn, q, cache.self_k[i], cache.self_v[i], self_bias)
+            n = rms_norm(h, self._w(f"{p}.1.layer_norm.weight"), self.eps)
+            attn = f"{p}.1.EncDecAttention"
+            h = h + self._attend(attn, self._project(attn, "q", n), cache.cross_k[i], cache.cross_v[i],
+                                 cache.cross_bias)
+            ffn_out, ffn_dropped = self._ffn("decoder", i, h, valid)
+            h, dropped = h + ffn_out, dropped + ffn_dropped
+        h = rms_norm(h, self._w("decoder.final_layer_norm.weight"), self.eps)
+        if self.config.tie_word_embeddings:
+            h = h * (self.config.d_model ** -0.5)
+        return F.linear(h[:, 0], self.lm_head), dropped

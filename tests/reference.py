@@ -1,0 +1,70 @@
+"""transformers as the reference: its greedy generate and its routers' drops, for comparison."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache
+
+
+def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and attention mask, T5's convention."""
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(prompts):
+        ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+    return ids, mask
+
+
+def edit_config(path, **changes) -> None:
+    """Rewrite fields of a checkpoint's config.json (None deletes the field)."""
+    file = path / "config.json"
+    config = json.loads(file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    file.write_text(json.dumps(config))
+
+
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, decoder_start_token_id: int | None = None):
+    """transformers' greedy generate on right-padded prompts: per prompt, the generated tokens (cut after EOS)
+    and the log-probability of each."""
+    ids, mask = padded(prompts)
+    kwargs = {} if decoder_start_token_id is None else {"decoder_start_token_id": decoder_start_token_id}
+    # A cache built without a config grows per layer: transformers 5.23 sizes a config-built cache by the
+    # encoder's layer count and fails when the decoder has more layers.
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, past_key_values=cache, **kwargs)
+    logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.logits], dim=1)
+    eos = model.config.eos_token_id
+    results = []
+    for row, seq in enumerate(out.sequences[:, 1:].tolist()):
+        tokens = seq[:seq.index(eos) + 1] if eos in seq else seq
+        results.append((tokens, [float(logprobs[row, i, t]) for i, t in enumerate(tokens)]))
+    return results
+
+
+def hf_dropped_tokens(model, prompts: list[list[int]]) -> list[int]:
+    """Per prompt, tokens transformers' encoder routers drop over capacity (a real token whose dispatch row is
+    all zero), read with forward hooks on transformers' own routers."""
+    dropped = torch.zeros(len(prompts), dtype=torch.long)
+    ids, mask = padded(prompts)
+
+    def count(_module, _inputs, outputs):
+        nonlocal dropped
+        expert_index = outputs[0]  # [batch, len, experts], zeroed where over capacity
+        dropped += ((expert_index.sum(-1) == 0) & mask.bool()).sum(-1)
+
+    routers = [m for name, m in model.encoder.named_modules() if name.endswith("mlp.router")]
+    hooks = [r.register_forward_hook(count) for r in routers]
+    try:
+        with torch.no_grad():
+            model.encoder(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return dropped.tolist()

@@ -1,0 +1,123 @@
+"""A damaged checkpoint fails at load time, naming the file and the tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cluster.checkpoint import CheckpointError, SwitchCheckpoint, expert_tensor_names, sparse_layers
+from cluster.synthetic import tiny_config
+from reference import edit_config
+
+EXPERT = "encoder.block.1.layer.1.mlp.experts.expert_2.wi.weight"
+
+
+@pytest.fixture
+def checkpoint(checkpoint_factory, tmp_path):
+    """A private copy of a small single-file checkpoint, free to damage."""
+    source, _ = checkpoint_factory("plain")
+    shutil.copytree(source, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+@pytest.fixture
+def sharded(checkpoint_factory, tmp_path):
+    source, _ = checkpoint_factory("plain-sharded", max_shard_size="20KB")
+    shutil.copytree(source, tmp_path / "sharded")
+    return tmp_path / "sharded"
+
+
+def rewrite(path, change) -> None:
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_valid_checkpoint_opens(checkpoint, sharded):
+    single, many = SwitchCheckpoint.open(checkpoint), SwitchCheckpoint.open(sharded)
+    assert single.tensors.keys() == many.tensors.keys()
+    assert len({info.file for info in many.tensors.values()}) > 1
+    assert single.dtype == torch.float32
+    assert not single.names_read  # opening reads headers only
+
+
+def test_truncated_file_names_file_and_tensor(checkpoint):
+    file = checkpoint / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor \S+ is cut off"):
+        SwitchCheckpoint.open(checkpoint)
+
+
+def test_truncated_shard_names_the_shard(sharded):
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = sharded / index[EXPERT]
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor \S+ is cut off"):
+        SwitchCheckpoint.open(sharded)
+
+
+def test_missing_expert(checkpoint):
+    rewrite(checkpoint / "model.safetensors", lambda t: t.pop(EXPERT))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {EXPERT} is missing"):
+        SwitchCheckpoint.open(checkpoint)
+
+
+def test_wrong_shape(checkpoint):
+    rewrite(checkpoint / "model.safetensors", lambda t: t.update({EXPERT: torch.zeros(3, 3)}))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {EXPERT} has shape \[3, 3\]"):
+        SwitchCheckpoint.open(checkpoint)
+
+
+def test_unexpected_tensor(checkpoint):
+    extra = "encoder.block.1.layer.1.mlp.experts.expert_9.wi.weight"
+    rewrite(checkpoint / "model.safetensors", lambda t: t.update({extra: torch.zeros(3, 3)}))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {extra} is not part of the model"):
+        SwitchCheckpoint.open(checkpoint)
+
+
+def test_integer_tensor_rejected(checkpoint):
+    rewrite(checkpoint / "model.safetensors", lambda t: t.update({EXPERT: t[EXPERT].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=rf"tensor {EXPERT} has dtype I32"):
+        SwitchCheckpoint.open(checkpoint)
+
+
+def test_shard_listed_but_absent(sharded):
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    (sharded / index[EXPERT]).unlink()
+    with pytest.raises(CheckpointError, match=rf"{index[EXPERT]}: listed in model\.safetensors\.index\.json but missing"):
+        SwitchCheckpoint.open(sharded)
+
+
+def test_gated_activation_rejected(checkpoint):
+    edit_config(checkpoint, dense_act_fn="gated-gelu")
+    with pytest.raises(CheckpointError, match=r"config\.json: dense_act_fn 'gated-gelu'"):
+        SwitchCheckpoint.open(checkpoint)
+
+
+def test_no_weights_or_config(tmp_path):
+    with pytest.raises(CheckpointError, match=r"config\.json: missing"):
+        SwitchCheckpoint.open(tmp_path)
+    tiny_config().to_json_file(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
+        SwitchCheckpoint.open(tmp_path)
+
+
+@pytest.mark.parametrize("layers, sparse, expected", [
+    (12, 6, [1, 3, 5, 7, 9, 11]),  # switch-base: every other layer
+    (3, 3, [0, 1, 2]),  # step 1: all
+    (6, 2, [1, 4]),  # step 3
+    (4, 0, [1]),  # transformers' "no sparse layers" setting still builds layer 1 sparse
+])
+def test_sparse_layers_follow_transformers(layers, sparse, expected):
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    config = tiny_config(num_layers=layers, num_sparse_encoder_layers=sparse, num_decoder_layers=1,
+                         num_sparse_decoder_layers=1)
+    assert sparse_layers(config, "encoder") == expected
+    model = SwitchTransformersForConditionalGeneration(config)
+    assert [i for i, block in enumerate(model.encoder.block) if block.is_sparse] == expected
+    assert expert_tensor_names("encoder", 1, 0)[0] == "encoder.block.1.layer.1.mlp.experts.expert_0.wi.weight"

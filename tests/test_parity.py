@@ -1,0 +1,136 @@
+"""Generation through the expert actors equals transformers' own generate on the same checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.engine import SwitchCluster
+from reference import edit_config, hf_dropped_tokens, hf_generate
+
+PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
+MAX_NEW = 10
+
+# Each covers a different corner; together: 4 to 16 experts, sparse steps 1, 2 and 3 in each stack with
+# different layer counts, relu and gelu-style activations, router bias on and off, tied and untied embeddings,
+# capacities small enough to drop encoder tokens.
+CONFIGS = {
+    "relu-tied-step1-2": dict(num_experts=4, num_layers=3, num_sparse_encoder_layers=3, num_decoder_layers=4,
+                              num_sparse_decoder_layers=2, dense_act_fn="relu", router_bias=False,
+                              tie_word_embeddings=True, expert_capacity=2),
+    "gelu_new-untied-bias-step3-1": dict(num_experts=8, num_layers=6, num_sparse_encoder_layers=2,
+                                         num_decoder_layers=3, num_sparse_decoder_layers=3, dense_act_fn="gelu_new",
+                                         router_bias=True, tie_word_embeddings=False, expert_capacity=64),
+    "gelu-16experts-step2-3": dict(num_experts=16, num_layers=4, num_sparse_encoder_layers=2, num_decoder_layers=6,
+                                   num_sparse_decoder_layers=2, dense_act_fn="gelu", router_bias=True,
+                                   tie_word_embeddings=True, expert_capacity=1),
+}
+PACKING = {"relu-tied-step1-2": 2, "gelu_new-untied-bias-step3-1": 4, "gelu-16experts-step2-3": 4}
+
+
+def assert_same_as_hf(outputs, reference):
+    for out, (tokens, logprobs) in zip(outputs, reference, strict=True):
+        assert out.token_ids == tokens
+        assert out.logprobs == pytest.approx(logprobs, abs=1e-4)
+        assert out.finish_reason == ("eos" if len(tokens) < MAX_NEW or tokens[-1] == 1 else "length")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_matches_transformers(ray_cluster, checkpoint_factory, name):
+    path, hf_model = checkpoint_factory(name, **CONFIGS[name])
+    with SwitchCluster(path, experts_per_actor=PACKING[name]) as model:
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW))
+    # Encoder drops reported per request equal what transformers' own routers drop (decoder steps are one
+    # token per sequence, so they never go over a capacity of at least one).
+    assert [o.dropped_tokens for o in outputs] == hf_dropped_tokens(hf_model, PROMPTS)
+
+
+def test_small_capacity_drops_tokens(checkpoint_factory):
+    _, hf_model = checkpoint_factory("gelu-16experts-step2-3", **CONFIGS["gelu-16experts-step2-3"])
+    assert sum(hf_dropped_tokens(hf_model, PROMPTS)) > 0  # so the parity case above covers dropping
+
+
+def test_packing_and_sharding_do_not_change_outputs(ray_cluster, checkpoint_factory):
+    config = CONFIGS["relu-tied-step1-2"]
+    single, hf_model = checkpoint_factory("relu-tied-step1-2", **config)
+    sharded, _ = checkpoint_factory("relu-tied-sharded", max_shard_size="20KB", **config)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    reference = hf_generate(hf_model, PROMPTS, MAX_NEW)
+    for path, per_actor in [(single, 1), (sharded, 1), (sharded, 3)]:
+        with SwitchCluster(path, experts_per_actor=per_actor) as model:
+            assert len(model.actors) == -(-config["num_experts"] // per_actor)
+            assert_same_as_hf(model.generate(PROMPTS, max_new_tokens=MAX_NEW), reference)
+
+
+def test_front_and_actors_read_only_their_own_tensors(ray_cluster, checkpoint_factory):
+    path, _ = checkpoint_factory("relu-tied-sharded", max_shard_size="20KB", **CONFIGS["relu-tied-step1-2"])
+    with SwitchCluster(path, experts_per_actor=3) as model:
+        expert_names = {n for n in model.checkpoint.tensors if ".mlp.experts." in n}
+        front_read = model.checkpoint.names_read
+        assert front_read and not front_read & expert_names
+        assert front_read | expert_names == set(model.checkpoint.tensors)  # tied: no optional copies written
+        read_by_actors = []
+        for actor, hosted in zip(model.actors, model.placement.actors):
+            read = set(ray_get(actor.tensors_read.remote()))
+            own = {f"{stack}.block.{layer}.layer.{1 if stack == 'encoder' else 2}.mlp.experts.expert_{e}.{w}.weight"
+                   for stack, layer, e in hosted for w in ("wi", "wo")}
+            assert read == own
+            read_by_actors += read
+    assert sorted(read_by_actors) == sorted(expert_names)  # every expert tensor read exactly once
+
+
+def test_eos_ends_a_sequence_early(ray_cluster, checkpoint_factory, tmp_path):
+    """Make a token the model emits mid-sequence the EOS: that sequence stops there, the others go on."""
+    import shutil
+
+    path, hf_model = checkpoint_factory("relu-tied-step1-2", **CONFIGS["relu-tied-step1-2"])
+    free_running = hf_generate(hf_model, PROMPTS, MAX_NEW)
+    eos = free_running[0][0][2]
+    eos_path = tmp_path / "eos"
+    shutil.copytree(path, eos_path)
+    edit_config(eos_path, eos_token_id=eos)
+    hf_model.config.eos_token_id = hf_model.generation_config.eos_token_id = eos
+    try:
+        reference = hf_generate(hf_model, PROMPTS, MAX_NEW)
+    finally:
+        hf_model.config.eos_token_id = hf_model.generation_config.eos_token_id = 1
+    with SwitchCluster(eos_path, experts_per_actor=4) as model:
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert outputs[0].finish_reason == "eos" and outputs[0].token_ids[-1] == eos
+    assert [o.token_ids for o in outputs] == [tokens for tokens, _ in reference]
+    assert any(o.finish_reason == "length" for o in outputs)
+
+
+def test_dropless_equals_unlimited_capacity(ray_cluster, checkpoint_factory):
+    path, hf_model = checkpoint_factory("gelu-16experts-step2-3", **CONFIGS["gelu-16experts-step2-3"])
+    routers = [m for name, m in hf_model.named_modules() if name.endswith("mlp.router")]
+    for router in routers:
+        router.expert_capacity = 10**6
+    try:
+        reference = hf_generate(hf_model, PROMPTS, MAX_NEW)
+    finally:
+        for router in routers:
+            router.expert_capacity = 1
+    with SwitchCluster(path, experts_per_actor=8, capacity="dropless") as model:
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert all(o.dropped_tokens == 0 for o in outputs)
+    assert [o.token_ids for o in outputs] == [tokens for tokens, _ in reference]
+
+
+def test_missing_decoder_start_token_uses_pad(ray_cluster, checkpoint_factory, tmp_path):
+    import shutil
+
+    path, hf_model = checkpoint_factory("relu-tied-step1-2", **CONFIGS["relu-tied-step1-2"])
+    bare = tmp_path / "no-start"
+    shutil.copytree(path, bare)
+    edit_config(bare, decoder_start_token_id=None)
+    with SwitchCluster(bare, experts_per_actor=4) as model:
+        assert model.checkpoint.config.decoder_start_token_id == 0
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW, decoder_start_token_id=0))
+
+
+def ray_get(ref):
+    import ray
+
+    return ray.get(ref)
