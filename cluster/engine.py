@@ -16,8 +16,9 @@ from cluster.checkpoint import SwitchCheckpoint, expert_tensor_names
 from cluster.placement import Placement
 from experts.actor import ExpertActor
 from router_service.dispatch import ExpertDispatcher
-from router_service.generate import Generation, generate_greedy
+from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
 from router_service.model import SwitchFront
+from router_service.requests import InvalidRequest, Limits, check_prompt, make_sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class SwitchCluster:
     Starts a local Ray cluster unless one is running or `address` names one to join."""
 
     def __init__(self, model_dir: str | os.PathLike, *, experts_per_actor: int = 1, capacity: str = "hf",
-                 address: str | None = None):
+                 address: str | None = None, limits: Limits = Limits()):
         self.checkpoint = SwitchCheckpoint.open(model_dir)
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -60,6 +61,8 @@ class SwitchCluster:
         except BaseException:
             self.shutdown()
             raise
+        self.limits = limits
+        self.batcher = ContinuousBatcher(self.front, limits.max_sequences)
         self._tokenizer = None
 
     @property
@@ -74,14 +77,25 @@ class SwitchCluster:
             self._tokenizer = AutoTokenizer.from_pretrained(str(path))
         return self._tokenizer
 
+    def encode_text(self, text: str, field: str = "text") -> list[int]:
+        if not text:
+            raise InvalidRequest(field, "empty prompt")
+        return self.tokenizer(text)["input_ids"]
+
     def generate(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
-                 max_new_tokens: int = 32) -> list[Generation]:
-        """Greedy generation for a batch of prompts, given as token ids or as text (exactly one of them)."""
+                 **sampling) -> list[Sequence]:
+        """Generate for a batch of prompts, given as token ids or as text (exactly one of them).
+        `sampling`: max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids (greedy by default)."""
         if (input_ids is None) == (texts is None):
-            raise ValueError("input_ids, texts: give exactly one of them")
+            raise InvalidRequest("input_ids, texts", "give exactly one of them")
         if texts is not None:
-            input_ids = [self.tokenizer(t)["input_ids"] for t in texts]
-        return generate_greedy(self.front, input_ids, max_new_tokens)
+            input_ids = [self.encode_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+        if not input_ids:
+            raise InvalidRequest("input_ids", "at least one prompt is needed")
+        vocab = self.checkpoint.config.vocab_size
+        prompts = [check_prompt(ids, vocab, self.limits, f"input_ids[{i}]") for i, ids in enumerate(input_ids)]
+        params = make_sampling_params(vocab, self.limits, **sampling)
+        return run_to_completion(self.batcher, [Sequence(p, params) for p in prompts])
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -33,25 +33,64 @@ class EncoderOutput:
 
 @dataclass
 class DecoderCache:
-    """Per-layer key/value cache of a batch of sequences decoding in step."""
+    """Per-layer key/value cache of the sequences decoding together, one row each.
 
-    self_k: list[torch.Tensor]  # [batch, heads, length, d_kv], grows by one position per step
+    Sequences join at different times, so their self-attention caches have different lengths: they are
+    left-padded to a common width and `self_valid` marks the real positions. Every step appends one column for
+    all rows, so a key's distance to the newest query is the same in every row and one relative position bias
+    serves the whole batch.
+    """
+
+    self_k: list[torch.Tensor]  # [batch, heads, width, d_kv] per layer
     self_v: list[torch.Tensor]
+    self_valid: torch.Tensor  # [batch, width] bool
     cross_k: list[torch.Tensor]  # [batch, heads, src_len, d_kv], computed once from the encoder output
     cross_v: list[torch.Tensor]
     cross_bias: torch.Tensor  # [batch, 1, 1, src_len], additive mask over encoder padding
 
     @property
-    def length(self) -> int:
-        return self.self_k[0].shape[2] if self.self_k else 0
+    def width(self) -> int:
+        return self.self_valid.shape[1]
 
     def select(self, rows: torch.Tensor) -> "DecoderCache":
-        """The cache of the sequences at `rows` only: finished sequences leave and their memory is freed."""
-        def pick(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [t[rows] for t in tensors]
+        """The cache of the sequences at `rows` only (the others' memory is freed), trimmed of padding columns
+        that no remaining row uses."""
+        valid = self.self_valid[rows]
+        used = valid.any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else valid.shape[1]
+        src = int((self.cross_bias[rows] == 0).any(dim=0).nonzero()[:, -1].max()) + 1
 
-        return DecoderCache(pick(self.self_k), pick(self.self_v), pick(self.cross_k), pick(self.cross_v),
-                            self.cross_bias[rows])
+        def pick(tensors: list[torch.Tensor], cut: slice) -> list[torch.Tensor]:
+            return [t[rows][:, :, cut] for t in tensors]
+
+        keep, cross = slice(first, None), slice(0, src)
+        return DecoderCache(pick(self.self_k, keep), pick(self.self_v, keep), valid[:, first:],
+                            pick(self.cross_k, cross), pick(self.cross_v, cross), self.cross_bias[rows][..., :src])
+
+    @staticmethod
+    def merge(a: "DecoderCache", b: "DecoderCache") -> "DecoderCache":
+        """The rows of a then the rows of b: self caches left-padded, cross caches right-padded to fit."""
+        width, src = max(a.width, b.width), max(a.cross_bias.shape[-1], b.cross_bias.shape[-1])
+
+        def cat(x: torch.Tensor, y: torch.Tensor, dim: int, size: int, left: bool, fill=0) -> torch.Tensor:
+            def pad(t: torch.Tensor) -> torch.Tensor:
+                missing = size - t.shape[dim]
+                if missing == 0:
+                    return t
+                shape = list(t.shape)
+                shape[dim] = missing
+                filler = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+                return torch.cat([filler, t] if left else [t, filler], dim=dim)
+            return torch.cat([pad(x), pad(y)])
+
+        min_value = torch.finfo(a.cross_bias.dtype).min
+        return DecoderCache(
+            [cat(x, y, 2, width, left=True) for x, y in zip(a.self_k, b.self_k)],
+            [cat(x, y, 2, width, left=True) for x, y in zip(a.self_v, b.self_v)],
+            cat(a.self_valid, b.self_valid, 1, width, left=True, fill=False),
+            [cat(x, y, 2, src, left=False) for x, y in zip(a.cross_k, b.cross_k)],
+            [cat(x, y, 2, src, left=False) for x, y in zip(a.cross_v, b.cross_v)],
+            cat(a.cross_bias, b.cross_bias, 3, src, left=False, fill=min_value))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -189,34 +228,35 @@ class SwitchFront:
 
     def start_decoding(self, encoded: EncoderOutput) -> DecoderCache:
         """Cross-attention keys and values, computed once per request; an empty self-attention cache."""
-        cross_k, cross_v = [], []
+        cross_k, cross_v, self_k, self_v = [], [], [], []
+        batch = encoded.hidden.shape[0]
         for i in range(num_layers(self.config, "decoder")):
             attn = f"decoder.block.{i}.layer.1.EncDecAttention"
             cross_k.append(self._project(attn, "k", encoded.hidden))
             cross_v.append(self._project(attn, "v", encoded.hidden))
-        return DecoderCache([], [], cross_k, cross_v, self._padding_bias(encoded.mask))
+            self_k.append(cross_k[-1][:, :, :0])
+            self_v.append(cross_v[-1][:, :, :0])
+        return DecoderCache(self_k, self_v, torch.zeros(batch, 0, dtype=torch.bool), cross_k, cross_v,
+                            self._padding_bias(encoded.mask))
 
-    def decode_step(self, cache: DecoderCache, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed one token per sequence; returns next-token logits [batch, vocab] and dropped counts [batch].
-        The cache grows by one position."""
-        position = cache.length
+    def decode_step(self, cache: DecoderCache, tokens: torch.Tensor) -> tuple[DecoderCache, torch.Tensor, torch.Tensor]:
+        """Feed one token per sequence. Returns the cache grown by one position, next-token logits
+        [batch, vocab] and dropped-token counts [batch]."""
+        width = cache.width + 1
         h = F.embedding(tokens[:, None], self.embed["decoder"])
-        self_bias = self._position_bias("decoder", torch.tensor([position]), position + 1)
+        self_valid = torch.cat([cache.self_valid, torch.ones(tokens.shape[0], 1, dtype=torch.bool)], dim=1)
+        self_bias = self._position_bias("decoder", torch.tensor([width - 1]), width) + self._padding_bias(self_valid)
         valid = torch.ones(h.shape[:2], dtype=torch.bool)
         dropped = torch.zeros(tokens.shape[0], dtype=torch.long)
-        first_step = not cache.self_k
+        self_k, self_v = [], []
         for i in range(num_layers(self.config, "decoder")):
             p = f"decoder.block.{i}.layer"
             n = rms_norm(h, self._w(f"{p}.0.layer_norm.weight"), self.eps)
             attn = f"{p}.0.SelfAttention"
             q, k, v = (self._project(attn, w, n) for w in "qkv")
-            if first_step:
-                cache.self_k.append(k)
-                cache.self_v.append(v)
-            else:
-                cache.self_k[i] = torch.cat([cache.self_k[i], k], dim=2)
-                cache.self_v[i] = torch.cat([cache.self_v[i], v], dim=2)
-            h = h + self._attend(attn, q, cache.self_k[i], cache.self_v[i], self_bias)
+            self_k.append(torch.cat([cache.self_k[i], k], dim=2))
+            self_v.append(torch.cat([cache.self_v[i], v], dim=2))
+            h = h + self._attend(attn, q, self_k[i], self_v[i], self_bias)
             n = rms_norm(h, self._w(f"{p}.1.layer_norm.weight"), self.eps)
             attn = f"{p}.1.EncDecAttention"
             h = h + self._attend(attn, self._project(attn, "q", n), cache.cross_k[i], cache.cross_v[i],
@@ -226,4 +266,5 @@ class SwitchFront:
         h = rms_norm(h, self._w("decoder.final_layer_norm.weight"), self.eps)
         if self.config.tie_word_embeddings:
             h = h * (self.config.d_model ** -0.5)
-        return F.linear(h[:, 0], self.lm_head), dropped
+        grown = DecoderCache(self_k, self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias)
+        return grown, F.linear(h[:, 0], self.lm_head), dropped

@@ -1,0 +1,190 @@
+"""Continuous batching: sequences join and leave the decoding batch between steps.
+
+Every step decodes all active sequences as one batch, so each sparse layer sends one call per expert actor
+for all requests together. New prompts are encoded together when they are admitted; a sequence that ends
+(or is cancelled) leaves at once and its cache is freed. Capacity is per sequence and sampling has a
+generator per sequence, so a request gets the same tokens whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from router_service.model import DecoderCache, SwitchFront
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1: no nucleus cut
+    seed: int | None = None  # fixes the sampling of this request; None: a fresh random seed
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in flight and what it has produced so far."""
+
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    token_ids: list[int] = field(default_factory=list)  # generated, without the decoder start token
+    logprobs: list[float] = field(default_factory=list)  # the model's log-probability of each chosen token
+    dropped_tokens: int = 0  # tokens over an expert's capacity, over all sparse layers of both stacks
+    finish_reason: str | None = None  # "eos", "stop" or "length" once finished
+    error: BaseException | None = None  # set when the batch it was in failed
+    cancelled: bool = False  # set by the caller; the sequence leaves before the next step
+    on_update: Callable[[], None] | None = None  # called (from the batching thread) after each change
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.params.temperature > 0:
+            self.generator = torch.Generator()
+            if self.params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.params.seed)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    def notify(self) -> None:
+        if self.on_update is not None:
+            self.on_update()
+
+    def to_dict(self, logprobs: bool = True) -> dict:
+        out = {"token_ids": self.token_ids, "finish_reason": self.finish_reason,
+               "dropped_tokens": self.dropped_tokens}
+        if logprobs:
+            out["logprobs"] = self.logprobs
+        return out
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next token from float32 logits [vocab]: greedy, or temperature, then top-k, then top-p
+    (the order transformers applies them in)."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop the tokens outside the smallest set whose probability reaches top_p; always keep the first.
+        outside = cumulative - sorted_logits.softmax(-1) >= params.top_p
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+class ContinuousBatcher:
+    """Owns the decoding batch. `add` may be called from any thread; `step` from one thread only."""
+
+    def __init__(self, front: SwitchFront, max_sequences: int):
+        self.front = front
+        self.max_sequences = max_sequences
+        eos = front.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []
+        self.cache: DecoderCache | None = None
+        self.next_tokens = torch.zeros(0, dtype=torch.long)
+
+    def add(self, seq: Sequence) -> None:
+        self.inbox.put(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.active or self.waiting or not self.inbox.empty())
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + self.inbox.qsize()
+
+    def step(self) -> list[Sequence]:
+        """Admit waiting sequences, decode one token for every active one; returns the sequences that changed."""
+        while not self.inbox.empty():
+            self.waiting.append(self.inbox.get())
+        changed = [seq for seq in self.waiting if seq.cancelled]
+        self.waiting = deque(seq for seq in self.waiting if not seq.cancelled)
+        self._leave([not seq.cancelled for seq in self.active])
+        try:
+            self._admit()
+            if not self.active:
+                return changed
+            self.cache, logits, dropped = self.front.decode_step(self.cache, self.next_tokens)
+        except BaseException as e:
+            return changed + self.fail(e)
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = []
+        for row, seq in enumerate(self.active):
+            token = sample(logits[row], seq.params, seq.generator)
+            seq.token_ids.append(token)
+            seq.logprobs.append(float(logprobs[row, token]))
+            seq.dropped_tokens += int(dropped[row])
+            if token in self.eos_ids:
+                seq.finish_reason = "eos"
+            elif token in seq.params.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif len(seq.token_ids) >= seq.params.max_new_tokens:
+                seq.finish_reason = "length"
+            tokens.append(token)
+        changed += self.active
+        self.next_tokens = torch.tensor(tokens, dtype=torch.long)
+        self._leave([not seq.done for seq in self.active])
+        return changed
+
+    def fail(self, error: BaseException) -> list[Sequence]:
+        """End every active and waiting sequence with `error` and start over with an empty batch."""
+        failed = self.active + list(self.waiting)
+        for seq in failed:
+            seq.error = error
+        self.active, self.waiting, self.cache = [], deque(), None
+        self.next_tokens = torch.zeros(0, dtype=torch.long)
+        return failed
+
+    def _admit(self) -> None:
+        joining = []
+        while self.waiting and len(self.active) + len(joining) < self.max_sequences:
+            joining.append(self.waiting.popleft())
+        if not joining:
+            return
+        encoded = self.front.encode([seq.prompt for seq in joining])
+        for seq, dropped in zip(joining, encoded.dropped.tolist()):
+            seq.dropped_tokens += dropped
+        cache = self.front.start_decoding(encoded)
+        self.cache = cache if self.cache is None else DecoderCache.merge(self.cache, cache)
+        start = torch.full((len(joining),), self.front.config.decoder_start_token_id, dtype=torch.long)
+        self.next_tokens = torch.cat([self.next_tokens, start])
+        self.active += joining
+
+    def _leave(self, staying: list[bool]) -> None:
+        if all(staying):
+            return
+        rows = torch.tensor([i for i, stay in enumerate(staying) if stay], dtype=torch.long)
+        self.active = [seq for seq, stay in zip(self.active, staying) if stay]
+        self.next_tokens = self.next_tokens[rows]
+        self.cache = self.cache.select(rows) if self.active else None
+
+
+@torch.inference_mode()
+def run_to_completion(batcher: ContinuousBatcher, sequences: list[Sequence]) -> list[Sequence]:
+    """Decode the given sequences on this thread until every one is done (the Python API's path)."""
+    for seq in sequences:
+        batcher.add(seq)
+    while not all(seq.done for seq in sequences):
+        batcher.step()
+    for seq in sequences:
+        if seq.error is not None:
+            raise seq.error
+    return sequences

@@ -1,0 +1,59 @@
+"""Checking what a caller asks for, before any work starts. Every error names the field it is about."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from router_service.batching import SamplingParams
+
+
+class InvalidRequest(ValueError):
+    """Bad input: maps to gRPC INVALID_ARGUMENT / HTTP 400. The message starts with the field's name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 512
+    max_new_tokens: int = 256
+    max_sequences: int = 32  # sequences decoding together in one replica's batch
+
+
+def check_prompt(ids: list[int], vocab_size: int, limits: Limits, field: str = "input_ids") -> list[int]:
+    if not ids:
+        raise InvalidRequest(field, "empty prompt")
+    if len(ids) > limits.max_prompt_tokens:
+        raise InvalidRequest(field, f"{len(ids)} tokens, more than the limit of {limits.max_prompt_tokens}")
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(field, f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    return list(ids)
+
+
+def make_sampling_params(vocab_size: int, limits: Limits, *, max_new_tokens: int | None = None,
+                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                         seed: int | None = None, stop_token_ids: list[int] | tuple[int, ...] = ()) -> SamplingParams:
+    """Defaults for what is not given; range checks for what is."""
+    if max_new_tokens is None:
+        max_new_tokens = min(SamplingParams.max_new_tokens, limits.max_new_tokens)
+    if not 1 <= max_new_tokens <= limits.max_new_tokens:
+        raise InvalidRequest("max_new_tokens", f"must be between 1 and {limits.max_new_tokens}, got {max_new_tokens}")
+    temperature = 0.0 if temperature is None else float(temperature)
+    if not (math.isfinite(temperature) and 0.0 <= temperature <= 100.0):
+        raise InvalidRequest("temperature", f"must be between 0 (greedy) and 100, got {temperature}")
+    top_k = 0 if top_k is None else top_k
+    if top_k < 0:
+        raise InvalidRequest("top_k", f"must be 0 (off) or positive, got {top_k}")
+    top_p = 1.0 if top_p is None else float(top_p)
+    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise InvalidRequest("seed", f"must be between 0 and 2**63 - 1, got {seed}")
+    bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest("stop_token_ids", f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    return SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_token_ids))
