@@ -64,7 +64,7 @@ def run_demo(model_dir: str, experts_per_actor: int = 2) -> None:
     start = time.perf_counter()
     with SwitchCluster(path, experts_per_actor=experts_per_actor) as model:
         config = model.checkpoint.config
-        print(f"serving {path}: {config.num_experts} experts x {len(model.front.expert_tokens)} sparse layers "
+        print(f"serving {path}: {config.num_experts} experts x {len(model.placement.owners())} sparse layers "
               f"in {len(model.actors)} Ray actors (ready in {time.perf_counter() - start:.1f}s)")
         outputs = model.generate(texts=PROMPTS, max_new_tokens=MAX_NEW_TOKENS)
         reference = transformers_generate(path, [model.tokenizer(p)["input_ids"] for p in PROMPTS])

@@ -30,10 +30,14 @@ class ExpertActor:
                         for key, (wi, wo) in experts.items()}
         self.dtype = next(iter(self.weights.values()))[0].dtype
         self.act = ACT2FN[checkpoint.config.dense_act_fn]
+        self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "device": str(self.device), "experts": sorted(self.weights)}
+
+    def token_counts(self) -> dict[ExpertKey, int]:
+        return dict(self.tokens)
 
     def tensors_read(self) -> list[str]:
         return sorted(self.checkpoint.names_read)
@@ -43,4 +47,6 @@ class ExpertActor:
         """x holds counts[i] tokens for experts[i], back to back; returns their FFN outputs in the same order."""
         hidden = from_wire(x, self.dtype).to(self.device)
         weights = [self.weights[(stack, layer, e)] for e in experts]
+        for e, n in zip(experts, counts):
+            self.tokens[(stack, layer, e)] += n
         return to_wire(grouped_ffn(hidden, counts, weights, self.act))

@@ -118,12 +118,15 @@ class ContinuousBatcher:
         self.waiting = deque(seq for seq in self.waiting if not seq.cancelled)
         self._leave([not seq.cancelled for seq in self.active])
         try:
-            self._admit()
-            if not self.active:
-                return changed
-            self.cache, logits, dropped = self.front.decode_step(self.cache, self.next_tokens)
-        except BaseException as e:
+            return changed + self._decode()
+        except Exception as e:  # the whole batch fails together; the next step starts afresh
             return changed + self.fail(e)
+
+    def _decode(self) -> list[Sequence]:
+        self._admit()
+        if not self.active:
+            return []
+        self.cache, logits, dropped = self.front.decode_step(self.cache, self.next_tokens)
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens = []
@@ -139,10 +142,10 @@ class ContinuousBatcher:
             elif len(seq.token_ids) >= seq.params.max_new_tokens:
                 seq.finish_reason = "length"
             tokens.append(token)
-        changed += self.active
+        stepped = list(self.active)
         self.next_tokens = torch.tensor(tokens, dtype=torch.long)
         self._leave([not seq.done for seq in self.active])
-        return changed
+        return stepped
 
     def fail(self, error: BaseException) -> list[Sequence]:
         """End every active and waiting sequence with `error` and start over with an empty batch."""

@@ -126,9 +126,6 @@ class SwitchFront:
         else:
             self.embed = {s: self.weights[f"{s}.embed_tokens.weight"] for s in ("encoder", "decoder")}
             self.lm_head = self.weights["lm_head.weight"]
-        # Tokens routed to each expert of each sparse layer (kept by capacity), since start.
-        self.expert_tokens = {(s, i): torch.zeros(config.num_experts, dtype=torch.long)
-                              for s in self.sparse for i in sorted(self.sparse[s])}
 
     # -- building blocks ----------------------------------------------------------------------------------
 
@@ -183,7 +180,6 @@ class SwitchFront:
         expert = probs.argmax(dim=-1)
         prob = probs.max(dim=-1).values
         keep = self._within_capacity(expert, rows, x.shape[0])
-        self.expert_tokens[(stack, layer)] += torch.bincount(expert[keep], minlength=self.config.num_experts)
         out_tokens = self.dispatch(stack, layer, tokens, expert, keep) * prob[:, None]
         out = torch.zeros_like(x)
         out[rows, cols] = out_tokens.to(x.dtype)

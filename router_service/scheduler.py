@@ -1,0 +1,73 @@
+"""Runs the continuous batcher on a thread of its own and lets asyncio callers stream from it.
+
+The model step blocks (it waits on the expert actors), so it stays off the event loop that serves requests;
+the loop only queues sequences and relays their progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator
+
+import torch
+
+from router_service.batching import ContinuousBatcher, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the configured limit: maps to RESOURCE_EXHAUSTED / HTTP 429."""
+
+
+class Scheduler:
+    def __init__(self, batcher: ContinuousBatcher, max_waiting: int):
+        self.batcher = batcher
+        self.max_waiting = max_waiting
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="switch-serve-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_active(self) -> int:
+        return len(self.batcher.active)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.batcher.num_waiting
+
+    async def stream(self, seq: Sequence) -> AsyncIterator[Sequence]:
+        """Queue `seq` and yield it each time it has new tokens, until it is done. A caller that stops
+        iterating (a cancelled request) takes the sequence out of the batch before the next step."""
+        if self.batcher.num_waiting >= self.max_waiting:
+            raise QueueFull(f"{self.batcher.num_waiting} requests already waiting (limit {self.max_waiting})")
+        loop = asyncio.get_running_loop()
+        updated = asyncio.Event()
+        seq.on_update = lambda: loop.call_soon_threadsafe(updated.set)
+        self.batcher.add(seq)
+        self._wake.set()
+        try:
+            while True:
+                await updated.wait()
+                updated.clear()
+                if seq.error is not None:
+                    raise seq.error
+                yield seq
+                if seq.done:
+                    return
+        finally:
+            if not seq.done:
+                seq.cancelled = True
+                self._wake.set()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                if not self.batcher.has_work:
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                for seq in self.batcher.step():
+                    seq.notify()
