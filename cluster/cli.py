@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
-from cluster.checkpoint import CheckpointError
+from cluster.checkpoint import CheckpointError, SwitchCheckpoint
+from cluster.client import RemoteError
 from router_service.model import CAPACITY_MODES
 
 
@@ -17,45 +20,91 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+def _json_ids(text: str) -> list:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-per-actor", type=_positive_int, default=1, metavar="K",
                    help="expert indices packed into one actor (default 1: one actor per expert index)")
     p.add_argument("--capacity", choices=CAPACITY_MODES, default="hf",
                    help="hf: transformers' per-sequence expert capacity, tokens over it are dropped (default); "
                         "dropless: never drop a token")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
 
 
-def _parse_input_ids(text: str) -> list[list[int]]:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, list) or not all(isinstance(ids, list) for ids in value):
-        raise argparse.ArgumentTypeError("must be a JSON list of lists of token ids, e.g. [[13, 7, 1]]")
-    return value
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "seed": args.seed, "stop_token_ids": args.stop_token_ids or ()}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from cluster.engine import SwitchCluster
+    prompts = args.text if args.text is not None else args.input_ids
+    if args.text is None and (not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts)):
+        raise ValueError("--input-ids: must be a JSON list of lists of token ids, e.g. [[13, 7, 1]]")
+    if args.address is not None:
+        from cluster.client import generate_remote
 
-    with SwitchCluster(args.model, experts_per_actor=args.experts_per_actor, capacity=args.capacity,
-                       address=args.address) as model:
-        if args.text is not None:
-            outputs = model.generate(texts=args.text, max_new_tokens=args.max_new_tokens)
-        else:
-            outputs = model.generate(args.input_ids, max_new_tokens=args.max_new_tokens)
-        texts = [model.decode(o.token_ids) for o in outputs] if args.text is not None else None
-    results = [o.to_dict(logprobs=args.logprobs) for o in outputs]
-    for i, text in enumerate(texts or []):
-        results[i]["text"] = text
+        results = generate_remote(args.address, prompts, logprobs=args.logprobs, **_sampling(args))
+    else:
+        if args.model is None:
+            raise ValueError("--model: needed unless --address names a running server")
+        results = generate_local(args, prompts)
     if args.json:
         print(json.dumps({"outputs": results}))
         return
     for i, r in enumerate(results):
         shown = repr(r["text"]) if "text" in r else r["token_ids"]
-        print(f"[{i}] {shown}  ({r['finish_reason']}, {len(r['token_ids'])} tokens, "
-              f"{r['dropped_tokens']} dropped)")
+        print(f"[{i}] {shown}  ({r['finish_reason']}, {len(r['token_ids'])} tokens, {r['dropped_tokens']} dropped)")
+
+
+def generate_local(args: argparse.Namespace, prompts: list) -> list[dict]:
+    from cluster.engine import SwitchCluster
+
+    with SwitchCluster(args.model, experts_per_actor=args.experts_per_actor, capacity=args.capacity) as model:
+        if args.text is not None:
+            outputs = model.generate(texts=prompts, **_sampling(args))
+        else:
+            outputs = model.generate(prompts, **_sampling(args))
+        results = [o.to_dict(logprobs=args.logprobs) for o in outputs]
+        if args.text is not None:
+            for r, o in zip(results, outputs):
+                r["text"] = model.decode(o.token_ids)
+    return results
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    import ray
+
+    from cluster import app
+    from router_service.server import ServerConfig
+
+    config = ServerConfig(model=args.model, experts_per_actor=args.experts_per_actor, capacity=args.capacity,
+                          max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                          max_sequences=args.max_sequences, max_waiting=args.max_waiting, num_replicas=args.replicas)
+    SwitchCheckpoint.open(args.model)  # a bad checkpoint fails here, before anything starts
+    ray.init(address=args.address, logging_level=logging.WARNING)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    try:
+        app.start(config, http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port)
+        print(f"switch-serve: serving {args.model}\n"
+              f"  gRPC  {args.host}:{args.grpc_port}  (switchserve.v1.SwitchServe, grpc.health.v1.Health, reflection)\n"
+              f"  HTTP  http://{args.host}:{args.http_port}/v1/generate, /v1/model\n"
+              "Ctrl-C to stop.", flush=True)
+        stopping.wait()
+        print("switch-serve: stopping", flush=True)
+        app.stop(config)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -68,19 +117,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switch-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate greedily for a batch of prompts on a local Ray cluster")
-    g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    g = sub.add_parser("generate", help="generate for a batch of prompts, on a local Ray cluster or a server",
+                       description="Generate for a batch of prompts. With --model: start a local Ray cluster on "
+                                   "the checkpoint; with --address: call a running server over gRPC.")
+    target = g.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="checkpoint folder (config.json + safetensors)")
+    target.add_argument("--address", metavar="HOST:PORT", help="gRPC address of a running `switch-serve serve`")
     inputs = g.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("--input-ids", type=_parse_input_ids, metavar="JSON",
-                        help="prompts as a JSON list of lists of token ids")
+    inputs.add_argument("--input-ids", type=_json_ids, metavar="JSON", help="prompts as a JSON list of lists of token ids")
     inputs.add_argument("--text", nargs="+", metavar="TEXT", help="prompts as text (uses the checkpoint's tokenizer)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="default 32")
+    g.add_argument("--temperature", type=float, default=None, help="0 (default): greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--stop-token-ids", type=int, nargs="+", default=None, metavar="ID")
     g.add_argument("--logprobs", action="store_true", help="include each chosen token's log-probability")
     g.add_argument("--json", action="store_true", help="print one JSON object {\"outputs\": [...]}")
-    _add_cluster_options(g)
+    _add_model_options(g)
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="build a small demo checkpoint if needed, serve it, generate, show expert load")
+    s = sub.add_parser("serve", help="serve a checkpoint over gRPC and HTTP until interrupted")
+    s.add_argument("--model", required=True, help="checkpoint folder, readable from every node")
+    s.add_argument("--grpc-port", type=int, default=9000)
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (gRPC listens on all addresses)")
+    s.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    s.add_argument("--replicas", type=_positive_int, default=1, help="front replicas (they share the experts)")
+    s.add_argument("--max-sequences", type=_positive_int, default=32, help="sequences decoding together per replica")
+    s.add_argument("--max-waiting", type=int, default=64, help="requests queued per replica before RESOURCE_EXHAUSTED")
+    s.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
+    s.add_argument("--max-new-tokens", type=_positive_int, default=256, help="the most a request may ask for")
+    _add_model_options(s)
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")
     d.add_argument("--model", default="build/demo-model", help="where the demo checkpoint lives")
     d.add_argument("--experts-per-actor", type=_positive_int, default=2, metavar="K")
     d.set_defaults(func=cmd_demo)
@@ -91,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, RemoteError) as e:
         print(f"switch-serve: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -28,11 +28,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 
 
 def actor_cpus(num_actors: int) -> float:
-    """CPUs each expert actor asks Ray for: a fair share of the cluster, at most one.
+    """CPUs each expert actor asks Ray for: a fair share of what the cluster has free, at most one.
 
-    Asking for more than the cluster has leaves an actor pending forever, so small machines get fractions."""
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.01, min(1.0, round(total / (num_actors + 1), 2)))
+    An actor asking for more than the cluster has free stays pending forever, so small machines get fractions."""
+    free = ray.available_resources().get("CPU", 0.0)
+    return max(0.01, min(1.0, round(free / (num_actors + 1), 2)))
 
 
 def launch_expert_actors(checkpoint: SwitchCheckpoint, placement: Placement, shared: bool = False) -> list:

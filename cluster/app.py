@@ -1,0 +1,46 @@
+"""The Serve application: a typed config in, a Serve app out, and the ports it listens on.
+
+    serve run cluster.app:build_app model=/models/switch-base-8 experts_per_actor=2
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import gRPCOptions
+
+from router_service.server import ServerConfig, SwitchServer
+
+APP_NAME = "switch-serve"
+GRPC_SERVICER_FUNCTIONS = [
+    "router_service.proto.switch_serve_pb2_grpc.add_SwitchServeServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+# Health checks and ModelInfo must get through while the batch is full.
+CONTROL_HEADROOM = 16
+
+
+def build_app(args: dict | ServerConfig) -> Application:
+    """Serve's application builder: `args` are ServerConfig's fields."""
+    config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
+    ongoing = config.max_sequences + config.max_waiting + CONTROL_HEADROOM
+    return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
+                                max_queued_requests=config.max_waiting).bind(config)
+
+
+def grpc_options(port: int) -> gRPCOptions:
+    return gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS)
+
+
+def start(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000) -> None:
+    """Start Serve's proxies on this Ray cluster and deploy the app; returns once it is ready."""
+    serve.start(http_options={"host": http_host, "port": http_port}, grpc_options=grpc_options(grpc_port))
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+
+
+def stop(config: ServerConfig) -> None:
+    """Take the app down, then its shared expert actors."""
+    from cluster.engine import kill_shared_actors
+
+    serve.delete(APP_NAME)
+    kill_shared_actors(config.model, config.experts_per_actor)

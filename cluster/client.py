@@ -1,0 +1,40 @@
+"""A client of the gRPC API: what `switch-serve generate --address HOST:PORT` runs."""
+
+from __future__ import annotations
+
+import grpc
+
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+
+
+class RemoteError(RuntimeError):
+    def __init__(self, error: grpc.RpcError):
+        super().__init__(f"{error.code().name}: {error.details()}")
+        self.code = error.code()
+
+
+def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logprobs: bool = False,
+                    timeout: float | None = None, **sampling) -> list[dict]:
+    """One Generate call per prompt, all in flight at once; results in prompt order, in the shape that the
+    local `switch-serve generate` prints."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.SwitchServeStub(channel)
+        requests = [pb.GenerateRequest(**({"text": p} if isinstance(p, str) else {"input_ids": p}),
+                                       return_logprobs=logprobs,
+                                       **{k: v for k, v in sampling.items() if v is not None and v != []})
+                    for p in prompts]
+        calls = [stub.Generate.future(r, timeout=timeout) for r in requests]
+        try:
+            responses = [call.result() for call in calls]
+        except grpc.RpcError as e:
+            raise RemoteError(e) from None
+    results = []
+    for prompt, r in zip(prompts, responses):
+        out = {"token_ids": list(r.token_ids), "finish_reason": r.finish_reason, "dropped_tokens": r.dropped_tokens}
+        if logprobs:
+            out["logprobs"] = list(r.logprobs)
+        if isinstance(prompt, str):
+            out["text"] = r.text
+        results.append(out)
+    return results

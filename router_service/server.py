@@ -1,0 +1,233 @@
+"""The Ray Serve deployment: the front model behind gRPC (`switchserve.v1.SwitchServe` and the standard
+`grpc.health.v1.Health`, through Serve's gRPC proxy) and HTTP JSON (`POST /v1/generate`, `GET /v1/model`).
+
+Every replica runs its own front and continuous batcher and shares the expert actors with the others.
+"""
+
+
+import asyncio
+import json
+import logging
+from typing import AsyncIterator, Literal
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2
+from pydantic import BaseModel, Field
+from ray import serve
+
+from router_service.batching import Sequence
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.requests import InvalidRequest, Limits, check_prompt, make_sampling_params
+from router_service.scheduler import QueueFull, Scheduler
+
+log = logging.getLogger(__name__)
+http_app = FastAPI(title="switch-serve", description="Switch Transformers with experts in Ray actors")
+
+
+class ServerConfig(BaseModel):
+    """Everything a replica needs: the `args` of the Serve application (see cluster.app.build_app)."""
+
+    model: str = Field(description="checkpoint folder, readable from every node")
+    experts_per_actor: int = Field(1, ge=1)
+    capacity: Literal["hf", "dropless"] = "hf"
+    max_prompt_tokens: int = Field(512, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    max_sequences: int = Field(32, ge=1, description="sequences decoding together in one replica")
+    max_waiting: int = Field(64, ge=0, description="requests a replica queues beyond its batch before refusing")
+    num_replicas: int = Field(1, ge=1)
+
+
+# What goes wrong, as a gRPC status and an HTTP status.
+ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+          QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429)}
+FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
+
+
+def error_status(e: Exception) -> tuple[grpc.StatusCode, int]:
+    return next((codes for kind, codes in ERRORS.items() if isinstance(e, kind)), FAILED)
+
+
+def set_grpc_error(context, e: Exception) -> None:
+    """The status and one-line message of a failed call, set on Serve's gRPC context."""
+    code, _ = error_status(e)
+    if code == FAILED[0]:
+        log.warning("generation failed: %s", e)
+    context.set_code(code)
+    context.set_details(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def http_error(e: Exception) -> JSONResponse:
+    _, status = error_status(e)
+    body = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+    if isinstance(e, InvalidRequest):
+        body["field"] = e.field
+    return JSONResponse(body, status_code=status)
+
+
+async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool]:
+    try:
+        body = json.loads(await request.body())
+    except ValueError as e:
+        raise InvalidRequest("body", f"not JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("body", "must be a JSON object")
+    stream = body.pop("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream", f"must be true or false, got {stream!r}")
+    try:
+        return json_format.ParseDict(body, pb.GenerateRequest()), stream
+    except json_format.ParseError as e:
+        raise InvalidRequest(field_in_parse_error(str(e)), str(e)) from None
+
+
+def field_in_parse_error(message: str) -> str:
+    """protobuf names the field in quotes ('... field named "foo"', 'Failed to parse top_k field: ...')."""
+    if 'field named "' in message:
+        return message.split('field named "')[1].split('"')[0]
+    if "Failed to parse " in message:
+        return message.split("Failed to parse ")[1].split(" field")[0]
+    return "body"
+
+
+def to_json(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChunk]) -> AsyncIterator[str]:
+    yield f"data: {json.dumps(to_json(first))}\n\n"
+    try:
+        async for chunk in rest:
+            yield f"data: {json.dumps(to_json(chunk))}\n\n"
+    except Exception as e:  # headers are gone: the error becomes the last event
+        yield f"data: {json.dumps({'error': str(e), 'status': error_status(e)[1]})}\n\n"
+
+
+# Serve pickles the deployment class where it is defined: everything it uses must be defined above it.
+@serve.deployment
+@serve.ingress(http_app)
+class SwitchServer:
+    def __init__(self, config: ServerConfig):
+        from cluster.engine import SwitchCluster
+
+        self.config = config
+        limits = Limits(config.max_prompt_tokens, config.max_new_tokens, config.max_sequences)
+        self.cluster = SwitchCluster(config.model, experts_per_actor=config.experts_per_actor,
+                                     capacity=config.capacity, limits=limits, shared_actors=True)
+        self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting)
+        try:
+            self.tokenizer = self.cluster.tokenizer
+        except ValueError:
+            self.tokenizer = None  # token ids only
+
+    # -- shared by gRPC and HTTP ---------------------------------------------------------------------------
+
+    def _sequence(self, request: pb.GenerateRequest) -> Sequence:
+        vocab, limits = self.cluster.checkpoint.config.vocab_size, self.cluster.limits
+        if bool(request.text) == bool(request.input_ids):
+            raise InvalidRequest("text, input_ids", "give exactly one of them")
+        if request.text:
+            if self.tokenizer is None:
+                raise InvalidRequest("text", "this model has no tokenizer; send input_ids")
+            prompt = self.tokenizer(request.text)["input_ids"]
+        else:
+            prompt = list(request.input_ids)
+        optional = {name: getattr(request, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+                    if request.HasField(name)}
+        params = make_sampling_params(vocab, limits, stop_token_ids=list(request.stop_token_ids), **optional)
+        return Sequence(check_prompt(prompt, vocab, limits, "text" if request.text else "input_ids"), params)
+
+    def _text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
+
+    async def _generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
+        seq = self._sequence(request)
+        async for _ in self.scheduler.stream(seq):
+            pass
+        return pb.GenerateResponse(text=self._text(seq.token_ids), token_ids=seq.token_ids,
+                                   logprobs=seq.logprobs if request.return_logprobs else [],
+                                   finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
+                                   dropped_tokens=seq.dropped_tokens)
+
+    async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        seq = self._sequence(request)
+        sent, text = 0, ""
+        async for _ in self.scheduler.stream(seq):
+            new_tokens = seq.token_ids[sent:]
+            full_text = self._text(seq.token_ids)
+            chunk = pb.GenerateChunk(token_ids=new_tokens, text=full_text[len(text):],
+                                     logprobs=seq.logprobs[sent:] if request.return_logprobs else [])
+            sent, text = len(seq.token_ids), full_text
+            if seq.done:
+                chunk.finish_reason = seq.finish_reason
+                chunk.prompt_tokens, chunk.dropped_tokens = len(seq.prompt), seq.dropped_tokens
+            yield chunk
+
+    async def _model_info(self) -> pb.ModelInfoResponse:
+        from cluster.engine import count_expert_tokens
+
+        cluster, config = self.cluster, self.cluster.checkpoint.config
+        infos = await asyncio.gather(*[a.info.remote() for a in cluster.actors])
+        counts = await asyncio.gather(*[a.token_counts.remote() for a in cluster.actors])
+        owners = cluster.placement.owners()
+        return pb.ModelInfoResponse(
+            model=str(cluster.checkpoint.path), vocab_size=config.vocab_size, d_model=config.d_model,
+            d_ff=config.d_ff, num_heads=config.num_heads, num_experts=config.num_experts,
+            encoder_layers=config.num_layers, decoder_layers=config.num_decoder_layers,
+            encoder_sparse_layers=[layer for stack, layer in owners if stack == "encoder"],
+            decoder_sparse_layers=[layer for stack, layer in owners if stack == "decoder"],
+            expert_capacity=config.expert_capacity, capacity_mode=cluster.capacity,
+            dtype=str(cluster.checkpoint.dtype).removeprefix("torch."),
+            actors=[pb.ActorPlacement(actor=i, node_id=info["node_id"], device=info["device"], pid=info["pid"],
+                                      experts=[pb.ExpertRef(stack=s, layer=l, expert=e) for s, l, e in info["experts"]])
+                    for i, info in enumerate(infos)],
+            expert_tokens=[pb.ExpertLoad(stack=stack, layer=layer, tokens=tokens)
+                           for (stack, layer), tokens in count_expert_tokens(counts, config.num_experts).items()],
+            active_sequences=self.scheduler.num_active, waiting_requests=self.scheduler.num_waiting)
+
+    # -- gRPC: method names are the RPC names --------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        try:
+            return await self._generate(request)
+        except Exception as e:
+            set_grpc_error(grpc_context, e)
+            return pb.GenerateResponse()
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            async for chunk in self._stream(request):
+                yield chunk
+        except Exception as e:
+            set_grpc_error(grpc_context, e)
+            raise  # a stream's status only sticks when it ends with an exception
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
+        return await self._model_info()
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
+        """grpc.health.v1.Health/Check: serving once this replica has its model and actors."""
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    # -- HTTP JSON -----------------------------------------------------------------------------------------
+
+    @http_app.post("/v1/generate")
+    async def http_generate(self, request: Request):
+        """The GenerateRequest fields as JSON; `"stream": true` answers with server-sent events, one
+        GenerateChunk each."""
+        try:
+            message, stream = await parse_http_request(request)
+            if not stream:
+                return JSONResponse(to_json(await self._generate(message)))
+            chunks = self._stream(message)
+            first = await anext(chunks)  # bad input and a full queue still get their HTTP status
+        except Exception as e:
+            return http_error(e)
+        return StreamingResponse(sse_events(first, chunks), media_type="text/event-stream")
+
+    @http_app.get("/v1/model")
+    async def http_model(self):
+        return JSONResponse(to_json(await self._model_info()))

@@ -1,0 +1,307 @@
+"""The served API: gRPC (generated client, reflection-only client, health) and HTTP, on one Serve app."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from ray import serve
+from transformers import AutoTokenizer
+
+from cluster import app
+from cluster.demo import build_demo_checkpoint
+from cluster.engine import SwitchCluster
+from reference import hf_generate
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.server import ServerConfig
+
+MAX_SEQUENCES, MAX_WAITING, MAX_NEW_LIMIT = 4, 16, 256
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    """One Serve app on a small checkpoint with a tokenizer; small batch and queue limits to test them."""
+    path = tmp_path_factory.mktemp("served")
+    build_demo_checkpoint(path)
+    config = ServerConfig(model=str(path), experts_per_actor=4, max_sequences=MAX_SEQUENCES,
+                          max_waiting=MAX_WAITING, max_new_tokens=MAX_NEW_LIMIT)
+    grpc_port, http_port = free_port(), free_port()
+    app.start(config, http_port=http_port, grpc_port=grpc_port)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    yield {"path": path, "stub": pb_grpc.SwitchServeStub(channel), "channel": channel,
+           "http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
+    channel.close()
+    app.stop(config)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_model(server):
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    return SwitchTransformersForConditionalGeneration.from_pretrained(server["path"]).eval()
+
+
+PROMPTS = [[5, 9, 23, 4, 17, 1], [30, 3, 1], [14, 15, 16, 20, 27, 8, 9, 10, 1], [28, 1]]
+
+
+def test_greedy_over_grpc_matches_transformers(server, hf_model):
+    reference = hf_generate(hf_model, PROMPTS, 8)
+    for prompt, (tokens, logprobs) in zip(PROMPTS, reference):
+        r = server["stub"].Generate(pb.GenerateRequest(input_ids=prompt, max_new_tokens=8, return_logprobs=True))
+        assert list(r.token_ids) == tokens
+        assert list(r.logprobs) == pytest.approx(logprobs, abs=1e-4)
+        assert r.prompt_tokens == len(prompt) and r.finish_reason in ("eos", "length")
+
+
+def test_text_in_text_out(server, hf_model):
+    tokenizer = AutoTokenizer.from_pretrained(server["path"])
+    text = "sort the list : nine two seven"
+    r = server["stub"].Generate(pb.GenerateRequest(text=text, max_new_tokens=6))
+    (tokens, _), = hf_generate(hf_model, [tokenizer(text)["input_ids"]], 6)
+    assert list(r.token_ids) == tokens
+    assert r.text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_reflection_only_client(server, hf_model):
+    """A client that has no generated code: it learns the service from the server's reflection."""
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(server["channel"]))
+    service = pool.FindServiceByName("switchserve.v1.SwitchServe")
+    method = service.methods_by_name["Generate"]
+    request_class = message_factory.GetMessageClass(method.input_type)
+    response_class = message_factory.GetMessageClass(method.output_type)
+    call = server["channel"].unary_unary(f"/{service.full_name}/{method.name}",
+                                         request_serializer=request_class.SerializeToString,
+                                         response_deserializer=response_class.FromString)
+    response = call(request_class(input_ids=PROMPTS[0], max_new_tokens=8))
+    assert list(response.token_ids) == hf_generate(hf_model, PROMPTS[:1], 8)[0][0]
+
+
+def test_concurrent_requests_get_the_tokens_they_get_alone(server):
+    """16 requests of different lengths at once (more than the batch holds, so they join as others leave)."""
+    prompts = [[(7 * i + j) % 30 + 3 for j in range(2 + i % 7)] + [1] for i in range(16)]
+    alone = [list(server["stub"].Generate(pb.GenerateRequest(input_ids=p, max_new_tokens=4 + i % 9)).token_ids)
+             for i, p in enumerate(prompts)]
+    calls = [server["stub"].Generate.future(pb.GenerateRequest(input_ids=p, max_new_tokens=4 + i % 9))
+             for i, p in enumerate(prompts)]
+    assert [list(c.result(timeout=120).token_ids) for c in calls] == alone
+
+
+def test_sampling_is_reproducible_with_a_seed(server):
+    request = pb.GenerateRequest(input_ids=PROMPTS[2], max_new_tokens=12, temperature=1.5, top_k=20, top_p=0.95,
+                                 seed=1234)
+    first = list(server["stub"].Generate(request).token_ids)
+    # The same seed among other traffic: still the same tokens.
+    others = [server["stub"].Generate.future(pb.GenerateRequest(input_ids=p, max_new_tokens=10, temperature=1.0))
+              for p in PROMPTS]
+    assert list(server["stub"].Generate(request).token_ids) == first
+    for c in others:
+        c.result(timeout=60)
+    request.seed = 4321
+    different = {tuple(server["stub"].Generate(request).token_ids) for _ in range(3)}
+    assert len(different) == 1 and first != list(different.pop())  # another seed, another sample
+
+
+def test_stop_token_ends_with_stop(server):
+    free = list(server["stub"].Generate(pb.GenerateRequest(input_ids=PROMPTS[0], max_new_tokens=8)).token_ids)
+    stop = free[2]
+    r = server["stub"].Generate(pb.GenerateRequest(input_ids=PROMPTS[0], max_new_tokens=8, stop_token_ids=[stop]))
+    assert r.finish_reason == "stop" and list(r.token_ids) == free[:free.index(stop) + 1]
+
+
+def test_stream_equals_unary(server):
+    request = pb.GenerateRequest(input_ids=PROMPTS[2], max_new_tokens=10, return_logprobs=True)
+    unary = server["stub"].Generate(request)
+    chunks = list(server["stub"].GenerateStream(request))
+    assert len(chunks) == len(unary.token_ids)  # one chunk per token
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert [x for c in chunks for x in c.logprobs] == pytest.approx(list(unary.logprobs))
+    assert "".join(c.text for c in chunks).split() == unary.text.split()
+    assert [c.finish_reason for c in chunks[:-1]] == [""] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == unary.finish_reason and chunks[-1].prompt_tokens == len(PROMPTS[2])
+
+
+def wait_for_idle(stub, timeout: float = 30.0) -> pb.ModelInfoResponse:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = stub.ModelInfo(pb.ModelInfoRequest())
+        if info.active_sequences == 0 and info.waiting_requests == 0 or time.monotonic() > deadline:
+            return info
+        time.sleep(0.05)
+
+
+def long_request(stub) -> pb.GenerateRequest:
+    """A greedy request that runs all MAX_NEW_LIMIT steps when left alone (never reaches EOS)."""
+    for prompt in PROMPTS:
+        request = pb.GenerateRequest(input_ids=prompt, max_new_tokens=MAX_NEW_LIMIT)
+        if stub.Generate(request).finish_reason == "length":
+            return request
+    raise AssertionError("every prompt reaches EOS")
+
+
+def test_cancelled_stream_frees_its_slot(server):
+    stub = server["stub"]
+    long_running = long_request(stub)
+    stream = stub.GenerateStream(long_running)
+    next(stream), next(stream)
+    assert stub.ModelInfo(pb.ModelInfoRequest()).active_sequences == 1
+    stream.cancel()
+    info = wait_for_idle(stub)
+    assert info.active_sequences == 0 and info.waiting_requests == 0
+
+
+def test_deadline_frees_its_slot(server):
+    stub = server["stub"]
+    long_running = long_request(stub)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(long_running, timeout=0.3)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for_idle(stub).active_sequences == 0
+
+
+BAD_REQUESTS = [
+    (dict(), "text, input_ids"),
+    (dict(text="count", input_ids=[3, 1]), "text, input_ids"),
+    (dict(input_ids=[3, 5000]), "input_ids"),
+    (dict(input_ids=[3, -2]), "input_ids"),
+    (dict(input_ids=[3] * 600), "input_ids"),
+    (dict(input_ids=[3, 1], max_new_tokens=0), "max_new_tokens"),
+    (dict(input_ids=[3, 1], max_new_tokens=MAX_NEW_LIMIT + 1), "max_new_tokens"),
+    (dict(input_ids=[3, 1], temperature=-0.5), "temperature"),
+    (dict(input_ids=[3, 1], temperature=float("nan")), "temperature"),
+    (dict(input_ids=[3, 1], top_k=-1), "top_k"),
+    (dict(input_ids=[3, 1], top_p=0.0), "top_p"),
+    (dict(input_ids=[3, 1], top_p=1.5), "top_p"),
+    (dict(input_ids=[3, 1], stop_token_ids=[9999]), "stop_token_ids"),
+    (dict(input_ids=[3, 1], seed=2**63), "seed"),
+]
+
+
+@pytest.mark.parametrize("fields, field", BAD_REQUESTS)
+def test_bad_input_is_invalid_argument(server, fields, field):
+    for call in (server["stub"].Generate, lambda r: list(server["stub"].GenerateStream(r))):
+        with pytest.raises(grpc.RpcError) as error:
+            call(pb.GenerateRequest(**fields))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details().startswith(field + ":")
+    # ... and the server goes on serving.
+    assert server["stub"].Generate(pb.GenerateRequest(input_ids=[3, 1], max_new_tokens=2)).token_ids
+
+
+def test_health_and_model_info_answer_while_generating(server):
+    stub = server["stub"]
+    calls = [stub.Generate.future(pb.GenerateRequest(input_ids=p, max_new_tokens=40, temperature=1.0, seed=i))
+             for i, p in enumerate(PROMPTS)]
+    health = health_pb2_grpc.HealthStub(server["channel"]).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+    busy = not all(c.done() for c in calls)
+    for c in calls:
+        c.result(timeout=120)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert busy and info.active_sequences + info.waiting_requests > 0
+    assert info.num_experts == 8 and len(info.actors) == 2
+    hosted = sorted((e.stack, e.layer, e.expert) for a in info.actors for e in a.experts)
+    assert hosted == sorted((s, layer, e) for s in ("encoder", "decoder") for layer in (1, 3) for e in range(8))
+    assert all(a.device == "cpu" and a.node_id for a in info.actors)
+    assert sum(sum(load.tokens) for load in info.expert_tokens) > 0
+
+
+def test_full_queue_is_resource_exhausted(server):
+    """Far more requests at once than the batch and queue hold: the excess is refused, the rest complete."""
+    stub = server["stub"]
+    total = MAX_SEQUENCES + MAX_WAITING + 24
+    calls = [stub.Generate.future(pb.GenerateRequest(input_ids=PROMPTS[i % 4], max_new_tokens=30, temperature=1.0,
+                                                     seed=i)) for i in range(total)]
+    codes = []
+    for c in calls:
+        try:
+            c.result(timeout=180)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+            assert e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or "waiting" in e.details() or e.details()
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    print(f"{total} concurrent requests: {codes.count(grpc.StatusCode.OK)} served, {refused} refused")
+    assert refused > 0 and codes.count(grpc.StatusCode.OK) + refused == total
+    assert codes.count(grpc.StatusCode.OK) >= MAX_SEQUENCES + MAX_WAITING
+    assert stub.Generate(pb.GenerateRequest(input_ids=[3, 1], max_new_tokens=2)).token_ids
+
+
+def post(url: str, body) -> tuple[int, dict | str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            raw = r.read().decode()
+            return r.status, json.loads(raw) if r.headers.get_content_type() == "application/json" else raw
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_generate_equals_grpc(server):
+    unary = server["stub"].Generate(pb.GenerateRequest(input_ids=PROMPTS[0], max_new_tokens=6, return_logprobs=True))
+    status, body = post(f"{server['http']}/v1/generate",
+                        {"input_ids": PROMPTS[0], "max_new_tokens": 6, "return_logprobs": True})
+    assert status == 200 and body["token_ids"] == list(unary.token_ids)
+    assert body["logprobs"] == pytest.approx(list(unary.logprobs))
+    assert body["finish_reason"] == unary.finish_reason and body["prompt_tokens"] == len(PROMPTS[0])
+
+
+def test_http_stream_is_server_sent_events(server):
+    unary = server["stub"].Generate(pb.GenerateRequest(text="count to ten", max_new_tokens=6))
+    status, raw = post(f"{server['http']}/v1/generate", {"text": "count to ten", "max_new_tokens": 6, "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in raw.splitlines() if line.startswith("data: ")]
+    assert status == 200 and [t for e in events for t in e["token_ids"]] == list(unary.token_ids)
+    assert events[-1]["finish_reason"] == unary.finish_reason
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"input_ids": [3, 5000]}, "input_ids"),
+    ({"input_ids": [3, 1], "top_p": 2}, "top_p"),
+    ({"input_ids": [3, 1], "top_k": "many"}, "top_k"),
+    ({"input_ids": [3, 1], "no_such_field": 1}, "no_such_field"),
+    ({"input_ids": [3, 1], "stream": "yes"}, "stream"),
+    (b"{not json", "body"),
+])
+def test_http_bad_input_is_400(server, body, field):
+    status, answer = post(f"{server['http']}/v1/generate", body)
+    assert status == 400 and answer["field"] == field and answer["error"]
+
+
+def test_http_model_info(server):
+    with urllib.request.urlopen(f"{server['http']}/v1/model", timeout=30) as r:
+        info = json.loads(r.read())
+    assert info["num_experts"] == 8 and info["capacity_mode"] == "hf" and len(info["actors"]) == 2
+
+
+def test_cli_generate_is_a_client_of_the_server(server, capsys):
+    from cluster.cli import main
+
+    main(["generate", "--address", server["grpc"], "--input-ids", json.dumps(PROMPTS[:2]), "--max-new-tokens", "5",
+          "--logprobs", "--json"])
+    remote = json.loads(capsys.readouterr().out)["outputs"]
+    with SwitchCluster(server["path"], experts_per_actor=4) as model:
+        local = [o.to_dict() for o in model.generate(PROMPTS[:2], max_new_tokens=5)]
+    assert [r["token_ids"] for r in remote] == [r["token_ids"] for r in local]
+    assert [r["finish_reason"] for r in remote] == [r["finish_reason"] for r in local]
+    for r, l in zip(remote, local):
+        assert r["logprobs"] == pytest.approx(l["logprobs"], abs=1e-5)
+    with pytest.raises(SystemExit):
+        main(["generate", "--address", server["grpc"], "--input-ids", "[[3, 5000]]"])
+    assert "INVALID_ARGUMENT: input_ids" in capsys.readouterr().err
