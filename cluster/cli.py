@@ -108,9 +108,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from cluster.demo import run_demo
+    from cluster.demo import DEMO_MODEL, run_demo
 
-    run_demo(args.model, experts_per_actor=args.experts_per_actor)
+    run_demo(args.model or DEMO_MODEL, experts_per_actor=args.experts_per_actor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")
-    d.add_argument("--model", default="build/demo-model", help="where the demo checkpoint lives")
+    d.add_argument("--model", default=None, help="checkpoint to serve (default: the trained demo model in demo/model)")
     d.add_argument("--experts-per-actor", type=_positive_int, default=2, metavar="K")
     d.set_defaults(func=cmd_demo)
     return parser

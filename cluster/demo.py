@@ -1,80 +1,101 @@
-"""`make demo`: a small Switch checkpoint with a tokenizer, served with its experts in Ray actors."""
+"""`make demo`: serve the trained demo checkpoint, call it over gRPC, print the answers and the expert load.
+
+The checkpoint in demo/model was trained by demo/train_model.py on three tasks whose answers a reader can
+check at a glance; the tasks are defined here so that the demo can show the expected answer beside the model's.
+"""
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 from pathlib import Path
 
-from cluster.synthetic import tiny_config, write_random_checkpoint
-
-WORDS = ("zero one two three four five six seven eight nine ten eleven twelve hundred thousand "
-         "sort reverse spell count add the list of numbers and then please : , .").split()
-MAX_NEW_TOKENS = 12
-PROMPTS = ["sort the list : nine two seven", "reverse : one two three four", "spell 42 ,", "count to ten"]
-
-
-def write_word_tokenizer(path: Path) -> int:
-    """A whitespace word-level tokenizer with T5's special ids (pad 0, eos 1, unk 2); returns its size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
-    return len(vocab)
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
+TASKS = ("reverse", "sort", "spell")
+DIGITS = [str(d) for d in range(10)]
+ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen").split()
+TENS = ["", ""] + "twenty thirty forty fifty sixty seventy eighty ninety".split()
+WORDS = DIGITS + list(TASKS) + [":"] + ONES + TENS[2:] + ["hundred"]  # the demo tokenizer's vocabulary, in order
+PROMPTS = ["reverse : 3 1 4 1 5", "sort : 9 2 6 5 3", "spell : 4 7 2", "reverse : 2 7 1 8", "sort : 8 0 8 1",
+           "spell : 1 9", "spell : 9 9 9"]
+STREAMED = "spell : 3 1 4"
 
 
-def build_demo_checkpoint(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_word_tokenizer(path)
-    config = tiny_config(vocab_size=vocab_size, d_model=64, d_ff=128, num_experts=8, expert_capacity=4)
-    write_random_checkpoint(path, config, max_shard_size="100KB")
+def spell(n: int) -> str:
+    """0..999 in English words: 472 -> 'four hundred seventy two'."""
+    if n == 0:
+        return "zero"
+    hundreds, rest = divmod(n, 100)
+    words = [ONES[hundreds], "hundred"] if hundreds else []
+    if rest >= 20:
+        words.append(TENS[rest // 10])
+        if rest % 10:
+            words.append(ONES[rest % 10])
+    elif rest:
+        words.append(ONES[rest])
+    return " ".join(words)
 
 
-def transformers_generate(path: Path, input_ids: list[list[int]]) -> list[list[int]]:
-    """transformers' own greedy generate on the same checkpoint, generated tokens cut after EOS."""
-    import torch
-    from transformers import SwitchTransformersForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model = SwitchTransformersForConditionalGeneration.from_pretrained(path).eval()
-    ids = torch.zeros(len(input_ids), max(map(len, input_ids)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(input_ids):
-        ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    generated = []
-    for row in out[:, 1:].tolist():
-        eos = model.config.eos_token_id
-        generated.append(row[:row.index(eos) + 1] if eos in row else row)
-    return generated
+def expected_answer(prompt: str) -> str:
+    task, _, digits = prompt.split(" ", 2)
+    items = digits.split()
+    if task == "spell":
+        return spell(int("".join(items)))
+    return " ".join(items[::-1] if task == "reverse" else sorted(items))
 
 
-def run_demo(model_dir: str, experts_per_actor: int = 2) -> None:
-    from cluster.engine import SwitchCluster
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        print(f"building a demo checkpoint (random weights, {len(WORDS) + 3}-word tokenizer) in {path}")
-        build_demo_checkpoint(path)
+
+def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int = 2) -> None:
+    import grpc
+    import ray
+    from ray import serve
+
+    from cluster import app
+    from router_service.proto import switch_serve_pb2 as pb
+    from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+    from router_service.server import ServerConfig
+
+    config = ServerConfig(model=str(model_dir), experts_per_actor=experts_per_actor)
+    grpc_port, http_port = free_port(), free_port()
     start = time.perf_counter()
-    with SwitchCluster(path, experts_per_actor=experts_per_actor) as model:
-        config = model.checkpoint.config
-        print(f"serving {path}: {config.num_experts} experts x {len(model.placement.owners())} sparse layers "
-              f"in {len(model.actors)} Ray actors (ready in {time.perf_counter() - start:.1f}s)")
-        outputs = model.generate(texts=PROMPTS, max_new_tokens=MAX_NEW_TOKENS)
-        reference = transformers_generate(path, [model.tokenizer(p)["input_ids"] for p in PROMPTS])
-        print("\n(random weights: the words are arbitrary; each line is checked against transformers' generate)")
-        for prompt, out, ref in zip(PROMPTS, outputs, reference):
-            same = "same as transformers" if out.token_ids == ref else f"DIFFERS from transformers: {ref}"
-            print(f"  {prompt!r:36} -> {model.decode(out.token_ids)!r}\n  {'':36}    "
-                  f"[{out.finish_reason}, {out.dropped_tokens} tokens over capacity, {same}]")
-        counts = model.expert_token_counts()
-    print("\ntokens received by each expert of each sparse layer:")
-    print(f"  {'layer':<12}" + "".join(f"{'e' + str(e):>6}" for e in range(config.num_experts)))
-    for (stack, layer), row in counts.items():
-        print(f"  {stack + '.' + str(layer):<12}" + "".join(f"{n:>6}" for n in row))
+    ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    try:
+        app.start(config, http_port=http_port, grpc_port=grpc_port)
+        print(f"\nserving {model_dir} on gRPC 127.0.0.1:{grpc_port} and HTTP 127.0.0.1:{http_port} "
+              f"(ready in {time.perf_counter() - start:.0f}s)")
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.SwitchServeStub(channel)
+            print(f"\nstreamed, one chunk per token:\n  {STREAMED!r} ->", end="", flush=True)
+            for chunk in stub.GenerateStream(pb.GenerateRequest(text=STREAMED, max_new_tokens=12)):
+                print(f" {chunk.text.strip()}" if chunk.text.strip() else "", end="", flush=True)
+                if chunk.finish_reason:
+                    print(f"  [{chunk.finish_reason}]")
+
+            print(f"\n{len(PROMPTS)} requests in flight at once, decoded together:")
+            calls = [stub.Generate.future(pb.GenerateRequest(text=p, max_new_tokens=12)) for p in PROMPTS]
+            right = 0
+            for prompt, call in zip(PROMPTS, calls):
+                answer, expected = call.result().text, expected_answer(prompt)
+                right += answer == expected
+                mark = "ok" if answer == expected else f"expected {expected!r}"
+                print(f"  {prompt!r:26} -> {answer!r:30} {mark}")
+            print(f"  {right} of {len(PROMPTS)} right")
+
+            info = stub.ModelInfo(pb.ModelInfoRequest())
+        print(f"\n{info.num_experts} experts in each of {len(info.expert_tokens)} sparse layers, "
+              f"{len(info.actors)} expert actors; tokens each expert has computed:")
+        print(f"  {'layer':<12}" + "".join(f"{'e' + str(e):>6}" for e in range(info.num_experts)))
+        for load in info.expert_tokens:
+            print(f"  {load.stack + '.' + str(load.layer):<12}" + "".join(f"{n:>6}" for n in load.tokens))
+        app.stop(config)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -13,6 +13,27 @@ TINY = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=
             decoder_start_token_id=0)
 
 
+def word_tokenizer(words: list[str]):
+    """A whitespace word-level tokenizer with T5's special ids (pad 0, eos 1, unk 2) that appends </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def write_random_checkpoint_with_tokenizer(path: str | os.PathLike, words: list[str], **overrides):
+    """A random model over a word-level vocabulary, with its tokenizer saved beside it, so text goes in and out."""
+    tokenizer = word_tokenizer(words)
+    tokenizer.save_pretrained(path)
+    config = tiny_config(**{"vocab_size": len(tokenizer), "d_model": 64, "d_ff": 128, "num_experts": 8,
+                            "expert_capacity": 4, **overrides})
+    return write_random_checkpoint(path, config, max_shard_size="100KB")
+
+
 def tiny_config(**overrides) -> SwitchTransformersConfig:
     return SwitchTransformersConfig(**{**TINY, **overrides})
 

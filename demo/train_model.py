@@ -23,18 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (AutoTokenizer, PreTrainedTokenizerFast, SwitchTransformersConfig,
-                          SwitchTransformersForConditionalGeneration)
+from transformers import AutoTokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+from cluster.demo import DIGITS, TASKS, WORDS, spell
+from cluster.synthetic import word_tokenizer
 
 SEED = 0
-TASKS = ("reverse", "sort", "spell")
-DIGITS = [str(d) for d in range(10)]
-ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-        "sixteen seventeen eighteen nineteen").split()
-TENS = ["", ""] + "twenty thirty forty fifty sixty seventy eighty ninety".split()
-WORDS = DIGITS + list(TASKS) + [":"] + ONES + TENS[2:] + ["hundred"]
-
 MODEL_CONFIG = dict(
     d_model=64, d_kv=16, num_heads=4, d_ff=128,
     num_layers=4, num_decoder_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
@@ -52,30 +46,6 @@ WARMUP_STEPS = 200
 TRAIN_STEPS = 6000  # the learning rate decays linearly to zero over these
 EVAL_EVERY = 250
 MAX_NEW_TOKENS = 8  # the longest answer is 6 words plus </s>
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Whitespace word-level tokenizer with T5's special ids (pad 0, eos 1, unk 2) that appends </s>."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def spell(n: int) -> str:
-    """0..999 in English words: 472 -> 'four hundred seventy two'."""
-    if n == 0:
-        return "zero"
-    hundreds, rest = divmod(n, 100)
-    words = [ONES[hundreds], "hundred"] if hundreds else []
-    if rest >= 20:
-        words.append(TENS[rest // 10])
-        if rest % 10:
-            words.append(ONES[rest % 10])
-    elif rest:
-        words.append(ONES[rest])
-    return " ".join(words)
 
 
 def make_example(task: str, rng: random.Random) -> tuple[str, str]:
@@ -232,7 +202,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tokenizer()
+    tokenizer = word_tokenizer(WORDS)
     tokenizer.save_pretrained(args.out)
     check_tokenizer(args.out)
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from cluster.cli import main
-from cluster.demo import build_demo_checkpoint
+from cluster.demo import WORDS
+from cluster.synthetic import write_random_checkpoint_with_tokenizer
 from reference import hf_generate
 
 PROMPTS = [[5, 9, 23, 4, 1], [71, 3, 1]]
@@ -36,8 +37,8 @@ def test_generate_json_matches_transformers(ray_cluster, checkpoint_factory, cap
 def test_generate_text_uses_the_checkpoint_tokenizer(ray_cluster, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    build_demo_checkpoint(tmp_path)
-    out = run_cli(capsys, "--model", str(tmp_path), "--text", "sort the list : two one", "count to ten",
+    write_random_checkpoint_with_tokenizer(tmp_path, WORDS)
+    out = run_cli(capsys, "--model", str(tmp_path), "--text", "sort : 2 1", "spell : 4 7 2",
                   "--max-new-tokens", "4", "--experts-per-actor", "4", "--capacity", "dropless", "--json")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert [len(o["token_ids"]) for o in out["outputs"]] == [4, 4]

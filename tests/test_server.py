@@ -18,8 +18,9 @@ from ray import serve
 from transformers import AutoTokenizer
 
 from cluster import app
-from cluster.demo import build_demo_checkpoint
+from cluster.demo import WORDS
 from cluster.engine import SwitchCluster
+from cluster.synthetic import write_random_checkpoint_with_tokenizer
 from reference import hf_generate
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
@@ -38,7 +39,7 @@ def free_port() -> int:
 def server(ray_cluster, tmp_path_factory):
     """One Serve app on a small checkpoint with a tokenizer; small batch and queue limits to test them."""
     path = tmp_path_factory.mktemp("served")
-    build_demo_checkpoint(path)
+    write_random_checkpoint_with_tokenizer(path, WORDS)
     config = ServerConfig(model=str(path), experts_per_actor=4, max_sequences=MAX_SEQUENCES,
                           max_waiting=MAX_WAITING, max_new_tokens=MAX_NEW_LIMIT)
     grpc_port, http_port = free_port(), free_port()
@@ -72,7 +73,7 @@ def test_greedy_over_grpc_matches_transformers(server, hf_model):
 
 def test_text_in_text_out(server, hf_model):
     tokenizer = AutoTokenizer.from_pretrained(server["path"])
-    text = "sort the list : nine two seven"
+    text = "sort : 9 2 7"
     r = server["stub"].Generate(pb.GenerateRequest(text=text, max_new_tokens=6))
     (tokens, _), = hf_generate(hf_model, [tokenizer(text)["input_ids"]], 6)
     assert list(r.token_ids) == tokens
@@ -235,11 +236,12 @@ def test_full_queue_is_resource_exhausted(server):
             codes.append(grpc.StatusCode.OK)
         except grpc.RpcError as e:
             codes.append(e.code())
-            assert e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or "waiting" in e.details() or e.details()
+            assert e.details()
     refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
     print(f"{total} concurrent requests: {codes.count(grpc.StatusCode.OK)} served, {refused} refused")
     assert refused > 0 and codes.count(grpc.StatusCode.OK) + refused == total
-    assert codes.count(grpc.StatusCode.OK) >= MAX_SEQUENCES + MAX_WAITING
+    # At least a full queue's worth is accepted (requests count as waiting until the batcher admits them).
+    assert codes.count(grpc.StatusCode.OK) >= MAX_WAITING
     assert stub.Generate(pb.GenerateRequest(input_ids=[3, 1], max_new_tokens=2)).token_ids
 
 
@@ -264,8 +266,8 @@ def test_http_generate_equals_grpc(server):
 
 
 def test_http_stream_is_server_sent_events(server):
-    unary = server["stub"].Generate(pb.GenerateRequest(text="count to ten", max_new_tokens=6))
-    status, raw = post(f"{server['http']}/v1/generate", {"text": "count to ten", "max_new_tokens": 6, "stream": True})
+    unary = server["stub"].Generate(pb.GenerateRequest(text="spell : 4 2", max_new_tokens=6))
+    status, raw = post(f"{server['http']}/v1/generate", {"text": "spell : 4 2", "max_new_tokens": 6, "stream": True})
     events = [json.loads(line[len("data: "):]) for line in raw.splitlines() if line.startswith("data: ")]
     assert status == 200 and [t for e in events for t in e["token_ids"]] == list(unary.token_ids)
     assert events[-1]["finish_reason"] == unary.finish_reason
