@@ -32,6 +32,18 @@ def grpc_options(port: int) -> gRPCOptions:
     return gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS)
 
 
+def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port: int = 8000,
+                 grpc_port: int = 9000) -> dict:
+    """The Serve config (`serve run FILE` / `serve deploy FILE`, or a RayService's serveConfigV2) of the app."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": http_host, "port": http_port},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
+        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "cluster.app:build_app",
+                          "args": config.model_dump(exclude_defaults=True) | {"model": config.model}}],
+    }
+
+
 def start(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000) -> None:
     """Start Serve's proxies on this Ray cluster and deploy the app; returns once it is ready."""
     serve.start(http_options={"host": http_host, "port": http_port}, grpc_options=grpc_options(grpc_port))

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from router_service.batching import Sequence
@@ -29,6 +29,8 @@ http_app = FastAPI(title="switch-serve", description="Switch Transformers with e
 
 class ServerConfig(BaseModel):
     """Everything a replica needs: the `args` of the Serve application (see cluster.app.build_app)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt argument fails instead of being ignored
 
     model: str = Field(description="checkpoint folder, readable from every node")
     experts_per_actor: int = Field(1, ge=1)

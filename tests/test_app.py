@@ -1,0 +1,82 @@
+"""The Serve config and the generated gRPC code stay what the sources say."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.app import build_app, serve_config
+from router_service.server import ServerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def unknown_keys(model: type[BaseModel], data, path: str = "") -> list[str]:
+    """Keys the schema does not know (ServeDeploySchema itself silently ignores them)."""
+    if not isinstance(data, dict):
+        return []
+    found = []
+    for key, value in data.items():
+        field = model.model_fields.get(key) if hasattr(model, "model_fields") else model.__fields__.get(key)
+        if field is None:
+            found.append(f"{path}{key}")
+            continue
+        inner = getattr(field, "annotation", None) or getattr(field, "outer_type_", None)
+        for candidate in getattr(inner, "__args__", ()) + (inner,):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                items = value if isinstance(value, list) else [value]
+                for i, item in enumerate(items):
+                    found += unknown_keys(candidate, item, f"{path}{key}[{i}]." if isinstance(value, list) else f"{path}{key}.")
+    return found
+
+
+def check_serve_config(config: dict) -> None:
+    ServeDeploySchema.parse_obj(config)
+    ServerConfig(**config["applications"][0]["args"])  # forbids unknown keys itself
+    assert unknown_keys(ServeDeploySchema, config) == []
+    for path in config["grpc_options"]["grpc_servicer_functions"]:
+        module, name = path.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(module), name))
+    for application in config["applications"]:
+        module, name = application["import_path"].split(":")
+        builder = getattr(importlib.import_module(module), name)
+        assert builder is build_app
+
+
+def test_committed_serve_config_is_current_and_valid():
+    committed = yaml.safe_load((ROOT / "manifests" / "serve-demo.yaml").read_text())
+    assert committed == serve_config(ServerConfig(model="demo/model", experts_per_actor=2))
+    check_serve_config(committed)
+
+
+def test_a_typo_in_the_serve_config_is_caught():
+    config = serve_config(ServerConfig(model="demo/model"))
+    config["applications"][0]["max_ongoing_request"] = 5
+    ServeDeploySchema.parse_obj(config)  # the schema alone lets it through
+    assert unknown_keys(ServeDeploySchema, config) == ["applications[0].max_ongoing_request"]
+    config["applications"][0]["args"]["experts_per_actr"] = 2
+    with pytest.raises(ValidationError, match="experts_per_actr"):
+        check_serve_config(config)
+
+
+def test_builder_makes_an_application():
+    assert isinstance(build_app({"model": "demo/model", "max_sequences": 8}), Application)
+    with pytest.raises(Exception, match="max_sequences"):
+        build_app({"model": "demo/model", "max_sequences": 0})
+
+
+def test_generated_grpc_code_matches_the_proto(tmp_path):
+    proto = "router_service/proto/switch_serve.proto"
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={tmp_path}",
+                    f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", proto], cwd=ROOT, check=True)
+    for name in ("switch_serve_pb2.py", "switch_serve_pb2.pyi", "switch_serve_pb2_grpc.py"):
+        generated = (tmp_path / "router_service" / "proto" / name).read_text()
+        assert generated == (ROOT / "router_service" / "proto" / name).read_text(), f"regenerate {name} (README)"
