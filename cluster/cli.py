@@ -107,6 +107,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
         ray.shutdown()
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from transformers import SwitchTransformersConfig
+
+    from cluster.plan import make_plan, parse_bytes, read_stats
+
+    if args.model is not None:
+        config = SwitchCheckpoint.open(args.model).config
+    else:
+        config = SwitchTransformersConfig.from_json_file(args.config)
+    plan = make_plan(config, gpus=args.gpus, gpu_memory=parse_bytes(args.gpu_memory), nodes=args.nodes,
+                     dtype=args.dtype, replicate_hot=args.replicate_hot,
+                     stats=read_stats(args.stats) if args.stats else None)
+    for warning in plan.warnings:
+        print(f"switch-serve: warning: {warning}", file=sys.stderr)
+    summary = plan.to_json()
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"{summary['num_actors']} expert actors on {summary['num_gpus']} GPUs; expert {plan.expert_bytes / 2**20:.1f} "
+          f"MiB, front {plan.front_bytes / 2**30:.2f} GiB; fullest GPU {summary['max_gpu_bytes'] / 2**30:.1f} of "
+          f"{plan.budget_bytes / 2**30:.1f} GiB usable; load imbalance {summary['load_imbalance']:.3f}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from cluster.demo import DEMO_MODEL, run_demo
 
@@ -150,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=_positive_int, default=256, help="the most a request may ask for")
     _add_model_options(s)
     s.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("plan", help="place every expert on a GPU within a memory budget (no weights needed)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint folder")
+    source.add_argument("--config", help="a config.json alone")
+    p.add_argument("--gpus", type=_positive_int, required=True)
+    p.add_argument("--gpu-memory", default="80GiB", help="per GPU (default 80GiB; 10%% is kept for activations)")
+    p.add_argument("--nodes", type=_positive_int, default=1, help="GPUs are spread evenly over this many nodes")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--replicate-hot", type=int, default=0, metavar="K", help="give the K busiest experts a replica")
+    p.add_argument("--stats", help="token counts per expert, {\"encoder.1\": [...], ...}, to balance load by")
+    p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")
     d.add_argument("--model", default=None, help="checkpoint to serve (default: the trained demo model in demo/model)")

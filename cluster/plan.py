@@ -1,0 +1,151 @@
+"""The placement planner: every (stack, sparse layer, expert) onto a GPU (one expert actor per GPU), within a
+memory budget, balancing the expected load and giving the hottest experts extra replicas.
+
+    switch-serve plan --config switch-c-2048.json --gpus 48 --gpu-memory 80GiB --json
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from transformers import SwitchTransformersConfig
+
+from cluster.checkpoint import sparse_layers
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ACTIVATION_RESERVE = 0.10  # of each GPU's memory, left for activations and the CUDA context
+
+ExpertKey = tuple[str, int, int]
+
+
+class PlanError(ValueError):
+    pass
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '40 GiB', '1.5TiB' or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise PlanError(f"gpu_memory: cannot read {text!r} (try 80GiB)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or not unit else 1000
+    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+
+
+def expert_layers(config: SwitchTransformersConfig) -> tuple[dict[str, list[int]], list[str]]:
+    """Sparse layers per stack, and warnings where the config cannot be what the weights hold.
+
+    switch-c-2048's published config says 12 decoder layers and 15 sparse ones (a sparse step of 0, so a
+    literal reading builds no sparse decoder layer); its weights hold 15 decoder layers, all sparse."""
+    layers, warnings = {}, []
+    for stack in ("encoder", "decoder"):
+        total = config.num_layers if stack == "encoder" else config.num_decoder_layers
+        sparse = config.num_sparse_encoder_layers if stack == "encoder" else config.num_sparse_decoder_layers
+        if sparse > total:
+            warnings.append(f"config.json: {stack} has {total} layers but {sparse} sparse ones; planning {sparse} "
+                            f"{stack} layers, all sparse, as the released weights hold")
+            layers[stack] = list(range(sparse))
+        else:
+            layers[stack] = sparse_layers(config, stack)
+    return layers, warnings
+
+
+def front_bytes(config: SwitchTransformersConfig, layers: dict[str, list[int]], dtype_bytes: int) -> int:
+    """The non-expert weights: embeddings, attention, norms, dense FFNs, routers, LM head."""
+    d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
+    params = config.vocab_size * d * (1 if config.tie_word_embeddings else 3)
+    for stack in ("encoder", "decoder"):
+        total = max(config.num_layers if stack == "encoder" else config.num_decoder_layers, len(layers[stack]))
+        attentions = 1 if stack == "encoder" else 2
+        sparse = len(layers[stack])
+        params += total * (attentions * (4 * d * inner + d) + d)  # attention + its norm, FFN norm
+        params += (total - sparse) * 2 * d * ff + sparse * config.num_experts * d
+    return params * dtype_bytes
+
+
+@dataclass
+class GpuPlan:
+    gpu: int
+    node: int
+    experts: list[ExpertKey] = field(default_factory=list)
+    bytes: int = 0
+    load: float = 0.0
+
+
+@dataclass
+class Plan:
+    gpus: list[GpuPlan]
+    expert_bytes: int
+    front_bytes: int
+    budget_bytes: int
+    replicas: dict[str, int]  # "stack.layer.expert" -> copies, for experts with more than one
+    warnings: list[str]
+
+    @property
+    def num_actors(self) -> int:
+        return sum(1 for g in self.gpus if g.experts)
+
+    def to_json(self) -> dict:
+        loads = [g.load for g in self.gpus]
+        return {
+            "num_gpus": len(self.gpus), "num_actors": self.num_actors, "expert_bytes": self.expert_bytes,
+            "front_bytes": self.front_bytes, "budget_bytes_per_gpu": self.budget_bytes,
+            "max_gpu_bytes": max(g.bytes for g in self.gpus), "load_imbalance": max(loads) / (sum(loads) / len(loads)),
+            "replicas": self.replicas, "warnings": self.warnings, "gpus": [asdict(g) for g in self.gpus],
+        }
+
+
+def make_plan(config: SwitchTransformersConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, dtype: str = "bf16",
+              replicate_hot: int = 0, stats: dict[ExpertKey, float] | None = None) -> Plan:
+    """Spread experts over GPUs, heaviest expected load first, each to the least-loaded GPU with room
+    (longest-processing-time scheduling); the `replicate_hot` busiest experts get a second copy that halves
+    their load."""
+    if gpus < 1 or nodes < 1 or gpus % nodes:
+        raise PlanError(f"gpus: {gpus} GPUs cannot be spread evenly over {nodes} nodes")
+    if replicate_hot and gpus < 2:
+        raise PlanError("replicate_hot: replicas need at least 2 GPUs")
+    layers, warnings = expert_layers(config)
+    size = 2 * config.d_model * config.d_ff * DTYPE_BYTES[dtype]
+    budget = int(gpu_memory * (1 - ACTIVATION_RESERVE))
+    keys = [(stack, layer, e) for stack in ("encoder", "decoder") for layer in layers[stack]
+            for e in range(config.num_experts)]
+    load = {key: float((stats or {}).get(key, 1.0)) for key in keys}
+    hot = sorted(keys, key=lambda k: -load[k])[:replicate_hot]
+    copies = {key: 2 if key in hot else 1 for key in keys}
+    total = sum(copies.values())
+    per_gpu = budget // size
+    if per_gpu == 0 or math.ceil(total / per_gpu) > gpus:
+        needed = math.ceil(total * size / budget) if per_gpu else "more"
+        raise PlanError(f"gpus: {total} experts of {size / 2**20:.0f} MiB need at least {needed} GPUs of "
+                        f"{gpu_memory / 2**30:.0f} GiB ({1 - ACTIVATION_RESERVE:.0%} usable); {gpus} given")
+    plan = [GpuPlan(gpu=i, node=i // (gpus // nodes)) for i in range(gpus)]
+    heap = [(0.0, i) for i in range(gpus)]  # (load, gpu) of GPUs with room
+    items = sorted(((load[k] / copies[k], k) for k in keys for _ in range(copies[k])), key=lambda x: -x[0])
+    for share, key in items:
+        skipped = []
+        while copies[key] > 1 and key in plan[heap[0][1]].experts:  # a replica goes to another GPU than its twin
+            skipped.append(heapq.heappop(heap))
+        gpu_load, i = heapq.heappop(heap)
+        g = plan[i]
+        g.experts.append(key)
+        g.bytes += size
+        g.load = gpu_load + share
+        if len(g.experts) < per_gpu:
+            heapq.heappush(heap, (g.load, i))
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+    for g in plan:
+        g.experts.sort()
+    replicas = {".".join(map(str, k)): n for k, n in copies.items() if n > 1}
+    return Plan(plan, size, front_bytes(config, layers, DTYPE_BYTES[dtype]), budget, replicas, warnings)
+
+
+def read_stats(path: str) -> dict[ExpertKey, float]:
+    """Token counts as `{"encoder.1": [tokens per expert], ...}` (what the running cluster reports)."""
+    raw = json.loads(open(path).read())
+    return {(layer.split(".")[0], int(layer.split(".")[1]), e): float(n)
+            for layer, counts in raw.items() for e, n in enumerate(counts)}

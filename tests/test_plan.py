@@ -1,0 +1,87 @@
+"""The placement planner on the released checkpoints' architectures (no weights needed)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from transformers import SwitchTransformersConfig
+
+from cluster.checkpoint import sparse_layers
+from cluster.cli import main
+from cluster.plan import PlanError, make_plan, parse_bytes
+
+CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "model-configs"
+GiB = 2**30
+
+# (checkpoint, GPUs, GiB per GPU, nodes): sensible deployments of each released architecture.
+DEPLOYMENTS = [("switch-base-8", 1, 24, 1), ("switch-base-8", 2, 24, 2), ("switch-base-128", 4, 40, 1),
+               ("switch-large-128", 8, 40, 2), ("switch-xxl-128", 32, 80, 4), ("switch-c-2048", 48, 80, 6),
+               ("switch-c-2048", 64, 80, 8)]
+
+
+def config(name: str) -> SwitchTransformersConfig:
+    return SwitchTransformersConfig.from_json_file(CONFIGS / f"{name}.json")
+
+
+def expected_experts(name: str) -> int:
+    """Sparse layers as transformers reads the config (switch-xxl-128's published steps of 2 included),
+    except switch-c-2048's decoder, where the weights win."""
+    c = config(name)
+    layers = [len(sparse_layers(c, "encoder")), 15 if name == "switch-c-2048" else len(sparse_layers(c, "decoder"))]
+    return sum(layers) * c.num_experts
+
+
+@pytest.mark.parametrize("name, gpus, gib, nodes", DEPLOYMENTS)
+def test_plans_of_released_architectures(name, gpus, gib, nodes):
+    plan = make_plan(config(name), gpus=gpus, gpu_memory=gib * GiB, nodes=nodes)
+    placed = Counter(key for g in plan.gpus for key in g.experts)
+    assert len(placed) == expected_experts(name) and set(placed.values()) == {1}  # every expert once
+    assert all(g.bytes <= plan.budget_bytes for g in plan.gpus)  # no GPU over budget
+    counts = [len(g.experts) for g in plan.gpus]
+    assert max(counts) - min(counts) <= 1  # uniform load: balanced to one expert
+    assert Counter(g.node for g in plan.gpus) == {n: gpus // nodes for n in range(nodes)}
+
+
+def test_switch_c_2048_follows_the_weights_and_says_so():
+    plan = make_plan(config("switch-c-2048"), gpus=48, gpu_memory=80 * GiB)
+    assert sum(len(g.experts) for g in plan.gpus) == 30 * 2048
+    assert len({(s, layer) for g in plan.gpus for s, layer, _ in g.experts if s == "decoder"}) == 15
+    assert any("decoder has 12 layers but 15 sparse" in w for w in plan.warnings)
+
+
+def test_too_few_gpus_says_how_many_it_takes():
+    with pytest.raises(PlanError, match=r"61440 experts of 49 MiB need at least 41 GPUs of 80 GiB .*; 30 given"):
+        make_plan(config("switch-c-2048"), gpus=30, gpu_memory=80 * GiB)
+
+
+def test_load_statistics_balance_and_replicate_hot_experts():
+    c = config("switch-base-8")
+    stats = {("encoder", 1, e): 1000.0 if e == 3 else 10.0 for e in range(8)}  # expert 3 of layer 1 is hot
+    plan = make_plan(c, gpus=4, gpu_memory=24 * GiB, replicate_hot=1, stats=stats)
+    holders = [g for g in plan.gpus if ("encoder", 1, 3) in g.experts]
+    assert len(holders) == 2 and plan.replicas == {"encoder.1.3": 2}
+    assert max(g.load for g in plan.gpus) < 1000  # without its replica, one GPU would carry all of its load
+
+
+def test_timing_is_reported(capsys):
+    """Planning switch-c-2048 on 48 GPUs: the time is printed for the record, not asserted."""
+    start = time.perf_counter()
+    make_plan(config("switch-c-2048"), gpus=48, gpu_memory=80 * GiB)
+    print(f"switch-c-2048 on 48 GPUs planned in {time.perf_counter() - start:.2f}s")
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * GiB and parse_bytes("40GB") == 40 * 10**9 and parse_bytes("1024") == 1024
+    with pytest.raises(PlanError, match="gpu_memory"):
+        parse_bytes("lots")
+
+
+def test_plan_command_json(capsys):
+    main(["plan", "--config", str(CONFIGS / "switch-base-128.json"), "--gpus", "4", "--gpu-memory", "40GiB", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_actors"] == 4 and out["max_gpu_bytes"] <= out["budget_bytes_per_gpu"]
+    assert sum(len(g["experts"]) for g in out["gpus"]) == 12 * 128
