@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,6 @@ demo: install
 
 test: install
 	$(VENV)/bin/python -m pytest -q
-
-# Everything, the slow tests included.
-test-all: install
-	$(VENV)/bin/python -m pytest -q -m ''
 
 clean:
 	rm -rf $(VENV) build

@@ -103,6 +103,10 @@ class ContinuousBatcher:
         self.inbox.put(seq)
 
     @property
+    def free_slots(self) -> int:
+        return self.max_sequences - len(self.active)
+
+    @property
     def has_work(self) -> bool:
         return bool(self.active or self.waiting or not self.inbox.empty())
 
@@ -162,11 +166,16 @@ class ContinuousBatcher:
             joining.append(self.waiting.popleft())
         if not joining:
             return
-        encoded = self.front.encode([seq.prompt for seq in joining])
+        try:
+            encoded = self.front.encode([seq.prompt for seq in joining])
+            cache = self.front.start_decoding(encoded)
+            merged = cache if self.cache is None else DecoderCache.merge(self.cache, cache)
+        except Exception:
+            self.waiting.extendleft(reversed(joining))  # so that fail() ends them too
+            raise
         for seq, dropped in zip(joining, encoded.dropped.tolist()):
             seq.dropped_tokens += dropped
-        cache = self.front.start_decoding(encoded)
-        self.cache = cache if self.cache is None else DecoderCache.merge(self.cache, cache)
+        self.cache = merged
         start = torch.full((len(joining),), self.front.config.decoder_start_token_id, dtype=torch.long)
         self.next_tokens = torch.cat([self.next_tokens, start])
         self.active += joining

@@ -102,11 +102,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x
 
 
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """transformers' guard after every sub-layer in float16: keep values finite."""
+    if x.dtype != torch.float16:
+        return x
+    top = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), top - 1000, top)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
 class SwitchFront:
     """The non-expert weights of a checkpoint and the math that uses them. Never reads an expert tensor."""
 
-    def __init__(self, checkpoint: SwitchCheckpoint, dispatch: Dispatch, capacity: str = "hf",
-                 device: str = "cpu"):
+    def __init__(self, checkpoint: SwitchCheckpoint, dispatch: Dispatch, capacity: str = "hf"):
         if capacity not in CAPACITY_MODES:
             raise ValueError(f"capacity must be one of {', '.join(CAPACITY_MODES)}, got {capacity!r}")
         self.config = config = checkpoint.config
@@ -114,7 +122,7 @@ class SwitchFront:
         self.dispatch = dispatch
         required, _ = expected_tensors(config)
         names = [n for n in required if ".mlp.experts." not in n]
-        self.weights = {k: t.to(device) for k, t in checkpoint.read(names).items()}
+        self.weights = checkpoint.read(names)
         self.dtype = self.weights[names[0]].dtype
         self.act = ACT2FN[config.dense_act_fn]
         self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
@@ -174,8 +182,9 @@ class SwitchFront:
         prefix = f"{ffn_prefix(stack, layer)}.mlp.router.classifier"
         rows, cols = valid.nonzero(as_tuple=True)  # sequence by sequence, earlier positions first
         tokens = x[rows, cols]
+        bias = self.weights.get(f"{prefix}.bias")
         logits = F.linear(tokens.to(torch.float32), self._w(f"{prefix}.weight").to(torch.float32),
-                          self.weights.get(f"{prefix}.bias"))
+                          None if bias is None else bias.to(torch.float32))
         probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype)
         expert = probs.argmax(dim=-1)
         prob = probs.max(dim=-1).values
@@ -216,9 +225,9 @@ class SwitchFront:
             n = rms_norm(h, self._w(f"{p}.layer_norm.weight"), self.eps)
             attn = f"{p}.SelfAttention"
             q, k, v = (self._project(attn, w, n) for w in "qkv")
-            h = h + self._attend(attn, q, k, v, bias)
+            h = clamp_fp16(h + self._attend(attn, q, k, v, bias))
             ffn_out, ffn_dropped = self._ffn("encoder", i, h, mask)
-            h, dropped = h + ffn_out, dropped + ffn_dropped
+            h, dropped = clamp_fp16(h + ffn_out), dropped + ffn_dropped
         h = rms_norm(h, self._w("encoder.final_layer_norm.weight"), self.eps)
         return EncoderOutput(h, mask, dropped)
 
@@ -252,13 +261,13 @@ class SwitchFront:
             q, k, v = (self._project(attn, w, n) for w in "qkv")
             self_k.append(torch.cat([cache.self_k[i], k], dim=2))
             self_v.append(torch.cat([cache.self_v[i], v], dim=2))
-            h = h + self._attend(attn, q, self_k[i], self_v[i], self_bias)
+            h = clamp_fp16(h + self._attend(attn, q, self_k[i], self_v[i], self_bias))
             n = rms_norm(h, self._w(f"{p}.1.layer_norm.weight"), self.eps)
             attn = f"{p}.1.EncDecAttention"
-            h = h + self._attend(attn, self._project(attn, "q", n), cache.cross_k[i], cache.cross_v[i],
-                                 cache.cross_bias)
+            h = clamp_fp16(h + self._attend(attn, self._project(attn, "q", n), cache.cross_k[i], cache.cross_v[i],
+                                            cache.cross_bias))
             ffn_out, ffn_dropped = self._ffn("decoder", i, h, valid)
-            h, dropped = h + ffn_out, dropped + ffn_dropped
+            h, dropped = clamp_fp16(h + ffn_out), dropped + ffn_dropped
         h = rms_norm(h, self._w("decoder.final_layer_norm.weight"), self.eps)
         if self.config.tie_word_embeddings:
             h = h * (self.config.d_model ** -0.5)

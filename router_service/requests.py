@@ -19,6 +19,9 @@ class InvalidRequest(ValueError):
         return InvalidRequest, (self.field, self.message)
 
 
+MIN_TEMPERATURE = 0.01  # below it logits / temperature overflows
+
+
 @dataclass(frozen=True)
 class Limits:
     max_prompt_tokens: int = 512
@@ -46,8 +49,8 @@ def make_sampling_params(vocab_size: int, limits: Limits, *, max_new_tokens: int
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise InvalidRequest("max_new_tokens", f"must be between 1 and {limits.max_new_tokens}, got {max_new_tokens}")
     temperature = 0.0 if temperature is None else float(temperature)
-    if not (math.isfinite(temperature) and 0.0 <= temperature <= 100.0):
-        raise InvalidRequest("temperature", f"must be between 0 (greedy) and 100, got {temperature}")
+    if not (temperature == 0.0 or MIN_TEMPERATURE <= temperature <= 100.0):
+        raise InvalidRequest("temperature", f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {temperature}")
     top_k = 0 if top_k is None else top_k
     if top_k < 0:
         raise InvalidRequest("top_k", f"must be 0 (off) or positive, got {top_k}")

@@ -41,7 +41,7 @@ class Scheduler:
     async def stream(self, seq: Sequence) -> AsyncIterator[Sequence]:
         """Queue `seq` and yield it each time it has new tokens, until it is done. A caller that stops
         iterating (a cancelled request) takes the sequence out of the batch before the next step."""
-        if self.batcher.num_waiting >= self.max_waiting:
+        if self.batcher.num_waiting >= self.max_waiting + self.batcher.free_slots:
             raise QueueFull(f"{self.batcher.num_waiting} requests already waiting (limit {self.max_waiting})")
         loop = asyncio.get_running_loop()
         updated = asyncio.Event()
@@ -54,13 +54,19 @@ class Scheduler:
                 updated.clear()
                 if seq.error is not None:
                     raise seq.error
+                # Read before yielding: if it finishes while the caller looks, another update follows.
+                finished = seq.finish_reason is not None
                 yield seq
-                if seq.done:
+                if finished:
                     return
         finally:
             if not seq.done:
                 seq.cancelled = True
                 self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -69,5 +75,13 @@ class Scheduler:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                for seq in self.batcher.step():
-                    seq.notify()
+                try:
+                    changed = self.batcher.step()
+                except Exception as e:  # keep the thread alive: the batch fails, later requests start afresh
+                    log.exception("batching step failed")
+                    changed = self.batcher.fail(e)
+                for seq in changed:
+                    try:
+                        seq.notify()
+                    except RuntimeError:  # its caller's event loop is gone
+                        pass

@@ -38,7 +38,7 @@ class ServerConfig(BaseModel):
     max_prompt_tokens: int = Field(512, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     max_sequences: int = Field(32, ge=1, description="sequences decoding together in one replica")
-    max_waiting: int = Field(64, ge=0, description="requests a replica queues beyond its batch before refusing")
+    max_waiting: int = Field(64, ge=1, description="requests a replica queues beyond its batch before refusing")
     num_replicas: int = Field(1, ge=1)
 
 
@@ -158,12 +158,16 @@ class SwitchServer:
         seq = self._sequence(request)
         sent, text = 0, ""
         async for _ in self.scheduler.stream(seq):
-            new_tokens = seq.token_ids[sent:]
-            full_text = self._text(seq.token_ids)
-            chunk = pb.GenerateChunk(token_ids=new_tokens, text=full_text[len(text):],
-                                     logprobs=seq.logprobs[sent:] if request.return_logprobs else [])
-            sent, text = len(seq.token_ids), full_text
-            if seq.done:
+            # The batching thread appends a token, then its logprob, then sets finish_reason: read in reverse
+            # order and every token counted here is complete.
+            finished = seq.finish_reason is not None
+            count = len(seq.logprobs)
+            tokens = seq.token_ids[:count]
+            full_text = self._text(tokens)
+            chunk = pb.GenerateChunk(token_ids=tokens[sent:], text=full_text[len(text):],
+                                     logprobs=seq.logprobs[sent:count] if request.return_logprobs else [])
+            sent, text = count, full_text
+            if finished:
                 chunk.finish_reason = seq.finish_reason
                 chunk.prompt_tokens, chunk.dropped_tokens = len(seq.prompt), seq.dropped_tokens
             yield chunk
@@ -211,8 +215,11 @@ class SwitchServer:
         return await self._model_info()
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1.Health/Check: serving once this replica has its model and actors."""
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        """grpc.health.v1.Health/Check: serving once this replica has its model and actors, and while its
+        batching thread runs."""
+        status = health_pb2.HealthCheckResponse.SERVING if self.scheduler.alive else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
 
     # -- HTTP JSON -----------------------------------------------------------------------------------------
 

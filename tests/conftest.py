@@ -37,12 +37,3 @@ def checkpoint_factory(tmp_path_factory):
 
     return make
 
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` skip where there is no CUDA."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

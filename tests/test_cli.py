@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,8 +68,8 @@ def test_bad_checkpoint_exits_with_a_message(tmp_path, capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    script = Path(sys.executable).parent / "switch-serve"
+    out = subprocess.run([str(script), "generate", "--help"], capture_output=True, text=True, check=True).stdout
     for flag in ("--model", "--input-ids", "--text", "--max-new-tokens", "--experts-per-actor", "--capacity",
                  "--logprobs", "--json"):
         assert flag in out

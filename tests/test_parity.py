@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import ray
 
 from cluster.engine import SwitchCluster
 from reference import edit_config, hf_dropped_tokens, hf_generate
@@ -71,7 +72,7 @@ def test_front_and_actors_read_only_their_own_tensors(ray_cluster, checkpoint_fa
         assert front_read | expert_names == set(model.checkpoint.tensors)  # tied: no optional copies written
         read_by_actors = []
         for actor, hosted in zip(model.actors, model.placement.actors):
-            read = set(ray_get(actor.tensors_read.remote()))
+            read = set(ray.get(actor.tensors_read.remote()))
             own = {f"{stack}.block.{layer}.layer.{1 if stack == 'encoder' else 2}.mlp.experts.expert_{e}.{w}.weight"
                    for stack, layer, e in hosted for w in ("wi", "wo")}
             assert read == own
@@ -128,9 +129,3 @@ def test_missing_decoder_start_token_uses_pad(ray_cluster, checkpoint_factory, t
         assert model.checkpoint.config.decoder_start_token_id == 0
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
     assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW, decoder_start_token_id=0))
-
-
-def ray_get(ref):
-    import ray
-
-    return ray.get(ref)
