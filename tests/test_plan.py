@@ -14,7 +14,7 @@ from cluster.checkpoint import sparse_layers
 from cluster.cli import main
 from cluster.plan import PlanError, make_plan, parse_bytes
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "model-configs"
+CONFIGS = Path(__file__).resolve().parent / "data" / "model-configs"  # the released checkpoints' configs
 GiB = 2**30
 
 # (checkpoint, GPUs, GiB per GPU, nodes): sensible deployments of each released architecture.
