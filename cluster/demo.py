@@ -7,6 +7,7 @@ check at a glance; the tasks are defined here so that the demo can show the expe
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import time
 from pathlib import Path
@@ -47,9 +48,16 @@ def expected_answer(prompt: str) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on all addresses, chosen between Ray's worker ports (10002-19999) and the kernel's
+    ephemeral range, so that processes starting meanwhile are unlikely to take it first."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
 
 
 def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int = 2) -> None:
