@@ -201,8 +201,12 @@ def test_bad_input_is_invalid_argument(server, fields, field):
 
 def test_health_and_model_info_answer_while_generating(server):
     stub = server["stub"]
-    calls = [stub.Generate.future(pb.GenerateRequest(input_ids=p, max_new_tokens=40, temperature=1.0, seed=i))
-             for i, p in enumerate(PROMPTS)]
+    request = long_request(stub)  # a few hundred steps each: still running while we look
+    calls = [stub.Generate.future(request) for _ in range(3)]
+    deadline = time.monotonic() + 30
+    while stub.ModelInfo(pb.ModelInfoRequest()).active_sequences == 0:
+        assert time.monotonic() < deadline, "the requests never reached the batch"
+        time.sleep(0.01)
     health = health_pb2_grpc.HealthStub(server["channel"]).Check(health_pb2.HealthCheckRequest(), timeout=10)
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
     busy = not all(c.done() for c in calls)
