@@ -81,7 +81,7 @@ def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int = 2) -> 
               f"(ready in {time.perf_counter() - start:.0f}s)")
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = pb_grpc.SwitchServeStub(channel)
-            print(f"\nstreamed, one chunk per token:\n  {STREAMED!r} ->", end="", flush=True)
+            print(f"\nstreamed as it is generated:\n  {STREAMED!r} ->", end="", flush=True)
             for chunk in stub.GenerateStream(pb.GenerateRequest(text=STREAMED, max_new_tokens=12)):
                 print(f" {chunk.text.strip()}" if chunk.text.strip() else "", end="", flush=True)
                 if chunk.finish_reason:
