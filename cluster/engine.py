@@ -107,7 +107,7 @@ class SwitchCluster:
         if self._tokenizer is None:
             path = Path(self.checkpoint.path)
             if not any((path / f).is_file() for f in TOKENIZER_FILES):
-                raise ValueError(f"text: {path} holds no tokenizer; pass token ids instead")
+                raise InvalidRequest("text", f"{path} holds no tokenizer; pass token ids instead")
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(path))

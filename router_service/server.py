@@ -121,9 +121,10 @@ class SwitchServer:
                                      capacity=config.capacity, limits=limits, shared_actors=True)
         self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting)
         try:
-            self.tokenizer = self.cluster.tokenizer
-        except ValueError:
-            self.tokenizer = None  # token ids only
+            self.cluster.tokenizer  # loaded now rather than on the first request
+            self.has_tokenizer = True
+        except InvalidRequest:
+            self.has_tokenizer = False  # token ids only
 
     # -- shared by gRPC and HTTP ---------------------------------------------------------------------------
 
@@ -131,19 +132,14 @@ class SwitchServer:
         vocab, limits = self.cluster.checkpoint.config.vocab_size, self.cluster.limits
         if bool(request.text) == bool(request.input_ids):
             raise InvalidRequest("text, input_ids", "give exactly one of them")
-        if request.text:
-            if self.tokenizer is None:
-                raise InvalidRequest("text", "this model has no tokenizer; send input_ids")
-            prompt = self.tokenizer(request.text)["input_ids"]
-        else:
-            prompt = list(request.input_ids)
+        prompt = self.cluster.encode_text(request.text) if request.text else list(request.input_ids)
         optional = {name: getattr(request, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
                     if request.HasField(name)}
         params = make_sampling_params(vocab, limits, stop_token_ids=list(request.stop_token_ids), **optional)
         return Sequence(check_prompt(prompt, vocab, limits, "text" if request.text else "input_ids"), params)
 
     def _text(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
+        return self.cluster.decode(token_ids) if self.has_tokenizer else ""
 
     async def _generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
         seq = self._sequence(request)
