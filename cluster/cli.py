@@ -9,7 +9,7 @@ import sys
 import threading
 
 from cluster.checkpoint import CheckpointError, SwitchCheckpoint
-from cluster.client import RemoteError
+from cluster.client import RemoteError, generate_remote
 from router_service.model import CAPACITY_MODES
 
 
@@ -45,8 +45,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.text is None and (not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts)):
         raise ValueError("--input-ids: must be a JSON list of lists of token ids, e.g. [[13, 7, 1]]")
     if args.address is not None:
-        from cluster.client import generate_remote
-
         results = generate_remote(args.address, prompts, logprobs=args.logprobs, **_sampling(args))
     else:
         if args.model is None:
