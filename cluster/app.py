@@ -1,6 +1,6 @@
 """The Serve application: a typed config in, a Serve app out, and the ports it listens on.
 
-    serve run cluster.app:build_app model=/models/switch-base-8 experts_per_actor=2
+    serve run cluster.app:build_app model=/models/switch-base-8
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def build_app(args: dict | ServerConfig) -> Application:
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
     ongoing = config.max_sequences + config.max_waiting + CONTROL_HEADROOM
     return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
-                                max_queued_requests=config.max_waiting).bind(config)
+                                max_queued_requests=config.max_waiting,
+                                ray_actor_options={"num_gpus": config.front_gpus}).bind(config)
 
 
 def grpc_options(port: int) -> gRPCOptions:
@@ -52,7 +53,11 @@ def start(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port: int 
 
 def stop(config: ServerConfig) -> None:
     """Take the app down, then its shared expert actors."""
-    from cluster.engine import kill_shared_actors
+    from cluster.checkpoint import SwitchCheckpoint
+    from cluster.engine import dtype_name
+    from cluster.fleet import stop_shared_fleet
 
     serve.delete(APP_NAME)
-    kill_shared_actors(config.model, config.experts_per_actor)
+    checkpoint = SwitchCheckpoint.open(config.model)
+    dtype = dtype_name(checkpoint, config.dtype)
+    stop_shared_fleet(checkpoint, config.placement.place(checkpoint.config, dtype), dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,39 @@ def expected_tensors(config: SwitchTransformersConfig) -> tuple[dict[str, tuple[
     return required, optional
 
 
+def follow_weights(config: SwitchTransformersConfig, names: list[str], where: Path | str) -> list[str]:
+    """Where config.json's layer counts disagree with the blocks the weights hold, change `config` to follow
+    the weights; returns one warning per stack changed.
+
+    switch-c-2048's published config says 12 decoder layers of which 15 are sparse; its weights hold 15 decoder
+    blocks, all sparse."""
+    warnings = []
+    for stack in STACKS:
+        blocks, sparse = set(), set()
+        for name in names:
+            match = re.match(rf"{stack}\.block\.(\d+)\.", name)
+            if match:
+                blocks.add(int(match.group(1)))
+                if ".mlp.router." in name or ".mlp.experts." in name:
+                    sparse.add(int(match.group(1)))
+        if not blocks:
+            continue
+        total, sparse = max(blocks) + 1, sorted(sparse)
+        if total == num_layers(config, stack) and sparse == sparse_layers(config, stack):
+            continue
+        steps = [s for s in range(1, total + 1) if [i for i in range(total) if i % s == 1 or s == 1] == sparse]
+        if sparse and not steps:
+            raise CheckpointError(f"{where}: the {stack} sparse blocks in the weights, {sparse}, follow no sparse "
+                                  "step transformers supports")
+        was = f"{num_layers(config, stack)} layers of which {getattr(config, f'num_sparse_{stack}_layers')} sparse"
+        setattr(config, "num_layers" if stack == "encoder" else "num_decoder_layers", total)
+        setattr(config, f"num_sparse_{stack}_layers", len(sparse))
+        setattr(config, f"{stack}_sparse_step", steps[0] if sparse else 0)
+        warnings.append(f"{where}: config.json says the {stack} has {was}; the weights hold {total} blocks, "
+                        f"{len(sparse)} sparse; following the weights")
+    return warnings
+
+
 def _read_header(path: Path) -> dict:
     """The JSON header of a safetensors file (names, dtypes, shapes, byte offsets), checked against its size."""
     size = path.stat().st_size
@@ -158,6 +192,8 @@ class SwitchCheckpoint:
             # T5's convention, which the released Switch checkpoints that lack the field rely on.
             config.decoder_start_token_id = config.pad_token_id
         tensors = cls._index(path)
+        for warning in follow_weights(config, list(tensors), config_file):
+            log.warning(warning)
         cls._check(config, tensors, path)
         return cls(path=path, config=config, tensors=tensors)
 

@@ -8,8 +8,12 @@ import signal
 import sys
 import threading
 
+from pydantic import ValidationError
+
 from cluster.checkpoint import CheckpointError, SwitchCheckpoint
-from cluster.client import RemoteError, generate_remote
+from cluster.client import RemoteError, generate_remote, model_info
+from cluster.placement import PlacementConfig, PlacementError
+from experts.actor import DTYPES
 from router_service.model import CAPACITY_MODES
 
 
@@ -27,12 +31,31 @@ def _json_ids(text: str) -> list:
         raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
 
 
+def _add_planner_options(p: argparse.ArgumentParser, gpus_required: bool) -> None:
+    p.add_argument("--gpus", type=_positive_int if gpus_required else int, required=gpus_required,
+                   default=None if gpus_required else 0,
+                   help="GPUs to plan the experts over" + ("" if gpus_required else " (default 0: CPU actors)"))
+    p.add_argument("--gpu-memory", default="80GiB", help="per GPU (default 80GiB; 10%% is kept for activations)")
+    p.add_argument("--nodes", type=_positive_int, default=1, help="spread evenly over this many Ray nodes")
+    p.add_argument("--replicate-hot", type=int, default=0, metavar="K", help="give the K busiest experts a replica")
+    p.add_argument("--stats", help="token counts per expert (`switch-serve stats`) to balance the load by")
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-per-actor", type=_positive_int, default=1, metavar="K",
-                   help="expert indices packed into one actor (default 1: one actor per expert index)")
+                   help="without GPUs: expert indices packed into one actor (default 1)")
+    _add_planner_options(p, gpus_required=False)
+    p.add_argument("--actors-per-gpu", type=_positive_int, default=1, help="actors sharing each GPU (default 1)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: the checkpoint's")
     p.add_argument("--capacity", choices=CAPACITY_MODES, default="hf",
                    help="hf: transformers' per-sequence expert capacity, tokens over it are dropped (default); "
                         "dropless: never drop a token")
+
+
+def _placement(args: argparse.Namespace) -> PlacementConfig:
+    return PlacementConfig(experts_per_actor=args.experts_per_actor, gpus=args.gpus, nodes=args.nodes,
+                           gpu_memory=args.gpu_memory, actors_per_gpu=args.actors_per_gpu,
+                           replicate_hot=args.replicate_hot, stats=args.stats)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -61,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def generate_local(args: argparse.Namespace, prompts: list) -> list[dict]:
     from cluster.engine import SwitchCluster
 
-    with SwitchCluster(args.model, experts_per_actor=args.experts_per_actor, capacity=args.capacity) as model:
+    with SwitchCluster(args.model, placement=_placement(args), dtype=args.dtype, capacity=args.capacity) as model:
         if args.text is not None:
             outputs = model.generate(texts=prompts, **_sampling(args))
         else:
@@ -81,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from cluster import app
     from router_service.server import ServerConfig
 
-    config = ServerConfig(model=args.model, experts_per_actor=args.experts_per_actor, capacity=args.capacity,
+    config = ServerConfig(model=args.model, placement=_placement(args), dtype=args.dtype, capacity=args.capacity,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                           max_sequences=args.max_sequences, max_waiting=args.max_waiting, num_replicas=args.replicas)
     SwitchCheckpoint.open(args.model)  # a bad checkpoint fails here, before anything starts
@@ -126,6 +149,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"{summary['num_actors']} expert actors on {summary['num_gpus']} GPUs; expert {plan.expert_bytes / 2**20:.1f} "
           f"MiB, front {plan.front_bytes / 2**30:.2f} GiB; fullest GPU {summary['max_gpu_bytes'] / 2**30:.1f} of "
           f"{plan.budget_bytes / 2**30:.1f} GiB usable; load imbalance {summary['load_imbalance']:.3f}")
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    from cluster.plan import stats_json
+
+    info = model_info(args.address)
+    text = json.dumps(stats_json({(load.stack, load.layer): load.tokens for load in info.expert_tokens}))
+    if args.output is None:
+        print(text)
+    else:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -176,14 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint folder")
     source.add_argument("--config", help="a config.json alone")
-    p.add_argument("--gpus", type=_positive_int, required=True)
-    p.add_argument("--gpu-memory", default="80GiB", help="per GPU (default 80GiB; 10%% is kept for activations)")
-    p.add_argument("--nodes", type=_positive_int, default=1, help="GPUs are spread evenly over this many nodes")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--replicate-hot", type=int, default=0, metavar="K", help="give the K busiest experts a replica")
-    p.add_argument("--stats", help="token counts per expert, {\"encoder.1\": [...], ...}, to balance load by")
+    _add_planner_options(p, gpus_required=True)
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    t = sub.add_parser("stats", help="write a running server's tokens per expert, for `plan --stats`")
+    t.add_argument("--address", required=True, metavar="HOST:PORT", help="gRPC address of the server")
+    t.add_argument("-o", "--output", default=None, help="file to write (default: print)")
+    t.set_defaults(func=cmd_stats)
 
     d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")
     d.add_argument("--model", default=None, help="checkpoint to serve (default: the trained demo model in demo/model)")
@@ -196,7 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, ValueError, RemoteError) as e:
+    except ValidationError as e:  # a bad option combination, e.g. --replicate-hot without --gpus
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "options"
+        print(f"switch-serve: error: {where}: {first['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        sys.exit(2)
+    except (CheckpointError, ValueError, RemoteError, PlacementError) as e:
         print(f"switch-serve: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -38,3 +38,11 @@ def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logpr
             out["text"] = r.text
         results.append(out)
     return results
+
+
+def model_info(address: str, timeout: float = 30.0) -> pb.ModelInfoResponse:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return pb_grpc.SwitchServeStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise RemoteError(e) from None

@@ -66,11 +66,12 @@ def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int = 2) -> 
     from ray import serve
 
     from cluster import app
+    from cluster.placement import PlacementConfig
     from router_service.proto import switch_serve_pb2 as pb
     from router_service.proto import switch_serve_pb2_grpc as pb_grpc
     from router_service.server import ServerConfig
 
-    config = ServerConfig(model=str(model_dir), experts_per_actor=experts_per_actor)
+    config = ServerConfig(model=str(model_dir), placement=PlacementConfig(experts_per_actor=experts_per_actor))
     grpc_port, http_port = free_port(), free_port()
     start = time.perf_counter()
     ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)

@@ -6,16 +6,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 import ray
+import torch
 
-from cluster.checkpoint import SwitchCheckpoint, expert_tensor_names
-from cluster.placement import Placement
-from experts.actor import ExpertActor
+from cluster.checkpoint import SwitchCheckpoint
+from cluster.fleet import start_fleet, stop_fleet
+from cluster.placement import PlacementConfig
+from experts.actor import DTYPES
 from router_service.dispatch import ExpertDispatcher
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
 from router_service.model import SwitchFront
@@ -23,50 +24,16 @@ from router_service.requests import InvalidRequest, Limits, check_prompt, make_s
 
 log = logging.getLogger(__name__)
 
-SHARED_NAMESPACE = "switch-serve"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 
 
-def actor_cpus(num_actors: int) -> float:
-    """CPUs each expert actor asks Ray for: a fair share of what the cluster has free, at most one.
-
-    An actor asking for more than the cluster has free stays pending forever, so small machines get fractions."""
-    free = ray.available_resources().get("CPU", 0.0)
-    return max(0.01, min(1.0, round(free / (num_actors + 1), 2)))
-
-
-def launch_expert_actors(checkpoint: SwitchCheckpoint, placement: Placement, shared: bool = False) -> list:
-    """Start one actor per placement entry and wait until every one has loaded its weights.
-
-    Shared actors are named and detached: every front serving the same checkpoint and placement (each Serve
-    replica) finds the same actors instead of starting its own, and they outlive any one front."""
-    remote = ray.remote(ExpertActor)
-    cpus = actor_cpus(len(placement.actors))
-    actors = []
-    for i, keys in enumerate(placement.actors):
-        options = {"num_cpus": cpus}
-        if shared:
-            options.update(name=shared_actor_name(checkpoint, placement, i), namespace=SHARED_NAMESPACE,
-                           lifetime="detached", get_if_exists=True)
-        actors.append(remote.options(**options).remote(checkpoint, {key: expert_tensor_names(*key) for key in keys}))
-    ray.get([actor.info.remote() for actor in actors])  # surfaces a load failure here, not mid-request
-    return actors
-
-
-def shared_actor_name(checkpoint: SwitchCheckpoint, placement: Placement, index: int) -> str:
-    digest = hashlib.sha1(repr((str(checkpoint.path), placement.actors)).encode()).hexdigest()[:12]
-    return f"experts-{digest}-{index}"
-
-
-def kill_shared_actors(model_dir: str | os.PathLike, experts_per_actor: int) -> None:
-    """Stop the shared expert actors of a checkpoint and placement (when its Serve app is taken down)."""
-    checkpoint = SwitchCheckpoint.open(model_dir)
-    placement = Placement.packed(checkpoint.config, experts_per_actor)
-    for i in range(len(placement.actors)):
-        try:
-            ray.kill(ray.get_actor(shared_actor_name(checkpoint, placement, i), namespace=SHARED_NAMESPACE))
-        except ValueError:  # not running
-            pass
+def dtype_name(checkpoint: SwitchCheckpoint, dtype: str | None) -> str:
+    """The dtype to serve in: the one asked for, else the checkpoint's own."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return dtype
+    return next(name for name, t in DTYPES.items() if t == checkpoint.dtype)
 
 
 def count_expert_tokens(per_actor: list[dict], num_experts: int) -> dict[tuple[str, int], list[int]]:
@@ -79,23 +46,31 @@ def count_expert_tokens(per_actor: list[dict], num_experts: int) -> dict[tuple[s
 
 
 class SwitchCluster:
-    """A checkpoint served with expert parallelism: the front here, the experts in Ray actors.
+    """A checkpoint served with expert parallelism: the front here, the experts in Ray actors placed as
+    `placement` says, both in `dtype` (default: the checkpoint's). The front runs on the GPU when this process
+    has one.
 
     Starts a local Ray cluster unless one is running or `address` names one to join."""
 
-    def __init__(self, model_dir: str | os.PathLike, *, experts_per_actor: int = 1, capacity: str = "hf",
-                 address: str | None = None, limits: Limits = Limits(), shared_actors: bool = False):
+    def __init__(self, model_dir: str | os.PathLike, *, placement: PlacementConfig = PlacementConfig(),
+                 dtype: str | None = None, capacity: str = "hf", address: str | None = None,
+                 limits: Limits = Limits(), shared_actors: bool = False):
         self.checkpoint = SwitchCheckpoint.open(model_dir)
+        self.dtype = dtype_name(self.checkpoint, dtype)
         self.limits, self.capacity, self.shared_actors = limits, capacity, shared_actors
         self._tokenizer = None
+        self.fleet, self.actors = None, []
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
-        self.placement = Placement.packed(self.checkpoint.config, experts_per_actor)
         try:
-            self.actors = launch_expert_actors(self.checkpoint, self.placement, shared_actors)
+            self.placement = placement.place(self.checkpoint.config, self.dtype)
+            self.fleet, self.actors = start_fleet(self.checkpoint, self.placement, self.dtype, shared=shared_actors,
+                                                  actor_resources=placement.actor_resources,
+                                                  timeout_s=placement.timeout_s)
             dispatch = ExpertDispatcher(self.actors, self.placement.owners(), self.checkpoint.config.num_experts)
-            self.front = SwitchFront(self.checkpoint, dispatch, capacity)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.front = SwitchFront(self.checkpoint, dispatch, capacity, DTYPES[self.dtype], device)
         except BaseException:
             self.shutdown()
             raise
@@ -147,10 +122,9 @@ class SwitchCluster:
 
     def shutdown(self) -> None:
         """Stop the actors this object started (shared ones stay for the other fronts) and Ray if it started it."""
-        if not self.shared_actors:
-            for actor in getattr(self, "actors", []):
-                ray.kill(actor)
-        self.actors = []
+        if self.fleet is not None and not self.shared_actors:
+            stop_fleet(self.fleet)
+        self.fleet, self.actors = None, []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 

@@ -1,9 +1,17 @@
-"""Which expert actor hosts which (stack, sparse layer, expert)."""
+"""Which expert actor hosts which (stack, sparse layer, expert), on which node, with how much of a GPU.
+
+Two ways to place, chosen by `PlacementConfig.gpus`:
+- packed (no GPUs): actor i hosts expert indices [i*k, (i+1)*k) of every sparse layer;
+- planned (GPUs): cluster.plan spreads experts over the GPUs by memory and load, hot experts get replicas,
+  and each GPU's experts go to `actors_per_gpu` actors that share it.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import SwitchTransformersConfig
 
 from cluster.checkpoint import STACKS, sparse_layers
@@ -12,24 +20,87 @@ ExpertKey = tuple[str, int, int]  # (stack, block index, expert index)
 LayerKey = tuple[str, int]  # (stack, block index) of a sparse layer
 
 
+class PlacementError(RuntimeError):
+    """Ray cannot find room for the actors the placement asks for."""
+
+
+class PlacementConfig(BaseModel):
+    """How to spread the experts: the placement part of the server's config and of `SwitchCluster`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experts_per_actor: int = Field(1, ge=1, description="without GPUs: expert indices packed into one actor")
+    gpus: int = Field(0, ge=0, description="plan the experts over this many GPUs (0: CPU actors, packed)")
+    nodes: int = Field(1, ge=1, description="spread the actors evenly over this many Ray nodes")
+    gpu_memory: str = Field("80GiB", description="memory of each GPU, 10% of it kept for activations")
+    actors_per_gpu: int = Field(1, ge=1, description="actors sharing each GPU (each asks for a fraction of it)")
+    replicate_hot: int = Field(0, ge=0, description="the busiest experts that get a second copy on another GPU")
+    stats: str | None = Field(None, description="token counts per expert (`switch-serve stats`) to balance by")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources each expert actor asks for, e.g. a worker group's")
+    timeout_s: float = Field(600.0, gt=0, description="how long to wait for Ray to find room for the actors")
+
+    @model_validator(mode="after")
+    def _planner_options_need_gpus(self) -> "PlacementConfig":
+        for name in ("replicate_hot", "stats"):
+            if getattr(self, name) and not self.gpus:
+                raise ValueError(f"{name} needs gpus: replicas and load balancing are planned over GPUs")
+        return self
+
+    def place(self, config: SwitchTransformersConfig, dtype: str) -> "Placement":
+        """The placement of `config`'s experts, served in `dtype` ("bf16", "fp16" or "fp32")."""
+        if not self.gpus:
+            return Placement.packed(config, self.experts_per_actor, self.nodes)
+        from cluster.plan import make_plan, parse_bytes, read_stats
+
+        plan = make_plan(config, gpus=self.gpus, gpu_memory=parse_bytes(self.gpu_memory), nodes=self.nodes,
+                         dtype=dtype, replicate_hot=self.replicate_hot,
+                         stats=read_stats(self.stats) if self.stats else None)
+        return Placement.from_plan(plan, self.actors_per_gpu)
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    experts: tuple[ExpertKey, ...]
+    node: int = 0  # index of the node (placement group bundle) it runs on
+    gpus: float = 0.0  # GPUs it asks Ray for
+
+
 @dataclass(frozen=True)
 class Placement:
-    actors: tuple[tuple[ExpertKey, ...], ...]  # the experts each actor hosts
+    actors: tuple[ActorSpec, ...]
+    nodes: int = 1
 
     @classmethod
-    def packed(cls, config: SwitchTransformersConfig, experts_per_actor: int = 1) -> "Placement":
-        """Actor i hosts expert indices [i*k, (i+1)*k) of every sparse layer."""
+    def packed(cls, config: SwitchTransformersConfig, experts_per_actor: int = 1, nodes: int = 1) -> "Placement":
+        """Actor i hosts expert indices [i*k, (i+1)*k) of every sparse layer; actors split evenly over nodes."""
         if experts_per_actor < 1:
             raise ValueError(f"experts_per_actor must be at least 1, got {experts_per_actor}")
         layers = [(stack, layer) for stack in STACKS for layer in sparse_layers(config, stack)]
         groups = [range(start, min(start + experts_per_actor, config.num_experts))
                   for start in range(0, config.num_experts, experts_per_actor)]
-        return cls(tuple(tuple((stack, layer, e) for stack, layer in layers for e in group) for group in groups))
+        if nodes > len(groups):
+            raise ValueError(f"nodes: {len(groups)} actors cannot be spread over {nodes} nodes")
+        return cls(tuple(ActorSpec(tuple((stack, layer, e) for stack, layer in layers for e in group),
+                                   node=i * nodes // len(groups))
+                         for i, group in enumerate(groups)), nodes)
 
-    def owners(self) -> dict[LayerKey, dict[int, int]]:
-        """For each sparse layer, the actor index that hosts each expert."""
-        table: dict[LayerKey, dict[int, int]] = {}
-        for actor, keys in enumerate(self.actors):
-            for stack, layer, expert in keys:
-                table.setdefault((stack, layer), {})[expert] = actor
+    @classmethod
+    def from_plan(cls, plan, actors_per_gpu: int = 1) -> "Placement":
+        """One actor per planned GPU (or `actors_per_gpu` actors sharing it, with a fraction each)."""
+        used = [g for g in plan.gpus if g.experts]
+        node_index = {node: i for i, node in enumerate(sorted({g.node for g in used}))}  # nodes left empty go
+        actors = []
+        for gpu in used:
+            share = math.ceil(len(gpu.experts) / actors_per_gpu)
+            groups = [gpu.experts[i:i + share] for i in range(0, len(gpu.experts), share)]
+            actors += [ActorSpec(tuple(group), node=node_index[gpu.node], gpus=1 / len(groups)) for group in groups]
+        return cls(tuple(actors), len(node_index))
+
+    def owners(self) -> dict[LayerKey, dict[int, list[int]]]:
+        """For each sparse layer, the indices of the actors that host each expert (several for a replicated one)."""
+        table: dict[LayerKey, dict[int, list[int]]] = {}
+        for actor, spec in enumerate(self.actors):
+            for stack, layer, expert in spec.experts:
+                table.setdefault((stack, layer), {}).setdefault(expert, []).append(actor)
         return table

@@ -144,6 +144,11 @@ def make_plan(config: SwitchTransformersConfig, *, gpus: int, gpu_memory: int, n
     return Plan(plan, size, front_bytes(config, layers, DTYPE_BYTES[dtype]), budget, replicas, warnings)
 
 
+def stats_json(counts: dict[tuple[str, int], list[int]]) -> dict[str, list[int]]:
+    """Tokens per expert, {(stack, layer): [...]}, in the file format `read_stats` takes."""
+    return {f"{stack}.{layer}": list(tokens) for (stack, layer), tokens in counts.items()}
+
+
 def read_stats(path: str) -> dict[ExpertKey, float]:
     """Token counts as `{"encoder.1": [tokens per expert], ...}` (what the running cluster reports)."""
     raw = json.loads(open(path).read())

@@ -13,6 +13,16 @@ from experts.ffn import grouped_ffn
 from experts.wire import from_wire, to_wire
 
 ExpertKey = tuple[str, int, int]  # (stack, block index, expert index)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def disk_bytes_read() -> int:
+    """Bytes this process has had read from storage (Linux; page-cache hits do not count), 0 elsewhere."""
+    try:
+        with open("/proc/self/io") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("read_bytes:")))
+    except OSError:
+        return 0
 
 
 class ExpertActor:
@@ -20,21 +30,25 @@ class ExpertActor:
 
     `checkpoint` is anything with `.config` and `.read(names) -> {name: tensor}` (cluster.SwitchCheckpoint);
     `experts` maps each hosted expert to the names of its (wi, wo) tensors, the only tensors this actor reads.
+    Runs on the GPU Ray gave it, if any, in `dtype`.
     """
 
-    def __init__(self, checkpoint, experts: dict[ExpertKey, tuple[str, str]], device: str = "cpu"):
+    def __init__(self, checkpoint, experts: dict[ExpertKey, tuple[str, str]], dtype: str = "fp32"):
         self.checkpoint = checkpoint
-        self.device = torch.device(device)
+        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        self.dtype = DTYPES[dtype]
+        before = disk_bytes_read()
         tensors = checkpoint.read([name for pair in experts.values() for name in pair])
-        self.weights = {key: (tensors[wi].to(self.device), tensors[wo].to(self.device))
+        self.loaded = {"tensor_bytes": sum(t.nbytes for t in tensors.values()),
+                       "disk_bytes_read": disk_bytes_read() - before}
+        self.weights = {key: (tensors[wi].to(self.device, self.dtype), tensors[wo].to(self.device, self.dtype))
                         for key, (wi, wo) in experts.items()}
-        self.dtype = next(iter(self.weights.values()))[0].dtype
         self.act = ACT2FN[checkpoint.config.dense_act_fn]
         self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "device": str(self.device), "experts": sorted(self.weights)}
+                "device": str(self.device), "experts": sorted(self.weights), **self.loaded}
 
     def token_counts(self) -> dict[ExpertKey, int]:
         return dict(self.tokens)

@@ -11,22 +11,40 @@ from experts.wire import from_wire, to_wire
 class ExpertDispatcher:
     """One call per actor that has tokens, all in flight at once; results put back in token order.
 
-    `owners[(stack, layer)][expert]` is the index in `actors` of the actor hosting that expert.
+    `owners[(stack, layer)][expert]` lists the indices in `actors` of the actors hosting that expert; an expert
+    with several copies has its tokens dealt round-robin over them.
     """
 
-    def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, int]], num_experts: int):
+    def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, list[int]]], num_experts: int):
         self.actors = actors
-        self.owner_of = {layer: torch.tensor([table[e] for e in range(num_experts)])
-                         for layer, table in owners.items()}
         self.num_experts = num_experts
+        self.copies, self.hosts = {}, {}
+        for layer, table in owners.items():
+            most = max(len(table[e]) for e in range(num_experts))
+            self.copies[layer] = torch.tensor([len(table[e]) for e in range(num_experts)])
+            self.hosts[layer] = torch.tensor([table[e] + table[e][:1] * (most - len(table[e]))
+                                              for e in range(num_experts)])  # [experts, most copies]
+
+    def owner(self, layer: tuple[str, int], expert: torch.Tensor) -> torch.Tensor:
+        """The actor each token goes to: its expert's n-th token goes to copy n mod the number of copies."""
+        copies = self.copies[layer]
+        if int(copies.max()) == 1:
+            return self.hosts[layer][expert, 0]
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        starts = counts.cumsum(0) - counts
+        rank = torch.empty_like(expert)
+        rank[order] = torch.arange(len(expert)) - starts[expert[order]]
+        return self.hosts[layer][expert, rank % copies[expert]]
 
     def __call__(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
                  keep: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(tokens)
+        expert, keep = expert.cpu(), keep.cpu()
         index = keep.nonzero().squeeze(1)
         if index.numel() == 0:
             return out
-        owner = self.owner_of[(stack, layer)][expert[index]]
+        owner = self.owner((stack, layer), expert[index])
         # Group tokens by owning actor, then by expert within it (stable: token order kept inside a group).
         order = torch.argsort(owner * self.num_experts + expert[index], stable=True)
         index, owner = index[order], owner[order]
@@ -39,5 +57,5 @@ class ExpertDispatcher:
                 stack, layer, experts.tolist(), counts.tolist(), to_wire(tokens[chunk])))
             start += n
         results = ray.get(calls)
-        out[index] = torch.cat([from_wire(r, tokens.dtype) for r in results])
+        out[index] = torch.cat([from_wire(r, tokens.dtype) for r in results]).to(out.device)
         return out

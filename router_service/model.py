@@ -112,9 +112,12 @@ def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 class SwitchFront:
-    """The non-expert weights of a checkpoint and the math that uses them. Never reads an expert tensor."""
+    """The non-expert weights of a checkpoint and the math that uses them. Never reads an expert tensor.
 
-    def __init__(self, checkpoint: SwitchCheckpoint, dispatch: Dispatch, capacity: str = "hf"):
+    Runs on `device` in `dtype` (default: the checkpoint's); takes token ids and returns logits on the CPU."""
+
+    def __init__(self, checkpoint: SwitchCheckpoint, dispatch: Dispatch, capacity: str = "hf",
+                 dtype: torch.dtype | None = None, device: str = "cpu"):
         if capacity not in CAPACITY_MODES:
             raise ValueError(f"capacity must be one of {', '.join(CAPACITY_MODES)}, got {capacity!r}")
         self.config = config = checkpoint.config
@@ -122,8 +125,9 @@ class SwitchFront:
         self.dispatch = dispatch
         required, _ = expected_tensors(config)
         names = [n for n in required if ".mlp.experts." not in n]
-        self.weights = checkpoint.read(names)
-        self.dtype = self.weights[names[0]].dtype
+        self.device = torch.device(device)
+        self.dtype = dtype or checkpoint.dtype
+        self.weights = {name: t.to(self.device, self.dtype) for name, t in checkpoint.read(names).items()}
         self.act = ACT2FN[config.dense_act_fn]
         self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
         self.sparse = {stack: set(sparse_layers(config, stack)) for stack in ("encoder", "decoder")}
@@ -136,6 +140,9 @@ class SwitchFront:
             self.lm_head = self.weights["lm_head.weight"]
 
     # -- building blocks ----------------------------------------------------------------------------------
+
+    def _zeros(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, dtype=torch.long, device=self.device)
 
     def _w(self, name: str) -> torch.Tensor:
         return self.weights[name]
@@ -156,13 +163,13 @@ class SwitchFront:
 
     def _position_bias(self, stack: str, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
         """[1, heads, queries, keys] relative position bias from block 0 of the stack."""
-        memory = torch.arange(key_length)[None, :]
+        memory = torch.arange(key_length, device=self.device)[None, :]
         buckets = SwitchTransformersAttention._relative_position_bucket(
             memory - query_positions[:, None], bidirectional=(stack == "encoder"),
             num_buckets=self.config.relative_attention_num_buckets,
             max_distance=self.config.relative_attention_max_distance)
         table = self._w(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-        return F.embedding(buckets.to(table.device), table).permute(2, 0, 1).unsqueeze(0)
+        return F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)
 
     def _padding_bias(self, mask: torch.Tensor) -> torch.Tensor:
         """Additive [batch, 1, 1, keys] mask: 0 on real tokens, the dtype's minimum on padding."""
@@ -174,7 +181,7 @@ class SwitchFront:
         normed = rms_norm(x, self._w(f"{prefix}.layer_norm.weight"), self.eps)
         if layer not in self.sparse[stack]:
             h = self.act(F.linear(normed, self._w(f"{prefix}.mlp.wi.weight")))
-            return F.linear(h.to(self.dtype), self._w(f"{prefix}.mlp.wo.weight")), torch.zeros(x.shape[0], dtype=torch.long)
+            return F.linear(h.to(self.dtype), self._w(f"{prefix}.mlp.wo.weight")), self._zeros(x.shape[0])
         return self._moe(stack, layer, normed, valid)
 
     def _moe(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,9 +224,11 @@ class SwitchFront:
         for b, seq in enumerate(input_ids):
             ids[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[b, :len(seq)] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
         h = F.embedding(ids, self.embed["encoder"])
-        bias = self._position_bias("encoder", torch.arange(length), length) + self._padding_bias(mask)
-        dropped = torch.zeros(batch, dtype=torch.long)
+        positions = torch.arange(length, device=self.device)
+        bias = self._position_bias("encoder", positions, length) + self._padding_bias(mask)
+        dropped = self._zeros(batch)
         for i in range(num_layers(self.config, "encoder")):
             p = f"encoder.block.{i}.layer.0"
             n = rms_norm(h, self._w(f"{p}.layer_norm.weight"), self.eps)
@@ -229,7 +238,7 @@ class SwitchFront:
             ffn_out, ffn_dropped = self._ffn("encoder", i, h, mask)
             h, dropped = clamp_fp16(h + ffn_out), dropped + ffn_dropped
         h = rms_norm(h, self._w("encoder.final_layer_norm.weight"), self.eps)
-        return EncoderOutput(h, mask, dropped)
+        return EncoderOutput(h, mask, dropped.cpu())
 
     def start_decoding(self, encoded: EncoderOutput) -> DecoderCache:
         """Cross-attention keys and values, computed once per request; an empty self-attention cache."""
@@ -241,18 +250,20 @@ class SwitchFront:
             cross_v.append(self._project(attn, "v", encoded.hidden))
             self_k.append(cross_k[-1][:, :, :0])
             self_v.append(cross_v[-1][:, :, :0])
-        return DecoderCache(self_k, self_v, torch.zeros(batch, 0, dtype=torch.bool), cross_k, cross_v,
-                            self._padding_bias(encoded.mask))
+        no_positions = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
+        return DecoderCache(self_k, self_v, no_positions, cross_k, cross_v, self._padding_bias(encoded.mask))
 
     def decode_step(self, cache: DecoderCache, tokens: torch.Tensor) -> tuple[DecoderCache, torch.Tensor, torch.Tensor]:
         """Feed one token per sequence. Returns the cache grown by one position, next-token logits
         [batch, vocab] and dropped-token counts [batch]."""
-        width = cache.width + 1
-        h = F.embedding(tokens[:, None], self.embed["decoder"])
-        self_valid = torch.cat([cache.self_valid, torch.ones(tokens.shape[0], 1, dtype=torch.bool)], dim=1)
-        self_bias = self._position_bias("decoder", torch.tensor([width - 1]), width) + self._padding_bias(self_valid)
-        valid = torch.ones(h.shape[:2], dtype=torch.bool)
-        dropped = torch.zeros(tokens.shape[0], dtype=torch.long)
+        width, batch = cache.width + 1, tokens.shape[0]
+        h = F.embedding(tokens[:, None].to(self.device), self.embed["decoder"])
+        new = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
+        self_valid = torch.cat([cache.self_valid, new], dim=1)
+        newest = torch.tensor([width - 1], device=self.device)
+        self_bias = self._position_bias("decoder", newest, width) + self._padding_bias(self_valid)
+        valid = new
+        dropped = self._zeros(batch)
         self_k, self_v = [], []
         for i in range(num_layers(self.config, "decoder")):
             p = f"decoder.block.{i}.layer"
@@ -272,4 +283,4 @@ class SwitchFront:
         if self.config.tie_word_embeddings:
             h = h * (self.config.d_model ** -0.5)
         grown = DecoderCache(self_k, self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias)
-        return grown, F.linear(h[:, 0], self.lm_head), dropped
+        return grown, F.linear(h[:, 0], self.lm_head).cpu(), dropped.cpu()

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from cluster.placement import PlacementConfig
 from router_service.batching import Sequence
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.requests import InvalidRequest, Limits, check_prompt, make_sampling_params
@@ -33,7 +34,9 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt argument fails instead of being ignored
 
     model: str = Field(description="checkpoint folder, readable from every node")
-    experts_per_actor: int = Field(1, ge=1)
+    placement: PlacementConfig = PlacementConfig()
+    dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="default: the checkpoint's")
+    front_gpus: float = Field(0.0, ge=0, description="GPUs each front replica asks for")
     capacity: Literal["hf", "dropless"] = "hf"
     max_prompt_tokens: int = Field(512, ge=1)
     max_new_tokens: int = Field(256, ge=1)
@@ -117,7 +120,7 @@ class SwitchServer:
 
         self.config = config
         limits = Limits(config.max_prompt_tokens, config.max_new_tokens, config.max_sequences)
-        self.cluster = SwitchCluster(config.model, experts_per_actor=config.experts_per_actor,
+        self.cluster = SwitchCluster(config.model, placement=config.placement, dtype=config.dtype,
                                      capacity=config.capacity, limits=limits, shared_actors=True)
         self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting)
         try:
@@ -182,7 +185,7 @@ class SwitchServer:
             encoder_sparse_layers=[layer for stack, layer in owners if stack == "encoder"],
             decoder_sparse_layers=[layer for stack, layer in owners if stack == "decoder"],
             expert_capacity=config.expert_capacity, capacity_mode=cluster.capacity,
-            dtype=str(cluster.checkpoint.dtype).removeprefix("torch."),
+            dtype=str(cluster.front.dtype).removeprefix("torch."),
             actors=[pb.ActorPlacement(actor=i, node_id=info["node_id"], device=info["device"], pid=info["pid"],
                                       experts=[pb.ExpertRef(stack=s, layer=l, expert=e) for s, l, e in info["experts"]])
                     for i, info in enumerate(infos)],

@@ -15,12 +15,37 @@ hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
 
+def start_local_ray() -> None:
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole run (starting one costs several seconds)."""
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    start_local_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def multi_node_cluster():
+    """A Ray cluster of three raylets on this machine: a head with one CPU and no GPU, and two workers with two
+    CPUs and two GPUs each (GPU resources only: the actors given them run on the CPU). Stands in for the
+    shared local cluster while a module runs, which is restarted after."""
+    from ray.cluster_utils import Cluster
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    small = {"object_store_memory": 200 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **small})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=2, **small) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+    if was_running:
+        start_local_ray()
 
 
 @pytest.fixture(scope="session")

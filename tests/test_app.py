@@ -14,6 +14,7 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.app import build_app, serve_config
+from cluster.placement import PlacementConfig
 from router_service.server import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,8 @@ def check_serve_config(config: dict) -> None:
 
 def test_committed_serve_config_is_current_and_valid():
     committed = yaml.safe_load((ROOT / "manifests" / "serve-demo.yaml").read_text())
-    assert committed == serve_config(ServerConfig(model="demo/model", experts_per_actor=2))
+    demo = ServerConfig(model="demo/model", placement=PlacementConfig(experts_per_actor=2))
+    assert committed == serve_config(demo)
     check_serve_config(committed)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cluster.demo import DEMO_MODEL, PROMPTS, STREAMED, expected_answer, spell
 from cluster.engine import SwitchCluster
+from cluster.placement import PlacementConfig
 
 
 def test_expected_answers():
@@ -15,7 +16,7 @@ def test_expected_answers():
 
 def test_demo_model_answers_its_prompts(ray_cluster):
     prompts = PROMPTS + [STREAMED]
-    with SwitchCluster(DEMO_MODEL, experts_per_actor=4) as model:
+    with SwitchCluster(DEMO_MODEL, placement=PlacementConfig(experts_per_actor=4)) as model:
         outputs = model.generate(texts=prompts, max_new_tokens=12)
         answers = [model.decode(o.token_ids) for o in outputs]
     assert answers == [expected_answer(p) for p in prompts]

@@ -6,6 +6,7 @@ import pytest
 import ray
 
 from cluster.engine import SwitchCluster
+from cluster.placement import PlacementConfig
 from reference import edit_config, hf_dropped_tokens, hf_generate
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
@@ -38,7 +39,7 @@ def assert_same_as_hf(outputs, reference):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_matches_transformers(ray_cluster, checkpoint_factory, name):
     path, hf_model = checkpoint_factory(name, **CONFIGS[name])
-    with SwitchCluster(path, experts_per_actor=PACKING[name]) as model:
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=PACKING[name])) as model:
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
     assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW))
     # Encoder drops reported per request equal what transformers' own routers drop (decoder steps are one
@@ -58,14 +59,14 @@ def test_packing_and_sharding_do_not_change_outputs(ray_cluster, checkpoint_fact
     assert (sharded / "model.safetensors.index.json").is_file()
     reference = hf_generate(hf_model, PROMPTS, MAX_NEW)
     for path, per_actor in [(single, 1), (sharded, 1), (sharded, 3)]:
-        with SwitchCluster(path, experts_per_actor=per_actor) as model:
+        with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=per_actor)) as model:
             assert len(model.actors) == -(-config["num_experts"] // per_actor)
             assert_same_as_hf(model.generate(PROMPTS, max_new_tokens=MAX_NEW), reference)
 
 
 def test_front_and_actors_read_only_their_own_tensors(ray_cluster, checkpoint_factory):
     path, _ = checkpoint_factory("relu-tied-sharded", max_shard_size="20KB", **CONFIGS["relu-tied-step1-2"])
-    with SwitchCluster(path, experts_per_actor=3) as model:
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=3)) as model:
         expert_names = {n for n in model.checkpoint.tensors if ".mlp.experts." in n}
         front_read = model.checkpoint.names_read
         assert front_read and not front_read & expert_names
@@ -74,7 +75,7 @@ def test_front_and_actors_read_only_their_own_tensors(ray_cluster, checkpoint_fa
         for actor, hosted in zip(model.actors, model.placement.actors):
             read = set(ray.get(actor.tensors_read.remote()))
             own = {f"{stack}.block.{layer}.layer.{1 if stack == 'encoder' else 2}.mlp.experts.expert_{e}.{w}.weight"
-                   for stack, layer, e in hosted for w in ("wi", "wo")}
+                   for stack, layer, e in hosted.experts for w in ("wi", "wo")}
             assert read == own
             read_by_actors += read
     assert sorted(read_by_actors) == sorted(expert_names)  # every expert tensor read exactly once
@@ -95,7 +96,7 @@ def test_eos_ends_a_sequence_early(ray_cluster, checkpoint_factory, tmp_path):
         reference = hf_generate(hf_model, PROMPTS, MAX_NEW)
     finally:
         hf_model.config.eos_token_id = hf_model.generation_config.eos_token_id = 1
-    with SwitchCluster(eos_path, experts_per_actor=4) as model:
+    with SwitchCluster(eos_path, placement=PlacementConfig(experts_per_actor=4)) as model:
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
     assert outputs[0].finish_reason == "eos" and outputs[0].token_ids[-1] == eos
     assert [o.token_ids for o in outputs] == [tokens for tokens, _ in reference]
@@ -112,7 +113,7 @@ def test_dropless_equals_unlimited_capacity(ray_cluster, checkpoint_factory):
     finally:
         for router in routers:
             router.expert_capacity = 1
-    with SwitchCluster(path, experts_per_actor=8, capacity="dropless") as model:
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=8), capacity="dropless") as model:
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
     assert all(o.dropped_tokens == 0 for o in outputs)
     assert [o.token_ids for o in outputs] == [tokens for tokens, _ in reference]
@@ -125,7 +126,7 @@ def test_missing_decoder_start_token_uses_pad(ray_cluster, checkpoint_factory, t
     bare = tmp_path / "no-start"
     shutil.copytree(path, bare)
     edit_config(bare, decoder_start_token_id=None)
-    with SwitchCluster(bare, experts_per_actor=4) as model:
+    with SwitchCluster(bare, placement=PlacementConfig(experts_per_actor=4)) as model:
         assert model.checkpoint.config.decoder_start_token_id == 0
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
     assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW, decoder_start_token_id=0))

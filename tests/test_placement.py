@@ -1,10 +1,21 @@
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
+import torch
+from pydantic import ValidationError
 
 from cluster.checkpoint import sparse_layers
-from cluster.placement import Placement
+from cluster.fleet import bundles
+from cluster.placement import Placement, PlacementConfig
 from cluster.synthetic import tiny_config
+from router_service.dispatch import ExpertDispatcher
+
+
+def all_experts(config):
+    return sorted((s, i, e) for s in ("encoder", "decoder") for i in sparse_layers(config, s)
+                  for e in range(config.num_experts))
 
 
 @pytest.mark.parametrize("per_actor, actors", [(1, 8), (3, 3), (8, 1), (20, 1)])
@@ -12,16 +23,52 @@ def test_packed_placement_places_every_expert_once(per_actor, actors):
     config = tiny_config(num_experts=8)
     placement = Placement.packed(config, per_actor)
     assert len(placement.actors) == actors
-    hosted = [key for keys in placement.actors for key in keys]
-    layers = [(s, i) for s in ("encoder", "decoder") for i in sparse_layers(config, s)]
-    assert sorted(hosted) == sorted((s, i, e) for s, i in layers for e in range(8))
+    assert sorted(key for spec in placement.actors for key in spec.experts) == all_experts(config)
     owners = placement.owners()
-    assert set(owners) == set(layers)
+    assert set(owners) == {(s, i) for s, i, _ in all_experts(config)}
     # An actor hosts the same expert indices in every sparse layer.
-    for layer in layers:
-        assert [owners[layer][e] for e in range(8)] == [e // per_actor for e in range(8)]
+    for table in owners.values():
+        assert [table[e] for e in range(8)] == [[e // per_actor] for e in range(8)]
+
+
+def test_packed_placement_splits_actors_evenly_over_nodes():
+    placement = Placement.packed(tiny_config(num_experts=8), 2, nodes=2)
+    assert [spec.node for spec in placement.actors] == [0, 0, 1, 1]
+    assert bundles(placement, 0.5, {}) == [{"CPU": 1.0}, {"CPU": 1.0}]
+    with pytest.raises(ValueError, match="nodes"):
+        Placement.packed(tiny_config(num_experts=8), 8, nodes=2)
 
 
 def test_experts_per_actor_must_be_positive():
     with pytest.raises(ValueError, match="experts_per_actor"):
         Placement.packed(tiny_config(), 0)
+
+
+def test_planned_placement_follows_the_plan():
+    """Every expert on the GPU the planner chose, hot ones twice on different GPUs, GPUs shared as asked."""
+    config = tiny_config(num_experts=8)
+    expert_mib = 2 * config.d_model * config.d_ff * 4 / 2**20
+    options = PlacementConfig(gpus=4, nodes=2, gpu_memory=f"{expert_mib * 12}MiB", replicate_hot=3,
+                              actors_per_gpu=2, actor_resources={"expert_slot": 1})
+    placement = options.place(config, "fp32")
+    assert placement.nodes == 2 and len(placement.actors) == 8
+    assert all(spec.gpus == 0.5 for spec in placement.actors)
+    hosted = Counter(key for spec in placement.actors for key in spec.experts)
+    assert sorted(hosted) == all_experts(config)
+    assert sorted(hosted.values()) == [1] * (len(hosted) - 3) + [2, 2, 2]
+    for key in (k for k, n in hosted.items() if n == 2):
+        gpus = [i // 2 for i, spec in enumerate(placement.actors) if key in spec.experts]
+        assert gpus[0] != gpus[1]
+    assert bundles(placement, 0.25, options.actor_resources) == [{"CPU": 1.0, "GPU": 2.0, "expert_slot": 4.0}] * 2
+
+
+def test_planner_options_need_gpus():
+    with pytest.raises(ValidationError, match="replicate_hot needs gpus"):
+        PlacementConfig(replicate_hot=2)
+
+
+def test_dispatcher_deals_a_replicated_experts_tokens_round_robin():
+    owners = {("encoder", 1): {0: [0], 1: [1, 2], 2: [2]}}
+    dispatcher = ExpertDispatcher([], owners, num_experts=3)
+    expert = torch.tensor([1, 0, 1, 1, 2, 1, 0])
+    assert dispatcher.owner(("encoder", 1), expert).tolist() == [1, 0, 2, 1, 2, 2, 0]

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from cluster import app
 from cluster.demo import WORDS, free_port
 from cluster.engine import SwitchCluster
+from cluster.placement import PlacementConfig
 from cluster.synthetic import write_random_checkpoint_with_tokenizer
 from reference import hf_generate
 from router_service.proto import switch_serve_pb2 as pb
@@ -33,8 +34,8 @@ def server(ray_cluster, tmp_path_factory):
     """One Serve app on a small checkpoint with a tokenizer; small batch and queue limits to test them."""
     path = tmp_path_factory.mktemp("served")
     write_random_checkpoint_with_tokenizer(path, WORDS)
-    config = ServerConfig(model=str(path), experts_per_actor=4, max_sequences=MAX_SEQUENCES,
-                          max_waiting=MAX_WAITING, max_new_tokens=MAX_NEW_LIMIT)
+    config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4),
+                          max_sequences=MAX_SEQUENCES, max_waiting=MAX_WAITING, max_new_tokens=MAX_NEW_LIMIT)
     grpc_port, http_port = free_port(), free_port()
     app.start(config, http_port=http_port, grpc_port=grpc_port)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
@@ -296,7 +297,7 @@ def test_cli_generate_is_a_client_of_the_server(server, capsys):
     main(["generate", "--address", server["grpc"], "--input-ids", json.dumps(PROMPTS[:2]), "--max-new-tokens", "5",
           "--logprobs", "--json"])
     remote = json.loads(capsys.readouterr().out)["outputs"]
-    with SwitchCluster(server["path"], experts_per_actor=4) as model:
+    with SwitchCluster(server["path"], placement=PlacementConfig(experts_per_actor=4)) as model:
         local = [o.to_dict() for o in model.generate(PROMPTS[:2], max_new_tokens=5)]
     assert [r["token_ids"] for r in remote] == [r["token_ids"] for r in local]
     assert [r["finish_reason"] for r in remote] == [r["finish_reason"] for r in local]
