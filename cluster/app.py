@@ -8,6 +8,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
+from transformers import SwitchTransformersConfig
 
 from router_service.server import ServerConfig, SwitchServer
 
@@ -27,6 +28,16 @@ def build_app(args: dict | ServerConfig) -> Application:
     return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
                                 max_queued_requests=config.max_waiting,
                                 ray_actor_options={"num_gpus": config.front_gpus}).bind(config)
+
+
+def check_placement(config: ServerConfig, model_config: SwitchTransformersConfig) -> list[str]:
+    """Plan the placement `config` asks for on `model_config` (raises when it does not fit); the plan's
+    warnings. Deployed, each replica computes the same placement from the same options."""
+    from cluster.plan import expert_layers
+
+    _, warnings = expert_layers(model_config)
+    config.placement.place(model_config, config.dtype or "bf16")
+    return warnings
 
 
 def grpc_options(port: int) -> gRPCOptions:

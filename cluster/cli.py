@@ -7,11 +7,13 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from cluster.checkpoint import CheckpointError, SwitchCheckpoint
 from cluster.client import RemoteError, generate_remote, model_info
+from cluster.convert import convert, resolve_model
 from cluster.placement import PlacementConfig, PlacementError
 from experts.actor import DTYPES
 from router_service.model import CAPACITY_MODES
@@ -55,7 +57,37 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _placement(args: argparse.Namespace) -> PlacementConfig:
     return PlacementConfig(experts_per_actor=args.experts_per_actor, gpus=args.gpus, nodes=args.nodes,
                            gpu_memory=args.gpu_memory, actors_per_gpu=args.actors_per_gpu,
-                           replicate_hot=args.replicate_hot, stats=args.stats)
+                           replicate_hot=args.replicate_hot, stats=args.stats,
+                           actor_resources=dict(getattr(args, "actor_resource", None) or []))
+
+
+def _resource(text: str) -> tuple[str, float]:
+    name, _, amount = text.partition("=")
+    try:
+        return name, float(amount)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}") from None
+
+
+def _add_server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", type=_positive_int, default=1, help="front replicas (they share the experts)")
+    p.add_argument("--front-gpus", type=float, default=0.0, help="GPUs each front replica asks for (default 0)")
+    p.add_argument("--actor-resource", type=_resource, action="append", metavar="NAME=AMOUNT",
+                   help="a Ray resource each expert actor asks for, e.g. a GPU worker group's (repeatable)")
+    p.add_argument("--max-sequences", type=_positive_int, default=32, help="sequences decoding together per replica")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests queued per replica before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="the most a request may ask for")
+    _add_model_options(p)
+
+
+def _server_config(args: argparse.Namespace, model: str):
+    from router_service.server import ServerConfig
+
+    return ServerConfig(model=model, placement=_placement(args), dtype=args.dtype, capacity=args.capacity,
+                        front_gpus=args.front_gpus, max_prompt_tokens=args.max_prompt_tokens,
+                        max_new_tokens=args.max_new_tokens, max_sequences=args.max_sequences,
+                        max_waiting=args.max_waiting, num_replicas=args.replicas)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -104,10 +136,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from cluster import app
     from router_service.server import ServerConfig
 
-    config = ServerConfig(model=args.model, placement=_placement(args), dtype=args.dtype, capacity=args.capacity,
-                          max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                          max_sequences=args.max_sequences, max_waiting=args.max_waiting, num_replicas=args.replicas)
-    SwitchCheckpoint.open(args.model)  # a bad checkpoint fails here, before anything starts
+    model = str(resolve_model(args.model))
+    config = _server_config(args, model)
+    SwitchCheckpoint.open(model)  # a bad checkpoint fails here, before anything starts
     ray.init(address=args.address, logging_level=logging.WARNING)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -128,13 +159,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
         ray.shutdown()
 
 
+def cmd_build(args: argparse.Namespace) -> None:
+    import yaml
+    from transformers import SwitchTransformersConfig
+
+    from cluster import app
+
+    config = _server_config(args, args.model)
+    if args.config is not None:
+        model_config = SwitchTransformersConfig.from_json_file(args.config)
+    elif (Path(args.model) / "config.json").is_file():
+        model_config = SwitchCheckpoint.open(args.model).config
+    else:
+        raise ValueError(f"--config: {args.model} is not a folder here; give its config.json to check the placement")
+    for warning in app.check_placement(config, model_config):
+        print(f"switch-serve: warning: {warning}", file=sys.stderr)
+    text = yaml.safe_dump(app.serve_config(config, http_port=args.http_port, grpc_port=args.grpc_port),
+                          sort_keys=False)
+    if args.output is None:
+        print(text, end="")
+    else:
+        Path(args.output).write_text(text)
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from transformers import SwitchTransformersConfig
 
     from cluster.plan import make_plan, parse_bytes, read_stats
 
     if args.model is not None:
-        config = SwitchCheckpoint.open(args.model).config
+        config = SwitchCheckpoint.open(resolve_model(args.model)).config
     else:
         config = SwitchTransformersConfig.from_json_file(args.config)
     plan = make_plan(config, gpus=args.gpus, gpu_memory=parse_bytes(args.gpu_memory), nodes=args.nodes,
@@ -149,6 +203,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"{summary['num_actors']} expert actors on {summary['num_gpus']} GPUs; expert {plan.expert_bytes / 2**20:.1f} "
           f"MiB, front {plan.front_bytes / 2**30:.2f} GiB; fullest GPU {summary['max_gpu_bytes'] / 2**30:.1f} of "
           f"{plan.budget_bytes / 2**30:.1f} GiB usable; load imbalance {summary['load_imbalance']:.3f}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    checkpoint = convert(args.src, args.dst)
+    print(f"switch-serve: wrote {len(checkpoint.tensors)} tensors in "
+          f"{len({t.file for t in checkpoint.tensors.values()})} safetensors files to {checkpoint.path}")
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
@@ -177,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate for a batch of prompts. With --model: start a local Ray cluster on "
                                    "the checkpoint; with --address: call a running server over gRPC.")
     target = g.add_mutually_exclusive_group(required=True)
-    target.add_argument("--model", help="checkpoint folder (config.json + safetensors)")
+    target.add_argument("--model", help="checkpoint folder (config.json + safetensors) or Hugging Face Hub id")
     target.add_argument("--address", metavar="HOST:PORT", help="gRPC address of a running `switch-serve serve`")
     inputs = g.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--input-ids", type=_json_ids, metavar="JSON", help="prompts as a JSON list of lists of token ids")
@@ -194,27 +254,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="serve a checkpoint over gRPC and HTTP until interrupted")
-    s.add_argument("--model", required=True, help="checkpoint folder, readable from every node")
+    s.add_argument("--model", required=True, help="checkpoint folder readable from every node, or Hub id")
     s.add_argument("--grpc-port", type=int, default=9000)
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (gRPC listens on all addresses)")
     s.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
-    s.add_argument("--replicas", type=_positive_int, default=1, help="front replicas (they share the experts)")
-    s.add_argument("--max-sequences", type=_positive_int, default=32, help="sequences decoding together per replica")
-    s.add_argument("--max-waiting", type=int, default=64, help="requests queued per replica before RESOURCE_EXHAUSTED")
-    s.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
-    s.add_argument("--max-new-tokens", type=_positive_int, default=256, help="the most a request may ask for")
-    _add_model_options(s)
+    _add_server_options(s)
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("build", help="write the Serve config of an app (serve deploy FILE, a RayService's "
+                                     "serveConfigV2)")
+    b.add_argument("--model", required=True, help="checkpoint folder as the Ray cluster's nodes see it")
+    b.add_argument("--config", default=None, help="that checkpoint's config.json on this machine, to check that "
+                                                  "the placement fits (default: --model's, when it is here)")
+    b.add_argument("--grpc-port", type=int, default=9000)
+    b.add_argument("--http-port", type=int, default=8000)
+    b.add_argument("-o", "--output", default=None, help="file to write (default: print)")
+    _add_server_options(b)
+    b.set_defaults(func=cmd_build)
 
     p = sub.add_parser("plan", help="place every expert on a GPU within a memory budget (no weights needed)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="checkpoint folder")
+    source.add_argument("--model", help="checkpoint folder or Hugging Face Hub id")
     source.add_argument("--config", help="a config.json alone")
     _add_planner_options(p, gpus_required=True)
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    c = sub.add_parser("convert", help="convert a .bin checkpoint (one file or shards with an index) to safetensors")
+    c.add_argument("src", help="folder with config.json and pytorch_model*.bin")
+    c.add_argument("dst", help="folder to create")
+    c.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("stats", help="write a running server's tokens per expert, for `plan --stats`")
     t.add_argument("--address", required=True, metavar="HOST:PORT", help="gRPC address of the server")
@@ -234,8 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except ValidationError as e:  # a bad option combination, e.g. --replicate-hot without --gpus
         first = e.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "options"
-        print(f"switch-serve: error: {where}: {first['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        where = "".join(f"{part}: " for part in first["loc"][:1])
+        print(f"switch-serve: error: {where}{first['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         sys.exit(2)
     except (CheckpointError, ValueError, RemoteError, PlacementError) as e:
         print(f"switch-serve: error: {e}", file=sys.stderr)

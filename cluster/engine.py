@@ -14,6 +14,7 @@ import ray
 import torch
 
 from cluster.checkpoint import SwitchCheckpoint
+from cluster.convert import resolve_model
 from cluster.fleet import start_fleet, stop_fleet
 from cluster.placement import PlacementConfig
 from experts.actor import DTYPES
@@ -50,12 +51,13 @@ class SwitchCluster:
     `placement` says, both in `dtype` (default: the checkpoint's). The front runs on the GPU when this process
     has one.
 
-    Starts a local Ray cluster unless one is running or `address` names one to join."""
+    `model_dir` is a checkpoint folder or a Hugging Face Hub id. Starts a local Ray cluster unless one is
+    running or `address` names one to join."""
 
     def __init__(self, model_dir: str | os.PathLike, *, placement: PlacementConfig = PlacementConfig(),
                  dtype: str | None = None, capacity: str = "hf", address: str | None = None,
                  limits: Limits = Limits(), shared_actors: bool = False):
-        self.checkpoint = SwitchCheckpoint.open(model_dir)
+        self.checkpoint = SwitchCheckpoint.open(resolve_model(model_dir))
         self.dtype = dtype_name(self.checkpoint, dtype)
         self.limits, self.capacity, self.shared_actors = limits, capacity, shared_actors
         self._tokenizer = None

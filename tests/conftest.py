@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import ray
-import torch
 from transformers.utils import logging as hf_logging
 
 from cluster.synthetic import tiny_config, write_random_checkpoint
@@ -16,7 +15,7 @@ hf_logging.set_verbosity_error()
 
 
 def start_local_ray() -> None:
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,8 @@ def test_generate_text_uses_the_checkpoint_tokenizer(ray_cluster, tmp_path, caps
     (["--input-ids", "[[5, 1000]]"], "input_ids[0]: token ids [1000] outside the vocabulary"),
     (["--input-ids", "[[]]"], "input_ids[0]: empty prompt"),
     (["--text", "hello"], "holds no tokenizer"),
+    (["--input-ids", "[[5, 1]]", "--replicate-hot", "2"], "error: replicate_hot needs gpus"),
+    (["--input-ids", "[[5, 1]]", "--nodes", "3"], "error: nodes: 1 actors cannot be spread over 3 nodes"),
 ])
 def test_bad_input_exits_with_a_message(ray_cluster, checkpoint_factory, capsys, argv, message):
     path, _ = checkpoint_factory("cli", num_experts=4, expert_capacity=2)
@@ -71,5 +73,6 @@ def test_console_script_help():
     script = Path(sys.executable).parent / "switch-serve"
     out = subprocess.run([str(script), "generate", "--help"], capture_output=True, text=True, check=True).stdout
     for flag in ("--model", "--input-ids", "--text", "--max-new-tokens", "--experts-per-actor", "--capacity",
-                 "--logprobs", "--json"):
+                 "--logprobs", "--json", "--gpus", "--nodes", "--gpu-memory", "--actors-per-gpu", "--replicate-hot",
+                 "--stats", "--dtype"):
         assert flag in out

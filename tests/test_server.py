@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -306,3 +305,18 @@ def test_cli_generate_is_a_client_of_the_server(server, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--address", server["grpc"], "--input-ids", "[[3, 5000]]"])
     assert "INVALID_ARGUMENT: input_ids" in capsys.readouterr().err
+
+
+def test_cli_stats_writes_what_the_planner_reads(server, tmp_path):
+    from cluster.cli import main
+    from cluster.plan import read_stats
+
+    server["stub"].Generate(pb.GenerateRequest(input_ids=PROMPTS[0], max_new_tokens=4))
+    info = server["stub"].ModelInfo(pb.ModelInfoRequest())
+    out = tmp_path / "stats.json"
+    main(["stats", "--address", server["grpc"], "-o", str(out)])
+    stats = read_stats(str(out))
+    assert len(stats) == len(info.expert_tokens) * info.num_experts
+    for load in info.expert_tokens:  # tokens only grow: at least what ModelInfo said just before
+        assert all(stats[(load.stack, load.layer, e)] >= n for e, n in enumerate(load.tokens))
+    assert sum(stats.values()) > 0

@@ -1,0 +1,146 @@
+"""Released checkpoints as servable safetensors: `.bin` conversion and Hugging Face Hub downloads.
+
+    switch-serve convert /models/switch-c-2048-bin /models/switch-c-2048
+
+Conversion goes one `.bin` shard at a time (loaded with `weights_only`, memory-mapped), so memory stays near
+one shard's size. Each shard's tensors are written grouped: the front's in one file, and each sparse layer's
+experts in their own file, in expert order, so an actor hosting a range of a layer's experts reads one
+contiguous run of one file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import SwitchTransformersConfig
+
+from cluster.checkpoint import INDEX_FILE, CheckpointError, SwitchCheckpoint, follow_weights
+
+log = logging.getLogger(__name__)
+
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (BIN_FILE, BIN_INDEX_FILE, "model.safetensors", INDEX_FILE)
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "spiece.model",
+             "special_tokens_map.json"]
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+EXPERT = re.compile(r"(encoder|decoder)\.block\.(\d+)\..*\.mlp\.experts\.expert_(\d+)\.")
+
+
+def bin_shards(src: Path) -> list[str]:
+    index = src / BIN_INDEX_FILE
+    if index.is_file():
+        try:
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a checkpoint index ({e})") from None
+    if (src / BIN_FILE).is_file():
+        return [BIN_FILE]
+    raise CheckpointError(f"{src}: no {BIN_FILE} or {BIN_INDEX_FILE} to convert")
+
+
+def group_of(name: str) -> tuple:
+    """Sort key and file group of a tensor: the front's first, then each sparse layer's experts in order."""
+    match = EXPERT.match(name)
+    if not match:
+        return ("front",), (0, name)
+    stack, layer, expert = match.groups()
+    return (stack, int(layer)), (int(expert), name)
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a damaged or unsafe file
+        raise CheckpointError(f"{path}: cannot be loaded as weights only ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
+    """Convert a `.bin` checkpoint folder (one file or shards with an index) to a safetensors folder at `dst`,
+    which must not exist yet; returns it opened (and so fully checked). Written to a temporary folder first and
+    renamed into place, so `dst` is either complete or absent."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise CheckpointError(f"{dst}: already exists")
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing")
+    shards = bin_shards(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    try:
+        weight_map, total = {}, 0
+        for number, shard in enumerate(shards, 1):
+            state = load_shard(src / shard)
+            groups: dict[tuple, list[str]] = {}
+            for name in state:
+                groups.setdefault(group_of(name)[0], []).append(name)
+            for group, names in sorted(groups.items(), key=lambda item: (item[0] != ("front",), item[0])):
+                file = f"model-{number:05d}-of-{len(shards):05d}-{'-'.join(map(str, group))}.safetensors"
+                names.sort(key=lambda n: group_of(n)[1])
+                tensors, seen = {}, set()
+                for name in names:
+                    t = state[name].contiguous()
+                    if t.untyped_storage().data_ptr() in seen:  # tied weights share storage in .bin files
+                        t = t.clone()
+                    seen.add(t.untyped_storage().data_ptr())
+                    tensors[name] = t
+                    weight_map[name] = file
+                    total += t.nbytes
+                save_file(tensors, work / file, metadata={"format": "pt"})
+            del state
+        (work / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2))
+        config = SwitchTransformersConfig.from_json_file(str(config_file))
+        for warning in follow_weights(config, list(weight_map), config_file):
+            log.warning(warning)
+        config.to_json_file(str(work / "config.json"))
+        for other in src.iterdir():
+            if other.is_file() and other.name not in WEIGHT_FILES and other.name != "config.json" \
+                    and not other.name.endswith(".bin"):
+                shutil.copy2(other, work / other.name)
+        SwitchCheckpoint.open(work)  # every tensor checked before dst appears
+        os.replace(work, dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return SwitchCheckpoint.open(dst)
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """A checkpoint folder for `model`: a folder as it is, else a Hugging Face Hub id, downloaded (only the
+    config, tokenizer and weights) and converted to safetensors on first use."""
+    path = Path(model)
+    if path.exists() or not HUB_ID.fullmatch(str(model)):
+        return path
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # its retry notices; the outcome is reported below in one line
+        files = HfApi().list_repo_files(str(model))
+        safetensors = [f for f in files if f.endswith(".safetensors") or f == INDEX_FILE]
+        weights = safetensors or [f for f in files if f.endswith(".bin") or f == BIN_INDEX_FILE]
+        folder = Path(snapshot_download(str(model), allow_patterns=HUB_FILES + weights))
+    except Exception as e:  # unreachable hub, offline mode, unknown repo, ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"model: {model} is not a folder here, and downloading it from the Hugging Face Hub "
+                              f"failed ({reason})") from None
+    if safetensors:
+        return folder
+    converted = folder.parent.parent / "switch-serve-safetensors" / folder.name
+    if not converted.exists():
+        log.warning("%s has only .bin weights; converting them to safetensors in %s (once)", model, converted)
+        convert(folder, converted)
+    return converted

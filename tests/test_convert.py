@@ -1,0 +1,88 @@
+"""`switch-serve convert`: sharded .bin checkpoints to safetensors, and Hub ids where there is no network."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cluster.checkpoint import CheckpointError
+from cluster.cli import main
+from cluster.convert import BIN_INDEX_FILE, convert
+from cluster.engine import SwitchCluster
+from cluster.placement import PlacementConfig
+from reference import hf_generate
+
+PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1]]
+
+
+def save_bin_shards(model, folder, shards: int) -> None:
+    """The released checkpoints' layout: pickled state dicts in shards (tied weights sharing storage, as
+    transformers' own .bin files had them), an index naming each tensor's shard, config.json beside them."""
+    folder.mkdir()
+    model.config.to_json_file(str(folder / "config.json"))
+    state = model.state_dict()
+    names = list(state)
+    weight_map = {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {n: state[n] for n in names[i::shards]}
+        torch.save(part, folder / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / BIN_INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_sharded_bin_converts_to_the_same_model(ray_cluster, checkpoint_factory, tmp_path):
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src, dst = tmp_path / "bin", tmp_path / "safetensors"
+    save_bin_shards(hf_model, src, shards=3)
+    main(["convert", str(src), str(dst)])
+    # Each file holds the front's tensors or one sparse layer's experts, those in expert order.
+    for file in dst.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            names = list(f.keys())
+        layers = {n.split(".mlp.experts.")[0] for n in names if ".mlp.experts." in n}
+        assert len(layers) <= 1 and (not layers or len(layers) == 1 and all(".mlp.experts." in n for n in names))
+    with SwitchCluster(dst, placement=PlacementConfig(experts_per_actor=4)) as model:
+        outputs = model.generate(PROMPTS, max_new_tokens=8)
+    assert [o.token_ids for o in outputs] == [t for t, _ in hf_generate(hf_model, PROMPTS, 8)]
+
+
+def test_config_that_disagrees_with_the_weights_follows_them(checkpoint_factory, tmp_path, caplog):
+    """switch-c-2048's case: config.json says fewer decoder layers than the weights hold, all sparse."""
+    _, hf_model = checkpoint_factory("convert-all-sparse", num_layers=2, num_sparse_encoder_layers=2,
+                                     num_decoder_layers=3, num_sparse_decoder_layers=3)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=2)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_decoder_layers": 2, "decoder_sparse_step": 0}))
+    with caplog.at_level(logging.WARNING):
+        checkpoint = convert(src, tmp_path / "out")
+    assert "the weights hold 3 blocks, 3 sparse; following the weights" in caplog.text
+    assert checkpoint.config.num_decoder_layers == 3 and checkpoint.config.decoder_sparse_step == 1
+
+
+def test_pickles_that_are_not_plain_weights_are_refused(checkpoint_factory, tmp_path):
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=1)
+    torch.save({"weights": hf_model.state_dict(), "code": print}, src / "pytorch_model-00001-of-00001.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model-00001-of-00001.bin: cannot be loaded as weights only"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["bin"]
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_hub_id_without_network_fails_in_one_line(env):
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", "--model", "google/switch-base-8",
+                             "--gpus", "1"], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert result.returncode == 2
+    assert result.stderr.startswith("switch-serve: error: model: google/switch-base-8 is not a folder here, and "
+                                    "downloading it from the Hugging Face Hub failed (")
+    assert len(result.stderr.strip().splitlines()) == 1
