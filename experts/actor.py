@@ -37,12 +37,13 @@ class ExpertActor:
         self.checkpoint = checkpoint
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         self.dtype = DTYPES[dtype]
-        before = disk_bytes_read()
-        tensors = checkpoint.read([name for pair in experts.values() for name in pair])
-        self.loaded = {"tensor_bytes": sum(t.nbytes for t in tensors.values()),
-                       "disk_bytes_read": disk_bytes_read() - before}
-        self.weights = {key: (tensors[wi].to(self.device, self.dtype), tensors[wo].to(self.device, self.dtype))
-                        for key, (wi, wo) in experts.items()}
+        before, read = disk_bytes_read(), 0
+        self.weights = {}
+        for key, names in experts.items():  # one expert at a time: host memory holds one expert's tensors
+            tensors = checkpoint.read(list(names))
+            read += sum(t.nbytes for t in tensors.values())
+            self.weights[key] = tuple(tensors[name].to(self.device, self.dtype) for name in names)
+        self.loaded = {"tensor_bytes": read, "disk_bytes_read": disk_bytes_read() - before}
         self.act = ACT2FN[checkpoint.config.dense_act_fn]
         self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
 

@@ -1,0 +1,138 @@
+"""The KubeRay manifests: valid against KubeRay's RayService CRD (as the API server checks them) and their
+serveConfigV2 exactly what `switch-serve build` writes for the command in their annotation."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from cluster.cli import main
+from test_app import check_serve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD = Path(__file__).parent / "data" / "crds" / "ray.io_rayservices.yaml"  # copied from KubeRay
+MANIFESTS = sorted((ROOT / "manifests").glob("rayservice-*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    crd = yaml.safe_load(CRD.read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def unknown_fields(schema: dict, value, path: str = "") -> list[str]:
+    """Fields the structural schema does not declare: the API server prunes them silently (or rejects them
+    with strict field validation), so a misspelt field would be lost; here it is an error."""
+    if isinstance(value, dict) and schema.get("type") == "object":
+        if schema.get("x-kubernetes-preserve-unknown-fields"):
+            return []
+        properties = schema.get("properties")
+        if properties is None:  # a map: every value follows additionalProperties
+            inner = schema.get("additionalProperties")
+            return [f for k, v in value.items() for f in unknown_fields(inner, v, f"{path}.{k}")] \
+                if isinstance(inner, dict) else []
+        found = []
+        for key, item in value.items():
+            if key not in properties:
+                found.append(f"{path}.{key}")
+            else:
+                found += unknown_fields(properties[key], item, f"{path}.{key}")
+        return found
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [f for i, item in enumerate(value) for f in unknown_fields(schema["items"], item, f"{path}[{i}]")]
+    return []
+
+
+def fill_defaults(schema: dict, value) -> None:
+    """Set the defaults the schema declares for absent fields, as the API server does."""
+    if isinstance(value, dict) and "properties" in schema:
+        for key, sub in schema["properties"].items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                fill_defaults(sub, value[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            fill_defaults(schema["items"], item)
+
+
+def validate(manifest: dict, schema: dict) -> dict:
+    """The manifest as the API server would store it; raises on any schema error or unknown field."""
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    stored = copy.deepcopy(manifest)
+    fill_defaults(schema, stored)
+    unknown = unknown_fields(schema, {k: v for k, v in stored.items() if k != "metadata"})
+    if unknown:
+        raise jsonschema.ValidationError(f"unknown fields: {', '.join(unknown)}")
+    jsonschema.Draft7Validator(schema).validate(stored)
+    return stored
+
+
+def test_there_are_manifests_for_switch_base_8_and_switch_c_2048():
+    assert [m.name for m in MANIFESTS] == ["rayservice-switch-base-8.yaml", "rayservice-switch-c-2048.yaml"]
+
+
+@pytest.mark.parametrize("file", MANIFESTS, ids=lambda p: p.stem)
+def test_manifest_is_valid_and_its_serve_config_is_what_build_writes(file, schema, tmp_path, monkeypatch):
+    manifest = yaml.safe_load(file.read_text())
+    stored = validate(manifest, schema)
+    cluster = stored["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert ports["serve"] == 8000 and ports["serve-grpc"] == 9000
+    service_ports = {p["name"]: p["port"] for p in stored["spec"]["serveService"]["spec"]["ports"]}
+    assert service_ports == {"serve": 8000, "serve-grpc": 9000}
+    experts = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "experts")
+    assert experts["minReplicas"] <= experts["replicas"] <= experts["maxReplicas"]
+
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    check_serve_config(serve_config)
+    args = serve_config["applications"][0]["args"]
+    # The expert actors ask for the custom resource that only the experts group offers, enough for every actor.
+    (resource, per_actor), = args["placement"]["actor_resources"].items()
+    per_pod = float(experts["resources"][resource])
+    assert per_pod / per_actor == int(experts["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                      ["nvidia.com/gpu"])
+    assert experts["replicas"] * per_pod >= args["placement"]["gpus"] * per_actor
+    assert experts["replicas"] == args["placement"]["nodes"]
+
+    command = shlex.split(manifest["metadata"]["annotations"]["switch-serve/build"])
+    assert command[:2] == ["switch-serve", "build"]
+    monkeypatch.chdir(ROOT)
+    main([*command[1:], "-o", str(tmp_path / "serve.yaml")])
+    assert (tmp_path / "serve.yaml").read_text() == manifest["spec"]["serveConfigV2"], \
+        f"{file.name} is stale: rerun its switch-serve/build command and paste the output into serveConfigV2"
+
+
+@pytest.mark.parametrize("where, typo", [
+    (["spec", "rayClusterConfig"], "headGroupSpecs"),
+    (["spec", "rayClusterConfig", "workerGroupSpecs", 0], "minReplica"),
+    (["spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0], "volumeMount"),
+])
+def test_a_misspelt_field_fails_validation(schema, where, typo):
+    manifest = yaml.safe_load(MANIFESTS[0].read_text())
+    node = manifest
+    for key in where:
+        node = node[key]
+    real = next(k for k in node if k.startswith(typo[:-1]) and k != typo)
+    node[typo] = node.pop(real)
+    with pytest.raises(jsonschema.ValidationError, match=typo):
+        validate(manifest, schema)
+
+
+def test_a_wrong_type_fails_validation(schema):
+    manifest = yaml.safe_load(MANIFESTS[0].read_text())
+    manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError, match="'two' is not of type 'integer'"):
+        validate(manifest, schema)
+
+
+def test_defaults_are_filled_as_the_api_server_does(schema):
+    stored = validate(yaml.safe_load(MANIFESTS[0].read_text()), schema)
+    worker = stored["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert worker["numOfHosts"] == 1  # KubeRay's default, absent from the file
