@@ -52,11 +52,12 @@ class SwitchCluster:
     has one.
 
     `model_dir` is a checkpoint folder or a Hugging Face Hub id. Starts a local Ray cluster unless one is
-    running or `address` names one to join."""
+    running or `address` names one to join. `metrics` (a router_service.metrics.ServingMetrics) records the
+    batches and the expert round trips."""
 
     def __init__(self, model_dir: str | os.PathLike, *, placement: PlacementConfig = PlacementConfig(),
                  dtype: str | None = None, capacity: str = "hf", address: str | None = None,
-                 limits: Limits = Limits(), shared_actors: bool = False):
+                 limits: Limits = Limits(), shared_actors: bool = False, metrics=None):
         self.checkpoint = SwitchCheckpoint.open(resolve_model(model_dir))
         self.dtype = dtype_name(self.checkpoint, dtype)
         self.limits, self.capacity, self.shared_actors = limits, capacity, shared_actors
@@ -70,13 +71,14 @@ class SwitchCluster:
             self.fleet, self.actors = start_fleet(self.checkpoint, self.placement, self.dtype, shared=shared_actors,
                                                   actor_resources=placement.actor_resources,
                                                   timeout_s=placement.timeout_s)
-            dispatch = ExpertDispatcher(self.actors, self.placement.owners(), self.checkpoint.config.num_experts)
+            dispatch = ExpertDispatcher(self.actors, self.placement.owners(), self.checkpoint.config.num_experts,
+                                        metrics)
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.front = SwitchFront(self.checkpoint, dispatch, capacity, DTYPES[self.dtype], device)
         except BaseException:
             self.shutdown()
             raise
-        self.batcher = ContinuousBatcher(self.front, limits.max_sequences)
+        self.batcher = ContinuousBatcher(self.front, limits.max_sequences, metrics)
 
     @property
     def tokenizer(self):

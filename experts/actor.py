@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 import numpy as np
 import ray
 import torch
+from ray.util.metrics import Counter
 from transformers.activations import ACT2FN
 
 from experts.ffn import grouped_ffn
@@ -46,6 +49,9 @@ class ExpertActor:
         self.loaded = {"tensor_bytes": read, "disk_bytes_read": disk_bytes_read() - before}
         self.act = ACT2FN[checkpoint.config.dense_act_fn]
         self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
+        self.token_metric = Counter("switch_serve_expert_tokens", "Tokens computed per expert",
+                                    tag_keys=("model", "stack", "layer", "expert"))
+        self.model_name = Path(checkpoint.path).name
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
@@ -64,4 +70,6 @@ class ExpertActor:
         weights = [self.weights[(stack, layer, e)] for e in experts]
         for e, n in zip(experts, counts):
             self.tokens[(stack, layer, e)] += n
+            self.token_metric.inc(n, tags={"model": self.model_name, "stack": stack, "layer": str(layer),
+                                           "expert": str(e)})
         return to_wire(grouped_ffn(hidden, counts, weights, self.act))

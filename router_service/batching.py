@@ -9,6 +9,7 @@ generator per sequence, so a request gets the same tokens whatever it is batched
 from __future__ import annotations
 
 import queue
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,6 +43,8 @@ class Sequence:
     cancelled: bool = False  # set by the caller; the sequence leaves before the next step
     on_update: Callable[[], None] | None = None  # called (from the batching thread) after each change
     generator: torch.Generator | None = field(default=None, repr=False)
+    arrived: float = field(default_factory=time.monotonic, repr=False)
+    first_token_at: float | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.params.temperature > 0:
@@ -88,9 +91,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 class ContinuousBatcher:
     """Owns the decoding batch. `add` may be called from any thread; `step` from one thread only."""
 
-    def __init__(self, front: SwitchFront, max_sequences: int):
+    def __init__(self, front: SwitchFront, max_sequences: int, metrics=None):
         self.front = front
         self.max_sequences = max_sequences
+        self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         eos = front.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -133,9 +137,11 @@ class ContinuousBatcher:
         self.cache, logits, dropped = self.front.decode_step(self.cache, self.next_tokens)
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
-        tokens = []
+        tokens, now = [], time.monotonic()
         for row, seq in enumerate(self.active):
             token = sample(logits[row], seq.params, seq.generator)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
             seq.token_ids.append(token)
             seq.logprobs.append(float(logprobs[row, token]))
             seq.dropped_tokens += int(dropped[row])
@@ -147,9 +153,20 @@ class ContinuousBatcher:
                 seq.finish_reason = "length"
             tokens.append(token)
         stepped = list(self.active)
+        if self.metrics is not None:
+            self._record(stepped, now)
         self.next_tokens = torch.tensor(tokens, dtype=torch.long)
         self._leave([not seq.done for seq in self.active])
         return stepped
+
+    def _record(self, stepped: list[Sequence], now: float) -> None:
+        self.metrics.step(len(stepped), self.num_waiting)
+        for seq in stepped:
+            if seq.finish_reason is not None:
+                n = len(seq.token_ids)
+                self.metrics.sequence_done(seq.first_token_at - seq.arrived,
+                                           (now - seq.first_token_at) / (n - 1) if n > 1 else None,
+                                           seq.dropped_tokens)
 
     def fail(self, error: BaseException) -> list[Sequence]:
         """End every active and waiting sequence with `error` and start over with an empty batch."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
 
@@ -15,8 +17,10 @@ class ExpertDispatcher:
     with several copies has its tokens dealt round-robin over them.
     """
 
-    def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, list[int]]], num_experts: int):
+    def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, list[int]]], num_experts: int,
+                 metrics=None):
         self.actors = actors
+        self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
         self.copies, self.hosts = {}, {}
         for layer, table in owners.items():
@@ -49,7 +53,7 @@ class ExpertDispatcher:
         order = torch.argsort(owner * self.num_experts + expert[index], stable=True)
         index, owner = index[order], owner[order]
         actors, per_actor = torch.unique_consecutive(owner, return_counts=True)
-        calls, start = [], 0
+        calls, start, began = [], 0, time.perf_counter()
         for actor, n in zip(actors.tolist(), per_actor.tolist()):
             chunk = index[start:start + n]
             experts, counts = torch.unique_consecutive(expert[chunk], return_counts=True)
@@ -57,5 +61,7 @@ class ExpertDispatcher:
                 stack, layer, experts.tolist(), counts.tolist(), to_wire(tokens[chunk])))
             start += n
         results = ray.get(calls)
+        if self.metrics is not None:
+            self.metrics.dispatched(stack, layer, time.perf_counter() - began)
         out[index] = torch.cat([from_wire(r, tokens.dtype) for r in results]).to(out.device)
         return out

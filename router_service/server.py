@@ -8,7 +8,8 @@ Every replica runs its own front and continuous batcher and shares the expert ac
 import asyncio
 import json
 import logging
-from typing import AsyncIterator, Literal
+from pathlib import Path
+from typing import AsyncIterator, Callable, Literal
 
 import grpc
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ from ray import serve
 
 from cluster.placement import PlacementConfig
 from router_service.batching import Sequence
+from router_service.metrics import ServingMetrics
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.requests import InvalidRequest, Limits, check_prompt, make_sampling_params
 from router_service.scheduler import QueueFull, Scheduler
@@ -102,13 +104,17 @@ def to_json(message) -> dict:
                                      always_print_fields_with_no_presence=True)
 
 
-async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChunk]) -> AsyncIterator[str]:
+async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChunk],
+                     finished: Callable[[Exception | None], None]) -> AsyncIterator[str]:
     yield f"data: {json.dumps(to_json(first))}\n\n"
     try:
         async for chunk in rest:
             yield f"data: {json.dumps(to_json(chunk))}\n\n"
     except Exception as e:  # headers are gone: the error becomes the last event
+        finished(e)
         yield f"data: {json.dumps({'error': str(e), 'status': error_status(e)[1]})}\n\n"
+        return
+    finished(None)
 
 
 # Serve pickles the deployment class where it is defined: everything it uses must be defined above it.
@@ -120,8 +126,10 @@ class SwitchServer:
 
         self.config = config
         limits = Limits(config.max_prompt_tokens, config.max_new_tokens, config.max_sequences)
+        self.metrics = ServingMetrics(Path(config.model).name)
         self.cluster = SwitchCluster(config.model, placement=config.placement, dtype=config.dtype,
-                                     capacity=config.capacity, limits=limits, shared_actors=True)
+                                     capacity=config.capacity, limits=limits, shared_actors=True,
+                                     metrics=self.metrics)
         self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting)
         try:
             self.cluster.tokenizer  # loaded now rather than on the first request
@@ -140,6 +148,10 @@ class SwitchServer:
                     if request.HasField(name)}
         params = make_sampling_params(vocab, limits, stop_token_ids=list(request.stop_token_ids), **optional)
         return Sequence(check_prompt(prompt, vocab, limits, "text" if request.text else "input_ids"), params)
+
+    def _finished(self, error: Exception | None = None) -> None:
+        """Count a finished Generate request by its gRPC status (HTTP requests too)."""
+        self.metrics.request_done("OK" if error is None else error_status(error)[0].name)
 
     def _text(self, token_ids: list[int]) -> str:
         return self.cluster.decode(token_ids) if self.has_tokenizer else ""
@@ -197,18 +209,23 @@ class SwitchServer:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
-            return await self._generate(request)
+            response = await self._generate(request)
         except Exception as e:
+            self._finished(e)
             set_grpc_error(grpc_context, e)
             return pb.GenerateResponse()
+        self._finished()
+        return response
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateChunk]:
         try:
             async for chunk in self._stream(request):
                 yield chunk
         except Exception as e:
+            self._finished(e)
             set_grpc_error(grpc_context, e)
             raise  # a stream's status only sticks when it ends with an exception
+        self._finished()
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
         return await self._model_info()
@@ -229,12 +246,15 @@ class SwitchServer:
         try:
             message, stream = await parse_http_request(request)
             if not stream:
-                return JSONResponse(to_json(await self._generate(message)))
+                response = JSONResponse(to_json(await self._generate(message)))
+                self._finished()
+                return response
             chunks = self._stream(message)
             first = await anext(chunks)  # bad input and a full queue still get their HTTP status
         except Exception as e:
+            self._finished(e)
             return http_error(e)
-        return StreamingResponse(sse_events(first, chunks), media_type="text/event-stream")
+        return StreamingResponse(sse_events(first, chunks, self._finished), media_type="text/event-stream")
 
     @http_app.get("/v1/model")
     async def http_model(self):

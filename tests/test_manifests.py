@@ -136,3 +136,16 @@ def test_defaults_are_filled_as_the_api_server_does(schema):
     stored = validate(yaml.safe_load(MANIFESTS[0].read_text()), schema)
     worker = stored["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert worker["numOfHosts"] == 1  # KubeRay's default, absent from the file
+
+
+def test_dashboard_plots_only_metrics_the_service_exports():
+    import json
+    import re
+
+    dashboard = json.loads((ROOT / "manifests" / "grafana-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"ray_(switch_serve_\w+?)(?:_total|_bucket|_count|_sum)?\b", target["expr"])}
+    sources = "".join((ROOT / f).read_text() for f in ("router_service/metrics.py", "experts/actor.py"))
+    defined = set(re.findall(r'"(switch_serve_\w+)"', sources))
+    assert queried and queried <= defined, queried - defined
+    assert len(defined) >= 9  # requests, tokens, TTFT, per-token, queue, batch, dispatch, dropped, experts

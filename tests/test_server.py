@@ -320,3 +320,42 @@ def test_cli_stats_writes_what_the_planner_reads(server, tmp_path):
     for load in info.expert_tokens:  # tokens only grow: at least what ModelInfo said just before
         assert all(stats[(load.stack, load.layer, e)] >= n for e, n in enumerate(load.tokens))
     assert sum(stats.values()) > 0
+
+
+def scrape_ray_metrics() -> str:
+    """Every node's Prometheus metrics, from Ray's metrics agent."""
+    import ray
+
+    pages = []
+    for node in ray.nodes():
+        if node["Alive"]:
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                pages.append(r.read().decode())
+    return "\n".join(pages)
+
+
+def metric_total(page: str, name: str) -> float:
+    """The sum of a metric's samples over all its label sets."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_metrics_reach_rays_prometheus_endpoint(server):
+    for prompt in PROMPTS:
+        server["stub"].Generate(pb.GenerateRequest(input_ids=prompt, max_new_tokens=4))
+    names = ["ray_switch_serve_requests_total", "ray_switch_serve_generated_tokens_total",
+             "ray_switch_serve_time_to_first_token_seconds_count", "ray_switch_serve_time_per_output_token_seconds_sum",
+             "ray_switch_serve_batch_size_count", "ray_switch_serve_dispatch_seconds_count",
+             "ray_switch_serve_expert_tokens_total"]
+    deadline = time.monotonic() + 60  # the agent exports every few seconds
+    while True:
+        page = scrape_ray_metrics()
+        totals = {name: metric_total(page, name) for name in names}
+        if all(totals.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    print("\n" + "\n".join(f"{name} {value:g}" for name, value in totals.items()))
+    assert all(totals.values()), totals
+    assert "ray_switch_serve_queue_depth{" in page
+    assert 'status="OK"' in page and 'stack="encoder"' in page

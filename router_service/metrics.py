@@ -1,0 +1,50 @@
+"""The service's metrics, exported through Ray's metrics agent (Prometheus format, on every node's metrics
+export port; names get Ray's `ray_` prefix there). Recorded by the Serve replicas; the expert actors record
+their tokens per expert themselves (experts/actor.py)."""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class ServingMetrics:
+    def __init__(self, model: str):
+        self.tags = {"model": model}
+        keys = ("model",)
+        self.requests = Counter("switch_serve_requests", "Requests finished, by status",
+                                tag_keys=("model", "status"))
+        self.generated_tokens = Counter("switch_serve_generated_tokens", "Tokens generated", tag_keys=keys)
+        self.dropped_tokens = Counter("switch_serve_dropped_tokens", "Tokens over an expert's capacity",
+                                      tag_keys=keys)
+        self.time_to_first_token = Histogram("switch_serve_time_to_first_token_seconds",
+                                             "From arrival to the first generated token", LATENCY_BUCKETS, keys)
+        self.time_per_output_token = Histogram("switch_serve_time_per_output_token_seconds",
+                                               "Between generated tokens, per request", LATENCY_BUCKETS, keys)
+        self.queue_depth = Gauge("switch_serve_queue_depth", "Requests waiting for a place in the batch",
+                                 tag_keys=keys)
+        self.batch_size = Histogram("switch_serve_batch_size", "Sequences in each decoding step", BATCH_BUCKETS,
+                                    keys)
+        self.dispatch = Histogram("switch_serve_dispatch_seconds",
+                                  "Scatter to the expert actors and gather back, per sparse layer call",
+                                  LATENCY_BUCKETS, ("model", "stack", "layer"))
+
+    def request_done(self, status: str) -> None:
+        self.requests.inc(1, tags={**self.tags, "status": status})
+
+    def step(self, batch: int, waiting: int) -> None:
+        self.batch_size.observe(batch, tags=self.tags)
+        self.generated_tokens.inc(batch, tags=self.tags)
+        self.queue_depth.set(waiting, tags=self.tags)
+
+    def sequence_done(self, first_token_s: float, per_token_s: float | None, dropped: int) -> None:
+        self.time_to_first_token.observe(first_token_s, tags=self.tags)
+        if per_token_s is not None:
+            self.time_per_output_token.observe(per_token_s, tags=self.tags)
+        if dropped:
+            self.dropped_tokens.inc(dropped, tags=self.tags)
+
+    def dispatched(self, stack: str, layer: int, seconds: float) -> None:
+        self.dispatch.observe(seconds, tags={**self.tags, "stack": stack, "layer": str(layer)})
