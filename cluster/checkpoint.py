@@ -250,13 +250,16 @@ class SwitchCheckpoint:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read the named tensors, opening each shard once and reading only those tensors' bytes."""
+        return dict(self.iter_tensors(names))
+
+    def iter_tensors(self, names: list[str]):
+        """(name, tensor) for each named tensor, shard by shard, read as the caller asks for the next one (so a
+        caller that moves each to a GPU holds one tensor at a time in host memory)."""
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.tensors[name].file, []).append(name)
-        out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
             with safe_open(self.path / file, framework="pt") as f:
                 for name in file_names:
-                    out[name] = f.get_tensor(name)
-        self.names_read.update(names)
-        return out
+                    self.names_read.add(name)
+                    yield name, f.get_tensor(name)

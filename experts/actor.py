@@ -40,12 +40,12 @@ class ExpertActor:
         self.checkpoint = checkpoint
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         self.dtype = DTYPES[dtype]
-        before, read = disk_bytes_read(), 0
-        self.weights = {}
-        for key, names in experts.items():  # one expert at a time: host memory holds one expert's tensors
-            tensors = checkpoint.read(list(names))
-            read += sum(t.nbytes for t in tensors.values())
-            self.weights[key] = tuple(tensors[name].to(self.device, self.dtype) for name in names)
+        before, read, loaded = disk_bytes_read(), 0, {}
+        # One tensor at a time onto the device: host memory never holds more than one.
+        for name, tensor in checkpoint.iter_tensors([name for pair in experts.values() for name in pair]):
+            read += tensor.nbytes
+            loaded[name] = tensor.to(self.device, self.dtype)
+        self.weights = {key: (loaded[wi], loaded[wo]) for key, (wi, wo) in experts.items()}
         self.loaded = {"tensor_bytes": read, "disk_bytes_read": disk_bytes_read() - before}
         self.act = ACT2FN[checkpoint.config.dense_act_fn]
         self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
