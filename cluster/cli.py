@@ -16,6 +16,7 @@ from cluster.client import RemoteError, generate_remote, model_info
 from cluster.convert import convert, resolve_model
 from cluster.placement import PlacementConfig, PlacementError
 from experts.actor import DTYPES
+from router_service.auth import API_KEY_ENV, load_api_key
 from router_service.model import CAPACITY_MODES
 
 
@@ -69,6 +70,11 @@ def _resource(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}") from None
 
 
+def _add_api_key_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help=f"{what} (default: ${API_KEY_ENV}, if set)")
+
+
 def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=_positive_int, default=1, help="front replicas (they share the experts)")
     p.add_argument("--front-gpus", type=float, default=0.0, help="GPUs each front replica asks for (default 0)")
@@ -78,6 +84,7 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued per replica before RESOURCE_EXHAUSTED")
     p.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="the most a request may ask for")
+    _add_api_key_option(p, "every call but the health check must present this key")
     _add_model_options(p)
 
 
@@ -87,7 +94,7 @@ def _server_config(args: argparse.Namespace, model: str):
     return ServerConfig(model=model, placement=_placement(args), dtype=args.dtype, capacity=args.capacity,
                         front_gpus=args.front_gpus, max_prompt_tokens=args.max_prompt_tokens,
                         max_new_tokens=args.max_new_tokens, max_sequences=args.max_sequences,
-                        max_waiting=args.max_waiting, num_replicas=args.replicas)
+                        max_waiting=args.max_waiting, num_replicas=args.replicas, api_key_file=args.api_key_file)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -100,7 +107,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.text is None and (not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts)):
         raise ValueError("--input-ids: must be a JSON list of lists of token ids, e.g. [[13, 7, 1]]")
     if args.address is not None:
-        results = generate_remote(args.address, prompts, logprobs=args.logprobs, **_sampling(args))
+        results = generate_remote(args.address, prompts, logprobs=args.logprobs,
+                                  api_key=load_api_key(args.api_key_file), **_sampling(args))
     else:
         if args.model is None:
             raise ValueError("--model: needed unless --address names a running server")
@@ -137,6 +145,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from router_service.server import ServerConfig
 
     model = str(resolve_model(args.model))
+    if args.api_key_file is not None:
+        args.api_key_file = str(Path(args.api_key_file).resolve())  # the replicas run elsewhere
+    load_api_key(args.api_key_file)  # an unreadable or empty key file fails here
     config = _server_config(args, model)
     SwitchCheckpoint.open(model)  # a bad checkpoint fails here, before anything starts
     ray.init(address=args.address, logging_level=logging.WARNING)
@@ -214,7 +225,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_stats(args: argparse.Namespace) -> None:
     from cluster.plan import stats_json
 
-    info = model_info(args.address)
+    info = model_info(args.address, api_key=load_api_key(args.api_key_file))
     text = json.dumps(stats_json({(load.stack, load.layer): load.tokens for load in info.expert_tokens}))
     if args.output is None:
         print(text)
@@ -250,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-token-ids", type=int, nargs="+", default=None, metavar="ID")
     g.add_argument("--logprobs", action="store_true", help="include each chosen token's log-probability")
     g.add_argument("--json", action="store_true", help="print one JSON object {\"outputs\": [...]}")
+    _add_api_key_option(g, "with --address: the server's API key")
     _add_model_options(g)
     g.set_defaults(func=cmd_generate)
 
@@ -290,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("stats", help="write a running server's tokens per expert, for `plan --stats`")
     t.add_argument("--address", required=True, metavar="HOST:PORT", help="gRPC address of the server")
     t.add_argument("-o", "--output", default=None, help="file to write (default: print)")
+    _add_api_key_option(t, "the server's API key")
     t.set_defaults(func=cmd_stats)
 
     d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")

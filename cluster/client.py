@@ -14,8 +14,12 @@ class RemoteError(RuntimeError):
         self.code = error.code()
 
 
+def key_metadata(api_key: str | None) -> list[tuple[str, str]]:
+    return [] if api_key is None else [("authorization", f"Bearer {api_key}")]
+
+
 def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logprobs: bool = False,
-                    timeout: float | None = None, **sampling) -> list[dict]:
+                    timeout: float | None = None, api_key: str | None = None, **sampling) -> list[dict]:
     """One Generate call per prompt, all in flight at once; results in prompt order, in the shape that the
     local `switch-serve generate` prints."""
     with grpc.insecure_channel(address) as channel:
@@ -24,7 +28,7 @@ def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logpr
                                        return_logprobs=logprobs,
                                        **{k: v for k, v in sampling.items() if v is not None and v != []})
                     for p in prompts]
-        calls = [stub.Generate.future(r, timeout=timeout) for r in requests]
+        calls = [stub.Generate.future(r, timeout=timeout, metadata=key_metadata(api_key)) for r in requests]
         try:
             responses = [call.result() for call in calls]
         except grpc.RpcError as e:
@@ -40,9 +44,10 @@ def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logpr
     return results
 
 
-def model_info(address: str, timeout: float = 30.0) -> pb.ModelInfoResponse:
+def model_info(address: str, timeout: float = 30.0, api_key: str | None = None) -> pb.ModelInfoResponse:
     with grpc.insecure_channel(address) as channel:
         try:
-            return pb_grpc.SwitchServeStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+            return pb_grpc.SwitchServeStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=timeout,
+                                                              metadata=key_metadata(api_key))
         except grpc.RpcError as e:
             raise RemoteError(e) from None

@@ -72,7 +72,7 @@ class SwitchCluster:
                                                   actor_resources=placement.actor_resources,
                                                   timeout_s=placement.timeout_s)
             dispatch = ExpertDispatcher(self.actors, self.placement.owners(), self.checkpoint.config.num_experts,
-                                        metrics)
+                                        metrics, placement.restart_timeout_s)
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.front = SwitchFront(self.checkpoint, dispatch, capacity, DTYPES[self.dtype], device)
         except BaseException:

@@ -13,7 +13,7 @@ import logging
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from cluster.checkpoint import SwitchCheckpoint, expert_tensor_names
 from cluster.placement import Placement, PlacementError
@@ -56,6 +56,9 @@ class ExpertFleet:
         self.group = None
         self.handles: list = []
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def actors(self) -> list:
         """The expert actors, started (and their weights loaded) on the first call."""
         if not self.handles:
@@ -75,8 +78,11 @@ class ExpertFleet:
         handles = []
         for spec in self.placement.actors:
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=spec.node)
+            # An actor that dies is started again (reloading its weights) and the calls it had in flight are
+            # sent again: it holds no per-request state, so a retried call gives the same result.
             handles.append(remote.options(num_cpus=cpus, num_gpus=spec.gpus, resources=self.actor_resources,
-                                          scheduling_strategy=strategy).remote(
+                                          scheduling_strategy=strategy, max_restarts=-1,
+                                          max_task_retries=-1).remote(
                 self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype))
         try:
             ray.get([h.info.remote() for h in handles])  # a load failure surfaces here, not mid-request
@@ -119,7 +125,10 @@ def fleet_name(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str) -
 def start_fleet(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str, *, shared: bool = False,
                 actor_resources: dict[str, float] | None = None, timeout_s: float = 600.0) -> tuple:
     """(fleet, its expert actors in placement order), once every actor has loaded its weights."""
-    options = {"num_cpus": 0}
+    # The fleet owns the actors, and they die with it: keep it on this (the front's) node, not on an expert
+    # node that may go away.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    options = {"num_cpus": 0, "scheduling_strategy": here}
     if shared:
         options.update(name=fleet_name(checkpoint, placement, dtype), namespace=SHARED_NAMESPACE,
                        lifetime="detached", get_if_exists=True)

@@ -39,6 +39,9 @@ class PlacementConfig(BaseModel):
     actor_resources: dict[str, float] = Field(
         default_factory=dict, description="extra Ray resources each expert actor asks for, e.g. a worker group's")
     timeout_s: float = Field(600.0, gt=0, description="how long to wait for Ray to find room for the actors")
+    restart_timeout_s: float = Field(
+        60.0, gt=0, description="how long a sparse layer waits for expert actors that are down (restarting, or "
+                                "with no room to restart) before its requests fail with UNAVAILABLE")
 
     @model_validator(mode="after")
     def _planner_options_need_gpus(self) -> "PlacementConfig":

@@ -10,6 +10,10 @@ import torch
 from experts.wire import from_wire, to_wire
 
 
+class ExpertsUnavailable(RuntimeError):
+    """Expert actors stayed down longer than the dispatcher waits; the requests in the batch fail, retryable."""
+
+
 class ExpertDispatcher:
     """One call per actor that has tokens, all in flight at once; results put back in token order.
 
@@ -18,8 +22,9 @@ class ExpertDispatcher:
     """
 
     def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, list[int]]], num_experts: int,
-                 metrics=None):
+                 metrics=None, timeout_s: float | None = None):
         self.actors = actors
+        self.timeout_s = timeout_s
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
         self.copies, self.hosts = {}, {}
@@ -53,13 +58,19 @@ class ExpertDispatcher:
         order = torch.argsort(owner * self.num_experts + expert[index], stable=True)
         index, owner = index[order], owner[order]
         actors, per_actor = torch.unique_consecutive(owner, return_counts=True)
-        calls, start, began = [], 0, time.perf_counter()
+        calls, called, start, began = [], [], 0, time.perf_counter()
         for actor, n in zip(actors.tolist(), per_actor.tolist()):
             chunk = index[start:start + n]
             experts, counts = torch.unique_consecutive(expert[chunk], return_counts=True)
             calls.append(self.actors[actor].forward.remote(
                 stack, layer, experts.tolist(), counts.tolist(), to_wire(tokens[chunk])))
+            called.append(actor)
             start += n
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=self.timeout_s)
+        if len(ready) < len(calls):
+            late = [a for a, call in zip(called, calls) if call not in ready]
+            raise ExpertsUnavailable(f"expert actors {late} did not answer {stack} layer {layer} within "
+                                     f"{self.timeout_s:g} s (restarting, or no room to restart them)")
         results = ray.get(calls)
         if self.metrics is not None:
             self.metrics.dispatched(stack, layer, time.perf_counter() - began)

@@ -6,6 +6,7 @@ Every replica runs its own front and continuous batcher and shares the expert ac
 
 
 import asyncio
+import hmac
 import json
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from cluster.placement import PlacementConfig
+from router_service.auth import API_KEY_ENV, Unauthenticated, load_api_key, presented_key
 from router_service.batching import Sequence
 from router_service.metrics import ServingMetrics
 from router_service.proto import switch_serve_pb2 as pb
@@ -45,11 +47,14 @@ class ServerConfig(BaseModel):
     max_sequences: int = Field(32, ge=1, description="sequences decoding together in one replica")
     max_waiting: int = Field(64, ge=1, description="requests a replica queues beyond its batch before refusing")
     num_replicas: int = Field(1, ge=1)
+    api_key_file: str | None = Field(None, description=f"file holding the API key every call must present "
+                                                       f"(or set {API_KEY_ENV} on the nodes)")
 
 
 # What goes wrong, as a gRPC status and an HTTP status.
 ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
-          QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429)}
+          QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+          Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401)}
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
 
 
@@ -125,6 +130,7 @@ class SwitchServer:
         from cluster.engine import SwitchCluster
 
         self.config = config
+        self.api_key = load_api_key(config.api_key_file)
         limits = Limits(config.max_prompt_tokens, config.max_new_tokens, config.max_sequences)
         self.metrics = ServingMetrics(Path(config.model).name)
         self.cluster = SwitchCluster(config.model, placement=config.placement, dtype=config.dtype,
@@ -148,6 +154,14 @@ class SwitchServer:
                     if request.HasField(name)}
         params = make_sampling_params(vocab, limits, stop_token_ids=list(request.stop_token_ids), **optional)
         return Sequence(check_prompt(prompt, vocab, limits, "text" if request.text else "input_ids"), params)
+
+    def _authorize(self, metadata) -> None:
+        """Every call but the health check presents the API key, when the server has one."""
+        if self.api_key is None:
+            return
+        key = presented_key(metadata)
+        if key is None or not hmac.compare_digest(key.encode(), self.api_key.encode()):
+            raise Unauthenticated("api key: missing or wrong (send the header authorization: Bearer KEY)")
 
     def _finished(self, error: Exception | None = None) -> None:
         """Count a finished Generate request by its gRPC status (HTTP requests too)."""
@@ -209,6 +223,7 @@ class SwitchServer:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
+            self._authorize(grpc_context.invocation_metadata())
             response = await self._generate(request)
         except Exception as e:
             self._finished(e)
@@ -219,6 +234,7 @@ class SwitchServer:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateChunk]:
         try:
+            self._authorize(grpc_context.invocation_metadata())
             async for chunk in self._stream(request):
                 yield chunk
         except Exception as e:
@@ -228,6 +244,11 @@ class SwitchServer:
         self._finished()
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
+        try:
+            self._authorize(grpc_context.invocation_metadata())
+        except Unauthenticated as e:
+            set_grpc_error(grpc_context, e)
+            return pb.ModelInfoResponse()
         return await self._model_info()
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
@@ -244,6 +265,7 @@ class SwitchServer:
         """The GenerateRequest fields as JSON; `"stream": true` answers with server-sent events, one
         GenerateChunk each."""
         try:
+            self._authorize(request.headers.items())
             message, stream = await parse_http_request(request)
             if not stream:
                 response = JSONResponse(to_json(await self._generate(message)))
@@ -257,5 +279,9 @@ class SwitchServer:
         return StreamingResponse(sse_events(first, chunks, self._finished), media_type="text/event-stream")
 
     @http_app.get("/v1/model")
-    async def http_model(self):
+    async def http_model(self, request: Request):
+        try:
+            self._authorize(request.headers.items())
+        except Unauthenticated as e:
+            return http_error(e)
         return JSONResponse(to_json(await self._model_info()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import ray
 
 from cluster.engine import SwitchCluster
@@ -50,3 +51,48 @@ def test_planned_over_two_gpu_nodes_with_replicas(multi_node_cluster, checkpoint
     copies = [i for i, spec in enumerate(specs) if hottest in spec.experts]
     assert len(copies) == 2 and copies[0] // 2 != copies[1] // 2
     assert all(counts_after[i][hottest] > 0 for i in copies)
+
+
+def test_losing_a_node(multi_node_cluster, checkpoint_factory):
+    """A node with experts goes away mid-generation. With a spare node, its placement group bundle and actors
+    come back there and every request completes unchanged. With no room left, requests fail after the restart
+    timeout with a clear message, and the service recovers when a node returns."""
+    import threading
+    import time
+
+    from router_service.dispatch import ExpertsUnavailable
+
+    cluster, workers = multi_node_cluster
+    path, hf_model = checkpoint_factory("multinode", num_experts=8, expert_capacity=64)
+    prompts = PROMPTS * 2
+    reference = [tokens for tokens, _ in hf_generate(hf_model, prompts, 30)]
+    spare = cluster.add_node(num_cpus=2, num_gpus=2, object_store_memory=200 * 2**20)
+    cluster.wait_for_nodes()
+    options = PlacementConfig(gpus=4, nodes=2, gpu_memory="1GiB", restart_timeout_s=20)
+    with SwitchCluster(path, placement=options) as model:
+        fleet_node = ray.get(model.fleet.node_id.remote())
+        assert fleet_node == ray.get_runtime_context().get_node_id()  # with the front, not on an expert node
+        used = {info["node_id"] for info in model.actor_info()}
+        lost = next(w for w in workers if w.node_id in used)
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(outputs=model.generate(prompts, max_new_tokens=30)))
+        thread.start()
+        while not model.batcher.active:
+            time.sleep(0.005)
+        cluster.remove_node(lost)
+        thread.join(120)
+        assert [o.token_ids for o in result["outputs"]] == reference
+        now_on = {info["node_id"] for info in model.actor_info()}
+        assert lost.node_id not in now_on and spare.node_id in now_on
+
+        # No room now: the next requests fail after the restart timeout, naming the actors that are down.
+        cluster.remove_node(next(w for w in [*workers, spare] if w is not lost and w.node_id in now_on))
+        started = time.monotonic()
+        with pytest.raises(ExpertsUnavailable, match="did not answer .* within 20 s"):
+            model.generate(prompts, max_new_tokens=30)
+        assert time.monotonic() - started < 60
+        # A node comes back: the actors restart there and the same model serves again.
+        cluster.add_node(num_cpus=2, num_gpus=2, object_store_memory=200 * 2**20)
+        cluster.wait_for_nodes()
+        ray.get([actor.info.remote() for actor in model.actors], timeout=120)  # restarted on the new node
+        assert [o.token_ids for o in model.generate(prompts, max_new_tokens=30)] == reference

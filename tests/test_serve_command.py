@@ -8,15 +8,23 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from cluster.demo import DEMO_MODEL, free_port
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 
 
 def test_serve_until_interrupted(tmp_path):
+    """With an API key from the environment: calls without it are refused, the health check is not."""
     grpc_port, http_port = free_port(), free_port()
     log = open(tmp_path / "serve.log", "w+")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"SWITCH_SERVE_API_KEY": "s3cret"}
     server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--model", str(DEMO_MODEL),
                                "--grpc-port", str(grpc_port), "--http-port", str(http_port),
                                "--experts-per-actor", "4"], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -27,12 +35,26 @@ def test_serve_until_interrupted(tmp_path):
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.5)
         out = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--address", f"127.0.0.1:{grpc_port}",
-                              "--text", "sort : 3 1 2", "--json"], capture_output=True, text=True, check=True).stdout
+                              "--text", "sort : 3 1 2", "--json"], capture_output=True, text=True, check=True,
+                             env=env).stdout  # the client reads the key from the same variable
         assert json.loads(out)["outputs"][0]["text"] == "1 2 3"
-        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/generate",
-                                         data=json.dumps({"text": "reverse : 1 2 3"}).encode())
+        body = json.dumps({"text": "reverse : 1 2 3"}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/generate", data=body,
+                                         headers={"Authorization": "Bearer s3cret"})
         with urllib.request.urlopen(request, timeout=30) as r:
             assert json.loads(r.read())["text"] == "3 2 1"
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/generate", data=body, headers=headers)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 401
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.SwitchServeStub(channel).Generate(pb.GenerateRequest(text="sort : 2 1"), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "api key" in refused.value.details()
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=120) == 0
         assert "switch-serve: stopping" in (tmp_path / "serve.log").read_text()

@@ -1,0 +1,33 @@
+"""The optional API key: read from a file or an environment variable (never a command-line value, which any
+user could read in `ps`), presented as `authorization: Bearer KEY` in gRPC metadata or HTTP headers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+API_KEY_ENV = "SWITCH_SERVE_API_KEY"
+
+
+class Unauthenticated(Exception):
+    """A call without the right API key."""
+
+
+def load_api_key(path: str | None) -> str | None:
+    """The key calls must present: the file's content, else the environment variable; None: no key needed."""
+    if path is not None:
+        key = Path(path).read_text().strip()
+        if not key:
+            raise ValueError(f"api_key_file: {path} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def presented_key(metadata) -> str | None:
+    """The key from `authorization: Bearer KEY` or `x-api-key: KEY` (gRPC metadata or HTTP headers)."""
+    for name, value in metadata:
+        if name.lower() == "authorization" and value.startswith("Bearer "):
+            return value[len("Bearer "):]
+        if name.lower() == "x-api-key":
+            return value
+    return None
