@@ -12,6 +12,8 @@ import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ray import serve
 from transformers import AutoTokenizer
 
@@ -359,3 +361,78 @@ def test_metrics_reach_rays_prometheus_endpoint(server):
     assert all(totals.values()), totals
     assert "ray_switch_serve_queue_depth{" in page
     assert 'status="OK"' in page and 'stack="encoder"' in page
+
+
+# -- fuzzing: any request gets an answer or the right error, never INTERNAL ---------------------------------
+
+REQUEST_FIELDS = {"text", "input_ids", "text, input_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                  "stop_token_ids", "return_logprobs", "body", "stream"}
+int32 = st.integers(-2**31, 2**31 - 1)
+fuzzed_fields = st.fixed_dictionaries({}, optional={
+    "text": st.text(max_size=30),
+    "input_ids": st.one_of(st.lists(st.integers(3, 90), min_size=1, max_size=12), st.lists(int32, max_size=12)),
+    "max_new_tokens": st.one_of(st.integers(1, 6), int32),
+    "temperature": st.floats(width=32),
+    "top_k": st.one_of(st.integers(0, 50), int32),
+    "top_p": st.floats(width=32),
+    "seed": st.integers(0, 2**64 - 1),
+    "stop_token_ids": st.lists(st.one_of(st.integers(0, 120), int32), max_size=3),
+})
+
+
+def tally(counts: dict, key) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def test_fuzzed_grpc_requests_get_the_right_status(server):
+    seen: dict = {}
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(fuzzed_fields)
+    def check(fields):
+        try:
+            server["stub"].Generate(pb.GenerateRequest(**fields), timeout=60)
+            tally(seen, "OK")
+        except grpc.RpcError as e:
+            tally(seen, e.code().name)
+            assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), e.details()
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                assert e.details().split(":")[0] in REQUEST_FIELDS and "\n" not in e.details()
+
+    check()
+    print(f"\ngRPC Generate fuzzed with {sum(seen.values())} requests: {seen}")
+    assert seen.get("OK") and seen.get("INVALID_ARGUMENT")
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                      max_size=4), max_leaves=8)
+fuzzed_bodies = st.one_of(
+    fuzzed_fields.map(lambda f: {k: v for k, v in f.items() if not (isinstance(v, float) and v != v)}),
+    st.dictionaries(st.sampled_from(sorted(REQUEST_FIELDS - {"text, input_ids", "body"}) + ["other"]), json_values,
+                    max_size=4),
+    json_values)
+
+
+def test_fuzzed_http_requests_get_the_right_status(server):
+    seen: dict = {}
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(fuzzed_bodies)
+    def check(body):
+        request = urllib.request.Request(f"{server['http']}/v1/generate", data=json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                tally(seen, r.status)
+                r.read()
+        except urllib.error.HTTPError as e:
+            tally(seen, e.code)
+            assert e.code in (400, 429), e.read()
+            answer = json.loads(e.read())
+            if e.code == 400:  # a field of the API, or the unknown one sent
+                named = REQUEST_FIELDS | (set(body) if isinstance(body, dict) else set())
+                assert answer["field"] in named and "\n" not in answer["error"]
+
+    check()
+    print(f"\nHTTP /v1/generate fuzzed with {sum(seen.values())} requests: {seen}")
+    assert seen.get(200) and seen.get(400)
