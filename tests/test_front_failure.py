@@ -11,8 +11,9 @@ import ray
 from ray import serve
 
 from cluster import app
-from cluster.demo import DEMO_MODEL, PROMPTS, free_port
+from cluster.demo import PROMPTS, WORDS, free_port
 from cluster.placement import PlacementConfig
+from cluster.synthetic import write_random_checkpoint_with_tokenizer
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 from router_service.server import ServerConfig
@@ -25,21 +26,26 @@ def replica_names() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_replicas(ray_cluster):
-    config = ServerConfig(model=str(DEMO_MODEL), placement=PlacementConfig(experts_per_actor=4), num_replicas=2)
+def two_replicas(ray_cluster, tmp_path_factory):
+    """Two front replicas on a random model (it rarely emits EOS, so requests run their full length)."""
+    path = tmp_path_factory.mktemp("front-failure")
+    write_random_checkpoint_with_tokenizer(path, WORDS)
+    config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4), num_replicas=2)
     grpc_port, http_port = free_port(), free_port()
     app.start(config, http_port=http_port, grpc_port=grpc_port)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    yield pb_grpc.SwitchServeStub(channel)
+    yield {"stub": pb_grpc.SwitchServeStub(channel), "address": f"127.0.0.1:{grpc_port}"}
     channel.close()
     app.stop(config)
     serve.shutdown()
 
 
 def test_killed_front_replica(two_replicas):
-    stub = two_replicas
+    stub = two_replicas["stub"]
     before = replica_names()
     assert len(before) == 2
+    probe = pb.GenerateRequest(text="sort : 3 1 2", max_new_tokens=8)
+    expected = stub.Generate(probe, timeout=60).token_ids
     # Streams on both replicas (Serve spreads them), sampled so that they run their full length.
     streams = [stub.GenerateStream(pb.GenerateRequest(text=PROMPTS[i % len(PROMPTS)], max_new_tokens=200,
                                                       temperature=1.0, seed=i), timeout=120) for i in range(6)]
@@ -62,11 +68,34 @@ def test_killed_front_replica(two_replicas):
     assert set(outcomes) <= {"OK", "UNAVAILABLE", "INTERNAL"}, outcomes
     assert all("actor" in d.lower() and ("died" in d.lower() or "dead" in d.lower()) for d in details), details
 
-    answer = stub.Generate(pb.GenerateRequest(text="sort : 3 1 2", max_new_tokens=8), timeout=60)
-    assert answer.text == "1 2 3"  # still serving meanwhile
+    assert stub.Generate(probe, timeout=60).token_ids == expected  # still serving meanwhile
     deadline = time.monotonic() + 120
     while len(replica_names()) < 2 or replica_names() == before:
         assert time.monotonic() < deadline, "Serve did not replace the replica"
         time.sleep(1)
     for _ in range(4):
-        assert stub.Generate(pb.GenerateRequest(text="sort : 3 1 2", max_new_tokens=8), timeout=60).text == "1 2 3"
+        assert stub.Generate(probe, timeout=60).token_ids == expected
+
+
+def test_unary_requests_on_a_dying_replica_complete_elsewhere(two_replicas):
+    """Unlike a stream, a unary Generate whose replica dies is sent again by Serve to another replica: the
+    caller just gets its answer."""
+    import threading
+
+    from cluster.client import generate_remote
+
+    stub = two_replicas["stub"]
+    deadline = time.monotonic() + 120
+    while len(replica_names()) < 2:  # the previous test's replacement is up
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(outputs=generate_remote(
+        two_replicas["address"], [PROMPTS[i % len(PROMPTS)] for i in range(8)], max_new_tokens=200,
+        temperature=1.0, seed=7)))
+    thread.start()
+    while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).active_sequences == 0:  # decoding has begun
+        time.sleep(0.01)
+    ray.kill(ray.get_actor(replica_names()[0], namespace="serve"), no_restart=True)
+    thread.join(180)
+    assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
