@@ -234,6 +234,12 @@ def cmd_stats(args: argparse.Namespace) -> None:
             f.write(text + "\n")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from cluster.bench import print_report, run
+
+    print_report(run(args.shape, args.requests, args.rate, args.batch_size, args.experts_per_actor), args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from cluster.demo import DEMO_MODEL, run_demo
 
@@ -304,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", default=None, help="file to write (default: print)")
     _add_api_key_option(t, "the server's API key")
     t.set_defaults(func=cmd_stats)
+
+    n = sub.add_parser("bench", help="benchmark the served cluster against transformers' generate")
+    n.add_argument("--shape", choices=("base-8", "tiny"), default="base-8",
+                   help="base-8: switch-base-8's shape (default); tiny: a quick run")
+    n.add_argument("--requests", type=_positive_int, default=32)
+    n.add_argument("--rate", type=float, default=None, help="arrivals per second (default: all at once)")
+    n.add_argument("--batch-size", type=_positive_int, default=8, help="transformers' static batch size")
+    n.add_argument("--experts-per-actor", type=_positive_int, default=None,
+                   help="default: the experts split over one actor per core beyond the front's")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")
     d.add_argument("--model", default=None, help="checkpoint to serve (default: the trained demo model in demo/model)")

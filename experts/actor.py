@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class ExpertActor:
         self.loaded = {"tensor_bytes": read, "disk_bytes_read": disk_bytes_read() - before}
         self.act = ACT2FN[checkpoint.config.dense_act_fn]
         self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
+        self.compute_s = 0.0  # time spent in forward, for the benchmark's breakdown
         self.token_metric = Counter("switch_serve_expert_tokens", "Tokens computed per expert",
                                     tag_keys=("model", "stack", "layer", "expert"))
         self.model_name = Path(checkpoint.path).name
@@ -60,16 +62,22 @@ class ExpertActor:
     def token_counts(self) -> dict[ExpertKey, int]:
         return dict(self.tokens)
 
+    def compute_seconds(self) -> float:
+        return self.compute_s
+
     def tensors_read(self) -> list[str]:
         return sorted(self.checkpoint.names_read)
 
     @torch.inference_mode()
     def forward(self, stack: str, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> np.ndarray:
         """x holds counts[i] tokens for experts[i], back to back; returns their FFN outputs in the same order."""
+        began = time.perf_counter()
         hidden = from_wire(x, self.dtype).to(self.device)
         weights = [self.weights[(stack, layer, e)] for e in experts]
+        out = to_wire(grouped_ffn(hidden, counts, weights, self.act))
+        self.compute_s += time.perf_counter() - began
         for e, n in zip(experts, counts):
             self.tokens[(stack, layer, e)] += n
             self.token_metric.inc(n, tags={"model": self.model_name, "stack": stack, "layer": str(layer),
                                            "expert": str(e)})
-        return to_wire(grouped_ffn(hidden, counts, weights, self.act))
+        return out

@@ -25,6 +25,7 @@ class ExpertDispatcher:
                  metrics=None, timeout_s: float | None = None):
         self.actors = actors
         self.timeout_s = timeout_s
+        self.calls, self.seconds = 0, 0.0  # sparse-layer round trips made and their wall time
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
         self.copies, self.hosts = {}, {}
@@ -72,7 +73,9 @@ class ExpertDispatcher:
             raise ExpertsUnavailable(f"expert actors {late} did not answer {stack} layer {layer} within "
                                      f"{self.timeout_s:g} s (restarting, or no room to restart them)")
         results = ray.get(calls)
+        elapsed = time.perf_counter() - began
+        self.calls, self.seconds = self.calls + 1, self.seconds + elapsed
         if self.metrics is not None:
-            self.metrics.dispatched(stack, layer, time.perf_counter() - began)
+            self.metrics.dispatched(stack, layer, elapsed)
         out[index] = torch.cat([from_wire(r, tokens.dtype) for r in results]).to(out.device)
         return out
