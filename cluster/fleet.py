@@ -25,12 +25,13 @@ SHARED_NAMESPACE = "switch-serve"
 
 
 def actor_cpus(placement: Placement) -> float:
-    """CPUs each expert actor asks for: a fair share of the free CPUs on the weakest node it needs, at most one.
+    """CPUs each expert actor asks for: a fair share of the CPUs of the weakest node it needs (and of what the
+    cluster has free), at most one.
 
-    An actor asking for more than a node has free stays pending, so small machines get fractions."""
-    free = sorted((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), reverse=True)
+    An actor asking for more than a node has stays pending, so small machines get fractions."""
+    sizes = sorted((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), reverse=True)
     available = ray.available_resources().get("CPU", 0.0)
-    weakest = min(free[placement.nodes - 1] if len(free) >= placement.nodes else 0.0, available)
+    weakest = min(sizes[placement.nodes - 1] if len(sizes) >= placement.nodes else 0.0, available)
     per_node = max(sum(1 for a in placement.actors if a.node == node) for node in range(placement.nodes))
     return max(0.01, min(1.0, round(weakest / (per_node + 1), 2)))
 
