@@ -193,17 +193,59 @@ def breakdown(folder: Path, requests: list[Request], experts_per_actor: int) -> 
         calls0, seconds0 = dispatcher.calls, dispatcher.seconds
         compute0 = sum(ray.get([a.compute_seconds.remote() for a in model.actors]))
         began = time.perf_counter()
-        run_to_completion(model.batcher, [Sequence(r.prompt, SamplingParams(max_new_tokens=r.max_new_tokens))
-                                          for r in requests])
+        done = run_to_completion(model.batcher, [Sequence(r.prompt, SamplingParams(max_new_tokens=r.max_new_tokens))
+                                                 for r in requests])
         total = time.perf_counter() - began
         calls, dispatch = dispatcher.calls - calls0, dispatcher.seconds - seconds0
         compute = sum(ray.get([a.compute_seconds.remote() for a in model.actors])) - compute0
-        actors = len(model.actors)
+        actors, steps = len(model.actors), model.batcher.steps - 1  # less the warm-up's
+        work = model_work(model.checkpoint.config, requests, sum(len(seq.token_ids) for seq in done))
     # The actors of one round trip run at once, so their compute overlaps: count their sum spread over them.
     transport = max(0.0, dispatch - compute / actors)
+    peaks = machine_peaks()
     return {"seconds": total, "front_s": total - dispatch, "round_trip_s": dispatch, "expert_compute_s": compute,
             "scatter_gather_s": transport, "sparse_layer_calls": calls, "actors": actors,
-            "round_trip_ms_per_call": 1000 * dispatch / calls, "scatter_gather_share": transport / total}
+            "round_trip_ms_per_call": 1000 * dispatch / calls, "scatter_gather_share": transport / total,
+            "decode_steps": steps, **peaks,
+            # The roofline: achieved FLOP/s and weight-read bandwidth against what this machine measured.
+            "flops_fraction": work["flops"] / total / peaks["matmul_flops_per_s"],
+            "bandwidth_fraction": steps * work["decoder_weight_bytes"] / total / peaks["memory_bytes_per_s"]}
+
+
+def machine_peaks() -> dict:
+    """This machine's measured float32 matmul FLOP/s and memory bandwidth (a large copy: read + write)."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    began = time.perf_counter()
+    for _ in range(5):
+        torch.mm(a, b)
+    flops = 5 * 2 * 2048**3 / (time.perf_counter() - began)
+    src = torch.ones(64 * 2**20)  # 256 MiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    began = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    bandwidth = 5 * 2 * src.nbytes / (time.perf_counter() - began)
+    return {"matmul_flops_per_s": flops, "memory_bytes_per_s": bandwidth}
+
+
+def model_work(config, requests: list[Request], tokens: int) -> dict:
+    """The float32 work of the requests: FLOPs of the weight matmuls (2 per weight per token; attention
+    scores left out) and the weight bytes every decoding step reads."""
+    d, inner, ff, experts = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.num_experts
+    # Weights per token: attention, the FFN (dense, or the one expert picked), the router; a prompt token also
+    # gets the decoder's cross-attention keys and values, a generated token the LM head.
+    per_encoder_token = (config.num_layers * (4 * d * inner + 2 * d * ff)
+                         + config.num_sparse_encoder_layers * d * experts + config.num_decoder_layers * 2 * d * inner)
+    per_decoder_token = (config.num_decoder_layers * (6 * d * inner + 2 * d * ff)
+                         + config.num_sparse_decoder_layers * d * experts + d * config.vocab_size)
+    prompt_tokens = sum(len(r.prompt) for r in requests)
+    decoder_bytes = 4 * (per_decoder_token + config.num_sparse_decoder_layers * (experts - 1) * 2 * d * ff)
+    return {"flops": 2 * (prompt_tokens * per_encoder_token + tokens * per_decoder_token),
+            "decoder_weight_bytes": decoder_bytes}
 
 
 def _limits(requests: int):
@@ -271,6 +313,10 @@ def table(report: dict) -> str:
                  f"({b['sparse_layer_calls']} calls, {b['round_trip_ms_per_call']:.2f} ms each) of which expert "
                  f"compute {b['expert_compute_s']:.2f} s over {b['actors']} actors; scatter/gather "
                  f"{b['scatter_gather_share']:.0%} of the time")
+    lines.append(f"roofline: this machine does {b['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (float32 matmul) and "
+                 f"{b['memory_bytes_per_s'] / 1e9:.1f} GB/s; the run achieved {b['flops_fraction']:.0%} of the "
+                 f"FLOP/s and, reading every decoder weight once per step over {b['decode_steps']} steps, "
+                 f"{b['bandwidth_fraction']:.0%} of the bandwidth")
     return "\n".join(lines)
 
 

@@ -102,6 +102,7 @@ class ContinuousBatcher:
         self.active: list[Sequence] = []
         self.cache: DecoderCache | None = None
         self.next_tokens = torch.zeros(0, dtype=torch.long)
+        self.steps = 0  # decoding steps run
 
     def add(self, seq: Sequence) -> None:
         self.inbox.put(seq)
@@ -135,6 +136,7 @@ class ContinuousBatcher:
         if not self.active:
             return []
         self.cache, logits, dropped = self.front.decode_step(self.cache, self.next_tokens)
+        self.steps += 1
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens, now = [], time.monotonic()
