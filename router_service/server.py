@@ -97,8 +97,8 @@ async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool
 
 def field_in_parse_error(message: str) -> str:
     """protobuf names the field in quotes ('... field named "foo"', 'Failed to parse top_k field: ...')."""
-    if 'field named "' in message:
-        return message.split('field named "')[1].split('"')[0]
+    if 'field named "' in message:  # the name may itself hold quotes
+        return message.split('field named "', 1)[1].rsplit('" at "', 1)[0]
     if "Failed to parse " in message:
         return message.split("Failed to parse ")[1].split(" field")[0]
     return "body"

@@ -77,9 +77,10 @@ def test_killed_front_replica(two_replicas):
         assert stub.Generate(probe, timeout=60).token_ids == expected
 
 
-def test_unary_requests_on_a_dying_replica_complete_elsewhere(two_replicas):
-    """Unlike a stream, a unary Generate whose replica dies is sent again by Serve to another replica: the
-    caller just gets its answer."""
+def test_unary_requests_on_a_dying_replica_still_complete(two_replicas, caplog):
+    """`generate --address` (cluster.client) gets every answer when a replica dies under its requests: Serve
+    re-sends some of them itself, and the client asks again for those that fail with the replica's death."""
+    import logging
     import threading
 
     from cluster.client import generate_remote
@@ -90,12 +91,21 @@ def test_unary_requests_on_a_dying_replica_complete_elsewhere(two_replicas):
         assert time.monotonic() < deadline
         time.sleep(1)
     result = {}
-    thread = threading.Thread(target=lambda: result.update(outputs=generate_remote(
-        two_replicas["address"], [PROMPTS[i % len(PROMPTS)] for i in range(8)], max_new_tokens=200,
-        temperature=1.0, seed=7)))
-    thread.start()
-    while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).active_sequences == 0:  # decoding has begun
-        time.sleep(0.01)
-    ray.kill(ray.get_actor(replica_names()[0], namespace="serve"), no_restart=True)
-    thread.join(180)
+
+    def run():
+        try:
+            result["outputs"] = generate_remote(two_replicas["address"], [PROMPTS[i % len(PROMPTS)] for i in range(8)],
+                                                max_new_tokens=200, temperature=1.0, seed=7)
+        except Exception as e:
+            result["error"] = e
+
+    with caplog.at_level(logging.WARNING, logger="cluster.client"):
+        thread = threading.Thread(target=run)
+        thread.start()
+        while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).active_sequences == 0:  # decoding has begun
+            time.sleep(0.01)
+        ray.kill(ray.get_actor(replica_names()[0], namespace="serve"), no_restart=True)
+        thread.join(180)
+    print(f"\nclient retries: {caplog.text.count('retrying a request after')}")
+    assert "error" not in result, result.get("error")
     assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
