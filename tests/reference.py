@@ -1,8 +1,11 @@
-"""transformers as the reference: its greedy generate and its routers' drops, for comparison."""
+"""transformers as the reference: its greedy generate and its routers' drops, for comparison; and a run of
+ours in the background, to break things under it."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
@@ -68,3 +71,23 @@ def hf_dropped_tokens(model, prompts: list[list[int]]) -> list[int]:
         for h in hooks:
             h.remove()
     return dropped.tolist()
+
+
+def generate_in_background(model, prompts, **sampling):
+    """`model.generate` (a SwitchCluster) on its own thread; returns (thread, result) once the batch is
+    decoding. `result` gets "outputs", or "error" if generation raised."""
+    result = {}
+
+    def run():
+        try:
+            result["outputs"] = model.generate(prompts, **sampling)
+        except Exception as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not model.batcher.active and time.monotonic() < deadline:  # wait until the batch is decoding
+        time.sleep(0.005)
+    assert model.batcher.active, "generation did not start"
+    return thread, result

@@ -11,7 +11,7 @@ import ray
 from cluster.engine import SwitchCluster
 from cluster.placement import PlacementConfig
 from cluster.plan import stats_json
-from reference import hf_generate
+from reference import generate_in_background, hf_generate
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
 MAX_NEW = 8
@@ -57,7 +57,6 @@ def test_losing_a_node(multi_node_cluster, checkpoint_factory):
     """A node with experts goes away mid-generation. With a spare node, its placement group bundle and actors
     come back there and every request completes unchanged. With no room left, requests fail after the restart
     timeout with a clear message, and the service recovers when a node returns."""
-    import threading
     import time
 
     from router_service.dispatch import ExpertsUnavailable
@@ -74,13 +73,10 @@ def test_losing_a_node(multi_node_cluster, checkpoint_factory):
         assert fleet_node == ray.get_runtime_context().get_node_id()  # with the front, not on an expert node
         used = {info["node_id"] for info in model.actor_info()}
         lost = next(w for w in workers if w.node_id in used)
-        result = {}
-        thread = threading.Thread(target=lambda: result.update(outputs=model.generate(prompts, max_new_tokens=30)))
-        thread.start()
-        while not model.batcher.active:
-            time.sleep(0.005)
+        thread, result = generate_in_background(model, prompts, max_new_tokens=30)
         cluster.remove_node(lost)
         thread.join(120)
+        assert "error" not in result, result.get("error")
         assert [o.token_ids for o in result["outputs"]] == reference
         now_on = {info["node_id"] for info in model.actor_info()}
         assert lost.node_id not in now_on and spare.node_id in now_on

@@ -3,36 +3,17 @@ in its batch (UNAVAILABLE when served) instead of hanging them."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import ray
 
 from cluster.engine import SwitchCluster
 from cluster.placement import PlacementConfig
-from reference import hf_generate
+from reference import generate_in_background, hf_generate
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1], [40, 41, 1],
            [12, 13, 14, 15, 1]]
 MAX_NEW = 40
-
-
-def generate_in_background(model, prompts, **sampling):
-    result = {}
-
-    def run():
-        try:
-            result["outputs"] = model.generate(prompts, **sampling)
-        except Exception as e:
-            result["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not model.batcher.active and time.monotonic() < deadline:  # wait until the batch is decoding
-        time.sleep(0.005)
-    assert model.batcher.active, "generation did not start"
-    return thread, result
 
 
 def test_killed_expert_actor_restarts_and_every_request_completes_unchanged(ray_cluster, checkpoint_factory):
