@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ray import serve
 from transformers import AutoTokenizer
@@ -380,6 +380,10 @@ fuzzed_fields = st.fixed_dictionaries({}, optional={
 })
 
 
+# Random draws may all be refused (or all served); these two make sure each run sees both answers.
+VALID_FIELDS = {"input_ids": [5, 6, 7], "max_new_tokens": 2}
+
+
 def tally(counts: dict, key) -> None:
     counts[key] = counts.get(key, 0) + 1
 
@@ -389,6 +393,8 @@ def test_fuzzed_grpc_requests_get_the_right_status(server):
 
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
     @given(fuzzed_fields)
+    @example(VALID_FIELDS).via("a request that must be served")
+    @example({**VALID_FIELDS, "top_k": -1}).via("a request that must be refused")
     def check(fields):
         try:
             server["stub"].Generate(pb.GenerateRequest(**fields), timeout=60)
@@ -419,6 +425,8 @@ def test_fuzzed_http_requests_get_the_right_status(server):
 
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
     @given(fuzzed_bodies)
+    @example(VALID_FIELDS).via("a request that must be served")
+    @example({**VALID_FIELDS, "top_k": -1}).via("a request that must be refused")
     def check(body):
         request = urllib.request.Request(f"{server['http']}/v1/generate", data=json.dumps(body).encode())
         try:
