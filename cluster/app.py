@@ -5,11 +5,15 @@
 
 from __future__ import annotations
 
+import os
+
+import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
 from transformers import SwitchTransformersConfig
 
+from cluster import FRONT_ENV
 from router_service.server import ServerConfig, SwitchServer
 
 APP_NAME = "switch-serve"
@@ -27,7 +31,8 @@ def build_app(args: dict | ServerConfig) -> Application:
     ongoing = config.max_sequences + config.max_waiting + CONTROL_HEADROOM
     return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
                                 max_queued_requests=config.max_waiting,
-                                ray_actor_options={"num_gpus": config.front_gpus}).bind(config)
+                                ray_actor_options={"num_gpus": config.front_gpus,
+                                                   "runtime_env": {"env_vars": FRONT_ENV}}).bind(config)
 
 
 def check_placement(config: ServerConfig, model_config: SwitchTransformersConfig) -> list[str]:
@@ -36,7 +41,7 @@ def check_placement(config: ServerConfig, model_config: SwitchTransformersConfig
     from cluster.plan import expert_layers
 
     _, warnings = expert_layers(model_config)
-    config.placement.place(model_config, config.dtype or "bf16")
+    config.placement.place(model_config, config.dtype or "bf16", cpus=os.cpu_count() or 1)  # any count fits
     return warnings
 
 
@@ -71,4 +76,5 @@ def stop(config: ServerConfig) -> None:
     serve.delete(APP_NAME)
     checkpoint = SwitchCheckpoint.open(config.model)
     dtype = dtype_name(checkpoint, config.dtype)
-    stop_shared_fleet(checkpoint, config.placement.place(checkpoint.config, dtype), dtype)
+    placement = config.placement.place(checkpoint.config, dtype, ray.cluster_resources()["CPU"])
+    stop_shared_fleet(checkpoint, placement, dtype)

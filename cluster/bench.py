@@ -254,12 +254,6 @@ def _limits(requests: int):
     return Limits(max_new_tokens=256, max_sequences=max(32, requests))
 
 
-def default_experts_per_actor(num_experts: int) -> int:
-    """One actor per core the machine has beyond the front's, each holding an equal share of the experts."""
-    actors = max(1, min(num_experts, (os.cpu_count() or 2) - 1))
-    return -(-num_experts // actors)
-
-
 def run(shape: str = "base-8", requests: int = 32, rate: float | None = None, batch_size: int = 8,
         experts_per_actor: int | None = None, cache: Path | None = None, seed: int = 0) -> dict:
     import ray
@@ -267,13 +261,13 @@ def run(shape: str = "base-8", requests: int = 32, rate: float | None = None, ba
 
     from cluster import app
     from cluster.demo import free_port
-    from cluster.placement import PlacementConfig
+    from cluster.placement import PlacementConfig, experts_per_cpu
     from router_service.server import ServerConfig
 
     folder = (cache or Path.home() / ".cache" / "switch-serve" / "bench") / shape
     model = checkpoint(shape, folder)
     work = workload(requests, model.config.vocab_size, rate, seed, short=shape == "tiny")
-    per_actor = experts_per_actor or default_experts_per_actor(model.config.num_experts)
+    per_actor = experts_per_actor or experts_per_cpu(model.config.num_experts, os.cpu_count() or 1)
     results = [summarize("hf-single", *hf_run(model, work, 1)),
                summarize(f"hf-batch-{batch_size}", *hf_run(model, work, batch_size))]
     del model

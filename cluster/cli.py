@@ -45,8 +45,9 @@ def _add_planner_options(p: argparse.ArgumentParser, gpus_required: bool) -> Non
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experts-per-actor", type=_positive_int, default=1, metavar="K",
-                   help="without GPUs: expert indices packed into one actor (default 1)")
+    p.add_argument("--experts-per-actor", type=_positive_int, default=None, metavar="K",
+                   help="without GPUs: expert indices packed into one actor (default: one actor per CPU of the "
+                        "Ray cluster)")
     _add_planner_options(p, gpus_required=False)
     p.add_argument("--actors-per-gpu", type=_positive_int, default=1, help="actors sharing each GPU (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: the checkpoint's")
@@ -78,6 +79,8 @@ def _add_api_key_option(p: argparse.ArgumentParser, what: str) -> None:
 def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=_positive_int, default=1, help="front replicas (they share the experts)")
     p.add_argument("--front-gpus", type=float, default=0.0, help="GPUs each front replica asks for (default 0)")
+    p.add_argument("--front-threads", type=_positive_int, default=None,
+                   help="CPU threads of each front replica's math (default: the CPUs Ray counts on its node)")
     p.add_argument("--actor-resource", type=_resource, action="append", metavar="NAME=AMOUNT",
                    help="a Ray resource each expert actor asks for, e.g. a GPU worker group's (repeatable)")
     p.add_argument("--max-sequences", type=_positive_int, default=32, help="sequences decoding together per replica")
@@ -92,7 +95,8 @@ def _server_config(args: argparse.Namespace, model: str):
     from router_service.server import ServerConfig
 
     return ServerConfig(model=model, placement=_placement(args), dtype=args.dtype, capacity=args.capacity,
-                        front_gpus=args.front_gpus, max_prompt_tokens=args.max_prompt_tokens,
+                        front_gpus=args.front_gpus, front_threads=args.front_threads,
+                        max_prompt_tokens=args.max_prompt_tokens,
                         max_new_tokens=args.max_new_tokens, max_sequences=args.max_sequences,
                         max_waiting=args.max_waiting, num_replicas=args.replicas, api_key_file=args.api_key_file)
 
@@ -318,13 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--rate", type=float, default=None, help="arrivals per second (default: all at once)")
     n.add_argument("--batch-size", type=_positive_int, default=8, help="transformers' static batch size")
     n.add_argument("--experts-per-actor", type=_positive_int, default=None,
-                   help="default: the experts split over one actor per core beyond the front's")
+                   help="default: one actor per CPU of this machine")
     n.add_argument("--json", action="store_true")
     n.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")
     d.add_argument("--model", default=None, help="checkpoint to serve (default: the trained demo model in demo/model)")
-    d.add_argument("--experts-per-actor", type=_positive_int, default=2, metavar="K")
+    d.add_argument("--experts-per-actor", type=_positive_int, default=None, metavar="K",
+                   help="default: one actor per CPU of this machine")
     d.set_defaults(func=cmd_demo)
     return parser
 

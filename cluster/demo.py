@@ -60,7 +60,7 @@ def free_port() -> int:
             return port
 
 
-def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int = 2) -> None:
+def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None = None) -> None:
     import grpc
     import ray
     from ray import serve

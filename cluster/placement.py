@@ -29,7 +29,9 @@ class PlacementConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    experts_per_actor: int = Field(1, ge=1, description="without GPUs: expert indices packed into one actor")
+    experts_per_actor: int | None = Field(
+        None, ge=1, description="without GPUs: expert indices packed into one actor (default: one actor per CPU "
+                                "of the Ray cluster, since the front and the experts take turns)")
     gpus: int = Field(0, ge=0, description="plan the experts over this many GPUs (0: CPU actors, packed)")
     nodes: int = Field(1, ge=1, description="spread the actors evenly over this many Ray nodes")
     gpu_memory: str = Field("80GiB", description="memory of each GPU, 10% of it kept for activations")
@@ -50,16 +52,26 @@ class PlacementConfig(BaseModel):
                 raise ValueError(f"{name} needs gpus: replicas and load balancing are planned over GPUs")
         return self
 
-    def place(self, config: SwitchTransformersConfig, dtype: str) -> "Placement":
-        """The placement of `config`'s experts, served in `dtype` ("bf16", "fp16" or "fp32")."""
+    def place(self, config: SwitchTransformersConfig, dtype: str, cpus: float) -> "Placement":
+        """The placement of `config`'s experts, served in `dtype` ("bf16", "fp16" or "fp32") on a Ray cluster
+        with `cpus` CPUs."""
         if not self.gpus:
-            return Placement.packed(config, self.experts_per_actor, self.nodes)
+            per_actor = self.experts_per_actor or experts_per_cpu(config.num_experts, cpus, self.nodes)
+            return Placement.packed(config, per_actor, self.nodes)
         from cluster.plan import make_plan, parse_bytes, read_stats
 
         plan = make_plan(config, gpus=self.gpus, gpu_memory=parse_bytes(self.gpu_memory), nodes=self.nodes,
                          dtype=dtype, replicate_hot=self.replicate_hot,
                          stats=read_stats(self.stats) if self.stats else None)
         return Placement.from_plan(plan, self.actors_per_gpu)
+
+
+def experts_per_cpu(num_experts: int, cpus: float, nodes: int = 1) -> int:
+    """Experts per actor for one actor per CPU (at least one per node), each with an equal share.
+
+    The front and the expert actors take turns, so while the experts compute, every core can run one."""
+    actors = max(nodes, min(num_experts, int(cpus)))
+    return -(-num_experts // actors)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import threading
 import time
@@ -20,18 +19,24 @@ import grpc
 from cluster.demo import DEMO_MODEL, PROMPTS, free_port
 
 
-def ray_memory() -> int:
-    """Resident memory of this process and every Ray process on this machine, in bytes (Linux /proc)."""
+def resident_memory(*patterns: str) -> int:
+    """Resident memory, in bytes, of the processes on this machine whose command line holds one of `patterns`
+    (Linux /proc)."""
     total = 0
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if proc.name == str(os.getpid()) or "ray::" in cmdline or "/ray/" in cmdline:
+            if any(p in cmdline for p in patterns):
                 rss = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:"))
                 total += int(rss.split()[1]) * 1024
         except (OSError, StopIteration, ValueError):  # not a process, gone, or a kernel thread
             continue
     return total
+
+
+def ray_memory() -> int:
+    """Resident memory of the Ray processes on this machine (the server, the actors, Ray's own), in bytes."""
+    return resident_memory("ray::", "/ray/")
 
 
 def load(stub, pb, stop: threading.Event, outcomes: Counter, lock: threading.Lock, max_new_tokens: int) -> None:
@@ -60,12 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     from cluster import app
-    from cluster.placement import PlacementConfig
     from router_service.proto import switch_serve_pb2 as pb
     from router_service.proto import switch_serve_pb2_grpc as pb_grpc
     from router_service.server import ServerConfig
 
-    config = ServerConfig(model=args.model, placement=PlacementConfig(experts_per_actor=2))
+    config = ServerConfig(model=args.model)
     grpc_port, http_port = free_port(), free_port()
     ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
     try:
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     errors = {k: v for k, v in outcomes.items() if k != "OK"}
     print(f"\n{served} requests served in {elapsed:.0f} s ({served / elapsed:.1f}/s) at concurrency "
           f"{args.concurrency}; errors by status: {errors or 'none'}")
-    print(f"memory of this process and the Ray processes: {memory_start / 2**20:.0f} MiB at the start, "
+    print(f"memory of the Ray processes: {memory_start / 2**20:.0f} MiB at the start, "
           f"{memory_end / 2**20:.0f} MiB at the end")
 
 

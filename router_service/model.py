@@ -38,10 +38,11 @@ class DecoderCache:
     Sequences join at different times, so their self-attention caches have different lengths: they are
     left-padded to a common width and `self_valid` marks the real positions. Every step appends one column for
     all rows, so a key's distance to the newest query is the same in every row and one relative position bias
-    serves the whole batch.
+    serves the whole batch. The self-attention tensors keep room for more columns than are used, so that a step
+    writes its column in place rather than copying the whole cache; the room doubles when it runs out.
     """
 
-    self_k: list[torch.Tensor]  # [batch, heads, width, d_kv] per layer
+    self_k: list[torch.Tensor]  # [batch, heads, room, d_kv] per layer; columns from `width` on are unused
     self_v: list[torch.Tensor]
     self_valid: torch.Tensor  # [batch, width] bool
     cross_k: list[torch.Tensor]  # [batch, heads, src_len, d_kv], computed once from the encoder output
@@ -52,6 +53,26 @@ class DecoderCache:
     def width(self) -> int:
         return self.self_valid.shape[1]
 
+    def used(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of the columns in use of self_k or self_v."""
+        return [t[:, :, :self.width] for t in tensors]
+
+    def with_room(self, width: int) -> "DecoderCache":
+        """This cache, or a copy with room for at least `width` self-attention columns."""
+        if self.self_k and self.self_k[0].shape[2] >= width:
+            return self
+
+        def grow(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            out = []
+            for t in tensors:
+                bigger = t.new_empty(t.shape[0], t.shape[1], max(2 * width, 16), t.shape[3])
+                bigger[:, :, :self.width] = t[:, :, :self.width]
+                out.append(bigger)
+            return out
+
+        return DecoderCache(grow(self.self_k), grow(self.self_v), self.self_valid, self.cross_k, self.cross_v,
+                            self.cross_bias)
+
     def select(self, rows: torch.Tensor) -> "DecoderCache":
         """The cache of the sequences at `rows` only (the others' memory is freed), trimmed of padding columns
         that no remaining row uses."""
@@ -61,9 +82,9 @@ class DecoderCache:
         src = int((self.cross_bias[rows] == 0).any(dim=0).nonzero()[:, -1].max()) + 1
 
         def pick(tensors: list[torch.Tensor], cut: slice) -> list[torch.Tensor]:
-            return [t[rows][:, :, cut] for t in tensors]
+            return [t[:, :, cut][rows] for t in tensors]
 
-        keep, cross = slice(first, None), slice(0, src)
+        keep, cross = slice(first, self.width), slice(0, src)
         return DecoderCache(pick(self.self_k, keep), pick(self.self_v, keep), valid[:, first:],
                             pick(self.cross_k, cross), pick(self.cross_v, cross), self.cross_bias[rows][..., :src])
 
@@ -85,8 +106,8 @@ class DecoderCache:
 
         min_value = torch.finfo(a.cross_bias.dtype).min
         return DecoderCache(
-            [cat(x, y, 2, width, left=True) for x, y in zip(a.self_k, b.self_k)],
-            [cat(x, y, 2, width, left=True) for x, y in zip(a.self_v, b.self_v)],
+            [cat(x, y, 2, width, left=True) for x, y in zip(a.used(a.self_k), b.used(b.self_k))],
+            [cat(x, y, 2, width, left=True) for x, y in zip(a.used(a.self_v), b.used(b.self_v))],
             cat(a.self_valid, b.self_valid, 1, width, left=True, fill=False),
             [cat(x, y, 2, src, left=False) for x, y in zip(a.cross_k, b.cross_k)],
             [cat(x, y, 2, src, left=False) for x, y in zip(a.cross_v, b.cross_v)],
@@ -246,8 +267,9 @@ class SwitchFront:
         batch = encoded.hidden.shape[0]
         for i in range(num_layers(self.config, "decoder")):
             attn = f"decoder.block.{i}.layer.1.EncDecAttention"
-            cross_k.append(self._project(attn, "k", encoded.hidden))
-            cross_v.append(self._project(attn, "v", encoded.hidden))
+            # Contiguous in [batch, heads, src_len, d_kv]: every step's attention reads them without a copy.
+            cross_k.append(self._project(attn, "k", encoded.hidden).contiguous())
+            cross_v.append(self._project(attn, "v", encoded.hidden).contiguous())
             self_k.append(cross_k[-1][:, :, :0])
             self_v.append(cross_v[-1][:, :, :0])
         no_positions = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
@@ -257,6 +279,7 @@ class SwitchFront:
         """Feed one token per sequence. Returns the cache grown by one position, next-token logits
         [batch, vocab] and dropped-token counts [batch]."""
         width, batch = cache.width + 1, tokens.shape[0]
+        cache = cache.with_room(width)
         h = F.embedding(tokens[:, None].to(self.device), self.embed["decoder"])
         new = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
         self_valid = torch.cat([cache.self_valid, new], dim=1)
@@ -264,15 +287,15 @@ class SwitchFront:
         self_bias = self._position_bias("decoder", newest, width) + self._padding_bias(self_valid)
         valid = new
         dropped = self._zeros(batch)
-        self_k, self_v = [], []
         for i in range(num_layers(self.config, "decoder")):
             p = f"decoder.block.{i}.layer"
             n = rms_norm(h, self._w(f"{p}.0.layer_norm.weight"), self.eps)
             attn = f"{p}.0.SelfAttention"
             q, k, v = (self._project(attn, w, n) for w in "qkv")
-            self_k.append(torch.cat([cache.self_k[i], k], dim=2))
-            self_v.append(torch.cat([cache.self_v[i], v], dim=2))
-            h = clamp_fp16(h + self._attend(attn, q, self_k[i], self_v[i], self_bias))
+            cache.self_k[i][:, :, width - 1:width] = k
+            cache.self_v[i][:, :, width - 1:width] = v
+            h = clamp_fp16(h + self._attend(attn, q, cache.self_k[i][:, :, :width], cache.self_v[i][:, :, :width],
+                                            self_bias))
             n = rms_norm(h, self._w(f"{p}.1.layer_norm.weight"), self.eps)
             attn = f"{p}.1.EncDecAttention"
             h = clamp_fp16(h + self._attend(attn, self._project(attn, "q", n), cache.cross_k[i], cache.cross_v[i],
@@ -282,5 +305,5 @@ class SwitchFront:
         h = rms_norm(h, self._w("decoder.final_layer_norm.weight"), self.eps)
         if self.config.tie_word_embeddings:
             h = h * (self.config.d_model ** -0.5)
-        grown = DecoderCache(self_k, self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias)
+        grown = DecoderCache(cache.self_k, cache.self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias)
         return grown, F.linear(h[:, 0], self.lm_head).cpu(), dropped.cpu()

@@ -23,9 +23,10 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    def __init__(self, batcher: ContinuousBatcher, max_waiting: int):
+    def __init__(self, batcher: ContinuousBatcher, max_waiting: int, threads: int = 1):
         self.batcher = batcher
         self.max_waiting = max_waiting
+        self.threads = threads  # for the front's math
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="switch-serve-batcher", daemon=True)
         self._thread.start()
@@ -69,6 +70,7 @@ class Scheduler:
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # OpenMP keeps the count per thread: set it on the one doing the math
         with torch.inference_mode():
             while True:
                 if not self.batcher.has_work:

@@ -9,6 +9,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 from pathlib import Path
 from typing import AsyncIterator, Callable, Literal
 
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
+import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -41,6 +43,9 @@ class ServerConfig(BaseModel):
     placement: PlacementConfig = PlacementConfig()
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="default: the checkpoint's")
     front_gpus: float = Field(0.0, ge=0, description="GPUs each front replica asks for")
+    front_threads: int | None = Field(
+        None, ge=1, description="CPU threads of each replica's math (default: the CPUs Ray counts on its node, "
+                                "since the front and the expert actors take turns)")
     capacity: Literal["hf", "dropless"] = "hf"
     max_prompt_tokens: int = Field(512, ge=1)
     max_new_tokens: int = Field(256, ge=1)
@@ -56,6 +61,14 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
           QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
           Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401)}
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
+
+
+def node_cpus() -> int:
+    """The CPUs Ray counts on this process's node (on Kubernetes, the container's limit rather than the host's
+    cores), at most the cores this process may run on."""
+    here = ray.get_runtime_context().get_node_id()
+    counted = next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here)
+    return max(1, min(int(counted), len(os.sched_getaffinity(0))))
 
 
 def error_status(e: Exception) -> tuple[grpc.StatusCode, int]:
@@ -136,7 +149,7 @@ class SwitchServer:
         self.cluster = SwitchCluster(config.model, placement=config.placement, dtype=config.dtype,
                                      capacity=config.capacity, limits=limits, shared_actors=True,
                                      metrics=self.metrics)
-        self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting)
+        self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting, config.front_threads or node_cpus())
         try:
             self.cluster.tokenizer  # loaded now rather than on the first request
             self.has_tokenizer = True

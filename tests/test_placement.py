@@ -50,7 +50,7 @@ def test_planned_placement_follows_the_plan():
     expert_mib = 2 * config.d_model * config.d_ff * 4 / 2**20
     options = PlacementConfig(gpus=4, nodes=2, gpu_memory=f"{expert_mib * 12}MiB", replicate_hot=3,
                               actors_per_gpu=2, actor_resources={"expert_slot": 1})
-    placement = options.place(config, "fp32")
+    placement = options.place(config, "fp32", cpus=2)
     assert placement.nodes == 2 and len(placement.actors) == 8
     assert all(spec.gpus == 0.5 for spec in placement.actors)
     hosted = Counter(key for spec in placement.actors for key in spec.experts)
