@@ -13,7 +13,6 @@ from ray.serve import Application
 from ray.serve.config import gRPCOptions
 from transformers import SwitchTransformersConfig
 
-from cluster import FRONT_ENV
 from router_service.server import ServerConfig, SwitchServer
 
 APP_NAME = "switch-serve"
@@ -23,6 +22,10 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 # Health checks and ModelInfo must get through while the batch is full.
 CONTROL_HEADROOM = 16
+# A front waits on the expert actors after each sparse layer. Its OpenMP threads would spin for a while after
+# every op, on the cores the actors need meanwhile; a short spin keeps the front's speed and frees them.
+# OpenMP reads this when torch loads, so it goes in the replicas' environment.
+FRONT_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 
 def build_app(args: dict | ServerConfig) -> Application:

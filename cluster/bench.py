@@ -176,15 +176,18 @@ def cluster_run(address: str, requests: list[Request]) -> tuple[list[Timing], fl
     return timings, start
 
 
-def breakdown(folder: Path, requests: list[Request], experts_per_actor: int) -> dict:
-    """Where the cluster's time goes, from the same requests decoded in this process (Python API): the front's
-    own compute, the sparse-layer round trips, and the experts' compute inside them."""
+def decode_timed(folder: Path, requests: list[Request], experts_per_actor: int) -> dict:
+    """Decode the requests through the Python API, timing the front, the sparse-layer round trips and the
+    experts' compute inside them. Runs as a Ray task set up like a Serve replica (see `breakdown`)."""
     import ray
+    import torch
 
     from cluster.engine import SwitchCluster
     from cluster.placement import PlacementConfig
     from router_service.batching import SamplingParams, Sequence, run_to_completion
+    from router_service.server import node_cpus
 
+    torch.set_num_threads(node_cpus())
     with SwitchCluster(folder, placement=PlacementConfig(experts_per_actor=experts_per_actor),
                        limits=_limits(len(requests))) as model:
         warm = [Sequence(r.prompt, SamplingParams(max_new_tokens=2)) for r in requests[:2]]
@@ -195,21 +198,35 @@ def breakdown(folder: Path, requests: list[Request], experts_per_actor: int) -> 
         began = time.perf_counter()
         done = run_to_completion(model.batcher, [Sequence(r.prompt, SamplingParams(max_new_tokens=r.max_new_tokens))
                                                  for r in requests])
-        total = time.perf_counter() - began
-        calls, dispatch = dispatcher.calls - calls0, dispatcher.seconds - seconds0
-        compute = sum(ray.get([a.compute_seconds.remote() for a in model.actors])) - compute0
-        actors, steps = len(model.actors), model.batcher.steps - 1  # less the warm-up's
-        work = model_work(model.checkpoint.config, requests, sum(len(seq.token_ids) for seq in done))
+        return {"seconds": time.perf_counter() - began, "round_trip_s": dispatcher.seconds - seconds0,
+                "sparse_layer_calls": dispatcher.calls - calls0,
+                "expert_compute_s": sum(ray.get([a.compute_seconds.remote() for a in model.actors])) - compute0,
+                "actors": len(model.actors), "decode_steps": model.batcher.steps - 1,  # less the warm-up's
+                "tokens": sum(len(seq.token_ids) for seq in done), "config": model.checkpoint.config}
+
+
+def breakdown(folder: Path, requests: list[Request], experts_per_actor: int) -> dict:
+    """Where the cluster's time goes: the front's own compute, the sparse-layer round trips, and the experts'
+    compute inside them, from the same requests decoded in a Ray worker with a replica's environment and
+    threads (so without the proxy and the streams)."""
+    import ray
+
+    from cluster.app import FRONT_ENV
+
+    timed = ray.remote(num_cpus=0, runtime_env={"env_vars": FRONT_ENV})(decode_timed)
+    t = ray.get(timed.remote(folder, requests, experts_per_actor))
+    total, dispatch, compute, calls = t["seconds"], t["round_trip_s"], t["expert_compute_s"], t["sparse_layer_calls"]
+    work = model_work(t["config"], requests, t["tokens"])
     # The actors of one round trip run at once, so their compute overlaps: count their sum spread over them.
-    transport = max(0.0, dispatch - compute / actors)
+    transport = max(0.0, dispatch - compute / t["actors"])
     peaks = machine_peaks()
     return {"seconds": total, "front_s": total - dispatch, "round_trip_s": dispatch, "expert_compute_s": compute,
-            "scatter_gather_s": transport, "sparse_layer_calls": calls, "actors": actors,
+            "scatter_gather_s": transport, "sparse_layer_calls": calls, "actors": t["actors"],
             "round_trip_ms_per_call": 1000 * dispatch / calls, "scatter_gather_share": transport / total,
-            "decode_steps": steps, **peaks,
+            "decode_steps": t["decode_steps"], **peaks,
             # The roofline: achieved FLOP/s and weight-read bandwidth against what this machine measured.
             "flops_fraction": work["flops"] / total / peaks["matmul_flops_per_s"],
-            "bandwidth_fraction": steps * work["decoder_weight_bytes"] / total / peaks["memory_bytes_per_s"]}
+            "bandwidth_fraction": t["decode_steps"] * work["decoder_weight_bytes"] / total / peaks["memory_bytes_per_s"]}
 
 
 def machine_peaks() -> dict:

@@ -61,6 +61,7 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
           QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
           Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401)}
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
+REPLICA_LOST = "the front replica serving this stream was lost; retry the request"
 
 
 def node_cpus() -> int:
@@ -249,6 +250,12 @@ class SwitchServer:
         try:
             self._authorize(grpc_context.invocation_metadata())
             async for chunk in self._stream(request):
+                # Serve ships this context with each chunk and its proxy keeps a code set here. Until the last
+                # chunk the code reads UNAVAILABLE, so a stream cut short by this replica's death ends with a
+                # retryable status instead of the proxy's INTERNAL.
+                done = bool(chunk.finish_reason)
+                grpc_context.set_code(grpc.StatusCode.OK if done else grpc.StatusCode.UNAVAILABLE)
+                grpc_context.set_details("" if done else REPLICA_LOST)
                 yield chunk
         except Exception as e:
             self._finished(e)

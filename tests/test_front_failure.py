@@ -16,7 +16,7 @@ from cluster.placement import PlacementConfig
 from cluster.synthetic import write_random_checkpoint_with_tokenizer
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
-from router_service.server import ServerConfig
+from router_service.server import REPLICA_LOST, ServerConfig
 
 def replica_names() -> list[str]:
     """The named actors Serve runs the app's replicas in."""
@@ -63,10 +63,8 @@ def test_killed_front_replica(two_replicas):
             details.add(e.details().splitlines()[0])
     print(f"\nstreams after a replica was killed: {outcomes}; {details}")
     assert "OK" in outcomes and len(outcomes) == len(streams)  # the other replica's finished; none hung
-    # Serve 2.60's gRPC proxy reports a replica that died mid-request as INTERNAL (not UNAVAILABLE), with the
-    # actor's death as the message: the client can tell it apart from a failed computation and retry.
-    assert set(outcomes) <= {"OK", "UNAVAILABLE", "INTERNAL"}, outcomes
-    assert all("actor" in d.lower() and ("died" in d.lower() or "dead" in d.lower()) for d in details), details
+    assert "UNAVAILABLE" in outcomes and set(outcomes) == {"OK", "UNAVAILABLE"}, outcomes
+    assert details == {REPLICA_LOST}, details
 
     assert stub.Generate(probe, timeout=60).token_ids == expected  # still serving meanwhile
     deadline = time.monotonic() + 120
