@@ -176,7 +176,7 @@ def cluster_run(address: str, requests: list[Request]) -> tuple[list[Timing], fl
     return timings, start
 
 
-def decode_timed(folder: Path, requests: list[Request], experts_per_actor: int) -> dict:
+def decode_timed(folder: Path, requests: list[Request], experts_per_actor: int, micro_batches: int) -> dict:
     """Decode the requests through the Python API, timing the front, the sparse-layer round trips and the
     experts' compute inside them. Runs as a Ray task set up like a Serve replica (see `breakdown`)."""
     import ray
@@ -189,7 +189,7 @@ def decode_timed(folder: Path, requests: list[Request], experts_per_actor: int) 
 
     torch.set_num_threads(node_cpus())
     with SwitchCluster(folder, placement=PlacementConfig(experts_per_actor=experts_per_actor),
-                       limits=_limits(len(requests))) as model:
+                       limits=_limits(len(requests)), micro_batches=micro_batches) as model:
         warm = [Sequence(r.prompt, SamplingParams(max_new_tokens=2)) for r in requests[:2]]
         run_to_completion(model.batcher, warm)
         dispatcher = model.front.dispatch
@@ -205,7 +205,7 @@ def decode_timed(folder: Path, requests: list[Request], experts_per_actor: int) 
                 "tokens": sum(len(seq.token_ids) for seq in done), "config": model.checkpoint.config}
 
 
-def breakdown(folder: Path, requests: list[Request], experts_per_actor: int) -> dict:
+def breakdown(folder: Path, requests: list[Request], experts_per_actor: int, micro_batches: int) -> dict:
     """Where the cluster's time goes: the front's own compute, the sparse-layer round trips, and the experts'
     compute inside them, from the same requests decoded in a Ray worker with a replica's environment and
     threads (so without the proxy and the streams)."""
@@ -214,7 +214,7 @@ def breakdown(folder: Path, requests: list[Request], experts_per_actor: int) -> 
     from cluster.app import FRONT_ENV
 
     timed = ray.remote(num_cpus=0, runtime_env={"env_vars": FRONT_ENV})(decode_timed)
-    t = ray.get(timed.remote(folder, requests, experts_per_actor))
+    t = ray.get(timed.remote(folder, requests, experts_per_actor, micro_batches))
     total, dispatch, compute, calls = t["seconds"], t["round_trip_s"], t["expert_compute_s"], t["sparse_layer_calls"]
     work = model_work(t["config"], requests, t["tokens"])
     # The actors of one round trip run at once, so their compute overlaps: count their sum spread over them.
@@ -272,7 +272,8 @@ def _limits(requests: int):
 
 
 def run(shape: str = "base-8", requests: int = 32, rate: float | None = None, batch_size: int = 8,
-        experts_per_actor: int | None = None, cache: Path | None = None, seed: int = 0) -> dict:
+        experts_per_actor: int | None = None, micro_batches: int = 1, cache: Path | None = None,
+        seed: int = 0) -> dict:
     import ray
     from ray import serve
 
@@ -289,7 +290,8 @@ def run(shape: str = "base-8", requests: int = 32, rate: float | None = None, ba
                summarize(f"hf-batch-{batch_size}", *hf_run(model, work, batch_size))]
     del model
     config = ServerConfig(model=str(folder), placement=PlacementConfig(experts_per_actor=per_actor),
-                          max_sequences=max(32, requests), max_waiting=max(64, requests), max_new_tokens=256)
+                          micro_batches=micro_batches, max_sequences=max(32, requests), max_waiting=max(64, requests),
+                          max_new_tokens=256)
     grpc_port, http_port = free_port(), free_port()
     ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
     try:
@@ -297,7 +299,7 @@ def run(shape: str = "base-8", requests: int = 32, rate: float | None = None, ba
         cluster_run(f"127.0.0.1:{grpc_port}", work[:2])  # warm
         results.append(summarize("cluster", *cluster_run(f"127.0.0.1:{grpc_port}", work)))
         app.stop(config)
-        where = breakdown(folder, work, per_actor)
+        where = breakdown(folder, work, per_actor, micro_batches)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -305,13 +307,13 @@ def run(shape: str = "base-8", requests: int = 32, rate: float | None = None, ba
     for r in results[:-1]:
         cluster.extra[f"tokens_per_s_vs_{r.system}"] = cluster.tokens_per_s / r.tokens_per_s
     return {"shape": shape, "requests": requests, "rate": rate, "experts_per_actor": per_actor,
-            "cpus": os.cpu_count(), "results": [asdict(r) for r in results], "breakdown": where}
+            "micro_batches": micro_batches, "cpus": os.cpu_count(), "results": [asdict(r) for r in results], "breakdown": where}
 
 
 def table(report: dict) -> str:
     arrival = "all at once" if not report["rate"] else f"arriving at {report['rate']}/s"
     lines = [f"{report['shape']}: {report['requests']} requests {arrival}, {report['cpus']} CPUs, "
-             f"{report['experts_per_actor']} experts per actor",
+             f"{report['experts_per_actor']} experts per actor, {report['micro_batches']} micro-batches",
              f"{'system':<12}{'tokens':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}"]
     for r in report["results"]:
         lines.append(f"{r['system']:<12}{r['tokens']:>8}{r['tokens_per_s']:>9.1f}{r['ttft_p50']:>10.3f}"

@@ -51,6 +51,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     _add_planner_options(p, gpus_required=False)
     p.add_argument("--actors-per-gpu", type=_positive_int, default=1, help="actors sharing each GPU (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: the checkpoint's")
+    p.add_argument("--micro-batches", type=_positive_int, default=1,
+                   help="split each batch into this many parts, so that one part's front math runs while "
+                        "another's expert calls are out (default 1)")
     p.add_argument("--capacity", choices=CAPACITY_MODES, default="hf",
                    help="hf: transformers' per-sequence expert capacity, tokens over it are dropped (default); "
                         "dropless: never drop a token")
@@ -95,6 +98,7 @@ def _server_config(args: argparse.Namespace, model: str):
     from router_service.server import ServerConfig
 
     return ServerConfig(model=model, placement=_placement(args), dtype=args.dtype, capacity=args.capacity,
+                        micro_batches=args.micro_batches,
                         front_gpus=args.front_gpus, front_threads=args.front_threads,
                         max_prompt_tokens=args.max_prompt_tokens,
                         max_new_tokens=args.max_new_tokens, max_sequences=args.max_sequences,
@@ -128,7 +132,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def generate_local(args: argparse.Namespace, prompts: list) -> list[dict]:
     from cluster.engine import SwitchCluster
 
-    with SwitchCluster(args.model, placement=_placement(args), dtype=args.dtype, capacity=args.capacity) as model:
+    with SwitchCluster(args.model, placement=_placement(args), dtype=args.dtype, capacity=args.capacity,
+                       micro_batches=args.micro_batches) as model:
         if args.text is not None:
             outputs = model.generate(texts=prompts, **_sampling(args))
         else:
@@ -241,7 +246,8 @@ def cmd_stats(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from cluster.bench import print_report, run
 
-    print_report(run(args.shape, args.requests, args.rate, args.batch_size, args.experts_per_actor), args.json)
+    print_report(run(args.shape, args.requests, args.rate, args.batch_size, args.experts_per_actor,
+                     args.micro_batches), args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -323,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch-size", type=_positive_int, default=8, help="transformers' static batch size")
     n.add_argument("--experts-per-actor", type=_positive_int, default=None,
                    help="default: one actor per CPU of this machine")
+    n.add_argument("--micro-batches", type=_positive_int, default=1, help="the cluster's (default 1)")
     n.add_argument("--json", action="store_true")
     n.set_defaults(func=cmd_bench)
 

@@ -57,7 +57,7 @@ class SwitchCluster:
 
     def __init__(self, model_dir: str | os.PathLike, *, placement: PlacementConfig = PlacementConfig(),
                  dtype: str | None = None, capacity: str = "hf", address: str | None = None,
-                 limits: Limits = Limits(), shared_actors: bool = False, metrics=None):
+                 limits: Limits = Limits(), shared_actors: bool = False, metrics=None, micro_batches: int = 1):
         self.checkpoint = SwitchCheckpoint.open(resolve_model(model_dir))
         self.dtype = dtype_name(self.checkpoint, dtype)
         self.limits, self.capacity, self.shared_actors = limits, capacity, shared_actors
@@ -74,7 +74,7 @@ class SwitchCluster:
             dispatch = ExpertDispatcher(self.actors, self.placement.owners(), self.checkpoint.config.num_experts,
                                         metrics, placement.restart_timeout_s)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.front = SwitchFront(self.checkpoint, dispatch, capacity, DTYPES[self.dtype], device)
+            self.front = SwitchFront(self.checkpoint, dispatch, capacity, DTYPES[self.dtype], device, micro_batches)
         except BaseException:
             self.shutdown()
             raise

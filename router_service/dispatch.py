@@ -25,7 +25,7 @@ class ExpertDispatcher:
                  metrics=None, timeout_s: float | None = None):
         self.actors = actors
         self.timeout_s = timeout_s
-        self.calls, self.seconds = 0, 0.0  # sparse-layer round trips made and their wall time
+        self.calls, self.seconds = 0, 0.0  # sparse-layer round trips made, and the front's time sending and waiting
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
         self.copies, self.hosts = {}, {}
@@ -47,35 +47,63 @@ class ExpertDispatcher:
         rank[order] = torch.arange(len(expert)) - starts[expert[order]]
         return self.hosts[layer][expert, rank % copies[expert]]
 
-    def __call__(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
-                 keep: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(tokens)
+    def send(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
+             keep: torch.Tensor) -> "PendingDispatch":
+        """Start the calls for one sparse layer's kept tokens; the expert outputs come from `.result()`."""
+        began = time.perf_counter()
         expert, keep = expert.cpu(), keep.cpu()
         index = keep.nonzero().squeeze(1)
+        pending = PendingDispatch(self, stack, layer, tokens, index)
         if index.numel() == 0:
-            return out
+            return pending
         owner = self.owner((stack, layer), expert[index])
         # Group tokens by owning actor, then by expert within it (stable: token order kept inside a group).
         order = torch.argsort(owner * self.num_experts + expert[index], stable=True)
-        index, owner = index[order], owner[order]
+        pending.index, owner = index[order], owner[order]
         actors, per_actor = torch.unique_consecutive(owner, return_counts=True)
-        calls, called, start, began = [], [], 0, time.perf_counter()
+        start = 0
         for actor, n in zip(actors.tolist(), per_actor.tolist()):
-            chunk = index[start:start + n]
+            chunk = pending.index[start:start + n]
             experts, counts = torch.unique_consecutive(expert[chunk], return_counts=True)
-            calls.append(self.actors[actor].forward.remote(
+            pending.calls.append(self.actors[actor].forward.remote(
                 stack, layer, experts.tolist(), counts.tolist(), to_wire(tokens[chunk])))
-            called.append(actor)
+            pending.called.append(actor)
             start += n
-        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=self.timeout_s)
-        if len(ready) < len(calls):
-            late = [a for a, call in zip(called, calls) if call not in ready]
-            raise ExpertsUnavailable(f"expert actors {late} did not answer {stack} layer {layer} within "
-                                     f"{self.timeout_s:g} s (restarting, or no room to restart them)")
-        results = ray.get(calls)
-        elapsed = time.perf_counter() - began
-        self.calls, self.seconds = self.calls + 1, self.seconds + elapsed
-        if self.metrics is not None:
-            self.metrics.dispatched(stack, layer, elapsed)
-        out[index] = torch.cat([from_wire(r, tokens.dtype) for r in results]).to(out.device)
+        pending.sending_s = time.perf_counter() - began
+        return pending
+
+    def __call__(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
+                 keep: torch.Tensor) -> torch.Tensor:
+        return self.send(stack, layer, tokens, expert, keep).result()
+
+
+class PendingDispatch:
+    """One sparse layer's calls in flight."""
+
+    def __init__(self, dispatcher: ExpertDispatcher, stack: str, layer: int, tokens: torch.Tensor,
+                 index: torch.Tensor):
+        self.dispatcher, self.stack, self.layer = dispatcher, stack, layer
+        self.tokens, self.index = tokens, index  # index: the kept tokens, in the order the calls carry them
+        self.calls, self.called = [], []  # object refs, and the actor index of each
+        self.sending_s = 0.0
+
+    def result(self) -> torch.Tensor:
+        """Expert outputs [tokens, d_model] in token order, zero where not kept. Waits for every call."""
+        d, out = self.dispatcher, torch.zeros_like(self.tokens)
+        if not self.calls:
+            return out
+        began = time.perf_counter()
+        ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=d.timeout_s)
+        if len(ready) < len(self.calls):
+            late = [a for a, call in zip(self.called, self.calls) if call not in ready]
+            raise ExpertsUnavailable(f"expert actors {late} did not answer {self.stack} layer {self.layer} within "
+                                     f"{d.timeout_s:g} s (restarting, or no room to restart them)")
+        results = ray.get(self.calls)
+        # What the front spent sending and then waiting: with micro-batches, the rest of the round trip
+        # overlaps the front's work on another micro-batch.
+        elapsed = self.sending_s + time.perf_counter() - began
+        d.calls, d.seconds = d.calls + 1, d.seconds + elapsed
+        if d.metrics is not None:
+            d.metrics.dispatched(self.stack, self.layer, elapsed)
+        out[self.index] = torch.cat([from_wire(r, self.tokens.dtype) for r in results]).to(out.device)
         return out

@@ -9,7 +9,7 @@ tokens to an expert dispatcher (the Ray actors), then scales what comes back by 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Generator
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,26 @@ from cluster.checkpoint import SwitchCheckpoint, expected_tensors, ffn_prefix, n
 
 CAPACITY_MODES = ("hf", "dropless")
 
-# (stack, layer, tokens [N, d_model], expert [N], keep [N]) -> expert outputs [N, d_model], zero where not kept
-Dispatch = Callable[[str, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# The front's dispatch (router_service.dispatch.ExpertDispatcher): `dispatch.send(stack, layer, tokens [N,
+# d_model], expert [N], keep [N])` starts the expert calls and returns a handle whose `.result()` is the expert
+# outputs [N, d_model], zero where not kept. A micro-batch's math is a generator that yields that handle at
+# each sparse layer and is resumed with the outputs.
+MicroBatch = Generator
+
+
+def run_overlapped(micro_batches: list[MicroBatch]) -> list:
+    """Run micro-batches to their ends in turns: each runs until it has sent a sparse layer's expert calls, then
+    the next one computes while those calls are out. Returns what each returned."""
+    n = len(micro_batches)
+    pending, results, live = [None] * n, [None] * n, list(range(n))
+    while live:
+        for j in list(live):
+            try:
+                pending[j] = micro_batches[j].send(None if pending[j] is None else pending[j].result())
+            except StopIteration as finished:
+                results[j] = finished.value
+                live.remove(j)
+    return results
 
 
 @dataclass
@@ -135,15 +153,20 @@ def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
 class SwitchFront:
     """The non-expert weights of a checkpoint and the math that uses them. Never reads an expert tensor.
 
-    Runs on `device` in `dtype` (default: the checkpoint's); takes token ids and returns logits on the CPU."""
+    Runs on `device` in `dtype` (default: the checkpoint's); takes token ids and returns logits on the CPU.
+    With `micro_batches` > 1, each batch is split by rows and one part's math runs while another's expert calls
+    are out."""
 
-    def __init__(self, checkpoint: SwitchCheckpoint, dispatch: Dispatch, capacity: str = "hf",
-                 dtype: torch.dtype | None = None, device: str = "cpu"):
+    def __init__(self, checkpoint: SwitchCheckpoint, dispatch, capacity: str = "hf",
+                 dtype: torch.dtype | None = None, device: str = "cpu", micro_batches: int = 1):
         if capacity not in CAPACITY_MODES:
             raise ValueError(f"capacity must be one of {', '.join(CAPACITY_MODES)}, got {capacity!r}")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
         self.config = config = checkpoint.config
         self.capacity = capacity
         self.dispatch = dispatch
+        self.micro_batches = micro_batches
         required, _ = expected_tensors(config)
         names = [n for n in required if ".mlp.experts." not in n]
         self.device = torch.device(device)
@@ -196,16 +219,20 @@ class SwitchFront:
         """Additive [batch, 1, 1, keys] mask: 0 on real tokens, the dtype's minimum on padding."""
         return (1.0 - mask[:, None, None, :].to(self.dtype)) * torch.finfo(self.dtype).min
 
-    def _ffn(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _micro_batches(self, batch: int) -> list[slice]:
+        n = min(self.micro_batches, batch)
+        return [slice(i * batch // n, (i + 1) * batch // n) for i in range(n)]
+
+    def _ffn(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> MicroBatch:
         """The feed-forward sub-layer's output (before the residual) and the dropped-token count per row."""
         prefix = ffn_prefix(stack, layer)
         normed = rms_norm(x, self._w(f"{prefix}.layer_norm.weight"), self.eps)
         if layer not in self.sparse[stack]:
             h = self.act(F.linear(normed, self._w(f"{prefix}.mlp.wi.weight")))
             return F.linear(h.to(self.dtype), self._w(f"{prefix}.mlp.wo.weight")), self._zeros(x.shape[0])
-        return self._moe(stack, layer, normed, valid)
+        return (yield from self._moe(stack, layer, normed, valid))
 
-    def _moe(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moe(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> MicroBatch:
         """Route the real tokens of x [batch, len, d_model] top-1, apply capacity, run the experts remotely."""
         prefix = f"{ffn_prefix(stack, layer)}.mlp.router.classifier"
         rows, cols = valid.nonzero(as_tuple=True)  # sequence by sequence, earlier positions first
@@ -217,7 +244,7 @@ class SwitchFront:
         expert = probs.argmax(dim=-1)
         prob = probs.max(dim=-1).values
         keep = self._within_capacity(expert, rows, x.shape[0])
-        out_tokens = self.dispatch(stack, layer, tokens, expert, keep) * prob[:, None]
+        out_tokens = (yield self.dispatch.send(stack, layer, tokens, expert, keep)) * prob[:, None]
         out = torch.zeros_like(x)
         out[rows, cols] = out_tokens.to(x.dtype)
         return out, torch.bincount(rows[~keep], minlength=x.shape[0])
@@ -246,20 +273,24 @@ class SwitchFront:
             ids[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[b, :len(seq)] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
+        parts = run_overlapped([self._encode(ids[rows], mask[rows]) for rows in self._micro_batches(batch)])
+        return EncoderOutput(torch.cat([h for h, _ in parts]), mask, torch.cat([d for _, d in parts]).cpu())
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> MicroBatch:
+        """The encoder's output and dropped-token counts for these rows."""
         h = F.embedding(ids, self.embed["encoder"])
-        positions = torch.arange(length, device=self.device)
-        bias = self._position_bias("encoder", positions, length) + self._padding_bias(mask)
-        dropped = self._zeros(batch)
+        positions = torch.arange(ids.shape[1], device=self.device)
+        bias = self._position_bias("encoder", positions, ids.shape[1]) + self._padding_bias(mask)
+        dropped = self._zeros(ids.shape[0])
         for i in range(num_layers(self.config, "encoder")):
             p = f"encoder.block.{i}.layer.0"
             n = rms_norm(h, self._w(f"{p}.layer_norm.weight"), self.eps)
             attn = f"{p}.SelfAttention"
             q, k, v = (self._project(attn, w, n) for w in "qkv")
             h = clamp_fp16(h + self._attend(attn, q, k, v, bias))
-            ffn_out, ffn_dropped = self._ffn("encoder", i, h, mask)
+            ffn_out, ffn_dropped = yield from self._ffn("encoder", i, h, mask)
             h, dropped = clamp_fp16(h + ffn_out), dropped + ffn_dropped
-        h = rms_norm(h, self._w("encoder.final_layer_norm.weight"), self.eps)
-        return EncoderOutput(h, mask, dropped.cpu())
+        return rms_norm(h, self._w("encoder.final_layer_norm.weight"), self.eps), dropped
 
     def start_decoding(self, encoded: EncoderOutput) -> DecoderCache:
         """Cross-attention keys and values, computed once per request; an empty self-attention cache."""
@@ -280,30 +311,39 @@ class SwitchFront:
         [batch, vocab] and dropped-token counts [batch]."""
         width, batch = cache.width + 1, tokens.shape[0]
         cache = cache.with_room(width)
-        h = F.embedding(tokens[:, None].to(self.device), self.embed["decoder"])
         new = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
         self_valid = torch.cat([cache.self_valid, new], dim=1)
-        newest = torch.tensor([width - 1], device=self.device)
-        self_bias = self._position_bias("decoder", newest, width) + self._padding_bias(self_valid)
-        valid = new
+        position_bias = self._position_bias("decoder", torch.tensor([width - 1], device=self.device), width)
+        parts = run_overlapped([self._decode(cache, tokens[rows], self_valid[rows], position_bias, rows)
+                                for rows in self._micro_batches(batch)])
+        grown = DecoderCache(cache.self_k, cache.self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias)
+        return grown, torch.cat([x for x, _ in parts]).cpu(), torch.cat([d for _, d in parts]).cpu()
+
+    def _decode(self, cache: DecoderCache, tokens: torch.Tensor, self_valid: torch.Tensor,
+                position_bias: torch.Tensor, rows: slice) -> MicroBatch:
+        """Logits and dropped-token counts for these rows of the batch; writes their new keys and values into
+        the cache, whose room has a column for them."""
+        width, batch = self_valid.shape[1], tokens.shape[0]
+        h = F.embedding(tokens[:, None].to(self.device), self.embed["decoder"])
+        self_bias = position_bias + self._padding_bias(self_valid)
+        valid = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
         dropped = self._zeros(batch)
         for i in range(num_layers(self.config, "decoder")):
             p = f"decoder.block.{i}.layer"
             n = rms_norm(h, self._w(f"{p}.0.layer_norm.weight"), self.eps)
             attn = f"{p}.0.SelfAttention"
             q, k, v = (self._project(attn, w, n) for w in "qkv")
-            cache.self_k[i][:, :, width - 1:width] = k
-            cache.self_v[i][:, :, width - 1:width] = v
-            h = clamp_fp16(h + self._attend(attn, q, cache.self_k[i][:, :, :width], cache.self_v[i][:, :, :width],
-                                            self_bias))
+            self_k, self_v = cache.self_k[i][rows], cache.self_v[i][rows]  # views: written in place
+            self_k[:, :, width - 1:width] = k
+            self_v[:, :, width - 1:width] = v
+            h = clamp_fp16(h + self._attend(attn, q, self_k[:, :, :width], self_v[:, :, :width], self_bias))
             n = rms_norm(h, self._w(f"{p}.1.layer_norm.weight"), self.eps)
             attn = f"{p}.1.EncDecAttention"
-            h = clamp_fp16(h + self._attend(attn, self._project(attn, "q", n), cache.cross_k[i], cache.cross_v[i],
-                                            cache.cross_bias))
-            ffn_out, ffn_dropped = self._ffn("decoder", i, h, valid)
+            h = clamp_fp16(h + self._attend(attn, self._project(attn, "q", n), cache.cross_k[i][rows],
+                                            cache.cross_v[i][rows], cache.cross_bias[rows]))
+            ffn_out, ffn_dropped = yield from self._ffn("decoder", i, h, valid)
             h, dropped = clamp_fp16(h + ffn_out), dropped + ffn_dropped
         h = rms_norm(h, self._w("decoder.final_layer_norm.weight"), self.eps)
         if self.config.tie_word_embeddings:
             h = h * (self.config.d_model ** -0.5)
-        grown = DecoderCache(cache.self_k, cache.self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias)
-        return grown, F.linear(h[:, 0], self.lm_head).cpu(), dropped.cpu()
+        return F.linear(h[:, 0], self.lm_head), dropped

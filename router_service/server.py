@@ -47,6 +47,8 @@ class ServerConfig(BaseModel):
         None, ge=1, description="CPU threads of each replica's math (default: the CPUs Ray counts on its node, "
                                 "since the front and the expert actors take turns)")
     capacity: Literal["hf", "dropless"] = "hf"
+    micro_batches: int = Field(1, ge=1, description="parts each batch is split into, so that one part's front "
+                                                    "math runs while another's expert calls are out")
     max_prompt_tokens: int = Field(512, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     max_sequences: int = Field(32, ge=1, description="sequences decoding together in one replica")
@@ -148,6 +150,7 @@ class SwitchServer:
         limits = Limits(config.max_prompt_tokens, config.max_new_tokens, config.max_sequences)
         self.metrics = ServingMetrics(Path(config.model).name)
         self.cluster = SwitchCluster(config.model, placement=config.placement, dtype=config.dtype,
+                                     micro_batches=config.micro_batches,
                                      capacity=config.capacity, limits=limits, shared_actors=True,
                                      metrics=self.metrics)
         self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting, config.front_threads or node_cpus())

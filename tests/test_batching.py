@@ -3,6 +3,8 @@ the same log-probabilities as when it runs alone, and so do the sequences it joi
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers.activations import ACT2FN
@@ -13,20 +15,24 @@ from router_service.batching import ContinuousBatcher, SamplingParams, Sequence,
 from router_service.model import SwitchFront
 
 
-def local_front(path) -> SwitchFront:
-    """The front with its experts computed in this process (the same FFN the actors run)."""
-    checkpoint = SwitchCheckpoint.open(path)
-    act = ACT2FN[checkpoint.config.dense_act_fn]
+class LocalDispatch:
+    """The experts computed in this process (the same FFN the actors run), answered at once."""
 
-    def dispatch(stack, layer, tokens, expert, keep):
+    def __init__(self, checkpoint: SwitchCheckpoint):
+        self.checkpoint, self.act = checkpoint, ACT2FN[checkpoint.config.dense_act_fn]
+
+    def send(self, stack, layer, tokens, expert, keep) -> SimpleNamespace:
         out = torch.zeros_like(tokens)
         for e in expert[keep].unique().tolist():
             rows = (expert == e) & keep
-            wi, wo = checkpoint.read(list(expert_tensor_names(stack, layer, e))).values()
-            out[rows] = expert_ffn(tokens[rows], wi, wo, act)
-        return out
+            wi, wo = self.checkpoint.read(list(expert_tensor_names(stack, layer, e))).values()
+            out[rows] = expert_ffn(tokens[rows], wi, wo, self.act)
+        return SimpleNamespace(result=lambda: out)
 
-    return SwitchFront(checkpoint, dispatch)
+
+def local_front(path, micro_batches: int = 1) -> SwitchFront:
+    checkpoint = SwitchCheckpoint.open(path)
+    return SwitchFront(checkpoint, LocalDispatch(checkpoint), micro_batches=micro_batches)
 
 
 def run(front, sequences: list[Sequence], join_after: dict[int, int]) -> None:
@@ -55,6 +61,12 @@ def test_late_joiners_match_running_alone(checkpoint_factory):
     together = [Sequence(p, params) for p in prompts]
     run(front, together, {0: 0, 1: 3, 2: 5})  # 1 and 2 join a batch that has been decoding for a while
     for a, t in zip(alone, together):
+        assert t.token_ids == a.token_ids and t.dropped_tokens == a.dropped_tokens
+        assert t.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+    # Split into micro-batches (of different sizes as sequences join), the batch decodes the same.
+    split = [Sequence(p, params) for p in prompts]
+    run(local_front(path, micro_batches=2), split, {0: 0, 1: 3, 2: 5})
+    for a, t in zip(alone, split):
         assert t.token_ids == a.token_ids and t.dropped_tokens == a.dropped_tokens
         assert t.logprobs == pytest.approx(a.logprobs, abs=1e-5)
 

@@ -25,7 +25,7 @@ def run_cli(capsys, *argv) -> dict:
 def test_generate_json_matches_transformers(ray_cluster, checkpoint_factory, capsys):
     path, hf_model = checkpoint_factory("cli", num_experts=4, expert_capacity=2)
     out = run_cli(capsys, "--model", str(path), "--input-ids", json.dumps(PROMPTS), "--max-new-tokens", "6",
-                  "--experts-per-actor", "2", "--logprobs", "--json")
+                  "--experts-per-actor", "2", "--micro-batches", "2", "--logprobs", "--json")
     reference = hf_generate(hf_model, PROMPTS, 6)
     assert len(out["outputs"]) == len(PROMPTS)
     for got, (tokens, logprobs) in zip(out["outputs"], reference):

@@ -52,14 +52,15 @@ def test_small_capacity_drops_tokens(checkpoint_factory):
     assert sum(hf_dropped_tokens(hf_model, PROMPTS)) > 0  # so the parity case above covers dropping
 
 
-def test_packing_and_sharding_do_not_change_outputs(ray_cluster, checkpoint_factory):
+def test_packing_sharding_and_micro_batches_do_not_change_outputs(ray_cluster, checkpoint_factory):
     config = CONFIGS["relu-tied-step1-2"]
     single, hf_model = checkpoint_factory("relu-tied-step1-2", **config)
     sharded, _ = checkpoint_factory("relu-tied-sharded", max_shard_size="20KB", **config)
     assert (sharded / "model.safetensors.index.json").is_file()
     reference = hf_generate(hf_model, PROMPTS, MAX_NEW)
-    for path, per_actor in [(single, 1), (sharded, 1), (sharded, 3)]:
-        with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=per_actor)) as model:
+    for path, per_actor, micro_batches in [(single, 1, 1), (sharded, 1, 1), (sharded, 3, 1), (single, 2, 2)]:
+        with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=per_actor),
+                           micro_batches=micro_batches) as model:
             assert len(model.actors) == -(-config["num_experts"] // per_actor)
             assert_same_as_hf(model.generate(PROMPTS, max_new_tokens=MAX_NEW), reference)
 
