@@ -72,10 +72,6 @@ class ExpertDispatcher:
         pending.sending_s = time.perf_counter() - began
         return pending
 
-    def __call__(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
-                 keep: torch.Tensor) -> torch.Tensor:
-        return self.send(stack, layer, tokens, expert, keep).result()
-
 
 class PendingDispatch:
     """One sparse layer's calls in flight."""
