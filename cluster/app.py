@@ -5,9 +5,6 @@
 
 from __future__ import annotations
 
-import os
-
-import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
@@ -31,6 +28,7 @@ FRONT_ENV = {"GOMP_SPINCOUNT": "10000"}
 def build_app(args: dict | ServerConfig) -> Application:
     """Serve's application builder: `args` are ServerConfig's fields."""
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
+    config = config.model_copy(update={"placement": config.placement.for_cluster()})  # the same for every replica
     ongoing = config.max_sequences + config.max_waiting + CONTROL_HEADROOM
     return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
                                 max_queued_requests=config.max_waiting,
@@ -44,7 +42,7 @@ def check_placement(config: ServerConfig, model_config: SwitchTransformersConfig
     from cluster.plan import expert_layers
 
     _, warnings = expert_layers(model_config)
-    config.placement.place(model_config, config.dtype or "bf16", cpus=os.cpu_count() or 1)  # any count fits
+    config.placement.place(model_config, config.dtype or "bf16")
     return warnings
 
 
@@ -79,5 +77,4 @@ def stop(config: ServerConfig) -> None:
     serve.delete(APP_NAME)
     checkpoint = SwitchCheckpoint.open(config.model)
     dtype = dtype_name(checkpoint, config.dtype)
-    placement = config.placement.place(checkpoint.config, dtype, ray.cluster_resources()["CPU"])
-    stop_shared_fleet(checkpoint, placement, dtype)
+    stop_shared_fleet(checkpoint, config.placement.for_cluster().place(checkpoint.config, dtype), dtype)

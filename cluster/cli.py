@@ -47,7 +47,7 @@ def _add_planner_options(p: argparse.ArgumentParser, gpus_required: bool) -> Non
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-per-actor", type=_positive_int, default=None, metavar="K",
                    help="without GPUs: expert indices packed into one actor (default: one actor per CPU of the "
-                        "Ray cluster)")
+                        "--nodes largest Ray nodes)")
     _add_planner_options(p, gpus_required=False)
     p.add_argument("--actors-per-gpu", type=_positive_int, default=1, help="actors sharing each GPU (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: the checkpoint's")

@@ -67,7 +67,8 @@ class SwitchCluster:
         if self._owns_ray:
             ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
         try:
-            self.placement = placement.place(self.checkpoint.config, self.dtype, ray.cluster_resources()["CPU"])
+            placement = placement.for_cluster()
+            self.placement = placement.place(self.checkpoint.config, self.dtype)
             self.fleet, self.actors = start_fleet(self.checkpoint, self.placement, self.dtype, shared=shared_actors,
                                                   actor_resources=placement.actor_resources,
                                                   timeout_s=placement.timeout_s)

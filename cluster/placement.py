@@ -31,7 +31,9 @@ class PlacementConfig(BaseModel):
 
     experts_per_actor: int | None = Field(
         None, ge=1, description="without GPUs: expert indices packed into one actor (default: one actor per CPU "
-                                "of the Ray cluster, since the front and the experts take turns)")
+                                "of the nodes, since the front and the experts take turns)")
+    cpus: int | None = Field(None, ge=1, description="without GPUs and experts_per_actor: the CPUs to pack for "
+                                                     "(default: those of the nodes, read once when the app is built)")
     gpus: int = Field(0, ge=0, description="plan the experts over this many GPUs (0: CPU actors, packed)")
     nodes: int = Field(1, ge=1, description="spread the actors evenly over this many Ray nodes")
     gpu_memory: str = Field("80GiB", description="memory of each GPU, 10% of it kept for activations")
@@ -52,11 +54,21 @@ class PlacementConfig(BaseModel):
                 raise ValueError(f"{name} needs gpus: replicas and load balancing are planned over GPUs")
         return self
 
-    def place(self, config: SwitchTransformersConfig, dtype: str, cpus: float) -> "Placement":
-        """The placement of `config`'s experts, served in `dtype` ("bf16", "fp16" or "fp32") on a Ray cluster
-        with `cpus` CPUs."""
+    def for_cluster(self) -> "PlacementConfig":
+        """This config with `cpus` read from the running Ray cluster where the packing needs it: the CPUs of the
+        `nodes` largest nodes. Read once and passed on, so that every replica packs the same way."""
+        import ray
+
+        if self.gpus or self.experts_per_actor or self.cpus or not ray.is_initialized():
+            return self
+        sizes = sorted((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), reverse=True)
+        return self.model_copy(update={"cpus": max(1, int(sum(sizes[:self.nodes])))})
+
+    def place(self, config: SwitchTransformersConfig, dtype: str) -> "Placement":
+        """The placement of `config`'s experts, served in `dtype` ("bf16", "fp16" or "fp32"). Packing without
+        `experts_per_actor` follows `cpus` (see `for_cluster`; one actor per node when unknown)."""
         if not self.gpus:
-            per_actor = self.experts_per_actor or experts_per_cpu(config.num_experts, cpus, self.nodes)
+            per_actor = self.experts_per_actor or experts_per_cpu(config.num_experts, self.cpus or 1, self.nodes)
             return Placement.packed(config, per_actor, self.nodes)
         from cluster.plan import make_plan, parse_bytes, read_stats
 
@@ -71,7 +83,7 @@ def experts_per_cpu(num_experts: int, cpus: float, nodes: int = 1) -> int:
 
     The front and the expert actors take turns, so while the experts compute, every core can run one."""
     actors = max(nodes, min(num_experts, int(cpus)))
-    return -(-num_experts // actors)
+    return max(1, min(-(-num_experts // actors), num_experts // nodes))  # still at least one actor per node
 
 
 @dataclass(frozen=True)

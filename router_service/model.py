@@ -308,7 +308,8 @@ class SwitchFront:
 
     def decode_step(self, cache: DecoderCache, tokens: torch.Tensor) -> tuple[DecoderCache, torch.Tensor, torch.Tensor]:
         """Feed one token per sequence. Returns the cache grown by one position, next-token logits
-        [batch, vocab] and dropped-token counts [batch]."""
+        [batch, vocab] and dropped-token counts [batch]. The grown cache may share storage with `cache`: step
+        from the grown one only."""
         width, batch = cache.width + 1, tokens.shape[0]
         cache = cache.with_room(width)
         new = torch.ones(batch, 1, dtype=torch.bool, device=self.device)

@@ -63,7 +63,6 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
           QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
           Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401)}
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
-REPLICA_LOST = "the front replica serving this stream was lost; retry the request"
 
 
 def node_cpus() -> int:
@@ -71,7 +70,8 @@ def node_cpus() -> int:
     cores), at most the cores this process may run on."""
     here = ray.get_runtime_context().get_node_id()
     counted = next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here)
-    return max(1, min(int(counted), len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(int(counted), cores))
 
 
 def error_status(e: Exception) -> tuple[grpc.StatusCode, int]:
@@ -255,10 +255,8 @@ class SwitchServer:
             async for chunk in self._stream(request):
                 # Serve ships this context with each chunk and its proxy keeps a code set here. Until the last
                 # chunk the code reads UNAVAILABLE, so a stream cut short by this replica's death ends with a
-                # retryable status instead of the proxy's INTERNAL.
-                done = bool(chunk.finish_reason)
-                grpc_context.set_code(grpc.StatusCode.OK if done else grpc.StatusCode.UNAVAILABLE)
-                grpc_context.set_details("" if done else REPLICA_LOST)
+                # retryable status instead of the proxy's INTERNAL (the message stays the proxy's).
+                grpc_context.set_code(grpc.StatusCode.OK if chunk.finish_reason else grpc.StatusCode.UNAVAILABLE)
                 yield chunk
         except Exception as e:
             self._finished(e)

@@ -16,7 +16,7 @@ from cluster.placement import PlacementConfig
 from cluster.synthetic import write_random_checkpoint_with_tokenizer
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
-from router_service.server import REPLICA_LOST, ServerConfig
+from router_service.server import ServerConfig
 
 def replica_names() -> list[str]:
     """The named actors Serve runs the app's replicas in."""
@@ -64,7 +64,7 @@ def test_killed_front_replica(two_replicas):
     print(f"\nstreams after a replica was killed: {outcomes}; {details}")
     assert "OK" in outcomes and len(outcomes) == len(streams)  # the other replica's finished; none hung
     assert "UNAVAILABLE" in outcomes and set(outcomes) == {"OK", "UNAVAILABLE"}, outcomes
-    assert details == {REPLICA_LOST}, details
+    assert all("actor" in d.lower() and ("died" in d.lower() or "dead" in d.lower()) for d in details), details
 
     assert stub.Generate(probe, timeout=60).token_ids == expected  # still serving meanwhile
     deadline = time.monotonic() + 120

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from cluster.checkpoint import sparse_layers
 from cluster.fleet import bundles
-from cluster.placement import Placement, PlacementConfig
+from cluster.placement import Placement, PlacementConfig, experts_per_cpu
 from cluster.synthetic import tiny_config
 from router_service.dispatch import ExpertDispatcher
 
@@ -39,6 +39,13 @@ def test_packed_placement_splits_actors_evenly_over_nodes():
         Placement.packed(tiny_config(num_experts=8), 8, nodes=2)
 
 
+def test_default_packing_is_one_actor_per_cpu_and_at_least_one_per_node():
+    assert experts_per_cpu(8, cpus=2) == 4 and experts_per_cpu(8, cpus=3) == 3 and experts_per_cpu(8, cpus=64) == 1
+    assert experts_per_cpu(8, cpus=6, nodes=5) == 1  # 2 per actor would leave a node without an actor
+    placement = PlacementConfig(cpus=2).place(tiny_config(num_experts=8), "fp32")
+    assert len(placement.actors) == 2
+
+
 def test_experts_per_actor_must_be_positive():
     with pytest.raises(ValueError, match="experts_per_actor"):
         Placement.packed(tiny_config(), 0)
@@ -50,7 +57,7 @@ def test_planned_placement_follows_the_plan():
     expert_mib = 2 * config.d_model * config.d_ff * 4 / 2**20
     options = PlacementConfig(gpus=4, nodes=2, gpu_memory=f"{expert_mib * 12}MiB", replicate_hot=3,
                               actors_per_gpu=2, actor_resources={"expert_slot": 1})
-    placement = options.place(config, "fp32", cpus=2)
+    placement = options.place(config, "fp32")
     assert placement.nodes == 2 and len(placement.actors) == 8
     assert all(spec.gpus == 0.5 for spec in placement.actors)
     hosted = Counter(key for spec in placement.actors for key in spec.experts)
