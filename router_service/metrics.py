@@ -28,7 +28,8 @@ class ServingMetrics:
         self.batch_size = Histogram("switch_serve_batch_size", "Sequences in each decoding step", BATCH_BUCKETS,
                                     keys)
         self.dispatch = Histogram("switch_serve_dispatch_seconds",
-                                  "Scatter to the expert actors and gather back, per sparse layer call",
+                                  "Scatter to the expert actors and gather back, per sparse layer call (what the "
+                                  "front spends sending and waiting)",
                                   LATENCY_BUCKETS, ("model", "stack", "layer"))
 
     def request_done(self, status: str) -> None:
