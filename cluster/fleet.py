@@ -16,7 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from cluster.checkpoint import SwitchCheckpoint, expert_tensor_names
-from cluster.placement import Placement, PlacementError
+from cluster.placement import Placement, PlacementError, node_cpus_largest_first
 from experts.actor import ExpertActor
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def actor_cpus(placement: Placement) -> float:
     cluster has free), at most one.
 
     An actor asking for more than a node has stays pending, so small machines get fractions."""
-    sizes = sorted((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), reverse=True)
+    sizes = node_cpus_largest_first()
     available = ray.available_resources().get("CPU", 0.0)
     weakest = min(sizes[placement.nodes - 1] if len(sizes) >= placement.nodes else 0.0, available)
     per_node = max(sum(1 for a in placement.actors if a.node == node) for node in range(placement.nodes))

@@ -61,8 +61,7 @@ class PlacementConfig(BaseModel):
 
         if self.gpus or self.experts_per_actor or self.cpus or not ray.is_initialized():
             return self
-        sizes = sorted((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), reverse=True)
-        return self.model_copy(update={"cpus": max(1, int(sum(sizes[:self.nodes])))})
+        return self.model_copy(update={"cpus": max(1, int(sum(node_cpus_largest_first()[:self.nodes])))})
 
     def place(self, config: SwitchTransformersConfig, dtype: str) -> "Placement":
         """The placement of `config`'s experts, served in `dtype` ("bf16", "fp16" or "fp32"). Packing without
@@ -76,6 +75,13 @@ class PlacementConfig(BaseModel):
                          dtype=dtype, replicate_hot=self.replicate_hot,
                          stats=read_stats(self.stats) if self.stats else None)
         return Placement.from_plan(plan, self.actors_per_gpu)
+
+
+def node_cpus_largest_first() -> list[float]:
+    """The CPUs of each live node of the running Ray cluster, largest first."""
+    import ray
+
+    return sorted((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), reverse=True)
 
 
 def experts_per_cpu(num_experts: int, cpus: float, nodes: int = 1) -> int:
