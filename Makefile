@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,18 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/switch-serve demo
 
-test: install
+# ruff, and the layers contract in pyproject.toml: cluster imports router_service and experts, router_service
+# imports experts, experts imports neither.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(VENV)/bin/python -m pytest -q
+
+# The tests that start no Ray cluster: seconds, not minutes.
+test-fast: lint
+	$(VENV)/bin/python -m pytest -q -m "not ray"
 
 clean:
 	rm -rf $(VENV) build

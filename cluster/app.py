@@ -1,16 +1,26 @@
-"""The Serve application: a typed config in, a Serve app out, and the ports it listens on.
+"""The Serve application: a typed config in, a Serve app out; its Serve config file; and serving it locally.
 
     serve run cluster.app:build_app model=/models/switch-base-8
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
-from transformers import SwitchTransformersConfig
 
-from router_service.server import ServerConfig, SwitchServer
+from experts.checkpoint import SwitchCheckpoint
+from experts.fleet import for_cluster, served_placement, stop_shared_fleet
+from experts.plan import PLAN_DTYPE
+from experts.spec import SwitchConfig, follow_weights
+from router_service.config import GRPC_PORT, HTTP_PORT, ServerConfig
+from router_service.server import SwitchServer
 
 APP_NAME = "switch-serve"
 GRPC_SERVICER_FUNCTIONS = [
@@ -28,7 +38,7 @@ FRONT_ENV = {"GOMP_SPINCOUNT": "10000"}
 def build_app(args: dict | ServerConfig) -> Application:
     """Serve's application builder: `args` are ServerConfig's fields."""
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
-    config = config.model_copy(update={"placement": config.placement.for_cluster()})  # the same for every replica
+    config = config.model_copy(update={"placement": for_cluster(config.placement)})  # the same for every replica
     ongoing = config.max_sequences + config.max_waiting + CONTROL_HEADROOM
     return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
                                 max_queued_requests=config.max_waiting,
@@ -36,22 +46,16 @@ def build_app(args: dict | ServerConfig) -> Application:
                                                    "runtime_env": {"env_vars": FRONT_ENV}}).bind(config)
 
 
-def check_placement(config: ServerConfig, model_config: SwitchTransformersConfig) -> list[str]:
-    """Plan the placement `config` asks for on `model_config` (raises when it does not fit); the plan's
-    warnings. Deployed, each replica computes the same placement from the same options."""
-    from cluster.plan import expert_layers
-
-    _, warnings = expert_layers(model_config)
-    config.placement.place(model_config, config.dtype or "bf16")
+def check_placement(config: ServerConfig, model_config: SwitchConfig) -> list[str]:
+    """Plan the placement `config` asks for on `model_config` (raises when it does not fit); the warnings about
+    config.json. Deployed, each replica computes the same placement from the same options."""
+    model_config, warnings = follow_weights(model_config)
+    config.placement.place(model_config, config.dtype or PLAN_DTYPE)
     return warnings
 
 
-def grpc_options(port: int) -> gRPCOptions:
-    return gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS)
-
-
-def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port: int = 8000,
-                 grpc_port: int = 9000) -> dict:
+def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port: int = HTTP_PORT,
+                 grpc_port: int = GRPC_PORT) -> dict:
     """The Serve config (`serve run FILE` / `serve deploy FILE`, or a RayService's serveConfigV2) of the app."""
     return {
         "proxy_location": "EveryNode",
@@ -62,19 +66,35 @@ def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port:
     }
 
 
-def start(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000) -> None:
-    """Start Serve's proxies on this Ray cluster and deploy the app; returns once it is ready."""
-    serve.start(http_options={"host": http_host, "port": http_port}, grpc_options=grpc_options(grpc_port))
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+@dataclass(frozen=True)
+class Endpoints:
+    grpc: str  # HOST:PORT
+    http: str  # http://HOST:PORT
 
 
-def stop(config: ServerConfig) -> None:
-    """Take the app down, then its shared expert actors."""
-    from cluster.checkpoint import SwitchCheckpoint
-    from cluster.engine import dtype_name
-    from cluster.fleet import stop_shared_fleet
+@contextmanager
+def local_serve(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port: int = HTTP_PORT,
+                grpc_port: int = GRPC_PORT, address: str | None = None, dashboard: bool = False,
+                worker_logs: bool = True) -> Iterator[Endpoints]:
+    """Serve `config` while the block runs: on the running Ray cluster, else one started here (joining
+    `address` if given, with Ray's dashboard if asked, echoing the workers' logs unless told not to). Returns
+    once the app answers; at the end takes down the app, its expert actors, Serve, and Ray if it started it."""
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=dashboard,
+                 log_to_driver=worker_logs)
+    try:
+        serve.start(http_options={"host": http_host, "port": http_port},
+                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        try:
+            yield Endpoints(grpc=f"{http_host}:{grpc_port}", http=f"http://{http_host}:{http_port}")
+        finally:
+            serve.delete(APP_NAME)
+            checkpoint = SwitchCheckpoint.open(config.model)
+            stop_shared_fleet(checkpoint, *served_placement(checkpoint, config.placement, config.dtype))
+    finally:
+        serve.shutdown()
+        if owns_ray:
+            ray.shutdown()
 
-    serve.delete(APP_NAME)
-    checkpoint = SwitchCheckpoint.open(config.model)
-    dtype = dtype_name(checkpoint, config.dtype)
-    stop_shared_fleet(checkpoint, config.placement.for_cluster().place(checkpoint.config, dtype), dtype)

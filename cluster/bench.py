@@ -22,6 +22,22 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import grpc
+import ray
+import torch
+from transformers import SwitchTransformersForConditionalGeneration
+
+from cluster.app import FRONT_ENV, local_serve
+from cluster.testing import free_port, tiny_config, write_random_checkpoint
+from experts.fleet import this_node_cpus
+from experts.placement import PlacementConfig, experts_per_cpu
+from router_service.batching import Sequence, run_to_completion
+from router_service.config import ServerConfig
+from router_service.engine import SwitchCluster
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.requests import SamplingParams
+
 SHAPES = {
     # switch-base-8: 12 + 12 layers, every other one sparse, 8 experts, d_model 768, d_ff 3072.
     "base-8": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_heads=12, num_layers=12,
@@ -91,12 +107,8 @@ def workload(n: int, vocab: int, rate: float | None, seed: int, short: bool) -> 
 
 def checkpoint(shape: str, folder: Path):
     """The benchmark checkpoint, written once by transformers (random weights, float32)."""
-    from cluster.synthetic import tiny_config, write_random_checkpoint
-
     if not (folder / "config.json").is_file():
         write_random_checkpoint(folder, tiny_config(**SHAPES[shape]), seed=0, max_shard_size="500MB")
-    from transformers import SwitchTransformersForConditionalGeneration
-
     return SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval()
 
 
@@ -118,8 +130,6 @@ class FirstTokenClock:
 
 def hf_run(model, requests: list[Request], batch_size: int, start_wait: bool = True) -> tuple[list[Timing], float]:
     """transformers' generate over the requests in arrival order, `batch_size` at a time (right-padded)."""
-    import torch
-
     timings = [Timing(r.arrival) for r in requests]
     start = time.perf_counter()
     eos = model.config.eos_token_id
@@ -147,11 +157,6 @@ def hf_run(model, requests: list[Request], batch_size: int, start_wait: bool = T
 
 def cluster_run(address: str, requests: list[Request]) -> tuple[list[Timing], float]:
     """The requests as gRPC streams against the served app, each sent at its arrival time."""
-    import grpc
-
-    from router_service.proto import switch_serve_pb2 as pb
-    from router_service.proto import switch_serve_pb2_grpc as pb_grpc
-
     timings = [Timing(r.arrival) for r in requests]
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.SwitchServeStub(channel)
@@ -179,17 +184,9 @@ def cluster_run(address: str, requests: list[Request]) -> tuple[list[Timing], fl
 def decode_timed(folder: Path, requests: list[Request], experts_per_actor: int, micro_batches: int) -> dict:
     """Decode the requests through the Python API, timing the front, the sparse-layer round trips and the
     experts' compute inside them. Runs as a Ray task set up like a Serve replica (see `breakdown`)."""
-    import ray
-    import torch
-
-    from cluster.engine import SwitchCluster
-    from cluster.placement import PlacementConfig
-    from router_service.batching import SamplingParams, Sequence, run_to_completion
-    from router_service.server import node_cpus
-
-    torch.set_num_threads(node_cpus())
+    torch.set_num_threads(this_node_cpus())
     with SwitchCluster(folder, placement=PlacementConfig(experts_per_actor=experts_per_actor),
-                       limits=_limits(len(requests)), micro_batches=micro_batches) as model:
+                       max_sequences=max(32, len(requests)), micro_batches=micro_batches) as model:
         warm = [Sequence(r.prompt, SamplingParams(max_new_tokens=2)) for r in requests[:2]]
         run_to_completion(model.batcher, warm)
         dispatcher = model.front.dispatch
@@ -209,10 +206,6 @@ def breakdown(folder: Path, requests: list[Request], experts_per_actor: int, mic
     """Where the cluster's time goes: the front's own compute, the sparse-layer round trips, and the experts'
     compute inside them, from the same requests decoded in a Ray worker with a replica's environment and
     threads (so without the proxy and the streams)."""
-    import ray
-
-    from cluster.app import FRONT_ENV
-
     timed = ray.remote(num_cpus=0, runtime_env={"env_vars": FRONT_ENV})(decode_timed)
     t = ray.get(timed.remote(folder, requests, experts_per_actor, micro_batches))
     total, dispatch, compute, calls = t["seconds"], t["round_trip_s"], t["expert_compute_s"], t["sparse_layer_calls"]
@@ -226,13 +219,12 @@ def breakdown(folder: Path, requests: list[Request], experts_per_actor: int, mic
             "decode_steps": t["decode_steps"], **peaks,
             # The roofline: achieved FLOP/s and weight-read bandwidth against what this machine measured.
             "flops_fraction": work["flops"] / total / peaks["matmul_flops_per_s"],
-            "bandwidth_fraction": t["decode_steps"] * work["decoder_weight_bytes"] / total / peaks["memory_bytes_per_s"]}
+            "bandwidth_fraction":
+                t["decode_steps"] * work["decoder_weight_bytes"] / total / peaks["memory_bytes_per_s"]}
 
 
 def machine_peaks() -> dict:
     """This machine's measured float32 matmul FLOP/s and memory bandwidth (a large copy: read + write)."""
-    import torch
-
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     torch.mm(a, b)
     began = time.perf_counter()
@@ -265,23 +257,9 @@ def model_work(config, requests: list[Request], tokens: int) -> dict:
             "decoder_weight_bytes": decoder_bytes}
 
 
-def _limits(requests: int):
-    from router_service.requests import Limits
-
-    return Limits(max_new_tokens=256, max_sequences=max(32, requests))
-
-
 def run(shape: str = "base-8", requests: int = 32, rate: float | None = None, batch_size: int = 8,
         experts_per_actor: int | None = None, micro_batches: int = 1, cache: Path | None = None,
         seed: int = 0) -> dict:
-    import ray
-    from ray import serve
-
-    from cluster import app
-    from cluster.demo import free_port
-    from cluster.placement import PlacementConfig, experts_per_cpu
-    from router_service.server import ServerConfig
-
     folder = (cache or Path.home() / ".cache" / "switch-serve" / "bench") / shape
     model = checkpoint(shape, folder)
     work = workload(requests, model.config.vocab_size, rate, seed, short=shape == "tiny")
@@ -290,24 +268,21 @@ def run(shape: str = "base-8", requests: int = 32, rate: float | None = None, ba
                summarize(f"hf-batch-{batch_size}", *hf_run(model, work, batch_size))]
     del model
     config = ServerConfig(model=str(folder), placement=PlacementConfig(experts_per_actor=per_actor),
-                          micro_batches=micro_batches, max_sequences=max(32, requests), max_waiting=max(64, requests),
-                          max_new_tokens=256)
-    grpc_port, http_port = free_port(), free_port()
+                          micro_batches=micro_batches, max_sequences=max(32, requests), max_waiting=max(64, requests))
     ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
     try:
-        app.start(config, http_port=http_port, grpc_port=grpc_port)
-        cluster_run(f"127.0.0.1:{grpc_port}", work[:2])  # warm
-        results.append(summarize("cluster", *cluster_run(f"127.0.0.1:{grpc_port}", work)))
-        app.stop(config)
+        with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
+            cluster_run(served.grpc, work[:2])  # warm
+            results.append(summarize("cluster", *cluster_run(served.grpc, work)))
         where = breakdown(folder, work, per_actor, micro_batches)
     finally:
-        serve.shutdown()
         ray.shutdown()
     cluster = results[-1]
     for r in results[:-1]:
         cluster.extra[f"tokens_per_s_vs_{r.system}"] = cluster.tokens_per_s / r.tokens_per_s
     return {"shape": shape, "requests": requests, "rate": rate, "experts_per_actor": per_actor,
-            "micro_batches": micro_batches, "cpus": os.cpu_count(), "results": [asdict(r) for r in results], "breakdown": where}
+            "micro_batches": micro_batches, "cpus": os.cpu_count(), "results": [asdict(r) for r in results],
+            "breakdown": where}
 
 
 def table(report: dict) -> str:

@@ -30,9 +30,10 @@ def main(experts: int = 4, d_model: int = 768, d_ff: int = 3072) -> None:
     print("tokens per expert   loop (ms)   batched (ms)")
     for per_expert in (2, 4, 8, 64):
         x = torch.randn(experts * per_expert, d_model)
-        loop = seconds(lambda: grouped_ffn(x, [per_expert] * experts, weights, F.relu))
-        stacked = x.view(experts, per_expert, d_model)
-        batched = seconds(lambda: torch.bmm(F.relu(torch.bmm(stacked, wi.transpose(1, 2))), wo.transpose(1, 2)))
+        counts, stacked = [per_expert] * experts, x.view(experts, per_expert, d_model)
+        loop = seconds(lambda x=x, counts=counts: grouped_ffn(x, counts, weights, F.relu))
+        batched = seconds(lambda stacked=stacked: torch.bmm(F.relu(torch.bmm(stacked, wi.transpose(1, 2))),
+                                                            wo.transpose(1, 2)))
         print(f"{per_expert:17d}   {1000 * loop:9.2f}   {1000 * batched:12.2f}")
 
 

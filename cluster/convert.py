@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import SwitchTransformersConfig
 
-from cluster.checkpoint import INDEX_FILE, CheckpointError, SwitchCheckpoint, follow_weights
+from experts.checkpoint import INDEX_FILE, CheckpointError, SwitchCheckpoint
+from experts.spec import EXPERT_TENSOR, LAYER_FIELDS, SwitchConfig, follow_weights
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ WEIGHT_FILES = (BIN_FILE, BIN_INDEX_FILE, "model.safetensors", INDEX_FILE)
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "spiece.model",
              "special_tokens_map.json"]
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-EXPERT = re.compile(r"(encoder|decoder)\.block\.(\d+)\..*\.mlp\.experts\.expert_(\d+)\.")
 
 
 def bin_shards(src: Path) -> list[str]:
@@ -49,7 +48,7 @@ def bin_shards(src: Path) -> list[str]:
 
 def group_of(name: str) -> tuple:
     """Sort key and file group of a tensor: the front's first, then each sparse layer's experts in order."""
-    match = EXPERT.match(name)
+    match = EXPERT_TENSOR.match(name)
     if not match:
         return ("front",), (0, name)
     stack, layer, expert = match.groups()
@@ -102,10 +101,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
             del state
         (work / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                   indent=2))
-        config = SwitchTransformersConfig.from_json_file(str(config_file))
-        for warning in follow_weights(config, list(weight_map), config_file):
+        raw = json.loads(config_file.read_text())
+        try:
+            config, warnings = follow_weights(SwitchConfig.from_dict(raw), list(weight_map), str(config_file))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        for warning in warnings:
             log.warning(warning)
-        config.to_json_file(str(work / "config.json"))
+        (work / "config.json").write_text(json.dumps(raw | {f: getattr(config, f) for f in LAYER_FIELDS}, indent=2))
         for other in src.iterdir():
             if other.is_file() and other.name not in WEIGHT_FILES and other.name != "config.json" \
                     and not other.name.endswith(".bin"):

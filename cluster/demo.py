@@ -7,10 +7,17 @@ check at a glance; the tasks are defined here so that the demo can show the expe
 from __future__ import annotations
 
 import logging
-import random
-import socket
 import time
 from pathlib import Path
+
+import grpc
+
+from cluster.app import local_serve
+from cluster.testing import free_port
+from experts.placement import PlacementConfig
+from router_service.config import ServerConfig
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
 TASKS = ("reverse", "sort", "spell")
@@ -47,40 +54,15 @@ def expected_answer(prompt: str) -> str:
     return " ".join(items[::-1] if task == "reverse" else sorted(items))
 
 
-def free_port() -> int:
-    """A port free on all addresses, chosen between Ray's worker ports (10002-19999) and the kernel's
-    ephemeral range, so that processes starting meanwhile are unlikely to take it first."""
-    while True:
-        port = random.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-            return port
-
-
 def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None = None) -> None:
-    import grpc
-    import ray
-    from ray import serve
-
-    from cluster import app
-    from cluster.placement import PlacementConfig
-    from router_service.proto import switch_serve_pb2 as pb
-    from router_service.proto import switch_serve_pb2_grpc as pb_grpc
-    from router_service.server import ServerConfig
-
     config = ServerConfig(model=str(model_dir), placement=PlacementConfig(experts_per_actor=experts_per_actor))
     grpc_port, http_port = free_port(), free_port()
     start = time.perf_counter()
-    ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    try:
-        app.start(config, http_port=http_port, grpc_port=grpc_port)
-        print(f"\nserving {model_dir} on gRPC 127.0.0.1:{grpc_port} and HTTP 127.0.0.1:{http_port} "
+    with local_serve(config, http_port=http_port, grpc_port=grpc_port, worker_logs=False) as served:
+        print(f"\nserving {model_dir} on gRPC {served.grpc} and HTTP {served.http} "
               f"(ready in {time.perf_counter() - start:.0f}s)")
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        with grpc.insecure_channel(served.grpc) as channel:
             stub = pb_grpc.SwitchServeStub(channel)
             print(f"\nstreamed as it is generated:\n  {STREAMED!r} ->", end="", flush=True)
             for chunk in stub.GenerateStream(pb.GenerateRequest(text=STREAMED, max_new_tokens=12)):
@@ -104,7 +86,3 @@ def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None =
         print(f"  {'layer':<12}" + "".join(f"{'e' + str(e):>6}" for e in range(info.num_experts)))
         for load in info.expert_tokens:
             print(f"  {load.stack + '.' + str(load.layer):<12}" + "".join(f"{n:>6}" for n in load.tokens))
-        app.stop(config)
-    finally:
-        serve.shutdown()
-        ray.shutdown()

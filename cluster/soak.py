@@ -7,31 +7,19 @@ served, errors by status and memory at the start and the end. Not part of the te
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import grpc
 
-from cluster.demo import DEMO_MODEL, PROMPTS, free_port
-
-
-def resident_memory(*patterns: str) -> int:
-    """Resident memory, in bytes, of the processes on this machine whose command line holds one of `patterns`
-    (Linux /proc)."""
-    total = 0
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if any(p in cmdline for p in patterns):
-                rss = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:"))
-                total += int(rss.split()[1]) * 1024
-        except (OSError, StopIteration, ValueError):  # not a process, gone, or a kernel thread
-            continue
-    return total
+from cluster.app import local_serve
+from cluster.demo import DEMO_MODEL, PROMPTS
+from cluster.testing import free_port, resident_memory
+from router_service.config import ServerConfig
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 
 
 def ray_memory() -> int:
@@ -39,7 +27,7 @@ def ray_memory() -> int:
     return resident_memory("ray::", "/ray/")
 
 
-def load(stub, pb, stop: threading.Event, outcomes: Counter, lock: threading.Lock, max_new_tokens: int) -> None:
+def load(stub, stop: threading.Event, outcomes: Counter, lock: threading.Lock, max_new_tokens: int) -> None:
     rng = random.Random()
     while not stop.is_set():
         request = pb.GenerateRequest(text=rng.choice(PROMPTS), max_new_tokens=rng.randint(1, max_new_tokens),
@@ -61,25 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
 
-    import ray
-    from ray import serve
-
-    from cluster import app
-    from router_service.proto import switch_serve_pb2 as pb
-    from router_service.proto import switch_serve_pb2_grpc as pb_grpc
-    from router_service.server import ServerConfig
-
     config = ServerConfig(model=args.model)
-    grpc_port, http_port = free_port(), free_port()
-    ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
-    try:
-        app.start(config, http_port=http_port, grpc_port=grpc_port)
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+    with local_serve(config, http_port=free_port(), grpc_port=free_port(), worker_logs=False) as served:
+        with grpc.insecure_channel(served.grpc) as channel:
             stub = pb_grpc.SwitchServeStub(channel)
             stub.Generate(pb.GenerateRequest(text=PROMPTS[0], max_new_tokens=2), timeout=60)  # warm
             memory_start, started = ray_memory(), time.monotonic()
             outcomes, lock, stop = Counter(), threading.Lock(), threading.Event()
-            workers = [threading.Thread(target=load, args=(stub, pb, stop, outcomes, lock, args.max_new_tokens))
+            workers = [threading.Thread(target=load, args=(stub, stop, outcomes, lock, args.max_new_tokens))
                        for _ in range(args.concurrency)]
             for w in workers:
                 w.start()
@@ -91,10 +68,6 @@ def main(argv: list[str] | None = None) -> None:
             for w in workers:
                 w.join()
             elapsed, memory_end = time.monotonic() - started, ray_memory()
-        app.stop(config)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     served = outcomes["OK"]
     errors = {k: v for k, v in outcomes.items() if k != "OK"}
     print(f"\n{served} requests served in {elapsed:.0f} s ({served / elapsed:.1f}/s) at concurrency "

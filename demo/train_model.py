@@ -26,7 +26,7 @@ import torch
 from transformers import AutoTokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
 from cluster.demo import DIGITS, TASKS, WORDS, spell
-from cluster.synthetic import word_tokenizer
+from cluster.testing import word_tokenizer
 
 SEED = 0
 MODEL_CONFIG = dict(

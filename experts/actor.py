@@ -12,11 +12,10 @@ import torch
 from ray.util.metrics import Counter
 from transformers.activations import ACT2FN
 
+from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import grouped_ffn
-from experts.wire import from_wire, to_wire
-
-ExpertKey = tuple[str, int, int]  # (stack, block index, expert index)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from experts.spec import ExpertKey
+from experts.wire import from_wire, to_wire, torch_dtype
 
 
 def disk_bytes_read() -> int:
@@ -31,15 +30,14 @@ def disk_bytes_read() -> int:
 class ExpertActor:
     """Wrapped with `ray.remote` by the launcher. Holds no per-request state, so a restart loses nothing.
 
-    `checkpoint` is anything with `.config` and `.read(names) -> {name: tensor}` (cluster.SwitchCheckpoint);
-    `experts` maps each hosted expert to the names of its (wi, wo) tensors, the only tensors this actor reads.
-    Runs on the GPU Ray gave it, if any, in `dtype`.
+    `experts` maps each hosted expert to the names of its (wi, wo) tensors in `checkpoint`, the only tensors
+    this actor reads. Runs on the GPU Ray gave it, if any, in `dtype`.
     """
 
-    def __init__(self, checkpoint, experts: dict[ExpertKey, tuple[str, str]], dtype: str = "fp32"):
+    def __init__(self, checkpoint: SwitchCheckpoint, experts: dict[ExpertKey, tuple[str, str]], dtype: str = "fp32"):
         self.checkpoint = checkpoint
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-        self.dtype = DTYPES[dtype]
+        self.dtype = torch_dtype(dtype)
         before, read, loaded = disk_bytes_read(), 0, {}
         # One tensor at a time onto the device: host memory never holds more than one.
         for name, tensor in checkpoint.iter_tensors([name for pair in experts.values() for name in pair]):

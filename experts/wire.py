@@ -1,4 +1,5 @@
-"""Activations cross Ray as numpy arrays (cheaper than pickled tensors, zero-copy on one node).
+"""Tensors as they travel and are held: dtype options as torch dtypes, and activations across Ray as numpy
+arrays (cheaper than pickled tensors, zero-copy on one node).
 
 numpy has no bfloat16, so bf16 tensors travel as their raw 16-bit patterns and are viewed back on arrival.
 """
@@ -9,6 +10,13 @@ import warnings
 
 import numpy as np
 import torch
+
+from experts.spec import DTYPES
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a dtype option ("fp32", "bf16", "fp16")."""
+    return getattr(torch, DTYPES[name].torch)
 
 
 def to_wire(t: torch.Tensor) -> np.ndarray:

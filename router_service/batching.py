@@ -11,22 +11,13 @@ from __future__ import annotations
 import queue
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from router_service.model import DecoderCache, SwitchFront
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: no top-k cut
-    top_p: float = 1.0  # 1: no nucleus cut
-    seed: int | None = None  # fixes the sampling of this request; None: a fresh random seed
-    stop_token_ids: tuple[int, ...] = ()
+from router_service.requests import SamplingParams
 
 
 @dataclass(eq=False)

@@ -48,7 +48,7 @@ class ExpertDispatcher:
         return self.hosts[layer][expert, rank % copies[expert]]
 
     def send(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
-             keep: torch.Tensor) -> "PendingDispatch":
+             keep: torch.Tensor) -> PendingDispatch:
         """Start the calls for one sparse layer's kept tokens; the expert outputs come from `.result()`."""
         began = time.perf_counter()
         expert, keep = expert.cpu(), keep.cpu()

@@ -8,17 +8,24 @@ tokens to an expert dispatcher (the Ray actors), then scales what comes back by 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Generator
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
-from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersAttention
 
-from cluster.checkpoint import SwitchCheckpoint, expected_tensors, ffn_prefix, num_layers, sparse_layers
-
-CAPACITY_MODES = ("hf", "dropless")
+from experts.checkpoint import SwitchCheckpoint
+from experts.spec import (
+    CAPACITY_MODES,
+    STACKS,
+    expected_tensors,
+    ffn_prefix,
+    num_layers,
+    router_tensor_name,
+    sparse_layers,
+)
 
 # The front's dispatch (router_service.dispatch.ExpertDispatcher): `dispatch.send(stack, layer, tokens [N,
 # d_model], expert [N], keep [N])` starts the expert calls and returns a handle whose `.result()` is the expert
@@ -75,7 +82,7 @@ class DecoderCache:
         """Views of the columns in use of self_k or self_v."""
         return [t[:, :, :self.width] for t in tensors]
 
-    def with_room(self, width: int) -> "DecoderCache":
+    def with_room(self, width: int) -> DecoderCache:
         """This cache, or a copy with room for at least `width` self-attention columns."""
         if self.self_k and self.self_k[0].shape[2] >= width:
             return self
@@ -91,7 +98,7 @@ class DecoderCache:
         return DecoderCache(grow(self.self_k), grow(self.self_v), self.self_valid, self.cross_k, self.cross_v,
                             self.cross_bias)
 
-    def select(self, rows: torch.Tensor) -> "DecoderCache":
+    def select(self, rows: torch.Tensor) -> DecoderCache:
         """The cache of the sequences at `rows` only (the others' memory is freed), trimmed of padding columns
         that no remaining row uses."""
         valid = self.self_valid[rows]
@@ -107,7 +114,7 @@ class DecoderCache:
                             pick(self.cross_k, cross), pick(self.cross_v, cross), self.cross_bias[rows][..., :src])
 
     @staticmethod
-    def merge(a: "DecoderCache", b: "DecoderCache") -> "DecoderCache":
+    def merge(a: DecoderCache, b: DecoderCache) -> DecoderCache:
         """The rows of a then the rows of b: self caches left-padded, cross caches right-padded to fit."""
         width, src = max(a.width, b.width), max(a.cross_bias.shape[-1], b.cross_bias.shape[-1])
 
@@ -139,6 +146,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.dtype in (torch.float16, torch.bfloat16):
         x = x.to(weight.dtype)
     return weight * x
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """T5's bucket of each key-minus-query distance: exact buckets for small distances, logarithmic ones up to
+    `max_distance`, one bucket beyond; with `bidirectional`, half the buckets for keys after the query."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).to(torch.long) * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)  # a decoder query sees only earlier keys
+    exact = num_buckets // 2
+    log_bucket = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
+                          * (num_buckets - exact)).to(torch.long)
+    return buckets + torch.where(distance < exact, distance, log_bucket.clamp(max=num_buckets - 1))
 
 
 def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -174,13 +198,13 @@ class SwitchFront:
         self.weights = {name: t.to(self.device, self.dtype) for name, t in checkpoint.read(names).items()}
         self.act = ACT2FN[config.dense_act_fn]
         self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
-        self.sparse = {stack: set(sparse_layers(config, stack)) for stack in ("encoder", "decoder")}
+        self.sparse = {stack: set(sparse_layers(config, stack)) for stack in STACKS}
         if config.tie_word_embeddings:
             shared = self.weights["shared.weight"]
             self.embed = {"encoder": shared, "decoder": shared}
             self.lm_head = shared
         else:
-            self.embed = {s: self.weights[f"{s}.embed_tokens.weight"] for s in ("encoder", "decoder")}
+            self.embed = {s: self.weights[f"{s}.embed_tokens.weight"] for s in STACKS}
             self.lm_head = self.weights["lm_head.weight"]
 
     # -- building blocks ----------------------------------------------------------------------------------
@@ -208,7 +232,7 @@ class SwitchFront:
     def _position_bias(self, stack: str, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
         """[1, heads, queries, keys] relative position bias from block 0 of the stack."""
         memory = torch.arange(key_length, device=self.device)[None, :]
-        buckets = SwitchTransformersAttention._relative_position_bucket(
+        buckets = relative_position_bucket(
             memory - query_positions[:, None], bidirectional=(stack == "encoder"),
             num_buckets=self.config.relative_attention_num_buckets,
             max_distance=self.config.relative_attention_max_distance)
@@ -234,11 +258,10 @@ class SwitchFront:
 
     def _moe(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> MicroBatch:
         """Route the real tokens of x [batch, len, d_model] top-1, apply capacity, run the experts remotely."""
-        prefix = f"{ffn_prefix(stack, layer)}.mlp.router.classifier"
         rows, cols = valid.nonzero(as_tuple=True)  # sequence by sequence, earlier positions first
         tokens = x[rows, cols]
-        bias = self.weights.get(f"{prefix}.bias")
-        logits = F.linear(tokens.to(torch.float32), self._w(f"{prefix}.weight").to(torch.float32),
+        bias = self.weights.get(router_tensor_name(stack, layer, "bias"))
+        logits = F.linear(tokens.to(torch.float32), self._w(router_tensor_name(stack, layer)).to(torch.float32),
                           None if bias is None else bias.to(torch.float32))
         probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype)
         expert = probs.argmax(dim=-1)

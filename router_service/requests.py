@@ -1,11 +1,12 @@
-"""Checking what a caller asks for, before any work starts. Every error names the field it is about."""
+"""What a caller may ask for, and checking it before any work starts. Every error names the field it is about."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from router_service.batching import SamplingParams
+from pydantic import BaseModel, ConfigDict, Field
+
+from router_service.config import EngineConfig
 
 
 class InvalidRequest(ValueError):
@@ -22,14 +23,21 @@ class InvalidRequest(ValueError):
 MIN_TEMPERATURE = 0.01  # below it logits / temperature overflows
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_tokens: int = 512
-    max_new_tokens: int = 256
-    max_sequences: int = 32  # sequences decoding together in one replica's batch
+class SamplingParams(BaseModel):
+    """How one request decodes; the defaults are what a request that says nothing gets."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_new_tokens: int = Field(32, description="the most tokens to generate")
+    temperature: float = Field(0.0, description="0: greedy; otherwise sample (0.01 to 100)")
+    top_k: int = Field(0, description="sample among the k most likely tokens (0: off)")
+    top_p: float = Field(1.0, description="sample among the most likely tokens whose probability adds up to p "
+                                          "(1: off); applied after temperature and top_k, as transformers does")
+    seed: int | None = Field(None, description="makes sampling reproducible (default: a fresh random seed)")
+    stop_token_ids: tuple[int, ...] = Field((), description="end on any of these (finish_reason stop)")
 
 
-def check_prompt(ids: list[int], vocab_size: int, limits: Limits, field: str = "input_ids") -> list[int]:
+def check_prompt(ids: list[int], vocab_size: int, limits: EngineConfig, field: str = "input_ids") -> list[int]:
     if not ids:
         raise InvalidRequest(field, "empty prompt")
     if len(ids) > limits.max_prompt_tokens:
@@ -40,21 +48,23 @@ def check_prompt(ids: list[int], vocab_size: int, limits: Limits, field: str = "
     return list(ids)
 
 
-def make_sampling_params(vocab_size: int, limits: Limits, *, max_new_tokens: int | None = None,
+def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_tokens: int | None = None,
                          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                          seed: int | None = None, stop_token_ids: list[int] | tuple[int, ...] = ()) -> SamplingParams:
-    """Defaults for what is not given; range checks for what is."""
+    """Defaults (SamplingParams') for what is not given; range checks for what is."""
+    defaults = SamplingParams()
     if max_new_tokens is None:
-        max_new_tokens = min(SamplingParams.max_new_tokens, limits.max_new_tokens)
+        max_new_tokens = min(defaults.max_new_tokens, limits.max_new_tokens)
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise InvalidRequest("max_new_tokens", f"must be between 1 and {limits.max_new_tokens}, got {max_new_tokens}")
-    temperature = 0.0 if temperature is None else float(temperature)
+    temperature = defaults.temperature if temperature is None else float(temperature)
     if not (temperature == 0.0 or MIN_TEMPERATURE <= temperature <= 100.0):
-        raise InvalidRequest("temperature", f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {temperature}")
-    top_k = 0 if top_k is None else top_k
+        raise InvalidRequest("temperature",
+                             f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {temperature}")
+    top_k = defaults.top_k if top_k is None else top_k
     if top_k < 0:
         raise InvalidRequest("top_k", f"must be 0 (off) or positive, got {top_k}")
-    top_p = 1.0 if top_p is None else float(top_p)
+    top_p = defaults.top_p if top_p is None else float(top_p)
     if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
         raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p}")
     if seed is not None and not 0 <= seed < 2**63:
@@ -62,4 +72,5 @@ def make_sampling_params(vocab_size: int, limits: Limits, *, max_new_tokens: int
     bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequest("stop_token_ids", f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
-    return SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_token_ids))
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, stop_token_ids=tuple(stop_token_ids))

@@ -4,58 +4,32 @@
 Every replica runs its own front and continuous batcher and shares the expert actors with the others.
 """
 
-
 import asyncio
 import hmac
 import json
 import logging
-import os
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import AsyncIterator, Callable, Literal
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
-import ray
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from cluster.placement import PlacementConfig
-from router_service.auth import API_KEY_ENV, Unauthenticated, load_api_key, presented_key
+from experts.fleet import this_node_cpus
+from router_service.auth import Unauthenticated, load_api_key, presented_key
 from router_service.batching import Sequence
+from router_service.config import ServerConfig
+from router_service.engine import SwitchCluster, count_expert_tokens
 from router_service.metrics import ServingMetrics
 from router_service.proto import switch_serve_pb2 as pb
-from router_service.requests import InvalidRequest, Limits, check_prompt, make_sampling_params
+from router_service.requests import InvalidRequest, check_prompt, make_sampling_params
 from router_service.scheduler import QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
 http_app = FastAPI(title="switch-serve", description="Switch Transformers with experts in Ray actors")
-
-
-class ServerConfig(BaseModel):
-    """Everything a replica needs: the `args` of the Serve application (see cluster.app.build_app)."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt argument fails instead of being ignored
-
-    model: str = Field(description="checkpoint folder, readable from every node")
-    placement: PlacementConfig = PlacementConfig()
-    dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="default: the checkpoint's")
-    front_gpus: float = Field(0.0, ge=0, description="GPUs each front replica asks for")
-    front_threads: int | None = Field(
-        None, ge=1, description="CPU threads of each replica's math (default: the CPUs Ray counts on its node, "
-                                "since the front and the expert actors take turns)")
-    capacity: Literal["hf", "dropless"] = "hf"
-    micro_batches: int = Field(1, ge=1, description="parts each batch is split into, so that one part's front "
-                                                    "math runs while another's expert calls are out")
-    max_prompt_tokens: int = Field(512, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
-    max_sequences: int = Field(32, ge=1, description="sequences decoding together in one replica")
-    max_waiting: int = Field(64, ge=1, description="requests a replica queues beyond its batch before refusing")
-    num_replicas: int = Field(1, ge=1)
-    api_key_file: str | None = Field(None, description=f"file holding the API key every call must present "
-                                                       f"(or set {API_KEY_ENV} on the nodes)")
 
 
 # What goes wrong, as a gRPC status and an HTTP status.
@@ -63,15 +37,6 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
           QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
           Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401)}
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
-
-
-def node_cpus() -> int:
-    """The CPUs Ray counts on this process's node (on Kubernetes, the container's limit rather than the host's
-    cores), at most the cores this process may run on."""
-    here = ray.get_runtime_context().get_node_id()
-    counted = next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(int(counted), cores))
 
 
 def error_status(e: Exception) -> tuple[grpc.StatusCode, int]:
@@ -143,19 +108,13 @@ async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChu
 @serve.ingress(http_app)
 class SwitchServer:
     def __init__(self, config: ServerConfig):
-        from cluster.engine import SwitchCluster
-
         self.config = config
         self.api_key = load_api_key(config.api_key_file)
-        limits = Limits(config.max_prompt_tokens, config.max_new_tokens, config.max_sequences)
         self.metrics = ServingMetrics(Path(config.model).name)
-        self.cluster = SwitchCluster(config.model, placement=config.placement, dtype=config.dtype,
-                                     micro_batches=config.micro_batches,
-                                     capacity=config.capacity, limits=limits, shared_actors=True,
-                                     metrics=self.metrics)
-        self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting, config.front_threads or node_cpus())
+        self.cluster = SwitchCluster(config, shared_actors=True, metrics=self.metrics)
+        self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting, config.front_threads or this_node_cpus())
         try:
-            self.cluster.tokenizer  # loaded now rather than on the first request
+            _ = self.cluster.tokenizer  # loaded now rather than on the first request
             self.has_tokenizer = True
         except InvalidRequest:
             self.has_tokenizer = False  # token ids only
@@ -163,7 +122,7 @@ class SwitchServer:
     # -- shared by gRPC and HTTP ---------------------------------------------------------------------------
 
     def _sequence(self, request: pb.GenerateRequest) -> Sequence:
-        vocab, limits = self.cluster.checkpoint.config.vocab_size, self.cluster.limits
+        vocab, limits = self.cluster.checkpoint.config.vocab_size, self.config
         if bool(request.text) == bool(request.input_ids):
             raise InvalidRequest("text, input_ids", "give exactly one of them")
         prompt = self.cluster.encode_text(request.text) if request.text else list(request.input_ids)
@@ -215,8 +174,6 @@ class SwitchServer:
             yield chunk
 
     async def _model_info(self) -> pb.ModelInfoResponse:
-        from cluster.engine import count_expert_tokens
-
         cluster, config = self.cluster, self.cluster.checkpoint.config
         infos = await asyncio.gather(*[a.info.remote() for a in cluster.actors])
         counts = await asyncio.gather(*[a.token_counts.remote() for a in cluster.actors])
@@ -230,7 +187,7 @@ class SwitchServer:
             expert_capacity=config.expert_capacity, capacity_mode=cluster.capacity,
             dtype=str(cluster.front.dtype).removeprefix("torch."),
             actors=[pb.ActorPlacement(actor=i, node_id=info["node_id"], device=info["device"], pid=info["pid"],
-                                      experts=[pb.ExpertRef(stack=s, layer=l, expert=e) for s, l, e in info["experts"]])
+                                      experts=[pb.ExpertRef(stack=s, layer=i, expert=e) for s, i, e in info["experts"]])
                     for i, info in enumerate(infos)],
             expert_tokens=[pb.ExpertLoad(stack=stack, layer=layer, tokens=tokens)
                            for (stack, layer), tokens in count_expert_tokens(counts, config.num_experts).items()],

@@ -1,4 +1,7 @@
-"""Shared fixtures: one local Ray cluster per test run, small checkpoints written by transformers itself."""
+"""Shared fixtures: one local Ray cluster per test run, small checkpoints written by transformers itself.
+
+A test that uses a Ray fixture is marked `ray` here; one that starts Ray another way (a subprocess) carries the
+mark itself. `make test-fast` runs the others."""
 
 from __future__ import annotations
 
@@ -8,10 +11,19 @@ import pytest
 import ray
 from transformers.utils import logging as hf_logging
 
-from cluster.synthetic import tiny_config, write_random_checkpoint
+from cluster.testing import tiny_config, write_random_checkpoint
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
+
+
+RAY_FIXTURES = {"ray_cluster", "multi_node_cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if RAY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.ray)
 
 
 def start_local_ray() -> None:

@@ -1,14 +1,19 @@
-"""transformers as the reference: its greedy generate and its routers' drops, for comparison; and a run of
-ours in the background, to break things under it."""
+"""transformers as the reference: its greedy generate and its routers' drops, for comparison; a run of ours in
+the background, to break things under it; and where the repository's files are."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+DATA = ROOT / "tests" / "data"
+MODEL_CONFIGS = DATA / "model-configs"  # the released checkpoints' configs
 
 
 def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

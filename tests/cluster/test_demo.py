@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cluster.demo import DEMO_MODEL, PROMPTS, STREAMED, expected_answer, spell
-from cluster.engine import SwitchCluster
-from cluster.placement import PlacementConfig
+from experts.placement import PlacementConfig
+from router_service.engine import SwitchCluster
 
 
 def test_expected_answers():

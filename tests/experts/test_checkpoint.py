@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 import torch
+from reference import edit_config
 from safetensors.torch import load_file, save_file
 
-from cluster.checkpoint import CheckpointError, SwitchCheckpoint, expert_tensor_names, sparse_layers
-from cluster.synthetic import tiny_config
-from reference import edit_config
+from cluster.testing import tiny_config
+from experts.checkpoint import CheckpointError, SwitchCheckpoint
+from experts.spec import expert_tensor_names, sparse_layers
 
 EXPERT = "encoder.block.1.layer.1.mlp.experts.expert_2.wi.weight"
 
@@ -88,7 +89,8 @@ def test_integer_tensor_rejected(checkpoint):
 def test_shard_listed_but_absent(sharded):
     index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
     (sharded / index[EXPERT]).unlink()
-    with pytest.raises(CheckpointError, match=rf"{index[EXPERT]}: listed in model\.safetensors\.index\.json but missing"):
+    listed = rf"{index[EXPERT]}: listed in model\.safetensors\.index\.json but missing"
+    with pytest.raises(CheckpointError, match=listed):
         SwitchCheckpoint.open(sharded)
 
 

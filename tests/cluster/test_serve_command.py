@@ -15,11 +15,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.demo import DEMO_MODEL, free_port
+from cluster.demo import DEMO_MODEL
+from cluster.testing import free_port
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 
 
+@pytest.mark.ray  # in the subprocess
 def test_serve_until_interrupted(tmp_path):
     """With an API key from the environment: calls without it are refused, the health check is not."""
     grpc_port, http_port = free_port(), free_port()

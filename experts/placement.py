@@ -2,8 +2,10 @@
 
 Two ways to place, chosen by `PlacementConfig.gpus`:
 - packed (no GPUs): actor i hosts expert indices [i*k, (i+1)*k) of every sparse layer;
-- planned (GPUs): cluster.plan spreads experts over the GPUs by memory and load, hot experts get replicas,
+- planned (GPUs): experts.plan spreads experts over the GPUs by memory and load, hot experts get replicas,
   and each GPU's experts go to `actors_per_gpu` actors that share it.
+
+Pure Python: the CLI builds its flags from `PlacementConfig` and plans without starting anything.
 """
 
 from __future__ import annotations
@@ -12,12 +14,9 @@ import math
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import SwitchTransformersConfig
 
-from cluster.checkpoint import STACKS, sparse_layers
-
-ExpertKey = tuple[str, int, int]  # (stack, block index, expert index)
-LayerKey = tuple[str, int]  # (stack, block index) of a sparse layer
+from experts.plan import ACTIVATION_RESERVE, Plan, make_plan, parse_bytes, read_stats
+from experts.spec import STACKS, ExpertKey, LayerKey, SwitchConfig, sparse_layers
 
 
 class PlacementError(RuntimeError):
@@ -30,58 +29,45 @@ class PlacementConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     experts_per_actor: int | None = Field(
-        None, ge=1, description="without GPUs: expert indices packed into one actor (default: one actor per CPU "
-                                "of the nodes, since the front and the experts take turns)")
+        None, ge=1, description="without GPUs: expert indices packed into one actor, hosting those experts of every "
+                                "sparse layer (default: one actor per CPU of the nodes, since the front and the "
+                                "experts take turns)")
     cpus: int | None = Field(None, ge=1, description="without GPUs and experts_per_actor: the CPUs to pack for "
                                                      "(default: those of the nodes, read once when the app is built)")
     gpus: int = Field(0, ge=0, description="plan the experts over this many GPUs (0: CPU actors, packed)")
     nodes: int = Field(1, ge=1, description="spread the actors evenly over this many Ray nodes")
-    gpu_memory: str = Field("80GiB", description="memory of each GPU, 10% of it kept for activations")
+    gpu_memory: str = Field("80GiB", description=f"memory of each GPU, {ACTIVATION_RESERVE:.0%} of it kept for "
+                                                 "activations")
     actors_per_gpu: int = Field(1, ge=1, description="actors sharing each GPU (each asks for a fraction of it)")
     replicate_hot: int = Field(0, ge=0, description="the busiest experts that get a second copy on another GPU")
     stats: str | None = Field(None, description="token counts per expert (`switch-serve stats`) to balance by")
     actor_resources: dict[str, float] = Field(
-        default_factory=dict, description="extra Ray resources each expert actor asks for, e.g. a worker group's")
+        default_factory=dict, description="a Ray resource each expert actor asks for, e.g. a GPU worker group's")
     timeout_s: float = Field(600.0, gt=0, description="how long to wait for Ray to find room for the actors")
     restart_timeout_s: float = Field(
         60.0, gt=0, description="how long a sparse layer waits for expert actors that are down (restarting, or "
                                 "with no room to restart) before its requests fail with UNAVAILABLE")
 
     @model_validator(mode="after")
-    def _planner_options_need_gpus(self) -> "PlacementConfig":
+    def _planner_options_need_gpus(self) -> PlacementConfig:
         for name in ("replicate_hot", "stats"):
             if getattr(self, name) and not self.gpus:
                 raise ValueError(f"{name} needs gpus: replicas and load balancing are planned over GPUs")
         return self
 
-    def for_cluster(self) -> "PlacementConfig":
-        """This config with `cpus` read from the running Ray cluster where the packing needs it: the CPUs of the
-        `nodes` largest nodes. Read once and passed on, so that every replica packs the same way."""
-        import ray
-
-        if self.gpus or self.experts_per_actor or self.cpus or not ray.is_initialized():
-            return self
-        return self.model_copy(update={"cpus": max(1, int(sum(node_cpus_largest_first()[:self.nodes])))})
-
-    def place(self, config: SwitchTransformersConfig, dtype: str) -> "Placement":
+    def place(self, config: SwitchConfig, dtype: str) -> Placement:
         """The placement of `config`'s experts, served in `dtype` ("bf16", "fp16" or "fp32"). Packing without
-        `experts_per_actor` follows `cpus` (see `for_cluster`; one actor per node when unknown)."""
+        `experts_per_actor` follows `cpus` (see experts.fleet.for_cluster; one actor per node when unknown)."""
         if not self.gpus:
             per_actor = self.experts_per_actor or experts_per_cpu(config.num_experts, self.cpus or 1, self.nodes)
             return Placement.packed(config, per_actor, self.nodes)
-        from cluster.plan import make_plan, parse_bytes, read_stats
+        return Placement.from_plan(self.plan(config, dtype), self.actors_per_gpu)
 
-        plan = make_plan(config, gpus=self.gpus, gpu_memory=parse_bytes(self.gpu_memory), nodes=self.nodes,
+    def plan(self, config: SwitchConfig, dtype: str) -> Plan:
+        """The planner's placement of `config`'s experts over `gpus` GPUs."""
+        return make_plan(config, gpus=self.gpus, gpu_memory=parse_bytes(self.gpu_memory), nodes=self.nodes,
                          dtype=dtype, replicate_hot=self.replicate_hot,
                          stats=read_stats(self.stats) if self.stats else None)
-        return Placement.from_plan(plan, self.actors_per_gpu)
-
-
-def node_cpus_largest_first() -> list[float]:
-    """The CPUs of each live node of the running Ray cluster, largest first."""
-    import ray
-
-    return sorted((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), reverse=True)
 
 
 def experts_per_cpu(num_experts: int, cpus: float, nodes: int = 1) -> int:
@@ -105,7 +91,7 @@ class Placement:
     nodes: int = 1
 
     @classmethod
-    def packed(cls, config: SwitchTransformersConfig, experts_per_actor: int = 1, nodes: int = 1) -> "Placement":
+    def packed(cls, config: SwitchConfig, experts_per_actor: int = 1, nodes: int = 1) -> Placement:
         """Actor i hosts expert indices [i*k, (i+1)*k) of every sparse layer; actors split evenly over nodes."""
         if experts_per_actor < 1:
             raise ValueError(f"experts_per_actor must be at least 1, got {experts_per_actor}")
@@ -119,7 +105,7 @@ class Placement:
                          for i, group in enumerate(groups)), nodes)
 
     @classmethod
-    def from_plan(cls, plan, actors_per_gpu: int = 1) -> "Placement":
+    def from_plan(cls, plan: Plan, actors_per_gpu: int = 1) -> Placement:
         """One actor per planned GPU (or `actors_per_gpu` actors sharing it, with a fraction each)."""
         used = [g for g in plan.gpus if g.experts]
         node_index = {node: i for i, node in enumerate(sorted({g.node for g in used}))}  # nodes left empty go

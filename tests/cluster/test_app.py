@@ -5,19 +5,17 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
+from reference import ROOT
 
 from cluster.app import build_app, serve_config
-from cluster.placement import PlacementConfig
-from router_service.server import ServerConfig
-
-ROOT = Path(__file__).resolve().parents[1]
+from experts.placement import PlacementConfig
+from router_service.config import ServerConfig
 
 
 def unknown_keys(model: type[BaseModel], data, path: str = "") -> list[str]:
@@ -35,7 +33,8 @@ def unknown_keys(model: type[BaseModel], data, path: str = "") -> list[str]:
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 items = value if isinstance(value, list) else [value]
                 for i, item in enumerate(items):
-                    found += unknown_keys(candidate, item, f"{path}{key}[{i}]." if isinstance(value, list) else f"{path}{key}.")
+                    where = f"{path}{key}[{i}]." if isinstance(value, list) else f"{path}{key}."
+                    found += unknown_keys(candidate, item, where)
     return found
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 
 import ray
-
-from cluster.engine import SwitchCluster
-from cluster.placement import PlacementConfig
 from reference import generate_in_background, hf_generate
+
+from experts.placement import PlacementConfig
+from router_service.engine import SwitchCluster
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1], [40, 41, 1],
            [12, 13, 14, 15, 1]]

@@ -14,19 +14,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from ray import serve
+from reference import hf_generate
 from transformers import AutoTokenizer
 
-from cluster import app
-from cluster.demo import WORDS, free_port
-from cluster.engine import SwitchCluster
-from cluster.placement import PlacementConfig
-from cluster.soak import resident_memory
-from cluster.synthetic import write_random_checkpoint_with_tokenizer
-from reference import hf_generate
+from cluster.app import local_serve
+from cluster.demo import WORDS
+from cluster.testing import free_port, resident_memory, write_random_checkpoint_with_tokenizer
+from experts.placement import PlacementConfig
+from router_service.config import ServerConfig
+from router_service.engine import SwitchCluster
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
-from router_service.server import ServerConfig
 
 MAX_SEQUENCES, MAX_WAITING, MAX_NEW_LIMIT = 4, 16, 256
 
@@ -38,14 +36,10 @@ def server(ray_cluster, tmp_path_factory):
     write_random_checkpoint_with_tokenizer(path, WORDS)
     config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4),
                           max_sequences=MAX_SEQUENCES, max_waiting=MAX_WAITING, max_new_tokens=MAX_NEW_LIMIT)
-    grpc_port, http_port = free_port(), free_port()
-    app.start(config, http_port=http_port, grpc_port=grpc_port)
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    yield {"path": path, "stub": pb_grpc.SwitchServeStub(channel), "channel": channel,
-           "http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
-    channel.close()
-    app.stop(config)
-    serve.shutdown()
+    with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
+        with grpc.insecure_channel(served.grpc) as channel:
+            yield {"path": path, "stub": pb_grpc.SwitchServeStub(channel), "channel": channel, "http": served.http,
+                   "grpc": served.grpc}
 
 
 @pytest.fixture(scope="module")
@@ -314,8 +308,8 @@ def test_cli_generate_is_a_client_of_the_server(server, capsys):
         local = [o.to_dict() for o in model.generate(PROMPTS[:2], max_new_tokens=5)]
     assert [r["token_ids"] for r in remote] == [r["token_ids"] for r in local]
     assert [r["finish_reason"] for r in remote] == [r["finish_reason"] for r in local]
-    for r, l in zip(remote, local):
-        assert r["logprobs"] == pytest.approx(l["logprobs"], abs=1e-5)
+    for r, here in zip(remote, local):
+        assert r["logprobs"] == pytest.approx(here["logprobs"], abs=1e-5)
     with pytest.raises(SystemExit):
         main(["generate", "--address", server["grpc"], "--input-ids", "[[3, 5000]]"])
     assert "INVALID_ARGUMENT: input_ids" in capsys.readouterr().err
@@ -323,7 +317,7 @@ def test_cli_generate_is_a_client_of_the_server(server, capsys):
 
 def test_cli_stats_writes_what_the_planner_reads(server, tmp_path):
     from cluster.cli import main
-    from cluster.plan import read_stats
+    from experts.plan import read_stats
 
     server["stub"].Generate(pb.GenerateRequest(input_ids=PROMPTS[0], max_new_tokens=4))
     info = server["stub"].ModelInfo(pb.ModelInfoRequest())

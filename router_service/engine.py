@@ -1,7 +1,7 @@
-"""The Python API: serve a checkpoint folder as one model whose experts live in Ray actors.
+"""The engine and the Python API: a checkpoint served as one model whose experts live in Ray actors.
 
-    with SwitchCluster("path/to/checkpoint", experts_per_actor=2) as model:
-        outputs = model.generate(input_ids=[[13, 7, 1]], max_new_tokens=16)
+    with SwitchCluster("path/to/checkpoint", placement=PlacementConfig(experts_per_actor=2)) as model:
+        outputs = model.generate([[13, 7, 1]], max_new_tokens=16)
 """
 
 from __future__ import annotations
@@ -13,28 +13,16 @@ from pathlib import Path
 import ray
 import torch
 
-from cluster.checkpoint import SwitchCheckpoint
-from cluster.convert import resolve_model
-from cluster.fleet import start_fleet, stop_fleet
-from cluster.placement import PlacementConfig
-from experts.actor import DTYPES
-from router_service.dispatch import ExpertDispatcher
+from experts.checkpoint import SwitchCheckpoint
+from experts.fleet import served_placement, start_fleet, stop_fleet
+from experts.wire import torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
+from router_service.config import EngineConfig
+from router_service.dispatch import ExpertDispatcher
 from router_service.model import SwitchFront
-from router_service.requests import InvalidRequest, Limits, check_prompt, make_sampling_params
-
-log = logging.getLogger(__name__)
+from router_service.requests import InvalidRequest, check_prompt, make_sampling_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
-
-
-def dtype_name(checkpoint: SwitchCheckpoint, dtype: str | None) -> str:
-    """The dtype to serve in: the one asked for, else the checkpoint's own."""
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        return dtype
-    return next(name for name, t in DTYPES.items() if t == checkpoint.dtype)
 
 
 def count_expert_tokens(per_actor: list[dict], num_experts: int) -> dict[tuple[str, int], list[int]]:
@@ -48,38 +36,39 @@ def count_expert_tokens(per_actor: list[dict], num_experts: int) -> dict[tuple[s
 
 class SwitchCluster:
     """A checkpoint served with expert parallelism: the front here, the experts in Ray actors placed as
-    `placement` says, both in `dtype` (default: the checkpoint's). The front runs on the GPU when this process
-    has one.
+    `config.placement` says, both in `config.dtype` (default: the checkpoint's). The front runs on the GPU when
+    this process has one.
 
-    `model_dir` is a checkpoint folder or a Hugging Face Hub id. Starts a local Ray cluster unless one is
-    running or `address` names one to join. `metrics` (a router_service.metrics.ServingMetrics) records the
-    batches and the expert round trips."""
+    Takes an EngineConfig, or the checkpoint folder and EngineConfig's other fields as keywords. Starts a local
+    Ray cluster unless one is running or `address` names one to join. With `shared_actors`, the expert actors
+    are named and outlive this object, for every front serving the same checkpoint and placement to share.
+    `metrics` (a router_service.metrics.ServingMetrics) records the batches and the expert round trips."""
 
-    def __init__(self, model_dir: str | os.PathLike, *, placement: PlacementConfig = PlacementConfig(),
-                 dtype: str | None = None, capacity: str = "hf", address: str | None = None,
-                 limits: Limits = Limits(), shared_actors: bool = False, metrics=None, micro_batches: int = 1):
-        self.checkpoint = SwitchCheckpoint.open(resolve_model(model_dir))
-        self.dtype = dtype_name(self.checkpoint, dtype)
-        self.limits, self.capacity, self.shared_actors = limits, capacity, shared_actors
+    def __init__(self, model: str | os.PathLike | EngineConfig, *, address: str | None = None,
+                 shared_actors: bool = False, metrics=None, **options):
+        self.config = model if isinstance(model, EngineConfig) else EngineConfig(model=str(model), **options)
+        self.checkpoint = SwitchCheckpoint.open(self.config.model)
+        self.capacity, self.shared_actors = self.config.capacity, shared_actors
         self._tokenizer = None
         self.fleet, self.actors = None, []
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
         try:
-            placement = placement.for_cluster()
-            self.placement = placement.place(self.checkpoint.config, self.dtype)
+            placement = self.config.placement
+            self.placement, self.dtype = served_placement(self.checkpoint, placement, self.config.dtype)
             self.fleet, self.actors = start_fleet(self.checkpoint, self.placement, self.dtype, shared=shared_actors,
                                                   actor_resources=placement.actor_resources,
                                                   timeout_s=placement.timeout_s)
             dispatch = ExpertDispatcher(self.actors, self.placement.owners(), self.checkpoint.config.num_experts,
                                         metrics, placement.restart_timeout_s)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.front = SwitchFront(self.checkpoint, dispatch, capacity, DTYPES[self.dtype], device, micro_batches)
+            self.front = SwitchFront(self.checkpoint, dispatch, self.capacity, torch_dtype(self.dtype), device,
+                                     self.config.micro_batches)
         except BaseException:
             self.shutdown()
             raise
-        self.batcher = ContinuousBatcher(self.front, limits.max_sequences, metrics)
+        self.batcher = ContinuousBatcher(self.front, self.config.max_sequences, metrics)
 
     @property
     def tokenizer(self):
@@ -101,7 +90,7 @@ class SwitchCluster:
     def generate(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
                  **sampling) -> list[Sequence]:
         """Generate for a batch of prompts, given as token ids or as text (exactly one of them).
-        `sampling`: max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids (greedy by default)."""
+        `sampling`: SamplingParams' fields (greedy by default)."""
         if (input_ids is None) == (texts is None):
             raise InvalidRequest("input_ids, texts", "give exactly one of them")
         if texts is not None:
@@ -109,8 +98,8 @@ class SwitchCluster:
         if not input_ids:
             raise InvalidRequest("input_ids", "at least one prompt is needed")
         vocab = self.checkpoint.config.vocab_size
-        prompts = [check_prompt(ids, vocab, self.limits, f"input_ids[{i}]") for i, ids in enumerate(input_ids)]
-        params = make_sampling_params(vocab, self.limits, **sampling)
+        prompts = [check_prompt(ids, vocab, self.config, f"input_ids[{i}]") for i, ids in enumerate(input_ids)]
+        params = make_sampling_params(vocab, self.config, **sampling)
         return run_to_completion(self.batcher, [Sequence(p, params) for p in prompts])
 
     def decode(self, token_ids: list[int]) -> str:
@@ -133,7 +122,7 @@ class SwitchCluster:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 
-    def __enter__(self) -> "SwitchCluster":
+    def __enter__(self) -> SwitchCluster:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import ray
-
-from cluster.engine import SwitchCluster
-from cluster.placement import PlacementConfig
 from reference import edit_config, hf_dropped_tokens, hf_generate
+
+from experts.placement import PlacementConfig
+from router_service.engine import SwitchCluster
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
 MAX_NEW = 10

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from reference import MODEL_CONFIGS
 from transformers import SwitchTransformersConfig
 
-from cluster.checkpoint import sparse_layers
 from cluster.cli import main
-from cluster.plan import PlanError, make_plan, parse_bytes
+from experts.plan import PlanError, make_plan, parse_bytes
+from experts.spec import sparse_layers
 
-CONFIGS = Path(__file__).resolve().parent / "data" / "model-configs"  # the released checkpoints' configs
+CONFIGS = MODEL_CONFIGS
 GiB = 2**30
 
 # (checkpoint, GPUs, GiB per GPU, nodes): sensible deployments of each released architecture.

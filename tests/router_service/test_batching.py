@@ -9,10 +9,12 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
-from cluster.checkpoint import SwitchCheckpoint, expert_tensor_names
+from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import expert_ffn
-from router_service.batching import ContinuousBatcher, SamplingParams, Sequence, sample
+from experts.spec import expert_tensor_names
+from router_service.batching import ContinuousBatcher, Sequence, sample
 from router_service.model import SwitchFront
+from router_service.requests import SamplingParams
 
 
 class LocalDispatch:

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import copy
 import shlex
-from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
-
-from cluster.cli import main
+from reference import DATA, ROOT
 from test_app import check_serve_config
 
-ROOT = Path(__file__).resolve().parents[1]
-CRD = Path(__file__).parent / "data" / "crds" / "ray.io_rayservices.yaml"  # copied from KubeRay
+from cluster.cli import main
+
+CRD = DATA / "crds" / "ray.io_rayservices.yaml"  # copied from KubeRay
 MANIFESTS = sorted((ROOT / "manifests").glob("rayservice-*.yaml"))
 
 

@@ -8,15 +8,15 @@ import time
 import grpc
 import pytest
 import ray
-from ray import serve
 
-from cluster import app
-from cluster.demo import PROMPTS, WORDS, free_port
-from cluster.placement import PlacementConfig
-from cluster.synthetic import write_random_checkpoint_with_tokenizer
+from cluster.app import local_serve
+from cluster.demo import PROMPTS, WORDS
+from cluster.testing import free_port, write_random_checkpoint_with_tokenizer
+from experts.placement import PlacementConfig
+from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
-from router_service.server import ServerConfig
+
 
 def replica_names() -> list[str]:
     """The named actors Serve runs the app's replicas in."""
@@ -31,13 +31,9 @@ def two_replicas(ray_cluster, tmp_path_factory):
     path = tmp_path_factory.mktemp("front-failure")
     write_random_checkpoint_with_tokenizer(path, WORDS)
     config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4), num_replicas=2)
-    grpc_port, http_port = free_port(), free_port()
-    app.start(config, http_port=http_port, grpc_port=grpc_port)
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    yield {"stub": pb_grpc.SwitchServeStub(channel), "address": f"127.0.0.1:{grpc_port}"}
-    channel.close()
-    app.stop(config)
-    serve.shutdown()
+    with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
+        with grpc.insecure_channel(served.grpc) as channel:
+            yield {"stub": pb_grpc.SwitchServeStub(channel), "address": served.grpc}
 
 
 def test_killed_front_replica(two_replicas):

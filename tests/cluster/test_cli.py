@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from reference import hf_generate
 
 from cluster.cli import main
 from cluster.demo import WORDS
-from cluster.synthetic import write_random_checkpoint_with_tokenizer
-from reference import hf_generate
+from cluster.testing import write_random_checkpoint_with_tokenizer
 
 PROMPTS = [[5, 9, 23, 4, 1], [71, 3, 1]]
 

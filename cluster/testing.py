@@ -1,8 +1,11 @@
-"""Small randomly initialised Switch checkpoints written by transformers itself, for tests and the demo."""
+"""Helpers for tests, the benchmark and the soak run: small randomly initialised Switch checkpoints written by
+transformers itself, free ports, and the memory of running processes."""
 
 from __future__ import annotations
 
 import os
+import random
+import socket
 from pathlib import Path
 
 import torch
@@ -54,3 +57,31 @@ def write_random_checkpoint(path: str | os.PathLike, config: SwitchTransformersC
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(Path(path), **kwargs)
     return model
+
+
+def free_port() -> int:
+    """A port free on all addresses, chosen between Ray's worker ports (10002-19999) and the kernel's
+    ephemeral range, so that processes starting meanwhile are unlikely to take it first."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+
+
+def resident_memory(*patterns: str) -> int:
+    """Resident memory, in bytes, of the processes on this machine whose command line holds one of `patterns`
+    (Linux /proc)."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if any(p in cmdline for p in patterns):
+                rss = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:"))
+                total += int(rss.split()[1]) * 1024
+        except (OSError, StopIteration, ValueError):  # not a process, gone, or a kernel thread
+            continue
+    return total

@@ -10,14 +10,14 @@ import sys
 
 import pytest
 import torch
+from reference import hf_generate
 from safetensors import safe_open
 
-from cluster.checkpoint import CheckpointError
 from cluster.cli import main
 from cluster.convert import BIN_INDEX_FILE, convert
-from cluster.engine import SwitchCluster
-from cluster.placement import PlacementConfig
-from reference import hf_generate
+from experts.checkpoint import CheckpointError
+from experts.placement import PlacementConfig
+from router_service.engine import SwitchCluster
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1]]
 

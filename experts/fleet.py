@@ -10,18 +10,50 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from cluster.checkpoint import SwitchCheckpoint, expert_tensor_names
-from cluster.placement import Placement, PlacementError, node_cpus_largest_first
 from experts.actor import ExpertActor
+from experts.checkpoint import SwitchCheckpoint
+from experts.placement import Placement, PlacementConfig, PlacementError
+from experts.spec import expert_tensor_names
 
 log = logging.getLogger(__name__)
 
 SHARED_NAMESPACE = "switch-serve"
+
+
+def node_cpus_largest_first() -> list[float]:
+    """The CPUs of each live node of the running Ray cluster, largest first."""
+    return sorted((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), reverse=True)
+
+
+def this_node_cpus() -> int:
+    """The CPUs Ray counts on this process's node (on Kubernetes, the container's limit rather than the host's
+    cores), at most the cores this process may run on."""
+    here = ray.get_runtime_context().get_node_id()
+    counted = next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(int(counted), cores))
+
+
+def for_cluster(config: PlacementConfig) -> PlacementConfig:
+    """`config` with `cpus` read from the running Ray cluster where the packing needs it: the CPUs of the
+    `nodes` largest nodes. Read once and passed on, so that every replica packs the same way."""
+    if config.gpus or config.experts_per_actor or config.cpus or not ray.is_initialized():
+        return config
+    return config.model_copy(update={"cpus": max(1, int(sum(node_cpus_largest_first()[:config.nodes])))})
+
+
+def served_placement(checkpoint: SwitchCheckpoint, config: PlacementConfig,
+                     dtype: str | None) -> tuple[Placement, str]:
+    """(placement, dtype) of a checkpoint served as `config` says, in `dtype` (None: the checkpoint's): what the
+    fronts build their dispatch on, and what names the fleet they share."""
+    dtype = dtype or checkpoint.dtype_name
+    return for_cluster(config).place(checkpoint.config, dtype), dtype
 
 
 def actor_cpus(placement: Placement) -> float:

@@ -11,15 +11,21 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from transformers import SwitchTransformersConfig
+from experts.spec import (
+    DTYPES,
+    STACKS,
+    ExpertKey,
+    SwitchConfig,
+    expert_bytes,
+    follow_weights,
+    num_layers,
+    sparse_layers,
+)
 
-from cluster.checkpoint import sparse_layers
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ACTIVATION_RESERVE = 0.10  # of each GPU's memory, left for activations and the CUDA context
-
-ExpertKey = tuple[str, int, int]
+PLAN_DTYPE = "bf16"  # what experts are planned in when no dtype is given: what GPUs serve in
 
 
 class PlanError(ValueError):
@@ -36,35 +42,16 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
 
 
-def expert_layers(config: SwitchTransformersConfig) -> tuple[dict[str, list[int]], list[str]]:
-    """Sparse layers per stack, and warnings where the config cannot be what the weights hold.
-
-    switch-c-2048's published config says 12 decoder layers and 15 sparse ones (a sparse step of 0, so a
-    literal reading builds no sparse decoder layer); its weights hold 15 decoder layers, all sparse."""
-    layers, warnings = {}, []
-    for stack in ("encoder", "decoder"):
-        total = config.num_layers if stack == "encoder" else config.num_decoder_layers
-        sparse = config.num_sparse_encoder_layers if stack == "encoder" else config.num_sparse_decoder_layers
-        if sparse > total:
-            warnings.append(f"config.json: {stack} has {total} layers but {sparse} sparse ones; planning {sparse} "
-                            f"{stack} layers, all sparse, as the released weights hold")
-            layers[stack] = list(range(sparse))
-        else:
-            layers[stack] = sparse_layers(config, stack)
-    return layers, warnings
-
-
-def front_bytes(config: SwitchTransformersConfig, layers: dict[str, list[int]], dtype_bytes: int) -> int:
+def front_bytes(config: SwitchConfig, dtype: str) -> int:
     """The non-expert weights: embeddings, attention, norms, dense FFNs, routers, LM head."""
     d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
     params = config.vocab_size * d * (1 if config.tie_word_embeddings else 3)
-    for stack in ("encoder", "decoder"):
-        total = max(config.num_layers if stack == "encoder" else config.num_decoder_layers, len(layers[stack]))
+    for stack in STACKS:
+        total, sparse = num_layers(config, stack), len(sparse_layers(config, stack))
         attentions = 1 if stack == "encoder" else 2
-        sparse = len(layers[stack])
         params += total * (attentions * (4 * d * inner + d) + d)  # attention + its norm, FFN norm
         params += (total - sparse) * 2 * d * ff + sparse * config.num_experts * d
-    return params * dtype_bytes
+    return params * DTYPES[dtype].bytes
 
 
 @dataclass
@@ -99,7 +86,7 @@ class Plan:
         }
 
 
-def make_plan(config: SwitchTransformersConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, dtype: str = "bf16",
+def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, dtype: str = PLAN_DTYPE,
               replicate_hot: int = 0, stats: dict[ExpertKey, float] | None = None) -> Plan:
     """Spread experts over GPUs, heaviest expected load first, each to the least-loaded GPU with room
     (longest-processing-time scheduling); the `replicate_hot` busiest experts get a second copy that halves
@@ -108,10 +95,10 @@ def make_plan(config: SwitchTransformersConfig, *, gpus: int, gpu_memory: int, n
         raise PlanError(f"gpus: {gpus} GPUs cannot be spread evenly over {nodes} nodes")
     if replicate_hot and gpus < 2:
         raise PlanError("replicate_hot: replicas need at least 2 GPUs")
-    layers, warnings = expert_layers(config)
-    size = 2 * config.d_model * config.d_ff * DTYPE_BYTES[dtype]
+    config, warnings = follow_weights(config)
+    size = expert_bytes(config, dtype)
     budget = int(gpu_memory * (1 - ACTIVATION_RESERVE))
-    keys = [(stack, layer, e) for stack in ("encoder", "decoder") for layer in layers[stack]
+    keys = [(stack, layer, e) for stack in STACKS for layer in sparse_layers(config, stack)
             for e in range(config.num_experts)]
     load = {key: float((stats or {}).get(key, 1.0)) for key in keys}
     hot = sorted(keys, key=lambda k: -load[k])[:replicate_hot]
@@ -141,7 +128,7 @@ def make_plan(config: SwitchTransformersConfig, *, gpus: int, gpu_memory: int, n
     for g in plan:
         g.experts.sort()
     replicas = {".".join(map(str, k)): n for k, n in copies.items() if n > 1}
-    return Plan(plan, size, front_bytes(config, layers, DTYPE_BYTES[dtype]), budget, replicas, warnings)
+    return Plan(plan, size, front_bytes(config, dtype), budget, replicas, warnings)
 
 
 def stats_json(counts: dict[tuple[str, int], list[int]]) -> dict[str, list[int]]:
@@ -151,6 +138,6 @@ def stats_json(counts: dict[tuple[str, int], list[int]]) -> dict[str, list[int]]
 
 def read_stats(path: str) -> dict[ExpertKey, float]:
     """Token counts as `{"encoder.1": [tokens per expert], ...}` (what the running cluster reports)."""
-    raw = json.loads(open(path).read())
+    raw = json.loads(Path(path).read_text())
     return {(layer.split(".")[0], int(layer.split(".")[1]), e): float(n)
             for layer, counts in raw.items() for e, n in enumerate(counts)}

@@ -1,16 +1,16 @@
+"""Which actor hosts which expert: packed, or planned over GPUs and nodes."""
+
 from __future__ import annotations
 
 from collections import Counter
 
 import pytest
-import torch
 from pydantic import ValidationError
 
-from cluster.checkpoint import sparse_layers
-from cluster.fleet import bundles
-from cluster.placement import Placement, PlacementConfig, experts_per_cpu
-from cluster.synthetic import tiny_config
-from router_service.dispatch import ExpertDispatcher
+from cluster.testing import tiny_config
+from experts.fleet import bundles
+from experts.placement import Placement, PlacementConfig, experts_per_cpu
+from experts.spec import sparse_layers
 
 
 def all_experts(config):
@@ -73,9 +73,3 @@ def test_planner_options_need_gpus():
     with pytest.raises(ValidationError, match="replicate_hot needs gpus"):
         PlacementConfig(replicate_hot=2)
 
-
-def test_dispatcher_deals_a_replicated_experts_tokens_round_robin():
-    owners = {("encoder", 1): {0: [0], 1: [1, 2], 2: [2]}}
-    dispatcher = ExpertDispatcher([], owners, num_experts=3)
-    expert = torch.tensor([1, 0, 1, 1, 2, 1, 0])
-    assert dispatcher.owner(("encoder", 1), expert).tolist() == [1, 0, 2, 1, 2, 2, 0]

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import ray
-
-from cluster.engine import SwitchCluster
-from cluster.placement import PlacementConfig
-from cluster.plan import stats_json
 from reference import generate_in_background, hf_generate
+
+from experts.placement import PlacementConfig
+from experts.plan import stats_json
+from router_service.engine import SwitchCluster
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
 MAX_NEW = 8

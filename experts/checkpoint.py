@@ -1,0 +1,172 @@
+"""Reading a Hugging Face Switch Transformers checkpoint folder.
+
+A checkpoint is `config.json` plus either `model.safetensors` or `model.safetensors.index.json` with its
+shards. `SwitchCheckpoint.open` checks the config against every tensor header before anything runs, so a
+damaged checkpoint fails at load time with the file and tensor named. Tensor data is read lazily, one named
+tensor at a time, so each process reads only the bytes it needs; the names it read are recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from experts.spec import DTYPE_OF_SAFETENSORS, DTYPES, SwitchConfig, expected_tensors, follow_weights
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be served as it is; the message names the file and the tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes, byte offsets), checked against its size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path}: truncated safetensors file (header of {header_len} bytes, file {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - header_len
+    for name, entry in header.items():
+        start, end = entry["data_offsets"]
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: tensor {name} is cut off (needs bytes {start}..{end} of the data, file holds {data_size})")
+    return header
+
+
+@dataclass
+class SwitchCheckpoint:
+    """A validated checkpoint folder: its config and where every tensor lives. Cheap to pickle."""
+
+    path: Path
+    config: SwitchConfig
+    tensors: dict[str, TensorInfo]
+    names_read: set[str] = field(default_factory=set, compare=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> SwitchCheckpoint:
+        path = Path(path).resolve()
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{config_file}: missing (a Switch checkpoint folder needs config.json)")
+        try:
+            config = SwitchConfig.from_json_file(config_file)
+        except ValueError as e:
+            raise CheckpointError(f"{config_file}: not a valid Switch Transformers config ({e})") from None
+        # transformers' activations import torch: here, not at the top, so that reading headers stays quick.
+        from transformers.activations import ACT2FN
+
+        if config.dense_act_fn not in ACT2FN:
+            raise CheckpointError(
+                f"{config_file}: dense_act_fn {config.dense_act_fn!r} is not an activation transformers' Switch "
+                f"supports (one of: relu, gelu, gelu_new, ...)")
+        tensors = cls._index(path)
+        try:
+            config, warnings = follow_weights(config, list(tensors), str(config_file))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        for warning in warnings:
+            log.warning(warning)
+        cls._check(config, tensors, path)
+        return cls(path=path, config=config, tensors=tensors)
+
+    @staticmethod
+    def _index(path: Path) -> dict[str, TensorInfo]:
+        index_file = path / INDEX_FILE
+        if index_file.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index_file}: not a safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif (path / SINGLE_FILE).is_file():
+            weight_map, files = {}, [SINGLE_FILE]
+        else:
+            raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are "
+                                  "served; convert .bin checkpoints first)")
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            shard = path / file
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: listed in {INDEX_FILE} but missing")
+            for name, entry in _read_header(shard).items():
+                tensors[name] = TensorInfo(file, tuple(entry["shape"]), entry["dtype"])
+        for name, file in weight_map.items():
+            if name not in tensors or tensors[name].file != file:
+                raise CheckpointError(f"{path / file}: tensor {name} is listed in {INDEX_FILE} but not in the file")
+        return tensors
+
+    @staticmethod
+    def _check(config: SwitchConfig, tensors: dict[str, TensorInfo], path: Path) -> None:
+        required, optional = expected_tensors(config)
+        where = path / (INDEX_FILE if (path / INDEX_FILE).is_file() else SINGLE_FILE)
+        for name, shape in required.items():
+            if name not in tensors:
+                raise CheckpointError(f"{where}: tensor {name} is missing (config.json expects shape {list(shape)})")
+        for name, info in tensors.items():
+            shape = required.get(name) or optional.get(name)
+            if shape is None:
+                raise CheckpointError(f"{path / info.file}: tensor {name} is not part of the model config.json "
+                                      "describes")
+            if info.dtype not in DTYPE_OF_SAFETENSORS:
+                raise CheckpointError(f"{path / info.file}: tensor {name} has dtype {info.dtype}, expected one of "
+                                      f"{', '.join(DTYPE_OF_SAFETENSORS)}")
+            if info.shape != shape:
+                raise CheckpointError(f"{path / info.file}: tensor {name} has shape {list(info.shape)}, "
+                                      f"config.json expects {list(shape)}")
+
+    @property
+    def dtype_name(self) -> str:
+        """The checkpoint's floating-point dtype (that of its embedding): "fp32", "bf16" or "fp16"."""
+        name = "shared.weight" if "shared.weight" in self.tensors else "lm_head.weight"
+        return DTYPE_OF_SAFETENSORS[self.tensors[name].dtype]
+
+    @property
+    def dtype(self):
+        """The checkpoint's floating-point dtype as a torch.dtype."""
+        import torch  # only where tensors are used (see `iter_tensors`)
+
+        return getattr(torch, DTYPES[self.dtype_name].torch)
+
+    def read(self, names: list[str]) -> dict:
+        """{name: torch.Tensor} of the named tensors, opening each shard once and reading only their bytes."""
+        return dict(self.iter_tensors(names))
+
+    def iter_tensors(self, names: list[str]):
+        """(name, tensor) for each named tensor, shard by shard, read as the caller asks for the next one (so a
+        caller that moves each to a GPU holds one tensor at a time in host memory)."""
+        # Reading tensors needs torch; importing it here keeps commands that only read headers quick.
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        for file, file_names in by_file.items():
+            with safe_open(self.path / file, framework="pt") as f:
+                for name in file_names:
+                    self.names_read.add(name)
+                    yield name, f.get_tensor(name)

@@ -1,0 +1,249 @@
+"""The Switch Transformers architecture as transformers defines it, written down once: the config fields,
+which blocks are sparse, the tensor names, the dtypes, and the one rule for configs that disagree with their
+weights. Used by the checkpoint reader, the planner, the front and the expert actors alike.
+
+Pure Python (no torch, no transformers), so that commands that only plan start at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+STACKS = ("encoder", "decoder")
+ExpertKey = tuple[str, int, int]  # (stack, block index, expert index)
+LayerKey = tuple[str, int]  # (stack, block index) of a sparse layer
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str  # as options spell it
+    torch: str  # torch's attribute name
+    safetensors: str  # the safetensors header's code
+    bytes: int
+
+
+DTYPES = {d.name: d for d in (DType("fp32", "float32", "F32", 4), DType("bf16", "bfloat16", "BF16", 2),
+                              DType("fp16", "float16", "F16", 2))}
+DTYPE_OF_SAFETENSORS = {d.safetensors: d.name for d in DTYPES.values()}
+DTypeName = Literal[tuple(DTYPES)]
+
+# hf: transformers' rule, each expert takes at most `expert_capacity` tokens of each sequence, earlier positions
+# first, and a token over it gets a zero expert output (only the residual carries it); dropless: none dropped.
+CAPACITY_MODES = ("hf", "dropless")
+CapacityMode = Literal[CAPACITY_MODES]
+
+# The config fields that say which blocks there are and which are sparse (what `follow_weights` may correct).
+LAYER_FIELDS = ("num_layers", "num_decoder_layers", "num_sparse_encoder_layers", "num_sparse_decoder_layers",
+                "encoder_sparse_step", "decoder_sparse_step")
+# A tensor of an expert FFN, for example `encoder.block.1.layer.1.mlp.experts.expert_5.wi.weight`.
+EXPERT_TENSOR = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.mlp\.experts\.expert_(\d+)\.")
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    """The architecture fields of a Switch checkpoint's config.json, with transformers' defaults
+    (`SwitchTransformersConfig`; a test keeps the two equal). Read without importing transformers."""
+
+    vocab_size: int = 32128
+    d_model: int = 768
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_heads: int = 12
+    num_layers: int = 12
+    num_decoder_layers: int | None = 12  # None: as many as the encoder
+    num_sparse_encoder_layers: int = 3
+    num_sparse_decoder_layers: int = 3
+    encoder_sparse_step: int | None = None  # None: computed from the layer counts, as transformers does
+    decoder_sparse_step: int | None = None
+    num_experts: int = 8
+    expert_capacity: int = 64
+    router_bias: bool = False
+    dense_act_fn: str = "relu"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    tie_word_embeddings: bool = True
+    pad_token_id: int = 0
+    eos_token_id: int | list[int] | None = 1
+    decoder_start_token_id: int | None = None  # None: the pad token, T5's convention
+
+    def __post_init__(self):
+        def default(name: str, value) -> None:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+        default("num_decoder_layers", self.num_layers)
+        for stack in STACKS:
+            # transformers: num_layers // num_sparse, or num_layers when there are no sparse layers.
+            total, sparse = num_layers(self, stack), getattr(self, f"num_sparse_{stack}_layers")
+            default(f"{stack}_sparse_step", total // sparse if sparse > 0 else total)
+        default("decoder_start_token_id", self.pad_token_id)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SwitchConfig:
+        """From config.json's fields (the others are ignored); raises ValueError naming a field of the wrong type."""
+        values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
+        for name, value in values.items():
+            annotation = cls.__dataclass_fields__[name].type
+            if not _has_type(value, annotation):
+                raise ValueError(f"{name}: expected {annotation}, got {value!r}")
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> SwitchConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def of(cls, config) -> SwitchConfig:
+        """A SwitchConfig from this or anything with its fields (transformers' `SwitchTransformersConfig`)."""
+        if isinstance(config, cls):
+            return config
+        return cls(**{f.name: getattr(config, f.name, None) for f in dataclasses.fields(cls)
+                      if getattr(config, f.name, None) is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_JSON_TYPES = {"int": int, "bool": bool, "str": str, "float": (int, float), "list[int]": list, "None": type(None)}
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a field's annotation ("int | None", ...); JSON's true is not a number."""
+    kinds = [_JSON_TYPES[part.strip()] for part in annotation.split("|")]
+    if isinstance(value, bool) and bool not in kinds:
+        return False
+    return any(isinstance(value, kind) for kind in kinds)
+
+
+def num_layers(config, stack: str) -> int:
+    return config.num_layers if stack == "encoder" else config.num_decoder_layers
+
+
+def sparse_indices(total: int, step: int) -> list[int]:
+    """transformers' rule: block i is sparse if i % step == 1, or every block with a step of 1; none for 0."""
+    if step <= 0:
+        return []
+    return [i for i in range(total) if i % step == 1 or step == 1]
+
+
+def sparse_layers(config, stack: str) -> list[int]:
+    """Indices of the sparse (mixture-of-experts) blocks of one stack. `config`: a SwitchConfig or transformers'
+    SwitchTransformersConfig."""
+    return sparse_indices(num_layers(config, stack), getattr(config, f"{stack}_sparse_step"))
+
+
+def ffn_prefix(stack: str, layer: int) -> str:
+    """Name prefix of a block's feed-forward sub-layer (index 1 in the encoder, 2 in the decoder)."""
+    return f"{stack}.block.{layer}.layer.{1 if stack == 'encoder' else 2}"
+
+
+def expert_tensor_names(stack: str, layer: int, expert: int) -> tuple[str, str]:
+    """The (wi, wo) weights of one expert."""
+    prefix = f"{ffn_prefix(stack, layer)}.mlp.experts.expert_{expert}"
+    return f"{prefix}.wi.weight", f"{prefix}.wo.weight"
+
+
+def router_tensor_name(stack: str, layer: int, which: str = "weight") -> str:
+    return f"{ffn_prefix(stack, layer)}.mlp.router.classifier.{which}"
+
+
+def expected_tensors(config: SwitchConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(required, optional) tensor shapes of a checkpoint for `config`.
+
+    With tied embeddings transformers uses `shared.weight` for both embeddings and the LM head, so the other
+    copies are optional (released checkpoints carry them); untied, each stack has its own.
+    """
+    d, v, inner, ff = config.d_model, config.vocab_size, config.num_heads * config.d_kv, config.d_ff
+    required: dict[str, tuple[int, ...]] = {}
+    optional: dict[str, tuple[int, ...]] = {}
+    embeddings = {"shared.weight": (v, d), "encoder.embed_tokens.weight": (v, d),
+                  "decoder.embed_tokens.weight": (v, d), "lm_head.weight": (v, d)}
+    if config.tie_word_embeddings:
+        required["shared.weight"] = (v, d)
+        optional.update({k: s for k, s in embeddings.items() if k != "shared.weight"})
+    else:
+        optional["shared.weight"] = (v, d)
+        required.update({k: s for k, s in embeddings.items() if k != "shared.weight"})
+    for stack in STACKS:
+        sparse = set(sparse_layers(config, stack))
+        required[f"{stack}.final_layer_norm.weight"] = (d,)
+        for i in range(num_layers(config, stack)):
+            attentions = ["layer.0.SelfAttention"] + (["layer.1.EncDecAttention"] if stack == "decoder" else [])
+            for attn in attentions:
+                p = f"{stack}.block.{i}.{attn}"
+                required.update({f"{p}.q.weight": (inner, d), f"{p}.k.weight": (inner, d),
+                                 f"{p}.v.weight": (inner, d), f"{p}.o.weight": (d, inner)})
+                required[f"{stack}.block.{i}.{attn.rsplit('.', 1)[0]}.layer_norm.weight"] = (d,)
+            if i == 0:
+                required[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+                    config.relative_attention_num_buckets, config.num_heads)
+            ffn = ffn_prefix(stack, i)
+            required[f"{ffn}.layer_norm.weight"] = (d,)
+            if i in sparse:
+                required[router_tensor_name(stack, i)] = (config.num_experts, d)
+                if config.router_bias:
+                    required[router_tensor_name(stack, i, "bias")] = (config.num_experts,)
+                for e in range(config.num_experts):
+                    wi, wo = expert_tensor_names(stack, i, e)
+                    required[wi], required[wo] = (ff, d), (d, ff)
+            else:
+                required[f"{ffn}.mlp.wi.weight"] = (ff, d)
+                required[f"{ffn}.mlp.wo.weight"] = (d, ff)
+    return required, optional
+
+
+def expert_bytes(config: SwitchConfig, dtype: str) -> int:
+    """One expert's weights (wi and wo)."""
+    return 2 * config.d_model * config.d_ff * DTYPES[dtype].bytes
+
+
+def _blocks_in_weights(names: list[str], stack: str) -> tuple[int, list[int]] | None:
+    """(blocks, sparse block indices) of a stack as the tensor names show them; None if it has none."""
+    blocks, sparse = set(), set()
+    for name in names:
+        match = re.match(rf"{stack}\.block\.(\d+)\.", name)
+        if match:
+            blocks.add(int(match.group(1)))
+            if ".mlp.router." in name or ".mlp.experts." in name:
+                sparse.add(int(match.group(1)))
+    return (max(blocks) + 1, sorted(sparse)) if blocks else None
+
+
+def follow_weights(config, names: list[str] | None = None,
+                   where: str = "config.json") -> tuple[SwitchConfig, list[str]]:
+    """The config that describes the weights, and one warning per stack where config.json does not.
+
+    Where config.json's layer counts disagree with the blocks the weights hold, the weights win. Without the
+    weights' tensor names (planning from config.json alone), the only disagreement visible is a stack with more
+    sparse layers than layers, and it is read as the weights of such a config hold it: that many blocks, all
+    sparse. switch-c-2048's published config says 12 decoder layers of which 15 are sparse; its weights hold 15
+    decoder blocks, all sparse."""
+    config, warnings = SwitchConfig.of(config), []
+    for stack in STACKS:
+        total, sparse_count = num_layers(config, stack), getattr(config, f"num_sparse_{stack}_layers")
+        if names is not None:
+            held = _blocks_in_weights(names, stack)
+            evidence = "the weights hold {blocks} blocks, {sparse} sparse; following the weights"
+        else:
+            held = (sparse_count, list(range(sparse_count))) if sparse_count > total else None
+            evidence = "reading it as {blocks} blocks, all sparse, as the released weights hold"
+        if held is None or (held[0], held[1]) == (total, sparse_layers(config, stack)):
+            continue
+        blocks, sparse = held
+        steps = [s for s in range(1, blocks + 1) if sparse_indices(blocks, s) == sparse]
+        if sparse and not steps:
+            raise ValueError(f"{where}: the {stack} sparse blocks in the weights, {sparse}, follow no sparse step "
+                             "transformers supports")
+        config = dataclasses.replace(config, **{
+            "num_layers" if stack == "encoder" else "num_decoder_layers": blocks,
+            f"num_sparse_{stack}_layers": len(sparse), f"{stack}_sparse_step": steps[0] if sparse else 0})
+        relation = "but" if sparse_count > total else "of which"
+        warnings.append(f"{where}: the {stack} has {total} layers {relation} {sparse_count} sparse; "
+                        + evidence.format(blocks=blocks, sparse=len(sparse)))
+    return config, warnings

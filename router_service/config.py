@@ -1,0 +1,48 @@
+"""The typed configs of a served model: what the engine needs, and what a Serve replica adds. Pure pydantic, so
+the command line builds its flags from these fields (their defaults and descriptions are written only here)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from experts.placement import PlacementConfig
+from experts.spec import CapacityMode, DTypeName
+from router_service.auth import API_KEY_ENV
+
+# Serve's own defaults for its proxies' ports.
+HTTP_PORT = 8000
+GRPC_PORT = 9000
+
+
+class EngineConfig(BaseModel):
+    """A checkpoint served with expert parallelism: where the experts go, the dtype, the capacity rule, the
+    batch and the limits on what a request may ask."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # a misspelt field fails instead of being ignored
+
+    model: str = Field(description="checkpoint folder, readable from every node")
+    placement: PlacementConfig = PlacementConfig()
+    dtype: DTypeName | None = Field(None, description="serve in this dtype (default: the checkpoint's); the front "
+                                                      "and the actors cast their weights on load")
+    capacity: CapacityMode = Field(
+        "hf", description="hf: transformers' per-sequence expert capacity, tokens over it are dropped; dropless: "
+                          "never drop a token")
+    micro_batches: int = Field(1, ge=1, description="split each batch into this many parts, so that one part's front "
+                                                    "math runs while another's expert calls are out")
+    max_prompt_tokens: int = Field(512, ge=1, description="the longest prompt a request may send")
+    max_new_tokens: int = Field(256, ge=1, description="the most new tokens a request may ask for")
+    max_sequences: int = Field(32, ge=1, description="sequences decoding together in one batch")
+
+
+class ServerConfig(EngineConfig):
+    """Everything a Serve replica needs: the `args` of the Serve application (see cluster.app.build_app)."""
+
+    front_gpus: float = Field(0.0, ge=0, description="GPUs each front replica asks for")
+    front_threads: int | None = Field(
+        None, ge=1, description="CPU threads of each replica's math (default: the CPUs Ray counts on its node, "
+                                "since the front and the expert actors take turns)")
+    max_waiting: int = Field(64, ge=1, description="requests a replica queues beyond its batch before answering "
+                                                   "RESOURCE_EXHAUSTED")
+    num_replicas: int = Field(1, ge=1, description="front replicas (they share the expert actors)")
+    api_key_file: str | None = Field(None, description=f"file holding the API key every call but the health check "
+                                                       f"must present (default: ${API_KEY_ENV}, if set)")

@@ -1,0 +1,59 @@
+"""The Switch spec reads config.json as transformers does, and corrects configs that disagree with the weights
+by one rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from reference import MODEL_CONFIGS
+from transformers import SwitchTransformersConfig
+
+from experts.spec import SwitchConfig, expected_tensors, follow_weights, sparse_layers
+
+CONFIGS = MODEL_CONFIGS
+FIELDS = [f.name for f in dataclasses.fields(SwitchConfig) if f.name != "decoder_start_token_id"]
+
+
+@pytest.mark.parametrize("raw", [{}, {"num_layers": 6, "num_sparse_encoder_layers": 0, "num_decoder_layers": None},
+                                 {"num_layers": 4, "num_sparse_encoder_layers": 3, "num_sparse_decoder_layers": 1},
+                                 *[json.loads(p.read_text()) for p in sorted(CONFIGS.glob("*.json"))]])
+def test_fields_and_defaults_are_transformers(raw):
+    ours, theirs = SwitchConfig.from_dict(raw), SwitchTransformersConfig.from_dict(raw)
+    assert {f: getattr(ours, f) for f in FIELDS} == {f: getattr(theirs, f) for f in FIELDS}
+    assert SwitchConfig.of(theirs) == ours
+    assert ours.decoder_start_token_id == raw.get("decoder_start_token_id", ours.pad_token_id)  # T5's convention
+
+
+def test_a_field_of_the_wrong_type_is_named():
+    with pytest.raises(ValueError, match="num_experts: expected int, got 'eight'"):
+        SwitchConfig.from_dict({"num_experts": "eight"})
+    with pytest.raises(ValueError, match="d_model: expected int, got True"):
+        SwitchConfig.from_dict({"d_model": True})
+
+
+def test_switch_c_2048_config_alone_reads_as_its_weights():
+    published = SwitchConfig.from_json_file(CONFIGS / "switch-c-2048.json")
+    assert sparse_layers(published, "decoder") == []  # a literal reading: 12 decoder layers, none sparse
+    config, warnings = follow_weights(published)
+    assert config.num_decoder_layers == 15 and sparse_layers(config, "decoder") == list(range(15))
+    assert warnings == ["config.json: the decoder has 12 layers but 15 sparse; reading it as 15 blocks, all sparse, "
+                        "as the released weights hold"]
+    # The weights themselves say the same, by the same rule.
+    from_weights, _ = follow_weights(published, list(expected_tensors(config)[0]))
+    assert from_weights == config
+
+
+def test_weights_win_and_an_impossible_layout_is_refused():
+    config = SwitchConfig(num_layers=4, num_sparse_encoder_layers=2, num_decoder_layers=4,
+                          num_sparse_decoder_layers=2)
+    names = list(expected_tensors(dataclasses.replace(config, num_decoder_layers=6, decoder_sparse_step=3))[0])
+    followed, warnings = follow_weights(config, names, "ckpt/config.json")
+    assert (followed.num_decoder_layers, sparse_layers(followed, "decoder")) == (6, [1, 4])
+    assert warnings == ["ckpt/config.json: the decoder has 4 layers of which 2 sparse; the weights hold 6 blocks, "
+                        "2 sparse; following the weights"]
+    assert follow_weights(config, list(expected_tensors(config)[0])) == (config, [])
+    odd = [n.replace("block.1.", "block.2.") for n in expected_tensors(config)[0] if n.startswith("encoder.block.1.")]
+    with pytest.raises(ValueError, match=r"the encoder sparse blocks in the weights, \[2, 3\], follow no sparse step"):
+        follow_weights(config, [n for n in expected_tensors(config)[0] if not n.startswith("encoder.block.1.")] + odd)
