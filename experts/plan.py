@@ -10,7 +10,7 @@ import heapq
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from experts.spec import (
@@ -82,7 +82,9 @@ class Plan:
             "num_gpus": len(self.gpus), "num_actors": self.num_actors, "expert_bytes": self.expert_bytes,
             "front_bytes": self.front_bytes, "budget_bytes_per_gpu": self.budget_bytes,
             "max_gpu_bytes": max(g.bytes for g in self.gpus), "load_imbalance": max(loads) / (sum(loads) / len(loads)),
-            "replicas": self.replicas, "warnings": self.warnings, "gpus": [asdict(g) for g in self.gpus],
+            "replicas": self.replicas, "warnings": self.warnings,
+            "gpus": [{"gpu": g.gpu, "node": g.node, "experts": g.experts, "bytes": g.bytes, "load": g.load}
+                     for g in self.gpus],
         }
 
 
