@@ -89,12 +89,13 @@ class PendingDispatch:
         if not self.calls:
             return out
         began = time.perf_counter()
-        ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=d.timeout_s)
-        if len(ready) < len(self.calls):
+        try:
+            results = ray.get(self.calls, timeout=d.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=0)
             late = [a for a, call in zip(self.called, self.calls) if call not in ready]
             raise ExpertsUnavailable(f"expert actors {late} did not answer {self.stack} layer {self.layer} within "
-                                     f"{d.timeout_s:g} s (restarting, or no room to restart them)")
-        results = ray.get(self.calls)
+                                     f"{d.timeout_s:g} s (restarting, or no room to restart them)") from None
         # What the front spent sending and then waiting: with micro-batches, the rest of the round trip
         # overlaps the front's work on another micro-batch.
         elapsed = self.sending_s + time.perf_counter() - began

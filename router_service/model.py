@@ -196,6 +196,15 @@ class SwitchFront:
         self.device = torch.device(device)
         self.dtype = dtype or checkpoint.dtype
         self.weights = {name: t.to(self.device, self.dtype) for name, t in checkpoint.read(names).items()}
+        # Every self-attention's q, k and v as one matrix, and every cross-attention's k and v: one matmul each.
+        self.fused = {}
+        for stack in STACKS:
+            for i in range(num_layers(config, stack)):
+                attn = f"{stack}.block.{i}.layer.0.SelfAttention"
+                self.fused[attn] = torch.cat([self.weights.pop(f"{attn}.{w}.weight") for w in "qkv"])
+                if stack == "decoder":
+                    cross = f"decoder.block.{i}.layer.1.EncDecAttention"
+                    self.fused[cross] = torch.cat([self.weights.pop(f"{cross}.{w}.weight") for w in "kv"])
         self.act = ACT2FN[config.dense_act_fn]
         self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
         self.sparse = {stack: set(sparse_layers(config, stack)) for stack in STACKS}
@@ -221,11 +230,18 @@ class SwitchFront:
     def _project(self, prefix: str, which: str, x: torch.Tensor) -> torch.Tensor:
         return self._split_heads(F.linear(x, self._w(f"{prefix}.{which}.weight")))
 
+    def _project_fused(self, prefix: str, x: torch.Tensor) -> list[torch.Tensor]:
+        """x projected by the attention's fused weights: [q, k, v] (self-attention) or [k, v] (cross-attention)."""
+        fused = self.fused[prefix]
+        return [self._split_heads(part) for part in F.linear(x, fused).chunk(fused.shape[0] // (self.heads * self.d_kv),
+                                                                              dim=-1)]
+
     def _attend(self, prefix: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 bias: torch.Tensor) -> torch.Tensor:
-        """T5 attention: no 1/sqrt(d_kv) scaling; position bias and mask are added to the scores."""
+        """T5 attention: no 1/sqrt(d_kv) scaling; position bias and mask are added to the scores; softmax in
+        float32, as transformers does (torch's fused attention rounds differently in half precision)."""
         scores = torch.matmul(q, k.transpose(2, 3)) + bias
-        out = torch.matmul(F.softmax(scores, dim=-1), v)
+        out = torch.matmul(F.softmax(scores.float(), dim=-1).type_as(scores), v)
         out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
         return F.linear(out, self._w(f"{prefix}.o.weight"))
 
@@ -258,25 +274,34 @@ class SwitchFront:
 
     def _moe(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> MicroBatch:
         """Route the real tokens of x [batch, len, d_model] top-1, apply capacity, run the experts remotely."""
-        rows, cols = valid.nonzero(as_tuple=True)  # sequence by sequence, earlier positions first
-        tokens = x[rows, cols]
+        batch, length = x.shape[:2]
+        padded = not bool(valid.all())  # a decoding step never is: its one position per sequence is real
+        if padded:
+            rows, cols = valid.nonzero(as_tuple=True)  # sequence by sequence, earlier positions first
+            tokens = x[rows, cols]
+        else:
+            tokens = x.reshape(batch * length, x.shape[2])
         bias = self.weights.get(router_tensor_name(stack, layer, "bias"))
         logits = F.linear(tokens.to(torch.float32), self._w(router_tensor_name(stack, layer)).to(torch.float32),
                           None if bias is None else bias.to(torch.float32))
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype)
-        expert = probs.argmax(dim=-1)
-        prob = probs.max(dim=-1).values
-        keep = self._within_capacity(expert, rows, x.shape[0])
-        out_tokens = (yield self.dispatch.send(stack, layer, tokens, expert, keep)) * prob[:, None]
+        prob, expert = F.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype).max(dim=-1)
+        if self.capacity == "dropless" or (not padded and length <= self.config.expert_capacity):
+            keep, dropped = torch.ones_like(expert, dtype=torch.bool), self._zeros(batch)  # nothing can be over
+        else:
+            if not padded:
+                rows = torch.arange(batch, device=self.device).repeat_interleave(length)
+            keep = self._within_capacity(expert, rows, batch)
+            dropped = torch.bincount(rows[~keep], minlength=batch)
+        out_tokens = ((yield self.dispatch.send(stack, layer, tokens, expert, keep)) * prob[:, None]).to(x.dtype)
+        if not padded:
+            return out_tokens.view_as(x), dropped
         out = torch.zeros_like(x)
-        out[rows, cols] = out_tokens.to(x.dtype)
-        return out, torch.bincount(rows[~keep], minlength=x.shape[0])
+        out[rows, cols] = out_tokens
+        return out, dropped
 
     def _within_capacity(self, expert: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
         """transformers' rule: each expert takes at most `expert_capacity` tokens of each sequence, earlier
         positions first. Per sequence, so a request's result does not depend on what it is batched with."""
-        if self.capacity == "dropless":
-            return torch.ones_like(expert, dtype=torch.bool)
         onehot = F.one_hot(expert, self.config.num_experts)
         seen = onehot.cumsum(0)  # [tokens, experts], running over the whole flattened batch
         lengths = torch.bincount(rows, minlength=batch)
@@ -309,7 +334,7 @@ class SwitchFront:
             p = f"encoder.block.{i}.layer.0"
             n = rms_norm(h, self._w(f"{p}.layer_norm.weight"), self.eps)
             attn = f"{p}.SelfAttention"
-            q, k, v = (self._project(attn, w, n) for w in "qkv")
+            q, k, v = self._project_fused(attn, n)
             h = clamp_fp16(h + self._attend(attn, q, k, v, bias))
             ffn_out, ffn_dropped = yield from self._ffn("encoder", i, h, mask)
             h, dropped = clamp_fp16(h + ffn_out), dropped + ffn_dropped
@@ -322,8 +347,9 @@ class SwitchFront:
         for i in range(num_layers(self.config, "decoder")):
             attn = f"decoder.block.{i}.layer.1.EncDecAttention"
             # Contiguous in [batch, heads, src_len, d_kv]: every step's attention reads them without a copy.
-            cross_k.append(self._project(attn, "k", encoded.hidden).contiguous())
-            cross_v.append(self._project(attn, "v", encoded.hidden).contiguous())
+            k, v = self._project_fused(attn, encoded.hidden)
+            cross_k.append(k.contiguous())
+            cross_v.append(v.contiguous())
             self_k.append(cross_k[-1][:, :, :0])
             self_v.append(cross_v[-1][:, :, :0])
         no_positions = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
@@ -356,7 +382,7 @@ class SwitchFront:
             p = f"decoder.block.{i}.layer"
             n = rms_norm(h, self._w(f"{p}.0.layer_norm.weight"), self.eps)
             attn = f"{p}.0.SelfAttention"
-            q, k, v = (self._project(attn, w, n) for w in "qkv")
+            q, k, v = self._project_fused(attn, n)
             self_k, self_v = cache.self_k[i][rows], cache.self_v[i][rows]  # views: written in place
             self_k[:, :, width - 1:width] = k
             self_v[:, :, width - 1:width] = v
