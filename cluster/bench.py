@@ -1,14 +1,19 @@
-"""The benchmark: the served cluster against transformers' `generate`, on one checkpoint and one workload.
+"""The benchmark: the served cluster against transformers' `generate`, on the same checkpoint and requests.
 
-    switch-serve bench                      # switch-base-8's shape, random float32 weights, 32 requests
-    switch-serve bench --shape tiny --json  # a quick run
+    switch-serve bench                        # switch-base-8's shape, random float32 weights, both workloads
+    switch-serve bench --model DIR            # any checkpoint
+    switch-serve bench --shape tiny --concurrency 1,4 --json   # a quick run
 
-Three systems, in one run, on the same requests (prompt and output lengths varied, greedy):
-- cluster: the Serve app over gRPC streams, all requests in flight at once (or arriving at `--rate` per second);
-- hf-single: transformers' `generate`, one request at a time, in arrival order;
-- hf-batch: transformers' `generate` on static batches of `--batch-size`, padded, in arrival order.
-Reported per system: output tokens per second (wall clock from the first arrival to the last token), time to
-first token and time per output token (p50, p99), and the cluster's ratios to the other two.
+For each workload (prompt and output lengths drawn at random, greedy decoding), in one run:
+- transformers' `generate` on static, padded batches of 1 (one request at a time), 8, 16, each concurrency of the
+  sweep, and all requests in one batch, in order;
+- the cluster served over gRPC streams, at each concurrency of the sweep: that many clients, each sending its
+  next request when the last one has finished;
+- where the cluster's time goes: the same requests decoded through the Python API in a Ray worker set up like a
+  Serve replica, all at once and one at a time, split into the front's compute, sending to the expert actors,
+  waiting for them and their compute; the rest of the served time is Serve's proxy and the streams.
+Reported: output tokens per second (from the first request sent to the last token), time to first token and time
+per output token (p50 and p99).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from transformers import SwitchTransformersForConditionalGeneration
 
 from cluster.app import FRONT_ENV, local_serve
 from cluster.testing import free_port, tiny_config, write_random_checkpoint
+from cluster.workloads import HF_BATCH_SIZES, SHAPES, WORKLOADS
 from experts.fleet import this_node_cpus
 from experts.placement import PlacementConfig, experts_per_cpu
 from router_service.batching import Sequence, run_to_completion
@@ -38,29 +44,19 @@ from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 from router_service.requests import SamplingParams
 
-SHAPES = {
-    # switch-base-8: 12 + 12 layers, every other one sparse, 8 experts, d_model 768, d_ff 3072.
-    "base-8": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_heads=12, num_layers=12,
-                   num_decoder_layers=12, num_sparse_encoder_layers=6, num_sparse_decoder_layers=6, num_experts=8,
-                   expert_capacity=64),
-    "tiny": dict(vocab_size=512, d_model=64, d_kv=16, d_ff=256, num_heads=4, num_layers=4, num_decoder_layers=4,
-                 num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=8, expert_capacity=64),
-}
-
 
 @dataclass
 class Request:
     prompt: list[int]
     max_new_tokens: int
-    arrival: float  # seconds after the start
 
 
 @dataclass
 class Timing:
-    arrival: float
+    sent: float | None = None
     first_token: float | None = None
     end: float | None = None
-    tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -73,7 +69,7 @@ class Result:
     ttft_p99: float
     tpot_p50: float
     tpot_p99: float
-    extra: dict = field(default_factory=dict)
+    outputs: list[list[int]]  # each request's tokens
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,229 +79,265 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
 
 
-def summarize(system: str, timings: list[Timing], start: float) -> Result:
-    done = [t for t in timings if t.tokens]
-    tokens = sum(t.tokens for t in done)
-    seconds = max(t.end for t in done) - start
-    ttft = [t.first_token - (start + t.arrival) for t in done]
-    tpot = [(t.end - t.first_token) / (t.tokens - 1) for t in done if t.tokens > 1]
+def summarize(system: str, timings: list[Timing]) -> Result:
+    tokens = sum(len(t.token_ids) for t in timings)
+    seconds = max(t.end for t in timings) - min(t.sent for t in timings)
+    ttft = [t.first_token - t.sent for t in timings]
+    tpot = [(t.end - t.first_token) / (len(t.token_ids) - 1) for t in timings if len(t.token_ids) > 1]
     return Result(system, tokens, seconds, tokens / seconds, percentile(ttft, 50), percentile(ttft, 99),
-                  percentile(tpot, 50), percentile(tpot, 99))
+                  percentile(tpot, 50), percentile(tpot, 99), [t.token_ids for t in timings])
 
 
-def workload(n: int, vocab: int, rate: float | None, seed: int, short: bool) -> list[Request]:
+def workload(n: int, vocab: int, name: str, seed: int) -> list[Request]:
+    (prompt_min, prompt_max), (output_min, output_max) = WORKLOADS[name]
     rng = random.Random(seed)
-    prompt_len, output_len = ((4, 16), (4, 16)) if short else ((8, 64), (16, 64))
-    arrivals, t = [], 0.0
-    for _ in range(n):
-        arrivals.append(t)
-        if rate:
-            t += rng.expovariate(rate)
-    return [Request([rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_len))] + [1],
-                    rng.randint(*output_len), arrival) for arrival in arrivals]
+    return [Request([rng.randrange(3, vocab) for _ in range(rng.randint(prompt_min, prompt_max) - 1)] + [1],
+                    rng.randint(output_min, output_max)) for _ in range(n)]
 
 
-def checkpoint(shape: str, folder: Path):
-    """The benchmark checkpoint, written once by transformers (random weights, float32)."""
+def checkpoint(shape: str, folder: Path) -> Path:
+    """The benchmark checkpoint of a built-in shape, written once by transformers (random weights, float32)."""
     if not (folder / "config.json").is_file():
         write_random_checkpoint(folder, tiny_config(**SHAPES[shape]), seed=0, max_shard_size="500MB")
-    return SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval()
+    return folder
 
 
 class FirstTokenClock:
-    """A transformers streamer that notes when each row got its first generated token."""
+    """A transformers streamer that notes when the batch got its first generated token."""
 
-    def __init__(self, rows: int):
-        self.calls, self.first = 0, [None] * rows
+    def __init__(self):
+        self.calls, self.first = 0, None
 
     def put(self, value) -> None:
         self.calls += 1
         if self.calls == 2:  # the first call carries the decoder start token, the second the first new one
-            now = time.perf_counter()
-            self.first = [now] * len(self.first)
+            self.first = time.perf_counter()
 
     def end(self) -> None:
         pass
 
 
-def hf_run(model, requests: list[Request], batch_size: int, start_wait: bool = True) -> tuple[list[Timing], float]:
-    """transformers' generate over the requests in arrival order, `batch_size` at a time (right-padded)."""
-    timings = [Timing(r.arrival) for r in requests]
-    start = time.perf_counter()
+def hf_run(model, requests: list[Request], batch_size: int) -> list[Timing]:
+    """transformers' generate over the requests in order, `batch_size` at a time (right-padded); each batch is
+    sent when the one before it has finished."""
+    timings: list[Timing] = [Timing() for _ in requests]
     eos = model.config.eos_token_id
     for i in range(0, len(requests), batch_size):
         batch = requests[i:i + batch_size]
-        wait = start + batch[-1].arrival - time.perf_counter()
-        if start_wait and wait > 0:
-            time.sleep(wait)  # a static batch starts once its last request has arrived
         ids = torch.zeros(len(batch), max(len(r.prompt) for r in batch), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, r in enumerate(batch):
             ids[row, :len(r.prompt)], mask[row, :len(r.prompt)] = torch.tensor(r.prompt), 1
-        clock = FirstTokenClock(len(batch))
+        clock, sent = FirstTokenClock(), time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, streamer=clock,
                                  max_new_tokens=max(r.max_new_tokens for r in batch))
         end = time.perf_counter()
         for row, r in enumerate(batch):
             seq = out[row, 1:].tolist()[:r.max_new_tokens]  # a request takes only the tokens it asked for
-            n = seq.index(eos) + 1 if eos in seq else len(seq)
-            t = timings[i + row]
-            t.first_token, t.end, t.tokens = clock.first[row], end, n
-    return timings, start
+            timings[i + row] = Timing(sent, clock.first, end, seq[:seq.index(eos) + 1] if eos in seq else seq)
+    return timings
 
 
-def cluster_run(address: str, requests: list[Request]) -> tuple[list[Timing], float]:
-    """The requests as gRPC streams against the served app, each sent at its arrival time."""
-    timings = [Timing(r.arrival) for r in requests]
+def cluster_run(address: str, requests: list[Request], concurrency: int) -> list[Timing]:
+    """The requests as gRPC streams against the served app, from `concurrency` clients that each send their next
+    request when the last one has finished, in order."""
+    timings = [Timing() for _ in requests]
+    queue = iter(range(len(requests)))
+    lock = threading.Lock()
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.SwitchServeStub(channel)
-        start = time.perf_counter()
 
-        def one(r: Request, t: Timing) -> None:
-            wait = start + r.arrival - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
-            for chunk in stub.GenerateStream(pb.GenerateRequest(input_ids=r.prompt, max_new_tokens=r.max_new_tokens),
-                                             timeout=3600):
-                if chunk.token_ids and t.first_token is None:
-                    t.first_token = time.perf_counter()
-                t.tokens += len(chunk.token_ids)
-            t.end = time.perf_counter()
+        def client() -> None:
+            while True:
+                with lock:
+                    i = next(queue, None)
+                if i is None:
+                    return
+                r, t = requests[i], timings[i]
+                t.sent = time.perf_counter()
+                request = pb.GenerateRequest(input_ids=r.prompt, max_new_tokens=r.max_new_tokens)
+                for chunk in stub.GenerateStream(request, timeout=3600):
+                    if chunk.token_ids and t.first_token is None:
+                        t.first_token = time.perf_counter()
+                    t.token_ids += chunk.token_ids
+                t.end = time.perf_counter()
 
-        threads = [threading.Thread(target=one, args=pair) for pair in zip(requests, timings)]
+        threads = [threading.Thread(target=client) for _ in range(min(concurrency, len(requests)))]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-    return timings, start
+    return timings
 
 
-def decode_timed(folder: Path, requests: list[Request], experts_per_actor: int, micro_batches: int) -> dict:
-    """Decode the requests through the Python API, timing the front, the sparse-layer round trips and the
-    experts' compute inside them. Runs as a Ray task set up like a Serve replica (see `breakdown`)."""
+def decode_timed(folder: Path, batches: list[list[Request]], experts_per_actor: int, micro_batches: int) -> list:
+    """Decode each batch of requests through the Python API, timing the front, the sparse-layer round trips (the
+    front sending, then waiting) and the experts' compute inside them. Runs as a Ray task set up like a Serve
+    replica (see `breakdown`)."""
     torch.set_num_threads(this_node_cpus())
+    most = max(len(b) for b in batches)
     with SwitchCluster(folder, placement=PlacementConfig(experts_per_actor=experts_per_actor),
-                       max_sequences=max(32, len(requests)), micro_batches=micro_batches) as model:
-        warm = [Sequence(r.prompt, SamplingParams(max_new_tokens=2)) for r in requests[:2]]
-        run_to_completion(model.batcher, warm)
+                       max_sequences=max(32, most), micro_batches=micro_batches) as model:
+        run_to_completion(model.batcher, [Sequence(batches[0][0].prompt, SamplingParams(max_new_tokens=2))])  # warm
         dispatcher = model.front.dispatch
-        calls0, seconds0 = dispatcher.calls, dispatcher.seconds
-        compute0 = sum(ray.get([a.compute_seconds.remote() for a in model.actors]))
-        began = time.perf_counter()
-        done = run_to_completion(model.batcher, [Sequence(r.prompt, SamplingParams(max_new_tokens=r.max_new_tokens))
-                                                 for r in requests])
-        return {"seconds": time.perf_counter() - began, "round_trip_s": dispatcher.seconds - seconds0,
-                "sparse_layer_calls": dispatcher.calls - calls0,
-                "expert_compute_s": sum(ray.get([a.compute_seconds.remote() for a in model.actors])) - compute0,
-                "actors": len(model.actors), "decode_steps": model.batcher.steps - 1,  # less the warm-up's
-                "tokens": sum(len(seq.token_ids) for seq in done), "config": model.checkpoint.config}
+
+        def counters() -> dict:
+            return {"seconds": time.perf_counter(), "sparse_layer_calls": dispatcher.calls,
+                    "round_trip_s": dispatcher.seconds, "sending_s": dispatcher.sending_seconds,
+                    "decode_steps": model.batcher.steps,
+                    "expert_compute_s": sum(ray.get([a.compute_seconds.remote() for a in model.actors]))}
+
+        out = []
+        for requests in batches:
+            before = counters()
+            sequences = [Sequence(r.prompt, SamplingParams(max_new_tokens=r.max_new_tokens)) for r in requests]
+            run_to_completion(model.batcher, sequences)
+            after = counters()
+            out.append({name: after[name] - before[name] for name in after} | {
+                "requests": len(requests), "actors": len(model.actors),
+                "tokens": sum(len(seq.token_ids) for seq in sequences)})
+        return out
 
 
-def breakdown(folder: Path, requests: list[Request], experts_per_actor: int, micro_batches: int) -> dict:
-    """Where the cluster's time goes: the front's own compute, the sparse-layer round trips, and the experts'
-    compute inside them, from the same requests decoded in a Ray worker with a replica's environment and
-    threads (so without the proxy and the streams)."""
+def breakdown(folder: Path, requests: list[Request], experts_per_actor: int, micro_batches: int) -> list[dict]:
+    """Where the cluster's time goes, for all requests at once and for one request alone: the front's own compute,
+    sending, waiting, and the experts' compute, from the requests decoded in a Ray worker with a replica's
+    environment and threads (so without the proxy and the streams)."""
     timed = ray.remote(num_cpus=0, runtime_env={"env_vars": FRONT_ENV})(decode_timed)
-    t = ray.get(timed.remote(folder, requests, experts_per_actor, micro_batches))
-    total, dispatch, compute, calls = t["seconds"], t["round_trip_s"], t["expert_compute_s"], t["sparse_layer_calls"]
-    work = model_work(t["config"], requests, t["tokens"])
-    # The actors of one round trip run at once, so their compute overlaps: count their sum spread over them.
-    transport = max(0.0, dispatch - compute / t["actors"])
-    peaks = machine_peaks()
-    return {"seconds": total, "front_s": total - dispatch, "round_trip_s": dispatch, "expert_compute_s": compute,
-            "scatter_gather_s": transport, "sparse_layer_calls": calls, "actors": t["actors"],
-            "round_trip_ms_per_call": 1000 * dispatch / calls, "scatter_gather_share": transport / total,
-            "decode_steps": t["decode_steps"], **peaks,
-            # The roofline: achieved FLOP/s and weight-read bandwidth against what this machine measured.
-            "flops_fraction": work["flops"] / total / peaks["matmul_flops_per_s"],
-            "bandwidth_fraction":
-                t["decode_steps"] * work["decoder_weight_bytes"] / total / peaks["memory_bytes_per_s"]}
+    rows = []
+    for t in ray.get(timed.remote(folder, [requests, requests[:1]], experts_per_actor, micro_batches)):
+        calls, trips = t["sparse_layer_calls"], t["round_trip_s"]
+        # The actors of one round trip run at once, so their compute overlaps: count their sum spread over them.
+        compute = t["expert_compute_s"] / (t["actors"] if t["requests"] > 1 else 1)
+        rows.append({**t, "front_s": t["seconds"] - trips, "waiting_s": trips - t["sending_s"],
+                     "round_trip_ms_per_call": 1000 * trips / calls,
+                     "overhead_ms_per_call": 1000 * max(0.0, trips - compute) / calls})
+    return rows
 
 
-def machine_peaks() -> dict:
-    """This machine's measured float32 matmul FLOP/s and memory bandwidth (a large copy: read + write)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    began = time.perf_counter()
-    for _ in range(5):
-        torch.mm(a, b)
-    flops = 5 * 2 * 2048**3 / (time.perf_counter() - began)
-    src = torch.ones(64 * 2**20)  # 256 MiB
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    began = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    bandwidth = 5 * 2 * src.nbytes / (time.perf_counter() - began)
-    return {"matmul_flops_per_s": flops, "memory_bytes_per_s": bandwidth}
-
-
-def model_work(config, requests: list[Request], tokens: int) -> dict:
-    """The float32 work of the requests: FLOPs of the weight matmuls (2 per weight per token; attention
-    scores left out) and the weight bytes every decoding step reads."""
-    d, inner, ff, experts = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.num_experts
-    # Weights per token: attention, the FFN (dense, or the one expert picked), the router; a prompt token also
-    # gets the decoder's cross-attention keys and values, a generated token the LM head.
-    per_encoder_token = (config.num_layers * (4 * d * inner + 2 * d * ff)
-                         + config.num_sparse_encoder_layers * d * experts + config.num_decoder_layers * 2 * d * inner)
-    per_decoder_token = (config.num_decoder_layers * (6 * d * inner + 2 * d * ff)
-                         + config.num_sparse_decoder_layers * d * experts + d * config.vocab_size)
-    prompt_tokens = sum(len(r.prompt) for r in requests)
-    decoder_bytes = 4 * (per_decoder_token + config.num_sparse_decoder_layers * (experts - 1) * 2 * d * ff)
-    return {"flops": 2 * (prompt_tokens * per_encoder_token + tokens * per_decoder_token),
-            "decoder_weight_bytes": decoder_bytes}
-
-
-def run(shape: str = "base-8", requests: int = 32, rate: float | None = None, batch_size: int = 8,
-        experts_per_actor: int | None = None, micro_batches: int = 1, cache: Path | None = None,
-        seed: int = 0) -> dict:
-    folder = (cache or Path.home() / ".cache" / "switch-serve" / "bench") / shape
-    model = checkpoint(shape, folder)
-    work = workload(requests, model.config.vocab_size, rate, seed, short=shape == "tiny")
-    per_actor = experts_per_actor or experts_per_cpu(model.config.num_experts, os.cpu_count() or 1)
-    results = [summarize("hf-single", *hf_run(model, work, 1)),
-               summarize(f"hf-batch-{batch_size}", *hf_run(model, work, batch_size))]
-    del model
-    config = ServerConfig(model=str(folder), placement=PlacementConfig(experts_per_actor=per_actor),
-                          micro_batches=micro_batches, max_sequences=max(32, requests), max_waiting=max(64, requests))
+def run(folder: Path, workloads: list[str], concurrency: list[int], requests: int = 32,
+        experts_per_actor: int | None = None, micro_batches: int = 1, seed: int = 0) -> dict:
+    """Each workload's `requests` requests (at a concurrency above that, as many as it keeps in flight) through
+    transformers and through the served cluster."""
+    hf_model = SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval()
+    config = hf_model.config
+    work = {name: workload(max(requests, *concurrency), config.vocab_size, name, seed) for name in workloads}
+    report = {"model": str(folder), "requests": requests, "cpus": os.cpu_count(), "micro_batches": micro_batches,
+              "workloads": {name: {"prompt_tokens": WORKLOADS[name][0], "output_tokens": WORKLOADS[name][1],
+                                   "transformers": [], "cluster": []} for name in workloads}}
+    # Static batches of each size over the requests; for a concurrency above `requests`, one batch of that many.
+    sizes = sorted({*(s for s in HF_BATCH_SIZES if s <= requests), *concurrency, requests})
+    for name, pool in work.items():
+        for size in sizes:
+            label = "all" if size == requests else str(size)
+            timings = hf_run(hf_model, pool[:max(requests, size)], size)
+            report["workloads"][name]["transformers"].append(
+                {"batch_size": label, **asdict(summarize(f"transformers-{label}", timings))})
+    del hf_model
+    per_actor = experts_per_actor or experts_per_cpu(config.num_experts, os.cpu_count() or 1)
+    report["experts_per_actor"] = per_actor
+    server = ServerConfig(model=str(folder), placement=PlacementConfig(experts_per_actor=per_actor),
+                          micro_batches=micro_batches, max_sequences=max(32, *concurrency),
+                          max_waiting=max(64, requests))
     ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
     try:
-        with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
-            cluster_run(served.grpc, work[:2])  # warm
-            results.append(summarize("cluster", *cluster_run(served.grpc, work)))
-        where = breakdown(folder, work, per_actor, micro_batches)
+        with local_serve(server, http_port=free_port(), grpc_port=free_port()) as served:
+            cluster_run(served.grpc, next(iter(work.values()))[:2], 2)  # warm
+            for name, pool in work.items():
+                for c in concurrency:
+                    timings = cluster_run(served.grpc, pool[:max(requests, c)], c)
+                    report["workloads"][name]["cluster"].append(
+                        {"concurrency": c, **asdict(summarize(f"cluster-{c}", timings))})
+        for name, pool in work.items():
+            report["workloads"][name]["breakdown"] = breakdown(folder, pool[:requests], per_actor, micro_batches)
     finally:
         ray.shutdown()
-    cluster = results[-1]
-    for r in results[:-1]:
-        cluster.extra[f"tokens_per_s_vs_{r.system}"] = cluster.tokens_per_s / r.tokens_per_s
-    return {"shape": shape, "requests": requests, "rate": rate, "experts_per_actor": per_actor,
-            "micro_batches": micro_batches, "cpus": os.cpu_count(), "results": [asdict(r) for r in results],
-            "breakdown": where}
+    for w in report["workloads"].values():  # greedy outputs must not depend on the system or the batch
+        reference = next(r for r in w["transformers"] if r["batch_size"] == "1").get("outputs")
+        for r in w["transformers"] + w["cluster"]:
+            r["differing_outputs"] = sum(a != b for a, b in zip(r["outputs"], reference))
+        for r in w["transformers"] + w["cluster"]:
+            del r["outputs"]
+    return report
+
+
+def comparisons(results: dict, requests: int) -> dict:
+    """The cluster's ratios the targets are stated in, for one workload: with every request in flight at once
+    (or the most it had), against transformers' best static batch and one request at a time; alone, its latency
+    against transformers'."""
+    hf = {r["batch_size"]: r for r in results["transformers"]}
+    cluster = {r["concurrency"]: r for r in results["cluster"]}
+    best = max(hf[s]["tokens_per_s"] for s in ("8", "16", "all") if s in hf)
+    top = max(c for c in cluster if c <= requests)
+    out = {"best_static_batch_tokens_per_s": best,
+           f"cluster_{top}_vs_best_static_batch": cluster[top]["tokens_per_s"] / best,
+           f"cluster_{top}_vs_one_at_a_time": cluster[top]["tokens_per_s"] / hf["1"]["tokens_per_s"]}
+    if 1 in cluster:
+        out["tpot_vs_transformers_at_1"] = cluster[1]["tpot_p50"] / hf["1"]["tpot_p50"]
+        out["ttft_vs_transformers_at_1"] = cluster[1]["ttft_p50"] / hf["1"]["ttft_p50"]
+    return out
+
+
+def latencies(r: dict) -> str:
+    return f"{r['ttft_p50']:>6.2f}/{r['ttft_p99']:<6.2f} {r['tpot_p50']:>7.3f}/{r['tpot_p99']:<7.3f}"
 
 
 def table(report: dict) -> str:
-    arrival = "all at once" if not report["rate"] else f"arriving at {report['rate']}/s"
-    lines = [f"{report['shape']}: {report['requests']} requests {arrival}, {report['cpus']} CPUs, "
-             f"{report['experts_per_actor']} experts per actor, {report['micro_batches']} micro-batches",
-             f"{'system':<12}{'tokens':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}"]
-    for r in report["results"]:
-        lines.append(f"{r['system']:<12}{r['tokens']:>8}{r['tokens_per_s']:>9.1f}{r['ttft_p50']:>10.3f}"
-                     f"{r['ttft_p99']:>10.3f}{r['tpot_p50']:>10.4f}{r['tpot_p99']:>10.4f}")
-    for name, ratio in report["results"][-1]["extra"].items():
-        lines.append(f"cluster {name.replace('_', ' ')}: {ratio:.2f}x")
-    b = report["breakdown"]
-    lines.append(f"cluster time, same requests through the Python API ({b['seconds']:.2f} s): front "
-                 f"{b['front_s'] / b['seconds']:.0%}, sparse-layer round trips {b['round_trip_s'] / b['seconds']:.0%} "
-                 f"({b['sparse_layer_calls']} calls, {b['round_trip_ms_per_call']:.2f} ms each) of which expert "
-                 f"compute {b['expert_compute_s']:.2f} s over {b['actors']} actors; scatter/gather "
-                 f"{b['scatter_gather_share']:.0%} of the time")
-    lines.append(f"roofline: this machine does {b['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (float32 matmul) and "
-                 f"{b['memory_bytes_per_s'] / 1e9:.1f} GB/s; the run achieved {b['flops_fraction']:.0%} of the "
-                 f"FLOP/s and, reading every decoder weight once per step over {b['decode_steps']} steps, "
-                 f"{b['bandwidth_fraction']:.0%} of the bandwidth")
+    lines = [f"{report['model']}: {report['requests']} requests per workload, {report['cpus']} CPUs, "
+             f"{report['experts_per_actor']} experts per actor, {report['micro_batches']} micro-batches"]
+    for name, w in report["workloads"].items():
+        hf = {r["batch_size"]: r for r in w["transformers"]}
+        lines += ["", f"workload {name}: prompts {w['prompt_tokens'][0]}-{w['prompt_tokens'][1]} tokens, outputs "
+                      f"{w['output_tokens'][0]}-{w['output_tokens'][1]}",
+                  f"{'concurrency':>11} | {'cluster tok/s':>13} {'TTFT p50/p99':>13} {'TPOT p50/p99':>15} | "
+                  f"{'transformers, batches of c':>26} {'TTFT p50/p99':>13} {'TPOT p50/p99':>15} | ratio"]
+        for r in w["cluster"]:
+            h = hf.get(str(r["concurrency"])) or hf["all"]
+            lines.append(f"{r['concurrency']:>11} | {r['tokens_per_s']:>13.1f} {latencies(r)} | "
+                         f"{h['tokens_per_s']:>26.1f} {latencies(h)} | {r['tokens_per_s'] / h['tokens_per_s']:.2f}x")
+        lines.append("transformers static batches: " + ", ".join(f"{s}: {r['tokens_per_s']:.1f} tok/s"
+                                                                 for s, r in hf.items()))
+        differing = {r["system"]: r["differing_outputs"] for r in w["transformers"] + w["cluster"]
+                     if r["differing_outputs"]}
+        lines.append(f"requests whose tokens differ from transformers one at a time: {differing or 'none'}")
+        targets = comparisons(w, report["requests"])
+        lines.append("targets: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in targets.items()))
+        for b in w["breakdown"]:
+            share = {part: b[f"{part}_s"] / b["seconds"] for part in ("front", "sending", "waiting")}
+            lines.append(f"Python API, {b['requests']} request(s) at once: {b['seconds']:.2f} s over "
+                         f"{b['decode_steps']} steps: front {share['front']:.0%}, sending {share['sending']:.0%}, "
+                         f"waiting {share['waiting']:.0%} ({b['sparse_layer_calls']} sparse-layer calls of "
+                         f"{b['round_trip_ms_per_call']:.2f} ms, {b['overhead_ms_per_call']:.2f} ms of it beyond "
+                         "the experts' compute)")
     return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """Output tokens/s against concurrency, the cluster and transformers, one panel per workload."""
+    import matplotlib  # an optional dependency: pip install '.[bench]'
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = report["workloads"]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
+    for ax, (name, w) in zip(axes[0], workloads.items()):
+        hf = {r["batch_size"]: r for r in w["transformers"]}
+        points = [r["concurrency"] for r in w["cluster"]]
+        ax.plot(points, [r["tokens_per_s"] for r in w["cluster"]], "o-", label="switch-serve")
+        ax.plot(points, [(hf.get(str(c)) or hf["all"])["tokens_per_s"] for c in points], "s--",
+                label="transformers, static batches of c")
+        ax.axhline(hf["1"]["tokens_per_s"], color="gray", linestyle=":", label="transformers, one at a time")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(points, [str(c) for c in points])
+        ax.set(title=f"{name}: prompts {w['prompt_tokens'][0]}-{w['prompt_tokens'][1]}, outputs "
+                     f"{w['output_tokens'][0]}-{w['output_tokens'][1]}", xlabel="concurrent requests",
+               ylabel="output tokens/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def print_report(report: dict, as_json: bool) -> None:

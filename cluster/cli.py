@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from cluster.workloads import CONCURRENCY, SHAPES, WORKLOADS
 from experts.checkpoint import SwitchCheckpoint
 from experts.placement import PlacementConfig, PlacementError
 from experts.plan import PLAN_DTYPE
@@ -42,6 +43,16 @@ def _resource(text: str) -> tuple[str, float]:
         return name, float(amount)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"each must be at least 1, got {text!r}")
+    return values
 
 
 def _json_ids(text: str) -> list:
@@ -248,10 +259,17 @@ def cmd_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from cluster.bench import print_report, run
+    from cluster.bench import checkpoint, plot, print_report, run
 
+    if args.model is not None:
+        folder = Path(resolve_model(args.model))
+    else:
+        folder = checkpoint(args.shape, Path.home() / ".cache" / "switch-serve" / "bench" / args.shape)
     options = given(args, PlacementConfig) | given(args, EngineConfig)
-    print_report(run(args.shape, args.requests, args.rate, args.batch_size, **options), args.json)
+    report = run(folder, args.workload or ["default", "long-prompts"], args.concurrency, args.requests, **options)
+    print_report(report, args.json)
+    if args.plot:
+        plot(report, args.plot)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -320,11 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_stats)
 
     n = sub.add_parser("bench", help="benchmark the served cluster against transformers' generate")
-    n.add_argument("--shape", choices=("base-8", "tiny"), default="base-8",
-                   help="base-8: switch-base-8's shape (default); tiny: a quick run")
-    n.add_argument("--requests", type=int, default=32)
-    n.add_argument("--rate", type=float, default=None, help="arrivals per second (default: all at once)")
-    n.add_argument("--batch-size", type=int, default=8, help="transformers' static batch size")
+    model = n.add_mutually_exclusive_group()
+    model.add_argument("--shape", choices=SHAPES, default="base-8",
+                       help="a built-in shape with random float32 weights: base-8 is switch-base-8's (default), tiny "
+                            "a quick run")
+    model.add_argument("--model", default=None, help="a checkpoint folder to benchmark instead")
+    n.add_argument("--workload", choices=WORKLOADS, action="append",
+                   help="prompt and output lengths (repeatable; default: default and long-prompts)")
+    n.add_argument("--concurrency", type=_int_list, default=CONCURRENCY, metavar="C,C,...",
+                   help=f"concurrent requests, one run each (default: {','.join(map(str, CONCURRENCY))})")
+    n.add_argument("--requests", type=int, default=32, help="requests per workload (default: 32); a concurrency "
+                                                            "above it runs as many as it keeps in flight")
+    n.add_argument("--plot", default=None, metavar="FILE.png", help="draw tokens/s against concurrency (needs "
+                                                                    "matplotlib: pip install '.[bench]')")
     add_fields(n, PlacementConfig, ["experts_per_actor"])
     add_fields(n, EngineConfig, ["micro_batches"])
     n.add_argument("--json", action="store_true")

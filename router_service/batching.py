@@ -177,13 +177,14 @@ class ContinuousBatcher:
         if not joining:
             return
         try:
-            encoded = self.front.encode([seq.prompt for seq in joining])
-            cache = self.front.start_decoding(encoded)
-            merged = cache if self.cache is None else DecoderCache.merge(self.cache, cache)
+            groups = self.front.encode([seq.prompt for seq in joining])
+            caches = [self.front.start_decoding(encoded) for _, encoded in groups]
+            merged = DecoderCache.merge(([] if self.cache is None else [self.cache]) + caches)
         except Exception:
             self.waiting.extendleft(reversed(joining))  # so that fail() ends them too
             raise
-        for seq, dropped in zip(joining, encoded.dropped.tolist()):
+        joining = [joining[row] for rows, _ in groups for row in rows]  # the order of their rows in the cache
+        for seq, dropped in zip(joining, torch.cat([encoded.dropped for _, encoded in groups]).tolist()):
             seq.dropped_tokens += dropped
         self.cache = merged
         start = torch.full((len(joining),), self.front.config.decoder_start_token_id, dtype=torch.long)

@@ -25,7 +25,8 @@ class ExpertDispatcher:
                  metrics=None, timeout_s: float | None = None):
         self.actors = actors
         self.timeout_s = timeout_s
-        self.calls, self.seconds = 0, 0.0  # sparse-layer round trips made, and the front's time sending and waiting
+        # Sparse-layer round trips made, the front's time sending and waiting in them, and sending alone.
+        self.calls, self.seconds, self.sending_seconds = 0, 0.0, 0.0
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
         self.copies, self.hosts = {}, {}
@@ -99,7 +100,7 @@ class PendingDispatch:
         # What the front spent sending and then waiting: with micro-batches, the rest of the round trip
         # overlaps the front's work on another micro-batch.
         elapsed = self.sending_s + time.perf_counter() - began
-        d.calls, d.seconds = d.calls + 1, d.seconds + elapsed
+        d.calls, d.seconds, d.sending_seconds = d.calls + 1, d.seconds + elapsed, d.sending_seconds + self.sending_s
         if d.metrics is not None:
             d.metrics.dispatched(self.stack, self.layer, elapsed)
         out[self.index] = torch.cat([from_wire(r, self.tokens.dtype) for r in results]).to(out.device)

@@ -1,5 +1,5 @@
 """`switch-serve bench` runs end to end on the tiny shape (its numbers are not checked: they are measurements),
-and the three systems generate the same tokens for the same greedy requests."""
+and every system, at every batch size and concurrency, generates the same tokens for the same greedy requests."""
 
 from __future__ import annotations
 
@@ -14,13 +14,22 @@ import pytest
 @pytest.mark.ray  # in the subprocess
 def test_bench_quick_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--shape", "tiny", "--requests", "6",
-                          "--batch-size", "3", "--json"], capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--shape", "tiny", "--workload", "short",
+                          "--requests", "6", "--concurrency", "1,4,8", "--json"],
+                         capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    systems = {r["system"]: r for r in report["results"]}
-    assert set(systems) == {"hf-single", "hf-batch-3", "cluster"}
-    assert len({r["tokens"] for r in systems.values()}) == 1  # the same greedy outputs everywhere
-    assert set(systems["cluster"]["extra"]) == {"tokens_per_s_vs_hf-single", "tokens_per_s_vs_hf-batch-3"}
-    breakdown = report["breakdown"]
-    assert breakdown["sparse_layer_calls"] > 0 and 0 < breakdown["round_trip_s"] < breakdown["seconds"]
+    (name, w), = report["workloads"].items()
+    assert name == "short"
+    assert [r["batch_size"] for r in w["transformers"]] == ["1", "4", "all", "8"]
+    assert [r["concurrency"] for r in w["cluster"]] == [1, 4, 8]
+    for r in w["transformers"] + w["cluster"]:
+        assert r["differing_outputs"] == 0, r["system"]  # the same greedy tokens everywhere
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ttft_p50"] > 0
+    # The concurrency above the request count runs as many requests as it keeps in flight.
+    assert w["cluster"][-1]["tokens"] == next(r for r in w["transformers"] if r["batch_size"] == "8")["tokens"]
+    together, alone = w["breakdown"]
+    assert (together["requests"], alone["requests"]) == (6, 1)
+    for b in (together, alone):
+        assert b["sparse_layer_calls"] > 0 and 0 < b["round_trip_s"] < b["seconds"]
+        assert 0 < b["sending_s"] < b["round_trip_s"] and b["expert_compute_s"] > 0
