@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast clean
+.PHONY: install demo lint test test-fast gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: lint
 # The tests that start no Ray cluster: seconds, not minutes.
 test-fast: lint
 	$(VENV)/bin/python -m pytest -q -m "not ray"
+
+# On a machine with an NVIDIA GPU: the front and the experts on CUDA against transformers on the same GPU, in
+# float32 and bfloat16. GPU_PYTHON is the interpreter to use (a GPU machine's own python3, whose torch has CUDA;
+# the tests that need Ray are skipped, and say so, where it is not installed).
+GPU_PYTHON ?= $(VENV)/bin/python
+
+gpu-check:
+	@$(GPU_PYTHON) -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else \
+		f'gpu-check: no CUDA device here (torch {torch.__version__} sees none); run it where there is an NVIDIA GPU')"
+	$(GPU_PYTHON) -m pytest -q -p no:cacheprovider -rs tests/router_service/test_cuda.py
 
 clean:
 	rm -rf $(VENV) build

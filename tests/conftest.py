@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import ray
 from transformers.utils import logging as hf_logging
 
 from cluster.testing import tiny_config, write_random_checkpoint
@@ -27,12 +26,16 @@ def pytest_collection_modifyitems(items):
 
 
 def start_local_ray() -> None:
+    import ray  # here, not above: `make gpu-check` runs its Ray-free tests where Ray is not installed
+
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole run (starting one costs several seconds)."""
+    import ray
+
     start_local_ray()
     yield
     ray.shutdown()
@@ -43,6 +46,7 @@ def multi_node_cluster():
     """A Ray cluster of three raylets on this machine: a head with one CPU and no GPU, and two workers with two
     CPUs and two GPUs each (GPU resources only: the actors given them run on the CPU). Stands in for the
     shared local cluster while a module runs, which is restarted after."""
+    import ray
     from ray.cluster_utils import Cluster
 
     was_running = ray.is_initialized()

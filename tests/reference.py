@@ -7,13 +7,37 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
+from transformers.activations import ACT2FN
+
+from experts.checkpoint import SwitchCheckpoint
+from experts.ffn import expert_ffn
+from experts.spec import expert_tensor_names
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATA = ROOT / "tests" / "data"
 MODEL_CONFIGS = DATA / "model-configs"  # the released checkpoints' configs
+
+
+class LocalExperts:
+    """A dispatch that computes the experts in this process, with the FFN the actors run, on `device` in
+    `dtype` (default: the checkpoint's), and answers at once."""
+
+    def __init__(self, checkpoint: SwitchCheckpoint, device: str = "cpu", dtype: torch.dtype | None = None):
+        self.checkpoint, self.act = checkpoint, ACT2FN[checkpoint.config.dense_act_fn]
+        self.device, self.dtype = device, dtype or checkpoint.dtype
+
+    def send(self, stack, layer, tokens, expert, keep):
+        out = torch.zeros_like(tokens)
+        for e in expert[keep].unique().tolist():
+            rows = (expert == e) & keep
+            wi, wo = (t.to(self.device, self.dtype)
+                      for t in self.checkpoint.read(list(expert_tensor_names(stack, layer, e))).values())
+            out[rows] = expert_ffn(tokens[rows], wi, wo, self.act)
+        return SimpleNamespace(result=lambda: out)
 
 
 def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +64,7 @@ def edit_config(path, **changes) -> None:
 def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, decoder_start_token_id: int | None = None):
     """transformers' greedy generate on right-padded prompts: per prompt, the generated tokens (cut after EOS)
     and the log-probability of each."""
-    ids, mask = padded(prompts)
+    ids, mask = (t.to(model.device) for t in padded(prompts))
     kwargs = {} if decoder_start_token_id is None else {"decoder_start_token_id": decoder_start_token_id}
     # A cache built without a config grows per layer: transformers 5.23 sizes a config-built cache by the
     # encoder's layer count and fails when the decoder has more layers.

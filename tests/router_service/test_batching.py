@@ -3,38 +3,19 @@ the same log-probabilities as when it runs alone, and so do the sequences it joi
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from transformers.activations import ACT2FN
+from reference import LocalExperts
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.ffn import expert_ffn
-from experts.spec import expert_tensor_names
 from router_service.batching import ContinuousBatcher, Sequence, sample
 from router_service.model import SwitchFront
 from router_service.requests import SamplingParams
 
 
-class LocalDispatch:
-    """The experts computed in this process (the same FFN the actors run), answered at once."""
-
-    def __init__(self, checkpoint: SwitchCheckpoint):
-        self.checkpoint, self.act = checkpoint, ACT2FN[checkpoint.config.dense_act_fn]
-
-    def send(self, stack, layer, tokens, expert, keep) -> SimpleNamespace:
-        out = torch.zeros_like(tokens)
-        for e in expert[keep].unique().tolist():
-            rows = (expert == e) & keep
-            wi, wo = self.checkpoint.read(list(expert_tensor_names(stack, layer, e))).values()
-            out[rows] = expert_ffn(tokens[rows], wi, wo, self.act)
-        return SimpleNamespace(result=lambda: out)
-
-
 def local_front(path, micro_batches: int = 1) -> SwitchFront:
     checkpoint = SwitchCheckpoint.open(path)
-    return SwitchFront(checkpoint, LocalDispatch(checkpoint), micro_batches=micro_batches)
+    return SwitchFront(checkpoint, LocalExperts(checkpoint), micro_batches=micro_batches)
 
 
 def run(front, sequences: list[Sequence], join_after: dict[int, int]) -> None:

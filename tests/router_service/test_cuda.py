@@ -1,0 +1,66 @@
+"""The CUDA path against transformers on the same GPU, in float32 and bfloat16: the front and the experts' own FFN
+in one process (no Ray needed), and the served engine with its expert actors on the GPU. Skipped without CUDA;
+`make gpu-check` runs them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import LocalExperts, hf_generate
+
+from experts.checkpoint import SwitchCheckpoint
+from experts.placement import PlacementConfig
+from experts.wire import torch_dtype
+from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
+from router_service.model import SwitchFront
+from router_service.requests import SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
+MAX_NEW = 10
+CONFIG = dict(num_experts=8, expert_capacity=4, num_layers=4, num_sparse_encoder_layers=2, num_decoder_layers=4,
+              num_sparse_decoder_layers=2, dense_act_fn="gelu_new", router_bias=True)
+# float32 must match as on the CPU; bfloat16 rounds the same operations in the same order as transformers does.
+LOGPROB_TOLERANCE = {"fp32": 1e-4, "bf16": 0.05}
+
+
+def reference(hf_model, dtype: str):
+    model = hf_model.to("cuda", torch_dtype(dtype))
+    try:
+        return hf_generate(model, PROMPTS, MAX_NEW)
+    finally:
+        hf_model.to("cpu", torch.float32)
+
+
+def assert_same(token_ids: list[list[int]], logprobs: list[list[float]], expected, dtype: str) -> None:
+    assert token_ids == [tokens for tokens, _ in expected]
+    for got, (_, want) in zip(logprobs, expected):
+        assert got == pytest.approx(want, abs=LOGPROB_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_front_and_expert_ffn_on_cuda(checkpoint_factory, dtype):
+    path, hf_model = checkpoint_factory("cuda", **CONFIG)
+    checkpoint = SwitchCheckpoint.open(path)
+    front = SwitchFront(checkpoint, LocalExperts(checkpoint, "cuda", torch_dtype(dtype)), dtype=torch_dtype(dtype),
+                        device="cuda")
+    sequences = [Sequence(p, SamplingParams(max_new_tokens=MAX_NEW)) for p in PROMPTS]
+    run_to_completion(ContinuousBatcher(front, max_sequences=8), sequences)
+    assert_same([s.token_ids for s in sequences], [s.logprobs for s in sequences], reference(hf_model, dtype), dtype)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_engine_with_expert_actors_on_the_gpu(checkpoint_factory, dtype, request):
+    pytest.importorskip("ray", reason="Ray is not installed here")
+    request.getfixturevalue("ray_cluster")
+    from router_service.engine import SwitchCluster  # imports Ray, which the other test here does without
+
+    path, hf_model = checkpoint_factory("cuda", **CONFIG)
+    with SwitchCluster(path, placement=PlacementConfig(gpus=1, gpu_memory="2GiB", actors_per_gpu=2),
+                       dtype=dtype) as model:
+        assert model.front.device.type == "cuda"
+        assert {info["device"] for info in model.actor_info()} == {"cuda"}
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert_same([o.token_ids for o in outputs], [o.logprobs for o in outputs], reference(hf_model, dtype), dtype)
