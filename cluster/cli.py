@@ -181,8 +181,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = engine_config(args, ServerConfig, model)
     if config.api_key_file is not None:  # the replicas run elsewhere
         config = config.model_copy(update={"api_key_file": str(Path(config.api_key_file).resolve())})
-    load_api_key(config.api_key_file)  # an unreadable or empty key file fails here
+    key = load_api_key(config.api_key_file)  # an unreadable or empty key file fails here
     SwitchCheckpoint.open(model)  # a bad checkpoint fails here, before anything starts
+    if key is None:
+        print(f"switch-serve: warning: no API key, so anyone who can reach gRPC port {args.grpc_port} (every address) "
+              f"or HTTP port {args.http_port} can call the model; set ${API_KEY_ENV} or --api-key-file",
+              file=sys.stderr)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

@@ -163,6 +163,8 @@ class ContinuousBatcher:
 
     def fail(self, error: BaseException) -> list[Sequence]:
         """End every active and waiting sequence with `error` and start over with an empty batch."""
+        while not self.inbox.empty():
+            self.waiting.append(self.inbox.get())
         failed = self.active + list(self.waiting)
         for seq in failed:
             seq.error = error
@@ -180,7 +182,7 @@ class ContinuousBatcher:
             groups = self.front.encode([seq.prompt for seq in joining])
             caches = [self.front.start_decoding(encoded) for _, encoded in groups]
             merged = DecoderCache.merge(([] if self.cache is None else [self.cache]) + caches)
-        except Exception:
+        except BaseException:
             self.waiting.extendleft(reversed(joining))  # so that fail() ends them too
             raise
         joining = [joining[row] for rows, _ in groups for row in rows]  # the order of their rows in the cache

@@ -22,12 +22,18 @@ class QueueFull(Exception):
     """More requests are waiting than the configured limit: maps to RESOURCE_EXHAUSTED / HTTP 429."""
 
 
+class BatcherStopped(RuntimeError):
+    """The batching thread has stopped, so this replica cannot decode (UNAVAILABLE, retryable elsewhere); its
+    health check fails and Serve replaces it."""
+
+
 class Scheduler:
     def __init__(self, batcher: ContinuousBatcher, max_waiting: int, threads: int = 1):
         self.batcher = batcher
         self.max_waiting = max_waiting
         self.threads = threads  # for the front's math
         self._wake = threading.Event()
+        self._stopped = threading.Event()  # set as the thread stops, before it fails what it has queued
         self._thread = threading.Thread(target=self._run, name="switch-serve-batcher", daemon=True)
         self._thread.start()
 
@@ -49,6 +55,8 @@ class Scheduler:
         seq.on_update = lambda: loop.call_soon_threadsafe(updated.set)
         self.batcher.add(seq)
         self._wake.set()
+        if not self.alive:  # checked after queueing: a thread that stops from now on fails what it has queued
+            raise BatcherStopped("this replica's batching thread has stopped; Serve replaces the replica")
         try:
             while True:
                 await updated.wait()
@@ -67,23 +75,32 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return not self._stopped.is_set() and self._thread.is_alive()
 
     def _run(self) -> None:
         torch.set_num_threads(self.threads)  # OpenMP keeps the count per thread: set it on the one doing the math
-        with torch.inference_mode():
-            while True:
-                if not self.batcher.has_work:
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                try:
-                    changed = self.batcher.step()
-                except Exception as e:  # keep the thread alive: the batch fails, later requests start afresh
-                    log.exception("batching step failed")
-                    changed = self.batcher.fail(e)
-                for seq in changed:
+        try:
+            with torch.inference_mode():
+                while True:
+                    if not self.batcher.has_work:
+                        self._wake.wait()
+                        self._wake.clear()
+                        continue
                     try:
-                        seq.notify()
-                    except RuntimeError:  # its caller's event loop is gone
-                        pass
+                        changed = self.batcher.step()
+                    except Exception as e:  # keep the thread alive: the batch fails, later requests start afresh
+                        log.exception("batching step failed")
+                        changed = self.batcher.fail(e)
+                    self._notify(changed)
+        finally:  # whatever stopped the thread, no request waits on it
+            self._stopped.set()
+            log.error("the batching thread has stopped")
+            self._notify(self.batcher.fail(BatcherStopped("this replica's batching thread stopped")))
+
+    @staticmethod
+    def _notify(changed: list[Sequence]) -> None:
+        for seq in changed:
+            try:
+                seq.notify()
+            except RuntimeError:  # its caller's event loop is gone
+                pass

@@ -26,7 +26,7 @@ from router_service.engine import SwitchCluster, count_expert_tokens
 from router_service.metrics import ServingMetrics
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.requests import InvalidRequest, check_prompt, make_sampling_params
-from router_service.scheduler import QueueFull, Scheduler
+from router_service.scheduler import BatcherStopped, QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
 http_app = FastAPI(title="switch-serve", description="Switch Transformers with experts in Ray actors")
@@ -228,6 +228,11 @@ class SwitchServer:
             set_grpc_error(grpc_context, e)
             return pb.ModelInfoResponse()
         return await self._model_info()
+
+    def check_health(self) -> None:
+        """Serve's own health check of the replica: one whose batching thread has stopped is replaced."""
+        if not self.scheduler.alive:
+            raise BatcherStopped("the batching thread has stopped")
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1.Health/Check: serving once this replica has its model and actors, and while its

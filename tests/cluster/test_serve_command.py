@@ -23,13 +23,17 @@ from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 
 @pytest.mark.ray  # in the subprocess
 def test_serve_until_interrupted(tmp_path):
-    """With an API key from the environment: calls without it are refused, the health check is not."""
+    """With an API key from a file: calls with it in either header form are served, calls without it are
+    refused, the health check is not."""
     grpc_port, http_port = free_port(), free_port()
     log = open(tmp_path / "serve.log", "w+")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"SWITCH_SERVE_API_KEY": "s3cret"}
+    (tmp_path / "key").write_text("s3cret\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SWITCH_SERVE_API_KEY")}
     server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--model", str(DEMO_MODEL),
-                               "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-                               "--experts-per-actor", "4"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                               "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--api-key-file",
+                               str(tmp_path / "key"), "--experts-per-actor", "4"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    env["SWITCH_SERVE_API_KEY"] = "s3cret"  # for the client
     try:
         deadline = time.monotonic() + 180
         while "Ctrl-C to stop" not in (tmp_path / "serve.log").read_text():
@@ -45,6 +49,10 @@ def test_serve_until_interrupted(tmp_path):
                                          headers={"Authorization": "Bearer s3cret"})
         with urllib.request.urlopen(request, timeout=30) as r:
             assert json.loads(r.read())["text"] == "3 2 1"
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/generate", data=body,
+                                         headers={"x-api-key": "s3cret"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert json.loads(r.read())["text"] == "3 2 1"
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/generate", data=body, headers=headers)
             with pytest.raises(urllib.error.HTTPError) as refused:
@@ -55,6 +63,9 @@ def test_serve_until_interrupted(tmp_path):
                 pb_grpc.SwitchServeStub(channel).Generate(pb.GenerateRequest(text="sort : 2 1"), timeout=30)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "api key" in refused.value.details()
+            answer = pb_grpc.SwitchServeStub(channel).Generate(pb.GenerateRequest(text="sort : 2 1"), timeout=30,
+                                                               metadata=[("x-api-key", "s3cret")])
+            assert answer.text == "1 2"
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         server.send_signal(signal.SIGINT)

@@ -4,6 +4,8 @@ in one process (no Ray needed), and the served engine with its expert actors on 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from reference import LocalExperts, hf_generate
@@ -26,11 +28,8 @@ LOGPROB_TOLERANCE = {"fp32": 1e-4, "bf16": 0.05}
 
 
 def reference(hf_model, dtype: str):
-    model = hf_model.to("cuda", torch_dtype(dtype))
-    try:
-        return hf_generate(model, PROMPTS, MAX_NEW)
-    finally:
-        hf_model.to("cpu", torch.float32)
+    # A copy: casting the shared model to bfloat16 and back would round its weights for later tests.
+    return hf_generate(copy.deepcopy(hf_model).to("cuda", torch_dtype(dtype)), PROMPTS, MAX_NEW)
 
 
 def assert_same(token_ids: list[list[int]], logprobs: list[list[float]], expected, dtype: str) -> None:

@@ -1,0 +1,31 @@
+"""The API key: where the server reads it, and the two header forms a call may present it in."""
+
+from __future__ import annotations
+
+import pytest
+
+from router_service.auth import API_KEY_ENV, load_api_key, presented_key
+
+
+def test_the_key_comes_from_the_file_else_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert load_api_key(None) is None  # no key: every call is served
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert load_api_key(None) == "from-env"
+    (tmp_path / "key").write_text("  from-file\n")
+    assert load_api_key(str(tmp_path / "key")) == "from-file"  # the file wins, trimmed
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="api_key_file: .*empty is empty"):
+        load_api_key(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("metadata, key", [
+    ([("authorization", "Bearer s3cret")], "s3cret"),
+    ([("Authorization", "Bearer s3cret")], "s3cret"),  # HTTP header names are case-insensitive
+    ([("x-api-key", "s3cret")], "s3cret"),
+    ([("user-agent", "curl"), ("X-API-Key", "s3cret")], "s3cret"),
+    ([("authorization", "Basic czNjcmV0")], None),  # not a bearer token
+    ([], None),
+])
+def test_presented_key(metadata, key):
+    assert presented_key(metadata) == key

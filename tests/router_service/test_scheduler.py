@@ -1,0 +1,47 @@
+"""The batching thread's death (what no `except Exception` in its loop catches) fails its requests instead of
+hanging them, refuses later ones, and turns the replica's health checks, gRPC's and Serve's, to not serving.
+Without the thread's `finally` in Scheduler._run, the first request here would wait forever."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from router_service.batching import ContinuousBatcher, Sequence
+from router_service.scheduler import BatcherStopped, Scheduler
+from router_service.server import SwitchServer
+
+
+class Crash(BaseException):
+    """Stands for what escapes the loop: a bug in the loop itself, an interpreter error."""
+
+
+class CrashingFront:
+    config = SimpleNamespace(eos_token_id=1, decoder_start_token_id=0)
+
+    def encode(self, prompts):
+        raise Crash("the front crashed")
+
+
+async def generate(scheduler: Scheduler) -> list:
+    return [seq async for seq in scheduler.stream(Sequence([5, 1]))]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_stopped_batching_thread_fails_requests_and_health():
+    scheduler = Scheduler(ContinuousBatcher(CrashingFront(), max_sequences=4), max_waiting=4)
+    with pytest.raises(BatcherStopped):
+        asyncio.run(asyncio.wait_for(generate(scheduler), timeout=10))  # the request the thread was working on
+    assert not scheduler.alive
+    scheduler._thread.join(10)  # its exception is reported within this test, where it is expected
+    with pytest.raises(BatcherStopped):
+        asyncio.run(asyncio.wait_for(generate(scheduler), timeout=10))  # a later one, refused at once
+
+    replica, server = SwitchServer.func_or_class, SimpleNamespace(scheduler=scheduler)  # the class, without Serve
+    health = asyncio.run(replica.Check(server, health_pb2.HealthCheckRequest()))
+    assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(BatcherStopped):
+        replica.check_health(server)
