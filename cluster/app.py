@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,12 +16,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
 
-from experts.checkpoint import SwitchCheckpoint
-from experts.fleet import for_cluster, served_placement, stop_shared_fleet
+from experts.fleet import for_cluster
+from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, follow_weights
 from router_service.config import GRPC_PORT, HTTP_PORT, ServerConfig
-from router_service.server import SwitchServer
+from router_service.server import ServedFleet, SwitchServer
 
 APP_NAME = "switch-serve"
 GRPC_SERVICER_FUNCTIONS = [
@@ -36,14 +37,18 @@ FRONT_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 
 def build_app(args: dict | ServerConfig) -> Application:
-    """Serve's application builder: `args` are ServerConfig's fields."""
+    """Serve's application builder: `args` are ServerConfig's fields. Two deployments: the fronts, and the one
+    fleet that owns the expert actors they share."""
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
     config = config.model_copy(update={"placement": for_cluster(config.placement)})  # the same for every replica
+    fleet = ServedFleet.options(num_replicas=1, max_ongoing_requests=max(100, 4 * config.num_replicas),
+                                ray_actor_options={"num_cpus": 0, "resources": config.fleet_resources}
+                                ).bind(config.model, config.placement, config.dtype)
     ongoing = config.max_sequences + config.max_waiting + CONTROL_HEADROOM
     return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
                                 max_queued_requests=config.max_waiting,
                                 ray_actor_options={"num_gpus": config.front_gpus,
-                                                   "runtime_env": {"env_vars": FRONT_ENV}}).bind(config)
+                                                   "runtime_env": {"env_vars": FRONT_ENV}}).bind(config, fleet)
 
 
 def check_placement(config: ServerConfig, model_config: SwitchConfig) -> list[str]:
@@ -66,6 +71,15 @@ def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port:
     }
 
 
+def wait_until_serving(front, timeout_s: float) -> None:
+    """Wait for the fronts (a Serve handle to them) to have their expert actors."""
+    deadline = time.monotonic() + timeout_s
+    while (status := front.status.remote().result()) != "serving":
+        if time.monotonic() > deadline:
+            raise PlacementError(f"placement: {status} after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 @dataclass(frozen=True)
 class Endpoints:
     grpc: str  # HOST:PORT
@@ -78,7 +92,8 @@ def local_serve(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port
                 worker_logs: bool = True) -> Iterator[Endpoints]:
     """Serve `config` while the block runs: on the running Ray cluster, else one started here (joining
     `address` if given, with Ray's dashboard if asked, echoing the workers' logs unless told not to). Returns
-    once the app answers; at the end takes down the app, its expert actors, Serve, and Ray if it started it."""
+    once the app serves (PlacementError if its experts are not up within `placement.timeout_s`); at the end takes
+    down the app, its expert actors, Serve, and Ray if it started it."""
     owns_ray = not ray.is_initialized()
     if owns_ray:
         ray.init(address=address, logging_level=logging.WARNING, include_dashboard=dashboard,
@@ -86,13 +101,12 @@ def local_serve(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port
     try:
         serve.start(http_options={"host": http_host, "port": http_port},
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        front = serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         try:
+            wait_until_serving(front, config.placement.timeout_s)
             yield Endpoints(grpc=f"{http_host}:{grpc_port}", http=f"http://{http_host}:{http_port}")
         finally:
-            serve.delete(APP_NAME)
-            checkpoint = SwitchCheckpoint.open(config.model)
-            stop_shared_fleet(checkpoint, *served_placement(checkpoint, config.placement, config.dtype))
+            serve.delete(APP_NAME)  # stops the fleet, which releases its actors and placement group
     finally:
         serve.shutdown()
         if owns_ray:

@@ -28,7 +28,8 @@ from router_service.config import GRPC_PORT, HTTP_PORT, EngineConfig, ServerConf
 from router_service.requests import SamplingParams
 
 # Flags named otherwise than their field.
-FLAG_NAMES = {"num_replicas": "--replicas", "actor_resources": "--actor-resource"}
+FLAG_NAMES = {"num_replicas": "--replicas", "actor_resources": "--actor-resource",
+              "fleet_resources": "--fleet-resource"}
 PLANNER_FIELDS = ("gpus", "gpu_memory", "nodes", "replicate_hot", "stats")
 
 
@@ -102,9 +103,8 @@ def given(args: argparse.Namespace, model: type[BaseModel]) -> dict:
     """The fields of `model` that its flags set."""
     values = {name: getattr(args, f"{model.__name__}.{name}") for name in model.model_fields
               if hasattr(args, f"{model.__name__}.{name}")}
-    if "actor_resources" in values:
-        values["actor_resources"] = dict(values["actor_resources"])
-    return values
+    return {name: dict(value) if typing.get_origin(model.model_fields[name].annotation) is dict else value
+            for name, value in values.items()}  # Ray resources come as NAME=AMOUNT pairs
 
 
 def add_engine_options(parser: argparse.ArgumentParser, config: type[EngineConfig], skip: tuple[str, ...]) -> None:
@@ -276,6 +276,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         plot(report, args.plot)
 
 
+def cmd_soak(args: argparse.Namespace) -> None:
+    from cluster.soak import main
+
+    sys.exit(main(args.model, args.duration, args.concurrency, tuple(args.chaos_every) if args.chaos else None,
+                  args.replicas))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from cluster.demo import DEMO_MODEL, run_demo
 
@@ -359,6 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(n, EngineConfig, ["micro_batches"])
     n.add_argument("--json", action="store_true")
     n.set_defaults(func=cmd_bench)
+
+    k = sub.add_parser("soak", help="serve a checkpoint locally under mixed load, optionally killing its processes, "
+                                    "and check every answer")
+    k.add_argument("--model", default=None, help="checkpoint with a tokenizer (default: the demo model)")
+    k.add_argument("--duration", type=float, default=600.0, help="seconds of load (default: 600)")
+    k.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: 8)")
+    k.add_argument("--replicas", type=int, default=2, help="front replicas (default: 2)")
+    k.add_argument("--chaos", action="store_true", help="kill an expert actor, the expert fleet and a front replica "
+                                                        "in turn, at random times")
+    k.add_argument("--chaos-every", type=float, nargs=2, default=(8.0, 15.0), metavar=("MIN_S", "MAX_S"),
+                   help="seconds between faults, drawn between these (default: 8 15)")
+    k.set_defaults(func=cmd_soak)
 
     d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")
     d.add_argument("--model", default=None, help="checkpoint to serve (default: the trained demo model in demo/model)")

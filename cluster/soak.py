@@ -1,80 +1,226 @@
-"""Soak test: serve a checkpoint locally and keep a bounded load on it for a set time, then report requests
-served, errors by status and memory at the start and the end. Not part of the test run:
+"""Soak: serve a checkpoint locally under mixed load for a set time and report what happened to every request.
 
-    .venv/bin/python -m cluster.soak --duration 600 --concurrency 8
+The load mixes greedy unary calls and streams (each answer checked against a clean run before the load), streams
+cancelled part way, and bad input (which must be refused). With `--chaos`, processes are killed at random
+meanwhile: an expert actor's (Ray restarts it), the expert fleet's and a front replica's (Serve starts them
+again), each in turn. Printed: requests by outcome, faults injected, wrong answers, hung requests, latency with
+and without a fault nearby, and memory by kind of process at the start and the end.
+
+    switch-serve soak --duration 600 --chaos
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import random
+import signal
+import statistics
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import grpc
 
-from cluster.app import local_serve
+from cluster.app import APP_NAME, local_serve
 from cluster.demo import DEMO_MODEL, PROMPTS
 from cluster.testing import free_port, resident_memory
+from experts.placement import PlacementConfig
 from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 
+GREEDY_NEW_TOKENS = 12  # the length of every checked answer
+KINDS = ("unary", "stream", "cancelled stream", "bad input")
+FAULTS = ("expert actor", "expert fleet", "front replica")
+# What a request may end with while its experts or its replica are down: UNAVAILABLE from the server, INTERNAL
+# from Serve's gRPC proxy for a replica that died (see the README's failure table).
+RETRYABLE = {"UNAVAILABLE", "INTERNAL"}
+HUNG_S = 120.0  # a request not answered within this is counted as hung
+FAULT_WINDOW_S = 30.0  # requests that overlap the time from a fault to this much after it count as "with faults"
+PROCESSES = {"front replicas": "ray::ServeReplica:switch-serve:SwitchServer",
+             "expert fleet": "ray::ServeReplica:switch-serve:ExpertFleet", "expert actors": "ray::ExpertActor"}
 
-def ray_memory() -> int:
-    """Resident memory of the Ray processes on this machine (the server, the actors, Ray's own), in bytes."""
-    return resident_memory("ray::", "/ray/")
+
+@dataclass
+class Report:
+    outcomes: Counter = field(default_factory=Counter)  # (kind, outcome) -> requests
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (began, ended) of answered requests
+    faults: list[tuple[float, str]] = field(default_factory=list)
+    memory_start: dict[str, int] = field(default_factory=dict)
+    memory_end: dict[str, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, kind: str, outcome: str) -> int:
+        return sum(n for (k, o), n in self.outcomes.items() if o == outcome and kind in (k, "any"))
+
+    @property
+    def wrong(self) -> int:
+        return self.count("any", "WRONG")
+
+    @property
+    def hung(self) -> int:
+        return self.count("any", "HUNG")
+
+    @property
+    def lost(self) -> int:
+        """Requests that ended in a way a client could not have handled: neither answered, nor refused as they
+        should be, nor failed with a retryable status."""
+        fine = {"OK", "CANCELLED", "REFUSED", *RETRYABLE}
+        return sum(n for (_, outcome), n in self.outcomes.items() if outcome not in fine)
+
+    def latency(self, near_fault: bool) -> tuple[float, float] | None:
+        """(p50, p99) in seconds of the answered requests that did (or did not) overlap a fault's window."""
+        def near(began: float, ended: float) -> bool:
+            return any(began < at + FAULT_WINDOW_S and ended > at for at, _ in self.faults)
+
+        values = sorted(ended - began for began, ended in self.latencies if near(began, ended) == near_fault)
+        if not values:
+            return None
+        return statistics.median(values), values[min(len(values) - 1, int(0.99 * len(values)))]
+
+    def summary(self) -> str:
+        lines = [f"{sum(self.outcomes.values())} requests in {self.elapsed:.0f} s; faults injected: "
+                 f"{dict(Counter(kind for _, kind in self.faults)) or 'none'}"]
+        for kind in KINDS:
+            by_outcome = {o: n for (k, o), n in sorted(self.outcomes.items()) if k == kind}
+            lines.append(f"  {kind:<17} {by_outcome}")
+        lines.append(f"wrong answers: {self.wrong}; hung: {self.hung}; lost (no retryable status): {self.lost}")
+        for label, near in (("without faults", False), ("with faults", True)):
+            p = self.latency(near)
+            lines.append(f"latency {label}: " + (f"p50 {p[0]:.2f} s, p99 {p[1]:.2f} s" if p else "no requests"))
+        for name in PROCESSES:
+            lines.append(f"memory of the {name}: {self.memory_start.get(name, 0) / 2**20:.0f} MiB at the start, "
+                         f"{self.memory_end.get(name, 0) / 2**20:.0f} MiB at the end")
+        return "\n".join(lines)
 
 
-def load(stub, stop: threading.Event, outcomes: Counter, lock: threading.Lock, max_new_tokens: int) -> None:
-    rng = random.Random()
+def memory_by_process() -> dict[str, int]:
+    return {name: resident_memory(pattern) for name, pattern in PROCESSES.items()}
+
+
+def one_request(stub, kind: str, prompt: str, expected: list[int], vocab_size: int) -> str:
+    """Send one request of `kind`; its outcome: OK, WRONG, CANCELLED, REFUSED, HUNG or a gRPC status name."""
+    request = pb.GenerateRequest(text=prompt, max_new_tokens=GREEDY_NEW_TOKENS)
+    try:
+        if kind == "unary":
+            return "OK" if list(stub.Generate(request, timeout=HUNG_S).token_ids) == expected else "WRONG"
+        if kind == "bad input":
+            stub.Generate(pb.GenerateRequest(input_ids=[3, vocab_size + 5]), timeout=HUNG_S)
+            return "WRONG"  # served: it should have been refused
+        stream = stub.GenerateStream(request, timeout=HUNG_S)
+        tokens = []
+        for chunk in stream:
+            tokens += chunk.token_ids
+            if kind == "cancelled stream" and len(tokens) >= 2:
+                stream.cancel()
+                return "CANCELLED"
+        return "OK" if tokens == expected else "WRONG"
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "HUNG"
+        if kind == "bad input" and e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            return "REFUSED"
+        return e.code().name
+
+
+def load(stub, stop: threading.Event, report: Report, reference: dict[str, list[int]], vocab_size: int,
+         seed: int) -> None:
+    rng = random.Random(seed)
     while not stop.is_set():
-        request = pb.GenerateRequest(text=rng.choice(PROMPTS), max_new_tokens=rng.randint(1, max_new_tokens),
-                                     temperature=rng.choice([0.0, 0.8]), seed=rng.randrange(2**32))
+        kind, prompt = rng.choice(KINDS), rng.choice(PROMPTS)
+        began = time.monotonic()
+        outcome = one_request(stub, kind, prompt, reference[prompt], vocab_size)
+        with report.lock:
+            report.outcomes[kind, outcome] += 1
+            if outcome == "OK":
+                report.latencies.append((began, time.monotonic()))
+
+
+def serve_replicas(deployment: str) -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{deployment}#")]
+
+
+def inject(fault: str, stub, rng: random.Random) -> bool:
+    """Kill one process of the kind `fault` names, as the OOM killer would; False if there was none to kill."""
+    import ray
+
+    if fault == "expert actor":
         try:
-            stub.Generate(request, timeout=60)
-            outcome = "OK"
-        except grpc.RpcError as e:
-            outcome = e.code().name
-        with lock:
-            outcomes[outcome] += 1
+            pids = [a.pid for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=10).actors]
+        except grpc.RpcError:
+            return False
+        if not pids:
+            return False
+        try:
+            os.kill(rng.choice(pids), signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+    names = serve_replicas("ExpertFleet" if fault == "expert fleet" else "SwitchServer")
+    if not names:
+        return False
+    try:
+        ray.kill(ray.get_actor(rng.choice(names), namespace="serve"), no_restart=True)  # Serve starts another
+    except ValueError:  # gone meanwhile
+        return False
+    return True
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(DEMO_MODEL))
-    parser.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    args = parser.parse_args(argv)
+def chaos(stub, stop: threading.Event, report: Report, interval: tuple[float, float], seed: int) -> None:
+    """Every `interval` seconds (drawn at random), a fault of the next kind in turn."""
+    rng = random.Random(seed)
+    turn = 0
+    while not stop.wait(rng.uniform(*interval)):
+        fault = FAULTS[turn % len(FAULTS)]
+        if inject(fault, stub, rng):
+            with report.lock:
+                report.faults.append((time.monotonic(), fault))
+            turn += 1
 
-    config = ServerConfig(model=args.model)
+
+def run_soak(config: ServerConfig, duration: float, concurrency: int, chaos_interval: tuple[float, float] | None,
+             seed: int = 0, progress: bool = True) -> Report:
+    """Serve `config` locally and soak it; with `chaos_interval`, inject faults that often."""
+    report = Report()
     with local_serve(config, http_port=free_port(), grpc_port=free_port(), worker_logs=False) as served:
         with grpc.insecure_channel(served.grpc) as channel:
             stub = pb_grpc.SwitchServeStub(channel)
-            stub.Generate(pb.GenerateRequest(text=PROMPTS[0], max_new_tokens=2), timeout=60)  # warm
-            memory_start, started = ray_memory(), time.monotonic()
-            outcomes, lock, stop = Counter(), threading.Lock(), threading.Event()
-            workers = [threading.Thread(target=load, args=(stub, stop, outcomes, lock, args.max_new_tokens))
-                       for _ in range(args.concurrency)]
-            for w in workers:
-                w.start()
-            while time.monotonic() - started < args.duration:
-                time.sleep(min(10.0, args.duration))
-                print(f"{time.monotonic() - started:6.0f} s  {dict(outcomes)}  memory "
-                      f"{ray_memory() / 2**20:.0f} MiB", flush=True)
+            vocab_size = stub.ModelInfo(pb.ModelInfoRequest(), timeout=60).vocab_size
+            reference = {p: list(stub.Generate(pb.GenerateRequest(text=p, max_new_tokens=GREEDY_NEW_TOKENS),
+                                               timeout=60).token_ids) for p in PROMPTS}  # the clean run
+            report.memory_start, started = memory_by_process(), time.monotonic()
+            stop = threading.Event()
+            threads = [threading.Thread(target=load, args=(stub, stop, report, reference, vocab_size, seed + i))
+                       for i in range(concurrency)]
+            if chaos_interval:
+                threads.append(threading.Thread(target=chaos, args=(stub, stop, report, chaos_interval, seed)))
+            for t in threads:
+                t.start()
+            while (left := duration - (time.monotonic() - started)) > 0:
+                time.sleep(min(10.0, left))
+                if progress:
+                    print(f"{time.monotonic() - started:6.0f} s  {sum(report.outcomes.values())} requests, "
+                          f"{len(report.faults)} faults", flush=True)
             stop.set()
-            for w in workers:
-                w.join()
-            elapsed, memory_end = time.monotonic() - started, ray_memory()
-    served = outcomes["OK"]
-    errors = {k: v for k, v in outcomes.items() if k != "OK"}
-    print(f"\n{served} requests served in {elapsed:.0f} s ({served / elapsed:.1f}/s) at concurrency "
-          f"{args.concurrency}; errors by status: {errors or 'none'}")
-    print(f"memory of the Ray processes: {memory_start / 2**20:.0f} MiB at the start, "
-          f"{memory_end / 2**20:.0f} MiB at the end")
+            for t in threads:
+                t.join()
+            report.elapsed = time.monotonic() - started
+            report.memory_end = memory_by_process()
+    return report
 
 
-if __name__ == "__main__":
-    main()
+def soak_config(model: str, replicas: int) -> ServerConfig:
+    return ServerConfig(model=model, num_replicas=replicas, placement=PlacementConfig(experts_per_actor=2))
+
+
+def main(model: str | None, duration: float, concurrency: int, chaos_every: tuple[float, float] | None,
+         replicas: int) -> int:
+    """The `switch-serve soak` command: 1 when an answer was wrong, hung or lost, else 0."""
+    report = run_soak(soak_config(model or str(DEMO_MODEL), replicas), duration, concurrency, chaos_every)
+    print("\n" + report.summary())
+    return 1 if report.wrong or report.hung or report.lost else 0

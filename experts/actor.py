@@ -48,6 +48,8 @@ class ExpertActor:
         self.act = ACT2FN[checkpoint.config.dense_act_fn]
         self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
         self.compute_s = 0.0  # time spent in forward, for the benchmark's breakdown
+        self.calls = 0  # forward calls begun
+        self.fault: tuple[int, float | None] | None = None  # see inject_fault
         self.token_metric = Counter("switch_serve_expert_tokens", "Tokens computed per expert",
                                     tag_keys=("model", "stack", "layer", "expert"))
         self.model_name = Path(checkpoint.path).name
@@ -65,9 +67,20 @@ class ExpertActor:
     def tensors_read(self) -> list[str]:
         return sorted(self.checkpoint.names_read)
 
+    def inject_fault(self, at_call: int, stall_s: float | None = None) -> None:
+        """For tests: at this actor's `at_call`-th forward call from now, exit its process (as a crash or the
+        OOM killer would), or with `stall_s` stall that long before computing. Only a Ray actor handle reaches
+        it, never a request; an actor started again after the exit has no fault."""
+        self.fault = (self.calls + at_call, stall_s)
+
     @torch.inference_mode()
     def forward(self, stack: str, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> np.ndarray:
         """x holds counts[i] tokens for experts[i], back to back; returns their FFN outputs in the same order."""
+        self.calls += 1
+        if self.fault is not None and self.calls == self.fault[0]:
+            if self.fault[1] is None:
+                os._exit(1)
+            time.sleep(self.fault[1])
         began = time.perf_counter()
         hidden = from_wire(x, self.dtype).to(self.device)
         weights = [self.weights[(stack, layer, e)] for e in experts]

@@ -2,28 +2,35 @@
 
 An `ExpertFleet` actor owns one placement group (a bundle per node, `STRICT_SPREAD`, so each planned node is a
 different Ray node and the resources of all its actors are reserved at once) and the expert actors inside it.
-Killing the fleet releases both. Shared fleets are named and detached: every Serve replica serving the same
-checkpoint and placement finds the same fleet, and so the same actors.
+The actors are the fleet's children, so nothing outlives it. Served, the fleet is a Serve deployment of its
+own that every front replica asks for the actors.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
+import threading
+import uuid
+from typing import NamedTuple
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from experts.actor import ExpertActor
 from experts.checkpoint import SwitchCheckpoint
-from experts.placement import Placement, PlacementConfig, PlacementError
+from experts.placement import Placement, PlacementConfig
 from experts.spec import expert_tensor_names
 
 log = logging.getLogger(__name__)
 
-SHARED_NAMESPACE = "switch-serve"
+# How often a fleet waiting for room says so (in its status and its log).
+ROOM_POLL_S = 10.0
+# Calls a fleet actor answers at once (each `actors` call may wait for the load).
+FLEET_CALLERS = 16
 
 
 def node_cpus_largest_first() -> list[float]:
@@ -79,69 +86,133 @@ def bundles(placement: Placement, cpus: float, resources: dict[str, float]) -> l
     return out
 
 
+class FleetActors(NamedTuple):
+    """What a fleet hands its fronts."""
+
+    actors: list  # the expert actors in placement order; none until they have loaded
+    status: str  # "ready", or what they wait for
+    fleet_id: str  # new each time the fleet starts again (with new actors)
+
+
 class ExpertFleet:
-    """Wrapped with `ray.remote` by `start_fleet`. Starts its actors once; later callers get the same ones."""
+    """Owns one placement group and the expert actors inside it. The actors are its children: they die with it,
+    and so does the group, so nothing it started outlives it.
+
+    Runs as a Ray actor for the Python API and as a Serve deployment of the served app, whose controller starts
+    a new one (with new actors) when its process dies. It starts at once and places and loads its actors on a
+    thread, waiting as long as it takes for Ray to find room: `status()` says where it stands, `actors()` hands
+    the actors out once they have loaded.
+    """
 
     def __init__(self, checkpoint: SwitchCheckpoint, placement: Placement, dtype: str,
-                 actor_resources: dict[str, float], timeout_s: float):
+                 actor_resources: dict[str, float] | None = None, name: str | None = None):
         self.checkpoint, self.placement, self.dtype = checkpoint, placement, dtype
-        self.actor_resources, self.timeout_s = actor_resources, timeout_s
+        self.actor_resources = actor_resources or {}
+        # Names the placement group. Ray keeps a group until its creator's job ends, even when the creator dies,
+        # so a fleet started again after its process died removes the group its predecessor left.
+        self.name = name or fleet_name(checkpoint, placement, dtype)
         self.group = None
         self.handles: list = []
+        self.error: BaseException | None = None
+        self.state = "starting"
+        self.fleet_id = uuid.uuid4().hex  # new each time the fleet starts, and so its actors
+        self._lock = threading.Lock()  # the starting thread and release() take turns with group and handles
+        self._done = threading.Event()  # set once the actors have loaded, or failed to
+        self._released = False
+        threading.Thread(target=self._start, name="switch-serve-fleet", daemon=True).start()
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def actors(self) -> list:
-        """The expert actors, started (and their weights loaded) on the first call."""
-        if not self.handles:
-            self._start()
-        return self.handles
+    def status(self) -> str:
+        """One line: "ready", or what the actors are waiting for."""
+        return f"failed: {self.error}" if self.error is not None else self.state
+
+    def actors(self, wait_s: float = 0.0) -> FleetActors:
+        """The expert actors once loaded, waiting up to `wait_s` for that; none, and why, before. Raises what
+        failed the load (a bad checkpoint, ...). Runs on a thread of its own (a threaded Ray actor; Serve runs
+        sync methods in a thread pool)."""
+        if not self._done.wait(wait_s):
+            return FleetActors([], self.state, self.fleet_id)
+        if self.error is not None:
+            raise self.error
+        return FleetActors(list(self.handles), self.state, self.fleet_id)  # none once released
+
+    def check_health(self) -> None:
+        """Serve's health check: a fleet whose load failed is replaced, and so tried again."""
+        if self.error is not None:
+            raise self.error
 
     def _start(self) -> None:
-        cpus = actor_cpus(self.placement)
-        wanted = bundles(self.placement, cpus, self.actor_resources)
-        group = placement_group(wanted, strategy="STRICT_SPREAD")
-        if not group.wait(self.timeout_s):
-            remove_placement_group(group)
-            raise PlacementError(
-                f"placement: Ray found no room within {self.timeout_s:.0f} s for {len(wanted)} node(s) holding "
-                f"{wanted} (one node each); the cluster has {_alive_node_resources()}")
-        remote = ray.remote(ExpertActor)
-        handles = []
-        for spec in self.placement.actors:
-            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=spec.node)
-            # An actor that dies is started again (reloading its weights) and the calls it had in flight are
-            # sent again: it holds no per-request state, so a retried call gives the same result.
-            handles.append(remote.options(num_cpus=cpus, num_gpus=spec.gpus, resources=self.actor_resources,
-                                          scheduling_strategy=strategy, max_restarts=-1,
-                                          max_task_retries=-1).remote(
-                self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype))
         try:
-            ray.get([h.info.remote() for h in handles])  # a load failure surfaces here, not mid-request
-        except BaseException:
-            for h in handles:
-                ray.kill(h)
-            remove_placement_group(group)
-            raise
-        self.group, self.handles = group, handles
+            cpus = actor_cpus(self.placement)
+            wanted = bundles(self.placement, cpus, self.actor_resources)
+            with self._lock:
+                if self._released:
+                    return
+                _remove_group_named(self.name)
+                self.group = placement_group(wanted, strategy="STRICT_SPREAD", name=self.name)
+            waited = 0.0
+            while not self.group.wait(ROOM_POLL_S):
+                if self._released:
+                    return
+                waited += ROOM_POLL_S
+                self.state = (f"waiting {waited:.0f} s for room for {len(wanted)} node(s) holding {wanted} (one "
+                              f"node each); the cluster has {_alive_node_resources()}")
+                log.warning("expert fleet %s", self.state)
+            self.state = f"loading {len(self.placement.actors)} expert actors"
+            remote = ray.remote(ExpertActor)
+            handles = []
+            for spec in self.placement.actors:
+                strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=spec.node)
+                # An actor that dies is started again (reloading its weights) and the calls it had in flight are
+                # sent again: it holds no per-request state, so a retried call gives the same result.
+                handles.append(remote.options(num_cpus=cpus, num_gpus=spec.gpus, resources=self.actor_resources,
+                                              scheduling_strategy=strategy, max_restarts=-1,
+                                              max_task_retries=-1).remote(
+                    self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype))
+            with self._lock:
+                if self._released:
+                    _kill(handles)
+                    return
+                self.handles = handles
+            asyncio.run(_all_loaded(handles))  # a load failure surfaces here, not mid-request
+            self.state = "ready"
+        except BaseException as e:
+            self.error = e
+            log.error("expert fleet failed: %s", e)
+            self.release()
+        finally:
+            self._done.set()
 
     def release(self) -> None:
-        """Stop the actors and free the placement group's reservation (Ray keeps a group made by a non-detached
-        actor until its job ends, so killing the fleet alone would leak it)."""
-        for h in self.handles:
-            ray.kill(h)
-        if self.group is not None:
-            remove_placement_group(self.group)
-        self.group, self.handles = None, []
+        """Stop the actors and free the placement group's reservation at once, rather than when Ray notices the
+        fleet is gone."""
+        with self._lock:
+            self._released = True
+            _kill(self.handles)
+            if self.group is not None:
+                remove_placement_group(self.group)
+            self.group, self.handles = None, []
+        if self.error is None:
+            self.state = "released"
 
 
-def stop_fleet(fleet) -> None:
-    """Release a fleet's actors and placement group, then the fleet itself."""
+async def _all_loaded(handles: list) -> None:
+    # Awaited rather than ray.get: Ray warns about blocking gets in a process that runs an event loop (Serve's).
+    await asyncio.gather(*[h.info.remote() for h in handles])
+
+
+def _kill(handles: list) -> None:
+    for h in handles:
+        ray.kill(h)
+
+
+def _remove_group_named(name: str) -> None:
     try:
-        ray.get(fleet.release.remote())
-    finally:
-        ray.kill(fleet)
+        remove_placement_group(get_placement_group(name))
+    except ValueError:  # none
+        pass
 
 
 def _alive_node_resources() -> list[dict[str, float]]:
@@ -155,30 +226,20 @@ def fleet_name(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str) -
     return f"experts-{digest}"
 
 
-def start_fleet(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str, *, shared: bool = False,
-                actor_resources: dict[str, float] | None = None, timeout_s: float = 600.0) -> tuple:
-    """(fleet, its expert actors in placement order), once every actor has loaded its weights."""
-    # The fleet owns the actors, and they die with it: keep it on this (the front's) node, not on an expert
-    # node that may go away.
+def start_fleet(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str,
+                actor_resources: dict[str, float] | None = None):
+    """An ExpertFleet as a Ray actor on this node (the Python API's front), started again by Ray if its process
+    dies. Returns at once; its `actors` method waits for the load."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    options = {"num_cpus": 0, "scheduling_strategy": here}
-    if shared:
-        options.update(name=fleet_name(checkpoint, placement, dtype), namespace=SHARED_NAMESPACE,
-                       lifetime="detached", get_if_exists=True)
-    fleet = ray.remote(ExpertFleet).options(**options).remote(
-        checkpoint, placement, dtype, actor_resources or {}, timeout_s)
-    try:
-        return fleet, ray.get(fleet.actors.remote())
-    except BaseException:
-        if not shared:  # a shared fleet stays, empty, for the next front to try again
-            ray.kill(fleet)
-        raise
+    name = f"{fleet_name(checkpoint, placement, dtype)}-{uuid.uuid4().hex[:8]}"  # its own, kept across restarts
+    return ray.remote(ExpertFleet).options(num_cpus=0, scheduling_strategy=here, max_restarts=-1,
+                                           max_concurrency=FLEET_CALLERS).remote(
+        checkpoint, placement, dtype, actor_resources, name)
 
 
-def stop_shared_fleet(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str) -> None:
-    """Stop a shared fleet, its actors and its placement group (when its Serve app is taken down)."""
+def stop_fleet(fleet) -> None:
+    """Release a fleet actor's expert actors and placement group, then the fleet itself."""
     try:
-        fleet = ray.get_actor(fleet_name(checkpoint, placement, dtype), namespace=SHARED_NAMESPACE)
-    except ValueError:  # not running
-        return
-    stop_fleet(fleet)
+        ray.get(fleet.release.remote())
+    finally:
+        ray.kill(fleet, no_restart=True)

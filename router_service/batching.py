@@ -110,6 +110,11 @@ class ContinuousBatcher:
     def num_waiting(self) -> int:
         return len(self.waiting) + self.inbox.qsize()
 
+    @property
+    def cache_rows(self) -> int:
+        cache = self.cache
+        return 0 if cache is None else cache.self_valid.shape[0]
+
     def step(self) -> list[Sequence]:
         """Admit waiting sequences, decode one token for every active one; returns the sequences that changed."""
         while not self.inbox.empty():

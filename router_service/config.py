@@ -44,5 +44,8 @@ class ServerConfig(EngineConfig):
     max_waiting: int = Field(64, ge=1, description="requests a replica queues beyond its batch before answering "
                                                    "RESOURCE_EXHAUSTED")
     num_replicas: int = Field(1, ge=1, description="front replicas (they share the expert actors)")
+    fleet_resources: dict[str, float] = Field(
+        default_factory=dict, description="a Ray resource the expert fleet (the owner of the expert actors) asks "
+                                          "for, to keep it on a node that outlives the fronts, e.g. the head's")
     api_key_file: str | None = Field(None, description=f"file holding the API key every call but the health check "
                                                        f"must present (default: ${API_KEY_ENV}, if set)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import ray
 import torch
@@ -11,7 +12,8 @@ from experts.wire import from_wire, to_wire
 
 
 class ExpertsUnavailable(RuntimeError):
-    """Expert actors stayed down longer than the dispatcher waits; the requests in the batch fail, retryable."""
+    """The expert actors are not up (loading, lost with their fleet, or down longer than the dispatcher waits):
+    the requests fail, retryable."""
 
 
 class ExpertDispatcher:
@@ -23,8 +25,9 @@ class ExpertDispatcher:
 
     def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, list[int]]], num_experts: int,
                  metrics=None, timeout_s: float | None = None):
-        self.actors = actors
+        self.actors = actors  # in placement order; replaced whole when the fleet starts new ones
         self.timeout_s = timeout_s
+        self.on_lost: Callable[[BaseException], None] | None = None  # told when a call finds its actor dead
         # Sparse-layer round trips made, the front's time sending and waiting in them, and sending alone.
         self.calls, self.seconds, self.sending_seconds = 0, 0.0, 0.0
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
@@ -35,6 +38,22 @@ class ExpertDispatcher:
             self.copies[layer] = torch.tensor([len(table[e]) for e in range(num_experts)])
             self.hosts[layer] = torch.tensor([table[e] + table[e][:1] * (most - len(table[e]))
                                               for e in range(num_experts)])  # [experts, most copies]
+
+    def actors_dead(self, timeout_s: float = 1.0) -> bool:
+        """Whether the first actor is dead for good: all of them are when their fleet died. One that is
+        restarting, or busy beyond `timeout_s`, counts as alive."""
+        handles = self.actors
+        if not handles:
+            return False
+        ping = handles[0].info.remote()
+        ready, _ = ray.wait([ping], timeout=timeout_s)
+        if not ready:
+            return False
+        try:
+            ray.get(ping)
+        except ray.exceptions.RayActorError:
+            return True
+        return False
 
     def owner(self, layer: tuple[str, int], expert: torch.Tensor) -> torch.Tensor:
         """The actor each token goes to: its expert's n-th token goes to copy n mod the number of copies."""
@@ -57,6 +76,9 @@ class ExpertDispatcher:
         pending = PendingDispatch(self, stack, layer, tokens, index)
         if index.numel() == 0:
             return pending
+        handles = self.actors
+        if not handles:
+            raise ExpertsUnavailable("the expert actors are not up")
         owner = self.owner((stack, layer), expert[index])
         # Group tokens by owning actor, then by expert within it (stable: token order kept inside a group).
         order = torch.argsort(owner * self.num_experts + expert[index], stable=True)
@@ -66,7 +88,7 @@ class ExpertDispatcher:
         for actor, n in zip(actors.tolist(), per_actor.tolist()):
             chunk = pending.index[start:start + n]
             experts, counts = torch.unique_consecutive(expert[chunk], return_counts=True)
-            pending.calls.append(self.actors[actor].forward.remote(
+            pending.calls.append(handles[actor].forward.remote(
                 stack, layer, experts.tolist(), counts.tolist(), to_wire(tokens[chunk])))
             pending.called.append(actor)
             start += n
@@ -97,6 +119,10 @@ class PendingDispatch:
             late = [a for a, call in zip(self.called, self.calls) if call not in ready]
             raise ExpertsUnavailable(f"expert actors {late} did not answer {self.stack} layer {self.layer} within "
                                      f"{d.timeout_s:g} s (restarting, or no room to restart them)") from None
+        except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them
+            if d.on_lost is not None:
+                d.on_lost(e)
+            raise
         # What the front spent sending and then waiting: with micro-batches, the rest of the round trip
         # overlaps the front's work on another micro-batch.
         elapsed = self.sending_s + time.perf_counter() - began

@@ -8,21 +8,29 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import ray
 import torch
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.fleet import served_placement, start_fleet, stop_fleet
+from experts.fleet import FleetActors, served_placement, start_fleet, stop_fleet
+from experts.placement import PlacementError
 from experts.wire import torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
 from router_service.config import EngineConfig
-from router_service.dispatch import ExpertDispatcher
+from router_service.dispatch import ExpertDispatcher, ExpertsUnavailable
 from router_service.model import SwitchFront
 from router_service.requests import InvalidRequest, check_prompt, make_sampling_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+# How long one call to the fleet waits for its actors to load, between updates of the link's status.
+FLEET_POLL_S = 5.0
+# How often a front checks that its fleet is the one that started its actors.
+LINK_CHECK_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 def count_expert_tokens(per_actor: list[dict], num_experts: int) -> dict[tuple[str, int], list[int]]:
@@ -34,41 +42,125 @@ def count_expert_tokens(per_actor: list[dict], num_experts: int) -> dict[tuple[s
     return dict(sorted(table.items(), key=lambda item: (item[0][0] != "encoder", item[0][1])))
 
 
+class ExpertLink:
+    """Keeps the dispatcher's expert actors current: asks the fleet for them until they have loaded; every few
+    seconds checks that they live and that the fleet is still the one that started them (it started again, with
+    new actors, if not); asks again as soon as a call finds an actor dead. A fleet that does not answer in time
+    (Serve has not yet noticed it died) leaves live actors in use. `status` says why the experts are not ready
+    while they are not."""
+
+    def __init__(self, fleet, dispatcher: ExpertDispatcher):
+        self.fleet, self.dispatcher = fleet, dispatcher
+        self.status = "asking the expert fleet for its actors"
+        self.ready = threading.Event()
+        self._fleet_id = None
+        self._wake = threading.Event()
+        self._closed = False
+        dispatcher.on_lost = self._on_lost
+        threading.Thread(target=self._run, name="switch-serve-experts", daemon=True).start()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self.ready.wait(timeout_s)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    def _on_lost(self, why: BaseException | str) -> None:
+        if self.ready.is_set():
+            log.warning("expert actors lost: %s", first_line(why))
+        self.ready.clear()
+        self.status = f"expert actors lost ({first_line(why)}); waiting for their fleet to start new ones"
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            ready = self.ready.is_set()
+            if ready and self.dispatcher.actors_dead():  # their fleet died, or they were killed for good
+                self._on_lost("an expert actor is dead")
+                continue
+            try:
+                view = call(self.fleet.actors.remote(0.0 if ready else FLEET_POLL_S), FLEET_POLL_S + LINK_CHECK_S)
+            except TimeoutError:  # Serve has yet to notice that it died, or it is starting again
+                view = FleetActors([], f"the expert fleet did not answer within {FLEET_POLL_S + LINK_CHECK_S:.0f} s",
+                                   "")
+            except Exception as e:  # gone, or its load failed (Serve starts it again)
+                view = FleetActors([], f"expert fleet: {first_line(e)}", "")
+            if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
+                self._on_lost(view.status if not view.actors else "their fleet started again")
+            elif not ready and view.actors:
+                self.dispatcher.actors, self._fleet_id = view.actors, view.fleet_id
+                self.status = "ready"
+                self.ready.set()
+            elif not ready:
+                self.status = view.status
+            if self.ready.is_set() or not view.fleet_id:
+                self._wake.wait(LINK_CHECK_S)
+                self._wake.clear()
+
+
+def call(response, timeout_s: float):
+    """The result of a method called on the fleet: a Ray actor's object ref, or a Serve deployment response."""
+    return response.result(timeout_s=timeout_s) if hasattr(response, "result") else ray.get(response, timeout=timeout_s)
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 class SwitchCluster:
     """A checkpoint served with expert parallelism: the front here, the experts in Ray actors placed as
     `config.placement` says, both in `config.dtype` (default: the checkpoint's). The front runs on the GPU when
     this process has one.
 
     Takes an EngineConfig, or the checkpoint folder and EngineConfig's other fields as keywords. Starts a local
-    Ray cluster unless one is running or `address` names one to join. With `shared_actors`, the expert actors
-    are named and outlive this object, for every front serving the same checkpoint and placement to share.
+    Ray cluster unless one is running or `address` names one to join. The expert actors come from `fleet` (an
+    experts.fleet.ExpertFleet running as a Ray actor or a Serve deployment); without one, this object starts its
+    own and stops it on shutdown. With `wait`, returns once the actors have loaded (PlacementError after
+    `placement.timeout_s`); without, they join in the background (see `experts_ready`).
     `metrics` (a router_service.metrics.ServingMetrics) records the batches and the expert round trips."""
 
-    def __init__(self, model: str | os.PathLike | EngineConfig, *, address: str | None = None,
-                 shared_actors: bool = False, metrics=None, **options):
+    def __init__(self, model: str | os.PathLike | EngineConfig, *, address: str | None = None, fleet=None,
+                 wait: bool = True, metrics=None, **options):
         self.config = model if isinstance(model, EngineConfig) else EngineConfig(model=str(model), **options)
         self.checkpoint = SwitchCheckpoint.open(self.config.model)
-        self.capacity, self.shared_actors = self.config.capacity, shared_actors
+        self.capacity = self.config.capacity
         self._tokenizer = None
-        self.fleet, self.actors = None, []
+        self._owns_fleet, self.fleet, self.link = fleet is None, None, None
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
         try:
             placement = self.config.placement
             self.placement, self.dtype = served_placement(self.checkpoint, placement, self.config.dtype)
-            self.fleet, self.actors = start_fleet(self.checkpoint, self.placement, self.dtype, shared=shared_actors,
-                                                  actor_resources=placement.actor_resources,
-                                                  timeout_s=placement.timeout_s)
-            dispatch = ExpertDispatcher(self.actors, self.placement.owners(), self.checkpoint.config.num_experts,
-                                        metrics, placement.restart_timeout_s)
+            self.fleet = fleet or start_fleet(self.checkpoint, self.placement, self.dtype, placement.actor_resources)
+            self.dispatcher = ExpertDispatcher([], self.placement.owners(), self.checkpoint.config.num_experts,
+                                               metrics, placement.restart_timeout_s)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.front = SwitchFront(self.checkpoint, dispatch, self.capacity, torch_dtype(self.dtype), device,
+            self.front = SwitchFront(self.checkpoint, self.dispatcher, self.capacity, torch_dtype(self.dtype), device,
                                      self.config.micro_batches)
+            self.link = ExpertLink(self.fleet, self.dispatcher)
+            if wait and not self.link.wait(placement.timeout_s):
+                raise PlacementError(f"placement: the expert actors were not up within {placement.timeout_s:.0f} s: "
+                                     f"{self.link.status}")
         except BaseException:
             self.shutdown()
             raise
         self.batcher = ContinuousBatcher(self.front, self.config.max_sequences, metrics)
+
+    @property
+    def actors(self) -> list:
+        """The expert actors, in placement order (none while they are not up)."""
+        return self.dispatcher.actors
+
+    @property
+    def experts_ready(self) -> bool:
+        return self.link.ready.is_set()
+
+    def check_experts(self, wait_s: float = 0.0) -> None:
+        """Raise ExpertsUnavailable, saying why, unless the expert actors are up (waiting up to `wait_s`)."""
+        if not self.link.wait(wait_s):
+            raise ExpertsUnavailable(f"the experts are not serving: {self.link.status}")
 
     @property
     def tokenizer(self):
@@ -100,6 +192,7 @@ class SwitchCluster:
         vocab = self.checkpoint.config.vocab_size
         prompts = [check_prompt(ids, vocab, self.config, f"input_ids[{i}]") for i, ids in enumerate(input_ids)]
         params = make_sampling_params(vocab, self.config, **sampling)
+        self.check_experts(self.config.placement.restart_timeout_s)
         return run_to_completion(self.batcher, [Sequence(p, params) for p in prompts])
 
     def decode(self, token_ids: list[int]) -> str:
@@ -115,10 +208,13 @@ class SwitchCluster:
         return ray.get([actor.info.remote() for actor in self.actors])
 
     def shutdown(self) -> None:
-        """Stop the actors this object started (shared ones stay for the other fronts) and Ray if it started it."""
-        if self.fleet is not None and not self.shared_actors:
+        """Stop the fleet this object started (one it was given stays for the other fronts), and Ray if it started
+        it."""
+        if self.link is not None:
+            self.link.close()
+        if self.fleet is not None and self._owns_fleet:
             stop_fleet(self.fleet)
-        self.fleet, self.actors = None, []
+        self.fleet = None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 

@@ -1,7 +1,10 @@
-"""The Ray Serve deployment: the front model behind gRPC (`switchserve.v1.SwitchServe` and the standard
-`grpc.health.v1.Health`, through Serve's gRPC proxy) and HTTP JSON (`POST /v1/generate`, `GET /v1/model`).
+"""The Ray Serve deployments: the front model behind gRPC (`switchserve.v1.SwitchServe` and the standard
+`grpc.health.v1.Health`, through Serve's gRPC proxy) and HTTP JSON (`POST /v1/generate`, `GET /v1/model`), and
+the expert fleet.
 
-Every replica runs its own front and continuous batcher and shares the expert actors with the others.
+Every front replica runs its own front and continuous batcher and shares the expert actors with the others. The
+actors belong to one `ExpertFleet` replica, which Serve starts again (with new actors) if its process dies and
+stops (releasing them) when the app is deleted or its placement changes.
 """
 
 import asyncio
@@ -18,7 +21,9 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 from ray import serve
 
-from experts.fleet import this_node_cpus
+from experts.checkpoint import SwitchCheckpoint
+from experts.fleet import ExpertFleet, fleet_name, served_placement, this_node_cpus
+from experts.placement import PlacementConfig
 from router_service.auth import Unauthenticated, load_api_key, presented_key
 from router_service.batching import Sequence
 from router_service.config import ServerConfig
@@ -37,6 +42,7 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
           QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
           Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401)}
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
+MODEL_INFO_WAIT_S = 2.0  # how long ModelInfo waits for the actors' own figures
 
 
 def error_status(e: Exception) -> tuple[grpc.StatusCode, int]:
@@ -103,15 +109,33 @@ async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChu
     finished(None)
 
 
-# Serve pickles the deployment class where it is defined: everything it uses must be defined above it.
+# Serve pickles the deployment classes where they are defined: everything they use must be defined above them.
+@serve.deployment(name="ExpertFleet")
+class ServedFleet(ExpertFleet):
+    """The fleet of a served model: what it needs of the config only, so that a change to the fronts' settings
+    leaves the experts alone."""
+
+    def __init__(self, model: str, placement: PlacementConfig, dtype: str | None):
+        checkpoint = SwitchCheckpoint.open(model)
+        planned, dtype = served_placement(checkpoint, placement, dtype)
+        app = serve.get_replica_context().app_name  # two apps serving one checkpoint keep apart
+        super().__init__(checkpoint, planned, dtype, placement.actor_resources,
+                         name=f"{app}-{fleet_name(checkpoint, planned, dtype)}")
+
+    def __del__(self):  # Serve calls it as it stops the replica (the app deleted, or the fleet's config changed)
+        self.release()
+
+
 @serve.deployment
 @serve.ingress(http_app)
 class SwitchServer:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, fleet):
+        """`fleet`: the app's ServedFleet (a Serve handle)."""
         self.config = config
         self.api_key = load_api_key(config.api_key_file)
         self.metrics = ServingMetrics(Path(config.model).name)
-        self.cluster = SwitchCluster(config, shared_actors=True, metrics=self.metrics)
+        # Up at once: until the experts have loaded, health says NOT_SERVING and ModelInfo says why.
+        self.cluster = SwitchCluster(config, fleet=fleet, wait=False, metrics=self.metrics)
         self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting, config.front_threads or this_node_cpus())
         try:
             _ = self.cluster.tokenizer  # loaded now rather than on the first request
@@ -129,7 +153,9 @@ class SwitchServer:
         optional = {name: getattr(request, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
                     if request.HasField(name)}
         params = make_sampling_params(vocab, limits, stop_token_ids=list(request.stop_token_ids), **optional)
-        return Sequence(check_prompt(prompt, vocab, limits, "text" if request.text else "input_ids"), params)
+        prompt = check_prompt(prompt, vocab, limits, "text" if request.text else "input_ids")
+        self.cluster.check_experts()  # after the checks: bad input is refused as such whatever the experts' state
+        return Sequence(prompt, params)
 
     def _authorize(self, metadata) -> None:
         """Every call but the health check presents the API key, when the server has one."""
@@ -175,8 +201,13 @@ class SwitchServer:
 
     async def _model_info(self) -> pb.ModelInfoResponse:
         cluster, config = self.cluster, self.cluster.checkpoint.config
-        infos = await asyncio.gather(*[a.info.remote() for a in cluster.actors])
-        counts = await asyncio.gather(*[a.token_counts.remote() for a in cluster.actors])
+        actors = cluster.actors if cluster.experts_ready else []
+        try:  # an actor restarting answers once it is back: not worth waiting long for
+            infos, counts = await asyncio.wait_for(asyncio.gather(
+                asyncio.gather(*[a.info.remote() for a in actors]),
+                asyncio.gather(*[a.token_counts.remote() for a in actors])), MODEL_INFO_WAIT_S)
+        except Exception:  # restarting, or lost (the status says so once the link has noticed)
+            infos, counts = [], []
         owners = cluster.placement.owners()
         return pb.ModelInfoResponse(
             model=str(cluster.checkpoint.path), vocab_size=config.vocab_size, d_model=config.d_model,
@@ -191,7 +222,8 @@ class SwitchServer:
                     for i, info in enumerate(infos)],
             expert_tokens=[pb.ExpertLoad(stack=stack, layer=layer, tokens=tokens)
                            for (stack, layer), tokens in count_expert_tokens(counts, config.num_experts).items()],
-            active_sequences=self.scheduler.num_active, waiting_requests=self.scheduler.num_waiting)
+            active_sequences=self.scheduler.num_active, waiting_requests=self.scheduler.num_waiting,
+            status=self.status(), decode_steps=cluster.batcher.steps, cache_rows=cluster.batcher.cache_rows)
 
     # -- gRPC: method names are the RPC names --------------------------------------------------------------
 
@@ -230,14 +262,21 @@ class SwitchServer:
         return await self._model_info()
 
     def check_health(self) -> None:
-        """Serve's own health check of the replica: one whose batching thread has stopped is replaced."""
+        """Serve's own health check of the replica: one whose batching thread has stopped is replaced (one
+        waiting for its experts is not: a new replica would wait for the same ones)."""
         if not self.scheduler.alive:
             raise BatcherStopped("the batching thread has stopped")
 
+    def status(self) -> str:
+        """"serving", or one line on why this replica cannot."""
+        if not self.scheduler.alive:
+            return "not serving: the batching thread has stopped"
+        return "serving" if self.cluster.experts_ready else f"not serving: {self.cluster.link.status}"
+
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1.Health/Check: serving once this replica has its model and actors, and while its
-        batching thread runs."""
-        status = health_pb2.HealthCheckResponse.SERVING if self.scheduler.alive else \
+        """grpc.health.v1.Health/Check: SERVING while this replica's experts are up and its batching thread
+        runs."""
+        status = health_pb2.HealthCheckResponse.SERVING if self.status() == "serving" else \
             health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 

@@ -99,7 +99,7 @@ class ExpertLoad(_message.Message):
     def __init__(self, stack: _Optional[str] = ..., layer: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "vocab_size", "d_model", "d_ff", "num_heads", "num_experts", "encoder_layers", "decoder_layers", "encoder_sparse_layers", "decoder_sparse_layers", "expert_capacity", "capacity_mode", "dtype", "actors", "expert_tokens", "active_sequences", "waiting_requests")
+    __slots__ = ("model", "vocab_size", "d_model", "d_ff", "num_heads", "num_experts", "encoder_layers", "decoder_layers", "encoder_sparse_layers", "decoder_sparse_layers", "expert_capacity", "capacity_mode", "dtype", "actors", "expert_tokens", "active_sequences", "waiting_requests", "status", "decode_steps", "cache_rows")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,9 @@ class ModelInfoResponse(_message.Message):
     EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ROWS_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     d_model: int
@@ -134,4 +137,7 @@ class ModelInfoResponse(_message.Message):
     expert_tokens: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
     active_sequences: int
     waiting_requests: int
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., d_ff: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., decoder_layers: _Optional[int] = ..., encoder_sparse_layers: _Optional[_Iterable[int]] = ..., decoder_sparse_layers: _Optional[_Iterable[int]] = ..., expert_capacity: _Optional[int] = ..., capacity_mode: _Optional[str] = ..., dtype: _Optional[str] = ..., actors: _Optional[_Iterable[_Union[ActorPlacement, _Mapping]]] = ..., expert_tokens: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ...) -> None: ...
+    status: str
+    decode_steps: int
+    cache_rows: int
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., d_ff: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., decoder_layers: _Optional[int] = ..., encoder_sparse_layers: _Optional[_Iterable[int]] = ..., decoder_sparse_layers: _Optional[_Iterable[int]] = ..., expert_capacity: _Optional[int] = ..., capacity_mode: _Optional[str] = ..., dtype: _Optional[str] = ..., actors: _Optional[_Iterable[_Union[ActorPlacement, _Mapping]]] = ..., expert_tokens: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., status: _Optional[str] = ..., decode_steps: _Optional[int] = ..., cache_rows: _Optional[int] = ...) -> None: ...

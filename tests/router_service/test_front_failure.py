@@ -1,5 +1,7 @@
-"""A front replica that dies: its in-flight requests end with a retryable status, the other replica keeps
-serving, and Serve brings a new replica up (sharing the same expert actors)."""
+"""A served process that dies. A front replica: its in-flight requests end with a retryable status, the other
+replica keeps serving, and Serve brings a new replica up (sharing the same expert actors). The expert fleet:
+requests end with a retryable status or complete, health says NOT_SERVING until Serve's new fleet has loaded new
+actors, and nothing of the old one is left."""
 
 from __future__ import annotations
 
@@ -8,8 +10,11 @@ import time
 import grpc
 import pytest
 import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray.util.placement_group import placement_group_table
+from test_reliability import process_exists
 
-from cluster.app import local_serve
+from cluster.app import APP_NAME, local_serve
 from cluster.demo import PROMPTS, WORDS
 from cluster.testing import free_port, write_random_checkpoint_with_tokenizer
 from experts.placement import PlacementConfig
@@ -18,11 +23,11 @@ from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 
 
-def replica_names() -> list[str]:
-    """The named actors Serve runs the app's replicas in."""
+def replica_names(deployment: str = "SwitchServer") -> list[str]:
+    """The named actors Serve runs the deployment's replicas in."""
     named = ray.util.list_named_actors(all_namespaces=True)
     return sorted(a["name"] for a in named if a["namespace"] == "serve"
-                  and a["name"].startswith("SERVE_REPLICA::switch-serve#SwitchServer"))
+                  and a["name"].startswith(f"SERVE_REPLICA::switch-serve#{deployment}"))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,8 @@ def two_replicas(ray_cluster, tmp_path_factory):
     config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4), num_replicas=2)
     with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
         with grpc.insecure_channel(served.grpc) as channel:
-            yield {"stub": pb_grpc.SwitchServeStub(channel), "address": served.grpc}
+            yield {"stub": pb_grpc.SwitchServeStub(channel), "address": served.grpc,
+                   "health": health_pb2_grpc.HealthStub(channel)}
 
 
 def test_killed_front_replica(two_replicas):
@@ -47,6 +53,7 @@ def test_killed_front_replica(two_replicas):
                                                       temperature=1.0, seed=i), timeout=120) for i in range(6)]
     for s in streams:
         next(s)
+    killed = time.monotonic()
     ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
     outcomes, details = [], set()
     for s in streams:
@@ -66,7 +73,8 @@ def test_killed_front_replica(two_replicas):
     deadline = time.monotonic() + 120
     while len(replica_names()) < 2 or replica_names() == before:
         assert time.monotonic() < deadline, "Serve did not replace the replica"
-        time.sleep(1)
+        time.sleep(0.2)
+    print(f"a new replica {time.monotonic() - killed:.1f} s after the kill")
     for _ in range(4):
         assert stub.Generate(probe, timeout=60).token_ids == expected
 
@@ -103,3 +111,52 @@ def test_unary_requests_on_a_dying_replica_still_complete(two_replicas, caplog):
     print(f"\nclient retries: {caplog.text.count('retrying a request after')}")
     assert "error" not in result, result.get("error")
     assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
+
+
+def fleet_groups() -> list[tuple[str, str]]:
+    return [(g["name"], g["placement_group_id"]) for g in placement_group_table().values()
+            if g["name"].startswith(f"{APP_NAME}-experts-") and g["state"] != "REMOVED"]
+
+
+def test_killed_fleet_comes_back_by_itself(two_replicas):
+    """Fails if nothing restarts the owner of the expert actors (the fleet as a plain detached actor, as it once
+    was), if a front keeps its dead actors (router_service.engine.ExpertLink), or if health stays SERVING."""
+    stub, health = two_replicas["stub"], two_replicas["health"]
+    probe = pb.GenerateRequest(text="sort : 3 1 2", max_new_tokens=8)
+    expected = stub.Generate(probe, timeout=60).token_ids
+    old_pids = [a.pid for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).actors]
+    (old_group,) = fleet_groups()
+    streams = [stub.GenerateStream(pb.GenerateRequest(text=PROMPTS[i % len(PROMPTS)], max_new_tokens=200,
+                                                      temperature=1.0, seed=i), timeout=120) for i in range(8)]
+    for s in streams:
+        next(s)
+    (fleet,) = replica_names("ExpertFleet")
+    killed = time.monotonic()
+    ray.kill(ray.get_actor(fleet, namespace="serve"), no_restart=True)  # Serve starts another
+    outcomes = []
+    for s in streams:
+        try:
+            for _ in s:
+                pass
+            outcomes.append("OK")
+        except grpc.RpcError as e:
+            outcomes.append(e.code().name)
+    assert set(outcomes) <= {"OK", "UNAVAILABLE"} and "UNAVAILABLE" in outcomes, outcomes
+
+    states, status = [], ""
+    while not states or states[-1] != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() - killed < 180, f"not serving again: {status}"
+        states.append(health.Check(health_pb2.HealthCheckRequest(), timeout=10).status)
+        status = stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).status
+        time.sleep(0.2)
+    recovered = time.monotonic() - killed
+    print(f"\nstreams when the fleet was killed: {outcomes}; serving again after {recovered:.1f} s")
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in states
+    for _ in range(4):  # both replicas (Serve spreads the calls) have the new actors
+        assert stub.Generate(probe, timeout=60).token_ids == expected
+    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
+    assert info.status == "serving" and len(info.actors) == len(old_pids)
+    assert not {a.pid for a in info.actors} & set(old_pids)
+    assert not any(process_exists(pid) for pid in old_pids)
+    (new_group,) = fleet_groups()  # the old group removed, not left holding its CPUs
+    assert new_group[0] == old_group[0] and new_group[1] != old_group[1]

@@ -1,44 +1,103 @@
-"""Losing expert actors: a restarted actor costs a retry, not a request; one gone for good fails the requests
-in its batch (UNAVAILABLE when served) instead of hanging them."""
+"""Losing expert actors or the fleet that owns them, with the fault injected into a call in flight
+(ExpertActor.inject_fault): a restarted actor costs a retry, not a request; one gone for good fails the requests
+in its batch at once (UNAVAILABLE when served); a fleet that dies comes back by itself with new actors, and
+leaves nothing of the old ones behind."""
 
 from __future__ import annotations
 
+import os
 import time
 
+import pytest
 import ray
+from ray.util.placement_group import placement_group_table
 from reference import generate_in_background, hf_generate
 
+from experts.fleet import fleet_name
 from experts.placement import PlacementConfig
 from router_service.engine import SwitchCluster
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1], [40, 41, 1],
            [12, 13, 14, 15, 1]]
 MAX_NEW = 40
+PACKING = PlacementConfig(experts_per_actor=2, restart_timeout_s=60)
 
 
-def test_killed_expert_actor_restarts_and_every_request_completes_unchanged(ray_cluster, checkpoint_factory):
+@pytest.fixture(scope="module")
+def checkpoint(checkpoint_factory):
     path, hf_model = checkpoint_factory("reliability", num_experts=8, expert_capacity=64, num_decoder_layers=6,
                                         num_sparse_decoder_layers=3)
-    reference = hf_generate(hf_model, PROMPTS, MAX_NEW)
-    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=2)) as model:
+    return path, [tokens for tokens, _ in hf_generate(hf_model, PROMPTS, MAX_NEW)]
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def live_groups(prefix: str) -> list[str]:
+    return [g["name"] for g in placement_group_table().values()
+            if g["name"].startswith(prefix) and g["state"] != "REMOVED"]
+
+
+def test_actor_that_crashes_mid_call_restarts_and_every_request_completes_unchanged(ray_cluster, checkpoint):
+    """Fails if the actors lose `max_restarts`/`max_task_retries` (experts/fleet.py): the call in flight is
+    lost and the batch fails instead of being retried."""
+    path, reference = checkpoint
+    with SwitchCluster(path, placement=PACKING) as model:
         victim = model.actors[1]
         pid_before = ray.get(victim.info.remote())["pid"]
-        thread, result = generate_in_background(model, PROMPTS, max_new_tokens=MAX_NEW)
-        ray.kill(victim, no_restart=False)  # as if its process crashed mid-batch
-        thread.join(120)
-        assert "error" not in result, result.get("error")
-        assert ray.get(victim.info.remote())["pid"] != pid_before  # it was restarted
-    assert [o.token_ids for o in result["outputs"]] == [tokens for tokens, _ in reference]
-    assert [len(o.token_ids) for o in result["outputs"]] == [len(t) for t, _ in reference]
+        ray.get(victim.inject_fault.remote(at_call=5))  # exits inside its 5th call: a call in flight
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+        after = ray.get(victim.info.remote())
+        assert after["pid"] != pid_before  # the fault fired, and Ray started the actor again
+        assert sum(ray.get(victim.token_counts.remote()).values()) > 0  # the new process ran the retried calls
+    assert [o.token_ids for o in outputs] == reference
 
 
-def test_actor_gone_for_good_fails_its_requests_at_once(ray_cluster, checkpoint_factory):
-    path, _ = checkpoint_factory("reliability", num_experts=8, expert_capacity=64, num_decoder_layers=6,
-                                 num_sparse_decoder_layers=3)
-    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=2)) as model:
+def test_actor_gone_for_good_fails_its_requests_at_once(ray_cluster, checkpoint):
+    """The kill lands while the actor stalls in a call (injected, 60 s): the batch fails at once rather than
+    after the stall. Fails if the dispatcher waits out its timeout on a dead actor."""
+    path, _ = checkpoint
+    with SwitchCluster(path, placement=PACKING) as model:
+        victim = model.actors[0]
+        ray.get(victim.inject_fault.remote(at_call=3, stall_s=60))
         thread, result = generate_in_background(model, PROMPTS, max_new_tokens=MAX_NEW)
+        time.sleep(2)  # the batch is now held by the stalled call
         started = time.monotonic()
-        ray.kill(model.actors[0], no_restart=True)
+        ray.kill(victim, no_restart=True)
         thread.join(60)
-        assert time.monotonic() - started < 30
+        assert time.monotonic() - started < 20
     assert isinstance(result.get("error"), ray.exceptions.RayActorError)
+
+
+def test_fleet_that_dies_comes_back_with_new_actors(ray_cluster, checkpoint):
+    """The process owning the expert actors dies while a call is in flight (an actor stalls in it): the batch
+    fails, Ray starts the fleet again, it starts and loads new actors, the engine picks them up, and the same
+    prompts give the same tokens. The old actors and placement group are gone. Fails if the fleet is not
+    restartable (`max_restarts` in experts.fleet.start_fleet) or the engine keeps the dead actors
+    (router_service.engine.ExpertLink)."""
+    path, reference = checkpoint
+    with SwitchCluster(path, placement=PACKING) as model:
+        prefix = fleet_name(model.checkpoint, model.placement, model.dtype)
+        group = live_groups(prefix)
+        assert len(group) == 1
+        old_pids = [info["pid"] for info in model.actor_info()]
+        ray.get(model.actors[0].inject_fault.remote(at_call=3, stall_s=30))
+        thread, result = generate_in_background(model, PROMPTS, max_new_tokens=MAX_NEW)
+        time.sleep(2)
+        killed = time.monotonic()
+        ray.kill(model.fleet, no_restart=False)  # as if its process crashed
+        thread.join(60)
+        assert isinstance(result.get("error"), ray.exceptions.RayActorError)
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)  # waits for the new actors
+        print(f"\nserving again {time.monotonic() - killed:.1f} s after the fleet's process was killed")
+        new_pids = [info["pid"] for info in model.actor_info()]
+        assert not set(new_pids) & set(old_pids)
+        assert not any(process_exists(pid) for pid in old_pids)
+        assert live_groups(prefix) == group  # the new group only (same name, the old removed)
+    assert [o.token_ids for o in outputs] == reference
+    assert live_groups(prefix) == []  # shutdown released it

@@ -40,7 +40,10 @@ def test_a_stopped_batching_thread_fails_requests_and_health():
     with pytest.raises(BatcherStopped):
         asyncio.run(asyncio.wait_for(generate(scheduler), timeout=10))  # a later one, refused at once
 
-    replica, server = SwitchServer.func_or_class, SimpleNamespace(scheduler=scheduler)  # the class, without Serve
+    replica = SwitchServer.func_or_class  # the class, without Serve
+    server = SimpleNamespace(scheduler=scheduler, cluster=SimpleNamespace(experts_ready=True))
+    server.status = lambda: replica.status(server)
+    assert server.status() == "not serving: the batching thread has stopped"
     health = asyncio.run(replica.Check(server, health_pb2.HealthCheckRequest()))
     assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(BatcherStopped):

@@ -146,24 +146,40 @@ def long_request(stub) -> pb.GenerateRequest:
     raise AssertionError("every prompt reaches EOS")
 
 
-def test_cancelled_stream_frees_its_slot(server):
+# A request left alone would decode all MAX_NEW_LIMIT steps; one that stops as it should, a few more at most.
+STEPS_AFTER_CANCEL = 10
+
+
+def test_cancelled_stream_stops_within_a_few_steps_and_frees_its_slot(server):
+    """Fails if a cancelled stream goes on decoding (Scheduler.stream not marking it cancelled, or the batcher
+    not dropping cancelled rows): its ~250 remaining steps would show in the step counter."""
     stub = server["stub"]
     long_running = long_request(stub)
     stream = stub.GenerateStream(long_running)
     next(stream), next(stream)
     assert stub.ModelInfo(pb.ModelInfoRequest()).active_sequences == 1
     stream.cancel()
+    steps = stub.ModelInfo(pb.ModelInfoRequest()).decode_steps
     info = wait_for_idle(stub)
-    assert info.active_sequences == 0 and info.waiting_requests == 0
+    assert info.decode_steps - steps <= STEPS_AFTER_CANCEL, (steps, info.decode_steps)
+    assert info.active_sequences == 0 and info.waiting_requests == 0 and info.cache_rows == 0
 
 
-def test_deadline_frees_its_slot(server):
+def test_deadline_stops_within_a_few_steps_and_frees_its_slot(server):
+    """Fails as the test above does, for a unary call whose deadline passes."""
     stub = server["stub"]
     long_running = long_request(stub)
+    steps = stub.ModelInfo(pb.ModelInfoRequest()).decode_steps
+    began = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:
-        stub.Generate(long_running, timeout=0.3)
+        stub.Generate(long_running, timeout=0.5)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_for_idle(stub).active_sequences == 0
+    steps_by_deadline = stub.ModelInfo(pb.ModelInfoRequest()).decode_steps - steps
+    info = wait_for_idle(stub)
+    print(f"\n{steps_by_deadline} steps by the deadline ({time.monotonic() - began:.2f} s), "
+          f"{info.decode_steps - steps} in all")
+    assert info.decode_steps - steps <= steps_by_deadline + STEPS_AFTER_CANCEL < MAX_NEW_LIMIT
+    assert info.active_sequences == 0 and info.cache_rows == 0
 
 
 BAD_REQUESTS = [

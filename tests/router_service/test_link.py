@@ -1,0 +1,66 @@
+"""The front's link to its expert fleet, against a stand-in fleet: it takes the actors once they have loaded,
+notices within seconds that the fleet started again (with new actors) even when no call fails, and says why it
+is not ready meanwhile."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from experts.fleet import FleetActors
+from router_service.engine import LINK_CHECK_S, ExpertLink
+
+
+class StandInFleet:
+    """Answers `fleet.actors.remote(wait_s).result()` with `view`, or raises `error`."""
+
+    def __init__(self, view: FleetActors):
+        self.view, self.error = view, None
+        self.actors = self
+
+    def remote(self, wait_s: float):
+        time.sleep(0.02)  # a real fleet waits for its load; this one must not spin the link
+        if self.error is not None:
+            raise self.error
+        return SimpleNamespace(result=lambda timeout_s: self.view)
+
+
+def wait_for(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_link_follows_its_fleet():
+    """Fails if the link only learns of a new fleet from a failed call (the check in ExpertLink._run)."""
+    fleet = StandInFleet(FleetActors([], "waiting 10 s for room for 2 node(s)", "first"))
+    dispatcher = SimpleNamespace(actors=[], on_lost=None, actors_dead=lambda: False)
+    link = ExpertLink(fleet, dispatcher)
+    try:
+        assert wait_for(lambda: link.status.startswith("waiting 10 s for room"), 5)
+        assert not link.ready.is_set()
+
+        fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "first")
+        assert link.wait(5) and dispatcher.actors == ["actor 0", "actor 1"] and link.status == "ready"
+
+        fleet.view = FleetActors([], "loading 2 expert actors", "second")  # the fleet died and started again
+        assert wait_for(lambda: not link.ready.is_set(), LINK_CHECK_S + 2)
+        assert wait_for(lambda: link.status == "loading 2 expert actors", 5)
+        fleet.view = FleetActors(["actor 2", "actor 3"], "ready", "second")
+        assert link.wait(5) and dispatcher.actors == ["actor 2", "actor 3"]
+
+        dispatcher.actors_dead = lambda: True  # the fleet died; Serve has not noticed yet
+        fleet.error = TimeoutError()
+        assert wait_for(lambda: not link.ready.is_set(), LINK_CHECK_S + 2)
+        assert wait_for(lambda: "the expert fleet did not answer" in link.status, 2)
+
+        fleet.error, dispatcher.actors_dead = None, lambda: False
+        assert link.wait(LINK_CHECK_S + 2)  # the same fleet again: the same actors
+        dispatcher.on_lost(RuntimeError("actor 2 died"))  # a call found an actor dead
+        assert not link.ready.is_set() and "actor 2 died" in link.status
+        assert link.wait(5)
+    finally:
+        link.close()
