@@ -28,6 +28,7 @@ class Sequence:
     params: SamplingParams = field(default_factory=SamplingParams)
     token_ids: list[int] = field(default_factory=list)  # generated, without the decoder start token
     logprobs: list[float] = field(default_factory=list)  # the model's log-probability of each chosen token
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when params ask
     dropped_tokens: int = 0  # tokens over an expert's capacity, over all sparse layers of both stacks
     finish_reason: str | None = None  # "eos", "stop" or "length" once finished
     error: BaseException | None = None  # set when the batch it was in failed
@@ -140,6 +141,9 @@ class ContinuousBatcher:
             token = sample(logits[row], seq.params, seq.generator)
             if seq.first_token_at is None:
                 seq.first_token_at = now
+            if seq.params.top_logprobs:  # before the token: a reader that sees the token sees these
+                values, ids = torch.topk(logprobs[row], seq.params.top_logprobs)
+                seq.top_logprobs.append(list(zip(ids.tolist(), values.tolist())))
             seq.token_ids.append(token)
             seq.logprobs.append(float(logprobs[row, token]))
             seq.dropped_tokens += int(dropped[row])

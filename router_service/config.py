@@ -44,6 +44,8 @@ class ServerConfig(EngineConfig):
     max_waiting: int = Field(64, ge=1, description="requests a replica queues beyond its batch before answering "
                                                    "RESOURCE_EXHAUSTED")
     num_replicas: int = Field(1, ge=1, description="front replicas (they share the expert actors)")
+    served_model_name: str | None = Field(None, description="the model's id in the OpenAI-compatible API "
+                                                            "(default: the checkpoint folder's name)")
     fleet_resources: dict[str, float] = Field(
         default_factory=dict, description="a Ray resource the expert fleet (the owner of the expert actors) asks "
                                           "for, to keep it on a node that outlives the fronts, e.g. the head's")

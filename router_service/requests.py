@@ -21,6 +21,7 @@ class InvalidRequest(ValueError):
 
 
 MIN_TEMPERATURE = 0.01  # below it logits / temperature overflows
+MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allows
 
 
 class SamplingParams(BaseModel):
@@ -35,6 +36,8 @@ class SamplingParams(BaseModel):
                                           "(1: off); applied after temperature and top_k, as transformers does")
     seed: int | None = Field(None, description="makes sampling reproducible (default: a fresh random seed)")
     stop_token_ids: tuple[int, ...] = Field((), description="end on any of these (finish_reason stop)")
+    top_logprobs: int = Field(0, description="record this many most likely tokens and their log-probabilities at "
+                                             "each step (0 to 5)")
 
 
 def check_prompt(ids: list[int], vocab_size: int, limits: EngineConfig, field: str = "input_ids") -> list[int]:
@@ -50,7 +53,8 @@ def check_prompt(ids: list[int], vocab_size: int, limits: EngineConfig, field: s
 
 def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_tokens: int | None = None,
                          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                         seed: int | None = None, stop_token_ids: list[int] | tuple[int, ...] = ()) -> SamplingParams:
+                         seed: int | None = None, stop_token_ids: list[int] | tuple[int, ...] = (),
+                         top_logprobs: int = 0) -> SamplingParams:
     """Defaults (SamplingParams') for what is not given; range checks for what is."""
     defaults = SamplingParams()
     if max_new_tokens is None:
@@ -72,5 +76,7 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequest("stop_token_ids", f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest("logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, stop_token_ids=tuple(stop_token_ids))
+                          seed=seed, stop_token_ids=tuple(stop_token_ids), top_logprobs=top_logprobs)

@@ -1,6 +1,6 @@
 """The Ray Serve deployments: the front model behind gRPC (`switchserve.v1.SwitchServe` and the standard
-`grpc.health.v1.Health`, through Serve's gRPC proxy) and HTTP JSON (`POST /v1/generate`, `GET /v1/model`), and
-the expert fleet.
+`grpc.health.v1.Health`, through Serve's gRPC proxy) and HTTP JSON (`POST /v1/generate`, `GET /v1/model`, and
+OpenAI's `POST /v1/completions` and `GET /v1/models`), and the expert fleet.
 
 Every front replica runs its own front and continuous batcher and shares the expert actors with the others. The
 actors belong to one `ExpertFleet` replica, which Serve starts again (with new actors) if its process dies and
@@ -11,7 +11,10 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -29,9 +32,24 @@ from router_service.batching import Sequence
 from router_service.config import ServerConfig
 from router_service.engine import SwitchCluster, count_expert_tokens
 from router_service.metrics import ServingMetrics
+from router_service.openai_api import (
+    NOT_CHAT,
+    CompletionRequest,
+    OpenAIError,
+    choice,
+    completion,
+    completion_id,
+    finish_reason,
+    from_invalid_request,
+    legacy_logprobs,
+    models_list,
+    parse_completion_request,
+    usage,
+)
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.requests import InvalidRequest, check_prompt, make_sampling_params
 from router_service.scheduler import BatcherStopped, QueueFull, Scheduler
+from router_service.text import TextStream, check_stop_strings
 
 log = logging.getLogger(__name__)
 http_app = FastAPI(title="switch-serve", description="Switch Transformers with experts in Ray actors")
@@ -56,6 +74,36 @@ def set_grpc_error(context, e: Exception) -> None:
         log.warning("generation failed: %s", e)
     context.set_code(code)
     context.set_details(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def openai_error(e: Exception) -> JSONResponse:
+    """Any failure as OpenAI's error object, with the status OpenAI would use."""
+    if not isinstance(e, OpenAIError):
+        if isinstance(e, InvalidRequest):
+            e = from_invalid_request(e)
+        elif isinstance(e, Unauthenticated):
+            e = OpenAIError(401, str(e), code="invalid_api_key")
+        elif isinstance(e, QueueFull):
+            e = OpenAIError(429, str(e), code="rate_limit_exceeded", kind="rate_limit_error")
+        else:  # the experts or the batch failed: retryable, as the native API's UNAVAILABLE
+            e = OpenAIError(503, str(e).splitlines()[0] if str(e) else type(e).__name__, kind="server_error")
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def prompt_tokens(request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> int:
+    """Each prompt counted once, however many choices it has."""
+    return sum(len(seq.prompt) for seq, _ in choices[::request.n])
+
+
+@dataclass
+class Piece:
+    """What one decoding step added to a sequence."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    text: str
+    finish_reason: str | None  # set on the last piece: "eos", "stop" or "length"
 
 
 def http_error(e: Exception) -> JSONResponse:
@@ -132,6 +180,8 @@ class SwitchServer:
     def __init__(self, config: ServerConfig, fleet):
         """`fleet`: the app's ServedFleet (a Serve handle)."""
         self.config = config
+        self.model_id = config.served_model_name or Path(config.model).name
+        self.started = int(time.time())
         self.api_key = load_api_key(config.api_key_file)
         self.metrics = ServingMetrics(Path(config.model).name)
         # Up at once: until the experts have loaded, health says NOT_SERVING and ModelInfo says why.
@@ -145,17 +195,43 @@ class SwitchServer:
 
     # -- shared by gRPC and HTTP ---------------------------------------------------------------------------
 
-    def _sequence(self, request: pb.GenerateRequest) -> Sequence:
-        vocab, limits = self.cluster.checkpoint.config.vocab_size, self.config
+    def _new_sequence(self, prompt: list[int], field: str, stop: list[str], **sampling) -> tuple[Sequence, tuple]:
+        """A checked sequence and its stop strings; `sampling`: make_sampling_params' keywords."""
+        vocab = self.cluster.checkpoint.config.vocab_size
+        params = make_sampling_params(vocab, self.config, **sampling)
+        prompt = check_prompt(prompt, vocab, self.config, field)
+        stop = check_stop_strings(stop)
+        if stop and not self.has_tokenizer:
+            raise InvalidRequest("stop", "stop strings need the checkpoint's tokenizer; use stop_token_ids")
+        self.cluster.check_experts()  # after the checks: bad input is refused as such whatever the experts' state
+        return Sequence(prompt, params), stop
+
+    def _sequence(self, request: pb.GenerateRequest) -> tuple[Sequence, tuple]:
         if bool(request.text) == bool(request.input_ids):
             raise InvalidRequest("text, input_ids", "give exactly one of them")
         prompt = self.cluster.encode_text(request.text) if request.text else list(request.input_ids)
         optional = {name: getattr(request, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
                     if request.HasField(name)}
-        params = make_sampling_params(vocab, limits, stop_token_ids=list(request.stop_token_ids), **optional)
-        prompt = check_prompt(prompt, vocab, limits, "text" if request.text else "input_ids")
-        self.cluster.check_experts()  # after the checks: bad input is refused as such whatever the experts' state
-        return Sequence(prompt, params)
+        return self._new_sequence(prompt, "text" if request.text else "input_ids", list(request.stop),
+                                  stop_token_ids=list(request.stop_token_ids), **optional)
+
+    async def _follow(self, seq: Sequence, stop: tuple[str, ...]) -> AsyncIterator[Piece]:
+        """Queue `seq` and yield what each step adds, until it ends or a stop string ends its text (which takes
+        it out of the batch)."""
+        text, sent = TextStream(self._text, stop), 0
+        async with aclosing(self.scheduler.stream(seq)) as updates:
+            async for _ in updates:
+                # The batching thread appends a token, then its logprob, then sets finish_reason: read in reverse
+                # order and every token counted here is complete.
+                finished = seq.finish_reason is not None
+                count = len(seq.logprobs)
+                new_text = text.update(seq.token_ids[:count], finished)
+                reason = "stop" if text.stopped else seq.finish_reason if finished else None
+                yield Piece(seq.token_ids[sent:count], seq.logprobs[sent:count], seq.top_logprobs[sent:count],
+                            new_text, reason)
+                sent = count
+                if reason is not None:
+                    return
 
     def _authorize(self, metadata) -> None:
         """Every call but the health check presents the API key, when the server has one."""
@@ -173,29 +249,22 @@ class SwitchServer:
         return self.cluster.decode(token_ids) if self.has_tokenizer else ""
 
     async def _generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
-        seq = self._sequence(request)
-        async for _ in self.scheduler.stream(seq):
-            pass
-        return pb.GenerateResponse(text=self._text(seq.token_ids), token_ids=seq.token_ids,
-                                   logprobs=seq.logprobs if request.return_logprobs else [],
-                                   finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
+        seq, stop = self._sequence(request)
+        pieces = [piece async for piece in self._follow(seq, stop)]
+        logprobs = [lp for p in pieces for lp in p.logprobs]
+        return pb.GenerateResponse(text="".join(p.text for p in pieces),
+                                   token_ids=[t for p in pieces for t in p.token_ids],
+                                   logprobs=logprobs if request.return_logprobs else [],
+                                   finish_reason=pieces[-1].finish_reason, prompt_tokens=len(seq.prompt),
                                    dropped_tokens=seq.dropped_tokens)
 
     async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
-        seq = self._sequence(request)
-        sent, text = 0, ""
-        async for _ in self.scheduler.stream(seq):
-            # The batching thread appends a token, then its logprob, then sets finish_reason: read in reverse
-            # order and every token counted here is complete.
-            finished = seq.finish_reason is not None
-            count = len(seq.logprobs)
-            tokens = seq.token_ids[:count]
-            full_text = self._text(tokens)
-            chunk = pb.GenerateChunk(token_ids=tokens[sent:], text=full_text[len(text):],
-                                     logprobs=seq.logprobs[sent:count] if request.return_logprobs else [])
-            sent, text = count, full_text
-            if finished:
-                chunk.finish_reason = seq.finish_reason
+        seq, stop = self._sequence(request)
+        async for piece in self._follow(seq, stop):
+            chunk = pb.GenerateChunk(token_ids=piece.token_ids, text=piece.text,
+                                     logprobs=piece.logprobs if request.return_logprobs else [])
+            if piece.finish_reason is not None:
+                chunk.finish_reason = piece.finish_reason
                 chunk.prompt_tokens, chunk.dropped_tokens = len(seq.prompt), seq.dropped_tokens
             yield chunk
 
@@ -307,3 +376,114 @@ class SwitchServer:
         except Unauthenticated as e:
             return http_error(e)
         return JSONResponse(to_json(await self._model_info()))
+
+    # -- OpenAI's completions API --------------------------------------------------------------------------
+
+    @http_app.get("/v1/models")
+    async def openai_models(self, request: Request):
+        try:
+            self._authorize(request.headers.items())
+        except Unauthenticated as e:
+            return openai_error(e)
+        return JSONResponse(models_list(self.model_id, self.started))
+
+    @http_app.post("/v1/chat/completions")
+    async def openai_chat(self, request: Request):
+        return openai_error(OpenAIError(404, NOT_CHAT, code="not_a_chat_model"))
+
+    @http_app.post("/v1/completions")
+    async def openai_completions(self, request: Request):
+        try:
+            self._authorize(request.headers.items())
+            try:
+                body = json.loads(await request.body())
+            except ValueError as e:
+                raise OpenAIError(400, f"the body is not JSON ({e})") from None
+            completion_request = parse_completion_request(body, self.model_id)
+            choices = self._completion_choices(completion_request)
+            if not completion_request.stream:
+                response = JSONResponse(await self._complete(completion_request, choices))
+                self._finished()
+                return response
+        except Exception as e:
+            self._finished(e)
+            return openai_error(e)
+        return StreamingResponse(self._completion_events(completion_request, choices),
+                                 media_type="text/event-stream")
+
+    def _completion_choices(self, request: CompletionRequest) -> list[tuple[Sequence, tuple]]:
+        """The sequences of every choice, n per prompt in prompt order, all checked before any starts."""
+        if not self.has_tokenizer:
+            raise OpenAIError(400, "this model has no tokenizer, so it has no text to complete; use the native API "
+                                   "with token ids", "prompt")
+        limit = self.config.max_new_tokens
+        out = []
+        for i, prompt in enumerate(request.prompts()):
+            field = "prompt" if len(request.prompts()) == 1 else f"prompt[{i}]"
+            ids = self.cluster.encode_text(prompt, field) if isinstance(prompt, str) else prompt
+            for j in range(request.n):
+                out.append(self._new_sequence(
+                    ids, field, request.stop_strings(), max_new_tokens=request.max_tokens or limit,
+                    temperature=request.temperature, top_p=request.top_p,
+                    seed=None if request.seed is None else request.seed + j, top_logprobs=request.logprobs or 0))
+        return out
+
+    def _logprobs(self, request: CompletionRequest, piece: Piece, offset: int) -> dict | None:
+        if request.logprobs is None:
+            return None
+        decode = self.cluster.decode
+        return legacy_logprobs([decode([t]) for t in piece.token_ids], piece.logprobs,
+                               [{decode([t]): lp for t, lp in top} for top in piece.top_logprobs], offset)
+
+    async def _complete(self, request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> dict:
+        async def one(index: int, seq: Sequence, stop: tuple) -> dict:
+            pieces = [piece async for piece in self._follow(seq, stop)]
+            whole = Piece([t for p in pieces for t in p.token_ids], [lp for p in pieces for lp in p.logprobs],
+                          [top for p in pieces for top in p.top_logprobs], "".join(p.text for p in pieces),
+                          pieces[-1].finish_reason)
+            answer = choice(index, whole.text, finish_reason(whole.finish_reason), self._logprobs(request, whole, 0))
+            return answer, len(whole.token_ids)
+
+        async with asyncio.TaskGroup() as group:  # one failing ends the others
+            tasks = [group.create_task(one(i, seq, stop)) for i, (seq, stop) in enumerate(choices)]
+        results = [t.result() for t in tasks]
+        return completion(completion_id(), self.model_id, [c for c, _ in results],
+                          usage(prompt_tokens(request, choices), sum(n for _, n in results)))
+
+    async def _completion_events(self, request: CompletionRequest,
+                                 choices: list[tuple[Sequence, tuple]]) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per step and choice, the usage if asked, then `data: [DONE]`."""
+        cid, events, offsets, generated = completion_id(), asyncio.Queue(), [0] * len(choices), 0
+
+        async def one(index: int, seq: Sequence, stop: tuple) -> None:
+            async for piece in self._follow(seq, stop):
+                await events.put((index, piece))
+
+        error = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i, (seq, stop) in enumerate(choices):
+                    group.create_task(one(i, seq, stop))
+                for _ in range(len(choices)):  # until every choice has finished
+                    while True:
+                        index, piece = await events.get()
+                        logprobs = self._logprobs(request, piece, offsets[index])
+                        offsets[index] += len(piece.text)
+                        generated += len(piece.token_ids)
+                        body = completion(cid, self.model_id, [choice(index, piece.text,
+                                                                      finish_reason(piece.finish_reason), logprobs)],
+                                          None)
+                        yield f"data: {json.dumps(body)}\n\n"
+                        if piece.finish_reason is not None:
+                            break
+        except* Exception as group_error:  # headers are gone: the error becomes the last event
+            error = group_error.exceptions[0]
+        if error is not None:
+            self._finished(error)
+            yield f"data: {json.dumps(json.loads(openai_error(error).body))}\n\n"
+            return
+        if request.stream_options is not None and request.stream_options.include_usage:
+            body = completion(cid, self.model_id, [], usage(prompt_tokens(request, choices), generated))
+            yield f"data: {json.dumps(body)}\n\n"
+        self._finished()
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,148 @@
+"""OpenAI's completions API (`POST /v1/completions`, `GET /v1/models`), for the tools that speak it: the request
+with OpenAI's fields and defaults (temperature 1, 16 tokens), answers in its layout (the legacy logprobs
+included), and failures as its error object with the status OpenAI would use. The server maps it onto the same
+batcher as the native API."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from router_service.requests import InvalidRequest
+
+MAX_LOGPROBS = 5  # alternatives per token, as OpenAI allows
+MAX_CHOICES = 16  # n: completions per prompt
+NOT_CHAT = ("Switch Transformers are not chat models, so there is no /v1/chat/completions: send a prompt to "
+            "/v1/completions")
+# Fields named otherwise in the native API, for the errors it raises.
+FIELD_NAMES = {"max_new_tokens": "max_tokens", "text": "prompt", "input_ids": "prompt"}
+
+
+class OpenAIError(Exception):
+    """A failed call, as OpenAI reports it: `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. What Switch cannot do (echo, suffix, penalties, logit_bias, best_of above n) is
+    refused by name rather than ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted and unused, as a tag for the caller's own logs
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string, or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise OpenAIError(400, "prompt: at least one prompt is needed", "prompt")
+        return list(p)
+
+    def stop_strings(self) -> list[str]:
+        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+def parse_completion_request(body: object, model_id: str) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the body must be a JSON object")
+    try:
+        request = CompletionRequest.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise OpenAIError(400, f"{param}: {message}" if param else message, param) from None
+    unsupported = {"echo": request.echo, "suffix": request.suffix is not None,
+                   "presence_penalty": request.presence_penalty != 0,
+                   "frequency_penalty": request.frequency_penalty != 0, "logit_bias": bool(request.logit_bias)}
+    for name, asked in unsupported.items():
+        if asked:
+            raise OpenAIError(400, f"{name}: not supported by this server", name)
+    if request.best_of is not None and request.best_of != request.n:
+        raise OpenAIError(400, f"best_of: only best_of equal to n ({request.n}) is supported", "best_of")
+    if request.model != model_id:
+        raise OpenAIError(404, f"model: '{request.model}' is not served here; this server serves '{model_id}'",
+                          "model", "model_not_found")
+    return request
+
+
+def from_invalid_request(e: InvalidRequest) -> OpenAIError:
+    """A native API error, with OpenAI's field names."""
+    param = FIELD_NAMES.get(e.field.split("[")[0], e.field)
+    return OpenAIError(400, f"{param}: {e.message}", param)
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def models_list(model_id: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                        "owned_by": "switch-serve"}]}
+
+
+def completion(cid: str, model_id: str, choices: list[dict], usage: dict | None) -> dict:
+    out = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
+           "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def legacy_logprobs(token_texts: list[str], token_logprobs: list[float], top: list[dict[str, float]],
+                    offset: int) -> dict:
+    """The completions API's logprobs object for some tokens whose text starts at `offset` in the choice's
+    text."""
+    offsets = []
+    for text in token_texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": token_texts, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def finish_reason(native: str | None) -> str | None:
+    """OpenAI says "stop" for the end of sequence token as well as for a stop string or token."""
+    return None if native is None else "length" if native == "length" else "stop"

@@ -1,0 +1,150 @@
+"""OpenAI's completions API, called with the official `openai` client (sync, async, streaming) against a running
+server with an API key: the same tokens as the native API, stop strings, n, logprobs, and OpenAI's errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import grpc
+import openai
+import pytest
+
+from cluster.app import local_serve
+from cluster.demo import PROMPTS, WORDS
+from cluster.testing import free_port, write_random_checkpoint_with_tokenizer
+from experts.placement import PlacementConfig
+from router_service.config import ServerConfig
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+
+KEY = "test-key-openai"
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    path = tmp_path_factory.mktemp("openai-model")
+    write_random_checkpoint_with_tokenizer(path, WORDS)
+    key_file = tmp_path_factory.mktemp("key") / "key"
+    key_file.write_text(KEY)
+    config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4), max_new_tokens=64,
+                          api_key_file=str(key_file))
+    with local_serve(config, http_port=free_port(), grpc_port=free_port()) as endpoints:
+        with grpc.insecure_channel(endpoints.grpc) as channel:
+            yield {"model": path.name, "base_url": f"{endpoints.http}/v1", "http": endpoints.http,
+                   "stub": pb_grpc.SwitchServeStub(channel)}
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served["base_url"], api_key=KEY, max_retries=0)
+
+
+def native(served, prompt: str, max_new_tokens: int, **fields) -> pb.GenerateResponse:
+    return served["stub"].Generate(pb.GenerateRequest(text=prompt, max_new_tokens=max_new_tokens, **fields),
+                                   metadata=[("authorization", f"Bearer {KEY}")], timeout=60)
+
+
+def test_models_lists_the_served_model(served, client):
+    assert [m.id for m in client.models.list()] == [served["model"]]
+
+
+def test_greedy_completion_equals_the_native_api(served, client):
+    reference = native(served, PROMPTS[0], 12, return_logprobs=True)
+    out = client.completions.create(model=served["model"], prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert out.object == "text_completion" and out.model == served["model"]
+    assert out.choices[0].text == reference.text and out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == reference.prompt_tokens and out.usage.completion_tokens == 12
+    assert out.usage.total_tokens == reference.prompt_tokens + 12
+
+
+def test_async_client_and_token_id_prompts(served):
+    async def run():
+        async with openai.AsyncOpenAI(base_url=served["base_url"], api_key=KEY, max_retries=0) as client:
+            ids = list(native(served, PROMPTS[1], 1).token_ids)  # any ids in the vocabulary
+            return await client.completions.create(model=served["model"], prompt=[[5, 9, 1], ids + [1]],
+                                                   max_tokens=6, temperature=0)
+
+    out = asyncio.run(run())
+    assert [c.index for c in out.choices] == [0, 1] and all(c.finish_reason for c in out.choices)
+
+
+def test_streaming_equals_unary_and_reports_usage(served, client):
+    unary = client.completions.create(model=served["model"], prompt=PROMPTS[2], max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model=served["model"], prompt=PROMPTS[2], max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == unary.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_n_choices_sampled_with_a_seed_are_reproducible(served, client):
+    def sample():
+        return client.completions.create(model=served["model"], prompt=PROMPTS[3], max_tokens=8, n=3, seed=11)
+
+    first, second = sample(), sample()
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert len({c.text for c in first.choices}) > 1  # temperature 1 by default: the choices differ
+
+
+def test_stop_strings_end_the_text_before_them(served, client):
+    full = client.completions.create(model=served["model"], prompt=PROMPTS[4], max_tokens=20, temperature=0)
+    words = full.choices[0].text.split()
+    stop = " ".join(words[2:4])  # two words, so that the stop string spans tokens
+    out = client.completions.create(model=served["model"], prompt=PROMPTS[4], max_tokens=20, temperature=0,
+                                    stop=[stop, "never there"])
+    expected = full.choices[0].text[:full.choices[0].text.index(stop)]
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=served["model"], prompt=PROMPTS[4], max_tokens=20, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_logprobs_in_the_legacy_layout(served, client):
+    reference = native(served, PROMPTS[5], 6, return_logprobs=True)
+    out = client.completions.create(model=served["model"], prompt=PROMPTS[5], max_tokens=6, temperature=0,
+                                    logprobs=2)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(list(reference.logprobs), abs=1e-5)
+    assert "".join(lp.tokens).replace(" ", "") == out.choices[0].text.replace(" ", "")
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy: the best
+               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_errors_are_openais(served, client):
+    model = served["model"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served["base_url"], api_key="wrong", max_retries=0).completions.create(
+            model=model, prompt="x", max_tokens=2)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt=PROMPTS[0], max_tokens=2)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    for fields, param in [({"echo": True}, "echo"), ({"suffix": "!"}, "suffix"), ({"best_of": 3}, "best_of"),
+                          ({"logprobs": 9}, "logprobs"), ({"max_tokens": 10_000}, "max_tokens"),
+                          ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"extra_body": {"colour": 1}}, "colour")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model, prompt=PROMPTS[0], **({"max_tokens": 2} | fields))
+        assert e.value.body["param"] == param, (fields, e.value.body)
+        assert e.value.body["type"] == "invalid_request_error" and e.value.body["message"].startswith(param)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    assert "not chat models" in e.value.body["message"]
+
+
+def test_native_stop_strings(served):
+    full = native(served, PROMPTS[6], 20).text
+    stop = " ".join(full.split()[1:3])
+    out = native(served, PROMPTS[6], 20, stop=[stop])
+    assert out.text == full[:full.index(stop)] and out.finish_reason == "stop"
+    chunks = list(served["stub"].GenerateStream(pb.GenerateRequest(text=PROMPTS[6], max_new_tokens=20, stop=[stop]),
+                                                metadata=[("authorization", f"Bearer {KEY}")], timeout=60))
+    assert "".join(c.text for c in chunks) == out.text and chunks[-1].finish_reason == "stop"
+    body = {"text": PROMPTS[6], "max_new_tokens": 20, "stop": [stop]}
+    request = urllib.request.Request(f"{served['http']}/v1/generate", method="POST", data=json.dumps(body).encode(),
+                                     headers={"authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert json.loads(r.read())["text"] == out.text

@@ -1,0 +1,55 @@
+"""Text as it streams: stop strings found across token and chunk boundaries, and nothing sent that is cut later."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from router_service.requests import InvalidRequest
+from router_service.text import TextStream, check_stop_strings
+
+PIECES = ["The", " cap", "ital", " of", " Fr", "ance", " is", " Par", "is", ".", " \ufffd"]
+
+
+def stream(pieces: list[str], stop: tuple[str, ...]) -> tuple[list[str], TextStream]:
+    """Decode one more piece per step, as a tokenizer would one more token."""
+    text = TextStream(lambda ids: "".join(pieces[i] for i in ids), stop)
+    sent = [text.update(list(range(n)), finished=n == len(pieces)) for n in range(1, len(pieces) + 1)]
+    return sent, text
+
+
+def test_a_stop_string_split_across_tokens_ends_the_text_before_it():
+    sent, text = stream(PIECES[:-1], ("Paris",))
+    assert "".join(sent) == "The capital of France is " and text.stopped
+    assert all("P" not in piece for piece in sent)  # " Par" was held back, never sent and then cut
+
+
+def test_the_earliest_stop_string_wins_and_no_stop_sends_everything():
+    sent, text = stream(PIECES[:-1], ("is", "of"))
+    assert "".join(sent) == "The capital " and text.stopped
+    sent, text = stream(PIECES[:-1], ())
+    assert "".join(sent) == "".join(PIECES[:-1]) and not text.stopped
+
+
+def test_an_incomplete_character_waits_for_its_next_token():
+    text = TextStream(lambda ids: ["a", "a\ufffd", "a\u00e9"][len(ids) - 1])
+    assert [text.update([0] * n, finished=False) for n in (1, 2, 3)] == ["a", "", "\u00e9"]
+
+
+@given(st.lists(st.text(alphabet="ab \ufffd", min_size=1, max_size=3), min_size=1, max_size=12),
+       st.lists(st.text(alphabet="ab ", min_size=1, max_size=3), max_size=4))
+def test_what_is_sent_is_always_a_prefix_of_the_final_text(pieces, stop):
+    sent, text = stream(pieces, tuple(stop))
+    full = "".join(pieces)
+    hits = [full.find(s) for s in stop if s in full]
+    assert "".join(sent) == (full[:min(hits)] if hits else full)
+    assert text.stopped == bool(hits)
+
+
+def test_stop_strings_are_checked():
+    assert check_stop_strings(["a", "b"]) == ("a", "b")
+    with pytest.raises(InvalidRequest, match="^stop: at most 4"):
+        check_stop_strings(["a"] * 5)
+    with pytest.raises(InvalidRequest, match="^stop: a stop string is empty"):
+        check_stop_strings([""])
