@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast gpu-check clean
+.PHONY: install demo lint test test-all test-fast gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# Every test but the slow ones (a minute or more each): about 15 minutes on 2 cores.
 test: lint
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# Every test, the slow ones too (scale-out on a multi-raylet cluster, the switch-c-2048 look-alike, the bench).
+test-all: lint
 	$(VENV)/bin/python -m pytest -q
 
 # The tests that start no Ray cluster: seconds, not minutes.

@@ -30,6 +30,10 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 # Health checks and ModelInfo must get through while the batch is full.
 CONTROL_HEADROOM = 16
+# How often Serve checks that the fleet lives (its default is 10 s).
+FLEET_HEALTH_CHECK_S = 2.0
+# Time a stopping fleet has, after the fronts' drain timeout, to release its actors and placement group.
+FLEET_RELEASE_S = 10.0
 # A front waits on the expert actors after each sparse layer. Its OpenMP threads would spin for a while after
 # every op, on the cores the actors need meanwhile; a short spin keeps the front's speed and frees them.
 # OpenMP reads this when torch loads, so it goes in the replicas' environment.
@@ -41,13 +45,22 @@ def build_app(args: dict | ServerConfig) -> Application:
     fleet that owns the expert actors they share."""
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
     config = config.model_copy(update={"placement": for_cluster(config.placement)})  # the same for every replica
+    # A stopping fleet waits for the fronts that drain (see ServedFleet.__del__), and must release its placement
+    # group before Serve's own deadline ends it.
+    # Checked often: while a dead fleet goes unnoticed, no expert serves.
     fleet = ServedFleet.options(num_replicas=1, max_ongoing_requests=max(100, 4 * config.num_replicas),
-                                ray_actor_options={"num_cpus": 0, "resources": config.fleet_resources}
+                                health_check_period_s=FLEET_HEALTH_CHECK_S,
+                                ray_actor_options={"num_cpus": 0, "resources": config.fleet_resources},
+                                user_config={"drain_timeout_s": config.drain_timeout_s},
+                                graceful_shutdown_timeout_s=config.drain_timeout_s + FLEET_RELEASE_S,
                                 ).bind(config.model, config.placement, config.dtype)
     ongoing = config.max_sequences + config.max_waiting + CONTROL_HEADROOM
     return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
                                 max_queued_requests=config.max_waiting,
-                                ray_actor_options={"num_gpus": config.front_gpus,
+                                graceful_shutdown_timeout_s=config.drain_timeout_s,
+                                # No CPU: a front and the experts take turns on the cores (see actor_cpus).
+                                ray_actor_options={"num_cpus": 0, "num_gpus": config.front_gpus,
+                                                   "resources": config.front_resources,
                                                    "runtime_env": {"env_vars": FRONT_ENV}}).bind(config, fleet)
 
 
@@ -108,7 +121,8 @@ def local_serve(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port
         finally:
             serve.delete(APP_NAME)  # stops the fleet, which releases its actors and placement group
     finally:
-        serve.shutdown()
-        if owns_ray:
+        if owns_ray:  # everything goes with Ray (Serve's own shutdown logs a failed task as Ray stops under it)
             ray.shutdown()
+        else:
+            serve.shutdown()
 

@@ -29,7 +29,7 @@ from router_service.requests import SamplingParams
 
 # Flags named otherwise than their field.
 FLAG_NAMES = {"num_replicas": "--replicas", "actor_resources": "--actor-resource",
-              "fleet_resources": "--fleet-resource"}
+              "fleet_resources": "--fleet-resource", "front_resources": "--front-resource"}
 PLANNER_FIELDS = ("gpus", "gpu_memory", "nodes", "replicate_hot", "stats")
 
 
@@ -188,10 +188,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
               f"or HTTP port {args.http_port} can call the model; set ${API_KEY_ENV} or --api-key-file",
               file=sys.stderr)
     stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
     with local_serve(config, http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                      address=args.address, dashboard=True):
+        # After Ray has started: its own handler would end the process at once, cutting every request.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopping.set())
         print(f"switch-serve: serving {args.model}\n"
               f"  gRPC  {args.host}:{args.grpc_port}  (switchserve.v1.SwitchServe, grpc.health.v1.Health, reflection)\n"
               f"  HTTP  http://{args.host}:{args.http_port}/v1/generate, /v1/model\n"
@@ -375,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--replicas", type=int, default=2, help="front replicas (default: 2)")
     k.add_argument("--chaos", action="store_true", help="kill an expert actor, the expert fleet and a front replica "
                                                         "in turn, at random times")
-    k.add_argument("--chaos-every", type=float, nargs=2, default=(8.0, 15.0), metavar=("MIN_S", "MAX_S"),
-                   help="seconds between faults, drawn between these (default: 8 15)")
+    k.add_argument("--chaos-every", type=float, nargs=2, default=(15.0, 30.0), metavar=("MIN_S", "MAX_S"),
+                   help="seconds between faults, drawn between these (default: 15 30)")
     k.set_defaults(func=cmd_soak)
 
     d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")

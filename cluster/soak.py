@@ -37,6 +37,7 @@ FAULTS = ("expert actor", "expert fleet", "front replica")
 # from Serve's gRPC proxy for a replica that died (see the README's failure table).
 RETRYABLE = {"UNAVAILABLE", "INTERNAL"}
 HUNG_S = 120.0  # a request not answered within this is counted as hung
+BACKOFF_S = 0.5  # a client's pause after a retryable failure before its next request
 FAULT_WINDOW_S = 30.0  # requests that overlap the time from a fault to this much after it count as "with faults"
 PROCESSES = {"front replicas": "ray::ServeReplica:switch-serve:SwitchServer",
              "expert fleet": "ray::ServeReplica:switch-serve:ExpertFleet", "expert actors": "ray::ExpertActor"}
@@ -46,6 +47,7 @@ PROCESSES = {"front replicas": "ray::ServeReplica:switch-serve:SwitchServer",
 class Report:
     outcomes: Counter = field(default_factory=Counter)  # (kind, outcome) -> requests
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (began, ended) of answered requests
+    started: float = 0.0
     faults: list[tuple[float, str]] = field(default_factory=list)
     memory_start: dict[str, int] = field(default_factory=dict)
     memory_end: dict[str, int] = field(default_factory=dict)
@@ -70,6 +72,11 @@ class Report:
         fine = {"OK", "CANCELLED", "REFUSED", *RETRYABLE}
         return sum(n for (_, outcome), n in self.outcomes.items() if outcome not in fine)
 
+    def serving_share(self) -> float:
+        """The share of the run's seconds in which some request was answered."""
+        seconds = {int(ended - self.started) for _, ended in self.latencies}
+        return len(seconds) / max(1, int(self.elapsed))
+
     def latency(self, near_fault: bool) -> tuple[float, float] | None:
         """(p50, p99) in seconds of the answered requests that did (or did not) overlap a fault's window."""
         def near(began: float, ended: float) -> bool:
@@ -87,6 +94,7 @@ class Report:
             by_outcome = {o: n for (k, o), n in sorted(self.outcomes.items()) if k == kind}
             lines.append(f"  {kind:<17} {by_outcome}")
         lines.append(f"wrong answers: {self.wrong}; hung: {self.hung}; lost (no retryable status): {self.lost}")
+        lines.append(f"seconds in which a request was answered: {self.serving_share():.0%}")
         for label, near in (("without faults", False), ("with faults", True)):
             p = self.latency(near)
             lines.append(f"latency {label}: " + (f"p50 {p[0]:.2f} s, p99 {p[1]:.2f} s" if p else "no requests"))
@@ -136,6 +144,8 @@ def load(stub, stop: threading.Event, report: Report, reference: dict[str, list[
             report.outcomes[kind, outcome] += 1
             if outcome == "OK":
                 report.latencies.append((began, time.monotonic()))
+        if outcome in RETRYABLE:
+            stop.wait(BACKOFF_S)
 
 
 def serve_replicas(deployment: str) -> list[str]:
@@ -194,6 +204,7 @@ def run_soak(config: ServerConfig, duration: float, concurrency: int, chaos_inte
             reference = {p: list(stub.Generate(pb.GenerateRequest(text=p, max_new_tokens=GREEDY_NEW_TOKENS),
                                                timeout=60).token_ids) for p in PROMPTS}  # the clean run
             report.memory_start, started = memory_by_process(), time.monotonic()
+            report.started = started
             stop = threading.Event()
             threads = [threading.Thread(target=load, args=(stub, stop, report, reference, vocab_size, seed + i))
                        for i in range(concurrency)]

@@ -85,3 +85,20 @@ def resident_memory(*patterns: str) -> int:
         except (OSError, StopIteration, ValueError):  # not a process, gone, or a kernel thread
             continue
     return total
+
+
+def finish_streams(streams) -> tuple[list[str], set[str]]:
+    """Read each gRPC stream of GenerateChunks to its end: each one's outcome ("OK", "CUT" for a stream that ended
+    without a status but before its last chunk, or its status code's name), and the first lines of the errors'
+    messages."""
+    import grpc
+
+    outcomes, details = [], set()
+    for stream in streams:
+        try:
+            chunks = list(stream)
+            outcomes.append("OK" if chunks and chunks[-1].finish_reason else "CUT")
+        except grpc.RpcError as e:
+            outcomes.append(e.code().name)
+            details.add((e.details() or "").splitlines()[0] if e.details() else "")
+    return outcomes, details

@@ -64,13 +64,13 @@ def served_placement(checkpoint: SwitchCheckpoint, config: PlacementConfig,
 
 
 def actor_cpus(placement: Placement) -> float:
-    """CPUs each expert actor asks for: a fair share of the CPUs of the weakest node it needs (and of what the
-    cluster has free), at most one.
+    """CPUs each expert actor asks for: a fair share of the CPUs of the weakest node it needs, one share left for a
+    front (fronts ask for none: they take turns with the experts), at most one.
 
-    An actor asking for more than a node has stays pending, so small machines get fractions."""
+    An actor asking for more than a node has stays pending, so small machines get fractions. Read from the
+    nodes' sizes, not from what is free at the time, so that a fleet started again asks for the same."""
     sizes = node_cpus_largest_first()
-    available = ray.available_resources().get("CPU", 0.0)
-    weakest = min(sizes[placement.nodes - 1] if len(sizes) >= placement.nodes else 0.0, available)
+    weakest = sizes[placement.nodes - 1] if len(sizes) >= placement.nodes else 0.0
     per_node = max(sum(1 for a in placement.actors if a.node == node) for node in range(placement.nodes))
     return max(0.01, min(1.0, round(weakest / (per_node + 1), 2)))
 

@@ -38,9 +38,15 @@ class ServerConfig(EngineConfig):
     """Everything a Serve replica needs: the `args` of the Serve application (see cluster.app.build_app)."""
 
     front_gpus: float = Field(0.0, ge=0, description="GPUs each front replica asks for")
+    front_resources: dict[str, float] = Field(
+        default_factory=dict, description="a Ray resource each front replica asks for, to keep the fronts on the "
+                                          "nodes meant for them (e.g. one only their worker group offers)")
     front_threads: int | None = Field(
         None, ge=1, description="CPU threads of each replica's math (default: the CPUs Ray counts on its node, "
                                 "since the front and the expert actors take turns)")
+    drain_timeout_s: float = Field(
+        60.0, gt=0, description="how long a front replica that is stopping (a config change, the app deleted, "
+                                "SIGTERM) lets its requests finish; those still running then end with UNAVAILABLE")
     max_waiting: int = Field(64, ge=1, description="requests a replica queues beyond its batch before answering "
                                                    "RESOURCE_EXHAUSTED")
     num_replicas: int = Field(1, ge=1, description="front replicas (they share the expert actors)")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
@@ -157,6 +158,12 @@ async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChu
     finished(None)
 
 
+def front_replicas(app: str) -> list[str]:
+    """The named actors of the app's running front replicas."""
+    prefix = f"SERVE_REPLICA::{app}#SwitchServer#"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
 # Serve pickles the deployment classes where they are defined: everything they use must be defined above them.
 @serve.deployment(name="ExpertFleet")
 class ServedFleet(ExpertFleet):
@@ -170,7 +177,17 @@ class ServedFleet(ExpertFleet):
         super().__init__(checkpoint, planned, dtype, placement.actor_resources,
                          name=f"{app}-{fleet_name(checkpoint, planned, dtype)}")
 
-    def __del__(self):  # Serve calls it as it stops the replica (the app deleted, or the fleet's config changed)
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's user_config: settings that change without a new fleet."""
+        self.drain_timeout_s = user_config["drain_timeout_s"]
+
+    def __del__(self):
+        """Serve calls it as it stops the replica (the app deleted, or its placement changed): the fronts still
+        draining keep their actors until they have stopped, for up to the drain timeout."""
+        app = serve.get_replica_context().app_name
+        deadline = time.monotonic() + self.drain_timeout_s
+        while time.monotonic() < deadline and front_replicas(app):
+            time.sleep(0.5)
         self.release()
 
 

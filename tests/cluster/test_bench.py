@@ -12,6 +12,7 @@ import pytest
 
 
 @pytest.mark.ray  # in the subprocess
+@pytest.mark.slow
 def test_bench_quick_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--shape", "tiny", "--workload", "short",

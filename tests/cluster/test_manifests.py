@@ -4,6 +4,7 @@ serveConfigV2 exactly what `switch-serve build` writes for the command in their 
 from __future__ import annotations
 
 import copy
+import json
 import shlex
 
 import jsonschema
@@ -94,11 +95,14 @@ def test_manifest_is_valid_and_its_serve_config_is_what_build_writes(file, schem
     args = serve_config["applications"][0]["args"]
     # The expert actors ask for the custom resource that only the experts group offers, enough for every actor.
     (resource, per_actor), = args["placement"]["actor_resources"].items()
-    per_pod = float(experts["resources"][resource])
+    per_pod = offered(experts)[resource]
     assert per_pod / per_actor == int(experts["template"]["spec"]["containers"][0]["resources"]["limits"]
                                       ["nvidia.com/gpu"])
     assert experts["replicas"] * per_pod >= args["placement"]["gpus"] * per_actor
     assert experts["replicas"] == args["placement"]["nodes"]
+    # Expert pods run no Serve proxy: their readiness probe asks only the raylet.
+    probe = experts["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"][-1]
+    assert "local_raylet_healthz" in probe and ":8000" not in probe
 
     command = shlex.split(manifest["metadata"]["annotations"]["switch-serve/build"])
     assert command[:2] == ["switch-serve", "build"]
@@ -106,6 +110,32 @@ def test_manifest_is_valid_and_its_serve_config_is_what_build_writes(file, schem
     main([*command[1:], "-o", str(tmp_path / "serve.yaml")])
     assert (tmp_path / "serve.yaml").read_text() == manifest["spec"]["serveConfigV2"], \
         f"{file.name} is stale: rerun its switch-serve/build command and paste the output into serveConfigV2"
+
+
+def offered(group: dict) -> dict[str, float]:
+    """The custom Ray resources a head or worker group offers (rayStartParams' quoted JSON)."""
+    text = group.get("rayStartParams", {}).get("resources")
+    return json.loads(json.loads(text)) if text else {}
+
+
+@pytest.mark.parametrize("file", MANIFESTS, ids=lambda p: p.stem)
+def test_each_deployment_and_actor_can_only_land_where_it_is_meant_to(file):
+    """The fronts on the group meant for them (the head on switch-base-8, the front GPU pods on switch-c-2048), the
+    expert fleet on the head (it outlives any front or expert pod), the expert actors on the experts group: each
+    asks for a custom resource that only that group offers, in the amounts the group's pods hold."""
+    manifest = yaml.safe_load(file.read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
+    args = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+    front_group = "front" if "front" in groups else "head"
+    for asked, meant, wanted in [(args["front_resources"], front_group, args["num_replicas"]),
+                                 (args["fleet_resources"], "head", 1),
+                                 (args["placement"]["actor_resources"], "experts", args["placement"]["gpus"])]:
+        (resource, amount), = asked.items()
+        holders = [name for name, group in groups.items() if resource in offered(group)]
+        assert holders == [meant], (resource, holders)
+        pods = 1 if meant == "head" else groups[meant]["replicas"]
+        assert pods * offered(groups[meant])[resource] >= wanted * amount, resource
 
 
 @pytest.mark.parametrize("where, typo", [
@@ -148,3 +178,13 @@ def test_dashboard_plots_only_metrics_the_service_exports():
     defined = set(re.findall(r'"(switch_serve_\w+)"', sources))
     assert queried and queried <= defined, queried - defined
     assert len(defined) >= 9  # requests, tokens, TTFT, per-token, queue, batch, dispatch, dropped, experts
+
+
+def test_the_checkpoint_claim_is_shipped_read_only_many():
+    claim = yaml.safe_load((ROOT / "manifests" / "checkpoints-pvc.yaml").read_text())
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    for file in MANIFESTS:
+        cluster = yaml.safe_load(file.read_text())["spec"]["rayClusterConfig"]
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            (volume,) = group["template"]["spec"]["volumes"]
+            assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]

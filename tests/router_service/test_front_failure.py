@@ -16,7 +16,7 @@ from test_reliability import process_exists
 
 from cluster.app import APP_NAME, local_serve
 from cluster.demo import PROMPTS, WORDS
-from cluster.testing import free_port, write_random_checkpoint_with_tokenizer
+from cluster.testing import finish_streams, free_port, write_random_checkpoint_with_tokenizer
 from experts.placement import PlacementConfig
 from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
@@ -39,7 +39,7 @@ def two_replicas(ray_cluster, tmp_path_factory):
     with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
         with grpc.insecure_channel(served.grpc) as channel:
             yield {"stub": pb_grpc.SwitchServeStub(channel), "address": served.grpc,
-                   "health": health_pb2_grpc.HealthStub(channel)}
+                   "health": health_pb2_grpc.HealthStub(channel), "config": config}
 
 
 def test_killed_front_replica(two_replicas):
@@ -55,15 +55,7 @@ def test_killed_front_replica(two_replicas):
         next(s)
     killed = time.monotonic()
     ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
-    outcomes, details = [], set()
-    for s in streams:
-        try:
-            for _ in s:
-                pass
-            outcomes.append("OK")
-        except grpc.RpcError as e:
-            outcomes.append(e.code().name)
-            details.add(e.details().splitlines()[0])
+    outcomes, details = finish_streams(streams)
     print(f"\nstreams after a replica was killed: {outcomes}; {details}")
     assert "OK" in outcomes and len(outcomes) == len(streams)  # the other replica's finished; none hung
     assert "UNAVAILABLE" in outcomes and set(outcomes) == {"OK", "UNAVAILABLE"}, outcomes
@@ -133,14 +125,7 @@ def test_killed_fleet_comes_back_by_itself(two_replicas):
     (fleet,) = replica_names("ExpertFleet")
     killed = time.monotonic()
     ray.kill(ray.get_actor(fleet, namespace="serve"), no_restart=True)  # Serve starts another
-    outcomes = []
-    for s in streams:
-        try:
-            for _ in s:
-                pass
-            outcomes.append("OK")
-        except grpc.RpcError as e:
-            outcomes.append(e.code().name)
+    outcomes, _ = finish_streams(streams)
     assert set(outcomes) <= {"OK", "UNAVAILABLE"} and "UNAVAILABLE" in outcomes, outcomes
 
     states, status = [], ""
@@ -160,3 +145,41 @@ def test_killed_fleet_comes_back_by_itself(two_replicas):
     assert not any(process_exists(pid) for pid in old_pids)
     (new_group,) = fleet_groups()  # the old group removed, not left holding its CPUs
     assert new_group[0] == old_group[0] and new_group[1] != old_group[1]
+
+
+def test_a_config_change_lets_every_stream_finish_and_leaves_nothing_behind(two_replicas):
+    """A changed config (here max_waiting) deployed while 16 streams run: Serve rebuilds the app (a change to its
+    args gives every deployment a new version), the old front replicas drain (drain_timeout_s) and the old fleet
+    keeps its actors until they have, so every stream completes; then the old actors and placement group are gone.
+    Fails if the fronts' graceful shutdown is shorter than the streams (Serve's default is 20 s) or if the old
+    fleet releases its actors while fronts still use them (ServedFleet.__del__)."""
+    import threading
+
+    from ray import serve
+
+    from cluster.app import build_app
+
+    stub = two_replicas["stub"]
+    fleet_before, fronts_before = replica_names("ExpertFleet"), replica_names()
+    pids_before = [a.pid for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).actors]
+    streams = [stub.GenerateStream(pb.GenerateRequest(text=PROMPTS[i % len(PROMPTS)], max_new_tokens=120,
+                                                      temperature=1.0, seed=i), timeout=300) for i in range(16)]
+    firsts = [next(s) for s in streams]
+    changed = two_replicas["config"].model_copy(update={"max_waiting": two_replicas["config"].max_waiting + 1})
+    deploy = threading.Thread(target=serve.run, args=(build_app(changed),), kwargs={"name": APP_NAME,
+                                                                                      "route_prefix": "/"})
+    deploy.start()
+    reasons = []
+    for first, s in zip(firsts, streams):
+        chunks = [first, *s]  # raises if the stream was cut
+        reasons.append(chunks[-1].finish_reason)
+    deploy.join(300)
+    assert all(reasons), reasons
+    assert not set(replica_names()) & set(fronts_before)
+    assert not set(replica_names("ExpertFleet")) & set(fleet_before)
+    deadline = time.monotonic() + 120
+    while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).status != "serving":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert not any(process_exists(pid) for pid in pids_before)
+    assert len(fleet_groups()) == 1

@@ -13,6 +13,8 @@ from experts.placement import PlacementConfig
 from experts.plan import stats_json
 from router_service.engine import SwitchCluster
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
 MAX_NEW = 8
 

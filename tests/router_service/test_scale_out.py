@@ -19,6 +19,7 @@ from router_service.engine import SwitchCluster
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [7, 3, 1], [14, 15, 16, 50, 27, 1]]
 
 
+@pytest.mark.slow
 def test_switch_c_2048_look_alike(ray_cluster, tmp_path, caplog):
     """switch-c-2048's structure (15 encoder and 15 decoder blocks, all sparse, 2048 experts each: 61,440
     experts) at tiny widths, with its published config.json, which says 12 decoder layers."""
