@@ -29,6 +29,7 @@ from experts.placement import PlacementConfig
 from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.server import replica_names
 
 GREEDY_NEW_TOKENS = 12  # the length of every checked answer
 KINDS = ("unary", "stream", "cancelled stream", "bad input")
@@ -148,13 +149,6 @@ def load(stub, stop: threading.Event, report: Report, reference: dict[str, list[
             stop.wait(BACKOFF_S)
 
 
-def serve_replicas(deployment: str) -> list[str]:
-    import ray
-
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{deployment}#")]
-
-
 def inject(fault: str, stub, rng: random.Random) -> bool:
     """Kill one process of the kind `fault` names, as the OOM killer would; False if there was none to kill."""
     import ray
@@ -171,7 +165,7 @@ def inject(fault: str, stub, rng: random.Random) -> bool:
         except ProcessLookupError:
             return False
         return True
-    names = serve_replicas("ExpertFleet" if fault == "expert fleet" else "SwitchServer")
+    names = replica_names(APP_NAME, "ExpertFleet" if fault == "expert fleet" else "SwitchServer")
     if not names:
         return False
     try:

@@ -100,7 +100,7 @@ class ExpertFleet:
 
     Runs as a Ray actor for the Python API and as a Serve deployment of the served app, whose controller starts
     a new one (with new actors) when its process dies. It starts at once and places and loads its actors on a
-    thread, waiting as long as it takes for Ray to find room: `status()` says where it stands, `actors()` hands
+    thread, waiting as long as it takes for Ray to find room: `actors()` says where it stands, and hands
     the actors out once they have loaded.
     """
 
@@ -123,10 +123,6 @@ class ExpertFleet:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
-
-    def status(self) -> str:
-        """One line: "ready", or what the actors are waiting for."""
-        return f"failed: {self.error}" if self.error is not None else self.state
 
     def actors(self, wait_s: float = 0.0) -> FleetActors:
         """The expert actors once loaded, waiting up to `wait_s` for that; none, and why, before. Raises what

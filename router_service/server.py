@@ -158,10 +158,11 @@ async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChu
     finished(None)
 
 
-def front_replicas(app: str) -> list[str]:
-    """The named actors of the app's running front replicas."""
-    prefix = f"SERVE_REPLICA::{app}#SwitchServer#"
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+def replica_names(app: str, deployment: str) -> list[str]:
+    """The named actors (namespace "serve") Serve runs a deployment's live replicas in."""
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and a["name"].startswith(prefix))
 
 
 # Serve pickles the deployment classes where they are defined: everything they use must be defined above them.
@@ -186,7 +187,7 @@ class ServedFleet(ExpertFleet):
         draining keep their actors until they have stopped, for up to the drain timeout."""
         app = serve.get_replica_context().app_name
         deadline = time.monotonic() + self.drain_timeout_s
-        while time.monotonic() < deadline and front_replicas(app):
+        while time.monotonic() < deadline and replica_names(app, "SwitchServer"):
             time.sleep(0.5)
         self.release()
 

@@ -18,16 +18,14 @@ from cluster.app import APP_NAME, local_serve
 from cluster.demo import PROMPTS, WORDS
 from cluster.testing import finish_streams, free_port, write_random_checkpoint_with_tokenizer
 from experts.placement import PlacementConfig
+from router_service import server
 from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 
 
 def replica_names(deployment: str = "SwitchServer") -> list[str]:
-    """The named actors Serve runs the deployment's replicas in."""
-    named = ray.util.list_named_actors(all_namespaces=True)
-    return sorted(a["name"] for a in named if a["namespace"] == "serve"
-                  and a["name"].startswith(f"SERVE_REPLICA::switch-serve#{deployment}"))
+    return server.replica_names(APP_NAME, deployment)
 
 
 @pytest.fixture(scope="module")
