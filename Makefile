@@ -36,14 +36,14 @@ test-fast: lint
 	$(VENV)/bin/python -m pytest -q -m "not ray"
 
 # On a machine with an NVIDIA GPU: the front and the experts on CUDA against transformers on the same GPU, in
-# float32 and bfloat16. GPU_PYTHON is the interpreter to use (a GPU machine's own python3, whose torch has CUDA;
-# the tests that need Ray are skipped, and say so, where it is not installed).
+# float32 and bfloat16, then the benchmark with transformers, the front and the expert actors on the GPU; the
+# results are appended to docs/BENCHMARKS.md under the GPU's name (cluster/gpu_check.py). GPU_PYTHON is the
+# interpreter to use (a GPU machine's own python3, whose torch has CUDA; the parts that need Ray say so and are
+# skipped where it is not installed). It stops with a message where there is no CUDA.
 GPU_PYTHON ?= $(VENV)/bin/python
 
 gpu-check:
-	@$(GPU_PYTHON) -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else \
-		f'gpu-check: no CUDA device here (torch {torch.__version__} sees none); run it where there is an NVIDIA GPU')"
-	$(GPU_PYTHON) -m pytest -q -p no:cacheprovider -rs tests/router_service/test_cuda.py
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m cluster.gpu_check
 
 clean:
 	rm -rf $(VENV) build

@@ -3,6 +3,7 @@
     switch-serve bench                        # switch-base-8's shape, random float32 weights, both workloads
     switch-serve bench --model DIR            # any checkpoint
     switch-serve bench --shape tiny --concurrency 1,4 --json   # a quick run
+    switch-serve bench --device cuda          # transformers, the front and the expert actors on the GPU
 
 For each workload (prompt and output lengths drawn at random, greedy decoding), in one run:
 - transformers' `generate` on static, padded batches of 1 (one request at a time), 8, 16, each concurrency of the
@@ -10,8 +11,10 @@ For each workload (prompt and output lengths drawn at random, greedy decoding), 
 - the cluster served over gRPC streams, at each concurrency of the sweep: that many clients, each sending its
   next request when the last one has finished;
 - where the cluster's time goes: the same requests decoded through the Python API in a Ray worker set up like a
-  Serve replica, all at once and one at a time, split into the front's compute, sending to the expert actors,
-  waiting for them and their compute; the rest of the served time is Serve's proxy and the streams.
+  Serve replica, all at once and one at a time, split into the front's compute (with the experts it computes
+  itself), sending to the expert actors, waiting for them and their compute; the rest of the served time is
+  Serve's proxy and the streams. With the front computing its node's experts (the default), this runs a second
+  time with every expert computed by its actor, to show what the round trips cost.
 Reported: output tokens per second (from the first request sent to the last token), time to first token and time
 per output token (p50 and p99).
 """
@@ -32,13 +35,13 @@ import ray
 import torch
 from transformers import SwitchTransformersForConditionalGeneration
 
-from cluster.app import FRONT_ENV, local_serve
+from cluster.app import front_env, local_serve
 from cluster.testing import free_port, tiny_config, write_random_checkpoint
 from cluster.workloads import HF_BATCH_SIZES, SHAPES, WORKLOADS
 from experts.fleet import this_node_cpus
 from experts.placement import PlacementConfig, experts_per_cpu
 from router_service.batching import Sequence, run_to_completion
-from router_service.config import ServerConfig
+from router_service.config import EngineConfig, ServerConfig
 from router_service.engine import SwitchCluster
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
@@ -117,6 +120,17 @@ class FirstTokenClock:
         pass
 
 
+def gpu_setup() -> tuple[PlacementConfig, dict]:
+    """The expert placement and `ray.init` options for a run on the GPUs here: the front on one GPU, the experts on
+    the others, two actors to a GPU. With one GPU, Ray counts it twice (one for the front, one the actors share)
+    and leaves CUDA_VISIBLE_DEVICES alone, so that every process uses that one."""
+    gpus = torch.cuda.device_count()
+    if gpus == 1:
+        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # read by Ray's workers, which inherit it
+        return PlacementConfig(gpus=1, actors_per_gpu=2), {"num_gpus": 2}
+    return PlacementConfig(gpus=gpus - 1, actors_per_gpu=2), {}
+
+
 def hf_run(model, requests: list[Request], batch_size: int) -> list[Timing]:
     """transformers' generate over the requests in order, `batch_size` at a time (right-padded); each batch is
     sent when the one before it has finished."""
@@ -130,8 +144,8 @@ def hf_run(model, requests: list[Request], batch_size: int) -> list[Timing]:
             ids[row, :len(r.prompt)], mask[row, :len(r.prompt)] = torch.tensor(r.prompt), 1
         clock, sent = FirstTokenClock(), time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, streamer=clock,
-                                 max_new_tokens=max(r.max_new_tokens for r in batch))
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 do_sample=False, streamer=clock, max_new_tokens=max(r.max_new_tokens for r in batch))
         end = time.perf_counter()
         for row, r in enumerate(batch):
             seq = out[row, 1:].tolist()[:r.max_new_tokens]  # a request takes only the tokens it asked for
@@ -171,19 +185,21 @@ def cluster_run(address: str, requests: list[Request], concurrency: int) -> list
     return timings
 
 
-def decode_timed(folder: Path, batches: list[list[Request]], experts_per_actor: int, micro_batches: int) -> list:
+def decode_timed(folder: Path, batches: list[list[Request]], placement: PlacementConfig, micro_batches: int,
+                 local_experts: bool) -> list:
     """Decode each batch of requests through the Python API, timing the front, the sparse-layer round trips (the
     front sending, then waiting) and the experts' compute inside them. Runs as a Ray task set up like a Serve
     replica (see `breakdown`)."""
     torch.set_num_threads(this_node_cpus())
     most = max(len(b) for b in batches)
-    with SwitchCluster(folder, placement=PlacementConfig(experts_per_actor=experts_per_actor),
-                       max_sequences=max(32, most), micro_batches=micro_batches) as model:
+    with SwitchCluster(folder, placement=placement, max_sequences=max(32, most), micro_batches=micro_batches,
+                       local_experts=local_experts) as model:
         run_to_completion(model.batcher, [Sequence(batches[0][0].prompt, SamplingParams(max_new_tokens=2))])  # warm
         dispatcher = model.front.dispatch
 
         def counters() -> dict:
             return {"seconds": time.perf_counter(), "sparse_layer_calls": dispatcher.calls,
+                    "layers_computed_here": dispatcher.local_calls,
                     "round_trip_s": dispatcher.seconds, "sending_s": dispatcher.sending_seconds,
                     "decode_steps": model.batcher.steps,
                     "expert_compute_s": sum(ray.get([a.compute_seconds.remote() for a in model.actors]))}
@@ -195,35 +211,39 @@ def decode_timed(folder: Path, batches: list[list[Request]], experts_per_actor: 
             run_to_completion(model.batcher, sequences)
             after = counters()
             out.append({name: after[name] - before[name] for name in after} | {
-                "requests": len(requests), "actors": len(model.actors),
+                "requests": len(requests), "actors": len(model.actors), "local_experts": local_experts,
                 "tokens": sum(len(seq.token_ids) for seq in sequences)})
         return out
 
 
-def breakdown(folder: Path, requests: list[Request], experts_per_actor: int, micro_batches: int) -> list[dict]:
+def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig, micro_batches: int,
+              local_experts: bool, front_gpus: float) -> list[dict]:
     """Where the cluster's time goes, for all requests at once and for one request alone: the front's own compute,
     sending, waiting, and the experts' compute, from the requests decoded in a Ray worker with a replica's
-    environment and threads (so without the proxy and the streams)."""
-    timed = ray.remote(num_cpus=0, runtime_env={"env_vars": FRONT_ENV})(decode_timed)
+    environment, threads and GPU (so without the proxy and the streams)."""
+    env = front_env(EngineConfig(model=str(folder), local_experts=local_experts))
+    timed = ray.remote(num_cpus=0, num_gpus=front_gpus, runtime_env={"env_vars": env})(decode_timed)
     rows = []
-    for t in ray.get(timed.remote(folder, [requests, requests[:1]], experts_per_actor, micro_batches)):
+    for t in ray.get(timed.remote(folder, [requests, requests[:1]], placement, micro_batches, local_experts)):
         calls, trips = t["sparse_layer_calls"], t["round_trip_s"]
         # The actors of one round trip run at once, so their compute overlaps: count their sum spread over them.
         compute = t["expert_compute_s"] / (t["actors"] if t["requests"] > 1 else 1)
         rows.append({**t, "front_s": t["seconds"] - trips, "waiting_s": trips - t["sending_s"],
-                     "round_trip_ms_per_call": 1000 * trips / calls,
-                     "overhead_ms_per_call": 1000 * max(0.0, trips - compute) / calls})
+                     "round_trip_ms_per_call": 1000 * trips / max(calls, 1),
+                     "overhead_ms_per_call": 1000 * max(0.0, trips - compute) / max(calls, 1)})
     return rows
 
 
 def run(folder: Path, workloads: list[str], concurrency: list[int], requests: int = 32,
-        experts_per_actor: int | None = None, micro_batches: int = 1, seed: int = 0) -> dict:
+        experts_per_actor: int | None = None, micro_batches: int = 1, local_experts: bool = True,
+        device: str = "cpu", seed: int = 0) -> dict:
     """Each workload's `requests` requests (at a concurrency above that, as many as it keeps in flight) through
-    transformers and through the served cluster."""
-    hf_model = SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval()
+    transformers and through the served cluster, on the CPU or (`device` "cuda") the GPUs."""
+    hf_model = SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval().to(device)
     config = hf_model.config
     work = {name: workload(max(requests, *concurrency), config.vocab_size, name, seed) for name in workloads}
     report = {"model": str(folder), "requests": requests, "cpus": os.cpu_count(), "micro_batches": micro_batches,
+              "local_experts": local_experts, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
               "workloads": {name: {"prompt_tokens": WORKLOADS[name][0], "output_tokens": WORKLOADS[name][1],
                                    "transformers": [], "cluster": []} for name in workloads}}
     # Static batches of each size over the requests; for a concurrency above `requests`, one batch of that many.
@@ -235,12 +255,17 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
             report["workloads"][name]["transformers"].append(
                 {"batch_size": label, **asdict(summarize(f"transformers-{label}", timings))})
     del hf_model
-    per_actor = experts_per_actor or experts_per_cpu(config.num_experts, os.cpu_count() or 1)
-    report["experts_per_actor"] = per_actor
-    server = ServerConfig(model=str(folder), placement=PlacementConfig(experts_per_actor=per_actor),
-                          micro_batches=micro_batches, max_sequences=max(32, *concurrency),
+    if device == "cuda":
+        placement, ray_options = gpu_setup()
+        front_gpus = 1.0
+    else:
+        per_actor = experts_per_actor or experts_per_cpu(config.num_experts, os.cpu_count() or 1)
+        placement, ray_options, front_gpus = PlacementConfig(experts_per_actor=per_actor), {}, 0.0
+    report["placement"] = placement.model_dump(exclude_defaults=True)
+    server = ServerConfig(model=str(folder), placement=placement, front_gpus=front_gpus, micro_batches=micro_batches,
+                          local_experts=local_experts, max_sequences=max(32, *concurrency),
                           max_waiting=max(64, requests))
-    ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
+    ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False, **ray_options)
     try:
         with local_serve(server, http_port=free_port(), grpc_port=free_port()) as served:
             cluster_run(served.grpc, next(iter(work.values()))[:2], 2)  # warm
@@ -250,7 +275,9 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                     report["workloads"][name]["cluster"].append(
                         {"concurrency": c, **asdict(summarize(f"cluster-{c}", timings))})
         for name, pool in work.items():
-            report["workloads"][name]["breakdown"] = breakdown(folder, pool[:requests], per_actor, micro_batches)
+            report["workloads"][name]["breakdown"] = [
+                row for local in dict.fromkeys([local_experts, False])
+                for row in breakdown(folder, pool[:requests], placement, micro_batches, local, front_gpus)]
     finally:
         ray.shutdown()
     for w in report["workloads"].values():  # greedy outputs must not depend on the system or the batch
@@ -283,9 +310,14 @@ def latencies(r: dict) -> str:
     return f"{r['ttft_p50']:>6.2f}/{r['ttft_p99']:<6.2f} {r['tpot_p50']:>7.3f}/{r['tpot_p99']:<7.3f}"
 
 
+def where_experts_run(local_experts: bool) -> str:
+    return "the front computing its node's experts" if local_experts else "every expert in its actor"
+
+
 def table(report: dict) -> str:
     lines = [f"{report['model']}: {report['requests']} requests per workload, {report['cpus']} CPUs, "
-             f"{report['experts_per_actor']} experts per actor, {report['micro_batches']} micro-batches"]
+             f"device {report['device']}, placement {report['placement']}, {report['micro_batches']} micro-batches, "
+             f"{where_experts_run(report['local_experts'])}"]
     for name, w in report["workloads"].items():
         hf = {r["batch_size"]: r for r in w["transformers"]}
         lines += ["", f"workload {name}: prompts {w['prompt_tokens'][0]}-{w['prompt_tokens'][1]} tokens, outputs "
@@ -305,11 +337,13 @@ def table(report: dict) -> str:
         lines.append("targets: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in targets.items()))
         for b in w["breakdown"]:
             share = {part: b[f"{part}_s"] / b["seconds"] for part in ("front", "sending", "waiting")}
-            lines.append(f"Python API, {b['requests']} request(s) at once: {b['seconds']:.2f} s over "
-                         f"{b['decode_steps']} steps: front {share['front']:.0%}, sending {share['sending']:.0%}, "
-                         f"waiting {share['waiting']:.0%} ({b['sparse_layer_calls']} sparse-layer calls of "
-                         f"{b['round_trip_ms_per_call']:.2f} ms, {b['overhead_ms_per_call']:.2f} ms of it beyond "
-                         "the experts' compute)")
+            lines.append(f"Python API, {where_experts_run(b['local_experts'])}, {b['requests']} request(s) at once: "
+                         f"{b['seconds']:.2f} s over "
+                         f"{b['decode_steps']} steps ({1000 * b['seconds'] / b['decode_steps']:.0f} ms each): front "
+                         f"{share['front']:.0%}, sending {share['sending']:.0%}, waiting {share['waiting']:.0%} "
+                         f"({b['layers_computed_here']} sparse layers computed by the front; "
+                         f"{b['sparse_layer_calls']} round trips of {b['round_trip_ms_per_call']:.2f} ms, "
+                         f"{b['overhead_ms_per_call']:.2f} ms of it beyond the experts' compute)")
     return "\n".join(lines)
 
 

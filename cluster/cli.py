@@ -271,7 +271,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         folder = checkpoint(args.shape, Path.home() / ".cache" / "switch-serve" / "bench" / args.shape)
     options = given(args, PlacementConfig) | given(args, EngineConfig)
-    report = run(folder, args.workload or ["default", "long-prompts"], args.concurrency, args.requests, **options)
+    report = run(folder, args.workload or ["default", "long-prompts"], args.concurrency, args.requests,
+                 device=args.device, **options)
     print_report(report, args.json)
     if args.plot:
         plot(report, args.plot)
@@ -364,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--plot", default=None, metavar="FILE.png", help="draw tokens/s against concurrency (needs "
                                                                     "matplotlib: pip install '.[bench]')")
     add_fields(n, PlacementConfig, ["experts_per_actor"])
-    add_fields(n, EngineConfig, ["micro_batches"])
+    add_fields(n, EngineConfig, ["micro_batches", "local_experts"])
+    n.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="run transformers, the front and the expert actors on the CPU (default) or the GPUs")
     n.add_argument("--json", action="store_true")
     n.set_defaults(func=cmd_bench)
 

@@ -220,7 +220,9 @@ def run_soak(config: ServerConfig, duration: float, concurrency: int, chaos_inte
 
 
 def soak_config(model: str, replicas: int) -> ServerConfig:
-    return ServerConfig(model=model, num_replicas=replicas, placement=PlacementConfig(experts_per_actor=2))
+    # The experts computed by their actors, whose failures the soak injects.
+    return ServerConfig(model=model, num_replicas=replicas, placement=PlacementConfig(experts_per_actor=2),
+                        local_experts=False)
 
 
 def main(model: str | None, duration: float, concurrency: int, chaos_every: tuple[float, float] | None,

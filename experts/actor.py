@@ -27,6 +27,13 @@ def disk_bytes_read() -> int:
         return 0
 
 
+def expert_token_counter() -> Counter:
+    """The metric of tokens computed per expert, recorded where they are computed (the actors, or a front that
+    computed a layer itself)."""
+    return Counter("switch_serve_expert_tokens", "Tokens computed per expert",
+                   tag_keys=("model", "stack", "layer", "expert"))
+
+
 class ExpertActor:
     """Wrapped with `ray.remote` by the launcher. Holds no per-request state, so a restart loses nothing.
 
@@ -50,8 +57,7 @@ class ExpertActor:
         self.compute_s = 0.0  # time spent in forward, for the benchmark's breakdown
         self.calls = 0  # forward calls begun
         self.fault: tuple[int, float | None] | None = None  # see inject_fault
-        self.token_metric = Counter("switch_serve_expert_tokens", "Tokens computed per expert",
-                                    tag_keys=("model", "stack", "layer", "expert"))
+        self.token_metric = expert_token_counter()
         self.model_name = Path(checkpoint.path).name
 
     def info(self) -> dict:

@@ -234,8 +234,11 @@ def start_fleet(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str,
 
 
 def stop_fleet(fleet) -> None:
-    """Release a fleet actor's expert actors and placement group, then the fleet itself."""
+    """Release a fleet actor's expert actors and placement group, then the fleet itself. A fleet that is restarting
+    or dead releases nothing: its actors die with it, and its group goes with the job that made it."""
     try:
         ray.get(fleet.release.remote())
+    except ray.exceptions.RayActorError:
+        pass
     finally:
         ray.kill(fleet, no_restart=True)

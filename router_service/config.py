@@ -29,6 +29,9 @@ class EngineConfig(BaseModel):
                           "never drop a token")
     micro_batches: int = Field(1, ge=1, description="split each batch into this many parts, so that one part's front "
                                                     "math runs while another's expert calls are out")
+    local_experts: bool = Field(
+        True, description="the front computes the experts whose actors share its node and CPU (in the checkpoint's "
+                          "dtype) itself, from the same memory-mapped weights, instead of a round trip to them")
     max_prompt_tokens: int = Field(512, ge=1, description="the longest prompt a request may send")
     max_new_tokens: int = Field(256, ge=1, description="the most new tokens a request may ask for")
     max_sequences: int = Field(32, ge=1, description="sequences decoding together in one batch")

@@ -1,4 +1,9 @@
-"""Scatter a sparse layer's tokens to the expert actors that own them and gather the results back."""
+"""Scatter a sparse layer's tokens to the expert actors that own them and gather the results back.
+
+The tokens of an expert whose actor runs on this process's node and CPU can be computed here instead: that
+actor's weights are the checkpoint's memory-mapped pages, which this process maps too, so the same memory serves
+both. On one node this skips a round trip to another process (a few ms on a small machine, more than a decoding
+step's expert compute) and computes with the front's threads, which would otherwise wait for it."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from collections.abc import Callable
 import ray
 import torch
 
+from experts.ffn import grouped_ffn
+from experts.spec import ExpertKey
 from experts.wire import from_wire, to_wire
 
 
@@ -20,16 +27,21 @@ class ExpertDispatcher:
     """One call per actor that has tokens, all in flight at once; results put back in token order.
 
     `owners[(stack, layer)][expert]` lists the indices in `actors` of the actors hosting that expert; an expert
-    with several copies has its tokens dealt round-robin over them.
+    with several copies has its tokens dealt round-robin over them. Tokens of an expert whose weights this process
+    was given (see `use`) are computed here with `act`, while the calls for the others are out.
     """
 
     def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, list[int]]], num_experts: int,
-                 metrics=None, timeout_s: float | None = None):
+                 metrics=None, timeout_s: float | None = None, act=None):
         self.actors = actors  # in placement order; replaced whole when the fleet starts new ones
+        self.local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}  # (wi, wo) of the experts computed here
+        self.is_local = {layer: torch.zeros(num_experts, dtype=torch.bool) for layer in owners}
+        self.act = act
         self.timeout_s = timeout_s
         self.on_lost: Callable[[BaseException], None] | None = None  # told when a call finds its actor dead
         # Sparse-layer round trips made, the front's time sending and waiting in them, and sending alone.
         self.calls, self.seconds, self.sending_seconds = 0, 0.0, 0.0
+        self.local_calls, self.local_tokens = 0, {}  # sparse layers with tokens computed here; tokens per expert
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
         self.copies, self.hosts = {}, {}
@@ -38,6 +50,13 @@ class ExpertDispatcher:
             self.copies[layer] = torch.tensor([len(table[e]) for e in range(num_experts)])
             self.hosts[layer] = torch.tensor([table[e] + table[e][:1] * (most - len(table[e]))
                                               for e in range(num_experts)])  # [experts, most copies]
+
+    def use(self, actors: list, local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """New actors, and the (wi, wo) weights of the experts to compute here instead (see the module's doc)."""
+        is_local = {layer: torch.zeros(self.num_experts, dtype=torch.bool) for layer in self.is_local}
+        for stack, layer, expert in local:
+            is_local[(stack, layer)][expert] = True
+        self.actors, self.local, self.is_local = actors, local, is_local
 
     def actors_dead(self, timeout_s: float = 1.0) -> bool:
         """Whether the first actor is dead for good: all of them are when their fleet died. One that is
@@ -69,17 +88,29 @@ class ExpertDispatcher:
 
     def send(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
              keep: torch.Tensor) -> PendingDispatch:
-        """Start the calls for one sparse layer's kept tokens; the expert outputs come from `.result()`."""
+        """Start the calls for one sparse layer's kept tokens, then compute those whose expert is here; the expert
+        outputs come from `.result()`."""
         began = time.perf_counter()
         expert, keep = expert.cpu(), keep.cpu()
         index = keep.nonzero().squeeze(1)
-        pending = PendingDispatch(self, stack, layer, tokens, index)
-        if index.numel() == 0:
-            return pending
+        here = self.is_local[(stack, layer)][expert[index]]
+        pending = PendingDispatch(self, stack, layer, tokens, index[~here])
+        if pending.index.numel():
+            self._call(pending, expert)
+        pending.sending_s = time.perf_counter() - began
+        if bool(here.any()):
+            computing = time.perf_counter()
+            self._compute_here(pending, index[here], expert)
+            pending.local_s = time.perf_counter() - computing
+        return pending
+
+    def _call(self, pending: PendingDispatch, expert: torch.Tensor) -> None:
+        """One call per actor that owns some of `pending.index`'s tokens."""
         handles = self.actors
         if not handles:
             raise ExpertsUnavailable("the expert actors are not up")
-        owner = self.owner((stack, layer), expert[index])
+        layer, index = (pending.stack, pending.layer), pending.index
+        owner = self.owner(layer, expert[index])
         # Group tokens by owning actor, then by expert within it (stable: token order kept inside a group).
         order = torch.argsort(owner * self.num_experts + expert[index], stable=True)
         pending.index, owner = index[order], owner[order]
@@ -89,11 +120,23 @@ class ExpertDispatcher:
             chunk = pending.index[start:start + n]
             experts, counts = torch.unique_consecutive(expert[chunk], return_counts=True)
             pending.calls.append(handles[actor].forward.remote(
-                stack, layer, experts.tolist(), counts.tolist(), to_wire(tokens[chunk])))
+                *layer, experts.tolist(), counts.tolist(), to_wire(pending.tokens[chunk])))
             pending.called.append(actor)
             start += n
-        pending.sending_s = time.perf_counter() - began
-        return pending
+
+    def _compute_here(self, pending: PendingDispatch, index: torch.Tensor, expert: torch.Tensor) -> None:
+        """The FFN outputs of these tokens, whose experts are all here, into `pending`."""
+        index = index[torch.argsort(expert[index], stable=True)]
+        experts, counts = torch.unique_consecutive(expert[index], return_counts=True)
+        keys = [(pending.stack, pending.layer, e) for e in experts.tolist()]
+        counts = counts.tolist()
+        pending.local_index = index
+        pending.computed = grouped_ffn(pending.tokens[index], counts, [self.local[k] for k in keys], self.act)
+        self.local_calls += 1
+        for key, n in zip(keys, counts):
+            self.local_tokens[key] = self.local_tokens.get(key, 0) + n
+            if self.metrics is not None:
+                self.metrics.computed_here(*key, n)
 
 
 class PendingDispatch:
@@ -102,32 +145,36 @@ class PendingDispatch:
     def __init__(self, dispatcher: ExpertDispatcher, stack: str, layer: int, tokens: torch.Tensor,
                  index: torch.Tensor):
         self.dispatcher, self.stack, self.layer = dispatcher, stack, layer
-        self.tokens, self.index = tokens, index  # index: the kept tokens, in the order the calls carry them
+        self.tokens, self.index = tokens, index  # the tokens the calls carry, in their order
         self.calls, self.called = [], []  # object refs, and the actor index of each
-        self.sending_s = 0.0
+        self.local_index, self.computed = None, None  # the tokens computed here, and their outputs
+        self.sending_s, self.local_s = 0.0, 0.0
 
     def result(self) -> torch.Tensor:
         """Expert outputs [tokens, d_model] in token order, zero where not kept. Waits for every call."""
         d, out = self.dispatcher, torch.zeros_like(self.tokens)
-        if not self.calls:
-            return out
-        began = time.perf_counter()
-        try:
-            results = ray.get(self.calls, timeout=d.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=0)
-            late = [a for a, call in zip(self.called, self.calls) if call not in ready]
-            raise ExpertsUnavailable(f"expert actors {late} did not answer {self.stack} layer {self.layer} within "
-                                     f"{d.timeout_s:g} s (restarting, or no room to restart them)") from None
-        except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them
-            if d.on_lost is not None:
-                d.on_lost(e)
-            raise
-        # What the front spent sending and then waiting: with micro-batches, the rest of the round trip
-        # overlaps the front's work on another micro-batch.
-        elapsed = self.sending_s + time.perf_counter() - began
-        d.calls, d.seconds, d.sending_seconds = d.calls + 1, d.seconds + elapsed, d.sending_seconds + self.sending_s
-        if d.metrics is not None:
-            d.metrics.dispatched(self.stack, self.layer, elapsed)
-        out[self.index] = torch.cat([from_wire(r, self.tokens.dtype) for r in results]).to(out.device)
+        if self.computed is not None:
+            out[self.local_index] = self.computed
+        waited = 0.0
+        if self.calls:
+            began = time.perf_counter()
+            try:
+                results = ray.get(self.calls, timeout=d.timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=0)
+                late = [a for a, call in zip(self.called, self.calls) if call not in ready]
+                raise ExpertsUnavailable(f"expert actors {late} did not answer {self.stack} layer {self.layer} "
+                                         f"within {d.timeout_s:g} s (restarting, or no room to restart them)") from None
+            except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them
+                if d.on_lost is not None:
+                    d.on_lost(e)
+                raise
+            # What the front spent sending and then waiting: with micro-batches, the rest of the round trip
+            # overlaps the front's work on another micro-batch.
+            waited = time.perf_counter() - began
+            d.calls, d.seconds = d.calls + 1, d.seconds + self.sending_s + waited
+            d.sending_seconds += self.sending_s
+            out[self.index] = torch.cat([from_wire(r, self.tokens.dtype) for r in results]).to(out.device)
+        if d.metrics is not None and (self.calls or self.computed is not None):
+            d.metrics.dispatched(self.stack, self.layer, self.sending_s + self.local_s + waited)
         return out

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import ray
 import torch
+from transformers.activations import ACT2FN
 
 from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import FleetActors, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
+from experts.spec import expert_tensor_names
 from experts.wire import torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
 from router_service.config import EngineConfig
@@ -49,8 +51,9 @@ class ExpertLink:
     (Serve has not yet noticed it died) leaves live actors in use. `status` says why the experts are not ready
     while they are not."""
 
-    def __init__(self, fleet, dispatcher: ExpertDispatcher):
+    def __init__(self, fleet, dispatcher: ExpertDispatcher, local_experts=lambda actors: {}):
         self.fleet, self.dispatcher = fleet, dispatcher
+        self.local_experts = local_experts  # actors -> the weights of those the dispatcher may compute itself
         self.status = "asking the expert fleet for its actors"
         self.ready = threading.Event()
         self._fleet_id = None
@@ -89,7 +92,8 @@ class ExpertLink:
             if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
                 self._on_lost(view.status if not view.actors else "their fleet started again")
             elif not ready and view.actors:
-                self.dispatcher.actors, self._fleet_id = view.actors, view.fleet_id
+                self.dispatcher.use(view.actors, self.local_experts(view.actors))
+                self._fleet_id = view.fleet_id
                 self.status = "ready"
                 self.ready.set()
             elif not ready:
@@ -134,12 +138,15 @@ class SwitchCluster:
             placement = self.config.placement
             self.placement, self.dtype = served_placement(self.checkpoint, placement, self.config.dtype)
             self.fleet = fleet or start_fleet(self.checkpoint, self.placement, self.dtype, placement.actor_resources)
-            self.dispatcher = ExpertDispatcher([], self.placement.owners(), self.checkpoint.config.num_experts,
-                                               metrics, placement.restart_timeout_s)
             device = "cuda" if torch.cuda.is_available() else "cpu"
+            # Computing experts here shares their actors' memory only where both map the checkpoint's own bytes.
+            local = self.config.local_experts and device == "cpu" and self.dtype == self.checkpoint.dtype_name
+            self.dispatcher = ExpertDispatcher([], self.placement.owners(), self.checkpoint.config.num_experts,
+                                               metrics, placement.restart_timeout_s,
+                                               ACT2FN[self.checkpoint.config.dense_act_fn])
             self.front = SwitchFront(self.checkpoint, self.dispatcher, self.capacity, torch_dtype(self.dtype), device,
                                      self.config.micro_batches)
-            self.link = ExpertLink(self.fleet, self.dispatcher)
+            self.link = ExpertLink(self.fleet, self.dispatcher, self._local_experts if local else lambda actors: {})
             if wait and not self.link.wait(placement.timeout_s):
                 raise PlacementError(f"placement: the expert actors were not up within {placement.timeout_s:.0f} s: "
                                      f"{self.link.status}")
@@ -147,6 +154,19 @@ class SwitchCluster:
             self.shutdown()
             raise
         self.batcher = ContinuousBatcher(self.front, self.config.max_sequences, metrics)
+
+    def _local_experts(self, actors: list) -> dict:
+        """The (wi, wo) weights of the experts whose actors run on this node's CPU, mapped from the checkpoint: the
+        same pages the actors compute with, so they cost no memory."""
+        here = ray.get_runtime_context().get_node_id()
+        try:
+            infos = ray.get([actor.info.remote() for actor in actors], timeout=FLEET_POLL_S)
+        except Exception:  # lost already: the link finds out and asks again
+            return {}
+        keys = [tuple(key) for info in infos if info["node_id"] == here and info["device"] == "cpu"
+                for key in info["experts"]]
+        tensors = self.checkpoint.read([name for key in keys for name in expert_tensor_names(*key)])
+        return {key: tuple(tensors[name] for name in expert_tensor_names(*key)) for key in keys}
 
     @property
     def actors(self) -> list:
@@ -200,9 +220,9 @@ class SwitchCluster:
 
     def expert_token_counts(self) -> dict[tuple[str, int], list[int]]:
         """Tokens each expert of each sparse layer has computed since its actor started, counted by the actors
-        (so every front that shares them is included)."""
-        return count_expert_tokens(ray.get([actor.token_counts.remote() for actor in self.actors]),
-                                   self.checkpoint.config.num_experts)
+        (so every front that shares them is included), and by this front where it computed them itself."""
+        return count_expert_tokens(ray.get([actor.token_counts.remote() for actor in self.actors])
+                                   + [self.dispatcher.local_tokens], self.checkpoint.config.num_experts)
 
     def actor_info(self) -> list[dict]:
         return ray.get([actor.info.remote() for actor in self.actors])

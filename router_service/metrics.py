@@ -1,10 +1,12 @@
 """The service's metrics, exported through Ray's metrics agent (Prometheus format, on every node's metrics
 export port; names get Ray's `ray_` prefix there). Recorded by the Serve replicas; the expert actors record
-their tokens per expert themselves (experts/actor.py)."""
+their tokens per expert themselves (experts/actor.py), and a replica those it computed itself."""
 
 from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
+
+from experts.actor import expert_token_counter
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -28,9 +30,10 @@ class ServingMetrics:
         self.batch_size = Histogram("switch_serve_batch_size", "Sequences in each decoding step", BATCH_BUCKETS,
                                     keys)
         self.dispatch = Histogram("switch_serve_dispatch_seconds",
-                                  "Scatter to the expert actors and gather back, per sparse layer call (what the "
-                                  "front spends sending and waiting)",
+                                  "A sparse layer's experts as the front spends on them: sending to the actors, "
+                                  "computing its node's experts itself, waiting for the actors",
                                   LATENCY_BUCKETS, ("model", "stack", "layer"))
+        self.expert_tokens = expert_token_counter()
 
     def request_done(self, status: str) -> None:
         self.requests.inc(1, tags={**self.tags, "status": status})
@@ -49,3 +52,6 @@ class ServingMetrics:
 
     def dispatched(self, stack: str, layer: int, seconds: float) -> None:
         self.dispatch.observe(seconds, tags={**self.tags, "stack": stack, "layer": str(layer)})
+
+    def computed_here(self, stack: str, layer: int, expert: int, tokens: int) -> None:
+        self.expert_tokens.inc(tokens, tags={**self.tags, "stack": stack, "layer": str(layer), "expert": str(expert)})

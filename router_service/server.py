@@ -308,7 +308,8 @@ class SwitchServer:
                                       experts=[pb.ExpertRef(stack=s, layer=i, expert=e) for s, i, e in info["experts"]])
                     for i, info in enumerate(infos)],
             expert_tokens=[pb.ExpertLoad(stack=stack, layer=layer, tokens=tokens)
-                           for (stack, layer), tokens in count_expert_tokens(counts, config.num_experts).items()],
+                           for (stack, layer), tokens in count_expert_tokens(
+                               counts + [cluster.dispatcher.local_tokens], config.num_experts).items()],
             active_sequences=self.scheduler.num_active, waiting_requests=self.scheduler.num_waiting,
             status=self.status(), decode_steps=cluster.batcher.steps, cache_rows=cluster.batcher.cache_rows)
 

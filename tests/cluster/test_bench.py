@@ -29,8 +29,12 @@ def test_bench_quick_run(tmp_path):
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ttft_p50"] > 0
     # The concurrency above the request count runs as many requests as it keeps in flight.
     assert w["cluster"][-1]["tokens"] == next(r for r in w["transformers"] if r["batch_size"] == "8")["tokens"]
-    together, alone = w["breakdown"]
-    assert (together["requests"], alone["requests"]) == (6, 1)
-    for b in (together, alone):
-        assert b["sparse_layer_calls"] > 0 and 0 < b["round_trip_s"] < b["seconds"]
+    # By default the front computes the experts (all on its node here); the breakdown's second pass, the actors.
+    assert [(b["local_experts"], b["requests"]) for b in w["breakdown"]] == [(True, 6), (True, 1), (False, 6),
+                                                                              (False, 1)]
+    for b in w["breakdown"][:2]:
+        assert b["layers_computed_here"] > 0 and b["sparse_layer_calls"] == 0
+    for b in w["breakdown"][2:]:
+        assert b["layers_computed_here"] == 0 and b["sparse_layer_calls"] > 0
+        assert 0 < b["round_trip_s"] < b["seconds"]
         assert 0 < b["sending_s"] < b["round_trip_s"] and b["expert_compute_s"] > 0

@@ -33,7 +33,8 @@ def two_replicas(ray_cluster, tmp_path_factory):
     """Two front replicas on a random model (it rarely emits EOS, so requests run their full length)."""
     path = tmp_path_factory.mktemp("front-failure")
     write_random_checkpoint_with_tokenizer(path, WORDS)
-    config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4), num_replicas=2)
+    config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4), num_replicas=2,
+                          local_experts=False)  # the actors' failures are what these tests are about
     with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
         with grpc.insecure_channel(served.grpc) as channel:
             yield {"stub": pb_grpc.SwitchServeStub(channel), "address": served.grpc,

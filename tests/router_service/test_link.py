@@ -38,6 +38,7 @@ def test_link_follows_its_fleet():
     """Fails if the link only learns of a new fleet from a failed call (the check in ExpertLink._run)."""
     fleet = StandInFleet(FleetActors([], "waiting 10 s for room for 2 node(s)", "first"))
     dispatcher = SimpleNamespace(actors=[], on_lost=None, actors_dead=lambda: False)
+    dispatcher.use = lambda actors, local: setattr(dispatcher, "actors", actors)
     link = ExpertLink(fleet, dispatcher)
     try:
         assert wait_for(lambda: link.status.startswith("waiting 10 s for room"), 5)

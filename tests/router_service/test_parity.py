@@ -1,4 +1,5 @@
-"""Generation through the expert actors equals transformers' own generate on the same checkpoint."""
+"""Generation through the expert actors, and with the experts computed by the front from their actors' pages,
+equals transformers' own generate on the same checkpoint."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ray
 from reference import edit_config, hf_dropped_tokens, hf_generate
 
 from experts.placement import PlacementConfig
+from experts.spec import expert_tensor_names
 from router_service.engine import SwitchCluster
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
@@ -39,12 +41,57 @@ def assert_same_as_hf(outputs, reference):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_matches_transformers(ray_cluster, checkpoint_factory, name):
     path, hf_model = checkpoint_factory(name, **CONFIGS[name])
-    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=PACKING[name])) as model:
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=PACKING[name]), local_experts=False) as model:
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
     assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW))
     # Encoder drops reported per request equal what transformers' own routers drop (decoder steps are one
     # token per sequence, so they never go over a capacity of at least one).
     assert [o.dropped_tokens for o in outputs] == hf_dropped_tokens(hf_model, PROMPTS)
+
+
+def mapped_file(address: int) -> str | None:
+    """The file this process maps at `address` (Linux), or None for anonymous memory."""
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_front_computes_its_nodes_experts_from_the_checkpoints_pages(ray_cluster, checkpoint_factory, name):
+    """Fails if the front computes experts in copies of their weights (not the checkpoint's own mapped pages, which
+    its actors use too), calls the actors when it holds their experts, or computes differently from them."""
+    path, hf_model = checkpoint_factory(name, **CONFIGS[name])
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=PACKING[name])) as model:
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+        dispatcher = model.dispatcher
+        assert dispatcher.calls == 0 and dispatcher.local_calls > 0
+        assert {key for actor in model.placement.actors for key in actor.experts} == set(dispatcher.local)
+        read = {name for name in model.checkpoint.names_read if ".mlp.experts." in name}
+        assert read == {name for key in dispatcher.local for name in expert_tensor_names(*key)}
+        files = {mapped_file(w.data_ptr()) for pair in dispatcher.local.values() for w in pair}
+        assert files == {str(path / "model.safetensors")}
+        assert not any(sum(counts.values()) for counts in ray.get([a.token_counts.remote() for a in model.actors]))
+        assert sum(map(sum, model.expert_token_counts().values())) == sum(dispatcher.local_tokens.values()) > 0
+    assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW))
+    assert [o.dropped_tokens for o in outputs] == hf_dropped_tokens(hf_model, PROMPTS)
+
+
+def test_a_layers_tokens_split_between_the_front_and_the_actors(ray_cluster, checkpoint_factory):
+    """Fails if tokens computed here and by the actors in the same layer are put back in the wrong places."""
+    name = "gelu_new-untied-bias-step3-1"
+    path, hf_model = checkpoint_factory(name, **CONFIGS[name])
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=PACKING[name])) as model:
+        dispatcher = model.dispatcher
+        dispatcher.use(model.actors, {key: w for key, w in dispatcher.local.items() if key[2] % 2 == 0})
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+        by_actors = [key for counts in ray.get([a.token_counts.remote() for a in model.actors])
+                     for key, n in counts.items() if n]
+        assert by_actors and all(expert % 2 for _, _, expert in by_actors)
+        assert dispatcher.local_tokens and all(expert % 2 == 0 for _, _, expert in dispatcher.local_tokens)
+    assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW))
 
 
 def test_small_capacity_drops_tokens(checkpoint_factory):
@@ -60,14 +107,14 @@ def test_packing_sharding_and_micro_batches_do_not_change_outputs(ray_cluster, c
     reference = hf_generate(hf_model, PROMPTS, MAX_NEW)
     for path, per_actor, micro_batches in [(single, 1, 1), (sharded, 1, 1), (sharded, 3, 1), (single, 2, 2)]:
         with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=per_actor),
-                           micro_batches=micro_batches) as model:
+                           micro_batches=micro_batches, local_experts=False) as model:
             assert len(model.actors) == -(-config["num_experts"] // per_actor)
             assert_same_as_hf(model.generate(PROMPTS, max_new_tokens=MAX_NEW), reference)
 
 
 def test_front_and_actors_read_only_their_own_tensors(ray_cluster, checkpoint_factory):
     path, _ = checkpoint_factory("relu-tied-sharded", max_shard_size="20KB", **CONFIGS["relu-tied-step1-2"])
-    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=3)) as model:
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=3), local_experts=False) as model:
         expert_names = {n for n in model.checkpoint.tensors if ".mlp.experts." in n}
         front_read = model.checkpoint.names_read
         assert front_read and not front_read & expert_names

@@ -15,7 +15,9 @@ from reference import generate_in_background, hf_generate
 
 from experts.fleet import fleet_name
 from experts.placement import PlacementConfig
+from router_service.batching import Sequence, run_to_completion
 from router_service.engine import SwitchCluster
+from router_service.requests import SamplingParams
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1], [40, 41, 1],
            [12, 13, 14, 15, 1]]
@@ -47,7 +49,7 @@ def test_actor_that_crashes_mid_call_restarts_and_every_request_completes_unchan
     """Fails if the actors lose `max_restarts`/`max_task_retries` (experts/fleet.py): the call in flight is
     lost and the batch fails instead of being retried."""
     path, reference = checkpoint
-    with SwitchCluster(path, placement=PACKING) as model:
+    with SwitchCluster(path, placement=PACKING, local_experts=False) as model:
         victim = model.actors[1]
         pid_before = ray.get(victim.info.remote())["pid"]
         ray.get(victim.inject_fault.remote(at_call=5))  # exits inside its 5th call: a call in flight
@@ -62,7 +64,7 @@ def test_actor_gone_for_good_fails_its_requests_at_once(ray_cluster, checkpoint)
     """The kill lands while the actor stalls in a call (injected, 60 s): the batch fails at once rather than
     after the stall. Fails if the dispatcher waits out its timeout on a dead actor."""
     path, _ = checkpoint
-    with SwitchCluster(path, placement=PACKING) as model:
+    with SwitchCluster(path, placement=PACKING, local_experts=False) as model:
         victim = model.actors[0]
         ray.get(victim.inject_fault.remote(at_call=3, stall_s=60))
         thread, result = generate_in_background(model, PROMPTS, max_new_tokens=MAX_NEW)
@@ -81,7 +83,7 @@ def test_fleet_that_dies_comes_back_with_new_actors(ray_cluster, checkpoint):
     restartable (`max_restarts` in experts.fleet.start_fleet) or the engine keeps the dead actors
     (router_service.engine.ExpertLink)."""
     path, reference = checkpoint
-    with SwitchCluster(path, placement=PACKING) as model:
+    with SwitchCluster(path, placement=PACKING, local_experts=False) as model:
         prefix = fleet_name(model.checkpoint, model.placement, model.dtype)
         group = live_groups(prefix)
         assert len(group) == 1
@@ -101,3 +103,27 @@ def test_fleet_that_dies_comes_back_with_new_actors(ray_cluster, checkpoint):
         assert live_groups(prefix) == group  # the new group only (same name, the old removed)
     assert [o.token_ids for o in outputs] == reference
     assert live_groups(prefix) == []  # shutdown released it
+
+
+def test_a_front_computing_its_nodes_experts_decodes_without_the_actors(ray_cluster, checkpoint):
+    """With the front computing the experts of the actors on its node, a batch already decoding never calls them:
+    it completes unchanged after their fleet died, and the new actors' experts are mapped again. Fails if a
+    decoding step still calls the actors, or the link keeps the old actors' weights."""
+    path, reference = checkpoint
+    with SwitchCluster(path, placement=PACKING) as model:
+        old_actors, old_local = model.actors, model.dispatcher.local
+        old_pids = [info["pid"] for info in model.actor_info()]
+        ray.kill(model.fleet, no_restart=False)
+        deadline = time.monotonic() + 30
+        while any(process_exists(pid) for pid in old_pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(process_exists(pid) for pid in old_pids)
+        sequences = [Sequence(p, SamplingParams(max_new_tokens=MAX_NEW)) for p in PROMPTS]
+        assert [s.token_ids for s in run_to_completion(model.batcher, sequences)] == reference
+        assert model.dispatcher.calls == 0
+        deadline = time.monotonic() + 90
+        while model.actors == old_actors and time.monotonic() < deadline:  # the link takes the new fleet's
+            time.sleep(0.5)
+        assert [o.token_ids for o in model.generate(PROMPTS, max_new_tokens=MAX_NEW)] == reference
+        assert model.dispatcher.local is not old_local and set(model.dispatcher.local) == set(old_local)
+        assert not {info["pid"] for info in model.actor_info()} & set(old_pids)

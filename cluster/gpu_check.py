@@ -1,0 +1,71 @@
+"""`make gpu-check`: on a machine with an NVIDIA GPU, the CUDA parity tests (float32 and bfloat16, against
+transformers on the same GPU) and the benchmark with transformers, the front and the expert actors on the GPU,
+appended to docs/BENCHMARKS.md under the GPU's name.
+
+    python -m cluster.gpu_check               # what make gpu-check runs
+    python -m cluster.gpu_check --no-record   # print only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = ROOT / "docs" / "BENCHMARKS.md"
+CUDA_TESTS = "tests/router_service/test_cuda.py"
+# A short sweep: device time is scarce where GPUs are lent.
+CONCURRENCY = [1, 8, 32]
+
+
+def parity_tests() -> tuple[int, str]:
+    """(exit status, pytest's summary lines) of the CUDA tests."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", CUDA_TESTS],
+                         cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    return out.returncode, "\n".join(lines[-12:])
+
+
+def benchmark() -> str:
+    """The benchmark's table on the GPU, or why it did not run."""
+    try:
+        import ray  # noqa: F401  (a GPU machine's own Python may lack it)
+    except ImportError:
+        return "not run: Ray is not installed for this interpreter"
+    from cluster.bench import checkpoint, run, table
+
+    folder = checkpoint("base-8", Path.home() / ".cache" / "switch-serve" / "bench" / "base-8")
+    return table(run(folder, ["default", "long-prompts"], CONCURRENCY, requests=32, device="cuda"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-record", action="store_true",
+                        help="print the results without appending them to docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"gpu-check: no CUDA device here (torch {torch.__version__} sees none); run it where there is an "
+              "NVIDIA GPU", file=sys.stderr)
+        return 2
+    gpu = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    status, tests = parity_tests()
+    print(tests, flush=True)
+    bench = benchmark()
+    print(bench)
+    if not args.no_record:
+        with open(RECORD, "a") as f:
+            f.write(f"\n## GPU check, {gpu}, {datetime.date.today()} (`make gpu-check`)\n\n"
+                    f"Parity tests ({CUDA_TESTS}), exit status {status}:\n\n```\n{tests}\n```\n\n"
+                    f"Benchmark (switch-base-8's shape, random float32 weights, concurrency "
+                    f"{', '.join(map(str, CONCURRENCY))}):\n\n```\n{bench}\n```\n")
+        print(f"gpu-check: results appended to {RECORD}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
