@@ -20,7 +20,7 @@ from experts.fleet import for_cluster
 from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, follow_weights
-from router_service.config import GRPC_PORT, HTTP_PORT, EngineConfig, ServerConfig
+from router_service.config import GRPC_PORT, HTTP_PORT, ServerConfig
 from router_service.server import ServedFleet, SwitchServer
 
 APP_NAME = "switch-serve"
@@ -34,15 +34,12 @@ CONTROL_HEADROOM = 16
 FLEET_HEALTH_CHECK_S = 2.0
 # Time a stopping fleet has, after the fronts' drain timeout, to release its actors and placement group.
 FLEET_RELEASE_S = 10.0
-
-
-def front_env(config: EngineConfig) -> dict[str, str]:
-    """The environment of a process running a front. One that sends its node's experts to their actors waits for
-    them after each sparse layer, and its OpenMP threads would spin for a while after every op on the cores the
-    actors need meanwhile: a short spin frees them. One that computes them itself keeps OpenMP's default, which is
-    faster for its own math (73 against 82 ms a decoding step of switch-base-8's shape on 2 cores). OpenMP reads
-    this when torch loads, so it goes in the environment."""
-    return {} if config.local_experts else {"GOMP_SPINCOUNT": "10000"}
+# After every op, a front's idle OpenMP threads spin for a while on cores that others need meanwhile: the expert
+# actors it waits for, Serve's proxy and the replica's own streams. A short spin frees them. (OpenMP's default
+# made a front computing its own experts faster alone, 79 against 102 ms a step at batch 1, but served, slower:
+# 25 against 36 tokens/s for 32 requests, and 102 against 96 ms per token for one.) OpenMP reads this when torch
+# loads, so it goes in the replicas' environment.
+FRONT_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 
 def build_app(args: dict | ServerConfig) -> Application:
@@ -66,7 +63,7 @@ def build_app(args: dict | ServerConfig) -> Application:
                                 # No CPU: a front and the experts take turns on the cores (see actor_cpus).
                                 ray_actor_options={"num_cpus": 0, "num_gpus": config.front_gpus,
                                                    "resources": config.front_resources,
-                                                   "runtime_env": {"env_vars": front_env(config)}}).bind(config, fleet)
+                                                   "runtime_env": {"env_vars": FRONT_ENV}}).bind(config, fleet)
 
 
 def check_placement(config: ServerConfig, model_config: SwitchConfig) -> list[str]:

@@ -35,13 +35,13 @@ import ray
 import torch
 from transformers import SwitchTransformersForConditionalGeneration
 
-from cluster.app import front_env, local_serve
+from cluster.app import FRONT_ENV, local_serve
 from cluster.testing import free_port, tiny_config, write_random_checkpoint
 from cluster.workloads import HF_BATCH_SIZES, SHAPES, WORKLOADS
 from experts.fleet import this_node_cpus
 from experts.placement import PlacementConfig, experts_per_cpu
 from router_service.batching import Sequence, run_to_completion
-from router_service.config import EngineConfig, ServerConfig
+from router_service.config import ServerConfig
 from router_service.engine import SwitchCluster
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
@@ -221,8 +221,7 @@ def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig,
     """Where the cluster's time goes, for all requests at once and for one request alone: the front's own compute,
     sending, waiting, and the experts' compute, from the requests decoded in a Ray worker with a replica's
     environment, threads and GPU (so without the proxy and the streams)."""
-    env = front_env(EngineConfig(model=str(folder), local_experts=local_experts))
-    timed = ray.remote(num_cpus=0, num_gpus=front_gpus, runtime_env={"env_vars": env})(decode_timed)
+    timed = ray.remote(num_cpus=0, num_gpus=front_gpus, runtime_env={"env_vars": FRONT_ENV})(decode_timed)
     rows = []
     for t in ray.get(timed.remote(folder, [requests, requests[:1]], placement, micro_batches, local_experts)):
         calls, trips = t["sparse_layer_calls"], t["round_trip_s"]
