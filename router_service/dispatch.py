@@ -33,9 +33,6 @@ class ExpertDispatcher:
 
     def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, list[int]]], num_experts: int,
                  metrics=None, timeout_s: float | None = None, act=None):
-        self.actors = actors  # in placement order; replaced whole when the fleet starts new ones
-        self.local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}  # (wi, wo) of the experts computed here
-        self.is_local = {layer: torch.zeros(num_experts, dtype=torch.bool) for layer in owners}
         self.act = act
         self.timeout_s = timeout_s
         self.on_lost: Callable[[BaseException], None] | None = None  # told when a call finds its actor dead
@@ -50,10 +47,12 @@ class ExpertDispatcher:
             self.copies[layer] = torch.tensor([len(table[e]) for e in range(num_experts)])
             self.hosts[layer] = torch.tensor([table[e] + table[e][:1] * (most - len(table[e]))
                                               for e in range(num_experts)])  # [experts, most copies]
+        self.use(actors, {})
 
     def use(self, actors: list, local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """New actors, and the (wi, wo) weights of the experts to compute here instead (see the module's doc)."""
-        is_local = {layer: torch.zeros(self.num_experts, dtype=torch.bool) for layer in self.is_local}
+        """New actors (in placement order), and the (wi, wo) weights of the experts to compute here instead (see the
+        module's doc)."""
+        is_local = {layer: torch.zeros(self.num_experts, dtype=torch.bool) for layer in self.hosts}
         for stack, layer, expert in local:
             is_local[(stack, layer)][expert] = True
         self.actors, self.local, self.is_local = actors, local, is_local

@@ -140,13 +140,14 @@ class SwitchCluster:
             self.fleet = fleet or start_fleet(self.checkpoint, self.placement, self.dtype, placement.actor_resources)
             device = "cuda" if torch.cuda.is_available() else "cpu"
             # Computing experts here shares their actors' memory only where both map the checkpoint's own bytes.
-            local = self.config.local_experts and device == "cpu" and self.dtype == self.checkpoint.dtype_name
+            self._computes_experts = (self.config.local_experts and device == "cpu"
+                                      and self.dtype == self.checkpoint.dtype_name)
             self.dispatcher = ExpertDispatcher([], self.placement.owners(), self.checkpoint.config.num_experts,
                                                metrics, placement.restart_timeout_s,
                                                ACT2FN[self.checkpoint.config.dense_act_fn])
             self.front = SwitchFront(self.checkpoint, self.dispatcher, self.capacity, torch_dtype(self.dtype), device,
                                      self.config.micro_batches)
-            self.link = ExpertLink(self.fleet, self.dispatcher, self._local_experts if local else lambda actors: {})
+            self.link = ExpertLink(self.fleet, self.dispatcher, self._local_experts)
             if wait and not self.link.wait(placement.timeout_s):
                 raise PlacementError(f"placement: the expert actors were not up within {placement.timeout_s:.0f} s: "
                                      f"{self.link.status}")
@@ -157,7 +158,9 @@ class SwitchCluster:
 
     def _local_experts(self, actors: list) -> dict:
         """The (wi, wo) weights of the experts whose actors run on this node's CPU, mapped from the checkpoint: the
-        same pages the actors compute with, so they cost no memory."""
+        same pages the actors compute with, so they cost no memory. None unless this front computes experts."""
+        if not self._computes_experts:
+            return {}
         here = ray.get_runtime_context().get_node_id()
         try:
             infos = ray.get([actor.info.remote() for actor in actors], timeout=FLEET_POLL_S)
