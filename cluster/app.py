@@ -19,7 +19,7 @@ from ray.serve.config import gRPCOptions
 from experts.fleet import for_cluster
 from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
-from experts.spec import SwitchConfig, follow_weights
+from experts.spec import SwitchConfig, expert_format, follow_weights
 from router_service.config import GRPC_PORT, HTTP_PORT, ServerConfig
 from router_service.server import ServedFleet, SwitchServer
 
@@ -55,7 +55,7 @@ def build_app(args: dict | ServerConfig) -> Application:
                                 ray_actor_options={"num_cpus": 0, "resources": config.fleet_resources},
                                 user_config={"drain_timeout_s": config.drain_timeout_s},
                                 graceful_shutdown_timeout_s=config.drain_timeout_s + FLEET_RELEASE_S,
-                                ).bind(config.model, config.placement, config.dtype)
+                                ).bind(config.model, config.placement, config.dtype, config.quantize)
     ongoing = config.max_sequences + config.max_waiting + CONTROL_HEADROOM
     return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
                                 max_queued_requests=config.max_waiting,
@@ -70,7 +70,7 @@ def check_placement(config: ServerConfig, model_config: SwitchConfig) -> list[st
     """Plan the placement `config` asks for on `model_config` (raises when it does not fit); the warnings about
     config.json. Deployed, each replica computes the same placement from the same options."""
     model_config, warnings = follow_weights(model_config)
-    config.placement.place(model_config, config.dtype or PLAN_DTYPE)
+    config.placement.place(model_config, expert_format(config.dtype or PLAN_DTYPE, config.quantize))
     return warnings
 
 

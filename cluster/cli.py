@@ -22,7 +22,7 @@ from cluster.workloads import CONCURRENCY, SHAPES, WORKLOADS
 from experts.checkpoint import SwitchCheckpoint
 from experts.placement import PlacementConfig, PlacementError
 from experts.plan import PLAN_DTYPE
-from experts.spec import DTYPES, SwitchConfig
+from experts.spec import EXPERT_FORMATS, SwitchConfig
 from router_service.auth import API_KEY_ENV, load_api_key
 from router_service.config import GRPC_PORT, HTTP_PORT, EngineConfig, ServerConfig
 from router_service.requests import SamplingParams
@@ -237,7 +237,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"{summary['num_actors']} expert actors on {summary['num_gpus']} GPUs; "
           f"expert {plan.expert_bytes / 2**20:.1f} MiB, front {plan.front_bytes / 2**30:.2f} GiB; "
           f"fullest GPU {summary['max_gpu_bytes'] / 2**30:.1f} of {plan.budget_bytes / 2**30:.1f} GiB usable; "
-          f"load imbalance {summary['load_imbalance']:.3f}")
+          f"load imbalance {summary['load_imbalance']:.3f}; every expert fits on {plan.min_gpus} such GPUs")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -276,6 +276,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print_report(report, args.json)
     if args.plot:
         plot(report, args.plot)
+
+
+def cmd_quality(args: argparse.Namespace) -> None:
+    from cluster.quality import print_report, run
+
+    print_report(run(args.shape, args.requests, demo=not args.no_demo), args.json)
 
 
 def cmd_soak(args: argparse.Namespace) -> None:
@@ -335,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="checkpoint folder or Hugging Face Hub id")
     source.add_argument("--config", help="a config.json alone")
     add_fields(p, PlacementConfig, PLANNER_FIELDS, required=("gpus",))
-    p.add_argument("--dtype", choices=DTYPES, default=PLAN_DTYPE, help=f"the experts' dtype (default: {PLAN_DTYPE})")
+    p.add_argument("--dtype", choices=EXPERT_FORMATS, default=PLAN_DTYPE,
+                   help=f"what the experts are held in; int8: quantized, the front in {PLAN_DTYPE} "
+                        f"(default: {PLAN_DTYPE})")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -365,11 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--plot", default=None, metavar="FILE.png", help="draw tokens/s against concurrency (needs "
                                                                     "matplotlib: pip install '.[bench]')")
     add_fields(n, PlacementConfig, ["experts_per_actor"])
-    add_fields(n, EngineConfig, ["micro_batches", "local_experts"])
+    add_fields(n, EngineConfig, ["micro_batches", "local_experts", "quantize"])
     n.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="run transformers, the front and the expert actors on the CPU (default) or the GPUs")
     n.add_argument("--json", action="store_true")
     n.set_defaults(func=cmd_bench)
+
+    q = sub.add_parser("quality", help="what int8 experts change: the demo model's held-out accuracy and answers, "
+                                       "and log-probabilities on a built-in shape, against float32")
+    q.add_argument("--shape", choices=SHAPES, default="base-8", help="the built-in shape to measure (default: base-8)")
+    q.add_argument("--requests", type=int, default=16, help="requests of the default workload (default: 16)")
+    q.add_argument("--no-demo", action="store_true", help="skip the demo model")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quality)
 
     k = sub.add_parser("soak", help="serve a checkpoint locally under mixed load, optionally killing its processes, "
                                     "and check every answer")

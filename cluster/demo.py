@@ -7,6 +7,7 @@ check at a glance; the tasks are defined here so that the demo can show the expe
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -29,6 +30,10 @@ WORDS = DIGITS + list(TASKS) + [":"] + ONES + TENS[2:] + ["hundred"]  # the demo
 PROMPTS = ["reverse : 3 1 4 1 5", "sort : 9 2 6 5 3", "spell : 4 7 2", "reverse : 2 7 1 8", "sort : 8 0 8 1",
            "spell : 1 9", "spell : 9 9 9"]
 STREAMED = "spell : 3 1 4"
+# Distinct prompts per task that training never sees. Lists get many so that 100% on them means the task is
+# learnt, not a lucky step; spell holds out a third of the 900 three-digit numbers and trains on the rest.
+HELD_OUT = {"reverse": 1000, "sort": 1000, "spell": 300}
+HELD_OUT_SEED = 0
 
 
 def spell(n: int) -> str:
@@ -44,6 +49,32 @@ def spell(n: int) -> str:
     elif rest:
         words.append(ONES[rest])
     return " ".join(words)
+
+
+def make_example(task: str, rng: random.Random) -> tuple[str, str]:
+    """One random (prompt, answer) pair for the task."""
+    if task == "spell":
+        n = rng.randrange(1000)
+        return "spell : " + " ".join(str(n)), spell(n)
+    digits = [rng.choice(DIGITS) for _ in range(rng.randint(2, 6))]
+    answer = digits[::-1] if task == "reverse" else sorted(digits)
+    return f"{task} : " + " ".join(digits), " ".join(answer)
+
+
+def make_held_out() -> dict[str, list[tuple[str, str]]]:
+    """HELD_OUT[task] distinct examples per task, in random order: the same every time."""
+    rng, held_out = random.Random(HELD_OUT_SEED), {}
+    for task in TASKS:
+        examples = {}
+        while len(examples) < HELD_OUT[task]:
+            prompt, answer = make_example(task, rng)
+            # Numbers below 100 are few, and many have a word no other number spells the same way (zero,
+            # eleven .. nineteen), so all of them stay in training: held-out numbers have three digits.
+            if task == "spell" and len(prompt.split()) < 5:
+                continue
+            examples[prompt] = answer
+        held_out[task] = list(examples.items())
+    return held_out
 
 
 def expected_answer(prompt: str) -> str:

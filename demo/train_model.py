@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-from cluster.demo import DIGITS, TASKS, WORDS, spell
+from cluster.demo import HELD_OUT, TASKS, WORDS, make_example, make_held_out
 from cluster.testing import word_tokenizer
 
 SEED = 0
@@ -37,41 +37,12 @@ MODEL_CONFIG = dict(
     dense_act_fn="relu", dropout_rate=0.0,
     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
 )
-# Distinct prompts per task that training never sees. Lists get many so that 100% on them means the task is
-# learnt, not a lucky step; spell holds out a third of the 900 three-digit numbers and trains on the rest.
-HELD_OUT = {"reverse": 1000, "sort": 1000, "spell": 300}
 BATCH_SIZE = 64
 LEARNING_RATE = 2e-3
 WARMUP_STEPS = 200
 TRAIN_STEPS = 6000  # the learning rate decays linearly to zero over these
 EVAL_EVERY = 250
 MAX_NEW_TOKENS = 8  # the longest answer is 6 words plus </s>
-
-
-def make_example(task: str, rng: random.Random) -> tuple[str, str]:
-    """One random (prompt, answer) pair for the task."""
-    if task == "spell":
-        n = rng.randrange(1000)
-        return "spell : " + " ".join(str(n)), spell(n)
-    digits = [rng.choice(DIGITS) for _ in range(rng.randint(2, 6))]
-    answer = digits[::-1] if task == "reverse" else sorted(digits)
-    return f"{task} : " + " ".join(digits), " ".join(answer)
-
-
-def make_held_out(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
-    """HELD_OUT[task] distinct examples per task, in random order."""
-    held_out = {}
-    for task in TASKS:
-        examples = {}
-        while len(examples) < HELD_OUT[task]:
-            prompt, answer = make_example(task, rng)
-            # Numbers below 100 are few, and many have a word no other number spells the same way (zero,
-            # eleven .. nineteen), so all of them stay in training: held-out numbers have three digits.
-            if task == "spell" and len(prompt.split()) < 5:
-                continue
-            examples[prompt] = answer
-        held_out[task] = list(examples.items())
-    return held_out
 
 
 def training_batch(rng: random.Random, excluded: set[str]) -> tuple[list[str], list[str]]:
@@ -206,7 +177,7 @@ def main() -> None:
     tokenizer.save_pretrained(args.out)
     check_tokenizer(args.out)
 
-    held_out = make_held_out(random.Random(SEED))
+    held_out = make_held_out()
     config = SwitchTransformersConfig(vocab_size=len(tokenizer), **MODEL_CONFIG)
     model = SwitchTransformersForConditionalGeneration(config)
 

@@ -12,8 +12,9 @@ import torch
 from ray.util.metrics import Counter
 from transformers.activations import ACT2FN
 
+from experts import int8
 from experts.checkpoint import SwitchCheckpoint
-from experts.ffn import grouped_ffn
+from experts.ffn import Weight, grouped_ffn
 from experts.spec import ExpertKey
 from experts.wire import from_wire, to_wire, torch_dtype
 
@@ -27,6 +28,14 @@ def disk_bytes_read() -> int:
         return 0
 
 
+def held_weight(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype, quantize: str) -> Weight:
+    """A checkpoint's expert tensor as it is held for computing: quantized from the checkpoint's own values with
+    int8, cast to `dtype` otherwise (no copy when it already is, on the CPU)."""
+    if quantize == "int8":
+        return int8.quantize(tensor.to(device))
+    return tensor.to(device, dtype)
+
+
 def expert_token_counter() -> Counter:
     """The metric of tokens computed per expert, recorded where they are computed (the actors, or a front that
     computed a layer itself)."""
@@ -38,20 +47,23 @@ class ExpertActor:
     """Wrapped with `ray.remote` by the launcher. Holds no per-request state, so a restart loses nothing.
 
     `experts` maps each hosted expert to the names of its (wi, wo) tensors in `checkpoint`, the only tensors
-    this actor reads. Runs on the GPU Ray gave it, if any, in `dtype`.
+    this actor reads. Runs on the GPU Ray gave it, if any, in `dtype`; holds the weights as `quantize` says.
     """
 
-    def __init__(self, checkpoint: SwitchCheckpoint, experts: dict[ExpertKey, tuple[str, str]], dtype: str = "fp32"):
+    def __init__(self, checkpoint: SwitchCheckpoint, experts: dict[ExpertKey, tuple[str, str]], dtype: str = "fp32",
+                 quantize: str = "none"):
         self.checkpoint = checkpoint
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         self.dtype = torch_dtype(dtype)
-        before, read, loaded = disk_bytes_read(), 0, {}
+        before, read, held, loaded = disk_bytes_read(), 0, 0, {}
         # One tensor at a time onto the device: host memory never holds more than one.
         for name, tensor in checkpoint.iter_tensors([name for pair in experts.values() for name in pair]):
             read += tensor.nbytes
-            loaded[name] = tensor.to(self.device, self.dtype)
+            loaded[name] = held_weight(tensor, self.device, self.dtype, quantize)
+            held += loaded[name].nbytes
         self.weights = {key: (loaded[wi], loaded[wo]) for key, (wi, wo) in experts.items()}
-        self.loaded = {"tensor_bytes": read, "disk_bytes_read": disk_bytes_read() - before}
+        # Bytes read from the checkpoint and held for computing; from storage, as the kernel counted them.
+        self.loaded = {"tensor_bytes": read, "held_bytes": held, "disk_bytes_read": disk_bytes_read() - before}
         self.act = ACT2FN[checkpoint.config.dense_act_fn]
         self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
         self.compute_s = 0.0  # time spent in forward, for the benchmark's breakdown

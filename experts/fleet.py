@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from experts.actor import ExpertActor
 from experts.checkpoint import SwitchCheckpoint
 from experts.placement import Placement, PlacementConfig
-from experts.spec import expert_tensor_names
+from experts.spec import expert_format, expert_tensor_names
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,12 @@ def for_cluster(config: PlacementConfig) -> PlacementConfig:
     return config.model_copy(update={"cpus": max(1, int(sum(node_cpus_largest_first()[:config.nodes])))})
 
 
-def served_placement(checkpoint: SwitchCheckpoint, config: PlacementConfig,
-                     dtype: str | None) -> tuple[Placement, str]:
-    """(placement, dtype) of a checkpoint served as `config` says, in `dtype` (None: the checkpoint's): what the
-    fronts build their dispatch on, and what names the fleet they share."""
+def served_placement(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str | None,
+                     quantize: str = "none") -> tuple[Placement, str]:
+    """(placement, dtype) of a checkpoint served as `config` says, in `dtype` (None: the checkpoint's), its experts
+    held as `quantize` says: what the fronts build their dispatch on, and what names the fleet they share."""
     dtype = dtype or checkpoint.dtype_name
-    return for_cluster(config).place(checkpoint.config, dtype), dtype
+    return for_cluster(config).place(checkpoint.config, expert_format(dtype, quantize)), dtype
 
 
 def actor_cpus(placement: Placement) -> float:
@@ -104,13 +104,13 @@ class ExpertFleet:
     the actors out once they have loaded.
     """
 
-    def __init__(self, checkpoint: SwitchCheckpoint, placement: Placement, dtype: str,
+    def __init__(self, checkpoint: SwitchCheckpoint, placement: Placement, dtype: str, quantize: str = "none",
                  actor_resources: dict[str, float] | None = None, name: str | None = None):
-        self.checkpoint, self.placement, self.dtype = checkpoint, placement, dtype
+        self.checkpoint, self.placement, self.dtype, self.quantize = checkpoint, placement, dtype, quantize
         self.actor_resources = actor_resources or {}
         # Names the placement group. Ray keeps a group until its creator's job ends, even when the creator dies,
         # so a fleet started again after its process died removes the group its predecessor left.
-        self.name = name or fleet_name(checkpoint, placement, dtype)
+        self.name = name or fleet_name(checkpoint, placement, dtype, quantize)
         self.group = None
         self.handles: list = []
         self.error: BaseException | None = None
@@ -166,7 +166,8 @@ class ExpertFleet:
                 handles.append(remote.options(num_cpus=cpus, num_gpus=spec.gpus, resources=self.actor_resources,
                                               scheduling_strategy=strategy, max_restarts=-1,
                                               max_task_retries=-1).remote(
-                    self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype))
+                    self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype,
+                    self.quantize))
             with self._lock:
                 if self._released:
                     _kill(handles)
@@ -217,20 +218,21 @@ def _alive_node_resources() -> list[dict[str, float]]:
             for n in ray.nodes() if n["Alive"]]
 
 
-def fleet_name(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str) -> str:
-    digest = hashlib.sha1(repr((str(checkpoint.path), placement, dtype)).encode()).hexdigest()[:12]
+def fleet_name(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str, quantize: str) -> str:
+    digest = hashlib.sha1(repr((str(checkpoint.path), placement, dtype, quantize)).encode()).hexdigest()[:12]
     return f"experts-{digest}"
 
 
-def start_fleet(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str,
+def start_fleet(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str, quantize: str = "none",
                 actor_resources: dict[str, float] | None = None):
     """An ExpertFleet as a Ray actor on this node (the Python API's front), started again by Ray if its process
     dies. Returns at once; its `actors` method waits for the load."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    name = f"{fleet_name(checkpoint, placement, dtype)}-{uuid.uuid4().hex[:8]}"  # its own, kept across restarts
+    # Its own name, kept across restarts.
+    name = f"{fleet_name(checkpoint, placement, dtype, quantize)}-{uuid.uuid4().hex[:8]}"
     return ray.remote(ExpertFleet).options(num_cpus=0, scheduling_strategy=here, max_restarts=-1,
                                            max_concurrency=FLEET_CALLERS).remote(
-        checkpoint, placement, dtype, actor_resources, name)
+        checkpoint, placement, dtype, quantize, actor_resources, name)
 
 
 def stop_fleet(fleet) -> None:

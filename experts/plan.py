@@ -15,6 +15,7 @@ from pathlib import Path
 
 from experts.spec import (
     DTYPES,
+    EXPERT_FORMATS,
     STACKS,
     ExpertKey,
     SwitchConfig,
@@ -25,7 +26,7 @@ from experts.spec import (
 )
 
 ACTIVATION_RESERVE = 0.10  # of each GPU's memory, left for activations and the CUDA context
-PLAN_DTYPE = "bf16"  # what experts are planned in when no dtype is given: what GPUs serve in
+PLAN_DTYPE = "bf16"  # what experts are planned in when no dtype is given, and the front with int8 experts
 
 
 class PlanError(ValueError):
@@ -43,7 +44,8 @@ def parse_bytes(text: str) -> int:
 
 
 def front_bytes(config: SwitchConfig, dtype: str) -> int:
-    """The non-expert weights: embeddings, attention, norms, dense FFNs, routers, LM head."""
+    """The non-expert weights (embeddings, attention, norms, dense FFNs, routers, LM head) in `dtype`, one of
+    DTYPES."""
     d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
     params = config.vocab_size * d * (1 if config.tie_word_embeddings else 3)
     for stack in STACKS:
@@ -69,6 +71,7 @@ class Plan:
     expert_bytes: int
     front_bytes: int
     budget_bytes: int
+    min_gpus: int  # the fewest GPUs of this memory that hold every expert
     replicas: dict[str, int]  # "stack.layer.expert" -> copies, for experts with more than one
     warnings: list[str]
 
@@ -81,6 +84,7 @@ class Plan:
         return {
             "num_gpus": len(self.gpus), "num_actors": self.num_actors, "expert_bytes": self.expert_bytes,
             "front_bytes": self.front_bytes, "budget_bytes_per_gpu": self.budget_bytes,
+            "min_gpus": self.min_gpus,
             "max_gpu_bytes": max(g.bytes for g in self.gpus), "load_imbalance": max(loads) / (sum(loads) / len(loads)),
             "replicas": self.replicas, "warnings": self.warnings,
             "gpus": [{"gpu": g.gpu, "node": g.node, "experts": g.experts, "bytes": g.bytes, "load": g.load}
@@ -90,13 +94,15 @@ class Plan:
 
 def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 1, dtype: str = PLAN_DTYPE,
               replicate_hot: int = 0, stats: dict[ExpertKey, float] | None = None) -> Plan:
-    """Spread experts over GPUs, heaviest expected load first, each to the least-loaded GPU with room
-    (longest-processing-time scheduling); the `replicate_hot` busiest experts get a second copy that halves
-    their load."""
+    """Spread experts, held in `dtype` (EXPERT_FORMATS), over GPUs, heaviest expected load first, each to the
+    least-loaded GPU with room (longest-processing-time scheduling); the `replicate_hot` busiest experts get a
+    second copy that halves their load."""
     if gpus < 1 or nodes < 1 or gpus % nodes:
         raise PlanError(f"gpus: {gpus} GPUs cannot be spread evenly over {nodes} nodes")
     if replicate_hot and gpus < 2:
         raise PlanError("replicate_hot: replicas need at least 2 GPUs")
+    if dtype not in EXPERT_FORMATS:
+        raise PlanError(f"dtype: one of {', '.join(EXPERT_FORMATS)}, got {dtype!r}")
     config, warnings = follow_weights(config)
     size = expert_bytes(config, dtype)
     budget = int(gpu_memory * (1 - ACTIVATION_RESERVE))
@@ -107,9 +113,9 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
     copies = {key: 2 if key in hot else 1 for key in keys}
     total = sum(copies.values())
     per_gpu = budget // size
-    if per_gpu == 0 or math.ceil(total / per_gpu) > gpus:
-        needed = math.ceil(total * size / budget) if per_gpu else "more"
-        raise PlanError(f"gpus: {total} experts of {size / 2**20:.0f} MiB need at least {needed} GPUs of "
+    min_gpus = math.ceil(total / per_gpu) if per_gpu else None
+    if min_gpus is None or min_gpus > gpus:
+        raise PlanError(f"gpus: {total} experts of {size / 2**20:.0f} MiB need at least {min_gpus or 'more'} GPUs of "
                         f"{gpu_memory / 2**30:.0f} GiB ({1 - ACTIVATION_RESERVE:.0%} usable); {gpus} given")
     plan = [GpuPlan(gpu=i, node=i // (gpus // nodes)) for i in range(gpus)]
     heap = [(0.0, i) for i in range(gpus)]  # (load, gpu) of GPUs with room
@@ -130,7 +136,8 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
     for g in plan:
         g.experts.sort()
     replicas = {".".join(map(str, k)): n for k, n in copies.items() if n > 1}
-    return Plan(plan, size, front_bytes(config, dtype), budget, replicas, warnings)
+    front_dtype = dtype if dtype in DTYPES else PLAN_DTYPE  # int8 quantizes the experts only
+    return Plan(plan, size, front_bytes(config, front_dtype), budget, min_gpus, replicas, warnings)
 
 
 def stats_json(counts: dict[tuple[str, int], list[int]]) -> dict[str, list[int]]:

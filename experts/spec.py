@@ -31,6 +31,11 @@ DTYPES = {d.name: d for d in (DType("fp32", "float32", "F32", 4), DType("bf16", 
                               DType("fp16", "float16", "F16", 2))}
 DTYPE_OF_SAFETENSORS = {d.safetensors: d.name for d in DTYPES.values()}
 DTypeName = Literal[tuple(DTYPES)]
+# none: the experts are held in the serving dtype; int8: weight-only int8 with a float32 scale per output channel
+# (experts.int8), quantized at load time; the front and the activations keep the serving dtype.
+QUANTIZE_MODES = ("none", "int8")
+QuantizeMode = Literal[QUANTIZE_MODES]
+EXPERT_FORMATS = (*DTYPES, "int8")  # what an expert's weights may be held in, for sizing them
 
 # hf: transformers' rule, each expert takes at most `expert_capacity` tokens of each sequence, earlier positions
 # first, and a token over it gets a zero expert output (only the residual carries it); dropless: none dropped.
@@ -198,9 +203,17 @@ def expected_tensors(config: SwitchConfig) -> tuple[dict[str, tuple[int, ...]], 
     return required, optional
 
 
-def expert_bytes(config: SwitchConfig, dtype: str) -> int:
-    """One expert's weights (wi and wo)."""
-    return 2 * config.d_model * config.d_ff * DTYPES[dtype].bytes
+def expert_format(dtype: str, quantize: str) -> str:
+    """What the experts are held in (an EXPERT_FORMATS entry) when served in `dtype` with `quantize`."""
+    return "int8" if quantize == "int8" else dtype
+
+
+def expert_bytes(config: SwitchConfig, fmt: str) -> int:
+    """One expert's weights (wi and wo) held in `fmt`, an EXPERT_FORMATS entry."""
+    weights = 2 * config.d_model * config.d_ff
+    if fmt == "int8":
+        return weights + 4 * (config.d_ff + config.d_model)  # and one float32 scale per output channel
+    return weights * DTYPES[fmt].bytes
 
 
 def _blocks_in_weights(names: list[str], stack: str) -> tuple[int, list[int]] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from experts.placement import PlacementConfig
-from experts.spec import CapacityMode, DTypeName
+from experts.spec import CapacityMode, DTypeName, QuantizeMode
 from router_service.auth import API_KEY_ENV
 
 # Serve's own defaults for its proxies' ports.
@@ -24,14 +24,18 @@ class EngineConfig(BaseModel):
     placement: PlacementConfig = PlacementConfig()
     dtype: DTypeName | None = Field(None, description="serve in this dtype (default: the checkpoint's); the front "
                                                       "and the actors cast their weights on load")
+    quantize: QuantizeMode = Field(
+        "none", description="int8: hold the expert weights as int8 with a scale per output channel, quantized on load "
+                            "(a quarter of float32's bytes); the front and the activations keep the dtype")
     capacity: CapacityMode = Field(
         "hf", description="hf: transformers' per-sequence expert capacity, tokens over it are dropped; dropless: "
                           "never drop a token")
     micro_batches: int = Field(1, ge=1, description="split each batch into this many parts, so that one part's front "
                                                     "math runs while another's expert calls are out")
     local_experts: bool = Field(
-        True, description="the front computes the experts whose actors share its node and CPU (in the checkpoint's "
-                          "dtype) itself, from the same memory-mapped weights, instead of a round trip to them")
+        True, description="the front computes the experts whose actors share its node and CPU itself, instead of a "
+                          "round trip to them: from the same memory-mapped weights when served in the checkpoint's "
+                          "dtype, from its own copy when quantized")
     max_prompt_tokens: int = Field(512, ge=1, description="the longest prompt a request may send")
     max_new_tokens: int = Field(256, ge=1, description="the most new tokens a request may ask for")
     max_sequences: int = Field(32, ge=1, description="sequences decoding together in one batch")

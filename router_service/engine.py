@@ -15,6 +15,7 @@ import ray
 import torch
 from transformers.activations import ACT2FN
 
+from experts.actor import held_weight
 from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import FleetActors, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
@@ -136,12 +137,15 @@ class SwitchCluster:
             ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
         try:
             placement = self.config.placement
-            self.placement, self.dtype = served_placement(self.checkpoint, placement, self.config.dtype)
-            self.fleet = fleet or start_fleet(self.checkpoint, self.placement, self.dtype, placement.actor_resources)
+            quantize = self.config.quantize
+            self.placement, self.dtype = served_placement(self.checkpoint, placement, self.config.dtype, quantize)
+            self.fleet = fleet or start_fleet(self.checkpoint, self.placement, self.dtype, quantize,
+                                              placement.actor_resources)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            # Computing experts here shares their actors' memory only where both map the checkpoint's own bytes.
+            # Computing experts here shares their actors' memory where both map the checkpoint's own bytes; int8
+            # experts are a quarter of float32's, and the front holds its own copy of those.
             self._computes_experts = (self.config.local_experts and device == "cpu"
-                                      and self.dtype == self.checkpoint.dtype_name)
+                                      and (quantize == "int8" or self.dtype == self.checkpoint.dtype_name))
             self.dispatcher = ExpertDispatcher([], self.placement.owners(), self.checkpoint.config.num_experts,
                                                metrics, placement.restart_timeout_s,
                                                ACT2FN[self.checkpoint.config.dense_act_fn])
@@ -157,8 +161,9 @@ class SwitchCluster:
         self.batcher = ContinuousBatcher(self.front, self.config.max_sequences, metrics)
 
     def _local_experts(self, actors: list) -> dict:
-        """The (wi, wo) weights of the experts whose actors run on this node's CPU, mapped from the checkpoint: the
-        same pages the actors compute with, so they cost no memory. None unless this front computes experts."""
+        """The (wi, wo) weights of the experts whose actors run on this node's CPU, mapped from the checkpoint (the
+        same pages the actors compute with, so they cost no memory) or quantized from them as the actors do. None
+        unless this front computes experts."""
         if not self._computes_experts:
             return {}
         here = ray.get_runtime_context().get_node_id()
@@ -169,7 +174,8 @@ class SwitchCluster:
         keys = [tuple(key) for info in infos if info["node_id"] == here and info["device"] == "cpu"
                 for key in info["experts"]]
         tensors = self.checkpoint.read([name for key in keys for name in expert_tensor_names(*key)])
-        return {key: tuple(tensors[name] for name in expert_tensor_names(*key)) for key in keys}
+        return {key: tuple(held_weight(tensors[name], "cpu", self.checkpoint.dtype, self.config.quantize)
+                           for name in expert_tensor_names(*key)) for key in keys}
 
     @property
     def actors(self) -> list:

@@ -171,12 +171,12 @@ class ServedFleet(ExpertFleet):
     """The fleet of a served model: what it needs of the config only, so that a change to the fronts' settings
     leaves the experts alone."""
 
-    def __init__(self, model: str, placement: PlacementConfig, dtype: str | None):
+    def __init__(self, model: str, placement: PlacementConfig, dtype: str | None, quantize: str):
         checkpoint = SwitchCheckpoint.open(model)
-        planned, dtype = served_placement(checkpoint, placement, dtype)
+        planned, dtype = served_placement(checkpoint, placement, dtype, quantize)
         app = serve.get_replica_context().app_name  # two apps serving one checkpoint keep apart
-        super().__init__(checkpoint, planned, dtype, placement.actor_resources,
-                         name=f"{app}-{fleet_name(checkpoint, planned, dtype)}")
+        super().__init__(checkpoint, planned, dtype, quantize, placement.actor_resources,
+                         name=f"{app}-{fleet_name(checkpoint, planned, dtype, quantize)}")
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config: settings that change without a new fleet."""
@@ -303,9 +303,10 @@ class SwitchServer:
             encoder_sparse_layers=[layer for stack, layer in owners if stack == "encoder"],
             decoder_sparse_layers=[layer for stack, layer in owners if stack == "decoder"],
             expert_capacity=config.expert_capacity, capacity_mode=cluster.capacity,
-            dtype=str(cluster.front.dtype).removeprefix("torch."),
+            dtype=str(cluster.front.dtype).removeprefix("torch."), quantize=cluster.config.quantize,
             actors=[pb.ActorPlacement(actor=i, node_id=info["node_id"], device=info["device"], pid=info["pid"],
-                                      experts=[pb.ExpertRef(stack=s, layer=i, expert=e) for s, i, e in info["experts"]])
+                                      experts=[pb.ExpertRef(stack=s, layer=i, expert=e) for s, i, e in info["experts"]],
+                                      expert_bytes=info["held_bytes"])
                     for i, info in enumerate(infos)],
             expert_tokens=[pb.ExpertLoad(stack=stack, layer=layer, tokens=tokens)
                            for (stack, layer), tokens in count_expert_tokens(

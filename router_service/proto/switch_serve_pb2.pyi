@@ -77,18 +77,20 @@ class ExpertRef(_message.Message):
     def __init__(self, stack: _Optional[str] = ..., layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class ActorPlacement(_message.Message):
-    __slots__ = ("actor", "node_id", "device", "pid", "experts")
+    __slots__ = ("actor", "node_id", "device", "pid", "experts", "expert_bytes")
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
     actor: int
     node_id: str
     device: str
     pid: int
     experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
-    def __init__(self, actor: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ...) -> None: ...
+    expert_bytes: int
+    def __init__(self, actor: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., expert_bytes: _Optional[int] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("stack", "layer", "tokens")
@@ -101,7 +103,7 @@ class ExpertLoad(_message.Message):
     def __init__(self, stack: _Optional[str] = ..., layer: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "vocab_size", "d_model", "d_ff", "num_heads", "num_experts", "encoder_layers", "decoder_layers", "encoder_sparse_layers", "decoder_sparse_layers", "expert_capacity", "capacity_mode", "dtype", "actors", "expert_tokens", "active_sequences", "waiting_requests", "status", "decode_steps", "cache_rows")
+    __slots__ = ("model", "vocab_size", "d_model", "d_ff", "num_heads", "num_experts", "encoder_layers", "decoder_layers", "encoder_sparse_layers", "decoder_sparse_layers", "expert_capacity", "capacity_mode", "dtype", "actors", "expert_tokens", "active_sequences", "waiting_requests", "status", "decode_steps", "cache_rows", "quantize")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +124,7 @@ class ModelInfoResponse(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     CACHE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     d_model: int
@@ -142,4 +145,5 @@ class ModelInfoResponse(_message.Message):
     status: str
     decode_steps: int
     cache_rows: int
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., d_ff: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., decoder_layers: _Optional[int] = ..., encoder_sparse_layers: _Optional[_Iterable[int]] = ..., decoder_sparse_layers: _Optional[_Iterable[int]] = ..., expert_capacity: _Optional[int] = ..., capacity_mode: _Optional[str] = ..., dtype: _Optional[str] = ..., actors: _Optional[_Iterable[_Union[ActorPlacement, _Mapping]]] = ..., expert_tokens: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., status: _Optional[str] = ..., decode_steps: _Optional[int] = ..., cache_rows: _Optional[int] = ...) -> None: ...
+    quantize: str
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., d_ff: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., decoder_layers: _Optional[int] = ..., encoder_sparse_layers: _Optional[_Iterable[int]] = ..., decoder_sparse_layers: _Optional[_Iterable[int]] = ..., expert_capacity: _Optional[int] = ..., capacity_mode: _Optional[str] = ..., dtype: _Optional[str] = ..., actors: _Optional[_Iterable[_Union[ActorPlacement, _Mapping]]] = ..., expert_tokens: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., status: _Optional[str] = ..., decode_steps: _Optional[int] = ..., cache_rows: _Optional[int] = ..., quantize: _Optional[str] = ...) -> None: ...

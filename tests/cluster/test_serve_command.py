@@ -33,14 +33,14 @@ def wait_until_up(server: subprocess.Popen, log: Path) -> None:
 @pytest.mark.ray  # in the subprocess
 def test_serve_until_interrupted(tmp_path):
     """With an API key from a file: calls with it in either header form are served, calls without it are
-    refused, the health check is not."""
+    refused, the health check is not. The experts are held as int8 (the demo model answers the same)."""
     grpc_port, http_port = free_port(), free_port()
     log = open(tmp_path / "serve.log", "w+")
     (tmp_path / "key").write_text("s3cret\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SWITCH_SERVE_API_KEY")}
     server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--model", str(DEMO_MODEL),
                                "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--api-key-file",
-                               str(tmp_path / "key"), "--experts-per-actor", "4"],
+                               str(tmp_path / "key"), "--experts-per-actor", "4", "--quantize", "int8"],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
     env["SWITCH_SERVE_API_KEY"] = "s3cret"  # for the client
     try:
@@ -71,6 +71,12 @@ def test_serve_until_interrupted(tmp_path):
             answer = pb_grpc.SwitchServeStub(channel).Generate(pb.GenerateRequest(text="sort : 2 1"), timeout=30,
                                                                metadata=[("x-api-key", "s3cret")])
             assert answer.text == "1 2"
+            info = pb_grpc.SwitchServeStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=30,
+                                                             metadata=[("x-api-key", "s3cret")])
+            assert info.quantize == "int8" and info.dtype == "float32" and len(info.actors) == 2
+            layers = len(info.encoder_sparse_layers) + len(info.decoder_sparse_layers)
+            float32_bytes = 4 * layers * 2 * info.d_model * info.d_ff * 4  # 4 experts a layer, wi and wo, 4 bytes
+            assert all(0.25 * float32_bytes < a.expert_bytes <= 0.3 * float32_bytes for a in info.actors)
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         server.send_signal(signal.SIGINT)

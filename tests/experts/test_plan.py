@@ -80,6 +80,18 @@ def test_parse_bytes():
         parse_bytes("lots")
 
 
+def test_int8_experts_fit_switch_c_2048_on_about_half_the_gpus(capsys):
+    """int8 experts are held as one byte a weight (and a float32 scale per output channel); the front stays bf16."""
+    bf16 = make_plan(config("switch-c-2048"), gpus=48, gpu_memory=80 * GiB)
+    int8 = make_plan(config("switch-c-2048"), gpus=48, gpu_memory=80 * GiB, dtype="int8")
+    assert (bf16.min_gpus, int8.min_gpus) == (41, 21)
+    assert int8.front_bytes == bf16.front_bytes and 0.5 < int8.expert_bytes / bf16.expert_bytes < 0.51
+    with pytest.raises(PlanError, match="need at least 21 GPUs"):
+        make_plan(config("switch-c-2048"), gpus=20, gpu_memory=80 * GiB, dtype="int8")
+    main(["plan", "--config", str(CONFIGS / "switch-c-2048.json"), "--gpus", "21", "--dtype", "int8"])
+    assert "every expert fits on 21 such GPUs" in capsys.readouterr().out
+
+
 def test_plan_command_json(capsys):
     main(["plan", "--config", str(CONFIGS / "switch-base-128.json"), "--gpus", "4", "--gpu-memory", "40GiB", "--json"])
     out = json.loads(capsys.readouterr().out)

@@ -1,0 +1,56 @@
+"""Weight-only int8: the quantization's error bound, and both CPU kernels against the dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experts import int8
+from experts.ffn import grouped_ffn
+from experts.spec import SwitchConfig, expert_bytes
+
+
+def test_quantization_is_within_half_a_step_per_channel():
+    torch.manual_seed(0)
+    w = torch.randn(48, 32) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different ranges
+    w[5] = 0.0  # an all-zero row must not divide by zero
+    q = int8.quantize(w)
+    assert q.q.dtype == torch.int8 and q.scale.dtype == torch.float32 and q.scale.shape == (48,)
+    assert int(q.q.abs().max()) == 127  # every nonzero row spans the range
+    error = (q.dequantized(torch.float32) - w).abs()
+    assert bool((error <= q.scale[:, None] / 2 + 1e-12).all())
+    assert bool((q.dequantized(torch.float32)[5] == 0).all())
+    assert q.nbytes == 48 * 32 + 48 * 4
+
+
+@pytest.mark.parametrize("tokens", [1, 7, int8.PACKED_MAX_TOKENS, int8.PACKED_MAX_TOKENS + 1, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_equals_the_dequantized_weights(tokens, dtype):
+    """Both kernels (packed for few tokens, dequantized for many) compute x @ dequantized(w).T; the packed one in
+    bfloat16, so within bfloat16's rounding."""
+    torch.manual_seed(1)
+    w, x = torch.randn(96, 64), torch.randn(tokens, 64).to(dtype)
+    q = int8.quantize(w)
+    out = int8.linear(x, q)
+    reference = F.linear(x.float(), q.dequantized(torch.float32))
+    assert out.dtype == dtype and out.shape == (tokens, 96)
+    assert torch.allclose(out.float(), reference, rtol=2e-2, atol=2e-2 * float(reference.abs().mean()))
+    assert not torch.allclose(reference, F.linear(x.float(), w), rtol=1e-6, atol=0)  # quantization did change w
+
+
+def test_grouped_ffn_with_int8_weights_matches_the_dequantized_experts():
+    torch.manual_seed(2)
+    weights = [(torch.randn(40, 16), torch.randn(16, 40)) for _ in range(3)]
+    x, counts = torch.randn(9, 16), [4, 0, 5]
+    quantized = [(int8.quantize(wi), int8.quantize(wo)) for wi, wo in weights]
+    dequantized = [(wi.dequantized(torch.float32), wo.dequantized(torch.float32)) for wi, wo in quantized]
+    out = grouped_ffn(x, counts, quantized, F.relu)
+    reference = grouped_ffn(x, counts, dequantized, F.relu)
+    assert torch.allclose(out, reference, rtol=2e-2, atol=2e-2 * float(reference.abs().mean()))
+
+
+def test_int8_experts_take_a_quarter_of_float32_and_about_half_of_bfloat16():
+    config = SwitchConfig(d_model=768, d_ff=3072)
+    assert expert_bytes(config, "int8") / expert_bytes(config, "fp32") < 0.26
+    assert expert_bytes(config, "int8") / expert_bytes(config, "bf16") < 0.51
