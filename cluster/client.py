@@ -6,6 +6,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf import json_format
 
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
@@ -33,13 +34,14 @@ def key_metadata(api_key: str | None) -> list[tuple[str, str]]:
 
 
 def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logprobs: bool = False,
-                    timeout: float | None = None, api_key: str | None = None, **sampling) -> list[dict]:
+                    routing: bool = False, timeout: float | None = None, api_key: str | None = None,
+                    **sampling) -> list[dict]:
     """One Generate call per prompt, all in flight at once; results in prompt order, in the shape that the
     local `switch-serve generate` prints. A call that fails retryably is made again, 3 attempts in all."""
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.SwitchServeStub(channel)
         requests = [pb.GenerateRequest(**({"text": p} if isinstance(p, str) else {"input_ids": p}),
-                                       return_logprobs=logprobs,
+                                       return_logprobs=logprobs, return_routing=routing,
                                        **{k: v for k, v in sampling.items() if v is not None and v != []})
                     for p in prompts]
         calls = [stub.Generate.future(r, timeout=timeout, metadata=key_metadata(api_key)) for r in requests]
@@ -60,6 +62,10 @@ def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logpr
         out = {"token_ids": list(r.token_ids), "finish_reason": r.finish_reason, "dropped_tokens": r.dropped_tokens}
         if logprobs:
             out["logprobs"] = list(r.logprobs)
+        if routing:
+            out["routing"] = [json_format.MessageToDict(layer, preserving_proto_field_name=True,
+                                                        always_print_fields_with_no_presence=True)
+                              for layer in r.routing]
         if isinstance(prompt, str):
             out["text"] = r.text
         results.append(out)

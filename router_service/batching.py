@@ -16,8 +16,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from router_service.model import DecoderCache, SwitchFront
+from experts.spec import LayerKey
+from router_service.model import DecoderCache, Routing, SwitchFront
 from router_service.requests import SamplingParams
+
+
+@dataclass
+class Route:
+    """Where one sparse layer sent a sequence's positions (the prompt's in the encoder; in the decoder, the start
+    token's, then each generated token's but the last), one entry per position."""
+
+    experts: list[int] = field(default_factory=list)  # the router's top-1 expert
+    probs: list[float] = field(default_factory=list)  # its router probability
+    dropped: list[bool] = field(default_factory=list)  # over the expert's capacity: only the residual carried it
 
 
 @dataclass(eq=False)
@@ -30,6 +41,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)  # the model's log-probability of each chosen token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when params ask
     dropped_tokens: int = 0  # tokens over an expert's capacity, over all sparse layers of both stacks
+    routes: dict[LayerKey, Route] = field(default_factory=dict)  # when params ask: encoder layers, then decoder
     finish_reason: str | None = None  # "eos", "stop" or "length" once finished
     error: BaseException | None = None  # set when the batch it was in failed
     cancelled: bool = False  # set by the caller; the sequence leaves before the next step
@@ -54,11 +66,22 @@ class Sequence:
         if self.on_update is not None:
             self.on_update()
 
+    def routing(self, start: int = 0, end: int | None = None, encoder: bool = True) -> list[dict]:
+        """The recorded routes as the API gives them: the encoder's (with `encoder`), then the decoder's positions
+        [start, end)."""
+        return [{"stack": stack, "layer": layer, "experts": r.experts[cut], "probs": r.probs[cut],
+                 "dropped": r.dropped[cut]}
+                for (stack, layer), r in self.routes.items()
+                for cut in [slice(None) if stack == "encoder" else slice(start, end)]
+                if encoder or stack == "decoder"]
+
     def to_dict(self, logprobs: bool = True) -> dict:
         out = {"token_ids": self.token_ids, "finish_reason": self.finish_reason,
                "dropped_tokens": self.dropped_tokens}
         if logprobs:
             out["logprobs"] = self.logprobs
+        if self.params.routing:
+            out["routing"] = self.routing()
         return out
 
 
@@ -132,7 +155,8 @@ class ContinuousBatcher:
         self._admit()
         if not self.active:
             return []
-        self.cache, logits, dropped = self.front.decode_step(self.cache, self.next_tokens)
+        self.cache, logits, routing = self.front.decode_step(self.cache, self.next_tokens)
+        dropped = Routing.dropped_per_row(routing, len(self.active))
         self.steps += 1
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -144,6 +168,12 @@ class ContinuousBatcher:
             if seq.params.top_logprobs:  # before the token: a reader that sees the token sees these
                 values, ids = torch.topk(logprobs[row], seq.params.top_logprobs)
                 seq.top_logprobs.append(list(zip(ids.tolist(), values.tolist())))
+            if seq.params.routing:  # the same
+                for layer, r in routing.items():
+                    route = seq.routes.setdefault(("decoder", layer), Route())
+                    route.experts.append(int(r.expert[row, 0]))
+                    route.probs.append(float(r.prob[row, 0]))
+                    route.dropped.append(bool(r.dropped[row, 0]))
             seq.token_ids.append(token)
             seq.logprobs.append(float(logprobs[row, token]))
             seq.dropped_tokens += int(dropped[row])
@@ -194,9 +224,18 @@ class ContinuousBatcher:
         except BaseException:
             self.waiting.extendleft(reversed(joining))  # so that fail() ends them too
             raise
-        joining = [joining[row] for rows, _ in groups for row in rows]  # the order of their rows in the cache
-        for seq, dropped in zip(joining, torch.cat([encoded.dropped for _, encoded in groups]).tolist()):
-            seq.dropped_tokens += dropped
+        ordered = []  # the order of their rows in the cache
+        for rows, encoded in groups:
+            for b, (row, dropped) in enumerate(zip(rows, encoded.dropped.tolist())):
+                seq = joining[row]
+                seq.dropped_tokens += dropped
+                if seq.params.routing:
+                    n = len(seq.prompt)
+                    for layer, r in encoded.routing.items():
+                        seq.routes[("encoder", layer)] = Route(r.expert[b, :n].tolist(), r.prob[b, :n].tolist(),
+                                                               r.dropped[b, :n].tolist())
+                ordered.append(seq)
+        joining = ordered
         self.cache = merged
         start = torch.full((len(joining),), self.front.config.decoder_start_token_id, dtype=torch.long)
         self.next_tokens = torch.cat([self.next_tokens, start])

@@ -50,10 +50,37 @@ def run_overlapped(micro_batches: list[MicroBatch]) -> list:
 
 
 @dataclass
+class Routing:
+    """Where one sparse layer sent each position of each row: tensors [batch, positions], on the CPU. On padding:
+    expert -1, prob 0, not dropped."""
+
+    expert: torch.Tensor  # the router's top-1 expert
+    prob: torch.Tensor  # its router probability (what scales the expert's output)
+    dropped: torch.Tensor  # bool: over the expert's capacity, so only the residual carried it
+
+    @staticmethod
+    def dropped_per_row(routing: dict[int, Routing], batch: int) -> torch.Tensor:
+        """[batch] tokens over capacity, summed over positions and sparse layers."""
+        return sum((r.dropped.sum(dim=1) for r in routing.values()), torch.zeros(batch, dtype=torch.long))
+
+    @staticmethod
+    def cat(parts: list[dict[int, Routing]]) -> dict[int, Routing]:
+        """The rows of each part in turn, layer by layer."""
+        return {layer: Routing(*(torch.cat([getattr(p[layer], f) for p in parts]) for f in ("expert", "prob",
+                                                                                               "dropped")))
+                for layer in parts[0]}
+
+
+@dataclass
 class EncoderOutput:
     hidden: torch.Tensor  # [batch, src_len, d_model], right-padded
     mask: torch.Tensor  # [batch, src_len] bool, True on real tokens
-    dropped: torch.Tensor  # [batch] tokens that went over an expert's capacity, summed over sparse layers
+    routing: dict[int, Routing]  # per sparse layer of the encoder
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """[batch] tokens that went over an expert's capacity, summed over sparse layers."""
+        return Routing.dropped_per_row(self.routing, self.mask.shape[0])
 
 
 @dataclass
@@ -243,9 +270,6 @@ class SwitchFront:
 
     # -- building blocks ----------------------------------------------------------------------------------
 
-    def _zeros(self, batch: int) -> torch.Tensor:
-        return torch.zeros(batch, dtype=torch.long, device=self.device)
-
     def _w(self, name: str) -> torch.Tensor:
         return self.weights[name]
 
@@ -289,16 +313,17 @@ class SwitchFront:
         return [slice(i * batch // n, (i + 1) * batch // n) for i in range(n)]
 
     def _ffn(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> MicroBatch:
-        """The feed-forward sub-layer's output (before the residual) and the dropped-token count per row."""
+        """The feed-forward sub-layer's output (before the residual), and its Routing if the layer is sparse."""
         prefix = ffn_prefix(stack, layer)
         normed = rms_norm(x, self._w(f"{prefix}.layer_norm.weight"), self.eps)
         if layer not in self.sparse[stack]:
             h = self.act(F.linear(normed, self._w(f"{prefix}.mlp.wi.weight")))
-            return F.linear(h.to(self.dtype), self._w(f"{prefix}.mlp.wo.weight")), self._zeros(x.shape[0])
+            return F.linear(h.to(self.dtype), self._w(f"{prefix}.mlp.wo.weight")), None
         return (yield from self._moe(stack, layer, normed, valid))
 
     def _moe(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> MicroBatch:
-        """Route the real tokens of x [batch, len, d_model] top-1, apply capacity, run the experts remotely."""
+        """Route the real tokens of x [batch, len, d_model] top-1, apply capacity, run the experts remotely.
+        Returns the output and the Routing."""
         batch, length = x.shape[:2]
         padded = not bool(valid.all())  # a decoding step never is: its one position per sequence is real
         if padded:
@@ -311,18 +336,23 @@ class SwitchFront:
                           None if bias is None else bias.to(torch.float32))
         prob, expert = F.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype).max(dim=-1)
         if self.capacity == "dropless" or (not padded and length <= self.config.expert_capacity):
-            keep, dropped = torch.ones_like(expert, dtype=torch.bool), self._zeros(batch)  # nothing can be over
+            keep = torch.ones_like(expert, dtype=torch.bool)  # nothing can be over
         else:
             if not padded:
                 rows = torch.arange(batch, device=self.device).repeat_interleave(length)
             keep = self._within_capacity(expert, rows, batch)
-            dropped = torch.bincount(rows[~keep], minlength=batch)
         out_tokens = ((yield self.dispatch.send(stack, layer, tokens, expert, keep)) * prob[:, None]).to(x.dtype)
+        routed = (expert.cpu(), prob.float().cpu(), ~keep.cpu())
         if not padded:
-            return out_tokens.view_as(x), dropped
+            return out_tokens.view_as(x), Routing(*(t.view(batch, length) for t in routed))
         out = torch.zeros_like(x)
         out[rows, cols] = out_tokens
-        return out, dropped
+        routing = Routing(torch.full((batch, length), -1), torch.zeros(batch, length),
+                          torch.zeros(batch, length, dtype=torch.bool))
+        where = (rows.cpu(), cols.cpu())
+        for field, values in zip((routing.expert, routing.prob, routing.dropped), routed):
+            field[where] = values
+        return out, routing
 
     def _within_capacity(self, expert: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
         """transformers' rule: each expert takes at most `expert_capacity` tokens of each sequence, earlier
@@ -353,24 +383,26 @@ class SwitchFront:
                 mask[b, :len(input_ids[r])] = True
             padded.append((ids.to(self.device), mask.to(self.device)))
         outputs = run_overlapped([self._encode(ids, mask) for ids, mask in padded])
-        return [(rows, EncoderOutput(h, mask, dropped.cpu()))
-                for rows, (_, mask), (h, dropped) in zip(groups, padded, outputs)]
+        return [(rows, EncoderOutput(h, mask, routing))
+                for rows, (_, mask), (h, routing) in zip(groups, padded, outputs)]
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> MicroBatch:
-        """The encoder's output and dropped-token counts for these rows."""
+        """The encoder's output and its Routing per sparse layer for these rows."""
         h = F.embedding(ids, self.embed["encoder"])
         positions = torch.arange(ids.shape[1], device=self.device)
         bias = self._position_bias("encoder", positions, ids.shape[1]) + self._padding_bias(mask)
-        dropped = self._zeros(ids.shape[0])
+        routing = {}
         for i in range(num_layers(self.config, "encoder")):
             p = f"encoder.block.{i}.layer.0"
             n = rms_norm(h, self._w(f"{p}.layer_norm.weight"), self.eps)
             attn = f"{p}.SelfAttention"
             q, k, v = self._project_fused(attn, n)
             h = clamp_fp16(h + self._attend(attn, q, k, v, bias))
-            ffn_out, ffn_dropped = yield from self._ffn("encoder", i, h, mask)
-            h, dropped = clamp_fp16(h + ffn_out), dropped + ffn_dropped
-        return rms_norm(h, self._w("encoder.final_layer_norm.weight"), self.eps), dropped
+            ffn_out, routed = yield from self._ffn("encoder", i, h, mask)
+            h = clamp_fp16(h + ffn_out)
+            if routed is not None:
+                routing[i] = routed
+        return rms_norm(h, self._w("encoder.final_layer_norm.weight"), self.eps), routing
 
     def start_decoding(self, encoded: EncoderOutput) -> DecoderCache:
         """Cross-attention keys and values, computed once per request; an empty self-attention cache."""
@@ -387,10 +419,11 @@ class SwitchFront:
         no_positions = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         return DecoderCache(self_k, self_v, no_positions, cross_k, cross_v, self._padding_bias(encoded.mask))
 
-    def decode_step(self, cache: DecoderCache, tokens: torch.Tensor) -> tuple[DecoderCache, torch.Tensor, torch.Tensor]:
+    def decode_step(self, cache: DecoderCache,
+                    tokens: torch.Tensor) -> tuple[DecoderCache, torch.Tensor, dict[int, Routing]]:
         """Feed one token per sequence. Returns the cache grown by one position, next-token logits
-        [batch, vocab] and dropped-token counts [batch]. The grown cache may share storage with `cache`: step
-        from the grown one only."""
+        [batch, vocab] and each decoder sparse layer's Routing of the fed tokens ([batch, 1]). The grown cache may
+        share storage with `cache`: step from the grown one only."""
         width, batch = cache.width + 1, tokens.shape[0]
         cache = cache.with_room(width)
         new = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
@@ -399,17 +432,17 @@ class SwitchFront:
         parts = run_overlapped([self._decode(cache, tokens[rows], self_valid[rows], position_bias, rows)
                                 for rows in self._micro_batches(batch)])
         grown = DecoderCache(cache.self_k, cache.self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias)
-        return grown, torch.cat([x for x, _ in parts]).cpu(), torch.cat([d for _, d in parts]).cpu()
+        return grown, torch.cat([x for x, _ in parts]).cpu(), Routing.cat([r for _, r in parts])
 
     def _decode(self, cache: DecoderCache, tokens: torch.Tensor, self_valid: torch.Tensor,
                 position_bias: torch.Tensor, rows: slice) -> MicroBatch:
-        """Logits and dropped-token counts for these rows of the batch; writes their new keys and values into
+        """Logits and Routing per sparse layer for these rows of the batch; writes their new keys and values into
         the cache, whose room has a column for them."""
         width, batch = self_valid.shape[1], tokens.shape[0]
         h = F.embedding(tokens[:, None].to(self.device), self.embed["decoder"])
         self_bias = position_bias + self._padding_bias(self_valid)
         valid = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
-        dropped = self._zeros(batch)
+        routing = {}
         for i in range(num_layers(self.config, "decoder")):
             p = f"decoder.block.{i}.layer"
             n = rms_norm(h, self._w(f"{p}.0.layer_norm.weight"), self.eps)
@@ -423,9 +456,11 @@ class SwitchFront:
             attn = f"{p}.1.EncDecAttention"
             h = clamp_fp16(h + self._attend(attn, self._project(attn, "q", n), cache.cross_k[i][rows],
                                             cache.cross_v[i][rows], cache.cross_bias[rows]))
-            ffn_out, ffn_dropped = yield from self._ffn("decoder", i, h, valid)
-            h, dropped = clamp_fp16(h + ffn_out), dropped + ffn_dropped
+            ffn_out, routed = yield from self._ffn("decoder", i, h, valid)
+            h = clamp_fp16(h + ffn_out)
+            if routed is not None:
+                routing[i] = routed
         h = rms_norm(h, self._w("decoder.final_layer_norm.weight"), self.eps)
         if self.config.tie_word_embeddings:
             h = h * (self.config.d_model ** -0.5)
-        return F.linear(h[:, 0], self.lm_head), dropped
+        return F.linear(h[:, 0], self.lm_head), routing

@@ -38,6 +38,7 @@ class SamplingParams(BaseModel):
     stop_token_ids: tuple[int, ...] = Field((), description="end on any of these (finish_reason stop)")
     top_logprobs: int = Field(0, description="record this many most likely tokens and their log-probabilities at "
                                              "each step (0 to 5)")
+    routing: bool = Field(False, description="record where each sparse layer sent each of the request's positions")
 
 
 def check_prompt(ids: list[int], vocab_size: int, limits: EngineConfig, field: str = "input_ids") -> list[int]:
@@ -54,7 +55,7 @@ def check_prompt(ids: list[int], vocab_size: int, limits: EngineConfig, field: s
 def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_tokens: int | None = None,
                          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                          seed: int | None = None, stop_token_ids: list[int] | tuple[int, ...] = (),
-                         top_logprobs: int = 0) -> SamplingParams:
+                         top_logprobs: int = 0, routing: bool = False) -> SamplingParams:
     """Defaults (SamplingParams') for what is not given; range checks for what is."""
     defaults = SamplingParams()
     if max_new_tokens is None:
@@ -79,4 +80,5 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest("logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, stop_token_ids=tuple(stop_token_ids), top_logprobs=top_logprobs)
+                          seed=seed, stop_token_ids=tuple(stop_token_ids), top_logprobs=top_logprobs,
+                          routing=routing)

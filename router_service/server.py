@@ -105,6 +105,7 @@ class Piece:
     top_logprobs: list[list[tuple[int, float]]]
     text: str
     finish_reason: str | None  # set on the last piece: "eos", "stop" or "length"
+    routing: list[dict]  # when asked: the decoder's routes of these tokens, and on the first piece the encoder's
 
 
 def http_error(e: Exception) -> JSONResponse:
@@ -231,7 +232,8 @@ class SwitchServer:
         optional = {name: getattr(request, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
                     if request.HasField(name)}
         return self._new_sequence(prompt, "text" if request.text else "input_ids", list(request.stop),
-                                  stop_token_ids=list(request.stop_token_ids), **optional)
+                                  stop_token_ids=list(request.stop_token_ids), routing=request.return_routing,
+                                  **optional)
 
     async def _follow(self, seq: Sequence, stop: tuple[str, ...]) -> AsyncIterator[Piece]:
         """Queue `seq` and yield what each step adds, until it ends or a stop string ends its text (which takes
@@ -245,8 +247,9 @@ class SwitchServer:
                 count = len(seq.logprobs)
                 new_text = text.update(seq.token_ids[:count], finished)
                 reason = "stop" if text.stopped else seq.finish_reason if finished else None
+                routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
                 yield Piece(seq.token_ids[sent:count], seq.logprobs[sent:count], seq.top_logprobs[sent:count],
-                            new_text, reason)
+                            new_text, reason, routing)
                 sent = count
                 if reason is not None:
                     return
@@ -270,17 +273,20 @@ class SwitchServer:
         seq, stop = self._sequence(request)
         pieces = [piece async for piece in self._follow(seq, stop)]
         logprobs = [lp for p in pieces for lp in p.logprobs]
-        return pb.GenerateResponse(text="".join(p.text for p in pieces),
-                                   token_ids=[t for p in pieces for t in p.token_ids],
+        token_ids = [t for p in pieces for t in p.token_ids]
+        routing = seq.routing(0, len(token_ids)) if request.return_routing else []
+        return pb.GenerateResponse(text="".join(p.text for p in pieces), token_ids=token_ids,
                                    logprobs=logprobs if request.return_logprobs else [],
                                    finish_reason=pieces[-1].finish_reason, prompt_tokens=len(seq.prompt),
-                                   dropped_tokens=seq.dropped_tokens)
+                                   dropped_tokens=seq.dropped_tokens,
+                                   routing=[pb.LayerRouting(**r) for r in routing])
 
     async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         seq, stop = self._sequence(request)
         async for piece in self._follow(seq, stop):
             chunk = pb.GenerateChunk(token_ids=piece.token_ids, text=piece.text,
-                                     logprobs=piece.logprobs if request.return_logprobs else [])
+                                     logprobs=piece.logprobs if request.return_logprobs else [],
+                                     routing=[pb.LayerRouting(**r) for r in piece.routing])
             if piece.finish_reason is not None:
                 chunk.finish_reason = piece.finish_reason
                 chunk.prompt_tokens, chunk.dropped_tokens = len(seq.prompt), seq.dropped_tokens
@@ -460,7 +466,7 @@ class SwitchServer:
             pieces = [piece async for piece in self._follow(seq, stop)]
             whole = Piece([t for p in pieces for t in p.token_ids], [lp for p in pieces for lp in p.logprobs],
                           [top for p in pieces for top in p.top_logprobs], "".join(p.text for p in pieces),
-                          pieces[-1].finish_reason)
+                          pieces[-1].finish_reason, [])
             answer = choice(index, whole.text, finish_reason(whole.finish_reason), self._logprobs(request, whole, 0))
             return answer, len(whole.token_ids)
 

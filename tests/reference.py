@@ -102,6 +102,35 @@ def hf_dropped_tokens(model, prompts: list[list[int]]) -> list[int]:
     return dropped.tolist()
 
 
+def hf_routing(model, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
+    """Per prompt, where transformers' own routers sent each position during its greedy generate, read with forward
+    hooks: {(stack, layer): (experts, probs, dropped)}, encoder lists over the prompt's tokens, decoder lists over
+    the decoder's inputs (one a step; steps after a prompt's end are cut)."""
+    seen = {}  # (stack, layer) -> one (expert_index, router_probs, router_logits) per call
+
+    def hook(key):
+        def record(_module, _inputs, outputs):
+            seen.setdefault(key, []).append(outputs)
+        return record
+
+    hooks = [module.register_forward_hook(hook((name.split(".")[0], int(name.split(".")[2]))))
+             for name, module in model.named_modules() if name.endswith("mlp.router")]
+    try:
+        generated = hf_generate(model, prompts, max_new_tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = [{} for _ in prompts]
+    for (stack, layer), calls in seen.items():
+        # The encoder runs once over the padded prompts; the decoder once a step, one position each.
+        index, probs, logits = (torch.cat(parts, dim=1) for parts in zip(*calls))
+        for row, (prompt, (tokens, _)) in enumerate(zip(prompts, generated)):
+            n = len(prompt) if stack == "encoder" else len(tokens)
+            out[row][(stack, layer)] = (logits[row, :n].argmax(-1).tolist(), probs[row, :n, 0].tolist(),
+                                        (index[row, :n].sum(-1) == 0).tolist())
+    return out
+
+
 def generate_in_background(model, prompts, **sampling):
     """`model.generate` (a SwitchCluster) on its own thread; returns (thread, result) once the batch is
     decoding. `result` gets "outputs", or "error" if generation raised."""

@@ -9,12 +9,12 @@ import urllib.request
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from reference import hf_generate
+from reference import hf_generate, hf_routing
 from transformers import AutoTokenizer
 
 from cluster.app import local_serve
@@ -126,6 +126,36 @@ def test_stream_equals_unary(server):
     assert "".join(c.text for c in chunks) == unary.text
     assert [c.finish_reason for c in chunks[:-1]] == [""] * (len(chunks) - 1)
     assert chunks[-1].finish_reason == unary.finish_reason and chunks[-1].prompt_tokens == len(PROMPTS[2])
+
+
+def test_routing_over_grpc_streams_and_http(server, hf_model):
+    """The unary answer's routing, the stream's (the encoder's on the first chunk, each chunk's decoder positions on
+    it) and HTTP's are the same, and equal transformers' routers."""
+    request = pb.GenerateRequest(input_ids=PROMPTS[2], max_new_tokens=10, return_routing=True)
+    unary = server["stub"].Generate(request)
+    routing = [json_format.MessageToDict(r, preserving_proto_field_name=True) for r in unary.routing]
+    stacks = [r["stack"] for r in routing]
+    assert stacks == sorted(stacks, key=lambda s: s != "encoder") and set(stacks) == {"encoder", "decoder"}
+    for r in routing:
+        n = len(PROMPTS[2]) if r["stack"] == "encoder" else len(unary.token_ids)
+        assert len(r["experts"]) == len(r["probs"]) == len(r["dropped"]) == n
+        assert all(0 < p <= 1 for p in r["probs"])
+    chunks = list(server["stub"].GenerateStream(request))
+    assert {r.stack for r in chunks[0].routing} == {"encoder", "decoder"}
+    assert all({r.stack for r in c.routing} == {"decoder"} for c in chunks[1:])
+    for layer in unary.routing:
+        parts = [r for c in chunks for r in c.routing if (r.stack, r.layer) == (layer.stack, layer.layer)]
+        assert [e for r in parts for e in r.experts] == list(layer.experts)
+        assert [p for r in parts for p in r.probs] == pytest.approx(list(layer.probs))
+    for c in chunks:
+        assert all(len(r.experts) == len(c.token_ids) for r in c.routing if r.stack == "decoder")
+    status, body = post(f"{server['http']}/v1/generate",
+                        {"input_ids": PROMPTS[2], "max_new_tokens": 10, "return_routing": True})
+    assert status == 200 and [{k: r[k] for k in ("stack", "layer", "experts")} for r in body["routing"]] == [
+        {k: r[k] for k in ("stack", "layer", "experts")} for r in routing]
+    expected = hf_routing(hf_model, [PROMPTS[2]], 10)[0]
+    assert {(r["stack"], r["layer"]): r["experts"] for r in routing} == {k: v[0] for k, v in expected.items()}
+    assert not server["stub"].Generate(pb.GenerateRequest(input_ids=PROMPTS[2], max_new_tokens=3)).routing
 
 
 def wait_for_idle(stub, timeout: float = 30.0) -> pb.ModelInfoResponse:
