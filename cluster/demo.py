@@ -30,6 +30,7 @@ WORDS = DIGITS + list(TASKS) + [":"] + ONES + TENS[2:] + ["hundred"]  # the demo
 PROMPTS = ["reverse : 3 1 4 1 5", "sort : 9 2 6 5 3", "spell : 4 7 2", "reverse : 2 7 1 8", "sort : 8 0 8 1",
            "spell : 1 9", "spell : 9 9 9"]
 STREAMED = "spell : 3 1 4"
+ROUTED, ROUTED_WORD = "reverse : 2 7 1 8", 2  # whose route the demo shows: the word at that position
 # Distinct prompts per task that training never sees. Lists get many so that 100% on them means the task is
 # learnt, not a lucky step; spell holds out a third of the 900 three-digit numbers and trains on the rest.
 HELD_OUT = {"reverse": 1000, "sort": 1000, "spell": 300}
@@ -110,6 +111,12 @@ def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None =
                 mark = "ok" if answer == expected else f"expected {expected!r}"
                 print(f"  {prompt!r:26} -> {answer!r:30} {mark}")
             print(f"  {right} of {len(PROMPTS)} right")
+
+            routed = stub.Generate(pb.GenerateRequest(text=ROUTED, max_new_tokens=12, return_routing=True))
+            print(f"\nwhere the token {ROUTED.split()[ROUTED_WORD]!r} of {ROUTED!r} went (return_routing):")
+            for layer in (r for r in routed.routing if r.stack == "encoder"):
+                print(f"  encoder layer {layer.layer}: expert {layer.experts[ROUTED_WORD]}, router probability "
+                      f"{layer.probs[ROUTED_WORD]:.2f}{', over capacity' if layer.dropped[ROUTED_WORD] else ''}")
 
             info = stub.ModelInfo(pb.ModelInfoRequest())
         print(f"\n{info.num_experts} experts in each of {len(info.expert_tokens)} sparse layers, "

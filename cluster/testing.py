@@ -37,6 +37,28 @@ def write_random_checkpoint_with_tokenizer(path: str | os.PathLike, words: list[
     return write_random_checkpoint(path, config, max_shard_size="100KB")
 
 
+# Text for a small SentencePiece model: multi-byte characters (2, 3 bytes), words split into several pieces.
+T5_CORPUS = ["The capital of France is Paris.", "Berlin is the capital of Germany.", "Grüße aus Zürich!",
+             "東京は日本の首都です。", "Ünïcödé wörds and café crème.", "A quick brown fox jumps over the lazy dog.",
+             "Snowman ☃ and music ♫ in Kraków."]
+
+
+def write_t5_tokenizer(path: str | os.PathLike, extra_ids: int = 100):
+    """T5's tokenizer over a small SentencePiece unigram model trained here (pad 0, eos 1, unk 2, as T5's), with
+    T5's `extra_ids` sentinels <extra_id_N>, saved in `path` as transformers saves it; returns it."""
+    import sentencepiece
+    from transformers import T5Tokenizer
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(T5_CORPUS * 20), model_prefix=str(Path(path) / "spiece"), vocab_size=200,
+        hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        character_coverage=1.0, minloglevel=2)
+    (Path(path) / "spiece.vocab").unlink()
+    tokenizer = T5Tokenizer.from_pretrained(path, extra_ids=extra_ids)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
 def tiny_config(**overrides) -> SwitchTransformersConfig:
     return SwitchTransformersConfig(**{**TINY, **overrides})
 

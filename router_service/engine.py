@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from router_service.model import SwitchFront
 from router_service.requests import InvalidRequest, check_prompt, make_sampling_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+SENTINEL = re.compile(r"<extra_id_\d+>")  # T5's span-filling sentinels
 # How long one call to the fleet waits for its actors to load, between updates of the link's status.
 FLEET_POLL_S = 5.0
 # How often a front checks that its fleet is the one that started its actors.
@@ -130,7 +132,7 @@ class SwitchCluster:
         self.config = model if isinstance(model, EngineConfig) else EngineConfig(model=str(model), **options)
         self.checkpoint = SwitchCheckpoint.open(self.config.model)
         self.capacity = self.config.capacity
-        self._tokenizer = None
+        self._tokenizer, self._hidden_ids = None, None
         self._owns_fleet, self.fleet, self.link = fleet is None, None, None
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -225,7 +227,13 @@ class SwitchCluster:
         return run_to_completion(self.batcher, [Sequence(p, params) for p in prompts])
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        """The text of generated tokens: special tokens left out, except T5's sentinels (`<extra_id_N>`), which mark
+        the spans a span-filling answer fills."""
+        if self._hidden_ids is None:
+            tokenizer = self.tokenizer
+            self._hidden_ids = {i for token, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)
+                                if not SENTINEL.fullmatch(token)}
+        return self.tokenizer.decode([t for t in token_ids if t not in self._hidden_ids], skip_special_tokens=False)
 
     def expert_token_counts(self) -> dict[tuple[str, int], list[int]]:
         """Tokens each expert of each sparse layer has computed since its actor started, counted by the actors

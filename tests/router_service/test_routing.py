@@ -21,10 +21,9 @@ def checkpoint(checkpoint_factory):
     return checkpoint_factory("routing", **CONFIG)
 
 
-@pytest.mark.parametrize("local_experts", [False, True], ids=["actors", "front"])
-def test_routes_equal_transformers_routers(ray_cluster, checkpoint, local_experts):
+def test_routes_equal_transformers_routers(ray_cluster, checkpoint):
     path, hf_model = checkpoint
-    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=8), local_experts=local_experts) as model:
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=8)) as model:
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW, routing=True)
         plain = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
     reference = hf_routing(hf_model, PROMPTS, MAX_NEW)
