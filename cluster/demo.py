@@ -7,6 +7,7 @@ check at a glance; the tasks are defined here so that the demo can show the expe
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -31,10 +32,15 @@ PROMPTS = ["reverse : 3 1 4 1 5", "sort : 9 2 6 5 3", "spell : 4 7 2", "reverse 
            "spell : 1 9", "spell : 9 9 9"]
 STREAMED = "spell : 3 1 4"
 ROUTED, ROUTED_WORD = "reverse : 2 7 1 8", 2  # whose route the demo shows: the word at that position
+EMBEDDED = ("sort : 3 1 2", "sort : 3 2 1", "spell : 3 1 2")  # the first's embedding against the others'
 # Distinct prompts per task that training never sees. Lists get many so that 100% on them means the task is
 # learnt, not a lucky step; spell holds out a third of the 900 three-digit numbers and trains on the rest.
 HELD_OUT = {"reverse": 1000, "sort": 1000, "spell": 300}
 HELD_OUT_SEED = 0
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
 def spell(n: int) -> str:
@@ -113,6 +119,12 @@ def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None =
             print(f"  {right} of {len(PROMPTS)} right")
 
             routed = stub.Generate(pb.GenerateRequest(text=ROUTED, max_new_tokens=12, return_routing=True))
+            vectors = [list(e.values) for e in stub.Embed(pb.EmbedRequest(
+                inputs=[pb.EmbedInput(text=t) for t in EMBEDDED])).embeddings]
+            print("\nembeddings (Embed: the encoder's output, averaged over the tokens), cosine similarity:")
+            for text, vector in zip(EMBEDDED[1:], vectors[1:]):
+                print(f"  {EMBEDDED[0]!r} and {text!r}: {cosine(vectors[0], vector):.3f}")
+
             print(f"\nwhere the token {ROUTED.split()[ROUTED_WORD]!r} of {ROUTED!r} went (return_routing):")
             for layer in (r for r in routed.routing if r.stack == "encoder"):
                 print(f"  encoder layer {layer.layer}: expert {layer.experts[ROUTED_WORD]}, router probability "

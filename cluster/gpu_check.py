@@ -16,14 +16,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "BENCHMARKS.md"
-CUDA_TESTS = "tests/router_service/test_cuda.py"
+CUDA_TESTS = ["tests/router_service/test_cuda.py", "tests/experts/test_int8.py"]  # their tests marked gpu
 # A short sweep: device time is scarce where GPUs are lent.
 CONCURRENCY = [1, 8, 32]
 
 
 def parity_tests() -> tuple[int, str]:
     """(exit status, pytest's summary lines) of the CUDA tests."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", CUDA_TESTS],
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "gpu",
+                          *CUDA_TESTS],
                          cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.strip()]
     return out.returncode, "\n".join(lines[-12:])

@@ -33,7 +33,8 @@ class Route:
 
 @dataclass(eq=False)
 class Sequence:
-    """One request in flight and what it has produced so far."""
+    """One request in flight and what it has produced so far: generated tokens, or with `pooling` the encoder's
+    output (an embedding request, which leaves once encoded)."""
 
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -42,6 +43,8 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when params ask
     dropped_tokens: int = 0  # tokens over an expert's capacity, over all sparse layers of both stacks
     routes: dict[LayerKey, Route] = field(default_factory=dict)  # when params ask: encoder layers, then decoder
+    pooling: str | None = None  # "mean" or "none": an embedding request (requests.POOLINGS)
+    embedding: torch.Tensor | None = None  # float32 [d_model] (mean) or [tokens, d_model] (none), once encoded
     finish_reason: str | None = None  # "eos", "stop" or "length" once finished
     error: BaseException | None = None  # set when the batch it was in failed
     cancelled: bool = False  # set by the caller; the sequence leaves before the next step
@@ -152,9 +155,9 @@ class ContinuousBatcher:
             return changed + self.fail(e)
 
     def _decode(self) -> list[Sequence]:
-        self._admit()
+        embedded = self._admit()
         if not self.active:
-            return []
+            return embedded
         self.cache, logits, routing = self.front.decode_step(self.cache, self.next_tokens)
         dropped = Routing.dropped_per_row(routing, len(self.active))
         self.steps += 1
@@ -189,7 +192,7 @@ class ContinuousBatcher:
             self._record(stepped, now)
         self.next_tokens = torch.tensor(tokens, dtype=torch.long)
         self._leave([not seq.done for seq in self.active])
-        return stepped
+        return embedded + stepped
 
     def _record(self, stepped: list[Sequence], now: float) -> None:
         self.metrics.step(len(stepped), self.num_waiting)
@@ -211,35 +214,49 @@ class ContinuousBatcher:
         self.next_tokens = torch.zeros(0, dtype=torch.long)
         return failed
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Sequence]:
+        """Encode waiting requests, generation and embedding ones together; generation ones join the batch.
+        Returns the embedding requests, done."""
         joining = []
         while self.waiting and len(self.active) + len(joining) < self.max_sequences:
             joining.append(self.waiting.popleft())
         if not joining:
-            return
+            return []
         try:
             groups = self.front.encode([seq.prompt for seq in joining])
-            caches = [self.front.start_decoding(encoded) for _, encoded in groups]
-            merged = DecoderCache.merge(([] if self.cache is None else [self.cache]) + caches)
+            decoding = [[b for b, row in enumerate(rows) if joining[row].pooling is None] for rows, _ in groups]
+            caches = [self.front.start_decoding(encoded.rows(keep))
+                      for (_, encoded), keep in zip(groups, decoding) if keep]
+            merged = DecoderCache.merge(([] if self.cache is None else [self.cache]) + caches) if caches else None
         except BaseException:
             self.waiting.extendleft(reversed(joining))  # so that fail() ends them too
             raise
-        ordered = []  # the order of their rows in the cache
+        ordered, embedded = [], []  # the generation requests in the order of their rows in the cache
         for rows, encoded in groups:
             for b, (row, dropped) in enumerate(zip(rows, encoded.dropped.tolist())):
-                seq = joining[row]
+                seq, n = joining[row], len(joining[row].prompt)
                 seq.dropped_tokens += dropped
                 if seq.params.routing:
-                    n = len(seq.prompt)
                     for layer, r in encoded.routing.items():
                         seq.routes[("encoder", layer)] = Route(r.expert[b, :n].tolist(), r.prob[b, :n].tolist(),
                                                                r.dropped[b, :n].tolist())
-                ordered.append(seq)
+                if seq.pooling is None:
+                    ordered.append(seq)
+                    continue
+                hidden = encoded.hidden[b, :n].float().cpu()
+                seq.embedding = hidden.mean(dim=0) if seq.pooling == "mean" else hidden
+                seq.finish_reason = "embedded"
+                embedded.append(seq)
+        if self.metrics is not None and embedded:
+            self.metrics.embedded(len(embedded))
+        if not ordered:
+            return embedded
         joining = ordered
         self.cache = merged
         start = torch.full((len(joining),), self.front.config.decoder_start_token_id, dtype=torch.long)
         self.next_tokens = torch.cat([self.next_tokens, start])
         self.active += joining
+        return embedded
 
     def _leave(self, staying: list[bool]) -> None:
         if all(staying):

@@ -26,7 +26,7 @@ from router_service.batching import ContinuousBatcher, Sequence, run_to_completi
 from router_service.config import EngineConfig
 from router_service.dispatch import ExpertDispatcher, ExpertsUnavailable
 from router_service.model import SwitchFront
-from router_service.requests import InvalidRequest, check_prompt, make_sampling_params
+from router_service.requests import InvalidRequest, check_pooling, check_prompt, make_sampling_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 SENTINEL = re.compile(r"<extra_id_\d+>")  # T5's span-filling sentinels
@@ -208,12 +208,33 @@ class SwitchCluster:
     def encode_text(self, text: str, field: str = "text") -> list[int]:
         if not text:
             raise InvalidRequest(field, "empty prompt")
-        return self.tokenizer(text)["input_ids"]
+        try:
+            tokenizer = self.tokenizer
+        except InvalidRequest as e:  # named by the field that brought text
+            raise InvalidRequest(field, e.message) from None
+        return tokenizer(text)["input_ids"]
 
     def generate(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
                  **sampling) -> list[Sequence]:
         """Generate for a batch of prompts, given as token ids or as text (exactly one of them).
         `sampling`: SamplingParams' fields (greedy by default)."""
+        prompts = self._prompts(input_ids, texts)
+        params = make_sampling_params(self.checkpoint.config.vocab_size, self.config, **sampling)
+        self.check_experts(self.config.placement.restart_timeout_s)
+        return run_to_completion(self.batcher, [Sequence(p, params) for p in prompts])
+
+    def embed(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
+              pooling: str = "mean") -> list[torch.Tensor]:
+        """The encoder's output for each input, given as token ids or as text, in float32: the mean over its tokens
+        ([d_model]), or with `pooling="none"` every token's ([tokens, d_model]). As transformers'
+        SwitchTransformersEncoderModel's `last_hidden_state`, after the final layer norm."""
+        prompts = self._prompts(input_ids, texts)
+        check_pooling(pooling)
+        self.check_experts(self.config.placement.restart_timeout_s)
+        return [s.embedding for s in run_to_completion(self.batcher, [Sequence(p, pooling=pooling) for p in prompts])]
+
+    def _prompts(self, input_ids: list[list[int]] | None, texts: list[str] | None) -> list[list[int]]:
+        """Checked prompts from token ids or texts (exactly one of them)."""
         if (input_ids is None) == (texts is None):
             raise InvalidRequest("input_ids, texts", "give exactly one of them")
         if texts is not None:
@@ -221,10 +242,7 @@ class SwitchCluster:
         if not input_ids:
             raise InvalidRequest("input_ids", "at least one prompt is needed")
         vocab = self.checkpoint.config.vocab_size
-        prompts = [check_prompt(ids, vocab, self.config, f"input_ids[{i}]") for i, ids in enumerate(input_ids)]
-        params = make_sampling_params(vocab, self.config, **sampling)
-        self.check_experts(self.config.placement.restart_timeout_s)
-        return run_to_completion(self.batcher, [Sequence(p, params) for p in prompts])
+        return [check_prompt(ids, vocab, self.config, f"input_ids[{i}]") for i, ids in enumerate(input_ids)]
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated tokens: special tokens left out, except T5's sentinels (`<extra_id_N>`), which mark

@@ -33,6 +33,8 @@ class ServingMetrics:
                                   "A sparse layer's experts as the front spends on them: sending to the actors, "
                                   "computing its node's experts itself, waiting for the actors",
                                   LATENCY_BUCKETS, ("model", "stack", "layer"))
+        self.embedded_inputs = Counter("switch_serve_embedded_inputs", "Inputs embedded (encoded, no generation)",
+                                       tag_keys=keys)
         self.expert_tokens = expert_token_counter()
 
     def request_done(self, status: str) -> None:
@@ -49,6 +51,9 @@ class ServingMetrics:
             self.time_per_output_token.observe(per_token_s, tags=self.tags)
         if dropped:
             self.dropped_tokens.inc(dropped, tags=self.tags)
+
+    def embedded(self, inputs: int) -> None:
+        self.embedded_inputs.inc(inputs, tags=self.tags)
 
     def dispatched(self, stack: str, layer: int, seconds: float) -> None:
         self.dispatch.observe(seconds, tags={**self.tags, "stack": stack, "layer": str(layer)})

@@ -82,6 +82,10 @@ class EncoderOutput:
         """[batch] tokens that went over an expert's capacity, summed over sparse layers."""
         return Routing.dropped_per_row(self.routing, self.mask.shape[0])
 
+    def rows(self, rows: list[int]) -> EncoderOutput:
+        """The hidden states and mask of these rows only (for the decoder: without the routing)."""
+        return EncoderOutput(self.hidden[rows], self.mask[rows], {})
+
 
 @dataclass
 class DecoderCache:

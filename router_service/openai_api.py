@@ -1,13 +1,16 @@
-"""OpenAI's completions API (`POST /v1/completions`, `GET /v1/models`), for the tools that speak it: the request
-with OpenAI's fields and defaults (temperature 1, 16 tokens), answers in its layout (the legacy logprobs
-included), and failures as its error object with the status OpenAI would use. The server maps it onto the same
-batcher as the native API."""
+"""OpenAI's completions and embeddings APIs (`POST /v1/completions`, `POST /v1/embeddings`, `GET /v1/models`),
+for the tools that speak them: the requests with OpenAI's fields and defaults (temperature 1, 16 tokens), answers
+in its layout (the legacy logprobs included; embeddings as floats or base64), and failures as its error object
+with the status OpenAI would use. The server maps them onto the same batcher as the native API."""
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
+from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from router_service.requests import InvalidRequest
@@ -18,6 +21,16 @@ NOT_CHAT = ("Switch Transformers are not chat models, so there is no /v1/chat/co
             "/v1/completions")
 # Fields named otherwise in the native API, for the errors it raises.
 FIELD_NAMES = {"max_new_tokens": "max_tokens", "text": "prompt", "input_ids": "prompt"}
+Prompts = str | list[str] | list[int] | list[list[int]]  # one text, texts, one token-id list, token-id lists
+
+
+def each_prompt(prompts: Prompts, param: str) -> list[str | list[int]]:
+    """Each prompt of a request's `prompt` or `input`: a string, or token ids."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    if not prompts:
+        raise OpenAIError(400, f"{param}: at least one is needed", param)
+    return list(prompts)
 
 
 class OpenAIError(Exception):
@@ -45,7 +58,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompts
     max_tokens: int | None = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -64,28 +77,47 @@ class CompletionRequest(BaseModel):
     user: str | None = None  # accepted and unused, as a tag for the caller's own logs
 
     def prompts(self) -> list[str | list[int]]:
-        """Each prompt: a string, or token ids."""
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        if not p:
-            raise OpenAIError(400, "prompt: at least one prompt is needed", "prompt")
-        return list(p)
+        return each_prompt(self.prompt, "prompt")
 
     def stop_strings(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-def parse_completion_request(body: object, model_id: str) -> CompletionRequest:
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings, with `pooling` besides OpenAI's fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: Prompts
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)  # only the model's own (d_model): there is no shorter form
+    pooling: str = "mean"  # requests.POOLINGS
+    user: str | None = None  # accepted and unused, as a tag for the caller's own logs
+
+    def inputs(self) -> list[str | list[int]]:
+        return each_prompt(self.input, "input")
+
+
+def validated(body: object, kind: type[BaseModel], model_id: str):
+    """The request in `body`, checked against `kind`'s fields and the served model's id."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object")
     try:
-        request = CompletionRequest.model_validate(body)
+        request = kind.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
         message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
         raise OpenAIError(400, f"{param}: {message}" if param else message, param) from None
+    if request.model != model_id:
+        raise OpenAIError(404, f"model: '{request.model}' is not served here; this server serves '{model_id}'",
+                          "model", "model_not_found")
+    return request
+
+
+def parse_completion_request(body: object, model_id: str) -> CompletionRequest:
+    request = validated(body, CompletionRequest, model_id)
     unsupported = {"echo": request.echo, "suffix": request.suffix is not None,
                    "presence_penalty": request.presence_penalty != 0,
                    "frequency_penalty": request.frequency_penalty != 0, "logit_bias": bool(request.logit_bias)}
@@ -94,10 +126,28 @@ def parse_completion_request(body: object, model_id: str) -> CompletionRequest:
             raise OpenAIError(400, f"{name}: not supported by this server", name)
     if request.best_of is not None and request.best_of != request.n:
         raise OpenAIError(400, f"best_of: only best_of equal to n ({request.n}) is supported", "best_of")
-    if request.model != model_id:
-        raise OpenAIError(404, f"model: '{request.model}' is not served here; this server serves '{model_id}'",
-                          "model", "model_not_found")
     return request
+
+
+def parse_embedding_request(body: object, model_id: str, dimensions: int) -> EmbeddingRequest:
+    request = validated(body, EmbeddingRequest, model_id)
+    if request.dimensions not in (None, dimensions):
+        raise OpenAIError(400, f"dimensions: this model's embeddings have {dimensions}, got {request.dimensions}",
+                          "dimensions")
+    return request
+
+
+def embeddings(model_id: str, vectors: list[np.ndarray], encoding_format: str, prompt_tokens: int) -> dict:
+    """The embeddings answer: per input, its vector ([d_model], or [tokens, d_model] without pooling) as floats or
+    as base64 of its float32 values (little-endian, token by token), OpenAI's client's default."""
+    def encode(v: np.ndarray):
+        if encoding_format == "base64":
+            return base64.b64encode(v.astype("<f4").tobytes()).decode()
+        return v.tolist()
+
+    return {"object": "list", "model": model_id,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
 def from_invalid_request(e: InvalidRequest) -> OpenAIError:

@@ -20,6 +20,7 @@ class InvalidRequest(ValueError):
         return InvalidRequest, (self.field, self.message)
 
 
+POOLINGS = ("mean", "none")  # an embedding: the mean over the input's tokens, or every token's vector
 MIN_TEMPERATURE = 0.01  # below it logits / temperature overflows
 MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allows
 
@@ -39,6 +40,12 @@ class SamplingParams(BaseModel):
     top_logprobs: int = Field(0, description="record this many most likely tokens and their log-probabilities at "
                                              "each step (0 to 5)")
     routing: bool = Field(False, description="record where each sparse layer sent each of the request's positions")
+
+
+def check_pooling(pooling: str) -> str:
+    if pooling not in POOLINGS:
+        raise InvalidRequest("pooling", f"must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    return pooling
 
 
 def check_prompt(ids: list[int], vocab_size: int, limits: EngineConfig, field: str = "input_ids") -> list[int]:

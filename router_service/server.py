@@ -1,6 +1,6 @@
 """The Ray Serve deployments: the front model behind gRPC (`switchserve.v1.SwitchServe` and the standard
 `grpc.health.v1.Health`, through Serve's gRPC proxy) and HTTP JSON (`POST /v1/generate`, `GET /v1/model`, and
-OpenAI's `POST /v1/completions` and `GET /v1/models`), and the expert fleet.
+OpenAI's `POST /v1/completions`, `POST /v1/embeddings` and `GET /v1/models`), and the expert fleet.
 
 Every front replica runs its own front and continuous batcher and shares the expert actors with the others. The
 actors belong to one `ExpertFleet` replica, which Serve starts again (with new actors) if its process dies and
@@ -40,15 +40,17 @@ from router_service.openai_api import (
     choice,
     completion,
     completion_id,
+    embeddings,
     finish_reason,
     from_invalid_request,
     legacy_logprobs,
     models_list,
     parse_completion_request,
+    parse_embedding_request,
     usage,
 )
 from router_service.proto import switch_serve_pb2 as pb
-from router_service.requests import InvalidRequest, check_prompt, make_sampling_params
+from router_service.requests import InvalidRequest, check_pooling, check_prompt, make_sampling_params
 from router_service.scheduler import BatcherStopped, QueueFull, Scheduler
 from router_service.text import TextStream, check_stop_strings
 
@@ -130,6 +132,13 @@ async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool
         return json_format.ParseDict(body, pb.GenerateRequest()), stream
     except json_format.ParseError as e:
         raise InvalidRequest(field_in_parse_error(str(e)), str(e)) from None
+
+
+async def openai_body(request: Request) -> object:
+    try:
+        return json.loads(await request.body())
+    except ValueError as e:
+        raise OpenAIError(400, f"the body is not JSON ({e})") from None
 
 
 def field_in_parse_error(message: str) -> str:
@@ -234,6 +243,29 @@ class SwitchServer:
         return self._new_sequence(prompt, "text" if request.text else "input_ids", list(request.stop),
                                   stop_token_ids=list(request.stop_token_ids), routing=request.return_routing,
                                   **optional)
+
+    async def _embed(self, inputs: list[tuple[list[int], str]], pooling: str, field: str) -> list[Sequence]:
+        """Encode each (prompt ids, its field) in the batch's encoder passes, beside the prompts of generation
+        requests; their sequences, each with its `embedding`, in input order. `field` names the inputs."""
+        if not inputs:
+            raise InvalidRequest(field, "at least one input is needed")
+        pooling = check_pooling(pooling)
+        vocab = self.cluster.checkpoint.config.vocab_size
+        sequences = [Sequence(check_prompt(ids, vocab, self.config, name), pooling=pooling) for ids, name in inputs]
+        self.cluster.check_experts()
+
+        async def run(seq: Sequence) -> None:
+            async with aclosing(self.scheduler.stream(seq)) as updates:
+                async for _ in updates:
+                    pass
+
+        try:
+            async with asyncio.TaskGroup() as group:  # one failing ends the others
+                for seq in sequences:
+                    group.create_task(run(seq))
+        except ExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+        return sequences
 
     async def _follow(self, seq: Sequence, stop: tuple[str, ...]) -> AsyncIterator[Piece]:
         """Queue `seq` and yield what each step adds, until it ends or a stop string ends its text (which takes
@@ -348,6 +380,26 @@ class SwitchServer:
             raise  # a stream's status only sticks when it ends with an exception
         self._finished()
 
+    async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
+        try:
+            self._authorize(grpc_context.invocation_metadata())
+            inputs = []
+            for i, item in enumerate(request.inputs):
+                if bool(item.text) == bool(item.input_ids):
+                    raise InvalidRequest(f"inputs[{i}]", "give exactly one of text and input_ids")
+                name = f"inputs[{i}].text" if item.text else f"inputs[{i}].input_ids"
+                inputs.append((self.cluster.encode_text(item.text, name) if item.text else list(item.input_ids), name))
+            sequences = await self._embed(inputs, request.pooling or "mean", "inputs")
+        except Exception as e:
+            self._finished(e)
+            set_grpc_error(grpc_context, e)
+            return pb.EmbedResponse()
+        self._finished()
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=seq.embedding.flatten().tolist(), tokens=len(seq.prompt))
+                        for seq in sequences],
+            dimensions=self.cluster.checkpoint.config.d_model, prompt_tokens=sum(len(s.prompt) for s in sequences))
+
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
         try:
             self._authorize(grpc_context.invocation_metadata())
@@ -421,11 +473,7 @@ class SwitchServer:
     async def openai_completions(self, request: Request):
         try:
             self._authorize(request.headers.items())
-            try:
-                body = json.loads(await request.body())
-            except ValueError as e:
-                raise OpenAIError(400, f"the body is not JSON ({e})") from None
-            completion_request = parse_completion_request(body, self.model_id)
+            completion_request = parse_completion_request(await openai_body(request), self.model_id)
             choices = self._completion_choices(completion_request)
             if not completion_request.stream:
                 response = JSONResponse(await self._complete(completion_request, choices))
@@ -436,6 +484,25 @@ class SwitchServer:
             return openai_error(e)
         return StreamingResponse(self._completion_events(completion_request, choices),
                                  media_type="text/event-stream")
+
+    @http_app.post("/v1/embeddings")
+    async def openai_embeddings(self, request: Request):
+        try:
+            self._authorize(request.headers.items())
+            d_model = self.cluster.checkpoint.config.d_model
+            embed_request = parse_embedding_request(await openai_body(request), self.model_id, d_model)
+            many = len(embed_request.inputs()) > 1
+            inputs = []
+            for i, item in enumerate(embed_request.inputs()):
+                name = f"input[{i}]" if many else "input"
+                inputs.append((self.cluster.encode_text(item, name) if isinstance(item, str) else item, name))
+            sequences = await self._embed(inputs, embed_request.pooling, "input")
+        except Exception as e:
+            self._finished(e)
+            return openai_error(e)
+        self._finished()
+        return JSONResponse(embeddings(self.model_id, [seq.embedding.numpy() for seq in sequences],
+                                       embed_request.encoding_format, sum(len(s.prompt) for s in sequences)))
 
     def _completion_choices(self, request: CompletionRequest) -> list[tuple[Sequence, tuple]]:
         """The sequences of every choice, n per prompt in prompt order, all checked before any starts."""

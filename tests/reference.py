@@ -3,6 +3,7 @@ the background, to break things under it; and where the repository's files are."
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.activations import ACT2FN
 
+from experts import int8
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import expert_ffn
 from experts.spec import expert_tensor_names
@@ -129,6 +131,16 @@ def hf_routing(model, prompts: list[list[int]], max_new_tokens: int) -> list[dic
             out[row][(stack, layer)] = (logits[row, :n].argmax(-1).tolist(), probs[row, :n, 0].tolist(),
                                         (index[row, :n].sum(-1) == 0).tolist())
     return out
+
+
+def dequantized_model(hf_model):
+    """A copy of the transformers model whose expert weights are int8's dequantized values."""
+    model = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".mlp.experts." in name:
+                param.copy_(int8.quantize(param).dequantized(param.dtype))
+    return model
 
 
 def generate_in_background(model, prompts, **sampling):

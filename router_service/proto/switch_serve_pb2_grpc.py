@@ -44,6 +44,11 @@ class SwitchServeStub:
                 request_serializer=router__service_dot_proto_dot_switch__serve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=router__service_dot_proto_dot_switch__serve__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/switchserve.v1.SwitchServe/Embed',
+                request_serializer=router__service_dot_proto_dot_switch__serve__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=router__service_dot_proto_dot_switch__serve__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/switchserve.v1.SwitchServe/ModelInfo',
                 request_serializer=router__service_dot_proto_dot_switch__serve__pb2.ModelInfoRequest.SerializeToString,
@@ -68,6 +73,13 @@ class SwitchServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """The encoder's output for each input (transformers' SwitchTransformersEncoderModel), pooled or per token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ModelInfo(self, request, context):
         """The architecture, where each expert lives, and how many tokens each expert has received.
         """
@@ -87,6 +99,11 @@ def add_SwitchServeServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=router__service_dot_proto_dot_switch__serve__pb2.GenerateRequest.FromString,
                     response_serializer=router__service_dot_proto_dot_switch__serve__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=router__service_dot_proto_dot_switch__serve__pb2.EmbedRequest.FromString,
+                    response_serializer=router__service_dot_proto_dot_switch__serve__pb2.EmbedResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
@@ -148,6 +165,33 @@ class SwitchServe:
             '/switchserve.v1.SwitchServe/GenerateStream',
             router__service_dot_proto_dot_switch__serve__pb2.GenerateRequest.SerializeToString,
             router__service_dot_proto_dot_switch__serve__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchserve.v1.SwitchServe/Embed',
+            router__service_dot_proto_dot_switch__serve__pb2.EmbedRequest.SerializeToString,
+            router__service_dot_proto_dot_switch__serve__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,3 +54,17 @@ def test_int8_experts_take_a_quarter_of_float32_and_about_half_of_bfloat16():
     config = SwitchConfig(d_model=768, d_ff=3072)
     assert expert_bytes(config, "int8") / expert_bytes(config, "fp32") < 0.26
     assert expert_bytes(config, "int8") / expert_bytes(config, "bf16") < 0.51
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_on_cuda_equals_the_dequantized_weights(tokens, dtype):
+    torch.manual_seed(3)
+    q = int8.quantize(torch.randn(96, 64).cuda())
+    x = torch.randn(tokens, 64, device="cuda").to(dtype)
+    out = int8.linear(x, q)
+    reference = F.linear(x.float(), q.dequantized(torch.float32))
+    assert out.dtype == dtype and out.device.type == "cuda"
+    assert torch.allclose(out.float(), reference, rtol=2e-2, atol=2e-2 * float(reference.abs().mean()))

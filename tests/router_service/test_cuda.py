@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from reference import LocalExperts, hf_generate
+from reference import LocalExperts, dequantized_model, hf_generate
 
 from experts.checkpoint import SwitchCheckpoint
 from experts.placement import PlacementConfig
@@ -63,3 +63,21 @@ def test_engine_with_expert_actors_on_the_gpu(checkpoint_factory, dtype, request
         assert {info["device"] for info in model.actor_info()} == {"cuda"}
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
     assert_same([o.token_ids for o in outputs], [o.logprobs for o in outputs], reference(hf_model, dtype), dtype)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_int8_experts_on_the_gpu(checkpoint_factory, dtype, request):
+    """int8 experts dequantized for each call on CUDA: transformers with the dequantized expert weights, on the
+    same GPU in the same dtype, gives the same tokens."""
+    pytest.importorskip("ray", reason="Ray is not installed here")
+    request.getfixturevalue("ray_cluster")
+    from router_service.engine import SwitchCluster
+
+    path, hf_model = checkpoint_factory("cuda", **CONFIG)
+    with SwitchCluster(path, placement=PlacementConfig(gpus=1, gpu_memory="2GiB", actors_per_gpu=2),
+                       dtype=dtype, quantize="int8") as model:
+        assert {info["device"] for info in model.actor_info()} == {"cuda"}
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert_same([o.token_ids for o in outputs], [o.logprobs for o in outputs],
+                reference(dequantized_model(hf_model), dtype), dtype)

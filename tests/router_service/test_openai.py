@@ -148,3 +148,28 @@ def test_native_stop_strings(served):
                                      headers={"authorization": f"Bearer {KEY}"})
     with urllib.request.urlopen(request, timeout=60) as r:
         assert json.loads(r.read())["text"] == out.text
+
+
+def test_embeddings_with_the_openai_client(served, client):
+    """The client asks for base64 unless told otherwise: both forms give the native Embed's float32 values."""
+    texts = PROMPTS[:2]
+    native = served["stub"].Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(text=t) for t in texts]),
+                                  metadata=[("authorization", f"Bearer {KEY}")], timeout=60)
+    out = client.embeddings.create(model=served["model"], input=texts)
+    assert out.model == served["model"] and [d.index for d in out.data] == [0, 1]
+    for got, expected in zip(out.data, native.embeddings, strict=True):
+        assert got.embedding == list(expected.values)
+    assert out.usage.prompt_tokens == out.usage.total_tokens == native.prompt_tokens
+    floats = client.embeddings.create(model=served["model"], input=texts[0], encoding_format="float")
+    assert floats.data[0].embedding == pytest.approx(out.data[0].embedding, abs=1e-5)  # alone: other padding
+    ids = client.embeddings.create(model=served["model"], input=[[5, 9, 1], [7, 1]], encoding_format="float")
+    assert len(ids.data) == 2 and ids.usage.prompt_tokens == 5
+    each = client.embeddings.create(model=served["model"], input=texts[0], encoding_format="float",
+                                    extra_body={"pooling": "none"})
+    assert len(each.data[0].embedding) == native.embeddings[0].tokens
+    assert all(len(row) == native.dimensions for row in each.data[0].embedding)
+    for fields, param in (({"dimensions": 3}, "dimensions"), ({"extra_body": {"pooling": "max"}}, "pooling"),
+                          ({"input": []}, "input"), ({"input": [[5, 10**6]]}, "input")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(**{"model": served["model"], "input": texts, **fields})
+        assert e.value.body["param"] == param, (fields, e.value.body)

@@ -4,12 +4,9 @@ hold a quarter of float32's bytes."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import ray
-import torch
-from reference import hf_generate
+from reference import dequantized_model, hf_generate
 
 from experts import int8
 from experts.placement import PlacementConfig
@@ -23,16 +20,6 @@ CONFIG = dict(num_experts=4, num_layers=3, num_sparse_encoder_layers=3, num_deco
 # The CPU's packed int8 kernel takes its activations in bfloat16 (experts.int8): log-probabilities move by that
 # rounding (up to 0.008 here), less than by the quantization itself (0.03).
 LOGPROB_TOLERANCE = 1.5e-2
-
-
-def dequantized_model(hf_model):
-    """A copy of the transformers model whose expert weights are int8's dequantized values."""
-    model = copy.deepcopy(hf_model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".mlp.experts." in name:
-                param.copy_(int8.quantize(param).dequantized(param.dtype))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,96 @@
+"""Embeddings, the encoder alone: the Python API and gRPC `Embed` equal transformers'
+SwitchTransformersEncoderModel (mean over the tokens, and every token's vector), share the encoder's passes with
+generation, and refuse bad input by field. OpenAI's /v1/embeddings is tested with its client in test_openai."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from transformers import SwitchTransformersEncoderModel
+
+from cluster.app import local_serve
+from cluster.testing import free_port
+from experts.placement import PlacementConfig
+from router_service.batching import Sequence, run_to_completion
+from router_service.config import ServerConfig
+from router_service.engine import SwitchCluster
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.requests import SamplingParams
+
+PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
+# Capacity 2: the encoder drops tokens, per input, as transformers does.
+CONFIG = dict(num_experts=8, num_layers=4, num_sparse_encoder_layers=2, expert_capacity=2, router_bias=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoint_factory):
+    path, _ = checkpoint_factory("embeddings", **CONFIG)
+    encoder = SwitchTransformersEncoderModel.from_pretrained(path).eval()
+    with torch.no_grad():  # each input alone: transformers' capacity would count another input's padding
+        reference = [encoder(input_ids=torch.tensor([ids])).last_hidden_state[0] for ids in PROMPTS]
+    return path, reference
+
+
+@pytest.fixture(scope="module")
+def model(ray_cluster, checkpoint):
+    with SwitchCluster(checkpoint[0], placement=PlacementConfig(experts_per_actor=4)) as cluster:
+        yield cluster
+
+
+def test_python_api_equals_transformers_encoder(checkpoint, model):
+    _, reference = checkpoint
+    means, tokens = model.embed(PROMPTS), model.embed(PROMPTS, pooling="none")
+    for expected, mean, each in zip(reference, means, tokens, strict=True):
+        assert each.shape == expected.shape and mean.shape == expected.shape[1:]
+        assert torch.allclose(each, expected, atol=1e-4)
+        assert torch.allclose(mean, expected.mean(dim=0), atol=1e-4)
+
+
+def test_embedding_requests_share_the_encoder_passes_with_generation(model):
+    calls, encode = [], model.front.encode
+    model.front.encode = lambda prompts: calls.append(len(prompts)) or encode(prompts)
+    try:
+        together = [Sequence(PROMPTS[0], SamplingParams(max_new_tokens=5)), Sequence(PROMPTS[1], pooling="mean"),
+                    Sequence(PROMPTS[2], SamplingParams(max_new_tokens=3)), Sequence(PROMPTS[3], pooling="none")]
+        run_to_completion(model.batcher, together)
+    finally:
+        del model.front.encode
+    assert calls == [4]  # one encoder pass for the four
+    generated = model.generate([PROMPTS[0], PROMPTS[2]], max_new_tokens=5)
+    assert together[0].token_ids == generated[0].token_ids and together[2].token_ids == generated[1].token_ids[:3]
+    assert torch.allclose(together[1].embedding, model.embed([PROMPTS[1]])[0], atol=1e-5)
+    assert together[3].embedding.shape == (len(PROMPTS[3]), model.checkpoint.config.d_model)
+    assert together[0].embedding is None and together[1].token_ids == []
+
+
+def test_grpc_embed(checkpoint):
+    path, reference = checkpoint
+    config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4))
+    with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
+        with grpc.insecure_channel(served.grpc) as channel:
+            stub = pb_grpc.SwitchServeStub(channel)
+            inputs = [pb.EmbedInput(input_ids=ids) for ids in PROMPTS]
+            mean = stub.Embed(pb.EmbedRequest(inputs=inputs))
+            each = stub.Embed(pb.EmbedRequest(inputs=inputs[:2], pooling="none"))
+            errors = {}
+            for field, request in {
+                "inputs": pb.EmbedRequest(),
+                "pooling": pb.EmbedRequest(inputs=inputs[:1], pooling="max"),
+                "inputs[1].input_ids": pb.EmbedRequest(inputs=[inputs[0], pb.EmbedInput(input_ids=[5, 10**6])]),
+                "inputs[0]": pb.EmbedRequest(inputs=[pb.EmbedInput()]),
+                "inputs[0].text": pb.EmbedRequest(inputs=[pb.EmbedInput(text="no tokenizer")]),
+            }.items():
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Embed(request)
+                errors[field] = (refused.value.code(), refused.value.details())
+    d_model = reference[0].shape[1]
+    assert mean.dimensions == d_model and mean.prompt_tokens == sum(map(len, PROMPTS))
+    for expected, got in zip(reference, mean.embeddings, strict=True):
+        assert got.tokens == len(expected)
+        assert torch.allclose(torch.tensor(list(got.values)), expected.mean(dim=0), atol=1e-4)
+    for expected, got in zip(reference, each.embeddings):
+        assert torch.allclose(torch.tensor(list(got.values)).view(-1, d_model), expected, atol=1e-4)
+    for field, (code, details) in errors.items():
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field + ":"), (field, details)
