@@ -215,11 +215,18 @@ class ContinuousBatcher:
         return failed
 
     def _admit(self) -> list[Sequence]:
-        """Encode waiting requests, generation and embedding ones together; generation ones join the batch.
-        Returns the embedding requests, done."""
-        joining = []
-        while self.waiting and len(self.active) + len(joining) < self.max_sequences:
-            joining.append(self.waiting.popleft())
+        """Encode waiting requests, generation and embedding ones together, up to a batch's worth; generation ones
+        join the batch while it has room. Embedding ones need no room in it, so they do not wait for it: they
+        return done."""
+        joining, room, skipped = [], self.max_sequences - len(self.active), []
+        while self.waiting and len(joining) < self.max_sequences:
+            seq = self.waiting.popleft()
+            if seq.pooling is None and room == 0:
+                skipped.append(seq)
+                continue
+            room -= seq.pooling is None
+            joining.append(seq)
+        self.waiting.extendleft(reversed(skipped))
         if not joining:
             return []
         try:

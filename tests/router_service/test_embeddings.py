@@ -1,22 +1,16 @@
-"""Embeddings, the encoder alone: the Python API and gRPC `Embed` equal transformers'
-SwitchTransformersEncoderModel (mean over the tokens, and every token's vector), share the encoder's passes with
-generation, and refuse bad input by field. OpenAI's /v1/embeddings is tested with its client in test_openai."""
+"""Embeddings, the encoder alone: the Python API equals transformers' SwitchTransformersEncoderModel (mean over
+the tokens, and every token's vector), and embedding requests share the encoder's passes with generation. gRPC
+`Embed` is tested in test_server, OpenAI's /v1/embeddings with its client in test_openai."""
 
 from __future__ import annotations
 
-import grpc
 import pytest
 import torch
 from transformers import SwitchTransformersEncoderModel
 
-from cluster.app import local_serve
-from cluster.testing import free_port
 from experts.placement import PlacementConfig
-from router_service.batching import Sequence, run_to_completion
-from router_service.config import ServerConfig
+from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
 from router_service.engine import SwitchCluster
-from router_service.proto import switch_serve_pb2 as pb
-from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 from router_service.requests import SamplingParams
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
@@ -65,32 +59,15 @@ def test_embedding_requests_share_the_encoder_passes_with_generation(model):
     assert together[0].embedding is None and together[1].token_ids == []
 
 
-def test_grpc_embed(checkpoint):
-    path, reference = checkpoint
-    config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4))
-    with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
-        with grpc.insecure_channel(served.grpc) as channel:
-            stub = pb_grpc.SwitchServeStub(channel)
-            inputs = [pb.EmbedInput(input_ids=ids) for ids in PROMPTS]
-            mean = stub.Embed(pb.EmbedRequest(inputs=inputs))
-            each = stub.Embed(pb.EmbedRequest(inputs=inputs[:2], pooling="none"))
-            errors = {}
-            for field, request in {
-                "inputs": pb.EmbedRequest(),
-                "pooling": pb.EmbedRequest(inputs=inputs[:1], pooling="max"),
-                "inputs[1].input_ids": pb.EmbedRequest(inputs=[inputs[0], pb.EmbedInput(input_ids=[5, 10**6])]),
-                "inputs[0]": pb.EmbedRequest(inputs=[pb.EmbedInput()]),
-                "inputs[0].text": pb.EmbedRequest(inputs=[pb.EmbedInput(text="no tokenizer")]),
-            }.items():
-                with pytest.raises(grpc.RpcError) as refused:
-                    stub.Embed(request)
-                errors[field] = (refused.value.code(), refused.value.details())
-    d_model = reference[0].shape[1]
-    assert mean.dimensions == d_model and mean.prompt_tokens == sum(map(len, PROMPTS))
-    for expected, got in zip(reference, mean.embeddings, strict=True):
-        assert got.tokens == len(expected)
-        assert torch.allclose(torch.tensor(list(got.values)), expected.mean(dim=0), atol=1e-4)
-    for expected, got in zip(reference, each.embeddings):
-        assert torch.allclose(torch.tensor(list(got.values)).view(-1, d_model), expected, atol=1e-4)
-    for field, (code, details) in errors.items():
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field + ":"), (field, details)
+def test_embedding_requests_do_not_wait_for_room_in_the_batch(model):
+    batcher = ContinuousBatcher(model.front, max_sequences=1)
+    decoding = Sequence(PROMPTS[0], SamplingParams(max_new_tokens=20))
+    batcher.add(decoding)
+    batcher.step()  # the batch is full
+    waiting, embedding = Sequence(PROMPTS[2], SamplingParams(max_new_tokens=2)), Sequence(PROMPTS[1], pooling="mean")
+    batcher.add(waiting)
+    batcher.add(embedding)
+    changed = batcher.step()
+    assert not decoding.done and len(decoding.token_ids) == 2
+    assert embedding in changed and embedding.done and embedding.embedding is not None
+    assert waiting.token_ids == [] and list(batcher.waiting) == [waiting]

@@ -9,6 +9,7 @@ import urllib.request
 
 import grpc
 import pytest
+import torch
 from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -156,6 +157,38 @@ def test_routing_over_grpc_streams_and_http(server, hf_model):
     expected = hf_routing(hf_model, [PROMPTS[2]], 10)[0]
     assert {(r["stack"], r["layer"]): r["experts"] for r in routing} == {k: v[0] for k, v in expected.items()}
     assert not server["stub"].Generate(pb.GenerateRequest(input_ids=PROMPTS[2], max_new_tokens=3)).routing
+
+
+def test_grpc_embed_equals_transformers_encoder(server, hf_model):
+    stub = server["stub"]
+    inputs = [pb.EmbedInput(input_ids=ids) for ids in PROMPTS] + [pb.EmbedInput(text="sort : 3 1 2")]
+    mean = stub.Embed(pb.EmbedRequest(inputs=inputs))
+    each = stub.Embed(pb.EmbedRequest(inputs=inputs[:2], pooling="none"))
+    d_model = hf_model.config.d_model
+    text_ids = AutoTokenizer.from_pretrained(server["path"])("sort : 3 1 2")["input_ids"]
+    with torch.no_grad():  # each input alone: transformers' capacity would count another input's padding
+        reference = [hf_model.get_encoder()(input_ids=torch.tensor([ids])).last_hidden_state[0]
+                     for ids in [*PROMPTS, text_ids]]
+    assert mean.dimensions == d_model and mean.prompt_tokens == sum(map(len, reference))
+    for expected, got in zip(reference, mean.embeddings, strict=True):
+        assert got.tokens == len(expected)
+        assert torch.allclose(torch.tensor(list(got.values)), expected.mean(dim=0), atol=1e-4)
+    for expected, got in zip(reference, each.embeddings):
+        assert torch.allclose(torch.tensor(list(got.values)).view(-1, d_model), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("request_fields, field", [
+    ({}, "inputs"),
+    ({"inputs": [{"input_ids": [5, 1]}], "pooling": "max"}, "pooling"),
+    ({"inputs": [{"input_ids": [5, 1]}, {"input_ids": [5, 10**6]}]}, "inputs[1].input_ids"),
+    ({"inputs": [{}]}, "inputs[0]"),
+    ({"inputs": [{"text": "sort", "input_ids": [5, 1]}]}, "inputs[0]"),
+])
+def test_bad_embed_input_is_invalid_argument(server, request_fields, field):
+    with pytest.raises(grpc.RpcError) as refused:
+        server["stub"].Embed(json_format.ParseDict(request_fields, pb.EmbedRequest()))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith(field + ":"), refused.value.details()
 
 
 def wait_for_idle(stub, timeout: float = 30.0) -> pb.ModelInfoResponse:
