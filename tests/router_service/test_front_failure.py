@@ -134,10 +134,21 @@ def test_killed_fleet_comes_back_by_itself(two_replicas):
         status = stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).status
         time.sleep(0.2)
     recovered = time.monotonic() - killed
-    print(f"\nstreams when the fleet was killed: {outcomes}; serving again after {recovered:.1f} s")
     assert health_pb2.HealthCheckResponse.NOT_SERVING in states
-    for _ in range(4):  # both replicas (Serve spreads the calls) have the new actors
-        assert stub.Generate(probe, timeout=60).token_ids == expected
+    # Both replicas (Serve spreads the calls) come back with the new actors: each front's link finds them on its
+    # own, so one may serve some seconds before the other.
+    served = 0
+    while served < 4:
+        assert time.monotonic() - killed < 180, "a replica is not serving again"
+        try:
+            assert stub.Generate(probe, timeout=60).token_ids == expected
+            served += 1
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+            served = 0
+            time.sleep(0.5)
+    print(f"\nstreams when the fleet was killed: {outcomes}; one replica serving again after {recovered:.1f} s, "
+          f"both after {time.monotonic() - killed:.1f} s")
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
     assert info.status == "serving" and len(info.actors) == len(old_pids)
     assert not {a.pid for a in info.actors} & set(old_pids)
