@@ -3,19 +3,11 @@ weights are tensors or int8 (experts.int8)."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
-import torch.nn.functional as F
 
 from experts.int8 import Int8Weight, linear
 
 Weight = torch.Tensor | Int8Weight
-# transformers' activations (ACT2FN) of experts.spec.ACTIVATIONS in torch alone: importing transformers.activations
-# takes seconds (it pulls in torch's compiler and distributed packages), which every expert actor would pay at each
-# start and restart. A test keeps these equal to ACT2FN's.
-ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
-                        "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "silu": F.silu, "swish": F.silu}
 
 
 def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act) -> torch.Tensor:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import ray
 import torch
+from transformers.activations import ACT2FN
 
 from experts.actor import held_weight
 from experts.checkpoint import SwitchCheckpoint
-from experts.ffn import ACTIVATION_FUNCTIONS
 from experts.fleet import FleetActors, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
 from experts.spec import expert_tensor_names
@@ -150,7 +150,7 @@ class SwitchCluster:
                                       and (quantize == "int8" or self.dtype == self.checkpoint.dtype_name))
             self.dispatcher = ExpertDispatcher([], self.placement.owners(), self.checkpoint.config.num_experts,
                                                metrics, placement.restart_timeout_s,
-                                               ACTIVATION_FUNCTIONS[self.checkpoint.config.dense_act_fn])
+                                               ACT2FN[self.checkpoint.config.dense_act_fn])
             self.front = SwitchFront(self.checkpoint, self.dispatcher, self.capacity, torch_dtype(self.dtype), device,
                                      self.config.micro_batches)
             self.link = ExpertLink(self.fleet, self.dispatcher, self._local_experts)

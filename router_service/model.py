@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.ffn import ACTIVATION_FUNCTIONS
 from experts.spec import (
     CAPACITY_MODES,
     STACKS,
@@ -66,8 +66,8 @@ class Routing:
     @staticmethod
     def cat(parts: list[dict[int, Routing]]) -> dict[int, Routing]:
         """The rows of each part in turn, layer by layer."""
-        return {layer: Routing(torch.cat([p[layer].expert for p in parts]), torch.cat([p[layer].prob for p in parts]),
-                               torch.cat([p[layer].dropped for p in parts]))
+        return {layer: Routing(*(torch.cat([getattr(p[layer], f) for p in parts]) for f in ("expert", "prob",
+                                                                                               "dropped")))
                 for layer in parts[0]}
 
 
@@ -261,7 +261,7 @@ class SwitchFront:
                 if stack == "decoder":
                     cross = f"decoder.block.{i}.layer.1.EncDecAttention"
                     self.fused[cross] = torch.cat([self.weights.pop(f"{cross}.{w}.weight") for w in "kv"])
-        self.act = ACTIVATION_FUNCTIONS[config.dense_act_fn]
+        self.act = ACT2FN[config.dense_act_fn]
         self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
         self.sparse = {stack: set(sparse_layers(config, stack)) for stack in STACKS}
         if config.tie_word_embeddings:
