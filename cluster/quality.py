@@ -28,9 +28,9 @@ from transformers.activations import ACT2FN
 
 from cluster.bench import Request, checkpoint, workload
 from cluster.demo import DEMO_MODEL, PROMPTS, STREAMED, make_held_out
-from experts.actor import held_weight
+from experts.actor import held_experts
 from experts.checkpoint import SwitchCheckpoint
-from experts.spec import QUANTIZE_MODES, STACKS, expert_tensor_names, sparse_layers
+from experts.spec import QUANTIZE_MODES, STACKS, sparse_layers
 from router_service.dispatch import ExpertDispatcher
 from router_service.engine import SwitchCluster
 from router_service.model import SwitchFront
@@ -75,10 +75,8 @@ def front_with_experts_here(folder: Path, quantize: str) -> SwitchFront:
     layers = [(stack, layer) for stack in STACKS for layer in sparse_layers(config, stack)]
     dispatcher = ExpertDispatcher([], {layer: {e: [0] for e in range(config.num_experts)} for layer in layers},
                                   config.num_experts, act=ACT2FN[config.dense_act_fn])
-    keys = [(*layer, e) for layer in layers for e in range(config.num_experts)]
-    tensors = ckpt.read([name for key in keys for name in expert_tensor_names(*key)])
-    dispatcher.use([], {key: tuple(held_weight(tensors[name], "cpu", ckpt.dtype, quantize)
-                                   for name in expert_tensor_names(*key)) for key in keys})
+    dispatcher.use([], held_experts(ckpt, [(*layer, e) for layer in layers for e in range(config.num_experts)],
+                                    quantize))
     return SwitchFront(ckpt, dispatcher)
 
 

@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 from experts import int8
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import Weight, grouped_ffn
-from experts.spec import ExpertKey
+from experts.spec import ExpertKey, expert_tensor_names
 from experts.wire import from_wire, to_wire, torch_dtype
 
 
@@ -34,6 +34,14 @@ def held_weight(tensor: torch.Tensor, device: torch.device | str, dtype: torch.d
     if quantize == "int8":
         return int8.quantize(tensor.to(device))
     return tensor.to(device, dtype)
+
+
+def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: str) -> dict[ExpertKey, tuple]:
+    """The (wi, wo) of these experts on this process's CPU, as an actor holds them: the checkpoint's mapped pages
+    unquantized, an int8 copy quantized."""
+    tensors = checkpoint.read([name for key in keys for name in expert_tensor_names(*key)])
+    return {key: tuple(held_weight(tensors[name], "cpu", checkpoint.dtype, quantize)
+                       for name in expert_tensor_names(*key)) for key in keys}
 
 
 def expert_token_counter() -> Counter:

@@ -16,11 +16,10 @@ import ray
 import torch
 from transformers.activations import ACT2FN
 
-from experts.actor import held_weight
+from experts.actor import held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import FleetActors, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
-from experts.spec import expert_tensor_names
 from experts.wire import torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
 from router_service.config import EngineConfig
@@ -175,9 +174,7 @@ class SwitchCluster:
             return {}
         keys = [tuple(key) for info in infos if info["node_id"] == here and info["device"] == "cpu"
                 for key in info["experts"]]
-        tensors = self.checkpoint.read([name for key in keys for name in expert_tensor_names(*key)])
-        return {key: tuple(held_weight(tensors[name], "cpu", self.checkpoint.dtype, self.config.quantize)
-                           for name in expert_tensor_names(*key)) for key in keys}
+        return held_experts(self.checkpoint, keys, self.config.quantize)
 
     @property
     def actors(self) -> list:
@@ -203,6 +200,8 @@ class SwitchCluster:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self._hidden_ids = {i for token, i in zip(self._tokenizer.all_special_tokens,
+                                                      self._tokenizer.all_special_ids) if not SENTINEL.fullmatch(token)}
         return self._tokenizer
 
     def encode_text(self, text: str, field: str = "text") -> list[int]:
@@ -247,11 +246,8 @@ class SwitchCluster:
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated tokens: special tokens left out, except T5's sentinels (`<extra_id_N>`), which mark
         the spans a span-filling answer fills."""
-        if self._hidden_ids is None:
-            tokenizer = self.tokenizer
-            self._hidden_ids = {i for token, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)
-                                if not SENTINEL.fullmatch(token)}
-        return self.tokenizer.decode([t for t in token_ids if t not in self._hidden_ids], skip_special_tokens=False)
+        tokenizer = self.tokenizer
+        return tokenizer.decode([t for t in token_ids if t not in self._hidden_ids], skip_special_tokens=False)
 
     def expert_token_counts(self) -> dict[tuple[str, int], list[int]]:
         """Tokens each expert of each sparse layer has computed since its actor started, counted by the actors
