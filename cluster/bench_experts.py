@@ -1,17 +1,21 @@
-"""Expert compute on one core: a loop of one matmul pair per expert (what the actors run) against one batched
-matmul over the experts' stacked weights, for switch-base-8-sized experts and a few tokens per expert.
+"""Expert compute for switch-base-8-sized experts and a decoding step's few tokens per expert:
+- on one core (an actor): a loop of one matmul pair per expert against one batched matmul over stacked weights;
+- on every core (a front computing its node's experts): the experts of a layer in turn, each on all the cores,
+  against different experts at once on experts.ffn.ExpertThreads, one core each. Six layers of eight experts, so
+  that the weights come from memory, not the cache; tokens dealt to experts at random, as a router would.
 
-    .venv/bin/python -m cluster.bench_experts
+    GOMP_SPINCOUNT=10000 .venv/bin/python -m cluster.bench_experts    # the spin the Serve replicas run with
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from experts.ffn import grouped_ffn
+from experts.ffn import ExpertThreads, grouped_ffn
 
 
 def seconds(fn, repeats: int = 20) -> float:
@@ -22,7 +26,7 @@ def seconds(fn, repeats: int = 20) -> float:
     return (time.perf_counter() - began) / repeats
 
 
-def main(experts: int = 4, d_model: int = 768, d_ff: int = 3072) -> None:
+def one_core(experts: int, d_model: int, d_ff: int) -> None:
     torch.set_num_threads(1)  # an expert actor's share of the machine
     wi, wo = torch.randn(experts, d_ff, d_model), torch.randn(experts, d_model, d_ff)
     weights = [(wi[e], wo[e]) for e in range(experts)]
@@ -37,5 +41,29 @@ def main(experts: int = 4, d_model: int = 768, d_ff: int = 3072) -> None:
         print(f"{per_expert:17d}   {1000 * loop:9.2f}   {1000 * batched:12.2f}")
 
 
+def every_core(layers: int, experts: int, d_model: int, d_ff: int) -> None:
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    weights = [[(torch.randn(d_ff, d_model), torch.randn(d_model, d_ff)) for _ in range(experts)]
+               for _ in range(layers)]
+    threads = ExpertThreads(cores)
+    print(f"\n{layers} layers of {experts} experts, float32, {cores} cores: ms per layer")
+    print("tokens in the layer   in turn   at once")
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (1, 4, 8, 16, 32, 256):
+        counts = [torch.bincount(torch.randint(0, experts, (tokens,), generator=generator), minlength=experts).tolist()
+                  for _ in range(layers)]
+        x = torch.randn(tokens, d_model)
+
+        def layer_by_layer(pool: ExpertThreads | None, x=x, counts=counts) -> None:
+            for i in range(layers):
+                grouped_ffn(x, counts[i], weights[i], F.relu, pool)
+
+        turn, once = (seconds(lambda pool=pool: layer_by_layer(pool), repeats=5) / layers for pool in (None, threads))
+        print(f"{tokens:19d}   {1000 * turn:7.2f}   {1000 * once:7.2f}")
+    threads.close()
+
+
 if __name__ == "__main__":
-    main()
+    one_core(experts=4, d_model=768, d_ff=3072)
+    every_core(layers=6, experts=8, d_model=768, d_ff=3072)

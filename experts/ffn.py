@@ -3,11 +3,19 @@ weights are tensors or int8 (experts.int8)."""
 
 from __future__ import annotations
 
+import heapq
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from experts.int8 import Int8Weight, linear
 
 Weight = torch.Tensor | Int8Weight
+
+# What reading an expert's weights costs, in tokens: a piece of work costs this plus its tokens (a decoding step's
+# few tokens an expert take about as long as this many would, bound by memory).
+WEIGHT_READ_TOKENS = 8
 
 
 def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act) -> torch.Tensor:
@@ -18,11 +26,69 @@ def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act) -> torch.Tensor:
     return linear(h, wo)
 
 
-def grouped_ffn(x: torch.Tensor, counts: list[int], weights: list[tuple[Weight, Weight]], act) -> torch.Tensor:
-    """x holds the tokens of several experts back to back (counts[i] rows for weights[i]); same order out."""
+class ExpertThreads:
+    """Threads that compute different experts at once, each with one OpenMP thread.
+
+    On the CPU, a matrix product of a few tokens by an expert's weights reads them at a fraction of memory speed,
+    and two OpenMP threads on one product are hardly faster than one (switch-base-8's shape, 4 tokens: 4.4 ms an
+    expert either way). Two experts, one on each core, take 2.5 ms an expert (docs/BENCHMARKS.md)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        caller = torch.get_num_threads()
+        started = threading.Barrier(n + 1)
+
+        def one_openmp_thread() -> None:
+            torch.get_num_threads()  # torch sets a thread's count at its first use: let it, then set ours
+            torch.set_num_threads(1)
+            started.wait()
+
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="switch-serve-experts", initializer=one_openmp_thread)
+        for _ in range(n):  # each task blocks its thread until all have started, so n threads start
+            self.pool.submit(lambda: None)
+        started.wait()
+        # torch.set_num_threads is also the count that threads started later begin with: put the caller's back.
+        torch.set_num_threads(caller)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+def shares(counts: list[int], n: int) -> list[list[tuple[int, int, int]]]:
+    """The experts' tokens dealt to n threads as (expert, first row, rows) pieces, so that each thread's cost
+    (tokens plus a weight read per piece) is about the same: an expert with more than an even share of the tokens
+    is cut into pieces of at most a share, then the pieces go largest first to the least loaded thread."""
+    share = max(-(-sum(counts) // n), 1)
+    pieces, start = [], 0
+    for expert, tokens in enumerate(counts):
+        for first in range(0, tokens, share):
+            pieces.append((expert, start + first, min(share, tokens - first)))
+        start += tokens
+    loads = [(0, i) for i in range(n)]
+    out = [[] for _ in range(n)]
+    for piece in sorted(pieces, key=lambda p: -p[2]):
+        load, i = heapq.heappop(loads)
+        out[i].append(piece)
+        heapq.heappush(loads, (load + piece[2] + WEIGHT_READ_TOKENS, i))
+    return [s for s in out if s]
+
+
+def grouped_ffn(x: torch.Tensor, counts: list[int], weights: list[tuple[Weight, Weight]], act,
+                threads: ExpertThreads | None = None) -> torch.Tensor:
+    """x holds the tokens of several experts back to back (counts[i] rows for weights[i]); same order out. With
+    `threads`, different experts' tokens are computed at once."""
     out = torch.empty(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-    start = 0
-    for n, (wi, wo) in zip(counts, weights):
-        out[start:start + n] = expert_ffn(x[start:start + n], wi, wo, act)
-        start += n
+
+    def compute(pieces: list[tuple[int, int, int]]) -> None:
+        with torch.inference_mode():
+            for expert, first, rows in pieces:
+                out[first:first + rows] = expert_ffn(x[first:first + rows], *weights[expert], act)
+
+    parts = shares(counts, threads.n) if threads is not None and x.device.type == "cpu" else [[]]
+    if len(parts) < 2:
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        compute([(e, starts[e], n) for e, n in enumerate(counts) if n])
+        return out
+    for done in [threads.pool.submit(compute, part) for part in parts]:
+        done.result()
     return out
