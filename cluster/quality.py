@@ -24,12 +24,12 @@ from pathlib import Path
 import ray
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, SwitchTransformersForConditionalGeneration
-from transformers.activations import ACT2FN
 
 from cluster.bench import Request, checkpoint, workload
 from cluster.demo import DEMO_MODEL, PROMPTS, STREAMED, make_held_out
 from experts.actor import held_experts
 from experts.checkpoint import SwitchCheckpoint
+from experts.ffn import ACTIVATION_FUNCTIONS
 from experts.spec import QUANTIZE_MODES, STACKS, sparse_layers
 from router_service.dispatch import ExpertDispatcher
 from router_service.engine import SwitchCluster
@@ -74,7 +74,7 @@ def front_with_experts_here(folder: Path, quantize: str) -> SwitchFront:
     config = ckpt.config
     layers = [(stack, layer) for stack in STACKS for layer in sparse_layers(config, stack)]
     dispatcher = ExpertDispatcher([], {layer: {e: [0] for e in range(config.num_experts)} for layer in layers},
-                                  config.num_experts, act=ACT2FN[config.dense_act_fn])
+                                  config.num_experts, act=ACTIVATION_FUNCTIONS[config.dense_act_fn])
     dispatcher.use([], held_experts(ckpt, [(*layer, e) for layer in layers for e in range(config.num_experts)],
                                     quantize))
     return SwitchFront(ckpt, dispatcher)

@@ -10,11 +10,10 @@ import numpy as np
 import ray
 import torch
 from ray.util.metrics import Counter
-from transformers.activations import ACT2FN
 
 from experts import int8
 from experts.checkpoint import SwitchCheckpoint
-from experts.ffn import Weight, grouped_ffn
+from experts.ffn import ACTIVATION_FUNCTIONS, Weight, grouped_ffn
 from experts.spec import ExpertKey, expert_tensor_names
 from experts.wire import from_wire, to_wire, torch_dtype
 
@@ -72,7 +71,7 @@ class ExpertActor:
         self.weights = {key: (loaded[wi], loaded[wo]) for key, (wi, wo) in experts.items()}
         # Bytes read from the checkpoint and held for computing; from storage, as the kernel counted them.
         self.loaded = {"tensor_bytes": read, "held_bytes": held, "disk_bytes_read": disk_bytes_read() - before}
-        self.act = ACT2FN[checkpoint.config.dense_act_fn]
+        self.act = ACTIVATION_FUNCTIONS[checkpoint.config.dense_act_fn]
         self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
         self.compute_s = 0.0  # time spent in forward, for the benchmark's breakdown
         self.calls = 0  # forward calls begun

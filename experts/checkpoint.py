@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experts.spec import DTYPE_OF_SAFETENSORS, DTYPES, SwitchConfig, expected_tensors, follow_weights
+from experts.spec import ACTIVATIONS, DTYPE_OF_SAFETENSORS, DTYPES, SwitchConfig, expected_tensors, follow_weights
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,9 @@ class SwitchCheckpoint:
             config = SwitchConfig.from_json_file(config_file)
         except ValueError as e:
             raise CheckpointError(f"{config_file}: not a valid Switch Transformers config ({e})") from None
-        # transformers' activations import torch: here, not at the top, so that reading headers stays quick.
-        from transformers.activations import ACT2FN
-
-        if config.dense_act_fn not in ACT2FN:
-            raise CheckpointError(
-                f"{config_file}: dense_act_fn {config.dense_act_fn!r} is not an activation transformers' Switch "
-                f"supports (one of: relu, gelu, gelu_new, ...)")
+        if config.dense_act_fn not in ACTIVATIONS:
+            raise CheckpointError(f"{config_file}: dense_act_fn {config.dense_act_fn!r} is not an activation "
+                                  f"switch-serve serves (one of: {', '.join(ACTIVATIONS)})")
         tensors = cls._index(path)
         try:
             config, warnings = follow_weights(config, list(tensors), str(config_file))

@@ -6,12 +6,19 @@ from __future__ import annotations
 import heapq
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from experts.int8 import Int8Weight, linear
 
 Weight = torch.Tensor | Int8Weight
+# transformers' activations (ACT2FN) of experts.spec.ACTIVATIONS in torch alone: importing transformers.activations
+# takes seconds (it pulls in torch's compiler and distributed packages), which every expert actor would pay at each
+# start and restart. A test keeps these equal to ACT2FN's.
+ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
+                        "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "silu": F.silu, "swish": F.silu}
 
 # What reading an expert's weights costs, in tokens: a piece of work costs this plus its tokens (a decoding step's
 # few tokens an expert take about as long as this many would, bound by memory).

@@ -37,6 +37,10 @@ QUANTIZE_MODES = ("none", "int8")
 QuantizeMode = Literal[QUANTIZE_MODES]
 EXPERT_FORMATS = (*DTYPES, "int8")  # what an expert's weights may be held in, for sizing them
 
+# The activations (transformers' ACT2FN names) a served checkpoint's FFNs may use; experts.ffn computes them with
+# torch alone.
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
+
 # hf: transformers' rule, each expert takes at most `expert_capacity` tokens of each sequence, earlier positions
 # first, and a token over it gets a zero expert output (only the residual carries it); dropless: none dropped.
 CAPACITY_MODES = ("hf", "dropless")

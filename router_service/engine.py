@@ -14,10 +14,10 @@ from pathlib import Path
 
 import ray
 import torch
-from transformers.activations import ACT2FN
 
 from experts.actor import held_experts
 from experts.checkpoint import SwitchCheckpoint
+from experts.ffn import ACTIVATION_FUNCTIONS
 from experts.fleet import FleetActors, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
 from experts.wire import torch_dtype
@@ -106,8 +106,18 @@ class ExpertLink:
 
 
 def call(response, timeout_s: float):
-    """The result of a method called on the fleet: a Ray actor's object ref, or a Serve deployment response."""
-    return response.result(timeout_s=timeout_s) if hasattr(response, "result") else ray.get(response, timeout=timeout_s)
+    """The result of a method called on the fleet: a Ray actor's object ref, or a Serve deployment response. One
+    that times out is cancelled: left queued for a fleet that is starting again, each such call would hold one of
+    its threads for up to FLEET_POLL_S once it starts, and the calls that matter would queue behind them."""
+    served = hasattr(response, "result")
+    try:
+        return response.result(timeout_s=timeout_s) if served else ray.get(response, timeout=timeout_s)
+    except TimeoutError:
+        if served:
+            response.cancel()
+        else:
+            ray.cancel(response)
+        raise
 
 
 def first_line(error: BaseException) -> str:
@@ -149,7 +159,7 @@ class SwitchCluster:
                                       and (quantize == "int8" or self.dtype == self.checkpoint.dtype_name))
             self.dispatcher = ExpertDispatcher([], self.placement.owners(), self.checkpoint.config.num_experts,
                                                metrics, placement.restart_timeout_s,
-                                               ACT2FN[self.checkpoint.config.dense_act_fn])
+                                               ACTIVATION_FUNCTIONS[self.checkpoint.config.dense_act_fn])
             self.front = SwitchFront(self.checkpoint, self.dispatcher, self.capacity, torch_dtype(self.dtype), device,
                                      self.config.micro_batches)
             self.link = ExpertLink(self.fleet, self.dispatcher, self._local_experts)

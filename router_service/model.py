@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
 
 from experts.checkpoint import SwitchCheckpoint
+from experts.ffn import ACTIVATION_FUNCTIONS
 from experts.spec import (
     CAPACITY_MODES,
     STACKS,
@@ -261,7 +261,7 @@ class SwitchFront:
                 if stack == "decoder":
                     cross = f"decoder.block.{i}.layer.1.EncDecAttention"
                     self.fused[cross] = torch.cat([self.weights.pop(f"{cross}.{w}.weight") for w in "kv"])
-        self.act = ACT2FN[config.dense_act_fn]
+        self.act = ACTIVATION_FUNCTIONS[config.dense_act_fn]
         self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
         self.sparse = {stack: set(sparse_layers(config, stack)) for stack in STACKS}
         if config.tie_word_embeddings:
