@@ -1,0 +1,112 @@
+"""No request leaves memory behind: after a thousand requests of every kind, the front replica and each expert
+actor hold what they held after warming up, within a few MiB, and Ray's object store is back to its baseline."""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cluster.app import local_serve
+from cluster.demo import WORDS
+from cluster.testing import free_port, resident_memory, write_random_checkpoint_with_tokenizer
+from experts.checkpoint import SwitchCheckpoint
+from experts.placement import PlacementConfig
+from router_service.config import ServerConfig
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+WARM_UP, REQUESTS, CLIENTS = 300, 1000, 8
+# What a thousand requests may leave in a process: the allocator's own growth, not per-request state.
+GROWTH_LIMIT = 8 * 2**20
+KINDS = ("unary", "stream", "cancelled stream", "bad input", "embedding")
+
+
+def one_request(stub, rng: random.Random, vocab_size: int) -> None:
+    prompt = [rng.randrange(3, vocab_size) for _ in range(rng.randint(2, 40))] + [1]
+    request = pb.GenerateRequest(input_ids=prompt, max_new_tokens=rng.randint(1, 24))
+    kind = rng.choice(KINDS)
+    try:
+        if kind == "unary":
+            stub.Generate(request, timeout=60)
+        elif kind == "bad input":
+            stub.Generate(pb.GenerateRequest(input_ids=[3, vocab_size]), timeout=60)
+        elif kind == "embedding":
+            stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(input_ids=prompt)]), timeout=60)
+        else:
+            stream = stub.GenerateStream(request, timeout=60)
+            for i, _ in enumerate(stream):
+                if kind == "cancelled stream" and i == 1:
+                    stream.cancel()
+    except grpc.RpcError as e:
+        if e.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.CANCELLED):
+            raise
+
+
+def run(stub, n: int, seed: int, vocab_size: int) -> None:
+    """n requests from CLIENTS clients at once."""
+    errors = []
+
+    def client(i: int) -> None:
+        rng = random.Random(seed * 100 + i)
+        try:
+            for _ in range(n // CLIENTS):
+                one_request(stub, rng, vocab_size)
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+def rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def object_store_used() -> int:
+    """Bytes of Ray's object store in use on this node."""
+    from ray._private.internal_api import memory_summary
+
+    summary = memory_summary(stats_only=True)
+    used = re.search(r"Plasma memory usage (\d+) MiB", summary)
+    return int(used.group(1)) * 2**20 if used else 0
+
+
+def test_a_thousand_requests_leave_no_memory_behind(ray_cluster, tmp_path):
+    """Unary and streamed generation, streams cancelled mid-way, refused input and embeddings, eight clients at
+    once, through expert actors. Fails if finished sequences stay referenced (for instance if
+    ContinuousBatcher._leave kept the rows of the sequences that left in the KV cache, or the scheduler kept its
+    streams' sequences) or if the expert calls' results stay in the object store."""
+    write_random_checkpoint_with_tokenizer(tmp_path, WORDS)
+    config = ServerConfig(model=str(tmp_path), placement=PlacementConfig(experts_per_actor=4), max_sequences=8,
+                          local_experts=False)
+    with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
+        with grpc.insecure_channel(served.grpc) as channel:
+            stub = pb_grpc.SwitchServeStub(channel)
+            vocab_size = SwitchCheckpoint.open(tmp_path).config.vocab_size
+            run(stub, WARM_UP, 0, vocab_size)
+            actors = [a.pid for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).actors]
+
+            def memory() -> dict[str, int]:
+                return {"front": resident_memory("ray::ServeReplica:switch-serve:SwitchServer"),
+                        **{f"actor {pid}": rss(pid) for pid in actors}, "object store": object_store_used()}
+
+            before = memory()
+            run(stub, REQUESTS, 1, vocab_size)
+            after = memory()
+    for name in before:
+        print(f"{name}: {before[name] / 2**20:.1f} MiB after warming up, {after[name] / 2**20:.1f} MiB after "
+              f"{REQUESTS} requests")
+    assert all(after[name] - before[name] <= GROWTH_LIMIT for name in before if name != "object store")
+    assert after["object store"] <= before["object store"]
