@@ -188,3 +188,131 @@ def test_the_checkpoint_claim_is_shipped_read_only_many():
         for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
             (volume,) = group["template"]["spec"]["volumes"]
             assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+# -- what an operator's cluster asks of the manifests -----------------------------------------------------------
+
+def pod_groups(manifest: dict) -> dict[str, dict]:
+    """Each group's pod spec: the head's and every worker group's, by name."""
+    cluster = manifest["spec"]["rayClusterConfig"]
+    return {"head": cluster["headGroupSpec"]["template"]["spec"],
+            **{g["groupName"]: g["template"]["spec"] for g in cluster["workerGroupSpecs"]}}
+
+
+def front_group(manifest: dict) -> str:
+    return "front" if "front" in pod_groups(manifest) else "head"
+
+
+# Volume types the "restricted" Pod Security Standard allows.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                      "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """Where a pod spec breaks the "restricted" Pod Security Standard (Kubernetes' own list of checks)."""
+    found = []
+    pod_context = pod.get("securityContext", {})
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            found.append(flag)
+    found += [f"volume {v['name']}" for v in pod.get("volumes", []) if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    for c in pod["containers"] + pod.get("initContainers", []):
+        context = c.get("securityContext", {})
+        if context.get("privileged"):
+            found.append(f"{c['name']}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{c['name']}: allowPrivilegeEscalation is not false")
+        if "ALL" not in context.get("capabilities", {}).get("drop", []):
+            found.append(f"{c['name']}: capabilities not dropped")
+        if set(context.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{c['name']}: capabilities added")
+        if not context.get("runAsNonRoot", pod_context.get("runAsNonRoot")):
+            found.append(f"{c['name']}: may run as root")
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            found.append(f"{c['name']}: runs as uid 0")
+        seccomp = context.get("seccompProfile", pod_context.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{c['name']}: seccomp profile {seccomp}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            found.append(f"{c['name']}: host port")
+    return found
+
+
+@pytest.mark.parametrize("file", MANIFESTS, ids=lambda p: p.stem)
+def test_every_pod_meets_the_restricted_pod_security_standard(file):
+    manifest = yaml.safe_load(file.read_text())
+    for name, pod in pod_groups(manifest).items():
+        assert restricted_violations(pod) == [], name
+    # The autoscaler sidecar KubeRay adds to the head pod.
+    sidecar = manifest["spec"]["rayClusterConfig"]["autoscalerOptions"]["securityContext"]
+    head = pod_groups(manifest)["head"]
+    assert restricted_violations({**head, "containers": [{"name": "autoscaler", "securityContext": sidecar}]}) == []
+
+
+def test_the_restricted_check_finds_what_breaks_it():
+    pod = pod_groups(yaml.safe_load(MANIFESTS[0].read_text()))["head"]
+    assert restricted_violations({**pod, "securityContext": {}}) == [
+        "ray-head: may run as root", "ray-head: seccomp profile None"]
+    container = {**pod["containers"][0], "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}
+    assert len(restricted_violations({**pod, "containers": [container], "hostNetwork": True})) == 4
+
+
+@pytest.mark.parametrize("file", MANIFESTS, ids=lambda p: p.stem)
+def test_the_fronts_take_their_api_key_from_a_secret_and_ray_asks_for_a_token(file):
+    from router_service.auth import API_KEY_ENV
+
+    manifest = yaml.safe_load(file.read_text())
+    for name, pod in pod_groups(manifest).items():
+        env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
+        if name == front_group(manifest):  # where the fronts, which check the key, run
+            assert "secretKeyRef" in env[API_KEY_ENV]["valueFrom"]
+        assert all("value" not in e for e in env.values() if "KEY" in e["name"])  # no secret in the file
+    assert manifest["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    assert manifest["spec"]["upgradeStrategy"]["type"] in ("NewCluster", "None")
+
+
+@pytest.mark.parametrize("file", MANIFESTS, ids=lambda p: p.stem)
+def test_expert_pods_land_only_on_gpus_that_hold_the_plan(file):
+    """The experts group asks for nodes whose GPUs (nvidia.com/gpu.memory, in MiB) are big enough for the plan the
+    serve config makes: the smallest GPU admitted holds the fullest GPU's experts within the planner's budget."""
+    from experts.placement import PlacementConfig
+    from experts.plan import ACTIVATION_RESERVE
+    from experts.spec import SwitchConfig, expert_format
+
+    manifest = yaml.safe_load(file.read_text())
+    args = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+    command = shlex.split(manifest["metadata"]["annotations"]["switch-serve/build"])
+    config = SwitchConfig.from_json_file(ROOT / command[command.index("--config") + 1])
+    plan = PlacementConfig(**args["placement"]).plan(config, expert_format(args["dtype"], "none"))
+    (term,) = pod_groups(manifest)["experts"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    (rule,) = term["matchExpressions"]
+    assert rule["key"] == "nvidia.com/gpu.memory" and rule["operator"] == "Gt"
+    smallest = (int(rule["values"][0]) + 1) * 2**20
+    assert smallest * (1 - ACTIVATION_RESERVE) >= max(gpu.bytes for gpu in plan.gpus)
+
+
+def test_the_podmonitors_scrape_ports_that_their_pods_declare():
+    monitors = list(yaml.safe_load_all((ROOT / "manifests" / "podmonitor.yaml").read_text()))
+    scraped = {m["spec"]["selector"]["matchLabels"]["ray.io/node-type"]: {e["port"] for e in
+                                                                          m["spec"]["podMetricsEndpoints"]}
+               for m in monitors}
+    assert scraped == {"head": {"metrics", "as-metrics", "dash-metrics"}, "worker": {"metrics"}}  # KubeRay's sample
+    for file in MANIFESTS:
+        for name, pod in pod_groups(yaml.safe_load(file.read_text())).items():
+            declared = {p["name"] for c in pod["containers"] for p in c.get("ports", [])}
+            assert scraped["head" if name == "head" else "worker"] <= declared, (file.name, name)
+
+
+def test_the_dashboard_filters_by_cluster_and_stays_readable_at_61440_experts():
+    """Every query is filtered by the cluster variable; a query by expert is cut to a top-k, since switch-c-2048
+    has 61,440 experts; the actor restarts come from Ray's per-state gauge, read as a gauge."""
+    dashboard = json.loads((ROOT / "manifests" / "grafana-dashboard.json").read_text())
+    assert [v["name"] for v in dashboard["templating"]["list"]][:3] == ["datasource", "cluster", "model"]
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert all('ray_io_cluster=~"$cluster"' in e for e in exprs)
+    for e in exprs:
+        if "expert)" in e.replace(" ", ""):
+            assert e.startswith("topk(") or e.startswith("max by (stack, layer)"), e
+    (restarts,) = [e for e in exprs if "ray_actors" in e]
+    assert "max_over_time(" in restarts and "increase(" not in restarts and 'Name="ExpertActor"' in restarts

@@ -439,13 +439,17 @@ def test_metrics_reach_rays_prometheus_endpoint(server):
     while True:
         page = scrape_ray_metrics()
         totals = {name: metric_total(page, name) for name in names}
-        if all(totals.values()) or time.monotonic() > deadline:
+        # The dashboard's expert actor restarts: Ray's gauge of actors per state, as its GCS reports them, by class.
+        actor_states = any('Name="ExpertActor"' in line and 'Source="gcs"' in line
+                           for line in page.splitlines() if line.startswith("ray_actors{"))
+        if (all(totals.values()) and actor_states) or time.monotonic() > deadline:
             break
         time.sleep(2)
     print("\n" + "\n".join(f"{name} {value:g}" for name, value in totals.items()))
     assert all(totals.values()), totals
     assert "ray_switch_serve_queue_depth{" in page
     assert 'status="OK"' in page and 'stack="encoder"' in page
+    assert actor_states
 
 
 # -- fuzzing: any request gets an answer or the right error, never INTERNAL ---------------------------------
