@@ -7,6 +7,7 @@ import heapq
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ def grouped_ffn(x: torch.Tensor, counts: list[int], weights: list[tuple[Weight, 
 
     parts = shares(counts, threads.n) if threads is not None and x.device.type == "cpu" else [[]]
     if len(parts) < 2:
-        starts = [sum(counts[:i]) for i in range(len(counts))]
+        starts = [0, *accumulate(counts)]
         compute([(e, starts[e], n) for e, n in enumerate(counts) if n])
         return out
     for done in [threads.pool.submit(compute, part) for part in parts]:
