@@ -38,8 +38,9 @@ class ExpertThreads:
     """Threads that compute different experts at once, each with one OpenMP thread.
 
     On the CPU, a matrix product of a few tokens by an expert's weights reads them at a fraction of memory speed,
-    and two OpenMP threads on one product are hardly faster than one (switch-base-8's shape, 4 tokens: 4.4 ms an
-    expert either way). Two experts, one on each core, take 2.5 ms an expert (docs/BENCHMARKS.md)."""
+    and a second OpenMP thread on the same product barely helps. A layer of eight switch-base-8 experts with 32
+    tokens took 40.3 ms with each expert in turn on two cores, and 25.9 ms with two at once, one core each
+    (cluster.bench_experts; docs/BENCHMARKS.md)."""
 
     def __init__(self, n: int):
         self.n = n

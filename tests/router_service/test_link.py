@@ -65,3 +65,24 @@ def test_link_follows_its_fleet():
         assert link.wait(5)
     finally:
         link.close()
+
+
+def test_a_fleet_call_that_times_out_is_cancelled():
+    """Left queued for a fleet starting again, a timed-out call would hold one of its threads once it starts."""
+    import pytest
+
+    from router_service.engine import call
+
+    class SlowResponse:  # a Serve deployment response that does not answer in time
+        cancelled = False
+
+        def result(self, timeout_s):
+            raise TimeoutError(f"no answer within {timeout_s} s")
+
+        def cancel(self):
+            self.cancelled = True
+
+    response = SlowResponse()
+    with pytest.raises(TimeoutError):
+        call(response, 0.1)
+    assert response.cancelled
