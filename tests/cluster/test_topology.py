@@ -1,0 +1,237 @@
+"""Each KubeRay manifest's own Ray cluster, run on this machine: its head and worker groups started as local
+raylets with the groups' GPU counts, custom resources and API key environment, and its own serveConfigV2 deployed
+the way KubeRay deploys it (a PUT to the dashboard's Serve API), with the model swapped for a tiny checkpoint and
+the plan made smaller. CPUs are capped at this machine's cores; Ray schedules GPUs and custom resources as counts,
+so the actors given them run on the CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+import yaml
+from reference import ROOT, hf_generate
+
+from cluster.client import RemoteError, generate_remote
+from cluster.testing import free_port, tiny_config, write_random_checkpoint
+from experts.wire import torch_dtype
+from router_service.auth import API_KEY_ENV
+
+MANIFESTS = ROOT / "manifests"
+CPU_CAP = 2  # this machine's cores
+API_KEY = "topology-test-key"
+PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [7, 3, 1], [14, 15, 16, 50, 27, 1]]
+NEW_TOKENS = 6
+DEPLOY_TIMEOUT_S = 240
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@dataclass
+class Group:
+    """A head or worker group of a RayService, as the Ray nodes its pods start."""
+
+    name: str
+    pods: int
+    cpus: int
+    gpus: int
+    resources: dict[str, float]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def node_args(self) -> dict:
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus, "resources": self.resources,
+                "object_store_memory": 80 * 2**20, "env_vars": self.env}
+
+
+def group_of(spec: dict, name: str, pods: int) -> Group:
+    params = spec.get("rayStartParams", {})
+    container = spec["template"]["spec"]["containers"][0]
+    limits = container.get("resources", {}).get("limits", {})
+    gpus = int(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+    resources = json.loads(json.loads(params["resources"])) if "resources" in params else {}
+    # A Secret's key becomes this test's key where the pods take it.
+    env = {e["name"]: API_KEY for e in container.get("env", []) if e["name"] == API_KEY_ENV}
+    return Group(name, pods, min(CPU_CAP, int(limits.get("cpu", 1))), gpus, resources, env)
+
+
+def groups_of(manifest: dict) -> list[Group]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    return [group_of(cluster["headGroupSpec"], "head", 1),
+            *[group_of(g, g["groupName"], g["replicas"]) for g in cluster["workerGroupSpecs"]]]
+
+
+class ManifestCluster:
+    """The Ray cluster a RayService manifest describes, started here; `node_group` maps node ids to group names."""
+
+    def __init__(self, file: str):
+        from ray.cluster_utils import Cluster
+
+        self.manifest = yaml.safe_load((MANIFESTS / file).read_text())
+        self.groups = {g.name: g for g in groups_of(self.manifest)}
+        self.dashboard_port = free_port()
+        head = self.groups["head"]
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            **head.node_args(), "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": self.dashboard_port})
+        self.node_group = {self.cluster.head_node.node_id: "head"}
+        self.nodes: dict[str, list] = {"head": [self.cluster.head_node]}
+        for group in self.groups.values():
+            for _ in range(group.pods if group.name != "head" else 0):
+                self.add_pod(group.name)
+        self.cluster.wait_for_nodes()
+        self.ports = {"http": free_port(), "grpc": free_port()}
+
+    def add_pod(self, group: str):
+        node = self.cluster.add_node(**self.groups[group].node_args())
+        self.node_group[node.node_id] = group
+        self.nodes.setdefault(group, []).append(node)
+        return node
+
+    def remove_pod(self, node) -> None:
+        self.cluster.remove_node(node)
+        self.nodes[self.node_group[node.node_id]].remove(node)
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc']}"
+
+    def serve_config(self, model: str, **placement) -> dict:
+        """The manifest's serveConfigV2 with the model swapped, the plan changed as given, and this machine's
+        free ports."""
+        config = yaml.safe_load(self.manifest["spec"]["serveConfigV2"])
+        config["http_options"] |= {"host": "127.0.0.1", "port": self.ports["http"]}
+        config["grpc_options"]["port"] = self.ports["grpc"]
+        args = config["applications"][0]["args"]
+        args["model"] = model
+        args["placement"] |= placement
+        return config
+
+    def deploy(self, config: dict) -> None:
+        """What KubeRay does with serveConfigV2: PUT it to the dashboard's Serve API."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.dashboard_port}/api/serve/applications/",
+                                         data=json.dumps(config).encode(), method="PUT",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+
+    def app_statuses(self) -> dict[str, str]:
+        """What KubeRay reads to tell the service's health: each application's status."""
+        url = f"http://127.0.0.1:{self.dashboard_port}/api/serve/applications/"
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return {name: app["status"] for name, app in json.load(response)["applications"].items()}
+
+    def wait_until_running(self) -> None:
+        wait_for(lambda: set(self.app_statuses().values()) == {"RUNNING"}, "every application RUNNING")
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+@contextlib.contextmanager
+def manifest_cluster(file: str):
+    import ray
+    from conftest import start_local_ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    cluster = ManifestCluster(file)
+    try:
+        ray.init(address=cluster.cluster.address, logging_level=logging.WARNING)
+        yield cluster
+    finally:
+        cluster.shutdown()
+        if was_running:
+            start_local_ray()
+
+
+def alive_actors(class_name: str) -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+            if a.class_name == class_name]
+
+
+def groups_holding(cluster: ManifestCluster, class_name: str) -> list[str]:
+    return sorted(cluster.node_group[a.node_id] for a in alive_actors(class_name))
+
+
+def generate_until(address: str, expected: list[list[int]], timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
+    """Generate until the served app answers (it may still be deploying or loading its experts), then check the
+    tokens."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            outputs = generate_remote(address, PROMPTS, max_new_tokens=NEW_TOKENS, timeout=60, api_key=API_KEY)
+            break
+        except RemoteError as e:
+            if e.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    assert [o["token_ids"] for o in outputs] == expected
+
+
+def wait_for(condition, what: str, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def placement_groups(state: str) -> list:
+    from ray.util.state import list_placement_groups
+
+    return list_placement_groups(filters=[("state", "=", state)], detail=True)
+
+
+FLEET = "ServeReplica:switch-serve:ExpertFleet"
+FRONT = "ServeReplica:switch-serve:SwitchServer"
+
+
+def check_nothing_of_the_old_plan_is_left(actors: int) -> None:
+    """One placement group (the new fleet's), holding every live expert actor, and one fleet."""
+    wait_for(lambda: len(alive_actors("ExpertActor")) == actors and len(alive_actors(FLEET)) == 1,
+             "the old fleet and its actors to go")
+    (group,) = placement_groups("CREATED")
+    assert {a.placement_group_id for a in alive_actors("ExpertActor")} == {group.placement_group_id}
+    assert not placement_groups("PENDING") and not placement_groups("RESCHEDULING")
+
+
+def reference_tokens(cluster: ManifestCluster, hf_model) -> list[list[int]]:
+    """transformers' greedy tokens in the dtype the manifest serves in."""
+    dtype = yaml.safe_load(cluster.manifest["spec"]["serveConfigV2"])["applications"][0]["args"]["dtype"]
+    return [tokens for tokens, _ in hf_generate(hf_model.to(torch_dtype(dtype)), PROMPTS, NEW_TOKENS)]
+
+
+def test_switch_base_8_manifest(tmp_path):
+    """The fronts and the fleet on the head, one expert actor per GPU worker, answers equal to transformers';
+    the plan changed in place to a third GPU worker (as the autoscaler would add one) leaves nothing of the old
+    one."""
+    with manifest_cluster("rayservice-switch-base-8.yaml") as cluster:
+        expected = reference_tokens(cluster, write_random_checkpoint(tmp_path, tiny_config(num_experts=8)))
+        cluster.deploy(cluster.serve_config(str(tmp_path)))
+        cluster.wait_until_running()
+        generate_until(cluster.grpc_address, expected)
+        args = yaml.safe_load(cluster.manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+        assert groups_holding(cluster, FRONT) == ["head"] * args["num_replicas"]
+        assert groups_holding(cluster, FLEET) == ["head"]
+        assert groups_holding(cluster, "ExpertActor") == ["experts"] * args["placement"]["gpus"]
+        with pytest.raises(RemoteError) as refused:
+            generate_remote(cluster.grpc_address, PROMPTS[:1], max_new_tokens=1, timeout=30)
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+        cluster.add_pod("experts")
+        cluster.deploy(cluster.serve_config(str(tmp_path), gpus=3, nodes=3))
+        cluster.wait_until_running()
+        wait_for(lambda: len({a.node_id for a in alive_actors("ExpertActor")}) == 3, "actors on three nodes")
+        generate_until(cluster.grpc_address, expected)
+        check_nothing_of_the_old_plan_is_left(actors=3)
+        assert groups_holding(cluster, "ExpertActor") == ["experts"] * 3
