@@ -1,6 +1,6 @@
 """The Serve application: a typed config in, a Serve app out; its Serve config file; and serving it locally.
 
-    serve run cluster.app:build_app model=/models/switch-base-8
+    switch-serve build --model /models/switch-base-8 -o serve.yaml && serve run serve.yaml
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, expert_format, follow_weights
 from router_service.config import GRPC_PORT, HTTP_PORT, ServerConfig
-from router_service.server import ServedFleet, SwitchServer
+from router_service.server import ServedFleet, SwitchServer, fleet_app_name
 
 APP_NAME = "switch-serve"
 GRPC_SERVICER_FUNCTIONS = [
@@ -30,6 +30,11 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 # Health checks and ModelInfo must get through while the batch is full.
 CONTROL_HEADROOM = 16
+FLEET_APP = fleet_app_name(APP_NAME)
+# What the fleet's application is built from (see build_fleet).
+FLEET_FIELDS = ("model", "placement", "dtype", "quantize", "fleet_resources", "drain_timeout_s")
+# Calls the fleet answers at once: each front replica's link asks one at a time.
+FLEET_MAX_CALLS = 256
 # How often Serve checks that the fleet lives (its default is 10 s).
 FLEET_HEALTH_CHECK_S = 2.0
 # Time a stopping fleet has, after the fronts' drain timeout, to release its actors and placement group.
@@ -45,20 +50,29 @@ FRONT_ENV = {"GOMP_SPINCOUNT": "10000"}
 SERVING_IN_A_ROW = 8
 
 
-def build_app(args: dict | ServerConfig) -> Application:
-    """Serve's application builder: `args` are ServerConfig's fields. Two deployments: the fronts, and the one
-    fleet that owns the expert actors they share."""
+def build_fleet(args: dict | ServerConfig) -> Application:
+    """Serve's builder of the experts' application: one deployment, the fleet that owns the expert actors every
+    front replica shares. `args` are ServerConfig's FLEET_FIELDS: the fleet is an application of its own so that
+    a change to any other field (Serve rebuilds an application whose args change) keeps the experts loaded."""
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
-    config = config.model_copy(update={"placement": for_cluster(config.placement)})  # the same for every replica
+    placement = for_cluster(config.placement)
     # A stopping fleet waits for the fronts that drain (see ServedFleet.__del__), and must release its placement
     # group before Serve's own deadline ends it.
     # Checked often: while a dead fleet goes unnoticed, no expert serves.
-    fleet = ServedFleet.options(num_replicas=1, max_ongoing_requests=max(100, 4 * config.num_replicas),
-                                health_check_period_s=FLEET_HEALTH_CHECK_S,
-                                ray_actor_options={"num_cpus": 0, "resources": config.fleet_resources},
-                                user_config={"drain_timeout_s": config.drain_timeout_s},
-                                graceful_shutdown_timeout_s=config.drain_timeout_s + FLEET_RELEASE_S,
-                                ).bind(config.model, config.placement, config.dtype, config.quantize)
+    return ServedFleet.options(num_replicas=1, max_ongoing_requests=FLEET_MAX_CALLS,
+                               health_check_period_s=FLEET_HEALTH_CHECK_S,
+                               ray_actor_options={"num_cpus": 0, "resources": config.fleet_resources},
+                               user_config={"drain_timeout_s": config.drain_timeout_s},
+                               graceful_shutdown_timeout_s=config.drain_timeout_s + FLEET_RELEASE_S,
+                               ).bind(config.model, placement, config.dtype, config.quantize)
+
+
+def build_app(args: dict | ServerConfig) -> Application:
+    """Serve's builder of the fronts' application: `args` are ServerConfig's fields. The fronts find their expert
+    fleet in the application named after theirs (see build_fleet and serve_config), and check that it serves the
+    same checkpoint, placement and dtype."""
+    config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
+    config = config.model_copy(update={"placement": for_cluster(config.placement)})  # the same for every replica
     ongoing = config.max_sequences + config.max_waiting + CONTROL_HEADROOM
     return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
                                 max_queued_requests=config.max_waiting,
@@ -66,7 +80,7 @@ def build_app(args: dict | ServerConfig) -> Application:
                                 # No CPU: a front and the experts take turns on the cores (see actor_cpus).
                                 ray_actor_options={"num_cpus": 0, "num_gpus": config.front_gpus,
                                                    "resources": config.front_resources,
-                                                   "runtime_env": {"env_vars": FRONT_ENV}}).bind(config, fleet)
+                                                   "runtime_env": {"env_vars": FRONT_ENV}}).bind(config)
 
 
 def check_placement(config: ServerConfig, model_config: SwitchConfig) -> list[str]:
@@ -79,13 +93,19 @@ def check_placement(config: ServerConfig, model_config: SwitchConfig) -> list[st
 
 def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port: int = HTTP_PORT,
                  grpc_port: int = GRPC_PORT) -> dict:
-    """The Serve config (`serve run FILE` / `serve deploy FILE`, or a RayService's serveConfigV2) of the app."""
+    """The Serve config (`serve run FILE` / `serve deploy FILE`, or a RayService's serveConfigV2): the fleet's
+    application, then the fronts'."""
+    def args(fields=None) -> dict:
+        return config.model_dump(include=fields, exclude_defaults=True) | {"model": config.model}
+
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": http_host, "port": http_port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
-        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "cluster.app:build_app",
-                          "args": config.model_dump(exclude_defaults=True) | {"model": config.model}}],
+        "applications": [
+            {"name": FLEET_APP, "route_prefix": None, "import_path": "cluster.app:build_fleet",
+             "args": args(set(FLEET_FIELDS))},
+            {"name": APP_NAME, "route_prefix": "/", "import_path": "cluster.app:build_app", "args": args()}],
     }
 
 
@@ -123,12 +143,14 @@ def local_serve(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port
     try:
         serve.start(http_options={"host": http_host, "port": http_port},
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
-        front = serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         try:
+            serve.run(build_fleet(config), name=FLEET_APP, route_prefix=None)
+            front = serve.run(build_app(config), name=APP_NAME, route_prefix="/")
             wait_until_serving(front, config.num_replicas, config.placement.timeout_s)
             yield Endpoints(grpc=f"{http_host}:{grpc_port}", http=f"http://{http_host}:{http_port}")
         finally:
-            serve.delete(APP_NAME)  # stops the fleet, which releases its actors and placement group
+            serve.delete(APP_NAME)  # the fronts drain first,
+            serve.delete(FLEET_APP)  # then the fleet releases its actors and placement group
     finally:
         if owns_ray:  # everything goes with Ray (Serve's own shutdown logs a failed task as Ray stops under it)
             ray.shutdown()

@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cluster.app import APP_NAME, local_serve
+from cluster.app import APP_NAME, FLEET_APP, local_serve
 from cluster.demo import DEMO_MODEL, PROMPTS
-from cluster.testing import free_port, resident_memory
+from cluster.testing import free_port, replica_names, resident_memory
 from experts.placement import PlacementConfig
 from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
-from router_service.server import replica_names
 
 GREEDY_NEW_TOKENS = 12  # the length of every checked answer
 KINDS = ("unary", "stream", "cancelled stream", "bad input")
@@ -40,8 +39,8 @@ RETRYABLE = {"UNAVAILABLE", "INTERNAL"}
 HUNG_S = 120.0  # a request not answered within this is counted as hung
 BACKOFF_S = 0.5  # a client's pause after a retryable failure before its next request
 FAULT_WINDOW_S = 30.0  # requests that overlap the time from a fault to this much after it count as "with faults"
-PROCESSES = {"front replicas": "ray::ServeReplica:switch-serve:SwitchServer",
-             "expert fleet": "ray::ServeReplica:switch-serve:ExpertFleet", "expert actors": "ray::ExpertActor"}
+PROCESSES = {"front replicas": f"ray::ServeReplica:{APP_NAME}:SwitchServer",
+             "expert fleet": f"ray::ServeReplica:{FLEET_APP}:ExpertFleet", "expert actors": "ray::ExpertActor"}
 
 
 @dataclass
@@ -165,7 +164,8 @@ def inject(fault: str, stub, rng: random.Random) -> bool:
         except ProcessLookupError:
             return False
         return True
-    names = replica_names(APP_NAME, "ExpertFleet" if fault == "expert fleet" else "SwitchServer")
+    names = (replica_names(FLEET_APP, "ExpertFleet") if fault == "expert fleet"
+             else replica_names(APP_NAME, "SwitchServer"))
     if not names:
         return False
     try:

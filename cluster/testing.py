@@ -1,5 +1,5 @@
 """Helpers for tests, the benchmark and the soak run: small randomly initialised Switch checkpoints written by
-transformers itself, free ports, and the memory of running processes."""
+transformers itself, free ports, the memory of running processes and the replicas Serve runs."""
 
 from __future__ import annotations
 
@@ -92,6 +92,15 @@ def free_port() -> int:
             except OSError:
                 continue
             return port
+
+
+def replica_names(app: str, deployment: str) -> list[str]:
+    """The named actors (namespace "serve") Serve runs a deployment's live replicas in."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and a["name"].startswith(prefix))
 
 
 def resident_memory(*patterns: str) -> int:

@@ -92,6 +92,7 @@ class FleetActors(NamedTuple):
     actors: list  # the expert actors in placement order; none until they have loaded
     status: str  # "ready", or what they wait for
     fleet_id: str  # new each time the fleet starts again (with new actors)
+    serves: str  # what it serves: the fleet_name of its checkpoint, placement, dtype and quantization
 
 
 class ExpertFleet:
@@ -108,9 +109,10 @@ class ExpertFleet:
                  actor_resources: dict[str, float] | None = None, name: str | None = None):
         self.checkpoint, self.placement, self.dtype, self.quantize = checkpoint, placement, dtype, quantize
         self.actor_resources = actor_resources or {}
+        self.serves = fleet_name(checkpoint, placement, dtype, quantize)
         # Names the placement group. Ray keeps a group until its creator's job ends, even when the creator dies,
         # so a fleet started again after its process died removes the group its predecessor left.
-        self.name = name or fleet_name(checkpoint, placement, dtype, quantize)
+        self.name = name or self.serves
         self.group = None
         self.handles: list = []
         self.error: BaseException | None = None
@@ -129,10 +131,10 @@ class ExpertFleet:
         failed the load (a bad checkpoint, ...). Runs on a thread of its own (a threaded Ray actor; Serve runs
         sync methods in a thread pool)."""
         if not self._done.wait(wait_s):
-            return FleetActors([], self.state, self.fleet_id)
+            return FleetActors([], self.state, self.fleet_id, self.serves)
         if self.error is not None:
             raise self.error
-        return FleetActors(list(self.handles), self.state, self.fleet_id)  # none once released
+        return FleetActors(list(self.handles), self.state, self.fleet_id, self.serves)  # none once released
 
     def check_health(self) -> None:
         """Serve's health check: a fleet whose load failed is replaced, and so tried again."""

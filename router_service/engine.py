@@ -18,7 +18,7 @@ import torch
 from experts.actor import held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS
-from experts.fleet import FleetActors, served_placement, start_fleet, stop_fleet
+from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
 from experts.wire import torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
@@ -50,11 +50,12 @@ class ExpertLink:
     """Keeps the dispatcher's expert actors current: asks the fleet for them until they have loaded; every few
     seconds checks that they live and that the fleet is still the one that started them (it started again, with
     new actors, if not); asks again as soon as a call finds an actor dead. A fleet that does not answer in time
-    (Serve has not yet noticed it died) leaves live actors in use. `status` says why the experts are not ready
-    while they are not."""
+    (Serve has not yet noticed it died) leaves live actors in use, and so does a fleet that serves another
+    checkpoint, placement or dtype than `serves` (while a config change is under way, the other config's).
+    `status` says why the experts are not ready while they are not."""
 
-    def __init__(self, fleet, dispatcher: ExpertDispatcher, local_experts=lambda actors: {}):
-        self.fleet, self.dispatcher = fleet, dispatcher
+    def __init__(self, fleet, serves: str, dispatcher: ExpertDispatcher, local_experts=lambda actors: {}):
+        self.fleet, self.serves, self.dispatcher = fleet, serves, dispatcher
         self.local_experts = local_experts  # actors -> the weights of those the dispatcher may compute itself
         self.status = "asking the expert fleet for its actors"
         self.ready = threading.Event()
@@ -88,9 +89,12 @@ class ExpertLink:
                 view = call(self.fleet.actors.remote(0.0 if ready else FLEET_POLL_S), FLEET_POLL_S + LINK_CHECK_S)
             except TimeoutError:  # Serve has yet to notice that it died, or it is starting again
                 view = FleetActors([], f"the expert fleet did not answer within {FLEET_POLL_S + LINK_CHECK_S:.0f} s",
-                                   "")
+                                   "", "")
             except Exception as e:  # gone, or its load failed (Serve starts it again)
-                view = FleetActors([], f"expert fleet: {first_line(e)}", "")
+                view = FleetActors([], f"expert fleet: {first_line(e)}", "", "")
+            if view.serves and view.serves != self.serves:
+                view = FleetActors([], f"the expert fleet serves another config ({view.serves}, this front's is "
+                                       f"{self.serves}); waiting for this config's", "", "")
             if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
                 self._on_lost(view.status if not view.actors else "their fleet started again")
             elif not ready and view.actors:
@@ -162,7 +166,8 @@ class SwitchCluster:
                                                ACTIVATION_FUNCTIONS[self.checkpoint.config.dense_act_fn])
             self.front = SwitchFront(self.checkpoint, self.dispatcher, self.capacity, torch_dtype(self.dtype), device,
                                      self.config.micro_batches)
-            self.link = ExpertLink(self.fleet, self.dispatcher, self._local_experts)
+            self.link = ExpertLink(self.fleet, fleet_name(self.checkpoint, self.placement, self.dtype, quantize),
+                                   self.dispatcher, self._local_experts)
             if wait and not self.link.wait(placement.timeout_s):
                 raise PlacementError(f"placement: the expert actors were not up within {placement.timeout_s:.0f} s: "
                                      f"{self.link.status}")

@@ -3,8 +3,9 @@
 OpenAI's `POST /v1/completions`, `POST /v1/embeddings` and `GET /v1/models`), and the expert fleet.
 
 Every front replica runs its own front and continuous batcher and shares the expert actors with the others. The
-actors belong to one `ExpertFleet` replica, which Serve starts again (with new actors) if its process dies and
-stops (releasing them) when the app is deleted or its placement changes.
+actors belong to one `ExpertFleet` replica, in an application of its own beside the fronts', which Serve starts
+again (with new actors) if its process dies and stops (releasing them) when that application is deleted or its
+placement changes.
 """
 
 import asyncio
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
@@ -64,6 +64,8 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
           Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401)}
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
 MODEL_INFO_WAIT_S = 2.0  # how long ModelInfo waits for the actors' own figures
+FLEET_DEPLOYMENT = "ExpertFleet"
+FLEET_APP_SUFFIX = "-experts"  # the fleet's application is named after the fronts'
 
 
 def error_status(e: Exception) -> tuple[grpc.StatusCode, int]:
@@ -168,18 +170,27 @@ async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChu
     finished(None)
 
 
-def replica_names(app: str, deployment: str) -> list[str]:
-    """The named actors (namespace "serve") Serve runs a deployment's live replicas in."""
-    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["namespace"] == "serve" and a["name"].startswith(prefix))
+def fronts_changing(app: str) -> bool:
+    """Whether the fronts' application `app` is being built, rolled out or deleted, or has replicas draining."""
+    status = serve.status().applications.get(app)
+    if status is None:
+        return False
+    if status.status in ("DEPLOYING", "DELETING"):
+        return True
+    fronts = status.deployments.get("SwitchServer")
+    return fronts is not None and fronts.replica_states.get("STOPPING", 0) > 0
+
+
+def fleet_app_name(app: str) -> str:
+    """The application that runs the expert fleet of the fronts' application `app`."""
+    return f"{app}{FLEET_APP_SUFFIX}"
 
 
 # Serve pickles the deployment classes where they are defined: everything they use must be defined above them.
-@serve.deployment(name="ExpertFleet")
+@serve.deployment(name=FLEET_DEPLOYMENT)
 class ServedFleet(ExpertFleet):
-    """The fleet of a served model: what it needs of the config only, so that a change to the fronts' settings
-    leaves the experts alone."""
+    """The fleet of a served model, in an application of its own (see cluster.app.build_fleet): a change to the
+    fronts' settings leaves it, and the experts it loaded, alone."""
 
     def __init__(self, model: str, placement: PlacementConfig, dtype: str | None, quantize: str):
         checkpoint = SwitchCheckpoint.open(model)
@@ -193,11 +204,13 @@ class ServedFleet(ExpertFleet):
         self.drain_timeout_s = user_config["drain_timeout_s"]
 
     def __del__(self):
-        """Serve calls it as it stops the replica (the app deleted, or its placement changed): the fronts still
-        draining keep their actors until they have stopped, for up to the drain timeout."""
-        app = serve.get_replica_context().app_name
+        """Serve calls it as it stops the replica (its application deleted, or its placement changed): while the
+        fronts' application is deployed anew or deleted, the old fronts still draining keep their actors until
+        they have stopped, for up to the drain timeout. Then the actors and their placement group go at once,
+        making room for the new fleet's."""
+        fronts = serve.get_replica_context().app_name.removesuffix(FLEET_APP_SUFFIX)
         deadline = time.monotonic() + self.drain_timeout_s
-        while time.monotonic() < deadline and replica_names(app, "SwitchServer"):
+        while time.monotonic() < deadline and fronts_changing(fronts):
             time.sleep(0.5)
         self.release()
 
@@ -205,14 +218,15 @@ class ServedFleet(ExpertFleet):
 @serve.deployment
 @serve.ingress(http_app)
 class SwitchServer:
-    def __init__(self, config: ServerConfig, fleet):
-        """`fleet`: the app's ServedFleet (a Serve handle)."""
+    def __init__(self, config: ServerConfig):
         self.config = config
         self.model_id = config.served_model_name or Path(config.model).name
         self.started = int(time.time())
         self.api_key = load_api_key(config.api_key_file)
         self.metrics = ServingMetrics(Path(config.model).name)
-        # Up at once: until the experts have loaded, health says NOT_SERVING and ModelInfo says why.
+        # Up at once: until the experts have loaded, health says NOT_SERVING and ModelInfo says why. The fleet's
+        # application may start after this one: a handle waits for it.
+        fleet = serve.get_deployment_handle(FLEET_DEPLOYMENT, fleet_app_name(serve.get_replica_context().app_name))
         self.cluster = SwitchCluster(config, fleet=fleet, wait=False, metrics=self.metrics)
         self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting, config.front_threads or this_node_cpus())
         try:

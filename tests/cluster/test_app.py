@@ -13,9 +13,10 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 from reference import ROOT
 
-from cluster.app import build_app, serve_config
+from cluster.app import FLEET_FIELDS, build_app, build_fleet, serve_config
 from experts.placement import PlacementConfig
 from router_service.config import ServerConfig
+from router_service.server import fleet_app_name
 
 
 def unknown_keys(model: type[BaseModel], data, path: str = "") -> list[str]:
@@ -38,17 +39,26 @@ def unknown_keys(model: type[BaseModel], data, path: str = "") -> list[str]:
     return found
 
 
+def fronts_args(config: dict) -> dict:
+    """The args of the fronts' application of a Serve config (the last; the fleet's comes first)."""
+    return config["applications"][-1]["args"]
+
+
 def check_serve_config(config: dict) -> None:
     ServeDeploySchema.parse_obj(config)
-    ServerConfig(**config["applications"][0]["args"])  # forbids unknown keys itself
+    fleet, fronts = config["applications"]
+    for application in (fleet, fronts):
+        ServerConfig(**application["args"])  # forbids unknown keys itself
     assert unknown_keys(ServeDeploySchema, config) == []
     for path in config["grpc_options"]["grpc_servicer_functions"]:
         module, name = path.rsplit(".", 1)
         assert callable(getattr(importlib.import_module(module), name))
-    for application in config["applications"]:
+    for application, expected in [(fleet, build_fleet), (fronts, build_app)]:
         module, name = application["import_path"].split(":")
-        builder = getattr(importlib.import_module(module), name)
-        assert builder is build_app
+        assert getattr(importlib.import_module(module), name) is expected
+    # The fronts find the fleet by its application's name, and wait for one that serves what they do.
+    assert fleet["name"] == fleet_app_name(fronts["name"]) and fleet["route_prefix"] is None
+    assert fleet["args"] == {k: v for k, v in fronts["args"].items() if k in FLEET_FIELDS}
 
 
 def test_committed_serve_config_is_current_and_valid():
@@ -60,16 +70,17 @@ def test_committed_serve_config_is_current_and_valid():
 
 def test_a_typo_in_the_serve_config_is_caught():
     config = serve_config(ServerConfig(model="demo/model"))
-    config["applications"][0]["max_ongoing_request"] = 5
+    config["applications"][1]["max_ongoing_request"] = 5
     ServeDeploySchema.parse_obj(config)  # the schema alone lets it through
-    assert unknown_keys(ServeDeploySchema, config) == ["applications[0].max_ongoing_request"]
-    config["applications"][0]["args"]["experts_per_actr"] = 2
+    assert unknown_keys(ServeDeploySchema, config) == ["applications[1].max_ongoing_request"]
+    fronts_args(config)["experts_per_actr"] = 2
     with pytest.raises(ValidationError, match="experts_per_actr"):
         check_serve_config(config)
 
 
-def test_builder_makes_an_application():
+def test_builders_make_applications():
     assert isinstance(build_app({"model": "demo/model", "max_sequences": 8}), Application)
+    assert isinstance(build_fleet({"model": "demo/model", "placement": {"experts_per_actor": 2}}), Application)
     with pytest.raises(Exception, match="max_sequences"):
         build_app({"model": "demo/model", "max_sequences": 0})
 

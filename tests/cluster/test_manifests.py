@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 from reference import DATA, ROOT
-from test_app import check_serve_config
+from test_app import check_serve_config, fronts_args
 
 from cluster.cli import main
 
@@ -92,7 +92,7 @@ def test_manifest_is_valid_and_its_serve_config_is_what_build_writes(file, schem
 
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     check_serve_config(serve_config)
-    args = serve_config["applications"][0]["args"]
+    args = fronts_args(serve_config)
     # The expert actors ask for the custom resource that only the experts group offers, enough for every actor.
     (resource, per_actor), = args["placement"]["actor_resources"].items()
     per_pod = offered(experts)[resource]
@@ -126,7 +126,7 @@ def test_each_deployment_and_actor_can_only_land_where_it_is_meant_to(file):
     manifest = yaml.safe_load(file.read_text())
     cluster = manifest["spec"]["rayClusterConfig"]
     groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
-    args = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+    args = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     front_group = "front" if "front" in groups else "head"
     for asked, meant, wanted in [(args["front_resources"], front_group, args["num_replicas"]),
                                  (args["fleet_resources"], "head", 1),
@@ -280,7 +280,7 @@ def test_expert_pods_land_only_on_gpus_that_hold_the_plan(file):
     from experts.spec import SwitchConfig, expert_format
 
     manifest = yaml.safe_load(file.read_text())
-    args = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+    args = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     command = shlex.split(manifest["metadata"]["annotations"]["switch-serve/build"])
     config = SwitchConfig.from_json_file(ROOT / command[command.index("--config") + 1])
     plan = PlacementConfig(**args["placement"]).plan(config, expert_format(args["dtype"], "none"))

@@ -17,11 +17,16 @@ import grpc
 import pytest
 import yaml
 from reference import ROOT, hf_generate
+from test_app import fronts_args
 
-from cluster.client import RemoteError, generate_remote
-from cluster.testing import free_port, tiny_config, write_random_checkpoint
+from cluster.app import APP_NAME, FLEET_APP
+from cluster.client import RemoteError, generate_remote, key_metadata
+from cluster.testing import finish_streams, free_port, tiny_config, write_random_checkpoint
 from experts.wire import torch_dtype
 from router_service.auth import API_KEY_ENV
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.server import FLEET_DEPLOYMENT
 
 MANIFESTS = ROOT / "manifests"
 CPU_CAP = 2  # this machine's cores
@@ -29,6 +34,10 @@ API_KEY = "topology-test-key"
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [7, 3, 1], [14, 15, 16, 50, 27, 1]]
 NEW_TOKENS = 6
 DEPLOY_TIMEOUT_S = 240
+STALL_S = 20  # longer than a new config takes to build and to stop the old fleet; shorter than the drain timeout
+# While the app deploys or loads its experts, or a front's node is lost (Serve's proxy says INTERNAL for a replica
+# that died under a call).
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -101,15 +110,16 @@ class ManifestCluster:
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self.ports['grpc']}"
 
-    def serve_config(self, model: str, **placement) -> dict:
-        """The manifest's serveConfigV2 with the model swapped, the plan changed as given, and this machine's
-        free ports."""
+    def serve_config(self, model: str, fronts: dict | None = None, **placement) -> dict:
+        """The manifest's serveConfigV2 with the model swapped, the plan changed as given, the fronts' other
+        settings as given, and this machine's free ports."""
         config = yaml.safe_load(self.manifest["spec"]["serveConfigV2"])
         config["http_options"] |= {"host": "127.0.0.1", "port": self.ports["http"]}
         config["grpc_options"]["port"] = self.ports["grpc"]
-        args = config["applications"][0]["args"]
-        args["model"] = model
-        args["placement"] |= placement
+        for application in config["applications"]:  # the fleet's and the fronts'
+            application["args"]["model"] = model
+            application["args"]["placement"] |= placement
+        fronts_args(config).update(fronts or {})
         return config
 
     def deploy(self, config: dict) -> None:
@@ -173,7 +183,7 @@ def generate_until(address: str, expected: list[list[int]], timeout_s: float = D
             outputs = generate_remote(address, PROMPTS, max_new_tokens=NEW_TOKENS, timeout=60, api_key=API_KEY)
             break
         except RemoteError as e:
-            if e.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+            if e.code not in RETRYABLE or time.monotonic() > deadline:
                 raise
             time.sleep(1)
     assert [o["token_ids"] for o in outputs] == expected
@@ -192,8 +202,8 @@ def placement_groups(state: str) -> list:
     return list_placement_groups(filters=[("state", "=", state)], detail=True)
 
 
-FLEET = "ServeReplica:switch-serve:ExpertFleet"
-FRONT = "ServeReplica:switch-serve:SwitchServer"
+FLEET = f"ServeReplica:{FLEET_APP}:{FLEET_DEPLOYMENT}"
+FRONT = f"ServeReplica:{APP_NAME}:SwitchServer"
 
 
 def check_nothing_of_the_old_plan_is_left(actors: int) -> None:
@@ -207,20 +217,46 @@ def check_nothing_of_the_old_plan_is_left(actors: int) -> None:
 
 def reference_tokens(cluster: ManifestCluster, hf_model) -> list[list[int]]:
     """transformers' greedy tokens in the dtype the manifest serves in."""
-    dtype = yaml.safe_load(cluster.manifest["spec"]["serveConfigV2"])["applications"][0]["args"]["dtype"]
+    dtype = fronts_args(yaml.safe_load(cluster.manifest["spec"]["serveConfigV2"]))["dtype"]
     return [tokens for tokens, _ in hf_generate(hf_model.to(torch_dtype(dtype)), PROMPTS, NEW_TOKENS)]
 
 
+def start_streams(address: str, count: int) -> tuple[grpc.Channel, list]:
+    """`count` sampled streams (a random model rarely ends one early), each past its first chunk."""
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.SwitchServeStub(channel)
+    streams = [stub.GenerateStream(pb.GenerateRequest(input_ids=PROMPTS[i % len(PROMPTS)], max_new_tokens=100,
+                                                      temperature=1.0, seed=i), timeout=300,
+                                   metadata=key_metadata(API_KEY)) for i in range(count)]
+    for stream in streams:
+        next(stream)
+    return channel, streams
+
+
+def stall_every_expert_actor(seconds: float) -> None:
+    """Each of the fleet's expert actors stalls this long in its next call (ExpertActor.inject_fault)."""
+    import ray
+    from ray import serve
+
+    view = serve.get_deployment_handle(FLEET_DEPLOYMENT, FLEET_APP).actors.remote(0.0).result()
+    ray.get([actor.inject_fault.remote(at_call=1, stall_s=seconds) for actor in view.actors])
+
+
+def ids(class_name: str) -> set[str]:
+    return {a.actor_id for a in alive_actors(class_name)}
+
+
 def test_switch_base_8_manifest(tmp_path):
-    """The fronts and the fleet on the head, one expert actor per GPU worker, answers equal to transformers';
-    the plan changed in place to a third GPU worker (as the autoscaler would add one) leaves nothing of the old
-    one."""
+    """The fronts and the fleet on the head, one expert actor per GPU worker, answers equal to transformers'
+    and the API key required. A change to the fronts' settings keeps the fleet and its actors. The plan changed
+    in place onto a third GPU worker (as the autoscaler would add one) while streams run: every stream ends
+    whole, and nothing of the old plan is left."""
     with manifest_cluster("rayservice-switch-base-8.yaml") as cluster:
         expected = reference_tokens(cluster, write_random_checkpoint(tmp_path, tiny_config(num_experts=8)))
         cluster.deploy(cluster.serve_config(str(tmp_path)))
         cluster.wait_until_running()
         generate_until(cluster.grpc_address, expected)
-        args = yaml.safe_load(cluster.manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+        args = fronts_args(yaml.safe_load(cluster.manifest["spec"]["serveConfigV2"]))
         assert groups_holding(cluster, FRONT) == ["head"] * args["num_replicas"]
         assert groups_holding(cluster, FLEET) == ["head"]
         assert groups_holding(cluster, "ExpertActor") == ["experts"] * args["placement"]["gpus"]
@@ -228,10 +264,59 @@ def test_switch_base_8_manifest(tmp_path):
             generate_remote(cluster.grpc_address, PROMPTS[:1], max_new_tokens=1, timeout=30)
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
 
+        fronts, fleet, actors = ids(FRONT), ids(FLEET), ids("ExpertActor")
+        cluster.deploy(cluster.serve_config(str(tmp_path), fronts={"max_waiting": args.get("max_waiting", 64) + 1}))
+        wait_for(lambda: len(ids(FRONT) - fronts) == args["num_replicas"] and not ids(FRONT) & fronts,
+                 "new front replicas")
+        cluster.wait_until_running()
+        generate_until(cluster.grpc_address, expected)
+        assert ids(FLEET) == fleet and ids("ExpertActor") == actors
+
         cluster.add_pod("experts")
-        cluster.deploy(cluster.serve_config(str(tmp_path), gpus=3, nodes=3))
+        channel, streams = start_streams(cluster.grpc_address, 8)
+        with channel:
+            stall_every_expert_actor(STALL_S)  # keeps the streams running until well after the old fleet stops
+            cluster.deploy(cluster.serve_config(str(tmp_path), gpus=3, nodes=3))
+            outcomes, details = finish_streams(streams)
+        assert outcomes == ["OK"] * len(streams), details
         cluster.wait_until_running()
         wait_for(lambda: len({a.node_id for a in alive_actors("ExpertActor")}) == 3, "actors on three nodes")
         generate_until(cluster.grpc_address, expected)
         check_nothing_of_the_old_plan_is_left(actors=3)
         assert groups_holding(cluster, "ExpertActor") == ["experts"] * 3
+
+
+def test_switch_c_2048_manifest(tmp_path):
+    """switch-c-2048's layout, with a look-alike of 2048 experts a layer on a smaller plan (3 of its 48 GPUs, then
+    6): the fronts on the front GPU pods, the fleet on the head, the expert actors on the 8-GPU pods, answers equal
+    to transformers'. Losing the node of a front leaves the fleet and every expert actor as they were, and the
+    other front serving; a new front pod gets a front again. The plan changed in place over all six expert pods
+    leaves nothing of the old one."""
+    config = tiny_config(vocab_size=64, d_model=8, d_kv=4, num_heads=2, d_ff=8, num_experts=2048, num_layers=2,
+                         num_decoder_layers=2, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
+    with manifest_cluster("rayservice-switch-c-2048.yaml") as cluster:
+        expected = reference_tokens(cluster, write_random_checkpoint(tmp_path, config))
+        cluster.deploy(cluster.serve_config(str(tmp_path), gpus=3, nodes=3))
+        cluster.wait_until_running()
+        generate_until(cluster.grpc_address, expected)
+        assert groups_holding(cluster, FRONT) == ["front", "front"]
+        assert groups_holding(cluster, FLEET) == ["head"]
+        assert groups_holding(cluster, "ExpertActor") == ["experts"] * 3
+
+        fleet, actors = ids(FLEET), ids("ExpertActor")
+        lost = next(n for n in cluster.nodes["front"] if n.node_id == alive_actors(FRONT)[0].node_id)
+        cluster.remove_pod(lost)
+        generate_until(cluster.grpc_address, expected)  # the other front
+        assert ids(FLEET) == fleet and ids("ExpertActor") == actors
+        cluster.add_pod("front")  # as KubeRay would, for the pod lost
+        wait_for(lambda: groups_holding(cluster, FRONT) == ["front", "front"], "a front on the new pod")
+        cluster.wait_until_running()
+        generate_until(cluster.grpc_address, expected)
+        assert ids(FLEET) == fleet and ids("ExpertActor") == actors
+
+        cluster.deploy(cluster.serve_config(str(tmp_path), gpus=6, nodes=6))
+        cluster.wait_until_running()
+        wait_for(lambda: len({a.node_id for a in alive_actors("ExpertActor")}) == 6, "actors on six nodes")
+        generate_until(cluster.grpc_address, expected)
+        check_nothing_of_the_old_plan_is_left(actors=6)
+        assert groups_holding(cluster, "ExpertActor") == ["experts"] * 6

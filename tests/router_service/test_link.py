@@ -10,6 +10,8 @@ from types import SimpleNamespace
 from experts.fleet import FleetActors
 from router_service.engine import LINK_CHECK_S, ExpertLink
 
+SERVES = "experts-0123456789ab"  # the config the link's front serves
+
 
 class StandInFleet:
     """Answers `fleet.actors.remote(wait_s).result()` with `view`, or raises `error`."""
@@ -36,21 +38,21 @@ def wait_for(condition, timeout_s: float) -> bool:
 
 def test_link_follows_its_fleet():
     """Fails if the link only learns of a new fleet from a failed call (the check in ExpertLink._run)."""
-    fleet = StandInFleet(FleetActors([], "waiting 10 s for room for 2 node(s)", "first"))
+    fleet = StandInFleet(FleetActors([], "waiting 10 s for room for 2 node(s)", "first", SERVES))
     dispatcher = SimpleNamespace(actors=[], on_lost=None, actors_dead=lambda: False)
     dispatcher.use = lambda actors, local: setattr(dispatcher, "actors", actors)
-    link = ExpertLink(fleet, dispatcher)
+    link = ExpertLink(fleet, SERVES, dispatcher)
     try:
         assert wait_for(lambda: link.status.startswith("waiting 10 s for room"), 5)
         assert not link.ready.is_set()
 
-        fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "first")
+        fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "first", SERVES)
         assert link.wait(5) and dispatcher.actors == ["actor 0", "actor 1"] and link.status == "ready"
 
-        fleet.view = FleetActors([], "loading 2 expert actors", "second")  # the fleet died and started again
+        fleet.view = FleetActors([], "loading 2 expert actors", "second", SERVES)  # the fleet died and started again
         assert wait_for(lambda: not link.ready.is_set(), LINK_CHECK_S + 2)
         assert wait_for(lambda: link.status == "loading 2 expert actors", 5)
-        fleet.view = FleetActors(["actor 2", "actor 3"], "ready", "second")
+        fleet.view = FleetActors(["actor 2", "actor 3"], "ready", "second", SERVES)
         assert link.wait(5) and dispatcher.actors == ["actor 2", "actor 3"]
 
         dispatcher.actors_dead = lambda: True  # the fleet died; Serve has not noticed yet
@@ -63,6 +65,26 @@ def test_link_follows_its_fleet():
         dispatcher.on_lost(RuntimeError("actor 2 died"))  # a call found an actor dead
         assert not link.ready.is_set() and "actor 2 died" in link.status
         assert link.wait(5)
+    finally:
+        link.close()
+
+
+def test_link_takes_only_the_actors_of_a_fleet_serving_its_config():
+    """While a config change is under way, the fronts of one config may ask the other's fleet: its actors place the
+    experts otherwise. Fails if the link takes them (the check of `serves` in ExpertLink._run)."""
+    fleet = StandInFleet(FleetActors(["new 0", "new 1", "new 2"], "ready", "new", "experts-new-plan"))
+    dispatcher = SimpleNamespace(actors=[], on_lost=None, actors_dead=lambda: False)
+    dispatcher.use = lambda actors, local: setattr(dispatcher, "actors", actors)
+    link = ExpertLink(fleet, SERVES, dispatcher)
+    try:
+        assert wait_for(lambda: "serves another config (experts-new-plan" in link.status, 5)
+        assert not link.ready.is_set() and dispatcher.actors == []
+
+        fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "old", SERVES)
+        assert link.wait(5) and dispatcher.actors == ["actor 0", "actor 1"]
+        fleet.view = FleetActors(["new 0", "new 1", "new 2"], "ready", "new", "experts-new-plan")
+        time.sleep(LINK_CHECK_S + 1)  # a draining front keeps its own fleet's actors while they live
+        assert link.ready.is_set() and dispatcher.actors == ["actor 0", "actor 1"]
     finally:
         link.close()
 
