@@ -288,7 +288,7 @@ def cmd_soak(args: argparse.Namespace) -> None:
     from cluster.soak import main
 
     sys.exit(main(args.model, args.duration, args.concurrency, tuple(args.chaos_every) if args.chaos else None,
-                  args.replicas))
+                  args.replicas, args.nodes))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -393,8 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--duration", type=float, default=600.0, help="seconds of load (default: 600)")
     k.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: 8)")
     k.add_argument("--replicas", type=int, default=2, help="front replicas (default: 2)")
+    k.add_argument("--nodes", type=int, default=0, help="run on a Ray cluster of raylets on this machine: a head for "
+                                                      "the fronts and the fleet, and this many workers for the "
+                                                      "expert actors (default: 0, one local Ray node)")
     k.add_argument("--chaos", action="store_true", help="kill an expert actor, the expert fleet and a front replica "
-                                                        "in turn, at random times")
+                                                        "in turn, at random times; with --nodes, replace a worker "
+                                                        "node as well")
     k.add_argument("--chaos-every", type=float, nargs=2, default=(15.0, 30.0), metavar=("MIN_S", "MAX_S"),
                    help="seconds between faults, drawn between these (default: 15 30)")
     k.set_defaults(func=cmd_soak)

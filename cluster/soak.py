@@ -3,10 +3,13 @@
 The load mixes greedy unary calls and streams (each answer checked against a clean run before the load), streams
 cancelled part way, and bad input (which must be refused). With `--chaos`, processes are killed at random
 meanwhile: an expert actor's (Ray restarts it), the expert fleet's and a front replica's (Serve starts them
-again), each in turn. Printed: requests by outcome, faults injected, wrong answers, hung requests, latency with
-and without a fault nearby, and memory by kind of process at the start and the end.
+again), each in turn. With `--nodes N`, the soak runs on a Ray cluster of raylets on this machine, a head for the
+fronts and the fleet and N workers for the expert actors, and the faults include a node: a worker holding expert
+actors is removed, and a new one joins a few seconds later. Printed: requests by outcome, faults injected, wrong
+answers, hung requests, how soon each kind of fault is served again, latency with and without a fault nearby,
+and memory by kind of process at the start and the end.
 
-    switch-serve soak --duration 600 --chaos
+    switch-serve soak --duration 600 --chaos [--nodes 2]
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,6 +38,10 @@ from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 GREEDY_NEW_TOKENS = 12  # the length of every checked answer
 KINDS = ("unary", "stream", "cancelled stream", "bad input")
 FAULTS = ("expert actor", "expert fleet", "front replica")
+NODE_FAULT = "node"  # with worker nodes: one holding expert actors removed, a new one added back
+NODE_DOWN_S = 5.0  # how long the cluster runs a node short
+# Ray resources that keep the fronts and the fleet on the head, and the expert actors on the workers.
+HEAD_RESOURCE, WORKER_RESOURCE = "soak_head", "soak_worker"
 # What a request may end with while its experts or its replica are down: UNAVAILABLE from the server, INTERNAL
 # from Serve's gRPC proxy for a replica that died (see the README's failure table).
 RETRYABLE = {"UNAVAILABLE", "INTERNAL"}
@@ -87,6 +96,16 @@ class Report:
             return None
         return statistics.median(values), values[min(len(values) - 1, int(0.99 * len(values)))]
 
+    def served_again(self) -> dict[str, list[float]]:
+        """Seconds from each fault to the end of the first request begun after it and answered, by kind of fault
+        (none for a fault that no later request was answered after)."""
+        after: dict[str, list[float]] = {}
+        for at, kind in self.faults:
+            ends = [ended for began, ended in self.latencies if began >= at]
+            if ends:
+                after.setdefault(kind, []).append(min(ends) - at)
+        return after
+
     def summary(self) -> str:
         lines = [f"{sum(self.outcomes.values())} requests in {self.elapsed:.0f} s; faults injected: "
                  f"{dict(Counter(kind for _, kind in self.faults)) or 'none'}"]
@@ -95,6 +114,9 @@ class Report:
             lines.append(f"  {kind:<17} {by_outcome}")
         lines.append(f"wrong answers: {self.wrong}; hung: {self.hung}; lost (no retryable status): {self.lost}")
         lines.append(f"seconds in which a request was answered: {self.serving_share():.0%}")
+        for kind, seconds in sorted(self.served_again().items()):
+            lines.append(f"served again after a fault of the {kind}: median {statistics.median(seconds):.1f} s, "
+                         f"at most {max(seconds):.1f} s, {sum(seconds):.0f} s in all")
         for label, near in (("without faults", False), ("with faults", True)):
             p = self.latency(near)
             lines.append(f"latency {label}: " + (f"p50 {p[0]:.2f} s, p99 {p[1]:.2f} s" if p else "no requests"))
@@ -148,9 +170,67 @@ def load(stub, stop: threading.Event, report: Report, reference: dict[str, list[
             stop.wait(BACKOFF_S)
 
 
-def inject(fault: str, stub, rng: random.Random) -> bool:
-    """Kill one process of the kind `fault` names, as the OOM killer would; False if there was none to kill."""
+class LocalNodes:
+    """A Ray cluster of raylets on this machine, joined by this process: a head that offers HEAD_RESOURCE, and
+    `workers` nodes that offer WORKER_RESOURCE."""
+
+    def __init__(self, workers: int):
+        import logging
+
+        import ray
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "resources": {HEAD_RESOURCE: 100}, "include_dashboard": False})
+        self.workers = [self.add_worker() for _ in range(workers)]
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, logging_level=logging.WARNING, log_to_driver=False)
+
+    def add_worker(self):
+        return self.cluster.add_node(num_cpus=1, resources={WORKER_RESOURCE: 100}, object_store_memory=100 * 2**20)
+
+    def replace(self, node_id: str) -> None:
+        """Remove the worker `node_id` (all its processes killed, as when a machine is lost); NODE_DOWN_S later, a
+        new one joins."""
+        node = next(n for n in self.workers if n.node_id == node_id)
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+        time.sleep(NODE_DOWN_S)
+        self.workers.append(self.add_worker())
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+@contextmanager
+def ray_for_soak(workers: int) -> Iterator[LocalNodes | None]:
+    """With workers, a LocalNodes cluster for the soak's run; without, none (local_serve starts Ray)."""
+    nodes = LocalNodes(workers) if workers else None
+    try:
+        yield nodes
+    finally:
+        if nodes is not None:
+            nodes.shutdown()
+
+
+def inject(fault: str, stub, rng: random.Random, nodes: LocalNodes | None) -> bool:
+    """Kill one process of the kind `fault` names, as the OOM killer would, or replace a worker node that holds
+    expert actors; False if there was none."""
     import ray
+
+    if fault == NODE_FAULT:
+        try:
+            held = {a.node_id for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=10).actors}
+        except grpc.RpcError:
+            return False
+        candidates = [n.node_id for n in nodes.workers if n.node_id in held]
+        if not candidates:
+            return False
+        nodes.replace(rng.choice(candidates))
+        return True
 
     if fault == "expert actor":
         try:
@@ -175,21 +255,28 @@ def inject(fault: str, stub, rng: random.Random) -> bool:
     return True
 
 
-def chaos(stub, stop: threading.Event, report: Report, interval: tuple[float, float], seed: int) -> None:
+def faults(nodes: LocalNodes | None) -> tuple[str, ...]:
+    """The kinds of fault a chaos run injects, in turn."""
+    return FAULTS + ((NODE_FAULT,) if nodes else ())
+
+
+def chaos(stub, stop: threading.Event, report: Report, interval: tuple[float, float], seed: int,
+          nodes: LocalNodes | None) -> None:
     """Every `interval` seconds (drawn at random), a fault of the next kind in turn."""
     rng = random.Random(seed)
-    turn = 0
+    turn, kinds = 0, faults(nodes)
     while not stop.wait(rng.uniform(*interval)):
-        fault = FAULTS[turn % len(FAULTS)]
-        if inject(fault, stub, rng):
+        fault, at = kinds[turn % len(kinds)], time.monotonic()
+        if inject(fault, stub, rng, nodes):
             with report.lock:
-                report.faults.append((time.monotonic(), fault))
+                report.faults.append((at, fault))
             turn += 1
 
 
 def run_soak(config: ServerConfig, duration: float, concurrency: int, chaos_interval: tuple[float, float] | None,
-             seed: int = 0, progress: bool = True) -> Report:
-    """Serve `config` locally and soak it; with `chaos_interval`, inject faults that often."""
+             seed: int = 0, progress: bool = True, nodes: LocalNodes | None = None) -> Report:
+    """Serve `config` locally (on `nodes` if given, else on the running Ray cluster or one started here) and soak
+    it; with `chaos_interval`, inject faults that often."""
     report = Report()
     with local_serve(config, http_port=free_port(), grpc_port=free_port(), worker_logs=False) as served:
         with grpc.insecure_channel(served.grpc) as channel:
@@ -203,7 +290,8 @@ def run_soak(config: ServerConfig, duration: float, concurrency: int, chaos_inte
             threads = [threading.Thread(target=load, args=(stub, stop, report, reference, vocab_size, seed + i))
                        for i in range(concurrency)]
             if chaos_interval:
-                threads.append(threading.Thread(target=chaos, args=(stub, stop, report, chaos_interval, seed)))
+                threads.append(threading.Thread(target=chaos, args=(stub, stop, report, chaos_interval, seed,
+                                                                     nodes)))
             for t in threads:
                 t.start()
             while (left := duration - (time.monotonic() - started)) > 0:
@@ -219,15 +307,23 @@ def run_soak(config: ServerConfig, duration: float, concurrency: int, chaos_inte
     return report
 
 
-def soak_config(model: str, replicas: int) -> ServerConfig:
-    # The experts computed by their actors, whose failures the soak injects.
-    return ServerConfig(model=model, num_replicas=replicas, placement=PlacementConfig(experts_per_actor=2),
-                        local_experts=False)
+def soak_config(model: str, replicas: int, workers: int = 0) -> ServerConfig:
+    """The experts computed by their actors, whose failures the soak injects; with worker nodes, the actors spread
+    over them and the fronts and the fleet on the head."""
+    if not workers:
+        return ServerConfig(model=model, num_replicas=replicas, placement=PlacementConfig(experts_per_actor=2),
+                            local_experts=False)
+    return ServerConfig(model=model, num_replicas=replicas, local_experts=False,
+                        placement=PlacementConfig(experts_per_actor=2, nodes=workers,
+                                                  actor_resources={WORKER_RESOURCE: 1}),
+                        front_resources={HEAD_RESOURCE: 1}, fleet_resources={HEAD_RESOURCE: 1})
 
 
 def main(model: str | None, duration: float, concurrency: int, chaos_every: tuple[float, float] | None,
-         replicas: int) -> int:
+         replicas: int, workers: int) -> int:
     """The `switch-serve soak` command: 1 when an answer was wrong, hung or lost, else 0."""
-    report = run_soak(soak_config(model or str(DEMO_MODEL), replicas), duration, concurrency, chaos_every)
+    with ray_for_soak(workers) as nodes:
+        report = run_soak(soak_config(model or str(DEMO_MODEL), replicas, workers), duration, concurrency,
+                          chaos_every, nodes=nodes)
     print("\n" + report.summary())
     return 1 if report.wrong or report.hung or report.lost else 0
