@@ -183,6 +183,7 @@ class LocalNodes:
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 2, "resources": {HEAD_RESOURCE: 100}, "include_dashboard": False})
         self.workers = [self.add_worker() for _ in range(workers)]
+        self.rejoin_at: list[float] = []  # when each worker removed is replaced
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, logging_level=logging.WARNING, log_to_driver=False)
 
@@ -190,13 +191,18 @@ class LocalNodes:
         return self.cluster.add_node(num_cpus=1, resources={WORKER_RESOURCE: 100}, object_store_memory=100 * 2**20)
 
     def replace(self, node_id: str) -> None:
-        """Remove the worker `node_id` (all its processes killed, as when a machine is lost); NODE_DOWN_S later, a
-        new one joins."""
+        """Remove the worker `node_id` (all its processes killed, as when a machine is lost); `rejoin` adds a new
+        one NODE_DOWN_S later."""
         node = next(n for n in self.workers if n.node_id == node_id)
         self.cluster.remove_node(node, allow_graceful=False)
         self.workers.remove(node)
-        time.sleep(NODE_DOWN_S)
-        self.workers.append(self.add_worker())
+        self.rejoin_at.append(time.monotonic() + NODE_DOWN_S)
+
+    def rejoin(self) -> None:
+        """Add the workers that are due. Only the main thread can start a node (it sets signal handlers)."""
+        while self.rejoin_at and self.rejoin_at[0] <= time.monotonic():
+            self.rejoin_at.pop(0)
+            self.workers.append(self.add_worker())
 
     def shutdown(self) -> None:
         import ray
@@ -294,10 +300,14 @@ def run_soak(config: ServerConfig, duration: float, concurrency: int, chaos_inte
                                                                      nodes)))
             for t in threads:
                 t.start()
+            reported = started
             while (left := duration - (time.monotonic() - started)) > 0:
-                time.sleep(min(10.0, left))
-                if progress:
-                    print(f"{time.monotonic() - started:6.0f} s  {sum(report.outcomes.values())} requests, "
+                time.sleep(min(1.0, left))
+                if nodes is not None:
+                    nodes.rejoin()
+                if progress and time.monotonic() - reported >= 10.0:
+                    reported = time.monotonic()
+                    print(f"{reported - started:6.0f} s  {sum(report.outcomes.values())} requests, "
                           f"{len(report.faults)} faults", flush=True)
             stop.set()
             for t in threads:
