@@ -210,9 +210,11 @@ class ServedFleet(ExpertFleet):
         making room for the new fleet's."""
         fronts = serve.get_replica_context().app_name.removesuffix(FLEET_APP_SUFFIX)
         deadline = time.monotonic() + self.drain_timeout_s
-        while time.monotonic() < deadline and fronts_changing(fronts):
-            time.sleep(0.5)
-        self.release()
+        try:
+            while time.monotonic() < deadline and fronts_changing(fronts):
+                time.sleep(0.5)
+        finally:  # released even if Serve's controller cannot be asked
+            self.release()
 
 
 @serve.deployment
