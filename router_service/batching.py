@@ -138,11 +138,6 @@ class ContinuousBatcher:
         return len(self.waiting) + self.inbox.qsize()
 
     @property
-    def next_step_sequences(self) -> int:
-        """The sequences the next step decodes: those active and those it admits."""
-        return len(self.active) + min(self.num_waiting, self.free_slots)
-
-    @property
     def cache_rows(self) -> int:
         cache = self.cache
         return 0 if cache is None else cache.self_valid.shape[0]

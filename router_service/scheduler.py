@@ -18,12 +18,6 @@ from router_service.batching import ContinuousBatcher, Sequence
 log = logging.getLogger(__name__)
 
 
-# A step of this many sequences or fewer runs on one thread: its ops are too small for OpenMP's fork and join to
-# pay, and the cores left free serve the streams. Served, switch-base-8's shape on 2 cores: one thread gave 1.2-1.3x
-# the tokens/s of two at 1 to 8 requests at once; two gave 1.08x and 1.15x at 16 and 32 (docs/BENCHMARKS.md).
-ONE_THREAD_UP_TO = 8
-
-
 class QueueFull(Exception):
     """More requests are waiting than the configured limit: maps to RESOURCE_EXHAUSTED / HTTP 429."""
 
@@ -37,7 +31,7 @@ class Scheduler:
     def __init__(self, batcher: ContinuousBatcher, max_waiting: int, threads: int = 1):
         self.batcher = batcher
         self.max_waiting = max_waiting
-        self.threads = threads  # for the front's math, in steps of more than ONE_THREAD_UP_TO sequences
+        self.threads = threads  # for the front's math
         self._wake = threading.Event()
         self._stopped = threading.Event()  # set as the thread stops, before it fails what it has queued
         self._thread = threading.Thread(target=self._run, name="switch-serve-batcher", daemon=True)
@@ -83,10 +77,8 @@ class Scheduler:
     def alive(self) -> bool:
         return not self._stopped.is_set() and self._thread.is_alive()
 
-    def threads_for(self, sequences: int) -> int:
-        return 1 if sequences <= ONE_THREAD_UP_TO else self.threads
-
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # OpenMP keeps the count per thread: set it on the one doing the math
         try:
             with torch.inference_mode():
                 while True:
@@ -94,10 +86,6 @@ class Scheduler:
                         self._wake.wait()
                         self._wake.clear()
                         continue
-                    # OpenMP keeps the count per thread: set on the one doing the math.
-                    threads = self.threads_for(self.batcher.next_step_sequences)
-                    if torch.get_num_threads() != threads:
-                        torch.set_num_threads(threads)
                     try:
                         changed = self.batcher.step()
                     except Exception as e:  # keep the thread alive: the batch fails, later requests start afresh

@@ -1,20 +1,17 @@
 """The batching thread's death (what no `except Exception` in its loop catches) fails its requests instead of
 hanging them, refuses later ones, and turns the replica's health checks, gRPC's and Serve's, to not serving.
-Without the thread's `finally` in Scheduler._run, the first request here would wait forever. And the threads each
-step's math runs on."""
+Without the thread's `finally` in Scheduler._run, the first request here would wait forever."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from types import SimpleNamespace
 
 import pytest
-import torch
 from grpc_health.v1 import health_pb2
 
 from router_service.batching import ContinuousBatcher, Sequence
-from router_service.scheduler import ONE_THREAD_UP_TO, BatcherStopped, Scheduler
+from router_service.scheduler import BatcherStopped, Scheduler
 from router_service.server import SwitchServer
 
 
@@ -51,35 +48,3 @@ def test_a_stopped_batching_thread_fails_requests_and_health():
     assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(BatcherStopped):
         replica.check_health(server)
-
-
-
-class ScriptedBatcher:
-    """Steps of the given numbers of sequences, recording the OpenMP threads each ran with."""
-
-    def __init__(self, sizes: list[int]):
-        self.sizes, self.seen, self.done = list(sizes), [], threading.Event()
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.sizes)
-
-    @property
-    def next_step_sequences(self) -> int:
-        return self.sizes[0]
-
-    def step(self) -> list:
-        self.seen.append((self.sizes.pop(0), torch.get_num_threads()))
-        if not self.sizes:
-            self.done.set()
-        return []
-
-
-def test_small_steps_run_on_one_thread_and_large_ones_on_all():
-    """Fails if the thread count is set once for every step (as it was): a small step's ops are too small for
-    OpenMP's fork and join to pay (Scheduler.threads_for)."""
-    sizes = [1, ONE_THREAD_UP_TO, ONE_THREAD_UP_TO + 1, 32, 2]
-    batcher = ScriptedBatcher(sizes)
-    Scheduler(batcher, max_waiting=4, threads=3)
-    assert batcher.done.wait(10)
-    assert batcher.seen == [(1, 1), (ONE_THREAD_UP_TO, 1), (ONE_THREAD_UP_TO + 1, 3), (32, 3), (2, 1)]
