@@ -38,6 +38,9 @@ STALL_S = 20  # longer than a new config takes to build and to stop the old flee
 # While the app deploys or loads its experts, or a front's node is lost (Serve's proxy says INTERNAL for a replica
 # that died under a call).
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
+# The Ray actor classes of the fleet's and the fronts' Serve replicas.
+FLEET = f"ServeReplica:{FLEET_APP}:{FLEET_DEPLOYMENT}"
+FRONT = f"ServeReplica:{APP_NAME}:SwitchServer"
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -200,10 +203,6 @@ def placement_groups(state: str) -> list:
     from ray.util.state import list_placement_groups
 
     return list_placement_groups(filters=[("state", "=", state)], detail=True)
-
-
-FLEET = f"ServeReplica:{FLEET_APP}:{FLEET_DEPLOYMENT}"
-FRONT = f"ServeReplica:{APP_NAME}:SwitchServer"
 
 
 def check_nothing_of_the_old_plan_is_left(actors: int) -> None:
