@@ -29,11 +29,12 @@ import grpc
 
 from cluster.app import APP_NAME, FLEET_APP, local_serve
 from cluster.demo import DEMO_MODEL, PROMPTS
-from cluster.testing import free_port, replica_names, resident_memory
+from cluster.testing import free_port, replica_class, replica_names, resident_memory
 from experts.placement import PlacementConfig
 from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.server import FLEET_DEPLOYMENT, FRONT_DEPLOYMENT
 
 GREEDY_NEW_TOKENS = 12  # the length of every checked answer
 KINDS = ("unary", "stream", "cancelled stream", "bad input")
@@ -48,8 +49,8 @@ RETRYABLE = {"UNAVAILABLE", "INTERNAL"}
 HUNG_S = 120.0  # a request not answered within this is counted as hung
 BACKOFF_S = 0.5  # a client's pause after a retryable failure before its next request
 FAULT_WINDOW_S = 30.0  # requests that overlap the time from a fault to this much after it count as "with faults"
-PROCESSES = {"front replicas": f"ray::ServeReplica:{APP_NAME}:SwitchServer",
-             "expert fleet": f"ray::ServeReplica:{FLEET_APP}:ExpertFleet", "expert actors": "ray::ExpertActor"}
+PROCESSES = {"front replicas": f"ray::{replica_class(APP_NAME, FRONT_DEPLOYMENT)}",
+             "expert fleet": f"ray::{replica_class(FLEET_APP, FLEET_DEPLOYMENT)}", "expert actors": "ray::ExpertActor"}
 
 
 @dataclass
@@ -250,8 +251,8 @@ def inject(fault: str, stub, rng: random.Random, nodes: LocalNodes | None) -> bo
         except ProcessLookupError:
             return False
         return True
-    names = (replica_names(FLEET_APP, "ExpertFleet") if fault == "expert fleet"
-             else replica_names(APP_NAME, "SwitchServer"))
+    names = (replica_names(FLEET_APP, FLEET_DEPLOYMENT) if fault == "expert fleet"
+             else replica_names(APP_NAME, FRONT_DEPLOYMENT))
     if not names:
         return False
     try:
@@ -320,13 +321,11 @@ def run_soak(config: ServerConfig, duration: float, concurrency: int, chaos_inte
 def soak_config(model: str, replicas: int, workers: int = 0) -> ServerConfig:
     """The experts computed by their actors, whose failures the soak injects; with worker nodes, the actors spread
     over them and the fronts and the fleet on the head."""
-    if not workers:
-        return ServerConfig(model=model, num_replicas=replicas, placement=PlacementConfig(experts_per_actor=2),
-                            local_experts=False)
-    return ServerConfig(model=model, num_replicas=replicas, local_experts=False,
-                        placement=PlacementConfig(experts_per_actor=2, nodes=workers,
-                                                  actor_resources={WORKER_RESOURCE: 1}),
-                        front_resources={HEAD_RESOURCE: 1}, fleet_resources={HEAD_RESOURCE: 1})
+    head = {HEAD_RESOURCE: 1} if workers else {}
+    placement = PlacementConfig(experts_per_actor=2, nodes=max(1, workers),
+                                actor_resources={WORKER_RESOURCE: 1} if workers else {})
+    return ServerConfig(model=model, num_replicas=replicas, placement=placement, local_experts=False,
+                        front_resources=head, fleet_resources=head)
 
 
 def main(model: str | None, duration: float, concurrency: int, chaos_every: tuple[float, float] | None,

@@ -94,6 +94,11 @@ def free_port() -> int:
             return port
 
 
+def replica_class(app: str, deployment: str) -> str:
+    """The Ray actor class of a deployment's replicas (`ray::` and this name their processes)."""
+    return f"ServeReplica:{app}:{deployment}"
+
+
 def replica_names(app: str, deployment: str) -> list[str]:
     """The named actors (namespace "serve") Serve runs a deployment's live replicas in."""
     import ray

@@ -65,6 +65,7 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
 MODEL_INFO_WAIT_S = 2.0  # how long ModelInfo waits for the actors' own figures
 FLEET_DEPLOYMENT = "ExpertFleet"
+FRONT_DEPLOYMENT = "SwitchServer"
 FLEET_APP_SUFFIX = "-experts"  # the fleet's application is named after the fronts'
 
 
@@ -177,7 +178,7 @@ def fronts_changing(app: str) -> bool:
         return False
     if status.status in ("DEPLOYING", "DELETING"):
         return True
-    fronts = status.deployments.get("SwitchServer")
+    fronts = status.deployments.get(FRONT_DEPLOYMENT)
     return fronts is not None and fronts.replica_states.get("STOPPING", 0) > 0
 
 
@@ -217,7 +218,7 @@ class ServedFleet(ExpertFleet):
             self.release()
 
 
-@serve.deployment
+@serve.deployment(name=FRONT_DEPLOYMENT)
 @serve.ingress(http_app)
 class SwitchServer:
     def __init__(self, config: ServerConfig):

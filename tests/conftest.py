@@ -6,6 +6,7 @@ mark itself. `make test-fast` runs the others."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import pytest
 from transformers.utils import logging as hf_logging
@@ -41,6 +42,21 @@ def ray_cluster():
     ray.shutdown()
 
 
+@contextmanager
+def instead_of_shared_ray():
+    """Stops the shared local Ray cluster, if it runs, while the block starts and uses one of its own; starts it
+    again after."""
+    import ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    try:
+        yield
+    finally:
+        if was_running:
+            start_local_ray()
+
+
 @pytest.fixture(scope="module")
 def multi_node_cluster():
     """A Ray cluster of three raylets on this machine: a head with one CPU and no GPU, and two workers with two
@@ -49,18 +65,15 @@ def multi_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    was_running = ray.is_initialized()
-    ray.shutdown()
-    small = {"object_store_memory": 200 * 2**20}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **small})
-    workers = [cluster.add_node(num_cpus=2, num_gpus=2, **small) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level=logging.WARNING)
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
-    if was_running:
-        start_local_ray()
+    with instead_of_shared_ray():
+        small = {"object_store_memory": 200 * 2**20}
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **small})
+        workers = [cluster.add_node(num_cpus=2, num_gpus=2, **small) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+        yield cluster, workers
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

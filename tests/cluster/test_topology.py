@@ -21,12 +21,12 @@ from test_app import fronts_args
 
 from cluster.app import APP_NAME, FLEET_APP
 from cluster.client import RemoteError, generate_remote, key_metadata
-from cluster.testing import finish_streams, free_port, tiny_config, write_random_checkpoint
+from cluster.testing import finish_streams, free_port, replica_class, tiny_config, write_random_checkpoint
 from experts.wire import torch_dtype
 from router_service.auth import API_KEY_ENV
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
-from router_service.server import FLEET_DEPLOYMENT
+from router_service.server import FLEET_DEPLOYMENT, FRONT_DEPLOYMENT
 
 MANIFESTS = ROOT / "manifests"
 CPU_CAP = 2  # this machine's cores
@@ -39,8 +39,8 @@ STALL_S = 20  # longer than a new config takes to build and to stop the old flee
 # that died under a call).
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
 # The Ray actor classes of the fleet's and the fronts' Serve replicas.
-FLEET = f"ServeReplica:{FLEET_APP}:{FLEET_DEPLOYMENT}"
-FRONT = f"ServeReplica:{APP_NAME}:SwitchServer"
+FLEET = replica_class(FLEET_APP, FLEET_DEPLOYMENT)
+FRONT = replica_class(APP_NAME, FRONT_DEPLOYMENT)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -152,18 +152,15 @@ class ManifestCluster:
 @contextlib.contextmanager
 def manifest_cluster(file: str):
     import ray
-    from conftest import start_local_ray
+    from conftest import instead_of_shared_ray
 
-    was_running = ray.is_initialized()
-    ray.shutdown()
-    cluster = ManifestCluster(file)
-    try:
-        ray.init(address=cluster.cluster.address, logging_level=logging.WARNING)
-        yield cluster
-    finally:
-        cluster.shutdown()
-        if was_running:
-            start_local_ray()
+    with instead_of_shared_ray():
+        cluster = ManifestCluster(file)
+        try:
+            ray.init(address=cluster.cluster.address, logging_level=logging.WARNING)
+            yield cluster
+        finally:
+            cluster.shutdown()
 
 
 def alive_actors(class_name: str) -> list:

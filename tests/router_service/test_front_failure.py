@@ -22,10 +22,11 @@ from experts.placement import PlacementConfig
 from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.server import FLEET_DEPLOYMENT, FRONT_DEPLOYMENT
 
 
-def replica_names(deployment: str = "SwitchServer") -> list[str]:
-    return testing.replica_names(FLEET_APP if deployment == "ExpertFleet" else APP_NAME, deployment)
+def replica_names(deployment: str = FRONT_DEPLOYMENT) -> list[str]:
+    return testing.replica_names(FLEET_APP if deployment == FLEET_DEPLOYMENT else APP_NAME, deployment)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_killed_fleet_comes_back_by_itself(two_replicas):
                                                       temperature=1.0, seed=i), timeout=120) for i in range(8)]
     for s in streams:
         next(s)
-    (fleet,) = replica_names("ExpertFleet")
+    (fleet,) = replica_names(FLEET_DEPLOYMENT)
     killed = time.monotonic()
     ray.kill(ray.get_actor(fleet, namespace="serve"), no_restart=True)  # Serve starts another
     outcomes, _ = finish_streams(streams)
@@ -171,7 +172,7 @@ def test_a_change_to_the_fronts_config_lets_every_stream_finish_and_keeps_the_ex
     from cluster.app import build_app
 
     stub = two_replicas["stub"]
-    fleet_before, fronts_before = replica_names("ExpertFleet"), replica_names()
+    fleet_before, fronts_before = replica_names(FLEET_DEPLOYMENT), replica_names()
     pids_before = [a.pid for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).actors]
     groups_before = fleet_groups()
     streams = [stub.GenerateStream(pb.GenerateRequest(text=PROMPTS[i % len(PROMPTS)], max_new_tokens=120,
@@ -192,5 +193,5 @@ def test_a_change_to_the_fronts_config_lets_every_stream_finish_and_keeps_the_ex
     while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).status != "serving":
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert replica_names("ExpertFleet") == fleet_before and fleet_groups() == groups_before
+    assert replica_names(FLEET_DEPLOYMENT) == fleet_before and fleet_groups() == groups_before
     assert [a.pid for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).actors] == pids_before

@@ -11,14 +11,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster.app import local_serve
+from cluster.app import APP_NAME, local_serve
 from cluster.demo import WORDS
-from cluster.testing import free_port, resident_memory, write_random_checkpoint_with_tokenizer
+from cluster.testing import free_port, replica_class, resident_memory, write_random_checkpoint_with_tokenizer
 from experts.checkpoint import SwitchCheckpoint
 from experts.placement import PlacementConfig
 from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.server import FRONT_DEPLOYMENT
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +100,7 @@ def test_a_thousand_requests_leave_no_memory_behind(ray_cluster, tmp_path):
             actors = [a.pid for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).actors]
 
             def memory() -> dict[str, int]:
-                return {"front": resident_memory("ray::ServeReplica:switch-serve:SwitchServer"),
+                return {"front": resident_memory(f"ray::{replica_class(APP_NAME, FRONT_DEPLOYMENT)}"),
                         **{f"actor {pid}": rss(pid) for pid in actors}, "object store": object_store_used()}
 
             before = memory()

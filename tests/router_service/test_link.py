@@ -27,6 +27,13 @@ class StandInFleet:
         return SimpleNamespace(result=lambda timeout_s: self.view)
 
 
+def stand_in_dispatcher() -> SimpleNamespace:
+    """What the link uses of a dispatcher: the actors it was given."""
+    dispatcher = SimpleNamespace(actors=[], on_lost=None, actors_dead=lambda: False)
+    dispatcher.use = lambda actors, local: setattr(dispatcher, "actors", actors)
+    return dispatcher
+
+
 def wait_for(condition, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -39,8 +46,7 @@ def wait_for(condition, timeout_s: float) -> bool:
 def test_link_follows_its_fleet():
     """Fails if the link only learns of a new fleet from a failed call (the check in ExpertLink._run)."""
     fleet = StandInFleet(FleetActors([], "waiting 10 s for room for 2 node(s)", "first", SERVES))
-    dispatcher = SimpleNamespace(actors=[], on_lost=None, actors_dead=lambda: False)
-    dispatcher.use = lambda actors, local: setattr(dispatcher, "actors", actors)
+    dispatcher = stand_in_dispatcher()
     link = ExpertLink(fleet, SERVES, dispatcher)
     try:
         assert wait_for(lambda: link.status.startswith("waiting 10 s for room"), 5)
@@ -73,8 +79,7 @@ def test_link_takes_only_the_actors_of_a_fleet_serving_its_config():
     """While a config change is under way, the fronts of one config may ask the other's fleet: its actors place the
     experts otherwise. Fails if the link takes them (the check of `serves` in ExpertLink._run)."""
     fleet = StandInFleet(FleetActors(["new 0", "new 1", "new 2"], "ready", "new", "experts-new-plan"))
-    dispatcher = SimpleNamespace(actors=[], on_lost=None, actors_dead=lambda: False)
-    dispatcher.use = lambda actors, local: setattr(dispatcher, "actors", actors)
+    dispatcher = stand_in_dispatcher()
     link = ExpertLink(fleet, SERVES, dispatcher)
     try:
         assert wait_for(lambda: "serves another config (experts-new-plan" in link.status, 5)
