@@ -185,13 +185,14 @@ def cluster_run(address: str, requests: list[Request], concurrency: int) -> list
     return timings
 
 
-def decode_timed(folder: Path, batches: list[list[Request]], placement: PlacementConfig, engine: dict) -> list:
+def decode_timed(folder: Path, batches: list[list[Request]], placement: PlacementConfig, engine: dict,
+                 threads: int) -> list:
     """Decode each batch of requests through the Python API, timing the front, the sparse-layer round trips (the
     front sending, then waiting) and the experts' compute inside them. Runs as a Ray task set up like a Serve
-    replica (see `breakdown`). `engine`: EngineConfig's fields."""
-    torch.set_num_threads(this_node_cpus())
+    replica (see `breakdown`), its math on `threads` threads. `engine`: EngineConfig's fields."""
     most = max(len(b) for b in batches)
     with SwitchCluster(folder, placement=placement, max_sequences=max(32, most), **engine) as model:
+        model.batcher.threads = threads
         run_to_completion(model.batcher, [Sequence(batches[0][0].prompt, SamplingParams(max_new_tokens=2))])  # warm
         dispatcher = model.front.dispatch
 
@@ -215,13 +216,13 @@ def decode_timed(folder: Path, batches: list[list[Request]], placement: Placemen
 
 
 def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig, engine: dict,
-              front_gpus: float) -> list[dict]:
+              front_gpus: float, threads: int) -> list[dict]:
     """Where the cluster's time goes, for all requests at once and for one request alone: the front's own compute,
     sending, waiting, and the experts' compute, from the requests decoded in a Ray worker with a replica's
     environment, threads and GPU (so without the proxy and the streams)."""
     timed = ray.remote(num_cpus=0, num_gpus=front_gpus, runtime_env={"env_vars": FRONT_ENV})(decode_timed)
     rows = []
-    for t in ray.get(timed.remote(folder, [requests, requests[:1]], placement, engine)):
+    for t in ray.get(timed.remote(folder, [requests, requests[:1]], placement, engine, threads)):
         calls, trips = t["sparse_layer_calls"], t["round_trip_s"]
         # The actors of one round trip run at once, so their compute overlaps: count their sum spread over them.
         compute = t["expert_compute_s"] / (t["actors"] if t["requests"] > 1 else 1)
@@ -233,7 +234,7 @@ def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig,
 
 def run(folder: Path, workloads: list[str], concurrency: list[int], requests: int = 32,
         experts_per_actor: int | None = None, micro_batches: int = 1, local_experts: bool = True,
-        quantize: str = "none", device: str = "cpu", seed: int = 0) -> dict:
+        quantize: str = "none", front_threads: int | None = None, device: str = "cpu", seed: int = 0) -> dict:
     """Each workload's `requests` requests (at a concurrency above that, as many as it keeps in flight) through
     transformers and through the served cluster, on the CPU or (`device` "cuda") the GPUs."""
     engine = {"micro_batches": micro_batches, "local_experts": local_experts, "quantize": quantize}
@@ -260,9 +261,11 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
         per_actor = experts_per_actor or experts_per_cpu(config.num_experts, os.cpu_count() or 1)
         placement, ray_options, front_gpus = PlacementConfig(experts_per_actor=per_actor), {}, 0.0
     report["placement"] = placement.model_dump(exclude_defaults=True)
-    server = ServerConfig(model=str(folder), placement=placement, front_gpus=front_gpus, **engine,
+    server = ServerConfig(model=str(folder), placement=placement, front_gpus=front_gpus, front_threads=front_threads,
+                          **engine,
                           max_sequences=max(32, *concurrency), max_waiting=max(64, requests))
     ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False, **ray_options)
+    report["front_threads"] = front_threads or this_node_cpus()  # a replica's default
     try:
         with local_serve(server, http_port=free_port(), grpc_port=free_port()) as served:
             cluster_run(served.grpc, next(iter(work.values()))[:2], 2)  # warm
@@ -275,7 +278,7 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
             report["workloads"][name]["breakdown"] = [
                 row for local in dict.fromkeys([local_experts, False])
                 for row in breakdown(folder, pool[:requests], placement, engine | {"local_experts": local},
-                                     front_gpus)]
+                                     front_gpus, report["front_threads"])]
     finally:
         ray.shutdown()
     for w in report["workloads"].values():  # greedy outputs must not depend on the system or the batch
@@ -314,7 +317,8 @@ def where_experts_run(local_experts: bool) -> str:
 
 def table(report: dict) -> str:
     lines = [f"{report['model']}: {report['requests']} requests per workload, {report['cpus']} CPUs, "
-             f"device {report['device']}, placement {report['placement']}, {report['micro_batches']} micro-batches, "
+             f"device {report['device']}, placement {report['placement']}, front threads {report['front_threads']}, "
+             f"{report['micro_batches']} micro-batches, "
              f"{where_experts_run(report['local_experts'])}, experts quantized: {report.get('quantize', 'none')}"]
     for name, w in report["workloads"].items():
         hf = {r["batch_size"]: r for r in w["transformers"]}

@@ -270,7 +270,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         folder = Path(resolve_model(args.model))
     else:
         folder = checkpoint(args.shape, Path.home() / ".cache" / "switch-serve" / "bench" / args.shape)
-    options = given(args, PlacementConfig) | given(args, EngineConfig)
+    options = given(args, PlacementConfig) | given(args, EngineConfig) | given(args, ServerConfig)
     report = run(folder, args.workload or ["default", "long-prompts"], args.concurrency, args.requests,
                  device=args.device, **options)
     print_report(report, args.json)
@@ -374,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "matplotlib: pip install '.[bench]')")
     add_fields(n, PlacementConfig, ["experts_per_actor"])
     add_fields(n, EngineConfig, ["micro_batches", "local_experts", "quantize"])
+    add_fields(n, ServerConfig, ["front_threads"])
     n.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="run transformers, the front and the expert actors on the CPU (default) or the GPUs")
     n.add_argument("--json", action="store_true")

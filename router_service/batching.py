@@ -20,6 +20,13 @@ from experts.spec import LayerKey
 from router_service.model import DecoderCache, Routing, SwitchFront
 from router_service.requests import SamplingParams
 
+# A decoding step of this many sequences or fewer runs its math on one OpenMP thread: its ops are too small for
+# OpenMP's fork and join to pay, and the other cores serve the streams. Encoder passes, whole prompts, use every
+# thread: prompts arrive a few at a time, and their passes on one thread made 32 requests at once 12% slower.
+# Served on 2 cores, switch-base-8's shape: a TPOT of 0.083 s against 0.090-0.105 s on two threads throughout at one
+# request, and as fast from 4 to 64 requests (docs/BENCHMARKS.md).
+ONE_THREAD_UP_TO = 8
+
 
 @dataclass
 class Route:
@@ -107,10 +114,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 class ContinuousBatcher:
-    """Owns the decoding batch. `add` may be called from any thread; `step` from one thread only."""
+    """Owns the decoding batch. `add` may be called from any thread; `step` from one thread only.
 
-    def __init__(self, front: SwitchFront, max_sequences: int, metrics=None):
+    `threads`: the OpenMP threads of the stepping thread's math, fewer for small decoding steps (see
+    ONE_THREAD_UP_TO); None leaves that thread's setting alone."""
+
+    def __init__(self, front: SwitchFront, max_sequences: int, metrics=None, threads: int | None = None):
         self.front = front
+        self.threads = threads
         self.max_sequences = max_sequences
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         eos = front.config.eos_token_id
@@ -158,6 +169,7 @@ class ContinuousBatcher:
         embedded = self._admit()
         if not self.active:
             return embedded
+        self._use_threads(1 if len(self.active) <= ONE_THREAD_UP_TO else self.threads)
         self.cache, logits, routing = self.front.decode_step(self.cache, self.next_tokens)
         dropped = Routing.dropped_per_row(routing, len(self.active))
         self.steps += 1
@@ -230,6 +242,7 @@ class ContinuousBatcher:
         if not joining:
             return []
         try:
+            self._use_threads(self.threads)
             groups = self.front.encode([seq.prompt for seq in joining])
             decoding = [[b for b, row in enumerate(rows) if joining[row].pooling is None] for rows, _ in groups]
             caches = [self.front.start_decoding(encoded.rows(keep))
@@ -264,6 +277,10 @@ class ContinuousBatcher:
         self.next_tokens = torch.cat([self.next_tokens, start])
         self.active += joining
         return embedded
+
+    def _use_threads(self, n: int | None) -> None:
+        if self.threads is not None and torch.get_num_threads() != n:  # OpenMP keeps the count per thread
+            torch.set_num_threads(n)
 
     def _leave(self, staying: list[bool]) -> None:
         if all(staying):

@@ -31,7 +31,7 @@ class Scheduler:
     def __init__(self, batcher: ContinuousBatcher, max_waiting: int, threads: int = 1):
         self.batcher = batcher
         self.max_waiting = max_waiting
-        self.threads = threads  # for the front's math
+        batcher.threads = threads  # for the front's math, on the thread started here
         self._wake = threading.Event()
         self._stopped = threading.Event()  # set as the thread stops, before it fails what it has queued
         self._thread = threading.Thread(target=self._run, name="switch-serve-batcher", daemon=True)
@@ -78,7 +78,6 @@ class Scheduler:
         return not self._stopped.is_set() and self._thread.is_alive()
 
     def _run(self) -> None:
-        torch.set_num_threads(self.threads)  # OpenMP keeps the count per thread: set it on the one doing the math
         try:
             with torch.inference_mode():
                 while True:

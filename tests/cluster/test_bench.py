@@ -16,10 +16,11 @@ import pytest
 def test_bench_quick_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--shape", "tiny", "--workload", "short",
-                          "--requests", "6", "--concurrency", "1,4,8", "--json"],
+                          "--requests", "6", "--concurrency", "1,4,8", "--front-threads", "1", "--json"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["front_threads"] == 1
     (name, w), = report["workloads"].items()
     assert name == "short"
     assert [r["batch_size"] for r in w["transformers"]] == ["1", "4", "all", "8"]
