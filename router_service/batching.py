@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from experts.ffn import core_threads
 from experts.spec import LayerKey
 from router_service.model import DecoderCache, Routing, SwitchFront
 from router_service.requests import SamplingParams
 
 # A decoding step of this many sequences or fewer runs its math on one OpenMP thread: its ops are too small for
-# OpenMP's fork and join to pay, and the other cores serve the streams. Encoder passes, whole prompts, use every
-# thread: prompts arrive a few at a time, and their passes on one thread made 32 requests at once 12% slower.
+# OpenMP's fork and join to pay. Its large products are split over the cores instead (experts.ffn.split_linear).
+# Encoder passes, whole prompts, use every OpenMP thread: prompts arrive a few at a time, and their passes on one
+# thread made 32 requests at once 12% slower.
 # Served on 2 cores, switch-base-8's shape: a TPOT of 0.083 s against 0.090-0.105 s on two threads throughout at one
 # request, and as fast from 4 to 64 requests (docs/BENCHMARKS.md).
 ONE_THREAD_UP_TO = 8
@@ -116,8 +118,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 class ContinuousBatcher:
     """Owns the decoding batch. `add` may be called from any thread; `step` from one thread only.
 
-    `threads`: the OpenMP threads of the stepping thread's math, fewer for small decoding steps (see
-    ONE_THREAD_UP_TO); None leaves that thread's setting alone."""
+    `threads`: the cores of its math (default: the stepping thread's OpenMP threads as a step begins), on as many
+    OpenMP threads but for small decoding steps (see ONE_THREAD_UP_TO); each step ends with the stepping thread on
+    that many."""
 
     def __init__(self, front: SwitchFront, max_sequences: int, metrics=None, threads: int | None = None):
         self.front = front
@@ -160,16 +163,20 @@ class ContinuousBatcher:
         changed = [seq for seq in self.waiting if seq.cancelled]
         self.waiting = deque(seq for seq in self.waiting if not seq.cancelled)
         self._leave([not seq.cancelled for seq in self.active])
+        cores = self.threads or torch.get_num_threads()
+        core_threads(cores)
         try:
-            return changed + self._decode()
+            return changed + self._decode(cores)
         except Exception as e:  # the whole batch fails together; the next step starts afresh
             return changed + self.fail(e)
+        finally:
+            use_threads(cores)
 
-    def _decode(self) -> list[Sequence]:
-        embedded = self._admit()
+    def _decode(self, cores: int) -> list[Sequence]:
+        embedded = self._admit(cores)
         if not self.active:
             return embedded
-        self._use_threads(1 if len(self.active) <= ONE_THREAD_UP_TO else self.threads)
+        use_threads(1 if len(self.active) <= ONE_THREAD_UP_TO else cores)
         self.cache, logits, routing = self.front.decode_step(self.cache, self.next_tokens)
         dropped = Routing.dropped_per_row(routing, len(self.active))
         self.steps += 1
@@ -226,7 +233,7 @@ class ContinuousBatcher:
         self.next_tokens = torch.zeros(0, dtype=torch.long)
         return failed
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self, cores: int) -> list[Sequence]:
         """Encode waiting requests, generation and embedding ones together, up to a batch's worth; generation ones
         join the batch while it has room. Embedding ones need no room in it, so they do not wait for it: they
         return done."""
@@ -242,7 +249,7 @@ class ContinuousBatcher:
         if not joining:
             return []
         try:
-            self._use_threads(self.threads)
+            use_threads(cores)
             groups = self.front.encode([seq.prompt for seq in joining])
             decoding = [[b for b, row in enumerate(rows) if joining[row].pooling is None] for rows, _ in groups]
             caches = [self.front.start_decoding(encoded.rows(keep))
@@ -278,10 +285,6 @@ class ContinuousBatcher:
         self.active += joining
         return embedded
 
-    def _use_threads(self, n: int | None) -> None:
-        if self.threads is not None and torch.get_num_threads() != n:  # OpenMP keeps the count per thread
-            torch.set_num_threads(n)
-
     def _leave(self, staying: list[bool]) -> None:
         if all(staying):
             return
@@ -289,6 +292,12 @@ class ContinuousBatcher:
         self.active = [seq for seq, stay in zip(self.active, staying) if stay]
         self.next_tokens = self.next_tokens[rows]
         self.cache = self.cache.select(rows) if self.active else None
+
+
+def use_threads(n: int) -> None:
+    """n OpenMP threads for this thread's math (OpenMP keeps the count per thread)."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 @torch.inference_mode()

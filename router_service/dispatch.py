@@ -13,7 +13,7 @@ from collections.abc import Callable
 import ray
 import torch
 
-from experts.ffn import ExpertThreads, grouped_ffn
+from experts.ffn import core_threads, grouped_ffn
 from experts.spec import ExpertKey
 from experts.wire import from_wire, to_wire
 
@@ -29,13 +29,12 @@ class ExpertDispatcher:
     `owners[(stack, layer)][expert]` lists the indices in `actors` of the actors hosting that expert; an expert
     with several copies has its tokens dealt round-robin over them. Tokens of an expert whose weights this process
     was given (see `use`) are computed here with `act`, while the calls for the others are out, different experts
-    at once on as many threads as the computing thread's OpenMP threads.
+    at once on the process's core threads (experts.ffn.core_threads).
     """
 
     def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, list[int]]], num_experts: int,
                  metrics=None, timeout_s: float | None = None, act=None):
         self.act = act
-        self.threads: ExpertThreads | None = None  # started for the first experts computed here
         self.timeout_s = timeout_s
         self.on_lost: Callable[[BaseException], None] | None = None  # told when a call finds its actor dead
         # Sparse-layer round trips made, the front's time sending and waiting in them, and sending alone.
@@ -74,12 +73,6 @@ class ExpertDispatcher:
         except ray.exceptions.RayActorError:
             return True
         return False
-
-    def close(self) -> None:
-        """Stop the threads computing experts here."""
-        if self.threads is not None:
-            self.threads.close()
-            self.threads = None
 
     def owner(self, layer: tuple[str, int], expert: torch.Tensor) -> torch.Tensor:
         """The actor each token goes to: its expert's n-th token goes to copy n mod the number of copies."""
@@ -138,12 +131,8 @@ class ExpertDispatcher:
         keys = [(pending.stack, pending.layer, e) for e in experts.tolist()]
         counts = counts.tolist()
         pending.local_index = index
-        threads = torch.get_num_threads()
-        if threads > 1 and (self.threads is None or self.threads.n != threads):
-            self.close()
-            self.threads = ExpertThreads(threads)
         pending.computed = grouped_ffn(pending.tokens[index], counts, [self.local[k] for k in keys], self.act,
-                                       self.threads if threads > 1 else None)
+                                       core_threads())
         self.local_calls += 1
         for key, n in zip(keys, counts):
             self.local_tokens[key] = self.local_tokens.get(key, 0) + n

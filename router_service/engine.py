@@ -278,7 +278,6 @@ class SwitchCluster:
         it."""
         if self.link is not None:
             self.link.close()
-            self.dispatcher.close()
         if self.fleet is not None and self._owns_fleet:
             stop_fleet(self.fleet)
         self.fleet = None

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.ffn import ACTIVATION_FUNCTIONS
+from experts.ffn import ACTIVATION_FUNCTIONS, core_threads, split_linear
 from experts.spec import (
     CAPACITY_MODES,
     STACKS,
@@ -277,17 +277,23 @@ class SwitchFront:
     def _w(self, name: str) -> torch.Tensor:
         return self.weights[name]
 
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """F.linear; a large weight split over the process's cores in a step on one OpenMP thread (see
+        experts.ffn.split_linear)."""
+        return split_linear(x, weight, core_threads())
+
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.d_kv).transpose(1, 2)
 
     def _project(self, prefix: str, which: str, x: torch.Tensor) -> torch.Tensor:
-        return self._split_heads(F.linear(x, self._w(f"{prefix}.{which}.weight")))
+        return self._split_heads(self._linear(x, self._w(f"{prefix}.{which}.weight")))
 
     def _project_fused(self, prefix: str, x: torch.Tensor) -> list[torch.Tensor]:
         """x projected by the attention's fused weights: [q, k, v] (self-attention) or [k, v] (cross-attention)."""
         fused = self.fused[prefix]
-        return [self._split_heads(part) for part in F.linear(x, fused).chunk(fused.shape[0] // (self.heads * self.d_kv),
-                                                                              dim=-1)]
+        parts = fused.shape[0] // (self.heads * self.d_kv)
+        return [self._split_heads(part) for part in self._linear(x, fused).chunk(parts, dim=-1)]
 
     def _attend(self, prefix: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 bias: torch.Tensor) -> torch.Tensor:
@@ -296,7 +302,7 @@ class SwitchFront:
         scores = torch.matmul(q, k.transpose(2, 3)) + bias
         out = torch.matmul(F.softmax(scores.float(), dim=-1).type_as(scores), v)
         out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
-        return F.linear(out, self._w(f"{prefix}.o.weight"))
+        return self._linear(out, self._w(f"{prefix}.o.weight"))
 
     def _position_bias(self, stack: str, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
         """[1, heads, queries, keys] relative position bias from block 0 of the stack."""
@@ -321,8 +327,8 @@ class SwitchFront:
         prefix = ffn_prefix(stack, layer)
         normed = rms_norm(x, self._w(f"{prefix}.layer_norm.weight"), self.eps)
         if layer not in self.sparse[stack]:
-            h = self.act(F.linear(normed, self._w(f"{prefix}.mlp.wi.weight")))
-            return F.linear(h.to(self.dtype), self._w(f"{prefix}.mlp.wo.weight")), None
+            h = self.act(self._linear(normed, self._w(f"{prefix}.mlp.wi.weight")))
+            return self._linear(h.to(self.dtype), self._w(f"{prefix}.mlp.wo.weight")), None
         return (yield from self._moe(stack, layer, normed, valid))
 
     def _moe(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> MicroBatch:
@@ -467,4 +473,4 @@ class SwitchFront:
         h = rms_norm(h, self._w("decoder.final_layer_norm.weight"), self.eps)
         if self.config.tie_word_embeddings:
             h = h * (self.config.d_model ** -0.5)
-        return F.linear(h[:, 0], self.lm_head), routing
+        return self._linear(h[:, 0], self.lm_head), routing

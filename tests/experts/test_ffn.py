@@ -1,5 +1,6 @@
 """The expert FFN: its activations, computed with torch alone, equal transformers' ACT2FN of the same name; experts
-computed at once on several threads get the work dealt evenly, and give what one thread does."""
+computed at once on several threads get the work dealt evenly, and give what one thread does; a large product on
+one OpenMP thread is split over the threads and gives F.linear's result."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from experts.ffn import ACTIVATION_FUNCTIONS, WEIGHT_READ_TOKENS, ExpertThreads, grouped_ffn, shares
+from experts.ffn import (
+    ACTIVATION_FUNCTIONS,
+    SPLIT_MIN_BYTES,
+    WEIGHT_READ_TOKENS,
+    ExpertThreads,
+    core_threads,
+    grouped_ffn,
+    shares,
+    split_linear,
+)
 from experts.spec import ACTIVATIONS
 
 
@@ -89,3 +99,78 @@ def test_the_callers_openmp_threads_are_left_as_they_were():
         assert later == [before]
     finally:
         threads.close()
+
+
+def on_one_openmp_thread(fn):
+    """fn's result, computed on a thread of its own with one OpenMP thread (as a small decoding step runs)."""
+    out = []
+
+    def run() -> None:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            out.append(fn())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def test_a_large_product_on_one_openmp_thread_is_split_over_the_threads(expert_threads):
+    """Every part but one is computed by another thread, and the result is F.linear's (up to MKL's rounding, which
+    may differ with the rows' count); a small weight, or a caller on several OpenMP threads, is not split. Fails if
+    split_linear never splits or cuts the rows wrong."""
+    torch.manual_seed(0)
+    large = torch.randn(SPLIT_MIN_BYTES // (4 * 256) + 3, 256)  # float32, just over the threshold, rows odd
+    small = torch.randn(64, 256)
+    x = torch.randn(3, 256)
+    submitted = []
+    submit = expert_threads.pool.submit
+
+    def counting_submit(*args):
+        submitted.append(args)
+        return submit(*args)
+
+    expert_threads.pool.submit = counting_submit
+    try:
+        assert torch.allclose(on_one_openmp_thread(lambda: split_linear(x, large, expert_threads)),
+                              F.linear(x, large), rtol=1e-5, atol=1e-5)
+        assert len(submitted) == expert_threads.n - 1  # every part but the caller's own
+        assert torch.equal(on_one_openmp_thread(lambda: split_linear(x, small, expert_threads)), F.linear(x, small))
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            assert torch.equal(split_linear(x, large, expert_threads), F.linear(x, large))
+        assert len(submitted) == expert_threads.n - 1
+    finally:
+        expert_threads.pool.submit = submit
+
+
+def test_one_expert_alone_has_its_products_split(expert_threads, monkeypatch):
+    """A decoding step's single token goes to one expert: nothing to deal out, so its products are split."""
+    monkeypatch.setattr("experts.ffn.SPLIT_MIN_BYTES", 0)
+    torch.manual_seed(0)
+    weights = [(torch.randn(40, 16), torch.randn(16, 40)) for _ in range(3)]
+    x = torch.randn(1, 16)
+    names = set()
+    submit = expert_threads.pool.submit
+
+    def naming_submit(fn, *args):
+        return submit(lambda: (names.add(threading.current_thread().name), fn(*args))[1])
+
+    expert_threads.pool.submit = naming_submit
+    try:
+        out = on_one_openmp_thread(lambda: grouped_ffn(x, [0, 1, 0], weights, F.relu, expert_threads))
+    finally:
+        expert_threads.pool.submit = submit
+    assert torch.allclose(out, grouped_ffn(x, [0, 1, 0], weights, F.relu), rtol=1e-5, atol=1e-6)
+    assert names and all(name.startswith("switch-serve-experts") for name in names)
+
+
+def test_the_process_core_threads_follow_the_count_asked_for():
+    before = core_threads()
+    try:
+        two = core_threads(2)
+        assert two.n == 2 and core_threads() is two and core_threads(2) is two
+        assert core_threads(1) is None and core_threads() is None
+    finally:
+        core_threads(before.n if before is not None else 1)

@@ -10,7 +10,7 @@ import torch
 from reference import LocalExperts
 
 from experts.checkpoint import SwitchCheckpoint
-from router_service.batching import ONE_THREAD_UP_TO, ContinuousBatcher, Sequence, sample
+from router_service.batching import ONE_THREAD_UP_TO, ContinuousBatcher, Sequence, run_to_completion, sample
 from router_service.model import SwitchFront
 from router_service.requests import SamplingParams
 
@@ -102,3 +102,22 @@ def test_small_decoding_steps_run_on_one_thread_and_encoder_passes_on_all(checkp
     thread.join()
     assert seen == [("encode", many, 3), ("decode", many, 3), ("decode", many, 3),  # two end after their 2nd token
                     ("encode", 1, 3), ("decode", many - 1, 1), ("decode", many - 1, 1)]
+
+
+def test_products_split_over_the_cores_decode_the_same(checkpoint_factory, monkeypatch):
+    """Small decoding steps on two cores split every product over them (experts.ffn.split_linear, forced here for
+    the tiny model's small weights): the same tokens and log-probabilities as on one core."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    prompts = [[5, 9, 23, 4, 17, 60, 33, 1], [71, 3, 1]]
+    outputs = {}
+    for cores in (1, 2):
+        monkeypatch.setattr("experts.ffn.SPLIT_MIN_BYTES", 0 if cores > 1 else 1 << 60)
+        batcher = ContinuousBatcher(local_front(path), max_sequences=8, threads=cores)
+        sequences = [Sequence(p, SamplingParams(max_new_tokens=8)) for p in prompts]
+        thread = threading.Thread(target=run_to_completion, args=(batcher, sequences))
+        thread.start()
+        thread.join()
+        outputs[cores] = sequences
+    for one, two in zip(outputs[1], outputs[2]):
+        assert two.token_ids == one.token_ids and two.done
+        assert two.logprobs == pytest.approx(one.logprobs, abs=1e-5)
