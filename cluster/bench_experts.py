@@ -2,7 +2,9 @@
 - on one core (an actor): a loop of one matmul pair per expert against one batched matmul over stacked weights;
 - on every core (a front computing its node's experts): the experts of a layer in turn, each on all the cores,
   against different experts at once on experts.ffn.ExpertThreads, one core each. Six layers of eight experts, so
-  that the weights come from memory, not the cache; tokens dealt to experts at random, as a router would.
+  that the weights come from memory, not the cache; tokens dealt to experts at random, as a router would;
+- a small decoding step's large products (twelve feed-forward layers, the LM head) on one OpenMP thread, on every
+  core's OpenMP threads, and split over experts.ffn.ExpertThreads, one part per core (experts.ffn.split_linear).
 
     GOMP_SPINCOUNT=10000 .venv/bin/python -m cluster.bench_experts    # the spin the Serve replicas run with
 """
@@ -15,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from experts.ffn import ExpertThreads, grouped_ffn
+from experts.ffn import ExpertThreads, expert_ffn, grouped_ffn, split_linear
 
 
 def seconds(fn, repeats: int = 20) -> float:
@@ -64,6 +66,31 @@ def every_core(layers: int, experts: int, d_model: int, d_ff: int) -> None:
     threads.close()
 
 
+def split_products(layers: int, d_model: int, d_ff: int, vocab: int) -> None:
+    cores = os.cpu_count() or 1
+    ffns = [(torch.randn(d_ff, d_model), torch.randn(d_model, d_ff)) for _ in range(layers)]
+    lm_head = torch.randn(vocab, d_model)
+    threads = ExpertThreads(cores)
+    print(f"\n{layers} feed-forward layers of {d_model}x{d_ff} and an LM head of {vocab}x{d_model}, float32: ms")
+    print("rows   FFNs, 1 thread   FFNs, all cores' OpenMP   FFNs, split   head, 1 thread   head, all   head, split")
+    for rows in (1, 4, 8, 16, 32, 64):
+        x = torch.randn(rows, d_model)
+
+        def timed(openmp: int, pool: ExpertThreads | None, x=x) -> tuple[float, float]:
+            torch.set_num_threads(openmp)
+            with torch.inference_mode():
+                ffn = seconds(lambda: [expert_ffn(x, wi, wo, F.relu, pool) for wi, wo in ffns], repeats=5)
+                head = seconds(lambda: split_linear(x, lm_head, pool), repeats=5)
+            return ffn, head
+
+        (ffn_one, head_one), (ffn_all, head_all), (ffn_split, head_split) = (
+            timed(1, None), timed(cores, None), timed(1, threads))
+        print(f"{rows:4d}   {1000 * ffn_one:14.2f}   {1000 * ffn_all:23.2f}   {1000 * ffn_split:11.2f}   "
+              f"{1000 * head_one:14.2f}   {1000 * head_all:9.2f}   {1000 * head_split:11.2f}")
+    threads.close()
+
+
 if __name__ == "__main__":
     one_core(experts=4, d_model=768, d_ff=3072)
     every_core(layers=6, experts=8, d_model=768, d_ff=3072)
+    split_products(layers=12, d_model=768, d_ff=3072, vocab=32128)
