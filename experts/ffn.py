@@ -39,7 +39,8 @@ def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act, threads: ExpertThre
 
 
 class ExpertThreads:
-    """Threads that compute different experts at once, each with one OpenMP thread.
+    """Threads that compute at once, each with one OpenMP thread: different experts (grouped_ffn), or the parts of
+    one large product (split_linear).
 
     On the CPU, a matrix product of a few tokens by an expert's weights reads them at a fraction of memory speed,
     and a second OpenMP thread on the same product barely helps. A layer of eight switch-base-8 experts with 32

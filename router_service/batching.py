@@ -24,9 +24,8 @@ from router_service.requests import SamplingParams
 # A decoding step of this many sequences or fewer runs its math on one OpenMP thread: its ops are too small for
 # OpenMP's fork and join to pay. Its large products are split over the cores instead (experts.ffn.split_linear).
 # Encoder passes, whole prompts, use every OpenMP thread: prompts arrive a few at a time, and their passes on one
-# thread made 32 requests at once 12% slower.
-# Served on 2 cores, switch-base-8's shape: a TPOT of 0.083 s against 0.090-0.105 s on two threads throughout at one
-# request, and as fast from 4 to 64 requests (docs/BENCHMARKS.md).
+# thread made 32 requests at once 12% slower. Measured on 2 cores at switch-base-8's shape (docs/BENCHMARKS.md): a
+# threshold of 16 or 32 sequences was no faster.
 ONE_THREAD_UP_TO = 8
 
 
