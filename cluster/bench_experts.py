@@ -1,10 +1,10 @@
 """Expert compute for switch-base-8-sized experts and a decoding step's few tokens per expert:
 - on one core (an actor): a loop of one matmul pair per expert against one batched matmul over stacked weights;
 - on every core (a front computing its node's experts): the experts of a layer in turn, each on all the cores,
-  against different experts at once on experts.ffn.ExpertThreads, one core each. Six layers of eight experts, so
+  against different experts at once on experts.ffn.CoreThreads, one core each. Six layers of eight experts, so
   that the weights come from memory, not the cache; tokens dealt to experts at random, as a router would;
 - a small decoding step's large products (twelve feed-forward layers, the LM head) on one OpenMP thread, on every
-  core's OpenMP threads, and split over experts.ffn.ExpertThreads, one part per core (experts.ffn.split_linear).
+  core's OpenMP threads, and split over experts.ffn.CoreThreads, one part per core (experts.ffn.split_linear).
 
     GOMP_SPINCOUNT=10000 .venv/bin/python -m cluster.bench_experts    # the spin the Serve replicas run with
 """
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from experts.ffn import ExpertThreads, expert_ffn, grouped_ffn, split_linear
+from experts.ffn import CoreThreads, expert_ffn, grouped_ffn, split_linear
 
 
 def seconds(fn, repeats: int = 20) -> float:
@@ -48,7 +48,7 @@ def every_core(layers: int, experts: int, d_model: int, d_ff: int) -> None:
     torch.set_num_threads(cores)
     weights = [[(torch.randn(d_ff, d_model), torch.randn(d_model, d_ff)) for _ in range(experts)]
                for _ in range(layers)]
-    threads = ExpertThreads(cores)
+    threads = CoreThreads(cores)
     print(f"\n{layers} layers of {experts} experts, float32, {cores} cores: ms per layer")
     print("tokens in the layer   in turn   at once")
     generator = torch.Generator().manual_seed(0)
@@ -57,7 +57,7 @@ def every_core(layers: int, experts: int, d_model: int, d_ff: int) -> None:
                   for _ in range(layers)]
         x = torch.randn(tokens, d_model)
 
-        def layer_by_layer(pool: ExpertThreads | None, x=x, counts=counts) -> None:
+        def layer_by_layer(pool: CoreThreads | None, x=x, counts=counts) -> None:
             for i in range(layers):
                 grouped_ffn(x, counts[i], weights[i], F.relu, pool)
 
@@ -70,13 +70,13 @@ def split_products(layers: int, d_model: int, d_ff: int, vocab: int) -> None:
     cores = os.cpu_count() or 1
     ffns = [(torch.randn(d_ff, d_model), torch.randn(d_model, d_ff)) for _ in range(layers)]
     lm_head = torch.randn(vocab, d_model)
-    threads = ExpertThreads(cores)
+    threads = CoreThreads(cores)
     print(f"\n{layers} feed-forward layers of {d_model}x{d_ff} and an LM head of {vocab}x{d_model}, float32: ms")
     print("rows   FFNs, 1 thread   FFNs, all cores' OpenMP   FFNs, split   head, 1 thread   head, all   head, split")
     for rows in (1, 4, 8, 16, 32, 64):
         x = torch.randn(rows, d_model)
 
-        def timed(openmp: int, pool: ExpertThreads | None, x=x) -> tuple[float, float]:
+        def timed(openmp: int, pool: CoreThreads | None, x=x) -> tuple[float, float]:
             torch.set_num_threads(openmp)
             with torch.inference_mode():
                 ffn = seconds(lambda: [expert_ffn(x, wi, wo, F.relu, pool) for wi, wo in ffns], repeats=5)

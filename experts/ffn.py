@@ -30,7 +30,7 @@ SPLIT_MIN_BYTES = 4 << 20
 WEIGHT_READ_TOKENS = 8
 
 
-def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act, threads: ExpertThreads | None = None) -> torch.Tensor:
+def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act, threads: CoreThreads | None = None) -> torch.Tensor:
     """One expert applied to x [tokens, d_model]; with `threads`, see split_linear."""
     h = act(split_linear(x, wi, threads))
     if isinstance(wo, torch.Tensor) and h.dtype != wo.dtype:  # as transformers does before its `wo`
@@ -38,7 +38,7 @@ def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act, threads: ExpertThre
     return split_linear(h, wo, threads)
 
 
-class ExpertThreads:
+class CoreThreads:
     """Threads that compute at once, each with one OpenMP thread: different experts (grouped_ffn), or the parts of
     one large product (split_linear).
 
@@ -57,7 +57,7 @@ class ExpertThreads:
             torch.set_num_threads(1)
             started.wait()
 
-        self.pool = ThreadPoolExecutor(n, thread_name_prefix="switch-serve-experts", initializer=one_openmp_thread)
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="switch-serve-cores", initializer=one_openmp_thread)
         for _ in range(n):  # each task blocks its thread until all have started, so n threads start
             self.pool.submit(lambda: None)
         started.wait()
@@ -68,11 +68,11 @@ class ExpertThreads:
         self.pool.shutdown(wait=False)
 
 
-_core_threads: ExpertThreads | None = None
+_core_threads: CoreThreads | None = None
 _core_threads_lock = threading.Lock()
 
 
-def core_threads(n: int | None = None) -> ExpertThreads | None:
+def core_threads(n: int | None = None) -> CoreThreads | None:
     """This process's threads for math on several cores at once, one core each; with `n`, started (or started
     again with n threads) unless they run already. None while fewer than two cores are to be used."""
     global _core_threads
@@ -80,11 +80,11 @@ def core_threads(n: int | None = None) -> ExpertThreads | None:
         if n is not None and (_core_threads.n if _core_threads is not None else 1) != n:
             if _core_threads is not None:
                 _core_threads.close()
-            _core_threads = ExpertThreads(n) if n > 1 else None
+            _core_threads = CoreThreads(n) if n > 1 else None
         return _core_threads
 
 
-def split_linear(x: torch.Tensor, weight: Weight, threads: ExpertThreads | None) -> torch.Tensor:
+def split_linear(x: torch.Tensor, weight: Weight, threads: CoreThreads | None) -> torch.Tensor:
     """F.linear(x, weight) (int8 weights as experts.int8.linear). With `threads`, on a thread that runs one OpenMP
     thread, a large float weight on the CPU is cut by output rows into one part per thread, all computed at once,
     one core each: for a few rows of x, MKL reads a matrix at about half of memory speed on one core and no faster on
@@ -128,23 +128,20 @@ def shares(counts: list[int], n: int) -> list[list[tuple[int, int, int]]]:
 
 
 def grouped_ffn(x: torch.Tensor, counts: list[int], weights: list[tuple[Weight, Weight]], act,
-                threads: ExpertThreads | None = None) -> torch.Tensor:
+                threads: CoreThreads | None = None) -> torch.Tensor:
     """x holds the tokens of several experts back to back (counts[i] rows for weights[i]); same order out. With
     `threads`, different experts' tokens are computed at once (a single piece of work: see split_linear)."""
     out = torch.empty(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
 
-    def compute(pieces: list[tuple[int, int, int]]) -> None:
+    def compute(pieces: list[tuple[int, int, int]], split: CoreThreads | None = None) -> None:
         with torch.inference_mode():
             for expert, first, rows in pieces:
-                out[first:first + rows] = expert_ffn(x[first:first + rows], *weights[expert], act)
+                out[first:first + rows] = expert_ffn(x[first:first + rows], *weights[expert], act, split)
 
     parts = shares(counts, threads.n) if threads is not None and x.device.type == "cpu" else [[]]
     if len(parts) < 2:  # one expert's few tokens: its products split over the threads instead
         starts = [0, *accumulate(counts)]
-        for expert, n in enumerate(counts):
-            if n:
-                out[starts[expert]:starts[expert] + n] = expert_ffn(x[starts[expert]:starts[expert] + n],
-                                                                    *weights[expert], act, threads)
+        compute([(e, starts[e], n) for e, n in enumerate(counts) if n], threads)
         return out
     for done in [threads.pool.submit(compute, part) for part in parts]:
         done.result()

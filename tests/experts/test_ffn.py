@@ -15,7 +15,7 @@ from experts.ffn import (
     ACTIVATION_FUNCTIONS,
     SPLIT_MIN_BYTES,
     WEIGHT_READ_TOKENS,
-    ExpertThreads,
+    CoreThreads,
     core_threads,
     grouped_ffn,
     shares,
@@ -40,7 +40,7 @@ def test_activation_equals_transformers(name, dtype):
 
 @pytest.fixture(scope="module")
 def expert_threads():
-    threads = ExpertThreads(2)
+    threads = CoreThreads(2)
     yield threads
     threads.close()
 
@@ -81,14 +81,14 @@ def test_threads_compute_what_one_thread_does(expert_threads, counts):
     out = grouped_ffn(x, counts, weights, act, expert_threads)
     assert torch.allclose(out, grouped_ffn(x, counts, weights, F.relu), rtol=1e-5, atol=1e-6)
     if sum(1 for n in counts if n) > 1:  # the work went to the expert threads, not the caller's
-        assert seen and all(name.startswith("switch-serve-experts") for name in seen)
+        assert seen and all(name.startswith("switch-serve-cores") for name in seen)
 
 
 def test_the_callers_openmp_threads_are_left_as_they_were():
     """Each expert thread computes on one OpenMP thread; the caller's count, and the count that threads started
     later begin with, stay as they were."""
     before = torch.get_num_threads()
-    threads = ExpertThreads(2)
+    threads = CoreThreads(2)
     try:
         assert torch.get_num_threads() == before
         assert threads.pool.submit(torch.get_num_threads).result() == 1
@@ -163,7 +163,7 @@ def test_one_expert_alone_has_its_products_split(expert_threads, monkeypatch):
     finally:
         expert_threads.pool.submit = submit
     assert torch.allclose(out, grouped_ffn(x, [0, 1, 0], weights, F.relu), rtol=1e-5, atol=1e-6)
-    assert names and all(name.startswith("switch-serve-experts") for name in names)
+    assert names and all(name.startswith("switch-serve-cores") for name in names)
 
 
 def test_the_process_core_threads_follow_the_count_asked_for():

@@ -10,6 +10,7 @@ import torch
 from reference import LocalExperts
 
 from experts.checkpoint import SwitchCheckpoint
+from experts.ffn import core_threads
 from router_service.batching import ONE_THREAD_UP_TO, ContinuousBatcher, Sequence, run_to_completion, sample
 from router_service.model import SwitchFront
 from router_service.requests import SamplingParams
@@ -109,15 +110,20 @@ def test_products_split_over_the_cores_decode_the_same(checkpoint_factory, monke
     the tiny model's small weights): the same tokens and log-probabilities as on one core."""
     path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
     prompts = [[5, 9, 23, 4, 17, 60, 33, 1], [71, 3, 1]]
-    outputs = {}
+    outputs, parts_handed_out = {}, []
     for cores in (1, 2):
         monkeypatch.setattr("experts.ffn.SPLIT_MIN_BYTES", 0 if cores > 1 else 1 << 60)
+        if cores > 1:  # the threads the batcher's steps use: count the parts they are handed
+            pool = core_threads(cores).pool
+            monkeypatch.setattr(pool, "submit", lambda *args, submit=pool.submit: (parts_handed_out.append(args),
+                                                                                   submit(*args))[1])
         batcher = ContinuousBatcher(local_front(path), max_sequences=8, threads=cores)
         sequences = [Sequence(p, SamplingParams(max_new_tokens=8)) for p in prompts]
         thread = threading.Thread(target=run_to_completion, args=(batcher, sequences))
         thread.start()
         thread.join()
         outputs[cores] = sequences
+    assert parts_handed_out  # the products were split
     for one, two in zip(outputs[1], outputs[2]):
         assert two.token_ids == one.token_ids and two.done
         assert two.logprobs == pytest.approx(one.logprobs, abs=1e-5)
