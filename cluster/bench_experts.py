@@ -3,8 +3,9 @@
 - on every core (a front computing its node's experts): the experts of a layer in turn, each on all the cores,
   against different experts at once on experts.ffn.CoreThreads, one core each. Six layers of eight experts, so
   that the weights come from memory, not the cache; tokens dealt to experts at random, as a router would;
-- a small decoding step's large products (twelve feed-forward layers, the LM head) on one OpenMP thread, on every
-  core's OpenMP threads, and split over experts.ffn.CoreThreads, one part per core (experts.ffn.split_linear).
+- a decoding step's large products (twelve feed-forward layers, the LM head) as F.linear (MKL's x @ W.T) and as
+  experts.ffn.linear (W @ x.T for a few rows), each on one OpenMP thread and on every core's, and as
+  experts.ffn.linear_on_cores from a thread on one OpenMP thread (a small decoding step's way).
 
     GOMP_SPINCOUNT=10000 .venv/bin/python -m cluster.bench_experts    # the spin the Serve replicas run with
 """
@@ -17,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from experts.ffn import CoreThreads, expert_ffn, grouped_ffn, split_linear
+from experts.ffn import CoreThreads, grouped_ffn, linear, linear_on_cores
 
 
 def seconds(fn, repeats: int = 20) -> float:
@@ -66,31 +67,31 @@ def every_core(layers: int, experts: int, d_model: int, d_ff: int) -> None:
     threads.close()
 
 
-def split_products(layers: int, d_model: int, d_ff: int, vocab: int) -> None:
+def products_on_cores(layers: int, d_model: int, d_ff: int, vocab: int) -> None:
     cores = os.cpu_count() or 1
     ffns = [(torch.randn(d_ff, d_model), torch.randn(d_model, d_ff)) for _ in range(layers)]
     lm_head = torch.randn(vocab, d_model)
     threads = CoreThreads(cores)
     print(f"\n{layers} feed-forward layers of {d_model}x{d_ff} and an LM head of {vocab}x{d_model}, float32: ms")
-    print("rows   FFNs, 1 thread   FFNs, all cores' OpenMP   FFNs, split   head, 1 thread   head, all   head, split")
-    for rows in (1, 4, 8, 16, 32, 64):
+    print("rows   products   F.linear, 1 thread   F.linear, all cores   linear, 1 thread   linear, all cores   "
+          "linear_on_cores")
+    ways = ((F.linear, 1), (F.linear, cores), (linear, 1), (linear, cores),
+            (lambda x, w: linear_on_cores(x, w, threads), 1))
+    for rows in (1, 2, 4, 8, 16, 32, 64):
         x = torch.randn(rows, d_model)
-
-        def timed(openmp: int, pool: CoreThreads | None, x=x) -> tuple[float, float]:
-            torch.set_num_threads(openmp)
-            with torch.inference_mode():
-                ffn = seconds(lambda: [expert_ffn(x, wi, wo, F.relu, pool) for wi, wo in ffns], repeats=5)
-                head = seconds(lambda: split_linear(x, lm_head, pool), repeats=5)
-            return ffn, head
-
-        (ffn_one, head_one), (ffn_all, head_all), (ffn_split, head_split) = (
-            timed(1, None), timed(cores, None), timed(1, threads))
-        print(f"{rows:4d}   {1000 * ffn_one:14.2f}   {1000 * ffn_all:23.2f}   {1000 * ffn_split:11.2f}   "
-              f"{1000 * head_one:14.2f}   {1000 * head_all:9.2f}   {1000 * head_split:11.2f}")
+        for name, run in (("FFNs", lambda fn, x=x: [fn(F.relu(fn(x, wi)), wo) for wi, wo in ffns]),
+                          ("LM head", lambda fn, x=x: fn(x, lm_head))):
+            cells = []
+            for fn, openmp in ways:
+                torch.set_num_threads(openmp)
+                with torch.inference_mode():
+                    cells.append(seconds(lambda run=run, fn=fn: run(fn), repeats=5))
+            print(f"{rows:4d}   {name:8s}   " + "   ".join(f"{1000 * c:{width}.2f}" for c, width in zip(
+                cells, (18, 19, 16, 17, 15))))
     threads.close()
 
 
 if __name__ == "__main__":
     one_core(experts=4, d_model=768, d_ff=3072)
     every_core(layers=6, experts=8, d_model=768, d_ff=3072)
-    split_products(layers=12, d_model=768, d_ff=3072, vocab=32128)
+    products_on_cores(layers=12, d_model=768, d_ff=3072, vocab=32128)

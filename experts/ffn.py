@@ -12,7 +12,8 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from experts.int8 import Int8Weight, linear
+from experts import int8
+from experts.int8 import Int8Weight
 
 Weight = torch.Tensor | Int8Weight
 # transformers' activations (ACT2FN) of experts.spec.ACTIVATIONS in torch alone: importing transformers.activations
@@ -21,26 +22,46 @@ Weight = torch.Tensor | Int8Weight
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
                         "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "silu": F.silu, "swish": F.silu}
 
-# A matrix at least this large is split over the cores when a product runs on one OpenMP thread (see split_linear):
-# smaller ones take less time than handing parts to other threads.
+# A matrix at least this large is computed on every core when a product runs on one OpenMP thread (see
+# linear_on_cores): smaller ones take less time than handing the work to other threads.
 SPLIT_MIN_BYTES = 4 << 20
+
+# A float32 product on the CPU of two to this many rows runs as `weight @ x.T` (see `linear`): on several OpenMP
+# threads, and on one.
+SKINNY_MAX_ROWS = 64
+SKINNY_MAX_ROWS_ONE_THREAD = 6
 
 # What reading an expert's weights costs, in tokens: a piece of work costs this plus its tokens (a decoding step's
 # few tokens an expert take about as long as this many would, bound by memory).
 WEIGHT_READ_TOKENS = 8
 
 
+def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """F.linear(x, weight), int8 weights as experts.int8.linear. For a few rows of x on the CPU, MKL computes
+    x @ weight.T far below memory speed and barely faster on two OpenMP threads; as weight @ x.T (a tall matrix by a
+    thin one) the same product takes 0.3-0.8 times as long on two threads up to 64 rows, and 0.5-0.8 times on one
+    thread up to 6 rows, beyond which it is no faster (switch-base-8's shapes; docs/BENCHMARKS.md)."""
+    if isinstance(weight, Int8Weight):
+        return int8.linear(x, weight)
+    rows = x.numel() // x.shape[-1]
+    most = SKINNY_MAX_ROWS if torch.get_num_threads() > 1 else SKINNY_MAX_ROWS_ONE_THREAD
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and 2 <= rows <= most:
+        out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
 def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act, threads: CoreThreads | None = None) -> torch.Tensor:
-    """One expert applied to x [tokens, d_model]; with `threads`, see split_linear."""
-    h = act(split_linear(x, wi, threads))
+    """One expert applied to x [tokens, d_model]; with `threads`, see linear_on_cores."""
+    h = act(linear_on_cores(x, wi, threads))
     if isinstance(wo, torch.Tensor) and h.dtype != wo.dtype:  # as transformers does before its `wo`
         h = h.to(wo.dtype)
-    return split_linear(h, wo, threads)
+    return linear_on_cores(h, wo, threads)
 
 
 class CoreThreads:
     """Threads that compute at once, each with one OpenMP thread: different experts (grouped_ffn), or the parts of
-    one large product (split_linear).
+    one large product (linear_on_cores).
 
     On the CPU, a matrix product of a few tokens by an expert's weights reads them at a fraction of memory speed,
     and a second OpenMP thread on the same product barely helps. A layer of eight switch-base-8 experts with 32
@@ -84,22 +105,30 @@ def core_threads(n: int | None = None) -> CoreThreads | None:
         return _core_threads
 
 
-def split_linear(x: torch.Tensor, weight: Weight, threads: CoreThreads | None) -> torch.Tensor:
-    """F.linear(x, weight) (int8 weights as experts.int8.linear). With `threads`, on a thread that runs one OpenMP
-    thread, a large float weight on the CPU is cut by output rows into one part per thread, all computed at once,
-    one core each: for a few rows of x, MKL reads a matrix at about half of memory speed on one core and no faster on
-    two OpenMP threads, while a part per core reads it nearly twice as fast (switch-base-8's LM head, one token:
-    10.4-11.9 ms on one core, 5.9-6.2 ms in two parts). Each output is the same dot product either way (bit for bit
-    at switch-base-8's shapes here; MKL may round differently for other row counts)."""
+def linear_on_cores(x: torch.Tensor, weight: Weight, threads: CoreThreads | None) -> torch.Tensor:
+    """`linear(x, weight)`. With `threads`, from a thread that runs one OpenMP thread, a large float weight on the
+    CPU is computed on every core: for one row of x, cut by output rows into one part per thread, all computed at
+    once, one core each (for a single row MKL reads a matrix at about half of memory speed on one core and no faster
+    on two OpenMP threads, while a part per core reads it nearly twice as fast: switch-base-8's LM head, 7.0 ms on
+    one core, 4.1 ms in two parts); for several rows, on as many OpenMP threads as `threads` has, where `linear`'s
+    weight @ x.T scales with them (the LM head at 4 rows: 11.6 ms in two parts, 5.6 ms on two OpenMP threads).
+    Each output is the same dot product either way (bit for bit at switch-base-8's shapes here)."""
     if (threads is None or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu"
-            or weight.numel() * weight.element_size() < SPLIT_MIN_BYTES or torch.get_num_threads() > 1):
+            or weight.numel() * weight.element_size() < SPLIT_MIN_BYTES
+            or torch.get_num_threads() > 1):
         return linear(x, weight)
+    if x.numel() > x.shape[-1]:  # several rows
+        torch.set_num_threads(threads.n)
+        try:
+            return linear(x, weight)
+        finally:
+            torch.set_num_threads(1)
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     bounds = [weight.shape[0] * i // threads.n for i in range(threads.n + 1)]
 
     def part(lo: int, hi: int) -> None:
         with torch.inference_mode():
-            out[..., lo:hi] = F.linear(x, weight[lo:hi])
+            out[..., lo:hi] = linear(x, weight[lo:hi])
 
     others = [threads.pool.submit(part, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
     part(bounds[0], bounds[1])
@@ -130,16 +159,16 @@ def shares(counts: list[int], n: int) -> list[list[tuple[int, int, int]]]:
 def grouped_ffn(x: torch.Tensor, counts: list[int], weights: list[tuple[Weight, Weight]], act,
                 threads: CoreThreads | None = None) -> torch.Tensor:
     """x holds the tokens of several experts back to back (counts[i] rows for weights[i]); same order out. With
-    `threads`, different experts' tokens are computed at once (a single piece of work: see split_linear)."""
+    `threads`, different experts' tokens are computed at once (a single piece of work: see linear_on_cores)."""
     out = torch.empty(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
 
-    def compute(pieces: list[tuple[int, int, int]], split: CoreThreads | None = None) -> None:
+    def compute(pieces: list[tuple[int, int, int]], cores: CoreThreads | None = None) -> None:
         with torch.inference_mode():
             for expert, first, rows in pieces:
-                out[first:first + rows] = expert_ffn(x[first:first + rows], *weights[expert], act, split)
+                out[first:first + rows] = expert_ffn(x[first:first + rows], *weights[expert], act, cores)
 
     parts = shares(counts, threads.n) if threads is not None and x.device.type == "cpu" else [[]]
-    if len(parts) < 2:  # one expert's few tokens: its products split over the threads instead
+    if len(parts) < 2:  # one expert's few tokens: its products on every core instead
         starts = [0, *accumulate(counts)]
         compute([(e, starts[e], n) for e, n in enumerate(counts) if n], threads)
         return out

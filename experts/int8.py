@@ -47,10 +47,8 @@ def quantize(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
-    """F.linear for a plain or an int8 weight; the output has x's dtype."""
-    if isinstance(weight, torch.Tensor):
-        return F.linear(x, weight)
+def linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """F.linear for an int8 weight; the output has x's dtype."""
     if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_TOKENS:
         packed = torch._weight_int8pack_mm(x.to(torch.bfloat16), weight.q, weight.scale.to(torch.bfloat16))
         return packed.to(x.dtype)

@@ -22,7 +22,7 @@ from router_service.model import DecoderCache, Routing, SwitchFront
 from router_service.requests import SamplingParams
 
 # A decoding step of this many sequences or fewer runs its math on one OpenMP thread: its ops are too small for
-# OpenMP's fork and join to pay. Its large products are split over the cores instead (experts.ffn.split_linear).
+# OpenMP's fork and join to pay. Its large products run on every core instead (experts.ffn.linear_on_cores).
 # Encoder passes, whole prompts, use every OpenMP thread: prompts arrive a few at a time, and their passes on one
 # thread made 32 requests at once 12% slower. Measured on 2 cores at switch-base-8's shape (docs/BENCHMARKS.md): a
 # threshold of 16 or 32 sequences was no faster.
@@ -287,10 +287,12 @@ class ContinuousBatcher:
     def _leave(self, staying: list[bool]) -> None:
         if all(staying):
             return
-        rows = torch.tensor([i for i, stay in enumerate(staying) if stay], dtype=torch.long)
-        self.active = [seq for seq, stay in zip(self.active, staying) if stay]
-        self.next_tokens = self.next_tokens[rows]
-        self.cache = self.cache.select(rows) if self.active else None
+        if not any(staying):
+            self.active, self.next_tokens, self.cache = [], self.next_tokens[:0], None
+            return
+        self.cache, order = self.cache.without([i for i, stay in enumerate(staying) if not stay])
+        self.active = [self.active[i] for i in order]
+        self.next_tokens = self.next_tokens[order]
 
 
 def use_threads(n: int) -> None:

@@ -1,6 +1,7 @@
 """The expert FFN: its activations, computed with torch alone, equal transformers' ACT2FN of the same name; experts
-computed at once on several threads get the work dealt evenly, and give what one thread does; a large product on
-one OpenMP thread is split over the threads and gives F.linear's result."""
+computed at once on several threads get the work dealt evenly, and give what one thread does; a product of a few
+rows runs as weight @ x.T and gives F.linear's result; a large product on one OpenMP thread runs on every core
+(one row split over the threads, several rows on as many OpenMP threads) and gives F.linear's result."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ from experts.ffn import (
     ACTIVATION_FUNCTIONS,
     SPLIT_MIN_BYTES,
     WEIGHT_READ_TOKENS,
+    SKINNY_MAX_ROWS,
+    SKINNY_MAX_ROWS_ONE_THREAD,
     CoreThreads,
     core_threads,
     grouped_ffn,
+    linear,
+    linear_on_cores,
     shares,
-    split_linear,
 )
 from experts.spec import ACTIVATIONS
 
@@ -101,12 +105,13 @@ def test_the_callers_openmp_threads_are_left_as_they_were():
         threads.close()
 
 
-def on_one_openmp_thread(fn):
-    """fn's result, computed on a thread of its own with one OpenMP thread (as a small decoding step runs)."""
+def on_openmp_threads(fn, openmp: int = 1):
+    """fn's result, computed on a thread of its own with one OpenMP thread (as a small decoding step runs), or
+    `openmp`."""
     out = []
 
     def run() -> None:
-        torch.set_num_threads(1)
+        torch.set_num_threads(openmp)
         with torch.inference_mode():
             out.append(fn())
 
@@ -116,33 +121,61 @@ def on_one_openmp_thread(fn):
     return out[0]
 
 
-def test_a_large_product_on_one_openmp_thread_is_split_over_the_threads(expert_threads):
-    """Every part but one is computed by another thread, and the result is F.linear's (up to MKL's rounding, which
-    may differ with the rows' count); a small weight, or a caller on several OpenMP threads, is not split. Fails if
-    split_linear never splits or cuts the rows wrong."""
+@pytest.mark.parametrize("openmp", [1, 2])
+def test_a_product_of_a_few_rows_runs_as_weight_by_x_transposed(openmp, monkeypatch):
+    """Two to SKINNY_MAX_ROWS rows (SKINNY_MAX_ROWS_ONE_THREAD on one OpenMP thread) go through torch.mm(weight,
+    x.T); one row and more rows through F.linear; the result is F.linear's either way, in x's leading shape."""
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64)
+    most = SKINNY_MAX_ROWS if openmp > 1 else SKINNY_MAX_ROWS_ONE_THREAD
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *args: (calls.append(args[1].shape[1]), mm(*args))[1])
+    for rows in (1, 2, 5, most, most + 1):
+        x = torch.randn(rows, 1, 64)
+        out = on_openmp_threads(lambda x=x: linear(x, weight), openmp)
+        assert out.shape == (rows, 1, 96) and out.is_contiguous()
+        assert torch.allclose(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert calls == [rows for rows in (2, 5, most) if rows <= most]
+
+
+def test_a_large_product_on_one_openmp_thread_runs_on_every_core(expert_threads, monkeypatch):
+    """One row: every part but one computed by another thread; several rows: on as many OpenMP threads as there are
+    core threads; the result is F.linear's (up to MKL's rounding, which may differ with the rows' count). A small
+    weight, or a caller on several OpenMP threads, stays on the caller's thread. Fails if linear_on_cores never
+    splits, cuts the rows wrong, or leaves several rows on one OpenMP thread."""
     torch.manual_seed(0)
     large = torch.randn(SPLIT_MIN_BYTES // (4 * 256) + 3, 256)  # float32, just over the threshold, rows odd
     small = torch.randn(64, 256)
-    x = torch.randn(3, 256)
-    submitted = []
+    one_row, rows = torch.randn(1, 256), torch.randn(3, 256)
+    submitted, openmp = [], []
     submit = expert_threads.pool.submit
 
     def counting_submit(*args):
         submitted.append(args)
         return submit(*args)
 
-    expert_threads.pool.submit = counting_submit
-    try:
-        assert torch.allclose(on_one_openmp_thread(lambda: split_linear(x, large, expert_threads)),
-                              F.linear(x, large), rtol=1e-5, atol=1e-5)
-        assert len(submitted) == expert_threads.n - 1  # every part but the caller's own
-        assert torch.equal(on_one_openmp_thread(lambda: split_linear(x, small, expert_threads)), F.linear(x, small))
-        torch.set_num_threads(2)
-        with torch.inference_mode():
-            assert torch.equal(split_linear(x, large, expert_threads), F.linear(x, large))
-        assert len(submitted) == expert_threads.n - 1
-    finally:
-        expert_threads.pool.submit = submit
+    def counting_linear(x, weight):
+        openmp.append(torch.get_num_threads())
+        return linear(x, weight)
+
+    monkeypatch.setattr(expert_threads.pool, "submit", counting_submit)
+    monkeypatch.setattr("experts.ffn.linear", counting_linear)
+    assert torch.allclose(on_openmp_threads(lambda: linear_on_cores(one_row, large, expert_threads)),
+                          F.linear(one_row, large), rtol=1e-5, atol=1e-5)
+    assert len(submitted) == expert_threads.n - 1  # every part but the caller's own
+    openmp.clear()
+    assert torch.allclose(on_openmp_threads(lambda: linear_on_cores(rows, large, expert_threads)),
+                          F.linear(rows, large), rtol=1e-5, atol=1e-5)
+    assert openmp == [expert_threads.n] and len(submitted) == expert_threads.n - 1
+    openmp.clear()
+    for x in (one_row, rows):
+        assert torch.equal(on_openmp_threads(lambda x=x: linear_on_cores(x, small, expert_threads)),
+                           linear(x, small))
+    assert openmp == [1, 1]
+    assert torch.equal(on_openmp_threads(lambda: linear_on_cores(one_row, large, expert_threads), 2),
+                       linear(one_row, large))
+    assert len(submitted) == expert_threads.n - 1
 
 
 def test_one_expert_alone_has_its_products_split(expert_threads, monkeypatch):
@@ -159,7 +192,7 @@ def test_one_expert_alone_has_its_products_split(expert_threads, monkeypatch):
 
     expert_threads.pool.submit = naming_submit
     try:
-        out = on_one_openmp_thread(lambda: grouped_ffn(x, [0, 1, 0], weights, F.relu, expert_threads))
+        out = on_openmp_threads(lambda: grouped_ffn(x, [0, 1, 0], weights, F.relu, expert_threads))
     finally:
         expert_threads.pool.submit = submit
     assert torch.allclose(out, grouped_ffn(x, [0, 1, 0], weights, F.relu), rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ import torch
 from reference import LocalExperts
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.ffn import core_threads
+from experts import ffn
 from router_service.batching import ONE_THREAD_UP_TO, ContinuousBatcher, Sequence, run_to_completion, sample
 from router_service.model import SwitchFront
 from router_service.requests import SamplingParams
@@ -105,25 +105,32 @@ def test_small_decoding_steps_run_on_one_thread_and_encoder_passes_on_all(checkp
                     ("encode", 1, 3), ("decode", many - 1, 1), ("decode", many - 1, 1)]
 
 
-def test_products_split_over_the_cores_decode_the_same(checkpoint_factory, monkeypatch):
-    """Small decoding steps on two cores split every product over them (experts.ffn.split_linear, forced here for
-    the tiny model's small weights): the same tokens and log-probabilities as on one core."""
+def test_products_on_every_core_decode_the_same(checkpoint_factory, monkeypatch):
+    """Small decoding steps on two cores compute their products on both (experts.ffn.linear_on_cores, forced here for
+    the tiny model's small weights): a step of one sequence splits them over the core threads, a step of two runs
+    them on two OpenMP threads. The same tokens and log-probabilities as on one core."""
     path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
-    prompts = [[5, 9, 23, 4, 17, 60, 33, 1], [71, 3, 1]]
-    outputs, parts_handed_out = {}, []
+    prompts, lengths = [[5, 9, 23, 4, 17, 60, 33, 1], [71, 3, 1]], [8, 3]  # 3 steps of two, then 5 of one
+    outputs, products = {}, []
+    linear = ffn.linear
+
+    def noting_linear(x, weight):  # rows, OpenMP threads, whether on a core thread, the weight's rows
+        products.append((x.numel() // x.shape[-1], torch.get_num_threads(),
+                         threading.current_thread().name.startswith("switch-serve-cores"), weight.shape[0]))
+        return linear(x, weight)
+
+    monkeypatch.setattr(ffn, "linear", noting_linear)
     for cores in (1, 2):
-        monkeypatch.setattr("experts.ffn.SPLIT_MIN_BYTES", 0 if cores > 1 else 1 << 60)
-        if cores > 1:  # the threads the batcher's steps use: count the parts they are handed
-            pool = core_threads(cores).pool
-            monkeypatch.setattr(pool, "submit", lambda *args, submit=pool.submit: (parts_handed_out.append(args),
-                                                                                   submit(*args))[1])
+        monkeypatch.setattr(ffn, "SPLIT_MIN_BYTES", 0 if cores > 1 else 1 << 60)
         batcher = ContinuousBatcher(local_front(path), max_sequences=8, threads=cores)
-        sequences = [Sequence(p, SamplingParams(max_new_tokens=8)) for p in prompts]
+        sequences = [Sequence(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, lengths)]
         thread = threading.Thread(target=run_to_completion, args=(batcher, sequences))
         thread.start()
         thread.join()
         outputs[cores] = sequences
-    assert parts_handed_out  # the products were split
+    vocab = SwitchCheckpoint.open(path).config.vocab_size  # the LM head, which only decoding steps use
+    assert (1, 1, True, vocab - vocab // 2) in products  # its second part, split off
+    assert (2, 2, False, vocab) in products  # two rows on two OpenMP threads
     for one, two in zip(outputs[1], outputs[2]):
         assert two.token_ids == one.token_ids and two.done
         assert two.logprobs == pytest.approx(one.logprobs, abs=1e-5)
