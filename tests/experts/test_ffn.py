@@ -14,10 +14,10 @@ from transformers.activations import ACT2FN
 
 from experts.ffn import (
     ACTIVATION_FUNCTIONS,
-    SPLIT_MIN_BYTES,
-    WEIGHT_READ_TOKENS,
     SKINNY_MAX_ROWS,
     SKINNY_MAX_ROWS_ONE_THREAD,
+    SPLIT_MIN_BYTES,
+    WEIGHT_READ_TOKENS,
     CoreThreads,
     core_threads,
     grouped_ffn,

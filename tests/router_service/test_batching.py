@@ -9,8 +9,8 @@ import pytest
 import torch
 from reference import LocalExperts
 
-from experts.checkpoint import SwitchCheckpoint
 from experts import ffn
+from experts.checkpoint import SwitchCheckpoint
 from router_service.batching import ONE_THREAD_UP_TO, ContinuousBatcher, Sequence, run_to_completion, sample
 from router_service.model import SwitchFront
 from router_service.requests import SamplingParams
