@@ -63,9 +63,9 @@ class CoreThreads:
     """Threads that compute at once, each with one OpenMP thread: different experts (grouped_ffn), or the parts of
     one large product (linear_on_cores).
 
-    On the CPU, a matrix product of a few tokens by an expert's weights reads them at a fraction of memory speed,
-    and a second OpenMP thread on the same product barely helps. A layer of eight switch-base-8 experts with 32
-    tokens took 40.3 ms with each expert in turn on two cores, and 25.9 ms with two at once, one core each
+    On the CPU, a matrix product of a few tokens by an expert's weights reads them at a fraction of memory speed.
+    A layer of eight switch-base-8 experts with 4 or 8 tokens in all took 4.8 and 7.6 ms with each expert in turn on
+    two cores' OpenMP threads, and 3.3 and 5.6 ms with two at once, one core each; with 32 tokens, 10.8 and 11.0 ms
     (cluster.bench_experts; docs/BENCHMARKS.md)."""
 
     def __init__(self, n: int):
@@ -107,15 +107,14 @@ def core_threads(n: int | None = None) -> CoreThreads | None:
 
 def linear_on_cores(x: torch.Tensor, weight: Weight, threads: CoreThreads | None) -> torch.Tensor:
     """`linear(x, weight)`. With `threads`, from a thread that runs one OpenMP thread, a large float weight on the
-    CPU is computed on every core: for one row of x, cut by output rows into one part per thread, all computed at
-    once, one core each (for a single row MKL reads a matrix at about half of memory speed on one core and no faster
-    on two OpenMP threads, while a part per core reads it nearly twice as fast: switch-base-8's LM head, 7.0 ms on
-    one core, 4.1 ms in two parts); for several rows, on as many OpenMP threads as `threads` has, where `linear`'s
-    weight @ x.T scales with them (the LM head at 4 rows: 11.6 ms in two parts, 5.6 ms on two OpenMP threads).
-    Each output is the same dot product either way (bit for bit at switch-base-8's shapes here)."""
+    CPU is computed on every core. One row of x: cut by output rows into one part per thread, all computed at once,
+    one core each (for a single row MKL reads a matrix at about half of memory speed on one core and no faster on two
+    OpenMP threads, while a part per core reads it nearly twice as fast: switch-base-8's LM head, 7.1 ms on one core,
+    4.0 ms in two parts; each output is the same dot product either way). Several rows: on as many OpenMP threads as
+    `threads` has, where `linear`'s weight @ x.T scales with them (the LM head at 4 rows: 11.6 ms in two parts,
+    5.0 ms on two OpenMP threads)."""
     if (threads is None or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu"
-            or weight.numel() * weight.element_size() < SPLIT_MIN_BYTES
-            or torch.get_num_threads() > 1):
+            or weight.numel() * weight.element_size() < SPLIT_MIN_BYTES or torch.get_num_threads() > 1):
         return linear(x, weight)
     if x.numel() > x.shape[-1]:  # several rows
         torch.set_num_threads(threads.n)
