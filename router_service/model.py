@@ -130,27 +130,35 @@ class DecoderCache:
                             self.cross_bias)
 
     def without(self, leaving: list[int]) -> tuple[DecoderCache, list[int]]:
-        """This cache without the rows in `leaving`, and for each row that stays, the row it was. Each leaving row
-        below the new count is overwritten by one of the last rows that stay, then every tensor is cut to the new
-        count: views of the same memory, so a sequence that leaves costs a copy of one row rather than of the whole
-        cache (copying it took about 5% of a run of 32 requests). The leavers' memory is freed when the cache next
-        grows or merges."""
+        """This cache without the rows in `leaving`, and for each row that stays, the row it was; trimmed of the
+        columns no staying row uses, so that its width is that of its longest sequence, however long the batch has
+        been decoding. Each leaving row below the new count is overwritten by one of the last rows that stay, then
+        every tensor is cut to the new count and columns: views of the same memory, so a sequence that leaves costs
+        a copy of one row rather than of the whole cache (copying it took about 5% of a run of 32 requests). The
+        memory cut off is freed when the cache next grows or merges."""
         batch, gone = self.self_valid.shape[0], set(leaving)
-        n = batch - len(gone)
+        n, device = batch - len(gone), self.self_valid.device
         holes = [row for row in sorted(gone) if row < n]
         movers = [row for row in range(n, batch) if row not in gone]
         order = list(range(n))
         for hole, mover in zip(holes, movers):
             order[hole] = mover
         if holes:
-            device = self.self_valid.device
             to, source = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
             for t in (*self.self_k, *self.self_v, *self.cross_k, *self.cross_v):
                 t[to] = t[source]
-        rows = torch.tensor(order, device=self.self_valid.device)
-        return DecoderCache([t[:n] for t in self.self_k], [t[:n] for t in self.self_v], self.self_valid[rows],
-                            [t[:n] for t in self.cross_k], [t[:n] for t in self.cross_v],
-                            self.cross_bias[rows]), order
+        rows = torch.tensor(order, device=device)
+        valid, cross_bias = self.self_valid[rows], self.cross_bias[rows]
+        used = valid.any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else valid.shape[1]
+        src = int((cross_bias == 0).any(dim=0).nonzero()[:, -1].max()) + 1
+
+        def cut(tensors: list[torch.Tensor], columns: slice) -> list[torch.Tensor]:
+            return [t[:n, :, columns] for t in tensors]
+
+        keep, cross = slice(first, None), slice(0, src)  # the self caches' room beyond their width stays
+        return DecoderCache(cut(self.self_k, keep), cut(self.self_v, keep), valid[:, first:],
+                            cut(self.cross_k, cross), cut(self.cross_v, cross), cross_bias[..., :src]), order
 
     @staticmethod
     def merge(caches: list[DecoderCache]) -> DecoderCache:

@@ -57,6 +57,33 @@ def test_late_joiners_match_running_alone(checkpoint_factory):
         assert t.logprobs == pytest.approx(a.logprobs, abs=1e-5)
 
 
+def test_the_cache_is_as_wide_as_its_longest_sequence(checkpoint_factory):
+    """When the sequences that began first leave, the cache keeps only the columns of those that stay: its width
+    follows the longest sequence in it, not how long the batch has been decoding (which would grow without end
+    while requests keep arriving), and its cross-attention the longest prompt in it."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    batcher = ContinuousBatcher(local_front(path), max_sequences=8)
+    first = Sequence([5, 9, 23, 4, 17, 60, 33, 1], SamplingParams(max_new_tokens=6))
+    later = Sequence([71, 3, 1], SamplingParams(max_new_tokens=10))
+    with torch.inference_mode():
+        batcher.add(first)
+        for _ in range(3):
+            batcher.step()
+        batcher.add(later)
+        while not first.done:
+            batcher.step()
+        assert batcher.active == [later] and len(later.token_ids) == 3
+        cache = batcher.cache
+        assert cache.width == len(later.token_ids)  # one column per token fed: the start token and all but the last
+        assert cache.self_valid.all() and cache.cross_bias.shape[-1] == len(later.prompt)
+        assert all(t.shape[0] == 1 for t in cache.self_k + cache.cross_k)
+        while batcher.has_work:
+            batcher.step()
+    alone = Sequence(later.prompt, later.params)
+    run_to_completion(ContinuousBatcher(local_front(path), max_sequences=8), [alone])
+    assert later.token_ids == alone.token_ids
+
+
 def test_sampling_cuts():
     logits = torch.tensor([0.0, 3.0, 2.0, 1.0])
     greedy = SamplingParams()
