@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from itertools import accumulate
@@ -26,10 +27,13 @@ ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": partial(F.ge
 # linear_on_cores): smaller ones take less time than handing the work to other threads.
 SPLIT_MIN_BYTES = 4 << 20
 
-# A float32 product on the CPU of two to this many rows runs as `weight @ x.T` (see `linear`): on several OpenMP
-# threads, and on one.
-SKINNY_MAX_ROWS = 64
-SKINNY_MAX_ROWS_ONE_THREAD = 6
+# A float32 product on the CPU of two to this many rows by a weight of at least MEASURED_MIN_BYTES runs whichever way
+# is faster on this machine, `x @ weight.T` or `weight @ x.T` (see `linear`). Smaller ones are not worth measuring.
+TRANSPOSED_MAX_ROWS = 64
+MEASURED_MIN_BYTES = 1 << 20
+# The weight whose one-row product decides whether core threads pay here (see parts_beat_openmp): a switch-base-8
+# expert's wi, of the products a decoding step runs most.
+PROBE_WEIGHT = (3072, 768)
 
 # What reading an expert's weights costs, in tokens: a piece of work costs this plus its tokens (a decoding step's
 # few tokens an expert take about as long as this many would, bound by memory).
@@ -37,18 +41,54 @@ WEIGHT_READ_TOKENS = 8
 
 
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-    """F.linear(x, weight), int8 weights as experts.int8.linear. For a few rows of x on the CPU, MKL computes
-    x @ weight.T far below memory speed and barely faster on two OpenMP threads; as weight @ x.T (a tall matrix by a
-    thin one) the same product takes 0.3-0.8 times as long on two threads up to 64 rows, and 0.5-0.8 times on one
-    thread up to 6 rows, beyond which it is no faster (switch-base-8's shapes; docs/BENCHMARKS.md)."""
+    """F.linear(x, weight), int8 weights as experts.int8.linear. For a few rows of x on the CPU, MKL's x @ weight.T
+    runs far below memory speed on some CPUs and barely faster on two OpenMP threads, where weight @ x.T (a tall
+    matrix by a thin one) is another kernel that takes 0.3-0.8 times as long (an AMD EPYC); on others x @ weight.T is
+    the faster of the two (an Intel Xeon, up to half the time at 2 to 4 rows). So each way is timed on the first
+    product of each weight shape, count of rows (to the next power of two) and of OpenMP threads, and the faster one
+    kept for the process (docs/BENCHMARKS.md)."""
     if isinstance(weight, Int8Weight):
         return int8.linear(x, weight)
     rows = x.numel() // x.shape[-1]
-    most = SKINNY_MAX_ROWS if torch.get_num_threads() > 1 else SKINNY_MAX_ROWS_ONE_THREAD
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and 2 <= rows <= most:
-        out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-        return out.view(*x.shape[:-1], weight.shape[0])
+    if (weight.device.type == "cpu" and weight.dtype == torch.float32 and 2 <= rows <= TRANSPOSED_MAX_ROWS
+            and weight.numel() * weight.element_size() >= MEASURED_MIN_BYTES and transposed_is_faster(x, weight)):
+        return transposed(x, weight)
     return F.linear(x, weight)
+
+
+def transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) computed as weight @ x.T."""
+    rows = x.numel() // x.shape[-1]
+    out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# (weight shape, rows to the next power of two, OpenMP threads) -> whether weight @ x.T is the faster way
+_transposed_faster: dict[tuple[int, int, int, int], bool] = {}
+
+
+def transposed_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether weight @ x.T beats F.linear for products like this one here, timed on this one the first time."""
+    rows = x.numel() // x.shape[-1]
+    key = (*weight.shape, 1 << (rows - 1).bit_length(), torch.get_num_threads())
+    faster = _transposed_faster.get(key)
+    if faster is None:
+        by_rows, turned = best_seconds(lambda: F.linear(x, weight), lambda: transposed(x, weight))
+        faster = _transposed_faster[key] = turned < by_rows
+    return faster
+
+
+def best_seconds(*ways, repeats: int = 3) -> list[float]:
+    """Each way's shortest time over `repeats` runs, the ways taking turns after one run each to warm up."""
+    for way in ways:
+        way()
+    best = [float("inf")] * len(ways)
+    for _ in range(repeats):
+        for i, way in enumerate(ways):
+            began = time.perf_counter()
+            way()
+            best[i] = min(best[i], time.perf_counter() - began)
+    return best
 
 
 def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act, threads: CoreThreads | None = None) -> torch.Tensor:
@@ -90,28 +130,63 @@ class CoreThreads:
 
 
 _core_threads: CoreThreads | None = None
+_cores_asked = 1
+_parts_pay: dict[int, bool] = {}  # cores -> parts_beat_openmp, measured once per count
 _core_threads_lock = threading.Lock()
 
 
 def core_threads(n: int | None = None) -> CoreThreads | None:
     """This process's threads for math on several cores at once, one core each; with `n`, started (or started
-    again with n threads) unless they run already. None while fewer than two cores are to be used."""
-    global _core_threads
+    again with n threads) unless they run already. None while fewer than two cores are to be used, and where they
+    do not pay (see parts_beat_openmp): then every product runs on the caller's OpenMP threads."""
+    global _core_threads, _cores_asked
     with _core_threads_lock:
-        if n is not None and (_core_threads.n if _core_threads is not None else 1) != n:
+        if n is not None and n != _cores_asked:
             if _core_threads is not None:
                 _core_threads.close()
-            _core_threads = CoreThreads(n) if n > 1 else None
+            _core_threads, _cores_asked = None, n
+            if n > 1:
+                threads = CoreThreads(n)
+                if n not in _parts_pay:
+                    _parts_pay[n] = parts_beat_openmp(threads)
+                if _parts_pay[n]:
+                    _core_threads = threads
+                else:
+                    threads.close()
         return _core_threads
+
+
+def parts_beat_openmp(threads: CoreThreads) -> bool:
+    """Whether one row by a large weight is computed at least 10% faster cut into a part per core thread than on as
+    many OpenMP threads. So on an AMD EPYC, where MKL reads the weight at about half of memory speed on one core
+    and no faster on two OpenMP threads; not on an Intel Xeon, whose OpenMP threads take 0.6 times as long as the
+    parts (docs/BENCHMARKS.md). Where the parts win, small decoding steps run on one OpenMP thread with their large
+    products on the core threads, and a layer's experts are computed at once, one core each."""
+    weight, x = torch.randn(*PROBE_WEIGHT), torch.randn(1, PROBE_WEIGHT[1])
+    caller = torch.get_num_threads()
+
+    def on_openmp_threads() -> None:
+        torch.set_num_threads(threads.n)
+        F.linear(x, weight)
+
+    def in_parts() -> None:
+        torch.set_num_threads(1)
+        linear_on_cores(x, weight, threads)
+
+    try:
+        with torch.inference_mode():
+            openmp, parts = best_seconds(on_openmp_threads, in_parts, repeats=5)
+    finally:
+        torch.set_num_threads(caller)
+    return parts < 0.9 * openmp
 
 
 def linear_on_cores(x: torch.Tensor, weight: Weight, threads: CoreThreads | None) -> torch.Tensor:
     """`linear(x, weight)`. With `threads`, from a thread that runs one OpenMP thread, a large float weight on the
     CPU is computed on every core. One row of x: cut by output rows into one part per thread, all computed at once,
-    one core each (for a single row MKL reads a matrix at about half of memory speed on one core and no faster on two
-    OpenMP threads, while a part per core reads it nearly twice as fast: switch-base-8's LM head, 7.1 ms on one core,
-    4.0 ms in two parts; each output is the same dot product either way). Several rows: on as many OpenMP threads as
-    `threads` has, where `linear`'s weight @ x.T scales with them (the LM head at 4 rows: 11.6 ms in two parts,
+    one core each (where core threads run, see parts_beat_openmp: on an AMD EPYC, switch-base-8's LM head took 7.1 ms
+    on one core and 4.0 ms in two parts; each output is the same dot product either way). Several rows: on as many
+    OpenMP threads as `threads` has, where `linear` scales with them (the LM head at 4 rows: 11.6 ms in two parts,
     5.0 ms on two OpenMP threads)."""
     if (threads is None or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu"
             or weight.numel() * weight.element_size() < SPLIT_MIN_BYTES or torch.get_num_threads() > 1):

@@ -21,8 +21,9 @@ from experts.spec import LayerKey
 from router_service.model import DecoderCache, Routing, SwitchFront
 from router_service.requests import SamplingParams
 
-# A decoding step of this many sequences or fewer runs its math on one OpenMP thread: its ops are too small for
-# OpenMP's fork and join to pay. Its large products run on every core instead (experts.ffn.linear_on_cores).
+# A decoding step of this many sequences or fewer runs its math on one OpenMP thread where core threads pay
+# (experts.ffn.core_threads): its ops are too small for OpenMP's fork and join to pay there, and its large products
+# run on every core instead (experts.ffn.linear_on_cores).
 # Encoder passes, whole prompts, use every OpenMP thread: prompts arrive a few at a time, and their passes on one
 # thread made 32 requests at once 12% slower. Measured on 2 cores at switch-base-8's shape (docs/BENCHMARKS.md): a
 # threshold of 16 or 32 sequences was no faster.
@@ -163,19 +164,19 @@ class ContinuousBatcher:
         self.waiting = deque(seq for seq in self.waiting if not seq.cancelled)
         self._leave([not seq.cancelled for seq in self.active])
         cores = self.threads or torch.get_num_threads()
-        core_threads(cores)
+        on_cores = core_threads(cores) is not None
         try:
-            return changed + self._decode(cores)
+            return changed + self._decode(cores, on_cores)
         except Exception as e:  # the whole batch fails together; the next step starts afresh
             return changed + self.fail(e)
         finally:
             use_threads(cores)
 
-    def _decode(self, cores: int) -> list[Sequence]:
+    def _decode(self, cores: int, on_cores: bool) -> list[Sequence]:
         embedded = self._admit(cores)
         if not self.active:
             return embedded
-        use_threads(1 if len(self.active) <= ONE_THREAD_UP_TO else cores)
+        use_threads(1 if on_cores and len(self.active) <= ONE_THREAD_UP_TO else cores)
         self.cache, logits, routing = self.front.decode_step(self.cache, self.next_tokens)
         dropped = Routing.dropped_per_row(routing, len(self.active))
         self.steps += 1

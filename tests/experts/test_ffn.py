@@ -1,7 +1,8 @@
 """The expert FFN: its activations, computed with torch alone, equal transformers' ACT2FN of the same name; experts
 computed at once on several threads get the work dealt evenly, and give what one thread does; a product of a few
-rows runs as weight @ x.T and gives F.linear's result; a large product on one OpenMP thread runs on every core
-(one row split over the threads, several rows on as many OpenMP threads) and gives F.linear's result."""
+rows runs the way measured faster here, x @ weight.T or weight @ x.T, and gives F.linear's result; a large product
+on one OpenMP thread runs on every core (one row split over the threads, several rows on as many OpenMP threads)
+and gives F.linear's result; core threads run only where they are measured to pay."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from experts import ffn
 from experts.ffn import (
     ACTIVATION_FUNCTIONS,
-    SKINNY_MAX_ROWS,
-    SKINNY_MAX_ROWS_ONE_THREAD,
     SPLIT_MIN_BYTES,
+    TRANSPOSED_MAX_ROWS,
     WEIGHT_READ_TOKENS,
     CoreThreads,
     core_threads,
@@ -24,6 +25,7 @@ from experts.ffn import (
     linear,
     linear_on_cores,
     shares,
+    transposed_is_faster,
 )
 from experts.spec import ACTIVATIONS
 
@@ -121,22 +123,64 @@ def on_openmp_threads(fn, openmp: int = 1):
     return out[0]
 
 
-@pytest.mark.parametrize("openmp", [1, 2])
-def test_a_product_of_a_few_rows_runs_as_weight_by_x_transposed(openmp, monkeypatch):
-    """Two to SKINNY_MAX_ROWS rows (SKINNY_MAX_ROWS_ONE_THREAD on one OpenMP thread) go through torch.mm(weight,
-    x.T); one row and more rows through F.linear; the result is F.linear's either way, in x's leading shape."""
+@pytest.mark.parametrize("turned", [True, False])
+def test_a_product_of_a_few_rows_runs_the_way_measured_faster(turned, monkeypatch):
+    """Two to TRANSPOSED_MAX_ROWS rows go through torch.mm(weight, x.T) where that is the faster way, else like one
+    row and more rows through F.linear; the result is F.linear's either way, in x's leading shape."""
     torch.manual_seed(0)
     weight = torch.randn(96, 64)
-    most = SKINNY_MAX_ROWS if openmp > 1 else SKINNY_MAX_ROWS_ONE_THREAD
+    monkeypatch.setattr(ffn, "MEASURED_MIN_BYTES", 0)
+    monkeypatch.setattr(ffn, "transposed_is_faster", lambda x, w: turned)
     calls = []
     mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda *args: (calls.append(args[1].shape[1]), mm(*args))[1])
-    for rows in (1, 2, 5, most, most + 1):
+    for rows in (1, 2, 5, TRANSPOSED_MAX_ROWS, TRANSPOSED_MAX_ROWS + 1):
         x = torch.randn(rows, 1, 64)
-        out = on_openmp_threads(lambda x=x: linear(x, weight), openmp)
+        out = linear(x, weight)
         assert out.shape == (rows, 1, 96) and out.is_contiguous()
         assert torch.allclose(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
-    assert calls == [rows for rows in (2, 5, most) if rows <= most]
+    assert calls == ([2, 5, TRANSPOSED_MAX_ROWS] if turned else [])
+
+
+def test_the_faster_way_is_timed_once_per_shape_rows_and_threads(monkeypatch):
+    """The first product of each weight shape, power of two of rows and count of OpenMP threads times both ways
+    (the faster is kept); the next ones with the same three reuse it. Fails if the choice ignores the timing or
+    is timed again, or if different shapes, rows or threads share one."""
+    monkeypatch.setattr(ffn, "_transposed_faster", {})
+    timed = []
+
+    def timing(by_rows, turned, repeats=3):
+        timed.append(1)
+        return [1.0, 2.0] if len(timed) % 2 else [2.0, 1.0]  # F.linear first, then weight @ x.T
+
+    monkeypatch.setattr(ffn, "best_seconds", timing)
+    small, large = torch.randn(96, 64), torch.randn(128, 64)
+
+    def faster(rows: int, weight: torch.Tensor, openmp: int = 1) -> bool:
+        return on_openmp_threads(lambda: transposed_is_faster(torch.randn(rows, 64), weight), openmp)
+
+    assert not faster(3, small)  # rows 3 and 4 share a power of two
+    assert not faster(4, small)
+    assert len(timed) == 1
+    assert faster(5, small)
+    assert not faster(5, large)
+    assert faster(5, small, openmp=2)
+    assert len(timed) == 4 and len(ffn._transposed_faster) == 4
+
+
+def test_best_seconds_times_each_way():
+    calls = []
+
+    def quick():
+        calls.append("quick")
+
+    def slow():
+        calls.append("slow")
+        threading.Event().wait(0.02)
+
+    quick_s, slow_s = ffn.best_seconds(quick, slow, repeats=2)
+    assert quick_s < 0.01 <= 0.02 <= slow_s
+    assert calls == ["quick", "slow"] * 3  # one run each to warm up, then the runs that count, taking turns
 
 
 def test_a_large_product_on_one_openmp_thread_runs_on_every_core(expert_threads, monkeypatch):
@@ -199,11 +243,27 @@ def test_one_expert_alone_has_its_products_split(expert_threads, monkeypatch):
     assert names and all(name.startswith("switch-serve-cores") for name in names)
 
 
-def test_the_process_core_threads_follow_the_count_asked_for():
-    before = core_threads()
+@pytest.mark.parametrize("pay", [True, False])
+def test_the_process_core_threads_follow_the_count_asked_for_where_they_pay(pay, monkeypatch):
+    """Started for two cores or more where parts_beat_openmp says so, measured once per count; none otherwise."""
+    measured = []
+    core_threads(1)
+    monkeypatch.setattr(ffn, "_parts_pay", {})
+    monkeypatch.setattr(ffn, "parts_beat_openmp", lambda threads: (measured.append(threads.n), pay)[1])
     try:
         two = core_threads(2)
-        assert two.n == 2 and core_threads() is two and core_threads(2) is two
+        assert (two is not None and two.n == 2) == pay and core_threads() is two and core_threads(2) is two
         assert core_threads(1) is None and core_threads() is None
+        assert (core_threads(2) is not None) == pay and (core_threads(3) is not None) == pay
+        assert measured == [2, 3]
     finally:
-        core_threads(before.n if before is not None else 1)
+        core_threads(1)
+
+
+def test_parts_beat_openmp_where_the_parts_are_faster(expert_threads, monkeypatch):
+    """The parts must beat OpenMP's threads by 10%, and the caller keeps its OpenMP threads."""
+    assert on_openmp_threads(lambda: torch.get_num_threads() + 0 * ffn.parts_beat_openmp(expert_threads), 2) == 2
+    for times, pay in (([1.0, 0.85], True), ([1.0, 0.95], False), ([0.6, 1.0], False)):
+        monkeypatch.setattr(ffn, "best_seconds", lambda *ways, repeats, times=times: times)
+        assert on_openmp_threads(lambda: (ffn.parts_beat_openmp(expert_threads), torch.get_num_threads()), 2) == \
+            (pay, 2)
