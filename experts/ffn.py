@@ -31,9 +31,12 @@ SPLIT_MIN_BYTES = 4 << 20
 # is faster on this machine, `x @ weight.T` or `weight @ x.T` (see `linear`). Smaller ones are not worth measuring.
 TRANSPOSED_MAX_ROWS = 64
 MEASURED_MIN_BYTES = 1 << 20
-# The weight whose one-row product decides whether core threads pay here (see parts_beat_openmp): a switch-base-8
-# expert's wi, of the products a decoding step runs most.
-PROBE_WEIGHT = (3072, 768)
+# The weights whose one-row products decide whether core threads pay here (see parts_beat_openmp): four of a
+# switch-base-8 expert's wi, the products a decoding step runs most, more than a cache holds.
+PROBE_WEIGHTS = (4, 3072, 768)
+# A choice between ways of computing is timed at these uses: a timing taken while other work held the cores (a
+# replica starting beside its expert actors, say) gives way to the quieter ones that follow.
+TIMED_AT_USES = (1, 16, 256, 4096)
 
 # What reading an expert's weights costs, in tokens: a piece of work costs this plus its tokens (a decoding step's
 # few tokens an expert take about as long as this many would, bound by memory).
@@ -44,9 +47,9 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """F.linear(x, weight), int8 weights as experts.int8.linear. For a few rows of x on the CPU, MKL's x @ weight.T
     runs far below memory speed on some CPUs and barely faster on two OpenMP threads, where weight @ x.T (a tall
     matrix by a thin one) is another kernel that takes 0.3-0.8 times as long (an AMD EPYC); on others x @ weight.T is
-    the faster of the two (an Intel Xeon, up to half the time at 2 to 4 rows). So each way is timed on the first
-    product of each weight shape, count of rows (to the next power of two) and of OpenMP threads, and the faster one
-    kept for the process (docs/BENCHMARKS.md)."""
+    the faster of the two (an Intel Xeon, up to half the time at 2 to 4 rows). So both ways are timed on products of
+    each weight shape, count of rows (to the next power of two) and of OpenMP threads (see Timings), and the faster
+    one runs (docs/BENCHMARKS.md)."""
     if isinstance(weight, Int8Weight):
         return int8.linear(x, weight)
     rows = x.numel() // x.shape[-1]
@@ -63,19 +66,35 @@ def transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-# (weight shape, rows to the next power of two, OpenMP threads) -> whether weight @ x.T is the faster way
-_transposed_faster: dict[tuple[int, int, int, int], bool] = {}
+class Timings:
+    """The shortest time each of several ways of computing one thing has taken here, over the timings taken at the
+    uses in TIMED_AT_USES."""
+
+    def __init__(self, ways: int):
+        self.best, self.uses = [float("inf")] * ways, 0
+
+    def due(self) -> bool:
+        """Count a use; whether to time the ways at this one."""
+        self.uses += 1
+        return self.uses in TIMED_AT_USES
+
+    def add(self, seconds: list[float]) -> None:
+        self.best = [min(best, new) for best, new in zip(self.best, seconds)]
+
+
+# (weight shape, rows to the next power of two, OpenMP threads) -> F.linear's and weight @ x.T's Timings
+_transposed_timings: dict[tuple[int, int, int, int], Timings] = {}
 
 
 def transposed_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether weight @ x.T beats F.linear for products like this one here, timed on this one the first time."""
+    """Whether weight @ x.T beats F.linear for products like this one here, timed on this one when due."""
     rows = x.numel() // x.shape[-1]
-    key = (*weight.shape, 1 << (rows - 1).bit_length(), torch.get_num_threads())
-    faster = _transposed_faster.get(key)
-    if faster is None:
-        by_rows, turned = best_seconds(lambda: F.linear(x, weight), lambda: transposed(x, weight))
-        faster = _transposed_faster[key] = turned < by_rows
-    return faster
+    timings = _transposed_timings.setdefault((*weight.shape, 1 << (rows - 1).bit_length(), torch.get_num_threads()),
+                                             Timings(2))
+    if timings.due():
+        timings.add(best_seconds(lambda: F.linear(x, weight), lambda: transposed(x, weight)))
+    by_rows, turned = timings.best
+    return turned < by_rows
 
 
 def best_seconds(*ways, repeats: int = 3) -> list[float]:
@@ -130,55 +149,68 @@ class CoreThreads:
 
 
 _core_threads: CoreThreads | None = None
-_cores_asked = 1
-_parts_pay: dict[int, bool] = {}  # cores -> parts_beat_openmp, measured once per count
+_parts_timings: dict[int, Timings] = {}  # cores -> the Timings of parts_beat_openmp
 _core_threads_lock = threading.Lock()
 
 
 def core_threads(n: int | None = None) -> CoreThreads | None:
     """This process's threads for math on several cores at once, one core each; with `n`, started (or started
     again with n threads) unless they run already. None while fewer than two cores are to be used, and where they
-    do not pay (see parts_beat_openmp): then every product runs on the caller's OpenMP threads."""
-    global _core_threads, _cores_asked
+    do not pay (parts_beat_openmp, timed at the calls with `n` in TIMED_AT_USES): then every product runs on the
+    caller's OpenMP threads."""
+    global _core_threads
     with _core_threads_lock:
-        if n is not None and n != _cores_asked:
-            if _core_threads is not None:
-                _core_threads.close()
-            _core_threads, _cores_asked = None, n
-            if n > 1:
-                threads = CoreThreads(n)
-                if n not in _parts_pay:
-                    _parts_pay[n] = parts_beat_openmp(threads)
-                if _parts_pay[n]:
-                    _core_threads = threads
-                else:
-                    threads.close()
+        if n is None:
+            return _core_threads
+        current = _core_threads if _core_threads is not None and _core_threads.n == n else None
+        if _core_threads is not None and current is None:
+            _core_threads.close()
+        _core_threads = None
+        if n < 2:
+            return None
+        timings = _parts_timings.setdefault(n, Timings(2))
+        if timings.due():
+            current = current or CoreThreads(n)
+            timings.add(openmp_and_parts_seconds(current))
+        if parts_beat_openmp(timings):
+            _core_threads = current or CoreThreads(n)
+        elif current is not None:
+            current.close()
         return _core_threads
 
 
-def parts_beat_openmp(threads: CoreThreads) -> bool:
+def parts_beat_openmp(timings: Timings) -> bool:
     """Whether one row by a large weight is computed at least 10% faster cut into a part per core thread than on as
-    many OpenMP threads. So on an AMD EPYC, where MKL reads the weight at about half of memory speed on one core
-    and no faster on two OpenMP threads; not on an Intel Xeon, whose OpenMP threads take 0.6 times as long as the
-    parts (docs/BENCHMARKS.md). Where the parts win, small decoding steps run on one OpenMP thread with their large
-    products on the core threads, and a layer's experts are computed at once, one core each."""
-    weight, x = torch.randn(*PROBE_WEIGHT), torch.randn(1, PROBE_WEIGHT[1])
+    many OpenMP threads (`timings`: openmp_and_parts_seconds'). So on an AMD EPYC, where MKL reads the weight at
+    about half of memory speed on one core and no faster on two OpenMP threads; not on an Intel Xeon, whose OpenMP
+    threads take 0.4 times as long as the parts (docs/BENCHMARKS.md). Where the parts win, small decoding steps run
+    on one OpenMP thread with their large products on the core threads, and a layer's experts are computed at
+    once, one core each."""
+    openmp, parts = timings.best
+    return parts < 0.9 * openmp
+
+
+def openmp_and_parts_seconds(threads: CoreThreads) -> list[float]:
+    """The time one row by PROBE_WEIGHTS takes on as many OpenMP threads as `threads` has, and cut into a part per
+    core thread; the caller keeps its OpenMP threads."""
+    weights, x = torch.randn(*PROBE_WEIGHTS), torch.randn(1, PROBE_WEIGHTS[2])
     caller = torch.get_num_threads()
 
     def on_openmp_threads() -> None:
         torch.set_num_threads(threads.n)
-        F.linear(x, weight)
+        for weight in weights:
+            F.linear(x, weight)
 
     def in_parts() -> None:
         torch.set_num_threads(1)
-        linear_on_cores(x, weight, threads)
+        for weight in weights:
+            linear_on_cores(x, weight, threads)
 
     try:
         with torch.inference_mode():
-            openmp, parts = best_seconds(on_openmp_threads, in_parts, repeats=5)
+            return best_seconds(on_openmp_threads, in_parts, repeats=10)
     finally:
         torch.set_num_threads(caller)
-    return parts < 0.9 * openmp
 
 
 def linear_on_cores(x: torch.Tensor, weight: Weight, threads: CoreThreads | None) -> torch.Tensor:

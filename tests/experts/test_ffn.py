@@ -142,16 +142,18 @@ def test_a_product_of_a_few_rows_runs_the_way_measured_faster(turned, monkeypatc
     assert calls == ([2, 5, TRANSPOSED_MAX_ROWS] if turned else [])
 
 
-def test_the_faster_way_is_timed_once_per_shape_rows_and_threads(monkeypatch):
-    """The first product of each weight shape, power of two of rows and count of OpenMP threads times both ways
-    (the faster is kept); the next ones with the same three reuse it. Fails if the choice ignores the timing or
-    is timed again, or if different shapes, rows or threads share one."""
-    monkeypatch.setattr(ffn, "_transposed_faster", {})
+def test_the_faster_way_is_timed_per_shape_rows_and_threads_at_the_uses_due(monkeypatch):
+    """Products of each weight shape, power of two of rows and count of OpenMP threads time both ways at the uses in
+    TIMED_AT_USES, and the shortest times so far decide. Fails if the choice ignores the timings, times every use,
+    keeps only the last timing, or if different shapes, rows or threads share one."""
+    monkeypatch.setattr(ffn, "_transposed_timings", {})
+    monkeypatch.setattr(ffn, "TIMED_AT_USES", (1, 3))
+    answers = iter([[1.0, 2.0], [2.0, 1.0], [2.0, 1.0], [1.0, 2.0], [3.0, 1.5]])  # F.linear's, then weight @ x.T's
     timed = []
 
     def timing(by_rows, turned, repeats=3):
         timed.append(1)
-        return [1.0, 2.0] if len(timed) % 2 else [2.0, 1.0]  # F.linear first, then weight @ x.T
+        return next(answers)
 
     monkeypatch.setattr(ffn, "best_seconds", timing)
     small, large = torch.randn(96, 64), torch.randn(128, 64)
@@ -159,13 +161,15 @@ def test_the_faster_way_is_timed_once_per_shape_rows_and_threads(monkeypatch):
     def faster(rows: int, weight: torch.Tensor, openmp: int = 1) -> bool:
         return on_openmp_threads(lambda: transposed_is_faster(torch.randn(rows, 64), weight), openmp)
 
-    assert not faster(3, small)  # rows 3 and 4 share a power of two
-    assert not faster(4, small)
+    assert not faster(3, small)  # timed: F.linear is faster
+    assert not faster(4, small)  # rows 3 and 4 share a power of two: not timed at use 2
     assert len(timed) == 1
     assert faster(5, small)
-    assert not faster(5, large)
-    assert faster(5, small, openmp=2)
-    assert len(timed) == 4 and len(ffn._transposed_faster) == 4
+    assert faster(5, large)
+    assert not faster(5, small, openmp=2)
+    assert len(timed) == 4 and len(ffn._transposed_timings) == 4
+    assert not faster(4, small)  # use 3, timed again: 3.0 and 1.5, but F.linear's 1.0 before is shorter still
+    assert len(timed) == 5 and ffn._transposed_timings[(96, 64, 4, 1)].best == [1.0, 1.5]
 
 
 def test_best_seconds_times_each_way():
@@ -245,25 +249,33 @@ def test_one_expert_alone_has_its_products_split(expert_threads, monkeypatch):
 
 @pytest.mark.parametrize("pay", [True, False])
 def test_the_process_core_threads_follow_the_count_asked_for_where_they_pay(pay, monkeypatch):
-    """Started for two cores or more where parts_beat_openmp says so, measured once per count; none otherwise."""
-    measured = []
+    """Started for two cores or more where parts_beat_openmp says so, timed at the uses due per count; none
+    otherwise. Fails if the timing is skipped, repeated at every call, or its answer ignored."""
+    timed = []
     core_threads(1)
-    monkeypatch.setattr(ffn, "_parts_pay", {})
-    monkeypatch.setattr(ffn, "parts_beat_openmp", lambda threads: (measured.append(threads.n), pay)[1])
+    monkeypatch.setattr(ffn, "_parts_timings", {})
+    monkeypatch.setattr(ffn, "TIMED_AT_USES", (1, 3))
+    monkeypatch.setattr(ffn, "openmp_and_parts_seconds", lambda threads: (timed.append(threads.n), [1.0, 1.0])[1])
+    monkeypatch.setattr(ffn, "parts_beat_openmp", lambda timings: pay)
     try:
         two = core_threads(2)
         assert (two is not None and two.n == 2) == pay and core_threads() is two and core_threads(2) is two
         assert core_threads(1) is None and core_threads() is None
         assert (core_threads(2) is not None) == pay and (core_threads(3) is not None) == pay
-        assert measured == [2, 3]
+        assert timed == [2, 2, 3]  # the third call with 2 is timed again
     finally:
         core_threads(1)
 
 
-def test_parts_beat_openmp_where_the_parts_are_faster(expert_threads, monkeypatch):
-    """The parts must beat OpenMP's threads by 10%, and the caller keeps its OpenMP threads."""
-    assert on_openmp_threads(lambda: torch.get_num_threads() + 0 * ffn.parts_beat_openmp(expert_threads), 2) == 2
-    for times, pay in (([1.0, 0.85], True), ([1.0, 0.95], False), ([0.6, 1.0], False)):
-        monkeypatch.setattr(ffn, "best_seconds", lambda *ways, repeats, times=times: times)
-        assert on_openmp_threads(lambda: (ffn.parts_beat_openmp(expert_threads), torch.get_num_threads()), 2) == \
-            (pay, 2)
+def test_parts_beat_openmp_by_a_tenth():
+    timings = ffn.Timings(2)
+    for seconds, pay in (([1.0, 0.95], False), ([2.0, 0.85], True), ([0.6, 1.0], False)):
+        timings.add(seconds)  # the shortest of each so far: (1.0, 0.95), then (1.0, 0.85), then (0.6, 0.85)
+        assert ffn.parts_beat_openmp(timings) == pay
+
+
+def test_openmp_and_parts_are_timed_on_the_callers_threads(expert_threads):
+    """Both ways run (a time each), and the caller keeps its OpenMP threads."""
+    seconds, openmp = on_openmp_threads(lambda: (ffn.openmp_and_parts_seconds(expert_threads), torch.get_num_threads()),
+                                        2)
+    assert len(seconds) == 2 and all(0 < s < 1 for s in seconds) and openmp == 2

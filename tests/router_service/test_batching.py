@@ -21,8 +21,9 @@ def core_threads_pay(monkeypatch):
     """Whether core threads pay (experts.ffn.parts_beat_openmp), set by the test whatever this machine measures."""
     def pay(they_do: bool) -> None:
         ffn.core_threads(1)
-        monkeypatch.setattr(ffn, "_parts_pay", {})
-        monkeypatch.setattr(ffn, "parts_beat_openmp", lambda threads: they_do)
+        monkeypatch.setattr(ffn, "_parts_timings", {})
+        monkeypatch.setattr(ffn, "openmp_and_parts_seconds", lambda threads: [1.0, 1.0])
+        monkeypatch.setattr(ffn, "parts_beat_openmp", lambda timings: they_do)
 
     yield pay
     ffn.core_threads(1)
