@@ -4,8 +4,9 @@
   against different experts at once on experts.ffn.CoreThreads, one core each. Six layers of eight experts, so
   that the weights come from memory, not the cache; tokens dealt to experts at random, as a router would;
 - a decoding step's large products (twelve feed-forward layers, the LM head) as F.linear (MKL's x @ W.T) and as
-  experts.ffn.linear (W @ x.T for a few rows), each on one OpenMP thread and on every core's, and as
-  experts.ffn.linear_on_cores from a thread on one OpenMP thread (a small decoding step's way).
+  experts.ffn.linear (for a few rows, x @ W.T or W @ x.T, whichever it timed faster here), each on one OpenMP thread
+  and on every core's, and as experts.ffn.linear_on_cores from a thread on one OpenMP thread (a small decoding
+  step's way where core threads pay).
 
     GOMP_SPINCOUNT=10000 .venv/bin/python -m cluster.bench_experts    # the spin the Serve replicas run with
 """

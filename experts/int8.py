@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 PACKED_MAX_TOKENS = 32  # see the table above: beyond it, dequantizing is as fast or faster
+# torch 2.13's _weight_int8pack_mm reads past the weight's rows (and crashes) on AVX-512 CPUs unless their length,
+# the input features, is a multiple of this; other lengths are dequantized (every Switch checkpoint's are multiples).
+PACKED_FEATURES_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def quantize(weight: torch.Tensor) -> Int8Weight:
 
 def linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     """F.linear for an int8 weight; the output has x's dtype."""
-    if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_TOKENS:
+    if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_TOKENS and x.shape[-1] % PACKED_FEATURES_MULTIPLE == 0:
         packed = torch._weight_int8pack_mm(x.to(torch.bfloat16), weight.q, weight.scale.to(torch.bfloat16))
         return packed.to(x.dtype)
     return F.linear(x, weight.q.to(x.dtype)) * weight.scale.to(x.dtype)

@@ -39,6 +39,26 @@ def test_linear_equals_the_dequantized_weights(tokens, dtype):
     assert not torch.allclose(reference, F.linear(x.float(), w), rtol=1e-6, atol=0)  # quantization did change w
 
 
+@pytest.mark.parametrize("features", [40, 72])
+def test_input_features_the_packed_kernel_cannot_take_are_dequantized(features, monkeypatch):
+    """On an AVX-512 CPU, torch's packed kernel crashes the process for these lengths: they must not reach it."""
+    calls = []
+    packed = torch._weight_int8pack_mm
+
+    def checked(x, *args):
+        calls.append(tuple(x.shape))
+        assert x.shape[-1] % 16 == 0, "this would crash the process on an AVX-512 CPU"
+        return packed(x, *args)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", checked)
+    torch.manual_seed(3)
+    q = int8.quantize(torch.randn(24, features))
+    x = torch.randn(4, features)
+    assert torch.allclose(int8.linear(x, q), F.linear(x, q.dequantized(torch.float32)), rtol=1e-5, atol=1e-5)
+    int8.linear(torch.randn(4, 64), int8.quantize(torch.randn(24, 64)))
+    assert calls == [(4, 64)]
+
+
 def test_grouped_ffn_with_int8_weights_matches_the_dequantized_experts():
     torch.manual_seed(2)
     weights = [(torch.randn(40, 16), torch.randn(16, 40)) for _ in range(3)]
