@@ -9,7 +9,8 @@ For each workload (prompt and output lengths drawn at random, greedy decoding), 
 - transformers' `generate` on static, padded batches of 1 (one request at a time), 8, 16, each concurrency of the
   sweep, and all requests in one batch, in order;
 - the cluster served over gRPC streams, at each concurrency of the sweep: that many clients, each sending its
-  next request when the last one has finished;
+  next request when the last one has finished; then at the lowest concurrency and with every request at once as
+  unary calls (one whole answer each), which shows what the streams cost;
 - where the cluster's time goes: the same requests decoded through the Python API in a Ray worker set up like a
   Serve replica, all at once and one at a time, split into the front's compute (with the experts it computes
   itself), sending to the expert actors, waiting for them and their compute; the rest of the served time is
@@ -153,9 +154,9 @@ def hf_run(model, requests: list[Request], batch_size: int) -> list[Timing]:
     return timings
 
 
-def cluster_run(address: str, requests: list[Request], concurrency: int) -> list[Timing]:
-    """The requests as gRPC streams against the served app, from `concurrency` clients that each send their next
-    request when the last one has finished, in order."""
+def cluster_run(address: str, requests: list[Request], concurrency: int, stream: bool = True) -> list[Timing]:
+    """The requests as gRPC streams (or unary calls, whose first token comes with the last) against the served app,
+    from `concurrency` clients that each send their next request when the last one has finished, in order."""
     timings = [Timing() for _ in requests]
     queue = iter(range(len(requests)))
     lock = threading.Lock()
@@ -171,6 +172,10 @@ def cluster_run(address: str, requests: list[Request], concurrency: int) -> list
                 r, t = requests[i], timings[i]
                 t.sent = time.perf_counter()
                 request = pb.GenerateRequest(input_ids=r.prompt, max_new_tokens=r.max_new_tokens)
+                if not stream:
+                    t.token_ids = list(stub.Generate(request, timeout=3600).token_ids)
+                    t.first_token = t.end = time.perf_counter()
+                    continue
                 for chunk in stub.GenerateStream(request, timeout=3600):
                     if chunk.token_ids and t.first_token is None:
                         t.first_token = time.perf_counter()
@@ -244,7 +249,7 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     report = {"model": str(folder), "requests": requests, "cpus": os.cpu_count(), **engine,
               "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
               "workloads": {name: {"prompt_tokens": WORKLOADS[name][0], "output_tokens": WORKLOADS[name][1],
-                                   "transformers": [], "cluster": []} for name in workloads}}
+                                   "transformers": [], "cluster": [], "unary": []} for name in workloads}}
     # Static batches of each size over the requests; for a concurrency above `requests`, one batch of that many.
     sizes = sorted({*(s for s in HF_BATCH_SIZES if s <= requests), *concurrency, requests})
     for name, pool in work.items():
@@ -274,6 +279,11 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                     timings = cluster_run(served.grpc, pool[:max(requests, c)], c)
                     report["workloads"][name]["cluster"].append(
                         {"concurrency": c, **asdict(summarize(f"cluster-{c}", timings))})
+                for c in sorted({min(concurrency), max(c for c in concurrency if c <= requests)}):
+                    result = summarize(f"cluster-unary-{c}", cluster_run(served.grpc, pool[:requests], c, stream=False))
+                    report["workloads"][name]["unary"].append(
+                        {"concurrency": c, "system": result.system, "tokens": result.tokens,
+                         "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "outputs": result.outputs})
         for name, pool in work.items():
             report["workloads"][name]["breakdown"] = [
                 row for local in dict.fromkeys([local_experts, False])
@@ -283,9 +293,8 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
         ray.shutdown()
     for w in report["workloads"].values():  # greedy outputs must not depend on the system or the batch
         reference = next(r for r in w["transformers"] if r["batch_size"] == "1").get("outputs")
-        for r in w["transformers"] + w["cluster"]:
+        for r in w["transformers"] + w["cluster"] + w["unary"]:
             r["differing_outputs"] = sum(a != b for a, b in zip(r["outputs"], reference))
-        for r in w["transformers"] + w["cluster"]:
             del r["outputs"]
     return report
 
@@ -332,7 +341,12 @@ def table(report: dict) -> str:
                          f"{h['tokens_per_s']:>26.1f} {latencies(h)} | {r['tokens_per_s'] / h['tokens_per_s']:.2f}x")
         lines.append("transformers static batches: " + ", ".join(f"{s}: {r['tokens_per_s']:.1f} tok/s"
                                                                  for s, r in hf.items()))
-        differing = {r["system"]: r["differing_outputs"] for r in w["transformers"] + w["cluster"]
+        streams = {r["concurrency"]: r["tokens_per_s"] for r in w["cluster"]}
+        if w.get("unary"):
+            lines.append("the same requests as unary calls (one whole answer each): " + ", ".join(
+                f"concurrency {c}: {u['tokens_per_s']:.1f} tok/s (streams {streams[c]:.1f})"
+                for u in w["unary"] for c in [u["concurrency"]]))
+        differing = {r["system"]: r["differing_outputs"] for r in w["transformers"] + w["cluster"] + w.get("unary", [])
                      if r["differing_outputs"]}
         lines.append(f"requests whose tokens differ from transformers one at a time: {differing or 'none'}")
         targets = comparisons(w, report["requests"])

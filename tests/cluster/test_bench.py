@@ -25,9 +25,10 @@ def test_bench_quick_run(tmp_path):
     assert name == "short"
     assert [r["batch_size"] for r in w["transformers"]] == ["1", "4", "all", "8"]
     assert [r["concurrency"] for r in w["cluster"]] == [1, 4, 8]
-    for r in w["transformers"] + w["cluster"]:
+    assert [r["concurrency"] for r in w["unary"]] == [1, 4]  # the lowest, and the most at once of 6 requests
+    for r in w["transformers"] + w["cluster"] + w["unary"]:
         assert r["differing_outputs"] == 0, r["system"]  # the same greedy tokens everywhere
-        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ttft_p50"] > 0
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r.get("ttft_p50", 1) > 0
     # The concurrency above the request count runs as many requests as it keeps in flight.
     assert w["cluster"][-1]["tokens"] == next(r for r in w["transformers"] if r["batch_size"] == "8")["tokens"]
     # By default the front computes the experts (all on its node here); the breakdown's second pass, the actors.
