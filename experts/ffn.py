@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from itertools import accumulate
@@ -83,14 +84,13 @@ class Timings:
 
 
 # (weight shape, rows to the next power of two, OpenMP threads) -> F.linear's and weight @ x.T's Timings
-_transposed_timings: dict[tuple[int, int, int, int], Timings] = {}
+_transposed_timings: defaultdict[tuple[int, int, int, int], Timings] = defaultdict(partial(Timings, 2))
 
 
 def transposed_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether weight @ x.T beats F.linear for products like this one here, timed on this one when due."""
     rows = x.numel() // x.shape[-1]
-    timings = _transposed_timings.setdefault((*weight.shape, 1 << (rows - 1).bit_length(), torch.get_num_threads()),
-                                             Timings(2))
+    timings = _transposed_timings[(*weight.shape, 1 << (rows - 1).bit_length(), torch.get_num_threads())]
     if timings.due():
         timings.add(best_seconds(lambda: F.linear(x, weight), lambda: transposed(x, weight)))
     by_rows, turned = timings.best
@@ -149,7 +149,7 @@ class CoreThreads:
 
 
 _core_threads: CoreThreads | None = None
-_parts_timings: dict[int, Timings] = {}  # cores -> the Timings of parts_beat_openmp
+_parts_timings: defaultdict[int, Timings] = defaultdict(partial(Timings, 2))  # cores -> parts_beat_openmp's
 _core_threads_lock = threading.Lock()
 
 
@@ -168,7 +168,7 @@ def core_threads(n: int | None = None) -> CoreThreads | None:
         _core_threads = None
         if n < 2:
             return None
-        timings = _parts_timings.setdefault(n, Timings(2))
+        timings = _parts_timings[n]
         if timings.due():
             current = current or CoreThreads(n)
             timings.add(openmp_and_parts_seconds(current))

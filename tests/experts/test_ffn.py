@@ -7,6 +7,7 @@ and gives F.linear's result; core threads run only where they are measured to pa
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 
 import pytest
 import torch
@@ -146,7 +147,7 @@ def test_the_faster_way_is_timed_per_shape_rows_and_threads_at_the_uses_due(monk
     """Products of each weight shape, power of two of rows and count of OpenMP threads time both ways at the uses in
     TIMED_AT_USES, and the shortest times so far decide. Fails if the choice ignores the timings, times every use,
     keeps only the last timing, or if different shapes, rows or threads share one."""
-    monkeypatch.setattr(ffn, "_transposed_timings", {})
+    monkeypatch.setattr(ffn, "_transposed_timings", defaultdict(ffn._transposed_timings.default_factory))
     monkeypatch.setattr(ffn, "TIMED_AT_USES", (1, 3))
     answers = iter([[1.0, 2.0], [2.0, 1.0], [2.0, 1.0], [1.0, 2.0], [3.0, 1.5]])  # F.linear's, then weight @ x.T's
     timed = []
@@ -253,7 +254,7 @@ def test_the_process_core_threads_follow_the_count_asked_for_where_they_pay(pay,
     otherwise. Fails if the timing is skipped, repeated at every call, or its answer ignored."""
     timed = []
     core_threads(1)
-    monkeypatch.setattr(ffn, "_parts_timings", {})
+    monkeypatch.setattr(ffn, "_parts_timings", defaultdict(ffn._parts_timings.default_factory))
     monkeypatch.setattr(ffn, "TIMED_AT_USES", (1, 3))
     monkeypatch.setattr(ffn, "openmp_and_parts_seconds", lambda threads: (timed.append(threads.n), [1.0, 1.0])[1])
     monkeypatch.setattr(ffn, "parts_beat_openmp", lambda timings: pay)

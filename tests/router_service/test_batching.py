@@ -4,6 +4,7 @@ the same log-probabilities as when it runs alone, and so do the sequences it joi
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def core_threads_pay(monkeypatch):
     """Whether core threads pay (experts.ffn.parts_beat_openmp), set by the test whatever this machine measures."""
     def pay(they_do: bool) -> None:
         ffn.core_threads(1)
-        monkeypatch.setattr(ffn, "_parts_timings", {})
+        monkeypatch.setattr(ffn, "_parts_timings", defaultdict(ffn._parts_timings.default_factory))
         monkeypatch.setattr(ffn, "openmp_and_parts_seconds", lambda threads: [1.0, 1.0])
         monkeypatch.setattr(ffn, "parts_beat_openmp", lambda timings: they_do)
 
