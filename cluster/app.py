@@ -20,7 +20,7 @@ from experts.fleet import for_cluster
 from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, expert_format, follow_weights
-from router_service.config import GRPC_PORT, HTTP_PORT, ServerConfig
+from router_service.config import GRPC_PORT, HTTP_PORT, INGRESS_ENV, ServerConfig
 from router_service.server import ServedFleet, SwitchServer, fleet_app_name
 
 APP_NAME = "switch-serve"
@@ -109,6 +109,12 @@ def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port:
     }
 
 
+def start_ray(address: str | None = None, ingress: str = "proxy", **options) -> None:
+    """Start Ray here (or join `address`), Serve to start on it with `ingress` (see INGRESS_ENV)."""
+    ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": INGRESS_ENV[ingress]},
+             **options)
+
+
 def wait_until_serving(front, replicas: int, timeout_s: float) -> None:
     """Wait for the fronts (a Serve handle to them) to have their expert actors, every replica: each finds them on
     its own, and a handle cannot pick a replica, so wait for SERVING_IN_A_ROW answers a replica saying so."""
@@ -131,15 +137,15 @@ class Endpoints:
 @contextmanager
 def local_serve(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port: int = HTTP_PORT,
                 grpc_port: int = GRPC_PORT, address: str | None = None, dashboard: bool = False,
-                worker_logs: bool = True) -> Iterator[Endpoints]:
-    """Serve `config` while the block runs: on the running Ray cluster, else one started here (joining
-    `address` if given, with Ray's dashboard if asked, echoing the workers' logs unless told not to). Returns
+                worker_logs: bool = True, ingress: str = "proxy") -> Iterator[Endpoints]:
+    """Serve `config` while the block runs: on the running Ray cluster (with the ingress it was started with),
+    else one started here (joining `address` if given, with Ray's dashboard if asked, echoing the workers' logs
+    unless told not to, with `ingress` in front: see INGRESS_ENV). Returns
     once the app serves (PlacementError if its experts are not up within `placement.timeout_s`); at the end takes
     down the app, its expert actors, Serve, and Ray if it started it."""
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=dashboard,
-                 log_to_driver=worker_logs)
+        start_ray(address, ingress, include_dashboard=dashboard, log_to_driver=worker_logs)
     try:
         serve.start(http_options={"host": http_host, "port": http_port},
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))

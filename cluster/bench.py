@@ -23,7 +23,6 @@ per output token (p50 and p99).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import threading
@@ -36,7 +35,7 @@ import ray
 import torch
 from transformers import SwitchTransformersForConditionalGeneration
 
-from cluster.app import FRONT_ENV, local_serve
+from cluster.app import FRONT_ENV, local_serve, start_ray
 from cluster.testing import free_port, tiny_config, write_random_checkpoint
 from cluster.workloads import HF_BATCH_SIZES, SHAPES, WORKLOADS
 from experts.fleet import this_node_cpus
@@ -239,14 +238,15 @@ def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig,
 
 def run(folder: Path, workloads: list[str], concurrency: list[int], requests: int = 32,
         experts_per_actor: int | None = None, micro_batches: int = 1, local_experts: bool = True,
-        quantize: str = "none", front_threads: int | None = None, device: str = "cpu", seed: int = 0) -> dict:
+        quantize: str = "none", front_threads: int | None = None, device: str = "cpu", ingress: str = "proxy",
+        seed: int = 0) -> dict:
     """Each workload's `requests` requests (at a concurrency above that, as many as it keeps in flight) through
-    transformers and through the served cluster, on the CPU or (`device` "cuda") the GPUs."""
+    transformers and through the served cluster (behind `ingress`), on the CPU or (`device` "cuda") the GPUs."""
     engine = {"micro_batches": micro_batches, "local_experts": local_experts, "quantize": quantize}
     hf_model = SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval().to(device)
     config = hf_model.config
     work = {name: workload(max(requests, *concurrency), config.vocab_size, name, seed) for name in workloads}
-    report = {"model": str(folder), "requests": requests, "cpus": os.cpu_count(), **engine,
+    report = {"model": str(folder), "requests": requests, "cpus": os.cpu_count(), "ingress": ingress, **engine,
               "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
               "workloads": {name: {"prompt_tokens": WORKLOADS[name][0], "output_tokens": WORKLOADS[name][1],
                                    "transformers": [], "cluster": [], "unary": []} for name in workloads}}
@@ -269,7 +269,7 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     server = ServerConfig(model=str(folder), placement=placement, front_gpus=front_gpus, front_threads=front_threads,
                           **engine,
                           max_sequences=max(32, *concurrency), max_waiting=max(64, requests))
-    ray.init(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False, **ray_options)
+    start_ray(ingress=ingress, include_dashboard=False, log_to_driver=False, **ray_options)
     report["front_threads"] = front_threads or this_node_cpus()  # a replica's default
     try:
         with local_serve(server, http_port=free_port(), grpc_port=free_port()) as served:
@@ -326,7 +326,8 @@ def where_experts_run(local_experts: bool) -> str:
 
 def table(report: dict) -> str:
     lines = [f"{report['model']}: {report['requests']} requests per workload, {report['cpus']} CPUs, "
-             f"device {report['device']}, placement {report['placement']}, front threads {report['front_threads']}, "
+             f"device {report['device']}, ingress {report.get('ingress', 'proxy')}, placement {report['placement']}, "
+             f"front threads {report['front_threads']}, "
              f"{report['micro_batches']} micro-batches, "
              f"{where_experts_run(report['local_experts'])}, experts quantized: {report.get('quantize', 'none')}"]
     for name, w in report["workloads"].items():

