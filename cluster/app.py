@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import ray
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, RunTarget
 from ray.serve.config import gRPCOptions
 
 from experts.fleet import for_cluster
@@ -150,8 +150,9 @@ def local_serve(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port
         serve.start(http_options={"host": http_host, "port": http_port},
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
         try:
-            serve.run(build_fleet(config), name=FLEET_APP, route_prefix=None)
-            front = serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+            # Both at once, as from the Serve config: HAProxy counts as serving only once some app has a route.
+            _, front = serve.run_many([RunTarget(build_fleet(config), name=FLEET_APP, route_prefix=None),
+                                       RunTarget(build_app(config), name=APP_NAME, route_prefix="/")])
             wait_until_serving(front, config.num_replicas, config.placement.timeout_s)
             yield Endpoints(grpc=f"{http_host}:{grpc_port}", http=f"http://{http_host}:{http_port}")
         finally:

