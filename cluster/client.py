@@ -24,12 +24,9 @@ ATTEMPTS = 3
 
 def retryable(error: grpc.RpcError) -> bool:
     """UNAVAILABLE (expert actors down, a replica not ready), or a front replica that died mid-request, which
-    Serve's gRPC proxy reports as INTERNAL and HAProxy as a reset stream (CANCELLED, though this client cancels
-    nothing). Generation has no side effects, so asking again is safe."""
-    details = error.details() or ""
+    Serve's gRPC proxy reports as INTERNAL. Generation has no side effects, so asking again is safe."""
     return error.code() == grpc.StatusCode.UNAVAILABLE or (
-        error.code() == grpc.StatusCode.INTERNAL and "actor died" in details.lower()) or (
-        error.code() == grpc.StatusCode.CANCELLED and "RST_STREAM" in details)
+        error.code() == grpc.StatusCode.INTERNAL and "actor died" in (error.details() or "").lower())
 
 
 def key_metadata(api_key: str | None) -> list[tuple[str, str]]:
