@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray import serve
@@ -39,12 +41,32 @@ FLEET_MAX_CALLS = 256
 FLEET_HEALTH_CHECK_S = 2.0
 # Time a stopping fleet has, after the fronts' drain timeout, to release its actors and placement group.
 FLEET_RELEASE_S = 10.0
-# After every op, a front's idle OpenMP threads spin for a while on cores that others need meanwhile: the expert
-# actors it waits for, Serve's proxy and the replica's own streams. A short spin frees them. (OpenMP's default
-# made a front computing its own experts faster alone, 79 against 102 ms a step at batch 1, but served, slower:
-# 25 against 36 tokens/s for 32 requests, and 102 against 96 ms per token for one.) OpenMP reads this when torch
-# loads, so it goes in the replicas' environment.
-FRONT_ENV = {"GOMP_SPINCOUNT": "10000"}
+# After every op, a front's idle OpenMP threads spin for a while before they sleep (OpenMP reads GOMP_SPINCOUNT as
+# torch loads, so it goes in the replicas' environment). Where two vCPUs share a core (SMT), a spinning thread takes
+# half the core from the one computing, so a short spin frees it: on an AMD EPYC whose 2 vCPUs barely sped up a
+# product over one, OpenMP's default spin made the served front slower (25 against 36 tokens/s for 32 requests).
+# Where each vCPU is a core of its own, waking a sleeping thread at every op costs more: on an Intel Xeon with 2
+# cores, OpenMP's default served 16% more tokens/s one request at a time and 10% more for 32 at once.
+SHORT_SPIN = {"GOMP_SPINCOUNT": "10000"}
+
+
+def vcpus_share_cores(topology: Path = Path("/sys/devices/system/cpu")) -> bool:
+    """Whether this process's CPUs are SMT siblings of others (Linux's CPU topology; False where it is not told)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    for cpu in cpus:
+        try:
+            siblings = (topology / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text()
+        except OSError:
+            return False
+        if "," in siblings or "-" in siblings:
+            return True
+    return False
+
+
+def front_env() -> dict[str, str]:
+    """The front replicas' environment, for the fronts' nodes taken to be of the kind of the node that builds the
+    app (set GOMP_SPINCOUNT in the nodes' environment where they are not)."""
+    return SHORT_SPIN if vcpus_share_cores() else {}
 # Answers in a row, per replica, that say the fronts serve (a handle spreads calls at random: with two replicas,
 # one that does not serve yet goes unasked by 16 calls once in 65,536).
 SERVING_IN_A_ROW = 8
@@ -80,7 +102,7 @@ def build_app(args: dict | ServerConfig) -> Application:
                                 # No CPU: a front and the experts take turns on the cores (see actor_cpus).
                                 ray_actor_options={"num_cpus": 0, "num_gpus": config.front_gpus,
                                                    "resources": config.front_resources,
-                                                   "runtime_env": {"env_vars": FRONT_ENV}}).bind(config)
+                                                   "runtime_env": {"env_vars": front_env()}}).bind(config)
 
 
 def check_placement(config: ServerConfig, model_config: SwitchConfig) -> list[str]:

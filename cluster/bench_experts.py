@@ -8,7 +8,7 @@
   and on every core's, and as experts.ffn.linear_on_cores from a thread on one OpenMP thread (a small decoding
   step's way where core threads pay).
 
-    GOMP_SPINCOUNT=10000 .venv/bin/python -m cluster.bench_experts    # the spin the Serve replicas run with
+    GOMP_SPINCOUNT=10000 .venv/bin/python -m cluster.bench_experts    # the replicas' spin where vCPUs share cores
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 from reference import ROOT
 
-from cluster.app import FLEET_FIELDS, build_app, build_fleet, serve_config
+from cluster.app import FLEET_FIELDS, build_app, build_fleet, serve_config, vcpus_share_cores
 from experts.placement import PlacementConfig
 from router_service.config import ServerConfig
 from router_service.server import fleet_app_name
@@ -153,3 +154,21 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
             assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
             assert "retrying a request after" in caplog.text
     assert resident_memory(HAPROXY) == 0
+
+
+@pytest.mark.parametrize("siblings, shared", [("0\n", False), ("0-1\n", True), ("0,2\n", True)])
+def test_the_cpu_topology_says_whether_vcpus_share_cores(tmp_path, monkeypatch, siblings, shared):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    (tmp_path / "cpu0" / "topology").mkdir(parents=True)
+    (tmp_path / "cpu0" / "topology" / "thread_siblings_list").write_text(siblings)
+    assert vcpus_share_cores(tmp_path) is shared
+    assert vcpus_share_cores(tmp_path / "missing") is False
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_fronts_spin_short_only_where_vcpus_share_cores(monkeypatch, shared):
+    import cluster.app
+
+    monkeypatch.setattr(cluster.app, "vcpus_share_cores", lambda: shared)
+    env = build_app({"model": "demo/model"})._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert ("GOMP_SPINCOUNT" in env) is shared
