@@ -125,7 +125,7 @@ def add_api_key_option(parser: argparse.ArgumentParser, what: str) -> None:
 def add_ingress_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ingress", choices=INGRESSES, default="proxy",
                         help="what takes the calls on the ports of the Ray cluster started here: Serve's proxy "
-                             "(default), or HAProxy, faster, passing each call straight to a front replica (a "
+                             "(default), or HAProxy, passing each call straight to a front replica (a "
                              "front's death ends its streams CANCELLED, not UNAVAILABLE)")
 
 

@@ -15,10 +15,10 @@ GRPC_PORT = 9000
 # What listens on Serve's HTTP and gRPC ports, set by the cluster's environment (Serve's controller and replicas read
 # it as they start: the job's runtime env here, the pods' env on Kubernetes).
 # - proxy: Serve's Python proxy, which relays each call, and each streamed token, to a front replica by a Ray call.
-# - haproxy: HAProxy (bundled with ray[serve]) passes each call straight to a front replica, which serves it itself:
-#   on 2 vCPUs, 7% more tokens/s one request at a time and 9% for 32 at once. But a front's death ends its streams
-#   with CANCELLED (HAProxy resets them) where the proxy says UNAVAILABLE, and each Ray cluster's HAProxy takes
-#   fixed ports of its own (9101, 8404, 8500, 9500), so one machine runs one such cluster.
+# - haproxy: HAProxy (bundled with ray[serve]) passes each call straight to a front replica, which serves it itself
+#   (on 2 vCPUs: 7-9% more tokens/s with the fronts' short OpenMP spin, 0-3% with OpenMP's own; docs/BENCHMARKS.md).
+#   But a front's death ends its streams with CANCELLED (HAProxy resets them) where the proxy says UNAVAILABLE, and
+#   each Ray cluster's HAProxy takes fixed ports of its own (9101, 8404, 8500, 9500), so one machine runs one.
 INGRESS_ENV = {
     "proxy": {},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1",
