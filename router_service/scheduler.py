@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from router_service.batching import ContinuousBatcher, Sequence
+from router_service.batching import ContinuousBatcher, Sequence, use_threads
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,15 @@ class QueueFull(Exception):
 class BatcherStopped(RuntimeError):
     """The batching thread has stopped, so this replica cannot decode (UNAVAILABLE, retryable elsewhere); its
     health check fails and Serve replaces it."""
+
+
+def math_here_on_one_thread() -> None:
+    """Keep this thread's math on one OpenMP thread, for the batching thread's team to be the process's only one:
+    while libgomp manages more threads than there are CPUs, idle OpenMP threads sleep after every op instead of
+    spinning until the next, which makes every op wait for them to wake. A team of the thread that builds the model
+    (where OMP_NUM_THREADS > 1 in the replica's environment) did that: on 2 vCPUs, 40 ms a step of one sequence
+    instead of 29 (docs/BENCHMARKS.md). Threads started later begin with this count."""
+    use_threads(1)
 
 
 class Scheduler:

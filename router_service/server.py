@@ -51,7 +51,7 @@ from router_service.openai_api import (
 )
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.requests import InvalidRequest, check_pooling, check_prompt, make_sampling_params
-from router_service.scheduler import BatcherStopped, QueueFull, Scheduler
+from router_service.scheduler import BatcherStopped, QueueFull, Scheduler, math_here_on_one_thread
 from router_service.text import TextStream, check_stop_strings
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,7 @@ class ServedFleet(ExpertFleet):
 @serve.ingress(http_app)
 class SwitchServer:
     def __init__(self, config: ServerConfig):
+        math_here_on_one_thread()  # this thread's and the ones it starts: the batching thread sets its own
         self.config = config
         self.model_id = config.served_model_name or Path(config.model).name
         self.started = int(time.time())

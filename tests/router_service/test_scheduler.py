@@ -5,6 +5,9 @@ Without the thread's `finally` in Scheduler._run, the first request here would w
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -48,3 +51,45 @@ def test_a_stopped_batching_thread_fails_requests_and_health():
     assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(BatcherStopped):
         replica.check_health(server)
+
+
+# In a process of its own, so that no other test's OpenMP threads are counted: the native threads that are not
+# Python's (OpenMP's workers) after the model's building and after a batching thread's step.
+OPENMP_TEAMS = """
+import os, threading, torch
+from router_service.batching import use_threads
+from router_service.scheduler import math_here_on_one_thread
+
+def native_threads():
+    return len(os.listdir("/proc/self/task")) - len(threading.enumerate())
+
+math_here_on_one_thread()
+before = native_threads()
+weights = torch.randn(1024, 1024)
+weights @ weights  # the model's building, on the thread that builds the replica
+built = native_threads()
+stepped, done = threading.Event(), threading.Event()
+
+def batching():
+    use_threads(2)
+    weights @ weights
+    stepped.set()
+    done.wait()
+
+thread = threading.Thread(target=batching)
+thread.start()
+stepped.wait()
+print(before, built, native_threads())
+done.set()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_the_batching_threads_openmp_team_is_the_only_one():
+    """Where OMP_NUM_THREADS asks for several threads, the replica's building thread still starts no OpenMP team
+    of its own (math_here_on_one_thread); the batching thread's team of two is counted (one worker)."""
+    out = subprocess.run([sys.executable, "-c", OPENMP_TEAMS], env={**os.environ, "OMP_NUM_THREADS": "2"},
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    before, built, stepped = map(int, out.split())
+    assert built == before
+    assert stepped == built + 1
