@@ -22,7 +22,7 @@ from experts.fleet import for_cluster
 from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, expert_format, follow_weights
-from router_service.config import GRPC_PORT, HTTP_PORT, INGRESS_ENV, ServerConfig
+from router_service.config import CONTROLLER_ENV, GRPC_PORT, HTTP_PORT, INGRESS_ENV, ServerConfig
 from router_service.server import ServedFleet, SwitchServer, fleet_app_name
 
 APP_NAME = "switch-serve"
@@ -113,6 +113,12 @@ def check_placement(config: ServerConfig, model_config: SwitchConfig) -> list[st
     return warnings
 
 
+def controller_options() -> dict:
+    """Serve's controller_options: the controller's environment (see CONTROLLER_ENV). Serve applies them as it
+    starts its controller, and ignores them where one runs already."""
+    return {"runtime_env": {"env_vars": CONTROLLER_ENV}}
+
+
 def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port: int = HTTP_PORT,
                  grpc_port: int = GRPC_PORT) -> dict:
     """The Serve config (`serve run FILE` / `serve deploy FILE`, or a RayService's serveConfigV2): the fleet's
@@ -124,6 +130,7 @@ def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port:
         "proxy_location": "EveryNode",
         "http_options": {"host": http_host, "port": http_port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
+        "controller_options": controller_options(),
         "applications": [
             {"name": FLEET_APP, "route_prefix": None, "import_path": "cluster.app:build_fleet",
              "args": args(set(FLEET_FIELDS))},
@@ -170,7 +177,8 @@ def local_serve(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port
         start_ray(address, ingress, include_dashboard=dashboard, log_to_driver=worker_logs)
     try:
         serve.start(http_options={"host": http_host, "port": http_port},
-                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+                    controller_options=controller_options())
         try:
             # Both at once, as from the Serve config: HAProxy counts as serving only once some app has a route.
             _, front = serve.run_many([RunTarget(build_fleet(config), name=FLEET_APP, route_prefix=None),

@@ -108,6 +108,19 @@ def replica_names(app: str, deployment: str) -> list[str]:
                   if a["namespace"] == "serve" and a["name"].startswith(prefix))
 
 
+def serve_control_loop_s() -> float:
+    """The running Serve controller's control loop interval, as read inside its process."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    def interval(_) -> float:
+        from ray.serve._private.constants import CONTROL_LOOP_INTERVAL_S
+        return CONTROL_LOOP_INTERVAL_S
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    return ray.get(controller.__ray_call__.remote(interval), timeout=60)
+
+
 def resident_memory(*patterns: str) -> int:
     """Resident memory, in bytes, of the processes on this machine whose command line holds one of `patterns`
     (Linux /proc)."""

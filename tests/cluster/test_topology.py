@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from unittest import mock
 
 import grpc
 import pytest
@@ -21,9 +23,17 @@ from test_app import fronts_args
 
 from cluster.app import APP_NAME, FLEET_APP
 from cluster.client import RemoteError, generate_remote, key_metadata
-from cluster.testing import finish_streams, free_port, replica_class, tiny_config, write_random_checkpoint
+from cluster.testing import (
+    finish_streams,
+    free_port,
+    replica_class,
+    serve_control_loop_s,
+    tiny_config,
+    write_random_checkpoint,
+)
 from experts.wire import torch_dtype
 from router_service.auth import API_KEY_ENV
+from router_service.config import CONTROLLER_ENV
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 from router_service.server import FLEET_DEPLOYMENT, FRONT_DEPLOYMENT
@@ -154,7 +164,9 @@ def manifest_cluster(file: str):
     import ray
     from conftest import instead_of_shared_ray
 
-    with instead_of_shared_ray():
+    # Ray's token auth off, as on the manifests' clusters: a local ray.init earlier in this process turns it on (in
+    # its environment) for every cluster started after it, whose dashboard then refuses the deploy.
+    with instead_of_shared_ray(), mock.patch.dict(os.environ, {"RAY_AUTH_MODE": "disabled"}):
         cluster = ManifestCluster(file)
         try:
             ray.init(address=cluster.cluster.address, logging_level=logging.WARNING)
@@ -230,12 +242,18 @@ def start_streams(address: str, count: int) -> tuple[grpc.Channel, list]:
 
 
 def stall_every_expert_actor(seconds: float) -> None:
-    """Each of the fleet's expert actors stalls this long in its next call (ExpertActor.inject_fault)."""
+    """Each of the fleet's expert actors stalls this long in its next call (ExpertActor.inject_fault). Asked from a
+    Ray task: Serve keeps its handles' state per process, and this one's may be of an earlier test's cluster."""
     import ray
-    from ray import serve
 
-    view = serve.get_deployment_handle(FLEET_DEPLOYMENT, FLEET_APP).actors.remote(0.0).result()
-    ray.get([actor.inject_fault.remote(at_call=1, stall_s=seconds) for actor in view.actors])
+    @ray.remote(num_cpus=0)
+    def stall() -> None:
+        from ray import serve
+
+        view = serve.get_deployment_handle(FLEET_DEPLOYMENT, FLEET_APP).actors.remote(0.0).result()
+        ray.get([actor.inject_fault.remote(at_call=1, stall_s=seconds) for actor in view.actors])
+
+    ray.get(stall.remote(), timeout=60)
 
 
 def ids(class_name: str) -> set[str]:
@@ -244,7 +262,8 @@ def ids(class_name: str) -> set[str]:
 
 def test_switch_base_8_manifest(tmp_path):
     """The fronts and the fleet on the head, one expert actor per GPU worker, answers equal to transformers'
-    and the API key required. A change to the fronts' settings keeps the fleet and its actors. The plan changed
+    and the API key required; Serve's controller runs with CONTROLLER_ENV (serveConfigV2's controller_options,
+    which KubeRay's deploy passes on). A change to the fronts' settings keeps the fleet and its actors. The plan changed
     in place onto a third GPU worker (as the autoscaler would add one) while streams run: every stream ends
     whole, and nothing of the old plan is left."""
     with manifest_cluster("rayservice-switch-base-8.yaml") as cluster:
@@ -256,6 +275,7 @@ def test_switch_base_8_manifest(tmp_path):
         assert groups_holding(cluster, FRONT) == ["head"] * args["num_replicas"]
         assert groups_holding(cluster, FLEET) == ["head"]
         assert groups_holding(cluster, "ExpertActor") == ["experts"] * args["placement"]["gpus"]
+        assert serve_control_loop_s() == float(CONTROLLER_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"])
         with pytest.raises(RemoteError) as refused:
             generate_remote(cluster.grpc_address, PROMPTS[:1], max_new_tokens=1, timeout=30)
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
