@@ -32,7 +32,8 @@ def math_here_on_one_thread() -> None:
     while libgomp manages more threads than there are CPUs, idle OpenMP threads sleep after every op instead of
     spinning until the next, which makes every op wait for them to wake. A team of the thread that builds the model
     (where OMP_NUM_THREADS > 1 in the replica's environment) did that: on 2 vCPUs, 40 ms a step of one sequence
-    instead of 29 (docs/BENCHMARKS.md). Threads started later begin with this count."""
+    instead of 29 (docs/BENCHMARKS.md). Threads started before the batching thread's first step begin with one
+    too; it sets its own count at every step."""
     use_threads(1)
 
 

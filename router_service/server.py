@@ -222,7 +222,7 @@ class ServedFleet(ExpertFleet):
 @serve.ingress(http_app)
 class SwitchServer:
     def __init__(self, config: ServerConfig):
-        math_here_on_one_thread()  # this thread's and the ones it starts: the batching thread sets its own
+        math_here_on_one_thread()  # before any math: the batching thread's OpenMP team is the only one
         self.config = config
         self.model_id = config.served_model_name or Path(config.model).name
         self.started = int(time.time())
