@@ -121,6 +121,18 @@ def serve_control_loop_s() -> float:
     return ray.get(controller.__ray_call__.remote(interval), timeout=60)
 
 
+def handlers_on_own_thread(replica) -> bool:
+    """Whether a Serve replica (its actor) runs its deployment's handlers on a thread of their own, as read inside
+    its process."""
+    import ray
+
+    def on_own_thread(_) -> bool:
+        from ray.serve._private.constants import RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+        return RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+
+    return ray.get(replica.__ray_call__.remote(on_own_thread), timeout=60)
+
+
 def resident_memory(*patterns: str) -> int:
     """Resident memory, in bytes, of the processes on this machine whose command line holds one of `patterns`
     (Linux /proc)."""

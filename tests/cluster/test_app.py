@@ -106,7 +106,7 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
     """`--ingress haproxy`: Serve's ports answer through HAProxy, with transformers' tokens on a unary call, a stream
     and HTTP; the bundled client gets every answer when a replica dies under its calls (HAProxy refuses them,
     UNAVAILABLE, and the client asks again); HAProxy stops with the app. Serve's controller runs with
-    CONTROLLER_ENV."""
+    CONTROLLER_ENV, the fronts' handlers on their replica's own event loop."""
     import logging
     import threading
 
@@ -117,7 +117,7 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
 
     from cluster.app import APP_NAME, local_serve
     from cluster.client import generate_remote
-    from cluster.testing import free_port, replica_names, resident_memory, serve_control_loop_s
+    from cluster.testing import free_port, handlers_on_own_thread, replica_names, resident_memory, serve_control_loop_s
     from router_service.proto import switch_serve_pb2 as pb
     from router_service.proto import switch_serve_pb2_grpc as pb_grpc
     from router_service.server import FRONT_DEPLOYMENT
@@ -133,6 +133,8 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
         assert serve_control_loop_s() == float(CONTROLLER_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"])
         with grpc.insecure_channel(served.grpc) as channel:
             stub = pb_grpc.SwitchServeStub(channel)
+            front = ray.get_actor(replica_names(APP_NAME, FRONT_DEPLOYMENT)[0], namespace="serve")
+            assert not handlers_on_own_thread(front)  # HANDLERS_ON_REPLICA_LOOP
             assert list(stub.Generate(request, timeout=60).token_ids) == expected
             assert [t for c in stub.GenerateStream(request, timeout=60) for t in c.token_ids] == expected
             body = json.dumps({"input_ids": prompt, "max_new_tokens": 8}).encode()
@@ -150,7 +152,6 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
                 thread.start()
                 while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).active_sequences == 0:  # decoding has begun
                     time.sleep(0.01)
-                front = ray.get_actor(replica_names(APP_NAME, FRONT_DEPLOYMENT)[0], namespace="serve")
                 ray.kill(front, no_restart=True)
                 thread.join(180)
             assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
