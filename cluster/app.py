@@ -72,6 +72,8 @@ def front_env() -> dict[str, str]:
     """The front replicas' environment; its OpenMP spin for the fronts' nodes taken to be of the kind of the node
     that builds the app (set GOMP_SPINCOUNT in the nodes' environment where they are not)."""
     return HANDLERS_ON_REPLICA_LOOP | (SHORT_SPIN if vcpus_share_cores() else {})
+
+
 # Answers in a row, per replica, that say the fronts serve (a handle spreads calls at random: with two replicas,
 # one that does not serve yet goes unasked by 16 calls once in 65,536).
 SERVING_IN_A_ROW = 8

@@ -263,9 +263,9 @@ def ids(class_name: str) -> set[str]:
 def test_switch_base_8_manifest(tmp_path):
     """The fronts and the fleet on the head, one expert actor per GPU worker, answers equal to transformers'
     and the API key required; Serve's controller runs with CONTROLLER_ENV (serveConfigV2's controller_options,
-    which KubeRay's deploy passes on). A change to the fronts' settings keeps the fleet and its actors. The plan changed
-    in place onto a third GPU worker (as the autoscaler would add one) while streams run: every stream ends
-    whole, and nothing of the old plan is left."""
+    which KubeRay's deploy passes on). A change to the fronts' settings keeps the fleet and its actors. The plan
+    changed in place onto a third GPU worker (as the autoscaler would add one) while streams run: every stream
+    ends whole, and nothing of the old plan is left."""
     with manifest_cluster("rayservice-switch-base-8.yaml") as cluster:
         expected = reference_tokens(cluster, write_random_checkpoint(tmp_path, tiny_config(num_experts=8)))
         cluster.deploy(cluster.serve_config(str(tmp_path)))

@@ -1,6 +1,7 @@
 """The batching thread's death (what no `except Exception` in its loop catches) fails its requests instead of
 hanging them, refuses later ones, and turns the replica's health checks, gRPC's and Serve's, to not serving.
-Without the thread's `finally` in Scheduler._run, the first request here would wait forever."""
+Without the thread's `finally` in Scheduler._run, the first request here would wait forever. And the batching
+thread's OpenMP team is the process's only one."""
 
 from __future__ import annotations
 
