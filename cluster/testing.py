@@ -108,29 +108,24 @@ def replica_names(app: str, deployment: str) -> list[str]:
                   if a["namespace"] == "serve" and a["name"].startswith(prefix))
 
 
-def serve_control_loop_s() -> float:
-    """The running Serve controller's control loop interval, as read inside its process."""
+def serve_controller():
+    """The running Serve controller's actor."""
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-    def interval(_) -> float:
-        from ray.serve._private.constants import CONTROL_LOOP_INTERVAL_S
-        return CONTROL_LOOP_INTERVAL_S
-
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    return ray.get(controller.__ray_call__.remote(interval), timeout=60)
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
 
 
-def handlers_on_own_thread(replica) -> bool:
-    """Whether a Serve replica (its actor) runs its deployment's handlers on a thread of their own, as read inside
-    its process."""
+def serve_constant(actor, name: str):
+    """One of Serve's settings (ray.serve._private.constants) as the Serve process of `actor` (its controller or a
+    replica) read it when it started."""
     import ray
 
-    def on_own_thread(_) -> bool:
-        from ray.serve._private.constants import RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
-        return RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+    def read(_):
+        from ray.serve._private import constants
+        return getattr(constants, name)
 
-    return ray.get(replica.__ray_call__.remote(on_own_thread), timeout=60)
+    return ray.get(actor.__ray_call__.remote(read), timeout=60)
 
 
 def resident_memory(*patterns: str) -> int:

@@ -117,7 +117,7 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
 
     from cluster.app import APP_NAME, local_serve
     from cluster.client import generate_remote
-    from cluster.testing import free_port, handlers_on_own_thread, replica_names, resident_memory, serve_control_loop_s
+    from cluster.testing import free_port, replica_names, resident_memory, serve_constant, serve_controller
     from router_service.proto import switch_serve_pb2 as pb
     from router_service.proto import switch_serve_pb2_grpc as pb_grpc
     from router_service.server import FRONT_DEPLOYMENT
@@ -130,11 +130,12 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
     with instead_of_shared_ray(), local_serve(config, http_port=free_port(), grpc_port=free_port(),
                                               worker_logs=False, ingress="haproxy") as served:
         assert resident_memory(HAPROXY) > 0
-        assert serve_control_loop_s() == float(CONTROLLER_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"])
+        assert (serve_constant(serve_controller(), "CONTROL_LOOP_INTERVAL_S")
+                == float(CONTROLLER_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"]))
         with grpc.insecure_channel(served.grpc) as channel:
             stub = pb_grpc.SwitchServeStub(channel)
             front = ray.get_actor(replica_names(APP_NAME, FRONT_DEPLOYMENT)[0], namespace="serve")
-            assert not handlers_on_own_thread(front)  # HANDLERS_ON_REPLICA_LOOP
+            assert not serve_constant(front, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD")  # HANDLERS_ON_REPLICA_LOOP
             assert list(stub.Generate(request, timeout=60).token_ids) == expected
             assert [t for c in stub.GenerateStream(request, timeout=60) for t in c.token_ids] == expected
             body = json.dumps({"input_ids": prompt, "max_new_tokens": 8}).encode()

@@ -27,7 +27,8 @@ from cluster.testing import (
     finish_streams,
     free_port,
     replica_class,
-    serve_control_loop_s,
+    serve_constant,
+    serve_controller,
     tiny_config,
     write_random_checkpoint,
 )
@@ -275,7 +276,8 @@ def test_switch_base_8_manifest(tmp_path):
         assert groups_holding(cluster, FRONT) == ["head"] * args["num_replicas"]
         assert groups_holding(cluster, FLEET) == ["head"]
         assert groups_holding(cluster, "ExpertActor") == ["experts"] * args["placement"]["gpus"]
-        assert serve_control_loop_s() == float(CONTROLLER_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"])
+        assert (serve_constant(serve_controller(), "CONTROL_LOOP_INTERVAL_S")
+                == float(CONTROLLER_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"]))
         with pytest.raises(RemoteError) as refused:
             generate_remote(cluster.grpc_address, PROMPTS[:1], max_new_tokens=1, timeout=30)
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
