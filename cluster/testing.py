@@ -116,9 +116,19 @@ def serve_controller():
     return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
 
 
+def serve_proxies() -> list:
+    """The running Serve proxies' actors, one per node."""
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE, SERVE_PROXY_NAME
+
+    return [ray.get_actor(a["name"], namespace=SERVE_NAMESPACE)
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == SERVE_NAMESPACE and a["name"].startswith(SERVE_PROXY_NAME)]
+
+
 def serve_constant(actor, name: str):
-    """One of Serve's settings (ray.serve._private.constants) as the Serve process of `actor` (its controller or a
-    replica) read it when it started."""
+    """One of Serve's settings (ray.serve._private.constants) as the Serve process of `actor` (its controller, a
+    proxy or a replica) read it when it started."""
     import ray
 
     def read(_):
