@@ -24,9 +24,11 @@ ATTEMPTS = 3
 
 def retryable(error: grpc.RpcError) -> bool:
     """UNAVAILABLE (expert actors down, a replica not ready), or a front replica that died mid-request, which
-    Serve's gRPC proxy reports as INTERNAL. Generation has no side effects, so asking again is safe."""
+    Serve's gRPC proxy reports as INTERNAL ("actor died", or "is unavailable" where it reached the replica over
+    gRPC). Generation has no side effects, so asking again is safe."""
+    details = (error.details() or "").lower()
     return error.code() == grpc.StatusCode.UNAVAILABLE or (
-        error.code() == grpc.StatusCode.INTERNAL and "actor died" in (error.details() or "").lower())
+        error.code() == grpc.StatusCode.INTERNAL and ("actor died" in details or "is unavailable" in details))
 
 
 def key_metadata(api_key: str | None) -> list[tuple[str, str]]:

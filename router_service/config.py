@@ -14,7 +14,8 @@ HTTP_PORT = 8000
 GRPC_PORT = 9000
 # What listens on Serve's HTTP and gRPC ports, set by the cluster's environment (Serve's controller and replicas read
 # it as they start: the job's runtime env here, the pods' env on Kubernetes).
-# - proxy: Serve's Python proxy, which relays each call, and each streamed token, to a front replica by a Ray call.
+# - proxy: Serve's Python proxy, which relays each call, and each streamed token, to a front replica (over gRPC, see
+#   CONTROLLER_ENV).
 # - haproxy: HAProxy (bundled with ray[serve]) passes each call straight to a front replica, which serves it itself
 #   (on 2 vCPUs: 7-9% more tokens/s with the fronts' short OpenMP spin, 0-3% with OpenMP's own; docs/BENCHMARKS.md).
 #   But a front's death ends its streams with CANCELLED (HAProxy resets them) where the proxy says UNAVAILABLE, and
