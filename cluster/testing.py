@@ -99,13 +99,18 @@ def replica_class(app: str, deployment: str) -> str:
     return f"ServeReplica:{app}:{deployment}"
 
 
+def serve_actor_names(prefix: str) -> list[str]:
+    """The live named actors of Serve's namespace whose names start with `prefix`."""
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == SERVE_NAMESPACE and a["name"].startswith(prefix))
+
+
 def replica_names(app: str, deployment: str) -> list[str]:
     """The named actors (namespace "serve") Serve runs a deployment's live replicas in."""
-    import ray
-
-    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["namespace"] == "serve" and a["name"].startswith(prefix))
+    return serve_actor_names(f"SERVE_REPLICA::{app}#{deployment}#")
 
 
 def serve_controller():
@@ -121,9 +126,7 @@ def serve_proxies() -> list:
     import ray
     from ray.serve._private.constants import SERVE_NAMESPACE, SERVE_PROXY_NAME
 
-    return [ray.get_actor(a["name"], namespace=SERVE_NAMESPACE)
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == SERVE_NAMESPACE and a["name"].startswith(SERVE_PROXY_NAME)]
+    return [ray.get_actor(name, namespace=SERVE_NAMESPACE) for name in serve_actor_names(SERVE_PROXY_NAME)]
 
 
 def serve_constant(actor, name: str):
