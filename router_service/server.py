@@ -295,6 +295,8 @@ class SwitchServer:
                 # order and every token counted here is complete.
                 finished = seq.finish_reason is not None
                 count = len(seq.logprobs)
+                if count == sent and not finished:  # an update whose token went out with the one before
+                    continue
                 new_text = text.update(seq.token_ids[:count], finished)
                 reason = "stop" if text.stopped else seq.finish_reason if finished else None
                 routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
