@@ -13,7 +13,7 @@ from ray.util.metrics import Counter
 
 from experts import int8
 from experts.checkpoint import SwitchCheckpoint
-from experts.ffn import ACTIVATION_FUNCTIONS, Weight, grouped_ffn
+from experts.ffn import ACTIVATION_FUNCTIONS, Weight, grouped_ffn, pack
 from experts.spec import ExpertKey, expert_tensor_names
 from experts.wire import from_wire, to_wire, torch_dtype
 
@@ -36,10 +36,10 @@ def held_weight(tensor: torch.Tensor, device: torch.device | str, dtype: torch.d
 
 
 def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: str) -> dict[ExpertKey, tuple]:
-    """The (wi, wo) of these experts on this process's CPU, as an actor holds them: the checkpoint's mapped pages
-    unquantized, an int8 copy quantized."""
+    """The (wi, wo) of these experts on this process's CPU, as a front computes them: the checkpoint's mapped pages
+    with a packed copy (experts.ffn.pack) unquantized, an int8 copy quantized."""
     tensors = checkpoint.read([name for key in keys for name in expert_tensor_names(*key)])
-    return {key: tuple(held_weight(tensors[name], "cpu", checkpoint.dtype, quantize)
+    return {key: tuple(pack(held_weight(tensors[name], "cpu", checkpoint.dtype, quantize))
                        for name in expert_tensor_names(*key)) for key in keys}
 
 

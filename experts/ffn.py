@@ -8,6 +8,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
 
@@ -17,7 +18,26 @@ import torch.nn.functional as F
 from experts import int8
 from experts.int8 import Int8Weight
 
-Weight = torch.Tensor | Int8Weight
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A float weight on the CPU and a copy of it in oneDNN's blocked layout, made once: PyTorch's prepacked linear
+    (what its compiler's CPU backend runs) computes from the copy without the packing that a plain product of several
+    rows does at every call. See `linear` for which products use it."""
+
+    weight: torch.Tensor
+    packed: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+
+Weight = torch.Tensor | Int8Weight | PackedWeight
 # transformers' activations (ACT2FN) of experts.spec.ACTIVATIONS in torch alone: importing transformers.activations
 # takes seconds (it pulls in torch's compiler and distributed packages), which every expert actor would pay at each
 # start and restart. A test keeps these equal to ACT2FN's.
@@ -28,6 +48,10 @@ ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": partial(F.ge
 # linear_on_cores): smaller ones take less time than handing the work to other threads.
 SPLIT_MIN_BYTES = 4 << 20
 
+# A product of at least this many rows by a PackedWeight runs on its packed copy, fewer rows on the weight itself (see
+# `linear`). oneDNN lays the copy out for products of about this many rows; it serves any count.
+PACKED_MIN_ROWS = 4
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # A float32 product on the CPU of two to this many rows by a weight of at least MEASURED_MIN_BYTES runs whichever way
 # is faster on this machine, `x @ weight.T` or `weight @ x.T` (see `linear`). Smaller ones are not worth measuring.
 TRANSPOSED_MAX_ROWS = 64
@@ -44,8 +68,28 @@ TIMED_AT_USES = (1, 16, 256, 4096)
 WEIGHT_READ_TOKENS = 8
 
 
+def pack(weight: Weight) -> Weight:
+    """`weight` with a packed copy (PackedWeight) where products can use one: a float32 or bfloat16 tensor on a CPU
+    with oneDNN; else `weight` itself. The copy takes as much memory again."""
+    if (not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or weight.dtype not in PACKED_DTYPES
+            or not torch.backends.mkldnn.is_available()):
+        return weight
+    return PackedWeight(weight, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKED_MIN_ROWS))
+
+
+def unpacked(weight: Weight) -> torch.Tensor | Int8Weight:
+    return weight.weight if isinstance(weight, PackedWeight) else weight
+
+
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-    """F.linear(x, weight), int8 weights as experts.int8.linear. For a few rows of x on the CPU, MKL's x @ weight.T
+    """F.linear(x, weight), int8 weights as experts.int8.linear.
+
+    A PackedWeight's copy computes products of PACKED_MIN_ROWS rows or more. On an Intel Xeon (2 cores, float32, 96
+    of switch-base-8's expert weights in turn, as a decoding step reads them from memory), MKL's F.linear took 62 ms
+    at 4 rows, 65 at 6, 106 at 32 and 1030 at 512, where the packed copy took 40, 42, 83 and 713; at 1 to 3 rows
+    F.linear is the faster (33-37 ms against 37-44) and runs on the weight itself (docs/BENCHMARKS.md).
+
+    For a few rows of x on the CPU without a packed copy, MKL's x @ weight.T
     runs far below memory speed on some CPUs and barely faster on two OpenMP threads, where weight @ x.T (a tall
     matrix by a thin one) is another kernel that takes 0.3-0.8 times as long (an AMD EPYC); on others x @ weight.T is
     the faster of the two (an Intel Xeon, up to half the time at 2 to 4 rows). So both ways are timed on products of
@@ -54,6 +98,10 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     if isinstance(weight, Int8Weight):
         return int8.linear(x, weight)
     rows = x.numel() // x.shape[-1]
+    if isinstance(weight, PackedWeight):
+        if rows >= PACKED_MIN_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, weight.packed, None, "none", [], "")
+        return F.linear(x, weight.weight)
     if (weight.device.type == "cpu" and weight.dtype == torch.float32 and 2 <= rows <= TRANSPOSED_MAX_ROWS
             and weight.numel() * weight.element_size() >= MEASURED_MIN_BYTES and transposed_is_faster(x, weight)):
         return transposed(x, weight)
@@ -113,7 +161,7 @@ def best_seconds(*ways, repeats: int = 3) -> list[float]:
 def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act, threads: CoreThreads | None = None) -> torch.Tensor:
     """One expert applied to x [tokens, d_model]; with `threads`, see linear_on_cores."""
     h = act(linear_on_cores(x, wi, threads))
-    if isinstance(wo, torch.Tensor) and h.dtype != wo.dtype:  # as transformers does before its `wo`
+    if not isinstance(wo, Int8Weight) and h.dtype != wo.dtype:  # as transformers does before its `wo`
         h = h.to(wo.dtype)
     return linear_on_cores(h, wo, threads)
 
@@ -220,8 +268,9 @@ def linear_on_cores(x: torch.Tensor, weight: Weight, threads: CoreThreads | None
     on one core and 4.0 ms in two parts; each output is the same dot product either way). Several rows: on as many
     OpenMP threads as `threads` has, where `linear` scales with them (the LM head at 4 rows: 11.6 ms in two parts,
     5.0 ms on two OpenMP threads)."""
-    if (threads is None or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu"
-            or weight.numel() * weight.element_size() < SPLIT_MIN_BYTES or torch.get_num_threads() > 1):
+    plain = unpacked(weight)
+    if (threads is None or isinstance(plain, Int8Weight) or plain.device.type != "cpu"
+            or plain.nbytes < SPLIT_MIN_BYTES or torch.get_num_threads() > 1):
         return linear(x, weight)
     if x.numel() > x.shape[-1]:  # several rows
         torch.set_num_threads(threads.n)
@@ -229,12 +278,12 @@ def linear_on_cores(x: torch.Tensor, weight: Weight, threads: CoreThreads | None
             return linear(x, weight)
         finally:
             torch.set_num_threads(1)
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    bounds = [weight.shape[0] * i // threads.n for i in range(threads.n + 1)]
+    out = x.new_empty(*x.shape[:-1], plain.shape[0])
+    bounds = [plain.shape[0] * i // threads.n for i in range(threads.n + 1)]
 
     def part(lo: int, hi: int) -> None:
         with torch.inference_mode():
-            out[..., lo:hi] = linear(x, weight[lo:hi])
+            out[..., lo:hi] = linear(x, plain[lo:hi])
 
     others = [threads.pool.submit(part, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
     part(bounds[0], bounds[1])

@@ -21,7 +21,7 @@ from experts.ffn import ACTIVATION_FUNCTIONS
 from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
 from experts.wire import torch_dtype
-from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
+from router_service.batching import ContinuousBatcher, Sequence, run_to_completion, use_threads
 from router_service.config import EngineConfig
 from router_service.dispatch import ExpertDispatcher, ExpertsUnavailable
 from router_service.model import SwitchFront
@@ -80,6 +80,9 @@ class ExpertLink:
         self._wake.set()
 
     def _run(self) -> None:
+        # Its math (packing or quantizing the experts the front computes) on one OpenMP thread: a second OpenMP team
+        # in the process makes every team's idle threads sleep between ops (router_service.scheduler).
+        use_threads(1)
         while not self._closed:
             ready = self.ready.is_set()
             if ready and self.dispatcher.actors_dead():  # their fleet died, or they were killed for good

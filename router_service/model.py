@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.ffn import ACTIVATION_FUNCTIONS, core_threads, linear_on_cores
+from experts.ffn import ACTIVATION_FUNCTIONS, core_threads, linear_on_cores, pack
 from experts.spec import (
     CAPACITY_MODES,
     STACKS,
@@ -32,6 +32,10 @@ from experts.spec import (
 # outputs [N, d_model], zero where not kept. A micro-batch's math is a generator that yields that handle at
 # each sparse layer and is resumed with the outputs.
 MicroBatch = Generator
+
+# The names' endings of the front's weights that multiply activations (the fused attention weights aside; the others
+# are layer norms, embeddings, routers and position biases).
+PRODUCT_WEIGHTS = (".q.weight", ".o.weight", ".wi.weight", ".wo.weight")
 
 
 def run_overlapped(micro_batches: list[MicroBatch]) -> list:
@@ -277,16 +281,21 @@ class SwitchFront:
                 if stack == "decoder":
                     cross = f"decoder.block.{i}.layer.1.EncDecAttention"
                     self.fused[cross] = torch.cat([self.weights.pop(f"{cross}.{w}.weight") for w in "kv"])
+        # On the CPU, every weight of a product has a packed copy too (experts.ffn.pack).
+        self.fused = {name: pack(weight) for name, weight in self.fused.items()}
+        for name, weight in self.weights.items():
+            if name.endswith(PRODUCT_WEIGHTS):
+                self.weights[name] = pack(weight)
         self.act = ACTIVATION_FUNCTIONS[config.dense_act_fn]
         self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
         self.sparse = {stack: set(sparse_layers(config, stack)) for stack in STACKS}
         if config.tie_word_embeddings:
             shared = self.weights["shared.weight"]
             self.embed = {"encoder": shared, "decoder": shared}
-            self.lm_head = shared
+            self.lm_head = pack(shared)
         else:
             self.embed = {s: self.weights[f"{s}.embed_tokens.weight"] for s in STACKS}
-            self.lm_head = self.weights["lm_head.weight"]
+            self.lm_head = pack(self.weights["lm_head.weight"])
 
     # -- building blocks ----------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The expert FFN: its activations, computed with torch alone, equal transformers' ACT2FN of the same name; experts
 computed at once on several threads get the work dealt evenly, and give what one thread does; a product of a few
-rows runs the way measured faster here, x @ weight.T or weight @ x.T, and gives F.linear's result; a large product
-on one OpenMP thread runs on every core (one row split over the threads, several rows on as many OpenMP threads)
-and gives F.linear's result; core threads run only where they are measured to pay."""
+rows runs the way measured faster here, x @ weight.T or weight @ x.T, and gives F.linear's result, and so do products
+by a packed copy of the weight; a large product on one OpenMP thread runs on every core (one row split over the
+threads, several rows on as many OpenMP threads) and gives F.linear's result; core threads run only where they are
+measured to pay."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from experts import ffn
+from experts import ffn, int8
 from experts.ffn import (
     ACTIVATION_FUNCTIONS,
+    PACKED_MIN_ROWS,
     SPLIT_MIN_BYTES,
     TRANSPOSED_MAX_ROWS,
     WEIGHT_READ_TOKENS,
     CoreThreads,
+    PackedWeight,
     core_threads,
     grouped_ffn,
     linear,
     linear_on_cores,
+    pack,
     shares,
     transposed_is_faster,
 )
@@ -141,6 +145,33 @@ def test_a_product_of_a_few_rows_runs_the_way_measured_faster(turned, monkeypatc
         assert out.shape == (rows, 1, 96) and out.is_contiguous()
         assert torch.allclose(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
     assert calls == ([2, 5, TRANSPOSED_MAX_ROWS] if turned else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_of_several_rows_run_on_the_packed_copy(dtype):
+    """A PackedWeight's products of PACKED_MIN_ROWS rows or more run on its packed copy, fewer on the weight itself:
+    told apart here by a copy packed from another weight. Either gives F.linear's result, in x's leading shape."""
+    torch.manual_seed(0)
+    weight, other = torch.randn(96, 64, dtype=dtype), torch.randn(96, 64, dtype=dtype)
+    packed = pack(weight)
+    assert isinstance(packed, PackedWeight) and packed.weight is weight and packed.shape == weight.shape
+    swapped = PackedWeight(weight, pack(other).packed)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in (1, PACKED_MIN_ROWS - 1, PACKED_MIN_ROWS, 5, 300):
+        x = torch.randn(rows, 1, 64, dtype=dtype)
+        out = linear(x, packed)
+        assert out.shape == (rows, 1, 96) and out.dtype == dtype
+        assert torch.allclose(out.float(), F.linear(x, weight).float(), rtol=tolerance, atol=tolerance)
+        used = other if rows >= PACKED_MIN_ROWS else weight
+        assert torch.allclose(linear(x, swapped).float(), F.linear(x, used).float(), rtol=tolerance, atol=tolerance)
+
+
+def test_only_float_weights_on_the_cpu_are_packed():
+    weight = torch.randn(96, 64)
+    assert isinstance(pack(weight), PackedWeight) and isinstance(pack(weight.bfloat16()), PackedWeight)
+    assert pack(weight.half()).dtype == torch.float16 and not isinstance(pack(weight.half()), PackedWeight)
+    quantized = int8.quantize(weight)
+    assert pack(quantized) is quantized
 
 
 def test_the_faster_way_is_timed_per_shape_rows_and_threads_at_the_uses_due(monkeypatch):

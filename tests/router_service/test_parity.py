@@ -7,6 +7,7 @@ import pytest
 import ray
 from reference import edit_config, hf_dropped_tokens, hf_generate
 
+from experts.ffn import PackedWeight, unpacked
 from experts.placement import PlacementConfig
 from experts.spec import expert_tensor_names
 from router_service.engine import SwitchCluster
@@ -61,8 +62,9 @@ def mapped_file(address: int) -> str | None:
 
 def test_front_computes_its_nodes_experts_from_the_checkpoints_pages(ray_cluster, checkpoint_factory):
     """Fails if the front computes experts in copies of their weights (not the checkpoint's own mapped pages, which
-    its actors use too), calls the actors when it holds their experts, or computes differently from them. One
-    config: the expert math is the actors' (experts.ffn), tested on every config above."""
+    its actors use too, with packed copies beside them: experts.ffn.pack), calls the actors when it holds their
+    experts, or computes differently from them. One config: the expert math is the actors' (experts.ffn), tested on
+    every config above."""
     name = "gelu-16experts-step2-3"
     path, hf_model = checkpoint_factory(name, **CONFIGS[name])
     with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=PACKING[name])) as model:
@@ -72,7 +74,8 @@ def test_front_computes_its_nodes_experts_from_the_checkpoints_pages(ray_cluster
         assert {key for actor in model.placement.actors for key in actor.experts} == set(dispatcher.local)
         read = {name for name in model.checkpoint.names_read if ".mlp.experts." in name}
         assert read == {name for key in dispatcher.local for name in expert_tensor_names(*key)}
-        files = {mapped_file(w.data_ptr()) for pair in dispatcher.local.values() for w in pair}
+        assert all(isinstance(w, PackedWeight) for pair in dispatcher.local.values() for w in pair)
+        files = {mapped_file(unpacked(w).data_ptr()) for pair in dispatcher.local.values() for w in pair}
         assert files == {str(path / "model.safetensors")}
         assert not any(sum(counts.values()) for counts in ray.get([a.token_counts.remote() for a in model.actors]))
         assert sum(map(sum, model.expert_token_counts().values())) == sum(dispatcher.local_tokens.values()) > 0
