@@ -238,11 +238,12 @@ def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig,
 
 def run(folder: Path, workloads: list[str], concurrency: list[int], requests: int = 32,
         experts_per_actor: int | None = None, micro_batches: int = 1, local_experts: bool = True,
-        quantize: str = "none", front_threads: int | None = None, device: str = "cpu", ingress: str = "proxy",
-        seed: int = 0) -> dict:
+        packed_weights: bool = True, quantize: str = "none", front_threads: int | None = None, device: str = "cpu",
+        ingress: str = "proxy", seed: int = 0) -> dict:
     """Each workload's `requests` requests (at a concurrency above that, as many as it keeps in flight) through
     transformers and through the served cluster (behind `ingress`), on the CPU or (`device` "cuda") the GPUs."""
-    engine = {"micro_batches": micro_batches, "local_experts": local_experts, "quantize": quantize}
+    engine = {"micro_batches": micro_batches, "local_experts": local_experts, "packed_weights": packed_weights,
+              "quantize": quantize}
     hf_model = SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval().to(device)
     config = hf_model.config
     work = {name: workload(max(requests, *concurrency), config.vocab_size, name, seed) for name in workloads}

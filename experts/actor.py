@@ -35,12 +35,14 @@ def held_weight(tensor: torch.Tensor, device: torch.device | str, dtype: torch.d
     return tensor.to(device, dtype)
 
 
-def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: str) -> dict[ExpertKey, tuple]:
+def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: str,
+                 packed: bool = True) -> dict[ExpertKey, tuple]:
     """The (wi, wo) of these experts on this process's CPU, as a front computes them: the checkpoint's mapped pages
-    with a packed copy (experts.ffn.pack) unquantized, an int8 copy quantized."""
+    unquantized (`packed`: with a packed copy, experts.ffn.pack), an int8 copy quantized."""
     tensors = checkpoint.read([name for key in keys for name in expert_tensor_names(*key)])
-    return {key: tuple(pack(held_weight(tensors[name], "cpu", checkpoint.dtype, quantize))
-                       for name in expert_tensor_names(*key)) for key in keys}
+    held = {name: held_weight(tensors[name], "cpu", checkpoint.dtype, quantize) for name in tensors}
+    return {key: tuple(pack(held[name]) if packed else held[name] for name in expert_tensor_names(*key))
+            for key in keys}
 
 
 def expert_token_counter() -> Counter:

@@ -61,6 +61,10 @@ class EngineConfig(BaseModel):
         True, description="the front computes the experts whose actors share its node and CPU itself, instead of a "
                           "round trip to them: from the same memory-mapped weights when served in the checkpoint's "
                           "dtype, from its own copy when quantized")
+    packed_weights: bool = Field(
+        True, description="on the CPU, the front also holds every weight it multiplies by (its own, and those of the "
+                          "experts it computes) in oneDNN's packed layout, for products of 4 or more tokens: steps "
+                          "of several sequences about 20% faster, for as much memory again as those weights take")
     max_prompt_tokens: int = Field(512, ge=1, description="the longest prompt a request may send")
     max_new_tokens: int = Field(256, ge=1, description="the most new tokens a request may ask for")
     max_sequences: int = Field(32, ge=1, description="sequences decoding together in one batch")

@@ -168,7 +168,7 @@ class SwitchCluster:
                                                metrics, placement.restart_timeout_s,
                                                ACTIVATION_FUNCTIONS[self.checkpoint.config.dense_act_fn])
             self.front = SwitchFront(self.checkpoint, self.dispatcher, self.capacity, torch_dtype(self.dtype), device,
-                                     self.config.micro_batches)
+                                     self.config.micro_batches, self.config.packed_weights)
             self.link = ExpertLink(self.fleet, fleet_name(self.checkpoint, self.placement, self.dtype, quantize),
                                    self.dispatcher, self._local_experts)
             if wait and not self.link.wait(placement.timeout_s):
@@ -192,7 +192,7 @@ class SwitchCluster:
             return {}
         keys = [tuple(key) for info in infos if info["node_id"] == here and info["device"] == "cpu"
                 for key in info["experts"]]
-        return held_experts(self.checkpoint, keys, self.config.quantize)
+        return held_experts(self.checkpoint, keys, self.config.quantize, self.config.packed_weights)
 
     @property
     def actors(self) -> list:

@@ -33,9 +33,9 @@ from experts.spec import (
 # each sparse layer and is resumed with the outputs.
 MicroBatch = Generator
 
-# The names' endings of the front's weights that multiply activations (the fused attention weights aside; the others
-# are layer norms, embeddings, routers and position biases).
-PRODUCT_WEIGHTS = (".q.weight", ".o.weight", ".wi.weight", ".wo.weight")
+# The names' endings of the front's weights that multiply activations, besides the fused attention weights and a tied
+# LM head (the others are layer norms, embeddings, routers and position biases).
+PRODUCT_WEIGHTS = (".q.weight", ".o.weight", ".wi.weight", ".wo.weight", "lm_head.weight")
 
 
 def run_overlapped(micro_batches: list[MicroBatch]) -> list:
@@ -255,10 +255,11 @@ class SwitchFront:
 
     Runs on `device` in `dtype` (default: the checkpoint's); takes token ids and returns logits on the CPU.
     With `micro_batches` > 1, each batch is split by rows and one part's math runs while another's expert calls
-    are out."""
+    are out. With `packed_weights`, the weights of its products get packed copies on the CPU (experts.ffn.pack)."""
 
     def __init__(self, checkpoint: SwitchCheckpoint, dispatch, capacity: str = "hf",
-                 dtype: torch.dtype | None = None, device: str = "cpu", micro_batches: int = 1):
+                 dtype: torch.dtype | None = None, device: str = "cpu", micro_batches: int = 1,
+                 packed_weights: bool = True):
         if capacity not in CAPACITY_MODES:
             raise ValueError(f"capacity must be one of {', '.join(CAPACITY_MODES)}, got {capacity!r}")
         if micro_batches < 1:
@@ -281,21 +282,19 @@ class SwitchFront:
                 if stack == "decoder":
                     cross = f"decoder.block.{i}.layer.1.EncDecAttention"
                     self.fused[cross] = torch.cat([self.weights.pop(f"{cross}.{w}.weight") for w in "kv"])
-        # On the CPU, every weight of a product has a packed copy too (experts.ffn.pack).
-        self.fused = {name: pack(weight) for name, weight in self.fused.items()}
-        for name, weight in self.weights.items():
-            if name.endswith(PRODUCT_WEIGHTS):
-                self.weights[name] = pack(weight)
+        if packed_weights:
+            self.fused = {name: pack(weight) for name, weight in self.fused.items()}
+            self.weights |= {name: pack(w) for name, w in self.weights.items() if name.endswith(PRODUCT_WEIGHTS)}
         self.act = ACTIVATION_FUNCTIONS[config.dense_act_fn]
         self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
         self.sparse = {stack: set(sparse_layers(config, stack)) for stack in STACKS}
         if config.tie_word_embeddings:
             shared = self.weights["shared.weight"]
             self.embed = {"encoder": shared, "decoder": shared}
-            self.lm_head = pack(shared)
+            self.lm_head = pack(shared) if packed_weights else shared
         else:
             self.embed = {s: self.weights[f"{s}.embed_tokens.weight"] for s in STACKS}
-            self.lm_head = pack(self.weights["lm_head.weight"])
+            self.lm_head = self.weights["lm_head.weight"]
 
     # -- building blocks ----------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from experts.ffn import PackedWeight, unpacked
 from experts.placement import PlacementConfig
 from experts.spec import expert_tensor_names
 from router_service.engine import SwitchCluster
+from router_service.model import PRODUCT_WEIGHTS
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
 MAX_NEW = 10
@@ -81,6 +82,25 @@ def test_front_computes_its_nodes_experts_from_the_checkpoints_pages(ray_cluster
         assert sum(map(sum, model.expert_token_counts().values())) == sum(dispatcher.local_tokens.values()) > 0
     assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW))
     assert [o.dropped_tokens for o in outputs] == hf_dropped_tokens(hf_model, PROMPTS)
+
+
+@pytest.mark.parametrize("name, packed", [("relu-tied-step1-2", True), ("gelu_new-untied-bias-step3-1", True),
+                                          ("gelu_new-untied-bias-step3-1", False)])
+def test_the_front_packs_the_weights_of_its_products_unless_told_not_to(ray_cluster, checkpoint_factory, name, packed):
+    """packed_weights (the default): every weight the front multiplies by, its own (a tied or untied LM head
+    included) and those of the experts it computes, has a packed copy (experts.ffn.pack), and no other weight does;
+    without, none has. Generation equals transformers' either way."""
+    path, hf_model = checkpoint_factory(name, **CONFIGS[name])
+    placement = PlacementConfig(experts_per_actor=PACKING[name])
+    with SwitchCluster(path, placement=placement, packed_weights=packed) as model:
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+        front, local = model.front, model.dispatcher.local
+        products = [front.lm_head, *front.fused.values(), *(w for pair in local.values() for w in pair),
+                    *(w for n, w in front.weights.items() if n.endswith(PRODUCT_WEIGHTS))]
+        assert local and len(products) > len(front.fused) + 2 * len(local) + 1
+        assert all(isinstance(w, PackedWeight) == packed for w in products)
+        assert not any(isinstance(w, PackedWeight) for n, w in front.weights.items() if not n.endswith(PRODUCT_WEIGHTS))
+    assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW))
 
 
 def test_a_layers_tokens_split_between_the_front_and_the_actors(ray_cluster, checkpoint_factory):
