@@ -48,10 +48,11 @@ ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": partial(F.ge
 # linear_on_cores): smaller ones take less time than handing the work to other threads.
 SPLIT_MIN_BYTES = 4 << 20
 
-# A product of at least this many rows by a PackedWeight runs on its packed copy, fewer rows on the weight itself (see
-# `linear`). oneDNN lays the copy out for products of about this many rows; it serves any count.
-PACKED_MIN_ROWS = 4
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
+# A product of at least this many rows by a PackedWeight of the dtype runs on its packed copy, fewer rows on the weight
+# itself (see `linear`); the dtypes that get packed copies.
+PACKED_MIN_ROWS = {torch.float32: 4, torch.bfloat16: 1}
+# oneDNN lays a packed copy out for products of about this many rows; it serves any count.
+PACKED_FOR_ROWS = 4
 # A float32 product on the CPU of two to this many rows by a weight of at least MEASURED_MIN_BYTES runs whichever way
 # is faster on this machine, `x @ weight.T` or `weight @ x.T` (see `linear`). Smaller ones are not worth measuring.
 TRANSPOSED_MAX_ROWS = 64
@@ -71,10 +72,10 @@ WEIGHT_READ_TOKENS = 8
 def pack(weight: Weight) -> Weight:
     """`weight` with a packed copy (PackedWeight) where products can use one: a float32 or bfloat16 tensor on a CPU
     with oneDNN; else `weight` itself. The copy takes as much memory again."""
-    if (not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or weight.dtype not in PACKED_DTYPES
+    if (not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or weight.dtype not in PACKED_MIN_ROWS
             or not torch.backends.mkldnn.is_available()):
         return weight
-    return PackedWeight(weight, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKED_MIN_ROWS))
+    return PackedWeight(weight, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKED_FOR_ROWS))
 
 
 def unpacked(weight: Weight) -> torch.Tensor | Int8Weight:
@@ -99,7 +100,7 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         return int8.linear(x, weight)
     rows = x.numel() // x.shape[-1]
     if isinstance(weight, PackedWeight):
-        if rows >= PACKED_MIN_ROWS:
+        if rows >= PACKED_MIN_ROWS[weight.dtype]:
             return torch.ops.mkldnn._linear_pointwise(x, weight.packed, None, "none", [], "")
         return F.linear(x, weight.weight)
     if (weight.device.type == "cpu" and weight.dtype == torch.float32 and 2 <= rows <= TRANSPOSED_MAX_ROWS

@@ -149,20 +149,22 @@ def test_a_product_of_a_few_rows_runs_the_way_measured_faster(turned, monkeypatc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_products_of_several_rows_run_on_the_packed_copy(dtype):
-    """A PackedWeight's products of PACKED_MIN_ROWS rows or more run on its packed copy, fewer on the weight itself:
-    told apart here by a copy packed from another weight. Either gives F.linear's result, in x's leading shape."""
+    """A PackedWeight's products of PACKED_MIN_ROWS rows or more (for its dtype) run on its packed copy, fewer on the
+    weight itself: told apart here by a copy packed from another weight. Either gives F.linear's result, in x's
+    leading shape."""
     torch.manual_seed(0)
     weight, other = torch.randn(96, 64, dtype=dtype), torch.randn(96, 64, dtype=dtype)
     packed = pack(weight)
     assert isinstance(packed, PackedWeight) and packed.weight is weight and packed.shape == weight.shape
     swapped = PackedWeight(weight, pack(other).packed)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    for rows in (1, PACKED_MIN_ROWS - 1, PACKED_MIN_ROWS, 5, 300):
+    least = PACKED_MIN_ROWS[dtype]
+    for rows in sorted({1, max(least - 1, 1), least, 5, 300}):
         x = torch.randn(rows, 1, 64, dtype=dtype)
         out = linear(x, packed)
         assert out.shape == (rows, 1, 96) and out.dtype == dtype
         assert torch.allclose(out.float(), F.linear(x, weight).float(), rtol=tolerance, atol=tolerance)
-        used = other if rows >= PACKED_MIN_ROWS else weight
+        used = other if rows >= least else weight
         assert torch.allclose(linear(x, swapped).float(), F.linear(x, used).float(), rtol=tolerance, atol=tolerance)
 
 
