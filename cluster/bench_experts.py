@@ -6,7 +6,9 @@
 - a decoding step's large products (twelve feed-forward layers, the LM head) as F.linear (MKL's x @ W.T) and as
   experts.ffn.linear (for a few rows, x @ W.T or W @ x.T, whichever it timed faster here), each on one OpenMP thread
   and on every core's, and as experts.ffn.linear_on_cores from a thread on one OpenMP thread (a small decoding
-  step's way where core threads pay).
+  step's way where core threads pay);
+- a step's expert products on every core's OpenMP threads, float32 and bfloat16: F.linear by the weights, and
+  experts.ffn.linear by PackedWeights (experts.ffn.pack: from 4 rows on, their packed copies), 96 weights in turn.
 
     GOMP_SPINCOUNT=10000 .venv/bin/python -m cluster.bench_experts    # the replicas' spin where vCPUs share cores
 """
@@ -19,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from experts.ffn import CoreThreads, grouped_ffn, linear, linear_on_cores
+from experts.ffn import CoreThreads, grouped_ffn, linear, linear_on_cores, pack
 
 
 def seconds(fn, repeats: int = 20) -> float:
@@ -92,7 +94,27 @@ def products_on_cores(layers: int, d_model: int, d_ff: int, vocab: int) -> None:
     threads.close()
 
 
+def packed_products(layers: int, experts: int, d_model: int, d_ff: int) -> None:
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    print(f"\n{layers} layers of {experts} experts' wi and wo in turn, {cores} cores: ms")
+    print("rows   float32 F.linear   float32 packed   bfloat16 F.linear   bfloat16 packed")
+    weights = {dtype: [w.to(dtype) for _ in range(layers * experts)
+                       for w in (torch.randn(d_ff, d_model), torch.randn(d_model, d_ff))]
+               for dtype in (torch.float32, torch.bfloat16)}
+    packed = {dtype: [pack(w) for w in ws] for dtype, ws in weights.items()}
+    for rows in (1, 2, 3, 4, 8, 32, 128, 512):
+        cells = []
+        for dtype in weights:
+            x = {d: torch.randn(rows, d, dtype=dtype) for d in (d_model, d_ff)}
+            with torch.inference_mode():
+                for fn, ws in ((F.linear, weights[dtype]), (linear, packed[dtype])):
+                    cells.append(seconds(lambda fn=fn, ws=ws, x=x: [fn(x[w.shape[1]], w) for w in ws], repeats=3))
+        print(f"{rows:4d}   " + "   ".join(f"{1000 * c:{width}.1f}" for c, width in zip(cells, (16, 14, 17, 15))))
+
+
 if __name__ == "__main__":
     one_core(experts=4, d_model=768, d_ff=3072)
     every_core(layers=6, experts=8, d_model=768, d_ff=3072)
     products_on_cores(layers=12, d_model=768, d_ff=3072, vocab=32128)
+    packed_products(layers=6, experts=8, d_model=768, d_ff=3072)
