@@ -85,10 +85,12 @@ def unpacked(weight: Weight) -> torch.Tensor | Int8Weight:
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """F.linear(x, weight), int8 weights as experts.int8.linear.
 
-    A PackedWeight's copy computes products of PACKED_MIN_ROWS rows or more. On an Intel Xeon (2 cores, float32, 96
-    of switch-base-8's expert weights in turn, as a decoding step reads them from memory), MKL's F.linear took 62 ms
-    at 4 rows, 65 at 6, 106 at 32 and 1030 at 512, where the packed copy took 40, 42, 83 and 713; at 1 to 3 rows
-    F.linear is the faster (33-37 ms against 37-44) and runs on the weight itself (docs/BENCHMARKS.md).
+    A PackedWeight's copy computes products of PACKED_MIN_ROWS rows or more. On an Intel Xeon (2 cores, 96 of
+    switch-base-8's expert weights in turn, as a decoding step reads them from memory; cluster.bench_experts), in
+    float32 F.linear took 61-63 ms at 4 rows, 79-82 at 8, 102 at 32 and 228-243 at 128, where the packed copy took
+    39-44, 47-49, 83-87 and 206-215; at 1 to 3 rows F.linear is as fast or faster (32-40 ms) and runs on the weight
+    itself. In bfloat16 the copy is faster from one row: 21-23 ms against 28-30 at 1 row, 25-28 against 34-36 at 32.
+    At 512 rows the two are within the run-to-run noise of each other in either dtype (docs/BENCHMARKS.md).
 
     For a few rows of x on the CPU without a packed copy, MKL's x @ weight.T
     runs far below memory speed on some CPUs and barely faster on two OpenMP threads, where weight @ x.T (a tall
