@@ -8,7 +8,8 @@
   and on every core's, and as experts.ffn.linear_on_cores from a thread on one OpenMP thread (a small decoding
   step's way where core threads pay);
 - a step's expert products on every core's OpenMP threads, float32 and bfloat16: F.linear by the weights, and
-  experts.ffn.linear by PackedWeights (experts.ffn.pack: from 4 rows on, their packed copies), 96 weights in turn.
+  experts.ffn.linear by PackedWeights (experts.ffn.pack: their packed copies from PACKED_MIN_ROWS rows on), 96
+  weights in turn.
 
     GOMP_SPINCOUNT=10000 .venv/bin/python -m cluster.bench_experts    # the replicas' spin where vCPUs share cores
 """

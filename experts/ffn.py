@@ -19,7 +19,7 @@ from experts import int8
 from experts.int8 import Int8Weight
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PackedWeight:
     """A float weight on the CPU and a copy of it in oneDNN's blocked layout, made once: PyTorch's prepacked linear
     (what its compiler's CPU backend runs) computes from the copy without the packing that a plain product of several
