@@ -10,7 +10,9 @@
   weights, and with float32 ones as a control. Reported: mean and max |delta log-probability| of float32's greedy
   tokens, and how often another token becomes the most likely one; and, to read those by, how sure float32 is:
   the mean log-probability of its greedy tokens and the median gap between its two most likely tokens (random
-  weights give nearly flat distributions, where the smallest change reorders the top).
+  weights give nearly flat distributions, where the smallest change reorders the top). Each is also measured
+  against the exact math's log-probabilities of the same tokens (transformers in float64), and so is transformers'
+  float32 itself: how far float32's rounding alone moves them.
 """
 
 from __future__ import annotations
@@ -100,22 +102,45 @@ def teacher_forced(front: SwitchFront, prompt: list[int],
     return logprobs, best, gaps
 
 
+@torch.inference_mode()
+def float64_logprobs(folder: Path, requests: list[Request], tokens: list[list[int]]) -> list[list[float]]:
+    """transformers' log-probabilities of the given tokens after each request's prompt, in float64 (one forward
+    pass each, the tokens fed as the decoder's input)."""
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float64).eval()
+    out = []
+    for r, ids in zip(requests, tokens):
+        decoder_input = torch.tensor([[model.config.decoder_start_token_id, *ids[:-1]]])
+        logits = model(input_ids=torch.tensor([r.prompt]), decoder_input_ids=decoder_input).logits[0]
+        out.append(torch.log_softmax(logits, -1)[torch.arange(len(ids)), ids].tolist())
+    return out
+
+
+def deltas_from(got: list[list[float]], expected: list[list[float]]) -> dict[str, float]:
+    deltas = [abs(a - b) for g, e in zip(got, expected, strict=True) for a, b in zip(g, e, strict=True)]
+    return {"mean": sum(deltas) / len(deltas), "max": max(deltas),
+            "over_1e-4": sum(d > 1e-4 for d in deltas) / len(deltas)}
+
+
 def logprob_drift(folder: Path, requests: list[Request]) -> dict[str, dict]:
-    """Per quantize mode, how far the front's log-probabilities of float32's greedy tokens are from float32's."""
+    """Per quantize mode, how far the front's log-probabilities of float32's greedy tokens are from float32's, and
+    from float64's (as transformers' float32 is)."""
     reference = greedy_float32(folder, requests)
+    exact = float64_logprobs(folder, requests, [tokens for tokens, _ in reference])
     greedy = [lp for _, logprobs in reference for lp in logprobs]
-    report = {"float32_mean_greedy_logprob": sum(greedy) / len(greedy)}
+    report = {"float32_mean_greedy_logprob": sum(greedy) / len(greedy),
+              "float32_from_float64": deltas_from([logprobs for _, logprobs in reference], exact)}
     for quantize in QUANTIZE_MODES:
         front = front_with_experts_here(folder, quantize)
-        deltas, changed, gaps = [], 0, []
-        for r, (tokens, logprobs) in zip(requests, reference):
+        read, changed, gaps = [], 0, []
+        for r, (tokens, _) in zip(requests, reference):
             got, best, gap = teacher_forced(front, r.prompt, tokens)
-            deltas += [abs(a - b) for a, b in zip(got, logprobs)]
+            read.append(got)
             changed += sum(b != t for b, t in zip(best, tokens))
             gaps += gap
-        report[quantize] = {"tokens": len(deltas), "mean_abs_delta_logprob": sum(deltas) / len(deltas),
-                            "max_abs_delta_logprob": max(deltas), "greedy_token_changed": changed / len(deltas),
-                            "median_top2_gap": statistics.median(gaps)}
+        drift = deltas_from(read, [logprobs for _, logprobs in reference])
+        report[quantize] = {"tokens": len(greedy), "mean_abs_delta_logprob": drift["mean"],
+                            "max_abs_delta_logprob": drift["max"], "greedy_token_changed": changed / len(greedy),
+                            "median_top2_gap": statistics.median(gaps), "from_float64": deltas_from(read, exact)}
     return report
 
 
@@ -156,3 +181,7 @@ def print_report(report: dict, as_json: bool) -> None:
             print(f"  quantize {q}: {d['tokens']} tokens, |delta logprob| mean {d['mean_abs_delta_logprob']:.4f} "
                   f"max {d['max_abs_delta_logprob']:.4f}; most likely token changed at "
                   f"{d['greedy_token_changed']:.1%} of positions")
+        print("  against float64 (transformers), |delta logprob|:")
+        for name, d in [("transformers float32", drift["float32_from_float64"]),
+                        *((f"quantize {q}", drift[q]["from_float64"]) for q in QUANTIZE_MODES)]:
+            print(f"    {name}: mean {d['mean']:.2e} max {d['max']:.2e}; over 1e-4 at {d['over_1e-4']:.1%} of tokens")
