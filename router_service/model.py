@@ -193,9 +193,11 @@ class DecoderCache:
                             cat([c.cross_bias for c in caches], 3, src, left=False, fill=min_value))
 
 
-# Padded tokens that a group of prompts encoded apart is worth: its expert round trips and Python cost about as much
-# as encoding this many more tokens with the others (switch-base-8's shape on a 2-core CPU).
-ENCODER_GROUP_COST = 32
+# Padded tokens that a group of prompts encoded apart is worth: reading every weight again, its expert round trips and
+# its Python cost about as much as encoding this many more tokens with the others (switch-base-8's shape on a 2-core
+# CPU, with packed weights: 32 prompts of 8-64 tokens encoded in 1.24-1.27 s in 4 groups, 1.30-1.33 s in 5 at a cost
+# of 32; of 16-128 tokens, 2.10-2.12 s against 2.27-2.32; docs/BENCHMARKS.md).
+ENCODER_GROUP_COST = 64
 
 
 def length_groups(lengths: list[int], group_cost: int) -> list[list[int]]:
