@@ -229,7 +229,9 @@ class ContinuousBatcher:
         failed = self.active + list(self.waiting)
         for seq in failed:
             seq.error = error
-        self.active, self.waiting, self.cache = [], deque(), None
+        # The cache before the sequences (here and in _leave): a reader on another thread (ModelInfo) that sees no
+        # active sequence then sees no cache rows either.
+        self.cache, self.active, self.waiting = None, [], deque()
         self.next_tokens = torch.zeros(0, dtype=torch.long)
         return failed
 
@@ -289,7 +291,7 @@ class ContinuousBatcher:
         if all(staying):
             return
         if not any(staying):
-            self.active, self.next_tokens, self.cache = [], self.next_tokens[:0], None
+            self.cache, self.next_tokens, self.active = None, self.next_tokens[:0], []
             return
         self.cache, order = self.cache.without([i for i, stay in enumerate(staying) if not stay])
         self.active = [self.active[i] for i in order]
