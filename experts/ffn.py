@@ -88,23 +88,23 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     A PackedWeight's copy computes products of PACKED_MIN_ROWS rows or more. On an Intel Xeon (2 cores, 96 of
     switch-base-8's expert weights in turn, as a decoding step reads them from memory; cluster.bench_experts), in
     float32 F.linear took 61-63 ms at 4 rows, 79-82 at 8, 102 at 32 and 228-243 at 128, where the packed copy took
-    39-44, 47-49, 83-87 and 206-215; at 1 to 3 rows F.linear is as fast or faster (32-40 ms) and runs on the weight
-    itself. In bfloat16 the copy is faster from one row: 21-23 ms against 28-30 at 1 row, 25-28 against 34-36 at 32.
-    At 512 rows the two are within the run-to-run noise of each other in either dtype (docs/BENCHMARKS.md).
+    39-44, 47-49, 83-87 and 206-215; at 1 to 3 rows F.linear is as fast or faster (32-40 ms), and those products
+    run on the weight itself, as below. In bfloat16 the copy is faster from one row: 21-23 ms against 28-30 at 1 row,
+    25-28 against 34-36 at 32. At 512 rows the two are within the run-to-run noise of each other in either dtype
+    (docs/BENCHMARKS.md).
 
-    For a few rows of x on the CPU without a packed copy, MKL's x @ weight.T
-    runs far below memory speed on some CPUs and barely faster on two OpenMP threads, where weight @ x.T (a tall
-    matrix by a thin one) is another kernel that takes 0.3-0.8 times as long (an AMD EPYC); on others x @ weight.T is
-    the faster of the two (an Intel Xeon, up to half the time at 2 to 4 rows). So both ways are timed on products of
-    each weight shape, count of rows (to the next power of two) and of OpenMP threads (see Timings), and the faster
-    one runs (docs/BENCHMARKS.md)."""
+    For a few rows of x on the CPU by the weight itself, MKL's x @ weight.T runs far below memory speed on some CPUs
+    and barely faster on two OpenMP threads, where weight @ x.T (a tall matrix by a thin one) is another kernel that
+    takes 0.3-0.8 times as long (an AMD EPYC); on others x @ weight.T is the faster of the two (an Intel Xeon, up to
+    half the time at 2 to 4 rows). So both ways are timed on products of each weight shape, count of rows (to the
+    next power of two) and of OpenMP threads (see Timings), and the faster one runs (docs/BENCHMARKS.md)."""
     if isinstance(weight, Int8Weight):
         return int8.linear(x, weight)
     rows = x.numel() // x.shape[-1]
     if isinstance(weight, PackedWeight):
         if rows >= PACKED_MIN_ROWS[weight.dtype]:
             return torch.ops.mkldnn._linear_pointwise(x, weight.packed, None, "none", [], "")
-        return F.linear(x, weight.weight)
+        weight = weight.weight
     if (weight.device.type == "cpu" and weight.dtype == torch.float32 and 2 <= rows <= TRANSPOSED_MAX_ROWS
             and weight.numel() * weight.element_size() >= MEASURED_MIN_BYTES and transposed_is_faster(x, weight)):
         return transposed(x, weight)

@@ -131,7 +131,8 @@ def on_openmp_threads(fn, openmp: int = 1):
 @pytest.mark.parametrize("turned", [True, False])
 def test_a_product_of_a_few_rows_runs_the_way_measured_faster(turned, monkeypatch):
     """Two to TRANSPOSED_MAX_ROWS rows go through torch.mm(weight, x.T) where that is the faster way, else like one
-    row and more rows through F.linear; the result is F.linear's either way, in x's leading shape."""
+    row and more rows through F.linear; the result is F.linear's either way, in x's leading shape. A PackedWeight's
+    products of fewer than PACKED_MIN_ROWS rows choose the same way, by the weight itself."""
     torch.manual_seed(0)
     weight = torch.randn(96, 64)
     monkeypatch.setattr(ffn, "MEASURED_MIN_BYTES", 0)
@@ -139,12 +140,14 @@ def test_a_product_of_a_few_rows_runs_the_way_measured_faster(turned, monkeypatc
     calls = []
     mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda *args: (calls.append(args[1].shape[1]), mm(*args))[1])
-    for rows in (1, 2, 5, TRANSPOSED_MAX_ROWS, TRANSPOSED_MAX_ROWS + 1):
-        x = torch.randn(rows, 1, 64)
-        out = linear(x, weight)
-        assert out.shape == (rows, 1, 96) and out.is_contiguous()
-        assert torch.allclose(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
-    assert calls == ([2, 5, TRANSPOSED_MAX_ROWS] if turned else [])
+    for w in (weight, pack(weight)):
+        for rows in (1, 2, 5, TRANSPOSED_MAX_ROWS, TRANSPOSED_MAX_ROWS + 1):
+            x = torch.randn(rows, 1, 64)
+            out = linear(x, w)
+            assert out.shape == (rows, 1, 96) and out.is_contiguous()
+            assert torch.allclose(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert PACKED_MIN_ROWS[torch.float32] == 4  # so that of the packed weight's products, only 2 rows are few enough
+    assert calls == ([2, 5, TRANSPOSED_MAX_ROWS, 2] if turned else [])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
