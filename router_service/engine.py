@@ -150,6 +150,7 @@ class SwitchCluster:
         self.capacity = self.config.capacity
         self._tokenizer, self._hidden_ids = None, None
         self._owns_fleet, self.fleet, self.link = fleet is None, None, None
+        self._held = {}  # the experts this front computes, as _local_experts last built them
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
@@ -192,7 +193,12 @@ class SwitchCluster:
             return {}
         keys = [tuple(key) for info in infos if info["node_id"] == here and info["device"] == "cpu"
                 for key in info["experts"]]
-        return held_experts(self.checkpoint, keys, self.config.quantize, self.config.packed_weights)
+        # Those held already are kept: built again, each would be packed or quantized again while the old copies
+        # still serve (as much memory again, on the fleet's every restart).
+        kept = {key: self._held[key] for key in keys if key in self._held}
+        self._held = kept | held_experts(self.checkpoint, [key for key in keys if key not in kept],
+                                         self.config.quantize, self.config.packed_weights)
+        return self._held
 
     @property
     def actors(self) -> list:

@@ -107,8 +107,9 @@ def test_fleet_that_dies_comes_back_with_new_actors(ray_cluster, checkpoint):
 
 def test_a_front_computing_its_nodes_experts_decodes_without_the_actors(ray_cluster, checkpoint):
     """With the front computing the experts of the actors on its node, a batch already decoding never calls them:
-    it completes unchanged after their fleet died, and the new actors' experts are mapped again. Fails if a
-    decoding step still calls the actors, or the link keeps the old actors' weights."""
+    it completes unchanged after their fleet died, and the front goes on computing the same experts from the
+    weights it holds, not mapped and packed again. Fails if a decoding step still calls the actors, if the link keeps
+    the old actors, or if it builds the experts' weights again."""
     path, reference = checkpoint
     with SwitchCluster(path, placement=PACKING) as model:
         old_actors, old_local = model.actors, model.dispatcher.local
@@ -125,5 +126,7 @@ def test_a_front_computing_its_nodes_experts_decodes_without_the_actors(ray_clus
         while model.actors == old_actors and time.monotonic() < deadline:  # the link takes the new fleet's
             time.sleep(0.5)
         assert [o.token_ids for o in model.generate(PROMPTS, max_new_tokens=MAX_NEW)] == reference
-        assert model.dispatcher.local is not old_local and set(model.dispatcher.local) == set(old_local)
+        local = model.dispatcher.local
+        assert local is not old_local and set(local) == set(old_local)
+        assert all(local[key] is old_local[key] for key in old_local)
         assert not {info["pid"] for info in model.actor_info()} & set(old_pids)
