@@ -256,7 +256,8 @@ class ContinuousBatcher:
             decoding = [[b for b, row in enumerate(rows) if joining[row].pooling is None] for rows, _ in groups]
             caches = [self.front.start_decoding(encoded.rows(keep))
                       for (_, encoded), keep in zip(groups, decoding) if keep]
-            merged = DecoderCache.merge(([] if self.cache is None else [self.cache]) + caches) if caches else None
+            merged = (DecoderCache.merge(([] if self.cache is None else [self.cache]) + caches, self.max_sequences)
+                      if caches else None)
         except BaseException:
             self.waiting.extendleft(reversed(joining))  # so that fail() ends them too
             raise

@@ -99,7 +99,9 @@ class DecoderCache:
     left-padded to a common width and `self_valid` marks the real positions. Every step appends one column for
     all rows, so a key's distance to the newest query is the same in every row and one relative position bias
     serves the whole batch. The self-attention tensors keep room for more columns than are used, so that a step
-    writes its column in place rather than copying the whole cache; the room doubles when it runs out.
+    writes its column in place rather than copying the whole cache; the room doubles when it runs out. Their memory
+    also holds `row_room` rows (from the first join on, the batch's limit), so that sequences that join write their
+    rows there rather than copying the whole cache.
     """
 
     self_k: list[torch.Tensor]  # [batch, heads, room, d_kv] per layer; columns from `width` on are unused
@@ -108,10 +110,15 @@ class DecoderCache:
     cross_k: list[torch.Tensor]  # [batch, heads, src_len, d_kv], computed once from the encoder output
     cross_v: list[torch.Tensor]
     cross_bias: torch.Tensor  # [batch, 1, 1, src_len], additive mask over encoder padding
+    row_room: int = 0  # rows the memory of every tensor above holds, from its first row on (at least batch)
 
     @property
     def width(self) -> int:
         return self.self_valid.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.self_valid.shape[0]
 
     def used(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of the columns in use of self_k or self_v."""
@@ -125,13 +132,13 @@ class DecoderCache:
         def grow(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             out = []
             for t in tensors:
-                bigger = t.new_empty(t.shape[0], t.shape[1], max(2 * width, 16), t.shape[3])
-                bigger[:, :, :self.width] = t[:, :, :self.width]
-                out.append(bigger)
+                bigger = t.new_empty(max(self.row_room, t.shape[0]), t.shape[1], max(2 * width, 16), t.shape[3])
+                bigger[:t.shape[0], :, :self.width] = t[:, :, :self.width]
+                out.append(bigger[:t.shape[0]])
             return out
 
         return DecoderCache(grow(self.self_k), grow(self.self_v), self.self_valid, self.cross_k, self.cross_v,
-                            self.cross_bias)
+                            self.cross_bias, self.row_room)
 
     def without(self, leaving: list[int]) -> tuple[DecoderCache, list[int]]:
         """This cache without the rows in `leaving`, and for each row that stays, the row it was; trimmed of the
@@ -139,8 +146,8 @@ class DecoderCache:
         been decoding. Each leaving row below the new count is overwritten by one of the last rows that stay, then
         every tensor is cut to the new count and columns: views of the same memory, so a sequence that leaves costs
         a copy of one row rather than of the whole cache (copying it took about 5% of a run of 32 requests). The
-        memory cut off is freed when the cache next grows or merges."""
-        batch, gone = self.self_valid.shape[0], set(leaving)
+        rows cut off are the room of sequences that join later."""
+        batch, gone = self.batch, set(leaving)
         n, device = batch - len(gone), self.self_valid.device
         holes = [row for row in sorted(gone) if row < n]
         movers = [row for row in range(n, batch) if row not in gone]
@@ -162,35 +169,77 @@ class DecoderCache:
 
         keep, cross = slice(first, None), slice(0, src)  # the self caches' room beyond their width stays
         return DecoderCache(cut(self.self_k, keep), cut(self.self_v, keep), valid[:, first:],
-                            cut(self.cross_k, cross), cut(self.cross_v, cross), cross_bias[..., :src]), order
+                            cut(self.cross_k, cross), cut(self.cross_v, cross), cross_bias[..., :src],
+                            max(self.row_room, batch)), order
 
     @staticmethod
-    def merge(caches: list[DecoderCache]) -> DecoderCache:
-        """The rows of each cache in turn: self caches left-padded, cross caches right-padded to fit."""
+    def merge(caches: list[DecoderCache], row_room: int = 0) -> DecoderCache:
+        """The rows of each cache in turn: self caches left-padded, cross caches right-padded to fit. Written into
+        the first cache's room when it has room for them (their self caches no wider than its, their prompts no
+        longer), else copied into new memory with room for `row_room` rows. With 32 and 64 clients in a closed loop
+        (switch-base-8's shape, 2 cores), copying the whole cache at every join took 6-18% of the time, and 3-5%
+        with joins into the room (docs/BENCHMARKS.md)."""
         if len(caches) == 1:
             return caches[0]
-        width, src = max(c.width for c in caches), max(c.cross_bias.shape[-1] for c in caches)
+        return caches[0]._joined(caches[1:]) or DecoderCache._copied(caches, row_room)
 
-        def cat(parts: list[torch.Tensor], dim: int, size: int, left: bool, fill=0) -> torch.Tensor:
-            def pad(t: torch.Tensor) -> torch.Tensor:
-                missing = size - t.shape[dim]
-                if missing == 0:
-                    return t
-                shape = list(t.shape)
-                shape[dim] = missing
-                filler = torch.full(shape, fill, dtype=t.dtype, device=t.device)
-                return torch.cat([filler, t] if left else [t, filler], dim=dim)
-            return torch.cat([pad(t) for t in parts])
+    def _joined(self, joining: list[DecoderCache]) -> DecoderCache | None:
+        """This cache with the rows of `joining` written into its room; None unless they fit there."""
+        rows, src = self.batch + sum(c.batch for c in joining), self.cross_bias.shape[-1]
+        if rows > self.row_room or any(c.width > self.width or c.cross_bias.shape[-1] > src for c in joining):
+            return None
 
-        def layers(name: str, size: int, left: bool) -> list[torch.Tensor]:
-            per_cache = [c.used(getattr(c, name)) if name.startswith("self") else getattr(c, name) for c in caches]
-            return [cat(list(parts), 2, size, left) for parts in zip(*per_cache)]
+        def extended(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t.as_strided((rows, *t.shape[1:]), t.stride(), t.storage_offset()) for t in tensors]
 
-        min_value = torch.finfo(caches[0].cross_bias.dtype).min
-        return DecoderCache(layers("self_k", width, True), layers("self_v", width, True),
-                            cat([c.self_valid for c in caches], 1, width, left=True, fill=False),
-                            layers("cross_k", src, False), layers("cross_v", src, False),
-                            cat([c.cross_bias for c in caches], 3, src, left=False, fill=min_value))
+        cache = DecoderCache(extended(self.self_k), extended(self.self_v), padded_rows([self, *joining], "self_valid"),
+                             extended(self.cross_k), extended(self.cross_v),
+                             padded_rows([self, *joining], "cross_bias"), self.row_room)
+        cache._write(joining, self.batch)
+        return cache
+
+    @staticmethod
+    def _copied(caches: list[DecoderCache], row_room: int) -> DecoderCache:
+        """The rows of `caches` copied into new memory that holds `row_room` rows (or as many as they have), with room
+        for as many self-attention columns again."""
+        rows, width = sum(c.batch for c in caches), max(c.width for c in caches)
+        src = max(c.cross_bias.shape[-1] for c in caches)
+        first = caches[0]
+
+        def held(tensors: list[torch.Tensor], columns: int) -> list[torch.Tensor]:
+            return [t.new_empty(max(row_room, rows), t.shape[1], columns, t.shape[3])[:rows] for t in tensors]
+
+        cache = DecoderCache(held(first.self_k, max(2 * width, 16)), held(first.self_v, max(2 * width, 16)),
+                             padded_rows(caches, "self_valid"), held(first.cross_k, src), held(first.cross_v, src),
+                             padded_rows(caches, "cross_bias"), max(row_room, rows))
+        cache._write(caches, 0)
+        return cache
+
+    def _write(self, caches: list[DecoderCache], row: int) -> None:
+        """Write the rows of `caches` from `row` on: self caches left-padded to this one's width, cross caches
+        right-padded to its prompt length. Padding is masked, but must hold numbers (a masked score's weight is 0,
+        and 0 * NaN is NaN): it is zeroed."""
+        for c in caches:
+            rows = slice(row, row + c.batch)
+            for name in ("self_k", "self_v", "cross_k", "cross_v"):
+                for into, own in zip(getattr(self, name), getattr(c, name)):
+                    if name.startswith("self"):
+                        into[rows, :, :self.width - c.width] = 0
+                        into[rows, :, self.width - c.width:self.width] = own[:, :, :c.width]
+                    else:
+                        into[rows, :, :own.shape[2]] = own
+                        into[rows, :, own.shape[2]:] = 0
+            row += c.batch
+
+
+def padded_rows(caches: list[DecoderCache], name: str) -> torch.Tensor:
+    """The caches' self_valid (left-padded with False) or cross_bias (right-padded with the mask's value), row after
+    row."""
+    if name == "self_valid":
+        width = max(c.width for c in caches)
+        return torch.cat([F.pad(c.self_valid, (width - c.width, 0), value=False) for c in caches])
+    src, masked = max(c.cross_bias.shape[-1] for c in caches), torch.finfo(caches[0].cross_bias.dtype).min
+    return torch.cat([F.pad(c.cross_bias, (0, src - c.cross_bias.shape[-1]), value=masked) for c in caches])
 
 
 # Padded tokens that a group of prompts encoded apart is worth: reading every weight again, its expert round trips and
@@ -467,7 +516,8 @@ class SwitchFront:
         position_bias = self._position_bias("decoder", torch.tensor([width - 1], device=self.device), width)
         parts = run_overlapped([self._decode(cache, tokens[rows], self_valid[rows], position_bias, rows)
                                 for rows in self._micro_batches(batch)])
-        grown = DecoderCache(cache.self_k, cache.self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias)
+        grown = DecoderCache(cache.self_k, cache.self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias,
+                             cache.row_room)
         return grown, torch.cat([x for x, _ in parts]).cpu(), Routing.cat([r for _, r in parts])
 
     def _decode(self, cache: DecoderCache, tokens: torch.Tensor, self_valid: torch.Tensor,

@@ -179,3 +179,37 @@ def test_products_on_every_core_decode_the_same(checkpoint_factory, core_threads
     for one, two in zip(outputs[1], outputs[2]):
         assert two.token_ids == one.token_ids and two.done
         assert two.logprobs == pytest.approx(one.logprobs, abs=1e-5)
+
+
+def test_sequences_that_join_write_into_the_caches_room(checkpoint_factory):
+    """A sequence that joins a decoding batch writes its rows into the room the cache's memory holds, instead of the
+    whole cache being copied; one whose prompt is longer than any in the batch gets a copy with room for it. Each
+    decodes as it does alone, and so do those it joins. Fails if a join copies the cache while it has room."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    front = local_front(path)
+    prompts = [[5, 9, 23, 4, 17, 60, 33, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], list(range(20, 32))]
+    params = SamplingParams(max_new_tokens=8)
+    alone = [run_to_completion(ContinuousBatcher(front, max_sequences=8), [Sequence(p, params)])[0] for p in prompts]
+    batcher = ContinuousBatcher(front, max_sequences=8)
+    together = [Sequence(p, params) for p in prompts]
+
+    def memory(cache) -> list[int]:
+        return [t.data_ptr() for t in cache.self_k + cache.self_v + cache.cross_k + cache.cross_v]
+
+    with torch.inference_mode():
+        batcher.add(together[0])
+        batcher.step()
+        batcher.add(together[1])  # the first join: the cache had no room, so a copy with room for 8
+        batcher.step()
+        assert batcher.cache.row_room == 8 and batcher.cache.batch == 2
+        before = memory(batcher.cache)
+        batcher.add(together[2])  # its prompt no longer than the first's: into the room
+        batcher.step()
+        assert batcher.cache.batch == 3 and memory(batcher.cache) == before
+        batcher.add(together[3])  # longer than any in the batch: copied
+        batcher.step()
+        assert batcher.cache.batch == 4 and memory(batcher.cache) != before
+        while batcher.has_work:
+            batcher.step()
+    for a, t in zip(alone, together):
+        assert t.token_ids == a.token_ids and t.logprobs == pytest.approx(a.logprobs, abs=1e-5)
