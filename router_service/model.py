@@ -192,9 +192,9 @@ class DecoderCache:
         def extended(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             return [t.as_strided((rows, *t.shape[1:]), t.stride(), t.storage_offset()) for t in tensors]
 
-        cache = DecoderCache(extended(self.self_k), extended(self.self_v), padded_rows([self, *joining], "self_valid"),
-                             extended(self.cross_k), extended(self.cross_v),
-                             padded_rows([self, *joining], "cross_bias"), self.row_room)
+        cache = DecoderCache(extended(self.self_k), extended(self.self_v), valid_rows([self, *joining]),
+                             extended(self.cross_k), extended(self.cross_v), cross_bias_rows([self, *joining]),
+                             self.row_room)
         cache._write(joining, self.batch)
         return cache
 
@@ -204,14 +204,14 @@ class DecoderCache:
         for as many self-attention columns again."""
         rows, width = sum(c.batch for c in caches), max(c.width for c in caches)
         src = max(c.cross_bias.shape[-1] for c in caches)
-        first = caches[0]
+        like = caches[0]
 
         def held(tensors: list[torch.Tensor], columns: int) -> list[torch.Tensor]:
             return [t.new_empty(max(row_room, rows), t.shape[1], columns, t.shape[3])[:rows] for t in tensors]
 
-        cache = DecoderCache(held(first.self_k, max(2 * width, 16)), held(first.self_v, max(2 * width, 16)),
-                             padded_rows(caches, "self_valid"), held(first.cross_k, src), held(first.cross_v, src),
-                             padded_rows(caches, "cross_bias"), max(row_room, rows))
+        cache = DecoderCache(held(like.self_k, max(2 * width, 16)), held(like.self_v, max(2 * width, 16)),
+                             valid_rows(caches), held(like.cross_k, src), held(like.cross_v, src),
+                             cross_bias_rows(caches), max(row_room, rows))
         cache._write(caches, 0)
         return cache
 
@@ -232,12 +232,14 @@ class DecoderCache:
             row += c.batch
 
 
-def padded_rows(caches: list[DecoderCache], name: str) -> torch.Tensor:
-    """The caches' self_valid (left-padded with False) or cross_bias (right-padded with the mask's value), row after
-    row."""
-    if name == "self_valid":
-        width = max(c.width for c in caches)
-        return torch.cat([F.pad(c.self_valid, (width - c.width, 0), value=False) for c in caches])
+def valid_rows(caches: list[DecoderCache]) -> torch.Tensor:
+    """The caches' self_valid row after row, left-padded (with False) to the widest."""
+    width = max(c.width for c in caches)
+    return torch.cat([F.pad(c.self_valid, (width - c.width, 0), value=False) for c in caches])
+
+
+def cross_bias_rows(caches: list[DecoderCache]) -> torch.Tensor:
+    """The caches' cross_bias row after row, right-padded (masked) to the longest prompt."""
     src, masked = max(c.cross_bias.shape[-1] for c in caches), torch.finfo(caches[0].cross_bias.dtype).min
     return torch.cat([F.pad(c.cross_bias, (0, src - c.cross_bias.shape[-1]), value=masked) for c in caches])
 
