@@ -120,10 +120,6 @@ class DecoderCache:
     def batch(self) -> int:
         return self.self_valid.shape[0]
 
-    def used(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Views of the columns in use of self_k or self_v."""
-        return [t[:, :, :self.width] for t in tensors]
-
     def with_room(self, width: int) -> DecoderCache:
         """This cache, or a copy with room for at least `width` self-attention columns."""
         if self.self_k and self.self_k[0].shape[2] >= width:
@@ -132,7 +128,7 @@ class DecoderCache:
         def grow(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             out = []
             for t in tensors:
-                bigger = t.new_empty(max(self.row_room, t.shape[0]), t.shape[1], max(2 * width, 16), t.shape[3])
+                bigger = t.new_empty(max(self.row_room, t.shape[0]), t.shape[1], self_columns(width), t.shape[3])
                 bigger[:t.shape[0], :, :self.width] = t[:, :, :self.width]
                 out.append(bigger[:t.shape[0]])
             return out
@@ -209,7 +205,7 @@ class DecoderCache:
         def held(tensors: list[torch.Tensor], columns: int) -> list[torch.Tensor]:
             return [t.new_empty(max(row_room, rows), t.shape[1], columns, t.shape[3])[:rows] for t in tensors]
 
-        cache = DecoderCache(held(like.self_k, max(2 * width, 16)), held(like.self_v, max(2 * width, 16)),
+        cache = DecoderCache(held(like.self_k, self_columns(width)), held(like.self_v, self_columns(width)),
                              valid_rows(caches), held(like.cross_k, src), held(like.cross_v, src),
                              cross_bias_rows(caches), max(row_room, rows))
         cache._write(caches, 0)
@@ -220,16 +216,19 @@ class DecoderCache:
         right-padded to its prompt length. Padding is masked, but must hold numbers (a masked score's weight is 0,
         and 0 * NaN is NaN): it is zeroed."""
         for c in caches:
-            rows = slice(row, row + c.batch)
-            for name in ("self_k", "self_v", "cross_k", "cross_v"):
-                for into, own in zip(getattr(self, name), getattr(c, name)):
-                    if name.startswith("self"):
-                        into[rows, :, :self.width - c.width] = 0
-                        into[rows, :, self.width - c.width:self.width] = own[:, :, :c.width]
-                    else:
-                        into[rows, :, :own.shape[2]] = own
-                        into[rows, :, own.shape[2]:] = 0
+            rows, padding = slice(row, row + c.batch), self.width - c.width
+            for into, own in zip(self.self_k + self.self_v, c.self_k + c.self_v):
+                into[rows, :, :padding] = 0
+                into[rows, :, padding:self.width] = own[:, :, :c.width]
+            for into, own in zip(self.cross_k + self.cross_v, c.cross_k + c.cross_v):
+                into[rows, :, :own.shape[2]] = own
+                into[rows, :, own.shape[2]:] = 0
             row += c.batch
+
+
+def self_columns(width: int) -> int:
+    """The self-attention columns a cache of `width` gets room for when it grows or is copied: as many again."""
+    return max(2 * width, 16)
 
 
 def valid_rows(caches: list[DecoderCache]) -> torch.Tensor:
