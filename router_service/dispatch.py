@@ -115,14 +115,17 @@ class ExpertDispatcher:
         order = torch.argsort(owner * self.num_experts + expert[index], stable=True)
         pending.index, owner = index[order], owner[order]
         actors, per_actor = torch.unique_consecutive(owner, return_counts=True)
-        start = 0
+        # Every call's arguments first, then the calls back to back: an actor that has its call computes on a
+        # core this process may share, and what is left to do here would then run slower.
+        calls, start = [], 0
         for actor, n in zip(actors.tolist(), per_actor.tolist()):
             chunk = pending.index[start:start + n]
             experts, counts = torch.unique_consecutive(expert[chunk], return_counts=True)
-            pending.calls.append(handles[actor].forward.remote(
-                *layer, experts.tolist(), counts.tolist(), to_wire(pending.tokens[chunk])))
-            pending.called.append(actor)
+            calls.append((actor, experts.tolist(), counts.tolist(), to_wire(pending.tokens[chunk])))
             start += n
+        for actor, experts, counts, tokens in calls:
+            pending.calls.append(handles[actor].forward.remote(*layer, experts, counts, tokens))
+            pending.called.append(actor)
 
     def _compute_here(self, pending: PendingDispatch, index: torch.Tensor, expert: torch.Tensor) -> None:
         """The FFN outputs of these tokens, whose experts are all here, into `pending`."""
