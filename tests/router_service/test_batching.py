@@ -12,7 +12,14 @@ from reference import LocalExperts
 
 from experts import ffn
 from experts.checkpoint import SwitchCheckpoint
-from router_service.batching import ONE_THREAD_UP_TO, ContinuousBatcher, Sequence, run_to_completion, sample
+from router_service.batching import (
+    ONE_THREAD_UP_TO,
+    ContinuousBatcher,
+    Sequence,
+    next_tokens,
+    run_to_completion,
+    sample,
+)
 from router_service.model import SwitchFront
 from router_service.requests import SamplingParams
 
@@ -100,8 +107,11 @@ def test_the_cache_is_as_wide_as_its_longest_sequence(checkpoint_factory):
 
 def test_sampling_cuts():
     logits = torch.tensor([0.0, 3.0, 2.0, 1.0])
-    greedy = SamplingParams()
-    assert sample(logits, greedy, None) == 1
+    assert next_tokens(torch.stack([logits, logits.flip(0)]), [Sequence([1]), Sequence([1])]) == [1, 2]
+    # In one batch, a greedy row always takes its most likely token and a sampled row either of its two most likely.
+    nucleus = [SamplingParams(temperature=1.0, top_p=0.8, seed=s) for s in range(50)]
+    assert {tuple(next_tokens(torch.stack([logits, logits]), [Sequence([1]), Sequence([1], params)]))
+            for params in nucleus} == {(1, 1), (1, 2)}
     top1 = SamplingParams(temperature=1.0, top_k=1)
     assert {sample(logits, top1, torch.Generator().manual_seed(s)) for s in range(20)} == {1}
     nucleus = SamplingParams(temperature=1.0, top_p=0.8)  # token 1 has ~0.64, with token 2 ~0.87: keep both
