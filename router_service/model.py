@@ -243,10 +243,11 @@ def cross_bias_rows(caches: list[DecoderCache]) -> torch.Tensor:
     return torch.cat([F.pad(c.cross_bias, (0, src - c.cross_bias.shape[-1]), value=masked) for c in caches])
 
 
-# Padded tokens that a group of prompts encoded apart is worth: reading every weight again, its expert round trips and
-# its Python cost about as much as encoding this many more tokens with the others (switch-base-8's shape on a 2-core
-# CPU, with packed weights: 32 prompts of 8-64 tokens encoded in 1.24-1.27 s in 4 groups, 1.30-1.33 s in 5 at a cost
-# of 32; of 16-128 tokens, 2.10-2.12 s against 2.27-2.32; docs/BENCHMARKS.md).
+# Padded tokens that a group of prompts attended apart is worth. The encoder computes the math of each token on its own
+# for the real tokens of all its prompts together; only attention runs group by group, each group padded to its longest
+# prompt, so padding costs attention's share of a token and a group its Python and its smaller products. From 16 to
+# 256, 32 prompts of 8-64 tokens took the same time to encode within noise (switch-base-8's shape, 2-core CPU), and
+# all in one group 10-20% longer (docs/BENCHMARKS.md).
 ENCODER_GROUP_COST = 64
 
 
@@ -300,6 +301,49 @@ def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
     top = torch.finfo(torch.float16).max
     limit = torch.where(torch.isinf(x).any(), top - 1000, top)
     return torch.clamp(x, min=-limit, max=limit)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """T5 attention of q, k, v [batch, heads, len, d_kv] to [batch, len, heads * d_kv]: no 1/sqrt(d_kv) scaling;
+    position bias and mask are added to the scores; softmax in float32, as transformers does (torch's fused
+    attention rounds differently in half precision)."""
+    scores = torch.matmul(q, k.transpose(2, 3)) + bias
+    out = torch.matmul(F.softmax(scores.float(), dim=-1).type_as(scores), v)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class PromptGroup:
+    """Prompts encoded together, right-padded to the longest: `rows` (their indices in the batch), `mask` [prompts,
+    length] (True on real tokens) and `tokens`, where their real tokens lie among the batch's packed ones."""
+
+    def __init__(self, rows: list[int], lengths: list[int], first: int):
+        self.rows, self.length, self.count = rows, max(lengths), sum(lengths)
+        self.mask = torch.arange(self.length)[None, :] < torch.tensor(lengths)[:, None]
+        self.index = self.mask.view(-1).nonzero().squeeze(1)  # the real tokens' places in the flattened padding
+        self.tokens = slice(first, first + self.count)
+
+    @staticmethod
+    def of(lengths: list[int], rows: list[int]) -> list[PromptGroup]:
+        """These prompts (`rows`, of `lengths`) in groups of similar length (length_groups), their tokens packed
+        group after group."""
+        groups, first = [], 0
+        for group in length_groups([lengths[r] for r in rows], ENCODER_GROUP_COST):
+            groups.append(PromptGroup([rows[i] for i in group], [lengths[rows[i]] for i in group], first))
+            first += groups[-1].count
+        return groups
+
+    def padded(self, packed: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """The group's packed tokens [count, ...] as [prompts, length, ...], `fill` on padding."""
+        shape = (*self.mask.shape, *packed.shape[1:])
+        if self.count == self.mask.numel():
+            return packed.reshape(shape)
+        out = packed.new_full((self.mask.numel(), *packed.shape[1:]), fill)
+        return out.index_copy_(0, self.index.to(packed.device), packed).view(shape)
+
+    def packed(self, padded: torch.Tensor) -> torch.Tensor:
+        """The real tokens of padded [prompts, length, ...], packed."""
+        flat = padded.reshape(-1, *padded.shape[2:])
+        return flat if self.count == self.mask.numel() else flat.index_select(0, self.index.to(padded.device))
 
 
 class SwitchFront:
@@ -373,12 +417,19 @@ class SwitchFront:
 
     def _attend(self, prefix: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 bias: torch.Tensor) -> torch.Tensor:
-        """T5 attention: no 1/sqrt(d_kv) scaling; position bias and mask are added to the scores; softmax in
-        float32, as transformers does (torch's fused attention rounds differently in half precision)."""
-        scores = torch.matmul(q, k.transpose(2, 3)) + bias
-        out = torch.matmul(F.softmax(scores.float(), dim=-1).type_as(scores), v)
-        out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
-        return self._linear(out, self._w(f"{prefix}.o.weight"))
+        """The attention's output projected by its o weight."""
+        return self._linear(attention(q, k, v, bias), self._w(f"{prefix}.o.weight"))
+
+    def _grouped_self_attention(self, prefix: str, x: torch.Tensor, groups: list[PromptGroup],
+                                biases: list[torch.Tensor]) -> torch.Tensor:
+        """Self-attention of packed tokens x [tokens, d_model], group by group, each right-padded to its longest
+        prompt (its q, k and v zero on padding, which its bias masks)."""
+        qkv, out = self._linear(x, self.fused[prefix]), []
+        for group, bias in zip(groups, biases):
+            padded = group.padded(qkv[group.tokens])
+            q, k, v = [self._split_heads(part) for part in padded.chunk(3, dim=-1)]
+            out.append(group.packed(attention(q, k, v, bias)))
+        return self._linear(torch.cat(out) if len(out) > 1 else out[0], self._w(f"{prefix}.o.weight"))
 
     def _position_bias(self, stack: str, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
         """[1, heads, queries, keys] relative position bias from block 0 of the stack."""
@@ -398,54 +449,37 @@ class SwitchFront:
         n = min(self.micro_batches, batch)
         return [slice(i * batch // n, (i + 1) * batch // n) for i in range(n)]
 
-    def _ffn(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> MicroBatch:
-        """The feed-forward sub-layer's output (before the residual), and its Routing if the layer is sparse."""
+    def _ffn(self, stack: str, layer: int, x: torch.Tensor, sequence: torch.Tensor, longest: int) -> MicroBatch:
+        """The feed-forward sub-layer's output for tokens x [tokens, d_model] (before the residual), and if the layer is
+        sparse each token's routing (see _moe); `sequence` and `longest` as _moe takes them."""
         prefix = ffn_prefix(stack, layer)
         normed = rms_norm(x, self._w(f"{prefix}.layer_norm.weight"), self.eps)
         if layer not in self.sparse[stack]:
             h = self.act(self._linear(normed, self._w(f"{prefix}.mlp.wi.weight")))
             return self._linear(h.to(self.dtype), self._w(f"{prefix}.mlp.wo.weight")), None
-        return (yield from self._moe(stack, layer, normed, valid))
+        return (yield from self._moe(stack, layer, normed, sequence, longest))
 
-    def _moe(self, stack: str, layer: int, x: torch.Tensor, valid: torch.Tensor) -> MicroBatch:
-        """Route the real tokens of x [batch, len, d_model] top-1, apply capacity, run the experts remotely.
-        Returns the output and the Routing."""
-        batch, length = x.shape[:2]
-        padded = not bool(valid.all())  # a decoding step never is: its one position per sequence is real
-        if padded:
-            rows, cols = valid.nonzero(as_tuple=True)  # sequence by sequence, earlier positions first
-            tokens = x[rows, cols]
-        else:
-            tokens = x.reshape(batch * length, x.shape[2])
+    def _moe(self, stack: str, layer: int, tokens: torch.Tensor, sequence: torch.Tensor, longest: int) -> MicroBatch:
+        """Route tokens [tokens, d_model] top-1, apply capacity, run the experts remotely. `sequence` [tokens] numbers
+        each token's sequence (sequence by sequence, earlier positions first); `longest` is the most tokens of one.
+        Returns the output [tokens, d_model] and each token's (expert, prob, dropped), on the CPU."""
         bias = self.weights.get(router_tensor_name(stack, layer, "bias"))
         logits = F.linear(tokens.to(torch.float32), self._w(router_tensor_name(stack, layer)).to(torch.float32),
                           None if bias is None else bias.to(torch.float32))
-        prob, expert = F.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype).max(dim=-1)
-        if self.capacity == "dropless" or (not padded and length <= self.config.expert_capacity):
+        prob, expert = F.softmax(logits, dim=-1, dtype=torch.float32).to(tokens.dtype).max(dim=-1)
+        if self.capacity == "dropless" or longest <= self.config.expert_capacity:
             keep = torch.ones_like(expert, dtype=torch.bool)  # nothing can be over
         else:
-            if not padded:
-                rows = torch.arange(batch, device=self.device).repeat_interleave(length)
-            keep = self._within_capacity(expert, rows, batch)
-        out_tokens = ((yield self.dispatch.send(stack, layer, tokens, expert, keep)) * prob[:, None]).to(x.dtype)
-        routed = (expert.cpu(), prob.float().cpu(), ~keep.cpu())
-        if not padded:
-            return out_tokens.view_as(x), Routing(*(t.view(batch, length) for t in routed))
-        out = torch.zeros_like(x)
-        out[rows, cols] = out_tokens
-        routing = Routing(torch.full((batch, length), -1), torch.zeros(batch, length),
-                          torch.zeros(batch, length, dtype=torch.bool))
-        where = (rows.cpu(), cols.cpu())
-        for field, values in zip((routing.expert, routing.prob, routing.dropped), routed):
-            field[where] = values
-        return out, routing
+            keep = self._within_capacity(expert, sequence)
+        out = ((yield self.dispatch.send(stack, layer, tokens, expert, keep)) * prob[:, None]).to(tokens.dtype)
+        return out, (expert.cpu(), prob.float().cpu(), ~keep.cpu())
 
-    def _within_capacity(self, expert: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    def _within_capacity(self, expert: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """transformers' rule: each expert takes at most `expert_capacity` tokens of each sequence, earlier
         positions first. Per sequence, so a request's result does not depend on what it is batched with."""
         onehot = F.one_hot(expert, self.config.num_experts)
         seen = onehot.cumsum(0)  # [tokens, experts], running over the whole flattened batch
-        lengths = torch.bincount(rows, minlength=batch)
+        lengths = torch.bincount(rows)
         starts = lengths.cumsum(0) - lengths
         before = torch.cat([torch.zeros_like(seen[:1]), seen])[starts]  # counts before each sequence began
         priority = seen.gather(1, expert[:, None]).squeeze(1) - before[rows, expert]
@@ -454,37 +488,41 @@ class SwitchFront:
     # -- the two stacks -----------------------------------------------------------------------------------
 
     def encode(self, input_ids: list[list[int]]) -> list[tuple[list[int], EncoderOutput]]:
-        """Run the encoder over a batch of prompts of different lengths, in groups of similar length, each
-        right-padded to its longest (and split into micro-batches): (indices of its prompts, output) per group.
-        The groups' expert calls overlap one another's math."""
-        groups = [rows[part] for rows in length_groups([len(ids) for ids in input_ids], ENCODER_GROUP_COST)
-                  for part in self._micro_batches(len(rows))]
-        padded = []
-        for rows in groups:
-            length = max(len(input_ids[r]) for r in rows)
-            ids = torch.full((len(rows), length), self.config.pad_token_id, dtype=torch.long)
-            mask = torch.zeros(len(rows), length, dtype=torch.bool)
-            for b, r in enumerate(rows):
-                ids[b, :len(input_ids[r])] = torch.tensor(input_ids[r], dtype=torch.long)
-                mask[b, :len(input_ids[r])] = True
-            padded.append((ids.to(self.device), mask.to(self.device)))
-        outputs = run_overlapped([self._encode(ids, mask) for ids, mask in padded])
-        return [(rows, EncoderOutput(h, mask, routing))
-                for rows, (_, mask), (h, routing) in zip(groups, padded, outputs)]
+        """Run the encoder over a batch of prompts of different lengths: (indices of its prompts, output) per group of
+        prompts of similar length, each right-padded to its longest. The math of each token on its own (norms,
+        products, routers, experts) runs on the real tokens of all of them at once, attention group by group; with
+        micro-batches, the prompts are split into that many parts, whose expert calls overlap one another's math."""
+        lengths = [len(ids) for ids in input_ids]
+        order = sorted(range(len(input_ids)), key=lengths.__getitem__)
+        grouped = [PromptGroup.of(lengths, order[rows]) for rows in self._micro_batches(len(order))]
+        outputs = run_overlapped([self._encode(groups, [input_ids[r] for g in groups for r in g.rows])
+                                  for groups in grouped])
+        results = []
+        for groups, (hidden, routing) in zip(grouped, outputs):
+            for group in groups:
+                routed = {layer: Routing(group.padded(expert[group.tokens], -1), group.padded(prob[group.tokens]),
+                                         group.padded(dropped[group.tokens]))
+                          for layer, (expert, prob, dropped) in routing.items()}
+                results.append((group.rows, EncoderOutput(group.padded(hidden[group.tokens]),
+                                                          group.mask.to(self.device), routed)))
+        return results
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> MicroBatch:
-        """The encoder's output and its Routing per sparse layer for these rows."""
+    def _encode(self, groups: list[PromptGroup], prompts: list[list[int]]) -> MicroBatch:
+        """The encoder's output for the real tokens of these groups' prompts, packed [tokens, d_model] in the groups'
+        order, and each sparse layer's routing of them (see _moe)."""
+        ids = torch.tensor([token for prompt in prompts for token in prompt], dtype=torch.long, device=self.device)
+        sequence = torch.repeat_interleave(torch.arange(len(prompts), device=self.device),
+                                           torch.tensor([len(p) for p in prompts], device=self.device))
+        longest = max(len(p) for p in prompts)
+        biases = [self._position_bias("encoder", torch.arange(g.length, device=self.device), g.length)
+                  + self._padding_bias(g.mask.to(self.device)) for g in groups]
         h = F.embedding(ids, self.embed["encoder"])
-        positions = torch.arange(ids.shape[1], device=self.device)
-        bias = self._position_bias("encoder", positions, ids.shape[1]) + self._padding_bias(mask)
         routing = {}
         for i in range(num_layers(self.config, "encoder")):
             p = f"encoder.block.{i}.layer.0"
             n = rms_norm(h, self._w(f"{p}.layer_norm.weight"), self.eps)
-            attn = f"{p}.SelfAttention"
-            q, k, v = self._project_fused(attn, n)
-            h = clamp_fp16(h + self._attend(attn, q, k, v, bias))
-            ffn_out, routed = yield from self._ffn("encoder", i, h, mask)
+            h = clamp_fp16(h + self._grouped_self_attention(f"{p}.SelfAttention", n, groups, biases))
+            ffn_out, routed = yield from self._ffn("encoder", i, h, sequence, longest)
             h = clamp_fp16(h + ffn_out)
             if routed is not None:
                 routing[i] = routed
@@ -528,7 +566,7 @@ class SwitchFront:
         width, batch = self_valid.shape[1], tokens.shape[0]
         h = F.embedding(tokens[:, None].to(self.device), self.embed["decoder"])
         self_bias = position_bias + self._padding_bias(self_valid)
-        valid = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
+        sequence = torch.arange(batch, device=self.device)  # one token each
         routing = {}
         for i in range(num_layers(self.config, "decoder")):
             p = f"decoder.block.{i}.layer"
@@ -543,10 +581,10 @@ class SwitchFront:
             attn = f"{p}.1.EncDecAttention"
             h = clamp_fp16(h + self._attend(attn, self._project(attn, "q", n), cache.cross_k[i][rows],
                                             cache.cross_v[i][rows], cache.cross_bias[rows]))
-            ffn_out, routed = yield from self._ffn("decoder", i, h, valid)
-            h = clamp_fp16(h + ffn_out)
+            ffn_out, routed = yield from self._ffn("decoder", i, h.view(batch, -1), sequence, 1)
+            h = clamp_fp16(h + ffn_out.view_as(h))
             if routed is not None:
-                routing[i] = routed
+                routing[i] = Routing(*(t.view(batch, 1) for t in routed))
         h = rms_norm(h, self._w("decoder.final_layer_norm.weight"), self.eps)
         if self.config.tie_word_embeddings:
             h = h * (self.config.d_model ** -0.5)
