@@ -12,6 +12,7 @@ from reference import LocalExperts
 
 from experts import ffn
 from experts.checkpoint import SwitchCheckpoint
+from router_service import model
 from router_service.batching import (
     ONE_THREAD_UP_TO,
     ContinuousBatcher,
@@ -223,3 +224,16 @@ def test_sequences_that_join_write_into_the_caches_room(checkpoint_factory):
             batcher.step()
     for a, t in zip(alone, together):
         assert t.token_ids == a.token_ids and t.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+
+
+def test_the_encoders_products_take_every_prompts_real_tokens_at_once(checkpoint_factory, monkeypatch):
+    """Prompts of different lengths are attended in groups, each padded to its longest, but every product of the
+    encoder multiplies the real tokens of all of them at once, and no padding."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    front = local_front(path)
+    lengths, rows, product = [3, 9, 4, 20], [], front._linear
+    monkeypatch.setattr(model, "ENCODER_GROUP_COST", 0)  # a group for each length
+    monkeypatch.setattr(front, "_linear", lambda x, weight: rows.append(x.shape[:-1]) or product(x, weight))
+    encoded = front.encode([list(range(5, 5 + n)) for n in lengths])
+    assert len(encoded) == len(lengths)
+    assert rows and set(rows) == {(sum(lengths),)}
