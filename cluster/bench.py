@@ -17,7 +17,8 @@ For each workload (prompt and output lengths drawn at random, greedy decoding), 
   Serve's proxy and the streams. With the front computing its node's experts (the default), this runs a second
   time with every expert computed by its actor, to show what the round trips cost.
 Reported: output tokens per second (from the first request sent to the last token), time to first token and time
-per output token (p50 and p99).
+per output token (p50 and p99). transformers also decodes the first few requests one at a time before everything
+and again after, so that a machine whose speed changed during the run (a shared VM's neighbours) says so.
 """
 
 from __future__ import annotations
@@ -129,6 +130,16 @@ def gpu_setup() -> tuple[PlacementConfig, dict]:
         os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # read by Ray's workers, which inherit it
         return PlacementConfig(gpus=1, actors_per_gpu=2), {"num_gpus": 2}
     return PlacementConfig(gpus=gpus - 1, actors_per_gpu=2), {}
+
+
+# Requests of the first workload that transformers decodes one at a time at the start of a run and at its end.
+SPEED_CHECK_REQUESTS = 8
+# A change of the machine's speed between the two beyond which the table warns that the run's ratios are uncertain.
+SPEED_DRIFT_WARNING = 0.10
+
+
+def load_transformers(folder: Path, device: str):
+    return SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval().to(device)
 
 
 def hf_run(model, requests: list[Request], batch_size: int) -> list[Timing]:
@@ -244,9 +255,11 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     transformers and through the served cluster (behind `ingress`), on the CPU or (`device` "cuda") the GPUs."""
     engine = {"micro_batches": micro_batches, "local_experts": local_experts, "packed_weights": packed_weights,
               "quantize": quantize}
-    hf_model = SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval().to(device)
+    hf_model = load_transformers(folder, device)
     config = hf_model.config
     work = {name: workload(max(requests, *concurrency), config.vocab_size, name, seed) for name in workloads}
+    speed_check = next(iter(work.values()))[:SPEED_CHECK_REQUESTS]
+    speeds = [summarize("transformers-1", hf_run(hf_model, speed_check, 1)).tokens_per_s]
     report = {"model": str(folder), "requests": requests, "cpus": os.cpu_count(), "ingress": ingress, **engine,
               "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
               "workloads": {name: {"prompt_tokens": WORKLOADS[name][0], "output_tokens": WORKLOADS[name][1],
@@ -292,6 +305,8 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                                      front_gpus, report["front_threads"])]
     finally:
         ray.shutdown()
+    speeds.append(summarize("transformers-1", hf_run(load_transformers(folder, device), speed_check, 1)).tokens_per_s)
+    report["speed_check"] = {"workload": workloads[0], "requests": len(speed_check), "tokens_per_s": speeds}
     for w in report["workloads"].values():  # greedy outputs must not depend on the system or the batch
         reference = next(r for r in w["transformers"] if r["batch_size"] == "1").get("outputs")
         for r in w["transformers"] + w["cluster"] + w["unary"]:
@@ -325,12 +340,25 @@ def where_experts_run(local_experts: bool) -> str:
     return "the front computing its node's experts" if local_experts else "every expert in its actor"
 
 
+def speed_line(check: dict) -> str:
+    """What the speed check measured, and a warning where the machine's speed changed during the run."""
+    start, end = check["tokens_per_s"]
+    change = end / start - 1
+    line = (f"the machine's speed: transformers one at a time on the first {check['requests']} requests of "
+            f"{check['workload']}, {start:.1f} tok/s at the start, {end:.1f} at the end ({change:+.0%})")
+    if abs(change) > SPEED_DRIFT_WARNING:
+        line += ": the machine's speed changed during the run, so its ratios are uncertain; run it again"
+    return line
+
+
 def table(report: dict) -> str:
     lines = [f"{report['model']}: {report['requests']} requests per workload, {report['cpus']} CPUs, "
              f"device {report['device']}, ingress {report.get('ingress', 'proxy')}, placement {report['placement']}, "
              f"front threads {report['front_threads']}, "
              f"{report['micro_batches']} micro-batches, "
              f"{where_experts_run(report['local_experts'])}, experts quantized: {report.get('quantize', 'none')}"]
+    if "speed_check" in report:
+        lines.append(speed_line(report["speed_check"]))
     for name, w in report["workloads"].items():
         hf = {r["batch_size"]: r for r in w["transformers"]}
         lines += ["", f"workload {name}: prompts {w['prompt_tokens'][0]}-{w['prompt_tokens'][1]} tokens, outputs "

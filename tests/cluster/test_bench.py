@@ -21,6 +21,9 @@ def test_bench_quick_run(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["front_threads"] == 1
+    check = report["speed_check"]  # the first workload's first 8 of its 8 requests, at the start and at the end
+    assert check["workload"] == "short" and check["requests"] == 8
+    assert len(check["tokens_per_s"]) == 2 and min(check["tokens_per_s"]) > 0
     (name, w), = report["workloads"].items()
     assert name == "short"
     assert [r["batch_size"] for r in w["transformers"]] == ["1", "4", "all", "8"]
@@ -40,3 +43,12 @@ def test_bench_quick_run(tmp_path):
         assert b["layers_computed_here"] == 0 and b["sparse_layer_calls"] > 0
         assert 0 < b["round_trip_s"] < b["seconds"]
         assert 0 < b["sending_s"] < b["round_trip_s"] and b["expert_compute_s"] > 0
+
+
+def test_the_table_says_when_the_machine_changed_speed_during_a_run():
+    from cluster.bench import speed_line
+
+    steady = speed_line({"workload": "default", "requests": 8, "tokens_per_s": [28.0, 26.0]})
+    assert "28.0 tok/s at the start, 26.0 at the end (-7%)" in steady and "uncertain" not in steady
+    for speeds in ([28.0, 24.0], [20.0, 28.0]):
+        assert "ratios are uncertain" in speed_line({"workload": "default", "requests": 8, "tokens_per_s": speeds})
