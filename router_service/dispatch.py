@@ -13,7 +13,7 @@ from collections.abc import Callable
 import ray
 import torch
 
-from experts.ffn import core_threads, grouped_ffn
+from experts.ffn import core_threads, expert_ffn, grouped_ffn
 from experts.spec import ExpertKey
 from experts.wire import from_wire, to_wire
 
@@ -92,6 +92,8 @@ class ExpertDispatcher:
         outputs come from `.result()`."""
         began = time.perf_counter()
         expert, keep = expert.cpu(), keep.cpu()
+        if len(expert) == 1 and bool(keep[0]) and (stack, layer, int(expert[0])) in self.local:
+            return self._one_token_here(stack, layer, tokens, int(expert[0]))
         index = keep.nonzero().squeeze(1)
         here = self.is_local[(stack, layer)][expert[index]]
         pending = PendingDispatch(self, stack, layer, tokens, index[~here])
@@ -136,6 +138,20 @@ class ExpertDispatcher:
         pending.local_index = index
         pending.computed = grouped_ffn(pending.tokens[index], counts, [self.local[k] for k in keys], self.act,
                                        core_threads())
+        self._count_here(keys, counts)
+
+    def _one_token_here(self, stack: str, layer: int, tokens: torch.Tensor, expert: int) -> PendingDispatch:
+        """A decoding step of one sequence whose token's expert is here: its output, without the sorting, grouping
+        and scattering of several tokens, which took most of such a sparse layer's time beyond the expert's math
+        (docs/BENCHMARKS.md)."""
+        pending = PendingDispatch(self, stack, layer, tokens, torch.zeros(0, dtype=torch.long))
+        computing = time.perf_counter()
+        pending.computed = expert_ffn(tokens, *self.local[(stack, layer, expert)], self.act, core_threads())
+        pending.local_s = time.perf_counter() - computing
+        self._count_here([(stack, layer, expert)], [1])
+        return pending
+
+    def _count_here(self, keys: list[ExpertKey], counts: list[int]) -> None:
         self.local_calls += 1
         for key, n in zip(keys, counts):
             self.local_tokens[key] = self.local_tokens.get(key, 0) + n
@@ -151,14 +167,19 @@ class PendingDispatch:
         self.dispatcher, self.stack, self.layer = dispatcher, stack, layer
         self.tokens, self.index = tokens, index  # the tokens the calls carry, in their order
         self.calls, self.called = [], []  # object refs, and the actor index of each
-        self.local_index, self.computed = None, None  # the tokens computed here, and their outputs
+        # The tokens computed here, and their outputs; all the tokens, in order, where local_index is None.
+        self.local_index, self.computed = None, None
         self.sending_s, self.local_s = 0.0, 0.0
 
     def result(self) -> torch.Tensor:
         """Expert outputs [tokens, d_model] in token order, zero where not kept. Waits for every call."""
-        d, out = self.dispatcher, torch.zeros_like(self.tokens)
-        if self.computed is not None:
-            out[self.local_index] = self.computed
+        d = self.dispatcher
+        if self.computed is not None and self.local_index is None:  # every token computed here, in order
+            out = self.computed
+        else:
+            out = torch.zeros_like(self.tokens)
+            if self.computed is not None:
+                out[self.local_index] = self.computed
         waited = 0.0
         if self.calls:
             began = time.perf_counter()

@@ -9,7 +9,7 @@ from reference import edit_config, hf_dropped_tokens, hf_generate
 
 from experts.ffn import PackedWeight, unpacked
 from experts.placement import PlacementConfig
-from experts.spec import expert_tensor_names
+from experts.spec import expert_tensor_names, sparse_layers
 from router_service.engine import SwitchCluster
 from router_service.model import PRODUCT_WEIGHTS
 
@@ -116,6 +116,24 @@ def test_a_layers_tokens_split_between_the_front_and_the_actors(ray_cluster, che
         assert by_actors and all(expert % 2 for _, _, expert in by_actors)
         assert dispatcher.local_tokens and all(expert % 2 == 0 for _, _, expert in dispatcher.local_tokens)
     assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW))
+
+
+def test_one_sequence_computes_its_tokens_expert_straight_away(ray_cluster, checkpoint_factory, monkeypatch):
+    """A decoding step of one sequence computes its token's expert without grouping (the dispatcher's one-token path),
+    and decodes transformers' tokens. Fails if that path computes another expert, or is not taken."""
+    from router_service import dispatch
+
+    name = "gelu_new-untied-bias-step3-1"  # no token over capacity: the encoder's calls all have several tokens
+    path, hf_model = checkpoint_factory(name, **CONFIGS[name])
+    grouped_rows, one_token_rows = [], []
+    grouped_ffn, expert_ffn = dispatch.grouped_ffn, dispatch.expert_ffn
+    monkeypatch.setattr(dispatch, "grouped_ffn", lambda x, *a: grouped_rows.append(len(x)) or grouped_ffn(x, *a))
+    monkeypatch.setattr(dispatch, "expert_ffn", lambda x, *a: one_token_rows.append(len(x)) or expert_ffn(x, *a))
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=PACKING[name])) as model:
+        outputs = [model.generate([prompt], max_new_tokens=MAX_NEW)[0] for prompt in PROMPTS]
+        steps, sparse = model.batcher.steps, len(sparse_layers(model.checkpoint.config, "decoder"))
+    assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW))
+    assert one_token_rows == [1] * (steps * sparse) and min(grouped_rows) > 1
 
 
 def test_small_capacity_drops_tokens(checkpoint_factory):
