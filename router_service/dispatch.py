@@ -92,8 +92,8 @@ class ExpertDispatcher:
         outputs come from `.result()`."""
         began = time.perf_counter()
         expert, keep = expert.cpu(), keep.cpu()
-        if len(expert) == 1 and bool(keep[0]) and (stack, layer, int(expert[0])) in self.local:
-            return self._one_token_here(stack, layer, tokens, int(expert[0]))
+        if len(expert) == 1 and bool(keep[0]) and (key := (stack, layer, int(expert[0]))) in self.local:
+            return self._one_token_here(key, tokens)
         index = keep.nonzero().squeeze(1)
         here = self.is_local[(stack, layer)][expert[index]]
         pending = PendingDispatch(self, stack, layer, tokens, index[~here])
@@ -140,15 +140,15 @@ class ExpertDispatcher:
                                        core_threads())
         self._count_here(keys, counts)
 
-    def _one_token_here(self, stack: str, layer: int, tokens: torch.Tensor, expert: int) -> PendingDispatch:
-        """A decoding step of one sequence whose token's expert is here: its output, without the sorting, grouping
-        and scattering of several tokens, which took most of such a sparse layer's time beyond the expert's math
-        (docs/BENCHMARKS.md)."""
-        pending = PendingDispatch(self, stack, layer, tokens, torch.zeros(0, dtype=torch.long))
+    def _one_token_here(self, key: ExpertKey, tokens: torch.Tensor) -> PendingDispatch:
+        """A decoding step of one sequence whose token's expert (`key`) is here: its output, without the sorting,
+        grouping and scattering of several tokens, which took most of such a sparse layer's time beyond the expert's
+        math (docs/BENCHMARKS.md)."""
+        pending = PendingDispatch(self, key[0], key[1], tokens, torch.zeros(0, dtype=torch.long))
         computing = time.perf_counter()
-        pending.computed = expert_ffn(tokens, *self.local[(stack, layer, expert)], self.act, core_threads())
+        pending.computed = expert_ffn(tokens, *self.local[key], self.act, core_threads())
         pending.local_s = time.perf_counter() - computing
-        self._count_here([(stack, layer, expert)], [1])
+        self._count_here([key], [1])
         return pending
 
     def _count_here(self, keys: list[ExpertKey], counts: list[int]) -> None:
