@@ -11,11 +11,12 @@ import grpc
 import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
 from ray.util.placement_group import placement_group_table
 from test_reliability import process_exists
 
 from cluster import testing
-from cluster.app import APP_NAME, FLEET_APP, local_serve
+from cluster.app import APP_NAME, FLEET_APP, local_serve, wait_until_serving
 from cluster.demo import PROMPTS, WORDS
 from cluster.testing import (
     finish_streams,
@@ -146,20 +147,13 @@ def test_killed_fleet_comes_back_by_itself(two_replicas):
         time.sleep(0.2)
     recovered = time.monotonic() - killed
     assert health_pb2.HealthCheckResponse.NOT_SERVING in states
-    # Both replicas (Serve spreads the calls) come back with the new actors: each front's link finds them on its
-    # own, so one may serve some seconds before the other.
-    served = 0
-    while served < 4:
-        assert time.monotonic() - killed < 180, "a replica is not serving again"
-        try:
-            assert stub.Generate(probe, timeout=60).token_ids == expected
-            served += 1
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
-            served = 0
-            time.sleep(0.5)
+    # Both replicas come back with the new actors: each front's link finds them on its own, so one may serve some
+    # seconds before the other, and calls spread over them at random (a few in a row may all go to one).
+    wait_until_serving(serve.get_deployment_handle(FRONT_DEPLOYMENT, APP_NAME), 2, 180 - (time.monotonic() - killed))
     print(f"\nstreams when the fleet was killed: {outcomes}; one replica serving again after {recovered:.1f} s, "
           f"both after {time.monotonic() - killed:.1f} s")
+    for _ in range(4):
+        assert stub.Generate(probe, timeout=60).token_ids == expected
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
     assert info.status == "serving" and len(info.actors) == len(old_pids)
     assert not {a.pid for a in info.actors} & set(old_pids)
@@ -176,8 +170,6 @@ def test_a_change_to_the_fronts_config_lets_every_stream_finish_and_keeps_the_ex
     default is 20 s) or if the fleet is part of the fronts' application (as it once was: every change reloaded
     the experts)."""
     import threading
-
-    from ray import serve
 
     from cluster.app import build_app
 
