@@ -258,7 +258,7 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     hf_model = load_transformers(folder, device)
     config = hf_model.config
     work = {name: workload(max(requests, *concurrency), config.vocab_size, name, seed) for name in workloads}
-    speed_check = next(iter(work.values()))[:SPEED_CHECK_REQUESTS]
+    speed_check = work[workloads[0]][:SPEED_CHECK_REQUESTS]
     speeds = [summarize("transformers-1", hf_run(hf_model, speed_check, 1)).tokens_per_s]
     report = {"model": str(folder), "requests": requests, "cpus": os.cpu_count(), "ingress": ingress, **engine,
               "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
