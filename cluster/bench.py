@@ -249,7 +249,8 @@ def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig,
 
 def run(folder: Path, workloads: list[str], concurrency: list[int], requests: int = 32,
         experts_per_actor: int | None = None, micro_batches: int = 1, local_experts: bool = True,
-        packed_weights: bool = True, quantize: str = "none", front_threads: int | None = None, device: str = "cpu",
+        packed_weights: bool = True, quantize: str = "none", front_threads: int | None = None,
+        stream_interval_ms: float | None = None, stream_chunks_per_s: float | None = None, device: str = "cpu",
         ingress: str = "proxy", seed: int = 0) -> dict:
     """Each workload's `requests` requests (at a concurrency above that, as many as it keeps in flight) through
     transformers and through the served cluster (behind `ingress`), on the CPU or (`device` "cuda") the GPUs."""
@@ -280,9 +281,12 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
         per_actor = experts_per_actor or experts_per_cpu(config.num_experts, os.cpu_count() or 1)
         placement, ray_options, front_gpus = PlacementConfig(experts_per_actor=per_actor), {}, 0.0
     report["placement"] = placement.model_dump(exclude_defaults=True)
+    streams = {name: value for name, value in (("stream_interval_ms", stream_interval_ms),
+                                               ("stream_chunks_per_s", stream_chunks_per_s)) if value is not None}
     server = ServerConfig(model=str(folder), placement=placement, front_gpus=front_gpus, front_threads=front_threads,
-                          **engine,
+                          **engine, **streams,
                           max_sequences=max(32, *concurrency), max_waiting=max(64, requests))
+    report["streams"] = {"interval_ms": server.stream_interval_ms, "chunks_per_s": server.stream_chunks_per_s}
     start_ray(ingress=ingress, include_dashboard=False, log_to_driver=False, **ray_options)
     report["front_threads"] = front_threads or this_node_cpus()  # a replica's default
     try:
@@ -340,6 +344,14 @@ def where_experts_run(local_experts: bool) -> str:
     return "the front computing its node's experts" if local_experts else "every expert in its actor"
 
 
+def streams_text(streams: dict | None) -> str:
+    if streams is None:  # a report of a build that sent a chunk every step
+        return ""
+    interval = f"every {streams['interval_ms']:g} ms" if streams["interval_ms"] else "every step"
+    budget = f" and {streams['chunks_per_s']:g} a second a replica" if streams["chunks_per_s"] else ""
+    return f", stream chunks at most {interval}{budget}"
+
+
 def speed_line(check: dict) -> str:
     """What the speed check measured, and a warning where the machine's speed changed during the run."""
     start, end = check["tokens_per_s"]
@@ -356,7 +368,8 @@ def table(report: dict) -> str:
              f"device {report['device']}, ingress {report.get('ingress', 'proxy')}, placement {report['placement']}, "
              f"front threads {report['front_threads']}, "
              f"{report['micro_batches']} micro-batches, "
-             f"{where_experts_run(report['local_experts'])}, experts quantized: {report.get('quantize', 'none')}"]
+             f"{where_experts_run(report['local_experts'])}, experts quantized: {report.get('quantize', 'none')}"
+             + streams_text(report.get("streams"))]
     if "speed_check" in report:
         lines.append(speed_line(report["speed_check"]))
     for name, w in report["workloads"].items():

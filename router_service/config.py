@@ -86,6 +86,14 @@ class ServerConfig(EngineConfig):
                                 "SIGTERM) lets its requests finish; those still running then end with UNAVAILABLE")
     max_waiting: int = Field(64, ge=1, description="requests a replica queues beyond its batch before answering "
                                                    "RESOURCE_EXHAUSTED")
+    stream_interval_ms: float = Field(
+        50.0, ge=0, description="after a stream's first chunk, the next goes out at the end of the first decoding step "
+                                "at least this long after it, with every token made since (Ray Serve LLM's streams "
+                                "are batched every 50 ms too); 0: a chunk for every step")
+    stream_chunks_per_s: float = Field(
+        100.0, ge=0, description="the most chunks a second a front replica sends over all its streams together: with "
+                                 "n sequences decoding, a stream waits at least n / this many seconds between chunks, "
+                                 "so that relaying them takes less of the CPU the decoding needs; 0: no limit")
     num_replicas: int = Field(1, ge=1, description="front replicas (they share the expert actors)")
     served_model_name: str | None = Field(None, description="the model's id in the OpenAI-compatible API "
                                                             "(default: the checkpoint folder's name)")

@@ -103,7 +103,8 @@ def prompt_tokens(request: CompletionRequest, choices: list[tuple[Sequence, tupl
 
 @dataclass
 class Piece:
-    """What one decoding step added to a sequence."""
+    """What the decoding steps since the last piece added to a sequence (one step's, unless the stream held some:
+    stream_interval_s)."""
 
     token_ids: list[int]
     logprobs: list[float]
@@ -169,6 +170,39 @@ async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChu
         yield f"data: {json.dumps({'error': str(e), 'status': error_status(e)[1]})}\n\n"
         return
     finished(None)
+
+
+def stream_interval_s(config: ServerConfig, decoding: int) -> float:
+    """How long a stream holds its tokens after a piece, with `decoding` sequences in the batch (ServerConfig's
+    stream_interval_ms and stream_chunks_per_s). Each chunk costs CPU in the replica, the proxy and the client (about
+    1.5 ms together on 2 vCPUs), which the decoding on the same cores loses (docs/BENCHMARKS.md)."""
+    budget = decoding / config.stream_chunks_per_s if config.stream_chunks_per_s else 0.0
+    return max(config.stream_interval_ms / 1000, budget)
+
+
+async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: ServerConfig) -> AsyncIterator[Piece]:
+    """Queue `seq` and yield what the steps add, a piece at most every `stream_interval_s` after the first, until it
+    ends or a stop string ends its `text` (which takes it out of the batch)."""
+    sent, new_text, sent_at = 0, "", 0.0
+    async with aclosing(scheduler.stream(seq)) as updates:
+        async for _ in updates:
+            # The batching thread appends a token, then its logprob, then sets finish_reason: read in reverse order
+            # and every token counted here is complete.
+            finished = seq.finish_reason is not None
+            count = len(seq.logprobs)
+            if count == sent and not finished:  # an update whose token went out with the one before
+                continue
+            new_text += text.update(seq.token_ids[:count], finished)  # every step: a stop string ends it now
+            reason = "stop" if text.stopped else seq.finish_reason if finished else None
+            held = time.monotonic() - sent_at < stream_interval_s(config, scheduler.num_active)
+            if reason is None and sent and held:  # the first piece goes at once, the last when it is made
+                continue
+            routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
+            yield Piece(seq.token_ids[sent:count], seq.logprobs[sent:count], seq.top_logprobs[sent:count], new_text,
+                        reason, routing)
+            sent, new_text, sent_at = count, "", time.monotonic()
+            if reason is not None:
+                return
 
 
 def fronts_changing(app: str) -> bool:
@@ -285,26 +319,8 @@ class SwitchServer:
             raise errors.exceptions[0] from None
         return sequences
 
-    async def _follow(self, seq: Sequence, stop: tuple[str, ...]) -> AsyncIterator[Piece]:
-        """Queue `seq` and yield what each step adds, until it ends or a stop string ends its text (which takes
-        it out of the batch)."""
-        text, sent = TextStream(self._text, stop), 0
-        async with aclosing(self.scheduler.stream(seq)) as updates:
-            async for _ in updates:
-                # The batching thread appends a token, then its logprob, then sets finish_reason: read in reverse
-                # order and every token counted here is complete.
-                finished = seq.finish_reason is not None
-                count = len(seq.logprobs)
-                if count == sent and not finished:  # an update whose token went out with the one before
-                    continue
-                new_text = text.update(seq.token_ids[:count], finished)
-                reason = "stop" if text.stopped else seq.finish_reason if finished else None
-                routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
-                yield Piece(seq.token_ids[sent:count], seq.logprobs[sent:count], seq.top_logprobs[sent:count],
-                            new_text, reason, routing)
-                sent = count
-                if reason is not None:
-                    return
+    def _follow(self, seq: Sequence, stop: tuple[str, ...]) -> AsyncIterator[Piece]:
+        return follow(self.scheduler, seq, TextStream(self._text, stop), self.config)
 
     def _authorize(self, metadata) -> None:
         """Every call but the health check presents the API key, when the server has one."""

@@ -16,11 +16,13 @@ import pytest
 def test_bench_quick_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--shape", "tiny", "--workload", "short",
-                          "--requests", "6", "--concurrency", "1,4,8", "--front-threads", "1", "--json"],
+                          "--requests", "6", "--concurrency", "1,4,8", "--front-threads", "1",
+                          "--stream-interval-ms", "0", "--json"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["front_threads"] == 1
+    assert report["streams"] == {"interval_ms": 0, "chunks_per_s": 100}  # the flag's, and the default budget
     check = report["speed_check"]  # the first workload's first 8 of its 8 requests, at the start and at the end
     assert check["workload"] == "short" and check["requests"] == 8
     assert len(check["tokens_per_s"]) == 2 and min(check["tokens_per_s"]) > 0

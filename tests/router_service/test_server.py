@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.error
@@ -22,10 +23,13 @@ from cluster.app import local_serve
 from cluster.demo import WORDS
 from cluster.testing import free_port, resident_memory, write_random_checkpoint_with_tokenizer
 from experts.placement import PlacementConfig
+from router_service.batching import Sequence
 from router_service.config import ServerConfig
 from router_service.engine import SwitchCluster
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.server import follow, stream_interval_s
+from router_service.text import TextStream
 
 MAX_SEQUENCES, MAX_WAITING, MAX_NEW_LIMIT = 4, 16, 256
 
@@ -121,12 +125,74 @@ def test_stream_equals_unary(server):
     request = pb.GenerateRequest(input_ids=PROMPTS[2], max_new_tokens=10, return_logprobs=True)
     unary = server["stub"].Generate(request)
     chunks = list(server["stub"].GenerateStream(request))
-    assert all(c.token_ids for c in chunks) and len(chunks) <= len(unary.token_ids)  # one chunk per step
+    assert all(c.token_ids for c in chunks) and len(chunks) <= len(unary.token_ids)  # at most one a step
     assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
     assert [x for c in chunks for x in c.logprobs] == pytest.approx(list(unary.logprobs))
     assert "".join(c.text for c in chunks) == unary.text
     assert [c.finish_reason for c in chunks[:-1]] == [""] * (len(chunks) - 1)
     assert chunks[-1].finish_reason == unary.finish_reason and chunks[-1].prompt_tokens == len(PROMPTS[2])
+
+
+class ScriptedBatcher:
+    """Stands in for the scheduler: each update adds one token to the sequence, the last one ends it."""
+
+    def __init__(self, tokens: list[int], decoding: int):
+        self.tokens, self.num_active = tokens, decoding
+
+    async def stream(self, seq: Sequence):
+        for i, token in enumerate(self.tokens):
+            seq.token_ids.append(token)
+            seq.top_logprobs.append([])
+            seq.logprobs.append(-0.5 * i)
+            if i == len(self.tokens) - 1:
+                seq.finish_reason = "length"
+            yield seq
+
+
+def streamed(tokens: list[int], decoding: int = 1, stop: tuple[str, ...] = (), **pacing) -> list:
+    """The pieces `follow` yields for these tokens, one a step, with the text "<t>" per token."""
+    config = ServerConfig(model="unused", **pacing)
+    text = TextStream(lambda ids: "".join(f"<{t}>" for t in ids), stop)
+
+    async def pieces() -> list:
+        return [p async for p in follow(ScriptedBatcher(tokens, decoding), Sequence([5, 1]), text, config)]
+
+    return asyncio.run(pieces())
+
+
+def test_a_stream_waits_longer_between_chunks_the_more_sequences_decode():
+    config = ServerConfig(model="unused", stream_interval_ms=50, stream_chunks_per_s=100)
+    assert stream_interval_s(config, 1) == stream_interval_s(config, 5) == pytest.approx(0.05)
+    assert stream_interval_s(config, 32) == pytest.approx(0.32)  # 100 chunks/s over 32 streams
+    assert stream_interval_s(config.model_copy(update={"stream_chunks_per_s": 0}), 32) == pytest.approx(0.05)
+    assert stream_interval_s(config.model_copy(update={"stream_interval_ms": 0, "stream_chunks_per_s": 0}), 32) == 0
+
+
+@pytest.mark.parametrize("pacing", [{"stream_interval_ms": 1e9, "stream_chunks_per_s": 0},
+                                    {"stream_interval_ms": 0, "stream_chunks_per_s": 1e-9}])
+def test_a_stream_holds_its_tokens_between_chunks(pacing):
+    """Held by the interval, or by the replica's chunk budget: the first token goes at once, the rest with the last."""
+    tokens = [11, 12, 13, 14, 15]
+    pieces = streamed(tokens, **pacing)
+    assert [p.token_ids for p in pieces] == [[11], [12, 13, 14, 15]]
+    assert [p.logprobs for p in pieces] == [[0.0], [-0.5, -1.0, -1.5, -2.0]]
+    assert [p.text for p in pieces] == ["<11>", "<12><13><14><15>"]
+    assert [p.finish_reason for p in pieces] == [None, "length"]
+
+
+def test_a_stream_sends_every_step_without_pacing():
+    tokens = [11, 12, 13, 14, 15]
+    assert [p.token_ids for p in streamed(tokens, stream_interval_ms=0, stream_chunks_per_s=0)] == [[t] for t in tokens]
+    # The budget's share is per sequence decoding (here none counted besides this one's updates).
+    assert [p.token_ids for p in streamed(tokens, 0, stream_interval_ms=0, stream_chunks_per_s=1e-9)] == [
+        [t] for t in tokens]
+
+
+def test_a_stop_string_ends_a_held_stream_at_once():
+    pieces = streamed([11, 12, 13, 14, 15], stop=("<14>",), stream_interval_ms=1e9)
+    assert [p.token_ids for p in pieces] == [[11], [12, 13, 14]]  # the token that completes it, as unary
+    assert [p.text for p in pieces] == ["<11>", "<12><13>"]
+    assert [p.finish_reason for p in pieces] == [None, "stop"]
 
 
 def test_routing_over_grpc_streams_and_http(server, hf_model):
