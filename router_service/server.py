@@ -581,7 +581,7 @@ class SwitchServer:
 
     async def _completion_events(self, request: CompletionRequest,
                                  choices: list[tuple[Sequence, tuple]]) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per step and choice, the usage if asked, then `data: [DONE]`."""
+        """Server-sent events: a chunk per piece and choice, the usage if asked, then `data: [DONE]`."""
         cid, events, offsets, generated = completion_id(), asyncio.Queue(), [0] * len(choices), 0
 
         async def one(index: int, seq: Sequence, stop: tuple) -> None:

@@ -67,7 +67,7 @@ class SwitchServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Generate for one prompt, one chunk per new token; the last chunk carries the finish reason and counts.
+        """Generate for one prompt, its tokens in chunks as they are made; the last chunk carries the finish reason and counts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
