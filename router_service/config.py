@@ -91,9 +91,10 @@ class ServerConfig(EngineConfig):
                                 "at least this long after it, with every token made since (Ray Serve LLM's streams "
                                 "are batched every 50 ms too); 0: a chunk for every step")
     stream_chunks_per_s: float = Field(
-        100.0, ge=0, description="the most chunks a second a front replica sends over all its streams together: with "
-                                 "n sequences decoding, a stream waits at least n / this many seconds between chunks, "
-                                 "so that relaying them takes less of the CPU the decoding needs; 0: no limit")
+        100.0, ge=0, description="the most chunks a second a front replica sends over all its streams together, their "
+                                 "first and last aside: with n sequences decoding, a stream waits at least n / this "
+                                 "many seconds between chunks, so that relaying them takes less of the CPU the "
+                                 "decoding needs; 0: no limit")
     num_replicas: int = Field(1, ge=1, description="front replicas (they share the expert actors)")
     served_model_name: str | None = Field(None, description="the model's id in the OpenAI-compatible API "
                                                             "(default: the checkpoint folder's name)")

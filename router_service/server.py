@@ -174,8 +174,9 @@ async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChu
 
 def stream_interval_s(config: ServerConfig, decoding: int) -> float:
     """How long a stream holds its tokens after a piece, with `decoding` sequences in the batch (ServerConfig's
-    stream_interval_ms and stream_chunks_per_s). Each chunk costs CPU in the replica, the proxy and the client (about
-    1.5 ms together on 2 vCPUs), which the decoding on the same cores loses (docs/BENCHMARKS.md)."""
+    stream_interval_ms and stream_chunks_per_s). Each chunk costs CPU in the replica, Serve's proxy and the client (the
+    last two about 1 ms a chunk with 32 streams on 2 vCPUs), which the decoding on the same cores loses
+    (docs/BENCHMARKS.md)."""
     budget = decoding / config.stream_chunks_per_s if config.stream_chunks_per_s else 0.0
     return max(config.stream_interval_ms / 1000, budget)
 

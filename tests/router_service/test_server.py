@@ -183,7 +183,7 @@ def test_a_stream_holds_its_tokens_between_chunks(pacing):
 def test_a_stream_sends_every_step_without_pacing():
     tokens = [11, 12, 13, 14, 15]
     assert [p.token_ids for p in streamed(tokens, stream_interval_ms=0, stream_chunks_per_s=0)] == [[t] for t in tokens]
-    # The budget's share is per sequence decoding (here none counted besides this one's updates).
+    # The budget is shared by the sequences decoding: with none counted, it holds nothing.
     assert [p.token_ids for p in streamed(tokens, 0, stream_interval_ms=0, stream_chunks_per_s=1e-9)] == [
         [t] for t in tokens]
 
