@@ -7,6 +7,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from unittest.mock import patch
 
 import grpc
 import pytest
@@ -23,11 +24,12 @@ from cluster.app import local_serve
 from cluster.demo import WORDS
 from cluster.testing import free_port, resident_memory, write_random_checkpoint_with_tokenizer
 from experts.placement import PlacementConfig
-from router_service.batching import Sequence
+from router_service.batching import Route, Sequence
 from router_service.config import ServerConfig
 from router_service.engine import SwitchCluster
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.requests import SamplingParams
 from router_service.server import follow, stream_interval_s
 from router_service.text import TextStream
 
@@ -134,30 +136,42 @@ def test_stream_equals_unary(server):
 
 
 class ScriptedBatcher:
-    """Stands in for the scheduler: each update adds one token to the sequence, the last one ends it."""
+    """Stands in for the scheduler and the clock: each update is a step of STEP_S that adds one token to the
+    sequence (its logprob, top logprobs and decoder route too), with `decoding[i]` sequences decoding at step i; the
+    last one ends it."""
 
-    def __init__(self, tokens: list[int], decoding: int):
-        self.tokens, self.num_active = tokens, decoding
+    STEP_S = 0.02
+
+    def __init__(self, tokens: list[int], decoding: list[int]):
+        self.tokens, self.decoding, self.num_active, self.now = tokens, decoding, decoding[0], 0.0
 
     async def stream(self, seq: Sequence):
+        seq.routes[("decoder", 1)] = Route()
         for i, token in enumerate(self.tokens):
+            self.now += self.STEP_S
+            self.num_active = self.decoding[i]
+            seq.routes[("decoder", 1)].experts.append(token % 8)
             seq.token_ids.append(token)
-            seq.top_logprobs.append([])
+            seq.top_logprobs.append([(token, -0.5 * i)])
             seq.logprobs.append(-0.5 * i)
             if i == len(self.tokens) - 1:
                 seq.finish_reason = "length"
             yield seq
 
 
-def streamed(tokens: list[int], decoding: int = 1, stop: tuple[str, ...] = (), **pacing) -> list:
-    """The pieces `follow` yields for these tokens, one a step, with the text "<t>" per token."""
+def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, ...] = (), **pacing) -> list:
+    """The pieces `follow` yields for these tokens, one a step of ScriptedBatcher.STEP_S, with the text "<t>" per
+    token; `decoding`: the sequences decoding, at every step or step by step."""
     config = ServerConfig(model="unused", **pacing)
     text = TextStream(lambda ids: "".join(f"<{t}>" for t in ids), stop)
+    batcher = ScriptedBatcher(tokens, decoding if isinstance(decoding, list) else [decoding] * len(tokens))
+    seq = Sequence([5, 1], SamplingParams(routing=True, top_logprobs=1))
 
     async def pieces() -> list:
-        return [p async for p in follow(ScriptedBatcher(tokens, decoding), Sequence([5, 1]), text, config)]
+        return [p async for p in follow(batcher, seq, text, config)]
 
-    return asyncio.run(pieces())
+    with patch("router_service.server.time.monotonic", lambda: batcher.now):
+        return asyncio.run(pieces())
 
 
 def test_a_stream_waits_longer_between_chunks_the_more_sequences_decode():
@@ -186,6 +200,19 @@ def test_a_stream_sends_every_step_without_pacing():
     # The budget is shared by the sequences decoding: with none counted, it holds nothing.
     assert [p.token_ids for p in streamed(tokens, 0, stream_interval_ms=0, stream_chunks_per_s=1e-9)] == [
         [t] for t in tokens]
+
+
+def test_a_stream_sends_what_it_holds_once_the_interval_has_passed():
+    tokens = list(range(11, 20))
+    pieces = streamed(tokens, stream_interval_ms=50, stream_chunks_per_s=0)  # steps of 20 ms: a piece every third
+    assert [p.token_ids for p in pieces] == [[11], [12, 13, 14], [15, 16, 17], [18, 19]]
+    # Everything a step records goes with its token, whichever piece carries it.
+    assert [p.top_logprobs for p in pieces] == [[[(t, -0.5 * (t - 11))] for t in p.token_ids] for p in pieces]
+    assert [p.routing[0]["experts"] for p in pieces] == [[t % 8 for t in p.token_ids] for p in pieces]
+    assert [p.text for p in pieces] == ["".join(f"<{t}>" for t in p.token_ids) for p in pieces]
+    # The budget's share follows the load: 5 sequences decoding hold a stream 50 ms, one alone 10 ms.
+    pieces = streamed(tokens, [5] * 5 + [1] * 4, stream_interval_ms=0, stream_chunks_per_s=100)
+    assert [p.token_ids for p in pieces] == [[11], [12, 13, 14], [15, 16], [17], [18], [19]]
 
 
 def test_a_stop_string_ends_a_held_stream_at_once():
