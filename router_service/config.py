@@ -89,7 +89,8 @@ class ServerConfig(EngineConfig):
     stream_interval_ms: float = Field(
         50.0, ge=0, description="after a stream's first chunk, the next goes out at the end of the first decoding step "
                                 "at least this long after it, with every token made since (Ray Serve LLM's streams "
-                                "are batched every 50 ms too); 0: a chunk for every step")
+                                "are batched every 50 ms too); 0: no minimum (with stream_chunks_per_s 0 too, a chunk "
+                                "every step)")
     stream_chunks_per_s: float = Field(
         100.0, ge=0, description="the most chunks a second a front replica sends over all its streams together, their "
                                  "first and last aside: with n sequences decoding, a stream waits at least n / this "
