@@ -195,8 +195,8 @@ async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: 
                 continue
             new_text += text.update(seq.token_ids[:count], finished)  # every step: a stop string ends it now
             reason = "stop" if text.stopped else seq.finish_reason if finished else None
-            held = time.monotonic() - sent_at < stream_interval_s(config, scheduler.num_active)
-            if reason is None and sent and held:  # the first piece goes at once, the last when it is made
+            # The first piece goes at once, the last when it is made; the others wait for the interval.
+            if reason is None and sent and time.monotonic() - sent_at < stream_interval_s(config, scheduler.num_active):
                 continue
             routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
             yield Piece(seq.token_ids[sent:count], seq.logprobs[sent:count], seq.top_logprobs[sent:count], new_text,
