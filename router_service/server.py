@@ -184,26 +184,36 @@ def stream_interval_s(config: ServerConfig, decoding: int) -> float:
 async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: ServerConfig) -> AsyncIterator[Piece]:
     """Queue `seq` and yield what the steps add, a piece at most every `stream_interval_s` after the first, until it
     ends or a stop string ends its `text` (which takes it out of the batch)."""
-    sent, new_text, sent_at = 0, "", 0.0
+    sent, count, new_text, sent_at = 0, 0, "", 0.0
+
+    def piece(reason: str | None) -> Piece:
+        routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
+        return Piece(seq.token_ids[sent:count], seq.logprobs[sent:count], seq.top_logprobs[sent:count], new_text,
+                     reason, routing)
+
     async with aclosing(scheduler.stream(seq)) as updates:
-        async for _ in updates:
-            # The batching thread appends a token, then its logprob, then sets finish_reason: read in reverse order
-            # and every token counted here is complete.
-            finished = seq.finish_reason is not None
-            count = len(seq.logprobs)
-            if count == sent and not finished:  # an update whose token went out with the one before
-                continue
-            new_text += text.update(seq.token_ids[:count], finished)  # every step: a stop string ends it now
-            reason = "stop" if text.stopped else seq.finish_reason if finished else None
-            # The first piece goes at once, the last when it is made; the others wait for the interval.
-            if reason is None and sent and time.monotonic() - sent_at < stream_interval_s(config, scheduler.num_active):
-                continue
-            routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
-            yield Piece(seq.token_ids[sent:count], seq.logprobs[sent:count], seq.top_logprobs[sent:count], new_text,
-                        reason, routing)
-            sent, new_text, sent_at = count, "", time.monotonic()
-            if reason is not None:
-                return
+        try:
+            async for _ in updates:
+                # The batching thread appends a token, then its logprob, then sets finish_reason: read in reverse
+                # order and every token counted here is complete.
+                finished = seq.finish_reason is not None
+                count = len(seq.logprobs)
+                if count == sent and not finished:  # an update whose token went out with the one before
+                    continue
+                new_text += text.update(seq.token_ids[:count], finished)  # every step: a stop string ends it now
+                reason = "stop" if text.stopped else seq.finish_reason if finished else None
+                # The first piece goes at once, the last when it is made; the others wait for the interval.
+                held_s = time.monotonic() - sent_at
+                if reason is None and sent and held_s < stream_interval_s(config, scheduler.num_active):
+                    continue
+                yield piece(reason)
+                sent, new_text, sent_at = count, "", time.monotonic()
+                if reason is not None:
+                    return
+        except Exception:  # the batch failed: the tokens held go out before the error
+            if count > sent:
+                yield piece(None)
+            raise
 
 
 def fronts_changing(app: str) -> bool:

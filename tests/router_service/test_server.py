@@ -142,13 +142,16 @@ class ScriptedBatcher:
 
     STEP_S = 0.02
 
-    def __init__(self, tokens: list[int], decoding: list[int]):
+    def __init__(self, tokens: list[int], decoding: list[int], error: Exception | None = None):
         self.tokens, self.decoding, self.num_active, self.now = tokens, decoding, decoding[0], 0.0
+        self.error = error  # raised at the last token's step instead of making it, as a failed batch does
 
     async def stream(self, seq: Sequence):
         seq.routes[("decoder", 1)] = Route()
         for i, token in enumerate(self.tokens):
             self.now += self.STEP_S
+            if i == len(self.tokens) - 1 and self.error is not None:
+                raise self.error
             self.num_active = self.decoding[i]
             seq.routes[("decoder", 1)].experts.append(token % 8)
             seq.token_ids.append(token)
@@ -159,16 +162,24 @@ class ScriptedBatcher:
             yield seq
 
 
-def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, ...] = (), **pacing) -> list:
+def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, ...] = (),
+             error: Exception | None = None, **pacing) -> list:
     """The pieces `follow` yields for these tokens, one a step of ScriptedBatcher.STEP_S, with the text "<t>" per
-    token; `decoding`: the sequences decoding, at every step or step by step."""
+    token; `decoding`: the sequences decoding, at every step or step by step. With `error`, the batch fails at the
+    last token's step: the pieces before it, then the error as the last item."""
     config = ServerConfig(model="unused", **pacing)
     text = TextStream(lambda ids: "".join(f"<{t}>" for t in ids), stop)
-    batcher = ScriptedBatcher(tokens, decoding if isinstance(decoding, list) else [decoding] * len(tokens))
+    batcher = ScriptedBatcher(tokens, decoding if isinstance(decoding, list) else [decoding] * len(tokens), error)
     seq = Sequence([5, 1], SamplingParams(routing=True, top_logprobs=1))
 
     async def pieces() -> list:
-        return [p async for p in follow(batcher, seq, text, config)]
+        out = []
+        try:
+            async for p in follow(batcher, seq, text, config):
+                out.append(p)
+        except Exception as e:
+            out.append(e)
+        return out
 
     with patch("router_service.server.time.monotonic", lambda: batcher.now):
         return asyncio.run(pieces())
@@ -220,6 +231,18 @@ def test_a_stop_string_ends_a_held_stream_at_once():
     assert [p.token_ids for p in pieces] == [[11], [12, 13, 14]]  # the token that completes it, as unary
     assert [p.text for p in pieces] == ["<11>", "<12><13>"]
     assert [p.finish_reason for p in pieces] == [None, "stop"]
+
+
+def test_a_failed_batch_sends_what_the_stream_holds_before_the_error():
+    """The steps before the failure made their tokens: a held stream sends them, then ends with the error."""
+    error = RuntimeError("expert actor lost")
+    pieces = streamed([11, 12, 13, 14, 15], error=error, stream_interval_ms=1e9)
+    assert [p.token_ids for p in pieces[:-1]] == [[11], [12, 13, 14]]  # the failed step's token was never made
+    assert [p.text for p in pieces[:-1]] == ["<11>", "<12><13><14>"]
+    assert [p.routing[0]["experts"] for p in pieces[:-1]] == [[3], [4, 5, 6]]
+    assert pieces[-1] is error and pieces[-2].finish_reason is None
+    # Nothing held: the error alone.
+    assert [p.token_ids for p in streamed([11, 12], error=error, stream_interval_ms=0)[:-1]] == [[11]]
 
 
 def test_routing_over_grpc_streams_and_http(server, hf_model):
