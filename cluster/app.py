@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve import Application, RunTarget
 from ray.serve.config import gRPCOptions
 
+from experts.ffn import KEPT_HEAP_ENV
 from experts.fleet import for_cluster
 from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
@@ -71,7 +72,7 @@ def vcpus_share_cores(topology: Path = Path("/sys/devices/system/cpu")) -> bool:
 def front_env() -> dict[str, str]:
     """The front replicas' environment; its OpenMP spin for the fronts' nodes taken to be of the kind of the node
     that builds the app (set GOMP_SPINCOUNT in the nodes' environment where they are not)."""
-    return HANDLERS_ON_REPLICA_LOOP | (SHORT_SPIN if vcpus_share_cores() else {})
+    return HANDLERS_ON_REPLICA_LOOP | KEPT_HEAP_ENV | (SHORT_SPIN if vcpus_share_cores() else {})
 
 
 # Answers in a row, per replica, that say the fronts serve (a handle spreads calls at random: with two replicas,

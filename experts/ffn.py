@@ -51,6 +51,12 @@ SPLIT_MIN_BYTES = 4 << 20
 # A product of at least this many rows by a PackedWeight of the dtype runs on its packed copy, fewer rows on the weight
 # itself (see `linear`); the dtypes that get packed copies.
 PACKED_MIN_ROWS = {torch.float32: 4, torch.bfloat16: 1}
+# A product of more rows than this by a PackedWeight runs on the weight itself: a decoding step's products have at most
+# a batch's rows, an encoder pass's have as many as its prompts' tokens, a count that changes with every batch of
+# prompts. oneDNN builds kernels for each new count of rows by a packed copy (about 1 ms each), MKL's F.linear builds
+# none, and at that many rows the two compute as fast: 32 prompts' encoder pass took 1.0-1.2 s instead of 1.7-1.9
+# (docs/BENCHMARKS.md).
+PACKED_MAX_ROWS = 64
 # oneDNN lays a packed copy out for products of about this many rows; it serves any count.
 PACKED_FOR_ROWS = 4
 # A float32 product on the CPU of two to this many rows by a weight of at least MEASURED_MIN_BYTES runs whichever way
@@ -63,6 +69,13 @@ PROBE_WEIGHTS = (4, 3072, 768)
 # A choice between ways of computing is timed at these uses: a timing taken while other work held the cores (a
 # replica starting beside its expert actors, say) gives way to the quieter ones that follow.
 TIMED_AT_USES = (1, 16, 256, 4096)
+
+# The environment of the processes that compute (the fronts and the expert actors): glibc's malloc keeps up to 1 GiB
+# the tensors free for the next ones, where by default it unmaps each freed block of 32 MiB or more (less until it
+# has freed one that large) and trims its heap. On a VM, each 4 KiB page a process touches anew costs a page fault
+# (4-18 us here): an encoder pass over 32 prompts touched 300-350 MB anew each time, and took 1.1-1.2 s instead of
+# 1.6-1.9 (docs/BENCHMARKS.md). A thread's own arena still unmaps blocks over 64 MiB.
+KEPT_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 # What reading an expert's weights costs, in tokens: a piece of work costs this plus its tokens (a decoding step's
 # few tokens an expert take about as long as this many would, bound by memory).
@@ -85,9 +98,9 @@ def unpacked(weight: Weight) -> torch.Tensor | Int8Weight:
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """F.linear(x, weight), int8 weights as experts.int8.linear.
 
-    A PackedWeight's copy computes products of PACKED_MIN_ROWS rows or more. On an Intel Xeon (2 cores, 96 of
-    switch-base-8's expert weights in turn, as a decoding step reads them from memory; cluster.bench_experts), in
-    float32 F.linear took 61-63 ms at 4 rows, 79-82 at 8, 102 at 32 and 228-243 at 128, where the packed copy took
+    A PackedWeight's copy computes products of PACKED_MIN_ROWS to PACKED_MAX_ROWS rows. On an Intel Xeon (2 cores,
+    96 of switch-base-8's expert weights in turn, as a decoding step reads them from memory; cluster.bench_experts),
+    in float32 F.linear took 61-63 ms at 4 rows, 79-82 at 8, 102 at 32 and 228-243 at 128, where the packed copy took
     39-44, 47-49, 83-87 and 206-215; at 1 to 3 rows F.linear is as fast or faster (32-40 ms), and those products
     run on the weight itself, as below. In bfloat16 the copy is faster from one row: 21-23 ms against 28-30 at 1 row,
     25-28 against 34-36 at 32. At 512 rows the two are within the run-to-run noise of each other in either dtype
@@ -102,7 +115,7 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         return int8.linear(x, weight)
     rows = x.numel() // x.shape[-1]
     if isinstance(weight, PackedWeight):
-        if rows >= PACKED_MIN_ROWS[weight.dtype]:
+        if PACKED_MIN_ROWS[weight.dtype] <= rows <= PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, weight.packed, None, "none", [], "")
         weight = weight.weight
     if (weight.device.type == "cpu" and weight.dtype == torch.float32 and 2 <= rows <= TRANSPOSED_MAX_ROWS

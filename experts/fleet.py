@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from experts.actor import ExpertActor
 from experts.checkpoint import SwitchCheckpoint
+from experts.ffn import KEPT_HEAP_ENV
 from experts.placement import Placement, PlacementConfig
 from experts.spec import expert_format, expert_tensor_names
 
@@ -166,8 +167,8 @@ class ExpertFleet:
                 # An actor that dies is started again (reloading its weights) and the calls it had in flight are
                 # sent again: it holds no per-request state, so a retried call gives the same result.
                 handles.append(remote.options(num_cpus=cpus, num_gpus=spec.gpus, resources=self.actor_resources,
-                                              scheduling_strategy=strategy, max_restarts=-1,
-                                              max_task_retries=-1).remote(
+                                              scheduling_strategy=strategy, max_restarts=-1, max_task_retries=-1,
+                                              runtime_env={"env_vars": KEPT_HEAP_ENV}).remote(
                     self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype,
                     self.quantize))
             with self._lock:

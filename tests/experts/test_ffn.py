@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 from experts import ffn, int8
 from experts.ffn import (
     ACTIVATION_FUNCTIONS,
+    PACKED_MAX_ROWS,
     PACKED_MIN_ROWS,
     SPLIT_MIN_BYTES,
     TRANSPOSED_MAX_ROWS,
@@ -152,9 +153,9 @@ def test_a_product_of_a_few_rows_runs_the_way_measured_faster(turned, monkeypatc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_products_of_several_rows_run_on_the_packed_copy(dtype):
-    """A PackedWeight's products of PACKED_MIN_ROWS rows or more (for its dtype) run on its packed copy, fewer on the
-    weight itself: told apart here by a copy packed from another weight. Either gives F.linear's result, in x's
-    leading shape."""
+    """A PackedWeight's products of PACKED_MIN_ROWS (for its dtype) to PACKED_MAX_ROWS rows run on its packed copy,
+    fewer or more on the weight itself: told apart here by a copy packed from another weight. Either gives F.linear's
+    result, in x's leading shape."""
     torch.manual_seed(0)
     weight, other = torch.randn(96, 64, dtype=dtype), torch.randn(96, 64, dtype=dtype)
     packed = pack(weight)
@@ -162,12 +163,12 @@ def test_products_of_several_rows_run_on_the_packed_copy(dtype):
     swapped = PackedWeight(weight, pack(other).packed)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     least = PACKED_MIN_ROWS[dtype]
-    for rows in sorted({1, max(least - 1, 1), least, 5, 300}):
+    for rows in sorted({1, max(least - 1, 1), least, 5, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 300}):
         x = torch.randn(rows, 1, 64, dtype=dtype)
         out = linear(x, packed)
         assert out.shape == (rows, 1, 96) and out.dtype == dtype
         assert torch.allclose(out.float(), F.linear(x, weight).float(), rtol=tolerance, atol=tolerance)
-        used = other if rows >= least else weight
+        used = other if least <= rows <= PACKED_MAX_ROWS else weight
         assert torch.allclose(linear(x, swapped).float(), F.linear(x, used).float(), rtol=tolerance, atol=tolerance)
 
 
