@@ -141,19 +141,36 @@ def serve_constant(actor, name: str):
     return ray.get(actor.__ray_call__.remote(read), timeout=60)
 
 
+def processes(*patterns: str) -> list[Path]:
+    """The /proc folders of the processes on this machine whose command line holds one of `patterns` (Linux)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # not a process, or gone
+            continue
+        if any(p in cmdline for p in patterns):
+            found.append(proc)
+    return found
+
+
 def resident_memory(*patterns: str) -> int:
     """Resident memory, in bytes, of the processes on this machine whose command line holds one of `patterns`
     (Linux /proc)."""
     total = 0
-    for proc in Path("/proc").iterdir():
+    for proc in processes(*patterns):
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if any(p in cmdline for p in patterns):
-                rss = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:"))
-                total += int(rss.split()[1]) * 1024
-        except (OSError, StopIteration, ValueError):  # not a process, gone, or a kernel thread
+            rss = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:"))
+            total += int(rss.split()[1]) * 1024
+        except (OSError, StopIteration, ValueError):  # gone, or a kernel thread
             continue
     return total
+
+
+def environment(proc: Path) -> dict[str, str]:
+    """The environment a process started with (its /proc folder's `environ`)."""
+    pairs = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
 
 
 def finish_streams(streams) -> tuple[list[str], set[str]]:

@@ -35,14 +35,20 @@ def held_weight(tensor: torch.Tensor, device: torch.device | str, dtype: torch.d
     return tensor.to(device, dtype)
 
 
-def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: str,
-                 packed: bool = True) -> dict[ExpertKey, tuple]:
-    """The (wi, wo) of these experts on this process's CPU, as a front computes them: the checkpoint's mapped pages
-    unquantized (`packed`: with a packed copy, experts.ffn.pack), an int8 copy quantized."""
+def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: str, packed: bool = True,
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[ExpertKey, tuple]:
+    """The (wi, wo) of these experts on `device` in `dtype` (default: the checkpoint's), as a front computes them.
+    On the CPU in the checkpoint's dtype, the checkpoint's mapped pages (`packed`: with a packed copy,
+    experts.ffn.pack); else a copy, quantized with int8."""
     tensors = checkpoint.read([name for key in keys for name in expert_tensor_names(*key)])
-    held = {name: held_weight(tensors[name], "cpu", checkpoint.dtype, quantize) for name in tensors}
+    held = {name: held_weight(tensors[name], device, dtype or checkpoint.dtype, quantize) for name in tensors}
     return {key: tuple(pack(held[name]) if packed else held[name] for name in expert_tensor_names(*key))
             for key in keys}
+
+
+def gpu_uuid(device: torch.device) -> str | None:
+    """The physical GPU a CUDA device is (the same whatever CUDA_VISIBLE_DEVICES numbers it); None off the GPU."""
+    return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
 
 
 def expert_token_counter() -> Counter:
@@ -83,7 +89,8 @@ class ExpertActor:
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "device": str(self.device), "experts": sorted(self.weights), **self.loaded}
+                "device": str(self.device), "gpu_uuid": gpu_uuid(self.device), "experts": sorted(self.weights),
+                **self.loaded}
 
     def token_counts(self) -> dict[ExpertKey, int]:
         return dict(self.tokens)

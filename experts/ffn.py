@@ -54,8 +54,8 @@ PACKED_MIN_ROWS = {torch.float32: 4, torch.bfloat16: 1}
 # A product of more rows than this by a PackedWeight runs on the weight itself: a decoding step's products have at most
 # a batch's rows, an encoder pass's have as many as its prompts' tokens, a count that changes with every batch of
 # prompts. oneDNN builds kernels for each new count of rows by a packed copy (about 1 ms each), MKL's F.linear builds
-# none, and at that many rows the two compute as fast: 32 prompts' encoder pass took 1.0-1.2 s instead of 1.7-1.9
-# (docs/BENCHMARKS.md).
+# none, and at that many rows the two compute as fast: encoder passes over 32 prompts took 1.0-1.2 s instead of
+# 1.7-1.9 (docs/BENCHMARKS.md).
 PACKED_MAX_ROWS = 64
 # oneDNN lays a packed copy out for products of about this many rows; it serves any count.
 PACKED_FOR_ROWS = 4
@@ -71,10 +71,11 @@ PROBE_WEIGHTS = (4, 3072, 768)
 TIMED_AT_USES = (1, 16, 256, 4096)
 
 # The environment of the processes that compute (the fronts and the expert actors): glibc's malloc keeps up to 1 GiB
-# the tensors free for the next ones, where by default it unmaps each freed block of 32 MiB or more (less until it
-# has freed one that large) and trims its heap. On a VM, each 4 KiB page a process touches anew costs a page fault
-# (4-18 us here): an encoder pass over 32 prompts touched 300-350 MB anew each time, and took 1.1-1.2 s instead of
-# 1.6-1.9 (docs/BENCHMARKS.md). A thread's own arena still unmaps blocks over 64 MiB.
+# that the tensors free for the next ones, where by default it gives a large block back to the system as it is freed
+# (over a bound that rises from 128 KiB to 32 MiB, and its heap's free top over twice that). On a VM, each 4 KiB page
+# a process touches anew costs a page fault (4-18 us here): encoder passes over 32 prompts touched 55-370 MB anew
+# each time, and took 1.1 s instead of 1.7-1.9 with the memory kept (docs/BENCHMARKS.md). A thread's own arena still
+# gives back blocks over 64 MiB.
 KEPT_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 # What reading an expert's weights costs, in tokens: a piece of work costs this plus its tokens (a decoding step's

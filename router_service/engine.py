@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 import torch
 
-from experts.actor import held_experts
+from experts.actor import gpu_uuid, held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS
 from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
@@ -162,9 +162,10 @@ class SwitchCluster:
                                               placement.actor_resources)
             device = "cuda" if torch.cuda.is_available() else "cpu"
             # Computing experts here shares their actors' memory where both map the checkpoint's own bytes; int8
-            # experts are a quarter of float32's, and the front holds its own copy of those.
-            self._computes_experts = (self.config.local_experts and device == "cpu"
-                                      and (quantize == "int8" or self.dtype == self.checkpoint.dtype_name))
+            # experts are a quarter of float32's, and the front holds its own copy of those. On a GPU the front
+            # holds its own copy of the experts whose actors share that GPU.
+            self._computes_experts = self.config.local_experts and (
+                device == "cuda" or quantize == "int8" or self.dtype == self.checkpoint.dtype_name)
             self.dispatcher = ExpertDispatcher([], self.placement.owners(), self.checkpoint.config.num_experts,
                                                metrics, placement.restart_timeout_s,
                                                ACTIVATION_FUNCTIONS[self.checkpoint.config.dense_act_fn])
@@ -181,9 +182,9 @@ class SwitchCluster:
         self.batcher = ContinuousBatcher(self.front, self.config.max_sequences, metrics)
 
     def _local_experts(self, actors: list) -> dict:
-        """The (wi, wo) weights of the experts whose actors run on this node's CPU, mapped from the checkpoint (the
-        same pages the actors compute with, so they cost no memory) or quantized from them as the actors do. None
-        unless this front computes experts."""
+        """The (wi, wo) weights of the experts whose actors compute where this front does: on this node's CPU,
+        mapped from the checkpoint (the same pages the actors compute with, so they cost no memory) or quantized
+        from them as the actors do; on this front's GPU, a copy there. None unless this front computes experts."""
         if not self._computes_experts:
             return {}
         here = ray.get_runtime_context().get_node_id()
@@ -191,13 +192,15 @@ class SwitchCluster:
             infos = ray.get([actor.info.remote() for actor in actors], timeout=FLEET_POLL_S)
         except Exception:  # lost already: the link finds out and asks again
             return {}
-        keys = [tuple(key) for info in infos if info["node_id"] == here and info["device"] == "cpu"
+        device = self.front.device
+        keys = [tuple(key) for info in infos
+                if info["node_id"] == here and info["device"] == device.type and info["gpu_uuid"] == gpu_uuid(device)
                 for key in info["experts"]]
         # Those held already are kept: built again, each would be packed or quantized again while the old copies
         # still serve (as much memory again, on the fleet's every restart).
         kept = {key: self._held[key] for key in keys if key in self._held}
         self._held = kept | held_experts(self.checkpoint, [key for key in keys if key not in kept],
-                                         self.config.quantize, self.config.packed_weights)
+                                         self.config.quantize, self.config.packed_weights, device, self.front.dtype)
         return self._held
 
     @property

@@ -63,9 +63,11 @@ def edit_config(path, **changes) -> None:
     file.write_text(json.dumps(config))
 
 
-def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, decoder_start_token_id: int | None = None):
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, decoder_start_token_id: int | None = None,
+                distributions: bool = False):
     """transformers' greedy generate on right-padded prompts: per prompt, the generated tokens (cut after EOS)
-    and the log-probability of each."""
+    and the log-probability of each; with `distributions`, also every token's log-probability at each step
+    ([steps, vocab], on the CPU)."""
     ids, mask = (t.to(model.device) for t in padded(prompts))
     kwargs = {} if decoder_start_token_id is None else {"decoder_start_token_id": decoder_start_token_id}
     # A cache built without a config grows per layer: transformers 5.23 sizes a config-built cache by the
@@ -78,7 +80,8 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, decoder_st
     results = []
     for row, seq in enumerate(out.sequences[:, 1:].tolist()):
         tokens = seq[:seq.index(eos) + 1] if eos in seq else seq
-        results.append((tokens, [float(logprobs[row, i, t]) for i, t in enumerate(tokens)]))
+        chosen = [float(logprobs[row, i, t]) for i, t in enumerate(tokens)]
+        results.append((tokens, chosen, logprobs[row, :len(tokens)].cpu()) if distributions else (tokens, chosen))
     return results
 
 

@@ -23,19 +23,31 @@ PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90,
 MAX_NEW = 10
 CONFIG = dict(num_experts=8, expert_capacity=4, num_layers=4, num_sparse_encoder_layers=2, num_decoder_layers=4,
               num_sparse_decoder_layers=2, dense_act_fn="gelu_new", router_bias=True)
-# float32 must match as on the CPU; bfloat16 rounds the same operations in the same order as transformers does.
+# float32 must match as on the CPU. bfloat16 rounds the same operations, but cuBLAS picks its kernels (and so its
+# rounding) by the shape of each product, and the batches here are not transformers' padded ones.
 LOGPROB_TOLERANCE = {"fp32": 1e-4, "bf16": 0.05}
 
 
 def reference(hf_model, dtype: str):
     # A copy: casting the shared model to bfloat16 and back would round its weights for later tests.
-    return hf_generate(copy.deepcopy(hf_model).to("cuda", torch_dtype(dtype)), PROMPTS, MAX_NEW)
+    return hf_generate(copy.deepcopy(hf_model).to("cuda", torch_dtype(dtype)), PROMPTS, MAX_NEW, distributions=True)
 
 
 def assert_same(token_ids: list[list[int]], logprobs: list[list[float]], expected, dtype: str) -> None:
-    assert token_ids == [tokens for tokens, _ in expected]
-    for got, (_, want) in zip(logprobs, expected):
-        assert got == pytest.approx(want, abs=LOGPROB_TOLERANCE[dtype])
+    """float32: the same tokens, logprobs within the tolerance. bfloat16: the same up to a step where our token is
+    within the tolerance of transformers' best in transformers' own distribution (a near-tie, which rounding decides
+    either way); the sequences may part after it."""
+    tolerance = LOGPROB_TOLERANCE[dtype]
+    for ours, got, (tokens, want, steps) in zip(token_ids, logprobs, expected):
+        if dtype == "fp32":
+            assert ours == tokens
+        n = next((i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b), min(len(ours), len(tokens)))
+        assert got[:n] == pytest.approx(want[:n], abs=tolerance)
+        if n < min(len(ours), len(tokens)):
+            assert float(steps[n, ours[n]]) >= want[n] - tolerance, (
+                f"step {n}: token {ours[n]} is not a near-tie of transformers' {tokens[n]}")
+        else:
+            assert ours == tokens
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -50,18 +62,27 @@ def test_front_and_expert_ffn_on_cuda(checkpoint_factory, dtype):
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("local_experts", [False, True], ids=["actors", "front"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_engine_with_expert_actors_on_the_gpu(checkpoint_factory, dtype, request):
+def test_engine_with_expert_actors_on_the_gpu(checkpoint_factory, dtype, local_experts, request):
+    """The actors share the front's one GPU: with local_experts the front computes their experts from its own copy
+    there and calls no actor; without, every expert's tokens go to its actor."""
     pytest.importorskip("ray", reason="Ray is not installed here")
     request.getfixturevalue("ray_cluster")
     from router_service.engine import SwitchCluster  # imports Ray, which the other test here does without
 
     path, hf_model = checkpoint_factory("cuda", **CONFIG)
     with SwitchCluster(path, placement=PlacementConfig(gpus=1, gpu_memory="2GiB", actors_per_gpu=2),
-                       dtype=dtype) as model:
+                       dtype=dtype, local_experts=local_experts) as model:
         assert model.front.device.type == "cuda"
         assert {info["device"] for info in model.actor_info()} == {"cuda"}
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+        dispatcher = model.dispatcher
+        assert (dispatcher.local_calls > 0) == local_experts and (dispatcher.calls > 0) != local_experts
+        hosted = {key for actor in model.placement.actors for key in actor.experts}
+        assert set(dispatcher.local) == (hosted if local_experts else set())
+        assert all(w.device.type == "cuda" and w.dtype == torch_dtype(dtype)
+                   for pair in dispatcher.local.values() for w in pair)
     assert_same([o.token_ids for o in outputs], [o.logprobs for o in outputs], reference(hf_model, dtype), dtype)
 
 

@@ -7,6 +7,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from unittest.mock import patch
 
 import grpc
@@ -20,9 +21,17 @@ from hypothesis import strategies as st
 from reference import hf_generate, hf_routing
 from transformers import AutoTokenizer
 
-from cluster.app import local_serve
+from cluster.app import APP_NAME, local_serve
 from cluster.demo import WORDS
-from cluster.testing import free_port, resident_memory, write_random_checkpoint_with_tokenizer
+from cluster.testing import (
+    environment,
+    free_port,
+    processes,
+    replica_class,
+    resident_memory,
+    write_random_checkpoint_with_tokenizer,
+)
+from experts.ffn import KEPT_HEAP_ENV
 from experts.placement import PlacementConfig
 from router_service.batching import Route, Sequence
 from router_service.config import ServerConfig
@@ -30,7 +39,7 @@ from router_service.engine import SwitchCluster
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 from router_service.requests import SamplingParams
-from router_service.server import follow, stream_interval_s
+from router_service.server import FRONT_DEPLOYMENT, follow, stream_interval_s
 from router_service.text import TextStream
 
 MAX_SEQUENCES, MAX_WAITING, MAX_NEW_LIMIT = 4, 16, 256
@@ -545,6 +554,16 @@ def metric_total(page: str, name: str) -> float:
     """The sum of a metric's samples over all its label sets."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
                if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_the_front_and_the_expert_actors_keep_the_memory_their_tensors_free(server):
+    """Their processes start with KEPT_HEAP_ENV, which glibc reads as a process starts: fails if the fronts' or the
+    actors' Ray runtime environment goes without it."""
+    actors = {a.pid for a in server["stub"].ModelInfo(pb.ModelInfoRequest(), timeout=30).actors}
+    fronts = processes(f"ray::{replica_class(APP_NAME, FRONT_DEPLOYMENT)}")
+    assert actors and fronts
+    for proc in fronts + [Path(f"/proc/{pid}") for pid in actors]:
+        assert KEPT_HEAP_ENV.items() <= environment(proc).items(), proc
 
 
 def test_metrics_reach_rays_prometheus_endpoint(server):
