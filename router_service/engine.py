@@ -20,6 +20,8 @@ from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS
 from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
+from experts.plan import ACTIVATION_RESERVE
+from experts.spec import expert_bytes, expert_format
 from experts.wire import torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion, use_threads
 from router_service.config import EngineConfig
@@ -199,8 +201,16 @@ class SwitchCluster:
         # Those held already are kept: built again, each would be packed or quantized again while the old copies
         # still serve (as much memory again, on the fleet's every restart).
         kept = {key: self._held[key] for key in keys if key in self._held}
-        self._held = kept | held_experts(self.checkpoint, [key for key in keys if key not in kept],
-                                         self.config.quantize, self.config.packed_weights, device, self.front.dtype)
+        new = [key for key in keys if key not in kept]
+        if device.type == "cuda" and new:  # copies: only where the GPU has room for them beside the activations
+            need = len(new) * expert_bytes(self.checkpoint.config, expert_format(self.dtype, self.config.quantize))
+            free, total = torch.cuda.mem_get_info(device)
+            if need > free - ACTIVATION_RESERVE * total:
+                log.warning("the front's GPU has no room for a copy of %d experts (%.1f GiB): their actors compute "
+                            "them", len(new), need / 2**30)
+                new = []
+        self._held = kept | held_experts(self.checkpoint, new, self.config.quantize, self.config.packed_weights,
+                                         device, self.front.dtype)
         return self._held
 
     @property
