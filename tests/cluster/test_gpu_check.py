@@ -1,4 +1,5 @@
-"""`make gpu-check` stops with a clear message, and records nothing, where there is no CUDA."""
+"""`make gpu-check` stops with a clear message, and records nothing, where there is no CUDA; where there is, it
+records each part as it is done."""
 
 from __future__ import annotations
 
@@ -15,3 +16,23 @@ def test_gpu_check_stops_where_there_is_no_cuda(capsys, tmp_path, monkeypatch):
     assert gpu_check.main([]) == 2
     assert "gpu-check: no CUDA device here" in capsys.readouterr().err
     assert not record.exists()
+
+
+def test_gpu_check_records_the_parity_tests_before_the_benchmark_runs(capsys, tmp_path, monkeypatch):
+    """A benchmark that breaks, or a run cut short at its time limit, leaves the parity results recorded."""
+    record = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(gpu_check, "RECORD", record)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _: "NVIDIA Test GPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(gpu_check, "parity_tests", lambda: (1, "1 failed, 9 passed"))
+
+    def broken_benchmark():
+        raise RuntimeError("the GPU went away")
+
+    monkeypatch.setattr(gpu_check, "benchmark", broken_benchmark)
+    with pytest.raises(RuntimeError, match="went away"):
+        gpu_check.main([])
+    text = record.read_text()
+    assert "## GPU check, NVIDIA Test GPU x1" in text and "exit status 1" in text and "1 failed, 9 passed" in text
+    assert "Benchmark" not in text
