@@ -273,6 +273,7 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
             timings = hf_run(hf_model, pool[:max(requests, size)], size)
             report["workloads"][name]["transformers"].append(
                 {"batch_size": label, **asdict(summarize(f"transformers-{label}", timings))})
+    speeds.append(summarize("transformers-1", hf_run(hf_model, speed_check, 1)).tokens_per_s)  # before the cluster
     del hf_model
     if device == "cuda":
         placement, ray_options = gpu_setup()
@@ -354,11 +355,12 @@ def streams_text(streams: dict | None) -> str:
 
 def speed_line(check: dict) -> str:
     """What the speed check measured, and a warning where the machine's speed changed during the run."""
-    start, end = check["tokens_per_s"]
-    change = end / start - 1
+    start, before_cluster, end = check["tokens_per_s"]
+    change = max(start, before_cluster, end) / min(start, before_cluster, end) - 1
     line = (f"the machine's speed: transformers one at a time on the first {check['requests']} requests of "
-            f"{check['workload']}, {start:.1f} tok/s at the start, {end:.1f} at the end ({change:+.0%})")
-    if abs(change) > SPEED_DRIFT_WARNING:
+            f"{check['workload']}, {start:.1f} tok/s at the start, {before_cluster:.1f} before the cluster's runs, "
+            f"{end:.1f} at the end (at most {change:.0%} apart)")
+    if change > SPEED_DRIFT_WARNING:
         line += ": the machine's speed changed during the run, so its ratios are uncertain; run it again"
     return line
 
