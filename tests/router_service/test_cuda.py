@@ -36,7 +36,8 @@ def reference(hf_model, dtype: str):
 def assert_same(token_ids: list[list[int]], logprobs: list[list[float]], expected, dtype: str) -> None:
     """float32: the same tokens, logprobs within the tolerance. bfloat16: the same up to a step where our token is
     within the tolerance of transformers' best in transformers' own distribution (a near-tie, which rounding decides
-    either way); the sequences may part after it."""
+    either way), and our log-probability of our token within the tolerance of transformers'; the sequences may part
+    after it."""
     tolerance = LOGPROB_TOLERANCE[dtype]
     for ours, got, (tokens, want, steps) in zip(token_ids, logprobs, expected):
         if dtype == "fp32":
@@ -44,8 +45,10 @@ def assert_same(token_ids: list[list[int]], logprobs: list[list[float]], expecte
         n = next((i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b), min(len(ours), len(tokens)))
         assert got[:n] == pytest.approx(want[:n], abs=tolerance)
         if n < min(len(ours), len(tokens)):
-            assert float(steps[n, ours[n]]) >= want[n] - tolerance, (
+            theirs_of_ours = float(steps[n, ours[n]])  # transformers' log-probability of our token
+            assert theirs_of_ours >= want[n] - tolerance, (
                 f"step {n}: token {ours[n]} is not a near-tie of transformers' {tokens[n]}")
+            assert got[n] == pytest.approx(theirs_of_ours, abs=tolerance)
         else:
             assert ours == tokens
 
