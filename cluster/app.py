@@ -47,7 +47,9 @@ FLEET_RELEASE_S = 10.0
 # half the core from the one computing, so a short spin frees it: on an AMD EPYC whose 2 vCPUs barely sped up a
 # product over one, OpenMP's default spin made the served front slower (25 against 36 tokens/s for 32 requests).
 # Where each vCPU is a core of its own, waking a sleeping thread at every op costs more: on an Intel Xeon with 2
-# cores, OpenMP's default served 16% more tokens/s one request at a time and 10% more for 32 at once.
+# cores, OpenMP's default served 16% more tokens/s one request at a time and 10% more for 32 at once. But a front
+# that sends every expert to its actor (local_experts off) waits while the actors compute, maybe on its cores: there
+# a short spin took 12.5-13.0 s for 32 requests at once where the default took 13.5-14.3 (docs/BENCHMARKS.md).
 SHORT_SPIN = {"GOMP_SPINCOUNT": "10000"}
 # The fronts' handlers run on the replica's own event loop instead of one on a thread of their own (Serve's default,
 # which guards its replica from user code that blocks): they never block (the model steps on the batching thread),
@@ -69,10 +71,12 @@ def vcpus_share_cores(topology: Path = Path("/sys/devices/system/cpu")) -> bool:
     return False
 
 
-def front_env() -> dict[str, str]:
-    """The front replicas' environment; its OpenMP spin for the fronts' nodes taken to be of the kind of the node
-    that builds the app (set GOMP_SPINCOUNT in the nodes' environment where they are not)."""
-    return HANDLERS_ON_REPLICA_LOOP | KEPT_HEAP_ENV | (SHORT_SPIN if vcpus_share_cores() else {})
+def front_env(local_experts: bool = True) -> dict[str, str]:
+    """The environment of front replicas that compute their node's experts (`local_experts`) or not; their OpenMP
+    spin for the fronts' nodes taken to be of the kind of the node that builds the app (set GOMP_SPINCOUNT in the
+    nodes' environment where they are not)."""
+    short_spin = vcpus_share_cores() or not local_experts
+    return HANDLERS_ON_REPLICA_LOOP | KEPT_HEAP_ENV | (SHORT_SPIN if short_spin else {})
 
 
 # Answers in a row, per replica, that say the fronts serve (a handle spreads calls at random: with two replicas,
@@ -110,7 +114,8 @@ def build_app(args: dict | ServerConfig) -> Application:
                                 # No CPU: a front and the experts take turns on the cores (see actor_cpus).
                                 ray_actor_options={"num_cpus": 0, "num_gpus": config.front_gpus,
                                                    "resources": config.front_resources,
-                                                   "runtime_env": {"env_vars": front_env()}}).bind(config)
+                                                   "runtime_env": {"env_vars": front_env(config.local_experts)}}
+                                ).bind(config)
 
 
 def check_placement(config: ServerConfig, model_config: SwitchConfig) -> list[str]:

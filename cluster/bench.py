@@ -235,7 +235,8 @@ def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig,
     """Where the cluster's time goes, for all requests at once and for one request alone: the front's own compute,
     sending, waiting, and the experts' compute, from the requests decoded in a Ray worker with a replica's
     environment, threads and GPU (so without the proxy and the streams)."""
-    timed = ray.remote(num_cpus=0, num_gpus=front_gpus, runtime_env={"env_vars": front_env()})(decode_timed)
+    timed = ray.remote(num_cpus=0, num_gpus=front_gpus,
+                       runtime_env={"env_vars": front_env(engine["local_experts"])})(decode_timed)
     rows = []
     for t in ray.get(timed.remote(folder, [requests, requests[:1]], placement, engine, threads)):
         calls, trips = t["sparse_layer_calls"], t["round_trip_s"]

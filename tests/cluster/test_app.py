@@ -170,9 +170,12 @@ def test_the_cpu_topology_says_whether_vcpus_share_cores(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_the_fronts_spin_short_only_where_vcpus_share_cores(monkeypatch, shared):
+@pytest.mark.parametrize("local_experts", [True, False])
+def test_the_fronts_spin_short_where_vcpus_share_cores_or_they_wait_for_every_expert(monkeypatch, shared,
+                                                                                       local_experts):
     import cluster.app
 
     monkeypatch.setattr(cluster.app, "vcpus_share_cores", lambda: shared)
-    env = build_app({"model": "demo/model"})._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
-    assert ("GOMP_SPINCOUNT" in env) is shared
+    app = build_app({"model": "demo/model", "local_experts": local_experts})
+    env = app._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert ("GOMP_SPINCOUNT" in env) is (shared or not local_experts)
