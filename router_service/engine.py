@@ -21,7 +21,7 @@ from experts.ffn import ACTIVATION_FUNCTIONS
 from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
-from experts.spec import expert_bytes, expert_format
+from experts.spec import ExpertKey, expert_bytes, expert_format
 from experts.wire import torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion, use_threads
 from router_service.config import EngineConfig
@@ -133,6 +133,14 @@ def first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+def experts_beside(infos: list[dict], node_id: str, device: str, gpu: str | None) -> list[ExpertKey]:
+    """The experts of the actors (`infos`: ExpertActor.info's) that compute where a front does: on its node, on
+    its kind of device, and on a GPU on the same one (`gpu`, its UUID)."""
+    return [tuple(key) for info in infos
+            if info["node_id"] == node_id and info["device"] == device and info["gpu_uuid"] == gpu
+            for key in info["experts"]]
+
+
 class SwitchCluster:
     """A checkpoint served with expert parallelism: the front here, the experts in Ray actors placed as
     `config.placement` says, both in `config.dtype` (default: the checkpoint's). The front runs on the GPU when
@@ -195,9 +203,7 @@ class SwitchCluster:
         except Exception:  # lost already: the link finds out and asks again
             return {}
         device = self.front.device
-        keys = [tuple(key) for info in infos
-                if info["node_id"] == here and info["device"] == device.type and info["gpu_uuid"] == gpu_uuid(device)
-                for key in info["experts"]]
+        keys = experts_beside(infos, here, device.type, gpu_uuid(device))
         # Those held already are kept: built again, each would be packed or quantized again while the old copies
         # still serve (as much memory again, on the fleet's every restart).
         kept = {key: self._held[key] for key in keys if key in self._held}

@@ -1,0 +1,26 @@
+"""Which experts a front computes itself: those of the actors beside it, on its node's CPU or on its own GPU."""
+
+from __future__ import annotations
+
+from router_service.engine import experts_beside
+
+A, B = "gpu-uuid-a", "gpu-uuid-b"
+INFOS = [
+    {"node_id": "n1", "device": "cpu", "gpu_uuid": None, "experts": [["encoder", 1, 0], ["encoder", 1, 1]]},
+    {"node_id": "n1", "device": "cuda", "gpu_uuid": A, "experts": [["encoder", 1, 2]]},
+    {"node_id": "n1", "device": "cuda", "gpu_uuid": B, "experts": [["encoder", 1, 3]]},
+    {"node_id": "n2", "device": "cpu", "gpu_uuid": None, "experts": [["decoder", 1, 0]]},
+    {"node_id": "n2", "device": "cuda", "gpu_uuid": A, "experts": [["decoder", 1, 1]]},  # another node's GPU A
+]
+
+
+def test_a_front_on_the_cpu_computes_its_nodes_cpu_actors_experts():
+    assert experts_beside(INFOS, "n1", "cpu", None) == [("encoder", 1, 0), ("encoder", 1, 1)]
+    assert experts_beside(INFOS, "n2", "cpu", None) == [("decoder", 1, 0)]
+
+
+def test_a_front_on_a_gpu_computes_only_the_experts_of_actors_on_that_gpu():
+    assert experts_beside(INFOS, "n1", "cuda", A) == [("encoder", 1, 2)]
+    assert experts_beside(INFOS, "n1", "cuda", B) == [("encoder", 1, 3)]
+    assert experts_beside(INFOS, "n1", "cuda", "gpu-uuid-c") == []
+    assert experts_beside(INFOS, "n3", "cuda", A) == []
