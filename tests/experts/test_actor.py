@@ -1,4 +1,5 @@
-"""An expert actor reads its own experts' bytes from the disk, and little else."""
+"""An expert actor reads its own experts' bytes from the disk, and little else; the weights a front holds to compute
+experts itself."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import os
 
 import pytest
 import ray
+import torch
 
 from cluster.testing import tiny_config, write_random_checkpoint
-from experts.actor import ExpertActor
+from experts.actor import ExpertActor, held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.spec import expert_tensor_names
 
@@ -77,3 +79,17 @@ def test_each_actor_reads_about_its_own_bytes(ray_cluster, tmp_path):
         assert own <= outside <= own + slack
         assert outside < file.stat().st_size / 3
         assert info["disk_bytes_read"] <= outside
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_front_holds_experts_in_the_checkpoints_dtype_or_the_one_it_computes_in(tmp_path, dtype):
+    """The weights a front computes experts from: the checkpoint's values, in `dtype` where one is given (a front on
+    a GPU, in its own dtype). That those in the checkpoint's dtype are its mapped pages: test_parity."""
+    write_random_checkpoint(tmp_path, tiny_config())
+    checkpoint = SwitchCheckpoint.open(tmp_path)
+    key = ("encoder", 1, 2)
+    (wi, wo), = held_experts(checkpoint, [key], "none", packed=False, dtype=dtype).values()
+    mapped = checkpoint.read(list(expert_tensor_names(*key)))
+    for held, tensor in zip((wi, wo), mapped.values()):
+        assert held.dtype == (dtype or checkpoint.dtype) and held.device.type == "cpu"
+        assert torch.equal(held, tensor.to(held.dtype))
