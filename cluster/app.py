@@ -71,7 +71,7 @@ def vcpus_share_cores(topology: Path = Path("/sys/devices/system/cpu")) -> bool:
     return False
 
 
-def front_env(local_experts: bool = True) -> dict[str, str]:
+def front_env(local_experts: bool) -> dict[str, str]:
     """The environment of front replicas that compute their node's experts (`local_experts`) or not; their OpenMP
     spin for the fronts' nodes taken to be of the kind of the node that builds the app (set GOMP_SPINCOUNT in the
     nodes' environment where they are not)."""

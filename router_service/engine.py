@@ -133,11 +133,10 @@ def first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def experts_beside(infos: list[dict], node_id: str, device: str, gpu: str | None) -> list[ExpertKey]:
-    """The experts of the actors (`infos`: ExpertActor.info's) that compute where a front does: on its node, on
-    its kind of device, and on a GPU on the same one (`gpu`, its UUID)."""
-    return [tuple(key) for info in infos
-            if info["node_id"] == node_id and info["device"] == device and info["gpu_uuid"] == gpu
+def experts_beside(infos: list[dict], node_id: str, gpu: str | None) -> list[ExpertKey]:
+    """The experts of the actors (`infos`: ExpertActor.info's) that compute where a front does: on its node, and on
+    its GPU (`gpu`, its UUID) or, for a front on the CPU (None), on the CPU."""
+    return [tuple(key) for info in infos if info["node_id"] == node_id and info["gpu_uuid"] == gpu
             for key in info["experts"]]
 
 
@@ -203,7 +202,7 @@ class SwitchCluster:
         except Exception:  # lost already: the link finds out and asks again
             return {}
         device = self.front.device
-        keys = experts_beside(infos, here, device.type, gpu_uuid(device))
+        keys = experts_beside(infos, here, gpu_uuid(device))
         # Those held already are kept: built again, each would be packed or quantized again while the old copies
         # still serve (as much memory again, on the fleet's every restart).
         kept = {key: self._held[key] for key in keys if key in self._held}

@@ -15,12 +15,12 @@ INFOS = [
 
 
 def test_a_front_on_the_cpu_computes_its_nodes_cpu_actors_experts():
-    assert experts_beside(INFOS, "n1", "cpu", None) == [("encoder", 1, 0), ("encoder", 1, 1)]
-    assert experts_beside(INFOS, "n2", "cpu", None) == [("decoder", 1, 0)]
+    assert experts_beside(INFOS, "n1", None) == [("encoder", 1, 0), ("encoder", 1, 1)]
+    assert experts_beside(INFOS, "n2", None) == [("decoder", 1, 0)]
 
 
 def test_a_front_on_a_gpu_computes_only_the_experts_of_actors_on_that_gpu():
-    assert experts_beside(INFOS, "n1", "cuda", A) == [("encoder", 1, 2)]
-    assert experts_beside(INFOS, "n1", "cuda", B) == [("encoder", 1, 3)]
-    assert experts_beside(INFOS, "n1", "cuda", "gpu-uuid-c") == []
-    assert experts_beside(INFOS, "n3", "cuda", A) == []
+    assert experts_beside(INFOS, "n1", A) == [("encoder", 1, 2)]
+    assert experts_beside(INFOS, "n1", B) == [("encoder", 1, 3)]
+    assert experts_beside(INFOS, "n1", "gpu-uuid-c") == []
+    assert experts_beside(INFOS, "n3", A) == []

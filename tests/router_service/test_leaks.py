@@ -96,7 +96,7 @@ def test_a_thousand_requests_leave_no_memory_behind(ray_cluster, tmp_path, monke
     streams' sequences) or if the expert calls' results stay in the object store."""
     write_random_checkpoint_with_tokenizer(tmp_path, WORDS)
     front_env = app.front_env
-    monkeypatch.setattr(app, "front_env", lambda local_experts=True: front_env(local_experts) | FRONT_ONEDNN_CACHE)
+    monkeypatch.setattr(app, "front_env", lambda local_experts: front_env(local_experts) | FRONT_ONEDNN_CACHE)
     config = ServerConfig(model=str(tmp_path), placement=PlacementConfig(experts_per_actor=4), max_sequences=8,
                           local_experts=False)
     with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
