@@ -261,6 +261,9 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     config = hf_model.config
     work = {name: workload(max(requests, *concurrency), config.vocab_size, name, seed) for name in workloads}
     speed_check = work[workloads[0]][:SPEED_CHECK_REQUESTS]
+    # Warm: a first generate on a GPU loads its kernels (unwarmed, the first check was the slowest of each GPU run's
+    # three: 40-49 tok/s against 55-70).
+    hf_run(hf_model, speed_check[:1], 1)
     speeds = [summarize("transformers-1", hf_run(hf_model, speed_check, 1)).tokens_per_s]
     report = {"model": str(folder), "requests": requests, "cpus": os.cpu_count(), "ingress": ingress, **engine,
               "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
