@@ -9,7 +9,10 @@
   step's way where core threads pay);
 - a step's expert products on every core's OpenMP threads, float32 and bfloat16: F.linear by the weights, and
   experts.ffn.linear by PackedWeights (experts.ffn.pack: their packed copies from PACKED_MIN_ROWS rows on), 96
-  weights in turn.
+  weights in turn;
+- where there is a GPU: one sparse layer held on it, as a front on that GPU computes it, stacked (every token
+  through every expert, router_service.dispatch.STACKED_MAX_ROWS) and by expert (the tokens grouped by expert on
+  the host), float32, from the router's outputs on the GPU to the layer's outputs there.
 
     GOMP_SPINCOUNT=10000 .venv/bin/python -m cluster.bench_experts    # the replicas' spin where vCPUs share cores
 """
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.ffn import CoreThreads, grouped_ffn, linear, linear_on_cores, pack
+from router_service import dispatch
 
 
 def seconds(fn, repeats: int = 20) -> float:
@@ -114,8 +118,33 @@ def packed_products(layers: int, experts: int, d_model: int, d_ff: int) -> None:
         print(f"{rows:4d}   " + "   ".join(f"{1000 * c:{width}.1f}" for c, width in zip(cells, (16, 14, 17, 15))))
 
 
+def stacked_layer_on_gpu(experts: int, d_model: int, d_ff: int) -> None:
+    wi = torch.randn(experts, d_ff, d_model, device="cuda") * d_model ** -0.5
+    wo = torch.randn(experts, d_model, d_ff, device="cuda") * d_ff ** -0.5
+    layer = ("decoder", 1)
+    dispatcher = dispatch.ExpertDispatcher([], {layer: {e: [0] for e in range(experts)}}, experts, act=F.relu)
+    dispatcher.use([], {(*layer, e): (wi[e], wo[e]) for e in range(experts)}, {layer: (wi, wo)})
+    limit, dispatch.STACKED_MAX_ROWS = dispatch.STACKED_MAX_ROWS, 2 ** 30  # every count of tokens may go stacked
+    print(f"\none sparse layer of {experts} experts of {d_model}x{d_ff} on {torch.cuda.get_device_name()}, float32: us")
+    print("tokens   stacked   by expert")
+    for tokens in (1, 4, 8, 16, 32, 64, 128, 256):
+        x, expert = torch.randn(tokens, d_model, device="cuda"), torch.randint(0, experts, (tokens,), device="cuda")
+        keep = torch.ones(tokens, dtype=torch.bool, device="cuda")  # a mask (not None) makes it go by expert
+
+        def layer_out(keep: torch.Tensor | None, x=x, expert=expert) -> None:
+            for _ in range(200):
+                dispatcher.send(*layer, x, expert, keep).result()
+            torch.cuda.synchronize()
+
+        stacked, by_expert = (seconds(lambda k=k: layer_out(k), repeats=1) / 200 for k in (None, keep))
+        print(f"{tokens:6d}   {1e6 * stacked:7.0f}   {1e6 * by_expert:9.0f}")
+    dispatch.STACKED_MAX_ROWS = limit
+
+
 if __name__ == "__main__":
     one_core(experts=4, d_model=768, d_ff=3072)
     every_core(layers=6, experts=8, d_model=768, d_ff=3072)
     products_on_cores(layers=12, d_model=768, d_ff=3072, vocab=32128)
     packed_products(layers=6, experts=8, d_model=768, d_ff=3072)
+    if torch.cuda.is_available():
+        stacked_layer_on_gpu(experts=8, d_model=768, d_ff=3072)

@@ -77,7 +77,7 @@ def front_with_experts_here(folder: Path, quantize: str) -> SwitchFront:
     layers = [(stack, layer) for stack in STACKS for layer in sparse_layers(config, stack)]
     dispatcher = ExpertDispatcher([], {layer: {e: [0] for e in range(config.num_experts)} for layer in layers},
                                   config.num_experts, act=ACTIVATION_FUNCTIONS[config.dense_act_fn])
-    dispatcher.use([], held_experts(ckpt, [(*layer, e) for layer in layers for e in range(config.num_experts)],
+    dispatcher.use([], *held_experts(ckpt, [(*layer, e) for layer in layers for e in range(config.num_experts)],
                                     quantize))
     return SwitchFront(ckpt, dispatcher)
 

@@ -14,7 +14,7 @@ from ray.util.metrics import Counter
 from experts import int8
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS, Weight, grouped_ffn, pack
-from experts.spec import ExpertKey, expert_tensor_names
+from experts.spec import ExpertKey, LayerKey, expert_tensor_names
 from experts.wire import from_wire, to_wire, torch_dtype
 
 
@@ -36,14 +36,30 @@ def held_weight(tensor: torch.Tensor, device: torch.device | str, dtype: torch.d
 
 
 def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: str, packed: bool = True,
-                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[ExpertKey, tuple]:
+                 device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None) -> tuple[dict[ExpertKey, tuple], dict[LayerKey, tuple]]:
     """The (wi, wo) of these experts on `device` in `dtype` (default: the checkpoint's), as a front computes them.
     On the CPU in the checkpoint's dtype, the checkpoint's mapped pages (`packed`: with a packed copy,
-    experts.ffn.pack); else a copy, quantized with int8."""
-    tensors = checkpoint.read([name for key in keys for name in expert_tensor_names(*key)])
+    experts.ffn.pack); else a copy, quantized with int8. On a GPU, unquantized, each layer whose every expert is
+    among `keys` is held stacked, one [experts, ...] tensor of each weight (the second dict, for
+    experts.ffn.stacked_ffn), and its experts' weights are views of those."""
+    experts = checkpoint.config.num_experts
+    wanted = set(keys)
+    stacked = {key[:2] for key in keys if torch.device(device).type == "cuda" and quantize != "int8"
+               and all((*key[:2], e) in wanted for e in range(experts))}
+    stacks = {}
+    for layer in stacked:  # stacked on the host, then copied: no second copy of a layer on the GPU
+        names = [expert_tensor_names(*layer, e) for e in range(experts)]
+        tensors = checkpoint.read([name for pair in names for name in pair])
+        stacks[layer] = tuple(torch.stack([tensors[pair[i]] for pair in names]).to(device, dtype or checkpoint.dtype)
+                              for i in (0, 1))
+    rest = [key for key in keys if key[:2] not in stacked]
+    tensors = checkpoint.read([name for key in rest for name in expert_tensor_names(*key)])
     held = {name: held_weight(tensors[name], device, dtype or checkpoint.dtype, quantize) for name in tensors}
-    return {key: tuple(pack(held[name]) if packed else held[name] for name in expert_tensor_names(*key))
-            for key in keys}
+    weights = {key: tuple(pack(held[name]) if packed else held[name] for name in expert_tensor_names(*key))
+               for key in rest}
+    weights |= {(*layer, e): (wi[e], wo[e]) for layer, (wi, wo) in stacks.items() for e in range(experts)}
+    return weights, stacks
 
 
 def gpu_uuid(device: torch.device) -> str | None:

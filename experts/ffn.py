@@ -183,6 +183,18 @@ def expert_ffn(x: torch.Tensor, wi: Weight, wo: Weight, act, threads: CoreThread
     return linear_on_cores(h, wo, threads)
 
 
+def stacked_ffn(x: torch.Tensor, expert: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, act) -> torch.Tensor:
+    """Each token of x [tokens, d_model] through its expert (`expert` [tokens]), every expert's weights stacked (wi
+    [experts, d_ff, d_model], wo [experts, d_model, d_ff]): every token through every expert, then each token's own
+    output taken. On a GPU that is a few kernels and no wait for the device, where grouping the tokens by expert
+    reads their experts back to the host and launches a few kernels per expert; for a few tokens, the extra math
+    costs less than those."""
+    h = act(torch.matmul(x, wi.transpose(1, 2)))  # [experts, tokens, d_ff]
+    if h.dtype != wo.dtype:  # as transformers does before its `wo`
+        h = h.to(wo.dtype)
+    return torch.matmul(h, wo.transpose(1, 2))[expert, torch.arange(x.shape[0], device=x.device)]
+
+
 class CoreThreads:
     """Threads that compute at once, each with one OpenMP thread: different experts (grouped_ffn), or the parts of
     one large product (linear_on_cores).

@@ -15,9 +15,15 @@ from collections.abc import Callable
 import ray
 import torch
 
-from experts.ffn import core_threads, expert_ffn, grouped_ffn
-from experts.spec import ExpertKey
+from experts.ffn import core_threads, expert_ffn, grouped_ffn, stacked_ffn
+from experts.spec import ExpertKey, LayerKey
 from experts.wire import from_wire, to_wire
+
+# The most token-expert products (a layer's tokens times its experts) computed by every expert of a layer held
+# stacked (experts.ffn.stacked_ffn) rather than by each token's own expert. On an H200, a switch-base-8 layer took
+# 86-207 us stacked against 311-953 by expert from 4 to 64 tokens, 504 against 693-917 at 256, the most timed; one
+# token, 82-142 against 70-99, goes to its expert alone (cluster.bench_experts, docs/BENCHMARKS.md).
+STACKED_MAX_ROWS = 256 * 8
 
 
 class ExpertsUnavailable(RuntimeError):
@@ -31,7 +37,8 @@ class ExpertDispatcher:
     `owners[(stack, layer)][expert]` lists the indices in `actors` of the actors hosting that expert; an expert
     with several copies has its tokens dealt round-robin over them. Tokens of an expert whose weights this process
     was given (see `use`) are computed here with `act`, while the calls for the others are out, different experts
-    at once on the process's core threads (experts.ffn.core_threads).
+    at once on the process's core threads (experts.ffn.core_threads). A few tokens of a layer held here stacked
+    are computed by all its experts at once, without waiting for the device (see `settle`).
     """
 
     def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, list[int]]], num_experts: int,
@@ -42,6 +49,7 @@ class ExpertDispatcher:
         # Sparse-layer round trips made, the front's time sending and waiting in them, and sending alone.
         self.calls, self.seconds, self.sending_seconds = 0, 0.0, 0.0
         self.local_calls, self.local_tokens = 0, {}  # sparse layers with tokens computed here; tokens per expert
+        self._uncounted = {}  # {layer: tokens per expert, on the device} computed stacked since the last settle
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
         self.copies, self.hosts = {}, {}
@@ -52,13 +60,14 @@ class ExpertDispatcher:
                                               for e in range(num_experts)])  # [experts, most copies]
         self.use(actors, {})
 
-    def use(self, actors: list, local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def use(self, actors: list, local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]],
+            stacks: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         """New actors (in placement order), and the (wi, wo) weights of the experts to compute here instead (see the
-        module's doc)."""
+        module's doc); `stacks`: those of the layers whose every expert is here, stacked (experts.ffn.stacked_ffn)."""
         is_local = {layer: torch.zeros(self.num_experts, dtype=torch.bool) for layer in self.hosts}
         for stack, layer, expert in local:
             is_local[(stack, layer)][expert] = True
-        self.actors, self.local, self.is_local = actors, local, is_local
+        self.actors, self.local, self.stacks, self.is_local = actors, local, stacks or {}, is_local
 
     def actors_dead(self, timeout_s: float = 1.0) -> bool:
         """Whether the first actor is dead for good: all of them are when their fleet died. One that is
@@ -89,11 +98,15 @@ class ExpertDispatcher:
         return self.hosts[layer][expert, rank % copies[expert]]
 
     def send(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
-             keep: torch.Tensor) -> PendingDispatch:
-        """Start the calls for one sparse layer's kept tokens, then compute those whose expert is here; the expert
-        outputs come from `.result()`."""
+             keep: torch.Tensor | None) -> PendingDispatch:
+        """Start the calls for one sparse layer's kept tokens (`keep` None: all of them), then compute those whose
+        expert is here; the expert outputs come from `.result()`."""
         began = time.perf_counter()
-        expert, keep = expert.cpu(), keep.cpu()
+        stacked = self.stacks.get((stack, layer))
+        if stacked is not None and keep is None and 1 < len(tokens) <= STACKED_MAX_ROWS // self.num_experts:
+            return self._stacked_here((stack, layer), tokens, expert, stacked)
+        expert = expert.cpu()
+        keep = torch.ones_like(expert, dtype=torch.bool) if keep is None else keep.cpu()
         if len(expert) == 1 and bool(keep[0]) and (key := (stack, layer, int(expert[0]))) in self.local:
             return self._one_token_here(key, tokens)
         index = keep.nonzero().squeeze(1)
@@ -140,6 +153,7 @@ class ExpertDispatcher:
         pending.local_index = index
         pending.computed = grouped_ffn(pending.tokens[index], counts, [self.local[k] for k in keys], self.act,
                                        core_threads())
+        self.local_calls += 1
         self._count_here(keys, counts)
 
     def _one_token_here(self, key: ExpertKey, tokens: torch.Tensor) -> PendingDispatch:
@@ -150,12 +164,36 @@ class ExpertDispatcher:
         computing = time.perf_counter()
         pending.computed = expert_ffn(tokens, *self.local[key], self.act, core_threads())
         pending.local_s = time.perf_counter() - computing
+        self.local_calls += 1
         self._count_here([key], [1])
         return pending
 
-    def _count_here(self, keys: list[ExpertKey], counts: list[int]) -> None:
+    def _stacked_here(self, layer: LayerKey, tokens: torch.Tensor, expert: torch.Tensor,
+                      stacked: tuple[torch.Tensor, torch.Tensor]) -> PendingDispatch:
+        """Every token of a layer held here stacked, through all its experts at once (experts.ffn.stacked_ffn); its
+        tokens per expert counted on the device until `settle`."""
+        pending = PendingDispatch(self, *layer, tokens, torch.zeros(0, dtype=torch.long))
+        computing = time.perf_counter()
+        pending.computed = stacked_ffn(tokens, expert, *stacked, self.act)
+        pending.local_s = time.perf_counter() - computing
         self.local_calls += 1
+        counts = self._uncounted.get(layer)
+        if counts is None:
+            counts = self._uncounted[layer] = torch.zeros(self.num_experts, dtype=torch.long, device=expert.device)
+        counts.index_add_(0, expert, torch.ones_like(expert))
+        return pending
+
+    def settle(self) -> None:
+        """Count the tokens computed stacked since the last call: done once a step's results have come back from
+        the device, since reading the counts waits for it."""
+        uncounted, self._uncounted = self._uncounted, {}
+        for layer, counts in uncounted.items():
+            self._count_here([(*layer, e) for e in range(self.num_experts)], counts.tolist())
+
+    def _count_here(self, keys: list[ExpertKey], counts: list[int]) -> None:
         for key, n in zip(keys, counts):
+            if not n:
+                continue
             self.local_tokens[key] = self.local_tokens.get(key, 0) + n
             if self.metrics is not None:
                 self.metrics.computed_here(*key, n)

@@ -56,9 +56,10 @@ class ExpertLink:
     checkpoint, placement or dtype than `serves` (while a config change is under way, the other config's).
     `status` says why the experts are not ready while they are not."""
 
-    def __init__(self, fleet, serves: str, dispatcher: ExpertDispatcher, local_experts=lambda actors: {}):
+    def __init__(self, fleet, serves: str, dispatcher: ExpertDispatcher, local_experts=lambda actors: ({}, {})):
         self.fleet, self.serves, self.dispatcher = fleet, serves, dispatcher
-        self.local_experts = local_experts  # actors -> the weights of those the dispatcher may compute itself
+        # actors -> the weights of the experts the dispatcher may compute itself, and of its layers held stacked
+        self.local_experts = local_experts
         self.status = "asking the expert fleet for its actors"
         self.ready = threading.Event()
         self._fleet_id = None
@@ -103,7 +104,7 @@ class ExpertLink:
             if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
                 self._on_lost(view.status if not view.actors else "their fleet started again")
             elif not ready and view.actors:
-                self.dispatcher.use(view.actors, self.local_experts(view.actors))
+                self.dispatcher.use(view.actors, *self.local_experts(view.actors))
                 self._fleet_id = view.fleet_id
                 self.status = "ready"
                 self.ready.set()
@@ -159,7 +160,7 @@ class SwitchCluster:
         self.capacity = self.config.capacity
         self._tokenizer, self._hidden_ids = None, None
         self._owns_fleet, self.fleet, self.link = fleet is None, None, None
-        self._held = {}  # the experts this front computes, as _local_experts last built them
+        self._held, self._stacks = {}, {}  # the experts this front computes, as _local_experts last built them
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
@@ -190,17 +191,18 @@ class SwitchCluster:
             raise
         self.batcher = ContinuousBatcher(self.front, self.config.max_sequences, metrics)
 
-    def _local_experts(self, actors: list) -> dict:
+    def _local_experts(self, actors: list) -> tuple[dict, dict]:
         """The (wi, wo) weights of the experts whose actors compute where this front does: on this node's CPU,
         mapped from the checkpoint (the same pages the actors compute with, so they cost no memory) or quantized
-        from them as the actors do; on this front's GPU, a copy there. None unless this front computes experts."""
+        from them as the actors do; on this front's GPU, a copy there, each layer held in full stacked (the second
+        dict, see held_experts). None unless this front computes experts."""
         if not self._computes_experts:
-            return {}
+            return {}, {}
         here = ray.get_runtime_context().get_node_id()
         try:
             infos = ray.get([actor.info.remote() for actor in actors], timeout=FLEET_POLL_S)
         except Exception:  # lost already: the link finds out and asks again
-            return {}
+            return {}, {}
         device = self.front.device
         keys = experts_beside(infos, here, gpu_uuid(device))
         # Those held already are kept: built again, each would be packed or quantized again while the old copies
@@ -214,9 +216,13 @@ class SwitchCluster:
                 log.warning("the front's GPU has no room for a copy of %d experts (%.1f GiB): their actors compute "
                             "them", len(new), need / 2**30)
                 new = []
-        self._held = kept | held_experts(self.checkpoint, new, self.config.quantize, self.config.packed_weights,
-                                         device, self.front.dtype)
-        return self._held
+        held, stacks = held_experts(self.checkpoint, new, self.config.quantize, self.config.packed_weights, device,
+                                    self.front.dtype)
+        self._held = kept | held
+        experts = self.checkpoint.config.num_experts
+        self._stacks = {layer: s for layer, s in self._stacks.items()
+                        if all((*layer, e) in kept for e in range(experts))} | stacks
+        return self._held, self._stacks
 
     @property
     def actors(self) -> list:

@@ -28,9 +28,10 @@ from experts.spec import (
 )
 
 # The front's dispatch (router_service.dispatch.ExpertDispatcher): `dispatch.send(stack, layer, tokens [N,
-# d_model], expert [N], keep [N])` starts the expert calls and returns a handle whose `.result()` is the expert
-# outputs [N, d_model], zero where not kept. A micro-batch's math is a generator that yields that handle at
-# each sparse layer and is resumed with the outputs.
+# d_model], expert [N], keep [N] or None for all)` starts the expert calls and returns a handle whose `.result()` is
+# the expert outputs [N, d_model], zero where not kept; `dispatch.settle()` is told when a pass's results are back
+# from the device. A micro-batch's math is a generator that yields that handle at each sparse layer and is resumed
+# with the outputs.
 MicroBatch = Generator
 
 # The names' endings of the front's weights that multiply activations, besides the fused attention weights and a tied
@@ -69,9 +70,9 @@ class Routing:
 
     @staticmethod
     def cat(parts: list[dict[int, Routing]]) -> dict[int, Routing]:
-        """The rows of each part in turn, layer by layer."""
-        return {layer: Routing(*(torch.cat([getattr(p[layer], f) for p in parts]) for f in ("expert", "prob",
-                                                                                               "dropped")))
+        """The rows of each part in turn, layer by layer, on the CPU."""
+        return {layer: Routing(*(torch.cat([getattr(p[layer], f) for p in parts]).cpu() for f in ("expert", "prob",
+                                                                                                     "dropped")))
                 for layer in parts[0]}
 
 
@@ -462,17 +463,16 @@ class SwitchFront:
     def _moe(self, stack: str, layer: int, tokens: torch.Tensor, sequence: torch.Tensor, longest: int) -> MicroBatch:
         """Route tokens [tokens, d_model] top-1, apply capacity, run the experts remotely. `sequence` [tokens] numbers
         each token's sequence (sequence by sequence, earlier positions first); `longest` is the most tokens of one.
-        Returns the output [tokens, d_model] and each token's (expert, prob, dropped), on the CPU."""
+        Returns the output [tokens, d_model] and each token's (expert, prob, dropped), on the device (read back once
+        a step is done, so that a layer computed on the GPU need not wait for it)."""
         bias = self.weights.get(router_tensor_name(stack, layer, "bias"))
         logits = F.linear(tokens.to(torch.float32), self._w(router_tensor_name(stack, layer)).to(torch.float32),
                           None if bias is None else bias.to(torch.float32))
         prob, expert = F.softmax(logits, dim=-1, dtype=torch.float32).to(tokens.dtype).max(dim=-1)
-        if self.capacity == "dropless" or longest <= self.config.expert_capacity:
-            keep = torch.ones_like(expert, dtype=torch.bool)  # nothing can be over
-        else:
-            keep = self._within_capacity(expert, sequence)
+        nothing_over = self.capacity == "dropless" or longest <= self.config.expert_capacity
+        keep = None if nothing_over else self._within_capacity(expert, sequence)
         out = ((yield self.dispatch.send(stack, layer, tokens, expert, keep)) * prob[:, None]).to(tokens.dtype)
-        return out, (expert.cpu(), prob.float().cpu(), ~keep.cpu())
+        return out, (expert, prob.float(), torch.zeros_like(expert, dtype=torch.bool) if keep is None else ~keep)
 
     def _within_capacity(self, expert: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """transformers' rule: each expert takes at most `expert_capacity` tokens of each sequence, earlier
@@ -497,8 +497,10 @@ class SwitchFront:
         grouped = [PromptGroup.of(lengths, order[rows]) for rows in self._micro_batches(len(order))]
         outputs = run_overlapped([self._encode(groups, [input_ids[r] for g in groups for r in g.rows])
                                   for groups in grouped])
+        self.dispatch.settle()
         results = []
         for groups, (hidden, routing) in zip(grouped, outputs):
+            routing = {layer: [t.cpu() for t in routed] for layer, routed in routing.items()}
             for group in groups:
                 routed = {layer: Routing(group.padded(expert[group.tokens], -1), group.padded(prob[group.tokens]),
                                          group.padded(dropped[group.tokens]))
@@ -557,7 +559,9 @@ class SwitchFront:
                                 for rows in self._micro_batches(batch)])
         grown = DecoderCache(cache.self_k, cache.self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias,
                              cache.row_room)
-        return grown, torch.cat([x for x, _ in parts]).cpu(), Routing.cat([r for _, r in parts])
+        logits = torch.cat([x for x, _ in parts]).cpu()
+        self.dispatch.settle()  # the step is done on the device
+        return grown, logits, Routing.cat([r for _, r in parts])
 
     def _decode(self, cache: DecoderCache, tokens: torch.Tensor, self_valid: torch.Tensor,
                 position_bias: torch.Tensor, rows: slice) -> MicroBatch:

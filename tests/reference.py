@@ -33,6 +33,7 @@ class LocalExperts:
         self.device, self.dtype = device, dtype or checkpoint.dtype
 
     def send(self, stack, layer, tokens, expert, keep):
+        keep = torch.ones_like(expert, dtype=torch.bool) if keep is None else keep
         out = torch.zeros_like(tokens)
         for e in expert[keep].unique().tolist():
             rows = (expert == e) & keep
@@ -40,6 +41,9 @@ class LocalExperts:
                       for t in self.checkpoint.read(list(expert_tensor_names(stack, layer, e))).values())
             out[rows] = expert_ffn(tokens[rows], wi, wo, self.act)
         return SimpleNamespace(result=lambda: out)
+
+    def settle(self):
+        pass  # counts nothing
 
 
 def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,7 +88,7 @@ def test_a_front_holds_experts_in_the_checkpoints_dtype_or_the_one_it_computes_i
     write_random_checkpoint(tmp_path, tiny_config())
     checkpoint = SwitchCheckpoint.open(tmp_path)
     key = ("encoder", 1, 2)
-    (wi, wo), = held_experts(checkpoint, [key], "none", packed=False, dtype=dtype).values()
+    (wi, wo), = held_experts(checkpoint, [key], "none", packed=False, dtype=dtype)[0].values()
     mapped = checkpoint.read(list(expert_tensor_names(*key)))
     for held, tensor in zip((wi, wo), mapped.values()):
         assert held.dtype == (dtype or checkpoint.dtype) and held.device.type == "cpu"

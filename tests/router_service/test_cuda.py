@@ -10,8 +10,10 @@ import pytest
 import torch
 from reference import LocalExperts, dequantized_model, hf_generate
 
+from experts.actor import held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.placement import PlacementConfig
+from experts.spec import STACKS, expert_tensor_names, sparse_layers
 from experts.wire import torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion
 from router_service.model import SwitchFront
@@ -64,6 +66,26 @@ def test_front_and_expert_ffn_on_cuda(checkpoint_factory, dtype):
     assert_same([s.token_ids for s in sequences], [s.logprobs for s in sequences], reference(hf_model, dtype), dtype)
 
 
+def test_a_front_on_the_gpu_holds_each_layer_of_all_its_experts_stacked(checkpoint_factory):
+    """A layer whose every expert the front computes is one stacked tensor of each weight on the GPU, and each
+    expert's weights are views of it (no second copy); the experts of a layer held in part are held one by one."""
+    path, _ = checkpoint_factory("cuda", **CONFIG)
+    checkpoint = SwitchCheckpoint.open(path)
+    experts = checkpoint.config.num_experts
+    full = ("decoder", sparse_layers(checkpoint.config, "decoder")[0])
+    part = ("encoder", sparse_layers(checkpoint.config, "encoder")[0])
+    weights, stacks = held_experts(checkpoint, [*((*full, e) for e in range(experts)), (*part, 1)], "none",
+                                   device="cuda", dtype=torch.bfloat16)
+    assert list(stacks) == [full] and set(weights) == {*((*full, e) for e in range(experts)), (*part, 1)}
+    for key, (wi, wo) in weights.items():
+        names = expert_tensor_names(*key)
+        for held, tensor in zip((wi, wo), checkpoint.read(list(names)).values()):
+            assert held.device.type == "cuda" and torch.equal(held.cpu(), tensor.to(torch.bfloat16))
+        if key[:2] == full:
+            assert wi.data_ptr() == stacks[full][0][key[2]].data_ptr()
+            assert wo.data_ptr() == stacks[full][1][key[2]].data_ptr()
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("local_experts", [False, True], ids=["actors", "front"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -86,6 +108,14 @@ def test_engine_with_expert_actors_on_the_gpu(checkpoint_factory, dtype, local_e
         assert set(dispatcher.local) == (hosted if local_experts else set())
         assert all(w.device.type == "cuda" and w.dtype == torch_dtype(dtype)
                    for pair in dispatcher.local.values() for w in pair)
+        config = model.checkpoint.config
+        layers = {(stack, layer) for stack in STACKS for layer in sparse_layers(config, stack)}
+        assert set(dispatcher.stacks) == (layers if local_experts else set())  # every expert on the front's GPU
+        # Each decoding step feeds one position of each sequence through every sparse decoder layer (the start
+        # token, then each generated token but the last); those computed stacked are counted once the step is done.
+        fed = sum(len(o.token_ids) for o in outputs)
+        assert [sum(n) for (stack, _), n in model.expert_token_counts().items() if stack == "decoder"] == \
+            [fed] * len(sparse_layers(config, "decoder"))
     assert_same([o.token_ids for o in outputs], [o.logprobs for o in outputs], reference(hf_model, dtype), dtype)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from router_service import dispatch
 from router_service.dispatch import ExpertDispatcher
 
 
@@ -12,3 +13,42 @@ def test_dispatcher_deals_a_replicated_experts_tokens_round_robin():
     dispatcher = ExpertDispatcher([], owners, num_experts=3)
     expert = torch.tensor([1, 0, 1, 1, 2, 1, 0])
     assert dispatcher.owner(("encoder", 1), expert).tolist() == [1, 0, 2, 1, 2, 2, 0]
+
+
+LAYER = ("decoder", 1)
+
+
+def stacked_dispatcher(experts: int = 4, d_model: int = 8, d_ff: int = 16) -> ExpertDispatcher:
+    """A dispatcher that holds every expert of LAYER here, stacked."""
+    torch.manual_seed(0)
+    wi, wo = torch.randn(experts, d_ff, d_model), torch.randn(experts, d_model, d_ff)
+    dispatcher = ExpertDispatcher([], {LAYER: {e: [0] for e in range(experts)}}, experts, act=torch.relu)
+    dispatcher.use([], {(*LAYER, e): (wi[e], wo[e]) for e in range(experts)}, {LAYER: (wi, wo)})
+    return dispatcher
+
+
+def test_a_few_tokens_of_a_stacked_layer_are_computed_at_once_and_counted_when_settled():
+    dispatcher = stacked_dispatcher()
+    tokens, expert = torch.randn(5, 8), torch.tensor([3, 0, 3, 1, 3])
+    stacked = dispatcher.send(*LAYER, tokens, expert, None).result()
+    assert dispatcher.local_tokens == {}  # counted on the device until the step is done
+    dispatcher.settle()
+    assert dispatcher.local_tokens == {(*LAYER, 3): 3, (*LAYER, 0): 1, (*LAYER, 1): 1}
+    by_expert = dispatcher.send(*LAYER, tokens, expert, torch.ones(5, dtype=torch.bool)).result()
+    torch.testing.assert_close(stacked, by_expert)
+    assert dispatcher.local_calls == 2 and dispatcher.local_tokens[(*LAYER, 3)] == 6
+
+
+def test_one_token_dropped_tokens_or_more_than_pay_go_expert_by_expert(monkeypatch):
+    """Counted at once: not computed stacked."""
+    monkeypatch.setattr(dispatch, "STACKED_MAX_ROWS", 4 * 4)  # 4 tokens of the 4 experts
+    dispatcher = stacked_dispatcher()
+    tokens, expert = torch.randn(5, 8), torch.tensor([3, 0, 3, 1, 3])
+    dispatcher.send(*LAYER, tokens, expert, None).result()
+    assert dispatcher.local_tokens == {(*LAYER, 3): 3, (*LAYER, 0): 1, (*LAYER, 1): 1}
+    keep = torch.tensor([True, True, False, True])
+    out = dispatcher.send(*LAYER, tokens[:4], expert[:4], keep).result()
+    assert out[2].abs().sum() == 0 and out[0].abs().sum() > 0
+    assert dispatcher.local_tokens[(*LAYER, 3)] == 4
+    dispatcher.send(*LAYER, tokens[:1], expert[:1], None).result()
+    assert dispatcher.local_tokens[(*LAYER, 3)] == 5
