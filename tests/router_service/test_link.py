@@ -30,7 +30,7 @@ class StandInFleet:
 def stand_in_dispatcher() -> SimpleNamespace:
     """What the link uses of a dispatcher: the actors it was given."""
     dispatcher = SimpleNamespace(actors=[], on_lost=None, actors_dead=lambda: False)
-    dispatcher.use = lambda actors, local: setattr(dispatcher, "actors", actors)
+    dispatcher.use = lambda actors, local, stacks: setattr(dispatcher, "actors", actors)
     return dispatcher
 
 
