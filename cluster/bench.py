@@ -26,12 +26,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import ray
 import torch
 from transformers import SwitchTransformersForConditionalGeneration
@@ -200,6 +202,31 @@ def cluster_run(address: str, requests: list[Request], concurrency: int, stream:
     return timings
 
 
+@ray.remote(num_cpus=0)
+class Echo:
+    """A bare actor: the cost of a call alone."""
+
+    def echo(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+BARE_CALLS = 100
+
+
+def bare_call_ms(d_model: int) -> float:
+    """The median round trip of a call to a bare actor carrying one token's activations: Ray's own part of a sparse
+    layer's round trip, the floor of its overhead."""
+    echo, x = Echo.remote(), np.zeros((1, d_model), np.float32)
+    ray.get(echo.echo.remote(x))
+    times = []
+    for _ in range(BARE_CALLS):
+        began = time.perf_counter()
+        ray.get(echo.echo.remote(x))
+        times.append(time.perf_counter() - began)
+    ray.kill(echo)
+    return 1000 * statistics.median(times)
+
+
 def decode_timed(folder: Path, batches: list[list[Request]], placement: PlacementConfig, engine: dict,
                  threads: int) -> list:
     """Decode each batch of requests through the Python API, timing the front, the sparse-layer round trips (the
@@ -227,7 +254,8 @@ def decode_timed(folder: Path, batches: list[list[Request]], placement: Placemen
             out.append({name: after[name] - before[name] for name in after} | {
                 "requests": len(requests), "actors": len(model.actors), "local_experts": engine["local_experts"],
                 "tokens": sum(len(seq.token_ids) for seq in sequences)})
-        return out
+        bare = bare_call_ms(model.checkpoint.config.d_model)
+        return [row | {"bare_call_ms": bare} for row in out]
 
 
 def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig, engine: dict,
@@ -408,7 +436,8 @@ def table(report: dict) -> str:
                          f"{share['front']:.0%}, sending {share['sending']:.0%}, waiting {share['waiting']:.0%} "
                          f"({b['layers_computed_here']} sparse layers computed by the front; "
                          f"{b['sparse_layer_calls']} round trips of {b['round_trip_ms_per_call']:.2f} ms, "
-                         f"{b['overhead_ms_per_call']:.2f} ms of it beyond the experts' compute)")
+                         f"{b['overhead_ms_per_call']:.2f} ms of it beyond the experts' compute; a bare actor call "
+                         f"carrying one token, {b['bare_call_ms']:.2f} ms)")
     return "\n".join(lines)
 
 

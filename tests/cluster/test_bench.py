@@ -46,6 +46,7 @@ def test_bench_quick_run(tmp_path):
         assert b["layers_computed_here"] == 0 and b["sparse_layer_calls"] > 0
         assert 0 < b["round_trip_s"] < b["seconds"]
         assert 0 < b["sending_s"] < b["round_trip_s"] and b["expert_compute_s"] > 0
+    assert all(0 < b["bare_call_ms"] < 1000 * b["round_trip_s"] for b in w["breakdown"][2:])
 
 
 def test_the_table_says_when_the_machine_changed_speed_during_a_run():
