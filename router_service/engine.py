@@ -141,6 +141,19 @@ def experts_beside(infos: list[dict], node_id: str, gpu: str | None) -> list[Exp
             for key in info["experts"]]
 
 
+def fitting(keys: list[ExpertKey], room: int, num_experts: int) -> list[ExpertKey]:
+    """At most `room` of these experts: every expert of as many layers as fit (a layer held whole is computed stacked
+    on a GPU, see held_experts), the layers with the most of `keys` first, then what room is left from the next."""
+    layers: dict[tuple[str, int], list[ExpertKey]] = {}
+    for key in keys:
+        layers.setdefault(key[:2], []).append(key)
+    order = sorted(layers.values(), key=lambda group: (len(group) < num_experts, -len(group)))
+    whole = [group for group in order if len(group) == num_experts][:room // num_experts]
+    rest = [key for group in order if group not in whole for key in group]
+    chosen = [key for group in whole for key in group]
+    return chosen + rest[:room - len(chosen)]
+
+
 class SwitchCluster:
     """A checkpoint served with expert parallelism: the front here, the experts in Ray actors placed as
     `config.placement` says, both in `config.dtype` (default: the checkpoint's). The front runs on the GPU when
@@ -209,13 +222,14 @@ class SwitchCluster:
         # still serve (as much memory again, on the fleet's every restart).
         kept = {key: self._held[key] for key in keys if key in self._held}
         new = [key for key in keys if key not in kept]
-        if device.type == "cuda" and new:  # copies: only where the GPU has room for them beside the activations
-            need = len(new) * expert_bytes(self.checkpoint.config, expert_format(self.dtype, self.config.quantize))
+        if device.type == "cuda" and new:  # copies: only as many as the GPU has room for beside the activations
+            each = expert_bytes(self.checkpoint.config, expert_format(self.dtype, self.config.quantize))
             free, total = torch.cuda.mem_get_info(device)
-            if need > free - ACTIVATION_RESERVE * total:
-                log.warning("the front's GPU has no room for a copy of %d experts (%.1f GiB): their actors compute "
-                            "them", len(new), need / 2**30)
-                new = []
+            room = max(0, int((free - ACTIVATION_RESERVE * total) // each))
+            if room < len(new):
+                log.warning("the front's GPU has room for a copy of %d of the %d experts beside it: their actors "
+                            "compute the others", room, len(new))
+                new = fitting(new, room, self.checkpoint.config.num_experts)
         held, stacks = held_experts(self.checkpoint, new, self.config.quantize, self.config.packed_weights, device,
                                     self.front.dtype)
         self._held = kept | held

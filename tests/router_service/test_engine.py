@@ -1,8 +1,9 @@
-"""Which experts a front computes itself: those of the actors beside it, on its node's CPU or on its own GPU."""
+"""Which experts a front computes itself: those of the actors beside it, on its node's CPU or on its own GPU, as
+many as its GPU has room for."""
 
 from __future__ import annotations
 
-from router_service.engine import experts_beside
+from router_service.engine import experts_beside, fitting
 
 A, B = "gpu-uuid-a", "gpu-uuid-b"
 INFOS = [
@@ -24,3 +25,17 @@ def test_a_front_on_a_gpu_computes_only_the_experts_of_actors_on_that_gpu():
     assert experts_beside(INFOS, "n1", B) == [("encoder", 1, 3)]
     assert experts_beside(INFOS, "n1", "gpu-uuid-c") == []
     assert experts_beside(INFOS, "n3", A) == []
+
+
+def layer(stack: str, index: int, experts) -> list[tuple[str, int, int]]:
+    return [(stack, index, e) for e in experts]
+
+
+def test_a_front_short_of_gpu_room_copies_whole_layers_first_then_what_fits():
+    keys = layer("encoder", 1, [0, 1]) + layer("decoder", 1, range(4)) + layer("decoder", 3, range(4))
+    whole = layer("decoder", 1, range(4)) + layer("decoder", 3, range(4))
+    assert fitting(keys, 99, 4) == whole + layer("encoder", 1, [0, 1])
+    assert fitting(keys, 9, 4) == whole + layer("encoder", 1, [0])
+    assert fitting(keys, 6, 4) == layer("decoder", 1, range(4)) + layer("decoder", 3, [0, 1])
+    assert fitting(keys, 3, 4) == layer("decoder", 1, range(3))
+    assert fitting(keys, 0, 4) == []
