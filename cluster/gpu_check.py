@@ -1,6 +1,6 @@
 """`make gpu-check`: on a machine with an NVIDIA GPU, the CUDA parity tests (float32 and bfloat16, against
-transformers on the same GPU) and the benchmark with transformers, the front and the expert actors on the GPU,
-appended to docs/BENCHMARKS.md under the GPU's name.
+transformers on the same GPU), one sparse layer timed stacked and by expert (cluster.bench_experts), and the benchmark
+with transformers, the front and the expert actors on the GPU, appended to docs/BENCHMARKS.md under the GPU's name.
 
     python -m cluster.gpu_check               # what make gpu-check runs
     python -m cluster.gpu_check --no-record   # print only
@@ -9,7 +9,9 @@ appended to docs/BENCHMARKS.md under the GPU's name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,17 @@ def parity_tests() -> tuple[int, str]:
                          cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.strip()]
     return out.returncode, "\n".join(lines[-12:])
+
+
+def stacked_layer() -> str:
+    """cluster.bench_experts' timing of one of switch-base-8's sparse layers on the GPU, stacked and by expert."""
+    from cluster.bench_experts import stacked_layer_on_gpu
+    from cluster.workloads import SHAPES
+
+    shape, out = SHAPES["base-8"], io.StringIO()
+    with contextlib.redirect_stdout(out):
+        stacked_layer_on_gpu(shape["num_experts"], shape["d_model"], shape["d_ff"])
+    return out.getvalue().strip()
 
 
 def benchmark() -> str:
@@ -65,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     status, tests = parity_tests()
     record(f"\n## GPU check, {gpu}, {datetime.date.today()} (`make gpu-check`)\n\n"
            f"Parity tests ({CUDA_TESTS}), exit status {status}:\n\n```\n{tests}\n```\n")
+    try:
+        import ray  # noqa: F401  (the expert dispatcher's module imports it)
+
+        layer = stacked_layer()
+    except ImportError:
+        layer = "not run: Ray is not installed for this interpreter"
+    record(f"\nOne sparse layer on the GPU (`python -m cluster.bench_experts`):\n\n```\n{layer}\n```\n")
     record(f"\nBenchmark (switch-base-8's shape, random float32 weights, workload {', '.join(WORKLOADS)}, "
            f"concurrency {', '.join(map(str, CONCURRENCY))}):\n\n```\n{benchmark()}\n```\n")
     if not args.no_record:

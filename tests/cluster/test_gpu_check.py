@@ -18,7 +18,7 @@ def test_gpu_check_stops_where_there_is_no_cuda(capsys, tmp_path, monkeypatch):
     assert not record.exists()
 
 
-def test_gpu_check_records_the_parity_tests_before_the_benchmark_runs(capsys, tmp_path, monkeypatch):
+def test_gpu_check_records_the_parity_tests_and_layer_timing_before_the_benchmark(capsys, tmp_path, monkeypatch):
     """A benchmark that breaks, or a run cut short at its time limit, leaves the parity results recorded."""
     record = tmp_path / "BENCHMARKS.md"
     monkeypatch.setattr(gpu_check, "RECORD", record)
@@ -26,6 +26,7 @@ def test_gpu_check_records_the_parity_tests_before_the_benchmark_runs(capsys, tm
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda _: "NVIDIA Test GPU")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(gpu_check, "parity_tests", lambda: (1, "1 failed, 9 passed"))
+    monkeypatch.setattr(gpu_check, "stacked_layer", lambda: "tokens   stacked   by expert")
 
     def broken_benchmark():
         raise RuntimeError("the GPU went away")
@@ -35,4 +36,4 @@ def test_gpu_check_records_the_parity_tests_before_the_benchmark_runs(capsys, tm
         gpu_check.main([])
     text = record.read_text()
     assert "## GPU check, NVIDIA Test GPU x1" in text and "exit status 1" in text and "1 failed, 9 passed" in text
-    assert "Benchmark" not in text
+    assert "tokens   stacked   by expert" in text and "Benchmark" not in text
