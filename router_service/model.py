@@ -56,8 +56,8 @@ def run_overlapped(micro_batches: list[MicroBatch]) -> list:
 
 @dataclass
 class Routing:
-    """Where one sparse layer sent each position of each row: tensors [batch, positions], on the CPU. On padding:
-    expert -1, prob 0, not dropped."""
+    """Where one sparse layer sent each position of each row: tensors [batch, positions], on the CPU once a pass is
+    done. On padding: expert -1, prob 0, not dropped."""
 
     expert: torch.Tensor  # the router's top-1 expert
     prob: torch.Tensor  # its router probability (what scales the expert's output)
