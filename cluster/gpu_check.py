@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import io
 import subprocess
 import sys
@@ -33,8 +34,15 @@ def parity_tests() -> tuple[int, str]:
     return out.returncode, "\n".join(lines[-12:])
 
 
+# What the Ray-bound parts say where this interpreter lacks Ray (a GPU machine's own Python may).
+NO_RAY = "not run: Ray is not installed for this interpreter"
+
+
 def stacked_layer() -> str:
-    """cluster.bench_experts' timing of one of switch-base-8's sparse layers on the GPU, stacked and by expert."""
+    """cluster.bench_experts' timing of one of switch-base-8's sparse layers on the GPU, stacked and by expert, or
+    why it did not run (the expert dispatcher's module imports Ray)."""
+    if importlib.util.find_spec("ray") is None:
+        return NO_RAY
     from cluster.bench_experts import stacked_layer_on_gpu
     from cluster.workloads import SHAPES
 
@@ -46,10 +54,8 @@ def stacked_layer() -> str:
 
 def benchmark() -> str:
     """The benchmark's table on the GPU, or why it did not run."""
-    try:
-        import ray  # noqa: F401  (a GPU machine's own Python may lack it)
-    except ImportError:
-        return "not run: Ray is not installed for this interpreter"
+    if importlib.util.find_spec("ray") is None:
+        return NO_RAY
     from cluster.bench import checkpoint, run, table
 
     folder = checkpoint("base-8", Path.home() / ".cache" / "switch-serve" / "bench" / "base-8")
@@ -78,13 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     status, tests = parity_tests()
     record(f"\n## GPU check, {gpu}, {datetime.date.today()} (`make gpu-check`)\n\n"
            f"Parity tests ({CUDA_TESTS}), exit status {status}:\n\n```\n{tests}\n```\n")
-    try:
-        import ray  # noqa: F401  (the expert dispatcher's module imports it)
-
-        layer = stacked_layer()
-    except ImportError:
-        layer = "not run: Ray is not installed for this interpreter"
-    record(f"\nOne sparse layer on the GPU (`python -m cluster.bench_experts`):\n\n```\n{layer}\n```\n")
+    record(f"\nOne sparse layer on the GPU (`python -m cluster.bench_experts`):\n\n```\n{stacked_layer()}\n```\n")
     record(f"\nBenchmark (switch-base-8's shape, random float32 weights, workload {', '.join(WORKLOADS)}, "
            f"concurrency {', '.join(map(str, CONCURRENCY))}):\n\n```\n{benchmark()}\n```\n")
     if not args.no_record:

@@ -43,19 +43,18 @@ def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: 
     experts.ffn.pack); else a copy, quantized with int8. On a GPU, unquantized, each layer whose every expert is
     among `keys` is held stacked, one [experts, ...] tensor of each weight (the second dict, for
     experts.ffn.stacked_ffn), and its experts' weights are views of those."""
-    experts = checkpoint.config.num_experts
-    wanted = set(keys)
-    stacked = {key[:2] for key in keys if torch.device(device).type == "cuda" and quantize != "int8"
-               and all((*key[:2], e) in wanted for e in range(experts))}
+    dtype, experts, wanted = dtype or checkpoint.dtype, checkpoint.config.num_experts, set(keys)
+    stacking = torch.device(device).type == "cuda" and quantize != "int8"
+    stacked = {key[:2] for key in keys if stacking and all((*key[:2], e) in wanted for e in range(experts))}
     stacks = {}
     for layer in stacked:  # stacked on the host, then copied: no second copy of a layer on the GPU
         names = [expert_tensor_names(*layer, e) for e in range(experts)]
         tensors = checkpoint.read([name for pair in names for name in pair])
-        stacks[layer] = tuple(torch.stack([tensors[pair[i]] for pair in names]).to(device, dtype or checkpoint.dtype)
+        stacks[layer] = tuple(held_weight(torch.stack([tensors[pair[i]] for pair in names]), device, dtype, quantize)
                               for i in (0, 1))
     rest = [key for key in keys if key[:2] not in stacked]
     tensors = checkpoint.read([name for key in rest for name in expert_tensor_names(*key)])
-    held = {name: held_weight(tensors[name], device, dtype or checkpoint.dtype, quantize) for name in tensors}
+    held = {name: held_weight(tensors[name], device, dtype, quantize) for name in tensors}
     weights = {key: tuple(pack(held[name]) if packed else held[name] for name in expert_tensor_names(*key))
                for key in rest}
     weights |= {(*layer, e): (wi[e], wo[e]) for layer, (wi, wo) in stacks.items() for e in range(experts)}
