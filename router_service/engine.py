@@ -216,7 +216,7 @@ class SwitchCluster:
             infos = ray.get([actor.info.remote() for actor in actors], timeout=FLEET_POLL_S)
         except Exception:  # lost already: the link finds out and asks again
             return {}, {}
-        device = self.front.device
+        device, experts = self.front.device, self.checkpoint.config.num_experts
         keys = experts_beside(infos, here, gpu_uuid(device))
         # Those held already are kept: built again, each would be packed or quantized again while the old copies
         # still serve (as much memory again, on the fleet's every restart).
@@ -229,11 +229,10 @@ class SwitchCluster:
             if room < len(new):
                 log.warning("the front's GPU has room for a copy of %d of the %d experts beside it: their actors "
                             "compute the others", room, len(new))
-                new = fitting(new, room, self.checkpoint.config.num_experts)
+                new = fitting(new, room, experts)
         held, stacks = held_experts(self.checkpoint, new, self.config.quantize, self.config.packed_weights, device,
                                     self.front.dtype)
         self._held = kept | held
-        experts = self.checkpoint.config.num_experts
         self._stacks = {layer: s for layer, s in self._stacks.items()
                         if all((*layer, e) in kept for e in range(experts))} | stacks
         return self._held, self._stacks
