@@ -1,6 +1,7 @@
 """`make gpu-check`: on a machine with an NVIDIA GPU, the CUDA parity tests (float32 and bfloat16, against
-transformers on the same GPU), one sparse layer timed stacked and by expert (cluster.bench_experts), and the benchmark
-with transformers, the front and the expert actors on the GPU, appended to docs/BENCHMARKS.md under the GPU's name.
+transformers on the same GPU), one sparse layer timed stacked and by expert (cluster.bench_experts), a decoding step's
+kernels and reads back counted (cluster.bench_step), and the benchmark with transformers, the front and the expert
+actors on the GPU, appended to docs/BENCHMARKS.md under the GPU's name.
 
     python -m cluster.gpu_check               # what make gpu-check runs
     python -m cluster.gpu_check --no-record   # print only
@@ -52,6 +53,18 @@ def stacked_layer() -> str:
     return out.getvalue().strip()
 
 
+def step_work() -> str:
+    """cluster.bench_step's count of a decoding step's kernels and reads back, the front's and transformers', in
+    float32 and bfloat16, or why it did not run (the expert dispatcher's module imports Ray)."""
+    if importlib.util.find_spec("ray") is None:
+        return NO_RAY
+    import torch
+
+    from cluster.bench_step import report
+
+    return "\n".join(report([1, 32], dtype) for dtype in (torch.float32, torch.bfloat16))
+
+
 def benchmark() -> str:
     """The benchmark's table on the GPU, or why it did not run."""
     if importlib.util.find_spec("ray") is None:
@@ -85,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     record(f"\n## GPU check, {gpu}, {datetime.date.today()} (`make gpu-check`)\n\n"
            f"Parity tests ({CUDA_TESTS}), exit status {status}:\n\n```\n{tests}\n```\n")
     record(f"\nOne sparse layer on the GPU (`python -m cluster.bench_experts`):\n\n```\n{stacked_layer()}\n```\n")
+    record(f"\nA decoding step's kernels and reads back (`python -m cluster.bench_step`):\n\n```\n{step_work()}\n```\n")
     record(f"\nBenchmark (switch-base-8's shape, random float32 weights, workload {', '.join(WORKLOADS)}, "
            f"concurrency {', '.join(map(str, CONCURRENCY))}):\n\n```\n{benchmark()}\n```\n")
     if not args.no_record:

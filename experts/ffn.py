@@ -192,7 +192,8 @@ def stacked_ffn(x: torch.Tensor, expert: torch.Tensor, wi: torch.Tensor, wo: tor
     h = act(torch.matmul(x, wi.transpose(1, 2)))  # [experts, tokens, d_ff]
     if h.dtype != wo.dtype:  # as transformers does before its `wo`
         h = h.to(wo.dtype)
-    return torch.matmul(h, wo.transpose(1, 2))[expert, torch.arange(x.shape[0], device=x.device)]
+    out = torch.matmul(h, wo.transpose(1, 2))  # [experts, tokens, d_model]
+    return out.gather(0, expert.view(1, -1, 1).expand(1, -1, out.shape[-1])).squeeze(0)
 
 
 class CoreThreads:

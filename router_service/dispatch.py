@@ -49,7 +49,6 @@ class ExpertDispatcher:
         # Sparse-layer round trips made, the front's time sending and waiting in them, and sending alone.
         self.calls, self.seconds, self.sending_seconds = 0, 0.0, 0.0
         self.local_calls, self.local_tokens = 0, {}  # sparse layers with tokens computed here; tokens per expert
-        self._uncounted = {}  # {layer: tokens per expert, on the device} computed stacked since the last settle
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
         self.copies, self.hosts = {}, {}
@@ -68,6 +67,13 @@ class ExpertDispatcher:
         for stack, layer, expert in local:
             is_local[(stack, layer)][expert] = True
         self.actors, self.local, self.stacks, self.is_local = actors, local, stacks or {}, is_local
+        # Tokens per expert of each stacked layer computed since the last `settle`, on the device (a row each), and
+        # ones to add up: made once, since each tensor made is a kernel launched at every step.
+        device = next(iter(self.stacks.values()))[0].device if self.stacks else None
+        self._tally = (torch.zeros(len(self.stacks), self.num_experts, dtype=torch.long, device=device),
+                       {layer: row for row, layer in enumerate(self.stacks)},
+                       torch.ones(STACKED_MAX_ROWS // self.num_experts, dtype=torch.long, device=device))
+        self._unsettled = False
 
     def actors_dead(self, timeout_s: float = 1.0) -> bool:
         """Whether the first actor is dead for good: all of them are when their fleet died. One that is
@@ -177,18 +183,23 @@ class ExpertDispatcher:
         pending.computed = stacked_ffn(tokens, expert, *stacked, self.act)
         pending.local_s = time.perf_counter() - computing
         self.local_calls += 1
-        counts = self._uncounted.get(layer)
-        if counts is None:
-            counts = self._uncounted[layer] = torch.zeros(self.num_experts, dtype=torch.long, device=expert.device)
-        counts.index_add_(0, expert, torch.ones_like(expert))
+        counts, rows, ones = self._tally
+        if layer in rows:  # not when `use` has just held other layers: a step's counts are lost
+            counts[rows[layer]].index_add_(0, expert, ones[:len(expert)])
+            self._unsettled = True
         return pending
 
     def settle(self) -> None:
         """Count the tokens computed stacked since the last call: done once a step's results have come back from
         the device, since reading the counts waits for it."""
-        uncounted, self._uncounted = self._uncounted, {}
-        for layer, counts in uncounted.items():
-            self._count_here([(*layer, e) for e in range(self.num_experts)], counts.tolist())
+        if not self._unsettled:
+            return
+        counts, rows, _ = self._tally
+        per_layer = counts.tolist()  # one read back
+        counts.zero_()
+        self._unsettled = False
+        for layer, row in rows.items():
+            self._count_here([(*layer, e) for e in range(self.num_experts)], per_layer[row])
 
     def _count_here(self, keys: list[ExpertKey], counts: list[int]) -> None:
         for key, n in zip(keys, counts):

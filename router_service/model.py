@@ -71,9 +71,20 @@ class Routing:
     @staticmethod
     def cat(parts: list[dict[int, Routing]]) -> dict[int, Routing]:
         """The rows of each part in turn, layer by layer, on the CPU."""
-        return {layer: Routing(*(torch.cat([getattr(p[layer], f) for p in parts]).cpu() for f in ("expert", "prob",
-                                                                                                     "dropped")))
-                for layer in parts[0]}
+        layers = list(parts[0])
+        fields = [on_host([torch.cat([getattr(p[layer], f) for p in parts]) if len(parts) > 1
+                           else getattr(parts[0][layer], f) for layer in layers])
+                  for f in ("expert", "prob", "dropped")]
+        return {layer: Routing(*(field[i] for field in fields)) for i, layer in enumerate(layers)}
+
+
+def on_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Tensors of one dtype on the CPU, read back from a GPU in one copy: each copy waits for the device and has a
+    fixed cost, and a step has a few tensors of routing for every sparse layer."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 @dataclass
@@ -270,12 +281,11 @@ def length_groups(lengths: list[int], group_cost: int) -> list[list[int]]:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """T5's layer norm: scale only, no mean subtraction, no bias; accumulated in fp32."""
-    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    x = x * torch.rsqrt(variance + eps)
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        x = x.to(weight.dtype)
-    return weight * x
+    """T5's layer norm of x in its weight's dtype: scale only, no mean subtraction, no bias; the mean square in fp32,
+    the normalized x rounded to the dtype before the scale, as transformers does. F.rms_norm computes that normalized
+    x (bit for bit on the CPU, in float32 and bfloat16) in one op where transformers' way takes five, which counts
+    where the GPU waits for the CPU to launch each kernel."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
@@ -307,9 +317,9 @@ def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """T5 attention of q, k, v [batch, heads, len, d_kv] to [batch, len, heads * d_kv]: no 1/sqrt(d_kv) scaling;
     position bias and mask are added to the scores; softmax in float32, as transformers does (torch's fused
-    attention rounds differently in half precision)."""
+    attention rounds differently in half precision), the scores widened by the softmax's own kernel."""
     scores = torch.matmul(q, k.transpose(2, 3)) + bias
-    out = torch.matmul(F.softmax(scores.float(), dim=-1).type_as(scores), v)
+    out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).type_as(scores), v)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
@@ -370,6 +380,12 @@ class SwitchFront:
         self.device = torch.device(device)
         self.dtype = dtype or checkpoint.dtype
         self.weights = {name: t.to(self.device, self.dtype) for name, t in checkpoint.read(names).items()}
+        # The routers compute in float32 from their weights in the front's dtype, as transformers' do: widened once.
+        for stack in STACKS:
+            for layer in sparse_layers(config, stack):
+                for which in ("weight", "bias"):
+                    if (name := router_tensor_name(stack, layer, which)) in self.weights:
+                        self.weights[name] = self.weights[name].float()
         # Every self-attention's q, k and v as one matrix, and every cross-attention's k and v: one matmul each.
         self.fused = {}
         for stack in STACKS:
@@ -465,9 +481,8 @@ class SwitchFront:
         each token's sequence (sequence by sequence, earlier positions first); `longest` is the most tokens of one.
         Returns the output [tokens, d_model] and each token's (expert, prob, dropped), on the device (read back once
         a step is done, so that a layer computed on the GPU need not wait for it)."""
-        bias = self.weights.get(router_tensor_name(stack, layer, "bias"))
-        logits = F.linear(tokens.to(torch.float32), self._w(router_tensor_name(stack, layer)).to(torch.float32),
-                          None if bias is None else bias.to(torch.float32))
+        logits = F.linear(tokens.to(torch.float32), self._w(router_tensor_name(stack, layer)),
+                          self.weights.get(router_tensor_name(stack, layer, "bias")))
         prob, expert = F.softmax(logits, dim=-1, dtype=torch.float32).to(tokens.dtype).max(dim=-1)
         nothing_over = self.capacity == "dropless" or longest <= self.config.expert_capacity
         keep = None if nothing_over else self._within_capacity(expert, sequence)
@@ -500,7 +515,8 @@ class SwitchFront:
         self.dispatch.settle()
         results = []
         for groups, (hidden, routing) in zip(grouped, outputs):
-            routing = {layer: [t.cpu() for t in routed] for layer, routed in routing.items()}
+            on_cpu = [on_host([routed[f] for routed in routing.values()]) for f in range(3)]
+            routing = {layer: [field[i] for field in on_cpu] for i, layer in enumerate(routing)}
             for group in groups:
                 routed = {layer: Routing(group.padded(expert[group.tokens], -1), group.padded(prob[group.tokens]),
                                          group.padded(dropped[group.tokens]))

@@ -18,7 +18,7 @@ def test_gpu_check_stops_where_there_is_no_cuda(capsys, tmp_path, monkeypatch):
     assert not record.exists()
 
 
-def test_gpu_check_records_the_parity_tests_and_layer_timing_before_the_benchmark(capsys, tmp_path, monkeypatch):
+def test_gpu_check_records_its_parts_before_the_benchmark(capsys, tmp_path, monkeypatch):
     """A benchmark that breaks, or a run cut short at its time limit, leaves the parity results recorded."""
     record = tmp_path / "BENCHMARKS.md"
     monkeypatch.setattr(gpu_check, "RECORD", record)
@@ -27,6 +27,7 @@ def test_gpu_check_records_the_parity_tests_and_layer_timing_before_the_benchmar
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(gpu_check, "parity_tests", lambda: (1, "1 failed, 9 passed"))
     monkeypatch.setattr(gpu_check, "stacked_layer", lambda: "tokens   stacked   by expert")
+    monkeypatch.setattr(gpu_check, "step_work", lambda: "cuda float32, a step of 32: the front 389 ops")
 
     def broken_benchmark():
         raise RuntimeError("the GPU went away")
@@ -36,4 +37,4 @@ def test_gpu_check_records_the_parity_tests_and_layer_timing_before_the_benchmar
         gpu_check.main([])
     text = record.read_text()
     assert "## GPU check, NVIDIA Test GPU x1" in text and "exit status 1" in text and "1 failed, 9 passed" in text
-    assert "tokens   stacked   by expert" in text and "Benchmark" not in text
+    assert "tokens   stacked   by expert" in text and "the front 389 ops" in text and "Benchmark" not in text

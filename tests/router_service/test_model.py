@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersAttention
+from transformers.models.switch_transformers.modeling_switch_transformers import (
+    SwitchTransformersAttention,
+    SwitchTransformersLayerNorm,
+)
 
-from router_service.model import length_groups, relative_position_bucket
+from router_service.model import Routing, length_groups, relative_position_bucket, rms_norm
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -16,6 +19,31 @@ def test_relative_position_buckets_are_transformers(bidirectional, num_buckets, 
     ours = relative_position_bucket(distances, bidirectional, num_buckets, max_distance)
     theirs = SwitchTransformersAttention._relative_position_bucket(distances, bidirectional, num_buckets, max_distance)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 768), (32, 1, 768), (300, 512)])
+def test_rms_norm_is_transformers_bit_for_bit(dtype, shape):
+    torch.manual_seed(0)
+    norm = SwitchTransformersLayerNorm(shape[-1], eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x = (torch.randn(shape) * 3).to(dtype)
+        assert torch.equal(rms_norm(x, norm.weight, 1e-6), norm(x))
+
+
+def test_routing_of_parts_joins_their_rows_layer_by_layer():
+    def part(rows: int, offset: int) -> dict[int, Routing]:
+        return {layer: Routing(torch.arange(rows)[:, None] + offset + layer, torch.full((rows, 1), 0.5 + layer),
+                               torch.arange(rows)[:, None] % 2 == layer % 2) for layer in (1, 3)}
+
+    joined = Routing.cat([part(2, 0), part(3, 10)])
+    assert list(joined) == [1, 3]
+    assert joined[3].expert.tolist() == [[3], [4], [13], [14], [15]]
+    assert joined[1].prob.tolist() == [[1.5]] * 5 and joined[1].prob.dtype == torch.float32
+    assert joined[3].dropped.tolist() == [[False], [True], [False], [True], [False]]
+    assert joined[1].expert.shape == (5, 1)
+    assert Routing.cat([{}, {}]) == {}  # a stack without sparse layers
 
 
 def brute_force_cost(lengths: list[int], group_cost: int) -> int:

@@ -1,0 +1,135 @@
+"""What a decoding step asks of the device, the front's against transformers': the ATen ops that make or write a tensor
+(each a kernel launched on a GPU, where a step of a small batch waits on the CPU launching them) and, on a GPU, the
+copies read back to the host (each waits for the device). Counted, not timed, so that the count does not move with
+the machine's speed; the weights' sizes do not change it, so the checkpoint is switch-base-8's layout with tiny
+dimensions, its every expert held stacked as on a front's GPU, and a batch of prompts of 5 to 13 tokens.
+
+    .venv/bin/python -m cluster.bench_step                 # float32, batches of 1 and 32, on the GPU if there is one
+    .venv/bin/python -m cluster.bench_step --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache, EncoderDecoderCache
+
+from cluster.testing import tiny_config, write_random_checkpoint
+from cluster.workloads import SHAPES
+from experts.checkpoint import SwitchCheckpoint
+from experts.ffn import ACTIVATION_FUNCTIONS
+from experts.spec import expert_tensor_names, sparse_layers
+from router_service.dispatch import ExpertDispatcher
+from router_service.model import DecoderCache, SwitchFront
+
+LAYOUT = {name: SHAPES["base-8"][name] for name in ("num_layers", "num_decoder_layers", "num_sparse_encoder_layers",
+                                                     "num_sparse_decoder_layers", "num_experts")}
+STEPS_BEFORE = 3  # steps decoded before the one counted, so that the caches have grown as they do in a run
+
+
+class DeviceWork(TorchDispatchMode):
+    """Counts the ops that make or write a tensor (not views), by name, and the copies from a device to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.reads = collections.Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # A view, or a cast to the dtype a tensor has, returns the memory it was given.
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        outputs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        if func._schema.name.endswith("_") or any(o.untyped_storage().data_ptr() not in inputs for o in outputs):
+            self.ops[str(func.overloadpacket)] += 1
+        sources = [a for a in args if isinstance(a, torch.Tensor) and a.device.type != "cpu"]
+        self.reads += bool(sources and any(o.device.type == "cpu" for o in outputs))
+        return out
+
+
+def front_step(folder: str, prompts: list[list[int]], device: str, dtype: torch.dtype) -> DeviceWork:
+    """The front's decoding step, every expert held stacked."""
+    checkpoint = SwitchCheckpoint.open(folder)
+    config = checkpoint.config
+    owners, local, stacks = {}, {}, {}
+    for stack in ("encoder", "decoder"):
+        for layer in sparse_layers(config, stack):
+            owners[(stack, layer)] = {e: [0] for e in range(config.num_experts)}
+            weights = [[w.to(device, dtype)
+                        for w in checkpoint.read(list(expert_tensor_names(stack, layer, e))).values()]
+                       for e in range(config.num_experts)]
+            local |= {(stack, layer, e): tuple(w) for e, w in enumerate(weights)}
+            stacks[(stack, layer)] = tuple(torch.stack([w[i] for w in weights]) for i in (0, 1))
+    dispatcher = ExpertDispatcher([], owners, config.num_experts, act=ACTIVATION_FUNCTIONS[config.dense_act_fn])
+    dispatcher.use([], local, stacks)
+    front = SwitchFront(checkpoint, dispatcher, dtype=dtype, device=device, packed_weights=False)
+    cache = DecoderCache.merge([front.start_decoding(encoded) for _, encoded in front.encode(prompts)], len(prompts))
+    tokens = torch.zeros(len(prompts), dtype=torch.long)
+    for _ in range(STEPS_BEFORE):
+        cache, logits, _ = front.decode_step(cache, tokens)
+        tokens = logits.argmax(-1)
+    with DeviceWork() as work:
+        front.decode_step(cache, tokens)
+    return work
+
+
+def transformers_step(model, prompts: list[list[int]], device: str) -> DeviceWork:
+    """transformers' decoding step with its cache, the way `generate` runs it."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=device)
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=device)
+    encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    tokens = torch.zeros(len(prompts), 1, dtype=torch.long, device=device)
+
+    def step():
+        return model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=tokens, past_key_values=cache,
+                     use_cache=True)
+
+    for _ in range(STEPS_BEFORE):
+        step()
+    with DeviceWork() as work:
+        step()
+    return work
+
+
+@torch.inference_mode()
+def count(batches: list[int], device: str, dtype: torch.dtype) -> list[dict]:
+    """Per batch size: the ops and reads of a step of each system, and the front's by name."""
+    with tempfile.TemporaryDirectory() as folder:
+        model = write_random_checkpoint(folder, tiny_config(**LAYOUT)).to(device, dtype)
+        rows = []
+        for batch in batches:
+            prompts = [[(7 * row + i) % 90 + 3 for i in range(5 + row % 9)] for row in range(batch)]
+            ours, theirs = front_step(folder, prompts, device, dtype), transformers_step(model, prompts, device)
+            rows.append({"batch": batch, "front_ops": sum(ours.ops.values()), "front_reads": ours.reads,
+                         "transformers_ops": sum(theirs.ops.values()), "transformers_reads": theirs.reads,
+                         "front_by_op": dict(ours.ops.most_common())})
+        return rows
+
+
+def report(batches: list[int], dtype: torch.dtype) -> str:
+    """count's rows as lines of text, on the GPU if there is one."""
+    device, lines = "cuda" if torch.cuda.is_available() else "cpu", []
+    for row in count(batches, device, dtype):
+        lines += [f"{device} {str(dtype).removeprefix('torch.')}, a step of {row['batch']}: "
+                  f"the front {row['front_ops']} ops, {row['front_reads']} reads back; "
+                  f"transformers {row['transformers_ops']} ops, "
+                  f"{row['transformers_reads']} reads back",
+                  "   the front's: " + ", ".join(f"{op} {n}" for op, n in row["front_by_op"].items())]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--batches", default="1,32", help="batch sizes, comma-separated")
+    args = parser.parse_args()
+    print(report([int(b) for b in args.batches.split(",")], getattr(torch, args.dtype)))
+
+
+if __name__ == "__main__":
+    main()
