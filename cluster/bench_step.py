@@ -1,8 +1,10 @@
 """What a decoding step asks of the device, the front's against transformers': the ATen ops that make or write a tensor
 (each a kernel launched on a GPU, where a step of a small batch waits on the CPU launching them) and, on a GPU, the
-copies read back to the host (each waits for the device). Counted, not timed, so that the count does not move with
-the machine's speed; the weights' sizes do not change it, so the checkpoint is switch-base-8's layout with tiny
-dimensions, its every expert held stacked as on a front's GPU, and a batch of prompts of 5 to 13 tokens.
+reads back to the host (copies, scalars, nonzero's indices: each waits for the device). Counted, not timed, so that
+the count does not move with the machine's speed; the weights' sizes do not change it, so the checkpoint is
+switch-base-8's layout with tiny dimensions, its every expert held stacked as on a front's GPU, and a batch of
+prompts of 5 to 13 tokens. The count is of one device's ops: a CPU's and a GPU's can differ where one fuses what the
+other runs as two (a bfloat16 softmax to float32 is one op on the CPU, a cast and a softmax on CUDA).
 
     .venv/bin/python -m cluster.bench_step                 # float32, batches of 1 and 32, on the GPU if there is one
     .venv/bin/python -m cluster.bench_step --dtype bfloat16
@@ -31,8 +33,14 @@ LAYOUT = {name: SHAPES["base-8"][name] for name in ("num_layers", "num_decoder_l
 STEPS_BEFORE = 3  # steps decoded before the one counted, so that the caches have grown as they do in a run
 
 
+# Ops on a device whose result the host reads besides copies to it: a scalar (`.item()`, `int(t)`), and the
+# indices of nonzero elements (their count sizes the output).
+HOST_READS = {"aten._local_scalar_dense", "aten.nonzero"}
+
+
 class DeviceWork(TorchDispatchMode):
-    """Counts the ops that make or write a tensor (not views), by name, and the copies from a device to the host."""
+    """Counts the ops that make or write a tensor (not views), by name, and the reads back to the host from a device
+    (copies to it and HOST_READS), each of which waits for the device."""
 
     def __init__(self):
         super().__init__()
@@ -45,8 +53,9 @@ class DeviceWork(TorchDispatchMode):
         outputs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
         if func._schema.name.endswith("_") or any(o.untyped_storage().data_ptr() not in inputs for o in outputs):
             self.ops[str(func.overloadpacket)] += 1
-        sources = [a for a in args if isinstance(a, torch.Tensor) and a.device.type != "cpu"]
-        self.reads += bool(sources and any(o.device.type == "cpu" for o in outputs))
+        on_device = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+        self.reads += on_device and (str(func.overloadpacket) in HOST_READS
+                                     or any(o.device.type == "cpu" for o in outputs))
         return out
 
 

@@ -185,7 +185,8 @@ class ExpertDispatcher:
         self.local_calls += 1
         counts, rows, ones = self._tally
         if layer in rows:  # not when `use` has just held other layers: a step's counts are lost
-            counts[rows[layer]].index_add_(0, expert, ones[:len(expert)])
+            counts[rows[layer]].index_add_(0, expert, ones[:len(expert)] if len(expert) <= len(ones)
+                                           else torch.ones_like(expert))  # STACKED_MAX_ROWS raised since `use`
             self._unsettled = True
         return pending
 

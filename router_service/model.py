@@ -281,10 +281,10 @@ def length_groups(lengths: list[int], group_cost: int) -> list[list[int]]:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """T5's layer norm of x in its weight's dtype: scale only, no mean subtraction, no bias; the mean square in fp32,
-    the normalized x rounded to the dtype before the scale, as transformers does. F.rms_norm computes that normalized
-    x (bit for bit on the CPU, in float32 and bfloat16) in one op where transformers' way takes five, which counts
-    where the GPU waits for the CPU to launch each kernel."""
+    """T5's layer norm of x by a weight of x's dtype: scale only, no mean subtraction, no bias; the mean square in
+    fp32, the normalized x rounded to the dtype before the scale, as transformers does. F.rms_norm computes that
+    normalized x (bit for bit on the CPU, in float32, bfloat16 and float16) in one op where transformers' way takes
+    five, which counts where the GPU waits for the CPU to launch each kernel."""
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 

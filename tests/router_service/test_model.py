@@ -9,7 +9,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
     SwitchTransformersLayerNorm,
 )
 
-from router_service.model import Routing, length_groups, relative_position_bucket, rms_norm
+from router_service.model import Routing, attention, length_groups, relative_position_bucket, rms_norm
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -21,15 +21,28 @@ def test_relative_position_buckets_are_transformers(bidirectional, num_buckets, 
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 768), (32, 1, 768), (300, 512)])
-def test_rms_norm_is_transformers_bit_for_bit(dtype, shape):
+@pytest.mark.parametrize("scale", [3.0, 1e-3])  # the second small enough for epsilon to count
+def test_rms_norm_is_transformers_bit_for_bit(dtype, shape, scale):
     torch.manual_seed(0)
     norm = SwitchTransformersLayerNorm(shape[-1], eps=1e-6).to(dtype)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
-        x = (torch.randn(shape) * 3).to(dtype)
+        x = (torch.randn(shape) * scale).to(dtype)
         assert torch.equal(rms_norm(x, norm.weight, 1e-6), norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_is_transformers_bit_for_bit(dtype):
+    """Our attention against transformers' own on the same projections, position bias and mask."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 7, 8).to(dtype) for _ in range(3))
+    bias = torch.randn(1, 4, 7, 7).to(dtype)
+    scores = torch.matmul(q, k.transpose(3, 2)) + bias  # transformers' SwitchTransformersAttention.forward
+    weights = torch.nn.functional.softmax(scores.float(), dim=-1).type_as(scores)
+    theirs = torch.matmul(weights, v).transpose(1, 2).contiguous().view(3, 7, -1)
+    assert torch.equal(attention(q, k, v, bias), theirs)
 
 
 def test_routing_of_parts_joins_their_rows_layer_by_layer():
