@@ -360,7 +360,7 @@ class PromptGroup:
 class SwitchFront:
     """The non-expert weights of a checkpoint and the math that uses them. Never reads an expert tensor.
 
-    Runs on `device` in `dtype` (default: the checkpoint's); takes token ids and returns logits on the CPU.
+    Runs on `device` in `dtype` (default: the checkpoint's); takes token ids and returns logits on that device.
     With `micro_batches` > 1, each batch is split by rows and one part's math runs while another's expert calls
     are out. With `packed_weights`, the weights of its products get packed copies on the CPU (experts.ffn.pack)."""
 
@@ -563,9 +563,9 @@ class SwitchFront:
 
     def decode_step(self, cache: DecoderCache,
                     tokens: torch.Tensor) -> tuple[DecoderCache, torch.Tensor, dict[int, Routing]]:
-        """Feed one token per sequence. Returns the cache grown by one position, next-token logits
-        [batch, vocab] and each decoder sparse layer's Routing of the fed tokens ([batch, 1]). The grown cache may
-        share storage with `cache`: step from the grown one only."""
+        """Feed one token per sequence. Returns the cache grown by one position, next-token logits [batch, vocab] on
+        the front's device and each decoder sparse layer's Routing of the fed tokens ([batch, 1]). The grown cache
+        may share storage with `cache`: step from the grown one only."""
         width, batch = cache.width + 1, tokens.shape[0]
         cache = cache.with_room(width)
         new = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
@@ -575,8 +575,8 @@ class SwitchFront:
                                 for rows in self._micro_batches(batch)])
         grown = DecoderCache(cache.self_k, cache.self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias,
                              cache.row_room)
-        logits = torch.cat([x for x, _ in parts]).cpu()
-        self.dispatch.settle()  # the step is done on the device
+        logits = torch.cat([x for x, _ in parts]) if len(parts) > 1 else parts[0][0]
+        self.dispatch.settle()  # reads back the step's expert counts: waits for the device
         return grown, logits, Routing.cat([r for _, r in parts])
 
     def _decode(self, cache: DecoderCache, tokens: torch.Tensor, self_valid: torch.Tensor,

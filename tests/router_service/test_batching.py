@@ -108,10 +108,10 @@ def test_the_cache_is_as_wide_as_its_longest_sequence(checkpoint_factory):
 
 def test_sampling_cuts():
     logits = torch.tensor([0.0, 3.0, 2.0, 1.0])
-    assert next_tokens(torch.stack([logits, logits.flip(0)]), [Sequence([1]), Sequence([1])]) == [1, 2]
+    assert next_tokens(torch.stack([logits, logits.flip(0)]), [Sequence([1]), Sequence([1])]).tolist() == [1, 2]
     # In one batch, a greedy row always takes its most likely token and a sampled row either of its two most likely.
     nucleus = [SamplingParams(temperature=1.0, top_p=0.8, seed=s) for s in range(50)]
-    assert {tuple(next_tokens(torch.stack([logits, logits]), [Sequence([1]), Sequence([1], params)]))
+    assert {tuple(next_tokens(torch.stack([logits, logits]), [Sequence([1]), Sequence([1], params)]).tolist())
             for params in nucleus} == {(1, 1), (1, 2)}
     top1 = SamplingParams(temperature=1.0, top_k=1)
     assert {sample(logits, top1, torch.Generator().manual_seed(s)) for s in range(20)} == {1}
