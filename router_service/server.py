@@ -200,11 +200,15 @@ async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: 
                 count = len(seq.logprobs)
                 if count == sent and not finished:  # an update whose token went out with the one before
                     continue
-                new_text += text.update(seq.token_ids[:count], finished)  # every step: a stop string ends it now
-                reason = "stop" if text.stopped else seq.finish_reason if finished else None
                 # The first piece goes at once, the last when it is made; the others wait for the interval.
-                held_s = time.monotonic() - sent_at
-                if reason is None and sent and held_s < stream_interval_s(config, scheduler.num_active):
+                due = finished or not sent or (
+                    time.monotonic() - sent_at >= stream_interval_s(config, scheduler.num_active))
+                # The text is decoded (all of it, on the event loop) at every step only where a stop string may end
+                # it now; else once a piece.
+                if text.stop or due:
+                    new_text += text.update(seq.token_ids[:count], finished)
+                reason = "stop" if text.stopped else seq.finish_reason if finished else None
+                if reason is None and not due:
                     continue
                 yield piece(reason)
                 sent, new_text, sent_at = count, "", time.monotonic()
@@ -212,6 +216,7 @@ async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: 
                     return
         except Exception:  # the batch failed: the tokens held go out before the error
             if count > sent:
+                new_text += text.update(seq.token_ids[:count], False)
                 yield piece(None)
             raise
 

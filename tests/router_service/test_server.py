@@ -172,12 +172,19 @@ class ScriptedBatcher:
 
 
 def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, ...] = (),
-             error: Exception | None = None, **pacing) -> list:
+             error: Exception | None = None, decoded: list | None = None, **pacing) -> list:
     """The pieces `follow` yields for these tokens, one a step of ScriptedBatcher.STEP_S, with the text "<t>" per
     token; `decoding`: the sequences decoding, at every step or step by step. With `error`, the batch fails at the
-    last token's step: the pieces before it, then the error as the last item."""
+    last token's step: the pieces before it, then the error as the last item. `decoded` gets the tokens of each
+    decoding of the text."""
     config = ServerConfig(model="unused", **pacing)
-    text = TextStream(lambda ids: "".join(f"<{t}>" for t in ids), stop)
+
+    def decode(ids: list[int]) -> str:
+        if decoded is not None:
+            decoded.append(list(ids))
+        return "".join(f"<{t}>" for t in ids)
+
+    text = TextStream(decode, stop)
     batcher = ScriptedBatcher(tokens, decoding if isinstance(decoding, list) else [decoding] * len(tokens), error)
     seq = Sequence([5, 1], SamplingParams(routing=True, top_logprobs=1))
 
@@ -233,6 +240,17 @@ def test_a_stream_sends_what_it_holds_once_the_interval_has_passed():
     # The budget's share follows the load: 5 sequences decoding hold a stream 50 ms, one alone 10 ms.
     pieces = streamed(tokens, [5] * 5 + [1] * 4, stream_interval_ms=0, stream_chunks_per_s=100)
     assert [p.token_ids for p in pieces] == [[11], [12, 13, 14], [15, 16], [17], [18], [19]]
+
+
+def test_a_held_stream_decodes_its_text_once_a_piece_unless_a_stop_string_may_end_it():
+    """Decoding a sequence's whole text at every step, for every stream, takes the event loop's time (and the GIL)
+    from the batching thread; only a stop string needs it."""
+    decoded = []
+    streamed([11, 12, 13, 14, 15], decoded=decoded, stream_interval_ms=1e9)
+    assert decoded == [[11], [11, 12, 13, 14, 15]]
+    decoded.clear()
+    streamed([11, 12, 13, 14, 15], stop=("<99>",), decoded=decoded, stream_interval_ms=1e9)
+    assert len(decoded) == 5
 
 
 def test_a_stop_string_ends_a_held_stream_at_once():
