@@ -24,7 +24,7 @@ from cluster.testing import tiny_config, write_random_checkpoint
 from cluster.workloads import SHAPES
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS
-from experts.spec import expert_tensor_names, sparse_layers
+from experts.spec import STACKS, expert_tensor_names, sparse_layers
 from router_service.dispatch import ExpertDispatcher
 from router_service.model import DecoderCache, SwitchFront
 
@@ -63,17 +63,16 @@ def front_step(folder: str, prompts: list[list[int]], device: str, dtype: torch.
     """The front's decoding step, every expert held stacked."""
     checkpoint = SwitchCheckpoint.open(folder)
     config = checkpoint.config
-    owners, local, stacks = {}, {}, {}
-    for stack in ("encoder", "decoder"):
-        for layer in sparse_layers(config, stack):
-            owners[(stack, layer)] = {e: [0] for e in range(config.num_experts)}
-            weights = [[w.to(device, dtype)
-                        for w in checkpoint.read(list(expert_tensor_names(stack, layer, e))).values()]
-                       for e in range(config.num_experts)]
-            local |= {(stack, layer, e): tuple(w) for e, w in enumerate(weights)}
-            stacks[(stack, layer)] = tuple(torch.stack([w[i] for w in weights]) for i in (0, 1))
-    dispatcher = ExpertDispatcher([], owners, config.num_experts, act=ACTIVATION_FUNCTIONS[config.dense_act_fn])
-    dispatcher.use([], local, stacks)
+    experts = range(config.num_experts)
+    layers = [(stack, layer) for stack in STACKS for layer in sparse_layers(config, stack)]
+    stacks = {}
+    for layer in layers:
+        tensors = [checkpoint.read(list(expert_tensor_names(*layer, e))) for e in experts]
+        stacks[layer] = tuple(torch.stack([list(t.values())[i] for t in tensors]).to(device, dtype) for i in (0, 1))
+    dispatcher = ExpertDispatcher([], {layer: {e: [0] for e in experts} for layer in layers}, config.num_experts,
+                                  act=ACTIVATION_FUNCTIONS[config.dense_act_fn])
+    # The experts' weights views of the stacks, as experts.actor.held_experts holds them on a GPU.
+    dispatcher.use([], {(*layer, e): (wi[e], wo[e]) for layer, (wi, wo) in stacks.items() for e in experts}, stacks)
     front = SwitchFront(checkpoint, dispatcher, dtype=dtype, device=device, packed_weights=False)
     cache = DecoderCache.merge([front.start_decoding(encoded) for _, encoded in front.encode(prompts)], len(prompts))
     tokens = torch.zeros(len(prompts), dtype=torch.long)

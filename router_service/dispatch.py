@@ -67,12 +67,13 @@ class ExpertDispatcher:
         for stack, layer, expert in local:
             is_local[(stack, layer)][expert] = True
         self.actors, self.local, self.stacks, self.is_local = actors, local, stacks or {}, is_local
-        # Tokens per expert of each stacked layer computed since the last `settle`, on the device (a row each), and
-        # ones to add up: made once, since each tensor made is a kernel launched at every step.
+        # Tokens per expert of each stacked layer computed since the last `settle`, on the device (a row each), and a
+        # one to add up (expanded to the tokens, a view): made once, since each tensor made is a kernel launched at
+        # every step.
         device = next(iter(self.stacks.values()))[0].device if self.stacks else None
         self._tally = (torch.zeros(len(self.stacks), self.num_experts, dtype=torch.long, device=device),
                        {layer: row for row, layer in enumerate(self.stacks)},
-                       torch.ones(STACKED_MAX_ROWS // self.num_experts, dtype=torch.long, device=device))
+                       torch.ones(1, dtype=torch.long, device=device))
         self._unsettled = False
 
     def actors_dead(self, timeout_s: float = 1.0) -> bool:
@@ -183,10 +184,9 @@ class ExpertDispatcher:
         pending.computed = stacked_ffn(tokens, expert, *stacked, self.act)
         pending.local_s = time.perf_counter() - computing
         self.local_calls += 1
-        counts, rows, ones = self._tally
+        counts, rows, one = self._tally
         if layer in rows:  # not when `use` has just held other layers: a step's counts are lost
-            counts[rows[layer]].index_add_(0, expert, ones[:len(expert)] if len(expert) <= len(ones)
-                                           else torch.ones_like(expert))  # STACKED_MAX_ROWS raised since `use`
+            counts[rows[layer]].index_add_(0, expert, one.expand(len(expert)))
             self._unsettled = True
         return pending
 

@@ -515,12 +515,11 @@ class SwitchFront:
         self.dispatch.settle()
         results = []
         for groups, (hidden, routing) in zip(grouped, outputs):
-            on_cpu = [on_host([routed[f] for routed in routing.values()]) for f in range(3)]
-            routing = {layer: [field[i] for field in on_cpu] for i, layer in enumerate(routing)}
+            routing = Routing.cat([{layer: Routing(*routed) for layer, routed in routing.items()}])
             for group in groups:
-                routed = {layer: Routing(group.padded(expert[group.tokens], -1), group.padded(prob[group.tokens]),
-                                         group.padded(dropped[group.tokens]))
-                          for layer, (expert, prob, dropped) in routing.items()}
+                routed = {layer: Routing(group.padded(r.expert[group.tokens], -1), group.padded(r.prob[group.tokens]),
+                                         group.padded(r.dropped[group.tokens]))
+                          for layer, r in routing.items()}
                 results.append((group.rows, EncoderOutput(group.padded(hidden[group.tokens]),
                                                           group.mask.to(self.device), routed)))
         return results
