@@ -1,12 +1,9 @@
 """Expert compute for switch-base-8-sized experts and a decoding step's few tokens per expert:
 - on one core (an actor): a loop of one matmul pair per expert against one batched matmul over stacked weights;
-- on every core (a front computing its node's experts): the experts of a layer in turn, each on all the cores,
-  against different experts at once on experts.ffn.CoreThreads, one core each. Six layers of eight experts, so
-  that the weights come from memory, not the cache; tokens dealt to experts at random, as a router would;
 - a decoding step's large products (twelve feed-forward layers, the LM head) as F.linear (MKL's x @ W.T) and as
   experts.ffn.linear (for a few rows, x @ W.T or W @ x.T, whichever it timed faster here), each on one OpenMP thread
-  and on every core's, and as experts.ffn.linear_on_cores from a thread on one OpenMP thread (a small decoding
-  step's way where core threads pay);
+  and on every core's, and as experts.ffn.linear_on_cores from a thread on one OpenMP thread (the way of a step of
+  one sequence where core threads pay: one row split over the core threads);
 - a step's expert products on every core's OpenMP threads, float32 and bfloat16: F.linear by the weights, and
   experts.ffn.linear by PackedWeights (experts.ffn.pack: their packed copies from PACKED_MIN_ROWS rows on), 96
   weights in turn;
@@ -50,29 +47,6 @@ def one_core(experts: int, d_model: int, d_ff: int) -> None:
         batched = seconds(lambda stacked=stacked: torch.bmm(F.relu(torch.bmm(stacked, wi.transpose(1, 2))),
                                                             wo.transpose(1, 2)))
         print(f"{per_expert:17d}   {1000 * loop:9.2f}   {1000 * batched:12.2f}")
-
-
-def every_core(layers: int, experts: int, d_model: int, d_ff: int) -> None:
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(cores)
-    weights = [[(torch.randn(d_ff, d_model), torch.randn(d_model, d_ff)) for _ in range(experts)]
-               for _ in range(layers)]
-    threads = CoreThreads(cores)
-    print(f"\n{layers} layers of {experts} experts, float32, {cores} cores: ms per layer")
-    print("tokens in the layer   in turn   at once")
-    generator = torch.Generator().manual_seed(0)
-    for tokens in (1, 4, 8, 16, 32, 256):
-        counts = [torch.bincount(torch.randint(0, experts, (tokens,), generator=generator), minlength=experts).tolist()
-                  for _ in range(layers)]
-        x = torch.randn(tokens, d_model)
-
-        def layer_by_layer(pool: CoreThreads | None, x=x, counts=counts) -> None:
-            for i in range(layers):
-                grouped_ffn(x, counts[i], weights[i], F.relu, pool)
-
-        turn, once = (seconds(lambda pool=pool: layer_by_layer(pool), repeats=5) / layers for pool in (None, threads))
-        print(f"{tokens:19d}   {1000 * turn:7.2f}   {1000 * once:7.2f}")
-    threads.close()
 
 
 def products_on_cores(layers: int, d_model: int, d_ff: int, vocab: int) -> None:
@@ -146,7 +120,6 @@ def stacked_layer_on_gpu(experts: int, d_model: int, d_ff: int) -> None:
 
 if __name__ == "__main__":
     one_core(experts=4, d_model=768, d_ff=3072)
-    every_core(layers=6, experts=8, d_model=768, d_ff=3072)
     products_on_cores(layers=12, d_model=768, d_ff=3072, vocab=32128)
     packed_products(layers=6, experts=8, d_model=768, d_ff=3072)
     if torch.cuda.is_available():

@@ -3,14 +3,12 @@ weights are tensors or int8 (experts.int8)."""
 
 from __future__ import annotations
 
-import heapq
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +75,6 @@ TIMED_AT_USES = (1, 16, 256, 4096)
 # each time, and took 1.1 s instead of 1.7-1.9 with the memory kept (docs/BENCHMARKS.md). A thread's own arena still
 # gives back blocks over 64 MiB.
 KEPT_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-
-# What reading an expert's weights costs, in tokens: a piece of work costs this plus its tokens (a decoding step's
-# few tokens an expert take about as long as this many would, bound by memory).
-WEIGHT_READ_TOKENS = 8
-
 
 def pack(weight: Weight) -> Weight:
     """`weight` with a packed copy (PackedWeight) where products can use one: a float32 or bfloat16 tensor on a CPU
@@ -197,13 +190,7 @@ def stacked_ffn(x: torch.Tensor, expert: torch.Tensor, wi: torch.Tensor, wo: tor
 
 
 class CoreThreads:
-    """Threads that compute at once, each with one OpenMP thread: different experts (grouped_ffn), or the parts of
-    one large product (linear_on_cores).
-
-    On the CPU, a matrix product of a few tokens by an expert's weights reads them at a fraction of memory speed.
-    A layer of eight switch-base-8 experts with 4 or 8 tokens in all took 4.8 and 7.6 ms with each expert in turn on
-    two cores' OpenMP threads, and 3.3 and 5.6 ms with two at once, one core each; with 32 tokens, 10.8 and 11.0 ms
-    (cluster.bench_experts; docs/BENCHMARKS.md)."""
+    """Threads that compute the parts of one large product at once, each on one OpenMP thread (linear_on_cores)."""
 
     def __init__(self, n: int):
         self.n = n
@@ -261,9 +248,9 @@ def parts_beat_openmp(timings: Timings) -> bool:
     """Whether one row by a large weight is computed at least 10% faster cut into a part per core thread than on as
     many OpenMP threads (`timings`: openmp_and_parts_seconds'). So on an AMD EPYC, where MKL reads the weight at
     about half of memory speed on one core and no faster on two OpenMP threads; not on an Intel Xeon, whose OpenMP
-    threads take 0.4 times as long as the parts (docs/BENCHMARKS.md). Where the parts win, small decoding steps run
-    on one OpenMP thread with their large products on the core threads, and a layer's experts are computed at
-    once, one core each."""
+    threads take 0.4 times as long as the parts (docs/BENCHMARKS.md). Where the parts win, a decoding step of one
+    sequence runs on one OpenMP thread with its large products on the core threads
+    (router_service.batching.ONE_THREAD_UP_TO)."""
     openmp, parts = timings.best
     return parts < 0.9 * openmp
 
@@ -292,22 +279,14 @@ def openmp_and_parts_seconds(threads: CoreThreads) -> list[float]:
 
 
 def linear_on_cores(x: torch.Tensor, weight: Weight, threads: CoreThreads | None) -> torch.Tensor:
-    """`linear(x, weight)`. With `threads`, from a thread that runs one OpenMP thread, a large float weight on the
-    CPU is computed on every core. One row of x: cut by output rows into one part per thread, all computed at once,
-    one core each (where core threads run, see parts_beat_openmp: on an AMD EPYC, switch-base-8's LM head took 7.1 ms
-    on one core and 4.0 ms in two parts; each output is the same dot product either way). Several rows: on as many
-    OpenMP threads as `threads` has, where `linear` scales with them (the LM head at 4 rows: 11.6 ms in two parts,
-    5.0 ms on two OpenMP threads)."""
+    """`linear(x, weight)`. With `threads`, from a thread that runs one OpenMP thread, one row of x by a large float
+    weight on the CPU is cut by output rows into one part per thread, all computed at once, one core each (where core
+    threads run, see parts_beat_openmp: on an AMD EPYC, switch-base-8's LM head took 7.1 ms on one core and 4.0 ms in
+    two parts; each output is the same dot product either way)."""
     plain = unpacked(weight)
     if (threads is None or isinstance(plain, Int8Weight) or plain.device.type != "cpu"
-            or plain.nbytes < SPLIT_MIN_BYTES or torch.get_num_threads() > 1):
+            or plain.nbytes < SPLIT_MIN_BYTES or torch.get_num_threads() > 1 or x.numel() > x.shape[-1]):
         return linear(x, weight)
-    if x.numel() > x.shape[-1]:  # several rows
-        torch.set_num_threads(threads.n)
-        try:
-            return linear(x, weight)
-        finally:
-            torch.set_num_threads(1)
     out = x.new_empty(*x.shape[:-1], plain.shape[0])
     bounds = [plain.shape[0] * i // threads.n for i in range(threads.n + 1)]
 
@@ -322,41 +301,15 @@ def linear_on_cores(x: torch.Tensor, weight: Weight, threads: CoreThreads | None
     return out
 
 
-def shares(counts: list[int], n: int) -> list[list[tuple[int, int, int]]]:
-    """The experts' tokens dealt to n threads as (expert, first row, rows) pieces, so that each thread's cost
-    (tokens plus a weight read per piece) is about the same: an expert with more than an even share of the tokens
-    is cut into pieces of at most a share, then the pieces go largest first to the least loaded thread."""
-    share = max(-(-sum(counts) // n), 1)
-    pieces, start = [], 0
-    for expert, tokens in enumerate(counts):
-        for first in range(0, tokens, share):
-            pieces.append((expert, start + first, min(share, tokens - first)))
-        start += tokens
-    loads = [(0, i) for i in range(n)]
-    out = [[] for _ in range(n)]
-    for piece in sorted(pieces, key=lambda p: -p[2]):
-        load, i = heapq.heappop(loads)
-        out[i].append(piece)
-        heapq.heappush(loads, (load + piece[2] + WEIGHT_READ_TOKENS, i))
-    return [s for s in out if s]
-
-
-def grouped_ffn(x: torch.Tensor, counts: list[int], weights: list[tuple[Weight, Weight]], act,
-                threads: CoreThreads | None = None) -> torch.Tensor:
-    """x holds the tokens of several experts back to back (counts[i] rows for weights[i]); same order out. With
-    `threads`, different experts' tokens are computed at once (a single piece of work: see linear_on_cores)."""
+def grouped_ffn(x: torch.Tensor, counts: list[int], weights: list[tuple[Weight, Weight]], act) -> torch.Tensor:
+    """x holds the tokens of several experts back to back (counts[i] rows for weights[i]); same order out. The experts
+    run in turn, each on the caller's OpenMP threads (different experts at once on the core threads, one core each,
+    made 32 requests at once on 2 cores 10-25% slower: the caller's idle OpenMP threads spin on the cores they need;
+    docs/BENCHMARKS.md)."""
     out = torch.empty(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-
-    def compute(pieces: list[tuple[int, int, int]], cores: CoreThreads | None = None) -> None:
-        with torch.inference_mode():
-            for expert, first, rows in pieces:
-                out[first:first + rows] = expert_ffn(x[first:first + rows], *weights[expert], act, cores)
-
-    parts = shares(counts, threads.n) if threads is not None and x.device.type == "cpu" else [[]]
-    if len(parts) < 2:  # one expert's few tokens: its products on every core instead
-        starts = [0, *accumulate(counts)]
-        compute([(e, starts[e], n) for e, n in enumerate(counts) if n], threads)
-        return out
-    for done in [threads.pool.submit(compute, part) for part in parts]:
-        done.result()
+    start = 0
+    for (wi, wo), rows in zip(weights, counts):
+        if rows:
+            out[start:start + rows] = expert_ffn(x[start:start + rows], wi, wo, act)
+        start += rows
     return out

@@ -23,11 +23,11 @@ from router_service.requests import SamplingParams
 
 # A decoding step of this many sequences or fewer runs its math on one OpenMP thread where core threads pay
 # (experts.ffn.core_threads): its ops are too small for OpenMP's fork and join to pay there, and its large products
-# run on every core instead (experts.ffn.linear_on_cores).
-# Encoder passes, whole prompts, use every OpenMP thread: prompts arrive a few at a time, and their passes on one
-# thread made 32 requests at once 12% slower. Measured on 2 cores at switch-base-8's shape (docs/BENCHMARKS.md): a
-# threshold of 16 or 32 sequences was no faster.
-ONE_THREAD_UP_TO = 8
+# run on every core instead (experts.ffn.linear_on_cores). Larger steps, and encoder passes (whole prompts), run on
+# every OpenMP thread. On 2 cores of an AMD EPYC at switch-base-8's shape (docs/BENCHMARKS.md): one request at a
+# time, 19.1-20.3 tokens/s this way against 17.5-19.1 on two OpenMP threads; in batches of 2 and of 4, the steps of
+# two or more sequences on one thread made 27-29 and 39-42 tokens/s, on two 30-35 and 52-57.
+ONE_THREAD_UP_TO = 1
 
 
 @dataclass

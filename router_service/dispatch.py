@@ -36,9 +36,8 @@ class ExpertDispatcher:
 
     `owners[(stack, layer)][expert]` lists the indices in `actors` of the actors hosting that expert; an expert
     with several copies has its tokens dealt round-robin over them. Tokens of an expert whose weights this process
-    was given (see `use`) are computed here with `act`, while the calls for the others are out, different experts
-    at once on the process's core threads (experts.ffn.core_threads). A few tokens of a layer held here stacked
-    are computed by all its experts at once, without waiting for the device (see `settle`).
+    was given (see `use`) are computed here with `act`, while the calls for the others are out. A few tokens of a
+    layer held here stacked are computed by all its experts at once, without waiting for the device (see `settle`).
     """
 
     def __init__(self, actors: list, owners: dict[tuple[str, int], dict[int, list[int]]], num_experts: int,
@@ -158,8 +157,7 @@ class ExpertDispatcher:
         keys = [(pending.stack, pending.layer, e) for e in experts.tolist()]
         counts = counts.tolist()
         pending.local_index = index
-        pending.computed = grouped_ffn(pending.tokens[index], counts, [self.local[k] for k in keys], self.act,
-                                       core_threads())
+        pending.computed = grouped_ffn(pending.tokens[index], counts, [self.local[k] for k in keys], self.act)
         self.local_calls += 1
         self._count_here(keys, counts)
 

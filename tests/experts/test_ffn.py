@@ -1,9 +1,7 @@
-"""The expert FFN: its activations, computed with torch alone, equal transformers' ACT2FN of the same name; experts
-computed at once on several threads get the work dealt evenly, and give what one thread does; a product of a few
-rows runs the way measured faster here, x @ weight.T or weight @ x.T, and gives F.linear's result, and so do products
-by a packed copy of the weight; a large product on one OpenMP thread runs on every core (one row split over the
-threads, several rows on as many OpenMP threads) and gives F.linear's result; core threads run only where they are
-measured to pay."""
+"""The expert FFN: its activations, computed with torch alone, equal transformers' ACT2FN of the same name; a product
+of a few rows runs the way measured faster here, x @ weight.T or weight @ x.T, and gives F.linear's result, and so do
+products by a packed copy of the weight; one row by a large weight, from a thread on one OpenMP thread, is split over
+the core threads and gives F.linear's result; core threads run only where they are measured to pay."""
 
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ from experts.ffn import (
     PACKED_MIN_ROWS,
     SPLIT_MIN_BYTES,
     TRANSPOSED_MAX_ROWS,
-    WEIGHT_READ_TOKENS,
     CoreThreads,
     PackedWeight,
     core_threads,
@@ -31,7 +28,6 @@ from experts.ffn import (
     linear,
     linear_on_cores,
     pack,
-    shares,
     stacked_ffn,
     transposed_is_faster,
 )
@@ -71,43 +67,15 @@ def test_stacked_experts_give_each_token_its_own_experts_output(dtype):
         torch.testing.assert_close(out[row:row + 1], expert_ffn(x[row:row + 1], wi[e], wo[e], act))
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 2, 4, 0, 1], [1], [0, 9, 0], [200, 3, 5, 1], [40, 40, 40]])
-def test_shares_cover_every_token_once_and_balance_the_threads(counts):
-    n = 2
-    parts = shares(counts, n)
-    starts = [sum(counts[:e]) for e in range(len(counts))]
-    rows = sorted(row for part in parts for expert, first, size in part
-                  for row in range(first, first + size) if starts[expert] <= row < starts[expert] + counts[expert])
-    assert rows == list(range(sum(counts)))  # every row once, each in its own expert's range
-    share = -(-sum(counts) // n)
-    assert all(size <= share for part in parts for _, _, size in part)
-    loads = [sum(size + WEIGHT_READ_TOKENS for _, _, size in part) for part in parts]
-    if len(parts) == n:
-        assert max(loads) - min(loads) <= share + WEIGHT_READ_TOKENS
-    else:  # too little work to share
-        assert len(parts) == 1
-
-
-def test_an_expert_with_most_of_the_tokens_is_cut_between_the_threads():
-    parts = shares([200, 3, 5, 1], 2)
-    assert {expert for expert, _, _ in parts[0]} & {expert for expert, _, _ in parts[1]} == {0}
-
-
-@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 2, 4, 0, 1], [1], [150, 2, 0, 7]])
-def test_threads_compute_what_one_thread_does(expert_threads, counts):
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 2, 4, 0, 1], [1], [0, 9, 0]])
+def test_grouped_experts_give_each_token_its_own_experts_output(counts):
     torch.manual_seed(0)
     weights = [(torch.randn(40, 16), torch.randn(16, 40)) for _ in counts]
     x = torch.randn(sum(counts), 16)
-    seen = set()
-
-    def act(h):
-        seen.add(threading.current_thread().name)
-        return F.relu(h)
-
-    out = grouped_ffn(x, counts, weights, act, expert_threads)
-    assert torch.allclose(out, grouped_ffn(x, counts, weights, F.relu), rtol=1e-5, atol=1e-6)
-    if sum(1 for n in counts if n) > 1:  # the work went to the expert threads, not the caller's
-        assert seen and all(name.startswith("switch-serve-cores") for name in seen)
+    out = grouped_ffn(x, counts, weights, F.relu)
+    experts = [e for e, n in enumerate(counts) for _ in range(n)]
+    for row, e in enumerate(experts):
+        torch.testing.assert_close(out[row:row + 1], expert_ffn(x[row:row + 1], *weights[e], F.relu))
 
 
 def test_the_callers_openmp_threads_are_left_as_they_were():
@@ -239,50 +207,38 @@ def test_best_seconds_times_each_way():
     assert calls == ["quick", "slow"] * 3  # one run each to warm up, then the runs that count, taking turns
 
 
-def test_a_large_product_on_one_openmp_thread_runs_on_every_core(expert_threads, monkeypatch):
-    """One row: every part but one computed by another thread; several rows: on as many OpenMP threads as there are
-    core threads; the result is F.linear's (up to MKL's rounding, which may differ with the rows' count). A small
-    weight, or a caller on several OpenMP threads, stays on the caller's thread. Fails if linear_on_cores never
-    splits, cuts the rows wrong, or leaves several rows on one OpenMP thread."""
+def test_one_row_by_a_large_weight_on_one_openmp_thread_runs_on_every_core(expert_threads, monkeypatch):
+    """One row: every part but one computed by another thread; the result is F.linear's. Several rows, a small
+    weight, or a caller on several OpenMP threads stay on the caller's thread. Fails if linear_on_cores never
+    splits, cuts the rows wrong, or splits what it should not."""
     torch.manual_seed(0)
     large = torch.randn(SPLIT_MIN_BYTES // (4 * 256) + 3, 256)  # float32, just over the threshold, rows odd
     small = torch.randn(64, 256)
     one_row, rows = torch.randn(1, 256), torch.randn(3, 256)
-    submitted, openmp = [], []
+    submitted = []
     submit = expert_threads.pool.submit
 
     def counting_submit(*args):
         submitted.append(args)
         return submit(*args)
 
-    def counting_linear(x, weight):
-        openmp.append(torch.get_num_threads())
-        return linear(x, weight)
-
     monkeypatch.setattr(expert_threads.pool, "submit", counting_submit)
-    monkeypatch.setattr("experts.ffn.linear", counting_linear)
     assert torch.allclose(on_openmp_threads(lambda: linear_on_cores(one_row, large, expert_threads)),
                           F.linear(one_row, large), rtol=1e-5, atol=1e-5)
     assert len(submitted) == expert_threads.n - 1  # every part but the caller's own
-    openmp.clear()
-    assert torch.allclose(on_openmp_threads(lambda: linear_on_cores(rows, large, expert_threads)),
-                          F.linear(rows, large), rtol=1e-5, atol=1e-5)
-    assert openmp == [expert_threads.n] and len(submitted) == expert_threads.n - 1
-    openmp.clear()
-    for x in (one_row, rows):
-        assert torch.equal(on_openmp_threads(lambda x=x: linear_on_cores(x, small, expert_threads)),
-                           linear(x, small))
-    assert openmp == [1, 1]
+    for x, weight in ((rows, large), (one_row, small), (rows, small)):
+        assert torch.equal(on_openmp_threads(lambda x=x, weight=weight: linear_on_cores(x, weight, expert_threads)),
+                           on_openmp_threads(lambda x=x, weight=weight: linear(x, weight)))
     assert torch.equal(on_openmp_threads(lambda: linear_on_cores(one_row, large, expert_threads), 2),
                        on_openmp_threads(lambda: linear(one_row, large), 2))  # MKL's rounding follows the threads
     assert len(submitted) == expert_threads.n - 1
 
 
 def test_one_expert_alone_has_its_products_split(expert_threads, monkeypatch):
-    """A decoding step's single token goes to one expert: nothing to deal out, so its products are split."""
+    """A decoding step's single token goes to one expert, whose products are split over the core threads."""
     monkeypatch.setattr("experts.ffn.SPLIT_MIN_BYTES", 0)
     torch.manual_seed(0)
-    weights = [(torch.randn(40, 16), torch.randn(16, 40)) for _ in range(3)]
+    wi, wo = torch.randn(40, 16), torch.randn(16, 40)
     x = torch.randn(1, 16)
     names = set()
     submit = expert_threads.pool.submit
@@ -292,10 +248,10 @@ def test_one_expert_alone_has_its_products_split(expert_threads, monkeypatch):
 
     expert_threads.pool.submit = naming_submit
     try:
-        out = on_openmp_threads(lambda: grouped_ffn(x, [0, 1, 0], weights, F.relu, expert_threads))
+        out = on_openmp_threads(lambda: expert_ffn(x, wi, wo, F.relu, expert_threads))
     finally:
         expert_threads.pool.submit = submit
-    assert torch.allclose(out, grouped_ffn(x, [0, 1, 0], weights, F.relu), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out, expert_ffn(x, wi, wo, F.relu), rtol=1e-5, atol=1e-6)
     assert names and all(name.startswith("switch-serve-cores") for name in names)
 
 
