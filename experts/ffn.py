@@ -303,9 +303,9 @@ def linear_on_cores(x: torch.Tensor, weight: Weight, threads: CoreThreads | None
 
 def grouped_ffn(x: torch.Tensor, counts: list[int], weights: list[tuple[Weight, Weight]], act) -> torch.Tensor:
     """x holds the tokens of several experts back to back (counts[i] rows for weights[i]); same order out. The experts
-    run in turn, each on the caller's OpenMP threads (different experts at once on the core threads, one core each,
-    made 32 requests at once on 2 cores 10-25% slower: the caller's idle OpenMP threads spin on the cores they need;
-    docs/BENCHMARKS.md)."""
+    run in turn, each on the caller's OpenMP threads: with different experts at once on the core threads, one core
+    each, 32 requests at once on 2 cores took 9.9-11.8 s instead of 8.4-9.3, the caller's idle OpenMP threads
+    spinning on the cores they needed (docs/BENCHMARKS.md)."""
     out = torch.empty(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
     start = 0
     for (wi, wo), rows in zip(weights, counts):
