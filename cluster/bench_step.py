@@ -22,9 +22,10 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from cluster.testing import tiny_config, write_random_checkpoint
 from cluster.workloads import SHAPES
+from experts.actor import stacked_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS
-from experts.spec import STACKS, expert_tensor_names, sparse_layers
+from experts.spec import STACKS, sparse_layers
 from router_service.dispatch import ExpertDispatcher
 from router_service.model import DecoderCache, SwitchFront
 
@@ -65,10 +66,7 @@ def front_step(folder: str, prompts: list[list[int]], device: str, dtype: torch.
     config = checkpoint.config
     experts = range(config.num_experts)
     layers = [(stack, layer) for stack in STACKS for layer in sparse_layers(config, stack)]
-    stacks = {}
-    for layer in layers:
-        tensors = [checkpoint.read(list(expert_tensor_names(*layer, e))) for e in experts]
-        stacks[layer] = tuple(torch.stack([list(t.values())[i] for t in tensors]).to(device, dtype) for i in (0, 1))
+    stacks = {layer: stacked_experts(checkpoint, layer, device, dtype) for layer in layers}
     dispatcher = ExpertDispatcher([], {layer: {e: [0] for e in experts} for layer in layers}, config.num_experts,
                                   act=ACTIVATION_FUNCTIONS[config.dense_act_fn])
     # The experts' weights views of the stacks, as experts.actor.held_experts holds them on a GPU.

@@ -46,12 +46,7 @@ def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: 
     dtype, experts, wanted = dtype or checkpoint.dtype, checkpoint.config.num_experts, set(keys)
     stacking = torch.device(device).type == "cuda" and quantize != "int8"
     stacked = {key[:2] for key in keys if stacking and all((*key[:2], e) in wanted for e in range(experts))}
-    stacks = {}
-    for layer in stacked:  # stacked on the host, then copied: no second copy of a layer on the GPU
-        names = [expert_tensor_names(*layer, e) for e in range(experts)]
-        tensors = checkpoint.read([name for pair in names for name in pair])
-        stacks[layer] = tuple(held_weight(torch.stack([tensors[pair[i]] for pair in names]), device, dtype, quantize)
-                              for i in (0, 1))
+    stacks = {layer: stacked_experts(checkpoint, layer, device, dtype) for layer in stacked}
     rest = [key for key in keys if key[:2] not in stacked]
     tensors = checkpoint.read([name for key in rest for name in expert_tensor_names(*key)])
     held = {name: held_weight(tensors[name], device, dtype, quantize) for name in tensors}
@@ -59,6 +54,15 @@ def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: 
                for key in rest}
     weights |= {(*layer, e): (wi[e], wo[e]) for layer, (wi, wo) in stacks.items() for e in range(experts)}
     return weights, stacks
+
+
+def stacked_experts(checkpoint: SwitchCheckpoint, layer: LayerKey, device: torch.device | str,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's wi and wo of one sparse layer, each stacked [experts, ...] (experts.ffn.stacked_ffn): stacked on
+    the host, then copied to `device` in `dtype`, so that a GPU holds no second copy of the layer."""
+    names = [expert_tensor_names(*layer, e) for e in range(checkpoint.config.num_experts)]
+    tensors = checkpoint.read([name for pair in names for name in pair])
+    return tuple(torch.stack([tensors[pair[i]] for pair in names]).to(device, dtype) for i in (0, 1))
 
 
 def gpu_uuid(device: torch.device) -> str | None:
