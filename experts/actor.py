@@ -126,6 +126,10 @@ class ExpertActor:
         it, never a request; an actor started again after the exit has no fault."""
         self.fault = (self.calls + at_call, stall_s)
 
+    # Ray records no task events of these calls (its dashboard's and state API's list of tasks), as Serve does for its
+    # replicas: a call per sparse layer and step would report hundreds a second to the GCS. In a loop of calls that
+    # each took 1.5 ms, 0.13-0.31 ms less a round trip on a 2-vCPU VM (docs/BENCHMARKS.md).
+    @ray.method(enable_task_events=False)
     @torch.inference_mode()
     def forward(self, stack: str, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> np.ndarray:
         """x holds counts[i] tokens for experts[i], back to back; returns their FFN outputs in the same order."""

@@ -26,6 +26,9 @@ from experts.wire import from_wire, to_wire
 STACKED_MAX_ROWS = 256 * 8
 
 
+ONE_TOKEN = torch.zeros(1, dtype=torch.long)  # the index of a lone token's call: all of it
+
+
 class ExpertsUnavailable(RuntimeError):
     """The expert actors are not up (loading, lost with their fleet, or down longer than the dispatcher waits):
     the requests fail, retryable."""
@@ -50,12 +53,13 @@ class ExpertDispatcher:
         self.local_calls, self.local_tokens = 0, {}  # sparse layers with tokens computed here; tokens per expert
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
-        self.copies, self.hosts = {}, {}
+        self.copies, self.hosts, self.first_host = {}, {}, {}
         for layer, table in owners.items():
             most = max(len(table[e]) for e in range(num_experts))
             self.copies[layer] = torch.tensor([len(table[e]) for e in range(num_experts)])
             self.hosts[layer] = torch.tensor([table[e] + table[e][:1] * (most - len(table[e]))
                                               for e in range(num_experts)])  # [experts, most copies]
+            self.first_host[layer] = [table[e][0] for e in range(num_experts)]  # a lone token's: copy 0
         self.use(actors, {})
 
     def use(self, actors: list, local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]],
@@ -112,9 +116,10 @@ class ExpertDispatcher:
         if stacked is not None and keep is None and 1 < len(tokens) <= STACKED_MAX_ROWS // self.num_experts:
             return self._stacked_here((stack, layer), tokens, expert, stacked)
         expert = expert.cpu()
+        if len(expert) == 1 and (keep is None or bool(keep[0])):
+            key = (stack, layer, int(expert[0]))
+            return self._one_token_here(key, tokens) if key in self.local else self._one_token_there(key, tokens)
         keep = torch.ones_like(expert, dtype=torch.bool) if keep is None else keep.cpu()
-        if len(expert) == 1 and bool(keep[0]) and (key := (stack, layer, int(expert[0]))) in self.local:
-            return self._one_token_here(key, tokens)
         index = keep.nonzero().squeeze(1)
         here = self.is_local[(stack, layer)][expert[index]]
         pending = PendingDispatch(self, stack, layer, tokens, index[~here])
@@ -173,6 +178,20 @@ class ExpertDispatcher:
         self._count_here([key], [1])
         return pending
 
+    def _one_token_there(self, key: ExpertKey, tokens: torch.Tensor) -> PendingDispatch:
+        """A decoding step of one sequence whose token's expert (`key`) is in an actor: one call, without the sorting
+        and grouping of several tokens, which took 0.4 ms of such a round trip here (docs/BENCHMARKS.md)."""
+        began = time.perf_counter()
+        if not self.actors:
+            raise ExpertsUnavailable("the expert actors are not up")
+        stack, layer, expert = key
+        pending = PendingDispatch(self, stack, layer, tokens, ONE_TOKEN)
+        actor = self.first_host[(stack, layer)][expert]
+        pending.calls.append(self.actors[actor].forward.remote(stack, layer, [expert], [1], to_wire(tokens)))
+        pending.called.append(actor)
+        pending.sending_s = time.perf_counter() - began
+        return pending
+
     def _stacked_here(self, layer: LayerKey, tokens: torch.Tensor, expert: torch.Tensor,
                       stacked: tuple[torch.Tensor, torch.Tensor]) -> PendingDispatch:
         """Every token of a layer held here stacked, through all its experts at once (experts.ffn.stacked_ffn); its
@@ -224,17 +243,11 @@ class PendingDispatch:
     def result(self) -> torch.Tensor:
         """Expert outputs [tokens, d_model] in token order, zero where not kept. Waits for every call."""
         d = self.dispatcher
-        if self.computed is not None and self.local_index is None:  # every token computed here, in order
-            out = self.computed
-        else:
-            out = torch.zeros_like(self.tokens)
-            if self.computed is not None:
-                out[self.local_index] = self.computed
-        waited = 0.0
+        waited, results = 0.0, []
         if self.calls:
             began = time.perf_counter()
             try:
-                results = ray.get(self.calls, timeout=d.timeout_s)
+                results = [from_wire(r, self.tokens.dtype) for r in ray.get(self.calls, timeout=d.timeout_s)]
             except ray.exceptions.GetTimeoutError:
                 ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=0)
                 late = [a for a, call in zip(self.called, self.calls) if call not in ready]
@@ -249,7 +262,16 @@ class PendingDispatch:
             waited = time.perf_counter() - began
             d.calls, d.seconds = d.calls + 1, d.seconds + self.sending_s + waited
             d.sending_seconds += self.sending_s
-            out[self.index] = torch.cat([from_wire(r, self.tokens.dtype) for r in results]).to(out.device)
+        if self.index is ONE_TOKEN:  # one call carried every token
+            out = results[0].to(self.tokens.device)
+        elif self.computed is not None and self.local_index is None:  # every token computed here, in order
+            out = self.computed
+        else:
+            out = torch.zeros_like(self.tokens)
+            if self.computed is not None:
+                out[self.local_index] = self.computed
+            if results:
+                out[self.index] = torch.cat(results).to(out.device)
         if d.metrics is not None and (self.calls or self.computed is not None):
             d.metrics.dispatched(self.stack, self.layer, self.sending_s + self.local_s + waited)
         return out

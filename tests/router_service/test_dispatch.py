@@ -52,3 +52,29 @@ def test_one_token_dropped_tokens_or_more_than_pay_go_expert_by_expert(monkeypat
     assert dispatcher.local_tokens[(*LAYER, 3)] == 4
     dispatcher.send(*LAYER, tokens[:1], expert[:1], None).result()
     assert dispatcher.local_tokens[(*LAYER, 3)] == 5
+
+
+class RecordingActor:
+    """An expert actor handle whose calls compute at once, with an expert per actor, and are recorded."""
+
+    def __init__(self, index: int, calls: list):
+        self.index, self.forward = index, self
+        self.calls = calls
+
+    def remote(self, stack, layer, experts, counts, x):
+        self.calls.append((self.index, experts, counts, x.shape))
+        return torch.from_numpy(x).numpy() * (1 + self.index)
+
+
+def test_a_lone_token_goes_to_its_experts_first_copy_in_one_call(monkeypatch):
+    monkeypatch.setattr(dispatch.ray, "get", lambda refs, timeout=None: refs)
+    calls = []
+    dispatcher = ExpertDispatcher([RecordingActor(i, calls) for i in range(3)], {LAYER: {0: [0], 1: [2, 1], 2: [1]}},
+                                  num_experts=3)
+    token = torch.randn(1, 8)
+    out = dispatcher.send(*LAYER, token, torch.tensor([1]), None).result()
+    assert calls == [(2, [1], [1], (1, 8))]
+    torch.testing.assert_close(out, token * 3)
+    assert dispatcher.calls == 1
+    dropped = dispatcher.send(*LAYER, token, torch.tensor([1]), torch.tensor([False])).result()
+    assert len(calls) == 1 and dropped.abs().sum() == 0

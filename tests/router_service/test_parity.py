@@ -51,6 +51,16 @@ def test_matches_transformers(ray_cluster, checkpoint_factory, name):
     assert [o.dropped_tokens for o in outputs] == hf_dropped_tokens(hf_model, PROMPTS)
 
 
+def test_one_sequence_alone_matches_transformers(ray_cluster, checkpoint_factory):
+    """Its decoding steps send each sparse layer's lone token to its expert's actor by a path of its own
+    (router_service.dispatch): fails if that path computes with another expert or returns another token's output."""
+    name = "gelu-16experts-step2-3"
+    path, hf_model = checkpoint_factory(name, **CONFIGS[name])
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=PACKING[name]), local_experts=False) as model:
+        outputs = [model.generate([prompt], max_new_tokens=MAX_NEW)[0] for prompt in PROMPTS[:2]]
+    assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS[:2], MAX_NEW))
+
+
 def mapped_file(address: int) -> str | None:
     """The file this process maps at `address` (Linux), or None for anonymous memory."""
     for line in open("/proc/self/maps"):
