@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import ray
 import torch
 
@@ -53,13 +54,12 @@ class ExpertDispatcher:
         self.local_calls, self.local_tokens = 0, {}  # sparse layers with tokens computed here; tokens per expert
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
-        self.copies, self.hosts, self.first_host = {}, {}, {}
+        self.copies, self.hosts = {}, {}
         for layer, table in owners.items():
             most = max(len(table[e]) for e in range(num_experts))
             self.copies[layer] = torch.tensor([len(table[e]) for e in range(num_experts)])
             self.hosts[layer] = torch.tensor([table[e] + table[e][:1] * (most - len(table[e]))
                                               for e in range(num_experts)])  # [experts, most copies]
-            self.first_host[layer] = [table[e][0] for e in range(num_experts)]  # a lone token's: copy 0
         self.use(actors, {})
 
     def use(self, actors: list, local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]],
@@ -134,9 +134,6 @@ class ExpertDispatcher:
 
     def _call(self, pending: PendingDispatch, expert: torch.Tensor) -> None:
         """One call per actor that owns some of `pending.index`'s tokens."""
-        handles = self.actors
-        if not handles:
-            raise ExpertsUnavailable("the expert actors are not up")
         layer, index = (pending.stack, pending.layer), pending.index
         owner = self.owner(layer, expert[index])
         # Group tokens by owning actor, then by expert within it (stable: token order kept inside a group).
@@ -151,8 +148,15 @@ class ExpertDispatcher:
             experts, counts = torch.unique_consecutive(expert[chunk], return_counts=True)
             calls.append((actor, experts.tolist(), counts.tolist(), to_wire(pending.tokens[chunk])))
             start += n
+        self._submit(pending, calls)
+
+    def _submit(self, pending: PendingDispatch, calls: list[tuple[int, list[int], list[int], np.ndarray]]) -> None:
+        """Start these calls, each (actor, experts, tokens per expert, the tokens on the wire), back to back."""
+        handles = self.actors
+        if not handles:
+            raise ExpertsUnavailable("the expert actors are not up")
         for actor, experts, counts, tokens in calls:
-            pending.calls.append(handles[actor].forward.remote(*layer, experts, counts, tokens))
+            pending.calls.append(handles[actor].forward.remote(pending.stack, pending.layer, experts, counts, tokens))
             pending.called.append(actor)
 
     def _compute_here(self, pending: PendingDispatch, index: torch.Tensor, expert: torch.Tensor) -> None:
@@ -179,16 +183,13 @@ class ExpertDispatcher:
         return pending
 
     def _one_token_there(self, key: ExpertKey, tokens: torch.Tensor) -> PendingDispatch:
-        """A decoding step of one sequence whose token's expert (`key`) is in an actor: one call, without the sorting
-        and grouping of several tokens, which took 0.4 ms of such a round trip here (docs/BENCHMARKS.md)."""
+        """A decoding step of one sequence whose token's expert (`key`) is in an actor: one call, to the expert's first
+        copy (where `owner` sends an expert's first token), without the sorting and grouping of several tokens, which
+        took 0.4 ms of such a round trip here (docs/BENCHMARKS.md)."""
         began = time.perf_counter()
-        if not self.actors:
-            raise ExpertsUnavailable("the expert actors are not up")
         stack, layer, expert = key
         pending = PendingDispatch(self, stack, layer, tokens, ONE_TOKEN)
-        actor = self.first_host[(stack, layer)][expert]
-        pending.calls.append(self.actors[actor].forward.remote(stack, layer, [expert], [1], to_wire(tokens)))
-        pending.called.append(actor)
+        self._submit(pending, [(int(self.hosts[(stack, layer)][expert, 0]), [expert], [1], to_wire(tokens))])
         pending.sending_s = time.perf_counter() - began
         return pending
 
@@ -247,7 +248,7 @@ class PendingDispatch:
         if self.calls:
             began = time.perf_counter()
             try:
-                results = [from_wire(r, self.tokens.dtype) for r in ray.get(self.calls, timeout=d.timeout_s)]
+                results = ray.get(self.calls, timeout=d.timeout_s)
             except ray.exceptions.GetTimeoutError:
                 ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=0)
                 late = [a for a, call in zip(self.called, self.calls) if call not in ready]
@@ -262,6 +263,7 @@ class PendingDispatch:
             waited = time.perf_counter() - began
             d.calls, d.seconds = d.calls + 1, d.seconds + self.sending_s + waited
             d.sending_seconds += self.sending_s
+            results = [from_wire(r, self.tokens.dtype) for r in results]
         if self.index is ONE_TOKEN:  # one call carried every token
             out = results[0].to(self.tokens.device)
         elif self.computed is not None and self.local_index is None:  # every token computed here, in order
