@@ -58,13 +58,22 @@ def test_killed_front_replica(two_replicas):
     assert len(before) == 2
     probe = pb.GenerateRequest(text="sort : 3 1 2", max_new_tokens=8)
     expected = stub.Generate(probe, timeout=60).token_ids
-    # Streams on both replicas (Serve spreads them), sampled so that they run their full length.
-    streams = [stub.GenerateStream(pb.GenerateRequest(text=PROMPTS[i % len(PROMPTS)], max_new_tokens=200,
-                                                      temperature=1.0, seed=i), timeout=120) for i in range(6)]
-    for s in streams:
-        next(s)
+    replicas = [ray.get_actor(name, namespace="serve") for name in before]
+
+    def carried() -> list[int]:
+        return ray.get([replica.get_num_ongoing_requests.remote() for replica in replicas], timeout=60)
+
+    # Streams on both replicas, sampled so that they run their full length: Serve spreads them, but at random, so
+    # more are opened while one replica has none (all of six go to one replica 2 times in 64).
+    streams = []
+    while len(streams) < 6 or 0 in carried():
+        assert len(streams) < 24, f"Serve sent every stream to one replica: {carried()}"
+        i = len(streams)
+        streams.append(stub.GenerateStream(pb.GenerateRequest(text=PROMPTS[i % len(PROMPTS)], max_new_tokens=200,
+                                                              temperature=1.0, seed=i), timeout=120))
+        next(streams[-1])
     killed = time.monotonic()
-    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+    ray.kill(replicas[0], no_restart=True)
     outcomes, details = finish_streams(streams)
     print(f"\nstreams after a replica was killed: {outcomes}; {details}")
     assert "OK" in outcomes and len(outcomes) == len(streams)  # the other replica's finished; none hung
