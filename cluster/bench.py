@@ -24,6 +24,7 @@ and again after, so that a machine whose speed changed during the run (a shared 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import statistics
@@ -43,6 +44,15 @@ from cluster.testing import free_port, tiny_config, write_random_checkpoint
 from cluster.workloads import HF_BATCH_SIZES, SHAPES, WORKLOADS
 from experts.fleet import this_node_cpus
 from experts.placement import PlacementConfig, experts_per_cpu
+from experts.spec import (
+    DTYPES,
+    SwitchConfig,
+    expected_tensors,
+    expert_bytes,
+    expert_format,
+    expert_tensor_names,
+    sparse_layers,
+)
 from router_service.batching import Sequence, run_to_completion
 from router_service.config import ServerConfig
 from router_service.engine import SwitchCluster
@@ -209,25 +219,48 @@ def cluster_run(address: str, requests: list[Request], concurrency: int, stream:
 
 @ray.remote(num_cpus=0)
 class Echo:
-    """A bare actor: the cost of a call alone."""
+    """A bare actor: the cost of a call alone, or with a read of memory in place of an expert's math."""
 
-    def echo(self, x: np.ndarray) -> np.ndarray:
-        return x
+    def __init__(self, read_bytes: int):
+        self.weights = torch.ones(read_bytes // 4)
+
+    def echo(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        began = time.perf_counter()
+        self.weights.sum()
+        return x, time.perf_counter() - began
 
 
 BARE_CALLS = 100
 
 
-def bare_call_ms(d_model: int) -> float:
-    """The median round trip of a call to a bare actor carrying one token's activations: Ray's own part of a sparse
-    layer's round trip, the floor of its overhead."""
-    echo, x = Echo.remote(), np.zeros((1, d_model), np.float32)
+def front_bytes_between_trips(config: SwitchConfig, dtype: str) -> int:
+    """What a decoding step's front reads, on average, between two sparse layers' round trips: the decoder's weights
+    besides its experts and its embedding (of which a step reads a row), and the LM head, over the sparse layers."""
+    sparse = sparse_layers(config, "decoder")
+    experts = {name for layer in sparse for e in range(config.num_experts)
+               for name in expert_tensor_names("decoder", layer, e)}
+    head = "shared.weight" if config.tie_word_embeddings else "lm_head.weight"
+    required, _ = expected_tensors(config)
+    read = sum(math.prod(shape) for name, shape in required.items() if name == head or (
+        name.startswith("decoder.") and name not in experts and name != "decoder.embed_tokens.weight"))
+    return DTYPES[dtype].bytes * read // len(sparse)
+
+
+def bare_call_ms(d_model: int, front_reads: int = 0, actor_reads: int = 0) -> float:
+    """The median round trip of a call to a bare actor carrying one token's activations, less the actor's reading:
+    Ray's own part of a sparse layer's round trip, the floor of its overhead. With `front_reads` and `actor_reads`,
+    the caller reads that many bytes before each call, as a decoding front reads its weights between two round
+    trips, and the actor as many during it, as an expert's math reads its weights: as in a decoding step, the caches
+    no longer hold either process's state when the call starts and when it returns."""
+    echo, x = Echo.remote(actor_reads), np.zeros((1, d_model), np.float32)
+    weights = torch.ones(front_reads // 4)
     ray.get(echo.echo.remote(x))
     times = []
     for _ in range(BARE_CALLS):
+        weights.sum()
         began = time.perf_counter()
-        ray.get(echo.echo.remote(x))
-        times.append(time.perf_counter() - began)
+        _, reading = ray.get(echo.echo.remote(x))
+        times.append(time.perf_counter() - began - reading)
     ray.kill(echo)
     return 1000 * statistics.median(times)
 
@@ -260,8 +293,14 @@ def decode_timed(folder: Path, batches: list[list[Request]], placement: Placemen
             out.append({name: after[name] - before[name] for name in after} | {
                 "requests": len(requests), "actors": len(model.actors), "local_experts": engine["local_experts"],
                 "tokens": sum(len(seq.token_ids) for seq in sequences)})
-        bare = bare_call_ms(model.checkpoint.config.d_model)
-        return [row | {"bare_call_ms": bare} for row in out]
+        config = model.checkpoint.config
+        bare = {"bare_call_ms": bare_call_ms(config.d_model)}
+        if model.front.device.type == "cpu":  # on a GPU, the weights' reads leave the CPU's caches alone
+            front_reads = front_bytes_between_trips(config, model.dtype)
+            actor_reads = expert_bytes(config, expert_format(model.dtype, engine["quantize"]))
+            bare |= {"front_bytes_between_trips": front_reads, "expert_bytes": actor_reads,
+                     "bare_call_in_step_ms": bare_call_ms(config.d_model, front_reads, actor_reads)}
+        return [row | bare for row in out]
 
 
 def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig, engine: dict,
@@ -444,8 +483,17 @@ def table(report: dict) -> str:
                          f"({b['layers_computed_here']} sparse layers computed by the front; "
                          f"{b['sparse_layer_calls']} round trips of {b['round_trip_ms_per_call']:.2f} ms, "
                          f"{b['overhead_ms_per_call']:.2f} ms of it beyond the experts' compute; a bare actor call "
-                         f"carrying one token, {b['bare_call_ms']:.2f} ms)")
+                         f"carrying one token, {b['bare_call_ms']:.2f} ms back to back{in_step(b)})")
     return "\n".join(lines)
+
+
+def in_step(b: dict) -> str:
+    """The bare call's floor as in a decoding step on the CPU, as the table says it."""
+    if "bare_call_in_step_ms" not in b:
+        return ""
+    return (f", {b['bare_call_in_step_ms']:.2f} ms as in a decoding step: the front reading "
+            f"{b['front_bytes_between_trips'] / 2**20:.1f} MiB before it, the actor {b['expert_bytes'] / 2**20:.1f} "
+            f"MiB during it")
 
 
 def plot(report: dict, path: str) -> None:

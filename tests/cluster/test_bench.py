@@ -46,7 +46,9 @@ def test_bench_quick_run(tmp_path):
         assert b["layers_computed_here"] == 0 and b["sparse_layer_calls"] > 0
         assert 0 < b["round_trip_s"] < b["seconds"]
         assert 0 < b["sending_s"] < b["round_trip_s"] and b["expert_compute_s"] > 0
-    assert all(0 < b["bare_call_ms"] < 1000 * b["round_trip_s"] for b in w["breakdown"][2:])
+    for b in w["breakdown"][2:]:
+        assert 0 < b["bare_call_ms"] < 1000 * b["round_trip_s"] and b["bare_call_in_step_ms"] > 0
+        assert b["front_bytes_between_trips"] > 0 and b["expert_bytes"] > 0
 
 
 def test_the_table_says_when_the_machine_changed_speed_during_a_run():
@@ -57,3 +59,28 @@ def test_the_table_says_when_the_machine_changed_speed_during_a_run():
             and "uncertain" not in steady)
     for speeds in ([28.0, 27.0, 24.0], [20.0, 22.0, 28.0], [28.0, 24.0, 28.0]):  # the last: a slow spell between
         assert "ratios are uncertain" in speed_line({"workload": "default", "requests": 8, "tokens_per_s": speeds})
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": False}, "switch-base-8"])
+def test_the_front_reads_between_two_round_trips_its_decoders_weights_and_head_over_the_sparse_layers(overrides):
+    """Counted from transformers' own modules; red if the count took the experts, the embedding or the encoder, or
+    missed the head."""
+    import torch
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    from cluster.bench import front_bytes_between_trips
+    from cluster.testing import tiny_config
+    from experts.spec import SwitchConfig
+
+    if overrides == "switch-base-8":
+        config = SwitchTransformersConfig.from_json_file(f"{os.path.dirname(__file__)}/../data/model-configs/"
+                                                         "switch-base-8.json")
+    else:
+        config = tiny_config(**overrides)
+    with torch.device("meta"):
+        model = SwitchTransformersForConditionalGeneration(config)
+    read = model.lm_head.weight.numel() + sum(p.numel() for name, p in model.named_parameters() if name.startswith(
+        "decoder.") and ".experts." not in name and "embed_tokens" not in name)
+    sparse = sum(1 for block in model.decoder.block if block.is_sparse)
+    assert front_bytes_between_trips(SwitchConfig.of(config), "fp32") == 4 * read // sparse
+    assert front_bytes_between_trips(SwitchConfig.of(config), "bf16") == 2 * read // sparse
