@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--input-ids", type=_json_ids, metavar="JSON",
                         help="prompts as a JSON list of lists of token ids")
     inputs.add_argument("--text", nargs="+", metavar="TEXT", help="prompts as text (uses the checkpoint's tokenizer)")
-    add_fields(g, SamplingParams, SamplingParams.model_fields)
+    # The alternatives' log-probabilities are the OpenAI API's (its `logprobs`); the gRPC API does not carry them.
+    add_fields(g, SamplingParams, [name for name in SamplingParams.model_fields if name != "top_logprobs"])
     g.add_argument("--logprobs", action="store_true", help="include each chosen token's log-probability")
     g.add_argument("--json", action="store_true", help="print one JSON object {\"outputs\": [...]}")
     add_api_key_option(g, "with --address: the server's API key")

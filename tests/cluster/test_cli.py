@@ -74,5 +74,6 @@ def test_console_script_help():
     out = subprocess.run([str(script), "generate", "--help"], capture_output=True, text=True, check=True).stdout
     for flag in ("--model", "--input-ids", "--text", "--max-new-tokens", "--experts-per-actor", "--capacity",
                  "--logprobs", "--json", "--gpus", "--nodes", "--gpu-memory", "--actors-per-gpu", "--replicate-hot",
-                 "--stats", "--dtype"):
+                 "--stats", "--dtype", "--routing"):
         assert flag in out
+    assert "--top-logprobs" not in out  # the OpenAI API's alone

@@ -527,14 +527,16 @@ def test_cli_generate_is_a_client_of_the_server(server, capsys):
     from cluster.cli import main
 
     main(["generate", "--address", server["grpc"], "--input-ids", json.dumps(PROMPTS[:2]), "--max-new-tokens", "5",
-          "--logprobs", "--json"])
+          "--logprobs", "--routing", "--json"])
     remote = json.loads(capsys.readouterr().out)["outputs"]
     with SwitchCluster(server["path"], placement=PlacementConfig(experts_per_actor=4)) as model:
-        local = [o.to_dict() for o in model.generate(PROMPTS[:2], max_new_tokens=5)]
+        local = [o.to_dict() for o in model.generate(PROMPTS[:2], max_new_tokens=5, routing=True)]
     assert [r["token_ids"] for r in remote] == [r["token_ids"] for r in local]
     assert [r["finish_reason"] for r in remote] == [r["finish_reason"] for r in local]
     for r, here in zip(remote, local):
         assert r["logprobs"] == pytest.approx(here["logprobs"], abs=1e-5)
+        assert [{k: layer[k] for k in ("stack", "layer", "experts", "dropped")} for layer in r["routing"]] == [
+            {k: layer[k] for k in ("stack", "layer", "experts", "dropped")} for layer in here["routing"]]
     with pytest.raises(SystemExit):
         main(["generate", "--address", server["grpc"], "--input-ids", "[[3, 5000]]"])
     assert "INVALID_ARGUMENT: input_ids" in capsys.readouterr().err
