@@ -23,6 +23,7 @@ from experts.fleet import for_cluster
 from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, expert_format, follow_weights
+from experts.wire import INLINE_ACTIVATIONS_ENV
 from router_service.config import CONTROLLER_ENV, GRPC_PORT, HTTP_PORT, INGRESS_ENV, ServerConfig
 from router_service.server import ServedFleet, SwitchServer, fleet_app_name
 
@@ -76,7 +77,7 @@ def front_env(local_experts: bool) -> dict[str, str]:
     spin for the fronts' nodes taken to be of the kind of the node that builds the app (set GOMP_SPINCOUNT in the
     nodes' environment where they are not)."""
     short_spin = vcpus_share_cores() or not local_experts
-    return HANDLERS_ON_REPLICA_LOOP | KEPT_HEAP_ENV | (SHORT_SPIN if short_spin else {})
+    return HANDLERS_ON_REPLICA_LOOP | KEPT_HEAP_ENV | INLINE_ACTIVATIONS_ENV | (SHORT_SPIN if short_spin else {})
 
 
 # Answers in a row, per replica, that say the fronts serve (a handle spreads calls at random: with two replicas,

@@ -25,6 +25,7 @@ from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import KEPT_HEAP_ENV
 from experts.placement import Placement, PlacementConfig
 from experts.spec import expert_format, expert_tensor_names
+from experts.wire import INLINE_ACTIVATIONS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class ExpertFleet:
                 # sent again: it holds no per-request state, so a retried call gives the same result.
                 handles.append(remote.options(num_cpus=cpus, num_gpus=spec.gpus, resources=self.actor_resources,
                                               scheduling_strategy=strategy, max_restarts=-1, max_task_retries=-1,
-                                              runtime_env={"env_vars": KEPT_HEAP_ENV}).remote(
+                                              runtime_env={"env_vars": KEPT_HEAP_ENV | INLINE_ACTIVATIONS_ENV}).remote(
                     self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype,
                     self.quantize))
             with self._lock:

@@ -22,7 +22,7 @@ from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
 from experts.spec import ExpertKey, expert_bytes, expert_format
-from experts.wire import torch_dtype
+from experts.wire import INLINE_ACTIVATIONS_ENV, torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion, use_threads
 from router_service.config import EngineConfig
 from router_service.dispatch import ExpertDispatcher, ExpertsUnavailable
@@ -176,7 +176,14 @@ class SwitchCluster:
         self._held, self._stacks = {}, {}  # the experts this front computes, as _local_experts last built them
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
+            # Ray reads it as it starts in this process, whose front sends the activations; then it is taken back.
+            added = {name: value for name, value in INLINE_ACTIVATIONS_ENV.items() if name not in os.environ}
+            os.environ.update(added)
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
+            finally:
+                for name in added:
+                    del os.environ[name]
         try:
             placement = self.config.placement
             quantize = self.config.quantize

@@ -179,3 +179,13 @@ def test_the_fronts_spin_short_where_vcpus_share_cores_or_they_wait_for_every_ex
     app = build_app({"model": "demo/model", "local_experts": local_experts})
     env = app._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
     assert ("GOMP_SPINCOUNT" in env) is (shared or not local_experts)
+
+
+@pytest.mark.parametrize("local_experts", [True, False])
+def test_the_fronts_send_activations_of_up_to_a_mib_inside_rays_messages(local_experts):
+    """The fronts' half of what the expert actors' test shows (tests/experts/test_actor.py): fails without
+    INLINE_ACTIVATIONS_ENV in the fronts' environment."""
+    from cluster.app import front_env
+    from experts.wire import INLINE_ACTIVATIONS_ENV
+
+    assert front_env(local_experts).items() >= INLINE_ACTIVATIONS_ENV.items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -12,7 +13,9 @@ import torch
 from cluster.testing import tiny_config, write_random_checkpoint
 from experts.actor import ExpertActor, held_experts
 from experts.checkpoint import SwitchCheckpoint
-from experts.spec import expert_tensor_names
+from experts.fleet import served_placement, start_fleet, stop_fleet
+from experts.placement import PlacementConfig
+from experts.spec import expert_tensor_names, sparse_layers
 
 
 def evict_from_page_cache(folder) -> None:
@@ -93,3 +96,23 @@ def test_a_front_holds_experts_in_the_checkpoints_dtype_or_the_one_it_computes_i
     for held, tensor in zip((wi, wo), mapped.values()):
         assert held.dtype == (dtype or checkpoint.dtype) and held.device.type == "cpu"
         assert torch.equal(held, tensor.to(held.dtype))
+
+
+def test_a_fleets_actors_return_activations_of_up_to_a_mib_inside_rays_messages(ray_cluster, tmp_path):
+    """200 KiB of activations, over Ray's default bound of 100 KiB, come back in the call's reply, not through the
+    object store (a put, a fetch and a release more per call): fails without INLINE_ACTIVATIONS_ENV in the actors'
+    environment."""
+    config = tiny_config(num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
+    write_random_checkpoint(tmp_path, config)
+    checkpoint = SwitchCheckpoint.open(tmp_path)
+    placement, dtype = served_placement(checkpoint, PlacementConfig(experts_per_actor=config.num_experts), None)
+    fleet = start_fleet(checkpoint, placement, dtype)
+    try:
+        actor, = ray.get(fleet.actors.remote(120)).actors
+        layer = sparse_layers(checkpoint.config, "encoder")[0]
+        rows = (200 << 10) // (4 * config.d_model)
+        out = actor.forward.remote("encoder", layer, [0], [rows], np.ones((rows, config.d_model), np.float32))
+        assert ray.get(out).shape == (rows, config.d_model)
+        assert ray.experimental.get_object_locations([out])[out]["node_ids"] == []  # in no node's store
+    finally:
+        stop_fleet(fleet)

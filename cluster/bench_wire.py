@@ -1,0 +1,77 @@
+"""A sparse layer's call with its activations, to a bare actor and back, by their size: with Ray's default, which
+carries them inside its messages up to 100 KiB and through the object store above, and with
+experts.wire.INLINE_ACTIVATIONS_ENV in the caller's and the actor's environment; the actor on the caller's node and
+on another. The nodes are two raylets on this machine
+(ray.cluster_utils), so "another node" has an object store of its own but no network between.
+
+    .venv/bin/python -m cluster.bench_wire
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import ray
+from ray.cluster_utils import Cluster
+
+from experts.wire import INLINE_ACTIVATIONS_ENV
+
+D_MODEL = 768  # switch-base-8's, in float32
+ROWS = (16, 48, 64, 128, 192, 256, 384, 683)
+CALLS = 60
+WARM = 20  # calls first, not timed: a worker with an environment of its own has just started
+
+
+@ray.remote(num_cpus=0)
+class Echo:
+    def echo(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+@ray.remote(num_cpus=0)
+def median_calls_ms(echo) -> list[float]:
+    """The median round trip of CALLS calls carrying each of ROWS rows, made from this task's process."""
+    medians = []
+    for rows in ROWS:
+        x = np.ones((rows, D_MODEL), np.float32)
+        times = []
+        for _ in range(WARM + CALLS):
+            began = time.perf_counter()
+            ray.get(echo.echo.remote(x))
+            times.append(time.perf_counter() - began)
+        medians.append(1000 * statistics.median(times[WARM:]))
+    return medians
+
+
+def main() -> None:
+    store = {"object_store_memory": 200 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "resources": {"caller": 1}, **store})
+    cluster.add_node(num_cpus=1, resources={"other": 1}, **store)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        columns = {}
+        for where in ("caller", "other"):
+            for inline in (False, True):
+                env = {"env_vars": INLINE_ACTIVATIONS_ENV if inline else {}}
+                echo = Echo.options(resources={where: 0.01}, runtime_env=env).remote()
+                columns[(where, inline)] = ray.get(median_calls_ms.options(resources={"caller": 0.01},
+                                                                           runtime_env=env).remote(echo))
+                ray.kill(echo)
+        print(f"a call and its reply carrying rows of {D_MODEL} float32s, median of {CALLS}, ms")
+        bound = f"{int(INLINE_ACTIVATIONS_ENV['RAY_max_direct_call_object_size']) >> 10} KiB"
+        print(f"rows     KiB | same node: default {bound:>9} | another node: default {bound:>9}")
+        for i, rows in enumerate(ROWS):
+            same, other = ((columns[(where, False)][i], columns[(where, True)][i]) for where in ("caller", "other"))
+            print(f"{rows:4d} {rows * D_MODEL * 4 / 1024:7.0f} | {same[0]:18.2f} {same[1]:9.2f} | "
+                  f"{other[0]:21.2f} {other[1]:9.2f}")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()
