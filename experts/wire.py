@@ -17,9 +17,10 @@ from experts.spec import DTYPES
 # it (by default from 100 KiB: 33 rows of switch-base-8's activations in float32, 6 of switch-xxl-128's): a put, a
 # fetch and a release more per call, the fetch from the other node's store where the actor is elsewhere, the case the
 # actors are there for. Between two raylets on a 2-vCPU VM, a call carrying 48 to 256 rows of 768 floats (144-768
-# KiB) and back took 1.2-2.4 ms inlined against 8-12 through the stores; on one node, 1.3-2.4 against 3.0-3.2
-# (python -m cluster.bench_wire, docs/BENCHMARKS.md). Larger messages were slower inlined on one node. The
-# environment of the processes that send or return activations: the fronts and the expert actors.
+# KiB) and back took 1.1-3.5 ms inlined against 8.0-11.8 through the stores. On one node, 144-576 KiB took 1.1-2.8
+# against 2.9-3.3, but 768 KiB 2.2-4.1 against 3.0-3.2: the bound gives up up to a millisecond there for the
+# calls to other nodes (python -m cluster.bench_wire, docs/BENCHMARKS.md). The environment of the processes that
+# send or return activations: the fronts and the expert actors.
 INLINE_ACTIVATIONS_ENV = {"RAY_max_direct_call_object_size": str(1 << 20)}
 
 
