@@ -1,0 +1,23 @@
+"""`python -m cluster.bench_wire` runs on its own two raylets and times every size both ways on both nodes (its
+numbers are measurements, not checked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cluster.bench_wire import ROWS
+
+
+@pytest.mark.slow
+def test_bench_wire_prints_a_row_of_four_timings_per_size(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "cluster.bench_wire"], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if "|" in line][1:]
+    assert [int(r[0]) for r in rows] == list(ROWS)
+    assert all(float(r[i]) > 0 for r in rows for i in (3, 4, 6, 7))
