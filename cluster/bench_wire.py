@@ -1,8 +1,11 @@
-"""A sparse layer's call with its activations, to a bare actor and back, by their size: with Ray's default, which
-carries them inside its messages up to 100 KiB and through the object store above, and with
-experts.wire.INLINE_ACTIVATIONS_ENV in the caller's and the actor's environment; the actor on the caller's node and
-on another. The nodes are two raylets on this machine
-(ray.cluster_utils), so "another node" has an object store of its own but no network between.
+"""A sparse layer's call with its activations, to a bare actor and back:
+- by their size, as numpy arrays: with Ray's default, which carries them inside its messages up to 100 KiB and
+  through the object store above, and with experts.wire.INLINE_ACTIVATIONS_ENV in the caller's and the actor's
+  environment; the actor on the caller's node and on another;
+- a few tokens' worth, inside Ray's messages on one node: as numpy arrays, and as experts.wire sends them (raw
+  bytes).
+The nodes are two raylets on this machine (ray.cluster_utils), so "another node" has an object store of its own but
+no network between.
 
     .venv/bin/python -m cluster.bench_wire
 """
@@ -14,32 +17,38 @@ import time
 
 import numpy as np
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
-from experts.wire import INLINE_ACTIVATIONS_ENV
+from experts.wire import INLINE_ACTIVATIONS_ENV, INLINE_BYTES, from_wire, to_wire
 
 D_MODEL = 768  # switch-base-8's, in float32
 ROWS = (16, 48, 64, 128, 192, 256, 384, 683)
+FEW_ROWS = (1, 4, 16, 64)
 CALLS = 60
 WARM = 20  # calls first, not timed: a worker with an environment of its own has just started
 
 
 @ray.remote(num_cpus=0)
 class Echo:
-    def echo(self, x: np.ndarray) -> np.ndarray:
+    def echo(self, x: bytes | np.ndarray) -> bytes | np.ndarray:
         return x
 
 
 @ray.remote(num_cpus=0)
-def median_calls_ms(echo) -> list[float]:
-    """The median round trip of CALLS calls carrying each of ROWS rows, made from this task's process."""
+def median_calls_ms(echo, sizes: tuple[int, ...], wire: bool = False) -> list[float]:
+    """The median round trip of CALLS calls carrying each of `sizes` rows, made from this task's process: the
+    activations from a tensor and back to one, as numpy arrays or (`wire`) as experts.wire carries them."""
     medians = []
-    for rows in ROWS:
-        x = np.ones((rows, D_MODEL), np.float32)
+    for rows in sizes:
+        t = torch.ones(rows, D_MODEL)
         times = []
         for _ in range(WARM + CALLS):
             began = time.perf_counter()
-            ray.get(echo.echo.remote(x))
+            if wire:
+                from_wire(ray.get(echo.echo.remote(to_wire(t))), t.dtype, D_MODEL)
+            else:
+                from_wire(ray.get(echo.echo.remote(t.numpy())), t.dtype, D_MODEL)
             times.append(time.perf_counter() - began)
         medians.append(1000 * statistics.median(times[WARM:]))
     return medians
@@ -59,15 +68,24 @@ def main() -> None:
                 env = {"env_vars": INLINE_ACTIVATIONS_ENV if inline else {}}
                 echo = Echo.options(resources={where: 0.01}, runtime_env=env).remote()
                 columns[(where, inline)] = ray.get(median_calls_ms.options(resources={"caller": 0.01},
-                                                                           runtime_env=env).remote(echo))
+                                                                           runtime_env=env).remote(echo, ROWS))
                 ray.kill(echo)
-        print(f"a call and its reply carrying rows of {D_MODEL} float32s, median of {CALLS}, ms")
-        bound = f"{int(INLINE_ACTIVATIONS_ENV['RAY_max_direct_call_object_size']) >> 10} KiB"
+        print(f"a call and its reply carrying rows of {D_MODEL} float32s as numpy arrays, median of {CALLS}, ms")
+        bound = f"{INLINE_BYTES >> 10} KiB"
         print(f"rows     KiB | same node: default {bound:>9} | another node: default {bound:>9}")
         for i, rows in enumerate(ROWS):
             same, other = ((columns[(where, False)][i], columns[(where, True)][i]) for where in ("caller", "other"))
             print(f"{rows:4d} {rows * D_MODEL * 4 / 1024:7.0f} | {same[0]:18.2f} {same[1]:9.2f} | "
                   f"{other[0]:21.2f} {other[1]:9.2f}")
+
+        env = {"env_vars": INLINE_ACTIVATIONS_ENV}
+        echo = Echo.options(resources={"caller": 0.01}, runtime_env=env).remote()
+        timed = median_calls_ms.options(resources={"caller": 0.01}, runtime_env=env)
+        arrays, wire = (ray.get(timed.remote(echo, FEW_ROWS, as_wire)) for as_wire in (False, True))
+        print("\nthe same, a few rows on one node: as numpy arrays and as experts.wire carries them, ms")
+        print("rows | arrays  experts.wire")
+        for rows, a, w in zip(FEW_ROWS, arrays, wire):
+            print(f"{rows:4d} | {a:6.2f} {w:13.2f}")
     finally:
         ray.shutdown()
         cluster.shutdown()

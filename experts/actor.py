@@ -131,15 +131,17 @@ class ExpertActor:
     # each took 1.5 ms, 0.13-0.31 ms less a round trip on a 2-vCPU VM (docs/BENCHMARKS.md).
     @ray.method(enable_task_events=False)
     @torch.inference_mode()
-    def forward(self, stack: str, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> np.ndarray:
-        """x holds counts[i] tokens for experts[i], back to back; returns their FFN outputs in the same order."""
+    def forward(self, stack: str, layer: int, experts: list[int], counts: list[int],
+                x: bytes | np.ndarray) -> bytes | np.ndarray:
+        """x holds counts[i] tokens for experts[i], back to back (experts.wire); returns their FFN outputs in the same
+        order."""
         self.calls += 1
         if self.fault is not None and self.calls == self.fault[0]:
             if self.fault[1] is None:
                 os._exit(1)
             time.sleep(self.fault[1])
         began = time.perf_counter()
-        hidden = from_wire(x, self.dtype).to(self.device)
+        hidden = from_wire(x, self.dtype, self.checkpoint.config.d_model).to(self.device)
         weights = [self.weights[(stack, layer, e)] for e in experts]
         out = to_wire(grouped_ffn(hidden, counts, weights, self.act))
         self.compute_s += time.perf_counter() - began

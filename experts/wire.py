@@ -1,7 +1,6 @@
-"""Tensors as they travel and are held: dtype options as torch dtypes, and activations across Ray as numpy
-arrays (cheaper than pickled tensors), inside Ray's messages up to 1 MiB.
-
-numpy has no bfloat16, so bf16 tensors travel as their raw 16-bit patterns and are viewed back on arrival.
+"""Tensors as they travel and are held: dtype options as torch dtypes, and activations across Ray: inside Ray's
+messages up to 1 MiB, as raw bytes; above, as numpy arrays through the object store (cheaper than pickled tensors,
+zero-copy on one node). numpy has no bfloat16, so a bf16 array holds the tensor's 16-bit patterns.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from experts.spec import DTYPES
 # calls to other nodes (python -m cluster.bench_wire, docs/BENCHMARKS.md). The environment of the processes that
 # send or return activations: the fronts and the expert actors.
 INLINE_ACTIVATIONS_ENV = {"RAY_max_direct_call_object_size": str(1 << 20)}
+INLINE_BYTES = int(INLINE_ACTIVATIONS_ENV["RAY_max_direct_call_object_size"])
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -29,14 +29,21 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name].torch)
 
 
-def to_wire(t: torch.Tensor) -> np.ndarray:
+def to_wire(t: torch.Tensor) -> bytes | np.ndarray:
+    """Activations as they cross Ray: their raw bytes while Ray carries them inside its messages (a call and its reply
+    took 0.15 ms less than with arrays, whose buffers Ray's serializer sets apart), an array above that, which a
+    node's object store hands over without a copy (as bytes, a call carrying 3 MiB took twice as long)."""
     t = t.detach().cpu().contiguous()
-    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    a = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    return a.tobytes() if a.nbytes <= INLINE_BYTES else a
 
 
-def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+def from_wire(x: bytes | np.ndarray, dtype: torch.dtype, width: int) -> torch.Tensor:
+    """The tensor [rows, width] of `dtype` that `to_wire` sent as `x`."""
     with warnings.catch_warnings():
-        # Arrays that Ray hands over are read-only; nothing here writes to them in place.
+        # What Ray hands over is read-only; nothing here writes to it in place.
         warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(a)
+        if isinstance(x, bytes):
+            return torch.frombuffer(x, dtype=dtype).view(-1, width)
+        t = torch.from_numpy(x)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t

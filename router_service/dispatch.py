@@ -28,6 +28,8 @@ STACKED_MAX_ROWS = 256 * 8
 
 
 ONE_TOKEN = torch.zeros(1, dtype=torch.long)  # the index of a lone token's call: all of it
+# A call to an expert actor: (actor, its experts called, tokens per expert, the tokens on the wire).
+Call = tuple[int, list[int], list[int], bytes | np.ndarray]
 
 
 class ExpertsUnavailable(RuntimeError):
@@ -150,8 +152,8 @@ class ExpertDispatcher:
             start += n
         self._submit(pending, calls)
 
-    def _submit(self, pending: PendingDispatch, calls: list[tuple[int, list[int], list[int], np.ndarray]]) -> None:
-        """Start these calls, each (actor, experts, tokens per expert, the tokens on the wire), back to back."""
+    def _submit(self, pending: PendingDispatch, calls: list[Call]) -> None:
+        """Start these calls back to back."""
         handles = self.actors
         if not handles:
             raise ExpertsUnavailable("the expert actors are not up")
@@ -263,7 +265,7 @@ class PendingDispatch:
             waited = time.perf_counter() - began
             d.calls, d.seconds = d.calls + 1, d.seconds + self.sending_s + waited
             d.sending_seconds += self.sending_s
-            results = [from_wire(r, self.tokens.dtype) for r in results]
+            results = [from_wire(r, self.tokens.dtype, self.tokens.shape[-1]) for r in results]
         if self.index is ONE_TOKEN:  # one call carried every token
             out = results[0].to(self.tokens.device)
         elif self.computed is not None and self.local_index is None:  # every token computed here, in order

@@ -16,6 +16,7 @@ from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementConfig
 from experts.spec import expert_tensor_names, sparse_layers
+from experts.wire import from_wire
 
 
 def evict_from_page_cache(folder) -> None:
@@ -112,7 +113,7 @@ def test_a_fleets_actors_return_activations_of_up_to_a_mib_inside_rays_messages(
         layer = sparse_layers(checkpoint.config, "encoder")[0]
         rows = (200 << 10) // (4 * config.d_model)
         out = actor.forward.remote("encoder", layer, [0], [rows], np.ones((rows, config.d_model), np.float32))
-        assert ray.get(out).shape == (rows, config.d_model)
+        assert from_wire(ray.get(out), torch.float32, config.d_model).shape == (rows, config.d_model)
         assert ray.experimental.get_object_locations([out])[out]["node_ids"] == []  # in no node's store
     finally:
         stop_fleet(fleet)

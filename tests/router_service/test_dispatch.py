@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from experts.wire import from_wire, to_wire
 from router_service import dispatch
 from router_service.dispatch import ExpertDispatcher
 
@@ -62,8 +63,9 @@ class RecordingActor:
         self.calls = calls
 
     def remote(self, stack, layer, experts, counts, x):
-        self.calls.append((self.index, experts, counts, x.shape))
-        return torch.from_numpy(x).numpy() * (1 + self.index)
+        tokens = from_wire(x, torch.float32, 8)
+        self.calls.append((self.index, experts, counts, tuple(tokens.shape)))
+        return to_wire(tokens * (1 + self.index))
 
 
 def test_a_lone_token_goes_to_its_experts_first_copy_in_one_call(monkeypatch):
