@@ -45,10 +45,7 @@ def median_calls_ms(echo, sizes: tuple[int, ...], wire: bool = False) -> list[fl
         times = []
         for _ in range(WARM + CALLS):
             began = time.perf_counter()
-            if wire:
-                from_wire(ray.get(echo.echo.remote(to_wire(t))), t.dtype, D_MODEL)
-            else:
-                from_wire(ray.get(echo.echo.remote(t.numpy())), t.dtype, D_MODEL)
+            from_wire(ray.get(echo.echo.remote(to_wire(t) if wire else t.numpy())), t.dtype, D_MODEL)
             times.append(time.perf_counter() - began)
         medians.append(1000 * statistics.median(times[WARM:]))
     return medians
