@@ -265,6 +265,22 @@ def bare_call_ms(d_model: int, front_reads: int = 0, actor_reads: int = 0) -> fl
     return 1000 * statistics.median(times)
 
 
+def trips_compute_s(trips: list[list[int]], logs: list[list[float]]) -> dict[str, float]:
+    """The experts' compute in the round trips, summed over them: all of it, each round trip's slowest actor's (the
+    front waits for it), and the mean of its actors'. `trips`: the actors each round trip called; `logs[a]`: actor
+    a's compute per call. An actor runs one caller's calls in the order they were made, so its n-th logged call is
+    the n-th round trip that called it."""
+    taken, slowest, mean = [0] * len(logs), 0.0, 0.0
+    for called in trips:
+        times = [logs[a][taken[a]] for a in called]
+        for a in called:
+            taken[a] += 1
+        slowest, mean = slowest + max(times, default=0.0), mean + sum(times) / max(len(times), 1)
+    if taken != [len(log) for log in logs]:
+        raise RuntimeError(f"the actors logged {[len(log) for log in logs]} calls, the round trips made {taken}")
+    return {"expert_compute_s": sum(map(sum, logs)), "slowest_compute_s": slowest, "mean_compute_s": mean}
+
+
 def decode_timed(folder: Path, batches: list[list[Request]], placement: PlacementConfig, engine: dict,
                  threads: int) -> list:
     """Decode each batch of requests through the Python API, timing the front, the sparse-layer round trips (the
@@ -281,16 +297,19 @@ def decode_timed(folder: Path, batches: list[list[Request]], placement: Placemen
             return {"seconds": time.perf_counter(), "sparse_layer_calls": dispatcher.calls,
                     "layers_computed_here": dispatcher.local_calls,
                     "round_trip_s": dispatcher.seconds, "sending_s": dispatcher.sending_seconds,
-                    "decode_steps": model.batcher.steps,
-                    "expert_compute_s": sum(ray.get([a.compute_seconds.remote() for a in model.actors]))}
+                    "decode_steps": model.batcher.steps}
 
         out = []
         for requests in batches:
+            dispatcher.trips = []
+            ray.get([a.log_calls.remote(True) for a in dispatcher.actors])
             before = counters()
             sequences = [Sequence(r.prompt, SamplingParams(max_new_tokens=r.max_new_tokens)) for r in requests]
             run_to_completion(model.batcher, sequences)
             after = counters()
-            out.append({name: after[name] - before[name] for name in after} | {
+            compute = trips_compute_s(dispatcher.trips, ray.get([a.log_calls.remote(False) for a in dispatcher.actors]))
+            dispatcher.trips = None
+            out.append({name: after[name] - before[name] for name in after} | compute | {
                 "requests": len(requests), "actors": len(model.actors), "local_experts": engine["local_experts"],
                 "tokens": sum(len(seq.token_ids) for seq in sequences)})
         config = model.checkpoint.config
@@ -312,12 +331,13 @@ def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig,
                        runtime_env={"env_vars": front_env(engine["local_experts"])})(decode_timed)
     rows = []
     for t in ray.get(timed.remote(folder, [requests, requests[:1]], placement, engine, threads)):
-        calls, trips = t["sparse_layer_calls"], t["round_trip_s"]
-        # The actors of one round trip run at once, so their compute overlaps: count their sum spread over them.
-        compute = t["expert_compute_s"] / (t["actors"] if t["requests"] > 1 else 1)
+        calls, trips = max(t["sparse_layer_calls"], 1), t["round_trip_s"]
+        # The actors of one round trip compute at once: the front waits for the slowest, and what the others
+        # computed in less time is the imbalance between them.
         rows.append({**t, "front_s": t["seconds"] - trips, "waiting_s": trips - t["sending_s"],
-                     "round_trip_ms_per_call": 1000 * trips / max(calls, 1),
-                     "overhead_ms_per_call": 1000 * max(0.0, trips - compute) / max(calls, 1)})
+                     "round_trip_ms_per_call": 1000 * trips / calls,
+                     "overhead_ms_per_call": 1000 * max(0.0, trips - t["slowest_compute_s"]) / calls,
+                     "imbalance_ms_per_call": 1000 * (t["slowest_compute_s"] - t["mean_compute_s"]) / calls})
     return rows
 
 
@@ -482,7 +502,8 @@ def table(report: dict) -> str:
                          f"{share['front']:.0%}, sending {share['sending']:.0%}, waiting {share['waiting']:.0%} "
                          f"({b['layers_computed_here']} sparse layers computed by the front; "
                          f"{b['sparse_layer_calls']} round trips of {b['round_trip_ms_per_call']:.2f} ms, "
-                         f"{b['overhead_ms_per_call']:.2f} ms of it beyond the experts' compute; a bare actor call "
+                         f"{b['overhead_ms_per_call']:.2f} ms of it beyond the slowest actor's compute, "
+                         f"{b['imbalance_ms_per_call']:.2f} ms between its compute and their mean; a bare actor call "
                          f"carrying one token, {b['bare_call_ms']:.2f} ms back to back{in_step(b)})")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ from experts import int8
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS, Weight, grouped_ffn, pack
 from experts.spec import ExpertKey, LayerKey, expert_tensor_names
-from experts.wire import from_wire, to_wire, torch_dtype
+from experts.wire import call_from_wire, to_wire, torch_dtype
 
 
 def disk_bytes_read() -> int:
@@ -100,8 +100,8 @@ class ExpertActor:
         self.loaded = {"tensor_bytes": read, "held_bytes": held, "disk_bytes_read": disk_bytes_read() - before}
         self.act = ACTIVATION_FUNCTIONS[checkpoint.config.dense_act_fn]
         self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
-        self.compute_s = 0.0  # time spent in forward, for the benchmark's breakdown
         self.calls = 0  # forward calls begun
+        self.call_log: list[float] | None = None  # see log_calls
         self.fault: tuple[int, float | None] | None = None  # see inject_fault
         self.token_metric = expert_token_counter()
         self.model_name = Path(checkpoint.path).name
@@ -114,8 +114,11 @@ class ExpertActor:
     def token_counts(self) -> dict[ExpertKey, int]:
         return dict(self.tokens)
 
-    def compute_seconds(self) -> float:
-        return self.compute_s
+    def log_calls(self, on: bool) -> list[float]:
+        """For the benchmark's breakdown: the compute time of each forward call logged since the last `log_calls`, in
+        the order of the calls; from now on, log them if `on`."""
+        logged, self.call_log = self.call_log or [], [] if on else None
+        return logged
 
     def tensors_read(self) -> list[str]:
         return sorted(self.checkpoint.names_read)
@@ -131,20 +134,21 @@ class ExpertActor:
     # each took 1.5 ms, 0.13-0.31 ms less a round trip on a 2-vCPU VM (docs/BENCHMARKS.md).
     @ray.method(enable_task_events=False)
     @torch.inference_mode()
-    def forward(self, stack: str, layer: int, experts: list[int], counts: list[int],
-                x: bytes | np.ndarray) -> bytes | np.ndarray:
-        """x holds counts[i] tokens for experts[i], back to back (experts.wire); returns their FFN outputs in the same
-        order."""
+    def forward(self, call: bytes | np.ndarray) -> bytes | np.ndarray:
+        """`call` (experts.wire.call_to_wire) holds counts[i] tokens for experts[i] of a sparse layer, back to back;
+        returns their FFN outputs in the same order."""
         self.calls += 1
         if self.fault is not None and self.calls == self.fault[0]:
             if self.fault[1] is None:
                 os._exit(1)
             time.sleep(self.fault[1])
         began = time.perf_counter()
-        hidden = from_wire(x, self.dtype, self.checkpoint.config.d_model).to(self.device)
+        stack, layer, experts, counts, hidden = call_from_wire(call, self.dtype, self.checkpoint.config.d_model)
+        hidden = hidden.to(self.device)
         weights = [self.weights[(stack, layer, e)] for e in experts]
         out = to_wire(grouped_ffn(hidden, counts, weights, self.act))
-        self.compute_s += time.perf_counter() - began
+        if self.call_log is not None:
+            self.call_log.append(time.perf_counter() - began)
         for e, n in zip(experts, counts):
             self.tokens[(stack, layer, e)] += n
             self.token_metric.inc(n, tags={"model": self.model_name, "stack": stack, "layer": str(layer),

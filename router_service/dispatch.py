@@ -18,7 +18,7 @@ import torch
 
 from experts.ffn import core_threads, expert_ffn, grouped_ffn, stacked_ffn
 from experts.spec import ExpertKey, LayerKey
-from experts.wire import from_wire, to_wire
+from experts.wire import call_to_wire, from_wire
 
 # The most token-expert products (a layer's tokens times its experts) computed by every expert of a layer held
 # stacked (experts.ffn.stacked_ffn) rather than by each token's own expert. On an H200, a switch-base-8 layer took
@@ -28,8 +28,8 @@ STACKED_MAX_ROWS = 256 * 8
 
 
 ONE_TOKEN = torch.zeros(1, dtype=torch.long)  # the index of a lone token's call: all of it
-# A call to an expert actor: (actor, its experts called, tokens per expert, the tokens on the wire).
-Call = tuple[int, list[int], list[int], bytes | np.ndarray]
+# A call to an expert actor: (actor, experts.wire.call_to_wire's call).
+Call = tuple[int, bytes | np.ndarray]
 
 
 class ExpertsUnavailable(RuntimeError):
@@ -53,6 +53,7 @@ class ExpertDispatcher:
         self.on_lost: Callable[[BaseException], None] | None = None  # told when a call finds its actor dead
         # Sparse-layer round trips made, the front's time sending and waiting in them, and sending alone.
         self.calls, self.seconds, self.sending_seconds = 0, 0.0, 0.0
+        self.trips: list[list[int]] | None = None  # for the benchmark, where a list: each round trip's actors called
         self.local_calls, self.local_tokens = 0, {}  # sparse layers with tokens computed here; tokens per expert
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
@@ -148,7 +149,8 @@ class ExpertDispatcher:
         for actor, n in zip(actors.tolist(), per_actor.tolist()):
             chunk = pending.index[start:start + n]
             experts, counts = torch.unique_consecutive(expert[chunk], return_counts=True)
-            calls.append((actor, experts.tolist(), counts.tolist(), to_wire(pending.tokens[chunk])))
+            calls.append((actor, call_to_wire(pending.stack, pending.layer, experts.tolist(), counts.tolist(),
+                                              pending.tokens[chunk])))
             start += n
         self._submit(pending, calls)
 
@@ -157,8 +159,10 @@ class ExpertDispatcher:
         handles = self.actors
         if not handles:
             raise ExpertsUnavailable("the expert actors are not up")
-        for actor, experts, counts, tokens in calls:
-            pending.calls.append(handles[actor].forward.remote(pending.stack, pending.layer, experts, counts, tokens))
+        if self.trips is not None:
+            self.trips.append(pending.called)  # filled below
+        for actor, call in calls:
+            pending.calls.append(handles[actor].forward.remote(call))
             pending.called.append(actor)
 
     def _compute_here(self, pending: PendingDispatch, index: torch.Tensor, expert: torch.Tensor) -> None:
@@ -191,7 +195,8 @@ class ExpertDispatcher:
         began = time.perf_counter()
         stack, layer, expert = key
         pending = PendingDispatch(self, stack, layer, tokens, ONE_TOKEN)
-        self._submit(pending, [(int(self.hosts[(stack, layer)][expert, 0]), [expert], [1], to_wire(tokens))])
+        actor = int(self.hosts[(stack, layer)][expert, 0])
+        self._submit(pending, [(actor, call_to_wire(stack, layer, [expert], [1], tokens))])
         pending.sending_s = time.perf_counter() - began
         return pending
 

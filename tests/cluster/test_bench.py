@@ -45,7 +45,9 @@ def test_bench_quick_run(tmp_path):
     for b in w["breakdown"][2:]:
         assert b["layers_computed_here"] == 0 and b["sparse_layer_calls"] > 0
         assert 0 < b["round_trip_s"] < b["seconds"]
-        assert 0 < b["sending_s"] < b["round_trip_s"] and b["expert_compute_s"] > 0
+        assert 0 < b["sending_s"] < b["round_trip_s"]
+        assert 0 < b["mean_compute_s"] <= b["slowest_compute_s"] <= b["expert_compute_s"]
+        assert b["imbalance_ms_per_call"] >= 0
     for b in w["breakdown"][2:]:
         assert 0 < b["bare_call_ms"] < 1000 * b["round_trip_s"] and b["bare_call_in_step_ms"] > 0
         assert b["front_bytes_between_trips"] > 0 and b["expert_bytes"] > 0
@@ -84,3 +86,14 @@ def test_the_front_reads_between_two_round_trips_its_decoders_weights_and_head_o
     sparse = sum(1 for block in model.decoder.block if block.is_sparse)
     assert front_bytes_between_trips(SwitchConfig.of(config), "fp32") == 4 * read // sparse
     assert front_bytes_between_trips(SwitchConfig.of(config), "bf16") == 2 * read // sparse
+
+
+def test_a_round_trips_compute_is_its_slowest_actors_and_the_imbalance_the_rest():
+    from cluster.bench import trips_compute_s
+
+    # Actor 0 called by round trips 1 and 2, actor 1 by 1 and 3: each actor's n-th call is its n-th round trip.
+    compute = trips_compute_s([[0, 1], [0], [1]], [[0.004, 0.001], [0.002, 0.003]])
+    assert compute == pytest.approx({"expert_compute_s": 0.010, "slowest_compute_s": 0.004 + 0.001 + 0.003,
+                                     "mean_compute_s": 0.003 + 0.001 + 0.003})
+    with pytest.raises(RuntimeError, match="logged"):  # a call the round trips did not make
+        trips_compute_s([[0, 1]], [[0.004, 0.001], [0.002]])

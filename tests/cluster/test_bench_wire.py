@@ -1,5 +1,5 @@
 """`python -m cluster.bench_wire` runs on its own two raylets and times every size both ways on both nodes, and a few
-rows both ways of carrying them (its numbers are measurements, not checked)."""
+rows in each form of a call (its numbers are measurements, not checked)."""
 
 from __future__ import annotations
 
@@ -23,4 +23,4 @@ def test_bench_wire_prints_a_row_of_timings_per_size(tmp_path):
     assert [int(r[0]) for r in by_size] == list(ROWS)
     assert all(float(r[i]) > 0 for r in by_size for i in (3, 4, 6, 7))
     assert [int(r[0]) for r in few] == list(FEW_ROWS)
-    assert all(float(r[i]) > 0 for r in few for i in (2, 3))
+    assert all(float(r[i]) > 0 for r in few for i in (2, 3, 4)) and all(len(r) == 5 for r in few)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import ray
 import torch
@@ -16,7 +15,7 @@ from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementConfig
 from experts.spec import expert_tensor_names, sparse_layers
-from experts.wire import from_wire
+from experts.wire import call_to_wire, from_wire
 
 
 def evict_from_page_cache(folder) -> None:
@@ -112,8 +111,28 @@ def test_a_fleets_actors_return_activations_of_up_to_a_mib_inside_rays_messages(
         actor, = ray.get(fleet.actors.remote(120)).actors
         layer = sparse_layers(checkpoint.config, "encoder")[0]
         rows = (200 << 10) // (4 * config.d_model)
-        out = actor.forward.remote("encoder", layer, [0], [rows], np.ones((rows, config.d_model), np.float32))
+        out = actor.forward.remote(call_to_wire("encoder", layer, [0], [rows], torch.ones(rows, config.d_model)))
         assert from_wire(ray.get(out), torch.float32, config.d_model).shape == (rows, config.d_model)
         assert ray.experimental.get_object_locations([out])[out]["node_ids"] == []  # in no node's store
     finally:
         stop_fleet(fleet)
+
+
+def test_an_actor_logs_each_calls_compute_while_asked_to(ray_cluster, tmp_path):
+    """The benchmark's breakdown reads each call's compute time from the actors (cluster.bench.trips_compute_s)."""
+    config = tiny_config(num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
+    write_random_checkpoint(tmp_path, config)
+    key = ("encoder", sparse_layers(config, "encoder")[0], 1)
+    actor = ExpertActor(SwitchCheckpoint.open(tmp_path), {key: expert_tensor_names(*key)})
+    x = call_to_wire(*key[:2], [key[2]], [3], torch.ones(3, config.d_model))
+
+    def call():
+        return actor.forward(x)
+
+    call()
+    assert actor.log_calls(True) == []  # nothing logged before
+    call(), call()
+    logged = actor.log_calls(False)
+    assert len(logged) == 2 and min(logged) > 0
+    call()
+    assert actor.log_calls(False) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from experts.wire import from_wire, to_wire
+from experts.wire import call_from_wire, to_wire
 from router_service import dispatch
 from router_service.dispatch import ExpertDispatcher
 
@@ -62,8 +62,9 @@ class RecordingActor:
         self.index, self.forward = index, self
         self.calls = calls
 
-    def remote(self, stack, layer, experts, counts, x):
-        tokens = from_wire(x, torch.float32, 8)
+    def remote(self, call):
+        stack, layer, experts, counts, tokens = call_from_wire(call, torch.float32, 8)
+        assert (stack, layer) == LAYER
         self.calls.append((self.index, experts, counts, tuple(tokens.shape)))
         return to_wire(tokens * (1 + self.index))
 
@@ -80,3 +81,16 @@ def test_a_lone_token_goes_to_its_experts_first_copy_in_one_call(monkeypatch):
     assert dispatcher.calls == 1
     dropped = dispatcher.send(*LAYER, token, torch.tensor([1]), torch.tensor([False])).result()
     assert len(calls) == 1 and dropped.abs().sum() == 0
+
+
+def test_for_the_benchmark_the_dispatcher_lists_the_actors_each_round_trip_called(monkeypatch):
+    monkeypatch.setattr(dispatch.ray, "get", lambda refs, timeout=None: refs)
+    calls = []
+    dispatcher = ExpertDispatcher([RecordingActor(i, calls) for i in range(3)], {LAYER: {0: [0], 1: [2], 2: [1]}},
+                                  num_experts=3)
+    tokens = torch.randn(3, 8)
+    dispatcher.send(*LAYER, tokens, torch.tensor([0, 2, 0]), None).result()  # not listed: trips is None
+    dispatcher.trips = []
+    dispatcher.send(*LAYER, tokens, torch.tensor([2, 0, 2]), None).result()
+    dispatcher.send(*LAYER, tokens[:1], torch.tensor([1]), None).result()  # a lone token: one call
+    assert dispatcher.trips == [[0, 1], [2]] and len(calls) == 5

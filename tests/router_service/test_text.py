@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from router_service.requests import InvalidRequest
@@ -39,11 +39,14 @@ def test_an_incomplete_character_waits_for_its_next_token():
 
 @given(st.lists(st.text(alphabet="ab \ufffd", min_size=1, max_size=3), min_size=1, max_size=12),
        st.lists(st.text(alphabet="ab ", min_size=1, max_size=3), max_size=4))
+@example(pieces=["a", "b", " "], stop=["b", "ab "])  # "b" ends it at the second piece: "ab " never comes
 def test_what_is_sent_is_always_a_prefix_of_the_final_text(pieces, stop):
     sent, text = stream(pieces, tuple(stop))
-    full = "".join(pieces)
-    hits = [full.find(s) for s in stop if s in full]
-    assert "".join(sent) == (full[:min(hits)] if hits else full)
+    # Decoding ends at the first piece after which the text holds a stop string, cut where the earliest one begins.
+    texts = ["".join(pieces[:n]) for n in range(1, len(pieces) + 1)]
+    final = next((t for t in texts if any(s in t for s in stop)), texts[-1])
+    hits = [final.find(s) for s in stop if s in final]
+    assert "".join(sent) == (final[:min(hits)] if hits else final)
     assert text.stopped == bool(hits)
 
 
