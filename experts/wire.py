@@ -52,8 +52,9 @@ def call_to_wire(stack: str, layer: int, experts: list[int], counts: list[int],
                  tokens: torch.Tensor) -> bytes | np.ndarray:
     """An expert actor's call as one argument (see `to_wire`): a header of int32s (the stack's index in STACKS, the
     layer, the number of experts, the experts, then their tokens' counts), then the tokens. Ray serializes each
-    argument apart, and all but raw bytes through pickle: in a loop of calls made as a decoding step makes them, a
-    call of 1 or 16 tokens took 0.13-0.53 ms less than with the five as arguments of their own."""
+    argument apart, and all but raw bytes through pickle: made as a decoding step makes them, a call of 1 or 16
+    tokens and its reply took 0.07-0.53 ms less than with the five as arguments of their own (0.3 in the median
+    round), back to back 0.02-0.08 less (docs/BENCHMARKS.md)."""
     header = np.array([STACKS.index(stack), layer, len(experts), *experts, *counts], np.int32).view(np.uint8)
     call = np.concatenate([header, tokens.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)])
     return call.tobytes() if call.nbytes <= INLINE_BYTES else call
