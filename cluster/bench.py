@@ -332,8 +332,8 @@ def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig,
     rows = []
     for t in ray.get(timed.remote(folder, [requests, requests[:1]], placement, engine, threads)):
         calls, trips = max(t["sparse_layer_calls"], 1), t["round_trip_s"]
-        # The actors of one round trip compute at once: the front waits for the slowest, and what the others
-        # computed in less time is the imbalance between them.
+        # The actors of one round trip compute at once: the front waits for the slowest, whose compute beyond
+        # their mean is the imbalance between them.
         rows.append({**t, "front_s": t["seconds"] - trips, "waiting_s": trips - t["sending_s"],
                      "round_trip_ms_per_call": 1000 * trips / calls,
                      "overhead_ms_per_call": 1000 * max(0.0, trips - t["slowest_compute_s"]) / calls,

@@ -35,8 +35,13 @@ def to_wire(t: torch.Tensor) -> bytes | np.ndarray:
     tokens and its reply took 0.73-0.96 ms against 0.95-1.10 as arrays, whose buffers Ray's serializer sets apart),
     an array of those bytes above that, which a node's object store hands over without a copy (as bytes, a call
     carrying 3 MiB took twice as long)."""
-    a = t.detach().cpu().contiguous().view(torch.uint8).numpy()
+    a = bytes_of(t)
     return a.tobytes() if a.nbytes <= INLINE_BYTES else a
+
+
+def bytes_of(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a numpy array on the host (numpy has no bfloat16)."""
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy()
 
 
 def from_wire(x: bytes | np.ndarray, dtype: torch.dtype, width: int) -> torch.Tensor:
@@ -56,7 +61,7 @@ def call_to_wire(stack: str, layer: int, experts: list[int], counts: list[int],
     tokens and its reply took 0.07-0.53 ms less than with the five as arguments of their own (0.3 in the median
     round), back to back 0.02-0.08 less (docs/BENCHMARKS.md)."""
     header = np.array([STACKS.index(stack), layer, len(experts), *experts, *counts], np.int32).view(np.uint8)
-    call = np.concatenate([header, tokens.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)])
+    call = np.concatenate([header, bytes_of(tokens).reshape(-1)])
     return call.tobytes() if call.nbytes <= INLINE_BYTES else call
 
 
