@@ -35,8 +35,7 @@ def to_wire(t: torch.Tensor) -> bytes | np.ndarray:
     tokens and its reply took 0.73-0.96 ms against 0.95-1.10 as arrays, whose buffers Ray's serializer sets apart),
     an array of those bytes above that, which a node's object store hands over without a copy (as bytes, a call
     carrying 3 MiB took twice as long)."""
-    a = bytes_of(t)
-    return a.tobytes() if a.nbytes <= INLINE_BYTES else a
+    return for_ray(bytes_of(t))
 
 
 def bytes_of(t: torch.Tensor) -> np.ndarray:
@@ -44,12 +43,22 @@ def bytes_of(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().view(torch.uint8).numpy()
 
 
+def for_ray(a: np.ndarray) -> bytes | np.ndarray:
+    """An array as it crosses Ray (see `to_wire`): its raw bytes up to INLINE_BYTES, the array above."""
+    return a.tobytes() if a.nbytes <= INLINE_BYTES else a
+
+
+def from_ray(x: bytes | np.ndarray) -> np.ndarray:
+    """What `for_ray` sent, as an array (read-only)."""
+    return np.frombuffer(x, np.uint8) if isinstance(x, bytes) else x
+
+
 def from_wire(x: bytes | np.ndarray, dtype: torch.dtype, width: int) -> torch.Tensor:
     """The tensor [rows, width] of `dtype` that `to_wire` sent as `x` (or an array of `dtype` itself)."""
     with warnings.catch_warnings():
         # What Ray hands over is read-only; nothing here writes to it in place.
         warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(np.frombuffer(x, np.uint8) if isinstance(x, bytes) else x)
+        t = torch.from_numpy(from_ray(x))
     return t.view(dtype).view(-1, width)
 
 
@@ -61,15 +70,14 @@ def call_to_wire(stack: str, layer: int, experts: list[int], counts: list[int],
     tokens and its reply took 0.07-0.53 ms less than with the five as arguments of their own (0.3 in the median
     round), back to back 0.02-0.08 less (docs/BENCHMARKS.md)."""
     header = np.array([STACKS.index(stack), layer, len(experts), *experts, *counts], np.int32).view(np.uint8)
-    call = np.concatenate([header, bytes_of(tokens).reshape(-1)])
-    return call.tobytes() if call.nbytes <= INLINE_BYTES else call
+    return for_ray(np.concatenate([header, bytes_of(tokens).reshape(-1)]))
 
 
 def call_from_wire(call: bytes | np.ndarray, dtype: torch.dtype,
                    width: int) -> tuple[str, int, list[int], list[int], torch.Tensor]:
     """The stack, layer, experts, their tokens' counts and the tokens [rows, width] of `dtype` that `call_to_wire`
     sent as `call`."""
-    a = np.frombuffer(call, np.uint8) if isinstance(call, bytes) else call
+    a = from_ray(call)
     n = int(a[8:12].view(np.int32)[0])
     header = a[:4 * (3 + 2 * n)].view(np.int32).tolist()
     return STACKS[header[0]], header[1], header[3:3 + n], header[3 + n:], from_wire(a[4 * (3 + 2 * n):], dtype, width)
