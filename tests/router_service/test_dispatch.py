@@ -94,3 +94,23 @@ def test_for_the_benchmark_the_dispatcher_lists_the_actors_each_round_trip_calle
     dispatcher.send(*LAYER, tokens, torch.tensor([2, 0, 2]), None).result()
     dispatcher.send(*LAYER, tokens[:1], torch.tensor([1]), None).result()  # a lone token: one call
     assert dispatcher.trips == [[0, 1], [2]] and len(calls) == 5
+
+
+def test_tokens_are_grouped_by_actor_and_expert_and_put_back_in_order(monkeypatch):
+    """Expert 1 has two copies (its tokens dealt over actors 1 and 2), expert 3 is here, one token is dropped."""
+    monkeypatch.setattr(dispatch.ray, "get", lambda refs, timeout=None: refs)
+    calls = []
+    dispatcher = ExpertDispatcher([RecordingActor(i, calls) for i in range(3)],
+                                  {LAYER: {0: [0], 1: [1, 2], 2: [2], 3: [0]}}, num_experts=4, act=torch.relu)
+    torch.manual_seed(0)
+    wi, wo = torch.randn(16, 8), torch.randn(8, 16)
+    dispatcher.use(dispatcher.actors, {(*LAYER, 3): (wi, wo)})
+    tokens = torch.randn(8, 8)
+    keep = torch.tensor([True, True, True, False, True, True, True, True])
+    out = dispatcher.send(*LAYER, tokens, torch.tensor([1, 0, 3, 1, 2, 1, 3, 0]), keep).result()
+    assert calls == [(0, [0], [2], (2, 8)), (1, [1], [1], (1, 8)), (2, [1, 2], [1, 1], (2, 8))]
+    here = torch.relu(tokens @ wi.T) @ wo.T
+    expected = torch.stack([tokens[0] * 2, tokens[1], here[2], torch.zeros(8), tokens[4] * 3, tokens[5] * 3, here[6],
+                            tokens[7]])
+    torch.testing.assert_close(out, expected)
+    assert dispatcher.local_tokens == {(*LAYER, 3): 2} and (dispatcher.calls, dispatcher.local_calls) == (1, 1)
