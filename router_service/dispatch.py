@@ -142,10 +142,10 @@ class ExpertDispatcher:
         """One call per actor that owns some of `pending.index`'s tokens."""
         layer, expert = (pending.stack, pending.layer), expert[pending.index]
         # Group tokens by owning actor, then by expert within it (stable: token order kept inside a group).
-        by_actor = self.owner(layer, expert) * self.num_experts + expert
-        pending.index = pending.index[np.argsort(by_actor, kind="stable")]
+        actor_expert = self.owner(layer, expert) * self.num_experts + expert
+        pending.index = pending.index[np.argsort(actor_expert, kind="stable")]
         groups: dict[int, tuple[list[int], list[int]]] = {}  # actor: its experts and their tokens' counts, in order
-        for key, n in zip(*(a.tolist() for a in np.unique(by_actor, return_counts=True))):
+        for key, n in zip(*(a.tolist() for a in np.unique(actor_expert, return_counts=True))):
             actor, e = divmod(key, self.num_experts)
             experts, counts = groups.setdefault(actor, ([], []))
             experts.append(e)
@@ -154,9 +154,9 @@ class ExpertDispatcher:
         # core this process may share, and what is left to do here would then run slower.
         calls, start, tokens = [], 0, pending.tokens[torch.from_numpy(pending.index)]
         for actor, (experts, counts) in groups.items():
-            calls.append((actor, call_to_wire(pending.stack, pending.layer, experts, counts,
-                                              tokens[start:start + sum(counts)])))
-            start += sum(counts)
+            n = sum(counts)
+            calls.append((actor, call_to_wire(pending.stack, pending.layer, experts, counts, tokens[start:start + n])))
+            start += n
         self._submit(pending, calls)
 
     def _submit(self, pending: PendingDispatch, calls: list[Call]) -> None:
