@@ -33,6 +33,13 @@ NO_TOKENS = np.zeros(0, dtype=np.int64)  # that of a layer computed here: no cal
 Call = tuple[int, bytes | np.ndarray]
 
 
+def sorted_by(index: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, list[int], list[int]]:
+    """`index` sorted by `keys` (one per entry; stable: their order kept within a key), and the keys present with the
+    count of each, in that order."""
+    present, counts = np.unique(keys, return_counts=True)
+    return index[np.argsort(keys, kind="stable")], present.tolist(), counts.tolist()
+
+
 class ExpertsUnavailable(RuntimeError):
     """The expert actors are not up (loading, lost with their fleet, or down longer than the dispatcher waits):
     the requests fail, retryable."""
@@ -142,10 +149,9 @@ class ExpertDispatcher:
         """One call per actor that owns some of `pending.index`'s tokens."""
         layer, expert = (pending.stack, pending.layer), expert[pending.index]
         # Group tokens by owning actor, then by expert within it (stable: token order kept inside a group).
-        actor_expert = self.owner(layer, expert) * self.num_experts + expert
-        pending.index = pending.index[np.argsort(actor_expert, kind="stable")]
+        pending.index, keys, per_key = sorted_by(pending.index, self.owner(layer, expert) * self.num_experts + expert)
         groups: dict[int, tuple[list[int], list[int]]] = {}  # actor: its experts and their tokens' counts, in order
-        for key, n in zip(*(a.tolist() for a in np.unique(actor_expert, return_counts=True))):
+        for key, n in zip(keys, per_key):
             actor, e = divmod(key, self.num_experts)
             experts, counts = groups.setdefault(actor, ([], []))
             experts.append(e)
@@ -172,11 +178,10 @@ class ExpertDispatcher:
 
     def _compute_here(self, pending: PendingDispatch, index: np.ndarray, expert: np.ndarray) -> None:
         """The FFN outputs of these tokens, whose experts are all here, into `pending`."""
-        pending.local_index = index = index[np.argsort(expert[index], kind="stable")]
-        experts, counts = (a.tolist() for a in np.unique(expert[index], return_counts=True))
+        pending.local_index, experts, counts = sorted_by(index, expert[index])
         keys = [(pending.stack, pending.layer, e) for e in experts]
-        pending.computed = grouped_ffn(pending.tokens[torch.from_numpy(index)], counts, [self.local[k] for k in keys],
-                                       self.act)
+        pending.computed = grouped_ffn(pending.tokens[torch.from_numpy(pending.local_index)], counts,
+                                       [self.local[k] for k in keys], self.act)
         self.local_calls += 1
         self._count_here(keys, counts)
 
