@@ -111,14 +111,15 @@ class ExpertDispatcher:
 
     def owner(self, layer: tuple[str, int], expert: np.ndarray) -> np.ndarray:
         """The actor each token goes to: its expert's n-th token goes to copy n mod the number of copies."""
+        hosts = self.hosts[layer]
+        if hosts.shape[1] == 1:  # one copy of each expert
+            return hosts[expert, 0]
         copies = self.copies[layer]
-        if copies.max() == 1:
-            return self.hosts[layer][expert, 0]
         order = np.argsort(expert, kind="stable")
         counts = np.bincount(expert, minlength=self.num_experts)
         rank = np.empty_like(expert)
         rank[order] = np.arange(len(expert)) - (counts.cumsum() - counts)[expert[order]]
-        return self.hosts[layer][expert, rank % copies[expert]]
+        return hosts[expert, rank % copies[expert]]
 
     def send(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
              keep: torch.Tensor | None) -> PendingDispatch:
