@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ class TensorInfo:
 
 
 def _read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes, byte offsets), checked against its size."""
+    """The JSON header of a safetensors file (names, dtypes, shapes, byte offsets), checked as safetensors checks it
+    before reading any tensor: every entry well-formed, its bytes as many as its shape and dtype take, and the
+    tensors' bytes covering the data exactly, without gaps or overlaps."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -48,14 +51,41 @@ def _read_header(path: Path) -> dict:
             header = json.loads(f.read(header_len))
         except ValueError as e:
             raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     data_size = size - 8 - header_len
     for name, entry in header.items():
+        if not _well_formed(entry):
+            raise CheckpointError(f"{path}: tensor {name} has a malformed header entry ({json.dumps(entry)[:200]})")
         start, end = entry["data_offsets"]
         if end > data_size:
             raise CheckpointError(
                 f"{path}: tensor {name} is cut off (needs bytes {start}..{end} of the data, file holds {data_size})")
+        dtype = DTYPES.get(DTYPE_OF_SAFETENSORS.get(entry["dtype"], ""))
+        if dtype is not None and end - start != math.prod(entry["shape"]) * dtype.bytes:
+            raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes, its shape {entry['shape']} and "
+                                  f"dtype {entry['dtype']} take {math.prod(entry['shape']) * dtype.bytes}")
+    covered = 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        start, end = entry["data_offsets"]
+        if start != covered:
+            raise CheckpointError(f"{path}: tensor {name}'s bytes {start}..{end} "
+                                  f"{'overlap another' if start < covered else 'leave a gap after another'} tensor's")
+        covered = end
+    if covered != data_size:
+        raise CheckpointError(f"{path}: {data_size - covered} bytes after its last tensor's data (a damaged file)")
     return header
+
+
+def _well_formed(entry) -> bool:
+    """A safetensors header entry: {"dtype": str, "shape": [int >= 0, ...], "data_offsets": [start, end]}."""
+    def counts(values) -> bool:
+        return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
+
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and counts(entry.get("shape"))
+            and counts(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2
+            and entry["data_offsets"][0] <= entry["data_offsets"][1])
 
 
 @dataclass

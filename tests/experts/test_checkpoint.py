@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 
 import pytest
 import torch
@@ -59,6 +60,39 @@ def test_truncated_shard_names_the_shard(sharded):
     shard.write_bytes(shard.read_bytes()[:-8])
     with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor \S+ is cut off"):
         SwitchCheckpoint.open(sharded)
+
+
+def rewrite_header(path, change) -> None:
+    """The file's header changed by `change(header)`, its data as it was."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda h: h[EXPERT].update(dtype="F16"), rf"tensor {EXPERT} has \d+ bytes, its shape \[\d+, \d+\] and dtype F16 "),
+    (lambda h: h[EXPERT].pop("data_offsets"), rf"tensor {EXPERT} has a malformed header entry"),
+    (lambda h: h[EXPERT].update(shape=[-1, 4]), rf"tensor {EXPERT} has a malformed header entry"),
+    (lambda h: h[EXPERT].update(data_offsets=[0, h[EXPERT]["data_offsets"][1] - h[EXPERT]["data_offsets"][0]]),
+     r"tensor \S+'s bytes \d+\.\.\d+ overlap another tensor's"),
+], ids=["dtype of another size", "no offsets", "negative shape", "overlap"])
+def test_a_damaged_header_names_the_file_and_tensor(checkpoint, damage, message):
+    """Offsets, shapes and dtypes that disagree, as safetensors itself would refuse them when an actor reads the
+    tensor: refused as the checkpoint opens, before anything starts."""
+    rewrite_header(checkpoint / "model.safetensors", damage)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: {message}"):
+        SwitchCheckpoint.open(checkpoint)
+
+
+def test_bytes_after_the_last_tensor_are_refused(checkpoint):
+    file = checkpoint / "model.safetensors"
+    file.write_bytes(file.read_bytes() + bytes(64))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: 64 bytes after its last tensor's data"):
+        SwitchCheckpoint.open(checkpoint)
 
 
 def test_missing_expert(checkpoint):
