@@ -61,6 +61,7 @@ class Sequence:
     generator: torch.Generator | None = field(default=None, repr=False)
     arrived: float = field(default_factory=time.monotonic, repr=False)
     first_token_at: float | None = field(default=None, repr=False)
+    last_token_at: float | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.params.temperature > 0:
@@ -171,20 +172,22 @@ class ContinuousBatcher:
             self.waiting.append(self.inbox.get())
         changed = [seq for seq in self.waiting if seq.cancelled]
         self.waiting = deque(seq for seq in self.waiting if not seq.cancelled)
+        if self.metrics is not None:  # a sequence cancelled mid-way (by its caller, or a stop string) counts too
+            self._record([seq for seq in self.active if seq.cancelled])
         self._leave([not seq.cancelled for seq in self.active])
         cores = self.threads or torch.get_num_threads()
         on_cores = core_threads(cores) is not None
         try:
-            return changed + self._decode(cores, on_cores)
+            changed += self._admit(cores)  # embedding requests return done from it, whatever the step does next
+            if self.active:
+                changed += self._decode(cores, on_cores)
         except Exception as e:  # the whole batch fails together; the next step starts afresh
-            return changed + self.fail(e)
+            changed += self.fail(e)
         finally:
             use_threads(cores)
+        return changed
 
     def _decode(self, cores: int, on_cores: bool) -> list[Sequence]:
-        embedded = self._admit(cores)
-        if not self.active:
-            return embedded
         use_threads(1 if on_cores and len(self.active) <= ONE_THREAD_UP_TO else cores)
         self.cache, logits, routing = self.front.decode_step(self.cache, self.next_tokens)
         dropped = Routing.dropped_per_row(routing, len(self.active))
@@ -199,6 +202,7 @@ class ContinuousBatcher:
         for row, (seq, token) in enumerate(zip(self.active, tokens)):
             if seq.first_token_at is None:
                 seq.first_token_at = now
+            seq.last_token_at = now
             if seq.params.top_logprobs:  # before the token: a reader that sees the token sees these
                 values, ids = torch.topk(logprobs[row], seq.params.top_logprobs)
                 seq.top_logprobs.append(list(zip(ids.tolist(), values.tolist())))
@@ -219,19 +223,19 @@ class ContinuousBatcher:
                 seq.finish_reason = "length"
         stepped = list(self.active)
         if self.metrics is not None:
-            self._record(stepped, now)
+            self.metrics.step(len(stepped), self.num_waiting)
+            self._record([seq for seq in stepped if seq.finish_reason is not None])
         self.next_tokens = torch.tensor(tokens, dtype=torch.long)
         self._leave([not seq.done for seq in self.active])
-        return embedded + stepped
+        return stepped
 
-    def _record(self, stepped: list[Sequence], now: float) -> None:
-        self.metrics.step(len(stepped), self.num_waiting)
-        for seq in stepped:
-            if seq.finish_reason is not None:
-                n = len(seq.token_ids)
-                self.metrics.sequence_done(seq.first_token_at - seq.arrived,
-                                           (now - seq.first_token_at) / (n - 1) if n > 1 else None,
-                                           seq.dropped_tokens)
+    def _record(self, leaving: list[Sequence]) -> None:
+        """The latencies and dropped tokens of sequences leaving the batch, finished or cancelled."""
+        for seq in leaving:
+            n = len(seq.token_ids)
+            self.metrics.sequence_done(None if n == 0 else seq.first_token_at - seq.arrived,
+                                       (seq.last_token_at - seq.first_token_at) / (n - 1) if n > 1 else None,
+                                       seq.dropped_tokens)
 
     def fail(self, error: BaseException) -> list[Sequence]:
         """End every active and waiting sequence with `error` and start over with an empty batch."""
@@ -289,7 +293,7 @@ class ContinuousBatcher:
                 seq.finish_reason = "embedded"
                 embedded.append(seq)
         if self.metrics is not None and embedded:
-            self.metrics.embedded(len(embedded))
+            self.metrics.embedded(len(embedded), sum(seq.dropped_tokens for seq in embedded))
         if not ordered:
             return embedded
         joining = ordered

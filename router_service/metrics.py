@@ -45,15 +45,19 @@ class ServingMetrics:
         self.generated_tokens.inc(batch, tags=self.tags)
         self.queue_depth.set(waiting, tags=self.tags)
 
-    def sequence_done(self, first_token_s: float, per_token_s: float | None, dropped: int) -> None:
-        self.time_to_first_token.observe(first_token_s, tags=self.tags)
+    def sequence_done(self, first_token_s: float | None, per_token_s: float | None, dropped: int) -> None:
+        """A generation request's latencies (None: it left before that token) and its tokens over capacity."""
+        if first_token_s is not None:
+            self.time_to_first_token.observe(first_token_s, tags=self.tags)
         if per_token_s is not None:
             self.time_per_output_token.observe(per_token_s, tags=self.tags)
         if dropped:
             self.dropped_tokens.inc(dropped, tags=self.tags)
 
-    def embedded(self, inputs: int) -> None:
+    def embedded(self, inputs: int, dropped: int) -> None:
         self.embedded_inputs.inc(inputs, tags=self.tags)
+        if dropped:
+            self.dropped_tokens.inc(dropped, tags=self.tags)
 
     def dispatched(self, stack: str, layer: int, seconds: float) -> None:
         self.dispatch.observe(seconds, tags={**self.tags, "stack": stack, "layer": str(layer)})

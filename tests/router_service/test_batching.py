@@ -237,3 +237,68 @@ def test_the_encoders_products_take_every_prompts_real_tokens_at_once(checkpoint
     encoded = front.encode([list(range(5, 5 + n)) for n in lengths])
     assert len(encoded) == len(lengths)
     assert rows and set(rows) == {(sum(lengths),)}
+
+
+class RecordingMetrics:
+    """router_service.metrics.ServingMetrics' calls from the batcher, recorded."""
+
+    def __init__(self):
+        self.done, self.embedded_dropped = [], 0
+
+    def step(self, batch: int, waiting: int) -> None:
+        pass
+
+    def sequence_done(self, first_token_s, per_token_s, dropped: int) -> None:
+        self.done.append((first_token_s, per_token_s, dropped))
+
+    def embedded(self, inputs: int, dropped: int) -> None:
+        self.embedded_dropped += dropped
+
+
+@torch.inference_mode()
+def test_metrics_count_every_sequence_that_leaves(checkpoint_factory):
+    """A sequence cancelled mid-way (as a stop string or a client gone cancels it) records its latencies and dropped
+    tokens as a finished one does, and an embedding request its dropped tokens. Fails if only the sequences that
+    finish on their own are recorded."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    metrics = RecordingMetrics()
+    batcher = ContinuousBatcher(local_front(path), max_sequences=8, metrics=metrics)
+    prompt = [5, 9, 23, 4, 17, 60, 33, 1]  # more tokens than 4 experts of capacity 2 take: some are dropped
+    finishing, cancelled = Sequence(prompt, SamplingParams(max_new_tokens=6)), Sequence(prompt)
+    embedding = Sequence(prompt, pooling="mean")
+    for seq in (finishing, cancelled, embedding):
+        batcher.add(seq)
+    for _ in range(3):
+        batcher.step()
+    cancelled.cancelled = True
+    while batcher.has_work:
+        batcher.step()
+    assert embedding.finish_reason == "embedded" and embedding.dropped_tokens > 0
+    assert metrics.embedded_dropped == embedding.dropped_tokens
+    assert len(cancelled.token_ids) == 3 and cancelled.finish_reason is None
+    assert [d for _, _, d in metrics.done] == [cancelled.dropped_tokens, finishing.dropped_tokens]
+    assert all(ttft > 0 and tpot > 0 for ttft, tpot, _ in metrics.done)
+
+
+@torch.inference_mode()
+def test_an_embedding_returns_though_the_decoding_step_after_it_fails(checkpoint_factory):
+    """An embedding request encoded in a step whose decoding then fails (an expert actor lost, say) returns its
+    embedding: it needs nothing of that step. The sequences decoding get the error. Fails if the embedding is never
+    returned, which leaves its caller waiting for good."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    front = local_front(path)
+    batcher = ContinuousBatcher(front, max_sequences=8)
+    decoding = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6))
+    batcher.add(decoding)
+    batcher.step()
+
+    def lost(cache, tokens):
+        raise RuntimeError("expert actor lost")
+
+    front.decode_step = lost
+    embedding = Sequence([71, 3, 1], pooling="mean")
+    batcher.add(embedding)
+    assert set(batcher.step()) == {decoding, embedding}
+    assert isinstance(decoding.error, RuntimeError) and embedding.error is None
+    assert embedding.finish_reason == "embedded" and embedding.embedding is not None
+    assert not batcher.has_work
