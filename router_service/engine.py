@@ -43,7 +43,8 @@ def count_expert_tokens(per_actor: list[dict], num_experts: int) -> dict[tuple[s
     """{(stack, layer): tokens per expert} from the actors' own counts."""
     table: dict[tuple[str, int], list[int]] = {}
     for counts in per_actor:
-        for (stack, layer, expert), n in counts.items():
+        # A copy, made at once under the GIL: the front's own counts gain keys on its batching thread meanwhile.
+        for (stack, layer, expert), n in list(counts.items()):
             table.setdefault((stack, layer), [0] * num_experts)[expert] += n
     return dict(sorted(table.items(), key=lambda item: (item[0][0] != "encoder", item[0][1])))
 
@@ -87,32 +88,43 @@ class ExpertLink:
         # in the process makes every team's idle threads sleep between ops (router_service.scheduler).
         use_threads(1)
         while not self._closed:
-            ready = self.ready.is_set()
-            if ready and self.dispatcher.actors_dead():  # their fleet died, or they were killed for good
-                self._on_lost("an expert actor is dead")
-                continue
             try:
-                view = call(self.fleet.actors.remote(0.0 if ready else FLEET_POLL_S), FLEET_POLL_S + LINK_CHECK_S)
-            except TimeoutError:  # Serve has yet to notice that it died, or it is starting again
-                view = FleetActors([], f"the expert fleet did not answer within {FLEET_POLL_S + LINK_CHECK_S:.0f} s",
-                                   "", "")
-            except Exception as e:  # gone, or its load failed (Serve starts it again)
-                view = FleetActors([], f"expert fleet: {first_line(e)}", "", "")
-            if view.serves and view.serves != self.serves:
-                view = FleetActors([], f"the expert fleet serves another config ({view.serves}, this front's is "
-                                       f"{self.serves}); waiting for this config's", "", "")
-            if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
-                self._on_lost(view.status if not view.actors else "their fleet started again")
-            elif not ready and view.actors:
-                self.dispatcher.use(view.actors, *self.local_experts(view.actors))
-                self._fleet_id = view.fleet_id
-                self.status = "ready"
-                self.ready.set()
-            elif not ready:
-                self.status = view.status
-            if self.ready.is_set() or not view.fleet_id:
+                idle = self._check()
+            except Exception as e:  # taking up the actors failed (no memory for the front's copies, say): again
+                log.exception("taking up the expert actors failed")
+                if not self.ready.is_set():
+                    self.status = f"taking up the expert actors failed ({first_line(e)}); trying again"
+                idle = True
+            if idle:
                 self._wake.wait(LINK_CHECK_S)
                 self._wake.clear()
+
+    def _check(self) -> bool:
+        """One look at the actors and their fleet; whether to wait before the next."""
+        ready = self.ready.is_set()
+        if ready and self.dispatcher.actors_dead():  # their fleet died, or they were killed for good
+            self._on_lost("an expert actor is dead")
+            return False
+        try:
+            view = call(self.fleet.actors.remote(0.0 if ready else FLEET_POLL_S), FLEET_POLL_S + LINK_CHECK_S)
+        except TimeoutError:  # Serve has yet to notice that it died, or it is starting again
+            view = FleetActors([], f"the expert fleet did not answer within {FLEET_POLL_S + LINK_CHECK_S:.0f} s",
+                               "", "")
+        except Exception as e:  # gone, or its load failed (Serve starts it again)
+            view = FleetActors([], f"expert fleet: {first_line(e)}", "", "")
+        if view.serves and view.serves != self.serves:
+            view = FleetActors([], f"the expert fleet serves another config ({view.serves}, this front's is "
+                                   f"{self.serves}); waiting for this config's", "", "")
+        if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
+            self._on_lost(view.status if not view.actors else "their fleet started again")
+        elif not ready and view.actors:
+            self.dispatcher.use(view.actors, *self.local_experts(view.actors))
+            self._fleet_id = view.fleet_id
+            self.status = "ready"
+            self.ready.set()
+        elif not ready:
+            self.status = view.status
+        return self.ready.is_set() or not view.fleet_id
 
 
 def call(response, timeout_s: float):

@@ -1,9 +1,12 @@
 """Which experts a front computes itself: those of the actors beside it, on its node's CPU or on its own GPU, as
-many as its GPU has room for."""
+many as its GPU has room for; and the tokens its experts computed, counted."""
 
 from __future__ import annotations
 
-from router_service.engine import experts_beside, fitting
+import sys
+import threading
+
+from router_service.engine import count_expert_tokens, experts_beside, fitting
 
 A, B = "gpu-uuid-a", "gpu-uuid-b"
 INFOS = [
@@ -39,3 +42,26 @@ def test_a_front_short_of_gpu_room_copies_whole_layers_first_then_what_fits():
     assert fitting(keys, 6, 4) == layer("decoder", 1, range(4)) + layer("decoder", 3, [0, 1])
     assert fitting(keys, 3, 4) == layer("decoder", 1, range(3))
     assert fitting(keys, 0, 4) == []
+
+
+def test_expert_counts_read_while_the_batching_thread_adds_experts():
+    """ModelInfo reads the front's own counts on the event loop while its batching thread adds the experts it computes
+    for the first time. Fails if the read iterates the live dict ("dictionary changed size during iteration")."""
+    counts, added = {}, threading.Event()
+
+    def add() -> None:
+        for layer in range(20000):
+            counts[("decoder", layer, 0)] = 1
+        added.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: the race shows at once
+    try:
+        thread = threading.Thread(target=add)
+        thread.start()
+        while not added.is_set():
+            count_expert_tokens([counts], 1)
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert sum(tokens[0] for tokens in count_expert_tokens([counts], 1).values()) == 20000

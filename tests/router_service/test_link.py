@@ -113,3 +113,25 @@ def test_a_fleet_call_that_times_out_is_cancelled():
     with pytest.raises(TimeoutError):
         call(response, 0.1)
     assert response.cancelled
+
+
+def test_link_outlives_a_failure_to_take_up_the_actors():
+    """Taking up the actors can fail in the front (no memory for its copies of the experts it computes, say): the
+    link says why and tries again. Fails if the failure ends the link's thread, which leaves the front without
+    experts for good."""
+    fleet = StandInFleet(FleetActors(["actor 0"], "ready", "first", SERVES))
+    dispatcher = stand_in_dispatcher()
+    failures = [RuntimeError("out of memory\nmore detail")]
+
+    def local_experts(actors):
+        if failures:
+            raise failures.pop()
+        return {}, {}
+
+    link = ExpertLink(fleet, SERVES, dispatcher, local_experts)
+    try:
+        assert wait_for(lambda: "taking up the expert actors failed (out of memory)" in link.status, 5)
+        assert not link.ready.is_set()
+        assert link.wait(LINK_CHECK_S + 2) and dispatcher.actors == ["actor 0"] and link.status == "ready"
+    finally:
+        link.close()
