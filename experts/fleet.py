@@ -78,13 +78,16 @@ def actor_cpus(placement: Placement) -> float:
 
 
 def bundles(placement: Placement, cpus: float, resources: dict[str, float]) -> list[dict[str, float]]:
-    """One bundle per node: the sum of what its actors ask for."""
+    """One bundle per node: the sum of what its actors ask for, and the whole GPUs they share."""
     out = [{"CPU": 0.0} for _ in range(placement.nodes)]
     for spec in placement.actors:
         bundle = out[spec.node]
         for name, amount in {"CPU": cpus, "GPU": spec.gpus, **resources}.items():
             if amount:
                 bundle[name] = round(bundle.get(name, 0.0) + amount, 4)
+    for bundle in out:
+        if "GPU" in bundle:  # the actors sharing a GPU ask for a little less than all of it between them
+            bundle["GPU"] = float(round(bundle["GPU"]))
     return out
 
 

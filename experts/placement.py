@@ -22,6 +22,8 @@ from experts.spec import STACKS, ExpertKey, LayerKey, SwitchConfig, sparse_layer
 class PlacementError(RuntimeError):
     """Ray cannot find room for the actors the placement asks for."""
 
+GPU_UNITS = 10_000  # the parts of a GPU Ray counts in
+
 
 class PlacementConfig(BaseModel):
     """How to spread the experts: the placement part of the server's config and of `SwitchCluster`."""
@@ -113,7 +115,10 @@ class Placement:
         for gpu in used:
             share = math.ceil(len(gpu.experts) / actors_per_gpu)
             groups = [gpu.experts[i:i + share] for i in range(0, len(gpu.experts), share)]
-            actors += [ActorSpec(tuple(group), node=node_index[gpu.node], gpus=1 / len(groups)) for group in groups]
+            # Ray counts a GPU in ten-thousandths: shares rounded down add up to at most the GPU (1/6 rounded to
+            # the nearest would ask for 1.0002 of it).
+            gpus = math.floor(GPU_UNITS / len(groups)) / GPU_UNITS
+            actors += [ActorSpec(tuple(group), node=node_index[gpu.node], gpus=gpus) for group in groups]
         return cls(tuple(actors), len(node_index))
 
     def owners(self) -> dict[LayerKey, dict[int, list[int]]]:

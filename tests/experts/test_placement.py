@@ -69,6 +69,16 @@ def test_planned_placement_follows_the_plan():
     assert bundles(placement, 0.25, options.actor_resources) == [{"CPU": 1.0, "GPU": 2.0, "expert_slot": 4.0}] * 2
 
 
+@pytest.mark.parametrize("per_gpu", [3, 6, 7, 15])
+def test_actors_sharing_a_gpu_ask_for_no_more_than_it(per_gpu):
+    """Ray counts a GPU in ten-thousandths: six actors of 1/6 rounded to the nearest would ask for 1.0002 GPUs, and a
+    bundle of that never fits a node. Fails if the shares or the bundles round up."""
+    config = tiny_config(num_experts=16)
+    placement = PlacementConfig(gpus=2, nodes=1, actors_per_gpu=per_gpu).place(config, "fp32")
+    assert sum(spec.gpus for spec in placement.actors) <= 2
+    assert bundles(placement, 0.1, {})[0]["GPU"] == 2.0
+
+
 def test_planner_options_need_gpus():
     with pytest.raises(ValidationError, match="replicate_hot needs gpus"):
         PlacementConfig(replicate_hot=2)
