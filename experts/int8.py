@@ -11,8 +11,9 @@ The matmul is PyTorch's own. Which kernel, measured on a 2-core CPU at switch-ba
 
 So on the CPU, up to PACKED_MAX_TOKENS tokens go through `torch._weight_int8pack_mm` (activations in bfloat16, the
 kernel's fast path; its float32 path is 4-25x slower than plain float32), and more through the weights
-dequantized to the activations' dtype for that call. CUDA has no such kernel in PyTorch, so there the weights are
-always dequantized for the call (into the serving dtype, a transient copy per expert).
+dequantized to the activations' dtype for that call (the int8 values converted, the scales applied to the product;
+in float16, whose range that product would overflow, to the weights). CUDA has no such kernel in PyTorch, so there the
+weights are always dequantized for the call (into the serving dtype, a transient copy per expert).
 """
 
 from __future__ import annotations
@@ -55,4 +56,6 @@ def linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_TOKENS and x.shape[-1] % PACKED_FEATURES_MULTIPLE == 0:
         packed = torch._weight_int8pack_mm(x.to(torch.bfloat16), weight.q, weight.scale.to(torch.bfloat16))
         return packed.to(x.dtype)
+    if x.dtype == torch.float16:  # the product before scaling, ~1/scale times the output, would overflow its range
+        return F.linear(x, weight.dequantized(x.dtype))
     return F.linear(x, weight.q.to(x.dtype)) * weight.scale.to(x.dtype)

@@ -39,6 +39,18 @@ def test_linear_equals_the_dequantized_weights(tokens, dtype):
     assert not torch.allclose(reference, F.linear(x.float(), w), rtol=1e-6, atol=0)  # quantization did change w
 
 
+def test_float16_activations_do_not_overflow():
+    """At a Switch expert's shape, with its weights' small magnitudes, the product by the int8 values before their
+    scales is ~1/scale times the output, beyond float16's range. Fails if float16 takes that path."""
+    torch.manual_seed(4)
+    q = int8.quantize(0.02 * torch.randn(3072, 768))
+    x = (30 * torch.randn(int8.PACKED_MAX_TOKENS + 32, 768)).to(torch.float16)
+    out = int8.linear(x, q)
+    reference = F.linear(x.float(), q.dequantized(torch.float32))
+    assert out.dtype == torch.float16 and bool(out.isfinite().all())
+    assert torch.allclose(out.float(), reference, rtol=1e-2, atol=1e-2 * float(reference.abs().mean()))
+
+
 @pytest.mark.parametrize("features", [40, 72])
 def test_input_features_the_packed_kernel_cannot_take_are_dequantized(features, monkeypatch):
     """On an AVX-512 CPU, torch's packed kernel crashes the process for these lengths: they must not reach it."""
