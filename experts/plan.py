@@ -85,7 +85,8 @@ class Plan:
             "num_gpus": len(self.gpus), "num_actors": self.num_actors, "expert_bytes": self.expert_bytes,
             "front_bytes": self.front_bytes, "budget_bytes_per_gpu": self.budget_bytes,
             "min_gpus": self.min_gpus,
-            "max_gpu_bytes": max(g.bytes for g in self.gpus), "load_imbalance": max(loads) / (sum(loads) / len(loads)),
+            "max_gpu_bytes": max(g.bytes for g in self.gpus),
+            "load_imbalance": max(loads) / (sum(loads) / len(loads)) if sum(loads) else 1.0,
             "replicas": self.replicas, "warnings": self.warnings,
             "gpus": [{"gpu": g.gpu, "node": g.node, "experts": g.experts, "bytes": g.bytes, "load": g.load}
                      for g in self.gpus],
@@ -118,19 +119,24 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
         raise PlanError(f"gpus: {total} experts of {size / 2**20:.0f} MiB need at least {min_gpus or 'more'} GPUs of "
                         f"{gpu_memory / 2**30:.0f} GiB ({1 - ACTIVATION_RESERVE:.0%} usable); {gpus} given")
     plan = [GpuPlan(gpu=i, node=i // (gpus // nodes)) for i in range(gpus)]
-    heap = [(0.0, i) for i in range(gpus)]  # (load, gpu) of GPUs with room
-    items = sorted(((load[k] / copies[k], k) for k in keys for _ in range(copies[k])), key=lambda x: -x[0])
+    # (load, experts held, gpu) of the GPUs with room: of equal loads (experts no token has gone to yet), the emptiest.
+    heap = [(0.0, 0, i) for i in range(gpus)]
+    # The replicated experts first, while every GPU has room for a copy apart from its twin; then heaviest first.
+    items = sorted(((load[k] / copies[k], k) for k in keys for _ in range(copies[k])),
+                   key=lambda x: (copies[x[1]] == 1, -x[0]))
     for share, key in items:
         skipped = []
-        while copies[key] > 1 and key in plan[heap[0][1]].experts:  # a replica goes to another GPU than its twin
+        while copies[key] > 1 and key in plan[heap[0][2]].experts:  # a replica goes to another GPU than its twin
             skipped.append(heapq.heappop(heap))
-        gpu_load, i = heapq.heappop(heap)
+            if not heap:
+                raise PlanError(f"replicate_hot: no GPU but its first copy's has room for a second copy of {key}")
+        gpu_load, _, i = heapq.heappop(heap)
         g = plan[i]
         g.experts.append(key)
         g.bytes += size
         g.load = gpu_load + share
         if len(g.experts) < per_gpu:
-            heapq.heappush(heap, (g.load, i))
+            heapq.heappush(heap, (g.load, len(g.experts), i))
         for entry in skipped:
             heapq.heappush(heap, entry)
     for g in plan:

@@ -11,8 +11,9 @@ from reference import MODEL_CONFIGS
 from transformers import SwitchTransformersConfig
 
 from cluster.cli import main
-from experts.plan import PlanError, make_plan, parse_bytes
-from experts.spec import sparse_layers
+from cluster.testing import tiny_config
+from experts.plan import ACTIVATION_RESERVE, PlanError, make_plan, parse_bytes
+from experts.spec import expert_bytes, sparse_layers
 
 CONFIGS = MODEL_CONFIGS
 GiB = 2**30
@@ -65,6 +66,35 @@ def test_load_statistics_balance_and_replicate_hot_experts():
     holders = [g for g in plan.gpus if ("encoder", 1, 3) in g.experts]
     assert len(holders) == 2 and plan.replicas == {"encoder.1.3": 2}
     assert max(g.load for g in plan.gpus) < 1000  # without its replica, one GPU would carry all of its load
+
+
+def tiny_plan(gpus: int, experts_per_gpu: int, **options):
+    """A plan of tiny_config's 8 experts (4 in each of 2 sparse layers) over GPUs with room for so many each."""
+    c = tiny_config(num_experts=4, num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1,
+                    num_sparse_decoder_layers=1)
+    room = (experts_per_gpu + 0.5) * expert_bytes(c, "fp32") / (1 - ACTIVATION_RESERVE)
+    return make_plan(c, gpus=gpus, gpu_memory=int(room), dtype="fp32", **options)
+
+
+def test_replicas_placed_apart_where_the_copies_just_fit():
+    """12 copies (4 experts twice) on 3 GPUs of room for 4: a layout exists. Fails if the replicas are placed by load
+    among the rest, which left a second copy only its twin's GPU (an IndexError)."""
+    stats = {("encoder", 1, e): n for e, n in enumerate([1, 100, 100, 1])}
+    stats.update({("decoder", 1, e): n for e, n in enumerate([2, 2, 2, 10])})
+    plan = tiny_plan(3, 4, replicate_hot=4, stats=stats)
+    assert [len(g.experts) for g in plan.gpus] == [4, 4, 4]
+    placed = Counter(key for g in plan.gpus for key in g.experts)
+    assert sorted(placed.values()) == [1] * 4 + [2] * 4
+    assert all(len(set(g.experts)) == len(g.experts) for g in plan.gpus)  # no GPU holds both copies
+
+
+def test_experts_no_token_went_to_spread_over_the_gpus():
+    """Statistics of a server that has served nothing yet: every load 0. Fails if the GPU first in order takes
+    them all while it has room, or the imbalance divides by the zero mean."""
+    plan = tiny_plan(2, 8, stats={("encoder", 1, e): 0.0 for e in range(4)} | {("decoder", 1, e): 0.0
+                                                                             for e in range(4)})
+    assert [len(g.experts) for g in plan.gpus] == [4, 4]
+    assert plan.to_json()["load_imbalance"] == 1.0
 
 
 def test_timing_is_reported(capsys):
