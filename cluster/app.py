@@ -21,7 +21,6 @@ from ray.serve.config import gRPCOptions
 from experts.ffn import KEPT_HEAP_ENV
 from experts.fleet import for_cluster
 from experts.placement import PlacementError
-from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, expert_format, follow_weights
 from experts.wire import INLINE_ACTIVATIONS_ENV
 from router_service.config import CONTROLLER_ENV, GRPC_PORT, HTTP_PORT, INGRESS_ENV, ServerConfig
@@ -119,11 +118,16 @@ def build_app(args: dict | ServerConfig) -> Application:
                                 ).bind(config)
 
 
-def check_placement(config: ServerConfig, model_config: SwitchConfig) -> list[str]:
-    """Plan the placement `config` asks for on `model_config` (raises when it does not fit); the warnings about
-    config.json. Deployed, each replica computes the same placement from the same options."""
+def check_placement(config: ServerConfig, model_config: SwitchConfig, checkpoint_dtype: str | None) -> list[str]:
+    """Plan the placement `config` asks for on `model_config` (raises when it does not fit), in the dtype it is served
+    in: `config.dtype`, else the checkpoint's own (None where only its config.json is at hand). The warnings about
+    config.json. Deployed, the fleet computes the same placement from the same options."""
+    dtype = config.dtype or checkpoint_dtype
+    if dtype is None:
+        raise ValueError("dtype: the checkpoint's own is not known from its config.json alone; give the one it is "
+                         "served in (--dtype), to check that its experts fit")
     model_config, warnings = follow_weights(model_config)
-    config.placement.place(model_config, expert_format(config.dtype or PLAN_DTYPE, config.quantize))
+    config.placement.place(model_config, expert_format(dtype, config.quantize))
     return warnings
 
 

@@ -215,12 +215,13 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     config = engine_config(args, ServerConfig, args.model)
     if args.config is not None:
-        model_config = SwitchConfig.from_json_file(args.config)
+        model_config, dtype = SwitchConfig.from_json_file(args.config), None
     elif (Path(args.model) / "config.json").is_file():
-        model_config = SwitchCheckpoint.open(args.model).config
+        checkpoint = SwitchCheckpoint.open(args.model)
+        model_config, dtype = checkpoint.config, checkpoint.dtype_name
     else:
         raise ValueError(f"--config: {args.model} is not a folder here; give its config.json to check the placement")
-    for warning in check_placement(config, model_config):
+    for warning in check_placement(config, model_config, dtype):
         print(f"switch-serve: warning: {warning}", file=sys.stderr)
     text = yaml.safe_dump(serve_config(config, http_port=args.http_port, grpc_port=args.grpc_port), sort_keys=False)
     if args.output is None:

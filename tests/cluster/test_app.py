@@ -189,3 +189,27 @@ def test_the_fronts_send_activations_of_up_to_a_mib_inside_rays_messages(local_e
     from experts.wire import INLINE_ACTIVATIONS_ENV
 
     assert front_env(local_experts).items() >= INLINE_ACTIVATIONS_ENV.items()
+
+
+def test_build_plans_the_experts_in_the_dtype_they_are_served_in(checkpoint_factory, capsys, tmp_path):
+    """A float32 checkpoint is served in float32 unless --dtype says otherwise, so `build` checks its plan in that: on a
+    GPU with room for its experts in bfloat16 only, it fails, as the fleet would. With config.json alone the
+    checkpoint's dtype is unknown: --dtype is asked for. Fails if build plans in another dtype than the fleet."""
+    from cluster.cli import main
+    from experts.checkpoint import SwitchCheckpoint
+    from experts.plan import ACTIVATION_RESERVE
+    from experts.spec import STACKS, expert_bytes, sparse_layers
+
+    path, _ = checkpoint_factory("plain")
+    config = SwitchCheckpoint.open(path).config
+    experts = sum(len(sparse_layers(config, stack)) for stack in STACKS) * config.num_experts
+    room = int(0.75 * experts * expert_bytes(config, "fp32") / (1 - ACTIVATION_RESERVE))  # the bf16 half fits
+    build = ["build", "--model", str(path), "--gpus", "1", "--gpu-memory", str(room), "-o", str(tmp_path / "app.yaml")]
+    with pytest.raises(SystemExit):
+        main(build)
+    assert "need at least 2 GPUs" in capsys.readouterr().err
+    main([*build, "--dtype", "bf16"])
+    assert (tmp_path / "app.yaml").is_file()
+    with pytest.raises(SystemExit):
+        main([*build[:2], "/models/elsewhere", "--config", str(path / "config.json"), *build[3:]])
+    assert "error: dtype: the checkpoint's own is not known" in capsys.readouterr().err
