@@ -20,7 +20,7 @@ def load_api_key(path: str | None) -> str | None:
         if not key:
             raise ValueError(f"api_key_file: {path} is empty")
         return key
-    return os.environ.get(API_KEY_ENV) or None
+    return os.environ.get(API_KEY_ENV, "").strip() or None  # a Secret's value may end in a newline
 
 
 def presented_key(metadata) -> str | None:

@@ -327,7 +327,10 @@ class SwitchCluster:
         """The text of generated tokens: special tokens left out, except T5's sentinels (`<extra_id_N>`), which mark
         the spans a span-filling answer fills."""
         tokenizer = self.tokenizer
-        return tokenizer.decode([t for t in token_ids if t not in self._hidden_ids], skip_special_tokens=False)
+        # Without clean-up of spaces (transformers' default, which a tokenizer's config may override): it changes
+        # text already decoded as tokens follow (" !" to "!"), and a stream cannot take back what it has sent.
+        return tokenizer.decode([t for t in token_ids if t not in self._hidden_ids], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
 
     def expert_token_counts(self) -> dict[tuple[str, int], list[int]]:
         """Tokens each expert of each sparse layer has computed since its actor started, counted by the actors

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import time
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -16,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from router_service.requests import InvalidRequest
 
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI allows
+DEFAULT_MAX_TOKENS = 16  # OpenAI's, where a request gives none (at most the server's own limit)
+# Tokens decoded before one to find the text it adds: enough for its word's leading space (which SentencePiece drops
+# from a token decoded alone) and the other bytes of a character it ends.
+CONTEXT_TOKENS = 8
 MAX_CHOICES = 16  # n: completions per prompt
 NOT_CHAT = ("Switch Transformers are not chat models, so there is no /v1/chat/completions: send a prompt to "
             "/v1/completions")
@@ -59,7 +64,7 @@ class CompletionRequest(BaseModel):
 
     model: str
     prompt: Prompts
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: DEFAULT_MAX_TOKENS
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
@@ -103,8 +108,8 @@ def validated(body: object, kind: type[BaseModel], model_id: str):
     """The request in `body`, checked against `kind`'s fields and the served model's id."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object")
-    try:
-        request = kind.model_validate(body)
+    try:  # OpenAI's optional fields take null for their default, as its client sends them
+        request = kind.model_validate({name: value for name, value in body.items() if value is not None})
     except ValidationError as e:
         first = e.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
@@ -182,15 +187,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def legacy_logprobs(token_texts: list[str], token_logprobs: list[float], top: list[dict[str, float]],
-                    offset: int) -> dict:
-    """The completions API's logprobs object for some tokens whose text starts at `offset` in the choice's
-    text."""
-    offsets = []
-    for text in token_texts:
+def legacy_logprobs(decode: Callable[[list[int]], str], before: list[int], token_ids: list[int],
+                    token_logprobs: list[float], top: list[list[tuple[int, float]]], offset: int) -> dict:
+    """The completions API's logprobs object for some tokens of a choice, which follow its tokens `before` them,
+    whose text takes `offset` characters. Each token's text is what it adds to the text before it, so the tokens
+    joined are the choice's text; each token's alternatives (`top`, where asked) include the token itself, as
+    OpenAI's do."""
+    texts, tops, offsets = [], [], []
+    for i, (token, logprob) in enumerate(zip(token_ids, token_logprobs)):
+        context = (before + token_ids[:i])[-CONTEXT_TOKENS:]
+        start = len(decode(context))
+        texts.append(decode(context + [token])[start:])
+        tops.append({decode(context + [t])[start:]: lp for t, lp in (top[i] if top else [])} | {texts[-1]: logprob})
         offsets.append(offset)
-        offset += len(text)
-    return {"tokens": token_texts, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+        offset += len(texts[-1])
+    return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
 def finish_reason(native: str | None) -> str | None:

@@ -22,6 +22,7 @@ class InvalidRequest(ValueError):
 
 POOLINGS = ("mean", "none")  # an embedding: the mean over the input's tokens, or every token's vector
 MIN_TEMPERATURE = 0.01  # below it logits / temperature overflows
+FLOAT32_ROUNDING = 1e-7  # relative: the proto's floats are float32, in which 0.01 arrives as 0.0099999998
 MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allows
 
 
@@ -70,7 +71,7 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise InvalidRequest("max_new_tokens", f"must be between 1 and {limits.max_new_tokens}, got {max_new_tokens}")
     temperature = defaults.temperature if temperature is None else float(temperature)
-    if not (temperature == 0.0 or MIN_TEMPERATURE <= temperature <= 100.0):
+    if not (temperature == 0.0 or MIN_TEMPERATURE * (1 - FLOAT32_ROUNDING) <= temperature <= 100.0):
         raise InvalidRequest("temperature",
                              f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {temperature}")
     top_k = defaults.top_k if top_k is None else top_k

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from router_service.batching import ContinuousBatcher, Sequence, use_threads
+from router_service.requests import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,21 @@ class Scheduler:
     def num_waiting(self) -> int:
         return self.batcher.num_waiting
 
+    def check_room(self, count: int = 1, field: str = "") -> None:
+        """Raise QueueFull unless `count` more sequences may queue: a request of several (choices, inputs) checks
+        for all of them before it queues any; one of more than could ever queue is refused as bad input (`field`)."""
+        most = self.max_waiting + self.batcher.max_sequences
+        if count > most:
+            raise InvalidRequest(field, f"{count} sequences in one request, more than this server takes at once "
+                                        f"({most}); send them in parts")
+        if self.batcher.num_waiting + count > self.max_waiting + self.batcher.free_slots:
+            raise QueueFull(f"{self.batcher.num_waiting} requests already waiting (limit {self.max_waiting})"
+                            + (f"; this one has {count}" if count > 1 else ""))
+
     async def stream(self, seq: Sequence) -> AsyncIterator[Sequence]:
         """Queue `seq` and yield it each time it has new tokens, until it is done. A caller that stops
         iterating (a cancelled request) takes the sequence out of the batch before the next step."""
-        if self.batcher.num_waiting >= self.max_waiting + self.batcher.free_slots:
-            raise QueueFull(f"{self.batcher.num_waiting} requests already waiting (limit {self.max_waiting})")
+        self.check_room()
         loop = asyncio.get_running_loop()
         updated = asyncio.Event()
         seq.on_update = lambda: loop.call_soon_threadsafe(updated.set)

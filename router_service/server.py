@@ -34,6 +34,7 @@ from router_service.config import ServerConfig
 from router_service.engine import SwitchCluster, count_expert_tokens
 from router_service.metrics import ServingMetrics
 from router_service.openai_api import (
+    DEFAULT_MAX_TOKENS,
     NOT_CHAT,
     CompletionRequest,
     OpenAIError,
@@ -55,7 +56,9 @@ from router_service.scheduler import BatcherStopped, QueueFull, Scheduler, math_
 from router_service.text import TextStream, check_stop_strings
 
 log = logging.getLogger(__name__)
-http_app = FastAPI(title="switch-serve", description="Switch Transformers with experts in Ray actors")
+# No /docs, /redoc or /openapi.json: they would answer without the API key (the API is in the README and the proto).
+http_app = FastAPI(title="switch-serve", description="Switch Transformers with experts in Ray actors", docs_url=None,
+                   redoc_url=None, openapi_url=None)
 
 
 # What goes wrong, as a gRPC status and an HTTP status.
@@ -125,7 +128,7 @@ def http_error(e: Exception) -> JSONResponse:
 async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool]:
     try:
         body = json.loads(await request.body())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise InvalidRequest("body", f"not JSON ({e})") from None
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
@@ -141,7 +144,7 @@ async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool
 async def openai_body(request: Request) -> object:
     try:
         return json.loads(await request.body())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise OpenAIError(400, f"the body is not JSON ({e})") from None
 
 
@@ -157,6 +160,14 @@ def field_in_parse_error(message: str) -> str:
 def to_json(message) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
+
+
+async def after(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`first`, then what `rest` yields (closed with this one: a client gone ends its choices)."""
+    async with aclosing(rest):
+        yield first
+        async for event in rest:
+            yield event
 
 
 async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChunk],
@@ -321,6 +332,7 @@ class SwitchServer:
         vocab = self.cluster.checkpoint.config.vocab_size
         sequences = [Sequence(check_prompt(ids, vocab, self.config, name), pooling=pooling) for ids, name in inputs]
         self.cluster.check_experts()
+        self.scheduler.check_room(len(sequences), field)
 
         async def run(seq: Sequence) -> None:
             async with aclosing(self.scheduler.stream(seq)) as updates:
@@ -531,11 +543,12 @@ class SwitchServer:
                 response = JSONResponse(await self._complete(completion_request, choices))
                 self._finished()
                 return response
+            events = self._completion_events(completion_request, choices)
+            first = await anext(events)  # a full queue and a failed batch still get their HTTP status
         except Exception as e:
             self._finished(e)
             return openai_error(e)
-        return StreamingResponse(self._completion_events(completion_request, choices),
-                                 media_type="text/event-stream")
+        return StreamingResponse(after(first, events), media_type="text/event-stream")
 
     @http_app.post("/v1/embeddings")
     async def openai_embeddings(self, request: Request):
@@ -561,24 +574,27 @@ class SwitchServer:
         if not self.has_tokenizer:
             raise OpenAIError(400, "this model has no tokenizer, so it has no text to complete; use the native API "
                                    "with token ids", "prompt")
-        limit = self.config.max_new_tokens
+        max_tokens = (min(DEFAULT_MAX_TOKENS, self.config.max_new_tokens) if request.max_tokens is None
+                      else request.max_tokens)
         out = []
         for i, prompt in enumerate(request.prompts()):
             field = "prompt" if len(request.prompts()) == 1 else f"prompt[{i}]"
             ids = self.cluster.encode_text(prompt, field) if isinstance(prompt, str) else prompt
             for j in range(request.n):
                 out.append(self._new_sequence(
-                    ids, field, request.stop_strings(), max_new_tokens=request.max_tokens or limit,
-                    temperature=request.temperature, top_p=request.top_p,
-                    seed=None if request.seed is None else request.seed + j, top_logprobs=request.logprobs or 0))
+                    ids, field, request.stop_strings(), max_new_tokens=max_tokens, temperature=request.temperature,
+                    top_p=request.top_p, seed=None if request.seed is None else (request.seed + j) % 2**63,
+                    top_logprobs=request.logprobs or 0))
+        self.scheduler.check_room(len(out), "n" if len(request.prompts()) == 1 else "prompt")
         return out
 
-    def _logprobs(self, request: CompletionRequest, piece: Piece, offset: int) -> dict | None:
+    def _logprobs(self, request: CompletionRequest, before: list[int], piece: Piece, offset: int) -> dict | None:
+        """OpenAI's logprobs object of the piece's tokens, which follow the choice's tokens `before` them, whose
+        text takes `offset` characters."""
         if request.logprobs is None:
             return None
-        decode = self.cluster.decode
-        return legacy_logprobs([decode([t]) for t in piece.token_ids], piece.logprobs,
-                               [{decode([t]): lp for t, lp in top} for top in piece.top_logprobs], offset)
+        return legacy_logprobs(self.cluster.decode, before, piece.token_ids, piece.logprobs, piece.top_logprobs,
+                               offset)
 
     async def _complete(self, request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> dict:
         async def one(index: int, seq: Sequence, stop: tuple) -> dict:
@@ -586,19 +602,25 @@ class SwitchServer:
             whole = Piece([t for p in pieces for t in p.token_ids], [lp for p in pieces for lp in p.logprobs],
                           [top for p in pieces for top in p.top_logprobs], "".join(p.text for p in pieces),
                           pieces[-1].finish_reason, [])
-            answer = choice(index, whole.text, finish_reason(whole.finish_reason), self._logprobs(request, whole, 0))
+            answer = choice(index, whole.text, finish_reason(whole.finish_reason),
+                            self._logprobs(request, [], whole, 0))
             return answer, len(whole.token_ids)
 
-        async with asyncio.TaskGroup() as group:  # one failing ends the others
-            tasks = [group.create_task(one(i, seq, stop)) for i, (seq, stop) in enumerate(choices)]
+        try:
+            async with asyncio.TaskGroup() as group:  # one failing ends the others
+                tasks = [group.create_task(one(i, seq, stop)) for i, (seq, stop) in enumerate(choices)]
+        except ExceptionGroup as errors:  # the failure itself (a full queue is 429), not the group
+            raise errors.exceptions[0] from None
         results = [t.result() for t in tasks]
         return completion(completion_id(), self.model_id, [c for c, _ in results],
                           usage(prompt_tokens(request, choices), sum(n for _, n in results)))
 
     async def _completion_events(self, request: CompletionRequest,
                                  choices: list[tuple[Sequence, tuple]]) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per piece and choice, the usage if asked, then `data: [DONE]`."""
-        cid, events, offsets, generated = completion_id(), asyncio.Queue(), [0] * len(choices), 0
+        """Server-sent events: a chunk per piece and choice, the usage if asked, then `data: [DONE]`. A failure
+        before the first chunk is raised, for the response's status to say it; after, it is the last event."""
+        cid, events, generated, sent = completion_id(), asyncio.Queue(), 0, False
+        before, offsets = [[] for _ in choices], [0] * len(choices)  # each choice's tokens and logprobs' text so far
 
         async def one(index: int, seq: Sequence, stop: tuple) -> None:
             async for piece in self._follow(seq, stop):
@@ -612,18 +634,23 @@ class SwitchServer:
                 for _ in range(len(choices)):  # until every choice has finished
                     while True:
                         index, piece = await events.get()
-                        logprobs = self._logprobs(request, piece, offsets[index])
-                        offsets[index] += len(piece.text)
+                        logprobs = self._logprobs(request, before[index], piece, offsets[index])
+                        if logprobs is not None:
+                            offsets[index] += sum(len(text) for text in logprobs["tokens"])
+                        before[index] += piece.token_ids
                         generated += len(piece.token_ids)
                         body = completion(cid, self.model_id, [choice(index, piece.text,
                                                                       finish_reason(piece.finish_reason), logprobs)],
                                           None)
                         yield f"data: {json.dumps(body)}\n\n"
+                        sent = True
                         if piece.finish_reason is not None:
                             break
-        except* Exception as group_error:  # headers are gone: the error becomes the last event
+        except* Exception as group_error:
             error = group_error.exceptions[0]
-        if error is not None:
+        if error is not None and not sent:
+            raise error
+        if error is not None:  # headers are gone: the error becomes the last event
             self._finished(error)
             yield f"data: {json.dumps(json.loads(openai_error(error).body))}\n\n"
             return

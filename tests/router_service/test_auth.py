@@ -10,7 +10,7 @@ from router_service.auth import API_KEY_ENV, load_api_key, presented_key
 def test_the_key_comes_from_the_file_else_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     assert load_api_key(None) is None  # no key: every call is served
-    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    monkeypatch.setenv(API_KEY_ENV, "from-env\n")  # as a Secret's value may end
     assert load_api_key(None) == "from-env"
     (tmp_path / "key").write_text("  from-file\n")
     assert load_api_key(str(tmp_path / "key")) == "from-file"  # the file wins, trimmed

@@ -104,15 +104,41 @@ def test_stop_strings_end_the_text_before_them(served, client):
 
 
 def test_logprobs_in_the_legacy_layout(served, client):
+    """Each token's text is what it adds to the text (its word's leading space included), so the tokens joined are
+    the text and each offset is where its token starts in it; each token's alternatives include it, as OpenAI's do,
+    with logprobs 0 too; a stream gives the same as a unary call."""
     reference = native(served, PROMPTS[5], 6, return_logprobs=True)
-    out = client.completions.create(model=served["model"], prompt=PROMPTS[5], max_tokens=6, temperature=0,
-                                    logprobs=2)
-    lp = out.choices[0].logprobs
+
+    def complete(logprobs: int, stream: bool = False):
+        return client.completions.create(model=served["model"], prompt=PROMPTS[5], max_tokens=6, temperature=0,
+                                         logprobs=logprobs, stream=stream)
+
+    out = complete(2)
+    text, lp = out.choices[0].text, out.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx(list(reference.logprobs), abs=1e-5)
-    assert "".join(lp.tokens).replace(" ", "") == out.choices[0].text.replace(" ", "")
-    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy: the best
-               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
-    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert "".join(lp.tokens) == text and " " in text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, top, chosen in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs):
+        assert len(top) <= 2 and top[token] == pytest.approx(chosen, abs=1e-5)
+        assert max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy: the best
+    alone = complete(0).choices[0].logprobs
+    assert alone.tokens == lp.tokens and alone.top_logprobs == [{t: c} for t, c in zip(lp.tokens, alone.token_logprobs)]
+    chunks = [c.choices[0].logprobs for c in complete(2, stream=True) if c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.tokens] == lp.tokens
+    assert [o for c in chunks for o in c.text_offset] == lp.text_offset
+
+
+def test_null_means_the_default(served, client):
+    """OpenAI's optional fields take null, which its client sends for a parameter given as None."""
+    given = client.completions.create(model=served["model"], prompt=PROMPTS[0], max_tokens=16, temperature=0)
+    nulls = client.completions.create(model=served["model"], prompt=PROMPTS[0], temperature=0, max_tokens=None,
+                                      top_p=None, n=None, stop=None, logprobs=None, echo=None, stream=None,
+                                      presence_penalty=None, frequency_penalty=None, seed=None, user=None)
+    assert nulls.choices[0].text == given.choices[0].text
+    assert nulls.usage.completion_tokens == given.usage.completion_tokens
+    # the highest seed: choice j samples with seed + j, wrapped below 2**63
+    out = client.completions.create(model=served["model"], prompt=PROMPTS[0], max_tokens=2, n=2, seed=2**63 - 1)
+    assert len(out.choices) == 2
 
 
 def test_errors_are_openais(served, client):
@@ -125,9 +151,10 @@ def test_errors_are_openais(served, client):
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
     for fields, param in [({"echo": True}, "echo"), ({"suffix": "!"}, "suffix"), ({"best_of": 3}, "best_of"),
                           ({"logprobs": 9}, "logprobs"), ({"max_tokens": 10_000}, "max_tokens"),
-                          ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"extra_body": {"colour": 1}}, "colour")]:
+                          ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"extra_body": {"colour": 1}}, "colour"),
+                          ({"prompt": [PROMPTS[0]] * 7, "n": 16}, "prompt")]:  # more choices than it ever takes
         with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model=model, prompt=PROMPTS[0], **({"max_tokens": 2} | fields))
+            client.completions.create(model=model, **({"prompt": PROMPTS[0], "max_tokens": 2} | fields))
         assert e.value.body["param"] == param, (fields, e.value.body)
         assert e.value.body["type"] == "invalid_request_error" and e.value.body["message"].startswith(param)
     with pytest.raises(openai.NotFoundError) as e:

@@ -15,7 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from router_service.batching import ContinuousBatcher, Sequence
-from router_service.scheduler import BatcherStopped, Scheduler
+from router_service.requests import InvalidRequest
+from router_service.scheduler import BatcherStopped, QueueFull, Scheduler
 from router_service.server import SwitchServer
 
 
@@ -52,6 +53,21 @@ def test_a_stopped_batching_thread_fails_requests_and_health():
     assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(BatcherStopped):
         replica.check_health(server)
+
+
+def test_a_request_of_several_sequences_is_let_in_whole_or_not_at_all():
+    """Room is checked for all of a request's choices or inputs before any queues; more than the batch and the
+    queue together ever hold is bad input, not a full queue (which a retry could get past)."""
+    batcher = ContinuousBatcher(CrashingFront(), max_sequences=4)
+    scheduler = Scheduler(batcher, max_waiting=4)  # its thread waits: nothing wakes it
+    with pytest.raises(InvalidRequest, match="^n: 9 sequences in one request"):
+        scheduler.check_room(9, "n")
+    scheduler.check_room(8, "n")
+    for _ in range(3):
+        batcher.add(Sequence([5, 1]))
+    with pytest.raises(QueueFull, match="3 requests already waiting .*; this one has 6"):
+        scheduler.check_room(6, "n")
+    scheduler.check_room(5, "n")
 
 
 # In a process of its own, so that no other test's OpenMP threads are counted: the native threads that are not

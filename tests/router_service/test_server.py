@@ -7,6 +7,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest.mock import patch
 
@@ -511,10 +512,61 @@ def test_http_stream_is_server_sent_events(server):
     ({"input_ids": [3, 1], "no_such_field": 1}, "no_such_field"),
     ({"input_ids": [3, 1], "stream": "yes"}, "stream"),
     (b"{not json", "body"),
+    (b"[" * 100_000, "body"),  # nested deeper than Python's stack
 ])
 def test_http_bad_input_is_400(server, body, field):
     status, answer = post(f"{server['http']}/v1/generate", body)
     assert status == 400 and answer["field"] == field and answer["error"]
+
+
+def test_the_lowest_temperature_sent_as_a_float32_is_taken(server):
+    """The proto's floats are float32, in which the documented least temperature, 0.01, arrives a little below."""
+    assert server["stub"].Generate(pb.GenerateRequest(input_ids=[3, 1], max_new_tokens=2, temperature=0.01)).token_ids
+
+
+def test_fastapis_own_pages_are_not_served(server):
+    """FastAPI's own /docs, /redoc and /openapi.json would answer without the API key: there are none."""
+    for page in ("/docs", "/redoc", "/openapi.json"):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(f"{server['http']}{page}", timeout=30)
+        assert error.value.code == 404, page
+
+
+def completion_call(url: str, body: dict) -> tuple[int, str]:
+    """POST /v1/completions: the status and the raw answer (JSON, or a stream's events)."""
+    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=180) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_openai_requests_refused_for_a_full_queue_get_429(server):
+    """Far more completions at once than the batch and queue hold, half of them streamed: each refused one gets 429
+    and OpenAI's rate-limit error, a streamed one too (refused before its headers, not as an event of a 200
+    stream); the others complete. One of more choices than the server ever takes is bad input (400)."""
+    model, total = server["path"].name, MAX_SEQUENCES + MAX_WAITING + 24
+
+    def one(i: int) -> tuple[bool, int, str]:
+        body = {"model": model, "prompt": PROMPTS[i % 4], "max_tokens": 30, "seed": i, "stream": i % 2 == 0}
+        return (i % 2 == 0, *completion_call(server["http"], body))
+
+    with ThreadPoolExecutor(total) as pool:
+        answers = list(pool.map(one, range(total)))
+    for streamed, status, text in answers:
+        assert status in (200, 429), (status, text)
+        if status == 429:
+            assert json.loads(text)["error"]["type"] == "rate_limit_error"
+        elif streamed:
+            assert '"error"' not in text and text.endswith("data: [DONE]\n\n")
+    assert {streamed for streamed, status, _ in answers if status == 429} == {True, False}
+    for stream in (False, True):
+        status, text = completion_call(server["http"], {"model": model, "prompt": [PROMPTS[0]] * 2, "n": 11,
+                                                        "max_tokens": 2, "stream": stream})
+        error = json.loads(text)["error"]
+        assert status == 400 and error["param"] == "prompt" and "22 sequences in one request" in error["message"]
 
 
 def test_http_model_info(server):
