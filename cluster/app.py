@@ -19,7 +19,6 @@ from ray.serve import Application, RunTarget
 from ray.serve.config import gRPCOptions
 
 from experts.ffn import KEPT_HEAP_ENV
-from experts.fleet import for_cluster
 from experts.placement import PlacementError
 from experts.spec import SwitchConfig, expert_format, follow_weights
 from experts.wire import INLINE_ACTIVATIONS_ENV
@@ -89,7 +88,6 @@ def build_fleet(args: dict | ServerConfig) -> Application:
     front replica shares. `args` are ServerConfig's FLEET_FIELDS: the fleet is an application of its own so that
     a change to any other field (Serve rebuilds an application whose args change) keeps the experts loaded."""
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
-    placement = for_cluster(config.placement)
     # A stopping fleet waits for the fronts that drain (see ServedFleet.__del__), and must release its placement
     # group before Serve's own deadline ends it.
     # Checked often: while a dead fleet goes unnoticed, no expert serves.
@@ -98,7 +96,7 @@ def build_fleet(args: dict | ServerConfig) -> Application:
                                ray_actor_options={"num_cpus": 0, "resources": config.fleet_resources},
                                user_config={"drain_timeout_s": config.drain_timeout_s},
                                graceful_shutdown_timeout_s=config.drain_timeout_s + FLEET_RELEASE_S,
-                               ).bind(config.model, placement, config.dtype, config.quantize)
+                               ).bind(config.model, config.placement, config.dtype, config.quantize)
 
 
 def build_app(args: dict | ServerConfig) -> Application:
@@ -106,7 +104,6 @@ def build_app(args: dict | ServerConfig) -> Application:
     fleet in the application named after theirs (see build_fleet and serve_config), and check that it serves the
     same checkpoint, placement and dtype."""
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
-    config = config.model_copy(update={"placement": for_cluster(config.placement)})  # the same for every replica
     ongoing = config.max_sequences + config.max_waiting + CONTROL_HEADROOM
     return SwitchServer.options(num_replicas=config.num_replicas, max_ongoing_requests=ongoing,
                                 max_queued_requests=config.max_waiting,

@@ -51,18 +51,23 @@ def this_node_cpus() -> int:
 
 def for_cluster(config: PlacementConfig) -> PlacementConfig:
     """`config` with `cpus` read from the running Ray cluster where the packing needs it: the CPUs of the
-    `nodes` largest nodes. Read once and passed on, so that every replica packs the same way."""
+    `nodes` largest nodes."""
     if config.gpus or config.experts_per_actor or config.cpus or not ray.is_initialized():
         return config
     return config.model_copy(update={"cpus": max(1, int(sum(node_cpus_largest_first()[:config.nodes])))})
 
 
-def served_placement(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str | None,
-                     quantize: str = "none") -> tuple[Placement, str]:
-    """(placement, dtype) of a checkpoint served as `config` says, in `dtype` (None: the checkpoint's), its experts
-    held as `quantize` says: what the fronts build their dispatch on, and what names the fleet they share."""
-    dtype = dtype or checkpoint.dtype_name
-    return for_cluster(config).place(checkpoint.config, expert_format(dtype, quantize)), dtype
+def served_dtype(checkpoint: SwitchCheckpoint, dtype: str | None) -> str:
+    """The dtype a checkpoint is served in: `dtype`, else its own."""
+    return dtype or checkpoint.dtype_name
+
+
+def served_placement(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str,
+                     quantize: str = "none") -> Placement:
+    """Which actor hosts which expert of a checkpoint served as `config` says, in `dtype`, its experts held as
+    `quantize` says, packed for the running cluster's CPUs where `config` leaves that open. Made by the fleet as it
+    starts; its fronts take it from the fleet (FleetActors), so that they never pack otherwise."""
+    return for_cluster(config).place(checkpoint.config, expert_format(dtype, quantize))
 
 
 def actor_cpus(placement: Placement) -> float:
@@ -97,7 +102,8 @@ class FleetActors(NamedTuple):
     actors: list  # the expert actors in placement order; none until they have loaded
     status: str  # "ready", or what they wait for
     fleet_id: str  # new each time the fleet starts again (with new actors)
-    serves: str  # what it serves: the fleet_name of its checkpoint, placement, dtype and quantization
+    serves: str  # what it serves: the fleet_name of its checkpoint, placement config, dtype and quantization
+    placement: Placement | None = None  # which actor hosts which expert, with the actors
 
 
 class ExpertFleet:
@@ -110,11 +116,12 @@ class ExpertFleet:
     the actors out once they have loaded.
     """
 
-    def __init__(self, checkpoint: SwitchCheckpoint, placement: Placement, dtype: str, quantize: str = "none",
-                 actor_resources: dict[str, float] | None = None, name: str | None = None):
-        self.checkpoint, self.placement, self.dtype, self.quantize = checkpoint, placement, dtype, quantize
-        self.actor_resources = actor_resources or {}
-        self.serves = fleet_name(checkpoint, placement, dtype, quantize)
+    def __init__(self, checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str = "none",
+                 name: str | None = None):
+        self.checkpoint, self.dtype, self.quantize = checkpoint, dtype, quantize
+        self.placement = served_placement(checkpoint, config, dtype, quantize)
+        self.actor_resources = config.actor_resources
+        self.serves = fleet_name(checkpoint, config, dtype, quantize)
         # Names the placement group. Ray keeps a group until its creator's job ends, even when the creator dies,
         # so a fleet started again after its process died removes the group its predecessor left.
         self.name = name or self.serves
@@ -139,7 +146,8 @@ class ExpertFleet:
             return FleetActors([], self.state, self.fleet_id, self.serves)
         if self.error is not None:
             raise self.error
-        return FleetActors(list(self.handles), self.state, self.fleet_id, self.serves)  # none once released
+        # None once released.
+        return FleetActors(list(self.handles), self.state, self.fleet_id, self.serves, self.placement)
 
     def check_health(self) -> None:
         """Serve's health check: a fleet whose load failed is replaced, and so tried again."""
@@ -225,21 +233,21 @@ def _alive_node_resources() -> list[dict[str, float]]:
             for n in ray.nodes() if n["Alive"]]
 
 
-def fleet_name(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str, quantize: str) -> str:
-    digest = hashlib.sha1(repr((str(checkpoint.path), placement, dtype, quantize)).encode()).hexdigest()[:12]
+def fleet_name(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str) -> str:
+    """What a fleet serves, as its fronts ask for it: the same name, the same experts in the same actors."""
+    digest = hashlib.sha1(repr((str(checkpoint.path), config, dtype, quantize)).encode()).hexdigest()[:12]
     return f"experts-{digest}"
 
 
-def start_fleet(checkpoint: SwitchCheckpoint, placement: Placement, dtype: str, quantize: str = "none",
-                actor_resources: dict[str, float] | None = None):
+def start_fleet(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str = "none"):
     """An ExpertFleet as a Ray actor on this node (the Python API's front), started again by Ray if its process
     dies. Returns at once; its `actors` method waits for the load."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     # Its own name, kept across restarts.
-    name = f"{fleet_name(checkpoint, placement, dtype, quantize)}-{uuid.uuid4().hex[:8]}"
+    name = f"{fleet_name(checkpoint, config, dtype, quantize)}-{uuid.uuid4().hex[:8]}"
     return ray.remote(ExpertFleet).options(num_cpus=0, scheduling_strategy=here, max_restarts=-1,
                                            max_concurrency=FLEET_CALLERS).remote(
-        checkpoint, placement, dtype, quantize, actor_resources, name)
+        checkpoint, config, dtype, quantize, name)
 
 
 def stop_fleet(fleet) -> None:

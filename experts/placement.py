@@ -35,7 +35,8 @@ class PlacementConfig(BaseModel):
                                 "sparse layer (default: one actor per CPU of the nodes, since the front and the "
                                 "experts take turns)")
     cpus: int | None = Field(None, ge=1, description="without GPUs and experts_per_actor: the CPUs to pack for "
-                                                     "(default: those of the nodes, read once when the app is built)")
+                                                     "(default: those of the nodes, read by the expert fleet as it "
+                                                     "starts; its fronts take its placement)")
     gpus: int = Field(0, ge=0, description="plan the experts over this many GPUs (0: CPU actors, packed)")
     nodes: int = Field(1, ge=1, description="spread the actors evenly over this many Ray nodes")
     gpu_memory: str = Field("80GiB", description=f"memory of each GPU, {ACTIVATION_RESERVE:.0%} of it kept for "

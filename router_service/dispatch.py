@@ -65,21 +65,24 @@ class ExpertDispatcher:
         self.local_calls, self.local_tokens = 0, {}  # sparse layers with tokens computed here; tokens per expert
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         self.num_experts = num_experts
-        # The tables a sparse layer's tokens are grouped by, in numpy, whose operations on a few numbers each take
-        # several times less than torch's: grouping 32 tokens and encoding their calls took 0.09 ms against 0.15 over
-        # 2 actors, 0.17 against 0.42 over 16 (docs/BENCHMARKS.md).
-        self.copies, self.hosts = {}, {}
-        for layer, table in owners.items():
-            most = max(len(table[e]) for e in range(num_experts))
-            self.copies[layer] = np.array([len(table[e]) for e in range(num_experts)])
-            self.hosts[layer] = np.array([table[e] + table[e][:1] * (most - len(table[e]))
-                                          for e in range(num_experts)])  # [experts, most copies]
-        self.use(actors, {})
+        self.use(actors, {}, owners=owners)
 
     def use(self, actors: list, local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]],
-            stacks: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+            stacks: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]] | None = None,
+            owners: dict[tuple[str, int], dict[int, list[int]]] | None = None) -> None:
         """New actors (in placement order), and the (wi, wo) weights of the experts to compute here instead (see the
-        module's doc); `stacks`: those of the layers whose every expert is here, stacked (experts.ffn.stacked_ffn)."""
+        module's doc); `stacks`: those of the layers whose every expert is here, stacked (experts.ffn.stacked_ffn);
+        `owners`: which actors host each expert, where the actors place them otherwise than the ones before."""
+        if owners is not None:
+            # The tables a sparse layer's tokens are grouped by, in numpy, whose operations on a few numbers each
+            # take several times less than torch's: grouping 32 tokens and encoding their calls took 0.09 ms against
+            # 0.15 over 2 actors, 0.17 against 0.42 over 16 (docs/BENCHMARKS.md).
+            self.copies, self.hosts = {}, {}
+            for layer, table in owners.items():
+                most = max(len(table[e]) for e in range(self.num_experts))
+                self.copies[layer] = np.array([len(table[e]) for e in range(self.num_experts)])
+                self.hosts[layer] = np.array([table[e] + table[e][:1] * (most - len(table[e]))
+                                              for e in range(self.num_experts)])  # [experts, most copies]
         is_local = {layer: np.zeros(self.num_experts, dtype=bool) for layer in self.hosts}
         for stack, layer, expert in local:
             is_local[(stack, layer)][expert] = True

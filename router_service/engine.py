@@ -18,7 +18,7 @@ import torch
 from experts.actor import gpu_uuid, held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS
-from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
+from experts.fleet import FleetActors, fleet_name, served_dtype, start_fleet, stop_fleet
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
 from experts.spec import ExpertKey, expert_bytes, expert_format
@@ -62,6 +62,7 @@ class ExpertLink:
         # actors -> the weights of the experts the dispatcher may compute itself, and of its layers held stacked
         self.local_experts = local_experts
         self.status = "asking the expert fleet for its actors"
+        self.placement = None  # the fleet's, with its actors: which actor hosts which expert
         self.ready = threading.Event()
         self._fleet_id = None
         self._wake = threading.Event()
@@ -118,7 +119,8 @@ class ExpertLink:
         if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
             self._on_lost(view.status if not view.actors else "their fleet started again")
         elif not ready and view.actors:
-            self.dispatcher.use(view.actors, *self.local_experts(view.actors))
+            self.dispatcher.use(view.actors, *self.local_experts(view.actors), owners=view.placement.owners())
+            self.placement = view.placement
             self._fleet_id = view.fleet_id
             self.status = "ready"
             self.ready.set()
@@ -199,21 +201,20 @@ class SwitchCluster:
         try:
             placement = self.config.placement
             quantize = self.config.quantize
-            self.placement, self.dtype = served_placement(self.checkpoint, placement, self.config.dtype, quantize)
-            self.fleet = fleet or start_fleet(self.checkpoint, self.placement, self.dtype, quantize,
-                                              placement.actor_resources)
+            self.dtype = served_dtype(self.checkpoint, self.config.dtype)
+            self.fleet = fleet or start_fleet(self.checkpoint, placement, self.dtype, quantize)
             device = "cuda" if torch.cuda.is_available() else "cpu"
             # Computing experts here shares their actors' memory where both map the checkpoint's own bytes; int8
             # experts are a quarter of float32's, and the front holds its own copy of those. On a GPU the front
             # holds its own copy of the experts whose actors share that GPU.
             self._computes_experts = self.config.local_experts and (
                 device == "cuda" or quantize == "int8" or self.dtype == self.checkpoint.dtype_name)
-            self.dispatcher = ExpertDispatcher([], self.placement.owners(), self.checkpoint.config.num_experts,
+            self.dispatcher = ExpertDispatcher([], {}, self.checkpoint.config.num_experts,
                                                metrics, placement.restart_timeout_s,
                                                ACTIVATION_FUNCTIONS[self.checkpoint.config.dense_act_fn])
             self.front = SwitchFront(self.checkpoint, self.dispatcher, self.capacity, torch_dtype(self.dtype), device,
                                      self.config.micro_batches, self.config.packed_weights)
-            self.link = ExpertLink(self.fleet, fleet_name(self.checkpoint, self.placement, self.dtype, quantize),
+            self.link = ExpertLink(self.fleet, fleet_name(self.checkpoint, placement, self.dtype, quantize),
                                    self.dispatcher, self._local_experts)
             if wait and not self.link.wait(placement.timeout_s):
                 raise PlacementError(f"placement: the expert actors were not up within {placement.timeout_s:.0f} s: "
@@ -260,6 +261,12 @@ class SwitchCluster:
     def actors(self) -> list:
         """The expert actors, in placement order (none while they are not up)."""
         return self.dispatcher.actors
+
+    @property
+    def placement(self):
+        """Which actor hosts which expert (an experts.placement.Placement), as their fleet placed them; None until
+        they are up."""
+        return self.link.placement
 
     @property
     def experts_ready(self) -> bool:

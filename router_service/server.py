@@ -26,8 +26,9 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.fleet import ExpertFleet, fleet_name, served_placement, this_node_cpus
+from experts.fleet import ExpertFleet, fleet_name, served_dtype, this_node_cpus
 from experts.placement import PlacementConfig
+from experts.spec import sparse_layers
 from router_service.auth import Unauthenticated, load_api_key, presented_key
 from router_service.batching import Sequence
 from router_service.config import ServerConfig
@@ -256,10 +257,10 @@ class ServedFleet(ExpertFleet):
 
     def __init__(self, model: str, placement: PlacementConfig, dtype: str | None, quantize: str):
         checkpoint = SwitchCheckpoint.open(model)
-        planned, dtype = served_placement(checkpoint, placement, dtype, quantize)
+        dtype = served_dtype(checkpoint, dtype)
         app = serve.get_replica_context().app_name  # two apps serving one checkpoint keep apart
-        super().__init__(checkpoint, planned, dtype, quantize, placement.actor_resources,
-                         name=f"{app}-{fleet_name(checkpoint, planned, dtype, quantize)}")
+        super().__init__(checkpoint, placement, dtype, quantize,
+                         name=f"{app}-{fleet_name(checkpoint, placement, dtype, quantize)}")
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config: settings that change without a new fleet."""
@@ -397,13 +398,12 @@ class SwitchServer:
                 asyncio.gather(*[a.token_counts.remote() for a in actors])), MODEL_INFO_WAIT_S)
         except Exception:  # restarting, or lost (the status says so once the link has noticed)
             infos, counts = [], []
-        owners = cluster.placement.owners()
         return pb.ModelInfoResponse(
             model=str(cluster.checkpoint.path), vocab_size=config.vocab_size, d_model=config.d_model,
             d_ff=config.d_ff, num_heads=config.num_heads, num_experts=config.num_experts,
             encoder_layers=config.num_layers, decoder_layers=config.num_decoder_layers,
-            encoder_sparse_layers=[layer for stack, layer in owners if stack == "encoder"],
-            decoder_sparse_layers=[layer for stack, layer in owners if stack == "decoder"],
+            encoder_sparse_layers=sparse_layers(config, "encoder"),
+            decoder_sparse_layers=sparse_layers(config, "decoder"),
             expert_capacity=config.expert_capacity, capacity_mode=cluster.capacity,
             dtype=str(cluster.front.dtype).removeprefix("torch."), quantize=cluster.config.quantize,
             actors=[pb.ActorPlacement(actor=i, node_id=info["node_id"], device=info["device"], pid=info["pid"],

@@ -12,7 +12,7 @@ import torch
 from cluster.testing import tiny_config, write_random_checkpoint
 from experts.actor import ExpertActor, held_experts
 from experts.checkpoint import SwitchCheckpoint
-from experts.fleet import served_placement, start_fleet, stop_fleet
+from experts.fleet import start_fleet, stop_fleet
 from experts.placement import PlacementConfig
 from experts.spec import expert_tensor_names, sparse_layers
 from experts.wire import call_to_wire, from_wire
@@ -105,8 +105,7 @@ def test_a_fleets_actors_return_activations_of_up_to_a_mib_inside_rays_messages(
     config = tiny_config(num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
     write_random_checkpoint(tmp_path, config)
     checkpoint = SwitchCheckpoint.open(tmp_path)
-    placement, dtype = served_placement(checkpoint, PlacementConfig(experts_per_actor=config.num_experts), None)
-    fleet = start_fleet(checkpoint, placement, dtype)
+    fleet = start_fleet(checkpoint, PlacementConfig(experts_per_actor=config.num_experts), checkpoint.dtype_name)
     try:
         actor, = ray.get(fleet.actors.remote(120)).actors
         layer = sparse_layers(checkpoint.config, "encoder")[0]

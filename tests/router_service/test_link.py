@@ -11,6 +11,7 @@ from experts.fleet import FleetActors
 from router_service.engine import LINK_CHECK_S, ExpertLink
 
 SERVES = "experts-0123456789ab"  # the config the link's front serves
+PLACED = SimpleNamespace(owners=lambda: {})  # a fleet's placement of its actors
 
 
 class StandInFleet:
@@ -30,7 +31,7 @@ class StandInFleet:
 def stand_in_dispatcher() -> SimpleNamespace:
     """What the link uses of a dispatcher: the actors it was given."""
     dispatcher = SimpleNamespace(actors=[], on_lost=None, actors_dead=lambda: False)
-    dispatcher.use = lambda actors, local, stacks: setattr(dispatcher, "actors", actors)
+    dispatcher.use = lambda actors, local, stacks, owners: setattr(dispatcher, "actors", actors)
     return dispatcher
 
 
@@ -52,13 +53,13 @@ def test_link_follows_its_fleet():
         assert wait_for(lambda: link.status.startswith("waiting 10 s for room"), 5)
         assert not link.ready.is_set()
 
-        fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "first", SERVES)
+        fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "first", SERVES, PLACED)
         assert link.wait(5) and dispatcher.actors == ["actor 0", "actor 1"] and link.status == "ready"
 
         fleet.view = FleetActors([], "loading 2 expert actors", "second", SERVES)  # the fleet died and started again
         assert wait_for(lambda: not link.ready.is_set(), LINK_CHECK_S + 2)
         assert wait_for(lambda: link.status == "loading 2 expert actors", 5)
-        fleet.view = FleetActors(["actor 2", "actor 3"], "ready", "second", SERVES)
+        fleet.view = FleetActors(["actor 2", "actor 3"], "ready", "second", SERVES, PLACED)
         assert link.wait(5) and dispatcher.actors == ["actor 2", "actor 3"]
 
         dispatcher.actors_dead = lambda: True  # the fleet died; Serve has not noticed yet
@@ -78,16 +79,16 @@ def test_link_follows_its_fleet():
 def test_link_takes_only_the_actors_of_a_fleet_serving_its_config():
     """While a config change is under way, the fronts of one config may ask the other's fleet: its actors place the
     experts otherwise. Fails if the link takes them (the check of `serves` in ExpertLink._run)."""
-    fleet = StandInFleet(FleetActors(["new 0", "new 1", "new 2"], "ready", "new", "experts-new-plan"))
+    fleet = StandInFleet(FleetActors(["new 0", "new 1", "new 2"], "ready", "new", "experts-new-plan", PLACED))
     dispatcher = stand_in_dispatcher()
     link = ExpertLink(fleet, SERVES, dispatcher)
     try:
         assert wait_for(lambda: "serves another config (experts-new-plan" in link.status, 5)
         assert not link.ready.is_set() and dispatcher.actors == []
 
-        fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "old", SERVES)
+        fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "old", SERVES, PLACED)
         assert link.wait(5) and dispatcher.actors == ["actor 0", "actor 1"]
-        fleet.view = FleetActors(["new 0", "new 1", "new 2"], "ready", "new", "experts-new-plan")
+        fleet.view = FleetActors(["new 0", "new 1", "new 2"], "ready", "new", "experts-new-plan", PLACED)
         time.sleep(LINK_CHECK_S + 1)  # a draining front keeps its own fleet's actors while they live
         assert link.ready.is_set() and dispatcher.actors == ["actor 0", "actor 1"]
     finally:
@@ -119,7 +120,7 @@ def test_link_outlives_a_failure_to_take_up_the_actors():
     """Taking up the actors can fail in the front (no memory for its copies of the experts it computes, say): the
     link says why and tries again. Fails if the failure ends the link's thread, which leaves the front without
     experts for good."""
-    fleet = StandInFleet(FleetActors(["actor 0"], "ready", "first", SERVES))
+    fleet = StandInFleet(FleetActors(["actor 0"], "ready", "first", SERVES, PLACED))
     dispatcher = stand_in_dispatcher()
     failures = [RuntimeError("out of memory\nmore detail")]
 
@@ -133,5 +134,21 @@ def test_link_outlives_a_failure_to_take_up_the_actors():
         assert wait_for(lambda: "taking up the expert actors failed (out of memory)" in link.status, 5)
         assert not link.ready.is_set()
         assert link.wait(LINK_CHECK_S + 2) and dispatcher.actors == ["actor 0"] and link.status == "ready"
+    finally:
+        link.close()
+
+
+def test_the_front_places_its_experts_as_its_fleet_did():
+    """Packed for the cluster's CPUs, the placement depends on when it is made: a front started after the cluster
+    grew would pack otherwise than its fleet did. The link hands the dispatcher the fleet's placement with its
+    actors. Fails if the front routes by a placement of its own."""
+    fleet_placement = SimpleNamespace(owners=lambda: {("encoder", 1): {0: [1], 1: [0]}})
+    fleet = StandInFleet(FleetActors(["actor 0", "actor 1"], "ready", "first", SERVES, fleet_placement))
+    dispatcher, given = stand_in_dispatcher(), []
+    dispatcher.use = lambda actors, local, stacks, owners: given.append(owners)
+    link = ExpertLink(fleet, SERVES, dispatcher)
+    try:
+        assert link.wait(5)
+        assert given == [{("encoder", 1): {0: [1], 1: [0]}}] and link.placement is fleet_placement
     finally:
         link.close()

@@ -84,7 +84,7 @@ def test_fleet_that_dies_comes_back_with_new_actors(ray_cluster, checkpoint):
     (router_service.engine.ExpertLink)."""
     path, reference = checkpoint
     with SwitchCluster(path, placement=PACKING, local_experts=False) as model:
-        prefix = fleet_name(model.checkpoint, model.placement, model.dtype, model.config.quantize)
+        prefix = fleet_name(model.checkpoint, model.config.placement, model.dtype, model.config.quantize)
         group = live_groups(prefix)
         assert len(group) == 1
         old_pids = [info["pid"] for info in model.actor_info()]
