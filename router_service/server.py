@@ -163,14 +163,6 @@ def to_json(message) -> dict:
                                      always_print_fields_with_no_presence=True)
 
 
-async def after(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    """`first`, then what `rest` yields (closed with this one: a client gone ends its choices)."""
-    async with aclosing(rest):
-        yield first
-        async for event in rest:
-            yield event
-
-
 async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChunk],
                      finished: Callable[[Exception | None], None]) -> AsyncIterator[str]:
     yield f"data: {json.dumps(to_json(first))}\n\n"
@@ -543,12 +535,20 @@ class SwitchServer:
                 response = JSONResponse(await self._complete(completion_request, choices))
                 self._finished()
                 return response
-            events = self._completion_events(completion_request, choices)
-            first = await anext(events)  # a full queue and a failed batch still get their HTTP status
+            events = asyncio.Queue()
+            following = asyncio.create_task(self._follow_choices(choices, events))
+            try:
+                first = await events.get()
+            except BaseException:  # the client went away before the first piece
+                following.cancel()
+                raise
+            if isinstance(first, Exception):  # before any piece: the response's status says it
+                raise first
         except Exception as e:
             self._finished(e)
             return openai_error(e)
-        return StreamingResponse(after(first, events), media_type="text/event-stream")
+        return StreamingResponse(self._completion_events(completion_request, choices, events, first, following),
+                                 media_type="text/event-stream")
 
     @http_app.post("/v1/embeddings")
     async def openai_embeddings(self, request: Request):
@@ -615,45 +615,49 @@ class SwitchServer:
         return completion(completion_id(), self.model_id, [c for c, _ in results],
                           usage(prompt_tokens(request, choices), sum(n for _, n in results)))
 
-    async def _completion_events(self, request: CompletionRequest,
-                                 choices: list[tuple[Sequence, tuple]]) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per piece and choice, the usage if asked, then `data: [DONE]`. A failure
-        before the first chunk is raised, for the response's status to say it; after, it is the last event."""
-        cid, events, generated, sent = completion_id(), asyncio.Queue(), 0, False
-        before, offsets = [[] for _ in choices], [0] * len(choices)  # each choice's tokens and logprobs' text so far
-
+    async def _follow_choices(self, choices: list[tuple[Sequence, tuple]], events: asyncio.Queue) -> None:
+        """Put each choice's pieces on `events` as (choice index, piece); the first failure ends the others and is
+        put last. Runs as a task of its own, which holds its task group from start to end."""
         async def one(index: int, seq: Sequence, stop: tuple) -> None:
             async for piece in self._follow(seq, stop):
-                await events.put((index, piece))
+                events.put_nowait((index, piece))
 
-        error = None
         try:
             async with asyncio.TaskGroup() as group:
                 for i, (seq, stop) in enumerate(choices):
                     group.create_task(one(i, seq, stop))
-                for _ in range(len(choices)):  # until every choice has finished
-                    while True:
-                        index, piece = await events.get()
-                        logprobs = self._logprobs(request, before[index], piece, offsets[index])
-                        if logprobs is not None:
-                            offsets[index] += sum(len(text) for text in logprobs["tokens"])
-                        before[index] += piece.token_ids
-                        generated += len(piece.token_ids)
-                        body = completion(cid, self.model_id, [choice(index, piece.text,
-                                                                      finish_reason(piece.finish_reason), logprobs)],
-                                          None)
-                        yield f"data: {json.dumps(body)}\n\n"
-                        sent = True
-                        if piece.finish_reason is not None:
-                            break
-        except* Exception as group_error:
-            error = group_error.exceptions[0]
-        if error is not None and not sent:
-            raise error
-        if error is not None:  # headers are gone: the error becomes the last event
-            self._finished(error)
-            yield f"data: {json.dumps(json.loads(openai_error(error).body))}\n\n"
-            return
+        except ExceptionGroup as errors:
+            events.put_nowait(errors.exceptions[0])
+
+    async def _completion_events(self, request: CompletionRequest, choices: list[tuple[Sequence, tuple]],
+                                 events: asyncio.Queue, first, following: asyncio.Task) -> AsyncIterator[str]:
+        """Server-sent events from `_follow_choices`' `events`, the `first` taken already: a chunk per piece and
+        choice, the usage if asked, then `data: [DONE]`; a failure is the last event (the headers are gone). A client
+        gone ends the choices."""
+        cid, generated, done = completion_id(), 0, 0
+        before, offsets = [[] for _ in choices], [0] * len(choices)  # each choice's tokens and logprobs' text so far
+        try:
+            event = first
+            while True:
+                if isinstance(event, Exception):
+                    self._finished(event)
+                    yield f"data: {json.dumps(json.loads(openai_error(event).body))}\n\n"
+                    return
+                index, piece = event
+                logprobs = self._logprobs(request, before[index], piece, offsets[index])
+                if logprobs is not None:
+                    offsets[index] += sum(len(text) for text in logprobs["tokens"])
+                before[index] += piece.token_ids
+                generated += len(piece.token_ids)
+                body = completion(cid, self.model_id, [choice(index, piece.text, finish_reason(piece.finish_reason),
+                                                              logprobs)], None)
+                yield f"data: {json.dumps(body)}\n\n"
+                done += piece.finish_reason is not None
+                if done == len(choices):
+                    break
+                event = await events.get()
+        finally:
+            following.cancel()
         if request.stream_options is not None and request.stream_options.include_usage:
             body = completion(cid, self.model_id, [], usage(prompt_tokens(request, choices), generated))
             yield f"data: {json.dumps(body)}\n\n"

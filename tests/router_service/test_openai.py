@@ -200,3 +200,44 @@ def test_embeddings_with_the_openai_client(served, client):
         with pytest.raises(openai.BadRequestError) as e:
             client.embeddings.create(**{"model": served["model"], "input": texts, **fields})
         assert e.value.body["param"] == param, (fields, e.value.body)
+
+
+def test_a_choice_failing_mid_stream_ends_the_stream_with_the_error():
+    """The choices of a streamed completion are followed in a task of their own, and the events read in another
+    (Starlette's stream task): one choice's batch failing after the first event ends the others and the stream, with
+    the error as its last event. Fails if the stream waits on for events that will not come."""
+    from types import SimpleNamespace
+
+    from router_service.dispatch import ExpertsUnavailable
+    from router_service.openai_api import CompletionRequest
+    from router_service.server import Piece, SwitchServer
+
+    replica, finished = SwitchServer.func_or_class, []  # the class, without Serve
+
+    async def follow(seq, stop):
+        yield Piece([7], [-0.5], [], "seven", None, [])
+        await asyncio.sleep(0.05)
+        if seq == "failing":
+            raise ExpertsUnavailable("expert actor lost")
+        await asyncio.sleep(60)  # the other choice would go on for long
+
+    server = SimpleNamespace(model_id="m", _follow=follow, _finished=finished.append)
+    server._follow_choices = lambda choices, events: replica._follow_choices(server, choices, events)
+    server._logprobs = lambda *args: None
+    request = CompletionRequest(model="m", prompt="x", stream=True)
+    choices = [("failing", ()), ("slow", ())]
+
+    async def run() -> list[str]:
+        events = asyncio.Queue()
+        following = asyncio.create_task(server._follow_choices(choices, events))
+        first = await events.get()
+        stream = replica._completion_events(server, request, choices, events, first, following)
+        read = asyncio.create_task(asyncio.wait_for(collect(stream), 10))  # another task, as Starlette's
+        return await read
+
+    async def collect(stream) -> list[str]:
+        return [event async for event in stream]
+
+    events = asyncio.run(run())
+    assert len(events) == 3 and '"expert actor lost"' in events[-1] and '"server_error"' in events[-1]
+    assert len(finished) == 1 and isinstance(finished[0], ExpertsUnavailable)
