@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from cluster.workloads import CONCURRENCY, SHAPES, WORKLOADS
-from experts.checkpoint import SwitchCheckpoint
+from experts.checkpoint import INDEX_FILE, SINGLE_FILE, SwitchCheckpoint
 from experts.placement import PlacementConfig, PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import EXPERT_FORMATS, SwitchConfig
@@ -46,14 +46,19 @@ def _resource(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}") from None
 
 
-def _int_list(text: str) -> list[int]:
+def _positive(text: str) -> int:
     try:
-        values = [int(part) for part in text.split(",")]
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"each must be at least 1, got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    """Whole numbers of at least 1, separated by commas."""
+    return [_positive(part) for part in text.split(",")]
 
 
 def _json_ids(text: str) -> list:
@@ -134,15 +139,36 @@ def add_port_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=HTTP_PORT, help=f"(default: {HTTP_PORT})")
 
 
-def resolve_model(model: str) -> str:
+def resolve_model(model: str, weights: bool = True) -> str:
     from cluster.convert import resolve_model  # torch and huggingface_hub: only for the commands that need them
 
-    return str(resolve_model(model))
+    return str(resolve_model(model, weights))
+
+
+def open_checkpoint(model: str) -> str:
+    """`model` resolved to a checkpoint folder that opens (a bad one fails here, naming the file, before anything
+    starts)."""
+    folder = resolve_model(model)
+    SwitchCheckpoint.open(folder)
+    return folder
+
+
+def free_ports(**ports: int) -> None:
+    """Fail, naming the flag, where a port is taken (Ray would fail later, with a traceback)."""
+    import socket
+
+    for flag, port in ports.items():
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError as e:
+                raise ValueError(f"--{flag.replace('_', '-')}: port {port} is not free ({e.strerror})") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     prompts = args.text if args.text is not None else args.input_ids
-    if args.text is None and (not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts)):
+    if args.text is None and (not isinstance(prompts, list) or not all(
+            isinstance(p, list) and all(type(t) is int for t in p) for p in prompts)):
         raise ValueError("--input-ids: must be a JSON list of lists of token ids, e.g. [[13, 7, 1]]")
     sampling = given(args, SamplingParams)
     if args.address is not None:
@@ -184,12 +210,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from cluster.app import local_serve
 
-    model = resolve_model(args.model)
+    model = open_checkpoint(args.model)
+    free_ports(grpc_port=args.grpc_port, http_port=args.http_port)
     config = engine_config(args, ServerConfig, model)
     if config.api_key_file is not None:  # the replicas run elsewhere
         config = config.model_copy(update={"api_key_file": str(Path(config.api_key_file).resolve())})
     key = load_api_key(config.api_key_file)  # an unreadable or empty key file fails here
-    SwitchCheckpoint.open(model)  # a bad checkpoint fails here, before anything starts
     if key is None:
         print(f"switch-serve: warning: no API key, so anyone who can reach gRPC port {args.grpc_port} (every address) "
               f"or HTTP port {args.http_port} can call the model; set ${API_KEY_ENV} or --api-key-file",
@@ -231,10 +257,11 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    if args.model is not None:
-        config = SwitchCheckpoint.open(resolve_model(args.model)).config
-    else:
-        config = SwitchConfig.from_json_file(args.config)
+    folder = Path(resolve_model(args.model, weights=False)) if args.model is not None else None
+    if folder is not None and any((folder / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
+        config = SwitchCheckpoint.open(folder).config  # the weights' tensor names checked against config.json
+    else:  # config.json alone (a Hub id's is all that is downloaded)
+        config = SwitchConfig.from_json_file(args.config if folder is None else folder / "config.json")
     plan = PlacementConfig(**given(args, PlacementConfig)).plan(config, args.dtype)
     for warning in plan.warnings:
         print(f"switch-serve: warning: {warning}", file=sys.stderr)
@@ -274,8 +301,16 @@ def cmd_stats(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from cluster.bench import checkpoint, plot, print_report, run
 
+    if not any(c <= args.requests for c in args.concurrency):
+        raise ValueError(f"--concurrency: at least one must be at most --requests ({args.requests}), the run the "
+                         "targets are measured at")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device: cuda, but this machine's torch sees no CUDA GPU")
     if args.model is not None:
-        folder = Path(resolve_model(args.model))
+        folder = Path(open_checkpoint(args.model))
     else:
         folder = checkpoint(args.shape, Path.home() / ".cache" / "switch-serve" / "bench" / args.shape)
     options = given(args, PlacementConfig) | given(args, EngineConfig) | given(args, ServerConfig)
@@ -295,14 +330,17 @@ def cmd_quality(args: argparse.Namespace) -> None:
 def cmd_soak(args: argparse.Namespace) -> None:
     from cluster.soak import main
 
-    sys.exit(main(args.model, args.duration, args.concurrency, tuple(args.chaos_every) if args.chaos else None,
+    model = args.model and open_checkpoint(args.model)
+    sys.exit(main(model, args.duration, args.concurrency, tuple(args.chaos_every) if args.chaos else None,
                   args.replicas, args.nodes))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from cluster.demo import DEMO_MODEL, run_demo
+    from cluster.demo import DEMO_MODEL, PROMPTS, run_demo
 
-    run_demo(args.model or DEMO_MODEL, **given(args, PlacementConfig))
+    right = run_demo(open_checkpoint(args.model) if args.model else DEMO_MODEL, **given(args, PlacementConfig))
+    if args.model is None and right < len(PROMPTS):  # another model was not trained on the demo's tasks
+        fail(f"the demo model answered {right} of its {len(PROMPTS)} requests right")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt and output lengths (repeatable; default: default and long-prompts)")
     n.add_argument("--concurrency", type=_int_list, default=CONCURRENCY, metavar="C,C,...",
                    help=f"concurrent requests, one run each (default: {','.join(map(str, CONCURRENCY))})")
-    n.add_argument("--requests", type=int, default=32, help="requests per workload (default: 32); a concurrency "
+    n.add_argument("--requests", type=_positive, default=32, help="requests per workload (default: 32); a concurrency "
                                                             "above it runs as many as it keeps in flight")
     n.add_argument("--plot", default=None, metavar="FILE.png", help="draw tokens/s against concurrency (needs "
                                                                     "matplotlib: pip install '.[bench]')")
@@ -394,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quality", help="what int8 experts change: the demo model's held-out accuracy and answers, "
                                        "and log-probabilities on a built-in shape, against float32")
     q.add_argument("--shape", choices=SHAPES, default="base-8", help="the built-in shape to measure (default: base-8)")
-    q.add_argument("--requests", type=int, default=16, help="requests of the default workload (default: 16)")
+    q.add_argument("--requests", type=_positive, default=16, help="requests of the default workload (default: 16)")
     q.add_argument("--no-demo", action="store_true", help="skip the demo model")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quality)
@@ -403,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and check every answer")
     k.add_argument("--model", default=None, help="checkpoint with a tokenizer (default: the demo model)")
     k.add_argument("--duration", type=float, default=600.0, help="seconds of load (default: 600)")
-    k.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: 8)")
-    k.add_argument("--replicas", type=int, default=2, help="front replicas (default: 2)")
+    k.add_argument("--concurrency", type=_positive, default=8, help="requests in flight at once (default: 8)")
+    k.add_argument("--replicas", type=_positive, default=2, help="front replicas (default: 2)")
     k.add_argument("--nodes", type=int, default=0, help="run on a Ray cluster of raylets on this machine: a head for "
                                                       "the fronts and the fleet, and this many workers for the "
                                                       "expert actors (default: 0, one local Ray node)")
@@ -431,6 +469,8 @@ def main(argv: list[str] | None = None) -> None:
         where = "".join(f"{part}: " for part in first["loc"][-1:])
         fail(f"{where}{first['msg'].removeprefix('Value error, ')}")
     except (ValueError, PlacementError) as e:  # a bad checkpoint, plan or request: the message names the field
+        fail(str(e))
+    except OSError as e:  # a file named by a flag that is not there or cannot be read
         fail(str(e))
 
 

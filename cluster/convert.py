@@ -121,9 +121,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
     return SwitchCheckpoint.open(dst)
 
 
-def resolve_model(model: str | os.PathLike) -> Path:
+def resolve_model(model: str | os.PathLike, weights: bool = True) -> Path:
     """A checkpoint folder for `model`: a folder as it is, else a Hugging Face Hub id, downloaded (only the
-    config, tokenizer and weights) and converted to safetensors on first use."""
+    config, tokenizer and, with `weights`, the weights) and converted to safetensors on first use."""
     path = Path(model)
     if path.exists() or not HUB_ID.fullmatch(str(model)):
         return path
@@ -132,15 +132,15 @@ def resolve_model(model: str | os.PathLike) -> Path:
         from huggingface_hub.utils import logging as hub_logging
 
         hub_logging.set_verbosity_error()  # its retry notices; the outcome is reported below in one line
-        files = HfApi().list_repo_files(str(model))
+        files = HfApi().list_repo_files(str(model)) if weights else []
         safetensors = [f for f in files if f.endswith(".safetensors") or f == INDEX_FILE]
-        weights = safetensors or [f for f in files if f.endswith(".bin") or f == BIN_INDEX_FILE]
-        folder = Path(snapshot_download(str(model), allow_patterns=HUB_FILES + weights))
+        wanted = safetensors or [f for f in files if f.endswith(".bin") or f == BIN_INDEX_FILE]
+        folder = Path(snapshot_download(str(model), allow_patterns=HUB_FILES + wanted))
     except Exception as e:  # unreachable hub, offline mode, unknown repo, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"model: {model} is not a folder here, and downloading it from the Hugging Face Hub "
                               f"failed ({reason})") from None
-    if safetensors:
+    if safetensors or not weights:
         return folder
     converted = folder.parent.parent / "switch-serve-safetensors" / folder.name
     if not converted.exists():

@@ -92,7 +92,8 @@ def expected_answer(prompt: str) -> str:
     return " ".join(items[::-1] if task == "reverse" else sorted(items))
 
 
-def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None = None) -> None:
+def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None = None) -> int:
+    """Serve the model, call it, print what it answered; how many of PROMPTS it answered right."""
     config = ServerConfig(model=str(model_dir), placement=PlacementConfig(experts_per_actor=experts_per_actor))
     grpc_port, http_port = free_port(), free_port()
     start = time.perf_counter()
@@ -136,3 +137,4 @@ def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None =
         print(f"  {'layer':<12}" + "".join(f"{'e' + str(e):>6}" for e in range(info.num_experts)))
         for load in info.expert_tokens:
             print(f"  {load.stack + '.' + str(load.layer):<12}" + "".join(f"{n:>6}" for n in load.tokens))
+    return right

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from reference import hf_generate
 
 from cluster.cli import main
@@ -77,3 +78,60 @@ def test_console_script_help():
                  "--stats", "--dtype", "--routing"):
         assert flag in out
     assert "--top-logprobs" not in out  # the OpenAI API's alone
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--config", "/no/such/config.json", "--gpus", "2"], "No such file or directory: '/no/such/config.json'"),
+    (["generate", "--address", "localhost:1", "--input-ids", '[["a"]]'], "--input-ids: must be a JSON list of lists"),
+    (["demo", "--model", "/no/such/model"], "/no/such/model/config.json: missing"),
+    (["soak", "--model", "/no/such/model", "--duration", "1"], "/no/such/model/config.json: missing"),
+    (["bench", "--model", "/no/such/model"], "/no/such/model/config.json: missing"),
+    (["bench", "--requests", "2", "--concurrency", "4,8"], "--concurrency: at least one must be at most --requests (2)"),
+    (["bench", "--requests", "0"], "argument --requests: must be at least 1, got '0'"),
+    (["quality", "--requests", "x"], "argument --requests: expected a whole number, got 'x'"),
+])
+def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, message):
+    """Before Ray or a benchmark starts (each case here would have run for a minute first, or ended in a
+    traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and err.splitlines()[-1].startswith("switch-serve")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for a machine without CUDA")
+def test_bench_on_cuda_without_it_says_so(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cuda"])
+    assert "--device: cuda, but this machine's torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_taken_port_is_named_before_serving_starts(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit):
+            main(["serve", "--model", "demo/model", "--grpc-port", str(port)])
+    assert f"--grpc-port: port {port} is not free" in capsys.readouterr().err
+
+
+def test_plan_of_a_hub_id_downloads_its_config_alone(monkeypatch, tmp_path, capsys):
+    """Planning needs no weights: switch-c-2048's would be 3.1 TB. Fails if `plan` asks the Hub for more than the
+    config and tokenizer files."""
+    import huggingface_hub
+    from reference import MODEL_CONFIGS
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.extend(allow_patterns)
+        (tmp_path / "config.json").write_text((MODEL_CONFIGS / "switch-c-2048.json").read_text())
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: pytest.fail("listed the repo's weights"))
+    main(["plan", "--model", "google/switch-c-2048", "--gpus", "48"])
+    assert "config.json" in asked and not [p for p in asked if p.endswith((".bin", ".safetensors")) or "index" in p]
+    assert capsys.readouterr().out.startswith("48 expert actors on 48 GPUs")
