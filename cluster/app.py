@@ -20,6 +20,7 @@ from ray.serve.config import gRPCOptions
 
 from experts.ffn import KEPT_HEAP_ENV
 from experts.placement import PlacementError
+from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, expert_format, follow_weights
 from experts.wire import INLINE_ACTIVATIONS_ENV
 from router_service.config import CONTROLLER_ENV, GRPC_PORT, HTTP_PORT, INGRESS_ENV, ServerConfig
@@ -120,9 +121,10 @@ def check_placement(config: ServerConfig, model_config: SwitchConfig, checkpoint
     in: `config.dtype`, else the checkpoint's own (None where only its config.json is at hand). The warnings about
     config.json. Deployed, the fleet computes the same placement from the same options."""
     dtype = config.dtype or checkpoint_dtype
-    if dtype is None:
+    if dtype is None and config.placement.gpus:
         raise ValueError("dtype: the checkpoint's own is not known from its config.json alone; give the one it is "
                          "served in (--dtype), to check that its experts fit")
+    dtype = dtype or PLAN_DTYPE  # packing for CPUs does not depend on it
     model_config, warnings = follow_weights(model_config)
     config.placement.place(model_config, expert_format(dtype, config.quantize))
     return warnings

@@ -118,18 +118,33 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
     if min_gpus is None or min_gpus > gpus:
         raise PlanError(f"gpus: {total} experts of {size / 2**20:.0f} MiB need at least {min_gpus or 'more'} GPUs of "
                         f"{gpu_memory / 2**30:.0f} GiB ({1 - ACTIVATION_RESERVE:.0%} usable); {gpus} given")
+    shares = sorted(((load[k] / copies[k], k) for k in keys for _ in range(copies[k])), key=lambda x: -x[0])
+    # Heaviest first; where that leaves a second copy no GPU but its twin's, the replicated experts first instead,
+    # while every GPU has room for a copy apart from its twin.
+    plan = (assign(shares, gpus, nodes, per_gpu, size, copies)
+            or assign(sorted(shares, key=lambda x: copies[x[1]] == 1), gpus, nodes, per_gpu, size, copies))
+    if plan is None:
+        raise PlanError("replicate_hot: the GPUs with room left for a second copy of an expert all hold its first")
+    for g in plan:
+        g.experts.sort()
+    replicas = {".".join(map(str, k)): n for k, n in copies.items() if n > 1}
+    front_dtype = dtype if dtype in DTYPES else PLAN_DTYPE  # int8 quantizes the experts only
+    return Plan(plan, size, front_bytes(config, front_dtype), budget, min_gpus, replicas, warnings)
+
+
+def assign(shares: list[tuple[float, ExpertKey]], gpus: int, nodes: int, per_gpu: int, size: int,
+           copies: dict[ExpertKey, int]) -> list[GpuPlan] | None:
+    """Each (share of load, expert) in order to the least-loaded GPU with room (longest-processing-time scheduling),
+    a replica to another GPU than its twin; None where one finds no such GPU."""
     plan = [GpuPlan(gpu=i, node=i // (gpus // nodes)) for i in range(gpus)]
     # (load, experts held, gpu) of the GPUs with room: of equal loads (experts no token has gone to yet), the emptiest.
     heap = [(0.0, 0, i) for i in range(gpus)]
-    # The replicated experts first, while every GPU has room for a copy apart from its twin; then heaviest first.
-    items = sorted(((load[k] / copies[k], k) for k in keys for _ in range(copies[k])),
-                   key=lambda x: (copies[x[1]] == 1, -x[0]))
-    for share, key in items:
+    for share, key in shares:
         skipped = []
         while copies[key] > 1 and key in plan[heap[0][2]].experts:  # a replica goes to another GPU than its twin
             skipped.append(heapq.heappop(heap))
             if not heap:
-                raise PlanError(f"replicate_hot: no GPU but its first copy's has room for a second copy of {key}")
+                return None
         gpu_load, _, i = heapq.heappop(heap)
         g = plan[i]
         g.experts.append(key)
@@ -139,11 +154,7 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
             heapq.heappush(heap, (g.load, len(g.experts), i))
         for entry in skipped:
             heapq.heappush(heap, entry)
-    for g in plan:
-        g.experts.sort()
-    replicas = {".".join(map(str, k)): n for k, n in copies.items() if n > 1}
-    front_dtype = dtype if dtype in DTYPES else PLAN_DTYPE  # int8 quantizes the experts only
-    return Plan(plan, size, front_bytes(config, front_dtype), budget, min_gpus, replicas, warnings)
+    return plan
 
 
 def stats_json(counts: dict[tuple[str, int], list[int]]) -> dict[str, list[int]]:

@@ -18,7 +18,7 @@ import torch
 from experts.actor import gpu_uuid, held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS
-from experts.fleet import FleetActors, fleet_name, served_dtype, start_fleet, stop_fleet
+from experts.fleet import FleetActors, fleet_name, served_dtype, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
 from experts.spec import ExpertKey, expert_bytes, expert_format
@@ -202,6 +202,8 @@ class SwitchCluster:
             placement = self.config.placement
             quantize = self.config.quantize
             self.dtype = served_dtype(self.checkpoint, self.config.dtype)
+            if fleet is None:  # a placement that does not fit fails here, saying why, not in the fleet's actor
+                served_placement(self.checkpoint, placement, self.dtype, quantize)
             self.fleet = fleet or start_fleet(self.checkpoint, placement, self.dtype, quantize)
             device = "cuda" if torch.cuda.is_available() else "cpu"
             # Computing experts here shares their actors' memory where both map the checkpoint's own bytes; int8

@@ -86,7 +86,7 @@ def test_console_script_help():
     (["demo", "--model", "/no/such/model"], "/no/such/model/config.json: missing"),
     (["soak", "--model", "/no/such/model", "--duration", "1"], "/no/such/model/config.json: missing"),
     (["bench", "--model", "/no/such/model"], "/no/such/model/config.json: missing"),
-    (["bench", "--requests", "2", "--concurrency", "4,8"], "--concurrency: at least one must be at most --requests (2)"),
+    (["bench", "--requests", "2", "--concurrency", "4,8"], "--concurrency: at least one must be at most --requests"),
     (["bench", "--requests", "0"], "argument --requests: must be at least 1, got '0'"),
     (["quality", "--requests", "x"], "argument --requests: expected a whole number, got 'x'"),
 ])

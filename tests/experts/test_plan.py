@@ -88,6 +88,16 @@ def test_replicas_placed_apart_where_the_copies_just_fit():
     assert all(len(set(g.experts)) == len(g.experts) for g in plan.gpus)  # no GPU holds both copies
 
 
+def test_replicas_keep_the_heaviest_first_balance():
+    """One hot expert a layer, fewer replicated than there are layers: placed heaviest first, the hot experts without
+    a second copy spread over the GPUs as well. Fails if the replicas always go first (1.31 here)."""
+    c = config("switch-base-8")
+    stats = {(s, layer, e): 1e4 / (1 + e) ** 2 for s in ("encoder", "decoder") for layer in sparse_layers(c, s)
+             for e in range(c.num_experts)}
+    plan = make_plan(c, gpus=16, gpu_memory=80 * GiB, replicate_hot=8, stats=stats)
+    assert len(plan.replicas) == 8 and plan.to_json()["load_imbalance"] < 1.02
+
+
 def test_experts_no_token_went_to_spread_over_the_gpus():
     """Statistics of a server that has served nothing yet: every load 0. Fails if the GPU first in order takes
     them all while it has room, or the imbalance divides by the zero mean."""

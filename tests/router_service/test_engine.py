@@ -47,21 +47,24 @@ def test_a_front_short_of_gpu_room_copies_whole_layers_first_then_what_fits():
 def test_expert_counts_read_while_the_batching_thread_adds_experts():
     """ModelInfo reads the front's own counts on the event loop while its batching thread adds the experts it computes
     for the first time. Fails if the read iterates the live dict ("dictionary changed size during iteration")."""
-    counts, added = {}, threading.Event()
+    counts, reading, reads = {}, threading.Event(), 2000
 
-    def add() -> None:
-        for layer in range(20000):
-            counts[("decoder", layer, 0)] = 1
-        added.set()
+    def add() -> None:  # experts added and taken away again, until the reads are done
+        while not reading.is_set():
+            for layer in range(200):
+                counts[("decoder", layer, 0)] = 1
+            for layer in range(200):
+                del counts[("decoder", layer, 0)]
 
     interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: the race shows at once
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: the race shows within a few reads
+    thread = threading.Thread(target=add)
+    thread.start()
     try:
-        thread = threading.Thread(target=add)
-        thread.start()
-        while not added.is_set():
+        for _ in range(reads):
             count_expert_tokens([counts], 1)
-        thread.join()
     finally:
+        reading.set()
+        thread.join()
         sys.setswitchinterval(interval)
-    assert sum(tokens[0] for tokens in count_expert_tokens([counts], 1).values()) == 20000
+    assert sum(tokens[0] for tokens in count_expert_tokens([counts], 1).values()) == len(counts)
