@@ -146,7 +146,7 @@ class ExpertFleet:
             return FleetActors([], self.state, self.fleet_id, self.serves)
         if self.error is not None:
             raise self.error
-        # None once released.
+        # No actors once released.
         return FleetActors(list(self.handles), self.state, self.fleet_id, self.serves, self.placement)
 
     def check_health(self) -> None:
