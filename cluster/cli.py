@@ -159,6 +159,7 @@ def free_ports(**ports: int) -> None:
 
     for flag, port in ports.items():
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a port in TIME_WAIT is free
             try:
                 s.bind(("", port))
             except OSError as e:
