@@ -63,9 +63,10 @@ def _read_header(path: Path) -> dict:
             raise CheckpointError(
                 f"{path}: tensor {name} is cut off (needs bytes {start}..{end} of the data, file holds {data_size})")
         dtype = DTYPES.get(DTYPE_OF_SAFETENSORS.get(entry["dtype"], ""))
-        if dtype is not None and end - start != math.prod(entry["shape"]) * dtype.bytes:
+        taken = None if dtype is None else math.prod(entry["shape"]) * dtype.bytes
+        if taken is not None and end - start != taken:
             raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes, its shape {entry['shape']} and "
-                                  f"dtype {entry['dtype']} take {math.prod(entry['shape']) * dtype.bytes}")
+                                  f"dtype {entry['dtype']} take {taken}")
     covered = 0
     for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
         start, end = entry["data_offsets"]

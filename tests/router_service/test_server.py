@@ -499,15 +499,17 @@ def test_full_queue_is_resource_exhausted(server):
     assert stub.Generate(pb.GenerateRequest(input_ids=[3, 1], max_new_tokens=2)).token_ids
 
 
-def post(url: str, body) -> tuple[int, dict | str]:
+def post(url: str, body, timeout_s: float = 60) -> tuple[int, dict | str]:
+    """The status and the answer: JSON parsed, anything else (a stream's events, Serve's own refusals) as text."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            raw = r.read().decode()
-            return r.status, json.loads(raw) if r.headers.get_content_type() == "application/json" else raw
+        r = urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        r = e
+    with r:
+        raw = r.read().decode()
+        return r.status, json.loads(raw) if r.headers.get_content_type() == "application/json" else raw
 
 
 def test_http_generate_equals_grpc(server):
@@ -554,43 +556,34 @@ def test_fastapis_own_pages_are_not_served(server):
         assert error.value.code == 404, page
 
 
-def completion_call(url: str, body: dict) -> tuple[int, str]:
-    """POST /v1/completions: the status and the raw answer (JSON, or a stream's events)."""
-    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=180) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 def test_openai_requests_refused_for_a_full_queue_get_429(server):
     """Far more completions at once than the batch and queue hold, half of them streamed: each the replica refuses
     gets 429 and OpenAI's rate-limit error, a streamed one too (refused before its headers, not as an event of a 200
     stream); the others complete. One of more choices than the server ever takes is bad input (400)."""
     model, total = server["path"].name, MAX_SEQUENCES + MAX_WAITING + 24
 
-    def one(i: int) -> tuple[bool, int, str]:
+    completions = f"{server['http']}/v1/completions"
+
+    def one(i: int) -> tuple[bool, int, dict | str]:
         body = {"model": model, "prompt": PROMPTS[i % 4], "max_tokens": 30, "seed": i, "stream": i % 2 == 0}
-        return (i % 2 == 0, *completion_call(server["http"], body))
+        return (i % 2 == 0, *post(completions, body, timeout_s=180))
 
     with ThreadPoolExecutor(total) as pool:
         answers = list(pool.map(one, range(total)))
-    for streamed, status, text in answers:
+    for streamed, status, answer in answers:
         if status == 503:  # Serve's proxy, whose own queue (max_queued_requests) was full first
-            assert text.startswith("Request dropped due to backpressure"), text
+            assert answer.startswith("Request dropped due to backpressure"), answer
             continue
-        assert status in (200, 429), (status, text)
+        assert status in (200, 429), (status, answer)
         if status == 429:
-            assert json.loads(text)["error"]["type"] == "rate_limit_error"
+            assert answer["error"]["type"] == "rate_limit_error"
         elif streamed:
-            assert '"error"' not in text and text.endswith("data: [DONE]\n\n")
+            assert '"error"' not in answer and answer.endswith("data: [DONE]\n\n")
     assert {streamed for streamed, status, _ in answers if status == 429} == {True, False}
     for stream in (False, True):
-        status, text = completion_call(server["http"], {"model": model, "prompt": [PROMPTS[0]] * 2, "n": 11,
-                                                        "max_tokens": 2, "stream": stream})
-        error = json.loads(text)["error"]
+        status, answer = post(completions, {"model": model, "prompt": [PROMPTS[0]] * 2, "n": 11, "max_tokens": 2,
+                                            "stream": stream})
+        error = answer["error"]
         assert status == 400 and error["param"] == "prompt" and "22 sequences in one request" in error["message"]
 
 
