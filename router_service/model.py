@@ -284,7 +284,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """T5's layer norm of x by a weight of x's dtype: scale only, no mean subtraction, no bias; the mean square in
     fp32, the normalized x rounded to the dtype before the scale, as transformers does. F.rms_norm computes that
     normalized x (bit for bit on the CPU, in float32, bfloat16 and float16) in one op where transformers' way takes
-    five, which counts where the GPU waits for the CPU to launch each kernel."""
+    five, which counts where the GPU waits for the CPU to launch each kernel. In float32 the rounding is none, and
+    F.rms_norm takes the scale too: one op where two."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
@@ -401,6 +404,7 @@ class SwitchFront:
         self.act = ACTIVATION_FUNCTIONS[config.dense_act_fn]
         self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
         self.sparse = {stack: set(sparse_layers(config, stack)) for stack in STACKS}
+        self._decoder_bias = torch.zeros(1, self.heads, 1, 0, dtype=self.dtype, device=self.device)
         if config.tie_word_embeddings:
             shared = self.weights["shared.weight"]
             self.embed = {"encoder": shared, "decoder": shared}
@@ -457,6 +461,16 @@ class SwitchFront:
             max_distance=self.config.relative_attention_max_distance)
         table = self._w(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
         return F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)
+
+    def _decoder_position_bias(self, width: int) -> torch.Tensor:
+        """[1, heads, 1, width]: the position bias of a decoding step's query (position width - 1) over its keys. A
+        query's bias depends on its distance to each key alone, so it is the last `width` columns of that of a longer
+        step's, kept: a view, not the dozen kernels of computing it at every step."""
+        if self._decoder_bias.shape[-1] < width:
+            longest = max(width, 2 * self._decoder_bias.shape[-1])
+            self._decoder_bias = self._position_bias("decoder", torch.tensor([longest - 1], device=self.device),
+                                                     longest)
+        return self._decoder_bias[..., -width:]
 
     def _padding_bias(self, mask: torch.Tensor) -> torch.Tensor:
         """Additive [batch, 1, 1, keys] mask: 0 on real tokens, the dtype's minimum on padding."""
@@ -569,7 +583,7 @@ class SwitchFront:
         cache = cache.with_room(width)
         new = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
         self_valid = torch.cat([cache.self_valid, new], dim=1)
-        position_bias = self._position_bias("decoder", torch.tensor([width - 1], device=self.device), width)
+        position_bias = self._decoder_position_bias(width)
         parts = run_overlapped([self._decode(cache, tokens[rows], self_valid[rows], position_bias, rows)
                                 for rows in self._micro_batches(batch)])
         grown = DecoderCache(cache.self_k, cache.self_v, self_valid, cache.cross_k, cache.cross_v, cache.cross_bias,

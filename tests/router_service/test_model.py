@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import LocalExperts
 from transformers.models.switch_transformers.modeling_switch_transformers import (
     SwitchTransformersAttention,
     SwitchTransformersLayerNorm,
 )
 
-from router_service.model import Routing, attention, length_groups, relative_position_bucket, rms_norm
+from experts.checkpoint import SwitchCheckpoint
+from router_service.model import Routing, SwitchFront, attention, length_groups, relative_position_bucket, rms_norm
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -31,6 +33,18 @@ def test_rms_norm_is_transformers_bit_for_bit(dtype, shape, scale):
         norm.weight.uniform_(0.5, 1.5)
         x = (torch.randn(shape) * scale).to(dtype)
         assert torch.equal(rms_norm(x, norm.weight, 1e-6), norm(x))
+
+
+def test_a_decoding_steps_position_bias_is_computed_for_its_width(checkpoint_factory):
+    """The kept bias of a longer step, cut to a step's width, is the bias computed for that width: widths in an order
+    that grows it, cuts it and grows it again."""
+    path, _ = checkpoint_factory("tiny-position-bias", relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=20)
+    checkpoint = SwitchCheckpoint.open(path)
+    front = SwitchFront(checkpoint, LocalExperts(checkpoint))
+    for width in [1, 2, 3, 9, 4, 1, 17, 40, 5, 41, 39, 100]:
+        computed = front._position_bias("decoder", torch.tensor([width - 1]), width)
+        assert torch.equal(front._decoder_position_bias(width), computed), width
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
