@@ -31,7 +31,7 @@ test: lint
 test-all: lint
 	$(VENV)/bin/python -m pytest -q
 
-# The tests that start no Ray cluster: seconds, not minutes.
+# The tests that start no Ray cluster: a minute or two, not fifteen.
 test-fast: lint
 	$(VENV)/bin/python -m pytest -q -m "not ray"
 

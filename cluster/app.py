@@ -23,7 +23,15 @@ from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, expert_format, follow_weights
 from experts.wire import INLINE_ACTIVATIONS_ENV
-from router_service.config import CONTROLLER_ENV, GRPC_PORT, HTTP_PORT, INGRESS_ENV, ServerConfig
+from router_service.config import (
+    CONTROLLER_ENV,
+    DEFAULT_INGRESS,
+    GRPC_PORT,
+    HTTP_PORT,
+    INGRESS_ENV,
+    LOCAL_HTTP_HOST,
+    ServerConfig,
+)
 from router_service.server import ServedFleet, SwitchServer, fleet_app_name
 
 APP_NAME = "switch-serve"
@@ -155,7 +163,7 @@ def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port:
     }
 
 
-def start_ray(address: str | None = None, ingress: str = "proxy", **options) -> None:
+def start_ray(address: str | None = None, ingress: str = DEFAULT_INGRESS, **options) -> None:
     """Start Ray here (or join `address`), Serve to start on it with `ingress` (see INGRESS_ENV)."""
     ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": INGRESS_ENV[ingress]},
              **options)
@@ -181,9 +189,9 @@ class Endpoints:
 
 
 @contextmanager
-def local_serve(config: ServerConfig, *, http_host: str = "127.0.0.1", http_port: int = HTTP_PORT,
+def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_port: int = HTTP_PORT,
                 grpc_port: int = GRPC_PORT, address: str | None = None, dashboard: bool = False,
-                worker_logs: bool = True, ingress: str = "proxy") -> Iterator[Endpoints]:
+                worker_logs: bool = True, ingress: str = DEFAULT_INGRESS) -> Iterator[Endpoints]:
     """Serve `config` while the block runs: on the running Ray cluster (with the ingress it was started with),
     else one started here (joining `address` if given, with Ray's dashboard if asked, echoing the workers' logs
     unless told not to, with `ingress` in front: see INGRESS_ENV). Returns

@@ -346,15 +346,20 @@ def breakdown(folder: Path, requests: list[Request], placement: PlacementConfig,
     return rows
 
 
-def run(folder: Path, workloads: list[str], concurrency: list[int], requests: int = 32,
-        experts_per_actor: int | None = None, micro_batches: int = 1, local_experts: bool = True,
-        packed_weights: bool = True, quantize: str = "none", front_threads: int | None = None,
-        stream_interval_ms: float | None = None, stream_chunks_per_s: float | None = None, device: str = "cpu",
-        ingress: str = "proxy", seed: int = 0) -> dict:
+def run(folder: Path, workloads: list[str], concurrency: list[int], requests: int, options: dict, device: str,
+        ingress: str, seed: int = 0) -> dict:
     """Each workload's `requests` requests (at a concurrency above that, as many as it keeps in flight) through
-    transformers and through the served cluster (behind `ingress`), on the CPU or (`device` "cuda") the GPUs."""
-    engine = {"micro_batches": micro_batches, "local_experts": local_experts, "packed_weights": packed_weights,
-              "quantize": quantize}
+    transformers and through the served cluster (behind `ingress`), on the CPU or (`device` "cuda") the GPUs.
+    `options`: the ServerConfig fields set (experts_per_actor for the placement on the CPU), the others their
+    defaults."""
+    options = dict(options)
+    experts_per_actor = options.pop("experts_per_actor", None)
+    # A batch and a queue with room for every request in flight.
+    defaults = ServerConfig.model_fields
+    server = ServerConfig(model=str(folder), **options,
+                          max_sequences=max(defaults["max_sequences"].default, *concurrency),
+                          max_waiting=max(defaults["max_waiting"].default, requests))
+    engine = {name: getattr(server, name) for name in ("micro_batches", "local_experts", "packed_weights", "quantize")}
     hf_model = load_transformers(folder, device)
     config = hf_model.config
     work = {name: workload(max(requests, *concurrency), config.vocab_size, name, seed) for name in workloads}
@@ -385,14 +390,10 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
         per_actor = experts_per_actor or experts_per_cpu(config.num_experts, os.cpu_count() or 1)
         placement, ray_options, front_gpus = PlacementConfig(experts_per_actor=per_actor), {}, 0.0
     report["placement"] = placement.model_dump(exclude_defaults=True)
-    streams = {name: value for name, value in (("stream_interval_ms", stream_interval_ms),
-                                               ("stream_chunks_per_s", stream_chunks_per_s)) if value is not None}
-    server = ServerConfig(model=str(folder), placement=placement, front_gpus=front_gpus, front_threads=front_threads,
-                          **engine, **streams,
-                          max_sequences=max(32, *concurrency), max_waiting=max(64, requests))
+    server = server.model_copy(update={"placement": placement, "front_gpus": front_gpus})
     report["streams"] = {"interval_ms": server.stream_interval_ms, "chunks_per_s": server.stream_chunks_per_s}
     start_ray(ingress=ingress, include_dashboard=False, log_to_driver=False, **ray_options)
-    report["front_threads"] = front_threads or this_node_cpus()  # a replica's default
+    report["front_threads"] = server.front_threads or this_node_cpus()  # a replica's default
     try:
         with local_serve(server, http_port=free_port(), grpc_port=free_port()) as served:
             for name, pool in work.items():
@@ -408,7 +409,7 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                          "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "outputs": result.outputs})
         for name, pool in work.items():
             report["workloads"][name]["breakdown"] = [
-                row for local in dict.fromkeys([local_experts, False])
+                row for local in dict.fromkeys([server.local_experts, False])
                 for row in breakdown(folder, pool[:requests], placement, engine | {"local_experts": local},
                                      front_gpus, report["front_threads"])]
     finally:

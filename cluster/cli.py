@@ -18,13 +18,21 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from cluster.workloads import CONCURRENCY, SHAPES, WORKLOADS
+from cluster.workloads import CONCURRENCY, REQUESTS, SHAPES, WORKLOADS
 from experts.checkpoint import INDEX_FILE, SINGLE_FILE, SwitchCheckpoint
 from experts.placement import PlacementConfig, PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import EXPERT_FORMATS, SwitchConfig
 from router_service.auth import API_KEY_ENV, load_api_key
-from router_service.config import GRPC_PORT, HTTP_PORT, INGRESSES, EngineConfig, ServerConfig
+from router_service.config import (
+    DEFAULT_INGRESS,
+    GRPC_PORT,
+    HTTP_PORT,
+    INGRESSES,
+    LOCAL_HTTP_HOST,
+    EngineConfig,
+    ServerConfig,
+)
 from router_service.requests import SamplingParams
 
 # Flags named otherwise than their field.
@@ -128,10 +136,10 @@ def add_api_key_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_ingress_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ingress", choices=INGRESSES, default="proxy",
-                        help="what takes the calls on the ports of the Ray cluster started here: Serve's proxy "
-                             "(default), or HAProxy, passing each call straight to a front replica (a "
-                             "front's death ends its streams CANCELLED, not UNAVAILABLE)")
+    parser.add_argument("--ingress", choices=INGRESSES, default=DEFAULT_INGRESS,
+                        help="what takes the calls on the ports of the Ray cluster started here: Serve's proxy, "
+                             "or HAProxy, passing each call straight to a front replica (a "
+                             f"front's death ends its streams CANCELLED, not UNAVAILABLE; default: {DEFAULT_INGRESS})")
 
 
 def add_port_options(parser: argparse.ArgumentParser) -> None:
@@ -214,6 +222,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model = open_checkpoint(args.model)
     free_ports(grpc_port=args.grpc_port, http_port=args.http_port)
     config = engine_config(args, ServerConfig, model)
+    if config.served_model_name is None and not Path(args.model).exists():  # a Hub id, whose folder is a commit hash
+        config = config.model_copy(update={"served_model_name": args.model})
     if config.api_key_file is not None:  # the replicas run elsewhere
         config = config.model_copy(update={"api_key_file": str(Path(config.api_key_file).resolve())})
     key = load_api_key(config.api_key_file)  # an unreadable or empty key file fails here
@@ -229,7 +239,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             signal.signal(sig, lambda *_: stopping.set())
         print(f"switch-serve: serving {args.model}\n"
               f"  gRPC  {args.host}:{args.grpc_port}  (switchserve.v1.SwitchServe, grpc.health.v1.Health, reflection)\n"
-              f"  HTTP  http://{args.host}:{args.http_port}/v1/generate, /v1/model\n"
+              f"  HTTP  http://{args.host}:{args.http_port}/v1/generate, /v1/model, /v1/completions, /v1/embeddings, "
+              "/v1/models\n"
               "Ctrl-C to stop.", flush=True)
         stopping.wait()
         print("switch-serve: stopping", flush=True)
@@ -247,7 +258,9 @@ def cmd_build(args: argparse.Namespace) -> None:
         checkpoint = SwitchCheckpoint.open(args.model)
         model_config, dtype = checkpoint.config, checkpoint.dtype_name
     else:
-        raise ValueError(f"--config: {args.model} is not a folder here; give its config.json to check the placement")
+        raise ValueError(f"--config: {args.model} is not a folder here; give its config.json to check the placement "
+                         "(a Serve config names a folder every node reads: a Hub id is downloaded by serve and "
+                         "generate alone)")
     for warning in check_placement(config, model_config, dtype):
         print(f"switch-serve: warning: {warning}", file=sys.stderr)
     text = yaml.safe_dump(serve_config(config, http_port=args.http_port, grpc_port=args.grpc_port), sort_keys=False)
@@ -315,8 +328,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         folder = checkpoint(args.shape, Path.home() / ".cache" / "switch-serve" / "bench" / args.shape)
     options = given(args, PlacementConfig) | given(args, EngineConfig) | given(args, ServerConfig)
-    report = run(folder, args.workload or ["default", "long-prompts"], args.concurrency, args.requests,
-                 device=args.device, ingress=args.ingress, **options)
+    report = run(folder, args.workload or ["default", "long-prompts"], args.concurrency, args.requests, options,
+                 args.device, args.ingress)
     print_report(report, args.json)
     if args.plot:
         plot(report, args.plot)
@@ -369,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a checkpoint over gRPC and HTTP until interrupted")
     s.add_argument("--model", required=True, help="checkpoint folder readable from every node, or Hub id")
     add_port_options(s)
-    s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (gRPC listens on all addresses)")
+    s.add_argument("--host", default=LOCAL_HTTP_HOST, help=f"HTTP bind address (default: {LOCAL_HTTP_HOST}; gRPC "
+                                                        "listens on all addresses)")
     s.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     add_ingress_option(s)
     add_engine_options(s, ServerConfig, skip=())
@@ -417,8 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt and output lengths (repeatable; default: default and long-prompts)")
     n.add_argument("--concurrency", type=_int_list, default=CONCURRENCY, metavar="C,C,...",
                    help=f"concurrent requests, one run each (default: {','.join(map(str, CONCURRENCY))})")
-    n.add_argument("--requests", type=_positive, default=32, help="requests per workload (default: 32); a concurrency "
-                                                            "above it runs as many as it keeps in flight")
+    n.add_argument("--requests", type=_positive, default=REQUESTS,
+                   help=f"requests per workload (default: {REQUESTS}); a concurrency above it runs as many as it "
+                        "keeps in flight")
     n.add_argument("--plot", default=None, metavar="FILE.png", help="draw tokens/s against concurrency (needs "
                                                                     "matplotlib: pip install '.[bench]')")
     add_fields(n, PlacementConfig, ["experts_per_actor"])
@@ -432,8 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quality", help="what int8 experts change: the demo model's held-out accuracy and answers, "
                                        "and log-probabilities on a built-in shape, against float32")
-    q.add_argument("--shape", choices=SHAPES, default="base-8", help="the built-in shape to measure (default: base-8)")
-    q.add_argument("--requests", type=_positive, default=16, help="requests of the default workload (default: 16)")
+    q.add_argument("--shape", choices=SHAPES, default="base-8", help="the built-in shape to measure (default: "
+                                                                     "%(default)s)")
+    q.add_argument("--requests", type=_positive, default=16,
+                   help="requests of the default workload (default: %(default)s)")
     q.add_argument("--no-demo", action="store_true", help="skip the demo model")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quality)
@@ -441,12 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("soak", help="serve a checkpoint locally under mixed load, optionally killing its processes, "
                                     "and check every answer")
     k.add_argument("--model", default=None, help="checkpoint with a tokenizer (default: the demo model)")
-    k.add_argument("--duration", type=float, default=600.0, help="seconds of load (default: 600)")
-    k.add_argument("--concurrency", type=_positive, default=8, help="requests in flight at once (default: 8)")
-    k.add_argument("--replicas", type=_positive, default=2, help="front replicas (default: 2)")
+    k.add_argument("--duration", type=float, default=600.0, help="seconds of load (default: %(default)g)")
+    k.add_argument("--concurrency", type=_positive, default=8, help="requests in flight at once (default: %(default)s)")
+    k.add_argument("--replicas", type=_positive, default=2, help="front replicas (default: %(default)s)")
     k.add_argument("--nodes", type=int, default=0, help="run on a Ray cluster of raylets on this machine: a head for "
                                                       "the fronts and the fleet, and this many workers for the "
-                                                      "expert actors (default: 0, one local Ray node)")
+                                                      "expert actors (default: %(default)s, one local Ray node)")
     k.add_argument("--chaos", action="store_true", help="kill an expert actor, the expert fleet and a front replica "
                                                         "in turn, at random times; with --nodes, replace a worker "
                                                         "node as well")

@@ -73,9 +73,11 @@ def benchmark() -> str:
     if importlib.util.find_spec("ray") is None:
         return NO_RAY
     from cluster.bench import checkpoint, run, table
+    from cluster.workloads import REQUESTS
+    from router_service.config import DEFAULT_INGRESS
 
     folder = checkpoint("base-8", Path.home() / ".cache" / "switch-serve" / "bench" / "base-8")
-    return table(run(folder, WORKLOADS, CONCURRENCY, requests=32, device="cuda"))
+    return table(run(folder, WORKLOADS, CONCURRENCY, REQUESTS, {}, "cuda", DEFAULT_INGRESS))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,4 +12,5 @@ SHAPES = {
 # (prompt tokens, output tokens), each drawn uniformly from its range.
 WORKLOADS = {"default": ((8, 64), (16, 64)), "long-prompts": ((16, 128), (8, 48)), "short": ((4, 16), (4, 16))}
 CONCURRENCY = (1, 4, 8, 16, 32, 64)
+REQUESTS = 32  # per workload: the targets are measured with all of them in flight at once
 HF_BATCH_SIZES = (1, 8, 16)  # besides each concurrency and "all"

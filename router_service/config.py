@@ -12,12 +12,14 @@ from router_service.auth import API_KEY_ENV
 # Serve's own defaults for its proxies' ports.
 HTTP_PORT = 8000
 GRPC_PORT = 9000
+LOCAL_HTTP_HOST = "127.0.0.1"  # where a server started on one machine takes HTTP: that machine alone, unless told
 # What listens on Serve's HTTP and gRPC ports, set by the cluster's environment (Serve's controller and replicas read
 # it as they start: the job's runtime env here, the pods' env on Kubernetes).
 # - proxy: Serve's Python proxy, which relays each call, and each streamed token, to a front replica (over gRPC, see
 #   CONTROLLER_ENV).
 # - haproxy: HAProxy (bundled with ray[serve]) passes each call straight to a front replica, which serves it itself
-#   (on 2 vCPUs: 7-9% more tokens/s with the fronts' short OpenMP spin, 0-3% with OpenMP's own; docs/BENCHMARKS.md).
+#   (on 2 vCPUs: 7-9% more tokens/s with the fronts' short OpenMP spin, -0.5 to 3% with OpenMP's own;
+#   docs/BENCHMARKS.md).
 #   But a front's death ends its streams with CANCELLED (HAProxy resets them) where the proxy says UNAVAILABLE, and
 #   each Ray cluster's HAProxy takes fixed ports of its own (9101, 8404, 8500, 9500), so one machine runs one.
 INGRESS_ENV = {
@@ -28,6 +30,7 @@ INGRESS_ENV = {
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"},
 }
 INGRESSES = tuple(INGRESS_ENV)
+DEFAULT_INGRESS = "proxy"
 # The Serve controller's environment (Serve's controller_options: in the Serve config, and as local_serve starts
 # Serve). Its control loop runs every 0.1 s by default: a steady load on every core it shares with the fronts, which
 # costs their math more than its own CPU time (an OpenMP team waits for whichever of its threads was preempted).
@@ -98,8 +101,9 @@ class ServerConfig(EngineConfig):
                                  "many seconds between chunks, so that relaying them takes less of the CPU the "
                                  "decoding needs; 0: no limit")
     num_replicas: int = Field(1, ge=1, description="front replicas (they share the expert actors)")
-    served_model_name: str | None = Field(None, description="the model's id in the OpenAI-compatible API "
-                                                            "(default: the checkpoint folder's name)")
+    served_model_name: str | None = Field(None, description="the model's id in the OpenAI-compatible API and the "
+                                                            "metrics (default: the checkpoint folder's name; the Hub "
+                                                            "id for serve --model HUB_ID)")
     fleet_resources: dict[str, float] = Field(
         default_factory=dict, description="a Ray resource the expert fleet (the owner of the expert actors) asks "
                                           "for, to keep it on a node that outlives the fronts, e.g. the head's")

@@ -27,7 +27,13 @@ from router_service.batching import ContinuousBatcher, Sequence, run_to_completi
 from router_service.config import EngineConfig
 from router_service.dispatch import ExpertDispatcher, ExpertsUnavailable
 from router_service.model import SwitchFront
-from router_service.requests import InvalidRequest, check_pooling, check_prompt, make_sampling_params
+from router_service.requests import (
+    DEFAULT_POOLING,
+    InvalidRequest,
+    check_pooling,
+    check_prompt,
+    make_sampling_params,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 SENTINEL = re.compile(r"<extra_id_\d+>")  # T5's span-filling sentinels
@@ -312,7 +318,7 @@ class SwitchCluster:
         return run_to_completion(self.batcher, [Sequence(p, params) for p in prompts])
 
     def embed(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
-              pooling: str = "mean") -> list[torch.Tensor]:
+              pooling: str = DEFAULT_POOLING) -> list[torch.Tensor]:
         """The encoder's output for each input, given as token ids or as text, in float32: the mean over its tokens
         ([d_model]), or with `pooling="none"` every token's ([tokens, d_model]). As transformers'
         SwitchTransformersEncoderModel's `last_hidden_state`, after the final layer norm."""

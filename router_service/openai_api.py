@@ -14,9 +14,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from router_service.requests import InvalidRequest
+from router_service.requests import DEFAULT_POOLING, MAX_TOP_LOGPROBS, InvalidRequest
 
-MAX_LOGPROBS = 5  # alternatives per token, as OpenAI allows
 DEFAULT_MAX_TOKENS = 16  # OpenAI's, where a request gives none (at most the server's own limit)
 # Tokens decoded before one to find the text it adds: enough for its word's leading space (which SentencePiece drops
 # from a token decoded alone) and the other bytes of a character it ends.
@@ -70,7 +69,7 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = None
     stop: str | list[str] | None = None
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
@@ -97,7 +96,7 @@ class EmbeddingRequest(BaseModel):
     input: Prompts
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)  # only the model's own (d_model): there is no shorter form
-    pooling: str = "mean"  # requests.POOLINGS
+    pooling: str = DEFAULT_POOLING  # requests.POOLINGS
     user: str | None = None  # accepted and unused, as a tag for the caller's own logs
 
     def inputs(self) -> list[str | list[int]]:

@@ -21,6 +21,7 @@ class InvalidRequest(ValueError):
 
 
 POOLINGS = ("mean", "none")  # an embedding: the mean over the input's tokens, or every token's vector
+DEFAULT_POOLING = "mean"
 MIN_TEMPERATURE = 0.01  # below it logits / temperature overflows
 FLOAT32_ROUNDING = 1e-7  # relative: the proto's floats are float32, in which 0.01 arrives as 0.0099999998
 MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allows

@@ -52,7 +52,13 @@ from router_service.openai_api import (
     usage,
 )
 from router_service.proto import switch_serve_pb2 as pb
-from router_service.requests import InvalidRequest, check_pooling, check_prompt, make_sampling_params
+from router_service.requests import (
+    DEFAULT_POOLING,
+    InvalidRequest,
+    check_pooling,
+    check_prompt,
+    make_sampling_params,
+)
 from router_service.scheduler import BatcherStopped, QueueFull, Scheduler, math_here_on_one_thread
 from router_service.text import TextStream, check_stop_strings
 
@@ -281,7 +287,7 @@ class SwitchServer:
         self.model_id = config.served_model_name or Path(config.model).name
         self.started = int(time.time())
         self.api_key = load_api_key(config.api_key_file)
-        self.metrics = ServingMetrics(Path(config.model).name)
+        self.metrics = ServingMetrics(self.model_id)
         # Up at once: until the experts have loaded, health says NOT_SERVING and ModelInfo says why. The fleet's
         # application may start after this one: a handle waits for it.
         fleet = serve.get_deployment_handle(FLEET_DEPLOYMENT, fleet_app_name(serve.get_replica_context().app_name))
@@ -445,7 +451,7 @@ class SwitchServer:
                     raise InvalidRequest(f"inputs[{i}]", "give exactly one of text and input_ids")
                 name = f"inputs[{i}].text" if item.text else f"inputs[{i}].input_ids"
                 inputs.append((self.cluster.encode_text(item.text, name) if item.text else list(item.input_ids), name))
-            sequences = await self._embed(inputs, request.pooling or "mean", "inputs")
+            sequences = await self._embed(inputs, request.pooling or DEFAULT_POOLING, "inputs")
         except Exception as e:
             self._finished(e)
             set_grpc_error(grpc_context, e)
@@ -523,6 +529,10 @@ class SwitchServer:
 
     @http_app.post("/v1/chat/completions")
     async def openai_chat(self, request: Request):
+        try:
+            self._authorize(request.headers.items())
+        except Unauthenticated as e:
+            return openai_error(e)
         return openai_error(OpenAIError(404, NOT_CHAT, code="not_a_chat_model"))
 
     @http_app.post("/v1/completions")

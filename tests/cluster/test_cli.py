@@ -135,3 +135,26 @@ def test_plan_of_a_hub_id_downloads_its_config_alone(monkeypatch, tmp_path, caps
     main(["plan", "--model", "google/switch-c-2048", "--gpus", "48"])
     assert "config.json" in asked and not [p for p in asked if p.endswith((".bin", ".safetensors")) or "index" in p]
     assert capsys.readouterr().out.startswith("48 expert actors on 48 GPUs")
+
+
+@pytest.mark.parametrize("model, served_as", [("google/switch-base-8", "google/switch-base-8"), ("demo/model", None)])
+def test_a_hub_id_is_the_served_models_id(monkeypatch, model, served_as):
+    """A Hub id's download is a folder named by its commit hash: the id the API lists, and the metrics' label, is the
+    Hub id itself; a folder keeps its name (the server's default)."""
+    import contextlib
+
+    import cluster.app
+    import cluster.cli
+
+    served = []
+
+    @contextlib.contextmanager
+    def local_serve(config, **_):
+        served.append(config)
+        raise KeyboardInterrupt  # served: stop here
+
+    monkeypatch.setattr(cluster.cli, "open_checkpoint", lambda m: "demo/model")  # what the download gives
+    monkeypatch.setattr(cluster.app, "local_serve", local_serve)
+    with pytest.raises(KeyboardInterrupt):
+        main(["serve", "--model", model, "--grpc-port", "0", "--http-port", "0"])
+    assert served[0].model == "demo/model" and served[0].served_model_name == served_as

@@ -167,7 +167,7 @@ def test_defaults_are_filled_as_the_api_server_does(schema):
     assert worker["numOfHosts"] == 1  # KubeRay's default, absent from the file
 
 
-def test_dashboard_plots_only_metrics_the_service_exports():
+def test_dashboard_plots_every_metric_the_service_exports_and_no_other():
     import json
     import re
 
@@ -176,8 +176,8 @@ def test_dashboard_plots_only_metrics_the_service_exports():
                for name in re.findall(r"ray_(switch_serve_\w+?)(?:_total|_bucket|_count|_sum)?\b", target["expr"])}
     sources = "".join((ROOT / f).read_text() for f in ("router_service/metrics.py", "experts/actor.py"))
     defined = set(re.findall(r'"(switch_serve_\w+)"', sources))
-    assert queried and queried <= defined, queried - defined
-    assert len(defined) >= 9  # requests, tokens, TTFT, per-token, queue, batch, dispatch, dropped, experts
+    assert queried == defined, (queried - defined, defined - queried)
+    assert len(defined) >= 10  # requests, tokens, TTFT, per-token, queue, batch, dispatch, dropped, experts, embedded
 
 
 def test_the_checkpoint_claim_is_shipped_read_only_many():

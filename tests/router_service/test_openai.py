@@ -143,9 +143,11 @@ def test_null_means_the_default(served, client):
 
 def test_errors_are_openais(served, client):
     model = served["model"]
+    stranger = openai.OpenAI(base_url=served["base_url"], api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=served["base_url"], api_key="wrong", max_retries=0).completions.create(
-            model=model, prompt="x", max_tokens=2)
+        stranger.completions.create(model=model, prompt="x", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):  # every route asks for the key first
+        stranger.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt=PROMPTS[0], max_tokens=2)
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
