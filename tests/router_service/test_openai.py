@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 
 import grpc
@@ -33,7 +34,7 @@ def served(ray_cluster, tmp_path_factory):
     with local_serve(config, http_port=free_port(), grpc_port=free_port()) as endpoints:
         with grpc.insecure_channel(endpoints.grpc) as channel:
             yield {"model": path.name, "base_url": f"{endpoints.http}/v1", "http": endpoints.http,
-                   "stub": pb_grpc.SwitchServeStub(channel)}
+                   "grpc": endpoints.grpc, "stub": pb_grpc.SwitchServeStub(channel)}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,7 @@ def test_n_choices_sampled_with_a_seed_are_reproducible(served, client):
 
     first, second = sample(), sample()
     assert [c.index for c in first.choices] == [0, 1, 2]
+    assert first.usage.prompt_tokens == native(served, PROMPTS[3], 1).prompt_tokens  # the prompt once, not n times
     assert [c.text for c in first.choices] == [c.text for c in second.choices]
     assert len({c.text for c in first.choices}) > 1  # temperature 1 by default: the choices differ
 
@@ -154,6 +156,9 @@ def test_errors_are_openais(served, client):
     for fields, param in [({"echo": True}, "echo"), ({"suffix": "!"}, "suffix"), ({"best_of": 3}, "best_of"),
                           ({"logprobs": 9}, "logprobs"), ({"max_tokens": 10_000}, "max_tokens"),
                           ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"extra_body": {"colour": 1}}, "colour"),
+                          ({"presence_penalty": 0.5}, "presence_penalty"),
+                          ({"frequency_penalty": -0.5}, "frequency_penalty"),
+                          ({"logit_bias": {"7": 1}}, "logit_bias"),
                           ({"prompt": [PROMPTS[0]] * 7, "n": 16}, "prompt")]:  # more choices than it ever takes
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=model, **({"prompt": PROMPTS[0], "max_tokens": 2} | fields))
@@ -204,6 +209,36 @@ def test_embeddings_with_the_openai_client(served, client):
         assert e.value.body["param"] == param, (fields, e.value.body)
 
 
+def test_openais_finish_reasons():
+    from router_service.openai_api import finish_reason
+
+    assert [finish_reason(r) for r in ("eos", "stop", "length", None)] == ["stop", "stop", "length", None]
+
+
+def test_a_model_without_a_tokenizer_refuses_text_it_cannot_make():
+    """Stop strings and completions need the tokenizer: refused, naming the field, rather than matched against, or
+    completed with, an empty text."""
+    from types import SimpleNamespace
+
+    from router_service.openai_api import CompletionRequest, OpenAIError
+    from router_service.requests import InvalidRequest
+    from router_service.server import SwitchServer
+
+    replica = SwitchServer.func_or_class  # the class, without Serve
+    cluster = SimpleNamespace(checkpoint=SimpleNamespace(config=SimpleNamespace(vocab_size=100)),
+                              check_experts=lambda: None)
+    server = SimpleNamespace(has_tokenizer=False, config=ServerConfig(model="unused"), cluster=cluster)
+    server._new_sequence = lambda *args, **kw: replica._new_sequence(server, *args, **kw)
+    seq, stop = server._new_sequence([5, 9, 1], "input_ids", [])
+    assert seq.prompt == [5, 9, 1] and stop == ()
+    with pytest.raises(InvalidRequest) as e:
+        server._new_sequence([5, 9, 1], "input_ids", ["9"])
+    assert e.value.field == "stop"
+    with pytest.raises(OpenAIError) as e:
+        replica._completion_choices(server, CompletionRequest(model="m", prompt=[5, 9, 1]))
+    assert e.value.status == 400 and e.value.param == "prompt"
+
+
 def test_a_choice_failing_mid_stream_ends_the_stream_with_the_error():
     """The choices of a streamed completion are followed in a task of their own, and the events read in another
     (Starlette's stream task): one choice's batch failing after the first event ends the others and the stream, with
@@ -243,3 +278,31 @@ def test_a_choice_failing_mid_stream_ends_the_stream_with_the_error():
     events = asyncio.run(run())
     assert len(events) == 3 and '"expert actor lost"' in events[-1] and '"server_error"' in events[-1]
     assert len(finished) == 1 and isinstance(finished[0], ExpertsUnavailable)
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_every_call_but_the_health_check_asks_for_the_key(served, key):
+    """Each gRPC method and HTTP route refuses a call without the key or with another (UNAUTHENTICATED, 401), before
+    it reads the request; the health check answers anyone."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub, metadata = served["stub"], [("authorization", f"Bearer {key}")] if key else []
+    for method, request in [(stub.Generate, pb.GenerateRequest(text=PROMPTS[0])), (stub.Embed, pb.EmbedRequest()),
+                            (stub.ModelInfo, pb.ModelInfoRequest()),
+                            (lambda r, **kw: next(stub.GenerateStream(r, **kw)), pb.GenerateRequest(text=PROMPTS[0]))]:
+        with pytest.raises(grpc.RpcError) as refused:
+            method(request, metadata=metadata, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    for route, body in [("/v1/generate", {"text": PROMPTS[0]}), ("/v1/model", None), ("/v1/models", None),
+                        ("/v1/completions", {"model": served["model"], "prompt": PROMPTS[0]}),
+                        ("/v1/embeddings", {"model": served["model"], "input": PROMPTS[0]}),
+                        ("/v1/chat/completions", {"model": served["model"], "messages": []})]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(served["http"] + route, data=data, headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 401, route
+    with grpc.insecure_channel(served["grpc"]) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING

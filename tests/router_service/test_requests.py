@@ -1,0 +1,63 @@
+"""A request's checks at their limits: the value at a limit is taken, the one past it refused, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from router_service.config import EngineConfig
+from router_service.requests import (
+    MAX_TOP_LOGPROBS,
+    InvalidRequest,
+    SamplingParams,
+    check_pooling,
+    check_prompt,
+    make_sampling_params,
+)
+
+VOCAB = 100
+LIMITS = EngineConfig(model="unused", max_prompt_tokens=8, max_new_tokens=20)
+
+
+def refused(field: str, check, *args, **kwargs) -> None:
+    with pytest.raises(InvalidRequest) as e:
+        check(*args, **kwargs)
+    assert e.value.field == field and str(e.value).startswith(f"{field}: ")
+
+
+def test_a_prompt_of_the_limit_is_taken_and_one_token_more_refused():
+    assert check_prompt([VOCAB - 1] * 8, VOCAB, LIMITS) == [VOCAB - 1] * 8
+    refused("input_ids", check_prompt, [1] * 9, VOCAB, LIMITS)
+    refused("input_ids", check_prompt, [], VOCAB, LIMITS)
+    refused("prompt", check_prompt, [VOCAB], VOCAB, LIMITS, "prompt")  # the field named as the caller calls it
+    refused("input_ids", check_prompt, [-1], VOCAB, LIMITS)
+    refused("input_ids", check_prompt, [True], VOCAB, LIMITS)
+
+
+def test_a_request_that_gives_no_length_gets_the_default_within_the_servers_limit():
+    assert make_sampling_params(VOCAB, LIMITS).max_new_tokens == min(SamplingParams().max_new_tokens, 20) == 20
+    roomy = EngineConfig(model="unused", max_new_tokens=256)
+    assert make_sampling_params(VOCAB, roomy).max_new_tokens == SamplingParams().max_new_tokens
+    assert make_sampling_params(VOCAB, LIMITS, max_new_tokens=20).max_new_tokens == 20
+    refused("max_new_tokens", make_sampling_params, VOCAB, LIMITS, max_new_tokens=21)
+    refused("max_new_tokens", make_sampling_params, VOCAB, LIMITS, max_new_tokens=0)
+
+
+@pytest.mark.parametrize("field, taken, past", [
+    ("temperature", [0.0, 0.01, 100.0], [0.009, 100.1, -1.0]),
+    ("top_k", [0, 1], [-1]),
+    ("top_p", [1.0, 1e-6], [0.0, 1.01, float("nan")]),
+    ("seed", [0, 2**63 - 1], [-1, 2**63]),
+    ("stop_token_ids", [(0, VOCAB - 1)], [(VOCAB,), (-1,)]),
+    ("top_logprobs", [0, MAX_TOP_LOGPROBS], [-1, MAX_TOP_LOGPROBS + 1]),
+])
+def test_sampling_limits(field, taken, past):
+    for value in taken:
+        assert getattr(make_sampling_params(VOCAB, LIMITS, **{field: value}), field) == value
+    for value in past:
+        refused("logprobs" if field == "top_logprobs" else field, make_sampling_params, VOCAB, LIMITS,
+                **{field: value})
+
+
+def test_pooling():
+    assert check_pooling("mean") == "mean" and check_pooling("none") == "none"
+    refused("pooling", check_pooling, "max")
