@@ -128,6 +128,18 @@ def test_shard_listed_but_absent(sharded):
         SwitchCheckpoint.open(sharded)
 
 
+def test_an_index_that_lists_a_tensor_in_another_shard_names_both(sharded):
+    """The index says where each tensor is: a tensor in another shard than it says (a shard swapped for another
+    one's copy, an index edited by hand) fails at load time rather than when a worker reads the wrong file."""
+    index_file = sharded / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][EXPERT])
+    index["weight_map"][EXPERT] = other
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{other}: tensor {EXPERT} is listed in"):
+        SwitchCheckpoint.open(sharded)
+
+
 def test_gated_activation_rejected(checkpoint):
     edit_config(checkpoint, dense_act_fn="gated-gelu")
     with pytest.raises(CheckpointError, match=r"config\.json: dense_act_fn 'gated-gelu'"):

@@ -114,6 +114,17 @@ def test_timing_is_reported(capsys):
     print(f"switch-c-2048 on 48 GPUs planned in {time.perf_counter() - start:.2f}s")
 
 
+@pytest.mark.parametrize("gpus, nodes, field", [(5, 2, "gpus"), (0, 1, "gpus"), (4, 0, "gpus"),
+                                                (1, 1, "replicate_hot"), (4, 1, "dtype")])
+def test_a_plan_that_cannot_be_is_refused_naming_the_field(gpus, nodes, field):
+    """GPUs are spread evenly over the nodes (5 over 2 would ask for a bundle on a third node, which the fleet never
+    gets); replicas need a second GPU; the dtype is one the experts can be held in."""
+    dtype, replicate_hot = ("fp8" if field == "dtype" else "bf16"), (1 if field == "replicate_hot" else 0)
+    with pytest.raises(PlanError, match=f"^{field}: "):
+        make_plan(config("switch-base-8"), gpus=gpus, nodes=nodes, gpu_memory=80 * GiB, dtype=dtype,
+                  replicate_hot=replicate_hot)
+
+
 def test_parse_bytes():
     assert parse_bytes("80GiB") == 80 * GiB and parse_bytes("40GB") == 40 * 10**9 and parse_bytes("1024") == 1024
     with pytest.raises(PlanError, match="gpu_memory"):

@@ -302,3 +302,23 @@ def test_an_embedding_returns_though_the_decoding_step_after_it_fails(checkpoint
     assert isinstance(decoding.error, RuntimeError) and embedding.error is None
     assert embedding.finish_reason == "embedded" and embedding.embedding is not None
     assert not batcher.has_work
+
+
+@torch.inference_mode()
+def test_the_batch_holds_at_most_its_sequences_and_a_request_cancelled_while_waiting_leaves_the_queue(
+        checkpoint_factory):
+    """Fails if a batch takes one sequence more than max_sequences, or if a request cancelled before it got a place
+    still waits (counted against the queue's limit) and is encoded when one frees up."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    batcher = ContinuousBatcher(local_front(path), max_sequences=2)
+    sequences = [Sequence([5 + i, 9, 23, 1], SamplingParams(max_new_tokens=4)) for i in range(4)]
+    for seq in sequences:
+        batcher.add(seq)
+    batcher.step()
+    assert batcher.active == sequences[:2] and list(batcher.waiting) == sequences[2:]
+    sequences[2].cancelled = True
+    assert sequences[2] in batcher.step()
+    assert list(batcher.waiting) == sequences[3:] and batcher.active == sequences[:2]
+    while batcher.has_work:
+        batcher.step()
+    assert sequences[2].token_ids == [] and len(sequences[3].token_ids) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from experts.wire import call_from_wire, to_wire
@@ -114,3 +115,20 @@ def test_tokens_are_grouped_by_actor_and_expert_and_put_back_in_order(monkeypatc
                             tokens[7]])
     torch.testing.assert_close(out, expected)
     assert dispatcher.local_tokens == {(*LAYER, 3): 2} and (dispatcher.calls, dispatcher.local_calls) == (1, 1)
+
+
+def test_a_call_that_finds_its_actor_dead_tells_the_link_and_fails(monkeypatch):
+    """The link is told at once (it looks for new actors then, not at its next check), and the batch fails."""
+    import ray
+
+    def dead(refs, timeout=None):
+        raise ray.exceptions.RayActorError()
+
+    monkeypatch.setattr(dispatch.ray, "get", dead)
+    dispatcher = ExpertDispatcher([RecordingActor(i, []) for i in range(2)], {LAYER: {0: [0], 1: [1]}},
+                                  num_experts=2)
+    lost = []
+    dispatcher.on_lost = lost.append
+    with pytest.raises(ray.exceptions.RayActorError):
+        dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 0]), None).result()
+    assert len(lost) == 1 and isinstance(lost[0], ray.exceptions.RayActorError)

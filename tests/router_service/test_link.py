@@ -72,6 +72,11 @@ def test_link_follows_its_fleet():
         dispatcher.on_lost(RuntimeError("actor 2 died"))  # a call found an actor dead
         assert not link.ready.is_set() and "actor 2 died" in link.status
         assert link.wait(5)
+
+        # The fleet started again and loaded its new actors between two checks: the old ones were its own.
+        fleet.view = FleetActors(["actor 4", "actor 5"], "ready", "third", SERVES, PLACED)
+        assert wait_for(lambda: dispatcher.actors == ["actor 4", "actor 5"], 2 * LINK_CHECK_S + 2)
+        assert link.ready.is_set()
     finally:
         link.close()
 

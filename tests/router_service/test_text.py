@@ -37,6 +37,15 @@ def test_an_incomplete_character_waits_for_its_next_token():
     assert [text.update([0] * n, finished=False) for n in (1, 2, 3)] == ["a", "", "\u00e9"]
 
 
+def test_text_that_decodes_otherwise_once_more_tokens_come_is_not_sent_in_pieces_that_do_not_join():
+    """Where decoding more tokens changes text already sent (a tokenizer whose earlier characters depend on later
+    tokens), no piece is sent that would join into text the tokens never decoded to: what was sent stays the stream's
+    text. Fails if the rest is cut at the length already sent regardless."""
+    text = TextStream(lambda ids: ["ab", "xbc", "xbcd"][len(ids) - 1])
+    sent = [text.update([0] * n, finished=n == 3) for n in (1, 2, 3)]
+    assert sent == ["ab", "", ""] and "".join(sent) == text.text
+
+
 @given(st.lists(st.text(alphabet="ab \ufffd", min_size=1, max_size=3), min_size=1, max_size=12),
        st.lists(st.text(alphabet="ab ", min_size=1, max_size=3), max_size=4))
 @example(pieces=["a", "b", " "], stop=["b", "ab "])  # "b" ends it at the second piece: "ab " never comes
