@@ -188,9 +188,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                       api_key=load_api_key(args.api_key_file), **sampling)
         except RemoteError as e:
             fail(str(e))
-    elif args.model is None:
-        raise ValueError("--model: needed unless --address names a running server")
-    else:
+    else:  # argparse asks for --model or --address
         results = generate_local(engine_config(args, EngineConfig, resolve_model(args.model)), prompts,
                                  args.text is not None, args.logprobs, sampling)
     if args.json:

@@ -17,7 +17,7 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 from reference import ROOT
 
-from cluster.app import FLEET_FIELDS, build_app, build_fleet, serve_config, vcpus_share_cores
+from cluster.app import CONTROL_HEADROOM, FLEET_FIELDS, build_app, build_fleet, serve_config, vcpus_share_cores
 from experts.placement import PlacementConfig
 from router_service.config import CONTROLLER_ENV, ServerConfig
 from router_service.server import fleet_app_name
@@ -213,3 +213,12 @@ def test_build_plans_the_experts_in_the_dtype_they_are_served_in(checkpoint_fact
     with pytest.raises(SystemExit):
         main([*build[:2], "/models/elsewhere", "--config", str(path / "config.json"), *build[3:]])
     assert "error: dtype: the checkpoint's own is not known" in capsys.readouterr().err
+
+
+def test_the_fronts_refuse_requests_beyond_their_queue():
+    """Serve queues at most max_waiting requests at a front deployment's handle beyond those its replicas take, and
+    refuses the rest at once (503), rather than queueing without bound. Fails if the fronts' deployment does not get
+    max_queued_requests from max_waiting."""
+    fronts = build_app({"model": "demo/model", "max_sequences": 8, "max_waiting": 37})._bound_deployment
+    assert fronts.max_queued_requests == 37
+    assert fronts.max_ongoing_requests == 8 + 37 + CONTROL_HEADROOM

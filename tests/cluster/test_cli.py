@@ -89,6 +89,11 @@ def test_console_script_help():
     (["bench", "--requests", "2", "--concurrency", "4,8"], "--concurrency: at least one must be at most --requests"),
     (["bench", "--requests", "0"], "argument --requests: must be at least 1, got '0'"),
     (["quality", "--requests", "x"], "argument --requests: expected a whole number, got 'x'"),
+    (["generate", "--input-ids", "[[5, 1]]"], "one of the arguments --model --address is required"),
+    (["build", "--model", "/no/such/model", "--front-resource", "switch_front"],
+     "argument --front-resource: expected NAME=AMOUNT, got 'switch_front'"),
+    (["build", "--model", "/no/such/model", "--actor-resource", "expert_slot=one"],
+     "argument --actor-resource: expected NAME=AMOUNT, got 'expert_slot=one'"),
 ])
 def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, message):
     """Before Ray or a benchmark starts (each case here would have run for a minute first, or ended in a

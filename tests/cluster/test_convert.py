@@ -86,3 +86,35 @@ def test_hub_id_without_network_fails_in_one_line(env):
     assert result.stderr.startswith("switch-serve: error: model: google/switch-base-8 is not a folder here, and "
                                     "downloading it from the Hugging Face Hub failed (")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_tokenizer_and_generation_config_come_along(checkpoint_factory, tmp_path):
+    """The files beside the weights (tokenizer, generation config) are copied into the converted folder as they
+    are; the .bin weights are not. Fails if conversion leaves them behind (the converted model could not decode)."""
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=1)
+    others = {"tokenizer.json": '{"version": "1.0"}', "generation_config.json": '{"decoder_start_token_id": 0}'}
+    for name, text in others.items():
+        (src / name).write_text(text)
+    convert(src, tmp_path / "out")
+    for name, text in others.items():
+        assert (tmp_path / "out" / name).read_text() == text
+    assert not list((tmp_path / "out").glob("*.bin")) and not (tmp_path / "out" / BIN_INDEX_FILE).exists()
+
+
+def test_converting_into_an_existing_folder_is_refused(checkpoint_factory, tmp_path):
+    """`dst` must not exist: what is there stays as it was. Fails if conversion goes ahead (replacing an empty
+    folder, or failing half-way with an OSError on a full one)."""
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=1)
+    for contents in ([], ["notes.txt"]):
+        dst = tmp_path / f"out-{len(contents)}"
+        dst.mkdir()
+        for name in contents:
+            (dst / name).write_text("keep")
+        with pytest.raises(CheckpointError, match=f"{dst}: already exists"):
+            convert(src, dst)
+        assert sorted(p.name for p in dst.iterdir()) == contents
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "out-0", "out-1"]

@@ -135,3 +135,19 @@ def test_an_actor_logs_each_calls_compute_while_asked_to(ray_cluster, tmp_path):
     assert len(logged) == 2 and min(logged) > 0
     call()
     assert actor.log_calls(False) == []
+
+
+def test_an_actor_counts_the_tokens_it_computed_per_expert(tmp_path, monkeypatch):
+    """`token_counts` (the stats the planner balances by, `switch-serve stats`) adds up each expert's tokens over the
+    calls, however many a call holds. In this process, without Ray (told of no GPU). Fails if it counts calls
+    instead of tokens, or mixes the experts up."""
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    config = tiny_config(num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
+    write_random_checkpoint(tmp_path, config)
+    layer = sparse_layers(config, "encoder")[0]
+    keys = [("encoder", layer, e) for e in (0, 1)]
+    actor = ExpertActor(SwitchCheckpoint.open(tmp_path), {key: expert_tensor_names(*key) for key in keys})
+    assert actor.token_counts() == dict.fromkeys(keys, 0)
+    actor.forward(call_to_wire("encoder", layer, [0, 1], [3, 5], torch.ones(8, config.d_model)))
+    actor.forward(call_to_wire("encoder", layer, [1], [2], torch.ones(2, config.d_model)))
+    assert actor.token_counts() == {keys[0]: 3, keys[1]: 7}

@@ -7,7 +7,7 @@ import pytest
 from cluster.testing import tiny_config, write_random_checkpoint
 from experts import fleet
 from experts.checkpoint import SwitchCheckpoint
-from experts.placement import PlacementConfig
+from experts.placement import Placement, PlacementConfig
 
 
 def test_a_fleet_whose_load_failed_says_so_to_its_fronts_and_to_serve(tmp_path, monkeypatch):
@@ -24,3 +24,28 @@ def test_a_fleet_whose_load_failed_says_so_to_its_fronts_and_to_serve(tmp_path, 
         failed.actors(wait_s=30)
     with pytest.raises(RuntimeError, match="no node has room"):
         failed.check_health()
+
+
+def test_expert_actors_leave_a_share_of_the_weakest_node_for_a_front(monkeypatch):
+    """Four actors a node, the weakest node of 3 CPUs: each actor asks for a fifth of them, one fifth left for a front
+    (fronts ask for no CPU); never more than one CPU. Fails if the actors split the node's CPUs among themselves
+    alone, or size themselves by another node than the weakest."""
+    placement = Placement.packed(tiny_config(num_experts=8), 1, nodes=2)
+    assert [sum(1 for a in placement.actors if a.node == n) for n in range(2)] == [4, 4]
+    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda: [64.0, 3.0])
+    assert fleet.actor_cpus(placement) == 0.6
+    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda: [64.0, 64.0])
+    assert fleet.actor_cpus(placement) == 1.0
+
+
+def test_the_default_packing_reads_the_cpus_of_the_running_cluster(monkeypatch):
+    """With Ray up and neither gpus, experts_per_actor nor cpus set, the packing is for the CPUs of the `nodes`
+    largest nodes; anything set, or no Ray, leaves the config as it is. Fails if the cluster's CPUs go unread."""
+    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda: [6.0, 4.0, 2.0])
+    monkeypatch.setattr(fleet.ray, "is_initialized", lambda: True)
+    assert fleet.for_cluster(PlacementConfig()).cpus == 6
+    assert fleet.for_cluster(PlacementConfig(nodes=2)).cpus == 10
+    for given in (PlacementConfig(cpus=3), PlacementConfig(experts_per_actor=2), PlacementConfig(gpus=2)):
+        assert fleet.for_cluster(given) == given
+    monkeypatch.setattr(fleet.ray, "is_initialized", lambda: False)
+    assert fleet.for_cluster(PlacementConfig()).cpus is None

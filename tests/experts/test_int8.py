@@ -100,3 +100,20 @@ def test_linear_on_cuda_equals_the_dequantized_weights(tokens, dtype):
     reference = F.linear(x.float(), q.dequantized(torch.float32))
     assert out.dtype == dtype and out.device.type == "cuda"
     assert torch.allclose(out.float(), reference, rtol=2e-2, atol=2e-2 * float(reference.abs().mean()))
+
+
+def test_rows_of_zeros_or_of_subnormals_keep_a_positive_scale():
+    """An output row of zeros has no largest magnitude to scale by, and one of subnormal weights a scale that
+    underflows to zero: the scale is kept above zero, so that quantizing divides by it to zeros (not NaN, whose int8
+    conversion is undefined, nor the ends of the range), within half a step, and both kernels give finite outputs.
+    Fails if a scale can be zero."""
+    torch.manual_seed(2)
+    w = torch.randn(8, 64)
+    w[3] = 0.0
+    w[5] = 1e-45  # float32's smallest subnormal
+    q = int8.quantize(w)
+    assert bool((q.scale > 0).all()) and bool(q.scale.isfinite().all())
+    assert bool((q.q[3] == 0).all()) and bool((q.q[5] == 0).all())
+    assert bool(((q.dequantized(torch.float32) - w).abs() <= q.scale[:, None] / 2).all())
+    for tokens in (1, int8.PACKED_MAX_TOKENS + 1):
+        assert bool(int8.linear(torch.randn(tokens, 64), q).isfinite().all())

@@ -85,3 +85,13 @@ def test_planner_options_need_gpus():
     with pytest.raises(ValidationError, match="replicate_hot needs gpus"):
         PlacementConfig(replicate_hot=2)
 
+
+def test_gpus_the_plan_leaves_empty_get_no_actors():
+    """Two experts a layer over 64 GPUs: the plan fills a few GPUs and leaves the rest empty. Each expert gets one
+    actor on the GPU it was planned on, and no actor goes to an empty GPU (asking Ray for a GPU to host nothing).
+    Fails if the empty GPUs get actors, or crash the placement."""
+    config = tiny_config(num_experts=2)
+    placement = PlacementConfig(gpus=64).place(config, "fp32")
+    assert all(spec.experts for spec in placement.actors)
+    assert sorted(key for spec in placement.actors for key in spec.experts) == all_experts(config)
+    assert len(placement.actors) <= len(all_experts(config)) < 64

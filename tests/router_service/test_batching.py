@@ -117,6 +117,10 @@ def test_sampling_cuts():
     assert {sample(logits, top1, torch.Generator().manual_seed(s)) for s in range(20)} == {1}
     nucleus = SamplingParams(temperature=1.0, top_p=0.8)  # token 1 has ~0.64, with token 2 ~0.87: keep both
     assert {sample(logits, nucleus, torch.Generator().manual_seed(s)) for s in range(200)} == {1, 2}
+    # The temperature divides the logits: cold, token 2's chance (e^-10) is nil; hot, every token comes.
+    cold, hot = SamplingParams(temperature=0.1), SamplingParams(temperature=100.0)
+    assert {sample(logits, cold, torch.Generator().manual_seed(s)) for s in range(200)} == {1}
+    assert {sample(logits, hot, torch.Generator().manual_seed(s)) for s in range(200)} == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("pay", [True, False])
@@ -243,10 +247,10 @@ class RecordingMetrics:
     """router_service.metrics.ServingMetrics' calls from the batcher, recorded."""
 
     def __init__(self):
-        self.done, self.embedded_dropped = [], 0
+        self.done, self.embedded_dropped, self.steps = [], 0, []
 
     def step(self, batch: int, waiting: int) -> None:
-        pass
+        self.steps.append((batch, waiting))
 
     def sequence_done(self, first_token_s, per_token_s, dropped: int) -> None:
         self.done.append((first_token_s, per_token_s, dropped))
@@ -278,6 +282,10 @@ def test_metrics_count_every_sequence_that_leaves(checkpoint_factory):
     assert len(cancelled.token_ids) == 3 and cancelled.finish_reason is None
     assert [d for _, _, d in metrics.done] == [cancelled.dropped_tokens, finishing.dropped_tokens]
     assert all(ttft > 0 and tpot > 0 for ttft, tpot, _ in metrics.done)
+    # The time per output token is over the tokens after the first; each step reports its batch and queue.
+    per_token = (finishing.last_token_at - finishing.first_token_at) / (len(finishing.token_ids) - 1)
+    assert metrics.done[1][1] == pytest.approx(per_token)
+    assert metrics.steps[0] == (2, 0) and metrics.steps[-1] == (1, 0) and len(metrics.steps) == 6
 
 
 @torch.inference_mode()
@@ -322,3 +330,34 @@ def test_the_batch_holds_at_most_its_sequences_and_a_request_cancelled_while_wai
     while batcher.has_work:
         batcher.step()
     assert sequences[2].token_ids == [] and len(sequences[3].token_ids) == 4
+
+
+@torch.inference_mode()
+def test_requests_that_wait_for_room_keep_their_place_and_an_encoder_pass_takes_a_batch_at_most(checkpoint_factory):
+    """Embedding requests need no room in the batch, so they pass generation requests that wait for it; those keep
+    their order in the queue. One encoder pass takes at most max_sequences requests. Fails if the waiting ones go
+    behind later arrivals, or if a pass takes every waiting embedding at once."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    batcher = ContinuousBatcher(local_front(path), max_sequences=2)
+    decoding = [Sequence([5 + i, 9, 23, 1], SamplingParams(max_new_tokens=6)) for i in range(2)]
+    for seq in decoding:
+        batcher.add(seq)
+    batcher.step()
+    first, embeddings, second = Sequence([7, 1]), [Sequence([8 + i, 1], pooling="mean") for i in range(3)], \
+        Sequence([9, 1])
+    for seq in (first, *embeddings, second):
+        batcher.add(seq)
+    batcher.step()
+    assert [e.finish_reason for e in embeddings] == ["embedded", "embedded", None]
+    assert list(batcher.waiting) == [first, embeddings[2], second]
+
+
+@torch.inference_mode()
+def test_top_logprobs_come_most_likely_first(checkpoint_factory):
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    seq = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=4, top_logprobs=3))
+    run_to_completion(ContinuousBatcher(local_front(path), max_sequences=2), [seq])
+    assert len(seq.top_logprobs) == 4
+    for token, logprob, top in zip(seq.token_ids, seq.logprobs, seq.top_logprobs):
+        values = [v for _, v in top]
+        assert values == sorted(values, reverse=True) and top[0] == (token, pytest.approx(logprob))  # greedy

@@ -3,10 +3,13 @@ many as its GPU has room for; and the tokens its experts computed, counted."""
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 
-from router_service.engine import count_expert_tokens, experts_beside, fitting
+import pytest
+
+from router_service.engine import SwitchCluster, count_expert_tokens, experts_beside, fitting
 
 A, B = "gpu-uuid-a", "gpu-uuid-b"
 INFOS = [
@@ -68,3 +71,19 @@ def test_expert_counts_read_while_the_batching_thread_adds_experts():
         thread.join()
         sys.setswitchinterval(interval)
     assert sum(tokens[0] for tokens in count_expert_tokens([counts], 1).values()) == len(counts)
+
+
+def test_prompts_are_token_ids_or_texts_and_an_empty_text_is_refused():
+    """Fails if both kinds of prompt are taken (one silently winning), or an empty text is sent as its end token
+    alone."""
+    from types import SimpleNamespace
+
+    from router_service.requests import InvalidRequest
+
+    model = SimpleNamespace(tokenizer=lambda text: {"input_ids": [5, 1]})
+    model.encode_text = lambda text, field: SwitchCluster.encode_text(model, text, field)
+    for input_ids, texts, message in [([[5, 1]], ["sort : 2 1"], "input_ids, texts: give exactly one"),
+                                      (None, None, "input_ids, texts: give exactly one"),
+                                      (None, ["sort : 2 1", ""], "texts[1]: empty prompt")]:
+        with pytest.raises(InvalidRequest, match=f"^{re.escape(message)}"):
+            SwitchCluster._prompts(model, input_ids, texts)

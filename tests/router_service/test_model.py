@@ -11,7 +11,15 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 )
 
 from experts.checkpoint import SwitchCheckpoint
-from router_service.model import Routing, SwitchFront, attention, length_groups, relative_position_bucket, rms_norm
+from router_service.model import (
+    Routing,
+    SwitchFront,
+    attention,
+    clamp_fp16,
+    length_groups,
+    relative_position_bucket,
+    rms_norm,
+)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -45,6 +53,19 @@ def test_a_decoding_steps_position_bias_is_computed_for_its_width(checkpoint_fac
     for width in [1, 2, 3, 9, 4, 1, 17, 40, 5, 41, 39, 100]:
         computed = front._position_bias("decoder", torch.tensor([width - 1]), width)
         assert torch.equal(front._decoder_position_bias(width), computed), width
+
+
+def test_float16_is_clamped_as_transformers_clamps_it():
+    """transformers' guard after each float16 sub-layer: values at most the float16 maximum, 1000 less where any
+    value overflowed to inf; other dtypes pass untouched. Fails if the clamp is left out or its margin lost."""
+    top = torch.finfo(torch.float16).max
+    overflowed = torch.tensor([float("inf"), -float("inf"), 1.5, top], dtype=torch.float16)
+    expected = torch.tensor([top - 1000, -(top - 1000), 1.5, top - 1000], dtype=torch.float16)
+    assert torch.equal(clamp_fp16(overflowed), expected)
+    finite = torch.tensor([top, -top, 2.0], dtype=torch.float16)
+    assert torch.equal(clamp_fp16(finite), finite)
+    wide = torch.tensor([float("inf"), 3e38])
+    assert clamp_fp16(wide) is wide
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -34,6 +34,7 @@ from cluster.testing import (
     resident_memory,
     write_random_checkpoint_with_tokenizer,
 )
+from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import KEPT_HEAP_ENV
 from experts.placement import PlacementConfig
 from router_service.batching import Route, Sequence
@@ -464,6 +465,13 @@ def test_health_and_model_info_answer_while_generating(server):
     assert hosted == sorted((s, layer, e) for s in ("encoder", "decoder") for layer in (1, 3) for e in range(8))
     assert all(a.device == "cpu" and a.node_id for a in info.actors)
     assert sum(sum(load.tokens) for load in info.expert_tokens) > 0
+    config = SwitchCheckpoint.open(server["path"]).config
+    assert (info.encoder_layers, info.decoder_layers) == (config.num_layers, config.num_decoder_layers)
+    assert (info.vocab_size, info.d_model, info.d_ff) == (config.vocab_size, config.d_model, config.d_ff)
+    assert info.expert_capacity == config.expert_capacity > 0 and info.capacity_mode == "hf"
+    held = 4 * 4 * 2 * config.d_model * config.d_ff * 4  # 4 experts of 4 sparse layers, wi and wo, float32
+    assert all(a.expert_bytes == held and a.pid > 0 for a in info.actors)
+    assert info.decode_steps > 0 and info.cache_rows == info.active_sequences > 0
 
 
 def overload(stub, total: int) -> list[grpc.StatusCode]:

@@ -1,0 +1,46 @@
+"""What each of the service's metrics records, Ray's metric classes replaced by recorders."""
+
+from __future__ import annotations
+
+from router_service import metrics
+
+
+class Recorder:
+    """A ray.util.metrics Counter, Gauge or Histogram that records its calls: (name, value, tags)."""
+
+    calls: list = []
+
+    def __init__(self, name, *args, **kwargs):
+        self.name = name
+
+    def _record(self, value, tags):
+        Recorder.calls.append((self.name, value, tags))
+
+    inc = observe = set = _record
+
+
+def test_each_metric_records_what_its_name_says(monkeypatch):
+    """Fails if a metric records another value than its own: tokens by the step rather than by the sequence, the
+    queue's depth, the time per token rather than to the first."""
+    for kind in ("Counter", "Gauge", "Histogram"):
+        monkeypatch.setattr(metrics, kind, Recorder)
+    monkeypatch.setattr(metrics, "expert_token_counter", lambda: Recorder("switch_serve_expert_tokens"))
+    monkeypatch.setattr(Recorder, "calls", [])
+    served = metrics.ServingMetrics("m")
+    served.step(3, 5)
+    served.sequence_done(0.2, 0.03, 2)
+    served.sequence_done(None, None, 0)  # left before its first token: nothing recorded
+    served.embedded(4, 1)
+    served.request_done("OK")
+    served.dispatched("decoder", 3, 0.004)
+    served.computed_here("encoder", 1, 6, 9)
+    model = {"model": "m"}
+    assert Recorder.calls == [
+        ("switch_serve_batch_size", 3, model), ("switch_serve_generated_tokens", 3, model),
+        ("switch_serve_queue_depth", 5, model),
+        ("switch_serve_time_to_first_token_seconds", 0.2, model),
+        ("switch_serve_time_per_output_token_seconds", 0.03, model), ("switch_serve_dropped_tokens", 2, model),
+        ("switch_serve_embedded_inputs", 4, model), ("switch_serve_dropped_tokens", 1, model),
+        ("switch_serve_requests", 1, {"model": "m", "status": "OK"}),
+        ("switch_serve_dispatch_seconds", 0.004, {"model": "m", "stack": "decoder", "layer": "3"}),
+        ("switch_serve_expert_tokens", 9, {"model": "m", "stack": "encoder", "layer": "1", "expert": "6"})]
