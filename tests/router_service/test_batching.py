@@ -312,17 +312,23 @@ def test_an_embedding_returns_though_the_decoding_step_after_it_fails(checkpoint
     assert not batcher.has_work
 
 
+def stepped_batcher(checkpoint_factory, sequences: list[Sequence]) -> ContinuousBatcher:
+    """A batcher of two sequences at most, given `sequences`, after its first step."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    batcher = ContinuousBatcher(local_front(path), max_sequences=2)
+    for seq in sequences:
+        batcher.add(seq)
+    batcher.step()
+    return batcher
+
+
 @torch.inference_mode()
 def test_the_batch_holds_at_most_its_sequences_and_a_request_cancelled_while_waiting_leaves_the_queue(
         checkpoint_factory):
     """Fails if a batch takes one sequence more than max_sequences, or if a request cancelled before it got a place
     still waits (counted against the queue's limit) and is encoded when one frees up."""
-    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
-    batcher = ContinuousBatcher(local_front(path), max_sequences=2)
     sequences = [Sequence([5 + i, 9, 23, 1], SamplingParams(max_new_tokens=4)) for i in range(4)]
-    for seq in sequences:
-        batcher.add(seq)
-    batcher.step()
+    batcher = stepped_batcher(checkpoint_factory, sequences)
     assert batcher.active == sequences[:2] and list(batcher.waiting) == sequences[2:]
     sequences[2].cancelled = True
     assert sequences[2] in batcher.step()
@@ -337,12 +343,8 @@ def test_requests_that_wait_for_room_keep_their_place_and_an_encoder_pass_takes_
     """Embedding requests need no room in the batch, so they pass generation requests that wait for it; those keep
     their order in the queue. One encoder pass takes at most max_sequences requests. Fails if the waiting ones go
     behind later arrivals, or if a pass takes every waiting embedding at once."""
-    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
-    batcher = ContinuousBatcher(local_front(path), max_sequences=2)
     decoding = [Sequence([5 + i, 9, 23, 1], SamplingParams(max_new_tokens=6)) for i in range(2)]
-    for seq in decoding:
-        batcher.add(seq)
-    batcher.step()
+    batcher = stepped_batcher(checkpoint_factory, decoding)
     first, embeddings, second = Sequence([7, 1]), [Sequence([8 + i, 1], pooling="mean") for i in range(3)], \
         Sequence([9, 1])
     for seq in (first, *embeddings, second):
