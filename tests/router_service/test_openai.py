@@ -26,7 +26,7 @@ KEY = "test-key-openai"
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
     path = tmp_path_factory.mktemp("openai-model")
-    write_random_checkpoint_with_tokenizer(path, WORDS)
+    write_random_checkpoint_with_tokenizer(path, WORDS, num_decoder_layers=3)  # stacks of different depths
     key_file = tmp_path_factory.mktemp("key") / "key"
     key_file.write_text(KEY)
     config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=4), max_new_tokens=64,
@@ -47,8 +47,10 @@ def native(served, prompt: str, max_new_tokens: int, **fields) -> pb.GenerateRes
                                    metadata=[("authorization", f"Bearer {KEY}")], timeout=60)
 
 
-def test_models_lists_the_served_model(served, client):
+def test_models_and_model_info_describe_the_served_model(served, client):
     assert [m.id for m in client.models.list()] == [served["model"]]
+    info = served["stub"].ModelInfo(pb.ModelInfoRequest(), metadata=[("authorization", f"Bearer {KEY}")], timeout=60)
+    assert (info.encoder_layers, info.decoder_layers) == (4, 3)  # ModelInfo says which stack is which
 
 
 def test_greedy_completion_equals_the_native_api(served, client):
