@@ -155,9 +155,13 @@ class ScriptedBatcher:
 
     STEP_S = 0.02
 
-    def __init__(self, tokens: list[int], decoding: list[int], error: Exception | None = None):
+    def __init__(self, tokens: list[int], decoding: list[int], error: Exception | None = None,
+                 finish_apart: bool = False):
         self.tokens, self.decoding, self.num_active, self.now = tokens, decoding, decoding[0], 0.0
         self.error = error  # raised at the last token's step instead of making it, as a failed batch does
+        # The last token seen by one update and its finish by the next, as when the batching thread sets the finish
+        # between the stream's two reads.
+        self.finish_apart = finish_apart
 
     async def stream(self, seq: Sequence):
         seq.routes[("decoder", 1)] = Route()
@@ -171,12 +175,15 @@ class ScriptedBatcher:
             seq.top_logprobs.append([(token, -0.5 * i)])
             seq.logprobs.append(-0.5 * i)
             if i == len(self.tokens) - 1:
+                if self.finish_apart:
+                    yield seq
                 seq.finish_reason = "length"
             yield seq
 
 
 def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, ...] = (),
-             error: Exception | None = None, decoded: list | None = None, **pacing) -> list:
+             error: Exception | None = None, decoded: list | None = None, finish_apart: bool = False,
+             **pacing) -> list:
     """The pieces `follow` yields for these tokens, one a step of ScriptedBatcher.STEP_S, with the text "<t>" per
     token; `decoding`: the sequences decoding, at every step or step by step. With `error`, the batch fails at the
     last token's step: the pieces before it, then the error as the last item. `decoded` gets the tokens of each
@@ -189,7 +196,8 @@ def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, 
         return "".join(f"<{t}>" for t in ids)
 
     text = TextStream(decode, stop)
-    batcher = ScriptedBatcher(tokens, decoding if isinstance(decoding, list) else [decoding] * len(tokens), error)
+    batcher = ScriptedBatcher(tokens, decoding if isinstance(decoding, list) else [decoding] * len(tokens), error,
+                              finish_apart)
     seq = Sequence([5, 1], SamplingParams(routing=True, top_logprobs=1))
 
     async def pieces() -> list:
@@ -228,6 +236,10 @@ def test_a_stream_holds_its_tokens_between_chunks(pacing):
 def test_a_stream_sends_every_step_without_pacing():
     tokens = [11, 12, 13, 14, 15]
     assert [p.token_ids for p in streamed(tokens, stream_interval_ms=0, stream_chunks_per_s=0)] == [[t] for t in tokens]
+    # A finish that comes after its token was sent still ends the stream, with a last piece of no tokens.
+    pieces = streamed(tokens, finish_apart=True, stream_interval_ms=0, stream_chunks_per_s=0)
+    assert [p.token_ids for p in pieces] == [[t] for t in tokens] + [[]]
+    assert [p.finish_reason for p in pieces] == [None] * 5 + ["length"]
     # The budget is shared by the sequences decoding: with none counted, it holds nothing.
     assert [p.token_ids for p in streamed(tokens, 0, stream_interval_ms=0, stream_chunks_per_s=1e-9)] == [
         [t] for t in tokens]
