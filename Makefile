@@ -23,7 +23,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-# Every test but the slow ones (a minute or more each): about 14 minutes on 2 cores.
+# Every test but the slow ones (a minute or more each): about 10 minutes on 2 cores.
 test: lint
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
