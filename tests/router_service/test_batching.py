@@ -228,6 +228,17 @@ def test_sequences_that_join_write_into_the_caches_room(checkpoint_factory):
             batcher.step()
     for a, t in zip(alone, together):
         assert t.token_ids == a.token_ids and t.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+    # A join that fills the room to its last row writes into it too.
+    batcher = ContinuousBatcher(front, max_sequences=3)
+    with torch.inference_mode():
+        for seq in [Sequence(p, params) for p in prompts[:2]]:
+            batcher.add(seq)
+            batcher.step()
+        assert batcher.cache.row_room == 3 and batcher.cache.batch == 2
+        before = memory(batcher.cache)
+        batcher.add(Sequence(prompts[2], params))
+        batcher.step()
+        assert batcher.cache.batch == 3 and memory(batcher.cache) == before
 
 
 def test_the_encoders_products_take_every_prompts_real_tokens_at_once(checkpoint_factory, monkeypatch):
