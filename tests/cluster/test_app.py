@@ -17,7 +17,16 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 from reference import ROOT
 
-from cluster.app import CONTROL_HEADROOM, FLEET_FIELDS, build_app, build_fleet, serve_config, vcpus_share_cores
+from cluster.app import (
+    CONTROL_HEADROOM,
+    FLEET_FIELDS,
+    SERVING_IN_A_ROW,
+    build_app,
+    build_fleet,
+    serve_config,
+    vcpus_share_cores,
+    wait_until_serving,
+)
 from experts.placement import PlacementConfig
 from router_service.config import CONTROLLER_ENV, ServerConfig
 from router_service.server import fleet_app_name
@@ -222,3 +231,19 @@ def test_the_fronts_refuse_requests_beyond_their_queue():
     fronts = build_app({"model": "demo/model", "max_sequences": 8, "max_waiting": 37})._bound_deployment
     assert fronts.max_queued_requests == 37
     assert fronts.max_ongoing_requests == 8 + 37 + CONTROL_HEADROOM
+
+
+def test_serving_is_awaited_from_every_replica():
+    """A handle cannot pick a replica, so the wait takes SERVING_IN_A_ROW answers a replica in a row: with two, one
+    replica that is still loading resets the count. Fails if the wait ends once one replica's worth have answered."""
+    from types import SimpleNamespace
+
+    answers = ["serving"] * SERVING_IN_A_ROW + ["loading"] + ["serving"] * 100
+    asked = []
+
+    def status():
+        asked.append(answers[len(asked)])
+        return SimpleNamespace(result=lambda: asked[-1])
+
+    wait_until_serving(SimpleNamespace(status=SimpleNamespace(remote=status)), replicas=2, timeout_s=60)
+    assert len(asked) == SERVING_IN_A_ROW + 1 + 2 * SERVING_IN_A_ROW
