@@ -114,15 +114,14 @@ def test_timing_is_reported(capsys):
     print(f"switch-c-2048 on 48 GPUs planned in {time.perf_counter() - start:.2f}s")
 
 
-@pytest.mark.parametrize("gpus, nodes, field", [(5, 2, "gpus"), (0, 1, "gpus"), (4, 0, "gpus"),
-                                                (1, 1, "replicate_hot"), (4, 1, "dtype")])
-def test_a_plan_that_cannot_be_is_refused_naming_the_field(gpus, nodes, field):
+@pytest.mark.parametrize("field, options", [
+    ("gpus", {"gpus": 5, "nodes": 2}), ("gpus", {"gpus": 0}), ("gpus", {"gpus": 4, "nodes": 0}),
+    ("replicate_hot", {"gpus": 1, "replicate_hot": 1}), ("dtype", {"gpus": 4, "dtype": "fp8"})])
+def test_a_plan_that_cannot_be_is_refused_naming_the_field(field, options):
     """GPUs are spread evenly over the nodes (5 over 2 would ask for a bundle on a third node, which the fleet never
     gets); replicas need a second GPU; the dtype is one the experts can be held in."""
-    dtype, replicate_hot = ("fp8" if field == "dtype" else "bf16"), (1 if field == "replicate_hot" else 0)
     with pytest.raises(PlanError, match=f"^{field}: "):
-        make_plan(config("switch-base-8"), gpus=gpus, nodes=nodes, gpu_memory=80 * GiB, dtype=dtype,
-                  replicate_hot=replicate_hot)
+        make_plan(config("switch-base-8"), gpu_memory=80 * GiB, **options)
 
 
 def test_parse_bytes():
