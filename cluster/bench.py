@@ -4,6 +4,7 @@
     switch-serve bench --model DIR            # any checkpoint
     switch-serve bench --shape tiny --concurrency 1,4 --json   # a quick run
     switch-serve bench --device cuda          # transformers, the front and the expert actors on the GPU
+    switch-serve bench --dtype bf16           # both served in bfloat16 (default: the checkpoint's dtype)
 
 For each workload (prompt and output lengths drawn at random, greedy decoding), in one run:
 - transformers' `generate` on static, padded batches of 1 (one request at a time), 8, 16, each concurrency of the
@@ -54,6 +55,7 @@ from experts.spec import (
     expert_tensor_names,
     sparse_layers,
 )
+from experts.wire import torch_dtype
 from router_service.batching import Sequence, run_to_completion
 from router_service.config import ServerConfig
 from router_service.engine import SwitchCluster
@@ -160,8 +162,11 @@ SPEED_CHECK_REQUESTS = 8
 SPEED_DRIFT_WARNING = 0.10
 
 
-def load_transformers(folder: Path, device: str):
-    return SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval().to(device)
+def load_transformers(folder: Path, device: str, dtype: str | None):
+    """transformers' model of the checkpoint on `device`, in `dtype` (a dtype option; default: the checkpoint's),
+    as the cluster serves it."""
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval()
+    return model.to(device) if dtype is None else model.to(device, torch_dtype(dtype))
 
 
 def hf_run(model, requests: list[Request], batch_size: int) -> list[Timing]:
@@ -359,8 +364,9 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     server = ServerConfig(model=str(folder), **options,
                           max_sequences=max(defaults["max_sequences"].default, *concurrency),
                           max_waiting=max(defaults["max_waiting"].default, requests))
-    engine = {name: getattr(server, name) for name in ("micro_batches", "local_experts", "packed_weights", "quantize")}
-    hf_model = load_transformers(folder, device)
+    engine = {name: getattr(server, name)
+              for name in ("dtype", "micro_batches", "local_experts", "packed_weights", "quantize")}
+    hf_model = load_transformers(folder, device, server.dtype)
     config = hf_model.config
     work = {name: workload(max(requests, *concurrency), config.vocab_size, name, seed) for name in workloads}
     speed_check = work[workloads[0]][:SPEED_CHECK_REQUESTS]
@@ -414,7 +420,8 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                                      front_gpus, report["front_threads"])]
     finally:
         ray.shutdown()
-    speeds.append(summarize("transformers-1", hf_run(load_transformers(folder, device), speed_check, 1)).tokens_per_s)
+    hf_model = load_transformers(folder, device, server.dtype)
+    speeds.append(summarize("transformers-1", hf_run(hf_model, speed_check, 1)).tokens_per_s)
     report["speed_check"] = {"workload": workloads[0], "requests": len(speed_check), "tokens_per_s": speeds}
     for w in report["workloads"].values():  # greedy outputs must not depend on the system or the batch
         reference = next(r for r in w["transformers"] if r["batch_size"] == "1").get("outputs")
@@ -472,8 +479,10 @@ def speed_line(check: dict) -> str:
 
 
 def table(report: dict) -> str:
+    dtype = report.get("dtype") or "the checkpoint's"  # None, or absent from a report older than the option
     lines = [f"{report['model']}: {report['requests']} requests per workload, {report['cpus']} CPUs, "
-             f"device {report['device']}, ingress {report.get('ingress', 'proxy')}, placement {report['placement']}, "
+             f"device {report['device']}, dtype {dtype}, ingress {report.get('ingress', 'proxy')}, "
+             f"placement {report['placement']}, "
              f"front threads {report['front_threads']}, "
              f"{report['micro_batches']} micro-batches, "
              f"{where_experts_run(report['local_experts'])}, experts quantized: {report.get('quantize', 'none')}"

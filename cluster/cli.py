@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--plot", default=None, metavar="FILE.png", help="draw tokens/s against concurrency (needs "
                                                                     "matplotlib: pip install '.[bench]')")
     add_fields(n, PlacementConfig, ["experts_per_actor"])
-    add_fields(n, EngineConfig, ["micro_batches", "local_experts", "packed_weights", "quantize"])
+    add_fields(n, EngineConfig, ["dtype", "micro_batches", "local_experts", "packed_weights", "quantize"])
     add_fields(n, ServerConfig, ["front_threads", "stream_interval_ms", "stream_chunks_per_s"])
     n.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="run transformers, the front and the expert actors on the CPU (default) or the GPUs")

@@ -63,8 +63,8 @@ class EngineConfig(BaseModel):
     local_experts: bool = Field(
         True, description="the front computes the experts whose actors share its node and CPU, or its GPU, itself, "
                           "instead of a round trip to them: on the CPU from the same memory-mapped weights when "
-                          "served in the checkpoint's dtype, from its own copy when quantized; on a GPU from its own "
-                          "copy there")
+                          "served in the checkpoint's dtype, else from its own copy (cast or quantized); on a GPU "
+                          "from its own copy there")
     packed_weights: bool = Field(
         True, description="on the CPU, the front also holds every weight it multiplies by (its own, and those of the "
                           "experts it computes) in oneDNN's packed layout, for products of several tokens (4 in "

@@ -212,11 +212,6 @@ class SwitchCluster:
                 served_placement(self.checkpoint, placement, self.dtype, quantize)
             self.fleet = fleet or start_fleet(self.checkpoint, placement, self.dtype, quantize)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            # Computing experts here shares their actors' memory where both map the checkpoint's own bytes; int8
-            # experts are a quarter of float32's, and the front holds its own copy of those. On a GPU the front
-            # holds its own copy of the experts whose actors share that GPU.
-            self._computes_experts = self.config.local_experts and (
-                device == "cuda" or quantize == "int8" or self.dtype == self.checkpoint.dtype_name)
             self.dispatcher = ExpertDispatcher([], {}, self.checkpoint.config.num_experts,
                                                metrics, placement.restart_timeout_s,
                                                ACTIVATION_FUNCTIONS[self.checkpoint.config.dense_act_fn])
@@ -234,10 +229,10 @@ class SwitchCluster:
 
     def _local_experts(self, actors: list) -> tuple[dict, dict]:
         """The (wi, wo) weights of the experts whose actors compute where this front does: on this node's CPU,
-        mapped from the checkpoint (the same pages the actors compute with, so they cost no memory) or quantized
-        from them as the actors do; on this front's GPU, a copy there, each layer held in full stacked (the second
-        dict, see held_experts). None unless this front computes experts."""
-        if not self._computes_experts:
+        mapped from the checkpoint when served in its dtype (the same pages the actors compute with, so they cost no
+        memory), else a copy cast or quantized from them as the actors do; on this front's GPU, a copy there, each
+        layer held in full stacked (the second dict, see held_experts). None unless this front computes experts."""
+        if not self.config.local_experts:
             return {}, {}
         here = ray.get_runtime_context().get_node_id()
         try:

@@ -113,3 +113,16 @@ def test_a_round_trips_compute_is_its_slowest_actors_and_the_imbalance_the_rest(
                                      "mean_compute_s": 0.003 + 0.001 + 0.003})
     with pytest.raises(RuntimeError, match="logged"):  # a call the round trips did not make
         trips_compute_s([[0, 1]], [[0.004, 0.001], [0.002]])
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_transformers_runs_in_the_dtype_the_cluster_serves(tmp_path, dtype):
+    """`bench --dtype bf16` compares bfloat16 with bfloat16, not with the float32 checkpoint's own dtype."""
+    import torch
+
+    from cluster.bench import load_transformers
+    from cluster.testing import tiny_config, write_random_checkpoint
+
+    write_random_checkpoint(tmp_path, tiny_config())
+    model = load_transformers(tmp_path, "cpu", dtype)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16 if dtype else torch.float32}

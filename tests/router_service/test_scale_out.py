@@ -11,6 +11,7 @@ from reference import edit_config, hf_generate
 
 from cluster.testing import tiny_config, write_random_checkpoint
 from experts.checkpoint import SwitchCheckpoint
+from experts.ffn import unpacked
 from experts.placement import PlacementConfig
 from experts.plan import make_plan
 from experts.wire import torch_dtype
@@ -42,16 +43,23 @@ def test_switch_c_2048_look_alike(ray_cluster, tmp_path, caplog):
     assert [o.token_ids for o in outputs] == [tokens for tokens, _ in hf_generate(hf_model, PROMPTS, 6)]
 
 
+@pytest.mark.parametrize("local_experts", [False, True], ids=["actors", "front"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_serving_in_half_precision(ray_cluster, checkpoint_factory, dtype):
+def test_serving_in_half_precision(ray_cluster, checkpoint_factory, dtype, local_experts):
     """A float32 checkpoint served in bfloat16 or float16 follows transformers' model cast to the same dtype, token
     for token: the front does transformers' operations in the same order, with the same casts (float32 router
-    and softmax, float16 clamping)."""
+    and softmax, float16 clamping). The experts computed by their actors, or by the front from its own copy in that
+    dtype."""
     path, hf_model = checkpoint_factory("relu-tied-step1-2-bf16", num_experts=4, expert_capacity=64)
-    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=2), dtype=dtype) as model:
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=2), dtype=dtype,
+                       local_experts=local_experts) as model:
         assert model.front.dtype == torch_dtype(dtype)
         assert {info["device"] for info in model.actor_info()} == {"cpu"}
         outputs = model.generate(PROMPTS, max_new_tokens=6)
+        dispatcher = model.dispatcher
+        assert (dispatcher.local_calls > 0) == local_experts and (dispatcher.calls > 0) != local_experts
+        held = [unpacked(w) for pair in dispatcher.local.values() for w in pair]
+        assert bool(held) == local_experts and all(w.dtype == torch_dtype(dtype) for w in held)
     # A copy: casting the shared model to half precision and back would round its weights for later tests.
     reference = hf_generate(copy.deepcopy(hf_model).to(torch_dtype(dtype)), PROMPTS, 6)
     for out, (tokens, logprobs) in zip(outputs, reference, strict=True):
