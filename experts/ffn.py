@@ -62,7 +62,8 @@ PACKED_FOR_ROWS = 4
 TRANSPOSED_MAX_ROWS = 64
 MEASURED_MIN_BYTES = 1 << 20
 # The weights whose one-row products decide whether core threads pay here (see parts_beat_openmp): four of a
-# switch-base-8 expert's wi, the products a decoding step runs most, more than a cache holds.
+# switch-base-8 expert's wi in float32, the products a decoding step runs most, more than a cache holds; as many bytes
+# of them in another dtype.
 PROBE_WEIGHTS = (4, 3072, 768)
 # A choice between ways of computing is timed at these uses: a timing taken while other work held the cores (a
 # replica starting beside its expert actors, say) gives way to the quieter ones that follow.
@@ -214,15 +215,16 @@ class CoreThreads:
 
 
 _core_threads: CoreThreads | None = None
-_parts_timings: defaultdict[int, Timings] = defaultdict(partial(Timings, 2))  # cores -> parts_beat_openmp's
+# (cores, dtype) -> parts_beat_openmp's
+_parts_timings: defaultdict[tuple[int, torch.dtype], Timings] = defaultdict(partial(Timings, 2))
 _core_threads_lock = threading.Lock()
 
 
-def core_threads(n: int | None = None) -> CoreThreads | None:
+def core_threads(n: int | None = None, dtype: torch.dtype = torch.float32) -> CoreThreads | None:
     """This process's threads for math on several cores at once, one core each; with `n`, started (or started
     again with n threads) unless they run already. None while fewer than two cores are to be used, and where they
-    do not pay (parts_beat_openmp, timed at the calls with `n` in TIMED_AT_USES): then every product runs on the
-    caller's OpenMP threads."""
+    do not pay for weights of `dtype` (parts_beat_openmp, timed at the calls with `n` in TIMED_AT_USES): then every
+    product runs on the caller's OpenMP threads."""
     global _core_threads
     with _core_threads_lock:
         if n is None:
@@ -233,10 +235,10 @@ def core_threads(n: int | None = None) -> CoreThreads | None:
         _core_threads = None
         if n < 2:
             return None
-        timings = _parts_timings[n]
+        timings = _parts_timings[(n, dtype)]
         if timings.due():
             current = current or CoreThreads(n)
-            timings.add(openmp_and_parts_seconds(current))
+            timings.add(openmp_and_parts_seconds(current, dtype))
         if parts_beat_openmp(timings):
             _core_threads = current or CoreThreads(n)
         elif current is not None:
@@ -246,19 +248,21 @@ def core_threads(n: int | None = None) -> CoreThreads | None:
 
 def parts_beat_openmp(timings: Timings) -> bool:
     """Whether one row by a large weight is computed at least 10% faster cut into a part per core thread than on as
-    many OpenMP threads (`timings`: openmp_and_parts_seconds'). So on an AMD EPYC, where MKL reads the weight at
-    about half of memory speed on one core and no faster on two OpenMP threads; not on an Intel Xeon, whose OpenMP
-    threads take 0.4 times as long as the parts (docs/BENCHMARKS.md). Where the parts win, a decoding step of one
-    sequence runs on one OpenMP thread with its large products on the core threads
-    (router_service.batching.ONE_THREAD_UP_TO)."""
+    many OpenMP threads (`timings`: openmp_and_parts_seconds'). So in float32 on an AMD EPYC, where MKL reads the
+    weight at about half of memory speed on one core and no faster on two OpenMP threads; not on an Intel Xeon, whose
+    OpenMP threads take 0.4 times as long as the parts, nor in bfloat16 on that EPYC, where the parts took twice as
+    long (docs/BENCHMARKS.md). Where the parts win, a decoding step of one sequence runs on one OpenMP thread with its
+    large products on the core threads (router_service.batching.ONE_THREAD_UP_TO)."""
     openmp, parts = timings.best
     return parts < 0.9 * openmp
 
 
-def openmp_and_parts_seconds(threads: CoreThreads) -> list[float]:
-    """The time one row by PROBE_WEIGHTS takes on as many OpenMP threads as `threads` has, and cut into a part per
-    core thread; the caller keeps its OpenMP threads."""
-    weights, x = torch.randn(*PROBE_WEIGHTS), torch.randn(1, PROBE_WEIGHTS[2])
+def openmp_and_parts_seconds(threads: CoreThreads, dtype: torch.dtype = torch.float32) -> list[float]:
+    """The time one row by PROBE_WEIGHTS in `dtype` takes on as many OpenMP threads as `threads` has, and cut into a
+    part per core thread; the caller keeps its OpenMP threads."""
+    count, rows, columns = PROBE_WEIGHTS
+    weights = [torch.randn(rows, columns).to(dtype) for _ in range(count * 4 // dtype.itemsize)]
+    x = torch.randn(1, columns).to(dtype)
     caller = torch.get_num_threads()
 
     def on_openmp_threads() -> None:

@@ -176,7 +176,7 @@ class ContinuousBatcher:
             self._record([seq for seq in self.active if seq.cancelled])
         self._leave([not seq.cancelled for seq in self.active])
         cores = self.threads or torch.get_num_threads()
-        on_cores = core_threads(cores) is not None
+        on_cores = core_threads(cores, self.front.dtype) is not None
         try:
             changed += self._admit(cores)  # embedding requests return done from it, whatever the step does next
             if self.active:

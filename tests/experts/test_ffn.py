@@ -263,14 +263,17 @@ def test_the_process_core_threads_follow_the_count_asked_for_where_they_pay(pay,
     core_threads(1)
     monkeypatch.setattr(ffn, "_parts_timings", defaultdict(ffn._parts_timings.default_factory))
     monkeypatch.setattr(ffn, "TIMED_AT_USES", (1, 3))
-    monkeypatch.setattr(ffn, "openmp_and_parts_seconds", lambda threads: (timed.append(threads.n), [1.0, 1.0])[1])
+    monkeypatch.setattr(ffn, "openmp_and_parts_seconds",
+                        lambda threads, dtype: (timed.append((threads.n, dtype)), [1.0, 1.0])[1])
     monkeypatch.setattr(ffn, "parts_beat_openmp", lambda timings: pay)
     try:
         two = core_threads(2)
         assert (two is not None and two.n == 2) == pay and core_threads() is two and core_threads(2) is two
         assert core_threads(1) is None and core_threads() is None
         assert (core_threads(2) is not None) == pay and (core_threads(3) is not None) == pay
-        assert timed == [2, 2, 3]  # the third call with 2 is timed again
+        core_threads(2, torch.bfloat16)  # another dtype's weights: timed apart
+        # The third call with 2 is timed again.
+        assert timed == [(2, torch.float32), (2, torch.float32), (3, torch.float32), (2, torch.bfloat16)]
     finally:
         core_threads(1)
 
@@ -282,8 +285,16 @@ def test_parts_beat_openmp_by_a_tenth():
         assert ffn.parts_beat_openmp(timings) == pay
 
 
-def test_openmp_and_parts_are_timed_on_the_callers_threads(expert_threads):
-    """Both ways run (a time each), and the caller keeps its OpenMP threads."""
-    seconds, openmp = on_openmp_threads(lambda: (ffn.openmp_and_parts_seconds(expert_threads), torch.get_num_threads()),
-                                        2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_openmp_and_parts_are_timed_on_the_callers_threads_in_the_dtype(expert_threads, dtype, monkeypatch):
+    """Both ways run (a time each) on weights of the dtype asked for, as many bytes of them in each, and the caller
+    keeps its OpenMP threads."""
+    weights = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, weight: (weights.append(weight), linear(x, weight))[1])
+    seconds, openmp = on_openmp_threads(
+        lambda: (ffn.openmp_and_parts_seconds(expert_threads, dtype), torch.get_num_threads()), 2)
     assert len(seconds) == 2 and all(0 < s < 1 for s in seconds) and openmp == 2
+    assert weights and {w.dtype for w in weights} == {dtype}
+    probe = ffn.PROBE_WEIGHTS
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == probe[0] * 4 // dtype.itemsize
