@@ -12,6 +12,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from grpc_health.v1 import health_pb2
 
 from router_service.batching import ContinuousBatcher, Sequence
@@ -26,6 +27,7 @@ class Crash(BaseException):
 
 class CrashingFront:
     config = SimpleNamespace(eos_token_id=1, decoder_start_token_id=0)
+    dtype = torch.float32
 
     def encode(self, prompts):
         raise Crash("the front crashed")
