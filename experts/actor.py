@@ -40,8 +40,8 @@ def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: 
                  dtype: torch.dtype | None = None) -> tuple[dict[ExpertKey, tuple], dict[LayerKey, tuple]]:
     """The (wi, wo) of these experts on `device` in `dtype` (default: the checkpoint's), as a front computes them.
     On the CPU in the checkpoint's dtype, the checkpoint's mapped pages (`packed`: with a packed copy,
-    experts.ffn.pack); else a copy, quantized with int8. On a GPU, unquantized, each layer whose every expert is
-    among `keys` is held stacked, one [experts, ...] tensor of each weight (the second dict, for
+    experts.ffn.pack); else a copy, cast to `dtype` or quantized with int8. On a GPU, unquantized, each layer whose
+    every expert is among `keys` is held stacked, one [experts, ...] tensor of each weight (the second dict, for
     experts.ffn.stacked_ffn), and its experts' weights are views of those."""
     dtype, experts, wanted = dtype or checkpoint.dtype, checkpoint.config.num_experts, set(keys)
     stacking = torch.device(device).type == "cuda" and quantize != "int8"

@@ -22,11 +22,12 @@ from router_service.model import DecoderCache, Routing, SwitchFront
 from router_service.requests import SamplingParams
 
 # A decoding step of this many sequences or fewer runs its math on one OpenMP thread where core threads pay
-# (experts.ffn.core_threads): its ops are too small for OpenMP's fork and join to pay there, and its large products
-# run on every core instead (experts.ffn.linear_on_cores). Larger steps, and encoder passes (whole prompts), run on
-# every OpenMP thread. On 2 cores of an AMD EPYC at switch-base-8's shape (docs/BENCHMARKS.md): one request at a
-# time, 19.1-20.3 tokens/s this way against 17.5-19.1 on two OpenMP threads; in batches of 2 and of 4, the steps of
-# two or more sequences on one thread made 27-29 and 39-42 tokens/s, on two 30-35 and 52-57.
+# (experts.ffn.core_threads): its ops are too small for OpenMP's fork and join to pay there, and its large products run
+# on every core instead (experts.ffn.linear_on_cores). Larger steps, and encoder passes (whole prompts), run on every
+# OpenMP thread. On 2 cores of an AMD EPYC at switch-base-8's shape in float32 (in bfloat16 the parts do not pay there,
+# see experts.ffn.parts_beat_openmp; docs/BENCHMARKS.md): one request at a time, 19.1-20.3 tokens/s this way against
+# 17.5-19.1 on two OpenMP threads; in batches of 2 and of 4, the steps of two or more sequences on one thread made 27-29
+# and 39-42 tokens/s, on two 30-35 and 52-57.
 ONE_THREAD_UP_TO = 1
 
 
@@ -176,7 +177,8 @@ class ContinuousBatcher:
             self._record([seq for seq in self.active if seq.cancelled])
         self._leave([not seq.cancelled for seq in self.active])
         cores = self.threads or torch.get_num_threads()
-        on_cores = core_threads(cores, self.front.dtype) is not None
+        # On a GPU the products are the device's: no CPU's cores to split them over.
+        on_cores = self.front.device.type == "cpu" and core_threads(cores, self.front.dtype) is not None
         try:
             changed += self._admit(cores)  # embedding requests return done from it, whatever the step does next
             if self.active:

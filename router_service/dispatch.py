@@ -1,11 +1,12 @@
 """Scatter a sparse layer's tokens to the expert actors that own them and gather the results back.
 
-The tokens of an expert whose actor runs on this process's node and CPU can be computed here instead: that
-actor's weights are the checkpoint's memory-mapped pages, which this process maps too, so the same memory serves
-both. On one node this skips a round trip to another process (a few ms on a small machine, more than a decoding
-step's expert compute) and computes with the front's threads, which would otherwise wait for it. Likewise for an
-actor on the front's own GPU, from the front's copy of its weights there (a GPU's memory is not shared between
-processes): a round trip took 3.5-4.2 ms there, an expert's math on the GPU a small part of that."""
+The tokens of an expert whose actor runs on this process's node and CPU can be computed here instead: served in the
+checkpoint's dtype, that actor's weights are the checkpoint's memory-mapped pages, which this process maps too, so the
+same memory serves both (in another dtype, or int8, this process holds a copy of its own). On one node this skips a
+round trip to another process (a few ms on a small machine, more than a decoding step's expert compute) and computes
+with the front's threads, which would otherwise wait for it. Likewise for an actor on the front's own GPU, from the
+front's copy of its weights there (a GPU's memory is not shared between processes): a round trip took 3.5-4.2 ms there,
+an expert's math on the GPU a small part of that."""
 
 from __future__ import annotations
 

@@ -86,8 +86,8 @@ def test_each_actor_reads_about_its_own_bytes(ray_cluster, tmp_path):
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_a_front_holds_experts_in_the_checkpoints_dtype_or_the_one_it_computes_in(tmp_path, dtype):
-    """The weights a front computes experts from: the checkpoint's values, in `dtype` where one is given (a front on
-    a GPU, in its own dtype). That those in the checkpoint's dtype are its mapped pages: test_parity."""
+    """The weights a front computes experts from: the checkpoint's values, in `dtype` where one is given (a front
+    serving another dtype, or on a GPU). That those in the checkpoint's dtype are its mapped pages: test_parity."""
     write_random_checkpoint(tmp_path, tiny_config())
     checkpoint = SwitchCheckpoint.open(tmp_path)
     key = ("encoder", 1, 2)

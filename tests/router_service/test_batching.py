@@ -207,13 +207,13 @@ def test_whether_core_threads_pay_is_timed_for_the_fronts_dtype(checkpoint_facto
     try:
         front = SwitchFront(checkpoint, LocalExperts(checkpoint, dtype=torch.bfloat16), dtype=torch.bfloat16)
         batcher = ContinuousBatcher(front, max_sequences=4, threads=2)
-        thread = threading.Thread(target=run_to_completion,
-                                  args=(batcher, [Sequence([5, 9, 1], SamplingParams(max_new_tokens=2))]))
+        seq = Sequence([5, 9, 1], SamplingParams(max_new_tokens=2))
+        thread = threading.Thread(target=run_to_completion, args=(batcher, [seq]))
         thread.start()
         thread.join()
     finally:
         ffn.core_threads(1)
-    assert asked == [torch.bfloat16]
+    assert asked == [torch.bfloat16] and seq.done and seq.error is None and len(seq.token_ids) == 2
 
 
 def test_sequences_that_join_write_into_the_caches_room(checkpoint_factory):

@@ -27,7 +27,7 @@ class Crash(BaseException):
 
 class CrashingFront:
     config = SimpleNamespace(eos_token_id=1, decoder_start_token_id=0)
-    dtype = torch.float32
+    dtype, device = torch.float32, torch.device("cpu")
 
     def encode(self, prompts):
         raise Crash("the front crashed")
