@@ -77,11 +77,16 @@ TIMED_AT_USES = (1, 16, 256, 4096)
 # gives back blocks over 64 MiB.
 KEPT_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether a float weight of `dtype` on the CPU gets a packed copy (see pack)."""
+    return dtype in PACKED_MIN_ROWS and torch.backends.mkldnn.is_available()
+
+
 def pack(weight: Weight) -> Weight:
     """`weight` with a packed copy (PackedWeight) where products can use one: a float32 or bfloat16 tensor on a CPU
     with oneDNN; else `weight` itself. The copy takes as much memory again."""
-    if (not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or weight.dtype not in PACKED_MIN_ROWS
-            or not torch.backends.mkldnn.is_available()):
+    if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or not packs(weight.dtype):
         return weight
     return PackedWeight(weight, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKED_FOR_ROWS))
 

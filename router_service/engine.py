@@ -17,7 +17,7 @@ import torch
 
 from experts.actor import gpu_uuid, held_experts
 from experts.checkpoint import SwitchCheckpoint
-from experts.ffn import ACTIVATION_FUNCTIONS
+from experts.ffn import ACTIVATION_FUNCTIONS, packs
 from experts.fleet import FleetActors, fleet_name, served_dtype, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
@@ -161,6 +161,32 @@ def experts_beside(infos: list[dict], node_id: str, gpu: str | None) -> list[Exp
             for key in info["experts"]]
 
 
+# Of a node's memory, what a front on its CPU leaves free as it copies the experts it computes there (for the requests'
+# activations, and the node's other processes).
+HOST_RESERVE = 0.10
+
+
+def host_memory(proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
+    """(available, total) bytes of this node's memory for this process (None where the kernel does not say): its
+    MemAvailable and MemTotal and, under a cgroup v2 memory limit (a container's), no more than the limit and what
+    it leaves beyond the group's use, not counting the page cache the kernel would reclaim first (inactive_file)."""
+    try:
+        lines = (proc / "meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines}  # "MemTotal:  24684 kB"
+    available, total = meminfo["MemAvailable"], meminfo["MemTotal"]
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+            used = int((cgroup / "memory.current").read_text()) - int(stat["inactive_file"])
+            available, total = min(available, int(limit) - used), min(total, int(limit))
+    except OSError:  # no cgroup v2 memory controller here
+        pass
+    return available, total
+
+
 def fitting(keys: list[ExpertKey], room: int, num_experts: int) -> list[ExpertKey]:
     """At most `room` of these experts: every expert of as many layers as fit (a layer held whole is computed stacked
     on a GPU, see held_experts), the layers with the most of `keys` first, then what room is left from the next."""
@@ -245,20 +271,35 @@ class SwitchCluster:
         # still serve (as much memory again, on the fleet's every restart).
         kept = {key: self._held[key] for key in keys if key in self._held}
         new = [key for key in keys if key not in kept]
-        if device.type == "cuda" and new:  # copies: only as many as the GPU has room for beside the activations
-            each = expert_bytes(self.checkpoint.config, expert_format(self.dtype, self.config.quantize))
-            free, total = torch.cuda.mem_get_info(device)
-            room = max(0, int((free - ACTIVATION_RESERVE * total) // each))
-            if room < len(new):
-                log.warning("the front's GPU has room for a copy of %d of the %d experts beside it: their actors "
-                            "compute the others", room, len(new))
-                new = fitting(new, room, experts)
+        room = self._room_for_copies(device) if new else None
+        if room is not None and room < len(new):
+            log.warning("the front's %s has room for a copy of %d of the %d experts beside it: their actors compute "
+                        "the others", "GPU" if device.type == "cuda" else "node", room, len(new))
+            new = fitting(new, room, experts)
         held, stacks = held_experts(self.checkpoint, new, self.config.quantize, self.config.packed_weights, device,
                                     self.front.dtype)
         self._held = kept | held
         self._stacks = {layer: s for layer, s in self._stacks.items()
                         if all((*layer, e) in kept for e in range(experts))} | stacks
         return self._held, self._stacks
+
+    def _room_for_copies(self, device: torch.device) -> int | None:
+        """How many more experts this front has room to copy (None: as many as it likes): on a GPU beside
+        ACTIVATION_RESERVE of its memory; on the CPU beside HOST_RESERVE of the node's, where the front copies the
+        experts it does not compute from the checkpoint's mapped pages (see _local_experts), and packs them."""
+        config, quantize = self.checkpoint.config, self.config.quantize
+        held = expert_bytes(config, expert_format(self.dtype, quantize))
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            return max(0, int((free - ACTIVATION_RESERVE * total) // held))
+        mapped = quantize == "none" and self.dtype == self.checkpoint.dtype_name
+        packed = self.config.packed_weights and quantize == "none" and packs(self.front.dtype)
+        each = (0 if mapped else held) + (expert_bytes(config, self.dtype) if packed else 0)
+        memory = host_memory()
+        if not each or memory is None:
+            return None
+        available, total = memory
+        return max(0, int((available - HOST_RESERVE * total) // each))
 
     @property
     def actors(self) -> list:

@@ -7,6 +7,7 @@ import copy
 import logging
 
 import pytest
+import torch
 from reference import edit_config, hf_generate
 
 from cluster.testing import tiny_config, write_random_checkpoint
@@ -14,7 +15,9 @@ from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import unpacked
 from experts.placement import PlacementConfig
 from experts.plan import make_plan
+from experts.spec import expert_bytes
 from experts.wire import torch_dtype
+from router_service import engine
 from router_service.engine import SwitchCluster
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [7, 3, 1], [14, 15, 16, 50, 27, 1]]
@@ -62,6 +65,25 @@ def test_serving_in_half_precision(ray_cluster, checkpoint_factory, dtype, local
         assert bool(held) == local_experts and all(w.dtype == torch_dtype(dtype) for w in held)
     # A copy: casting the shared model to half precision and back would round its weights for later tests.
     reference = hf_generate(copy.deepcopy(hf_model).to(torch_dtype(dtype)), PROMPTS, 6)
+    for out, (tokens, logprobs) in zip(outputs, reference, strict=True):
+        assert out.token_ids == tokens
+        assert out.logprobs == pytest.approx(logprobs, abs=1e-3)
+
+
+def test_a_front_short_of_memory_copies_what_fits_and_leaves_the_rest_to_the_actors(ray_cluster, checkpoint_factory,
+                                                                                    monkeypatch):
+    """Served in bfloat16 from float32, each expert the front computes is a copy of its own, cast and packed: on a node
+    with room for three beside the reserve it copies three, and their actors compute the others. The tokens are those
+    of the front computing every one. Fails if the room is not checked, or counted without the packed copy."""
+    path, hf_model = checkpoint_factory("relu-tied-step1-2-bf16", num_experts=4, expert_capacity=64)
+    each = 2 * expert_bytes(SwitchCheckpoint.open(path).config, "bf16")  # the cast copy, and the packed one
+    total = 1000 * each
+    monkeypatch.setattr(engine, "host_memory", lambda: (int(engine.HOST_RESERVE * total) + 3 * each + each // 2, total))
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=2), dtype="bf16") as model:
+        outputs = model.generate(PROMPTS, max_new_tokens=6)
+        dispatcher = model.dispatcher
+        assert len(dispatcher.local) == 3 and dispatcher.local_calls > 0 and dispatcher.calls > 0
+    reference = hf_generate(copy.deepcopy(hf_model).to(torch.bfloat16), PROMPTS, 6)
     for out, (tokens, logprobs) in zip(outputs, reference, strict=True):
         assert out.token_ids == tokens
         assert out.logprobs == pytest.approx(logprobs, abs=1e-3)
