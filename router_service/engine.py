@@ -166,24 +166,33 @@ def experts_beside(infos: list[dict], node_id: str, gpu: str | None) -> list[Exp
 HOST_RESERVE = 0.10
 
 
-def host_memory(proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
+# A cgroup's memory files, v2's and v1's: its limit, its use, and the name in memory.stat of its page cache that the
+# kernel reclaims first. v1's limit is a number above the node's memory where there is none.
+CGROUP_MEMORY = {"v2": (Path("/sys/fs/cgroup"), "memory.max", "memory.current", "inactive_file"),
+                 "v1": (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes",
+                        "total_inactive_file")}
+
+
+def host_memory(proc: Path = Path("/proc"), cgroups: dict = CGROUP_MEMORY) -> tuple[int, int] | None:
     """(available, total) bytes of this node's memory for this process (None where the kernel does not say): its
-    MemAvailable and MemTotal and, under a cgroup v2 memory limit (a container's), no more than the limit and what
-    it leaves beyond the group's use, not counting the page cache the kernel would reclaim first (inactive_file)."""
+    MemAvailable and MemTotal and, under a cgroup's memory limit (a container's), no more than the limit and what
+    it leaves beyond the group's use, not counting the page cache the kernel would reclaim first."""
     try:
         lines = (proc / "meminfo").read_text().splitlines()
     except OSError:
         return None
     meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines}  # "MemTotal:  24684 kB"
     available, total = meminfo["MemAvailable"], meminfo["MemTotal"]
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
-            used = int((cgroup / "memory.current").read_text()) - int(stat["inactive_file"])
-            available, total = min(available, int(limit) - used), min(total, int(limit))
-    except OSError:  # no cgroup v2 memory controller here
-        pass
+    for folder, limit_file, use_file, cache in cgroups.values():
+        try:
+            limit = (folder / limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit != "max" and int(limit) < total:
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+            used = int((folder / use_file).read_text()) - int(stat[cache])
+            available, total = min(available, int(limit) - used), int(limit)
+        break
     return available, total
 
 

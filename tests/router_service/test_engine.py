@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from router_service import engine
 from router_service.engine import SwitchCluster, count_expert_tokens, experts_beside, fitting, host_memory
 
 A, B = "gpu-uuid-a", "gpu-uuid-b"
@@ -50,27 +51,31 @@ def test_a_front_short_of_gpu_room_copies_whole_layers_first_then_what_fits():
 MEMINFO = "MemTotal:       24684000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"
 
 
-@pytest.mark.parametrize("limit", [None, "max", 8 << 30, 32 << 30])
-def test_the_memory_a_front_may_copy_experts_into_is_the_kernels_within_a_containers_limit(tmp_path, limit):
-    """MemAvailable and MemTotal; under a cgroup v2 limit, no more than the limit and what the group's use leaves of
-    it, its inactive page cache not counted as used. Fails if the limit, the use or the page cache is ignored."""
+@pytest.mark.parametrize("version", ["v2", "v1"])
+@pytest.mark.parametrize("limit", [None, "none", 8 << 30, 32 << 30])
+def test_the_memory_a_front_may_copy_experts_into_is_the_kernels_within_a_containers_limit(tmp_path, version, limit):
+    """MemAvailable and MemTotal; under a cgroup's limit (v2's or v1's files), no more than the limit and what the
+    group's use leaves of it, its inactive page cache not counted as used. Fails if the limit, the use or the page
+    cache is ignored."""
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc" / "meminfo").write_text(MEMINFO)
-    cgroup = tmp_path / "cgroup"
-    cgroup.mkdir()
+    cgroups = {name: (tmp_path / name, *files[1:]) for name, files in engine.CGROUP_MEMORY.items()}
+    folder, limit_file, use_file, cache = cgroups[version]
+    folder.mkdir()
     if limit is not None:
-        (cgroup / "memory.max").write_text(f"{limit}\n")
-        (cgroup / "memory.current").write_text(f"{6 << 30}\n")
-        (cgroup / "memory.stat").write_text(f"anon {3 << 30}\nfile {3 << 30}\ninactive_file {2 << 30}\n")
-    available, total = host_memory(tmp_path / "proc", cgroup)
+        unlimited = "max" if version == "v2" else str(2**63 - 4096)  # v1's: a number past any node's memory
+        (folder / limit_file).write_text(f"{unlimited if limit == 'none' else limit}\n")
+        (folder / use_file).write_text(f"{6 << 30}\n")
+        (folder / "memory.stat").write_text(f"anon {3 << 30}\nfile {3 << 30}\n{cache} {2 << 30}\n")
+    available, total = host_memory(tmp_path / "proc", cgroups)
     kernel = (20000000 * 1024, 24684000 * 1024)
-    if limit in (None, "max"):
+    if limit in (None, "none"):
         assert (available, total) == kernel
     elif limit == 8 << 30:  # 8 GiB, 4 of them in use (6, less 2 of inactive page cache)
         assert (available, total) == (4 << 30, 8 << 30)
     else:  # a limit above the node's memory: the node's
-        assert (available, total) == (kernel[0], kernel[1])
-    assert host_memory(tmp_path / "nowhere", cgroup) is None
+        assert (available, total) == kernel
+    assert host_memory(tmp_path / "nowhere", cgroups) is None
 
 
 def test_expert_counts_read_while_the_batching_thread_adds_experts():
