@@ -266,7 +266,7 @@ def openmp_and_parts_seconds(threads: CoreThreads, dtype: torch.dtype = torch.fl
     """The time one row by PROBE_WEIGHTS in `dtype` takes on as many OpenMP threads as `threads` has, and cut into a
     part per core thread; the caller keeps its OpenMP threads."""
     count, rows, columns = PROBE_WEIGHTS
-    weights = [torch.randn(rows, columns).to(dtype) for _ in range(count * 4 // dtype.itemsize)]
+    weights = [torch.randn(rows, columns).to(dtype) for _ in range(count * torch.float32.itemsize // dtype.itemsize)]
     x = torch.randn(1, columns).to(dtype)
     caller = torch.get_num_threads()
 

@@ -303,7 +303,7 @@ class SwitchCluster:
             return max(0, int((free - ACTIVATION_RESERVE * total) // held))
         mapped = quantize == "none" and self.dtype == self.checkpoint.dtype_name
         packed = self.config.packed_weights and quantize == "none" and packs(self.front.dtype)
-        each = (0 if mapped else held) + (expert_bytes(config, self.dtype) if packed else 0)
+        each = (0 if mapped else held) + (held if packed else 0)  # the packed copy is as large as the weights
         memory = host_memory()
         if not each or memory is None:
             return None

@@ -297,4 +297,4 @@ def test_openmp_and_parts_are_timed_on_the_callers_threads_in_the_dtype(expert_t
     assert len(seconds) == 2 and all(0 < s < 1 for s in seconds) and openmp == 2
     assert weights and {w.dtype for w in weights} == {dtype}
     probe = ffn.PROBE_WEIGHTS
-    assert len({w.untyped_storage().data_ptr() for w in weights}) == probe[0] * 4 // dtype.itemsize
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == probe[0] * torch.float32.itemsize // dtype.itemsize

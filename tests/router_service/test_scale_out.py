@@ -7,7 +7,6 @@ import copy
 import logging
 
 import pytest
-import torch
 from reference import edit_config, hf_generate
 
 from cluster.testing import tiny_config, write_random_checkpoint
@@ -63,6 +62,11 @@ def test_serving_in_half_precision(ray_cluster, checkpoint_factory, dtype, local
         assert (dispatcher.local_calls > 0) == local_experts and (dispatcher.calls > 0) != local_experts
         held = [unpacked(w) for pair in dispatcher.local.values() for w in pair]
         assert bool(held) == local_experts and all(w.dtype == torch_dtype(dtype) for w in held)
+    assert_follows_transformers_in(dtype, outputs, hf_model)
+
+
+def assert_follows_transformers_in(dtype: str, outputs, hf_model) -> None:
+    """The same tokens as transformers' model cast to `dtype`, log-probabilities within 1e-3."""
     # A copy: casting the shared model to half precision and back would round its weights for later tests.
     reference = hf_generate(copy.deepcopy(hf_model).to(torch_dtype(dtype)), PROMPTS, 6)
     for out, (tokens, logprobs) in zip(outputs, reference, strict=True):
@@ -83,7 +87,4 @@ def test_a_front_short_of_memory_copies_what_fits_and_leaves_the_rest_to_the_act
         outputs = model.generate(PROMPTS, max_new_tokens=6)
         dispatcher = model.dispatcher
         assert len(dispatcher.local) == 3 and dispatcher.local_calls > 0 and dispatcher.calls > 0
-    reference = hf_generate(copy.deepcopy(hf_model).to(torch.bfloat16), PROMPTS, 6)
-    for out, (tokens, logprobs) in zip(outputs, reference, strict=True):
-        assert out.token_ids == tokens
-        assert out.logprobs == pytest.approx(logprobs, abs=1e-3)
+    assert_follows_transformers_in("bf16", outputs, hf_model)
