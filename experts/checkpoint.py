@@ -38,7 +38,9 @@ class TensorInfo:
 def _read_header(path: Path) -> dict:
     """The JSON header of a safetensors file (names, dtypes, shapes, byte offsets), checked as safetensors checks it
     before reading any tensor: every entry well-formed, its bytes as many as its shape and dtype take, and the
-    tensors' bytes covering the data exactly, without gaps or overlaps."""
+    tensors' bytes covering the data exactly, without gaps or overlaps. Checked here rather than by `safe_open`,
+    whose errors name no tensor for most of these ("invalid shape, data type, or offset for tensor", "file not
+    fully covered")."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)

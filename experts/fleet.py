@@ -117,9 +117,9 @@ class ExpertFleet:
     """
 
     def __init__(self, checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str = "none",
-                 name: str | None = None):
+                 name: str | None = None, placement: Placement | None = None):
         self.checkpoint, self.dtype, self.quantize = checkpoint, dtype, quantize
-        self.placement = served_placement(checkpoint, config, dtype, quantize)
+        self.placement = placement or served_placement(checkpoint, config, dtype, quantize)
         self.actor_resources = config.actor_resources
         self.serves = fleet_name(checkpoint, config, dtype, quantize)
         # Names the placement group. Ray keeps a group until its creator's job ends, even when the creator dies,
@@ -239,15 +239,17 @@ def fleet_name(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str
     return f"experts-{digest}"
 
 
-def start_fleet(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str = "none"):
+def start_fleet(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str = "none",
+                placement: Placement | None = None):
     """An ExpertFleet as a Ray actor on this node (the Python API's front), started again by Ray if its process
-    dies. Returns at once; its `actors` method waits for the load."""
+    dies, with `placement` where the caller has made it already (see served_placement). Returns at once; its
+    `actors` method waits for the load."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     # Its own name, kept across restarts.
     name = f"{fleet_name(checkpoint, config, dtype, quantize)}-{uuid.uuid4().hex[:8]}"
     return ray.remote(ExpertFleet).options(num_cpus=0, scheduling_strategy=here, max_restarts=-1,
                                            max_concurrency=FLEET_CALLERS).remote(
-        checkpoint, config, dtype, quantize, name)
+        checkpoint, config, dtype, quantize, name, placement)
 
 
 def stop_fleet(fleet) -> None:

@@ -244,8 +244,10 @@ class SwitchCluster:
             quantize = self.config.quantize
             self.dtype = served_dtype(self.checkpoint, self.config.dtype)
             if fleet is None:  # a placement that does not fit fails here, saying why, not in the fleet's actor
-                served_placement(self.checkpoint, placement, self.dtype, quantize)
-            self.fleet = fleet or start_fleet(self.checkpoint, placement, self.dtype, quantize)
+                self.fleet = start_fleet(self.checkpoint, placement, self.dtype, quantize,
+                                         served_placement(self.checkpoint, placement, self.dtype, quantize))
+            else:
+                self.fleet = fleet
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.dispatcher = ExpertDispatcher([], {}, self.checkpoint.config.num_experts,
                                                metrics, placement.restart_timeout_s,

@@ -49,3 +49,21 @@ def test_the_default_packing_reads_the_cpus_of_the_running_cluster(monkeypatch):
         assert fleet.for_cluster(given) == given
     monkeypatch.setattr(fleet.ray, "is_initialized", lambda: False)
     assert fleet.for_cluster(PlacementConfig()).cpus is None
+
+
+def test_a_fleet_given_its_placement_does_not_plan_it_again(tmp_path, monkeypatch):
+    """The Python API's front plans the placement (failing there, saying why, where it does not fit) and hands it
+    to the fleet it starts, which keeps it. Fails if the fleet plans anew."""
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    checkpoint = SwitchCheckpoint.open(tmp_path)
+    planned = fleet.served_placement(checkpoint, PlacementConfig(experts_per_actor=2), "float32")
+
+    def planning(*args):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(fleet, "served_placement", planning)
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement: 1 / 0)  # no actors: their start is not the point
+    given = fleet.ExpertFleet(checkpoint, PlacementConfig(experts_per_actor=2), "float32", placement=planned)
+    assert given.placement is planned
+    with pytest.raises(ZeroDivisionError):
+        given.actors(wait_s=30)
