@@ -121,6 +121,7 @@ class ExpertActor:
         return logged
 
     def tensors_read(self) -> list[str]:
+        """The checkpoint's tensors this actor has read (its own experts' alone, as the tests check)."""
         return sorted(self.checkpoint.names_read)
 
     def inject_fault(self, at_call: int, stall_s: float | None = None) -> None:

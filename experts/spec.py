@@ -115,9 +115,6 @@ class SwitchConfig:
         return cls(**{f.name: getattr(config, f.name, None) for f in dataclasses.fields(cls)
                       if getattr(config, f.name, None) is not None})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 _JSON_TYPES = {"int": int, "bool": bool, "str": str, "float": (int, float), "list[int]": list, "None": type(None)}
 

@@ -2,8 +2,8 @@
 
 Every step decodes all active sequences as one batch, so each sparse layer sends one call per expert actor
 for all requests together. New prompts are encoded together when they are admitted; a sequence that ends
-(or is cancelled) leaves at once and its cache is freed. Capacity is per sequence and sampling has a
-generator per sequence, so a request gets the same tokens whatever it is batched with.
+(or is cancelled) leaves at once, its cache rows kept for those that join later. Capacity is per sequence and
+sampling has a generator per sequence, so a request gets the same tokens whatever it is batched with.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Sequence:
     routes: dict[LayerKey, Route] = field(default_factory=dict)  # when params ask: encoder layers, then decoder
     pooling: str | None = None  # "mean" or "none": an embedding request (requests.POOLINGS)
     embedding: torch.Tensor | None = None  # float32 [d_model] (mean) or [tokens, d_model] (none), once encoded
-    finish_reason: str | None = None  # "eos", "stop" or "length" once finished
+    finish_reason: str | None = None  # "eos", "stop" or "length" once finished ("embedded" for an embedding)
     error: BaseException | None = None  # set when the batch it was in failed
     cancelled: bool = False  # set by the caller; the sequence leaves before the next step
     on_update: Callable[[], None] | None = None  # called (from the batching thread) after each change
@@ -171,11 +171,14 @@ class ContinuousBatcher:
         """Admit waiting sequences, decode one token for every active one; returns the sequences that changed."""
         while not self.inbox.empty():
             self.waiting.append(self.inbox.get())
-        changed = [seq for seq in self.waiting if seq.cancelled]
-        self.waiting = deque(seq for seq in self.waiting if not seq.cancelled)
+        # Each flag read once: callers set them from other threads.
+        waiting = [(seq, seq.cancelled) for seq in self.waiting]
+        changed = [seq for seq, cancelled in waiting if cancelled]
+        self.waiting = deque(seq for seq, cancelled in waiting if not cancelled)
+        staying = [not seq.cancelled for seq in self.active]
         if self.metrics is not None:  # a sequence cancelled mid-way (by its caller, or a stop string) counts too
-            self._record([seq for seq in self.active if seq.cancelled])
-        self._leave([not seq.cancelled for seq in self.active])
+            self._record([seq for seq, stays in zip(self.active, staying) if not stays])
+        self._leave(staying)
         cores = self.threads or torch.get_num_threads()
         # On a GPU the products are the device's: no CPU's cores to split them over.
         on_cores = self.front.device.type == "cpu" and core_threads(cores, self.front.dtype) is not None
@@ -268,16 +271,20 @@ class ContinuousBatcher:
         if not joining:
             return []
         try:
-            use_threads(cores)
-            groups = self.front.encode([seq.prompt for seq in joining])
-            decoding = [[b for b, row in enumerate(rows) if joining[row].pooling is None] for rows, _ in groups]
-            caches = [self.front.start_decoding(encoded.rows(keep))
-                      for (_, encoded), keep in zip(groups, decoding) if keep]
-            merged = (DecoderCache.merge(([] if self.cache is None else [self.cache]) + caches, self.max_sequences)
-                      if caches else None)
+            return self._join(joining, cores)
         except BaseException:
             self.waiting.extendleft(reversed(joining))  # so that fail() ends them too
             raise
+
+    def _join(self, joining: list[Sequence], cores: int) -> list[Sequence]:
+        """Encode `joining`; the generation requests join the batch, the embedding ones are returned done."""
+        use_threads(cores)
+        groups = self.front.encode([seq.prompt for seq in joining])
+        decoding = [[b for b, row in enumerate(rows) if joining[row].pooling is None] for rows, _ in groups]
+        caches = [self.front.start_decoding(encoded.rows(keep))
+                  for (_, encoded), keep in zip(groups, decoding) if keep]
+        merged = (DecoderCache.merge(([] if self.cache is None else [self.cache]) + caches, self.max_sequences)
+                  if caches else None)
         ordered, embedded = [], []  # the generation requests in the order of their rows in the cache
         for rows, encoded in groups:
             for b, (row, dropped) in enumerate(zip(rows, encoded.dropped.tolist())):
@@ -298,11 +305,9 @@ class ContinuousBatcher:
             self.metrics.embedded(len(embedded), sum(seq.dropped_tokens for seq in embedded))
         if not ordered:
             return embedded
-        joining = ordered
-        self.cache = merged
-        start = torch.full((len(joining),), self.front.config.decoder_start_token_id, dtype=torch.long)
-        self.next_tokens = torch.cat([self.next_tokens, start])
-        self.active += joining
+        start = torch.full((len(ordered),), self.front.config.decoder_start_token_id, dtype=torch.long)
+        self.cache, self.next_tokens = merged, torch.cat([self.next_tokens, start])
+        self.active += ordered
         return embedded
 
     def _leave(self, staying: list[bool]) -> None:
@@ -327,8 +332,12 @@ def run_to_completion(batcher: ContinuousBatcher, sequences: list[Sequence]) -> 
     """Decode the given sequences on this thread until every one is done (the Python API's path)."""
     for seq in sequences:
         batcher.add(seq)
-    while not all(seq.done for seq in sequences):
-        batcher.step()
+    try:
+        while not all(seq.done for seq in sequences):
+            batcher.step()
+    except BaseException as e:  # an interrupt, say: none of them stays in the batch to decode with the next call's
+        batcher.fail(e)
+        raise
     for seq in sequences:
         if seq.error is not None:
             raise seq.error

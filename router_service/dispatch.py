@@ -74,20 +74,22 @@ class ExpertDispatcher:
         """New actors (in placement order), and the (wi, wo) weights of the experts to compute here instead (see the
         module's doc); `stacks`: those of the layers whose every expert is here, stacked (experts.ffn.stacked_ffn);
         `owners`: which actors host each expert, where the actors place them otherwise than the ones before."""
+        # Built whole, then set together: a step still running (its actors lost) finds no table half made.
+        copies, hosts = (self.copies, self.hosts) if owners is None else ({}, {})
         if owners is not None:
             # The tables a sparse layer's tokens are grouped by, in numpy, whose operations on a few numbers each
             # take several times less than torch's: grouping 32 tokens and encoding their calls took 0.09 ms against
             # 0.15 over 2 actors, 0.17 against 0.42 over 16 (docs/BENCHMARKS.md).
-            self.copies, self.hosts = {}, {}
             for layer, table in owners.items():
                 most = max(len(table[e]) for e in range(self.num_experts))
-                self.copies[layer] = np.array([len(table[e]) for e in range(self.num_experts)])
-                self.hosts[layer] = np.array([table[e] + table[e][:1] * (most - len(table[e]))
-                                              for e in range(self.num_experts)])  # [experts, most copies]
-        is_local = {layer: np.zeros(self.num_experts, dtype=bool) for layer in self.hosts}
+                copies[layer] = np.array([len(table[e]) for e in range(self.num_experts)])
+                hosts[layer] = np.array([table[e] + table[e][:1] * (most - len(table[e]))
+                                         for e in range(self.num_experts)])  # [experts, most copies]
+        is_local = {layer: np.zeros(self.num_experts, dtype=bool) for layer in hosts}
         for stack, layer, expert in local:
             is_local[(stack, layer)][expert] = True
-        self.actors, self.local, self.stacks, self.is_local = actors, local, stacks or {}, is_local
+        self.copies, self.hosts, self.actors, self.local, self.stacks, self.is_local = (
+            copies, hosts, actors, local, stacks or {}, is_local)
         # Tokens per expert of each stacked layer computed since the last `settle`, on the device (a row each), and a
         # one to add up (expanded to the tokens, a view): made once, since each tensor made is a kernel launched at
         # every step.

@@ -122,7 +122,7 @@ class DecoderCache:
     cross_k: list[torch.Tensor]  # [batch, heads, src_len, d_kv], computed once from the encoder output
     cross_v: list[torch.Tensor]
     cross_bias: torch.Tensor  # [batch, 1, 1, src_len], additive mask over encoder padding
-    row_room: int = 0  # rows the memory of every tensor above holds, from its first row on (at least batch)
+    row_room: int = 0  # rows the memory of every tensor above holds from its first row on (0: no more than batch)
 
     @property
     def width(self) -> int:

@@ -39,10 +39,11 @@ def math_here_on_one_thread() -> None:
 
 
 class Scheduler:
-    def __init__(self, batcher: ContinuousBatcher, max_waiting: int, threads: int = 1):
+    def __init__(self, batcher: ContinuousBatcher, max_waiting: int, threads: int | None = None):
         self.batcher = batcher
         self.max_waiting = max_waiting
-        batcher.threads = threads  # for the front's math, on the thread started here
+        if threads is not None:  # the cores of the front's math, on the thread started here (else the batcher's own)
+            batcher.threads = threads
         self._wake = threading.Event()
         self._stopped = threading.Event()  # set as the thread stops, before it fails what it has queued
         self._thread = threading.Thread(target=self._run, name="switch-serve-batcher", daemon=True)

@@ -32,7 +32,7 @@ from experts.spec import sparse_layers
 from router_service.auth import Unauthenticated, load_api_key, presented_key
 from router_service.batching import Sequence
 from router_service.config import ServerConfig
-from router_service.engine import SwitchCluster, count_expert_tokens
+from router_service.engine import SwitchCluster, count_expert_tokens, first_line
 from router_service.metrics import ServingMetrics
 from router_service.openai_api import (
     DEFAULT_MAX_TOKENS,
@@ -89,21 +89,25 @@ def set_grpc_error(context, e: Exception) -> None:
     if code == FAILED[0]:
         log.warning("generation failed: %s", e)
     context.set_code(code)
-    context.set_details(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    context.set_details(first_line(e))
+
+
+def as_openai_error(e: Exception) -> OpenAIError:
+    """Any failure as OpenAI's error, with the status OpenAI would use."""
+    if isinstance(e, OpenAIError):
+        return e
+    if isinstance(e, InvalidRequest):
+        return from_invalid_request(e)
+    if isinstance(e, Unauthenticated):
+        return OpenAIError(401, str(e), code="invalid_api_key")
+    if isinstance(e, QueueFull):
+        return OpenAIError(429, str(e), code="rate_limit_exceeded", kind="rate_limit_error")
+    return OpenAIError(503, first_line(e), kind="server_error")  # the experts or the batch failed: retryable
 
 
 def openai_error(e: Exception) -> JSONResponse:
-    """Any failure as OpenAI's error object, with the status OpenAI would use."""
-    if not isinstance(e, OpenAIError):
-        if isinstance(e, InvalidRequest):
-            e = from_invalid_request(e)
-        elif isinstance(e, Unauthenticated):
-            e = OpenAIError(401, str(e), code="invalid_api_key")
-        elif isinstance(e, QueueFull):
-            e = OpenAIError(429, str(e), code="rate_limit_exceeded", kind="rate_limit_error")
-        else:  # the experts or the batch failed: retryable, as the native API's UNAVAILABLE
-            e = OpenAIError(503, str(e).splitlines()[0] if str(e) else type(e).__name__, kind="server_error")
-    return JSONResponse(e.body(), status_code=e.status)
+    error = as_openai_error(e)
+    return JSONResponse(error.body(), status_code=error.status)
 
 
 def prompt_tokens(request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> int:
@@ -126,17 +130,26 @@ class Piece:
 
 def http_error(e: Exception) -> JSONResponse:
     _, status = error_status(e)
-    body = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+    body = {"error": first_line(e)}
     if isinstance(e, InvalidRequest):
         body["field"] = e.field
     return JSONResponse(body, status_code=status)
 
 
-async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool]:
+async def json_body(request: Request, refused: Callable[[str], Exception]) -> object:
+    """The request's JSON body; `refused(why)` is raised where it is not JSON."""
     try:
-        body = json.loads(await request.body())
+        return json.loads(await request.body())
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
-        raise InvalidRequest("body", f"not JSON ({e})") from None
+        raise refused(f"not JSON ({e})") from None
+
+
+def not_openai_json(why: str) -> OpenAIError:
+    return OpenAIError(400, f"the body is {why}")
+
+
+async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool]:
+    body = await json_body(request, lambda why: InvalidRequest("body", why))
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
     stream = body.pop("stream", False)
@@ -146,13 +159,6 @@ async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool
         return json_format.ParseDict(body, pb.GenerateRequest()), stream
     except json_format.ParseError as e:
         raise InvalidRequest(field_in_parse_error(str(e)), str(e)) from None
-
-
-async def openai_body(request: Request) -> object:
-    try:
-        return json.loads(await request.body())
-    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
-        raise OpenAIError(400, f"the body is not JSON ({e})") from None
 
 
 def field_in_parse_error(message: str) -> str:
@@ -177,7 +183,7 @@ async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChu
             yield f"data: {json.dumps(to_json(chunk))}\n\n"
     except Exception as e:  # headers are gone: the error becomes the last event
         finished(e)
-        yield f"data: {json.dumps({'error': str(e), 'status': error_status(e)[1]})}\n\n"
+        yield f"data: {json.dumps({'error': first_line(e), 'status': error_status(e)[1]})}\n\n"
         return
     finished(None)
 
@@ -269,9 +275,9 @@ class ServedFleet(ExpertFleet):
         fronts' application is deployed anew or deleted, the old fronts still draining keep their actors until
         they have stopped, for up to the drain timeout. Then the actors and their placement group go at once,
         making room for the new fleet's."""
-        fronts = serve.get_replica_context().app_name.removesuffix(FLEET_APP_SUFFIX)
-        deadline = time.monotonic() + self.drain_timeout_s
         try:
+            fronts = serve.get_replica_context().app_name.removesuffix(FLEET_APP_SUFFIX)
+            deadline = time.monotonic() + self.drain_timeout_s
             while time.monotonic() < deadline and fronts_changing(fronts):
                 time.sleep(0.5)
         finally:  # released even if Serve's controller cannot be asked
@@ -539,7 +545,7 @@ class SwitchServer:
     async def openai_completions(self, request: Request):
         try:
             self._authorize(request.headers.items())
-            completion_request = parse_completion_request(await openai_body(request), self.model_id)
+            completion_request = parse_completion_request(await json_body(request, not_openai_json), self.model_id)
             choices = self._completion_choices(completion_request)
             if not completion_request.stream:
                 response = JSONResponse(await self._complete(completion_request, choices))
@@ -565,7 +571,7 @@ class SwitchServer:
         try:
             self._authorize(request.headers.items())
             d_model = self.cluster.checkpoint.config.d_model
-            embed_request = parse_embedding_request(await openai_body(request), self.model_id, d_model)
+            embed_request = parse_embedding_request(await json_body(request, not_openai_json), self.model_id, d_model)
             many = len(embed_request.inputs()) > 1
             inputs = []
             for i, item in enumerate(embed_request.inputs()):
@@ -607,7 +613,7 @@ class SwitchServer:
                                offset)
 
     async def _complete(self, request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> dict:
-        async def one(index: int, seq: Sequence, stop: tuple) -> dict:
+        async def one(index: int, seq: Sequence, stop: tuple) -> tuple[dict, int]:
             pieces = [piece async for piece in self._follow(seq, stop)]
             whole = Piece([t for p in pieces for t in p.token_ids], [lp for p in pieces for lp in p.logprobs],
                           [top for p in pieces for top in p.top_logprobs], "".join(p.text for p in pieces),
@@ -651,7 +657,7 @@ class SwitchServer:
             while True:
                 if isinstance(event, Exception):
                     self._finished(event)
-                    yield f"data: {json.dumps(json.loads(openai_error(event).body))}\n\n"
+                    yield f"data: {json.dumps(as_openai_error(event).body())}\n\n"
                     return
                 index, piece = event
                 logprobs = self._logprobs(request, before[index], piece, offsets[index])

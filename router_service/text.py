@@ -15,11 +15,11 @@ MAX_STOP_STRINGS = 4  # as OpenAI's API allows
 INCOMPLETE = "\ufffd"
 
 
-def check_stop_strings(stop: Sequence[str], field: str = "stop") -> tuple[str, ...]:
+def check_stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
     if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest(field, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     if any(not s for s in stop):
-        raise InvalidRequest(field, "a stop string is empty")
+        raise InvalidRequest("stop", "a stop string is empty")
     return tuple(stop)
 
 

@@ -343,6 +343,54 @@ def test_an_embedding_returns_though_the_decoding_step_after_it_fails(checkpoint
     assert not batcher.has_work
 
 
+@torch.inference_mode()
+def test_requests_whose_admission_fails_after_their_encoder_pass_get_the_error(checkpoint_factory):
+    """A failure after the encoder pass, as the prompts join the batch (here the metrics' call; a GPU's error shows
+    there too), fails the requests being admitted with the rest of the batch. Fails if they are left out of both the
+    queue and the batch, where no one ever tells their callers."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    metrics = RecordingMetrics()
+
+    def broken(inputs, dropped):
+        raise RuntimeError("metrics broke")
+
+    metrics.embedded = broken
+    batcher = ContinuousBatcher(local_front(path), max_sequences=8, metrics=metrics)
+    decoding = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6))
+    batcher.add(decoding)
+    batcher.step()
+    joining, embedding = Sequence([7, 8, 1], SamplingParams(max_new_tokens=6)), Sequence([71, 3, 1], pooling="mean")
+    batcher.add(joining)
+    batcher.add(embedding)
+    assert set(batcher.step()) == {decoding, joining, embedding}
+    assert all(isinstance(seq.error, RuntimeError) for seq in (decoding, joining, embedding))
+    assert not batcher.has_work and batcher.cache is None
+
+
+@torch.inference_mode()
+def test_an_interrupted_call_of_the_python_api_leaves_nothing_in_the_batch(checkpoint_factory):
+    """A KeyboardInterrupt in a step (escaping the step's own `except Exception`) ends the call's sequences, so that
+    the next call decodes its own alone. Fails if they stay in the batch."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    front = local_front(path)
+    batcher = ContinuousBatcher(front, max_sequences=8)
+    decode_step, steps = front.decode_step, []
+
+    def interrupted(cache, tokens):
+        steps.append(len(tokens))
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return decode_step(cache, tokens)
+
+    front.decode_step = interrupted
+    first = [Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6)), Sequence([7, 8, 1])]
+    with pytest.raises(KeyboardInterrupt):
+        run_to_completion(batcher, first)
+    assert all(isinstance(seq.error, KeyboardInterrupt) for seq in first) and not batcher.has_work
+    later = run_to_completion(batcher, [Sequence([6, 4, 1], SamplingParams(max_new_tokens=3))])
+    assert len(later[0].token_ids) == 3 and steps[2:] == [1, 1, 1]
+
+
 def stepped_batcher(checkpoint_factory, sequences: list[Sequence]) -> ContinuousBatcher:
     """A batcher of two sequences at most, given `sequences`, after its first step."""
     path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)

@@ -26,10 +26,11 @@ from cluster.testing import (
     write_random_checkpoint_with_tokenizer,
 )
 from experts.placement import PlacementConfig
+from router_service import server
 from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
-from router_service.server import FLEET_DEPLOYMENT, FRONT_DEPLOYMENT
+from router_service.server import FLEET_DEPLOYMENT, FRONT_DEPLOYMENT, ServedFleet
 
 
 def replica_names(deployment: str = FRONT_DEPLOYMENT) -> list[str]:
@@ -207,3 +208,24 @@ def test_a_change_to_the_fronts_config_lets_every_stream_finish_and_keeps_the_ex
     assert replica_names(FLEET_DEPLOYMENT) == fleet_before and fleet_groups() == groups_before
     assert [a.pid for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).actors] == pids_before
 
+
+
+def test_a_fleet_stopped_where_serve_cannot_say_whose_fronts_to_wait_for_still_releases_its_actors(monkeypatch):
+    """A fleet waits for its fronts to drain before it releases its actors and their placement group; where that
+    cannot be asked (no replica context, or no drain timeout configured yet), it releases them at once. Fails if
+    either is read before the release's `try`: a new config's fleet names its group otherwise, so nothing would
+    remove the old one."""
+    class Stopping(ServedFleet.func_or_class):
+        def __del__(self):  # the probe's own end releases nothing
+            pass
+
+    fleet, released = object.__new__(Stopping), []
+    fleet.release = lambda: released.append(True)
+
+    def no_context():
+        raise RuntimeError("no replica context")
+
+    monkeypatch.setattr(server.serve, "get_replica_context", no_context)
+    with pytest.raises(RuntimeError, match="no replica context"):
+        ServedFleet.func_or_class.__del__(fleet)
+    assert released == [True]
