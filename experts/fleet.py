@@ -66,7 +66,8 @@ def served_placement(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtyp
                      quantize: str = "none") -> Placement:
     """Which actor hosts which expert of a checkpoint served as `config` says, in `dtype`, its experts held as
     `quantize` says, packed for the running cluster's CPUs where `config` leaves that open. Made by the fleet as it
-    starts; its fronts take it from the fleet (FleetActors), so that they never pack otherwise."""
+    starts (or by the Python API's front, which hands it to the fleet it starts); its fronts take it from the fleet
+    (FleetActors), so that they never pack otherwise."""
     return for_cluster(config).place(checkpoint.config, expert_format(dtype, quantize))
 
 
@@ -119,7 +120,7 @@ class ExpertFleet:
     def __init__(self, checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str = "none",
                  name: str | None = None, placement: Placement | None = None):
         self.checkpoint, self.dtype, self.quantize = checkpoint, dtype, quantize
-        self.placement = placement or served_placement(checkpoint, config, dtype, quantize)
+        self.placement = placement if placement is not None else served_placement(checkpoint, config, dtype, quantize)
         self.actor_resources = config.actor_resources
         self.serves = fleet_name(checkpoint, config, dtype, quantize)
         # Names the placement group. Ray keeps a group until its creator's job ends, even when the creator dies,

@@ -74,7 +74,7 @@ class ExpertDispatcher:
         """New actors (in placement order), and the (wi, wo) weights of the experts to compute here instead (see the
         module's doc); `stacks`: those of the layers whose every expert is here, stacked (experts.ffn.stacked_ffn);
         `owners`: which actors host each expert, where the actors place them otherwise than the ones before."""
-        # Built whole, then set together: a step still running (its actors lost) finds no table half made.
+        # Each table built whole before it is set: a step still running (its actors lost) finds none half made.
         copies, hosts = (self.copies, self.hosts) if owners is None else ({}, {})
         if owners is not None:
             # The tables a sparse layer's tokens are grouped by, in numpy, whose operations on a few numbers each

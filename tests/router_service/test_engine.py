@@ -118,3 +118,21 @@ def test_prompts_are_token_ids_or_texts_and_an_empty_text_is_refused():
                                       (None, ["sort : 2 1", ""], "texts[1]: empty prompt")]:
         with pytest.raises(InvalidRequest, match=f"^{re.escape(message)}"):
             SwitchCluster._prompts(model, input_ids, texts)
+
+
+def test_the_python_apis_front_hands_the_placement_it_planned_to_its_fleet(ray_cluster, checkpoint_factory,
+                                                                           monkeypatch):
+    """The front plans the placement (a placement that does not fit fails there, saying why) and the fleet it starts
+    takes that one rather than planning again (experts.fleet.ExpertFleet). Fails if the front drops it."""
+    path, _ = checkpoint_factory("plain")
+    handed = []
+
+    def start_fleet(checkpoint, config, dtype, quantize, placement=None):
+        handed.append((placement, engine.served_placement(checkpoint, config, dtype, quantize)))
+        raise RuntimeError("no fleet for this test")
+
+    monkeypatch.setattr(engine, "start_fleet", start_fleet)
+    with pytest.raises(RuntimeError, match="no fleet for this test"):
+        SwitchCluster(path, wait=False, placement={"experts_per_actor": 2})
+    (given, planned), = handed
+    assert given is not None and given == planned

@@ -209,7 +209,6 @@ def test_a_change_to_the_fronts_config_lets_every_stream_finish_and_keeps_the_ex
     assert [a.pid for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).actors] == pids_before
 
 
-
 def test_a_fleet_stopped_where_serve_cannot_say_whose_fronts_to_wait_for_still_releases_its_actors(monkeypatch):
     """A fleet waits for its fronts to drain before it releases its actors and their placement group; where that
     cannot be asked (no replica context, or no drain timeout configured yet), it releases them at once. Fails if
