@@ -129,7 +129,7 @@ def check_placement(config: ServerConfig, model_config: SwitchConfig, checkpoint
     in: `config.dtype`, else the checkpoint's own (None where only its config.json is at hand). The warnings about
     config.json. Deployed, the fleet computes the same placement from the same options."""
     dtype = config.dtype or checkpoint_dtype
-    if dtype is None and config.placement.gpus:
+    if dtype is None and config.placement.gpus and config.quantize != "int8":  # int8 experts are sized as int8
         raise ValueError("dtype: the checkpoint's own is not known from its config.json alone; give the one it is "
                          "served in (--dtype), to check that its experts fit")
     dtype = dtype or PLAN_DTYPE  # packing for CPUs does not depend on it
@@ -144,22 +144,23 @@ def controller_options() -> dict:
     return {"runtime_env": {"env_vars": CONTROLLER_ENV}}
 
 
-def serve_config(config: ServerConfig, *, http_host: str = "0.0.0.0", http_port: int = HTTP_PORT,
-                 grpc_port: int = GRPC_PORT) -> dict:
+def serve_config(config: ServerConfig, *, http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT) -> dict:
     """The Serve config (`serve run FILE` / `serve deploy FILE`, or a RayService's serveConfigV2): the fleet's
-    application, then the fronts'."""
-    def args(fields=None) -> dict:
+    application, then the fronts', their HTTP port on every address of each node (as gRPC's always is)."""
+    def args(config: ServerConfig, fields=None) -> dict:
         return config.model_dump(include=fields, exclude_defaults=True) | {"model": config.model}
+
+    fleet = config.model_copy(update={"placement": config.placement.for_fleet()})
 
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": http_host, "port": http_port},
+        "http_options": {"host": "0.0.0.0", "port": http_port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
         "controller_options": controller_options(),
         "applications": [
             {"name": FLEET_APP, "route_prefix": None, "import_path": "cluster.app:build_fleet",
-             "args": args(set(FLEET_FIELDS))},
-            {"name": APP_NAME, "route_prefix": "/", "import_path": "cluster.app:build_app", "args": args()}],
+             "args": args(fleet, set(FLEET_FIELDS))},
+            {"name": APP_NAME, "route_prefix": "/", "import_path": "cluster.app:build_app", "args": args(config)}],
     }
 
 

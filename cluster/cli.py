@@ -183,14 +183,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.address is not None:
         from cluster.client import RemoteError, generate_remote
 
+        local_only = [*given(args, EngineConfig), *given(args, PlacementConfig)]
+        if local_only:
+            raise ValueError(f"--{local_only[0].replace('_', '-')}: sets up the cluster that --model starts; the "
+                             "server at --address has its own")
+
         try:
             results = generate_remote(args.address, prompts, logprobs=args.logprobs,
                                       api_key=load_api_key(args.api_key_file), **sampling)
         except RemoteError as e:
             fail(str(e))
     else:  # argparse asks for --model or --address
-        results = generate_local(engine_config(args, EngineConfig, resolve_model(args.model)), prompts,
-                                 args.text is not None, args.logprobs, sampling)
+        config = engine_config(args, EngineConfig, resolve_model(args.model))
+        # The cluster started here serves this request alone: its limit is the request's.
+        config = config.model_copy(update={"max_new_tokens": max(config.max_new_tokens,
+                                                                 sampling.get("max_new_tokens", 0))})
+        results = generate_local(config, prompts, args.text is not None, args.logprobs, sampling)
     if args.json:
         print(json.dumps({"outputs": results}))
         return
@@ -270,11 +278,13 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     folder = Path(resolve_model(args.model, weights=False)) if args.model is not None else None
+    dtype = args.dtype
     if folder is not None and any((folder / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
-        config = SwitchCheckpoint.open(folder).config  # the weights' tensor names checked against config.json
+        checkpoint = SwitchCheckpoint.open(folder)  # the weights' tensor names checked against config.json
+        config, dtype = checkpoint.config, dtype or checkpoint.dtype_name  # as `serve` holds them
     else:  # config.json alone (a Hub id's is all that is downloaded)
         config = SwitchConfig.from_json_file(args.config if folder is None else folder / "config.json")
-    plan = PlacementConfig(**given(args, PlacementConfig)).plan(config, args.dtype)
+    plan = PlacementConfig(**given(args, PlacementConfig)).plan(config, dtype or PLAN_DTYPE)
     for warning in plan.warnings:
         print(f"switch-serve: warning: {warning}", file=sys.stderr)
     summary = plan.to_json()
@@ -402,9 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="checkpoint folder or Hugging Face Hub id")
     source.add_argument("--config", help="a config.json alone")
     add_fields(p, PlacementConfig, PLANNER_FIELDS, required=("gpus",))
-    p.add_argument("--dtype", choices=EXPERT_FORMATS, default=PLAN_DTYPE,
-                   help=f"what the experts are held in; int8: quantized, the front in {PLAN_DTYPE} "
-                        f"(default: {PLAN_DTYPE})")
+    p.add_argument("--dtype", choices=EXPERT_FORMATS, default=None,
+                   help=f"what the experts are held in; int8: quantized, the front in {PLAN_DTYPE} (default: the "
+                        f"checkpoint's own where --model has its weights, as `serve` holds them; else {PLAN_DTYPE})")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.set_defaults(func=cmd_plan)
 

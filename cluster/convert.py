@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from experts.checkpoint import INDEX_FILE, CheckpointError, SwitchCheckpoint
-from experts.spec import EXPERT_TENSOR, LAYER_FIELDS, SwitchConfig, follow_weights
+from experts.checkpoint import INDEX_FILE, CheckpointError, SwitchCheckpoint, read_config
+from experts.spec import EXPERT_TENSOR, LAYER_FIELDS, follow_weights
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def bin_shards(src: Path) -> list[str]:
 
 
 def group_of(name: str) -> tuple:
-    """Sort key and file group of a tensor: the front's first, then each sparse layer's experts in order."""
+    """File group and sort key of a tensor: the front's first, then each sparse layer's experts in order."""
     match = EXPERT_TENSOR.match(name)
     if not match:
         return ("front",), (0, name)
@@ -73,8 +73,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
     if dst.exists():
         raise CheckpointError(f"{dst}: already exists")
     config_file = src / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: missing")
+    config = read_config(config_file)  # a bad one fails before any shard is converted
     shards = bin_shards(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
@@ -103,7 +102,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
                                                   indent=2))
         raw = json.loads(config_file.read_text())
         try:
-            config, warnings = follow_weights(SwitchConfig.from_dict(raw), list(weight_map), str(config_file))
+            config, warnings = follow_weights(config, list(weight_map), str(config_file))
         except ValueError as e:
             raise CheckpointError(str(e)) from None
         for warning in warnings:

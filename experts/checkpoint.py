@@ -91,6 +91,20 @@ def _well_formed(entry) -> bool:
             and entry["data_offsets"][0] <= entry["data_offsets"][1])
 
 
+def read_config(config_file: Path) -> SwitchConfig:
+    """A checkpoint's config.json, checked: one of a model switch-serve serves, or a CheckpointError naming it."""
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (a Switch checkpoint folder needs config.json)")
+    try:
+        config = SwitchConfig.from_json_file(config_file)
+    except ValueError as e:
+        raise CheckpointError(f"{config_file}: not a valid Switch Transformers config ({e})") from None
+    if config.dense_act_fn not in ACTIVATIONS:
+        raise CheckpointError(f"{config_file}: dense_act_fn {config.dense_act_fn!r} is not an activation "
+                              f"switch-serve serves (one of: {', '.join(ACTIVATIONS)})")
+    return config
+
+
 @dataclass
 class SwitchCheckpoint:
     """A validated checkpoint folder: its config and where every tensor lives. Cheap to pickle."""
@@ -104,15 +118,7 @@ class SwitchCheckpoint:
     def open(cls, path: str | os.PathLike) -> SwitchCheckpoint:
         path = Path(path).resolve()
         config_file = path / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{config_file}: missing (a Switch checkpoint folder needs config.json)")
-        try:
-            config = SwitchConfig.from_json_file(config_file)
-        except ValueError as e:
-            raise CheckpointError(f"{config_file}: not a valid Switch Transformers config ({e})") from None
-        if config.dense_act_fn not in ACTIVATIONS:
-            raise CheckpointError(f"{config_file}: dense_act_fn {config.dense_act_fn!r} is not an activation "
-                                  f"switch-serve serves (one of: {', '.join(ACTIVATIONS)})")
+        config = read_config(config_file)
         tensors = cls._index(path)
         try:
             config, warnings = follow_weights(config, list(tensors), str(config_file))
@@ -129,8 +135,11 @@ class SwitchCheckpoint:
         if index_file.is_file():
             try:
                 weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index_file}: not a safetensors index ({e})") from None
+            if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+                raise CheckpointError(f"{index_file}: not a safetensors index (weight_map must map tensor names to "
+                                      "file names)")
             files = sorted(set(weight_map.values()))
         elif (path / SINGLE_FILE).is_file():
             weight_map, files = {}, [SINGLE_FILE]
@@ -177,9 +186,9 @@ class SwitchCheckpoint:
     @property
     def dtype(self):
         """The checkpoint's floating-point dtype as a torch.dtype."""
-        import torch  # only where tensors are used (see `iter_tensors`)
+        from experts.wire import torch_dtype  # imports torch: only where tensors are used (see `iter_tensors`)
 
-        return getattr(torch, DTYPES[self.dtype_name].torch)
+        return torch_dtype(self.dtype_name)
 
     def read(self, names: list[str]) -> dict:
         """{name: torch.Tensor} of the named tensors, opening each shard once and reading only their bytes."""

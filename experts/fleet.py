@@ -163,9 +163,10 @@ class ExpertFleet:
                 if self._released:
                     return
                 _remove_group_named(self.name)
-                self.group = placement_group(wanted, strategy="STRICT_SPREAD", name=self.name)
+                # Read from here on as `group`: release() may set self.group to None meanwhile.
+                self.group = group = placement_group(wanted, strategy="STRICT_SPREAD", name=self.name)
             waited = 0.0
-            while not self.group.wait(ROOM_POLL_S):
+            while not group.wait(ROOM_POLL_S):
                 if self._released:
                     return
                 waited += ROOM_POLL_S
@@ -176,7 +177,7 @@ class ExpertFleet:
             remote = ray.remote(ExpertActor)
             handles = []
             for spec in self.placement.actors:
-                strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=spec.node)
+                strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=spec.node)
                 # An actor that dies is started again (reloading its weights) and the calls it had in flight are
                 # sent again: it holds no per-request state, so a retried call gives the same result.
                 handles.append(remote.options(num_cpus=cpus, num_gpus=spec.gpus, resources=self.actor_resources,
@@ -190,8 +191,12 @@ class ExpertFleet:
                     return
                 self.handles = handles
             asyncio.run(_all_loaded(handles))  # a load failure surfaces here, not mid-request
-            self.state = "ready"
+            with self._lock:
+                if not self._released:
+                    self.state = "ready"
         except BaseException as e:
+            if self._released:  # stopped while starting: what failed is the stop's doing (its group or actors gone)
+                return
             self.error = e
             log.error("expert fleet failed: %s", e)
             self.release()
@@ -236,7 +241,7 @@ def _alive_node_resources() -> list[dict[str, float]]:
 
 def fleet_name(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str) -> str:
     """What a fleet serves, as its fronts ask for it: the same name, the same experts in the same actors."""
-    digest = hashlib.sha1(repr((str(checkpoint.path), config, dtype, quantize)).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(repr((str(checkpoint.path), config.for_fleet(), dtype, quantize)).encode()).hexdigest()[:12]
     return f"experts-{digest}"
 
 

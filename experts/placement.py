@@ -25,6 +25,10 @@ class PlacementError(RuntimeError):
 GPU_UNITS = 10_000  # the parts of a GPU Ray counts in
 
 
+# How long a front waits for the actors to be placed, and for actors that are down: the fleet reads neither.
+FRONTS_ONLY = ("timeout_s", "restart_timeout_s")
+
+
 class PlacementConfig(BaseModel):
     """How to spread the experts: the placement part of the server's config and of `SwitchCluster`."""
 
@@ -58,8 +62,14 @@ class PlacementConfig(BaseModel):
                 raise ValueError(f"{name} needs gpus: replicas and load balancing are planned over GPUs")
         return self
 
+    def for_fleet(self) -> PlacementConfig:
+        """This config as the fleet sees it: without FRONTS_ONLY, which the fronts alone read, so that changing one
+        keeps the fleet and the experts it loaded."""
+        return self.model_copy(update={name: type(self).model_fields[name].default for name in FRONTS_ONLY})
+
     def place(self, config: SwitchConfig, dtype: str) -> Placement:
-        """The placement of `config`'s experts, served in `dtype` ("bf16", "fp16" or "fp32"). Packing without
+        """The placement of `config`'s experts, held as `dtype` (an experts.spec.EXPERT_FORMATS entry: "bf16",
+        "fp16", "fp32" or "int8"; see expert_format). Packing without
         `experts_per_actor` follows `cpus` (see experts.fleet.for_cluster; one actor per node when unknown)."""
         if not self.gpus:
             per_actor = self.experts_per_actor or experts_per_cpu(config.num_experts, self.cpus or 1, self.nodes)

@@ -96,6 +96,8 @@ class SwitchConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> SwitchConfig:
         """From config.json's fields (the others are ignored); raises ValueError naming a field of the wrong type."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object of the model's fields, got {type(raw).__name__}")
         values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
         for name, value in values.items():
             annotation = cls.__dataclass_fields__[name].type

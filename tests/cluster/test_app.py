@@ -219,9 +219,29 @@ def test_build_plans_the_experts_in_the_dtype_they_are_served_in(checkpoint_fact
     assert "need at least 2 GPUs" in capsys.readouterr().err
     main([*build, "--dtype", "bf16"])
     assert (tmp_path / "app.yaml").is_file()
+    elsewhere = [*build[:2], "/models/elsewhere", "--config", str(path / "config.json"), *build[3:]]
     with pytest.raises(SystemExit):
-        main([*build[:2], "/models/elsewhere", "--config", str(path / "config.json"), *build[3:]])
+        main(elsewhere)
     assert "error: dtype: the checkpoint's own is not known" in capsys.readouterr().err
+    main([*elsewhere, "--quantize", "int8"])  # int8 experts take as much whatever the checkpoint's dtype
+
+
+def test_a_change_to_the_fronts_timeouts_leaves_the_fleet_and_its_experts_be():
+    """How long a front waits for the actors to be placed, or for actors that are down, is the fronts' alone: a
+    change to it redeploys the fronts' application, not the fleet's (which would load every expert again). Fails if
+    the fleet's args or name carry either."""
+    from cluster.demo import DEMO_MODEL
+    from experts.checkpoint import SwitchCheckpoint
+    from experts.fleet import fleet_name
+
+    base = ServerConfig(model=str(DEMO_MODEL))
+    waits = ServerConfig(model=str(DEMO_MODEL), placement=PlacementConfig(timeout_s=30, restart_timeout_s=5))
+    packed = ServerConfig(model=str(DEMO_MODEL), placement=PlacementConfig(experts_per_actor=2))
+    fleets, fronts = zip(*(serve_config(c)["applications"] for c in (base, waits, packed)))
+    assert fleets[0] == fleets[1] != fleets[2] and fronts[0] != fronts[1]
+    checkpoint = SwitchCheckpoint.open(DEMO_MODEL)
+    names = [fleet_name(checkpoint, c.placement, "fp32", "none") for c in (base, waits, packed)]
+    assert names[0] == names[1] != names[2]
 
 
 def test_the_fronts_refuse_requests_beyond_their_queue():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from reference import hf_generate
 
+from cluster import cli
 from cluster.cli import main
 from cluster.demo import WORDS
 from cluster.testing import write_random_checkpoint_with_tokenizer
@@ -90,6 +91,8 @@ def test_console_script_help():
     (["bench", "--requests", "0"], "argument --requests: must be at least 1, got '0'"),
     (["quality", "--requests", "x"], "argument --requests: expected a whole number, got 'x'"),
     (["generate", "--input-ids", "[[5, 1]]"], "one of the arguments --model --address is required"),
+    (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--dtype", "bf16"],
+     "--dtype: sets up the cluster that --model starts; the server at --address has its own"),
     (["build", "--model", "/no/such/model", "--front-resource", "switch_front"],
      "argument --front-resource: expected NAME=AMOUNT, got 'switch_front'"),
     (["build", "--model", "/no/such/model", "--actor-resource", "expert_slot=one"],
@@ -102,6 +105,17 @@ def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, messa
         main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and err.splitlines()[-1].startswith("switch-serve")
+
+
+def test_generate_here_takes_as_many_new_tokens_as_asked(checkpoint_factory, monkeypatch):
+    """The cluster `generate --model` starts serves that one request: its limit on new tokens (a server's, 256 by
+    default) follows the request's. Fails if a request for more is refused."""
+    path, _ = checkpoint_factory("plain")
+    configs = []
+    monkeypatch.setattr(cli, "generate_local", lambda config, *args: configs.append(config) or [])
+    main(["generate", "--model", str(path), "--input-ids", "[[5, 1]]", "--max-new-tokens", "300"])
+    main(["generate", "--model", str(path), "--input-ids", "[[5, 1]]", "--max-new-tokens", "3"])
+    assert [config.max_new_tokens for config in configs] == [300, 256]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for a machine without CUDA")
@@ -140,6 +154,18 @@ def test_plan_of_a_hub_id_downloads_its_config_alone(monkeypatch, tmp_path, caps
     main(["plan", "--model", "google/switch-c-2048", "--gpus", "48"])
     assert "config.json" in asked and not [p for p in asked if p.endswith((".bin", ".safetensors")) or "index" in p]
     assert capsys.readouterr().out.startswith("48 expert actors on 48 GPUs")
+
+
+def test_plan_sizes_a_checkpoints_experts_in_its_own_dtype_as_serve_does(checkpoint_factory, capsys):
+    """A float32 checkpoint is served in float32 unless told otherwise: `plan --model` sizes it so (bfloat16 only
+    where there are no weights to say). Fails if `plan` says it fits where `serve --gpus` would refuse."""
+    path, _ = checkpoint_factory("plain")
+
+    def expert_bytes(*flags) -> int:
+        main(["plan", "--model", str(path), "--gpus", "1", "--json", *flags])
+        return json.loads(capsys.readouterr().out)["expert_bytes"]
+
+    assert expert_bytes() == expert_bytes("--dtype", "fp32") == 2 * expert_bytes("--dtype", "bf16")
 
 
 @pytest.mark.parametrize("model, served_as", [("google/switch-base-8", "google/switch-base-8"), ("demo/model", None)])

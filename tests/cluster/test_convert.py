@@ -78,6 +78,22 @@ def test_pickles_that_are_not_plain_weights_are_refused(checkpoint_factory, tmp_
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["bin"]
 
 
+def test_a_bad_config_fails_before_any_shard_is_converted(checkpoint_factory, tmp_path, monkeypatch):
+    """switch-c-2048's 364 shards take hours to convert: a config.json that cannot be served fails first, naming
+    the file. Fails if it is read only after the shards."""
+    from cluster import convert as converting
+
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=2)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"dense_act_fn": "gated-gelu"}))
+    monkeypatch.setattr(converting, "load_shard", lambda path: pytest.fail(f"converted {path.name} first"))
+    with pytest.raises(CheckpointError, match=r"bin/config\.json: dense_act_fn 'gated-gelu' is not an activation"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
 def test_hub_id_without_network_fails_in_one_line(env):
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", "--model", "google/switch-base-8",

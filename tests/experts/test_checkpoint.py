@@ -154,6 +154,21 @@ def test_no_weights_or_config(tmp_path):
         SwitchCheckpoint.open(tmp_path)
 
 
+@pytest.mark.parametrize("text", ["null", "[]", '"switch"'])
+def test_a_config_that_is_no_json_object_names_the_file(checkpoint, text):
+    (checkpoint / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"config\.json: not a valid Switch Transformers config \(expected a JSON "
+                                              r"object"):
+        SwitchCheckpoint.open(checkpoint)
+
+
+@pytest.mark.parametrize("weight_map", [[], {"shared.weight": 3}, None])
+def test_an_index_whose_weight_map_is_malformed_names_the_index(sharded, weight_map):
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a safetensors index"):
+        SwitchCheckpoint.open(sharded)
+
+
 @pytest.mark.parametrize("layers, sparse, expected", [
     (12, 6, [1, 3, 5, 7, 9, 11]),  # switch-base: every other layer
     (3, 3, [0, 1, 2]),  # step 1: all

@@ -67,3 +67,31 @@ def test_a_fleet_given_its_placement_does_not_plan_it_again(tmp_path, monkeypatc
     assert given.placement is planned
     with pytest.raises(ZeroDivisionError):
         given.actors(wait_s=30)
+
+
+def test_a_fleet_released_while_it_waits_for_room_reports_no_failure(tmp_path, monkeypatch):
+    """Serve stops a fleet (a new config, the app deleted) while it waits for room for its placement group: the
+    group removed under it is the stop's doing, not a failed load, so the fleet neither reports an error to its fronts
+    and Serve's health check nor says anything but "released". Fails if the start thread records the failure."""
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    fleets = []
+
+    class Group:
+        def wait(self, timeout_s):
+            fleets[0].release()
+            raise RuntimeError("placement group removed")
+
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement: 1.0)
+    monkeypatch.setattr(fleet, "_remove_group_named", lambda name: None)
+    monkeypatch.setattr(fleet, "placement_group", lambda bundles, strategy, name: Group())
+    monkeypatch.setattr(fleet, "remove_placement_group", lambda group: None)
+
+    class Starting(fleet.ExpertFleet):
+        def __init__(self, *args, **kwargs):
+            fleets.append(self)  # before its start thread asks for the group
+            super().__init__(*args, **kwargs)
+
+    stopped = Starting(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32")
+    assert stopped.actors(wait_s=30).actors == []
+    assert stopped.error is None and stopped.state == "released"
+    stopped.check_health()
