@@ -73,13 +73,22 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
           QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
           Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401)}
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
+# What ends a call whose client went away or whose deadline passed: counted, then raised on.
+CANCELLED = (asyncio.CancelledError, GeneratorExit)
 MODEL_INFO_WAIT_S = 2.0  # how long ModelInfo waits for the actors' own figures
 FLEET_DEPLOYMENT = "ExpertFleet"
 FRONT_DEPLOYMENT = "SwitchServer"
 FLEET_APP_SUFFIX = "-experts"  # the fleet's application is named after the fronts'
 
 
+# An OpenAI API error's HTTP status, as the gRPC status the request metrics count it by.
+OPENAI_STATUSES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+                   404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
 def error_status(e: Exception) -> tuple[grpc.StatusCode, int]:
+    if isinstance(e, OpenAIError):
+        return OPENAI_STATUSES.get(e.status, FAILED[0]), e.status
     return next((codes for kind, codes in ERRORS.items() if isinstance(e, kind)), FAILED)
 
 
@@ -87,7 +96,7 @@ def set_grpc_error(context, e: Exception) -> None:
     """The status and one-line message of a failed call, set on Serve's gRPC context."""
     code, _ = error_status(e)
     if code == FAILED[0]:
-        log.warning("generation failed: %s", e)
+        log.warning("call failed: %s", e)
     context.set_code(code)
     context.set_details(first_line(e))
 
@@ -176,7 +185,7 @@ def to_json(message) -> dict:
 
 
 async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChunk],
-                     finished: Callable[[Exception | None], None]) -> AsyncIterator[str]:
+                     finished: Callable[[BaseException | None], None]) -> AsyncIterator[str]:
     yield f"data: {json.dumps(to_json(first))}\n\n"
     try:
         async for chunk in rest:
@@ -185,6 +194,9 @@ async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChu
         finished(e)
         yield f"data: {json.dumps({'error': first_line(e), 'status': error_status(e)[1]})}\n\n"
         return
+    except CANCELLED as e:
+        finished(e)
+        raise
     finished(None)
 
 
@@ -200,7 +212,7 @@ def stream_interval_s(config: ServerConfig, decoding: int) -> float:
 async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: ServerConfig) -> AsyncIterator[Piece]:
     """Queue `seq` and yield what the steps add, a piece at most every `stream_interval_s` after the first, until it
     ends or a stop string ends its `text` (which takes it out of the batch)."""
-    sent, count, new_text, sent_at = 0, 0, "", 0.0
+    sent, count, checked, new_text, sent_at = 0, 0, 0, "", 0.0
 
     def piece(reason: str | None) -> Piece:
         routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
@@ -219,9 +231,19 @@ async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: 
                 # The first piece goes at once, the last when it is made; the others wait for the interval.
                 due = finished or not sent or (
                     time.monotonic() - sent_at >= stream_interval_s(config, scheduler.num_active))
-                # The text is decoded (all of it, on the event loop) at every step only where a stop string may end
-                # it now; else once a piece.
-                if text.stop or due:
+                # The text is decoded (all of it, on the event loop) at every token only where a stop string may end
+                # it there (an update may bring several, when the loop falls behind the steps: the answer ends with
+                # the token that completed the stop string); else once a piece.
+                if text.stop:
+                    for end in range(checked + 1, count + 1):
+                        new_text += text.update(seq.token_ids[:end], finished and end == count)
+                        if text.stopped:
+                            count = end
+                            break
+                    if finished and checked == count:  # it finished without a new token: what was held goes now
+                        new_text += text.update(seq.token_ids[:count], True)
+                    checked = count
+                elif due:
                     new_text += text.update(seq.token_ids[:count], finished)
                 reason = "stop" if text.stopped else seq.finish_reason if finished else None
                 if reason is None and not due:
@@ -363,9 +385,16 @@ class SwitchServer:
         if key is None or not hmac.compare_digest(key.encode(), self.api_key.encode()):
             raise Unauthenticated("api key: missing or wrong (send the header authorization: Bearer KEY)")
 
-    def _finished(self, error: Exception | None = None) -> None:
-        """Count a finished Generate request by its gRPC status (HTTP requests too)."""
-        self.metrics.request_done("OK" if error is None else error_status(error)[0].name)
+    def _finished(self, error: BaseException | None = None) -> None:
+        """Count a finished call (Generate, Embed, and the HTTP and OpenAI routes) by its gRPC status; one its
+        client cancelled, or whose deadline passed, as CANCELLED."""
+        if error is None:
+            status = "OK"
+        elif isinstance(error, CANCELLED):
+            status = grpc.StatusCode.CANCELLED.name
+        else:
+            status = error_status(error)[0].name
+        self.metrics.request_done(status)
 
     def _text(self, token_ids: list[int]) -> str:
         return self.cluster.decode(token_ids) if self.has_tokenizer else ""
@@ -430,6 +459,9 @@ class SwitchServer:
             self._finished(e)
             set_grpc_error(grpc_context, e)
             return pb.GenerateResponse()
+        except CANCELLED as e:
+            self._finished(e)
+            raise
         self._finished()
         return response
 
@@ -446,6 +478,9 @@ class SwitchServer:
             self._finished(e)
             set_grpc_error(grpc_context, e)
             raise  # a stream's status only sticks when it ends with an exception
+        except CANCELLED as e:
+            self._finished(e)
+            raise
         self._finished()
 
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
@@ -462,6 +497,9 @@ class SwitchServer:
             self._finished(e)
             set_grpc_error(grpc_context, e)
             return pb.EmbedResponse()
+        except CANCELLED as e:
+            self._finished(e)
+            raise
         self._finished()
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=seq.embedding.flatten().tolist(), tokens=len(seq.prompt))
@@ -513,6 +551,9 @@ class SwitchServer:
         except Exception as e:
             self._finished(e)
             return http_error(e)
+        except CANCELLED as e:
+            self._finished(e)
+            raise
         return StreamingResponse(sse_events(first, chunks, self._finished), media_type="text/event-stream")
 
     @http_app.get("/v1/model")
@@ -563,6 +604,9 @@ class SwitchServer:
         except Exception as e:
             self._finished(e)
             return openai_error(e)
+        except CANCELLED as e:
+            self._finished(e)
+            raise
         return StreamingResponse(self._completion_events(completion_request, choices, events, first, following),
                                  media_type="text/event-stream")
 
@@ -581,6 +625,9 @@ class SwitchServer:
         except Exception as e:
             self._finished(e)
             return openai_error(e)
+        except CANCELLED as e:
+            self._finished(e)
+            raise
         self._finished()
         return JSONResponse(embeddings(self.model_id, [seq.embedding.numpy() for seq in sequences],
                                        embed_request.encoding_format, sum(len(s.prompt) for s in sequences)))
@@ -672,6 +719,9 @@ class SwitchServer:
                 if done == len(choices):
                     break
                 event = await events.get()
+        except CANCELLED as e:
+            self._finished(e)
+            raise
         finally:
             following.cancel()
         if request.stream_options is not None and request.stream_options.include_usage:

@@ -217,6 +217,18 @@ def test_openais_finish_reasons():
     assert [finish_reason(r) for r in ("eos", "stop", "length", None)] == ["stop", "stop", "length", None]
 
 
+def test_the_request_metric_counts_openai_errors_by_their_kind():
+    """`switch_serve_requests_total` counts calls by gRPC status: an OpenAI API refusal (a bad field, another
+    model, a wrong key, a full queue) is the client's, not a server outage. Fails if it counts as UNAVAILABLE."""
+    from router_service.openai_api import OpenAIError
+    from router_service.server import error_status
+
+    for status, code in [(400, grpc.StatusCode.INVALID_ARGUMENT), (401, grpc.StatusCode.UNAUTHENTICATED),
+                         (404, grpc.StatusCode.NOT_FOUND), (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+                         (503, grpc.StatusCode.UNAVAILABLE)]:
+        assert error_status(OpenAIError(status, "why")) == (code, status)
+
+
 def test_a_model_without_a_tokenizer_refuses_text_it_cannot_make():
     """Stop strings and completions need the tokenizer: refused, naming the field, rather than matched against, or
     completed with, an empty text."""

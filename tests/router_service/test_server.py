@@ -11,6 +11,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from unittest.mock import patch
 
 import grpc
@@ -43,7 +44,7 @@ from router_service.engine import SwitchCluster
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 from router_service.requests import SamplingParams
-from router_service.server import FRONT_DEPLOYMENT, follow, stream_interval_s
+from router_service.server import FRONT_DEPLOYMENT, SwitchServer, follow, stream_interval_s
 from router_service.text import TextStream
 
 MAX_SEQUENCES, MAX_WAITING, MAX_NEW_LIMIT = 4, 16, 256
@@ -156,8 +157,9 @@ class ScriptedBatcher:
     STEP_S = 0.02
 
     def __init__(self, tokens: list[int], decoding: list[int], error: Exception | None = None,
-                 finish_apart: bool = False):
+                 finish_apart: bool = False, behind: int = 1):
         self.tokens, self.decoding, self.num_active, self.now = tokens, decoding, decoding[0], 0.0
+        self.behind = behind  # the stream sees every `behind`-th step's update only, as an event loop behind does
         self.error = error  # raised at the last token's step instead of making it, as a failed batch does
         # The last token seen by one update and its finish by the next, as when the batching thread sets the finish
         # between the stream's two reads.
@@ -178,12 +180,13 @@ class ScriptedBatcher:
                 if self.finish_apart:
                     yield seq
                 seq.finish_reason = "length"
-            yield seq
+            if (i + 1) % self.behind == 0 or seq.finish_reason is not None:
+                yield seq
 
 
 def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, ...] = (),
              error: Exception | None = None, decoded: list | None = None, finish_apart: bool = False,
-             **pacing) -> list:
+             behind: int = 1, **pacing) -> list:
     """The pieces `follow` yields for these tokens, one a step of ScriptedBatcher.STEP_S, with the text "<t>" per
     token; `decoding`: the sequences decoding, at every step or step by step. With `error`, the batch fails at the
     last token's step: the pieces before it, then the error as the last item. `decoded` gets the tokens of each
@@ -197,7 +200,7 @@ def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, 
 
     text = TextStream(decode, stop)
     batcher = ScriptedBatcher(tokens, decoding if isinstance(decoding, list) else [decoding] * len(tokens), error,
-                              finish_apart)
+                              finish_apart, behind)
     seq = Sequence([5, 1], SamplingParams(routing=True, top_logprobs=1))
 
     async def pieces() -> list:
@@ -274,6 +277,50 @@ def test_a_stop_string_ends_a_held_stream_at_once():
     assert [p.token_ids for p in pieces] == [[11], [12, 13, 14]]  # the token that completes it, as unary
     assert [p.text for p in pieces] == ["<11>", "<12><13>"]
     assert [p.finish_reason for p in pieces] == [None, "stop"]
+
+
+@pytest.mark.parametrize("pacing", [{"stream_interval_ms": 0}, {"stream_interval_ms": 1e9}])
+def test_a_stop_string_ends_the_answer_at_its_token_though_the_stream_saw_several_at_once(pacing):
+    """Where the event loop falls behind the steps, an update brings several tokens: the answer still ends with the
+    token that completed the stop string, not with the others that came with it. Fails if the tokens after it go
+    out (in token_ids, logprobs, routing and the usage counts)."""
+    pieces = streamed([11, 12, 13, 14, 15, 16], stop=("<13>",), behind=4, **pacing)
+    assert [t for p in pieces for t in p.token_ids] == [11, 12, 13]
+    assert [x for p in pieces for x in p.logprobs] == [0.0, -0.5, -1.0]
+    assert [p.routing[-1]["experts"] for p in pieces][-1][-1] == 13 % 8
+    assert "".join(p.text for p in pieces) == "<11><12>" and pieces[-1].finish_reason == "stop"
+
+
+def test_calls_their_clients_cancelled_are_counted_as_cancelled():
+    """A deadline passed or a client gone cancels the call's task (or closes its stream): the request metric counts
+    it as CANCELLED. Fails if such calls go uncounted (only failures that are Exceptions were)."""
+    replica, counted = SwitchServer.func_or_class, []
+    server = SimpleNamespace(metrics=SimpleNamespace(request_done=counted.append), _authorize=lambda metadata: None)
+    server._finished = lambda error=None: replica._finished(server, error)
+
+    async def cancelled(request):
+        raise asyncio.CancelledError
+
+    async def cancelled_stream(request):
+        yield pb.GenerateChunk(token_ids=[4])
+        raise asyncio.CancelledError
+
+    server._generate, server._stream = cancelled, cancelled_stream
+    context = SimpleNamespace(invocation_metadata=lambda: [], set_code=lambda code: None)
+
+    async def stream() -> list:
+        return [chunk async for chunk in replica.GenerateStream(server, pb.GenerateRequest(), context)]
+
+    async def closed_early() -> None:
+        chunks = replica.GenerateStream(server, pb.GenerateRequest(), context)
+        await anext(chunks)
+        await chunks.aclose()  # as Serve closes a stream whose client went away
+
+    for call in (replica.Generate(server, pb.GenerateRequest(), context), stream()):
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(call)
+    asyncio.run(closed_early())
+    assert counted == ["CANCELLED"] * 3
 
 
 def test_a_failed_batch_sends_what_the_stream_holds_before_the_error():
