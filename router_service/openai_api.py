@@ -114,10 +114,15 @@ def validated(body: object, kind: type[BaseModel], model_id: str):
         param = str(first["loc"][0]) if first["loc"] else None
         message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
         raise OpenAIError(400, f"{param}: {message}" if param else message, param) from None
-    if request.model != model_id:
-        raise OpenAIError(404, f"model: '{request.model}' is not served here; this server serves '{model_id}'",
-                          "model", "model_not_found")
+    check_model(request.model, model_id)
     return request
+
+
+def check_model(model: str, model_id: str) -> None:
+    """A request for another model than the one served here is OpenAI's 404 `model_not_found`."""
+    if model != model_id:
+        raise OpenAIError(404, f"model: '{model}' is not served here; this server serves '{model_id}'", "model",
+                          "model_not_found")
 
 
 def parse_completion_request(body: object, model_id: str) -> CompletionRequest:
@@ -164,9 +169,12 @@ def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
+def model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "switch-serve"}
+
+
 def models_list(model_id: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                        "owned_by": "switch-serve"}]}
+    return {"object": "list", "data": [model_card(model_id, created)]}
 
 
 def completion(cid: str, model_id: str, choices: list[dict], usage: dict | None) -> dict:

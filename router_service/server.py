@@ -39,6 +39,7 @@ from router_service.openai_api import (
     NOT_CHAT,
     CompletionRequest,
     OpenAIError,
+    check_model,
     choice,
     completion,
     completion_id,
@@ -46,6 +47,7 @@ from router_service.openai_api import (
     finish_reason,
     from_invalid_request,
     legacy_logprobs,
+    model_card,
     models_list,
     parse_completion_request,
     parse_embedding_request,
@@ -573,6 +575,15 @@ class SwitchServer:
         except Unauthenticated as e:
             return openai_error(e)
         return JSONResponse(models_list(self.model_id, self.started))
+
+    @http_app.get("/v1/models/{model:path}")  # a Hub id holds a slash
+    async def openai_model(self, request: Request, model: str):
+        try:
+            self._authorize(request.headers.items())
+            check_model(model, self.model_id)
+        except Exception as e:
+            return openai_error(e)
+        return JSONResponse(model_card(self.model_id, self.started))
 
     @http_app.post("/v1/chat/completions")
     async def openai_chat(self, request: Request):

@@ -49,6 +49,10 @@ def native(served, prompt: str, max_new_tokens: int, **fields) -> pb.GenerateRes
 
 def test_models_and_model_info_describe_the_served_model(served, client):
     assert [m.id for m in client.models.list()] == [served["model"]]
+    assert client.models.retrieve(served["model"]).id == served["model"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
     info = served["stub"].ModelInfo(pb.ModelInfoRequest(), metadata=[("authorization", f"Bearer {KEY}")], timeout=60)
     assert (info.encoder_layers, info.decoder_layers) == (4, 3)  # ModelInfo says which stack is which
 
