@@ -24,7 +24,7 @@ MAX_CHOICES = 16  # n: completions per prompt
 NOT_CHAT = ("Switch Transformers are not chat models, so there is no /v1/chat/completions: send a prompt to "
             "/v1/completions")
 # Fields named otherwise in the native API, for the errors it raises.
-FIELD_NAMES = {"max_new_tokens": "max_tokens", "text": "prompt", "input_ids": "prompt"}
+FIELD_NAMES = {"max_new_tokens": "max_tokens"}
 Prompts = str | list[str] | list[int] | list[list[int]]  # one text, texts, one token-id list, token-id lists
 
 
@@ -161,7 +161,7 @@ def embeddings(model_id: str, vectors: list[np.ndarray], encoding_format: str, p
 
 def from_invalid_request(e: InvalidRequest) -> OpenAIError:
     """A native API error, with OpenAI's field names."""
-    param = FIELD_NAMES.get(e.field.split("[")[0], e.field)
+    param = FIELD_NAMES.get(e.field, e.field)
     return OpenAIError(400, f"{param}: {e.message}", param)
 
 

@@ -13,7 +13,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,6 +261,17 @@ async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: 
             raise
 
 
+async def all_or_first_error(calls: Iterable[Coroutine]) -> list:
+    """The results of `calls`, run at once; the first to fail ends the others and is raised itself (a full queue
+    stays a 429), not their ExceptionGroup."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except ExceptionGroup as errors:
+        raise errors.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
 def fronts_changing(app: str) -> bool:
     """Whether the fronts' application `app` is being built, rolled out or deleted, or has replicas draining."""
     status = serve.status().applications.get(app)
@@ -368,12 +379,7 @@ class SwitchServer:
                 async for _ in updates:
                     pass
 
-        try:
-            async with asyncio.TaskGroup() as group:  # one failing ends the others
-                for seq in sequences:
-                    group.create_task(run(seq))
-        except ExceptionGroup as errors:
-            raise errors.exceptions[0] from None
+        await all_or_first_error(run(seq) for seq in sequences)
         return sequences
 
     def _follow(self, seq: Sequence, stop: tuple[str, ...]) -> AsyncIterator[Piece]:
@@ -680,12 +686,7 @@ class SwitchServer:
                             self._logprobs(request, [], whole, 0))
             return answer, len(whole.token_ids)
 
-        try:
-            async with asyncio.TaskGroup() as group:  # one failing ends the others
-                tasks = [group.create_task(one(i, seq, stop)) for i, (seq, stop) in enumerate(choices)]
-        except ExceptionGroup as errors:  # the failure itself (a full queue is 429), not the group
-            raise errors.exceptions[0] from None
-        results = [t.result() for t in tasks]
+        results = await all_or_first_error(one(i, seq, stop) for i, (seq, stop) in enumerate(choices))
         return completion(completion_id(), self.model_id, [c for c, _ in results],
                           usage(prompt_tokens(request, choices), sum(n for _, n in results)))
 
@@ -697,11 +698,9 @@ class SwitchServer:
                 events.put_nowait((index, piece))
 
         try:
-            async with asyncio.TaskGroup() as group:
-                for i, (seq, stop) in enumerate(choices):
-                    group.create_task(one(i, seq, stop))
-        except ExceptionGroup as errors:
-            events.put_nowait(errors.exceptions[0])
+            await all_or_first_error(one(i, seq, stop) for i, (seq, stop) in enumerate(choices))
+        except Exception as e:
+            events.put_nowait(e)
 
     async def _completion_events(self, request: CompletionRequest, choices: list[tuple[Sequence, tuple]],
                                  events: asyncio.Queue, first, following: asyncio.Task) -> AsyncIterator[str]:
