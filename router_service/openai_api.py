@@ -49,8 +49,12 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# Fields of another type are refused, not converted ("8" to 8, true to 1), as OpenAI's API and the native one do.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     include_usage: bool = False
 
@@ -59,7 +63,7 @@ class CompletionRequest(BaseModel):
     """POST /v1/completions. What Switch cannot do (echo, suffix, penalties, logit_bias, best_of above n) is
     refused by name rather than ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str
     prompt: Prompts
@@ -90,7 +94,7 @@ class CompletionRequest(BaseModel):
 class EmbeddingRequest(BaseModel):
     """POST /v1/embeddings, with `pooling` besides OpenAI's fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str
     input: Prompts
@@ -135,6 +139,8 @@ def parse_completion_request(body: object, model_id: str) -> CompletionRequest:
             raise OpenAIError(400, f"{name}: not supported by this server", name)
     if request.best_of is not None and request.best_of != request.n:
         raise OpenAIError(400, f"best_of: only best_of equal to n ({request.n}) is supported", "best_of")
+    if request.stream_options is not None and not request.stream:
+        raise OpenAIError(400, "stream_options: only allowed with stream true", "stream_options")
     return request
 
 

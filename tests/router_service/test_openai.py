@@ -221,6 +221,19 @@ def test_openais_finish_reasons():
     assert [finish_reason(r) for r in ("eos", "stop", "length", None)] == ["stop", "stop", "length", None]
 
 
+@pytest.mark.parametrize("field, value", [("stream", "yes"), ("max_tokens", "8"), ("n", 2.5), ("logprobs", True),
+                                          ("prompt", [True, 5]), ("temperature", "0"), ("stream_options", {})])
+def test_fields_of_another_type_are_refused_not_converted(field, value):
+    """As OpenAI's API and the native one refuse them (the native HTTP API answers "stream": "yes" with 400).
+    Fails if "8" becomes 8 or true becomes 1; stream_options goes with stream alone."""
+    from router_service.openai_api import OpenAIError, parse_completion_request
+
+    with pytest.raises(OpenAIError) as e:
+        parse_completion_request({"model": "m", "prompt": "x", field: value}, "m")
+    assert e.value.status == 400 and e.value.param == field and e.value.message.startswith(field)
+    assert parse_completion_request({"model": "m", "prompt": [5, 1], "temperature": 0, "max_tokens": 8}, "m")
+
+
 def test_the_request_metric_counts_openai_errors_by_their_kind():
     """`switch_serve_requests_total` counts calls by gRPC status: an OpenAI API refusal (a bad field, another
     model, a wrong key, a full queue) is the client's, not a server outage. Fails if it counts as UNAVAILABLE."""
