@@ -287,7 +287,7 @@ def test_a_stop_string_ends_the_answer_at_its_token_though_the_stream_saw_severa
     pieces = streamed([11, 12, 13, 14, 15, 16], stop=("<13>",), behind=4, **pacing)
     assert [t for p in pieces for t in p.token_ids] == [11, 12, 13]
     assert [x for p in pieces for x in p.logprobs] == [0.0, -0.5, -1.0]
-    assert [p.routing[-1]["experts"] for p in pieces][-1][-1] == 13 % 8
+    assert pieces[-1].routing[-1]["experts"][-1] == 13 % 8  # the stop token's route is the last one sent
     assert "".join(p.text for p in pieces) == "<11><12>" and pieces[-1].finish_reason == "stop"
 
 
