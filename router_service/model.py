@@ -321,6 +321,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     """T5 attention of q, k, v [batch, heads, len, d_kv] to [batch, len, heads * d_kv]: no 1/sqrt(d_kv) scaling;
     position bias and mask are added to the scores; softmax in float32, as transformers does (torch's fused
     attention rounds differently in half precision), the scores widened by the softmax's own kernel."""
+    if k.device.type == "cpu" and k.dtype != torch.float32:
+        # A decoding step's keys are a view of the cache's first columns, its room between one head's matrix and the
+        # next: torch's bfloat16 product of that view took twice as long as a copy of it and a product of the copy
+        # (float32's did not; docs/BENCHMARKS.md).
+        k = k.contiguous()
     scores = torch.matmul(q, k.transpose(2, 3)) + bias
     out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).type_as(scores), v)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
