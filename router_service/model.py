@@ -324,7 +324,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     if k.device.type == "cpu" and k.dtype != torch.float32:
         # A decoding step's keys are a view of the cache's first columns, its room between one head's matrix and the
         # next: torch's bfloat16 product of that view took twice as long as a copy of it and a product of the copy
-        # (float32's did not; docs/BENCHMARKS.md).
+        # (in float32 a whole step took as long either way; docs/BENCHMARKS.md).
         k = k.contiguous()
     scores = torch.matmul(q, k.transpose(2, 3)) + bias
     out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).type_as(scores), v)
