@@ -83,9 +83,9 @@ FRONT_DEPLOYMENT = "SwitchServer"
 FLEET_APP_SUFFIX = "-experts"  # the fleet's application is named after the fronts'
 
 
-# An OpenAI API error's HTTP status, as the gRPC status the request metrics count it by.
-OPENAI_STATUSES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-                   404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}
+# An OpenAI API error's HTTP status, as the gRPC status the request metrics count it by: the native API's pairs,
+# and a model not served here (OpenAI's 404).
+OPENAI_STATUSES = {http: code for code, http in ERRORS.values()} | {404: grpc.StatusCode.NOT_FOUND}
 
 
 def error_status(e: Exception) -> tuple[grpc.StatusCode, int]:
