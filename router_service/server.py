@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +77,17 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
 # What ends a call whose client went away or whose deadline passed: counted, then raised on.
 CANCELLED = (asyncio.CancelledError, GeneratorExit)
+
+
+@contextmanager
+def counting_failures(finished: Callable[[BaseException | None], None]):
+    """Count, with `finished`, a call that fails or whose client cancels it, and let the error go on; a call that
+    ends well is counted where it ends (a stream at its last chunk)."""
+    try:
+        yield
+    except (Exception, *CANCELLED) as e:
+        finished(e)
+        raise
 MODEL_INFO_WAIT_S = 2.0  # how long ModelInfo waits for the actors' own figures
 FLEET_DEPLOYMENT = "ExpertFleet"
 FRONT_DEPLOYMENT = "SwitchServer"
@@ -190,15 +201,12 @@ async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChu
                      finished: Callable[[BaseException | None], None]) -> AsyncIterator[str]:
     yield f"data: {json.dumps(to_json(first))}\n\n"
     try:
-        async for chunk in rest:
-            yield f"data: {json.dumps(to_json(chunk))}\n\n"
+        with counting_failures(finished):
+            async for chunk in rest:
+                yield f"data: {json.dumps(to_json(chunk))}\n\n"
     except Exception as e:  # headers are gone: the error becomes the last event
-        finished(e)
         yield f"data: {json.dumps({'error': first_line(e), 'status': error_status(e)[1]})}\n\n"
         return
-    except CANCELLED as e:
-        finished(e)
-        raise
     finished(None)
 
 
@@ -461,53 +469,45 @@ class SwitchServer:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
-            self._authorize(grpc_context.invocation_metadata())
-            response = await self._generate(request)
+            with counting_failures(self._finished):
+                self._authorize(grpc_context.invocation_metadata())
+                response = await self._generate(request)
         except Exception as e:
-            self._finished(e)
             set_grpc_error(grpc_context, e)
             return pb.GenerateResponse()
-        except CANCELLED as e:
-            self._finished(e)
-            raise
         self._finished()
         return response
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateChunk]:
         try:
-            self._authorize(grpc_context.invocation_metadata())
-            async for chunk in self._stream(request):
-                # Serve ships this context with each chunk and its proxy keeps a code set here. Until the last
-                # chunk the code reads UNAVAILABLE, so a stream cut short by this replica's death ends with a
-                # retryable status instead of the proxy's INTERNAL (the message stays the proxy's).
-                grpc_context.set_code(grpc.StatusCode.OK if chunk.finish_reason else grpc.StatusCode.UNAVAILABLE)
-                yield chunk
+            with counting_failures(self._finished):
+                self._authorize(grpc_context.invocation_metadata())
+                async for chunk in self._stream(request):
+                    # Serve ships this context with each chunk and its proxy keeps a code set here. Until the last
+                    # chunk the code reads UNAVAILABLE, so a stream cut short by this replica's death ends with a
+                    # retryable status instead of the proxy's INTERNAL (the message stays the proxy's).
+                    grpc_context.set_code(grpc.StatusCode.OK if chunk.finish_reason else grpc.StatusCode.UNAVAILABLE)
+                    yield chunk
         except Exception as e:
-            self._finished(e)
             set_grpc_error(grpc_context, e)
             raise  # a stream's status only sticks when it ends with an exception
-        except CANCELLED as e:
-            self._finished(e)
-            raise
         self._finished()
 
     async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
         try:
-            self._authorize(grpc_context.invocation_metadata())
-            inputs = []
-            for i, item in enumerate(request.inputs):
-                if bool(item.text) == bool(item.input_ids):
-                    raise InvalidRequest(f"inputs[{i}]", "give exactly one of text and input_ids")
-                name = f"inputs[{i}].text" if item.text else f"inputs[{i}].input_ids"
-                inputs.append((self.cluster.encode_text(item.text, name) if item.text else list(item.input_ids), name))
-            sequences = await self._embed(inputs, request.pooling or DEFAULT_POOLING, "inputs")
+            with counting_failures(self._finished):
+                self._authorize(grpc_context.invocation_metadata())
+                inputs = []
+                for i, item in enumerate(request.inputs):
+                    if bool(item.text) == bool(item.input_ids):
+                        raise InvalidRequest(f"inputs[{i}]", "give exactly one of text and input_ids")
+                    name = f"inputs[{i}].text" if item.text else f"inputs[{i}].input_ids"
+                    inputs.append((self.cluster.encode_text(item.text, name) if item.text else list(item.input_ids),
+                                   name))
+                sequences = await self._embed(inputs, request.pooling or DEFAULT_POOLING, "inputs")
         except Exception as e:
-            self._finished(e)
             set_grpc_error(grpc_context, e)
             return pb.EmbedResponse()
-        except CANCELLED as e:
-            self._finished(e)
-            raise
         self._finished()
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=seq.embedding.flatten().tolist(), tokens=len(seq.prompt))
@@ -548,20 +548,17 @@ class SwitchServer:
         """The GenerateRequest fields as JSON; `"stream": true` answers with server-sent events, one
         GenerateChunk each."""
         try:
-            self._authorize(request.headers.items())
-            message, stream = await parse_http_request(request)
-            if not stream:
-                response = JSONResponse(to_json(await self._generate(message)))
-                self._finished()
-                return response
-            chunks = self._stream(message)
-            first = await anext(chunks)  # bad input and a full queue still get their HTTP status
+            with counting_failures(self._finished):
+                self._authorize(request.headers.items())
+                message, stream = await parse_http_request(request)
+                if not stream:
+                    response = JSONResponse(to_json(await self._generate(message)))
+                    self._finished()
+                    return response
+                chunks = self._stream(message)
+                first = await anext(chunks)  # bad input and a full queue still get their HTTP status
         except Exception as e:
-            self._finished(e)
             return http_error(e)
-        except CANCELLED as e:
-            self._finished(e)
-            raise
         return StreamingResponse(sse_events(first, chunks, self._finished), media_type="text/event-stream")
 
     @http_app.get("/v1/model")
@@ -602,49 +599,45 @@ class SwitchServer:
     @http_app.post("/v1/completions")
     async def openai_completions(self, request: Request):
         try:
-            self._authorize(request.headers.items())
-            completion_request = parse_completion_request(await json_body(request, not_openai_json), self.model_id)
-            choices = self._completion_choices(completion_request)
-            if not completion_request.stream:
-                response = JSONResponse(await self._complete(completion_request, choices))
-                self._finished()
-                return response
-            events = asyncio.Queue()
-            following = asyncio.create_task(self._follow_choices(choices, events))
-            try:
-                first = await events.get()
-            except BaseException:  # the client went away before the first piece
-                following.cancel()
-                raise
-            if isinstance(first, Exception):  # before any piece: the response's status says it
-                raise first
+            with counting_failures(self._finished):
+                self._authorize(request.headers.items())
+                completion_request = parse_completion_request(await json_body(request, not_openai_json),
+                                                              self.model_id)
+                choices = self._completion_choices(completion_request)
+                if not completion_request.stream:
+                    response = JSONResponse(await self._complete(completion_request, choices))
+                    self._finished()
+                    return response
+                events = asyncio.Queue()
+                following = asyncio.create_task(self._follow_choices(choices, events))
+                try:
+                    first = await events.get()
+                except BaseException:  # the client went away before the first piece
+                    following.cancel()
+                    raise
+                if isinstance(first, Exception):  # before any piece: the response's status says it
+                    raise first
         except Exception as e:
-            self._finished(e)
             return openai_error(e)
-        except CANCELLED as e:
-            self._finished(e)
-            raise
         return StreamingResponse(self._completion_events(completion_request, choices, events, first, following),
                                  media_type="text/event-stream")
 
     @http_app.post("/v1/embeddings")
     async def openai_embeddings(self, request: Request):
         try:
-            self._authorize(request.headers.items())
-            d_model = self.cluster.checkpoint.config.d_model
-            embed_request = parse_embedding_request(await json_body(request, not_openai_json), self.model_id, d_model)
-            many = len(embed_request.inputs()) > 1
-            inputs = []
-            for i, item in enumerate(embed_request.inputs()):
-                name = f"input[{i}]" if many else "input"
-                inputs.append((self.cluster.encode_text(item, name) if isinstance(item, str) else item, name))
-            sequences = await self._embed(inputs, embed_request.pooling, "input")
+            with counting_failures(self._finished):
+                self._authorize(request.headers.items())
+                d_model = self.cluster.checkpoint.config.d_model
+                embed_request = parse_embedding_request(await json_body(request, not_openai_json), self.model_id,
+                                                        d_model)
+                many = len(embed_request.inputs()) > 1
+                inputs = []
+                for i, item in enumerate(embed_request.inputs()):
+                    name = f"input[{i}]" if many else "input"
+                    inputs.append((self.cluster.encode_text(item, name) if isinstance(item, str) else item, name))
+                sequences = await self._embed(inputs, embed_request.pooling, "input")
         except Exception as e:
-            self._finished(e)
             return openai_error(e)
-        except CANCELLED as e:
-            self._finished(e)
-            raise
         self._finished()
         return JSONResponse(embeddings(self.model_id, [seq.embedding.numpy() for seq in sequences],
                                        embed_request.encoding_format, sum(len(s.prompt) for s in sequences)))
@@ -710,32 +703,31 @@ class SwitchServer:
         cid, generated, done = completion_id(), 0, 0
         before, offsets = [[] for _ in choices], [0] * len(choices)  # each choice's tokens and logprobs' text so far
         try:
-            event = first
-            while True:
-                if isinstance(event, Exception):
-                    self._finished(event)
-                    yield f"data: {json.dumps(as_openai_error(event).body())}\n\n"
-                    return
-                index, piece = event
-                logprobs = self._logprobs(request, before[index], piece, offsets[index])
-                if logprobs is not None:
-                    offsets[index] += sum(len(text) for text in logprobs["tokens"])
-                before[index] += piece.token_ids
-                generated += len(piece.token_ids)
-                body = completion(cid, self.model_id, [choice(index, piece.text, finish_reason(piece.finish_reason),
-                                                              logprobs)], None)
-                yield f"data: {json.dumps(body)}\n\n"
-                done += piece.finish_reason is not None
-                if done == len(choices):
-                    break
-                event = await events.get()
-        except CANCELLED as e:
-            self._finished(e)
-            raise
+            with counting_failures(self._finished):
+                event = first
+                while True:
+                    if isinstance(event, Exception):
+                        raise event
+                    index, piece = event
+                    logprobs = self._logprobs(request, before[index], piece, offsets[index])
+                    if logprobs is not None:
+                        offsets[index] += sum(len(text) for text in logprobs["tokens"])
+                    before[index] += piece.token_ids
+                    generated += len(piece.token_ids)
+                    body = completion(cid, self.model_id, [choice(index, piece.text, finish_reason(piece.finish_reason),
+                                                                  logprobs)], None)
+                    yield f"data: {json.dumps(body)}\n\n"
+                    done += piece.finish_reason is not None
+                    if done == len(choices):
+                        break
+                    event = await events.get()
+                if request.stream_options is not None and request.stream_options.include_usage:
+                    body = completion(cid, self.model_id, [], usage(prompt_tokens(request, choices), generated))
+                    yield f"data: {json.dumps(body)}\n\n"
+        except Exception as e:  # the headers are gone: the error becomes the last event
+            yield f"data: {json.dumps(as_openai_error(e).body())}\n\n"
+            return
         finally:
             following.cancel()
-        if request.stream_options is not None and request.stream_options.include_usage:
-            body = completion(cid, self.model_id, [], usage(prompt_tokens(request, choices), generated))
-            yield f"data: {json.dumps(body)}\n\n"
         self._finished()
         yield "data: [DONE]\n\n"

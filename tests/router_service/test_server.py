@@ -44,7 +44,7 @@ from router_service.engine import SwitchCluster
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 from router_service.requests import SamplingParams
-from router_service.server import FRONT_DEPLOYMENT, SwitchServer, follow, stream_interval_s
+from router_service.server import FRONT_DEPLOYMENT, SwitchServer, follow, sse_events, stream_interval_s
 from router_service.text import TextStream
 
 MAX_SEQUENCES, MAX_WAITING, MAX_NEW_LIMIT = 4, 16, 256
@@ -321,6 +321,36 @@ def test_calls_their_clients_cancelled_are_counted_as_cancelled():
             asyncio.run(call)
     asyncio.run(closed_early())
     assert counted == ["CANCELLED"] * 3
+
+
+def test_an_http_stream_is_counted_once_by_how_it_ends():
+    """A server-sent events stream is counted when it ends: OK after its last chunk, by the error's status when its
+    batch fails (sent as the last event), CANCELLED when its client goes away. Fails if a way of ending goes
+    uncounted or is counted twice."""
+
+    async def chunks(error: BaseException | None):
+        yield pb.GenerateChunk(token_ids=[5])
+        if error is not None:
+            raise error
+        yield pb.GenerateChunk(token_ids=[6], finish_reason="length")
+
+    async def read(error: BaseException | None) -> tuple[list[str], list]:
+        finished, events = [], []
+        stream = sse_events(pb.GenerateChunk(token_ids=[4]), chunks(error), finished.append)
+        try:
+            async for event in stream:
+                events.append(event)
+        except asyncio.CancelledError:
+            pass
+        return events, finished
+
+    events, finished = asyncio.run(read(None))
+    assert len(events) == 3 and finished == [None]
+    lost = RuntimeError("expert actor lost")
+    events, finished = asyncio.run(read(lost))
+    assert len(events) == 3 and '"expert actor lost"' in events[-1] and finished == [lost]
+    events, finished = asyncio.run(read(asyncio.CancelledError()))
+    assert len(events) == 2 and len(finished) == 1 and isinstance(finished[0], asyncio.CancelledError)
 
 
 def test_a_failed_batch_sends_what_the_stream_holds_before_the_error():
