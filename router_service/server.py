@@ -114,17 +114,20 @@ def set_grpc_error(context, e: Exception) -> None:
     context.set_details(first_line(e))
 
 
+# OpenAI's error code and type for the native API's errors it has names for; any other failure (the experts or the
+# batch failed: retryable) is its server_error.
+OPENAI_NAMES = {Unauthenticated: ("invalid_api_key", "invalid_request_error"),
+                QueueFull: ("rate_limit_exceeded", "rate_limit_error")}
+
+
 def as_openai_error(e: Exception) -> OpenAIError:
-    """Any failure as OpenAI's error, with the status OpenAI would use."""
+    """Any failure as OpenAI's error, with the native API's HTTP status."""
     if isinstance(e, OpenAIError):
         return e
     if isinstance(e, InvalidRequest):
         return from_invalid_request(e)
-    if isinstance(e, Unauthenticated):
-        return OpenAIError(401, str(e), code="invalid_api_key")
-    if isinstance(e, QueueFull):
-        return OpenAIError(429, str(e), code="rate_limit_exceeded", kind="rate_limit_error")
-    return OpenAIError(503, first_line(e), kind="server_error")  # the experts or the batch failed: retryable
+    code, kind = next((names for error, names in OPENAI_NAMES.items() if isinstance(e, error)), (None, "server_error"))
+    return OpenAIError(error_status(e)[1], first_line(e), code=code, kind=kind)
 
 
 def openai_error(e: Exception) -> JSONResponse:

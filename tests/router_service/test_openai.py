@@ -246,6 +246,25 @@ def test_the_request_metric_counts_openai_errors_by_their_kind():
         assert error_status(OpenAIError(status, "why")) == (code, status)
 
 
+def test_native_errors_reach_openai_clients_with_openai_names():
+    """The native API's errors, as OpenAI's SDK reads them: its status (which picks the SDK's exception), code and
+    type; a failed batch is a retryable server_error. Fails if one changes status or kind on the way."""
+    from router_service.auth import Unauthenticated
+    from router_service.requests import InvalidRequest
+    from router_service.scheduler import QueueFull
+    from router_service.server import as_openai_error
+
+    cases = [(Unauthenticated("api key: missing"), 401, "invalid_api_key", "invalid_request_error"),
+             (QueueFull("queue full"), 429, "rate_limit_exceeded", "rate_limit_error"),
+             (RuntimeError("expert actor lost\ntraceback"), 503, None, "server_error"),
+             (InvalidRequest("max_new_tokens", "must be at least 1"), 400, None, "invalid_request_error")]
+    for error, status, code, kind in cases:
+        answer = as_openai_error(error)
+        assert (answer.status, answer.code, answer.kind) == (status, code, kind)
+        assert "\n" not in answer.message
+    assert as_openai_error(InvalidRequest("max_new_tokens", "x")).param == "max_tokens"
+
+
 def test_a_model_without_a_tokenizer_refuses_text_it_cannot_make():
     """Stop strings and completions need the tokenizer: refused, naming the field, rather than matched against, or
     completed with, an empty text."""
