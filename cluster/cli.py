@@ -281,7 +281,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     dtype = args.dtype
     if folder is not None and any((folder / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
         checkpoint = SwitchCheckpoint.open(folder)  # the weights' tensor names checked against config.json
-        config, dtype = checkpoint.config, dtype or checkpoint.dtype_name  # as `serve` holds them
+        config, dtype = checkpoint.config, checkpoint.served_dtype(dtype)  # as `serve` holds them
     else:  # config.json alone (a Hub id's is all that is downloaded)
         config = SwitchConfig.from_json_file(args.config if folder is None else folder / "config.json")
     plan = PlacementConfig(**given(args, PlacementConfig)).plan(config, dtype or PLAN_DTYPE)

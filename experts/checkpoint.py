@@ -183,6 +183,10 @@ class SwitchCheckpoint:
         name = "shared.weight" if "shared.weight" in self.tensors else "lm_head.weight"
         return DTYPE_OF_SAFETENSORS[self.tensors[name].dtype]
 
+    def served_dtype(self, dtype: str | None) -> str:
+        """The dtype it is served in: `dtype`, else its own."""
+        return dtype or self.dtype_name
+
     @property
     def dtype(self):
         """The checkpoint's floating-point dtype as a torch.dtype."""

@@ -57,11 +57,6 @@ def for_cluster(config: PlacementConfig) -> PlacementConfig:
     return config.model_copy(update={"cpus": max(1, int(sum(node_cpus_largest_first()[:config.nodes])))})
 
 
-def served_dtype(checkpoint: SwitchCheckpoint, dtype: str | None) -> str:
-    """The dtype a checkpoint is served in: `dtype`, else its own."""
-    return dtype or checkpoint.dtype_name
-
-
 def served_placement(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str,
                      quantize: str = "none") -> Placement:
     """Which actor hosts which expert of a checkpoint served as `config` says, in `dtype`, its experts held as

@@ -18,7 +18,7 @@ import torch
 from experts.actor import gpu_uuid, held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS, packs
-from experts.fleet import FleetActors, fleet_name, served_dtype, served_placement, start_fleet, stop_fleet
+from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
 from experts.spec import ExpertKey, expert_bytes, expert_format
@@ -242,7 +242,7 @@ class SwitchCluster:
         try:
             placement = self.config.placement
             quantize = self.config.quantize
-            self.dtype = served_dtype(self.checkpoint, self.config.dtype)
+            self.dtype = self.checkpoint.served_dtype(self.config.dtype)
             if fleet is None:  # a placement that does not fit fails here, saying why, not in the fleet's actor
                 self.fleet = start_fleet(self.checkpoint, placement, self.dtype, quantize,
                                          served_placement(self.checkpoint, placement, self.dtype, quantize))

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.fleet import ExpertFleet, fleet_name, served_dtype, this_node_cpus
+from experts.fleet import ExpertFleet, fleet_name, this_node_cpus
 from experts.placement import PlacementConfig
 from experts.spec import sparse_layers
 from router_service.auth import Unauthenticated, load_api_key, presented_key
@@ -307,7 +307,7 @@ class ServedFleet(ExpertFleet):
 
     def __init__(self, model: str, placement: PlacementConfig, dtype: str | None, quantize: str):
         checkpoint = SwitchCheckpoint.open(model)
-        dtype = served_dtype(checkpoint, dtype)
+        dtype = checkpoint.served_dtype(dtype)
         app = serve.get_replica_context().app_name  # two apps serving one checkpoint keep apart
         super().__init__(checkpoint, placement, dtype, quantize,
                          name=f"{app}-{fleet_name(checkpoint, placement, dtype, quantize)}")
