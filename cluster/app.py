@@ -195,16 +195,24 @@ def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_
                 worker_logs: bool = True, ingress: str = DEFAULT_INGRESS) -> Iterator[Endpoints]:
     """Serve `config` while the block runs: on the running Ray cluster (with the ingress it was started with),
     else one started here (joining `address` if given, with Ray's dashboard if asked, echoing the workers' logs
-    unless told not to, with `ingress` in front: see INGRESS_ENV). Returns
-    once the app serves (PlacementError if its experts are not up within `placement.timeout_s`); at the end takes
-    down the app, its expert actors, Serve, and Ray if it started it."""
-    owns_ray = not ray.is_initialized()
+    unless told not to, with `ingress` in front: see INGRESS_ENV). Starts Serve, on these ports: refuses a cluster
+    where Serve runs already (its ports and apps are not this call's to change). Returns once the app serves
+    (PlacementError if its experts are not up within `placement.timeout_s`); at the end takes down the app, its
+    expert actors, Serve, and Ray if it started it."""
+    owns_ray, owns_serve = not ray.is_initialized(), False
     if owns_ray:
         start_ray(address, ingress, include_dashboard=dashboard, log_to_driver=worker_logs)
     try:
+        running = serve.status()
+        if running.proxies or running.applications:
+            where = f"the Ray cluster at {address}" if address else "this Ray cluster"
+            raise ValueError(f"address: Serve runs already on {where} (applications: "
+                             f"{', '.join(running.applications) or 'none'}); stop it (`serve shutdown`), or add "
+                             "switch-serve to it with `switch-serve build` and `serve deploy`")
         serve.start(http_options={"host": http_host, "port": http_port},
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
                     controller_options=controller_options())
+        owns_serve = True
         try:
             # Both at once, as from the Serve config: HAProxy counts as serving only once some app has a route.
             _, front = serve.run_many([RunTarget(build_fleet(config), name=FLEET_APP, route_prefix=None),
@@ -215,8 +223,11 @@ def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_
             serve.delete(APP_NAME)  # the fronts drain first,
             serve.delete(FLEET_APP)  # then the fleet releases its actors and placement group
     finally:
-        if owns_ray:  # everything goes with Ray (Serve's own shutdown logs a failed task as Ray stops under it)
+        if owns_ray and address is None:  # everything goes with Ray (Serve's own shutdown logs failed tasks)
             ray.shutdown()
-        else:
-            serve.shutdown()
+        else:  # a cluster joined outlives this process, Serve's controller with it
+            if owns_serve:
+                serve.shutdown()
+            if owns_ray:
+                ray.shutdown()
 

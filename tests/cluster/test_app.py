@@ -267,3 +267,28 @@ def test_serving_is_awaited_from_every_replica():
 
     wait_until_serving(SimpleNamespace(status=SimpleNamespace(remote=status)), replicas=2, timeout_s=60)
     assert len(asked) == SERVING_IN_A_ROW + 1 + 2 * SERVING_IN_A_ROW
+
+
+def test_a_cluster_where_serve_runs_already_is_refused_and_left_alone(ray_cluster, checkpoint_factory):
+    """`local_serve` (the `serve` command) starts Serve on its own ports and stops it at the end: on a Ray cluster
+    whose Serve runs already, with other apps on other ports, it refuses, naming the field, and leaves that Serve and
+    its apps alone. Fails if it deploys into it (behind ports it never opened) or shuts it down."""
+    from ray import serve
+
+    from cluster.app import local_serve
+    from cluster.testing import free_port
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})  # the CPUs stay the experts'
+    def other(request) -> str:
+        return "other"
+
+    path, _ = checkpoint_factory("tiny")
+    serve.start(http_options={"port": free_port()})
+    try:
+        serve.run(other.bind(), name="other", route_prefix="/other")
+        with pytest.raises(ValueError, match=r"^address: Serve runs already .*\(applications: other\)"):
+            with local_serve(ServerConfig(model=str(path)), http_port=free_port(), grpc_port=free_port()):
+                pass
+        assert serve.status().applications["other"].status == "RUNNING"
+    finally:
+        serve.shutdown()
