@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from experts.checkpoint import INDEX_FILE, CheckpointError, SwitchCheckpoint, read_config
-from experts.spec import EXPERT_TENSOR, LAYER_FIELDS, follow_weights
+from experts.checkpoint import INDEX_FILE, CheckpointError, SwitchCheckpoint, config_of_weights, read_config
+from experts.spec import EXPERT_TENSOR, LAYER_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +101,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
         (work / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                   indent=2))
         raw = json.loads(config_file.read_text())
-        try:
-            config, warnings = follow_weights(config, list(weight_map), str(config_file))
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-        for warning in warnings:
-            log.warning(warning)
+        config = config_of_weights(config, list(weight_map), config_file)
         (work / "config.json").write_text(json.dumps(raw | {f: getattr(config, f) for f in LAYER_FIELDS}, indent=2))
         for other in src.iterdir():
             if other.is_file() and other.name not in WEIGHT_FILES and other.name != "config.json" \

@@ -105,6 +105,18 @@ def read_config(config_file: Path) -> SwitchConfig:
     return config
 
 
+def config_of_weights(config: SwitchConfig, names: list[str], config_file: Path) -> SwitchConfig:
+    """The config that describes the weights `names` (follow_weights): a disagreement the weights cannot settle is a
+    CheckpointError, the others are logged."""
+    try:
+        config, warnings = follow_weights(config, names, str(config_file))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    for warning in warnings:
+        log.warning(warning)
+    return config
+
+
 @dataclass
 class SwitchCheckpoint:
     """A validated checkpoint folder: its config and where every tensor lives. Cheap to pickle."""
@@ -120,12 +132,7 @@ class SwitchCheckpoint:
         config_file = path / "config.json"
         config = read_config(config_file)
         tensors = cls._index(path)
-        try:
-            config, warnings = follow_weights(config, list(tensors), str(config_file))
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-        for warning in warnings:
-            log.warning(warning)
+        config = config_of_weights(config, list(tensors), config_file)
         cls._check(config, tensors, path)
         return cls(path=path, config=config, tensors=tensors)
 
