@@ -77,17 +77,6 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
 # What ends a call whose client went away or whose deadline passed: counted, then raised on.
 CANCELLED = (asyncio.CancelledError, GeneratorExit)
-
-
-@contextmanager
-def counting_failures(finished: Callable[[BaseException | None], None]):
-    """Count, with `finished`, a call that fails or whose client cancels it, and let the error go on; a call that
-    ends well is counted where it ends (a stream at its last chunk)."""
-    try:
-        yield
-    except (Exception, *CANCELLED) as e:
-        finished(e)
-        raise
 MODEL_INFO_WAIT_S = 2.0  # how long ModelInfo waits for the actors' own figures
 FLEET_DEPLOYMENT = "ExpertFleet"
 FRONT_DEPLOYMENT = "SwitchServer"
@@ -103,6 +92,17 @@ def error_status(e: Exception) -> tuple[grpc.StatusCode, int]:
     if isinstance(e, OpenAIError):
         return OPENAI_STATUSES.get(e.status, FAILED[0]), e.status
     return next((codes for kind, codes in ERRORS.items() if isinstance(e, kind)), FAILED)
+
+
+@contextmanager
+def counting_failures(finished: Callable[[BaseException | None], None]):
+    """Count, with `finished`, a call that fails or whose client cancels it, and let the error go on; a call that
+    ends well is counted where it ends (a stream at its last chunk)."""
+    try:
+        yield
+    except (Exception, *CANCELLED) as e:
+        finished(e)
+        raise
 
 
 def set_grpc_error(context, e: Exception) -> None:
