@@ -143,6 +143,7 @@ class ContinuousBatcher:
         self.inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
+        self.joining = 0  # generation requests being encoded to join: no longer waiting, not yet active
         self.cache: DecoderCache | None = None
         self.next_tokens = torch.zeros(0, dtype=torch.long)
         self.steps = 0  # decoding steps run
@@ -152,7 +153,7 @@ class ContinuousBatcher:
 
     @property
     def free_slots(self) -> int:
-        return self.max_sequences - len(self.active)
+        return self.max_sequences - len(self.active) - self.joining
 
     @property
     def has_work(self) -> bool:
@@ -270,11 +271,14 @@ class ContinuousBatcher:
         self.waiting.extendleft(reversed(skipped))
         if not joining:
             return []
+        self.joining = sum(seq.pooling is None for seq in joining)
         try:
             return self._join(joining, cores)
         except BaseException:
             self.waiting.extendleft(reversed(joining))  # so that fail() ends them too
             raise
+        finally:
+            self.joining = 0
 
     def _join(self, joining: list[Sequence], cores: int) -> list[Sequence]:
         """Encode `joining`; the generation requests join the batch, the embedding ones are returned done."""

@@ -9,6 +9,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -57,11 +58,17 @@ def test_a_stopped_batching_thread_fails_requests_and_health():
         replica.check_health(server)
 
 
+class IdleBatcher(ContinuousBatcher):
+    """Never has work for its thread, which waits: its queue stays as the test leaves it."""
+
+    has_work = False
+
+
 def test_a_request_of_several_sequences_is_let_in_whole_or_not_at_all():
     """Room is checked for all of a request's choices or inputs before any queues; more than the batch and the
     queue together ever hold is bad input, not a full queue (which a retry could get past)."""
-    batcher = ContinuousBatcher(CrashingFront(), max_sequences=4)
-    scheduler = Scheduler(batcher, max_waiting=4)  # its thread waits: nothing wakes it
+    batcher = IdleBatcher(CrashingFront(), max_sequences=4)
+    scheduler = Scheduler(batcher, max_waiting=4)
     with pytest.raises(InvalidRequest, match="^n: 9 sequences in one request"):
         scheduler.check_room(9, "n")
     scheduler.check_room(8, "n")
@@ -70,6 +77,36 @@ def test_a_request_of_several_sequences_is_let_in_whole_or_not_at_all():
     with pytest.raises(QueueFull, match="3 requests already waiting .*; this one has 6"):
         scheduler.check_room(6, "n")
     scheduler.check_room(5, "n")
+
+
+class SlowFront(CrashingFront):
+    """An encoder pass that lasts until the test lets it end, then fails its batch."""
+
+    def __init__(self):
+        self.encoding, self.release = threading.Event(), threading.Event()
+
+    def encode(self, prompts):
+        self.encoding.set()
+        self.release.wait(10)
+        raise RuntimeError("this front encodes nothing")
+
+
+def test_requests_being_encoded_keep_their_rooms_in_the_batch():
+    """While a pass encodes the requests joining the batch, they are neither waiting nor decoding, but they hold
+    their rows: the queue lets in no more than its limit. Fails if they are counted nowhere (requests let in beyond
+    the limit would wait out a whole batch, instead of being refused and retried on another replica)."""
+    front = SlowFront()
+    scheduler = Scheduler(ContinuousBatcher(front, max_sequences=4), max_waiting=2)
+    for _ in range(4):
+        scheduler.batcher.add(Sequence([5, 1]))
+    scheduler._wake.set()
+    assert front.encoding.wait(10)
+    try:
+        with pytest.raises(QueueFull):
+            scheduler.check_room(3)
+        scheduler.check_room(2)
+    finally:
+        front.release.set()
 
 
 # In a process of its own, so that no other test's OpenMP threads are counted: the native threads that are not
