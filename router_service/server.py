@@ -187,11 +187,15 @@ async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool
 
 
 def field_in_parse_error(message: str) -> str:
-    """protobuf names the field in quotes ('... field named "foo"', 'Failed to parse top_k field: ...')."""
+    """protobuf names the field in quotes ('... field named "foo"'), before its error ('Failed to parse top_k field:
+    ...') or, for a number of the wrong kind, after it ("Couldn't parse float: hot at GenerateRequest.temperature")."""
     if 'field named "' in message:  # the name may itself hold quotes
         return message.split('field named "', 1)[1].rsplit('" at "', 1)[0]
     if "Failed to parse " in message:
         return message.split("Failed to parse ")[1].split(" field")[0]
+    after = f" at {pb.GenerateRequest.DESCRIPTOR.name}."
+    if after in message:
+        return message.rsplit(after, 1)[1].split("[")[0]
     return "body"
 
 
@@ -202,11 +206,12 @@ def to_json(message) -> dict:
 
 async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChunk],
                      finished: Callable[[BaseException | None], None]) -> AsyncIterator[str]:
-    yield f"data: {json.dumps(to_json(first))}\n\n"
     try:
         with counting_failures(finished):
-            async for chunk in rest:
-                yield f"data: {json.dumps(to_json(chunk))}\n\n"
+            async with aclosing(rest):  # a client gone takes its sequence out of the batch at once
+                yield f"data: {json.dumps(to_json(first))}\n\n"
+                async for chunk in rest:
+                    yield f"data: {json.dumps(to_json(chunk))}\n\n"
     except Exception as e:  # headers are gone: the error becomes the last event
         yield f"data: {json.dumps({'error': first_line(e), 'status': error_status(e)[1]})}\n\n"
         return

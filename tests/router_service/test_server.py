@@ -325,8 +325,8 @@ def test_calls_their_clients_cancelled_are_counted_as_cancelled():
 
 def test_an_http_stream_is_counted_once_by_how_it_ends():
     """A server-sent events stream is counted when it ends: OK after its last chunk, by the error's status when its
-    batch fails (sent as the last event), CANCELLED when its client goes away. Fails if a way of ending goes
-    uncounted or is counted twice."""
+    batch fails (sent as the last event), CANCELLED when its client goes away, even at the first event (and what it
+    streams is closed with it). Fails if a way of ending goes uncounted or is counted twice."""
 
     async def chunks(error: BaseException | None):
         yield pb.GenerateChunk(token_ids=[5])
@@ -351,6 +351,17 @@ def test_an_http_stream_is_counted_once_by_how_it_ends():
     assert len(events) == 3 and '"expert actor lost"' in events[-1] and finished == [lost]
     events, finished = asyncio.run(read(asyncio.CancelledError()))
     assert len(events) == 2 and len(finished) == 1 and isinstance(finished[0], asyncio.CancelledError)
+
+    async def closed_at_the_first_event() -> tuple[list, object]:
+        finished, rest = [], chunks(None)
+        stream = sse_events(pb.GenerateChunk(token_ids=[4]), rest, finished.append)
+        await anext(stream)
+        await stream.aclose()  # as Serve closes a stream whose client went away
+        return finished, rest
+
+    finished, rest = asyncio.run(closed_at_the_first_event())
+    assert len(finished) == 1 and isinstance(finished[0], GeneratorExit)
+    assert rest.ag_frame is None  # closed with it: its sequence leaves the batch at once
 
 
 def test_a_failed_batch_sends_what_the_stream_holds_before_the_error():
@@ -630,6 +641,8 @@ def test_http_stream_is_server_sent_events(server):
     ({"input_ids": [3, 5000]}, "input_ids"),
     ({"input_ids": [3, 1], "top_p": 2}, "top_p"),
     ({"input_ids": [3, 1], "top_k": "many"}, "top_k"),
+    ({"input_ids": [3, 1], "temperature": "hot"}, "temperature"),
+    ({"input_ids": [3, 1], "max_new_tokens": 1.5}, "max_new_tokens"),
     ({"input_ids": [3, 1], "no_such_field": 1}, "no_such_field"),
     ({"input_ids": [3, 1], "stream": "yes"}, "stream"),
     (b"{not json", "body"),
