@@ -51,7 +51,8 @@ class Scheduler:
 
     @property
     def num_active(self) -> int:
-        return len(self.batcher.active)
+        """Sequences decoding, or being encoded to join the batch."""
+        return len(self.batcher.active) + self.batcher.joining
 
     @property
     def num_waiting(self) -> int:
