@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import platform
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,21 @@ class SwitchCheckpoint:
 
         return torch_dtype(self.dtype_name)
 
+    def _check_here(self, file: str, names: list[str]) -> None:
+        """The shard `file`, where it is read (another node's copy, or the file since changed), checked as `open`
+        checked it, and its tensors `names` as they were there: a CheckpointError naming the file and the tensor."""
+        path = self.path / file
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing on node {platform.node()}, where the checkpoint is read")
+        header = _read_header(path)
+        for name in names:
+            was, entry = self.tensors[name], header.get(name)
+            now = None if entry is None else TensorInfo(file, tuple(entry["shape"]), entry["dtype"])
+            if now != was:
+                found = "missing" if now is None else f"{now.dtype} {list(now.shape)}"
+                raise CheckpointError(f"{path}: tensor {name} is {found} on node {platform.node()}, "
+                                      f"{was.dtype} {list(was.shape)} where the checkpoint was opened")
+
     def read(self, names: list[str]) -> dict:
         """{name: torch.Tensor} of the named tensors, opening each shard once and reading only their bytes."""
         return dict(self.iter_tensors(names))
@@ -215,6 +231,7 @@ class SwitchCheckpoint:
         for name in names:
             by_file.setdefault(self.tensors[name].file, []).append(name)
         for file, file_names in by_file.items():
+            self._check_here(file, file_names)
             with safe_open(self.path / file, framework="pt") as f:
                 for name in file_names:
                     self.names_read.add(name)

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -68,6 +69,7 @@ class ExpertLink:
         # actors -> the weights of the experts the dispatcher may compute itself, and of its layers held stacked
         self.local_experts = local_experts
         self.status = "asking the expert fleet for its actors"
+        self.load_error: BaseException | None = None  # what the fleet answered instead of its actors: its load failed
         self.placement = None  # the fleet's, with its actors: which actor hosts which expert
         self.ready = threading.Event()
         self._fleet_id = None
@@ -119,6 +121,9 @@ class ExpertLink:
                                "", "")
         except Exception as e:  # gone, or its load failed (Serve starts it again)
             view = FleetActors([], f"expert fleet: {first_line(e)}", "", "")
+            self.load_error = e if isinstance(e, ray.exceptions.RayTaskError) else None
+        else:
+            self.load_error = None
         if view.serves and view.serves != self.serves:
             view = FleetActors([], f"the expert fleet serves another config ({view.serves}, this front's is "
                                    f"{self.serves}); waiting for this config's", "", "")
@@ -151,7 +156,13 @@ def call(response, timeout_s: float):
 
 
 def first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    """An error's first line; for one Ray passed on from another process (raised by a task, or by an actor as it
+    started), the original's: the last line of the traceback Ray's message ends with ("module.Kind: message")."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    from_elsewhere = isinstance(error, ray.exceptions.RayTaskError) or getattr(error, "actor_init_failed", False)
+    return lines[-1] if from_elsewhere else lines[0]
 
 
 def experts_beside(infos: list[dict], node_id: str, gpu: str | None) -> list[ExpertKey]:
@@ -256,13 +267,23 @@ class SwitchCluster:
                                      self.config.micro_batches, self.config.packed_weights)
             self.link = ExpertLink(self.fleet, fleet_name(self.checkpoint, placement, self.dtype, quantize),
                                    self.dispatcher, self._local_experts)
-            if wait and not self.link.wait(placement.timeout_s):
-                raise PlacementError(f"placement: the expert actors were not up within {placement.timeout_s:.0f} s: "
-                                     f"{self.link.status}")
+            if wait:
+                self._wait_for_experts(placement.timeout_s)
         except BaseException:
             self.shutdown()
             raise
         self.batcher = ContinuousBatcher(self.front, self.config.max_sequences, metrics)
+
+    def _wait_for_experts(self, timeout_s: float) -> None:
+        """Until the expert actors have loaded: PlacementError after `timeout_s`, or as soon as the load of a fleet
+        this object started fails (Serve starts its fleets again; nothing would start this one again)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.link.wait(min(LINK_CHECK_S, max(0.0, deadline - time.monotonic()))):
+            if self._owns_fleet and self.link.load_error is not None:
+                raise PlacementError(f"placement: the expert actors failed to load: {first_line(self.link.load_error)}")
+            if time.monotonic() >= deadline:
+                raise PlacementError(f"placement: the expert actors were not up within {timeout_s:.0f} s: "
+                                     f"{self.link.status}")
 
     def _local_experts(self, actors: list) -> tuple[dict, dict]:
         """The (wi, wo) weights of the experts whose actors compute where this front does: on this node's CPU,

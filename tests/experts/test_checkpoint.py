@@ -95,6 +95,24 @@ def test_bytes_after_the_last_tensor_are_refused(checkpoint):
         SwitchCheckpoint.open(checkpoint)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(path.read_bytes()[:-100]), r"tensor \S+ is cut off"),
+    (lambda path: rewrite(path, lambda t: t.update({EXPERT: t[EXPERT][:, :4].contiguous()})),
+     rf"tensor {EXPERT} is F32 \[\d+, 4\] on node .*, F32 \[\d+, \d+\] where the checkpoint was opened"),
+    (lambda path: rewrite(path, lambda t: t.pop(EXPERT)), rf"tensor {EXPERT} is missing on node"),
+    (lambda path: path.unlink(), "missing on node"),
+])
+def test_weights_read_where_they_differ_from_those_opened_name_the_file_and_tensor(sharded, damage, message):
+    """A checkpoint is opened (its headers checked) where the front starts, and read where each actor runs: another
+    node's copy of it, truncated, of another model or missing, fails as it is read, naming the file and the tensor,
+    instead of with safetensors' own error or a wrong shape at the first request."""
+    checkpoint = SwitchCheckpoint.open(sharded)
+    shard = sharded / checkpoint.tensors[EXPERT].file
+    damage(shard)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: {message}"):
+        checkpoint.read([EXPERT])
+
+
 def test_missing_expert(checkpoint):
     rewrite(checkpoint / "model.safetensors", lambda t: t.pop(EXPERT))
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {EXPERT} is missing"):

@@ -136,3 +136,33 @@ def test_the_python_apis_front_hands_the_placement_it_planned_to_its_fleet(ray_c
         SwitchCluster(path, wait=False, placement={"experts_per_actor": 2})
     (given, planned), = handed
     assert given is not None and given == planned
+
+
+def test_expert_actors_that_fail_to_load_fail_the_python_api_at_once_saying_why(ray_cluster, checkpoint_factory,
+                                                                                tmp_path, monkeypatch):
+    """The front opens the checkpoint (its headers checked) where it starts; each actor reads its experts where it
+    runs. A shard that differs there (truncated, as another node's copy might be) fails the actors' load, and the
+    Python API's front, whose fleet nothing starts again, raises that at once, naming the file and the tensor.
+    Fails if it waits out the placement timeout, or reports Ray's wrapper instead of the cause."""
+    import shutil
+
+    from experts.checkpoint import SwitchCheckpoint
+    from experts.placement import PlacementError
+    from experts.spec import EXPERT_TENSOR
+
+    source, _ = checkpoint_factory("plain-sharded", max_shard_size="20KB")
+    path = shutil.copytree(source, tmp_path / "sharded")
+    opened = SwitchCheckpoint.open(path)
+    shard = next(info.file for name, info in opened.tensors.items() if EXPERT_TENSOR.match(name))
+    assert all(EXPERT_TENSOR.match(name) for name, info in opened.tensors.items() if info.file == shard)
+    real_open = SwitchCheckpoint.open
+
+    def open_then_damage(folder):
+        checkpoint = real_open(folder)
+        (path / shard).write_bytes((path / shard).read_bytes()[:-100])
+        return checkpoint
+
+    monkeypatch.setattr(SwitchCheckpoint, "open", open_then_damage)
+    failed = rf"^placement: the expert actors failed to load: \S*CheckpointError: \S*{shard}: tensor \S+ is cut off"
+    with pytest.raises(PlacementError, match=failed):
+        SwitchCluster(path, placement={"experts_per_actor": 4, "timeout_s": 600})
