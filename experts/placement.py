@@ -56,10 +56,17 @@ class PlacementConfig(BaseModel):
                                 "with no room to restart) before its requests fail with UNAVAILABLE")
 
     @model_validator(mode="after")
-    def _planner_options_need_gpus(self) -> PlacementConfig:
-        for name in ("replicate_hot", "stats"):
-            if getattr(self, name) and not self.gpus:
-                raise ValueError(f"{name} needs gpus: replicas and load balancing are planned over GPUs")
+    def _options_of_one_way_to_place(self) -> PlacementConfig:
+        """An option the chosen way of placing (planned over GPUs, or packed for CPUs) does not read is refused,
+        rather than ignored."""
+        parse_bytes(self.gpu_memory)
+        defaults = type(self).model_fields
+        for name in ("replicate_hot", "stats", "actors_per_gpu", "gpu_memory"):
+            if getattr(self, name) != defaults[name].default and not self.gpus:
+                raise ValueError(f"{name} needs gpus: it is an option of the plan over GPUs")
+        for name in ("experts_per_actor", "cpus"):
+            if getattr(self, name) is not None and self.gpus:
+                raise ValueError(f"{name}: packs CPU actors; with gpus, the planner places the experts")
         return self
 
     def for_fleet(self) -> PlacementConfig:

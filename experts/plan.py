@@ -35,7 +35,7 @@ class PlanError(ValueError):
 
 def parse_bytes(text: str) -> int:
     """'80GiB', '80GB', '40 GiB', '1.5TiB' or a plain number of bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
     if not match:
         raise PlanError(f"gpu_memory: cannot read {text!r} (try 80GiB)")
     number, unit, binary = match.groups()
@@ -109,6 +109,14 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
     budget = int(gpu_memory * (1 - ACTIVATION_RESERVE))
     keys = [(stack, layer, e) for stack in STACKS for layer in sparse_layers(config, stack)
             for e in range(config.num_experts)]
+    if replicate_hot > len(keys):
+        raise PlanError(f"replicate_hot: {replicate_hot} is more than the model's {len(keys)} experts")
+    unknown = sorted(set(stats or {}) - set(keys))
+    if unknown:
+        stack, layer, e = unknown[0]
+        raise PlanError(f"stats: {stack}.{layer} has no expert {e} in this model (its sparse layers: "
+                        f"{', '.join(f'{s}.{i}' for s in STACKS for i in sparse_layers(config, s))}; "
+                        f"{config.num_experts} experts each)")
     load = {key: float((stats or {}).get(key, 1.0)) for key in keys}
     hot = sorted(keys, key=lambda k: -load[k])[:replicate_hot]
     copies = {key: 2 if key in hot else 1 for key in keys}
@@ -165,5 +173,11 @@ def stats_json(counts: dict[tuple[str, int], list[int]]) -> dict[str, list[int]]
 def read_stats(path: str) -> dict[ExpertKey, float]:
     """Token counts as `{"encoder.1": [tokens per expert], ...}` (what the running cluster reports)."""
     raw = json.loads(Path(path).read_text())
-    return {(layer.split(".")[0], int(layer.split(".")[1]), e): float(n)
-            for layer, counts in raw.items() for e, n in enumerate(counts)}
+    stats = {}
+    for layer, counts in raw.items() if isinstance(raw, dict) else [(None, None)]:
+        stack, _, index = str(layer).partition(".")
+        if not (index.isdigit() and isinstance(counts, list) and all(isinstance(n, (int, float)) for n in counts)):
+            raise PlanError(f"stats: {path}: expected {{\"encoder.1\": [tokens per expert], ...}}, got "
+                            f"{json.dumps(layer)}: {json.dumps(counts)[:80]}")
+        stats |= {(stack, int(index), e): float(n) for e, n in enumerate(counts)}
+    return stats

@@ -81,9 +81,20 @@ def test_actors_sharing_a_gpu_ask_for_no_more_than_it(per_gpu):
     assert bundles(placement, 0.1, {})[0]["GPU"] == 2.0
 
 
-def test_planner_options_need_gpus():
-    with pytest.raises(ValidationError, match="replicate_hot needs gpus"):
-        PlacementConfig(replicate_hot=2)
+@pytest.mark.parametrize("options, message", [
+    ({"replicate_hot": 2}, "replicate_hot needs gpus"), ({"actors_per_gpu": 4}, "actors_per_gpu needs gpus"),
+    ({"gpu_memory": "40GiB"}, "gpu_memory needs gpus"), ({"stats": "stats.json"}, "stats needs gpus"),
+    ({"gpus": 2, "experts_per_actor": 3}, "experts_per_actor: packs CPU actors"),
+    ({"gpus": 2, "cpus": 5}, "cpus: packs CPU actors"),
+    ({"gpus": 2, "gpu_memory": "80.0.0GiB"}, "gpu_memory: cannot read '80.0.0GiB'"),
+])
+def test_an_option_the_way_of_placing_does_not_read_is_refused(options, message):
+    """The planner's options need GPUs, and the packing's are ignored with them: refused, naming the option,
+    rather than silently ignored."""
+    with pytest.raises(ValidationError, match=message):
+        PlacementConfig(**options)
+    assert PlacementConfig(gpus=2, gpu_memory="40GiB", actors_per_gpu=2, replicate_hot=1).gpus == 2
+    assert PlacementConfig(experts_per_actor=3, gpu_memory="80GiB", actors_per_gpu=1).experts_per_actor == 3
 
 
 def test_gpus_the_plan_leaves_empty_get_no_actors():

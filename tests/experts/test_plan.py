@@ -12,7 +12,7 @@ from transformers import SwitchTransformersConfig
 
 from cluster.cli import main
 from cluster.testing import tiny_config
-from experts.plan import ACTIVATION_RESERVE, PlanError, make_plan, parse_bytes
+from experts.plan import ACTIVATION_RESERVE, PlanError, make_plan, parse_bytes, read_stats
 from experts.spec import expert_bytes, sparse_layers
 
 CONFIGS = MODEL_CONFIGS
@@ -116,18 +116,32 @@ def test_timing_is_reported(capsys):
 
 @pytest.mark.parametrize("field, options", [
     ("gpus", {"gpus": 5, "nodes": 2}), ("gpus", {"gpus": 0}), ("gpus", {"gpus": 4, "nodes": 0}),
-    ("replicate_hot", {"gpus": 1, "replicate_hot": 1}), ("dtype", {"gpus": 4, "dtype": "fp8"})])
+    ("replicate_hot", {"gpus": 1, "replicate_hot": 1}), ("dtype", {"gpus": 4, "dtype": "fp8"}),
+    ("replicate_hot", {"gpus": 4, "replicate_hot": 97}), ("stats", {"gpus": 4, "stats": {("decoder", 2, 0): 5.0}}),
+    ("stats", {"gpus": 4, "stats": {("encoder", 1, 8): 5.0}})])
 def test_a_plan_that_cannot_be_is_refused_naming_the_field(field, options):
     """GPUs are spread evenly over the nodes (5 over 2 would ask for a bundle on a third node, which the fleet never
-    gets); replicas need a second GPU; the dtype is one the experts can be held in."""
+    gets); replicas need a second GPU, and an expert to copy; the dtype is one the experts can be held in; the load
+    statistics are of this model's experts (decoder.2 is a dense layer of switch-base-8, and it has 8 experts)."""
     with pytest.raises(PlanError, match=f"^{field}: "):
         make_plan(config("switch-base-8"), gpu_memory=80 * GiB, **options)
 
 
 def test_parse_bytes():
     assert parse_bytes("80GiB") == 80 * GiB and parse_bytes("40GB") == 40 * 10**9 and parse_bytes("1024") == 1024
-    with pytest.raises(PlanError, match="gpu_memory"):
-        parse_bytes("lots")
+    assert parse_bytes("1.5TiB") == 1.5 * 2**40 and parse_bytes(".5 GB") == 5 * 10**8
+    for text in ("lots", "80.0.0GiB", "1..5G", "."):
+        with pytest.raises(PlanError, match="^gpu_memory: cannot read"):
+            parse_bytes(text)
+
+
+@pytest.mark.parametrize("text", ['{"encoder": [1, 2]}', '{"encoder.x": [1]}', '{"encoder.1": 5}', "[1, 2]",
+                                  '{"encoder.1": ["a"]}'])
+def test_a_stats_file_not_of_token_counts_is_refused_naming_it(tmp_path, text):
+    path = tmp_path / "stats.json"
+    path.write_text(text)
+    with pytest.raises(PlanError, match=rf"^stats: {path}: expected"):
+        read_stats(str(path))
 
 
 def test_int8_experts_fit_switch_c_2048_on_about_half_the_gpus(capsys):
