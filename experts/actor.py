@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS, Weight, grouped_ffn, pack
 from experts.spec import ExpertKey, LayerKey, expert_tensor_names
 from experts.wire import call_from_wire, to_wire, torch_dtype
+
+log = logging.getLogger(__name__)
 
 
 def disk_bytes_read() -> int:
@@ -87,7 +90,11 @@ class ExpertActor:
     def __init__(self, checkpoint: SwitchCheckpoint, experts: dict[ExpertKey, tuple[str, str]], dtype: str = "fp32",
                  quantize: str = "none"):
         self.checkpoint = checkpoint
-        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        gpus = ray.get_gpu_ids()
+        if gpus and not torch.cuda.is_available():  # its experts then take host memory, not the GPU's
+            log.warning("expert actor given GPU %s, but its torch (%s) has no CUDA: its experts compute on the CPU",
+                        gpus, torch.__version__)
+        self.device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
         self.dtype = torch_dtype(dtype)
         before, read, held, loaded = disk_bytes_read(), 0, 0, {}
         # One tensor at a time onto the device: host memory never holds more than one.

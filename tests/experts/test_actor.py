@@ -151,3 +151,17 @@ def test_an_actor_counts_the_tokens_it_computed_per_expert(tmp_path, monkeypatch
     actor.forward(call_to_wire("encoder", layer, [0, 1], [3, 5], torch.ones(8, config.d_model)))
     actor.forward(call_to_wire("encoder", layer, [1], [2], torch.ones(2, config.d_model)))
     assert actor.token_counts() == {keys[0]: 3, keys[1]: 7}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a torch without CUDA does")
+def test_an_actor_given_a_gpu_its_torch_cannot_use_says_so(tmp_path, monkeypatch, caplog):
+    """Ray gave the actor a GPU, but its torch is a CPU build: its experts compute on the CPU (as the multi-node
+    tests' actors with GPU resources alone do), taking host memory, and the log says why. Fails if that is silent."""
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    config = tiny_config(num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
+    write_random_checkpoint(tmp_path, config)
+    key = ("encoder", sparse_layers(config, "encoder")[0], 0)
+    with caplog.at_level("WARNING", logger="experts.actor"):
+        actor = ExpertActor(SwitchCheckpoint.open(tmp_path), {key: expert_tensor_names(*key)})
+    assert actor.device.type == "cpu"
+    assert "given GPU [0], but its torch" in caplog.text and "has no CUDA" in caplog.text
