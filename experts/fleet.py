@@ -123,6 +123,7 @@ class ExpertFleet:
         self.name = name or self.serves
         self.group = None
         self.handles: list = []
+        self._cpus = None  # each actor's, as _start found them
         self.error: BaseException | None = None
         self.state = "starting"
         self.fleet_id = uuid.uuid4().hex  # new each time the fleet starts, and so its actors
@@ -169,34 +170,67 @@ class ExpertFleet:
                               f"node each); the cluster has {_alive_node_resources()}")
                 log.warning("expert fleet %s", self.state)
             self.state = f"loading {len(self.placement.actors)} expert actors"
-            remote = ray.remote(ExpertActor)
-            handles = []
-            for spec in self.placement.actors:
-                strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=spec.node)
-                # An actor that dies is started again (reloading its weights) and the calls it had in flight are
-                # sent again: it holds no per-request state, so a retried call gives the same result.
-                handles.append(remote.options(num_cpus=cpus, num_gpus=spec.gpus, resources=self.actor_resources,
-                                              scheduling_strategy=strategy, max_restarts=-1, max_task_retries=-1,
-                                              runtime_env={"env_vars": KEPT_HEAP_ENV | INLINE_ACTIVATIONS_ENV}).remote(
-                    self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype,
-                    self.quantize))
+            self._cpus = cpus
+            handles = [self._new_actor(spec, group) for spec in self.placement.actors]
             with self._lock:
                 if self._released:
                     _kill(handles)
                     return
                 self.handles = handles
+            self._wait_loaded(handles)
+        except BaseException as e:
+            self._failed(e)
+        finally:
+            self._done.set()
+
+    def _new_actor(self, spec, group):
+        """The actor of `spec` (an ActorSpec) in its bundle of `group`. One that dies is started again by Ray
+        (reloading its weights) and the calls it had in flight are sent again: it holds no per-request state, so a
+        retried call gives the same result."""
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=spec.node)
+        return ray.remote(ExpertActor).options(
+            num_cpus=self._cpus, num_gpus=spec.gpus, resources=self.actor_resources, scheduling_strategy=strategy,
+            max_restarts=-1, max_task_retries=-1, runtime_env={"env_vars": KEPT_HEAP_ENV | INLINE_ACTIVATIONS_ENV}
+        ).remote(self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype, self.quantize)
+
+    def _wait_loaded(self, handles: list) -> None:
+        try:
             asyncio.run(_all_loaded(handles))  # a load failure surfaces here, not mid-request
             with self._lock:
                 if not self._released:
                     self.state = "ready"
         except BaseException as e:
-            if self._released:  # stopped while starting: what failed is the stop's doing (its group or actors gone)
-                return
-            self.error = e
-            log.error("expert fleet failed: %s", e)
-            self.release()
+            self._failed(e)
         finally:
             self._done.set()
+
+    def _failed(self, error: BaseException) -> None:
+        if self._released:  # stopped while starting: what failed is the stop's doing (its group or actors gone)
+            return
+        self.error = error
+        log.error("expert fleet failed: %s", error)
+        self.release()
+
+    def replace_dead(self, fleet_id: str) -> bool:
+        """Start again, under a new fleet id, the actors handed out as `fleet_id` that are dead for good (Ray starts
+        again an actor that dies, but not one whose restart failed, or that was killed for good), the others kept;
+        whether there were any. Its fronts call it when a call finds an actor dead and the fleet still hands it out."""
+        with self._lock:
+            if fleet_id != self.fleet_id or self._released or self.state != "ready":
+                return False  # started again already, stopping, or loading
+            handles = list(self.handles)
+        dead = dead_for_good(handles)
+        with self._lock:
+            if not dead or fleet_id != self.fleet_id or self._released:
+                return False
+            log.warning("expert actors %s are dead for good; starting them again", dead)
+            for i in dead:
+                self.handles[i] = self._new_actor(self.placement.actors[i], self.group)
+            handles = list(self.handles)
+            self.fleet_id, self.state = uuid.uuid4().hex, f"loading {len(dead)} expert actors again"
+            self._done.clear()
+        threading.Thread(target=self._wait_loaded, args=(handles,), name="switch-serve-fleet", daemon=True).start()
+        return True
 
     def release(self) -> None:
         """Stop the actors and free the placement group's reservation at once, rather than when Ray notices the
@@ -209,6 +243,23 @@ class ExpertFleet:
             self.group, self.handles = None, []
         if self.error is None:
             self.state = "released"
+
+
+def dead_for_good(handles: list, timeout_s: float = 1.0) -> list[int]:
+    """The indices of the actors that are dead and will not be started again; one restarting, or busy beyond
+    `timeout_s`, is not."""
+    pings = [handle.info.remote() for handle in handles]
+    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+    answered, dead = set(ready), []
+    for i, ping in enumerate(pings):
+        try:
+            if ping in answered:
+                ray.get(ping)
+        except ray.exceptions.ActorUnavailableError:
+            pass
+        except ray.exceptions.RayActorError:
+            dead.append(i)
+    return dead
 
 
 async def _all_loaded(handles: list) -> None:

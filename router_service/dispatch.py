@@ -18,6 +18,7 @@ import ray
 import torch
 
 from experts.ffn import core_threads, expert_ffn, grouped_ffn, stacked_ffn
+from experts.fleet import dead_for_good
 from experts.spec import ExpertKey, LayerKey
 from experts.wire import call_to_wire, from_wire
 
@@ -103,17 +104,7 @@ class ExpertDispatcher:
         """Whether the first actor is dead for good: all of them are when their fleet died. One that is
         restarting, or busy beyond `timeout_s`, counts as alive."""
         handles = self.actors
-        if not handles:
-            return False
-        ping = handles[0].info.remote()
-        ready, _ = ray.wait([ping], timeout=timeout_s)
-        if not ready:
-            return False
-        try:
-            ray.get(ping)
-        except ray.exceptions.RayActorError:
-            return True
-        return False
+        return bool(handles) and bool(dead_for_good(handles[:1], timeout_s))
 
     def owner(self, layer: tuple[str, int], expert: np.ndarray) -> np.ndarray:
         """The actor each token goes to: its expert's n-th token goes to copy n mod the number of copies."""

@@ -130,6 +130,10 @@ class ExpertLink:
         if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
             self._on_lost(view.status if not view.actors else "their fleet started again")
         elif not ready and view.actors:
+            if view.fleet_id == self._fleet_id and call(self.fleet.replace_dead.remote(view.fleet_id),
+                                                        FLEET_POLL_S + LINK_CHECK_S):
+                self.status = "expert actors dead for good; their fleet is starting them again"
+                return False
             self.dispatcher.use(view.actors, *self.local_experts(view.actors), owners=view.placement.owners())
             self.placement = view.placement
             self._fleet_id = view.fleet_id

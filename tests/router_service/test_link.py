@@ -15,11 +15,14 @@ PLACED = SimpleNamespace(owners=lambda: {})  # a fleet's placement of its actors
 
 
 class StandInFleet:
-    """Answers `fleet.actors.remote(wait_s).result()` with `view`, or raises `error`."""
+    """Answers `fleet.actors.remote(wait_s).result()` with `view`, or raises `error`, and
+    `fleet.replace_dead.remote(fleet_id).result()` with `replacing` (whether it starts dead actors again)."""
 
     def __init__(self, view: FleetActors):
-        self.view, self.error = view, None
+        self.view, self.error, self.replacing = view, None, False
         self.actors = self
+        self.replace_dead = SimpleNamespace(remote=lambda fleet_id: SimpleNamespace(
+            result=lambda timeout_s: self.replacing))
 
     def remote(self, wait_s: float):
         time.sleep(0.02)  # a real fleet waits for its load; this one must not spin the link
@@ -77,6 +80,13 @@ def test_link_follows_its_fleet():
         fleet.view = FleetActors(["actor 4", "actor 5"], "ready", "third", SERVES, PLACED)
         assert wait_for(lambda: dispatcher.actors == ["actor 4", "actor 5"], 2 * LINK_CHECK_S + 2)
         assert link.ready.is_set()
+
+        # An actor dead for good, which the fleet still hands out: the link asks it to start that one again.
+        fleet.replacing = True
+        dispatcher.on_lost(RuntimeError("actor 5 killed"))
+        assert wait_for(lambda: "their fleet is starting them again" in link.status, 5)
+        fleet.replacing, fleet.view = False, FleetActors(["actor 4", "actor 6"], "ready", "fourth", SERVES, PLACED)
+        assert link.wait(2 * LINK_CHECK_S + 2) and dispatcher.actors == ["actor 4", "actor 6"]
     finally:
         link.close()
 

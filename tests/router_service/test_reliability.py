@@ -1,7 +1,7 @@
 """Losing expert actors or the fleet that owns them, with the fault injected into a call in flight
 (ExpertActor.inject_fault): a restarted actor costs a retry, not a request; one gone for good fails the requests
-in its batch at once (UNAVAILABLE when served); a fleet that dies comes back by itself with new actors, and
-leaves nothing of the old ones behind."""
+in its batch at once (UNAVAILABLE when served), and its fleet starts it again; a fleet that dies comes back by itself
+with new actors, and leaves nothing of the old ones behind."""
 
 from __future__ import annotations
 
@@ -74,6 +74,23 @@ def test_actor_gone_for_good_fails_its_requests_at_once(ray_cluster, checkpoint)
         thread.join(60)
         assert time.monotonic() - started < 20
     assert isinstance(result.get("error"), ray.exceptions.RayActorError)
+
+
+def test_an_actor_gone_for_good_is_started_again_by_its_fleet_the_others_kept(ray_cluster, checkpoint):
+    """Ray starts again an actor that dies, but not one killed for good or whose restart failed (its checkpoint
+    missing on the node it was moved to, say): the batch that needed it fails, then its fleet starts that actor
+    again, keeping the others, and the same prompts give the same tokens. Fails if the fleet goes on handing out
+    the dead actor (every request after failing)."""
+    path, reference = checkpoint
+    with SwitchCluster(path, placement=PACKING, local_experts=False) as model:
+        pids = [info["pid"] for info in model.actor_info()]
+        ray.kill(model.actors[1], no_restart=True)
+        with pytest.raises(ray.exceptions.RayActorError):
+            model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)  # waits for the actor started again
+        now = [info["pid"] for info in model.actor_info()]
+    assert now[1] != pids[1] and now[:1] + now[2:] == pids[:1] + pids[2:]
+    assert [o.token_ids for o in outputs] == reference
 
 
 def test_fleet_that_dies_comes_back_with_new_actors(ray_cluster, checkpoint):
