@@ -51,8 +51,7 @@ class Scheduler:
 
     @property
     def num_active(self) -> int:
-        """Sequences decoding, or being encoded to join the batch."""
-        return len(self.batcher.active) + self.batcher.joining
+        return len(self.batcher.active)
 
     @property
     def num_waiting(self) -> int:

@@ -93,9 +93,8 @@ class SlowFront(CrashingFront):
 
 def test_requests_being_encoded_keep_their_rooms_in_the_batch():
     """While a pass encodes the requests joining the batch, they are neither waiting nor decoding, but they hold
-    their rows (and count as active): the queue lets in no more than its limit. Fails if they are counted nowhere
-    (requests let in beyond the limit would wait out a whole batch, instead of being refused and retried on another
-    replica)."""
+    their rows: the queue lets in no more than its limit. Fails if they are counted nowhere (requests let in beyond
+    the limit would wait out a whole batch, instead of being refused and retried on another replica)."""
     front = SlowFront()
     scheduler = Scheduler(ContinuousBatcher(front, max_sequences=4), max_waiting=2)
     for _ in range(4):
@@ -103,7 +102,6 @@ def test_requests_being_encoded_keep_their_rooms_in_the_batch():
     scheduler._wake.set()
     assert front.encoding.wait(10)
     try:
-        assert (scheduler.num_active, scheduler.num_waiting) == (4, 0)  # as ModelInfo tells them
         with pytest.raises(QueueFull):
             scheduler.check_room(3)
         scheduler.check_room(2)
