@@ -223,11 +223,10 @@ def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_
             serve.delete(APP_NAME)  # the fronts drain first,
             serve.delete(FLEET_APP)  # then the fleet releases its actors and placement group
     finally:
-        if owns_ray and address is None:  # everything goes with Ray (Serve's own shutdown logs failed tasks)
+        # A Ray started here takes everything with it (Serve's own shutdown would log failed tasks); a cluster joined
+        # outlives this process, and Serve's controller with it.
+        if owns_serve and not (owns_ray and address is None):
+            serve.shutdown()
+        if owns_ray:
             ray.shutdown()
-        else:  # a cluster joined outlives this process, Serve's controller with it
-            if owns_serve:
-                serve.shutdown()
-            if owns_ray:
-                ray.shutdown()
 

@@ -82,6 +82,12 @@ def _read_header(path: Path) -> dict:
     return header
 
 
+def _shard_tensors(folder: Path, file: str) -> dict[str, TensorInfo]:
+    """The tensors of the shard `file` of `folder`, as its checked header describes them."""
+    return {name: TensorInfo(file, tuple(entry["shape"]), entry["dtype"])
+            for name, entry in _read_header(folder / file).items()}
+
+
 def _well_formed(entry) -> bool:
     """A safetensors header entry: {"dtype": str, "shape": [int >= 0, ...], "data_offsets": [start, end]}."""
     def counts(values) -> bool:
@@ -159,8 +165,7 @@ class SwitchCheckpoint:
             shard = path / file
             if not shard.is_file():
                 raise CheckpointError(f"{shard}: listed in {INDEX_FILE} but missing")
-            for name, entry in _read_header(shard).items():
-                tensors[name] = TensorInfo(file, tuple(entry["shape"]), entry["dtype"])
+            tensors |= _shard_tensors(path, file)
         for name, file in weight_map.items():
             if name not in tensors or tensors[name].file != file:
                 raise CheckpointError(f"{path / file}: tensor {name} is listed in {INDEX_FILE} but not in the file")
@@ -208,10 +213,9 @@ class SwitchCheckpoint:
         path = self.path / file
         if not path.is_file():
             raise CheckpointError(f"{path}: missing on node {platform.node()}, where the checkpoint is read")
-        header = _read_header(path)
+        here = _shard_tensors(self.path, file)
         for name in names:
-            was, entry = self.tensors[name], header.get(name)
-            now = None if entry is None else TensorInfo(file, tuple(entry["shape"]), entry["dtype"])
+            was, now = self.tensors[name], here.get(name)
             if now != was:
                 found = "missing" if now is None else f"{now.dtype} {list(now.shape)}"
                 raise CheckpointError(f"{path}: tensor {name} is {found} on node {platform.node()}, "

@@ -173,11 +173,17 @@ def stats_json(counts: dict[tuple[str, int], list[int]]) -> dict[str, list[int]]
 def read_stats(path: str) -> dict[ExpertKey, float]:
     """Token counts as `{"encoder.1": [tokens per expert], ...}` (what the running cluster reports)."""
     raw = json.loads(Path(path).read_text())
+
+    def refused(found) -> PlanError:
+        return PlanError(f"stats: {path}: expected {{\"encoder.1\": [tokens per expert], ...}}, got "
+                         f"{json.dumps(found)[:80]}")
+
+    if not isinstance(raw, dict):
+        raise refused(raw)
     stats = {}
-    for layer, counts in raw.items() if isinstance(raw, dict) else [(None, None)]:
-        stack, _, index = str(layer).partition(".")
+    for layer, counts in raw.items():
+        stack, _, index = layer.partition(".")
         if not (index.isdigit() and isinstance(counts, list) and all(isinstance(n, (int, float)) for n in counts)):
-            raise PlanError(f"stats: {path}: expected {{\"encoder.1\": [tokens per expert], ...}}, got "
-                            f"{json.dumps(layer)}: {json.dumps(counts)[:80]}")
+            raise refused({layer: counts})
         stats |= {(stack, int(index), e): float(n) for e, n in enumerate(counts)}
     return stats
