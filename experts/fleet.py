@@ -35,9 +35,13 @@ ROOM_POLL_S = 10.0
 FLEET_CALLERS = 16
 
 
-def node_cpus_largest_first() -> list[float]:
-    """The CPUs of each live node of the running Ray cluster, largest first."""
-    return sorted((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), reverse=True)
+def node_cpus_largest_first(needs: dict[str, float] | None = None) -> list[float]:
+    """The CPUs of each live node of the running Ray cluster that has at least `needs` of each of its resources
+    (GPUs, custom resources), largest first."""
+    needs = needs or {}
+    return sorted((n["Resources"].get("CPU", 0.0) for n in ray.nodes()
+                   if n["Alive"] and all(n["Resources"].get(name, 0.0) >= amount for name, amount in needs.items())),
+                  reverse=True)
 
 
 def this_node_cpus() -> int:
@@ -51,10 +55,11 @@ def this_node_cpus() -> int:
 
 def for_cluster(config: PlacementConfig) -> PlacementConfig:
     """`config` with `cpus` read from the running Ray cluster where the packing needs it: the CPUs of the
-    `nodes` largest nodes."""
+    `nodes` largest nodes that have the resources an actor asks for."""
     if config.gpus or config.experts_per_actor or config.cpus or not ray.is_initialized():
         return config
-    return config.model_copy(update={"cpus": max(1, int(sum(node_cpus_largest_first()[:config.nodes])))})
+    sizes = node_cpus_largest_first(config.actor_resources)
+    return config.model_copy(update={"cpus": max(1, int(sum(sizes[:config.nodes])))})
 
 
 def served_placement(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str,
@@ -66,13 +71,20 @@ def served_placement(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtyp
     return for_cluster(config).place(checkpoint.config, expert_format(dtype, quantize))
 
 
-def actor_cpus(placement: Placement) -> float:
+def actor_cpus(placement: Placement, resources: dict[str, float]) -> float:
     """CPUs each expert actor asks for: a fair share of the CPUs of the weakest node it needs, one share left for a
-    front (fronts ask for none: they take turns with the experts), at most one.
+    front (fronts ask for none: they take turns with the experts), at most one. The nodes counted are those that
+    could hold a node's bundle of GPUs and of `resources` (each actor's custom resources): a GPU node's CPUs size the
+    actors on GPUs, however many CPUs the nodes without GPUs have.
 
     An actor asking for more than a node has stays pending, so small machines get fractions. Read from the
     nodes' sizes, not from what is free at the time, so that a fleet started again asks for the same."""
-    sizes = node_cpus_largest_first()
+    needs = {}
+    for bundle in bundles(placement, 0.0, resources):
+        for name, amount in bundle.items():
+            if name != "CPU":
+                needs[name] = max(needs.get(name, 0.0), amount)
+    sizes = node_cpus_largest_first(needs)
     weakest = sizes[placement.nodes - 1] if len(sizes) >= placement.nodes else 0.0
     per_node = max(sum(1 for a in placement.actors if a.node == node) for node in range(placement.nodes))
     return max(0.01, min(1.0, round(weakest / (per_node + 1), 2)))
@@ -153,7 +165,7 @@ class ExpertFleet:
 
     def _start(self) -> None:
         try:
-            cpus = actor_cpus(self.placement)
+            cpus = actor_cpus(self.placement, self.actor_resources)
             wanted = bundles(self.placement, cpus, self.actor_resources)
             with self._lock:
                 if self._released:

@@ -266,6 +266,11 @@ class PendingDispatch:
             except ray.exceptions.GetTimeoutError:
                 ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=0)
                 late = [a for a, call in zip(self.called, self.calls) if call not in ready]
+                # Left queued for an actor that is restarting, they would run once it is back, ahead of the calls
+                # that still matter. (Ray runs a call already sent to a live actor all the same.)
+                for call in self.calls:
+                    if call not in ready:
+                        ray.cancel(call)
                 raise ExpertsUnavailable(f"expert actors {late} did not answer {self.stack} layer {self.layer} "
                                          f"within {d.timeout_s:g} s (restarting, or no room to restart them)") from None
             except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them

@@ -15,7 +15,7 @@ def test_a_fleet_whose_load_failed_says_so_to_its_fronts_and_to_serve(tmp_path, 
     fails, so that Serve starts a new fleet, which tries again."""
     write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
 
-    def no_room(placement):
+    def no_room(placement, resources):
         raise RuntimeError("no node has room for the expert actors")
 
     monkeypatch.setattr(fleet, "actor_cpus", no_room)
@@ -32,16 +32,40 @@ def test_expert_actors_leave_a_share_of_the_weakest_node_for_a_front(monkeypatch
     alone, or size themselves by another node than the weakest."""
     placement = Placement.packed(tiny_config(num_experts=8), 1, nodes=2)
     assert [sum(1 for a in placement.actors if a.node == n) for n in range(2)] == [4, 4]
-    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda: [64.0, 3.0])
-    assert fleet.actor_cpus(placement) == 0.6
-    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda: [64.0, 64.0])
-    assert fleet.actor_cpus(placement) == 1.0
+    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda needs: [64.0, 3.0])
+    assert fleet.actor_cpus(placement, {}) == 0.6
+    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda needs: [64.0, 64.0])
+    assert fleet.actor_cpus(placement, {}) == 1.0
+
+
+def nodes(*resources: dict) -> list[dict]:
+    """Live nodes as `ray.nodes()` lists them."""
+    return [{"Alive": True, "Resources": r, "NodeID": str(i)} for i, r in enumerate(resources)]
+
+
+def test_expert_actors_are_sized_by_the_nodes_that_could_hold_them(monkeypatch):
+    """Actors on GPUs, or asking for a custom resource, are sized by the CPUs of the nodes that have it, not by
+    larger nodes that could never hold them: four actors sharing each of two GPUs on nodes of 2 CPUs and 1 GPU, beside
+    CPU-only nodes of 96, ask for a fifth of 2 CPUs each (a bundle of 4 CPUs, one each, would wait forever). Fails
+    if the nodes without the resource count."""
+    cluster = [{"Alive": True, "Resources": r} for r in
+               ({"CPU": 96.0}, {"CPU": 96.0}, {"CPU": 2.0, "GPU": 1.0, "accel": 1.0}, {"CPU": 2.0, "GPU": 1.0})]
+    monkeypatch.setattr(fleet.ray, "nodes", lambda: cluster)
+    on_gpus = PlacementConfig(gpus=2, nodes=2, actors_per_gpu=4).place(tiny_config(num_experts=8), "fp32")
+    assert fleet.actor_cpus(on_gpus, {}) == 0.4
+    assert fleet.bundles(on_gpus, 0.4, {}) == [{"CPU": 1.6, "GPU": 1.0}] * 2
+    packed = Placement.packed(tiny_config(num_experts=8), 4)  # two actors on one node
+    assert fleet.actor_cpus(packed, {}) == 1.0
+    assert fleet.actor_cpus(packed, {"accel": 0.5}) == 0.67
+    monkeypatch.setattr(fleet.ray, "is_initialized", lambda: True)
+    assert fleet.for_cluster(PlacementConfig(actor_resources={"accel": 0.5})).cpus == 2
+    assert fleet.for_cluster(PlacementConfig()).cpus == 96
 
 
 def test_the_default_packing_reads_the_cpus_of_the_running_cluster(monkeypatch):
     """With Ray up and neither gpus, experts_per_actor nor cpus set, the packing is for the CPUs of the `nodes`
     largest nodes; anything set, or no Ray, leaves the config as it is. Fails if the cluster's CPUs go unread."""
-    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda: [6.0, 4.0, 2.0])
+    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda needs: [6.0, 4.0, 2.0])
     monkeypatch.setattr(fleet.ray, "is_initialized", lambda: True)
     assert fleet.for_cluster(PlacementConfig()).cpus == 6
     assert fleet.for_cluster(PlacementConfig(nodes=2)).cpus == 10
@@ -62,7 +86,8 @@ def test_a_fleet_given_its_placement_does_not_plan_it_again(tmp_path, monkeypatc
         raise AssertionError("planned again")
 
     monkeypatch.setattr(fleet, "served_placement", planning)
-    monkeypatch.setattr(fleet, "actor_cpus", lambda placement: 1 / 0)  # no actors: their start is not the point
+    # No actors: their start is not the point.
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 1 / 0)
     given = fleet.ExpertFleet(checkpoint, PlacementConfig(experts_per_actor=2), "float32", placement=planned)
     assert given.placement is planned
     with pytest.raises(ZeroDivisionError):
@@ -81,7 +106,7 @@ def test_a_fleet_released_while_it_waits_for_room_reports_no_failure(tmp_path, m
             fleets[0].release()
             raise RuntimeError("placement group removed")
 
-    monkeypatch.setattr(fleet, "actor_cpus", lambda placement: 1.0)
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 1.0)
     monkeypatch.setattr(fleet, "_remove_group_named", lambda name: None)
     monkeypatch.setattr(fleet, "placement_group", lambda bundles, strategy, name: Group())
     monkeypatch.setattr(fleet, "remove_placement_group", lambda group: None)

@@ -132,3 +132,25 @@ def test_a_call_that_finds_its_actor_dead_tells_the_link_and_fails(monkeypatch):
     with pytest.raises(ray.exceptions.RayActorError):
         dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 0]), None).result()
     assert len(lost) == 1 and isinstance(lost[0], ray.exceptions.RayActorError)
+
+
+def test_calls_that_time_out_are_cancelled_and_the_late_actors_named(monkeypatch):
+    """A sparse layer whose actors do not answer within the restart timeout fails, naming them, and cancels its calls
+    still out: left queued on an actor that is restarting, they would be computed for nothing once it is back, ahead
+    of the next requests' calls. Fails if a late call is left queued, or one that answered is cancelled."""
+    import ray
+
+    def late(refs, timeout=None):
+        raise ray.exceptions.GetTimeoutError()
+
+    cancelled = []
+    monkeypatch.setattr(dispatch.ray, "get", late)
+    monkeypatch.setattr(dispatch.ray, "wait", lambda refs, num_returns, timeout: ([refs[0]], refs[1:]))
+    monkeypatch.setattr(dispatch.ray, "cancel", cancelled.append)
+    dispatcher = ExpertDispatcher([RecordingActor(i, []) for i in range(3)], {LAYER: {0: [0], 1: [1], 2: [2]}},
+                                  num_experts=3, timeout_s=20)
+    pending = dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 2]), None)
+    with pytest.raises(dispatch.ExpertsUnavailable, match=r"expert actors \[1, 2\] did not answer decoder layer 1 "
+                                                          r"within 20 s"):
+        pending.result()
+    assert cancelled == pending.calls[1:]
