@@ -115,7 +115,9 @@ class ExpertActor:
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "device": str(self.device), "gpu_uuid": gpu_uuid(self.device), "experts": sorted(self.weights),
+                "device": str(self.device), "gpu_uuid": gpu_uuid(self.device),
+                "gpu_bytes": torch.cuda.get_device_properties(self.device).total_memory
+                if self.device.type == "cuda" else None, "experts": sorted(self.weights),
                 **self.loaded}
 
     def token_counts(self) -> dict[ExpertKey, int]:

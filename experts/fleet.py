@@ -24,6 +24,7 @@ from experts.actor import ExpertActor
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import KEPT_HEAP_ENV
 from experts.placement import Placement, PlacementConfig
+from experts.plan import parse_bytes
 from experts.spec import expert_format, expert_tensor_names
 from experts.wire import INLINE_ACTIVATIONS_ENV
 
@@ -129,6 +130,7 @@ class ExpertFleet:
         self.checkpoint, self.dtype, self.quantize = checkpoint, dtype, quantize
         self.placement = placement if placement is not None else served_placement(checkpoint, config, dtype, quantize)
         self.actor_resources = config.actor_resources
+        self.gpu_memory = parse_bytes(config.gpu_memory) if config.gpus else None  # what the plan sized each GPU by
         self.serves = fleet_name(checkpoint, config, dtype, quantize)
         # Names the placement group. Ray keeps a group until its creator's job ends, even when the creator dies,
         # so a fleet started again after its process died removes the group its predecessor left.
@@ -207,7 +209,9 @@ class ExpertFleet:
 
     def _wait_loaded(self, handles: list) -> None:
         try:
-            asyncio.run(_all_loaded(handles))  # a load failure surfaces here, not mid-request
+            infos = asyncio.run(_all_loaded(handles))  # a load failure surfaces here, not mid-request
+            if (smaller := smaller_gpus(infos, self.gpu_memory)) is not None:
+                log.warning("%s", smaller)
             with self._lock:
                 if not self._released:
                     self.state = "ready"
@@ -274,9 +278,24 @@ def dead_for_good(handles: list, timeout_s: float = 1.0) -> list[int]:
     return dead
 
 
-async def _all_loaded(handles: list) -> None:
+def smaller_gpus(infos: list[dict], planned_bytes: int | None) -> str | None:
+    """What to say where the actors' GPUs are smaller than the plan took them to be (`gpu_memory`): their experts
+    then leave less room for activations than planned, and a later batch may run out of memory."""
+    if not planned_bytes:
+        return None
+    # 5% short of it is not worth a word: an "80 GB" card holds 79.2 GiB, and the default is 80GiB.
+    small = [i for i, info in enumerate(infos)
+             if info["gpu_bytes"] is not None and info["gpu_bytes"] < 0.95 * planned_bytes]
+    if not small:
+        return None
+    least = min(infos[i]["gpu_bytes"] for i in small)
+    return (f"gpu_memory: the experts were planned for GPUs of {planned_bytes / 2**30:.1f} GiB, but expert actors "
+            f"{small} have GPUs of {least / 2**30:.1f} GiB or less: plan with their size")
+
+
+async def _all_loaded(handles: list) -> list[dict]:
     # Awaited rather than ray.get: Ray warns about blocking gets in a process that runs an event loop (Serve's).
-    await asyncio.gather(*[h.info.remote() for h in handles])
+    return await asyncio.gather(*[h.info.remote() for h in handles])
 
 
 def _kill(handles: list) -> None:

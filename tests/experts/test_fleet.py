@@ -120,3 +120,17 @@ def test_a_fleet_released_while_it_waits_for_room_reports_no_failure(tmp_path, m
     assert stopped.actors(wait_s=30).actors == []
     assert stopped.error is None and stopped.state == "released"
     stopped.check_health()
+
+
+def test_gpus_smaller_than_the_plan_took_them_to_be_are_named():
+    """The plan sized each GPU's experts by `gpu_memory`; actors on smaller cards are named once they have loaded
+    (their experts leave less room for activations than planned). A card a little under it (an "80 GB" H100 holds
+    79.2 GiB, against the default 80GiB), CPU actors and a plan without GPUs say nothing. Fails if the card's size goes
+    unread."""
+    gib = 2**30
+    infos = [{"gpu_bytes": 79.2 * gib}, {"gpu_bytes": 40 * gib}, {"gpu_bytes": None}, {"gpu_bytes": 24 * gib}]
+    said = fleet.smaller_gpus(infos, 80 * gib)
+    assert said == ("gpu_memory: the experts were planned for GPUs of 80.0 GiB, but expert actors [1, 3] have GPUs of "
+                    "24.0 GiB or less: plan with their size")
+    assert fleet.smaller_gpus(infos[:1] + infos[2:3], 80 * gib) is None
+    assert fleet.smaller_gpus(infos, None) is None
