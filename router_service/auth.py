@@ -26,8 +26,10 @@ def load_api_key(path: str | None) -> str | None:
 def presented_key(metadata) -> str | None:
     """The key from `authorization: Bearer KEY` or `x-api-key: KEY` (gRPC metadata or HTTP headers)."""
     for name, value in metadata:
-        if name.lower() == "authorization" and value.startswith("Bearer "):
-            return value[len("Bearer "):]
+        if name.lower() == "authorization":
+            scheme, _, key = value.partition(" ")
+            if scheme.lower() == "bearer":  # a scheme's case does not count (RFC 9110)
+                return key.strip()
         if name.lower() == "x-api-key":
             return value
     return None

@@ -122,6 +122,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop the tokens outside the smallest set whose probability reaches top_p; always keep the first.
         outside = cumulative - sorted_logits.softmax(-1) >= params.top_p
+        outside[0] = False  # top_p 0
         logits = logits.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 

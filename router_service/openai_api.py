@@ -6,7 +6,6 @@ with the status OpenAI would use. The server maps them onto the same batcher as 
 from __future__ import annotations
 
 import base64
-import time
 import uuid
 from collections.abc import Callable
 from typing import Literal
@@ -56,7 +55,8 @@ STRICT = ConfigDict(extra="forbid", strict=True)
 class StreamOptions(BaseModel):
     model_config = STRICT
 
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage; every chunk before it has "usage": null
+    include_obfuscation: bool = False  # accepted and unused: chunks carry no padding against length side channels
 
 
 class CompletionRequest(BaseModel):
@@ -69,7 +69,7 @@ class CompletionRequest(BaseModel):
     prompt: Prompts
     max_tokens: int | None = Field(None, ge=1)  # None: DEFAULT_MAX_TOKENS
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -183,10 +183,12 @@ def models_list(model_id: str, created: int) -> dict:
     return {"object": "list", "data": [model_card(model_id, created)]}
 
 
-def completion(cid: str, model_id: str, choices: list[dict], usage: dict | None) -> dict:
-    out = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
-           "choices": choices}
-    if usage is not None:
+def completion(cid: str, created: int, model_id: str, choices: list[dict], usage: dict | None,
+               with_usage: bool = True) -> dict:
+    """A completion, or a chunk of one (all of a stream's with the same `cid` and `created`); `usage` is left out where
+    it is None and not `with_usage` (a stream's chunks without include_usage)."""
+    out = {"id": cid, "object": "text_completion", "created": created, "model": model_id, "choices": choices}
+    if usage is not None or with_usage:
         out["usage"] = usage
     return out
 

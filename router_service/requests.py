@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from router_service.config import EngineConfig
@@ -36,7 +34,8 @@ class SamplingParams(BaseModel):
     temperature: float = Field(0.0, description="0: greedy; otherwise sample (0.01 to 100)")
     top_k: int = Field(0, description="sample among the k most likely tokens (0: off)")
     top_p: float = Field(1.0, description="sample among the most likely tokens whose probability adds up to p "
-                                          "(1: off); applied after temperature and top_k, as transformers does")
+                                          "(1: off; 0: the most likely alone); applied after temperature and top_k, "
+                                          "as transformers does")
     seed: int | None = Field(None, description="makes sampling reproducible (default: a fresh random seed)")
     stop_token_ids: tuple[int, ...] = Field((), description="end on any of these (finish_reason stop)")
     top_logprobs: int = Field(0, description="record this many most likely tokens and their log-probabilities at "
@@ -79,8 +78,8 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     if top_k < 0:
         raise InvalidRequest("top_k", f"must be 0 (off) or positive, got {top_k}")
     top_p = defaults.top_p if top_p is None else float(top_p)
-    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-        raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p}")
+    if not 0.0 <= top_p <= 1.0:  # NaN too
+        raise InvalidRequest("top_p", f"must be between 0 and 1, got {top_p}")
     if seed is not None and not 0 <= seed < 2**63:
         raise InvalidRequest("seed", f"must be between 0 and 2**63 - 1, got {seed}")
     bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]

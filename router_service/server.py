@@ -204,6 +204,28 @@ def to_json(message) -> dict:
                                      always_print_fields_with_no_presence=True)
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events. Where the response ends before its events are read (the client gone as the headers went
+    out), their generator never starts, so its own clean-up never runs: `unread` does it then."""
+
+    def __init__(self, events: AsyncIterator[str], unread: Callable[[], Coroutine]):
+        self.read, self.unread = False, unread
+        super().__init__(self._reading(events), media_type="text/event-stream")
+
+    async def _reading(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        self.read = True
+        async with aclosing(events):
+            async for event in events:
+                yield event
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.read:
+                await self.unread()
+
+
 async def sse_events(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChunk],
                      finished: Callable[[BaseException | None], None]) -> AsyncIterator[str]:
     try:
@@ -379,16 +401,17 @@ class SwitchServer:
                                   stop_token_ids=list(request.stop_token_ids), routing=request.return_routing,
                                   **optional)
 
-    async def _embed(self, inputs: list[tuple[list[int], str]], pooling: str, field: str) -> list[Sequence]:
-        """Encode each (prompt ids, its field) in the batch's encoder passes, beside the prompts of generation
+    async def _embed(self, inputs: list[tuple[str | list[int], str]], pooling: str, field: str) -> list[Sequence]:
+        """Encode each (text or prompt ids, its field) in the batch's encoder passes, beside the prompts of generation
         requests; their sequences, each with its `embedding`, in input order. `field` names the inputs."""
         if not inputs:
             raise InvalidRequest(field, "at least one input is needed")
         pooling = check_pooling(pooling)
+        self.scheduler.check_room(len(inputs), field)  # before any is tokenized: a request of too many costs nothing
         vocab = self.cluster.checkpoint.config.vocab_size
-        sequences = [Sequence(check_prompt(ids, vocab, self.config, name), pooling=pooling) for ids, name in inputs]
+        sequences = [Sequence(check_prompt(self.cluster.encode_text(item, name) if isinstance(item, str) else item,
+                                           vocab, self.config, name), pooling=pooling) for item, name in inputs]
         self.cluster.check_experts()
-        self.scheduler.check_room(len(sequences), field)
 
         async def run(seq: Sequence) -> None:
             async with aclosing(self.scheduler.stream(seq)) as updates:
@@ -510,8 +533,7 @@ class SwitchServer:
                     if bool(item.text) == bool(item.input_ids):
                         raise InvalidRequest(f"inputs[{i}]", "give exactly one of text and input_ids")
                     name = f"inputs[{i}].text" if item.text else f"inputs[{i}].input_ids"
-                    inputs.append((self.cluster.encode_text(item.text, name) if item.text else list(item.input_ids),
-                                   name))
+                    inputs.append((item.text or list(item.input_ids), name))
                 sequences = await self._embed(inputs, request.pooling or DEFAULT_POOLING, "inputs")
         except Exception as e:
             set_grpc_error(grpc_context, e)
@@ -567,7 +589,11 @@ class SwitchServer:
                 first = await anext(chunks)  # bad input and a full queue still get their HTTP status
         except Exception as e:
             return http_error(e)
-        return StreamingResponse(sse_events(first, chunks, self._finished), media_type="text/event-stream")
+        async def unread() -> None:
+            await chunks.aclose()  # its sequence out of the batch
+            self._finished(asyncio.CancelledError())
+
+        return EventStream(sse_events(first, chunks, self._finished), unread)
 
     @http_app.get("/v1/model")
     async def http_model(self, request: Request):
@@ -627,8 +653,11 @@ class SwitchServer:
                     raise first
         except Exception as e:
             return openai_error(e)
-        return StreamingResponse(self._completion_events(completion_request, choices, events, first, following),
-                                 media_type="text/event-stream")
+        async def unread() -> None:
+            following.cancel()  # its choices out of the batch
+            self._finished(asyncio.CancelledError())
+
+        return EventStream(self._completion_events(completion_request, choices, events, first, following), unread)
 
     @http_app.post("/v1/embeddings")
     async def openai_embeddings(self, request: Request):
@@ -638,11 +667,8 @@ class SwitchServer:
                 d_model = self.cluster.checkpoint.config.d_model
                 embed_request = parse_embedding_request(await json_body(request, not_openai_json), self.model_id,
                                                         d_model)
-                many = len(embed_request.inputs()) > 1
-                inputs = []
-                for i, item in enumerate(embed_request.inputs()):
-                    name = f"input[{i}]" if many else "input"
-                    inputs.append((self.cluster.encode_text(item, name) if isinstance(item, str) else item, name))
+                items = embed_request.inputs()
+                inputs = [(item, f"input[{i}]" if len(items) > 1 else "input") for i, item in enumerate(items)]
                 sequences = await self._embed(inputs, embed_request.pooling, "input")
         except Exception as e:
             return openai_error(e)
@@ -657,16 +683,17 @@ class SwitchServer:
                                    "with token ids", "prompt")
         max_tokens = (min(DEFAULT_MAX_TOKENS, self.config.max_new_tokens) if request.max_tokens is None
                       else request.max_tokens)
-        out = []
-        for i, prompt in enumerate(request.prompts()):
-            field = "prompt" if len(request.prompts()) == 1 else f"prompt[{i}]"
+        prompts, out = request.prompts(), []
+        # Before any is tokenized: a request of too many costs nothing.
+        self.scheduler.check_room(len(prompts) * request.n, "n" if len(prompts) == 1 else "prompt")
+        for i, prompt in enumerate(prompts):
+            field = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             ids = self.cluster.encode_text(prompt, field) if isinstance(prompt, str) else prompt
             for j in range(request.n):
                 out.append(self._new_sequence(
                     ids, field, request.stop_strings(), max_new_tokens=max_tokens, temperature=request.temperature,
                     top_p=request.top_p, seed=None if request.seed is None else (request.seed + j) % 2**63,
                     top_logprobs=request.logprobs or 0))
-        self.scheduler.check_room(len(out), "n" if len(request.prompts()) == 1 else "prompt")
         return out
 
     def _logprobs(self, request: CompletionRequest, before: list[int], piece: Piece, offset: int) -> dict | None:
@@ -688,7 +715,7 @@ class SwitchServer:
             return answer, len(whole.token_ids)
 
         results = await all_or_first_error(one(i, seq, stop) for i, (seq, stop) in enumerate(choices))
-        return completion(completion_id(), self.model_id, [c for c, _ in results],
+        return completion(completion_id(), int(time.time()), self.model_id, [c for c, _ in results],
                           usage(prompt_tokens(request, choices), sum(n for _, n in results)))
 
     async def _follow_choices(self, choices: list[tuple[Sequence, tuple]], events: asyncio.Queue) -> None:
@@ -708,7 +735,8 @@ class SwitchServer:
         """Server-sent events from `_follow_choices`' `events`, the `first` taken already: a chunk per piece and
         choice, the usage if asked, then `data: [DONE]`; a failure is the last event (the headers are gone). A client
         gone ends the choices."""
-        cid, generated, done = completion_id(), 0, 0
+        cid, created, generated, done = completion_id(), int(time.time()), 0, 0
+        with_usage = request.stream_options is not None and request.stream_options.include_usage
         before, offsets = [[] for _ in choices], [0] * len(choices)  # each choice's tokens and logprobs' text so far
         try:
             with counting_failures(self._finished):
@@ -722,15 +750,17 @@ class SwitchServer:
                         offsets[index] += sum(len(text) for text in logprobs["tokens"])
                     before[index] += piece.token_ids
                     generated += len(piece.token_ids)
-                    body = completion(cid, self.model_id, [choice(index, piece.text, finish_reason(piece.finish_reason),
-                                                                  logprobs)], None)
+                    body = completion(cid, created, self.model_id,
+                                      [choice(index, piece.text, finish_reason(piece.finish_reason), logprobs)], None,
+                                      with_usage)
                     yield f"data: {json.dumps(body)}\n\n"
                     done += piece.finish_reason is not None
                     if done == len(choices):
                         break
                     event = await events.get()
-                if request.stream_options is not None and request.stream_options.include_usage:
-                    body = completion(cid, self.model_id, [], usage(prompt_tokens(request, choices), generated))
+                if with_usage:
+                    total = usage(prompt_tokens(request, choices), generated)
+                    body = completion(cid, created, self.model_id, [], total)
                     yield f"data: {json.dumps(body)}\n\n"
         except Exception as e:  # the headers are gone: the error becomes the last event
             yield f"data: {json.dumps(as_openai_error(e).body())}\n\n"

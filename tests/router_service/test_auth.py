@@ -24,7 +24,9 @@ def test_the_key_comes_from_the_file_else_the_environment(tmp_path, monkeypatch)
     ([("Authorization", "Bearer s3cret")], "s3cret"),  # HTTP header names are case-insensitive
     ([("x-api-key", "s3cret")], "s3cret"),
     ([("user-agent", "curl"), ("X-API-Key", "s3cret")], "s3cret"),
+    ([("authorization", "bearer s3cret")], "s3cret"),  # nor is the scheme's
     ([("authorization", "Basic czNjcmV0")], None),  # not a bearer token
+    ([("grpc-trace-bin", b"\x00\x01"), ("authorization", "Bearer s3cret")], "s3cret"),  # binary metadata passed over
     ([], None),
 ])
 def test_presented_key(metadata, key):

@@ -117,6 +117,8 @@ def test_sampling_cuts():
     assert {sample(logits, top1, torch.Generator().manual_seed(s)) for s in range(20)} == {1}
     nucleus = SamplingParams(temperature=1.0, top_p=0.8)  # token 1 has ~0.64, with token 2 ~0.87: keep both
     assert {sample(logits, nucleus, torch.Generator().manual_seed(s)) for s in range(200)} == {1, 2}
+    nucleus = SamplingParams(temperature=1.0, top_p=0.0)  # the most likely alone
+    assert {sample(logits, nucleus, torch.Generator().manual_seed(s)) for s in range(200)} == {1}
     # The temperature divides the logits: cold, token 2's chance (e^-10) is nil; hot, every token comes.
     cold, hot = SamplingParams(temperature=0.1), SamplingParams(temperature=100.0)
     assert {sample(logits, cold, torch.Generator().manual_seed(s)) for s in range(200)} == {1}

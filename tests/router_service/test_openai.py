@@ -79,12 +79,19 @@ def test_async_client_and_token_id_prompts(served):
 
 def test_streaming_equals_unary_and_reports_usage(served, client):
     unary = client.completions.create(model=served["model"], prompt=PROMPTS[2], max_tokens=10, temperature=0)
+    # include_obfuscation, which the client's types offer, is taken (and there is no padding to leave out)
+    options = {"include_usage": True, "include_obfuscation": False}
     chunks = list(client.completions.create(model=served["model"], prompt=PROMPTS[2], max_tokens=10, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+                                            stream=True, stream_options=options))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == unary.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    # With include_usage, every chunk before the last has "usage": null, as OpenAI's; all have one id and time.
+    assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1])
+    assert len({(c.id, c.created) for c in chunks}) == 1
+    plain = list(client.completions.create(model=served["model"], prompt=PROMPTS[2], max_tokens=3, stream=True))
+    assert not any("usage" in c.model_fields_set for c in plain)
 
 
 def test_n_choices_sampled_with_a_seed_are_reproducible(served, client):
@@ -287,6 +294,63 @@ def test_a_model_without_a_tokenizer_refuses_text_it_cannot_make():
     with pytest.raises(OpenAIError) as e:
         replica._completion_choices(server, CompletionRequest(model="m", prompt=[5, 9, 1]))
     assert e.value.status == 400 and e.value.param == "prompt"
+
+
+def test_a_request_of_too_many_choices_is_refused_before_any_prompt_is_tokenized():
+    """The room for a request's sequences (prompts times n) is checked first: a request of many prompts costs the
+    replica's event loop nothing before it is refused. Fails if the prompts are tokenized first."""
+    from types import SimpleNamespace
+
+    from router_service.openai_api import CompletionRequest
+    from router_service.requests import InvalidRequest
+    from router_service.server import SwitchServer
+
+    asked, tokenized = [], []
+
+    def check_room(count, field):
+        asked.append((count, field))
+        raise InvalidRequest(field, "more than this server takes at once")
+
+    server = SimpleNamespace(has_tokenizer=True, config=ServerConfig(model="unused"),
+                             scheduler=SimpleNamespace(check_room=check_room),
+                             cluster=SimpleNamespace(encode_text=lambda text, field: tokenized.append(text)))
+    with pytest.raises(InvalidRequest):
+        SwitchServer.func_or_class._completion_choices(server, CompletionRequest(model="m", prompt=["x"] * 500, n=16))
+    assert asked == [(8000, "prompt")] and tokenized == []
+
+
+def test_a_stream_whose_client_left_before_its_first_event_ends_its_work():
+    """Where the client has gone as the headers go out, the events' generator never starts, so its clean-up (the
+    choices' decoding cancelled, the call counted) is the response's to do, once. Fails if it is left undone, or
+    done for a stream that was read."""
+    from router_service.server import EventStream
+
+    started, unread = [], []
+
+    async def events():
+        started.append(True)
+        yield "data: 1\n\n"
+
+    async def note_unread():
+        unread.append(True)
+
+    async def gone(message):
+        raise asyncio.CancelledError  # Serve cancels the call: its client has gone
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        await asyncio.sleep(60)
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(EventStream(events(), note_unread)(scope, receive, gone))
+    assert started == [] and unread == [True]
+    asyncio.run(EventStream(events(), note_unread)(scope, receive, send))
+    assert started == [True] and unread == [True] and sent[1]["body"] == b"data: 1\n\n"
 
 
 def test_a_choice_failing_mid_stream_ends_the_stream_with_the_error():
