@@ -54,14 +54,27 @@ def _resource(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}") from None
 
 
-def _positive(text: str) -> int:
+def _whole(text: str, least: int, most: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    if value < least or (most is not None and value > most):
+        raise argparse.ArgumentTypeError(f"must be at least {least}" + (f" and at most {most}" if most else "")
+                                         + f", got {text!r}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _count(text: str) -> int:
+    return _whole(text, 0)
+
+
+def _port(text: str) -> int:
+    return _whole(text, 1, 65535)
 
 
 def _int_list(text: str) -> list[int]:
@@ -143,8 +156,13 @@ def add_ingress_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_port_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grpc-port", type=int, default=GRPC_PORT, help=f"(default: {GRPC_PORT})")
-    parser.add_argument("--http-port", type=int, default=HTTP_PORT, help=f"(default: {HTTP_PORT})")
+    parser.add_argument("--grpc-port", type=_port, default=GRPC_PORT, help=f"(default: {GRPC_PORT})")
+    parser.add_argument("--http-port", type=_port, default=HTTP_PORT, help=f"(default: {HTTP_PORT})")
+
+
+def check_ports(args: argparse.Namespace) -> None:
+    if args.http_port == args.grpc_port:
+        raise ValueError(f"--http-port: {args.http_port} is --grpc-port's too; the two proxies need a port each")
 
 
 def resolve_model(model: str, weights: bool = True) -> str:
@@ -153,12 +171,10 @@ def resolve_model(model: str, weights: bool = True) -> str:
     return str(resolve_model(model, weights))
 
 
-def open_checkpoint(model: str) -> str:
-    """`model` resolved to a checkpoint folder that opens (a bad one fails here, naming the file, before anything
-    starts)."""
-    folder = resolve_model(model)
-    SwitchCheckpoint.open(folder)
-    return folder
+def open_checkpoint(model: str) -> SwitchCheckpoint:
+    """`model` resolved to a checkpoint folder, by its absolute path (what the processes Ray starts read, wherever
+    their working folder is), and opened: a bad one fails here, naming the file, before anything starts."""
+    return SwitchCheckpoint.open(Path(resolve_model(model)).resolve())
 
 
 def free_ports(**ports: int) -> None:
@@ -176,7 +192,7 @@ def free_ports(**ports: int) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     prompts = args.text if args.text is not None else args.input_ids
-    if args.text is None and (not isinstance(prompts, list) or not all(
+    if args.text is None and (not isinstance(prompts, list) or not prompts or not all(
             isinstance(p, list) and all(type(t) is int for t in p) for p in prompts)):
         raise ValueError("--input-ids: must be a JSON list of lists of token ids, e.g. [[13, 7, 1]]")
     sampling = given(args, SamplingParams)
@@ -185,8 +201,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         local_only = [*given(args, EngineConfig), *given(args, PlacementConfig)]
         if local_only:
-            raise ValueError(f"--{local_only[0].replace('_', '-')}: sets up the cluster that --model starts; the "
-                             "server at --address has its own")
+            flag = FLAG_NAMES.get(local_only[0], "--" + local_only[0].replace("_", "-"))
+            raise ValueError(f"{flag}: sets up the cluster that --model starts; the server at --address has its "
+                             "own")
 
         try:
             results = generate_remote(args.address, prompts, logprobs=args.logprobs,
@@ -205,6 +222,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for i, r in enumerate(results):
         shown = repr(r["text"]) if "text" in r else r["token_ids"]
         print(f"[{i}] {shown}  ({r['finish_reason']}, {len(r['token_ids'])} tokens, {r['dropped_tokens']} dropped)")
+        if "logprobs" in r:
+            print(f"    logprobs: {' '.join(f'{lp:.4f}' for lp in r['logprobs'])}")
+        if "routing" in r:
+            print(f"    routing: {json.dumps(r['routing'])}")
 
 
 def generate_local(config: EngineConfig, prompts: list, as_text: bool, logprobs: bool, sampling: dict) -> list[dict]:
@@ -223,20 +244,30 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import signal
     import threading
 
-    from cluster.app import local_serve
+    from cluster.app import check_placement, local_serve
 
-    model = open_checkpoint(args.model)
-    free_ports(grpc_port=args.grpc_port, http_port=args.http_port)
-    config = engine_config(args, ServerConfig, model)
+    check_ports(args)
+    checkpoint = open_checkpoint(args.model)
+    config = engine_config(args, ServerConfig, str(checkpoint.path))
     if config.served_model_name is None and not Path(args.model).exists():  # a Hub id, whose folder is a commit hash
         config = config.model_copy(update={"served_model_name": args.model})
-    if config.api_key_file is not None:  # the replicas run elsewhere
+    # Files the replicas read, wherever their working folder is.
+    if config.api_key_file is not None:
         config = config.model_copy(update={"api_key_file": str(Path(config.api_key_file).resolve())})
+    if config.placement.stats is not None:
+        placement = config.placement.model_copy(update={"stats": str(Path(config.placement.stats).resolve())})
+        config = config.model_copy(update={"placement": placement})
+    for warning in check_placement(config, checkpoint.config, checkpoint.dtype_name):  # before anything starts
+        print(f"switch-serve: warning: {warning}", file=sys.stderr)
     key = load_api_key(config.api_key_file)  # an unreadable or empty key file fails here
-    if key is None:
-        print(f"switch-serve: warning: no API key, so anyone who can reach gRPC port {args.grpc_port} (every address) "
-              f"or HTTP port {args.http_port} can call the model; set ${API_KEY_ENV} or --api-key-file",
-              file=sys.stderr)
+    anyone = (f"anyone who can reach gRPC port {args.grpc_port} (every address) or HTTP port {args.http_port} can "
+              "call the model")
+    if args.address is not None and config.api_key_file is None:
+        print(f"switch-serve: warning: the replicas read ${API_KEY_ENV} on the nodes they run on, not here: where it "
+              f"is not set there, {anyone}; --api-key-file (a file every node reads) makes sure", file=sys.stderr)
+    elif key is None:
+        print(f"switch-serve: warning: no API key, so {anyone}; set ${API_KEY_ENV} or --api-key-file", file=sys.stderr)
+    free_ports(grpc_port=args.grpc_port, http_port=args.http_port)
     stopping = threading.Event()
     with local_serve(config, http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                      address=args.address, dashboard=True, ingress=args.ingress):
@@ -257,6 +288,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     from cluster.app import check_placement, serve_config
 
+    check_ports(args)
     config = engine_config(args, ServerConfig, args.model)
     if args.config is not None:
         model_config, dtype = SwitchConfig.from_json_file(args.config), None
@@ -332,7 +364,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             raise ValueError("--device: cuda, but this machine's torch sees no CUDA GPU")
     if args.model is not None:
-        folder = Path(open_checkpoint(args.model))
+        folder = Path(open_checkpoint(args.model).path)
     else:
         folder = checkpoint(args.shape, Path.home() / ".cache" / "switch-serve" / "bench" / args.shape)
     options = given(args, PlacementConfig) | given(args, EngineConfig) | given(args, ServerConfig)
@@ -352,7 +384,7 @@ def cmd_quality(args: argparse.Namespace) -> None:
 def cmd_soak(args: argparse.Namespace) -> None:
     from cluster.soak import main
 
-    model = args.model and open_checkpoint(args.model)
+    model = args.model and str(open_checkpoint(args.model).path)
     sys.exit(main(model, args.duration, args.concurrency, tuple(args.chaos_every) if args.chaos else None,
                   args.replicas, args.nodes))
 
@@ -360,7 +392,8 @@ def cmd_soak(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from cluster.demo import DEMO_MODEL, PROMPTS, run_demo
 
-    right = run_demo(open_checkpoint(args.model) if args.model else DEMO_MODEL, **given(args, PlacementConfig))
+    right = run_demo(str(open_checkpoint(args.model).path) if args.model else DEMO_MODEL,
+                     **given(args, PlacementConfig))
     if args.model is None and right < len(PROMPTS):  # another model was not trained on the demo's tasks
         fail(f"the demo model answered {right} of its {len(PROMPTS)} requests right")
 
@@ -469,9 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--duration", type=float, default=600.0, help="seconds of load (default: %(default)g)")
     k.add_argument("--concurrency", type=_positive, default=8, help="requests in flight at once (default: %(default)s)")
     k.add_argument("--replicas", type=_positive, default=2, help="front replicas (default: %(default)s)")
-    k.add_argument("--nodes", type=int, default=0, help="run on a Ray cluster of raylets on this machine: a head for "
-                                                      "the fronts and the fleet, and this many workers for the "
-                                                      "expert actors (default: %(default)s, one local Ray node)")
+    k.add_argument("--nodes", type=_count, default=0,
+                   help="run on a Ray cluster of raylets on this machine: a head for the fronts and the fleet, and "
+                        "this many workers for the expert actors (default: %(default)s, one local Ray node)")
     k.add_argument("--chaos", action="store_true", help="kill an expert actor, the expert fleet and a front replica "
                                                         "in turn, at random times; with --nodes, replace a worker "
                                                         "node as well")

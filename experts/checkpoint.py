@@ -103,8 +103,8 @@ def read_config(config_file: Path) -> SwitchConfig:
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing (a Switch checkpoint folder needs config.json)")
     try:
-        config = SwitchConfig.from_json_file(config_file)
-    except ValueError as e:
+        config = SwitchConfig.from_dict(json.loads(config_file.read_text()))
+    except ValueError as e:  # a JSONDecodeError too
         raise CheckpointError(f"{config_file}: not a valid Switch Transformers config ({e})") from None
     if config.dense_act_fn not in ACTIVATIONS:
         raise CheckpointError(f"{config_file}: dense_act_fn {config.dense_act_fn!r} is not an activation "

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from experts.plan import ACTIVATION_RESERVE, Plan, make_plan, parse_bytes, read_stats
 from experts.spec import STACKS, ExpertKey, LayerKey, SwitchConfig, sparse_layers
@@ -23,6 +24,22 @@ class PlacementError(RuntimeError):
     """Ray cannot find room for the actors the placement asks for."""
 
 GPU_UNITS = 10_000  # the parts of a GPU Ray counts in
+# Ray's own resources, which a process asks for by its options (num_cpus, num_gpus, ...), never by name.
+RAY_OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    for name, amount in resources.items():
+        if name in RAY_OWN_RESOURCES:
+            raise ValueError(f"{name} is Ray's own resource, which the processes ask for by themselves; name a "
+                             "custom resource of the nodes (rayStartParams' resources)")
+        if amount < 0:
+            raise ValueError(f"{name}: a negative amount, {amount:g}")
+    return resources
+
+
+# Custom Ray resources a process asks for, NAME: AMOUNT.
+RayResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 
 # How long a front waits for the actors to be placed, and for actors that are down: the fleet reads neither.
@@ -48,7 +65,7 @@ class PlacementConfig(BaseModel):
     actors_per_gpu: int = Field(1, ge=1, description="actors sharing each GPU (each asks for a fraction of it)")
     replicate_hot: int = Field(0, ge=0, description="the busiest experts that get a second copy on another GPU")
     stats: str | None = Field(None, description="token counts per expert (`switch-serve stats`) to balance by")
-    actor_resources: dict[str, float] = Field(
+    actor_resources: RayResources = Field(
         default_factory=dict, description="a Ray resource each expert actor asks for, e.g. a GPU worker group's")
     timeout_s: float = Field(600.0, gt=0, description="how long to wait for Ray to find room for the actors")
     restart_timeout_s: float = Field(
@@ -67,6 +84,8 @@ class PlacementConfig(BaseModel):
         for name in ("experts_per_actor", "cpus"):
             if getattr(self, name) is not None and self.gpus:
                 raise ValueError(f"{name}: packs CPU actors; with gpus, the planner places the experts")
+        if self.cpus is not None and self.experts_per_actor is not None:
+            raise ValueError("cpus: sets how many experts each actor packs, which experts_per_actor sets already")
         return self
 
     def for_fleet(self) -> PlacementConfig:

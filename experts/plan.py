@@ -122,9 +122,12 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
     copies = {key: 2 if key in hot else 1 for key in keys}
     total = sum(copies.values())
     per_gpu = budget // size
-    min_gpus = math.ceil(total / per_gpu) if per_gpu else None
-    if min_gpus is None or min_gpus > gpus:
-        raise PlanError(f"gpus: {total} experts of {size / 2**20:.0f} MiB need at least {min_gpus or 'more'} GPUs of "
+    if not per_gpu:
+        raise PlanError(f"gpu_memory: {gpu_memory / 2**20:.0f} MiB ({1 - ACTIVATION_RESERVE:.0%} usable) holds no "
+                        f"expert of {size / 2**20:.0f} MiB")
+    min_gpus = math.ceil(total / per_gpu)
+    if min_gpus > gpus:
+        raise PlanError(f"gpus: {total} experts of {size / 2**20:.0f} MiB need at least {min_gpus} GPUs of "
                         f"{gpu_memory / 2**30:.0f} GiB ({1 - ACTIVATION_RESERVE:.0%} usable); {gpus} given")
     shares = sorted(((load[k] / copies[k], k) for k in keys for _ in range(copies[k])), key=lambda x: -x[0])
     # Heaviest first; where that leaves a second copy no GPU but its twin's, the replicated experts first instead,
@@ -172,7 +175,10 @@ def stats_json(counts: dict[tuple[str, int], list[int]]) -> dict[str, list[int]]
 
 def read_stats(path: str) -> dict[ExpertKey, float]:
     """Token counts as `{"encoder.1": [tokens per expert], ...}` (what the running cluster reports)."""
-    raw = json.loads(Path(path).read_text())
+    try:
+        raw = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"stats: {path} is not JSON ({e})") from None
 
     def refused(found) -> PlanError:
         return PlanError(f"stats: {path}: expected {{\"encoder.1\": [tokens per expert], ...}}, got "

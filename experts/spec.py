@@ -103,11 +103,18 @@ class SwitchConfig:
             annotation = cls.__dataclass_fields__[name].type
             if not _has_type(value, annotation):
                 raise ValueError(f"{name}: expected {annotation}, got {value!r}")
+            least = 0 if name.startswith("num_sparse_") else 1 if name in SIZES else None
+            if least is not None and value is not None and value < least:
+                raise ValueError(f"{name}: must be at least {least}, got {value}")
         return cls(**values)
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> SwitchConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """From a config.json; raises ValueError naming the file where it is not one."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except ValueError as e:  # a JSONDecodeError too
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def of(cls, config) -> SwitchConfig:
@@ -118,6 +125,9 @@ class SwitchConfig:
                       if getattr(config, f.name, None) is not None})
 
 
+# The sizes a model cannot have none of.
+SIZES = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers", "num_experts",
+         "expert_capacity", "relative_attention_num_buckets", "relative_attention_max_distance")
 _JSON_TYPES = {"int": int, "bool": bool, "str": str, "float": (int, float), "list[int]": list, "None": type(None)}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from experts.placement import PlacementConfig
+from experts.placement import PlacementConfig, RayResources
 from experts.spec import CapacityMode, DTypeName, QuantizeMode
 from router_service.auth import API_KEY_ENV
 
@@ -79,7 +79,7 @@ class ServerConfig(EngineConfig):
     """Everything a Serve replica needs: the `args` of the Serve application (see cluster.app.build_app)."""
 
     front_gpus: float = Field(0.0, ge=0, description="GPUs each front replica asks for")
-    front_resources: dict[str, float] = Field(
+    front_resources: RayResources = Field(
         default_factory=dict, description="a Ray resource each front replica asks for, to keep the fronts on the "
                                           "nodes meant for them (e.g. one only their worker group offers)")
     front_threads: int | None = Field(
@@ -104,7 +104,7 @@ class ServerConfig(EngineConfig):
     served_model_name: str | None = Field(None, description="the model's id in the OpenAI-compatible API and the "
                                                             "metrics (default: the checkpoint folder's name; the Hub "
                                                             "id for serve --model HUB_ID)")
-    fleet_resources: dict[str, float] = Field(
+    fleet_resources: RayResources = Field(
         default_factory=dict, description="a Ray resource the expert fleet (the owner of the expert actors) asks "
                                           "for, to keep it on a node that outlives the fronts, e.g. the head's")
     api_key_file: str | None = Field(None, description=f"file holding the API key every call but the health check "

@@ -14,7 +14,8 @@ from reference import hf_generate
 from cluster import cli
 from cluster.cli import main
 from cluster.demo import WORDS
-from cluster.testing import write_random_checkpoint_with_tokenizer
+from cluster.testing import free_port, write_random_checkpoint_with_tokenizer
+from experts.checkpoint import SwitchCheckpoint
 
 PROMPTS = [[5, 9, 23, 4, 1], [71, 3, 1]]
 
@@ -97,6 +98,22 @@ def test_console_script_help():
      "argument --front-resource: expected NAME=AMOUNT, got 'switch_front'"),
     (["build", "--model", "/no/such/model", "--actor-resource", "expert_slot=one"],
      "argument --actor-resource: expected NAME=AMOUNT, got 'expert_slot=one'"),
+    (["build", "--model", "demo/model", "--front-resource", "GPU=1"],
+     "front_resources: GPU is Ray's own resource, which the processes ask for by themselves"),
+    (["build", "--model", "demo/model", "--actor-resource", "expert_slot=-1"],
+     "actor_resources: expert_slot: a negative amount, -1"),
+    (["build", "--model", "demo/model", "--cpus", "4", "--experts-per-actor", "2"],
+     "cpus: sets how many experts each actor packs, which experts_per_actor sets already"),
+    (["serve", "--model", "demo/model", "--http-port", "70000"], "argument --http-port: must be at least 1 and at"),
+    (["build", "--model", "demo/model", "--http-port", "9000"], "--http-port: 9000 is --grpc-port's too"),
+    (["serve", "--model", "demo/model", "--nodes", "20"], "nodes: 8 actors cannot be spread over 20 nodes"),
+    (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--actor-resource", "slot=1"],
+     "--actor-resource: sets up the cluster that --model starts"),
+    (["generate", "--address", "localhost:1", "--input-ids", "[]"], "--input-ids: must be a JSON list of lists"),
+    (["soak", "--nodes", "-1"], "argument --nodes: must be at least 0, got '-1'"),
+    (["plan", "--config", "README.md", "--gpus", "1"], "README.md: Expecting value: line 1 column 1"),
+    (["plan", "--config", "tests/data/model-configs/switch-c-2048.json", "--gpus", "1", "--gpu-memory", "40MiB"],
+     "gpu_memory: 40 MiB (90% usable) holds no expert of 49 MiB"),
 ])
 def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, message):
     """Before Ray or a benchmark starts (each case here would have run for a minute first, or ended in a
@@ -184,8 +201,51 @@ def test_a_hub_id_is_the_served_models_id(monkeypatch, model, served_as):
         served.append(config)
         raise KeyboardInterrupt  # served: stop here
 
-    monkeypatch.setattr(cluster.cli, "open_checkpoint", lambda m: "demo/model")  # what the download gives
+    downloaded = SwitchCheckpoint.open("demo/model")  # what the download gives
+    monkeypatch.setattr(cluster.cli, "open_checkpoint", lambda m: downloaded)
     monkeypatch.setattr(cluster.app, "local_serve", local_serve)
     with pytest.raises(KeyboardInterrupt):
-        main(["serve", "--model", model, "--grpc-port", "0", "--http-port", "0"])
-    assert served[0].model == "demo/model" and served[0].served_model_name == served_as
+        main(["serve", "--model", model, "--grpc-port", str(free_port()), "--http-port", str(free_port())])
+    assert served[0].model == str(Path("demo/model").resolve()) and served[0].served_model_name == served_as
+
+
+def test_serve_hands_the_replicas_absolute_paths_and_says_where_they_read_the_key(monkeypatch, capsys):
+    """The replicas run in folders of Ray's: a relative checkpoint or stats file is made absolute (`--model .` would
+    otherwise serve a model named ''); joining a cluster, the replicas read the key from their own nodes'
+    environment, not this shell's, which the warning says. Fails if a relative path reaches the replicas."""
+    import contextlib
+
+    import cluster.app
+
+    served = []
+
+    @contextlib.contextmanager
+    def local_serve(config, **_):
+        served.append(config)
+        raise KeyboardInterrupt
+
+    root = Path.cwd()
+    monkeypatch.setattr(cluster.app, "local_serve", local_serve)
+    monkeypatch.setenv("SWITCH_SERVE_API_KEY", "here-only")
+    (root / "demo/model/stats.json").unlink(missing_ok=True)
+    monkeypatch.chdir(root / "demo/model")
+    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port())]
+    with pytest.raises(KeyboardInterrupt):
+        main(["serve", "--model", ".", "--address", "auto", *ports])
+    assert served[0].model == str(root / "demo/model")
+    assert "the replicas read $SWITCH_SERVE_API_KEY on the nodes they run on" in capsys.readouterr().err
+    monkeypatch.chdir(root / "demo")
+    with pytest.raises(KeyboardInterrupt):
+        main(["serve", "--model", "model", *ports])
+    assert served[1].model == str(root / "demo/model") and "warning" not in capsys.readouterr().err
+
+
+def test_generate_prints_logprobs_and_routing_without_json(monkeypatch, capsys):
+    """Asked for, they are shown, not dropped. Fails if the plain output leaves them out."""
+    result = {"token_ids": [4, 1], "finish_reason": "eos", "dropped_tokens": 0, "logprobs": [-0.25, -1.5],
+              "routing": [{"stack": "decoder", "layer": 1, "experts": [3]}]}
+    monkeypatch.setattr(cli, "generate_local", lambda *args: [result])
+    main(["generate", "--model", "demo/model", "--input-ids", "[[5, 1]]", "--logprobs", "--routing"])
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[0] [4, 1]  (eos, 2 tokens, 0 dropped)", "    logprobs: -0.2500 -1.5000",
+                   '    routing: [{"stack": "decoder", "layer": 1, "experts": [3]}]']

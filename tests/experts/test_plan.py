@@ -142,6 +142,9 @@ def test_a_stats_file_not_of_token_counts_is_refused_naming_it(tmp_path, text):
     path.write_text(text)
     with pytest.raises(PlanError, match=rf"^stats: {path}: expected"):
         read_stats(str(path))
+    path.write_text("encoder.1: [1, 2]")  # not JSON
+    with pytest.raises(PlanError, match=rf"^stats: {path} is not JSON \(Expecting value"):
+        read_stats(str(path))
 
 
 def test_int8_experts_fit_switch_c_2048_on_about_half_the_gpus(capsys):

@@ -33,6 +33,16 @@ def test_a_field_of_the_wrong_type_is_named():
         SwitchConfig.from_dict({"d_model": True})
 
 
+@pytest.mark.parametrize("raw, message", [({"d_model": 0}, "d_model: must be at least 1, got 0"),
+                                          ({"num_experts": -8}, "num_experts: must be at least 1, got -8"),
+                                          ({"num_sparse_decoder_layers": -1}, "must be at least 0, got -1")])
+def test_a_size_a_model_cannot_have_is_named(raw, message):
+    """Rather than a division by zero, or a plan of no experts, further on."""
+    with pytest.raises(ValueError, match=message):
+        SwitchConfig.from_dict(raw)
+    assert SwitchConfig.from_dict({"num_sparse_decoder_layers": 0, "num_decoder_layers": None}).num_decoder_layers == 12
+
+
 def test_switch_c_2048_config_alone_reads_as_its_weights():
     published = SwitchConfig.from_json_file(CONFIGS / "switch-c-2048.json")
     assert sparse_layers(published, "decoder") == []  # a literal reading: 12 decoder layers, none sparse
