@@ -227,7 +227,6 @@ def test_serve_hands_the_replicas_absolute_paths_and_says_where_they_read_the_ke
     root = Path.cwd()
     monkeypatch.setattr(cluster.app, "local_serve", local_serve)
     monkeypatch.setenv("SWITCH_SERVE_API_KEY", "here-only")
-    (root / "demo/model/stats.json").unlink(missing_ok=True)
     monkeypatch.chdir(root / "demo/model")
     ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port())]
     with pytest.raises(KeyboardInterrupt):
