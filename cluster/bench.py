@@ -42,7 +42,7 @@ import torch
 from transformers import SwitchTransformersForConditionalGeneration
 
 from cluster.app import front_env, local_serve, start_ray
-from cluster.testing import free_port, tiny_config, write_random_checkpoint
+from cluster.testing import free_port, percentile, tiny_config, write_random_checkpoint
 from cluster.workloads import HF_BATCH_SIZES, SHAPES, WORKLOADS
 from experts.fleet import this_node_cpus
 from experts.placement import PlacementConfig, experts_per_cpu
@@ -91,13 +91,6 @@ class Result:
     outputs: list[list[int]]  # each request's tokens
 
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
-
-
 def summarize(system: str, timings: list[Timing]) -> Result:
     tokens = sum(len(t.token_ids) for t in timings)
     seconds = max(t.end for t in timings) - min(t.sent for t in timings)
@@ -125,16 +118,25 @@ def checkpoint(shape: str, folder: Path) -> Path:
     return folder
 
 
-class FirstTokenClock:
-    """A transformers streamer that notes when the batch got its first generated token."""
+class TokenClock:
+    """A transformers streamer that notes when the batch got its first generated token, and when each row got its
+    last: its end of sequence token, or the last of the tokens its request asked for (transformers decodes every row
+    as far as the longest's)."""
 
-    def __init__(self):
-        self.calls, self.first = 0, None
+    def __init__(self, max_new_tokens: list[int], eos: set[int]):
+        self.max_new_tokens, self.eos = max_new_tokens, eos
+        self.calls, self.first, self.ends = 0, None, [None] * len(max_new_tokens)
 
     def put(self, value) -> None:
         self.calls += 1
-        if self.calls == 2:  # the first call carries the decoder start token, the second the first new one
-            self.first = time.perf_counter()
+        if self.calls == 1:  # the decoder start token
+            return
+        now, made = time.perf_counter(), self.calls - 1  # each row's tokens so far
+        if made == 1:
+            self.first = now
+        for row, token in enumerate(value.view(-1).tolist()):
+            if self.ends[row] is None and (token in self.eos or made >= self.max_new_tokens[row]):
+                self.ends[row] = now
 
     def end(self) -> None:
         pass
@@ -174,20 +176,21 @@ def hf_run(model, requests: list[Request], batch_size: int) -> list[Timing]:
     sent when the one before it has finished."""
     timings: list[Timing] = [Timing() for _ in requests]
     eos = model.config.eos_token_id
+    eos = set(eos) if isinstance(eos, list) else {eos}
     for i in range(0, len(requests), batch_size):
         batch = requests[i:i + batch_size]
         ids = torch.zeros(len(batch), max(len(r.prompt) for r in batch), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, r in enumerate(batch):
             ids[row, :len(r.prompt)], mask[row, :len(r.prompt)] = torch.tensor(r.prompt), 1
-        clock, sent = FirstTokenClock(), time.perf_counter()
+        clock, sent = TokenClock([r.max_new_tokens for r in batch], eos), time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                  do_sample=False, streamer=clock, max_new_tokens=max(r.max_new_tokens for r in batch))
-        end = time.perf_counter()
         for row, r in enumerate(batch):
             seq = out[row, 1:].tolist()[:r.max_new_tokens]  # a request takes only the tokens it asked for
-            timings[i + row] = Timing(sent, clock.first, end, seq[:seq.index(eos) + 1] if eos in seq else seq)
+            ends = [j for j, token in enumerate(seq) if token in eos]
+            timings[i + row] = Timing(sent, clock.first, clock.ends[row], seq[:ends[0] + 1] if ends else seq)
     return timings
 
 
@@ -421,11 +424,14 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     finally:
         ray.shutdown()
     hf_model = load_transformers(folder, device, server.dtype)
+    hf_run(hf_model, speed_check[:1], 1)  # warm, as the first check was
     speeds.append(summarize("transformers-1", hf_run(hf_model, speed_check, 1)).tokens_per_s)
     report["speed_check"] = {"workload": workloads[0], "requests": len(speed_check), "tokens_per_s": speeds}
     for w in report["workloads"].values():  # greedy outputs must not depend on the system or the batch
         reference = next(r for r in w["transformers"] if r["batch_size"] == "1").get("outputs")
         for r in w["transformers"] + w["cluster"] + w["unary"]:
+            # A run of more requests than `requests` (a concurrency above it) is compared on the first `requests`.
+            r["compared_outputs"] = min(len(r["outputs"]), len(reference))
             r["differing_outputs"] = sum(a != b for a, b in zip(r["outputs"], reference))
             del r["outputs"]
     return report
@@ -508,7 +514,8 @@ def table(report: dict) -> str:
                 for u in w["unary"] for c in [u["concurrency"]]))
         differing = {r["system"]: r["differing_outputs"] for r in w["transformers"] + w["cluster"] + w.get("unary", [])
                      if r["differing_outputs"]}
-        lines.append(f"requests whose tokens differ from transformers one at a time: {differing or 'none'}")
+        lines.append(f"requests whose tokens differ from transformers one at a time (the first {report['requests']} "
+                     f"of each run): {differing or 'none'}")
         targets = comparisons(w, report["requests"])
         lines.append("targets: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in targets.items()))
         for b in w["breakdown"]:

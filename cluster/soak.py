@@ -29,7 +29,7 @@ import grpc
 
 from cluster.app import APP_NAME, FLEET_APP, local_serve
 from cluster.demo import DEMO_MODEL, PROMPTS
-from cluster.testing import free_port, replica_class, replica_names, resident_memory
+from cluster.testing import free_port, percentile, replica_class, replica_names, resident_memory
 from experts.placement import PlacementConfig
 from router_service.config import ServerConfig
 from router_service.proto import switch_serve_pb2 as pb
@@ -57,6 +57,7 @@ PROCESSES = {"front replicas": f"ray::{replica_class(APP_NAME, FRONT_DEPLOYMENT)
 class Report:
     outcomes: Counter = field(default_factory=Counter)  # (kind, outcome) -> requests
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (began, ended) of answered requests
+    failures: list[tuple[float, float]] = field(default_factory=list)  # (began, ended) of those failed, retryable
     started: float = 0.0
     faults: list[tuple[float, str]] = field(default_factory=list)
     memory_start: dict[str, int] = field(default_factory=dict)
@@ -79,23 +80,37 @@ class Report:
     def lost(self) -> int:
         """Requests that ended in a way a client could not have handled: neither answered, nor refused as they
         should be, nor failed with a retryable status."""
-        fine = {"OK", "CANCELLED", "REFUSED", *RETRYABLE}
+        fine = {"OK", "CANCELLED", "REFUSED", "WRONG", "HUNG", *RETRYABLE}  # the last two counted on their own
         return sum(n for (_, outcome), n in self.outcomes.items() if outcome not in fine)
 
+    def near_fault(self, began: float, ended: float) -> bool:
+        """Whether a request overlapped a fault's window."""
+        return any(began < at + FAULT_WINDOW_S and ended > at for at, _ in self.faults)
+
+    @property
+    def failed_unprovoked(self) -> int:
+        """Requests that failed, retryable, with no fault near them: the service failing by itself."""
+        return sum(not self.near_fault(began, ended) for began, ended in self.failures)
+
+    def passed(self) -> bool:
+        """Every request answered right, refused as it should be, or failed retryable near a fault; and some
+        answered."""
+        return (not (self.wrong or self.hung or self.lost or self.failed_unprovoked)
+                and self.count("any", "OK") > 0)
+
     def serving_share(self) -> float:
-        """The share of the run's seconds in which some request was answered."""
-        seconds = {int(ended - self.started) for _, ended in self.latencies}
-        return len(seconds) / max(1, int(self.elapsed))
+        """The share of the run's whole seconds in which some request was answered (what was answered after them,
+        the requests in flight when the load stopped, left out)."""
+        seconds = max(1, int(self.elapsed))
+        answered = {int(ended - self.started) for _, ended in self.latencies}
+        return len(answered & set(range(seconds))) / seconds
 
     def latency(self, near_fault: bool) -> tuple[float, float] | None:
         """(p50, p99) in seconds of the answered requests that did (or did not) overlap a fault's window."""
-        def near(began: float, ended: float) -> bool:
-            return any(began < at + FAULT_WINDOW_S and ended > at for at, _ in self.faults)
-
-        values = sorted(ended - began for began, ended in self.latencies if near(began, ended) == near_fault)
+        values = [ended - began for began, ended in self.latencies if self.near_fault(began, ended) == near_fault]
         if not values:
             return None
-        return statistics.median(values), values[min(len(values) - 1, int(0.99 * len(values)))]
+        return statistics.median(values), percentile(values, 99)
 
     def served_again(self) -> dict[str, list[float]]:
         """Seconds from each fault to the end of the first request begun after it and answered, by kind of fault
@@ -113,7 +128,8 @@ class Report:
         for kind in KINDS:
             by_outcome = {o: n for (k, o), n in sorted(self.outcomes.items()) if k == kind}
             lines.append(f"  {kind:<17} {by_outcome}")
-        lines.append(f"wrong answers: {self.wrong}; hung: {self.hung}; lost (no retryable status): {self.lost}")
+        lines.append(f"wrong answers: {self.wrong}; hung: {self.hung}; lost (no retryable status): {self.lost}; "
+                     f"failed with no fault near: {self.failed_unprovoked}")
         lines.append(f"seconds in which a request was answered: {self.serving_share():.0%}")
         for kind, seconds in sorted(self.served_again().items()):
             lines.append(f"served again after a fault of the {kind}: median {statistics.median(seconds):.1f} s, "
@@ -167,6 +183,8 @@ def load(stub, stop: threading.Event, report: Report, reference: dict[str, list[
             report.outcomes[kind, outcome] += 1
             if outcome == "OK":
                 report.latencies.append((began, time.monotonic()))
+            elif outcome in RETRYABLE:
+                report.failures.append((began, time.monotonic()))
         if outcome in RETRYABLE:
             stop.wait(BACKOFF_S)
 
@@ -330,9 +348,9 @@ def soak_config(model: str, replicas: int, workers: int = 0) -> ServerConfig:
 
 def main(model: str | None, duration: float, concurrency: int, chaos_every: tuple[float, float] | None,
          replicas: int, workers: int) -> int:
-    """The `switch-serve soak` command: 1 when an answer was wrong, hung or lost, else 0."""
+    """The `switch-serve soak` command: 1 unless the run passed (Report.passed), else 0."""
     with ray_for_soak(workers) as nodes:
         report = run_soak(soak_config(model or str(DEMO_MODEL), replicas, workers), duration, concurrency,
                           chaos_every, nodes=nodes)
     print("\n" + report.summary())
-    return 1 if report.wrong or report.hung or report.lost else 0
+    return 0 if report.passed() else 1

@@ -1,8 +1,9 @@
 """Helpers for tests, the benchmark and the soak run: small randomly initialised Switch checkpoints written by
-transformers itself, free ports, the memory of running processes and the replicas Serve runs."""
+transformers itself, free ports, the memory of running processes, the replicas Serve runs and percentiles."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -188,3 +189,12 @@ def finish_streams(streams) -> tuple[list[str], set[str]]:
             outcomes.append(e.code().name)
             details.add((e.details() or "").splitlines()[0] if e.details() else "")
     return outcomes, details
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value that at least q% of them do not exceed (with 100 values or
+    fewer, p99 is the largest)."""
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    return values[max(0, math.ceil(q * len(values) / 100) - 1)]

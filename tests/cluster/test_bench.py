@@ -126,3 +126,30 @@ def test_transformers_runs_in_the_dtype_the_cluster_serves(tmp_path, dtype):
     write_random_checkpoint(tmp_path, tiny_config())
     model = load_transformers(tmp_path, "cpu", dtype)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16 if dtype else torch.float32}
+
+
+def test_percentiles_are_nearest_rank():
+    """The smallest value that at least q% do not exceed: p50 of 1..6 is 3 (not 4, as rounding half to even gave
+    for 6 values but not for 4), p99 of 1000 values the 990th."""
+    from cluster.testing import percentile
+
+    assert [percentile(list(range(1, n + 1)), 50) for n in (2, 4, 6, 8, 10)] == [1, 2, 3, 4, 5]
+    assert percentile(list(range(1, 1001)), 99) == 990 and percentile(list(range(1, 101)), 99) == 99
+    assert percentile([3.0], 99) == 3.0 and percentile([2.0, 1.0], 100) == 2.0
+
+
+def test_transformers_rows_end_at_their_own_last_token(monkeypatch):
+    """In a static batch, each row's time per token runs to its own last token (its end of sequence, or the last it
+    asked for), as a streaming client of transformers would see it, not to the end of the batch's longest row. Fails
+    if a short row is timed to the batch's end."""
+    import torch
+
+    from cluster import bench
+
+    clock = iter(range(1, 100))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    tokens = bench.TokenClock([2, 9, 9], eos={1})
+    tokens.put(torch.tensor([[0], [0], [0]]))  # the decoder start tokens: no time taken
+    for step in ([5, 6, 7], [5, 1, 7], [0, 0, 7], [0, 0, 1]):
+        tokens.put(torch.tensor(step))
+    assert tokens.first == 1.0 and tokens.ends == [2.0, 2.0, 4.0]

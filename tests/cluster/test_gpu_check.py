@@ -38,3 +38,25 @@ def test_gpu_check_records_its_parts_before_the_benchmark(capsys, tmp_path, monk
     text = record.read_text()
     assert "## GPU check, NVIDIA Test GPU x1" in text and "exit status 1" in text and "1 failed, 9 passed" in text
     assert "tokens   stacked   by expert" in text and "the front 389 ops" in text and "Benchmark" not in text
+
+
+@pytest.mark.parametrize("tests, step, table, status, said", [
+    ("12 passed in 40.1s", "the front 389 ops", "concurrency | ...", 0, "every part ran, and the parity tests passed"),
+    ("9 passed, 3 skipped in 20.0s", "the front 389 ops", "concurrency | ...", 1, "3 parity tests skipped"),
+    ("12 passed in 40.1s", "failed: RuntimeError('no')", "concurrency | ...", 1, "the step's count failed"),
+    ("12 passed in 40.1s", "the front 389 ops", gpu_check.NO_RAY, 1, "the benchmark not run: Ray is not installed"),
+])
+def test_gpu_check_passes_only_where_every_part_ran(capsys, tmp_path, monkeypatch, tests, step, table, status, said):
+    """Its exit status and its last recorded line say whether the whole check ran: parity tests skipped, or a part
+    that failed or did not run, make it fail. Fails if an incomplete check exits 0."""
+    record = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(gpu_check, "RECORD", record)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _: "NVIDIA Test GPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(gpu_check, "parity_tests", lambda: (0, tests))
+    monkeypatch.setattr(gpu_check, "stacked_layer", lambda: "tokens   stacked   by expert")
+    monkeypatch.setattr(gpu_check, "step_work", lambda: step)
+    monkeypatch.setattr(gpu_check, "benchmark", lambda: table)
+    assert gpu_check.main([]) == status
+    assert record.read_text().rstrip().splitlines()[-1].startswith(f"gpu-check: {said}")

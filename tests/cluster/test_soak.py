@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.demo import DEMO_MODEL
-from cluster.soak import FAULTS, NODE_FAULT, faults, ray_for_soak, run_soak, soak_config
+from cluster.soak import FAULT_WINDOW_S, FAULTS, NODE_FAULT, Report, faults, ray_for_soak, run_soak, soak_config
 
 
 def test_a_minute_of_chaos_loses_and_corrupts_nothing(ray_cluster):
@@ -16,7 +16,7 @@ def test_a_minute_of_chaos_loses_and_corrupts_nothing(ray_cluster):
                       chaos_interval=(8.0, 12.0), progress=False)
     print("\n" + report.summary())
     assert {kind for _, kind in report.faults} == set(FAULTS)
-    assert report.wrong == 0 and report.hung == 0 and report.lost == 0
+    assert report.wrong == 0 and report.hung == 0 and report.lost == 0 and report.passed()
     for kind, outcome in [("unary", "OK"), ("stream", "OK"), ("cancelled stream", "CANCELLED"),
                           ("bad input", "REFUSED")]:
         assert report.count(kind, outcome) > 0, (kind, outcome)
@@ -50,3 +50,23 @@ def test_chaos_with_a_node_replaced_loses_and_corrupts_nothing(soak_nodes):
     with_time_left = [at for at, kind in report.faults
                       if kind == NODE_FAULT and at < report.started + NODES_SOAK_S - 30]
     assert len(report.served_again().get(NODE_FAULT, [])) >= len(with_time_left) > 0
+
+
+def test_a_soak_passes_only_with_answers_and_failures_near_faults():
+    """A run in which nothing was answered, or a request failed (even retryable) with no fault near it, fails; wrong
+    and hung answers are counted once each, not as lost too. Fails if `soak` would pass a server that answered
+    nothing."""
+    report = Report(started=0.0, elapsed=10.4)
+    report.outcomes.update({("unary", "UNAVAILABLE"): 2, ("stream", "INTERNAL"): 1})
+    report.failures += [(1.0, 1.5), (2.0, 2.1), (3.0, 3.2)]
+    assert report.lost == 0 and report.failed_unprovoked == 3 and not report.passed()
+    report.faults.append((0.5, "expert fleet"))  # every failure in its window
+    assert report.failed_unprovoked == 0 and not report.passed()  # and still nothing answered
+    report.outcomes[("unary", "OK")] += 5
+    report.latencies += [(t, t + 0.5) for t in range(10)] + [(10.0, 11.2)]  # the last, after the load stopped
+    assert report.passed() and report.serving_share() == 1.0
+    report.failures.append((1.0 + FAULT_WINDOW_S, 1.5 + FAULT_WINDOW_S))
+    assert report.failed_unprovoked == 1 and not report.passed()
+    report.failures.pop()
+    report.outcomes.update({("unary", "WRONG"): 1, ("stream", "HUNG"): 1})
+    assert (report.wrong, report.hung, report.lost) == (1, 1, 0) and not report.passed()
