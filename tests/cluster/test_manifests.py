@@ -100,9 +100,6 @@ def test_manifest_is_valid_and_its_serve_config_is_what_build_writes(file, schem
                                       ["nvidia.com/gpu"])
     assert experts["replicas"] * per_pod >= args["placement"]["gpus"] * per_actor
     assert experts["replicas"] == args["placement"]["nodes"]
-    # Expert pods run no Serve proxy: their readiness probe asks only the raylet.
-    probe = experts["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"][-1]
-    assert "local_raylet_healthz" in probe and ":8000" not in probe
 
     command = shlex.split(manifest["metadata"]["annotations"]["switch-serve/build"])
     assert command[:2] == ["switch-serve", "build"]
@@ -316,3 +313,47 @@ def test_the_dashboard_filters_by_cluster_and_stays_readable_at_61440_experts():
             assert e.startswith("topk(") or e.startswith("max by (stack, layer)"), e
     (restarts,) = [e for e in exprs if "ray_actors" in e]
     assert "max_over_time(" in restarts and "increase(" not in restarts and 'Name="ExpertActor"' in restarts
+
+
+def gpus(group: dict) -> int:
+    return int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+
+@pytest.mark.parametrize("file", MANIFESTS, ids=lambda p: p.stem)
+def test_only_pods_with_a_serve_proxy_take_the_clients_calls(file):
+    """The serve Service selects every RayService pod that is ready. Serve runs a proxy only where a front runs, so a
+    group without fronts keeps KubeRay's readiness probe, which asks the proxy: a probe of its own that asked only
+    the raylet would make such pods ready, and the Service would send clients to pods where nothing listens. Fails if
+    a group without fronts has a probe that does not ask the proxy."""
+    manifest = yaml.safe_load(file.read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    (front_resource, _), = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"]))["front_resources"].items()
+    for group in cluster["workerGroupSpecs"]:
+        probe = group["template"]["spec"]["containers"][0].get("readinessProbe")
+        if front_resource not in offered(group) and probe is not None:
+            assert ":8000/-/healthz" in json.dumps(probe), group["groupName"]
+
+
+@pytest.mark.parametrize("file", MANIFESTS, ids=lambda p: p.stem)
+def test_pods_spread_so_that_one_node_lost_takes_one_front_or_a_share_of_the_experts(file):
+    """Worker fronts on nodes of their own, one a node (required), on nodes with fewer GPUs than an expert pod needs
+    whole; expert pods of fewer GPUs than a node's spread over nodes (preferred). Each pod anti-affinity selects its
+    own group's pods by their label. Fails if a front could take a GPU of a node an expert pod needs whole."""
+    cluster = yaml.safe_load(file.read_text())["spec"]["rayClusterConfig"]
+    for group in cluster["workerGroupSpecs"]:
+        spec, labels = group["template"]["spec"], group["template"].get("metadata", {}).get("labels", {})
+        anti = spec.get("affinity", {}).get("podAntiAffinity", {})
+        terms = [t for t in anti.get("requiredDuringSchedulingIgnoredDuringExecution", [])] + \
+            [t["podAffinityTerm"] for t in anti.get("preferredDuringSchedulingIgnoredDuringExecution", [])]
+        for term in terms:
+            assert term["labelSelector"]["matchLabels"].items() <= labels.items(), group["groupName"]
+            assert term["topologyKey"] == "kubernetes.io/hostname"
+        if group["groupName"] == "front":
+            assert anti.get("requiredDuringSchedulingIgnoredDuringExecution"), "fronts may share a node"
+            experts = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "experts")
+            (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+                "nodeSelectorTerms"]
+            (rule,) = [e for e in term["matchExpressions"] if e["key"] == "nvidia.com/gpu.count"]
+            assert rule["operator"] == "Lt" and int(rule["values"][0]) <= gpus(experts)
+        if group["groupName"] == "experts" and group["replicas"] > 1 and gpus(group) < 8:
+            assert terms, "expert pods may all share a node"
