@@ -177,7 +177,8 @@ async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool
     body = await json_body(request, lambda why: InvalidRequest("body", why))
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
-    stream = body.pop("stream", False)
+    stream = body.pop("stream", None)
+    stream = False if stream is None else stream  # null is the default, as for the request's other fields
     if not isinstance(stream, bool):
         raise InvalidRequest("stream", f"must be true or false, got {stream!r}")
     try:

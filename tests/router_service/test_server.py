@@ -623,8 +623,8 @@ def post(url: str, body, timeout_s: float = 60) -> tuple[int, dict | str]:
 def test_http_generate_equals_grpc(server):
     unary = server["stub"].Generate(pb.GenerateRequest(input_ids=PROMPTS[0], max_new_tokens=6, return_logprobs=True))
     status, body = post(f"{server['http']}/v1/generate",
-                        {"input_ids": PROMPTS[0], "max_new_tokens": 6, "return_logprobs": True})
-    assert status == 200 and body["token_ids"] == list(unary.token_ids)
+                        {"input_ids": PROMPTS[0], "max_new_tokens": 6, "return_logprobs": True, "stream": None})
+    assert status == 200 and body["token_ids"] == list(unary.token_ids)  # null: the default, as for every field
     assert body["logprobs"] == pytest.approx(list(unary.logprobs))
     assert body["finish_reason"] == unary.finish_reason and body["prompt_tokens"] == len(PROMPTS[0])
 
