@@ -73,6 +73,11 @@ def gpu_uuid(device: torch.device) -> str | None:
     return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
 
 
+def gpu_bytes(device: torch.device) -> int | None:
+    """The memory of a CUDA device's GPU; None off the GPU."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def expert_token_counter() -> Counter:
     """The metric of tokens computed per expert, recorded where they are computed (the actors, or a front that
     computed a layer itself)."""
@@ -115,9 +120,8 @@ class ExpertActor:
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "device": str(self.device), "gpu_uuid": gpu_uuid(self.device),
-                "gpu_bytes": torch.cuda.get_device_properties(self.device).total_memory
-                if self.device.type == "cuda" else None, "experts": sorted(self.weights),
+                "device": str(self.device), "gpu_uuid": gpu_uuid(self.device), "gpu_bytes": gpu_bytes(self.device),
+                "experts": sorted(self.weights),
                 **self.loaded}
 
     def token_counts(self) -> dict[ExpertKey, int]:

@@ -590,6 +590,7 @@ class SwitchServer:
                 first = await anext(chunks)  # bad input and a full queue still get their HTTP status
         except Exception as e:
             return http_error(e)
+
         async def unread() -> None:
             await chunks.aclose()  # its sequence out of the batch
             self._finished(asyncio.CancelledError())
@@ -654,6 +655,7 @@ class SwitchServer:
                     raise first
         except Exception as e:
             return openai_error(e)
+
         async def unread() -> None:
             following.cancel()  # its choices out of the batch
             self._finished(asyncio.CancelledError())
