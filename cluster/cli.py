@@ -25,6 +25,7 @@ from experts.plan import PLAN_DTYPE
 from experts.spec import EXPERT_FORMATS, SwitchConfig
 from router_service.auth import API_KEY_ENV, load_api_key
 from router_service.config import (
+    CLIENT_TIMEOUT_S,
     DEFAULT_INGRESS,
     GRPC_PORT,
     HTTP_PORT,
@@ -206,7 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                              "own")
 
         try:
-            results = generate_remote(args.address, prompts, logprobs=args.logprobs,
+            results = generate_remote(args.address, prompts, logprobs=args.logprobs, timeout=args.timeout,
                                       api_key=load_api_key(args.api_key_file), **sampling)
         except RemoteError as e:
             fail(str(e))
@@ -417,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logprobs", action="store_true", help="include each chosen token's log-probability")
     g.add_argument("--json", action="store_true", help="print one JSON object {\"outputs\": [...]}")
     add_api_key_option(g, "with --address: the server's API key")
+    g.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT_S, metavar="S",
+                   help="with --address: the most the calls take, retries of those refused or cut by a server's "
+                        "failure included (default: %(default)g)")
     add_engine_options(g, EngineConfig, skip=("max_new_tokens",))  # --max-new-tokens is the request's
     g.set_defaults(func=cmd_generate)
 

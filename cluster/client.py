@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf import json_format
 
+from router_service.config import CLIENT_TIMEOUT_S
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 
@@ -19,15 +23,18 @@ class RemoteError(RuntimeError):
 
 
 log = logging.getLogger(__name__)
-ATTEMPTS = 3
+MAX_IN_FLIGHT = 32  # calls a client keeps in flight at once: a default replica's batch
+# Waits between attempts: doubling from the first to the last, each a random part of it (so that clients refused
+# together do not come back together), while the deadline leaves time.
+FIRST_BACKOFF_S, LAST_BACKOFF_S = 0.5, 8.0
 
 
 def retryable(error: grpc.RpcError) -> bool:
-    """UNAVAILABLE (expert actors down, a replica not ready), or a front replica that died mid-request, which
-    Serve's gRPC proxy reports as INTERNAL ("actor died", or "is unavailable" where it reached the replica over
-    gRPC). Generation has no side effects, so asking again is safe."""
+    """UNAVAILABLE (expert actors down, a replica not ready), RESOURCE_EXHAUSTED (a replica's queue full), or a
+    front replica that died mid-request, which Serve's gRPC proxy reports as INTERNAL ("actor died", or "is
+    unavailable" where it reached the replica over gRPC). Generation has no side effects, so asking again is safe."""
     details = (error.details() or "").lower()
-    return error.code() == grpc.StatusCode.UNAVAILABLE or (
+    return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) or (
         error.code() == grpc.StatusCode.INTERNAL and ("actor died" in details or "is unavailable" in details))
 
 
@@ -35,30 +42,45 @@ def key_metadata(api_key: str | None) -> list[tuple[str, str]]:
     return [] if api_key is None else [("authorization", f"Bearer {api_key}")]
 
 
+def call_with_retries(method, request, deadline: float, metadata: list[tuple[str, str]],
+                      given_up: threading.Event):
+    """`method(request)`, asked again after each retryable failure, with a growing wait between, until `deadline`
+    (time.monotonic()) or until `given_up` is set; the last failure as a RemoteError."""
+    attempt = 0
+    while True:
+        try:
+            return method(request, timeout=max(deadline - time.monotonic(), 0.001), metadata=metadata)
+        except grpc.RpcError as e:
+            wait = min(LAST_BACKOFF_S, FIRST_BACKOFF_S * 2 ** attempt) * random.uniform(0.5, 1.0)
+            if not retryable(e) or time.monotonic() + wait >= deadline or given_up.wait(wait):
+                raise RemoteError(e) from None
+            attempt += 1
+            log.warning("retrying a request after %s (attempt %d): %s", e.code().name, attempt + 1, e.details())
+
+
 def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logprobs: bool = False,
-                    routing: bool = False, timeout: float | None = None, api_key: str | None = None,
+                    routing: bool = False, timeout: float = CLIENT_TIMEOUT_S, api_key: str | None = None,
                     **sampling) -> list[dict]:
-    """One Generate call per prompt, all in flight at once; results in prompt order, in the shape that the
-    local `switch-serve generate` prints. A call that fails retryably is made again, 3 attempts in all."""
+    """One Generate call per prompt, MAX_IN_FLIGHT at once; results in prompt order, in the shape that the local
+    `switch-serve generate` prints. A call that fails retryably is made again, until `timeout` seconds from the
+    start have passed."""
+    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.SwitchServeStub(channel)
         requests = [pb.GenerateRequest(**({"text": p} if isinstance(p, str) else {"input_ids": p}),
                                        return_logprobs=logprobs, return_routing=routing,
                                        **{k: v for k, v in sampling.items() if v is not None and v != []})
                     for p in prompts]
-        calls = [stub.Generate.future(r, timeout=timeout, metadata=key_metadata(api_key)) for r in requests]
-        responses = []
-        for request, call in zip(requests, calls):
-            for attempt in range(1, ATTEMPTS + 1):
-                try:
-                    responses.append(call.result())
-                    break
-                except grpc.RpcError as e:
-                    if attempt == ATTEMPTS or not retryable(e):
-                        raise RemoteError(e) from None
-                    log.warning("retrying a request after %s: %s", e.code().name, e.details())
-                    time.sleep(0.5 * attempt)  # time for Serve to stop routing to a replica that died
-                    call = stub.Generate.future(request, timeout=timeout, metadata=key_metadata(api_key))
+        given_up = threading.Event()  # one call has failed for good: the others stop retrying
+        with ThreadPoolExecutor(max(1, min(MAX_IN_FLIGHT, len(requests)))) as pool:
+            calls = [pool.submit(call_with_retries, stub.Generate, r, deadline, key_metadata(api_key), given_up)
+                     for r in requests]
+            try:
+                responses = [call.result() for call in calls]
+            except BaseException:
+                given_up.set()
+                pool.shutdown(cancel_futures=True)  # and those not begun are not
+                raise
     results = []
     for prompt, r in zip(prompts, responses):
         out = {"token_ids": list(r.token_ids), "finish_reason": r.finish_reason, "dropped_tokens": r.dropped_tokens}

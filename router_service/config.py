@@ -12,6 +12,7 @@ from router_service.auth import API_KEY_ENV
 # Serve's own defaults for its proxies' ports.
 HTTP_PORT = 8000
 GRPC_PORT = 9000
+CLIENT_TIMEOUT_S = 600.0  # the most a client's generate call takes, its retries included (cluster.client)
 LOCAL_HTTP_HOST = "127.0.0.1"  # where a server started on one machine takes HTTP: that machine alone, unless told
 # What listens on Serve's HTTP and gRPC ports, set by the cluster's environment (Serve's controller and replicas read
 # it as they start: the job's runtime env here, the pods' env on Kubernetes).

@@ -1,11 +1,20 @@
-"""The bundled gRPC client (cluster.client): which failed calls it asks again."""
+"""The bundled gRPC client (cluster.client): which failed calls it asks again, how long for, and how many it keeps
+in flight."""
 
 from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
+from cluster import client
 from cluster.client import retryable
+from router_service.proto import switch_serve_pb2 as pb
+from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 
 
 class StatusFromProxy(grpc.RpcError):
@@ -21,6 +30,7 @@ class StatusFromProxy(grpc.RpcError):
 
 @pytest.mark.parametrize("code, details, retry", [
     (grpc.StatusCode.UNAVAILABLE, "expert actors are down", True),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "64 requests already waiting (limit 64)", True),
     (grpc.StatusCode.INTERNAL, "The actor died unexpectedly before finishing this task.", True),
     (grpc.StatusCode.INTERNAL, "The actor ce26 is unavailable: Actor is unavailable.. The task may or may not have "
                                "been executed on the actor.", True),  # the proxy reached the replica over gRPC
@@ -29,3 +39,74 @@ class StatusFromProxy(grpc.RpcError):
 ])
 def test_the_client_asks_again_only_where_a_front_or_the_experts_were_lost(code, details, retry):
     assert retryable(StatusFromProxy(code, details)) is retry
+
+
+class Flaky(pb_grpc.SwitchServeServicer):
+    """Refuses each prompt's first `refusals` calls with `code`, then answers its ids back; counts calls at once."""
+
+    def __init__(self, code: grpc.StatusCode, refusals: int):
+        self.code, self.refusals, self.calls, self.in_flight, self.most = code, refusals, Counter(), 0, 0
+        self.lock = threading.Lock()
+
+    def Generate(self, request, context):
+        key = tuple(request.input_ids)
+        with self.lock:
+            self.calls[key] += 1
+            refused = self.calls[key] <= self.refusals
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        try:
+            if refused:
+                context.abort(self.code, "refused")
+            time.sleep(0.05)
+            return pb.GenerateResponse(token_ids=request.input_ids, finish_reason="eos")
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+@pytest.fixture
+def flaky_server():
+    servers = []
+
+    def start(code: grpc.StatusCode, refusals: int) -> tuple[str, Flaky]:
+        servicer = Flaky(code, refusals)
+        server = grpc.server(ThreadPoolExecutor(max_workers=64))
+        pb_grpc.add_SwitchServeServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}", servicer
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def test_the_client_rides_out_refusals_with_a_growing_wait_and_a_bounded_window(flaky_server, monkeypatch):
+    """A full queue (RESOURCE_EXHAUSTED) and experts down (UNAVAILABLE) for several attempts in a row: every answer
+    comes, in prompt order, with at most MAX_IN_FLIGHT calls at once. Fails if the client gives up after a fixed
+    few attempts, or sends every prompt at once."""
+    monkeypatch.setattr(client, "FIRST_BACKOFF_S", 0.01)
+    monkeypatch.setattr(client, "MAX_IN_FLIGHT", 4)
+    prompts = [[i, 1] for i in range(2, 14)]
+    for code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        address, servicer = flaky_server(code, refusals=5)
+        results = client.generate_remote(address, prompts, timeout=60)
+        assert [r["token_ids"] for r in results] == prompts
+        assert set(servicer.calls.values()) == {6} and servicer.most <= 4
+
+
+def test_the_clients_timeout_bounds_the_whole_call_and_a_lasting_failure_is_said(flaky_server, monkeypatch):
+    """Retries stop at the deadline, counted from the start, not from each attempt; a call refused for a reason
+    that asking again cannot mend fails at once, naming the status. Fails if the retries go on past the deadline."""
+    monkeypatch.setattr(client, "FIRST_BACKOFF_S", 0.2)
+    address, _ = flaky_server(grpc.StatusCode.UNAVAILABLE, refusals=1000)
+    began = time.monotonic()
+    with pytest.raises(client.RemoteError, match="UNAVAILABLE: refused"):
+        client.generate_remote(address, [[5, 1], [6, 1]], timeout=2)
+    assert time.monotonic() - began < 4
+    address, servicer = flaky_server(grpc.StatusCode.INVALID_ARGUMENT, refusals=1000)
+    with pytest.raises(client.RemoteError, match="INVALID_ARGUMENT"):
+        client.generate_remote(address, [[5, 1]], timeout=60)
+    assert sum(servicer.calls.values()) == 1

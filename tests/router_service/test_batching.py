@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from reference import LocalExperts
+from reference import LocalExperts, hf_generate
 
 from experts import ffn
 from experts.checkpoint import SwitchCheckpoint
@@ -436,11 +436,17 @@ def test_requests_that_wait_for_room_keep_their_place_and_an_encoder_pass_takes_
 
 
 @torch.inference_mode()
-def test_top_logprobs_come_most_likely_first(checkpoint_factory):
-    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
-    seq = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=4, top_logprobs=3))
-    run_to_completion(ContinuousBatcher(local_front(path), max_sequences=2), [seq])
-    assert len(seq.top_logprobs) == 4
-    for token, logprob, top in zip(seq.token_ids, seq.logprobs, seq.top_logprobs):
-        values = [v for _, v in top]
-        assert values == sorted(values, reverse=True) and top[0] == (token, pytest.approx(logprob))  # greedy
+def test_top_logprobs_are_transformers_most_likely_first(checkpoint_factory):
+    """At each step, each sequence of a batch records the k most likely tokens of transformers' own distribution for
+    it, most likely first. Fails if fewer are kept, or one row's are another's."""
+    path, hf_model = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    prompts = [[5, 9, 23, 1], [71, 3, 8, 44, 1]]
+    sequences = [Sequence(p, SamplingParams(max_new_tokens=4, top_logprobs=3)) for p in prompts]
+    run_to_completion(ContinuousBatcher(local_front(path), max_sequences=2), sequences)
+    for seq, prompt in zip(sequences, prompts):
+        [(tokens, _, steps)] = hf_generate(hf_model, [prompt], 4, distributions=True)
+        assert seq.token_ids == tokens and len(seq.top_logprobs) == len(tokens)
+        for top, step in zip(seq.top_logprobs, steps):
+            best = torch.topk(step, 3)
+            assert [t for t, _ in top] == best.indices.tolist()
+            assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-4)
