@@ -17,7 +17,15 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experts.spec import ACTIVATIONS, DTYPE_OF_SAFETENSORS, DTYPES, SwitchConfig, expected_tensors, follow_weights
+from experts.spec import (
+    ACTIVATIONS,
+    DTYPE_OF_SAFETENSORS,
+    DTYPES,
+    ROUTER_DTYPES,
+    SwitchConfig,
+    expected_tensors,
+    follow_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +117,9 @@ def read_config(config_file: Path) -> SwitchConfig:
     if config.dense_act_fn not in ACTIVATIONS:
         raise CheckpointError(f"{config_file}: dense_act_fn {config.dense_act_fn!r} is not an activation "
                               f"switch-serve serves (one of: {', '.join(ACTIVATIONS)})")
+    if config.router_dtype not in ROUTER_DTYPES:
+        raise CheckpointError(f"{config_file}: router_dtype {config.router_dtype!r} is not one of "
+                              f"{', '.join(ROUTER_DTYPES)}")
     return config
 
 

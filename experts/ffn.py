@@ -3,6 +3,7 @@ weights are tensors or int8 (experts.int8)."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict
@@ -39,7 +40,13 @@ Weight = torch.Tensor | Int8Weight | PackedWeight
 # transformers' activations (ACT2FN) of experts.spec.ACTIVATIONS in torch alone: importing transformers.activations
 # takes seconds (it pulls in torch's compiler and distributed packages), which every expert actor would pay at each
 # start and restart. A test keeps these equal to ACT2FN's.
-ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
+def new_gelu(x: torch.Tensor) -> torch.Tensor:
+    """transformers' NewGELUActivation, op by op: in half precision each op rounds, so F.gelu's tanh form, which
+    rounds once, gives other values (and other tokens)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": new_gelu,
                         "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "silu": F.silu, "swish": F.silu}
 
 # A matrix at least this large is computed on every core when a product runs on one OpenMP thread (see

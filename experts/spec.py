@@ -39,6 +39,7 @@ EXPERT_FORMATS = (*DTYPES, "int8")  # what an expert's weights may be held in, f
 
 # The activations (transformers' ACT2FN names) a served checkpoint's FFNs may use; experts.ffn computes them with
 # torch alone.
+ROUTER_DTYPES = ("float32", "bfloat16", "float16")  # transformers' router_dtype values
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
 
 # hf: transformers' rule, each expert takes at most `expert_capacity` tokens of each sequence, earlier positions
@@ -73,6 +74,7 @@ class SwitchConfig:
     expert_capacity: int = 64
     router_bias: bool = False
     dense_act_fn: str = "relu"
+    router_dtype: str = "float32"  # what the routers compute in (ROUTER_DTYPES), whatever the model's dtype
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6

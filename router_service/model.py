@@ -1,9 +1,10 @@
 """The front of a Switch Transformers model: everything except the expert FFNs.
 
-Embeddings, T5 RMS norms, self- and cross-attention with relative position bias, dense FFN layers, the fp32
-top-1 routers and the LM head run here, matching transformers' `SwitchTransformersForConditionalGeneration`
-operation for operation. Each sparse layer routes its tokens, applies the capacity rule and hands the kept
-tokens to an expert dispatcher (the Ray actors), then scales what comes back by the router probability.
+Embeddings, T5 RMS norms, self- and cross-attention with relative position bias, dense FFN layers, the top-1
+routers (in the config's router_dtype) and the LM head run here, matching transformers'
+`SwitchTransformersForConditionalGeneration` operation for operation. Each sparse layer routes its tokens, applies
+the capacity rule and hands the kept tokens to an expert dispatcher (the Ray actors), then scales what comes back by
+the router probability.
 """
 
 from __future__ import annotations
@@ -388,12 +389,14 @@ class SwitchFront:
         self.device = torch.device(device)
         self.dtype = dtype or checkpoint.dtype
         self.weights = {name: t.to(self.device, self.dtype) for name, t in checkpoint.read(names).items()}
-        # The routers compute in float32 from their weights in the front's dtype, as transformers' do: widened once.
+        # The routers compute in the config's router_dtype (float32 in every released checkpoint) from their weights in
+        # the front's dtype, as transformers' do: cast once.
+        self.router_dtype = getattr(torch, config.router_dtype)
         for stack in STACKS:
             for layer in sparse_layers(config, stack):
                 for which in ("weight", "bias"):
                     if (name := router_tensor_name(stack, layer, which)) in self.weights:
-                        self.weights[name] = self.weights[name].float()
+                        self.weights[name] = self.weights[name].to(self.router_dtype)
         # Every self-attention's q, k and v as one matrix, and every cross-attention's k and v: one matmul each.
         self.fused = {}
         for stack in STACKS:
@@ -500,9 +503,9 @@ class SwitchFront:
         each token's sequence (sequence by sequence, earlier positions first); `longest` is the most tokens of one.
         Returns the output [tokens, d_model] and each token's (expert, prob, dropped), on the device (read back once
         a step is done, so that a layer computed on the GPU need not wait for it)."""
-        logits = F.linear(tokens.to(torch.float32), self._w(router_tensor_name(stack, layer)),
+        logits = F.linear(tokens.to(self.router_dtype), self._w(router_tensor_name(stack, layer)),
                           self.weights.get(router_tensor_name(stack, layer, "bias")))
-        prob, expert = F.softmax(logits, dim=-1, dtype=torch.float32).to(tokens.dtype).max(dim=-1)
+        prob, expert = F.softmax(logits, dim=-1, dtype=self.router_dtype).to(tokens.dtype).max(dim=-1)
         nothing_over = self.capacity == "dropless" or longest <= self.config.expert_capacity
         keep = None if nothing_over else self._within_capacity(expert, sequence)
         out = ((yield self.dispatch.send(stack, layer, tokens, expert, keep)) * prob[:, None]).to(tokens.dtype)

@@ -39,13 +39,13 @@ def test_every_served_activation_has_a_function():
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_activation_equals_transformers(name, dtype):
+    """Bit for bit, in every dtype served: in half precision, two forms of one function round differently (F.gelu's
+    tanh form against transformers' gelu_new, op by op, differed in 42% of bfloat16 values, and changed tokens)."""
     x = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
     ours, theirs = ACTIVATION_FUNCTIONS[name](x), ACT2FN[name](x)
-    assert ours.dtype == theirs.dtype
-    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
-    assert torch.allclose(ours.float(), theirs.float(), atol=tolerance, rtol=tolerance), name
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
 
 
 @pytest.fixture(scope="module")

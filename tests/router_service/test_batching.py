@@ -450,3 +450,40 @@ def test_top_logprobs_are_transformers_most_likely_first(checkpoint_factory):
             best = torch.topk(step, 3)
             assert [t for t, _ in top] == best.indices.tolist()
             assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gelu_new_served_in_half_precision_follows_transformers(checkpoint_factory, dtype):
+    """gelu_new rounds after each of its ops in half precision, as transformers computes it: F.gelu's tanh form,
+    the same function rounded once, changed bfloat16's tokens here. Fails if the front's dense layers compute it
+    otherwise."""
+    import copy
+
+    path, hf_model = checkpoint_factory("gelu-new", dense_act_fn="gelu_new", num_experts=4, expert_capacity=3)
+    checkpoint = SwitchCheckpoint.open(path)
+    front = SwitchFront(checkpoint, LocalExperts(checkpoint, dtype=dtype), dtype=dtype)
+    prompts = [[5, 9, 23, 4, 1], [71, 3, 1], [17, 2, 40, 40, 8, 13, 1]]
+    sequences = [Sequence(p, SamplingParams(max_new_tokens=12)) for p in prompts]
+    run_to_completion(ContinuousBatcher(front, max_sequences=4), sequences)
+    reference = hf_generate(copy.deepcopy(hf_model).to(dtype), prompts, 12)
+    assert [s.token_ids for s in sequences] == [tokens for tokens, _ in reference]
+    for seq, (_, logprobs) in zip(sequences, reference):
+        assert seq.logprobs == pytest.approx(logprobs, abs=1e-3)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("router_dtype", ["bfloat16", "float16"])
+def test_routers_compute_in_the_configs_router_dtype(checkpoint_factory, router_dtype):
+    """transformers' routers compute in config.router_dtype (float32 in the released checkpoints), whatever the
+    model's dtype: its probabilities, rounded to it, pick the experts and scale their outputs. Fails if the routers
+    compute in float32 regardless (bfloat16 routers changed the tokens here)."""
+    path, hf_model = checkpoint_factory(f"router-{router_dtype}", router_dtype=router_dtype, num_experts=8,
+                                        expert_capacity=3, seed=3)
+    prompts = [[5, 9, 23, 4, 1], [71, 3, 1], [17, 2, 40, 40, 8, 13, 1], [33, 33, 33, 33, 2, 1]]
+    sequences = [Sequence(p, SamplingParams(max_new_tokens=16)) for p in prompts]
+    run_to_completion(ContinuousBatcher(local_front(path), max_sequences=4), sequences)
+    reference = hf_generate(hf_model, prompts, 16)
+    assert [s.token_ids for s in sequences] == [tokens for tokens, _ in reference]
+    for seq, (_, logprobs) in zip(sequences, reference):
+        assert seq.logprobs == pytest.approx(logprobs, abs=1e-5)
