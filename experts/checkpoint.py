@@ -22,6 +22,7 @@ from experts.spec import (
     DTYPE_OF_SAFETENSORS,
     DTYPES,
     ROUTER_DTYPES,
+    TIED_COPIES,
     SwitchConfig,
     expected_tensors,
     follow_weights,
@@ -231,6 +232,21 @@ class SwitchCheckpoint:
                 found = "missing" if now is None else f"{now.dtype} {list(now.shape)}"
                 raise CheckpointError(f"{path}: tensor {name} is {found} on node {platform.node()}, "
                                       f"{was.dtype} {list(was.shape)} where the checkpoint was opened")
+
+    def check_tied_copies(self) -> None:
+        """With tied embeddings (config.json's tie_word_embeddings), the copies of `shared.weight` a checkpoint may
+        also hold (the embeddings of each stack, the LM head) must equal it: transformers would use a copy that
+        differs as it is, and warn; serving `shared.weight` for it would give other answers. A CheckpointError
+        naming the file and the copy. Reads them: the front's check, at load."""
+        copies = [name for name in TIED_COPIES if name in self.tensors]
+        if not self.config.tie_word_embeddings or not copies:
+            return
+        tensors = self.read(["shared.weight", *copies])
+        for name in copies:
+            if not tensors[name].equal(tensors["shared.weight"]):
+                raise CheckpointError(f"{self.path / self.tensors[name].file}: tensor {name} differs from "
+                                      "shared.weight, though config.json ties them (tie_word_embeddings): the config "
+                                      "is not the weights'")
 
     def read(self, names: list[str]) -> dict:
         """{name: torch.Tensor} of the named tensors, opening each shard once and reading only their bytes."""

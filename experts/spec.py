@@ -173,6 +173,10 @@ def router_tensor_name(stack: str, layer: int, which: str = "weight") -> str:
     return f"{ffn_prefix(stack, layer)}.mlp.router.classifier.{which}"
 
 
+# What a checkpoint of tied embeddings may hold beside `shared.weight`: copies of it.
+TIED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
+
+
 def expected_tensors(config: SwitchConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """(required, optional) tensor shapes of a checkpoint for `config`.
 
@@ -182,14 +186,12 @@ def expected_tensors(config: SwitchConfig) -> tuple[dict[str, tuple[int, ...]], 
     d, v, inner, ff = config.d_model, config.vocab_size, config.num_heads * config.d_kv, config.d_ff
     required: dict[str, tuple[int, ...]] = {}
     optional: dict[str, tuple[int, ...]] = {}
-    embeddings = {"shared.weight": (v, d), "encoder.embed_tokens.weight": (v, d),
-                  "decoder.embed_tokens.weight": (v, d), "lm_head.weight": (v, d)}
     if config.tie_word_embeddings:
         required["shared.weight"] = (v, d)
-        optional.update({k: s for k, s in embeddings.items() if k != "shared.weight"})
+        optional.update(dict.fromkeys(TIED_COPIES, (v, d)))
     else:
         optional["shared.weight"] = (v, d)
-        required.update({k: s for k, s in embeddings.items() if k != "shared.weight"})
+        required.update(dict.fromkeys(TIED_COPIES, (v, d)))
     for stack in STACKS:
         sparse = set(sparse_layers(config, stack))
         required[f"{stack}.final_layer_norm.weight"] = (d,)

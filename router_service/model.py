@@ -414,6 +414,7 @@ class SwitchFront:
         self.sparse = {stack: set(sparse_layers(config, stack)) for stack in STACKS}
         self._decoder_bias = torch.zeros(1, self.heads, 1, 0, dtype=self.dtype, device=self.device)
         if config.tie_word_embeddings:
+            checkpoint.check_tied_copies()
             shared = self.weights["shared.weight"]
             self.embed = {"encoder": shared, "decoder": shared}
             self.lm_head = pack(shared) if packed_weights else shared

@@ -164,6 +164,28 @@ def test_gated_activation_rejected(checkpoint):
         SwitchCheckpoint.open(checkpoint)
 
 
+def test_a_router_dtype_transformers_has_not_is_rejected(checkpoint):
+    edit_config(checkpoint, router_dtype="float8")
+    with pytest.raises(CheckpointError, match=r"config\.json: router_dtype 'float8' is not one of float32"):
+        SwitchCheckpoint.open(checkpoint)
+
+
+def test_tied_copies_that_differ_from_shared_weight_are_refused(checkpoint):
+    """Tied embeddings may come with copies of `shared.weight` (released checkpoints carry them): equal, they are
+    served as one; a copy that differs means config.json is not the weights' (transformers would use the copy as it
+    is), which the front's load names. Fails if a differing copy is served as `shared.weight`."""
+    def copies(tensors):
+        for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = tensors["shared.weight"].clone()
+
+    rewrite(checkpoint / "model.safetensors", copies)
+    SwitchCheckpoint.open(checkpoint).check_tied_copies()
+    rewrite(checkpoint / "model.safetensors", lambda t: t["lm_head.weight"].mul_(2))
+    tied = SwitchCheckpoint.open(checkpoint)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor lm_head\.weight differs from shared"):
+        tied.check_tied_copies()
+
+
 def test_no_weights_or_config(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: missing"):
         SwitchCheckpoint.open(tmp_path)
