@@ -50,14 +50,13 @@ class TextStream:
         return new
 
     def _held_back(self, text: str) -> int:
-        """How many characters at the end of `text` may still change: an incomplete character, or a proper
-        prefix of a stop string."""
-        held = 0
-        if text.endswith(INCOMPLETE):
-            held = len(text) - len(text.rstrip(INCOMPLETE))
+        """How many characters at the end of `text` may still change: an incomplete character, and a proper prefix
+        of a stop string before it (the incomplete character may be the stop string's next)."""
+        complete = text.rstrip(INCOMPLETE)
+        prefix = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    held = max(held, n)
+            for n in range(min(len(s) - 1, len(complete)), 0, -1):
+                if complete.endswith(s[:n]):
+                    prefix = max(prefix, n)
                     break
-        return held
+        return len(text) - len(complete) + prefix

@@ -37,6 +37,17 @@ def test_an_incomplete_character_waits_for_its_next_token():
     assert [text.update([0] * n, finished=False) for n in (1, 2, 3)] == ["a", "", "\u00e9"]
 
 
+def test_a_stop_strings_start_waits_behind_an_incomplete_character():
+    """A byte-level tokenizer decodes a character split over tokens as U+FFFD until its last byte comes: the start of
+    a stop string before it is held back too, since that character may be the stop string's next. Fails if "東京"
+    is sent before "は" ends the text at its start."""
+    decoded = ["東", "東\ufffd", "東京\ufffd", "東京は", "東京は日本"]
+    text = TextStream(lambda ids: decoded[len(ids) - 1], ("東京は",))
+    assert [text.update([0] * n, finished=False) for n in range(1, 5)] == ["", "", "", ""] and text.stopped
+    text = TextStream(lambda ids: decoded[len(ids) - 1], ("京都",))
+    assert [text.update([0] * n, finished=n == 5) for n in range(1, 6)] == ["東", "", "", "京は", "日本"]
+
+
 def test_text_that_decodes_otherwise_once_more_tokens_come_is_not_sent_in_pieces_that_do_not_join():
     """Where decoding more tokens changes text already sent (a tokenizer whose earlier characters depend on later
     tokens), no piece is sent that would join into text the tokens never decoded to: what was sent stays the stream's
