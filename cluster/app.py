@@ -43,7 +43,7 @@ GRPC_SERVICER_FUNCTIONS = [
 CONTROL_HEADROOM = 16
 FLEET_APP = fleet_app_name(APP_NAME)
 # What the fleet's application is built from (see build_fleet).
-FLEET_FIELDS = ("model", "placement", "dtype", "quantize", "fleet_resources", "drain_timeout_s")
+FLEET_FIELDS = ("model", "placement", "dtype", "quantize", "fleet_resources", "drain_timeout_s", "served_model_name")
 # Calls the fleet answers at once: each front replica's link asks one at a time.
 FLEET_MAX_CALLS = 256
 # How often Serve checks that the fleet lives (its default is 10 s).
@@ -105,7 +105,7 @@ def build_fleet(args: dict | ServerConfig) -> Application:
                                ray_actor_options={"num_cpus": 0, "resources": config.fleet_resources},
                                user_config={"drain_timeout_s": config.drain_timeout_s},
                                graceful_shutdown_timeout_s=config.drain_timeout_s + FLEET_RELEASE_S,
-                               ).bind(config.model, config.placement, config.dtype, config.quantize)
+                               ).bind(config.model, config.placement, config.dtype, config.quantize, config.model_id)
 
 
 def build_app(args: dict | ServerConfig) -> Application:

@@ -90,10 +90,11 @@ class ExpertActor:
 
     `experts` maps each hosted expert to the names of its (wi, wo) tensors in `checkpoint`, the only tensors
     this actor reads. Runs on the GPU Ray gave it, if any, in `dtype`; holds the weights as `quantize` says.
+    `model_id` labels its metrics (the served model's id; default: the checkpoint folder's name).
     """
 
     def __init__(self, checkpoint: SwitchCheckpoint, experts: dict[ExpertKey, tuple[str, str]], dtype: str = "fp32",
-                 quantize: str = "none"):
+                 quantize: str = "none", model_id: str | None = None):
         self.checkpoint = checkpoint
         gpus = ray.get_gpu_ids()
         if gpus and not torch.cuda.is_available():  # its experts then take host memory, not the GPU's
@@ -116,7 +117,7 @@ class ExpertActor:
         self.call_log: list[float] | None = None  # see log_calls
         self.fault: tuple[int, float | None] | None = None  # see inject_fault
         self.token_metric = expert_token_counter()
-        self.model_name = Path(checkpoint.path).name
+        self.model_id = model_id or Path(checkpoint.path).name
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
@@ -165,6 +166,6 @@ class ExpertActor:
             self.call_log.append(time.perf_counter() - began)
         for e, n in zip(experts, counts):
             self.tokens[(stack, layer, e)] += n
-            self.token_metric.inc(n, tags={"model": self.model_name, "stack": stack, "layer": str(layer),
+            self.token_metric.inc(n, tags={"model": self.model_id, "stack": stack, "layer": str(layer),
                                            "expert": str(e)})
         return out

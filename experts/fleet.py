@@ -126,8 +126,9 @@ class ExpertFleet:
     """
 
     def __init__(self, checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str = "none",
-                 name: str | None = None, placement: Placement | None = None):
+                 name: str | None = None, placement: Placement | None = None, model_id: str | None = None):
         self.checkpoint, self.dtype, self.quantize = checkpoint, dtype, quantize
+        self.model_id = model_id  # the label of its actors' metrics (see ExpertActor)
         self.placement = placement if placement is not None else served_placement(checkpoint, config, dtype, quantize)
         self.actor_resources = config.actor_resources
         self.gpu_memory = parse_bytes(config.gpu_memory) if config.gpus else None  # what the plan sized each GPU by
@@ -205,7 +206,8 @@ class ExpertFleet:
         return ray.remote(ExpertActor).options(
             num_cpus=self._cpus, num_gpus=spec.gpus, resources=self.actor_resources, scheduling_strategy=strategy,
             max_restarts=-1, max_task_retries=-1, runtime_env={"env_vars": KEPT_HEAP_ENV | INLINE_ACTIVATIONS_ENV}
-        ).remote(self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype, self.quantize)
+        ).remote(self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype, self.quantize,
+                 self.model_id)
 
     def _wait_loaded(self, handles: list) -> None:
         try:

@@ -192,6 +192,8 @@ class ContinuousBatcher:
             changed += self.fail(e)
         finally:
             use_threads(cores)
+        if self.metrics is not None:  # every step, whether it decoded or only encoded
+            self.metrics.waiting(self.num_waiting)
         return changed
 
     def _decode(self, cores: int, on_cores: bool) -> list[Sequence]:
@@ -230,7 +232,7 @@ class ContinuousBatcher:
                 seq.finish_reason = "length"
         stepped = list(self.active)
         if self.metrics is not None:
-            self.metrics.step(len(stepped), self.num_waiting)
+            self.metrics.step(len(stepped))
             self._record([seq for seq in stepped if seq.finish_reason is not None])
         self.next_tokens = torch.tensor(tokens, dtype=torch.long)
         self._leave([not seq.done for seq in self.active])
@@ -255,6 +257,8 @@ class ContinuousBatcher:
         # active sequence then sees no cache rows either.
         self.cache, self.active, self.waiting = None, [], deque()
         self.next_tokens = torch.zeros(0, dtype=torch.long)
+        if self.metrics is not None:
+            self.metrics.waiting(self.num_waiting)
         return failed
 
     def _admit(self, cores: int) -> list[Sequence]:

@@ -3,6 +3,8 @@ the command line builds its flags from these fields (their defaults and descript
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from experts.placement import PlacementConfig, RayResources
@@ -110,3 +112,9 @@ class ServerConfig(EngineConfig):
                                           "for, to keep it on a node that outlives the fronts, e.g. the head's")
     api_key_file: str | None = Field(None, description=f"file holding the API key every call but the health check "
                                                        f"must present (default: ${API_KEY_ENV}, if set)")
+
+    @property
+    def model_id(self) -> str:
+        """The served model's id: what the OpenAI-compatible API lists, and every metric's `model` label (the expert
+        actors' too)."""
+        return self.served_model_name or Path(self.model).name

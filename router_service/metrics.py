@@ -36,14 +36,22 @@ class ServingMetrics:
         self.embedded_inputs = Counter("switch_serve_embedded_inputs", "Inputs embedded (encoded, no generation)",
                                        tag_keys=keys)
         self.expert_tokens = expert_token_counter()
+        self.experts_per_layer = Gauge("switch_serve_experts_per_layer", "Experts in each sparse layer (the mean "
+                                       "of an expert's tokens divides by it: an expert given none has no series)",
+                                       tag_keys=keys)
+
+    def serving(self, experts_per_layer: int) -> None:
+        self.experts_per_layer.set(experts_per_layer, tags=self.tags)
 
     def request_done(self, status: str) -> None:
         self.requests.inc(1, tags={**self.tags, "status": status})
 
-    def step(self, batch: int, waiting: int) -> None:
+    def step(self, batch: int) -> None:
         self.batch_size.observe(batch, tags=self.tags)
         self.generated_tokens.inc(batch, tags=self.tags)
-        self.queue_depth.set(waiting, tags=self.tags)
+
+    def waiting(self, requests: int) -> None:
+        self.queue_depth.set(requests, tags=self.tags)
 
     def sequence_done(self, first_token_s: float | None, per_token_s: float | None, dropped: int) -> None:
         """A generation request's latencies (None: it left before that token) and its tokens over capacity."""

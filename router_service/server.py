@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from fastapi import FastAPI, Request
@@ -333,12 +332,12 @@ class ServedFleet(ExpertFleet):
     """The fleet of a served model, in an application of its own (see cluster.app.build_fleet): a change to the
     fronts' settings leaves it, and the experts it loaded, alone."""
 
-    def __init__(self, model: str, placement: PlacementConfig, dtype: str | None, quantize: str):
+    def __init__(self, model: str, placement: PlacementConfig, dtype: str | None, quantize: str, model_id: str):
         checkpoint = SwitchCheckpoint.open(model)
         dtype = checkpoint.served_dtype(dtype)
         app = serve.get_replica_context().app_name  # two apps serving one checkpoint keep apart
         super().__init__(checkpoint, placement, dtype, quantize,
-                         name=f"{app}-{fleet_name(checkpoint, placement, dtype, quantize)}")
+                         name=f"{app}-{fleet_name(checkpoint, placement, dtype, quantize)}", model_id=model_id)
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config: settings that change without a new fleet."""
@@ -364,7 +363,7 @@ class SwitchServer:
     def __init__(self, config: ServerConfig):
         math_here_on_one_thread()  # before any math: the batching thread's OpenMP team is the only one
         self.config = config
-        self.model_id = config.served_model_name or Path(config.model).name
+        self.model_id = config.model_id
         self.started = int(time.time())
         self.api_key = load_api_key(config.api_key_file)
         self.metrics = ServingMetrics(self.model_id)
@@ -372,6 +371,7 @@ class SwitchServer:
         # application may start after this one: a handle waits for it.
         fleet = serve.get_deployment_handle(FLEET_DEPLOYMENT, fleet_app_name(serve.get_replica_context().app_name))
         self.cluster = SwitchCluster(config, fleet=fleet, wait=False, metrics=self.metrics)
+        self.metrics.serving(self.cluster.checkpoint.config.num_experts)
         self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting, config.front_threads or this_node_cpus())
         try:
             _ = self.cluster.tokenizer  # loaded now rather than on the first request

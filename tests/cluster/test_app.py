@@ -292,3 +292,14 @@ def test_a_cluster_where_serve_runs_already_is_refused_and_left_alone(ray_cluste
         assert serve.status().applications["other"].status == "RUNNING"
     finally:
         serve.shutdown()
+
+
+def test_the_fleet_labels_its_actors_metrics_with_the_served_models_id():
+    """The fleet's application gets the id the fronts label their metrics with, for its actors' metric: a dashboard
+    filtered by model finds the expert actors' series too. Fails if the fleet is left to name the model otherwise."""
+    from cluster.app import build_fleet
+
+    for config, model_id in [(ServerConfig(model="/models/snapshots/3f2a9c", served_model_name="google/switch-base-8"),
+                              "google/switch-base-8"), (ServerConfig(model="/models/switch-base-8"), "switch-base-8")]:
+        assert config.model_id == model_id
+        assert build_fleet(config)._bound_deployment.init_args[-1] == model_id

@@ -4,12 +4,14 @@ experts itself."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import ray
 import torch
 
 from cluster.testing import tiny_config, write_random_checkpoint
+from experts import actor as actor_module
 from experts.actor import ExpertActor, held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import start_fleet, stop_fleet
@@ -146,11 +148,18 @@ def test_an_actor_counts_the_tokens_it_computed_per_expert(tmp_path, monkeypatch
     write_random_checkpoint(tmp_path, config)
     layer = sparse_layers(config, "encoder")[0]
     keys = [("encoder", layer, e) for e in (0, 1)]
-    actor = ExpertActor(SwitchCheckpoint.open(tmp_path), {key: expert_tensor_names(*key) for key in keys})
+    recorded = []
+    monkeypatch.setattr(actor_module, "expert_token_counter",
+                        lambda: SimpleNamespace(inc=lambda n, tags: recorded.append((n, tags["model"]))))
+    actor = ExpertActor(SwitchCheckpoint.open(tmp_path), {key: expert_tensor_names(*key) for key in keys},
+                        model_id="served-id")
     assert actor.token_counts() == dict.fromkeys(keys, 0)
     actor.forward(call_to_wire("encoder", layer, [0, 1], [3, 5], torch.ones(8, config.d_model)))
     actor.forward(call_to_wire("encoder", layer, [1], [2], torch.ones(2, config.d_model)))
     assert actor.token_counts() == {keys[0]: 3, keys[1]: 7}
+    # Its metric is labelled with the served model's id, as the fronts' are, so that a dashboard filtered by model
+    # finds it (a Hub download's folder is named by a commit hash).
+    assert recorded == [(3, "served-id"), (5, "served-id"), (2, "served-id")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a torch without CUDA does")

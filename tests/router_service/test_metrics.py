@@ -27,7 +27,9 @@ def test_each_metric_records_what_its_name_says(monkeypatch):
     monkeypatch.setattr(metrics, "expert_token_counter", lambda: Recorder("switch_serve_expert_tokens"))
     monkeypatch.setattr(Recorder, "calls", [])
     served = metrics.ServingMetrics("m")
-    served.step(3, 5)
+    served.serving(8)
+    served.step(3)
+    served.waiting(5)
     served.sequence_done(0.2, 0.03, 2)
     served.sequence_done(None, None, 0)  # left before its first token: nothing recorded
     served.embedded(4, 1)
@@ -36,6 +38,7 @@ def test_each_metric_records_what_its_name_says(monkeypatch):
     served.computed_here("encoder", 1, 6, 9)
     model = {"model": "m"}
     assert Recorder.calls == [
+        ("switch_serve_experts_per_layer", 8, model),
         ("switch_serve_batch_size", 3, model), ("switch_serve_generated_tokens", 3, model),
         ("switch_serve_queue_depth", 5, model),
         ("switch_serve_time_to_first_token_seconds", 0.2, model),
@@ -44,3 +47,27 @@ def test_each_metric_records_what_its_name_says(monkeypatch):
         ("switch_serve_requests", 1, {"model": "m", "status": "OK"}),
         ("switch_serve_dispatch_seconds", 0.004, {"model": "m", "stack": "decoder", "layer": "3"}),
         ("switch_serve_expert_tokens", 9, {"model": "m", "stack": "encoder", "layer": "1", "expert": "6"})]
+
+
+def test_the_queue_depth_follows_every_step_and_a_failed_batch():
+    """Set after each step, whether it decoded, only encoded (embeddings) or failed, and after a batch failed outside
+    a step: a batch that fails with requests waiting empties the queue, and the gauge says so at once. Fails if only
+    a decoding step sets it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from router_service.batching import ContinuousBatcher, Sequence
+
+    def encode(prompts):
+        raise RuntimeError("the expert fleet died")
+
+    depth = []
+    front = SimpleNamespace(config=SimpleNamespace(eos_token_id=1), device=torch.device("cpu"), dtype=torch.float32,
+                            encode=encode)
+    batcher = ContinuousBatcher(front, max_sequences=2, metrics=SimpleNamespace(waiting=depth.append))
+    for prompt in ([5, 1], [6, 1], [7, 1]):
+        batcher.add(Sequence(prompt))
+    assert len(batcher.step()) == 3 and depth[-1] == 0  # the two admitted and the one left waiting, failed
+    batcher.add(Sequence([8, 1]))
+    assert len(batcher.fail(RuntimeError("the expert fleet died"))) == 1 and depth[-1] == 0
