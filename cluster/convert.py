@@ -5,7 +5,7 @@
 Conversion goes one `.bin` shard at a time (loaded with `weights_only`, memory-mapped), so memory stays near
 one shard's size. Each shard's tensors are written grouped: the front's in one file, and each sparse layer's
 experts in their own file, in expert order, so an actor hosting a range of a layer's experts reads one
-contiguous run of one file.
+contiguous run of one file. A conversion cut short goes on, run again, from the shards it finished.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ WEIGHT_FILES = (BIN_FILE, BIN_INDEX_FILE, "model.safetensors", INDEX_FILE)
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "spiece.model",
              "special_tokens_map.json"]
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+PARTIAL = ".{name}.partial"  # where a conversion to NAME is written, beside it, until it is whole
 
 
 def bin_shards(src: Path) -> list[str]:
@@ -67,37 +67,33 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
     """Convert a `.bin` checkpoint folder (one file or shards with an index) to a safetensors folder at `dst`,
-    which must not exist yet; returns it opened (and so fully checked). Written to a temporary folder first and
-    renamed into place, so `dst` is either complete or absent."""
+    which must not exist yet; returns it opened (and so fully checked). Written shard by shard into a folder beside
+    it (PARTIAL) and renamed into place once whole, so `dst` is either complete or absent. A run cut short (an
+    error, Ctrl-C, SIGTERM, the OOM killer) leaves the shards it finished there, and the same command run again goes
+    on from them: switch-c-2048's 364 shards take hours."""
     src, dst = Path(src), Path(dst)
     if dst.exists():
         raise CheckpointError(f"{dst}: already exists")
     config_file = src / "config.json"
     config = read_config(config_file)  # a bad one fails before any shard is converted
     shards = bin_shards(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    work = dst.parent / PARTIAL.format(name=dst.name)
+    work.mkdir(parents=True, exist_ok=True)
     try:
         weight_map, total = {}, 0
         for number, shard in enumerate(shards, 1):
-            state = load_shard(src / shard)
-            groups: dict[tuple, list[str]] = {}
-            for name in state:
-                groups.setdefault(group_of(name)[0], []).append(name)
-            for group, names in sorted(groups.items(), key=lambda item: (item[0] != ("front",), item[0])):
-                file = f"model-{number:05d}-of-{len(shards):05d}-{'-'.join(map(str, group))}.safetensors"
-                names.sort(key=lambda n: group_of(n)[1])
-                tensors, seen = {}, set()
-                for name in names:
-                    t = state[name].contiguous()
-                    if t.untyped_storage().data_ptr() in seen:  # tied weights share storage in .bin files
-                        t = t.clone()
-                    seen.add(t.untyped_storage().data_ptr())
-                    tensors[name] = t
-                    weight_map[name] = file
-                    total += t.nbytes
-                save_file(tensors, work / file, metadata={"format": "pt"})
-            del state
+            done = work / f".shard-{number:05d}-of-{len(shards):05d}.json"
+            source = {"shard": shard, "bytes": (src / shard).stat().st_size}
+            record = json.loads(done.read_text()) if done.is_file() else None
+            if record is None or record["source"] != source:
+                record = {"source": source, **convert_shard(src / shard, number, len(shards), work)}
+                done.with_suffix(".tmp").write_text(json.dumps(record))
+                os.replace(done.with_suffix(".tmp"), done)  # written whole, after the shard's files
+            else:
+                log.warning("%s: converted by an earlier run, kept from %s", shard, work)
+            for file, names in record["files"].items():
+                weight_map |= dict.fromkeys(names, file)
+            total += record["bytes"]
         (work / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                   indent=2))
         raw = json.loads(config_file.read_text())
@@ -107,12 +103,42 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
             if other.is_file() and other.name not in WEIGHT_FILES and other.name != "config.json" \
                     and not other.name.endswith(".bin"):
                 shutil.copy2(other, work / other.name)
+        for record in work.glob(".shard-*"):
+            record.unlink()
         SwitchCheckpoint.open(work)  # every tensor checked before dst appears
         os.replace(work, dst)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        finished = len(list(work.glob(".shard-*.json")))
+        if finished:
+            log.warning("kept the %d shard(s) converted in %s: the same command goes on from them", finished, work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
         raise
     return SwitchCheckpoint.open(dst)
+
+
+def convert_shard(path: Path, number: int, count: int, work: Path) -> dict:
+    """Write the tensors of `.bin` shard `path` (number `number` of `count`) into `work`, grouped; returns
+    {"files": {file: tensor names}, "bytes": their size}."""
+    state = load_shard(path)
+    groups: dict[tuple, list[str]] = {}
+    for name in state:
+        groups.setdefault(group_of(name)[0], []).append(name)
+    files, total = {}, 0
+    for group, names in sorted(groups.items(), key=lambda item: (item[0] != ("front",), item[0])):
+        file = f"model-{number:05d}-of-{count:05d}-{'-'.join(map(str, group))}.safetensors"
+        names.sort(key=lambda n: group_of(n)[1])
+        tensors, seen = {}, set()
+        for name in names:
+            t = state[name].contiguous()
+            if t.untyped_storage().data_ptr() in seen:  # tied weights share storage in .bin files
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[name] = t
+            total += t.nbytes
+        save_file(tensors, work / file, metadata={"format": "pt"})
+        files[file] = names
+    return {"files": files, "bytes": total}
 
 
 def resolve_model(model: str | os.PathLike, weights: bool = True) -> Path:

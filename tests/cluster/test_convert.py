@@ -134,3 +134,35 @@ def test_converting_into_an_existing_folder_is_refused(checkpoint_factory, tmp_p
             convert(src, dst)
         assert sorted(p.name for p in dst.iterdir()) == contents
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "out-0", "out-1"]
+
+
+def test_a_conversion_cut_short_goes_on_from_the_shards_it_finished(checkpoint_factory, tmp_path, monkeypatch):
+    """Interrupted at its third shard (Ctrl-C; SIGTERM or SIGKILL leave the same), a conversion keeps the two it
+    finished beside `dst`, which does not appear; run again, it converts the third alone, and the result holds every
+    tensor as a conversion in one go writes it. Fails if a run starts over, or leaves its work where the next cannot
+    find it."""
+    from cluster import convert as converting
+
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=3)
+    whole = convert(src, tmp_path / "whole")
+    real, converted = converting.convert_shard, []
+
+    def cut_at_the_third(path, number, count, work):
+        if number == 3:
+            raise KeyboardInterrupt
+        converted.append(number)
+        return real(path, number, count, work)
+
+    monkeypatch.setattr(converting, "convert_shard", cut_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir() and converted == [1, 2]
+    monkeypatch.setattr(converting, "convert_shard", lambda *args: converted.append(args[1]) or real(*args))
+    resumed = convert(src, tmp_path / "out")
+    assert converted == [1, 2, 3] and not (tmp_path / ".out.partial").exists()
+    assert resumed.tensors.keys() == whole.tensors.keys()
+    assert sorted(p.name for p in resumed.path.iterdir()) == sorted(p.name for p in whole.path.iterdir())
+    for name in whole.tensors:
+        assert torch.equal(resumed.read([name])[name], whole.read([name])[name]), name

@@ -101,7 +101,10 @@ def test_expert_counts_read_while_the_batching_thread_adds_experts():
         reading.set()
         thread.join()
         sys.setswitchinterval(interval)
-    assert sum(tokens[0] for tokens in count_expert_tokens([counts], 1).values()) == len(counts)
+    # And what it reads adds each actor's counts up by layer, the encoder's first.
+    front, actor = {("decoder", 3, 1): 4, ("encoder", 1, 0): 2}, {("decoder", 3, 1): 5, ("decoder", 1, 0): 7}
+    assert count_expert_tokens([front, actor], 2) == {("encoder", 1): [2, 0], ("decoder", 1): [7, 0],
+                                                      ("decoder", 3): [0, 9]}
 
 
 def test_prompts_are_token_ids_or_texts_and_an_empty_text_is_refused():
