@@ -212,7 +212,8 @@ def test_a_hub_id_is_the_served_models_id(monkeypatch, model, served_as):
 def test_serve_hands_the_replicas_absolute_paths_and_says_where_they_read_the_key(monkeypatch, capsys):
     """The replicas run in folders of Ray's: a relative checkpoint or stats file is made absolute (`--model .` would
     otherwise serve a model named ''); joining a cluster, the replicas read the key from their own nodes'
-    environment, not this shell's, which the warning says. Fails if a relative path reaches the replicas."""
+    environment, not this shell's, which the warning says; without a key at all, it says anyone may call. Fails if a
+    relative path reaches the replicas."""
     import contextlib
 
     import cluster.app
@@ -237,6 +238,10 @@ def test_serve_hands_the_replicas_absolute_paths_and_says_where_they_read_the_ke
     with pytest.raises(KeyboardInterrupt):
         main(["serve", "--model", "model", *ports])
     assert served[1].model == str(root / "demo/model") and "warning" not in capsys.readouterr().err
+    monkeypatch.delenv("SWITCH_SERVE_API_KEY")
+    with pytest.raises(KeyboardInterrupt):
+        main(["serve", "--model", "model", *ports])
+    assert "warning: no API key, so anyone who can reach gRPC port" in capsys.readouterr().err
 
 
 def test_generate_prints_logprobs_and_routing_without_json(monkeypatch, capsys):

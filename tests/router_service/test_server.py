@@ -628,6 +628,9 @@ def test_http_generate_equals_grpc(server):
     assert status == 200 and body["token_ids"] == list(unary.token_ids)  # null: the default, as for every field
     assert body["logprobs"] == pytest.approx(list(unary.logprobs))
     assert body["finish_reason"] == unary.finish_reason and body["prompt_tokens"] == len(PROMPTS[0])
+    # Every field is there, empty or zero ones too, as the README says.
+    assert set(body) == {f.name for f in pb.GenerateResponse.DESCRIPTOR.fields}
+    assert body["routing"] == [] and isinstance(body["dropped_tokens"], int)
 
 
 def test_http_stream_is_server_sent_events(server):
@@ -702,6 +705,9 @@ def test_http_model_info(server):
     with urllib.request.urlopen(f"{server['http']}/v1/model", timeout=30) as r:
         info = json.loads(r.read())
     assert info["num_experts"] == 8 and info["capacity_mode"] == "hf" and len(info["actors"]) == 2
+    # Every field, and 64-bit integers as strings, as protobuf's JSON mapping writes them.
+    assert set(info) == {f.name for f in pb.ModelInfoResponse.DESCRIPTOR.fields}
+    assert isinstance(info["decode_steps"], str) and int(info["decode_steps"]) >= 0
 
 
 def test_cli_generate_is_a_client_of_the_server(server, capsys):
