@@ -40,6 +40,7 @@ from router_service.requests import SamplingParams
 FLAG_NAMES = {"num_replicas": "--replicas", "actor_resources": "--actor-resource",
               "fleet_resources": "--fleet-resource", "front_resources": "--front-resource"}
 PLANNER_FIELDS = ("gpus", "gpu_memory", "nodes", "replicate_hot", "stats")
+CHAOS_EVERY_S = (15.0, 30.0)  # soak --chaos: the range the seconds between faults are drawn from
 
 
 def fail(message: str) -> typing.NoReturn:
@@ -385,9 +386,11 @@ def cmd_quality(args: argparse.Namespace) -> None:
 def cmd_soak(args: argparse.Namespace) -> None:
     from cluster.soak import main
 
+    if args.chaos_every is not None and not args.chaos:
+        raise ValueError("--chaos-every: sets how often --chaos injects faults; without --chaos there are none")
     model = args.model and str(open_checkpoint(args.model).path)
-    sys.exit(main(model, args.duration, args.concurrency, tuple(args.chaos_every) if args.chaos else None,
-                  args.replicas, args.nodes))
+    sys.exit(main(model, args.duration, args.concurrency, tuple(args.chaos_every or CHAOS_EVERY_S) if args.chaos
+                  else None, args.replicas, args.nodes))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -512,8 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--chaos", action="store_true", help="kill an expert actor, the expert fleet and a front replica "
                                                         "in turn, at random times; with --nodes, replace a worker "
                                                         "node as well")
-    k.add_argument("--chaos-every", type=float, nargs=2, default=(15.0, 30.0), metavar=("MIN_S", "MAX_S"),
-                   help="seconds between faults, drawn between these (default: 15 30)")
+    k.add_argument("--chaos-every", type=float, nargs=2, default=None, metavar=("MIN_S", "MAX_S"),
+                   help=f"with --chaos: seconds between faults, drawn between these (default: "
+                        f"{' '.join(f'{s:g}' for s in CHAOS_EVERY_S)})")
     k.set_defaults(func=cmd_soak)
 
     d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")
