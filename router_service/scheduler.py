@@ -107,16 +107,18 @@ class Scheduler:
                         self._wake.wait()
                         self._wake.clear()
                         continue
-                    try:
-                        changed = self.batcher.step()
-                    except Exception as e:  # keep the thread alive: the batch fails, later requests start afresh
-                        log.exception("batching step failed")
-                        changed = self.batcher.fail(e)
-                    self._notify(changed)
+                    self._notify(self._step())  # no name left holding the step's sequences while the thread waits
         finally:  # whatever stopped the thread, no request waits on it
             self._stopped.set()
             log.error("the batching thread has stopped")
             self._notify(self.batcher.fail(BatcherStopped("this replica's batching thread stopped")))
+
+    def _step(self) -> list[Sequence]:
+        try:
+            return self.batcher.step()
+        except Exception as e:  # keep the thread alive: the batch fails, later requests start afresh
+            log.exception("batching step failed")
+            return self.batcher.fail(e)
 
     @staticmethod
     def _notify(changed: list[Sequence]) -> None:
