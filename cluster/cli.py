@@ -173,10 +173,12 @@ def resolve_model(model: str, weights: bool = True) -> str:
     return str(resolve_model(model, weights))
 
 
-def open_checkpoint(model: str) -> SwitchCheckpoint:
-    """`model` resolved to a checkpoint folder, by its absolute path (what the processes Ray starts read, wherever
-    their working folder is), and opened: a bad one fails here, naming the file, before anything starts."""
-    return SwitchCheckpoint.open(Path(resolve_model(model)).resolve())
+def open_checkpoint(model: str) -> tuple[str, SwitchCheckpoint]:
+    """`model` as a checkpoint folder's absolute path (what the processes Ray starts read, wherever their working
+    folder is; a link's own name kept, as the model's default id), and that checkpoint opened: a bad one fails
+    here, naming the file, before anything starts."""
+    folder = Path(resolve_model(model)).absolute()
+    return str(folder), SwitchCheckpoint.open(folder)
 
 
 def free_ports(**ports: int) -> None:
@@ -249,8 +251,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from cluster.app import check_placement, local_serve
 
     check_ports(args)
-    checkpoint = open_checkpoint(args.model)
-    config = engine_config(args, ServerConfig, str(checkpoint.path))
+    free_ports(grpc_port=args.grpc_port, http_port=args.http_port)
+    folder, checkpoint = open_checkpoint(args.model)
+    config = engine_config(args, ServerConfig, folder)
     if config.served_model_name is None and not Path(args.model).exists():  # a Hub id, whose folder is a commit hash
         config = config.model_copy(update={"served_model_name": args.model})
     # Files the replicas read, wherever their working folder is.
@@ -269,7 +272,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
               f"is not set there, {anyone}; --api-key-file (a file every node reads) makes sure", file=sys.stderr)
     elif key is None:
         print(f"switch-serve: warning: no API key, so {anyone}; set ${API_KEY_ENV} or --api-key-file", file=sys.stderr)
-    free_ports(grpc_port=args.grpc_port, http_port=args.http_port)
     stopping = threading.Event()
     with local_serve(config, http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                      address=args.address, dashboard=True, ingress=args.ingress):
@@ -366,7 +368,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             raise ValueError("--device: cuda, but this machine's torch sees no CUDA GPU")
     if args.model is not None:
-        folder = Path(open_checkpoint(args.model).path)
+        folder = Path(open_checkpoint(args.model)[0])
     else:
         folder = checkpoint(args.shape, Path.home() / ".cache" / "switch-serve" / "bench" / args.shape)
     options = given(args, PlacementConfig) | given(args, EngineConfig) | given(args, ServerConfig)
@@ -388,7 +390,7 @@ def cmd_soak(args: argparse.Namespace) -> None:
 
     if args.chaos_every is not None and not args.chaos:
         raise ValueError("--chaos-every: sets how often --chaos injects faults; without --chaos there are none")
-    model = args.model and str(open_checkpoint(args.model).path)
+    model = args.model and open_checkpoint(args.model)[0]
     sys.exit(main(model, args.duration, args.concurrency, tuple(args.chaos_every or CHAOS_EVERY_S) if args.chaos
                   else None, args.replicas, args.nodes))
 
@@ -396,8 +398,7 @@ def cmd_soak(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from cluster.demo import DEMO_MODEL, PROMPTS, run_demo
 
-    right = run_demo(str(open_checkpoint(args.model).path) if args.model else DEMO_MODEL,
-                     **given(args, PlacementConfig))
+    right = run_demo(open_checkpoint(args.model)[0] if args.model else DEMO_MODEL, **given(args, PlacementConfig))
     if args.model is None and right < len(PROMPTS):  # another model was not trained on the demo's tasks
         fail(f"the demo model answered {right} of its {len(PROMPTS)} requests right")
 

@@ -6,7 +6,7 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 
 import grpc
 from google.protobuf import json_format
@@ -47,15 +47,16 @@ def call_with_retries(method, request, deadline: float, metadata: list[tuple[str
     """`method(request)`, asked again after each retryable failure, with a growing wait between, until `deadline`
     (time.monotonic()) or until `given_up` is set; the last failure as a RemoteError."""
     attempt = 0
-    while True:
+    while not given_up.is_set():
         try:
             return method(request, timeout=max(deadline - time.monotonic(), 0.001), metadata=metadata)
         except grpc.RpcError as e:
-            wait = min(LAST_BACKOFF_S, FIRST_BACKOFF_S * 2 ** attempt) * random.uniform(0.5, 1.0)
-            if not retryable(e) or time.monotonic() + wait >= deadline or given_up.wait(wait):
+            wait_s = min(LAST_BACKOFF_S, FIRST_BACKOFF_S * 2 ** attempt) * random.uniform(0.5, 1.0)
+            if not retryable(e) or time.monotonic() + wait_s >= deadline or given_up.wait(wait_s):
                 raise RemoteError(e) from None
             attempt += 1
             log.warning("retrying a request after %s (attempt %d): %s", e.code().name, attempt + 1, e.details())
+    raise CancelledError  # another call failed for good first
 
 
 def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logprobs: bool = False,
@@ -63,24 +64,26 @@ def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logpr
                     **sampling) -> list[dict]:
     """One Generate call per prompt, MAX_IN_FLIGHT at once; results in prompt order, in the shape that the local
     `switch-serve generate` prints. A call that fails retryably is made again, until `timeout` seconds from the
-    start have passed."""
+    start have passed; the first that fails for good ends the others at once, and is raised."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.SwitchServeStub(channel)
-        requests = [pb.GenerateRequest(**({"text": p} if isinstance(p, str) else {"input_ids": p}),
-                                       return_logprobs=logprobs, return_routing=routing,
-                                       **{k: v for k, v in sampling.items() if v is not None and v != []})
-                    for p in prompts]
-        given_up = threading.Event()  # one call has failed for good: the others stop retrying
-        with ThreadPoolExecutor(max(1, min(MAX_IN_FLIGHT, len(requests)))) as pool:
-            calls = [pool.submit(call_with_retries, stub.Generate, r, deadline, key_metadata(api_key), given_up)
-                     for r in requests]
-            try:
-                responses = [call.result() for call in calls]
-            except BaseException:
-                given_up.set()
-                pool.shutdown(cancel_futures=True)  # and those not begun are not
-                raise
+    requests = [pb.GenerateRequest(**({"text": p} if isinstance(p, str) else {"input_ids": p}),
+                                   return_logprobs=logprobs, return_routing=routing,
+                                   **{k: v for k, v in sampling.items() if v is not None and v != []})
+                for p in prompts]
+    channel = grpc.insecure_channel(address)
+    stub, metadata = pb_grpc.SwitchServeStub(channel), key_metadata(api_key)
+    given_up = threading.Event()  # set as the calls end: those not begun are not, and none is retried
+    pool = ThreadPoolExecutor(max(1, min(MAX_IN_FLIGHT, len(requests))))
+    try:
+        calls = [pool.submit(call_with_retries, stub.Generate, r, deadline, metadata, given_up) for r in requests]
+        done, _ = wait(calls, return_when=FIRST_EXCEPTION)
+        if failed := next((call for call in done if call.exception() is not None), None):
+            raise failed.exception()
+        responses = [call.result() for call in calls]
+    finally:
+        given_up.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        channel.close()  # the calls still in flight end at once
     results = []
     for prompt, r in zip(prompts, responses):
         out = {"token_ids": list(r.token_ids), "finish_reason": r.finish_reason, "dropped_tokens": r.dropped_tokens}

@@ -32,6 +32,7 @@ HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokeniz
              "special_tokens_map.json"]
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 PARTIAL = ".{name}.partial"  # where a conversion to NAME is written, beside it, until it is whole
+SOURCE_RECORD = ".source.json"  # in PARTIAL: what it converts (a run for another source starts it again)
 
 
 def bin_shards(src: Path) -> list[str]:
@@ -78,14 +79,22 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
     config = read_config(config_file)  # a bad one fails before any shard is converted
     shards = bin_shards(src)
     work = dst.parent / PARTIAL.format(name=dst.name)
+    origin = {"src": str(src.resolve()), "shards": shards}
+    if (work / SOURCE_RECORD).is_file() and json.loads((work / SOURCE_RECORD).read_text()) != origin:
+        log.warning("%s holds a conversion of another source: started again", work)
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    (work / SOURCE_RECORD).write_text(json.dumps(origin))
     try:
         weight_map, total = {}, 0
         for number, shard in enumerate(shards, 1):
-            done = work / f".shard-{number:05d}-of-{len(shards):05d}.json"
-            source = {"shard": shard, "bytes": (src / shard).stat().st_size}
+            done = work / f".shard-{number:05d}.json"
+            stat = (src / shard).stat()  # a shard changed since is converted again
+            source = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
             record = json.loads(done.read_text()) if done.is_file() else None
             if record is None or record["source"] != source:
+                for file in (record or {}).get("files", {}):
+                    (work / file).unlink(missing_ok=True)
                 record = {"source": source, **convert_shard(src / shard, number, len(shards), work)}
                 done.with_suffix(".tmp").write_text(json.dumps(record))
                 os.replace(done.with_suffix(".tmp"), done)  # written whole, after the shard's files
@@ -103,10 +112,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
             if other.is_file() and other.name not in WEIGHT_FILES and other.name != "config.json" \
                     and not other.name.endswith(".bin"):
                 shutil.copy2(other, work / other.name)
-        for record in work.glob(".shard-*"):
-            record.unlink()
         SwitchCheckpoint.open(work)  # every tensor checked before dst appears
         os.replace(work, dst)
+        for marker in [dst / SOURCE_RECORD, *dst.glob(".shard-*")]:  # kept until dst is whole
+            marker.unlink()
     except BaseException:
         finished = len(list(work.glob(".shard-*.json")))
         if finished:

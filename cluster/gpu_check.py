@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     status, tests = parity_tests()
     record(f"\n## GPU check, {gpu}, {datetime.date.today()} (`make gpu-check`)\n\n"
            f"Parity tests ({CUDA_TESTS}), exit status {status}:\n\n```\n{tests}\n```\n")
-    layer, step = stacked_layer(), step_work()
+    layer = stacked_layer()
     record(f"\nOne sparse layer on the GPU (`python -m cluster.bench_experts`):\n\n```\n{layer}\n```\n")
+    step = step_work()
     record(f"\nA decoding step's kernels and reads back (`python -m cluster.bench_step`):\n\n```\n{step}\n```\n")
     table = benchmark()
     record(f"\nBenchmark (switch-base-8's shape, random float32 weights, workload {', '.join(WORKLOADS)}, "

@@ -62,7 +62,8 @@ class Report:
     faults: list[tuple[float, str]] = field(default_factory=list)
     memory_start: dict[str, int] = field(default_factory=dict)
     memory_end: dict[str, int] = field(default_factory=dict)
-    elapsed: float = 0.0
+    elapsed: float = 0.0  # from the start to the last request's end
+    load_s: float = 0.0  # from the start to the load's stop (requests still in flight then end after it)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, kind: str, outcome: str) -> int:
@@ -99,9 +100,9 @@ class Report:
                 and self.count("any", "OK") > 0)
 
     def serving_share(self) -> float:
-        """The share of the run's whole seconds in which some request was answered (what was answered after them,
-        the requests in flight when the load stopped, left out)."""
-        seconds = max(1, int(self.elapsed))
+        """The share of the load's whole seconds in which some request was answered (the time after the load
+        stopped, while the requests in flight then end, left out)."""
+        seconds = max(1, int(self.load_s))
         answered = {int(ended - self.started) for _, ended in self.latencies}
         return len(answered & set(range(seconds))) / seconds
 
@@ -329,6 +330,7 @@ def run_soak(config: ServerConfig, duration: float, concurrency: int, chaos_inte
                     print(f"{reported - started:6.0f} s  {sum(report.outcomes.values())} requests, "
                           f"{len(report.faults)} faults", flush=True)
             stop.set()
+            report.load_s = time.monotonic() - started
             for t in threads:
                 t.join()
             report.elapsed = time.monotonic() - started

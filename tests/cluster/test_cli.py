@@ -202,15 +202,15 @@ def test_a_hub_id_is_the_served_models_id(monkeypatch, model, served_as):
         served.append(config)
         raise KeyboardInterrupt  # served: stop here
 
-    downloaded = SwitchCheckpoint.open("demo/model")  # what the download gives
+    downloaded = ("demo/model", SwitchCheckpoint.open("demo/model"))  # what the download gives
     monkeypatch.setattr(cluster.cli, "open_checkpoint", lambda m: downloaded)
     monkeypatch.setattr(cluster.app, "local_serve", local_serve)
     with pytest.raises(KeyboardInterrupt):
         main(["serve", "--model", model, "--grpc-port", str(free_port()), "--http-port", str(free_port())])
-    assert served[0].model == str(Path("demo/model").resolve()) and served[0].served_model_name == served_as
+    assert served[0].model == "demo/model" and served[0].served_model_name == served_as
 
 
-def test_serve_hands_the_replicas_absolute_paths_and_says_where_they_read_the_key(monkeypatch, capsys):
+def test_serve_hands_the_replicas_absolute_paths_and_says_where_they_read_the_key(monkeypatch, capsys, tmp_path):
     """The replicas run in folders of Ray's: a relative checkpoint or stats file is made absolute (`--model .` would
     otherwise serve a model named ''); joining a cluster, the replicas read the key from their own nodes'
     environment, not this shell's, which the warning says; without a key at all, it says anyone may call. Fails if a
@@ -243,6 +243,12 @@ def test_serve_hands_the_replicas_absolute_paths_and_says_where_they_read_the_ke
     with pytest.raises(KeyboardInterrupt):
         main(["serve", "--model", "model", *ports])
     assert "warning: no API key, so anyone who can reach gRPC port" in capsys.readouterr().err
+    # A link keeps its own name, the model's default id: `current` is not served as what it points to.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "current").symlink_to(root / "demo/model")
+    with pytest.raises(KeyboardInterrupt):
+        main(["serve", "--model", "current", *ports])
+    assert served[3].model == str(tmp_path / "current") and served[3].model_id == "current"
 
 
 def test_generate_prints_logprobs_and_routing_without_json(monkeypatch, capsys):

@@ -110,3 +110,36 @@ def test_the_clients_timeout_bounds_the_whole_call_and_a_lasting_failure_is_said
     with pytest.raises(client.RemoteError, match="INVALID_ARGUMENT"):
         client.generate_remote(address, [[5, 1]], timeout=60)
     assert sum(servicer.calls.values()) == 1
+
+
+class SlowAndBad(pb_grpc.SwitchServeServicer):
+    """Answers prompt [5, 1] after 5 s, refuses [6, 1] as bad input at once, answers the others after 0.1 s."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def Generate(self, request, context):
+        self.calls += 1
+        if list(request.input_ids) == [6, 1]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input_ids: bad")
+        time.sleep(5 if list(request.input_ids) == [5, 1] else 0.1)
+        return pb.GenerateResponse(token_ids=request.input_ids, finish_reason="eos")
+
+
+def test_a_call_that_fails_for_good_ends_the_others_at_once(monkeypatch):
+    """The first call to fail for good is raised as it fails, not once the calls before it in prompt order have
+    answered; the calls in flight end with it, and those not begun are not made. Fails if the client waits on the
+    slow first prompt, or goes on sending the rest."""
+    monkeypatch.setattr(client, "MAX_IN_FLIGHT", 4)
+    servicer = SlowAndBad()
+    server = grpc.server(ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_SwitchServeServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        began = time.monotonic()
+        with pytest.raises(client.RemoteError, match="INVALID_ARGUMENT: input_ids: bad"):
+            client.generate_remote(f"127.0.0.1:{port}", [[5, 1], [6, 1]] + [[7, i] for i in range(100)], timeout=60)
+        assert time.monotonic() - began < 2.5 and servicer.calls < 20
+    finally:
+        server.stop(0)

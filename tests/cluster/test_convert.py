@@ -166,3 +166,29 @@ def test_a_conversion_cut_short_goes_on_from_the_shards_it_finished(checkpoint_f
     assert sorted(p.name for p in resumed.path.iterdir()) == sorted(p.name for p in whole.path.iterdir())
     for name in whole.tensors:
         assert torch.equal(resumed.read([name])[name], whole.read([name])[name]), name
+
+
+def test_a_conversion_cut_short_is_not_taken_up_by_another_sources(checkpoint_factory, tmp_path, monkeypatch):
+    """Another checkpoint of the same shapes converted to the same `dst` after a run was cut short starts again: its
+    shards have the same names and sizes, but not its weights. Fails if the first run's shards are kept."""
+    from cluster import convert as converting
+
+    _, first = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    _, second = checkpoint_factory("convert-other", num_experts=8, expert_capacity=64, seed=1)
+    save_bin_shards(first, tmp_path / "first", shards=3)
+    save_bin_shards(second, tmp_path / "second", shards=3)
+    real = converting.convert_shard
+
+    def cut_at_the_third(path, number, count, work):
+        if number == 3:
+            raise KeyboardInterrupt
+        return real(path, number, count, work)
+
+    monkeypatch.setattr(converting, "convert_shard", cut_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path / "first", tmp_path / "out")
+    monkeypatch.setattr(converting, "convert_shard", real)
+    out = convert(tmp_path / "second", tmp_path / "out")
+    state = second.state_dict()
+    for name in out.tensors:
+        assert torch.equal(out.read([name])[name], state[name]), name

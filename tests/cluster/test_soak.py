@@ -56,14 +56,14 @@ def test_a_soak_passes_only_with_answers_and_failures_near_faults():
     """A run in which nothing was answered, or a request failed (even retryable) with no fault near it, fails; wrong
     and hung answers are counted once each, not as lost too. Fails if `soak` would pass a server that answered
     nothing."""
-    report = Report(started=0.0, elapsed=10.4)
+    report = Report(started=0.0, load_s=10.4, elapsed=130.0)  # a request hung after the load stopped
     report.outcomes.update({("unary", "UNAVAILABLE"): 2, ("stream", "INTERNAL"): 1})
     report.failures += [(1.0, 1.5), (2.0, 2.1), (3.0, 3.2)]
     assert report.lost == 0 and report.failed_unprovoked == 3 and not report.passed()
     report.faults.append((0.5, "expert fleet"))  # every failure in its window
     assert report.failed_unprovoked == 0 and not report.passed()  # and still nothing answered
     report.outcomes[("unary", "OK")] += 5
-    report.latencies += [(t, t + 0.5) for t in range(10)] + [(10.0, 11.2)]  # the last, after the load stopped
+    report.latencies += [(t, t + 0.5) for t in range(10)] + [(10.0, 11.2)]  # the last ends after the load stopped
     assert report.passed() and report.serving_share() == 1.0
     report.failures.append((1.0 + FAULT_WINDOW_S, 1.5 + FAULT_WINDOW_S))
     assert report.failed_unprovoked == 1 and not report.passed()
