@@ -192,3 +192,27 @@ def test_a_conversion_cut_short_is_not_taken_up_by_another_sources(checkpoint_fa
     state = second.state_dict()
     for name in out.tensors:
         assert torch.equal(out.read([name])[name], state[name]), name
+
+
+def test_a_conversion_cut_in_its_last_check_keeps_its_shards(checkpoint_factory, tmp_path, monkeypatch):
+    """Cut short while the whole result is checked, a conversion keeps every shard it converted for the next run.
+    Fails if the shards' records go before that check."""
+    from cluster import convert as converting
+
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    save_bin_shards(hf_model, tmp_path / "bin", shards=2)
+    opened = converting.SwitchCheckpoint.open
+
+    def cut_while_checking(path):
+        if path.name.endswith(".partial"):
+            raise KeyboardInterrupt
+        return opened(path)
+
+    monkeypatch.setattr(converting.SwitchCheckpoint, "open", cut_while_checking)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path / "bin", tmp_path / "out")
+    assert len(list((tmp_path / ".out.partial").glob(".shard-*.json"))) == 2
+    monkeypatch.setattr(converting.SwitchCheckpoint, "open", opened)
+    monkeypatch.setattr(converting, "convert_shard", lambda *args: pytest.fail("converted a shard again"))
+    assert convert(tmp_path / "bin", tmp_path / "out").tensors
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
