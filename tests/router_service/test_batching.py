@@ -280,10 +280,13 @@ class RecordingMetrics:
     """router_service.metrics.ServingMetrics' calls from the batcher, recorded."""
 
     def __init__(self):
-        self.done, self.embedded_dropped, self.steps = [], 0, []
+        self.done, self.embedded_dropped, self.steps, self.queue = [], 0, [], []
 
-    def step(self, batch: int, waiting: int) -> None:
-        self.steps.append((batch, waiting))
+    def step(self, batch: int) -> None:
+        self.steps.append(batch)
+
+    def waiting(self, requests: int) -> None:
+        self.queue.append(requests)
 
     def sequence_done(self, first_token_s, per_token_s, dropped: int) -> None:
         self.done.append((first_token_s, per_token_s, dropped))
@@ -315,10 +318,12 @@ def test_metrics_count_every_sequence_that_leaves(checkpoint_factory):
     assert len(cancelled.token_ids) == 3 and cancelled.finish_reason is None
     assert [d for _, _, d in metrics.done] == [cancelled.dropped_tokens, finishing.dropped_tokens]
     assert all(ttft > 0 and tpot > 0 for ttft, tpot, _ in metrics.done)
-    # The time per output token is over the tokens after the first; each step reports its batch and queue.
+    # The time per output token is over the tokens after the first; each decoding step reports its batch, and every
+    # step the queue.
     per_token = (finishing.last_token_at - finishing.first_token_at) / (len(finishing.token_ids) - 1)
     assert metrics.done[1][1] == pytest.approx(per_token)
-    assert metrics.steps[0] == (2, 0) and metrics.steps[-1] == (1, 0) and len(metrics.steps) == 6
+    assert metrics.steps[0] == 2 and metrics.steps[-1] == 1 and len(metrics.steps) == 6
+    assert metrics.queue == [0] * 6
 
 
 @torch.inference_mode()
