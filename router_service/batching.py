@@ -58,7 +58,7 @@ class Sequence:
     finish_reason: str | None = None  # "eos", "stop" or "length" once finished ("embedded" for an embedding)
     error: BaseException | None = None  # set when the batch it was in failed
     cancelled: bool = False  # set by the caller; the sequence leaves before the next step
-    on_update: Callable[[], None] | None = None  # called (from the batching thread) after each change
+    on_update: Callable[[], None] | None = None  # called by the Scheduler's batching thread after each change
     generator: torch.Generator | None = field(default=None, repr=False)
     arrived: float = field(default_factory=time.monotonic, repr=False)
     first_token_at: float | None = field(default=None, repr=False)
@@ -338,11 +338,12 @@ def use_threads(n: int) -> None:
 
 @torch.inference_mode()
 def run_to_completion(batcher: ContinuousBatcher, sequences: list[Sequence]) -> list[Sequence]:
-    """Decode the given sequences on this thread until every one is done (the Python API's path)."""
+    """Decode the given sequences on this thread until every one is done, or cancelled (by another thread) and gone
+    from the batch (the Python API's path)."""
     for seq in sequences:
         batcher.add(seq)
     try:
-        while not all(seq.done for seq in sequences):
+        while batcher.has_work and not all(seq.done for seq in sequences):
             batcher.step()
     except BaseException as e:  # an interrupt, say: none of them stays in the batch to decode with the next call's
         batcher.fail(e)

@@ -76,7 +76,7 @@ class ExpertDispatcher:
         module's doc); `stacks`: those of the layers whose every expert is here, stacked (experts.ffn.stacked_ffn);
         `owners`: which actors host each expert, where the actors place them otherwise than the ones before."""
         # Each table built whole before it is set: a step still running (its actors lost) finds none half made.
-        copies, hosts = (self.copies, self.hosts) if owners is None else ({}, {})
+        copies, hosts, turns = (self.copies, self.hosts, self.turns) if owners is None else ({}, {}, {})
         if owners is not None:
             # The tables a sparse layer's tokens are grouped by, in numpy, whose operations on a few numbers each
             # take several times less than torch's: grouping 32 tokens and encoding their calls took 0.09 ms against
@@ -86,11 +86,13 @@ class ExpertDispatcher:
                 copies[layer] = np.array([len(table[e]) for e in range(self.num_experts)])
                 hosts[layer] = np.array([table[e] + table[e][:1] * (most - len(table[e]))
                                          for e in range(self.num_experts)])  # [experts, most copies]
+                # The copy each expert's next token goes to: the turn goes on from call to call.
+                turns[layer] = np.zeros(self.num_experts, dtype=np.int64)
         is_local = {layer: np.zeros(self.num_experts, dtype=bool) for layer in hosts}
         for stack, layer, expert in local:
             is_local[(stack, layer)][expert] = True
-        self.copies, self.hosts, self.actors, self.local, self.stacks, self.is_local = (
-            copies, hosts, actors, local, stacks or {}, is_local)
+        self.copies, self.hosts, self.turns, self.actors, self.local, self.stacks, self.is_local = (
+            copies, hosts, turns, actors, local, stacks or {}, is_local)
         # Tokens per expert of each stacked layer computed since the last `settle`, on the device (a row each), and a
         # one to add up (expanded to the tokens, a view): made once, since each tensor made is a kernel launched at
         # every step.
@@ -107,16 +109,19 @@ class ExpertDispatcher:
         return bool(handles) and bool(dead_for_good(handles[:1], timeout_s))
 
     def owner(self, layer: tuple[str, int], expert: np.ndarray) -> np.ndarray:
-        """The actor each token goes to: its expert's n-th token goes to copy n mod the number of copies."""
+        """The actor each token goes to: an expert's copies take its tokens in turn, the turn going on from one call
+        to the next (a decoding step's one or two tokens an expert would otherwise all go to its first copy)."""
         hosts = self.hosts[layer]
         if hosts.shape[1] == 1:  # one copy of each expert
             return hosts[expert, 0]
-        copies = self.copies[layer]
+        copies, turn = self.copies[layer], self.turns[layer]
         order = np.argsort(expert, kind="stable")
         counts = np.bincount(expert, minlength=self.num_experts)
         rank = np.empty_like(expert)
         rank[order] = np.arange(len(expert)) - (counts.cumsum() - counts)[expert[order]]
-        return hosts[expert, rank % copies[expert]]
+        owners = hosts[expert, (turn[expert] + rank) % copies[expert]]
+        turn += counts
+        return owners
 
     def send(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
              keep: torch.Tensor | None) -> PendingDispatch:
@@ -196,13 +201,15 @@ class ExpertDispatcher:
         return pending
 
     def _one_token_there(self, key: ExpertKey, tokens: torch.Tensor) -> PendingDispatch:
-        """A decoding step of one sequence whose token's expert (`key`) is in an actor: one call, to the expert's first
-        copy (where `owner` sends an expert's first token), without the sorting and grouping of several tokens, which
-        took 0.4 ms of such a round trip here (docs/BENCHMARKS.md)."""
+        """A decoding step of one sequence whose token's expert (`key`) is in an actor: one call, to the copy whose
+        turn it is (as `owner` deals them), without the sorting and grouping of several tokens, which took 0.4 ms of
+        such a round trip here (docs/BENCHMARKS.md)."""
         began = time.perf_counter()
         stack, layer, expert = key
         pending = PendingDispatch(self, stack, layer, tokens, ONE_TOKEN)
-        actor = int(self.hosts[(stack, layer)][expert, 0])
+        turn = self.turns[(stack, layer)]
+        actor = int(self.hosts[(stack, layer)][expert, turn[expert] % self.copies[(stack, layer)][expert]])
+        turn[expert] += 1
         self._submit(pending, [(actor, call_to_wire(stack, layer, [expert], [1], tokens))])
         pending.sending_s = time.perf_counter() - began
         return pending

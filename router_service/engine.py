@@ -397,7 +397,10 @@ class SwitchCluster:
         prompts = self._prompts(input_ids, texts)
         check_pooling(pooling)
         self.check_experts(self.config.placement.restart_timeout_s)
-        return [s.embedding for s in run_to_completion(self.batcher, [Sequence(p, pooling=pooling) for p in prompts])]
+        sequences = run_to_completion(self.batcher, [Sequence(p, pooling=pooling) for p in prompts])
+        # Copies made here, out of inference mode: tensors a caller may train on (an inference tensor cannot be saved
+        # for backward), each its own (not a view of its encoder pass's padded batch).
+        return [s.embedding.clone() for s in sequences]
 
     def _prompts(self, input_ids: list[list[int]] | None, texts: list[str] | None) -> list[list[int]]:
         """Checked prompts from token ids or texts (exactly one of them)."""

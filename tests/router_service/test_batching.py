@@ -492,3 +492,26 @@ def test_routers_compute_in_the_configs_router_dtype(checkpoint_factory, router_
     assert [s.token_ids for s in sequences] == [tokens for tokens, _ in reference]
     for seq, (_, logprobs) in zip(sequences, reference):
         assert seq.logprobs == pytest.approx(logprobs, abs=1e-5)
+
+
+
+@torch.inference_mode()
+def test_the_python_apis_decoding_ends_when_a_sequence_is_cancelled(checkpoint_factory):
+    """A sequence cancelled by another thread leaves the batch unfinished: decoding the others goes on to their
+    end, and returns. Fails if it waits for the cancelled one to finish, which it never does."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    sequences = [Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6)), Sequence([71, 3, 1])]
+
+    class CancellingAtTheThirdStep(ContinuousBatcher):
+        def step(self):
+            if self.steps == 2:
+                sequences[1].cancelled = True
+            return super().step()
+
+    batcher = CancellingAtTheThirdStep(local_front(path), max_sequences=2)
+    decoding = threading.Thread(target=run_to_completion, args=(batcher, sequences), daemon=True)
+    decoding.start()
+    decoding.join(60)
+    assert not decoding.is_alive()
+    assert sequences[0].finish_reason is not None and not sequences[1].done and len(sequences[1].token_ids) == 2
+    assert not batcher.has_work

@@ -11,10 +11,15 @@ from router_service.dispatch import ExpertDispatcher
 
 
 def test_dispatcher_deals_a_replicated_experts_tokens_round_robin():
+    """An expert's copies take its tokens in turn, and the turn goes on from one call to the next: a decoding step
+    gives an expert a token or two, which would otherwise all go to its first copy. Fails if each call starts again
+    at the first copy."""
     owners = {("encoder", 1): {0: [0], 1: [1, 2], 2: [2]}}
     dispatcher = ExpertDispatcher([], owners, num_experts=3)
     expert = torch.tensor([1, 0, 1, 1, 2, 1, 0])
     assert dispatcher.owner(("encoder", 1), expert).tolist() == [1, 0, 2, 1, 2, 2, 0]
+    assert [dispatcher.owner(("encoder", 1), torch.tensor([1, 0])).tolist()[0] for _ in range(4)] == [1, 2, 1, 2]
+    assert dispatcher.owner(("encoder", 1), torch.tensor([1, 1, 1])).tolist() == [1, 2, 1]
 
 
 LAYER = ("decoder", 1)
@@ -82,6 +87,10 @@ def test_a_lone_token_goes_to_its_experts_first_copy_in_one_call(monkeypatch):
     assert dispatcher.calls == 1
     dropped = dispatcher.send(*LAYER, token, torch.tensor([1]), torch.tensor([False])).result()
     assert len(calls) == 1 and dropped.abs().sum() == 0
+    # The next lone tokens of that expert go to its copies in turn.
+    for _ in range(3):
+        dispatcher.send(*LAYER, token, torch.tensor([1]), None).result()
+    assert [actor for actor, *_ in calls] == [2, 1, 2, 1]
 
 
 def test_for_the_benchmark_the_dispatcher_lists_the_actors_each_round_trip_called(monkeypatch):

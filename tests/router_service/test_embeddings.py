@@ -40,6 +40,12 @@ def test_python_api_equals_transformers_encoder(checkpoint, model):
         assert each.shape == expected.shape and mean.shape == expected.shape[1:]
         assert torch.allclose(each, expected, atol=1e-4)
         assert torch.allclose(mean, expected.mean(dim=0), atol=1e-4)
+    # Plain tensors a caller may train on, each its own: not inference tensors, nor views of their pass's batch.
+    for each in tokens:
+        assert not each.is_inference() and each.untyped_storage().nbytes() == each.nbytes
+    head = torch.nn.Linear(model.checkpoint.config.d_model, 1)
+    head(tokens[0]).sum().backward()
+    assert head.weight.grad is not None
 
 
 def test_embedding_requests_share_the_encoder_passes_with_generation(model):
