@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -32,7 +34,7 @@ from router_service.config import (
     LOCAL_HTTP_HOST,
     ServerConfig,
 )
-from router_service.server import ServedFleet, SwitchServer, fleet_app_name
+from router_service.server import FLEET_DEPLOYMENT, ServedFleet, SwitchServer, fleet_app_name
 
 APP_NAME = "switch-serve"
 GRPC_SERVICER_FUNCTIONS = [
@@ -42,8 +44,9 @@ GRPC_SERVICER_FUNCTIONS = [
 # Health checks and ModelInfo must get through while the batch is full.
 CONTROL_HEADROOM = 16
 FLEET_APP = fleet_app_name(APP_NAME)
-# What the fleet's application is built from (see build_fleet).
-FLEET_FIELDS = ("model", "placement", "dtype", "quantize", "fleet_resources", "drain_timeout_s", "served_model_name")
+# What the fleet's application is built from (see build_fleet): a change to any of them starts a new fleet. Its drain
+# timeout is set apart, as a deployment option Serve changes in place (see serve_config).
+FLEET_FIELDS = ("model", "placement", "dtype", "quantize", "fleet_resources", "served_model_name")
 # Calls the fleet answers at once: each front replica's link asks one at a time.
 FLEET_MAX_CALLS = 256
 # How often Serve checks that the fleet lives (its default is 10 s).
@@ -97,15 +100,28 @@ def build_fleet(args: dict | ServerConfig) -> Application:
     front replica shares. `args` are ServerConfig's FLEET_FIELDS: the fleet is an application of its own so that
     a change to any other field (Serve rebuilds an application whose args change) keeps the experts loaded."""
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
-    # A stopping fleet waits for the fronts that drain (see ServedFleet.__del__), and must release its placement
-    # group before Serve's own deadline ends it.
     # Checked often: while a dead fleet goes unnoticed, no expert serves.
     return ServedFleet.options(num_replicas=1, max_ongoing_requests=FLEET_MAX_CALLS,
                                health_check_period_s=FLEET_HEALTH_CHECK_S,
                                ray_actor_options={"num_cpus": 0, "resources": config.fleet_resources},
-                               user_config={"drain_timeout_s": config.drain_timeout_s},
-                               graceful_shutdown_timeout_s=config.drain_timeout_s + FLEET_RELEASE_S,
-                               ).bind(config.model, config.placement, config.dtype, config.quantize, config.model_id)
+                               **fleet_drain(config)).bind(config.model, config.placement, config.dtype,
+                                                           config.quantize, config.model_id, fleet_version(config))
+
+
+def fleet_drain(config: ServerConfig) -> dict:
+    """The fleet's deployment options of its drain: a stopping fleet waits for the fronts that drain (see
+    ServedFleet.__del__), and must release its placement group before Serve's own deadline ends it."""
+    return {"user_config": {"drain_timeout_s": config.drain_timeout_s},
+            "graceful_shutdown_timeout_s": config.drain_timeout_s + FLEET_RELEASE_S}
+
+
+def fleet_version(config: ServerConfig) -> str:
+    """A digest of what the fleet is built from (FLEET_FIELDS): it names the fleet's placement group, so that a
+    fleet started again after its process died removes its predecessor's group, and one of a new config, started
+    while the old one keeps its actors for the fronts still draining, does not."""
+    fields = config.model_copy(update={"placement": config.placement.for_fleet()})
+    built = fields.model_dump(include=set(FLEET_FIELDS), mode="json")
+    return hashlib.sha1(json.dumps(built, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def build_app(args: dict | ServerConfig) -> Application:
@@ -159,7 +175,9 @@ def serve_config(config: ServerConfig, *, http_port: int = HTTP_PORT, grpc_port:
         "controller_options": controller_options(),
         "applications": [
             {"name": FLEET_APP, "route_prefix": None, "import_path": "cluster.app:build_fleet",
-             "args": args(fleet, set(FLEET_FIELDS))},
+             "args": args(fleet, set(FLEET_FIELDS)),
+             # Changed in place: a deployment's options are not its code, as its application's args are.
+             "deployments": [{"name": FLEET_DEPLOYMENT, **fleet_drain(config)}]},
             {"name": APP_NAME, "route_prefix": "/", "import_path": "cluster.app:build_app", "args": args(config)}],
     }
 

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.fleet import ExpertFleet, fleet_name, this_node_cpus
+from experts.fleet import ExpertFleet, this_node_cpus
 from experts.placement import PlacementConfig
 from experts.spec import sparse_layers
 from router_service.auth import Unauthenticated, load_api_key, presented_key
@@ -333,12 +333,13 @@ class ServedFleet(ExpertFleet):
     """The fleet of a served model, in an application of its own (see cluster.app.build_fleet): a change to the
     fronts' settings leaves it, and the experts it loaded, alone."""
 
-    def __init__(self, model: str, placement: PlacementConfig, dtype: str | None, quantize: str, model_id: str):
+    def __init__(self, model: str, placement: PlacementConfig, dtype: str | None, quantize: str, model_id: str,
+                 version: str):
         checkpoint = SwitchCheckpoint.open(model)
         dtype = checkpoint.served_dtype(dtype)
         app = serve.get_replica_context().app_name  # two apps serving one checkpoint keep apart
-        super().__init__(checkpoint, placement, dtype, quantize,
-                         name=f"{app}-{fleet_name(checkpoint, placement, dtype, quantize)}", model_id=model_id)
+        # Its placement group's name: see cluster.app.fleet_version.
+        super().__init__(checkpoint, placement, dtype, quantize, name=f"{app}-{version}", model_id=model_id)
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config: settings that change without a new fleet."""

@@ -302,4 +302,26 @@ def test_the_fleet_labels_its_actors_metrics_with_the_served_models_id():
     for config, model_id in [(ServerConfig(model="/models/snapshots/3f2a9c", served_model_name="google/switch-base-8"),
                               "google/switch-base-8"), (ServerConfig(model="/models/switch-base-8"), "switch-base-8")]:
         assert config.model_id == model_id
-        assert build_fleet(config)._bound_deployment.init_args[-1] == model_id
+        assert build_fleet(config)._bound_deployment.init_args[-2] == model_id
+
+
+def test_a_new_fleet_config_names_its_placement_group_anew_and_a_drain_timeout_changes_in_place():
+    """A change to what the fleet is built from (FLEET_FIELDS) starts a new fleet while the old one keeps its actors
+    for the fronts still draining: the new one's placement group has another name, or it would remove the old one's
+    (and its actors) as it starts. The drain timeout is a deployment option Serve changes in place: the fleet's
+    application args stay the same, so the experts stay loaded. Fails if either is otherwise."""
+    from cluster.app import fleet_version
+
+    base = ServerConfig(model="/models/switch-base-8", placement=PlacementConfig(experts_per_actor=2))
+    changes = [{"served_model_name": "base-8"}, {"fleet_resources": {"switch_fleet": 1.0}}, {"dtype": "bf16"},
+               {"placement": PlacementConfig(experts_per_actor=4)}]
+    versions = {fleet_version(base.model_copy(update=change)) for change in changes}
+    assert len(versions) == len(changes) and fleet_version(base) not in versions
+    same = [{"drain_timeout_s": 90.0}, {"max_waiting": 8}, {"placement": PlacementConfig(experts_per_actor=2,
+                                                                                        restart_timeout_s=5)}]
+    assert {fleet_version(base.model_copy(update=change)) for change in same} == {fleet_version(base)}
+    fleet, slower = serve_config(base)["applications"][0], serve_config(base.model_copy(
+        update={"drain_timeout_s": 90.0}))["applications"][0]
+    assert fleet["args"] == slower["args"] and "drain_timeout_s" not in fleet["args"]
+    assert slower["deployments"] == [{"name": "ExpertFleet", "user_config": {"drain_timeout_s": 90.0},
+                                      "graceful_shutdown_timeout_s": 100.0}]
