@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# The CPU build of torch first: a looser pin would pull gigabytes of CUDA wheels.
+	# torch first, pinned: a looser pin would pull the newest, and on PyPI's Linux that is gigabytes of CUDA wheels.
+	# Where the registry's torch==2.13.0 is itself the CUDA build, put the CPU build in .venv first (README): kept.
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $(STAMP)

@@ -188,12 +188,29 @@ def start_ray(address: str | None = None, ingress: str = DEFAULT_INGRESS, **opti
              **options)
 
 
+def applications() -> dict:
+    """Serve's applications on this cluster, by name, with their status."""
+    return serve.status().applications
+
+
 def wait_until_serving(front, replicas: int, timeout_s: float) -> None:
-    """Wait for the fronts (a Serve handle to them) to have their expert actors, every replica: each finds them on
-    its own, and a handle cannot pick a replica, so wait for SERVING_IN_A_ROW answers a replica saying so."""
+    """Wait for both applications to run (a replica that never finds room keeps one deploying: PlacementError, with
+    Serve's word on it, after `timeout_s`), then for the fronts (a Serve handle to them) to have their expert actors,
+    every replica: each finds them on its own, and a handle cannot pick a replica, so wait for SERVING_IN_A_ROW
+    answers a replica saying so."""
     deadline, in_a_row = time.monotonic() + timeout_s, 0
+    while not all(app.status == "RUNNING" for app in applications().values()):
+        apps = applications()
+        if failed := [f"{name}: {app.message}" for name, app in apps.items() if app.status == "DEPLOY_FAILED"]:
+            raise PlacementError(f"placement: an application failed to deploy ({'; '.join(failed)})")
+        if time.monotonic() > deadline:
+            waiting = [f"{name}: {d.message}" for name, app in apps.items() for d in app.deployments.values()
+                       if d.message]
+            raise PlacementError(f"placement: the applications are not running after {timeout_s:.0f} s "
+                                 f"({'; '.join(waiting) or 'deploying'})")
+        time.sleep(0.2)
     while in_a_row < SERVING_IN_A_ROW * replicas:
-        status = front.status.remote().result()
+        status = front.status.remote().result(timeout_s=max(deadline - time.monotonic(), 1.0))
         in_a_row = in_a_row + 1 if status == "serving" else 0
         if time.monotonic() > deadline:
             raise PlacementError(f"placement: {status} after {timeout_s:.0f} s")
@@ -234,7 +251,8 @@ def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_
         try:
             # Both at once, as from the Serve config: HAProxy counts as serving only once some app has a route.
             _, front = serve.run_many([RunTarget(build_fleet(config), name=FLEET_APP, route_prefix=None),
-                                       RunTarget(build_app(config), name=APP_NAME, route_prefix="/")])
+                                       RunTarget(build_app(config), name=APP_NAME, route_prefix="/")],
+                                      wait_for_applications_running=False)  # waited for below, with a deadline
             wait_until_serving(front, config.num_replicas, config.placement.timeout_s)
             yield Endpoints(grpc=f"{http_host}:{grpc_port}", http=f"http://{http_host}:{http_port}")
         finally:

@@ -39,7 +39,7 @@ from router_service.requests import SamplingParams
 # Flags named otherwise than their field.
 FLAG_NAMES = {"num_replicas": "--replicas", "actor_resources": "--actor-resource",
               "fleet_resources": "--fleet-resource", "front_resources": "--front-resource"}
-PLANNER_FIELDS = ("gpus", "gpu_memory", "nodes", "replicate_hot", "stats")
+PLANNER_FIELDS = ("gpu_memory", "nodes", "replicate_hot", "stats")  # with --gpus, plan's flags
 CHAOS_EVERY_S = (15.0, 30.0)  # soak --chaos: the range the seconds between faults are drawn from
 
 
@@ -452,7 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint folder or Hugging Face Hub id")
     source.add_argument("--config", help="a config.json alone")
-    add_fields(p, PlacementConfig, PLANNER_FIELDS, required=("gpus",))
+    # Its own --gpus: the field's help speaks of 0 (CPU actors), which a plan over GPUs does not take.
+    p.add_argument("--gpus", type=_positive, required=True, dest="PlacementConfig.gpus", metavar="GPUS",
+                   help="GPUs to plan the experts over")
+    add_fields(p, PlacementConfig, PLANNER_FIELDS)
     p.add_argument("--dtype", choices=EXPERT_FORMATS, default=None,
                    help=f"what the experts are held in; int8: quantized, the front in {PLAN_DTYPE} (default: the "
                         f"checkpoint's own where --model has its weights, as `serve` holds them; else {PLAN_DTYPE})")

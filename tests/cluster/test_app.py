@@ -18,7 +18,9 @@ from ray.serve.schema import ServeDeploySchema
 from reference import ROOT
 
 from cluster.app import (
+    APP_NAME,
     CONTROL_HEADROOM,
+    FLEET_APP,
     FLEET_FIELDS,
     SERVING_IN_A_ROW,
     build_app,
@@ -27,7 +29,7 @@ from cluster.app import (
     vcpus_share_cores,
     wait_until_serving,
 )
-from experts.placement import PlacementConfig
+from experts.placement import PlacementConfig, PlacementError
 from router_service.config import CONTROLLER_ENV, ServerConfig
 from router_service.server import fleet_app_name
 
@@ -253,20 +255,44 @@ def test_the_fronts_refuse_requests_beyond_their_queue():
     assert fronts.max_ongoing_requests == 8 + 37 + CONTROL_HEADROOM
 
 
-def test_serving_is_awaited_from_every_replica():
+def test_serving_is_awaited_from_every_replica(monkeypatch):
     """A handle cannot pick a replica, so the wait takes SERVING_IN_A_ROW answers a replica in a row: with two, one
     replica that is still loading resets the count. Fails if the wait ends once one replica's worth have answered."""
     from types import SimpleNamespace
 
+    from cluster import app
+
+    monkeypatch.setattr(app, "applications", lambda: {APP_NAME: SimpleNamespace(status="RUNNING")})
     answers = ["serving"] * SERVING_IN_A_ROW + ["loading"] + ["serving"] * 100
     asked = []
 
     def status():
         asked.append(answers[len(asked)])
-        return SimpleNamespace(result=lambda: asked[-1])
+        return SimpleNamespace(result=lambda timeout_s: asked[-1])
 
     wait_until_serving(SimpleNamespace(status=SimpleNamespace(remote=status)), replicas=2, timeout_s=60)
     assert len(asked) == SERVING_IN_A_ROW + 1 + 2 * SERVING_IN_A_ROW
+
+
+def test_applications_that_never_run_fail_the_wait_saying_why(monkeypatch):
+    """A replica with no room (a GPU asked for where there is none, a resource no node offers) keeps its application
+    deploying: the wait ends at its deadline with Serve's word on it, and an application that failed to deploy ends
+    it at once. Fails if the wait goes on for good (as `serve.run` waiting for the applications did)."""
+    from types import SimpleNamespace
+
+    from cluster import app
+
+    stuck = "1 replicas that have taken more than 30s to be scheduled; resources required: {'GPU': 1.0}"
+    apps = {FLEET_APP: SimpleNamespace(status="RUNNING", message="", deployments={}),
+            APP_NAME: SimpleNamespace(status="DEPLOYING", message="",
+                                      deployments={"SwitchServer": SimpleNamespace(message=stuck)})}
+    monkeypatch.setattr(app, "applications", lambda: apps)
+    front = SimpleNamespace(status=SimpleNamespace(remote=lambda: pytest.fail("asked a front that never ran")))
+    with pytest.raises(PlacementError, match=r"not running after 1 s \(switch-serve: 1 replicas that have taken"):
+        wait_until_serving(front, replicas=1, timeout_s=1)
+    apps[APP_NAME] = SimpleNamespace(status="DEPLOY_FAILED", message="the constructor raised", deployments={})
+    with pytest.raises(PlacementError, match="failed to deploy \\(switch-serve: the constructor raised\\)"):
+        wait_until_serving(front, replicas=1, timeout_s=600)
 
 
 def test_a_cluster_where_serve_runs_already_is_refused_and_left_alone(ray_cluster, checkpoint_factory):

@@ -12,7 +12,7 @@ from reference import MODEL_CONFIGS
 
 CONFIGS = MODEL_CONFIGS
 HEAVY = ("torch", "transformers", "ray", "grpc", "fastapi", "numpy", "safetensors", "huggingface_hub")
-SUBCOMMANDS = ("generate", "serve", "build", "plan", "convert", "stats", "bench", "demo")
+SUBCOMMANDS = ("generate", "serve", "build", "plan", "convert", "stats", "bench", "quality", "soak", "demo")
 
 
 def run_and_list_modules(argv: list[str]) -> tuple[str, list[str]]:
