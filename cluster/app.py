@@ -21,6 +21,7 @@ from ray.serve import Application, RunTarget
 from ray.serve.config import gRPCOptions
 
 from experts.ffn import KEPT_HEAP_ENV
+from experts.fleet import alive_node_resources
 from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, expert_format, follow_weights
@@ -34,7 +35,7 @@ from router_service.config import (
     LOCAL_HTTP_HOST,
     ServerConfig,
 )
-from router_service.server import FLEET_DEPLOYMENT, ServedFleet, SwitchServer, fleet_app_name
+from router_service.server import FLEET_DEPLOYMENT, FRONT_DEPLOYMENT, ServedFleet, SwitchServer, fleet_app_name
 
 APP_NAME = "switch-serve"
 GRPC_SERVICER_FUNCTIONS = [
@@ -193,21 +194,23 @@ def applications() -> dict:
     return serve.status().applications
 
 
-def wait_until_serving(front, replicas: int, timeout_s: float) -> None:
-    """Wait for both applications to run (a replica that never finds room keeps one deploying: PlacementError, with
-    Serve's word on it, after `timeout_s`), then for the fronts (a Serve handle to them) to have their expert actors,
-    every replica: each finds them on its own, and a handle cannot pick a replica, so wait for SERVING_IN_A_ROW
-    answers a replica saying so."""
+def wait_until_serving(front, replicas: int, timeout_s: float, asks: dict[str, dict] | None = None) -> None:
+    """Wait for both applications to run (a replica that never finds room keeps one deploying: PlacementError after
+    `timeout_s`, saying what each deployment's replicas are doing, what they ask for, `asks` by deployment, and
+    what the cluster has), then for the fronts (a Serve handle to them) to have their expert actors, every replica:
+    each finds them on its own, and a handle cannot pick a replica, so wait for SERVING_IN_A_ROW answers a replica
+    saying so."""
     deadline, in_a_row = time.monotonic() + timeout_s, 0
     while not all(app.status == "RUNNING" for app in applications().values()):
         apps = applications()
         if failed := [f"{name}: {app.message}" for name, app in apps.items() if app.status == "DEPLOY_FAILED"]:
             raise PlacementError(f"placement: an application failed to deploy ({'; '.join(failed)})")
         if time.monotonic() > deadline:
-            waiting = [f"{name}: {d.message}" for name, app in apps.items() for d in app.deployments.values()
-                       if d.message]
-            raise PlacementError(f"placement: the applications are not running after {timeout_s:.0f} s "
-                                 f"({'; '.join(waiting) or 'deploying'})")
+            waiting = [f"{kind} replicas {d.replica_states}, each asking for {(asks or {}).get(kind, {})}"
+                       + (f" ({d.message})" if d.message else "") for app in apps.values()
+                       for kind, d in app.deployments.items() if d.status != "HEALTHY"]
+            raise PlacementError(f"placement: the applications are not running after {timeout_s:.0f} s: "
+                                 f"{'; '.join(waiting)}; the cluster has {alive_node_resources()}")
         time.sleep(0.2)
     while in_a_row < SERVING_IN_A_ROW * replicas:
         status = front.status.remote().result(timeout_s=max(deadline - time.monotonic(), 1.0))
@@ -247,17 +250,23 @@ def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_
         serve.start(http_options={"host": http_host, "port": http_port},
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
                     controller_options=controller_options())
-        owns_serve = True
+        owns_serve, serving = True, False
         try:
             # Both at once, as from the Serve config: HAProxy counts as serving only once some app has a route.
             _, front = serve.run_many([RunTarget(build_fleet(config), name=FLEET_APP, route_prefix=None),
                                        RunTarget(build_app(config), name=APP_NAME, route_prefix="/")],
                                       wait_for_applications_running=False)  # waited for below, with a deadline
-            wait_until_serving(front, config.num_replicas, config.placement.timeout_s)
+            asks = {FRONT_DEPLOYMENT: {"GPU": config.front_gpus, **config.front_resources},
+                    FLEET_DEPLOYMENT: config.fleet_resources}
+            wait_until_serving(front, config.num_replicas, config.placement.timeout_s, asks)
+            serving = True
             yield Endpoints(grpc=f"{http_host}:{grpc_port}", http=f"http://{http_host}:{http_port}")
         finally:
-            serve.delete(APP_NAME)  # the fronts drain first,
-            serve.delete(FLEET_APP)  # then the fleet releases its actors and placement group
+            # Served, the fronts drain first, then the fleet releases its actors and placement group. Never served,
+            # there is nothing to drain, and a replica that never started would hold a blocking delete for its whole
+            # graceful shutdown: Serve's or Ray's shutdown below takes them.
+            serve.delete(APP_NAME, _blocking=serving)
+            serve.delete(FLEET_APP, _blocking=serving)
     finally:
         # A Ray started here takes everything with it (Serve's own shutdown would log failed tasks); a cluster joined
         # outlives this process, and Serve's controller with it.

@@ -182,7 +182,7 @@ class ExpertFleet:
                     return
                 waited += ROOM_POLL_S
                 self.state = (f"waiting {waited:.0f} s for room for {len(wanted)} node(s) holding {wanted} (one "
-                              f"node each); the cluster has {_alive_node_resources()}")
+                              f"node each); the cluster has {alive_node_resources()}")
                 log.warning("expert fleet %s", self.state)
             self.state = f"loading {len(self.placement.actors)} expert actors"
             self._cpus = cpus
@@ -312,7 +312,8 @@ def _remove_group_named(name: str) -> None:
         pass
 
 
-def _alive_node_resources() -> list[dict[str, float]]:
+def alive_node_resources() -> list[dict[str, float]]:
+    """What each live node of the running Ray cluster offers (CPUs, GPUs, custom resources), for messages."""
     skip = ("memory", "object_store_memory")
     return [{k: v for k, v in n["Resources"].items() if k not in skip and not k.startswith("node:")}
             for n in ray.nodes() if n["Alive"]]

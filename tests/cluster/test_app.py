@@ -284,11 +284,13 @@ def test_applications_that_never_run_fail_the_wait_saying_why(monkeypatch):
 
     stuck = "1 replicas that have taken more than 30s to be scheduled; resources required: {'GPU': 1.0}"
     apps = {FLEET_APP: SimpleNamespace(status="RUNNING", message="", deployments={}),
-            APP_NAME: SimpleNamespace(status="DEPLOYING", message="",
-                                      deployments={"SwitchServer": SimpleNamespace(message=stuck)})}
+            APP_NAME: SimpleNamespace(status="DEPLOYING", message="", deployments={"SwitchServer": SimpleNamespace(
+                status="UPDATING", replica_states={"STARTING": 1}, message=stuck)})}
     monkeypatch.setattr(app, "applications", lambda: apps)
+    monkeypatch.setattr(app, "alive_node_resources", lambda: [{"CPU": 2.0}])
     front = SimpleNamespace(status=SimpleNamespace(remote=lambda: pytest.fail("asked a front that never ran")))
-    with pytest.raises(PlacementError, match=r"not running after 1 s \(switch-serve: 1 replicas that have taken"):
+    with pytest.raises(PlacementError, match=r"not running after 1 s: SwitchServer replicas \{'STARTING': 1\}, each "
+                                             r"asking for \{\} \(1 replicas that have taken more"):
         wait_until_serving(front, replicas=1, timeout_s=1)
     apps[APP_NAME] = SimpleNamespace(status="DEPLOY_FAILED", message="the constructor raised", deployments={})
     with pytest.raises(PlacementError, match="failed to deploy \\(switch-serve: the constructor raised\\)"):
@@ -318,6 +320,27 @@ def test_a_cluster_where_serve_runs_already_is_refused_and_left_alone(ray_cluste
         assert serve.status().applications["other"].status == "RUNNING"
     finally:
         serve.shutdown()
+
+
+def test_fronts_that_never_find_room_end_the_serve_at_its_deadline(ray_cluster, checkpoint_factory):
+    """A front replica asking for a GPU the cluster lacks can never start: `local_serve` (the `serve` command) gives
+    up at the placement's timeout, with Serve's word on what waits, and takes the applications down. Fails if it waits
+    for good (as Serve's own wait for its applications does)."""
+    import time
+
+    from cluster.app import local_serve
+    from cluster.testing import free_port
+
+    path, _ = checkpoint_factory("tiny")
+    config = ServerConfig(model=str(path), front_gpus=1, drain_timeout_s=1,
+                          placement=PlacementConfig(experts_per_actor=4, timeout_s=8))
+    began = time.monotonic()
+    with pytest.raises(PlacementError, match=r"^placement: the applications are not running after 8 s: "
+                                             r"SwitchServer replicas \{'STARTING': 1\}, each asking for "
+                                             r"\{'GPU': 1.0\}; the cluster has"):
+        with local_serve(config, http_port=free_port(), grpc_port=free_port()):
+            pass
+    assert time.monotonic() - began < 60
 
 
 def test_the_fleet_labels_its_actors_metrics_with_the_served_models_id():
