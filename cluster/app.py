@@ -201,8 +201,10 @@ def wait_until_serving(front, replicas: int, timeout_s: float, asks: dict[str, d
     each finds them on its own, and a handle cannot pick a replica, so wait for SERVING_IN_A_ROW answers a replica
     saying so."""
     deadline, in_a_row = time.monotonic() + timeout_s, 0
-    while not all(app.status == "RUNNING" for app in applications().values()):
+    while True:
         apps = applications()
+        if all(app.status == "RUNNING" for app in apps.values()):
+            break
         if failed := [f"{name}: {app.message}" for name, app in apps.items() if app.status == "DEPLOY_FAILED"]:
             raise PlacementError(f"placement: an application failed to deploy ({'; '.join(failed)})")
         if time.monotonic() > deadline:
