@@ -110,10 +110,11 @@ def build_fleet(args: dict | ServerConfig) -> Application:
 
 
 def fleet_drain(config: ServerConfig) -> dict:
-    """The fleet's deployment options of its drain: a stopping fleet waits for the fronts that drain (see
-    ServedFleet.__del__), and must release its placement group before Serve's own deadline ends it."""
+    """The fleet's deployment options of its drain: a stopping fleet waits for the fronts that drain, each for up to
+    the drain timeout, one after another at worst (see ServedFleet.__del__), and must release its placement group
+    before Serve's own deadline ends it."""
     return {"user_config": {"drain_timeout_s": config.drain_timeout_s},
-            "graceful_shutdown_timeout_s": config.drain_timeout_s + FLEET_RELEASE_S}
+            "graceful_shutdown_timeout_s": config.drain_timeout_s * config.num_replicas + FLEET_RELEASE_S}
 
 
 def fleet_version(config: ServerConfig) -> str:

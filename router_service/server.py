@@ -311,15 +311,15 @@ async def all_or_first_error(calls: Iterable[Coroutine]) -> list:
     return [task.result() for task in tasks]
 
 
-def fronts_changing(app: str) -> bool:
-    """Whether the fronts' application `app` is being built, rolled out or deleted, or has replicas draining."""
+def fronts_changing(app: str) -> tuple[bool, int]:
+    """Whether the fronts' application `app` is being built, rolled out or deleted, or has replicas draining; and how
+    many are draining."""
     status = serve.status().applications.get(app)
     if status is None:
-        return False
-    if status.status in ("DEPLOYING", "DELETING"):
-        return True
+        return False, 0
     fronts = status.deployments.get(FRONT_DEPLOYMENT)
-    return fronts is not None and fronts.replica_states.get("STOPPING", 0) > 0
+    stopping = 0 if fronts is None else fronts.replica_states.get("STOPPING", 0)
+    return status.status in ("DEPLOYING", "DELETING") or stopping > 0, stopping
 
 
 def fleet_app_name(app: str) -> str:
@@ -348,12 +348,19 @@ class ServedFleet(ExpertFleet):
     def __del__(self):
         """Serve calls it as it stops the replica (its application deleted, or its placement changed): while the
         fronts' application is deployed anew or deleted, the old fronts still draining keep their actors until
-        they have stopped, for up to the drain timeout. Then the actors and their placement group go at once,
-        making room for the new fleet's."""
+        they have stopped, each for up to the drain timeout from when it began (Serve rolls fronts out a few at a
+        time, so the last may begin well after the fleet stopped). Then the actors and their placement group go at
+        once, making room for the new fleet's."""
         try:
             fronts = serve.get_replica_context().app_name.removesuffix(FLEET_APP_SUFFIX)
-            deadline = time.monotonic() + self.drain_timeout_s
-            while time.monotonic() < deadline and fronts_changing(fronts):
+            deadline, stopping = time.monotonic() + self.drain_timeout_s, 0
+            while time.monotonic() < deadline:
+                changing, now_stopping = fronts_changing(fronts)
+                if not changing:
+                    break
+                if now_stopping > stopping:  # another front began to drain: its whole timeout
+                    deadline = time.monotonic() + self.drain_timeout_s
+                stopping = now_stopping
                 time.sleep(0.5)
         finally:  # released even if Serve's controller cannot be asked
             self.release()

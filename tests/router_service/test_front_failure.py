@@ -228,3 +228,30 @@ def test_a_fleet_stopped_where_serve_cannot_say_whose_fronts_to_wait_for_still_r
     with pytest.raises(RuntimeError, match="no replica context"):
         ServedFleet.func_or_class.__del__(fleet)
     assert released == [True]
+
+
+def test_a_stopping_fleet_gives_each_draining_front_its_whole_timeout(monkeypatch):
+    """Serve rolls the fronts out a few at a time: a front may begin to drain well after the fleet began to stop. The
+    fleet keeps its actors until the fronts have stopped, each for up to the drain timeout from when it began, and
+    releases them as soon as none drains. Fails if the timeout runs from the fleet's own stop (the last front's
+    streams would lose their experts part way)."""
+    from types import SimpleNamespace
+
+    class Stopping(ServedFleet.func_or_class):
+        def __del__(self):  # the probe's own end releases nothing
+            pass
+
+    now, released = [0.0], []
+    # The fronts' application as the fleet sees it over time: one front drains until 40 s, the next from 55 s to 100 s.
+    def fronts_changing(app):
+        t = now[0]
+        return (True, 1) if t < 40 else (True, 0) if t < 55 else (True, 1) if t < 100 else (False, 0)
+
+    monkeypatch.setattr(server.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(server.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    monkeypatch.setattr(server, "fronts_changing", fronts_changing)
+    monkeypatch.setattr(server.serve, "get_replica_context", lambda: SimpleNamespace(app_name=FLEET_APP))
+    fleet = object.__new__(Stopping)
+    fleet.drain_timeout_s, fleet.release = 60.0, lambda: released.append(now[0])
+    ServedFleet.func_or_class.__del__(fleet)
+    assert released == [100.0]
