@@ -150,8 +150,9 @@ class Placement:
         node_index = {node: i for i, node in enumerate(sorted({g.node for g in used}))}  # nodes left empty go
         actors = []
         for gpu in used:
-            share = math.ceil(len(gpu.experts) / actors_per_gpu)
-            groups = [gpu.experts[i:i + share] for i in range(0, len(gpu.experts), share)]
+            n = len(gpu.experts)
+            k = min(actors_per_gpu, n)  # as many actors as asked, as evenly filled as can be
+            groups = [gpu.experts[i * n // k:(i + 1) * n // k] for i in range(k)]
             # Ray counts a GPU in ten-thousandths: shares rounded down add up to at most the GPU (1/6 rounded to
             # the nearest would ask for 1.0002 of it).
             gpus = math.floor(GPU_UNITS / len(groups)) / GPU_UNITS

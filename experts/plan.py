@@ -125,15 +125,17 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
     if not per_gpu:
         raise PlanError(f"gpu_memory: {gpu_memory / 2**20:.0f} MiB ({1 - ACTIVATION_RESERVE:.0%} usable) holds no "
                         f"expert of {size / 2**20:.0f} MiB")
-    min_gpus = math.ceil(total / per_gpu)
+    min_gpus = max(math.ceil(total / per_gpu), 2 if replicate_hot else 1)  # an expert's two copies: two GPUs
     if min_gpus > gpus:
         raise PlanError(f"gpus: {total} experts of {size / 2**20:.0f} MiB need at least {min_gpus} GPUs of "
                         f"{gpu_memory / 2**30:.0f} GiB ({1 - ACTIVATION_RESERVE:.0%} usable); {gpus} given")
     shares = sorted(((load[k] / copies[k], k) for k in keys for _ in range(copies[k])), key=lambda x: -x[0])
     # Heaviest first; where that leaves a second copy no GPU but its twin's, the replicated experts first instead,
     # while every GPU has room for a copy apart from its twin.
+    twins_first = sorted(shares, key=lambda x: copies[x[1]] == 1)
     plan = (assign(shares, gpus, nodes, per_gpu, size, copies)
-            or assign(sorted(shares, key=lambda x: copies[x[1]] == 1), gpus, nodes, per_gpu, size, copies))
+            or assign(twins_first, gpus, nodes, per_gpu, size, copies)
+            or assign(twins_first, gpus, nodes, per_gpu, size, copies, emptiest_first=True))
     if plan is None:
         raise PlanError("replicate_hot: the GPUs with room left for a second copy of an expert all hold its first")
     for g in plan:
@@ -144,25 +146,33 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
 
 
 def assign(shares: list[tuple[float, ExpertKey]], gpus: int, nodes: int, per_gpu: int, size: int,
-           copies: dict[ExpertKey, int]) -> list[GpuPlan] | None:
+           copies: dict[ExpertKey, int], emptiest_first: bool = False) -> list[GpuPlan] | None:
     """Each (share of load, expert) in order to the least-loaded GPU with room (longest-processing-time scheduling),
-    a replica to another GPU than its twin; None where one finds no such GPU."""
-    plan = [GpuPlan(gpu=i, node=i // (gpus // nodes)) for i in range(gpus)]
-    # (load, experts held, gpu) of the GPUs with room: of equal loads (experts no token has gone to yet), the emptiest.
-    heap = [(0.0, 0, i) for i in range(gpus)]
+    or with `emptiest_first` to the GPU with the most room (which finds every replica a GPU apart from its twin
+    wherever there is room for all), a replica to another GPU than its twin; None where one finds no such GPU."""
+    per_node = gpus // nodes
+    plan = [GpuPlan(gpu=i, node=i // per_node) for i in range(gpus)]
+    # Of GPUs alike, one node's after another's in turn, so that the experts spread evenly over the nodes.
+    turn = [(i % per_node) * nodes + i // per_node for i in range(gpus)]
+
+    def entry(i: int) -> tuple:  # the heap's order of the GPUs with room
+        g = plan[i]
+        return (len(g.experts), g.load, turn[i], i) if emptiest_first else (g.load, len(g.experts), turn[i], i)
+
+    heap = [entry(i) for i in range(gpus)]
+    heapq.heapify(heap)
     for share, key in shares:
         skipped = []
-        while copies[key] > 1 and key in plan[heap[0][2]].experts:  # a replica goes to another GPU than its twin
+        while copies[key] > 1 and key in plan[heap[0][-1]].experts:  # a replica goes to another GPU than its twin
             skipped.append(heapq.heappop(heap))
             if not heap:
                 return None
-        gpu_load, _, i = heapq.heappop(heap)
-        g = plan[i]
+        g = plan[heapq.heappop(heap)[-1]]
         g.experts.append(key)
         g.bytes += size
-        g.load = gpu_load + share
+        g.load += share
         if len(g.experts) < per_gpu:
-            heapq.heappush(heap, (g.load, len(g.experts), i))
+            heapq.heappush(heap, entry(g.gpu))
         for entry in skipped:
             heapq.heappush(heap, entry)
     return plan

@@ -80,8 +80,8 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     top_p = defaults.top_p if top_p is None else float(top_p)
     if not 0.0 <= top_p <= 1.0:  # NaN too
         raise InvalidRequest("top_p", f"must be between 0 and 1, got {top_p}")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise InvalidRequest("seed", f"must be between 0 and 2**63 - 1, got {seed}")
+    if seed is not None and not 0 <= seed < 2**64:  # the proto's uint64, what torch's generators take
+        raise InvalidRequest("seed", f"must be between 0 and 2**64 - 1, got {seed}")
     bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequest("stop_token_ids", f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")

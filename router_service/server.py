@@ -711,7 +711,7 @@ class SwitchServer:
             for j in range(request.n):
                 out.append(self._new_sequence(
                     ids, field, request.stop_strings(), max_new_tokens=max_tokens, temperature=request.temperature,
-                    top_p=request.top_p, seed=None if request.seed is None else (request.seed + j) % 2**63,
+                    top_p=request.top_p, seed=None if request.seed is None else (request.seed + j) % 2**64,
                     top_logprobs=request.logprobs or 0))
         return out
 

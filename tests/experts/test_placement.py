@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
 from pydantic import ValidationError
+from reference import MODEL_CONFIGS
 
 from cluster.testing import tiny_config
 from experts.fleet import bundles
 from experts.placement import Placement, PlacementConfig, experts_per_cpu
-from experts.spec import sparse_layers
+from experts.spec import SwitchConfig, sparse_layers
 
 
 def all_experts(config):
@@ -106,3 +108,17 @@ def test_gpus_the_plan_leaves_empty_get_no_actors():
     assert all(spec.experts for spec in placement.actors)
     assert sorted(key for spec in placement.actors for key in spec.experts) == all_experts(config)
     assert len(placement.actors) <= len(all_experts(config)) < 64
+
+
+
+@pytest.mark.parametrize("gpus, per_gpu, sizes", [(24, 3, [1, 1, 2] * 24),
+                                                  (10, 4, [2, 3, 2, 3] * 6 + [2, 2, 2, 3] * 4)])
+def test_a_gpu_is_shared_by_as_many_actors_as_asked(gpus, per_gpu, sizes):
+    """`actors_per_gpu` actors on each GPU, its experts shared out as evenly as can be: switch-base-8's 96 experts on
+    24 GPUs (4 each), 3 actors of 1, 1 and 2; on 10 GPUs (10 or 9 each), 4 actors of 2 or 3. Fails if fewer actors are
+    made (48 of 72 were) or one is left with far fewer experts than the others (3, 3, 3 and 1 were)."""
+    config = SwitchConfig.from_json_file(MODEL_CONFIGS / "switch-base-8.json")
+    placement = PlacementConfig(gpus=gpus, actors_per_gpu=per_gpu).place(config, "bf16")
+    assert len(placement.actors) == gpus * per_gpu
+    assert sorted(len(spec.experts) for spec in placement.actors) == sorted(sizes)
+    assert all(spec.gpus == math.floor(10_000 / per_gpu) / 10_000 for spec in placement.actors)

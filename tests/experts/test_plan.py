@@ -156,3 +156,36 @@ def test_plan_command_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["num_actors"] == 4 and out["max_gpu_bytes"] <= out["budget_bytes_per_gpu"]
     assert sum(len(g["experts"]) for g in out["gpus"]) == 12 * 128
+
+
+def test_experts_spread_evenly_over_the_nodes():
+    """Of GPUs alike, the planner takes one node's after another's in turn: 96 experts on 64 GPUs of 4 nodes put 24 on
+    each node (the 32 GPUs holding two spread over all four), and 96 on 128 GPUs use every node. Fails if the GPUs
+    first in order fill first (32, 32, 16 and 16; a node left empty)."""
+    from experts.placement import PlacementConfig
+
+    plan = make_plan(config("switch-base-8"), gpus=64, nodes=4, gpu_memory=80 * GiB)
+    assert Counter(g.node for g in plan.gpus for _ in g.experts) == {0: 24, 1: 24, 2: 24, 3: 24}
+    assert PlacementConfig(gpus=128, nodes=4).place(config("switch-base-8"), "bf16").nodes == 4
+
+
+@pytest.mark.parametrize("stats", [None, [1, 2, 1, 7, 1, 7]])
+def test_every_expert_replicated_where_the_copies_fit(stats):
+    """Six experts, each twice, on 3 GPUs of room for 4: a layout exists whatever the loads; the planner finds it,
+    each expert's copies on two GPUs. Fails if the hot experts' loads leave a copy only its twin's GPU."""
+    c = tiny_config(num_experts=3, num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1,
+                    num_sparse_decoder_layers=1)
+    room = 4.5 * expert_bytes(c, "fp32") / (1 - ACTIVATION_RESERVE)
+    keys = [(stack, layer, e) for stack in ("encoder", "decoder") for layer in sparse_layers(c, stack)
+            for e in range(3)]
+    loads = None if stats is None else dict(zip(keys, map(float, stats)))
+    plan = make_plan(c, gpus=3, gpu_memory=int(room), dtype="fp32", replicate_hot=6, stats=loads)
+    for key in keys:
+        assert len({g.gpu for g in plan.gpus if key in g.experts}) == 2, key
+    assert plan.min_gpus == 3
+
+
+def test_replicas_need_two_gpus_however_few_experts():
+    """An expert's second copy goes to another GPU: a plan with replicas says so in its least GPUs. Fails if one GPU,
+    which make_plan itself refuses for replicas, is given as enough."""
+    assert make_plan(config("switch-base-8"), gpus=2, gpu_memory=80 * GiB, replicate_hot=1).min_gpus == 2

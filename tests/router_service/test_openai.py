@@ -151,8 +151,8 @@ def test_null_means_the_default(served, client):
                                       presence_penalty=None, frequency_penalty=None, seed=None, user=None)
     assert nulls.choices[0].text == given.choices[0].text
     assert nulls.usage.completion_tokens == given.usage.completion_tokens
-    # the highest seed: choice j samples with seed + j, wrapped below 2**63
-    out = client.completions.create(model=served["model"], prompt=PROMPTS[0], max_tokens=2, n=2, seed=2**63 - 1)
+    # the highest seed: choice j samples with seed + j, wrapped below 2**64
+    out = client.completions.create(model=served["model"], prompt=PROMPTS[0], max_tokens=2, n=2, seed=2**64 - 1)
     assert len(out.choices) == 2
 
 

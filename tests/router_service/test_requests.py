@@ -46,7 +46,7 @@ def test_a_request_that_gives_no_length_gets_the_default_within_the_servers_limi
     ("temperature", [0.0, 0.01, 100.0], [0.009, 100.1, -1.0]),
     ("top_k", [0, 1], [-1]),
     ("top_p", [1.0, 1e-6, 0.0], [-0.01, 1.01, float("nan")]),
-    ("seed", [0, 2**63 - 1], [-1, 2**63]),
+    ("seed", [0, 2**63, 2**64 - 1], [-1, 2**64]),
     ("stop_token_ids", [(0, VOCAB - 1)], [(VOCAB,), (-1,)]),
     ("top_logprobs", [0, MAX_TOP_LOGPROBS], [-1, MAX_TOP_LOGPROBS + 1]),
 ])
