@@ -173,8 +173,8 @@ def assign(shares: list[tuple[float, ExpertKey]], gpus: int, nodes: int, per_gpu
         g.load += share
         if len(g.experts) < per_gpu:
             heapq.heappush(heap, entry(g.gpu))
-        for entry in skipped:
-            heapq.heappush(heap, entry)
+        for passed_over in skipped:
+            heapq.heappush(heap, passed_over)
     return plan
 
 

@@ -37,9 +37,9 @@ QUANTIZE_MODES = ("none", "int8")
 QuantizeMode = Literal[QUANTIZE_MODES]
 EXPERT_FORMATS = (*DTYPES, "int8")  # what an expert's weights may be held in, for sizing them
 
+ROUTER_DTYPES = ("float32", "bfloat16", "float16")  # transformers' router_dtype values
 # The activations (transformers' ACT2FN names) a served checkpoint's FFNs may use; experts.ffn computes them with
 # torch alone.
-ROUTER_DTYPES = ("float32", "bfloat16", "float16")  # transformers' router_dtype values
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
 
 # hf: transformers' rule, each expert takes at most `expert_capacity` tokens of each sequence, earlier positions

@@ -189,3 +189,30 @@ def test_replicas_need_two_gpus_however_few_experts():
     """An expert's second copy goes to another GPU: a plan with replicas says so in its least GPUs. Fails if one GPU,
     which make_plan itself refuses for replicas, is given as enough."""
     assert make_plan(config("switch-base-8"), gpus=2, gpu_memory=80 * GiB, replicate_hot=1).min_gpus == 2
+
+
+def test_plans_of_many_small_shapes_keep_their_rules():
+    """Random small plans, replicas and loads: each either places every copy (within the budget, an expert's copies
+    on different GPUs) or is refused with a PlanError. Fails on any other error (a GPU passed over for a replica and
+    put back in the wrong form broke the next placement)."""
+    import random
+
+    c = tiny_config(num_experts=4, num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1,
+                    num_sparse_decoder_layers=1)
+    keys = [(stack, layer, e) for stack in ("encoder", "decoder") for layer in sparse_layers(c, stack)
+            for e in range(4)]
+    placed = 0
+    for seed in range(300):
+        rng = random.Random(seed)
+        gpus, room = rng.randint(2, 5), (rng.randint(1, 6) + 0.5) * expert_bytes(c, "fp32") / (1 - ACTIVATION_RESERVE)
+        stats = {key: float(rng.randint(0, 9)) for key in keys}
+        try:
+            plan = make_plan(c, gpus=gpus, gpu_memory=int(room), dtype="fp32", replicate_hot=rng.randint(0, 8),
+                             stats=stats)
+        except PlanError:
+            continue
+        placed += 1
+        assert all(g.bytes <= plan.budget_bytes and len(set(g.experts)) == len(g.experts) for g in plan.gpus)
+        assert Counter(k for g in plan.gpus for k in g.experts) == {k: plan.replicas.get(".".join(map(str, k)), 1)
+                                                                      for k in keys}
+    assert placed > 100
