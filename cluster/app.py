@@ -117,12 +117,16 @@ def fleet_drain(config: ServerConfig) -> dict:
             "graceful_shutdown_timeout_s": config.drain_timeout_s * config.num_replicas + FLEET_RELEASE_S}
 
 
+def fleet_config(config: ServerConfig) -> ServerConfig:
+    """`config` as the fleet sees it: its placement without the fields the fronts alone read."""
+    return config.model_copy(update={"placement": config.placement.for_fleet()})
+
+
 def fleet_version(config: ServerConfig) -> str:
     """A digest of what the fleet is built from (FLEET_FIELDS): it names the fleet's placement group, so that a
     fleet started again after its process died removes its predecessor's group, and one of a new config, started
     while the old one keeps its actors for the fronts still draining, does not."""
-    fields = config.model_copy(update={"placement": config.placement.for_fleet()})
-    built = fields.model_dump(include=set(FLEET_FIELDS), mode="json")
+    built = fleet_config(config).model_dump(include=set(FLEET_FIELDS), mode="json")
     return hashlib.sha1(json.dumps(built, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -168,7 +172,7 @@ def serve_config(config: ServerConfig, *, http_port: int = HTTP_PORT, grpc_port:
     def args(config: ServerConfig, fields=None) -> dict:
         return config.model_dump(include=fields, exclude_defaults=True) | {"model": config.model}
 
-    fleet = config.model_copy(update={"placement": config.placement.for_fleet()})
+    fleet = fleet_config(config)
 
     return {
         "proxy_location": "EveryNode",

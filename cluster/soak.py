@@ -350,7 +350,7 @@ def soak_config(model: str, replicas: int, workers: int = 0) -> ServerConfig:
 
 def main(model: str | None, duration: float, concurrency: int, chaos_every: tuple[float, float] | None,
          replicas: int, workers: int) -> int:
-    """The `switch-serve soak` command: 1 unless the run passed (Report.passed), else 0."""
+    """The `switch-serve soak` command: 0 where the run passed (Report.passed), else 1."""
     with ray_for_soak(workers) as nodes:
         report = run_soak(soak_config(model or str(DEMO_MODEL), replicas, workers), duration, concurrency,
                           chaos_every, nodes=nodes)
