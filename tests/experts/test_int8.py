@@ -27,8 +27,8 @@ def test_quantization_is_within_half_a_step_per_channel():
 @pytest.mark.parametrize("tokens", [1, 7, int8.PACKED_MAX_TOKENS, int8.PACKED_MAX_TOKENS + 1, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_equals_the_dequantized_weights(tokens, dtype):
-    """Both kernels (packed for few tokens, dequantized for many) compute x @ dequantized(w).T; the packed one in
-    bfloat16, so within bfloat16's rounding."""
+    """Both CPU paths (the packed kernel for few tokens, float32's matmul for many) compute x @ dequantized(w).T
+    with the activations in bfloat16, so within bfloat16's rounding."""
     torch.manual_seed(1)
     w, x = torch.randn(96, 64), torch.randn(tokens, 64).to(dtype)
     q = int8.quantize(w)
@@ -39,12 +39,29 @@ def test_linear_equals_the_dequantized_weights(tokens, dtype):
     assert not torch.allclose(reference, F.linear(x.float(), w), rtol=1e-6, atol=0)  # quantization did change w
 
 
-def test_float16_activations_do_not_overflow():
+def test_a_tokens_output_does_not_depend_on_how_many_share_its_expert():
+    """A token alone (the packed kernel) and among more than PACKED_MAX_TOKENS (float32's matmul) gets the same
+    output but for the order of float32's sums: a request's tokens must not change with the load. Fails if the two
+    paths round differently (e.g. the activations to bfloat16 in one only)."""
+    torch.manual_seed(5)
+    q = int8.quantize(0.03 * torch.randn(3072, 768))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(int8.PACKED_MAX_TOKENS + 8, 768).to(dtype)
+        alone = torch.cat([int8.linear(row[None], q) for row in x])
+        together = int8.linear(x, q)
+        assert float((alone == together).float().mean()) > 0.999, dtype
+        # at most a step of bfloat16, or of the sums' own order where they cancel to near zero
+        assert torch.allclose(alone.float(), together.float(), rtol=2 ** -6, atol=1e-4), dtype
+
+
+@pytest.mark.parametrize("features", [768, 760])
+def test_float16_activations_do_not_overflow(features):
     """At a Switch expert's shape, with its weights' small magnitudes, the product by the int8 values before their
-    scales is ~1/scale times the output, beyond float16's range. Fails if float16 takes that path."""
+    scales is ~1/scale times the output, beyond float16's range (760 features: not the packed kernel's, so the
+    weights are dequantized). Fails if float16 takes that path."""
     torch.manual_seed(4)
-    q = int8.quantize(0.02 * torch.randn(3072, 768))
-    x = (30 * torch.randn(int8.PACKED_MAX_TOKENS + 32, 768)).to(torch.float16)
+    q = int8.quantize(0.02 * torch.randn(3072, features))
+    x = (30 * torch.randn(int8.PACKED_MAX_TOKENS + 32, features)).to(torch.float16)
     out = int8.linear(x, q)
     reference = F.linear(x.float(), q.dequantized(torch.float32))
     assert out.dtype == torch.float16 and bool(out.isfinite().all())
