@@ -177,7 +177,11 @@ class SwitchCheckpoint:
             shard = path / file
             if not shard.is_file():
                 raise CheckpointError(f"{shard}: listed in {INDEX_FILE} but missing")
-            tensors |= _shard_tensors(path, file)
+            held = _shard_tensors(path, file)
+            for name in sorted(held.keys() & tensors.keys()):
+                raise CheckpointError(f"{shard}: tensor {name} is also in {path / tensors[name].file} (one file a "
+                                      "tensor)")
+            tensors |= held
         for name, file in weight_map.items():
             if name not in tensors or tensors[name].file != file:
                 raise CheckpointError(f"{path / file}: tensor {name} is listed in {INDEX_FILE} but not in the file")

@@ -69,8 +69,10 @@ class PlacementConfig(BaseModel):
         default_factory=dict, description="a Ray resource each expert actor asks for, e.g. a GPU worker group's")
     timeout_s: float = Field(600.0, gt=0, description="how long to wait for Ray to find room for the actors")
     restart_timeout_s: float = Field(
-        60.0, gt=0, description="how long a sparse layer waits for expert actors that are down (restarting, or "
-                                "with no room to restart) before its requests fail with UNAVAILABLE")
+        60.0, gt=0, description="how long a sparse layer waits for its expert actors' answers, the time to "
+                                "restart one that is down included, before its requests fail with UNAVAILABLE (set "
+                                "it above the longest a busy actor takes to answer: a long prompt's layer on a "
+                                "slow device)")
 
     @model_validator(mode="after")
     def _options_of_one_way_to_place(self) -> PlacementConfig:

@@ -80,4 +80,7 @@ def call_from_wire(call: bytes | np.ndarray, dtype: torch.dtype,
     a = from_ray(call)
     n = int(a[8:12].view(np.int32)[0])
     header = a[:4 * (3 + 2 * n)].view(np.int32).tolist()
-    return STACKS[header[0]], header[1], header[3:3 + n], header[3 + n:], from_wire(a[4 * (3 + 2 * n):], dtype, width)
+    counts, tokens = header[3 + n:], from_wire(a[4 * (3 + 2 * n):], dtype, width)
+    if tokens.shape[0] != sum(counts):  # the sender's dtype or width is not the receiver's
+        raise ValueError(f"a call of {sum(counts)} tokens carried {tokens.shape[0]} rows of {width} {dtype}")
+    return STACKS[header[0]], header[1], header[3:3 + n], counts, tokens

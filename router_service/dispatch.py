@@ -278,8 +278,9 @@ class PendingDispatch:
                 for call in self.calls:
                     if call not in ready:
                         ray.cancel(call)
-                raise ExpertsUnavailable(f"expert actors {late} did not answer {self.stack} layer {self.layer} "
-                                         f"within {d.timeout_s:g} s (restarting, or no room to restart them)") from None
+                raise ExpertsUnavailable(
+                    f"expert actors {late} did not answer {self.stack} layer {self.layer} within {d.timeout_s:g} s "
+                    "(restarting, no room to restart them, or busy for longer than restart_timeout_s)") from None
             except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them
                 if d.on_lost is not None:
                     d.on_lost(e)

@@ -158,6 +158,18 @@ def test_an_index_that_lists_a_tensor_in_another_shard_names_both(sharded):
         SwitchCheckpoint.open(sharded)
 
 
+def test_a_tensor_in_two_shards_names_both(sharded):
+    """Which of two copies a loader reads would depend on the order of the shards: refused at load time, naming
+    both files, whichever one the index lists."""
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    other = next(f for f in sorted(set(index.values())) if f != index[EXPERT])
+    copy = load_file(sharded / index[EXPERT])[EXPERT]
+    rewrite(sharded / other, lambda t: t.update({EXPERT: copy}))
+    first, second = sorted([index[EXPERT], other])
+    with pytest.raises(CheckpointError, match=rf"{second}: tensor {EXPERT} is also in .*{first} "):
+        SwitchCheckpoint.open(sharded)
+
+
 def test_gated_activation_rejected(checkpoint):
     edit_config(checkpoint, dense_act_fn="gated-gelu")
     with pytest.raises(CheckpointError, match=r"config\.json: dense_act_fn 'gated-gelu'"):

@@ -40,3 +40,11 @@ def test_a_call_comes_back_as_it_was(dtype, rows):
     assert (stack, layer, experts, counts) == ("decoder", 7, [5, 2], [rows // 2, rows - rows // 2])
     assert back.dtype == dtype and torch.equal(back, t)
     assert call_from_wire(call_to_wire("encoder", 3, [0], [1], t[:1]), dtype, WIDTH)[:4] == ("encoder", 3, [0], [1])
+
+
+def test_a_call_read_in_another_dtype_is_refused():
+    """A sender and a receiver of different dtypes would read other rows than were sent: computed as they are, the
+    rows past the counts' sum would come back as uninitialised memory."""
+    call = call_to_wire("encoder", 0, [1], [4], torch.randn(4, WIDTH))
+    with pytest.raises(ValueError, match=r"a call of 4 tokens carried 8 rows"):
+        call_from_wire(call, torch.bfloat16, WIDTH)
