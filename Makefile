@@ -43,7 +43,7 @@ test-fast: lint
 # skipped where it is not installed). It stops with a message where there is no CUDA.
 GPU_PYTHON ?= $(VENV)/bin/python
 
-gpu-check:
+gpu-check: $(if $(filter $(VENV)/bin/python,$(GPU_PYTHON)),install)
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m cluster.gpu_check
 
 clean:

@@ -362,6 +362,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if not any(c <= args.requests for c in args.concurrency):
         raise ValueError(f"--concurrency: at least one must be at most --requests ({args.requests}), the run the "
                          "targets are measured at")
+    if args.device == "cuda" and given(args, PlacementConfig):  # the GPUs' placement is cluster.bench.gpu_setup's
+        raise ValueError("--experts-per-actor: packs experts for CPUs; with --device cuda two actors share a GPU")
     if args.device == "cuda":
         import torch
 

@@ -63,10 +63,7 @@ def step_work() -> str:
 
     from cluster.bench_step import report
 
-    try:
-        return "\n".join(report([1, 32], dtype) for dtype in (torch.float32, torch.bfloat16))
-    except Exception as e:  # recorded, and the benchmark after it still runs
-        return f"failed: {e!r}"
+    return "\n".join(report([1, 32], dtype) for dtype in (torch.float32, torch.bfloat16))
 
 
 def benchmark() -> str:
@@ -79,6 +76,14 @@ def benchmark() -> str:
 
     folder = checkpoint("base-8", Path.home() / ".cache" / "switch-serve" / "bench" / "base-8")
     return table(run(folder, WORKLOADS, CONCURRENCY, REQUESTS, {}, "cuda", DEFAULT_INGRESS))
+
+
+def attempted(part) -> str:
+    """What the part `part()` returned, or that it failed and why: recorded, and the parts after it still run."""
+    try:
+        return part()
+    except Exception as e:
+        return f"failed: {e!r}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     status, tests = parity_tests()
     record(f"\n## GPU check, {gpu}, {datetime.date.today()} (`make gpu-check`)\n\n"
            f"Parity tests ({CUDA_TESTS}), exit status {status}:\n\n```\n{tests}\n```\n")
-    layer = stacked_layer()
+    layer = attempted(stacked_layer)
     record(f"\nOne sparse layer on the GPU (`python -m cluster.bench_experts`):\n\n```\n{layer}\n```\n")
-    step = step_work()
+    step = attempted(step_work)
     record(f"\nA decoding step's kernels and reads back (`python -m cluster.bench_step`):\n\n```\n{step}\n```\n")
-    table = benchmark()
+    table = attempted(benchmark)
     record(f"\nBenchmark (switch-base-8's shape, random float32 weights, workload {', '.join(WORKLOADS)}, "
            f"concurrency {', '.join(map(str, CONCURRENCY))}):\n\n```\n{table}\n```\n")
     missed = shortfalls(status, tests, {"the sparse layer": layer, "the step's count": step, "the benchmark": table})

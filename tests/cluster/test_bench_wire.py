@@ -13,6 +13,7 @@ from cluster.bench_wire import FEW_ROWS, ROWS
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # its own cluster, not the shared one's fixture: marked here
 def test_bench_wire_prints_a_row_of_timings_per_size(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "cluster.bench_wire"], capture_output=True, text=True, timeout=600,

@@ -143,6 +143,13 @@ def test_bench_on_cuda_without_it_says_so(capsys):
     assert "--device: cuda, but this machine's torch sees no CUDA GPU" in capsys.readouterr().err
 
 
+def test_bench_on_cuda_refuses_a_packing_for_cpus(capsys):
+    """The GPU run places two actors a GPU: a packing it would not use is refused, not ignored."""
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cuda", "--experts-per-actor", "2"])
+    assert "--experts-per-actor: packs experts for CPUs" in capsys.readouterr().err
+
+
 def test_a_taken_port_is_named_before_serving_starts(capsys):
     import socket
 

@@ -16,8 +16,10 @@ def test_expected_answers():
 
 def test_demo_model_answers_its_prompts(ray_cluster):
     prompts = PROMPTS + [STREAMED]
-    with SwitchCluster(DEMO_MODEL, placement=PlacementConfig(experts_per_actor=4)) as model:
+    # Every expert computed by its actor: by default a front computes those of the actors on its node itself.
+    with SwitchCluster(DEMO_MODEL, placement=PlacementConfig(experts_per_actor=4), local_experts=False) as model:
         outputs = model.generate(texts=prompts, max_new_tokens=12)
         answers = [model.decode(o.token_ids) for o in outputs]
+        assert model.dispatcher.calls > 0
     assert answers == [expected_answer(p) for p in prompts]
     assert all(o.finish_reason == "eos" and o.dropped_tokens == 0 for o in outputs)
