@@ -145,6 +145,7 @@ class ContinuousBatcher:
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self.joining = 0  # generation requests being encoded to join: no longer waiting, not yet active
+        self.admitting: list[Sequence] = []  # the requests being encoded, until they are active or returned done
         self.cache: DecoderCache | None = None
         self.next_tokens = torch.zeros(0, dtype=torch.long)
         self.steps = 0  # decoding steps run
@@ -188,8 +189,8 @@ class ContinuousBatcher:
             changed += self._admit(cores)  # embedding requests return done from it, whatever the step does next
             if self.active:
                 changed += self._decode(cores, on_cores)
-        except Exception as e:  # the whole batch fails together; the next step starts afresh
-            changed += self.fail(e)
+        except Exception as e:  # the batch fails together, with those joining it; the requests waiting go on
+            changed += self.fail(e, waiting=False)
         finally:
             use_threads(cores)
         if self.metrics is not None:  # every step, whether it decoded or only encoded
@@ -246,16 +247,19 @@ class ContinuousBatcher:
                                        (seq.last_token_at - seq.first_token_at) / (n - 1) if n > 1 else None,
                                        seq.dropped_tokens)
 
-    def fail(self, error: BaseException) -> list[Sequence]:
-        """End every active and waiting sequence with `error` and start over with an empty batch."""
-        while not self.inbox.empty():
+    def fail(self, error: BaseException, waiting: bool = True) -> list[Sequence]:
+        """End the batch's sequences, those being admitted to it and (with `waiting`) every waiting one with `error`,
+        and start over with an empty batch."""
+        while waiting and not self.inbox.empty():
             self.waiting.append(self.inbox.get())
-        failed = self.active + list(self.waiting)
+        failed = self.active + self.admitting + (list(self.waiting) if waiting else [])
         for seq in failed:
             seq.error = error
         # The cache before the sequences (here and in _leave): a reader on another thread (ModelInfo) that sees no
         # active sequence then sees no cache rows either.
-        self.cache, self.active, self.waiting = None, [], deque()
+        self.cache, self.active, self.admitting = None, [], []
+        if waiting:
+            self.waiting = deque()
         self.next_tokens = torch.zeros(0, dtype=torch.long)
         if self.metrics is not None:
             self.metrics.waiting(self.num_waiting)
@@ -276,14 +280,13 @@ class ContinuousBatcher:
         self.waiting.extendleft(reversed(skipped))
         if not joining:
             return []
-        self.joining = sum(seq.pooling is None for seq in joining)
+        self.joining, self.admitting = sum(seq.pooling is None for seq in joining), joining  # fail() ends them too
         try:
-            return self._join(joining, cores)
-        except BaseException:
-            self.waiting.extendleft(reversed(joining))  # so that fail() ends them too
-            raise
+            done = self._join(joining, cores)
         finally:
             self.joining = 0
+        self.admitting = []
+        return done
 
     def _join(self, joining: list[Sequence], cores: int) -> list[Sequence]:
         """Encode `joining`; the generation requests join the batch, the embedding ones are returned done."""

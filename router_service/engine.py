@@ -33,6 +33,7 @@ from router_service.requests import (
     InvalidRequest,
     check_pooling,
     check_prompt,
+    check_prompt_text,
     make_sampling_params,
 )
 
@@ -244,6 +245,7 @@ class SwitchCluster:
         self._tokenizer, self._hidden_ids = None, None
         self._owns_fleet, self.fleet, self.link = fleet is None, None, None
         self._held, self._stacks = {}, {}  # the experts this front computes, as _local_experts last built them
+        self._stepping = threading.Lock()  # the batcher steps on one thread at a time: calls from others take turns
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             # Ray reads it as it starts in this process, whose front sends the activations; then it is taken back.
@@ -372,8 +374,7 @@ class SwitchCluster:
         return self._tokenizer
 
     def encode_text(self, text: str, field: str = "text") -> list[int]:
-        if not text:
-            raise InvalidRequest(field, "empty prompt")
+        check_prompt_text(text, self.config, field)
         try:
             tokenizer = self.tokenizer
         except InvalidRequest as e:  # named by the field that brought text
@@ -387,7 +388,7 @@ class SwitchCluster:
         prompts = self._prompts(input_ids, texts)
         params = make_sampling_params(self.checkpoint.config.vocab_size, self.config, **sampling)
         self.check_experts(self.config.placement.restart_timeout_s)
-        return run_to_completion(self.batcher, [Sequence(p, params) for p in prompts])
+        return self._run([Sequence(p, params) for p in prompts])
 
     def embed(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
               pooling: str = DEFAULT_POOLING) -> list[torch.Tensor]:
@@ -397,17 +398,27 @@ class SwitchCluster:
         prompts = self._prompts(input_ids, texts)
         check_pooling(pooling)
         self.check_experts(self.config.placement.restart_timeout_s)
-        sequences = run_to_completion(self.batcher, [Sequence(p, pooling=pooling) for p in prompts])
+        sequences = self._run([Sequence(p, pooling=pooling) for p in prompts])
         # Copies made here, out of inference mode: tensors a caller may train on (an inference tensor cannot be saved
         # for backward), each its own (not a view of its encoder pass's padded batch).
         return [s.embedding.clone() for s in sequences]
 
+    def _run(self, sequences: list[Sequence]) -> list[Sequence]:
+        with self._stepping:
+            return run_to_completion(self.batcher, sequences)
+
     def _prompts(self, input_ids: list[list[int]] | None, texts: list[str] | None) -> list[list[int]]:
         """Checked prompts from token ids or texts (exactly one of them)."""
-        if (input_ids is None) == (texts is None):
-            raise InvalidRequest("input_ids, texts", "give exactly one of them")
+        if input_ids is not None and texts is not None:
+            raise InvalidRequest("texts", "give input_ids or texts, not both")
         if texts is not None:
+            if isinstance(texts, str) or not isinstance(texts, list | tuple):
+                raise InvalidRequest("texts", f"a list of prompts, got {type(texts).__name__}")
             input_ids = [self.encode_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+        if input_ids is None:
+            raise InvalidRequest("input_ids", "give input_ids or texts")
+        if not isinstance(input_ids, list | tuple) or not all(isinstance(ids, list | tuple) for ids in input_ids):
+            raise InvalidRequest("input_ids", "a list of prompts, each a list of token ids")
         if not input_ids:
             raise InvalidRequest("input_ids", "at least one prompt is needed")
         vocab = self.checkpoint.config.vocab_size

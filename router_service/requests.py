@@ -20,9 +20,15 @@ class InvalidRequest(ValueError):
 
 POOLINGS = ("mean", "none")  # an embedding: the mean over the input's tokens, or every token's vector
 DEFAULT_POOLING = "mean"
-MIN_TEMPERATURE = 0.01  # below it logits / temperature overflows
+MIN_TEMPERATURE = 0.01  # below it sampling is greedy in all but name
 FLOAT32_ROUNDING = 1e-7  # relative: the proto's floats are float32, in which 0.01 arrives as 0.0099999998
 MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allows
+# Each is looked for at every step of its sequence, on the batching thread the whole batch shares.
+MAX_STOP_TOKEN_IDS = 64
+# A prompt's text of more characters than this a token of max_prompt_tokens is refused before it is tokenized, which
+# runs on the replica's event loop (13 MB of text took 7 s of it to be refused): no Switch tokenizer's tokens are
+# nearly this long.
+MAX_CHARS_PER_PROMPT_TOKEN = 64
 
 
 class SamplingParams(BaseModel):
@@ -49,6 +55,19 @@ def check_pooling(pooling: str) -> str:
     return pooling
 
 
+def check_prompt_text(text, limits: EngineConfig, field: str) -> str:
+    """A prompt's text, before it is tokenized: a non-empty string not longer than any prompt the limits take."""
+    if not isinstance(text, str):
+        raise InvalidRequest(field, f"must be a string, got {type(text).__name__}")
+    if not text:
+        raise InvalidRequest(field, "empty prompt")
+    most = limits.max_prompt_tokens * MAX_CHARS_PER_PROMPT_TOKEN
+    if len(text) > most:
+        raise InvalidRequest(field, f"{len(text)} characters, more than a prompt of at most {limits.max_prompt_tokens} "
+                                    f"tokens can have here ({most})")
+    return text
+
+
 def check_prompt(ids: list[int], vocab_size: int, limits: EngineConfig, field: str = "input_ids") -> list[int]:
     if not ids:
         raise InvalidRequest(field, "empty prompt")
@@ -60,6 +79,13 @@ def check_prompt(ids: list[int], vocab_size: int, limits: EngineConfig, field: s
     return list(ids)
 
 
+def _checked(field: str, value, kinds: tuple[type, ...]):
+    """`value` if it is one of `kinds` (a bool is no number here), else an InvalidRequest naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise InvalidRequest(field, f"must be a {'whole ' if kinds == (int,) else ''}number, got {value!r}")
+    return value
+
+
 def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_tokens: int | None = None,
                          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                          seed: int | None = None, stop_token_ids: list[int] | tuple[int, ...] = (),
@@ -68,25 +94,30 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     defaults = SamplingParams()
     if max_new_tokens is None:
         max_new_tokens = min(defaults.max_new_tokens, limits.max_new_tokens)
+    _checked("max_new_tokens", max_new_tokens, (int,))
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise InvalidRequest("max_new_tokens", f"must be between 1 and {limits.max_new_tokens}, got {max_new_tokens}")
-    temperature = defaults.temperature if temperature is None else float(temperature)
+    temperature = defaults.temperature if temperature is None else float(_checked("temperature", temperature,
+                                                                                  (int, float)))
     if not (temperature == 0.0 or MIN_TEMPERATURE * (1 - FLOAT32_ROUNDING) <= temperature <= 100.0):
         raise InvalidRequest("temperature",
                              f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {temperature}")
-    top_k = defaults.top_k if top_k is None else top_k
+    top_k = defaults.top_k if top_k is None else _checked("top_k", top_k, (int,))
     if top_k < 0:
         raise InvalidRequest("top_k", f"must be 0 (off) or positive, got {top_k}")
-    top_p = defaults.top_p if top_p is None else float(top_p)
+    top_p = defaults.top_p if top_p is None else float(_checked("top_p", top_p, (int, float)))
     if not 0.0 <= top_p <= 1.0:  # NaN too
         raise InvalidRequest("top_p", f"must be between 0 and 1, got {top_p}")
-    if seed is not None and not 0 <= seed < 2**64:  # the proto's uint64, what torch's generators take
+    # The proto's uint64, what torch's generators take.
+    if seed is not None and not 0 <= _checked("seed", seed, (int,)) < 2**64:
         raise InvalidRequest("seed", f"must be between 0 and 2**64 - 1, got {seed}")
-    bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]
+    if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS}, got {len(stop_token_ids)}")
+    bad = [t for t in stop_token_ids if not 0 <= _checked("stop_token_ids", t, (int,)) < vocab_size]
     if bad:
         raise InvalidRequest("stop_token_ids", f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
-    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-        raise InvalidRequest("logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")
+    if not 0 <= _checked("top_logprobs", top_logprobs, (int,)) <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, stop_token_ids=tuple(stop_token_ids), top_logprobs=top_logprobs,
                           routing=routing)

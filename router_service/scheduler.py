@@ -71,6 +71,8 @@ class Scheduler:
     async def stream(self, seq: Sequence) -> AsyncIterator[Sequence]:
         """Queue `seq` and yield it each time it has new tokens, until it is done. A caller that stops
         iterating (a cancelled request) takes the sequence out of the batch before the next step."""
+        if not self.alive:  # a stopped thread takes nothing more: nothing queued that no one would ever fail
+            raise BatcherStopped("this replica's batching thread has stopped; Serve replaces the replica")
         self.check_room()
         loop = asyncio.get_running_loop()
         updated = asyncio.Event()

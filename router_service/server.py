@@ -402,8 +402,10 @@ class SwitchServer:
         return Sequence(prompt, params), stop
 
     def _sequence(self, request: pb.GenerateRequest) -> tuple[Sequence, tuple]:
-        if bool(request.text) == bool(request.input_ids):
-            raise InvalidRequest("text, input_ids", "give exactly one of them")
+        if request.text and request.input_ids:
+            raise InvalidRequest("text", "give text or input_ids, not both")
+        if not request.text and not request.input_ids:
+            raise InvalidRequest("text", "give text or input_ids")
         prompt = self.cluster.encode_text(request.text) if request.text else list(request.input_ids)
         optional = {name: getattr(request, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
                     if request.HasField(name)}

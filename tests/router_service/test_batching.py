@@ -351,6 +351,32 @@ def test_an_embedding_returns_though_the_decoding_step_after_it_fails(checkpoint
 
 
 @torch.inference_mode()
+def test_a_failed_step_fails_its_batch_and_the_requests_waiting_go_on(checkpoint_factory):
+    """A decoding step that fails (an expert actor down past restart_timeout_s, say) fails the requests of its
+    batch; those still waiting for room were never in it: they stay queued and decode once the experts answer.
+    Fails if a batch's failure takes the queue with it."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    front = local_front(path)
+    batcher = ContinuousBatcher(front, max_sequences=1)
+    decoding, waiting = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6)), Sequence([7, 8, 1])
+    batcher.add(decoding)
+    batcher.step()
+    batcher.add(waiting)
+    decode_step = front.decode_step
+
+    def lost(cache, tokens):
+        raise RuntimeError("expert actor lost")
+
+    front.decode_step = lost
+    assert batcher.step() == [decoding] and isinstance(decoding.error, RuntimeError)
+    assert waiting.error is None and batcher.num_waiting == 1
+    front.decode_step = decode_step
+    while not waiting.done:
+        batcher.step()
+    assert waiting.error is None and waiting.finish_reason is not None and len(waiting.token_ids) > 0
+
+
+@torch.inference_mode()
 def test_requests_whose_admission_fails_after_their_encoder_pass_get_the_error(checkpoint_factory):
     """A failure after the encoder pass, as the prompts join the batch (here the metrics' call; a GPU's error shows
     there too), fails the requests being admitted with the rest of the batch. Fails if they are left out of both the
@@ -515,3 +541,36 @@ def test_the_python_apis_decoding_ends_when_a_sequence_is_cancelled(checkpoint_f
     assert not decoding.is_alive()
     assert sequences[0].finish_reason is not None and not sequences[1].done and len(sequences[1].token_ids) == 2
     assert not batcher.has_work
+
+
+@torch.inference_mode()
+def test_the_python_api_called_from_several_threads_takes_turns(checkpoint_factory):
+    """SwitchCluster's generate and embed step the batcher on the caller's thread: calls from several threads at
+    once take turns, each getting what it gets alone. Fails if two threads step one batcher together (its cache and
+    sequences get out of step, and every call fails)."""
+    from types import SimpleNamespace
+
+    from router_service.engine import SwitchCluster
+
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    prompts = [[5 + i, 9, 23 - i, 1] for i in range(4)]
+    alone = [s.token_ids for s in run_to_completion(ContinuousBatcher(local_front(path), max_sequences=8),
+                                                    [Sequence(p, SamplingParams(max_new_tokens=6)) for p in prompts])]
+    model = SimpleNamespace(batcher=ContinuousBatcher(local_front(path), max_sequences=8),
+                            _stepping=threading.Lock())
+    results, errors = {}, []
+
+    def call(i: int) -> None:
+        try:
+            with torch.inference_mode():
+                results[i] = [s.token_ids for s in SwitchCluster._run(
+                    model, [Sequence(prompts[i], SamplingParams(max_new_tokens=6))])][0]
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and [results[i] for i in range(len(prompts))] == alone

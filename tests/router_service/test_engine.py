@@ -114,11 +114,16 @@ def test_prompts_are_token_ids_or_texts_and_an_empty_text_is_refused():
 
     from router_service.requests import InvalidRequest
 
-    model = SimpleNamespace(tokenizer=lambda text: {"input_ids": [5, 1]})
+    model = SimpleNamespace(tokenizer=lambda text: {"input_ids": [5, 1]}, config=SimpleNamespace(max_prompt_tokens=2))
     model.encode_text = lambda text, field: SwitchCluster.encode_text(model, text, field)
-    for input_ids, texts, message in [([[5, 1]], ["sort : 2 1"], "input_ids, texts: give exactly one"),
-                                      (None, None, "input_ids, texts: give exactly one"),
-                                      (None, ["sort : 2 1", ""], "texts[1]: empty prompt")]:
+    for input_ids, texts, message in [([[5, 1]], ["sort : 2 1"], "texts: give input_ids or texts, not both"),
+                                      (None, None, "input_ids: give input_ids or texts"),
+                                      ([5, 1], None, "input_ids: a list of prompts, each a list of token ids"),
+                                      (None, "sort : 2 1", "texts: a list of prompts, got str"),
+                                      (None, ["sort : 2 1", 7], "texts[1]: must be a string, got int"),
+                                      (None, ["sort : 2 1", ""], "texts[1]: empty prompt"),
+                                      (None, ["x" * 129], "texts[0]: 129 characters, more than a prompt of at most 2 "
+                                                          "tokens can have here (128)")]:
         with pytest.raises(InvalidRequest, match=f"^{re.escape(message)}"):
             SwitchCluster._prompts(model, input_ids, texts)
 

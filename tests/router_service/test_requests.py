@@ -6,6 +6,7 @@ import pytest
 
 from router_service.config import EngineConfig
 from router_service.requests import (
+    MAX_STOP_TOKEN_IDS,
     MAX_TOP_LOGPROBS,
     InvalidRequest,
     SamplingParams,
@@ -47,15 +48,22 @@ def test_a_request_that_gives_no_length_gets_the_default_within_the_servers_limi
     ("top_k", [0, 1], [-1]),
     ("top_p", [1.0, 1e-6, 0.0], [-0.01, 1.01, float("nan")]),
     ("seed", [0, 2**63, 2**64 - 1], [-1, 2**64]),
-    ("stop_token_ids", [(0, VOCAB - 1)], [(VOCAB,), (-1,)]),
+    ("stop_token_ids", [(0, VOCAB - 1), (3,) * MAX_STOP_TOKEN_IDS], [(VOCAB,), (-1,), (3,) * (MAX_STOP_TOKEN_IDS + 1)]),
     ("top_logprobs", [0, MAX_TOP_LOGPROBS], [-1, MAX_TOP_LOGPROBS + 1]),
 ])
 def test_sampling_limits(field, taken, past):
     for value in taken:
         assert getattr(make_sampling_params(VOCAB, LIMITS, **{field: value}), field) == value
     for value in past:
-        refused("logprobs" if field == "top_logprobs" else field, make_sampling_params, VOCAB, LIMITS,
-                **{field: value})
+        refused(field, make_sampling_params, VOCAB, LIMITS, **{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("max_new_tokens", 2.5), ("top_k", "5"), ("seed", 1.0), ("temperature", "1"),
+                                          ("top_p", "0.5"), ("stop_token_ids", [3.5]), ("top_logprobs", True)])
+def test_a_value_of_the_wrong_type_is_refused_naming_its_field(field, value):
+    """From the Python API, where nothing typed the values before: fails if one gets through to a TypeError or a
+    pydantic error that names no field of the call."""
+    refused(field, make_sampling_params, VOCAB, LIMITS, **{field: value})
 
 
 def test_pooling():

@@ -45,8 +45,10 @@ def test_a_stopped_batching_thread_fails_requests_and_health():
         asyncio.run(asyncio.wait_for(generate(scheduler), timeout=10))  # the request the thread was working on
     assert not scheduler.alive
     scheduler._thread.join(10)  # its exception is reported within this test, where it is expected
-    with pytest.raises(BatcherStopped):
-        asyncio.run(asyncio.wait_for(generate(scheduler), timeout=10))  # a later one, refused at once
+    for _ in range(12):  # later ones, more than the batch and the queue hold, each refused at once and alike
+        with pytest.raises(BatcherStopped):
+            asyncio.run(asyncio.wait_for(generate(scheduler), timeout=10))
+    assert scheduler.num_waiting == 0  # none left queued for a thread that is gone
 
     replica = SwitchServer.func_or_class  # the class, without Serve
     server = SimpleNamespace(scheduler=scheduler, cluster=SimpleNamespace(experts_ready=True))
