@@ -48,7 +48,8 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-# Fields of another type are refused, not converted ("8" to 8, true to 1), as OpenAI's API and the native one do.
+# Fields of another type are refused, not converted ("8" to 8, true to 1), as OpenAI's API does. (The native HTTP API
+# reads its JSON as protobuf's JSON mapping does, which takes "8" for a number.)
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 

@@ -77,6 +77,8 @@ ERRORS = {InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),
 FAILED = (grpc.StatusCode.UNAVAILABLE, 503)  # the batch failed (an expert actor lost, ...): retryable
 # What ends a call whose client went away or whose deadline passed: counted, then raised on.
 CANCELLED = (asyncio.CancelledError, GeneratorExit)
+# The services a health check may name: the server as a whole, and the API.
+HEALTH_SERVICES = ("", pb.DESCRIPTOR.services_by_name["SwitchServe"].full_name)
 MODEL_INFO_WAIT_S = 2.0  # how long ModelInfo waits for the actors' own figures
 FLEET_DEPLOYMENT = "ExpertFleet"
 FRONT_DEPLOYMENT = "SwitchServer"
@@ -472,14 +474,15 @@ class SwitchServer:
 
     async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         seq, stop = self._sequence(request)
-        async for piece in self._follow(seq, stop):
-            chunk = pb.GenerateChunk(token_ids=piece.token_ids, text=piece.text,
-                                     logprobs=piece.logprobs if request.return_logprobs else [],
-                                     routing=[pb.LayerRouting(**r) for r in piece.routing])
-            if piece.finish_reason is not None:
-                chunk.finish_reason = piece.finish_reason
-                chunk.prompt_tokens, chunk.dropped_tokens = len(seq.prompt), seq.dropped_tokens
-            yield chunk
+        async with aclosing(self._follow(seq, stop)) as pieces:  # closed with this stream: its sequence leaves at once
+            async for piece in pieces:
+                chunk = pb.GenerateChunk(token_ids=piece.token_ids, text=piece.text,
+                                         logprobs=piece.logprobs if request.return_logprobs else [],
+                                         routing=[pb.LayerRouting(**r) for r in piece.routing])
+                if piece.finish_reason is not None:
+                    chunk.finish_reason = piece.finish_reason
+                    chunk.prompt_tokens, chunk.dropped_tokens = len(seq.prompt), seq.dropped_tokens
+                yield chunk
 
     async def _model_info(self) -> pb.ModelInfoResponse:
         cluster, config = self.cluster, self.cluster.checkpoint.config
@@ -510,7 +513,7 @@ class SwitchServer:
 
     # -- gRPC: method names are the RPC names --------------------------------------------------------------
 
-    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
             with counting_failures(self._finished):
                 self._authorize(grpc_context.invocation_metadata())
@@ -521,22 +524,24 @@ class SwitchServer:
         self._finished()
         return response
 
-    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateChunk]:
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateChunk]:
         try:
             with counting_failures(self._finished):
                 self._authorize(grpc_context.invocation_metadata())
-                async for chunk in self._stream(request):
-                    # Serve ships this context with each chunk and its proxy keeps a code set here. Until the last
-                    # chunk the code reads UNAVAILABLE, so a stream cut short by this replica's death ends with a
-                    # retryable status instead of the proxy's INTERNAL (the message stays the proxy's).
-                    grpc_context.set_code(grpc.StatusCode.OK if chunk.finish_reason else grpc.StatusCode.UNAVAILABLE)
-                    yield chunk
+                async with aclosing(self._stream(request)) as chunks:
+                    async for chunk in chunks:
+                        # Serve ships this context with each chunk and its proxy keeps a code set here. Until the
+                        # last chunk the code reads UNAVAILABLE, so a stream cut short by this replica's death ends
+                        # with a retryable status instead of the proxy's INTERNAL (the message stays the proxy's).
+                        grpc_context.set_code(grpc.StatusCode.OK if chunk.finish_reason
+                                              else grpc.StatusCode.UNAVAILABLE)
+                        yield chunk
         except Exception as e:
             set_grpc_error(grpc_context, e)
             raise  # a stream's status only sticks when it ends with an exception
         self._finished()
 
-    async def Embed(self, request: pb.EmbedRequest, grpc_context=None) -> pb.EmbedResponse:
+    async def Embed(self, request: pb.EmbedRequest, grpc_context) -> pb.EmbedResponse:
         try:
             with counting_failures(self._finished):
                 self._authorize(grpc_context.invocation_metadata())
@@ -556,7 +561,7 @@ class SwitchServer:
                         for seq in sequences],
             dimensions=self.cluster.checkpoint.config.d_model, prompt_tokens=sum(len(s.prompt) for s in sequences))
 
-    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
+    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
         try:
             self._authorize(grpc_context.invocation_metadata())
         except Unauthenticated as e:
@@ -583,9 +588,14 @@ class SwitchServer:
             return "not serving: the batching thread has stopped"
         return "serving" if self.cluster.experts_ready else f"not serving: {self.cluster.link.status}"
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1.Health/Check: SERVING while this replica's experts are up and its batching thread
-        runs."""
+        runs; NOT_FOUND for a service other than the server's ("") or the API's, as grpcio's own health servicer
+        answers."""
+        if request.service not in HEALTH_SERVICES:
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"service: {request.service!r} is not served here (one of {HEALTH_SERVICES})")
+            return health_pb2.HealthCheckResponse()
         status = health_pb2.HealthCheckResponse.SERVING if self.status() == "serving" else \
             health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)

@@ -54,7 +54,7 @@ def test_a_stopped_batching_thread_fails_requests_and_health():
     server = SimpleNamespace(scheduler=scheduler, cluster=SimpleNamespace(experts_ready=True))
     server.status = lambda: replica.status(server)
     assert server.status() == "not serving: the batching thread has stopped"
-    health = asyncio.run(replica.Check(server, health_pb2.HealthCheckRequest()))
+    health = asyncio.run(replica.Check(server, health_pb2.HealthCheckRequest(), None))
     assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(BatcherStopped):
         replica.check_health(server)
@@ -151,3 +151,35 @@ def test_the_batching_threads_openmp_team_is_the_only_one():
     before, built, stepped = map(int, out.split())
     assert built == before
     assert stepped == built + 1
+
+
+def test_a_stream_its_client_closes_closes_what_it_follows_at_once():
+    """A gRPC stream closed by its client (Serve closes the replica's generator) closes the generators it reads at
+    once, down to the scheduler's, whose `finally` takes the sequence out of the batch. Fails if they are left to
+    the garbage collector, which closes them only some loop turns later."""
+    from router_service.proto import switch_serve_pb2 as pb
+    from router_service.server import SwitchServer
+
+    replica, closed = SwitchServer.func_or_class, []
+
+    async def follow(seq, stop):
+        try:
+            yield SimpleNamespace(token_ids=[5], text="", logprobs=[], routing=[], finish_reason=None)
+            await asyncio.Event().wait()
+        finally:
+            closed.append(seq)
+
+    server = SimpleNamespace(api_key=None, _finished=lambda error=None: None, _follow=follow,
+                             _sequence=lambda request: (Sequence(list(request.input_ids)), ()))
+    server._authorize = lambda metadata: replica._authorize(server, metadata)
+    server._stream = lambda request: replica._stream(server, request)
+    context = SimpleNamespace(invocation_metadata=lambda: [], set_code=lambda code: None,
+                              set_details=lambda details: None)
+
+    async def first_chunk_then_close() -> int:
+        stream = replica.GenerateStream(server, pb.GenerateRequest(input_ids=[5, 1]), context)
+        assert list((await anext(stream)).token_ids) == [5]
+        await stream.aclose()
+        return len(closed)
+
+    assert asyncio.run(first_chunk_then_close()) == 1

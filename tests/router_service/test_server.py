@@ -545,6 +545,21 @@ def test_bad_input_is_invalid_argument(server, fields, field):
     assert server["stub"].Generate(pb.GenerateRequest(input_ids=[3, 1], max_new_tokens=2)).token_ids
 
 
+def test_health_follows_the_health_protocol(server):
+    """Check names the server ("") or the API, else NOT_FOUND as grpcio's own health servicer answers; Watch is not
+    served (UNIMPLEMENTED: poll Check). Fails if an unknown service reads SERVING, or Watch fails as INTERNAL."""
+    health = health_pb2_grpc.HealthStub(server["channel"])
+    for service in ("", "switchserve.v1.SwitchServe"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as error:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "no.such.Service" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        next(iter(health.Watch(health_pb2.HealthCheckRequest(), timeout=10)))
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_health_and_model_info_answer_while_generating(server):
     stub = server["stub"]
     request = long_request(stub)  # a few hundred steps each: still running while we look
