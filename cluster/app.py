@@ -39,7 +39,7 @@ from router_service.server import FLEET_DEPLOYMENT, FRONT_DEPLOYMENT, ServedFlee
 
 APP_NAME = "switch-serve"
 GRPC_SERVICER_FUNCTIONS = [
-    "router_service.proto.switch_serve_pb2_grpc.add_SwitchServeServicer_to_server",
+    "router_service.proto.add_switch_serve_to_server",
     "router_service.proto.add_health_check_to_server",
 ]
 # Health checks and ModelInfo must get through while the batch is full.

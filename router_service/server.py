@@ -53,6 +53,7 @@ from router_service.openai_api import (
     parse_embedding_request,
     usage,
 )
+from router_service.proto import UndecodableRequest
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.requests import (
     DEFAULT_POOLING,
@@ -105,6 +106,13 @@ def counting_failures(finished: Callable[[BaseException | None], None]):
     except (Exception, *CANCELLED) as e:
         finished(e)
         raise
+
+
+def readable(request):
+    """A gRPC request, or bad input where its bytes were no valid message (router_service.proto.reader)."""
+    if isinstance(request, UndecodableRequest):
+        raise InvalidRequest("body", request.reason)
+    return request
 
 
 def set_grpc_error(context, e: Exception) -> None:
@@ -517,7 +525,7 @@ class SwitchServer:
         try:
             with counting_failures(self._finished):
                 self._authorize(grpc_context.invocation_metadata())
-                response = await self._generate(request)
+                response = await self._generate(readable(request))
         except Exception as e:
             set_grpc_error(grpc_context, e)
             return pb.GenerateResponse()
@@ -528,7 +536,7 @@ class SwitchServer:
         try:
             with counting_failures(self._finished):
                 self._authorize(grpc_context.invocation_metadata())
-                async with aclosing(self._stream(request)) as chunks:
+                async with aclosing(self._stream(readable(request))) as chunks:
                     async for chunk in chunks:
                         # Serve ships this context with each chunk and its proxy keeps a code set here. Until the
                         # last chunk the code reads UNAVAILABLE, so a stream cut short by this replica's death ends
@@ -546,7 +554,7 @@ class SwitchServer:
             with counting_failures(self._finished):
                 self._authorize(grpc_context.invocation_metadata())
                 inputs = []
-                for i, item in enumerate(request.inputs):
+                for i, item in enumerate(readable(request).inputs):
                     if bool(item.text) == bool(item.input_ids):
                         raise InvalidRequest(f"inputs[{i}]", "give exactly one of text and input_ids")
                     name = f"inputs[{i}].text" if item.text else f"inputs[{i}].input_ids"
@@ -564,7 +572,8 @@ class SwitchServer:
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
         try:
             self._authorize(grpc_context.invocation_metadata())
-        except Unauthenticated as e:
+            readable(request)
+        except (Unauthenticated, InvalidRequest) as e:
             set_grpc_error(grpc_context, e)
             return pb.ModelInfoResponse()
         return await self._model_info()
@@ -592,6 +601,9 @@ class SwitchServer:
         """grpc.health.v1.Health/Check: SERVING while this replica's experts are up and its batching thread
         runs; NOT_FOUND for a service other than the server's ("") or the API's, as grpcio's own health servicer
         answers."""
+        if isinstance(request, UndecodableRequest):
+            set_grpc_error(grpc_context, InvalidRequest("body", request.reason))
+            return health_pb2.HealthCheckResponse()
         if request.service not in HEALTH_SERVICES:
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
             grpc_context.set_details(f"service: {request.service!r} is not served here (one of {HEALTH_SERVICES})")

@@ -545,6 +545,27 @@ def test_bad_input_is_invalid_argument(server, fields, field):
     assert server["stub"].Generate(pb.GenerateRequest(input_ids=[3, 1], max_new_tokens=2)).token_ids
 
 
+@pytest.mark.parametrize("method, data", [
+    ("switchserve.v1.SwitchServe/Generate", bytes.fromhex("0a02fffe")),  # text, not UTF-8
+    ("switchserve.v1.SwitchServe/GenerateStream", bytes.fromhex("5201ff")),  # a stop string, not UTF-8
+    ("switchserve.v1.SwitchServe/Embed", bytes.fromhex("0a040a02fffe")),  # inputs[0].text, not UTF-8
+    ("switchserve.v1.SwitchServe/ModelInfo", b"\x0a\x05ab"),  # cut short
+    ("grpc.health.v1.Health/Check", b"\x0a\x05ab"),
+])
+def test_bytes_that_are_no_valid_request_are_invalid_argument(server, method, data):
+    """A request protobuf cannot read is bad input, as any other: gRPC alone would answer UNKNOWN before the method
+    ran. Fails if the server's registration reads requests as the generated code does."""
+    channel = server["channel"]
+    call = (channel.unary_stream if method.endswith("Stream") else channel.unary_unary)(
+        f"/{method}", request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+    with pytest.raises(grpc.RpcError) as error:
+        answer = call(data, timeout=30)
+        if method.endswith("Stream"):
+            list(answer)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("body: not a valid "), error.value.details()
+
+
 def test_health_follows_the_health_protocol(server):
     """Check names the server ("") or the API, else NOT_FOUND as grpcio's own health servicer answers; Watch is not
     served (UNIMPLEMENTED: poll Check). Fails if an unknown service reads SERVING, or Watch fails as INTERNAL."""
