@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-PACKED_MAX_TOKENS = 32  # see the table above: beyond it, float32's matmul is as fast or faster
+PACKED_MAX_TOKENS = 32  # see the table above: beyond it, float32's matmul is about as fast, then faster
 # torch 2.13's _weight_int8pack_mm reads past the weight's rows (and crashes) on AVX-512 CPUs unless their length,
 # the input features, is a multiple of this; other lengths are dequantized (every Switch checkpoint's are multiples).
 PACKED_FEATURES_MULTIPLE = 16

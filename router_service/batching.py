@@ -348,6 +348,9 @@ def run_to_completion(batcher: ContinuousBatcher, sequences: list[Sequence]) -> 
     try:
         while batcher.has_work and not all(seq.done for seq in sequences):
             batcher.step()
+            error = next((seq.error for seq in sequences if seq.error is not None), None)
+            if error is not None:  # the call fails whole: its sequences still waiting end here, not decoded for naught
+                batcher.fail(error)
     except BaseException as e:  # an interrupt, say: none of them stays in the batch to decode with the next call's
         batcher.fail(e)
         raise

@@ -34,6 +34,7 @@ from router_service.requests import (
     check_pooling,
     check_prompt,
     check_prompt_text,
+    is_list,
     make_sampling_params,
 )
 
@@ -412,13 +413,14 @@ class SwitchCluster:
         if input_ids is not None and texts is not None:
             raise InvalidRequest("texts", "give input_ids or texts, not both")
         if texts is not None:
-            if isinstance(texts, str) or not isinstance(texts, list | tuple):
+            if not is_list(texts):
                 raise InvalidRequest("texts", f"a list of prompts, got {type(texts).__name__}")
             input_ids = [self.encode_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
         if input_ids is None:
             raise InvalidRequest("input_ids", "give input_ids or texts")
-        if not isinstance(input_ids, list | tuple) or not all(isinstance(ids, list | tuple) for ids in input_ids):
-            raise InvalidRequest("input_ids", "a list of prompts, each a list of token ids")
+        if not is_list(input_ids):
+            raise InvalidRequest("input_ids", f"a list of prompts, got {type(input_ids).__name__}")
+        input_ids = list(input_ids)
         if not input_ids:
             raise InvalidRequest("input_ids", "at least one prompt is needed")
         vocab = self.checkpoint.config.vocab_size

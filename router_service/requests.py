@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
+import typing
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from router_service.config import EngineConfig
@@ -26,8 +30,8 @@ MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allo
 # Each is looked for at every step of its sequence, on the batching thread the whole batch shares.
 MAX_STOP_TOKEN_IDS = 64
 # A prompt's text of more characters than this a token of max_prompt_tokens is refused before it is tokenized, which
-# runs on the replica's event loop (13 MB of text took 7 s of it to be refused): no Switch tokenizer's tokens are
-# nearly this long.
+# runs on the replica's event loop (13 MB of text took 7 s of it to be refused): a bound on the work a request may
+# cause, whatever its text tokenizes to (a run of spaces or of unknown characters may be one token).
 MAX_CHARS_PER_PROMPT_TOKEN = 64
 
 
@@ -68,22 +72,47 @@ def check_prompt_text(text, limits: EngineConfig, field: str) -> str:
     return text
 
 
-def check_prompt(ids: list[int], vocab_size: int, limits: EngineConfig, field: str = "input_ids") -> list[int]:
+def check_prompt(ids, vocab_size: int, limits: EngineConfig, field: str = "input_ids") -> list[int]:
+    """A prompt's token ids (a list, or numpy's or torch's integers) as a list of ints, checked."""
+    if not is_list(ids):
+        raise InvalidRequest(field, f"must be a list of token ids, got {type(ids).__name__}")
+    ids = list(ids)
     if not ids:
         raise InvalidRequest(field, "empty prompt")
     if len(ids) > limits.max_prompt_tokens:
         raise InvalidRequest(field, f"{len(ids)} tokens, more than the limit of {limits.max_prompt_tokens}")
-    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    tokens = [integer(t) for t in ids]
+    bad = [t for t, token in zip(ids, tokens) if token is None or not 0 <= token < vocab_size]
     if bad:
         raise InvalidRequest(field, f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
-    return list(ids)
+    return tokens
 
 
-def _checked(field: str, value, kinds: tuple[type, ...]):
-    """`value` if it is one of `kinds` (a bool is no number here), else an InvalidRequest naming `field`."""
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise InvalidRequest(field, f"must be a {'whole ' if kinds == (int,) else ''}number, got {value!r}")
-    return value
+def is_list(value) -> bool:
+    """Whether `value` is a list of values (any iterable but a string)."""
+    return isinstance(value, typing.Iterable) and not isinstance(value, str | bytes)
+
+
+def integer(value) -> int | None:
+    """`value` as an int where it is an integer (numpy's, a tensor of one, but no bool), else None."""
+    try:
+        return None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return None
+
+
+def _whole(field: str, value) -> int:
+    """`value` as an int (see `integer`), else an InvalidRequest naming `field`."""
+    if (whole := integer(value)) is None:
+        raise InvalidRequest(field, f"must be a whole number, got {value!r}")
+    return whole
+
+
+def _number(field: str, value) -> float:
+    """`value` as a float: any real number (numpy's too) but a bool, else an InvalidRequest naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRequest(field, f"must be a number, got {value!r}")
+    return float(value)
 
 
 def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_tokens: int | None = None,
@@ -94,30 +123,34 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     defaults = SamplingParams()
     if max_new_tokens is None:
         max_new_tokens = min(defaults.max_new_tokens, limits.max_new_tokens)
-    _checked("max_new_tokens", max_new_tokens, (int,))
+    max_new_tokens = _whole("max_new_tokens", max_new_tokens)
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise InvalidRequest("max_new_tokens", f"must be between 1 and {limits.max_new_tokens}, got {max_new_tokens}")
-    temperature = defaults.temperature if temperature is None else float(_checked("temperature", temperature,
-                                                                                  (int, float)))
+    temperature = defaults.temperature if temperature is None else _number("temperature", temperature)
     if not (temperature == 0.0 or MIN_TEMPERATURE * (1 - FLOAT32_ROUNDING) <= temperature <= 100.0):
         raise InvalidRequest("temperature",
                              f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {temperature}")
-    top_k = defaults.top_k if top_k is None else _checked("top_k", top_k, (int,))
+    top_k = defaults.top_k if top_k is None else _whole("top_k", top_k)
     if top_k < 0:
         raise InvalidRequest("top_k", f"must be 0 (off) or positive, got {top_k}")
-    top_p = defaults.top_p if top_p is None else float(_checked("top_p", top_p, (int, float)))
+    top_p = defaults.top_p if top_p is None else _number("top_p", top_p)
     if not 0.0 <= top_p <= 1.0:  # NaN too
         raise InvalidRequest("top_p", f"must be between 0 and 1, got {top_p}")
-    # The proto's uint64, what torch's generators take.
-    if seed is not None and not 0 <= _checked("seed", seed, (int,)) < 2**64:
+    seed = None if seed is None else _whole("seed", seed)
+    if seed is not None and not 0 <= seed < 2**64:  # the proto's uint64, what torch's generators take
         raise InvalidRequest("seed", f"must be between 0 and 2**64 - 1, got {seed}")
+    if not is_list(stop_token_ids):
+        raise InvalidRequest("stop_token_ids", f"must be a list of token ids, got {stop_token_ids!r}")
+    stop_token_ids = list(stop_token_ids)
     if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidRequest("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS}, got {len(stop_token_ids)}")
-    bad = [t for t in stop_token_ids if not 0 <= _checked("stop_token_ids", t, (int,)) < vocab_size]
+    stop_token_ids = tuple(_whole("stop_token_ids", t) for t in stop_token_ids)
+    bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequest("stop_token_ids", f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
-    if not 0 <= _checked("top_logprobs", top_logprobs, (int,)) <= MAX_TOP_LOGPROBS:
+    top_logprobs = _whole("top_logprobs", top_logprobs)
+    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, stop_token_ids=tuple(stop_token_ids), top_logprobs=top_logprobs,
+                          seed=seed, stop_token_ids=stop_token_ids, top_logprobs=top_logprobs,
                           routing=routing)

@@ -377,6 +377,30 @@ def test_a_failed_step_fails_its_batch_and_the_requests_waiting_go_on(checkpoint
 
 
 @torch.inference_mode()
+def test_a_python_api_call_that_fails_ends_at_its_first_failure(checkpoint_factory):
+    """A call of more prompts than the batch holds fails whole at its first failed step: its prompts still waiting
+    end with that error at once, not decoded (each group's encoder pass could wait restart_timeout_s for the same
+    lost actors) only to be thrown away. Fails if the call decodes on after the failure."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    front = local_front(path)
+    batcher = ContinuousBatcher(front, max_sequences=2)
+    decode_step, steps = front.decode_step, []
+
+    def fails_once(cache, tokens):
+        steps.append(len(tokens))
+        if len(steps) == 2:
+            raise RuntimeError("expert actor lost")
+        return decode_step(cache, tokens)
+
+    front.decode_step = fails_once
+    sequences = [Sequence([5 + i, 9, 1], SamplingParams(max_new_tokens=20)) for i in range(6)]
+    with pytest.raises(RuntimeError, match="expert actor lost"):
+        run_to_completion(batcher, sequences)
+    assert len(steps) == 2 and all(isinstance(seq.error, RuntimeError) for seq in sequences)
+    assert not batcher.has_work
+
+
+@torch.inference_mode()
 def test_requests_whose_admission_fails_after_their_encoder_pass_get_the_error(checkpoint_factory):
     """A failure after the encoder pass, as the prompts join the batch (here the metrics' call; a GPU's error shows
     there too), fails the requests being admitted with the rest of the batch. Fails if they are left out of both the

@@ -114,11 +114,12 @@ def test_prompts_are_token_ids_or_texts_and_an_empty_text_is_refused():
 
     from router_service.requests import InvalidRequest
 
-    model = SimpleNamespace(tokenizer=lambda text: {"input_ids": [5, 1]}, config=SimpleNamespace(max_prompt_tokens=2))
+    model = SimpleNamespace(tokenizer=lambda text: {"input_ids": [5, 1]}, config=SimpleNamespace(max_prompt_tokens=2),
+                            checkpoint=SimpleNamespace(config=SimpleNamespace(vocab_size=10)))
     model.encode_text = lambda text, field: SwitchCluster.encode_text(model, text, field)
     for input_ids, texts, message in [([[5, 1]], ["sort : 2 1"], "texts: give input_ids or texts, not both"),
                                       (None, None, "input_ids: give input_ids or texts"),
-                                      ([5, 1], None, "input_ids: a list of prompts, each a list of token ids"),
+                                      ([5, 1], None, "input_ids[0]: must be a list of token ids, got int"),
                                       (None, "sort : 2 1", "texts: a list of prompts, got str"),
                                       (None, ["sort : 2 1", 7], "texts[1]: must be a string, got int"),
                                       (None, ["sort : 2 1", ""], "texts[1]: empty prompt"),
@@ -126,6 +127,12 @@ def test_prompts_are_token_ids_or_texts_and_an_empty_text_is_refused():
                                                           "tokens can have here (128)")]:
         with pytest.raises(InvalidRequest, match=f"^{re.escape(message)}"):
             SwitchCluster._prompts(model, input_ids, texts)
+    # A tokenizer's arrays (numpy's, torch's) are prompts as well as lists.
+    import numpy as np
+    import torch
+
+    assert SwitchCluster._prompts(model, np.array([[5, 1]]), None) == [[5, 1]]
+    assert SwitchCluster._prompts(model, torch.tensor([[5, 1], [7, 1]]), None) == [[5, 1], [7, 1]]
 
 
 def test_the_python_apis_front_hands_the_placement_it_planned_to_its_fleet(ray_cluster, checkpoint_factory,

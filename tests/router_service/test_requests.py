@@ -66,6 +66,21 @@ def test_a_value_of_the_wrong_type_is_refused_naming_its_field(field, value):
     refused(field, make_sampling_params, VOCAB, LIMITS, **{field: value})
 
 
+def test_numpys_and_torchs_numbers_are_taken_as_python_ones():
+    """What a Python caller may hold from a tokenizer or an array: taken, and made Python's own."""
+    import numpy as np
+    import torch
+
+    params = make_sampling_params(VOCAB, LIMITS, max_new_tokens=np.int64(5), top_k=torch.tensor(3),
+                                  top_p=np.float32(0.5), seed=np.uint64(2**63), stop_token_ids=np.array([3, 4]))
+    assert (params.max_new_tokens, params.top_k, params.top_p, params.seed, params.stop_token_ids) == \
+        (5, 3, 0.5, 2**63, (3, 4))
+    assert all(type(v) is int for v in (params.max_new_tokens, params.top_k, params.seed, *params.stop_token_ids))
+    assert check_prompt(np.array([5, 1]), VOCAB, LIMITS) == [5, 1]
+    refused("stop_token_ids", make_sampling_params, VOCAB, LIMITS, stop_token_ids=5)
+    refused("input_ids", check_prompt, 5, VOCAB, LIMITS)
+
+
 def test_pooling():
     assert check_pooling("mean") == "mean" and check_pooling("none") == "none"
     refused("pooling", check_pooling, "max")
