@@ -9,6 +9,7 @@ sampling has a generator per sequence, so a request gets the same tokens whateve
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -145,6 +146,9 @@ class ContinuousBatcher:
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self.joining = 0  # generation requests being encoded to join: no longer waiting, not yet active
+        # Held while a sequence moves from one of the counts `room` reads to another (the queue, those joining, the
+        # batch), so that a reader on another thread never sees it in two of them, or in none.
+        self.counting = threading.Lock()
         self.admitting: list[Sequence] = []  # the requests being encoded, until they are active or returned done
         self.cache: DecoderCache | None = None
         self.next_tokens = torch.zeros(0, dtype=torch.long)
@@ -156,6 +160,11 @@ class ContinuousBatcher:
     @property
     def free_slots(self) -> int:
         return self.max_sequences - len(self.active) - self.joining
+
+    def room(self) -> tuple[int, int]:
+        """(num_waiting, free_slots), read together."""
+        with self.counting:
+            return self.num_waiting, self.free_slots
 
     @property
     def has_work(self) -> bool:
@@ -172,8 +181,9 @@ class ContinuousBatcher:
 
     def step(self) -> list[Sequence]:
         """Admit waiting sequences, decode one token for every active one; returns the sequences that changed."""
-        while not self.inbox.empty():
-            self.waiting.append(self.inbox.get())
+        with self.counting:
+            while not self.inbox.empty():
+                self.waiting.append(self.inbox.get())
         # Each flag read once: callers set them from other threads.
         waiting = [(seq, seq.cancelled) for seq in self.waiting]
         changed = [seq for seq, cancelled in waiting if cancelled]
@@ -250,8 +260,9 @@ class ContinuousBatcher:
     def fail(self, error: BaseException, waiting: bool = True) -> list[Sequence]:
         """End the batch's sequences, those being admitted to it and (with `waiting`) every waiting one with `error`,
         and start over with an empty batch."""
-        while waiting and not self.inbox.empty():
-            self.waiting.append(self.inbox.get())
+        with self.counting:
+            while waiting and not self.inbox.empty():
+                self.waiting.append(self.inbox.get())
         failed = self.active + self.admitting + (list(self.waiting) if waiting else [])
         for seq in failed:
             seq.error = error
@@ -270,21 +281,22 @@ class ContinuousBatcher:
         join the batch while it has room. Embedding ones need no room in it, so they do not wait for it: they
         return done."""
         joining, room, skipped = [], self.max_sequences - len(self.active), []
-        while self.waiting and len(joining) < self.max_sequences:
-            seq = self.waiting.popleft()
-            if seq.pooling is None and room == 0:
-                skipped.append(seq)
-                continue
-            room -= seq.pooling is None
-            joining.append(seq)
-        self.waiting.extendleft(reversed(skipped))
+        with self.counting:
+            while self.waiting and len(joining) < self.max_sequences:
+                seq = self.waiting.popleft()
+                if seq.pooling is None and room == 0:
+                    skipped.append(seq)
+                    continue
+                room -= seq.pooling is None
+                joining.append(seq)
+            self.waiting.extendleft(reversed(skipped))
+            self.joining, self.admitting = sum(seq.pooling is None for seq in joining), joining  # fail() ends them too
         if not joining:
             return []
-        self.joining, self.admitting = sum(seq.pooling is None for seq in joining), joining  # fail() ends them too
         try:
             done = self._join(joining, cores)
         finally:
-            self.joining = 0
+            self.joining = 0  # set with the batch where they joined it
         self.admitting = []
         return done
 
@@ -319,7 +331,8 @@ class ContinuousBatcher:
             return embedded
         start = torch.full((len(ordered),), self.front.config.decoder_start_token_id, dtype=torch.long)
         self.cache, self.next_tokens = merged, torch.cat([self.next_tokens, start])
-        self.active += ordered
+        with self.counting:
+            self.active, self.joining = self.active + ordered, 0
         return embedded
 
     def _leave(self, staying: list[bool]) -> None:

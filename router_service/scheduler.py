@@ -64,8 +64,9 @@ class Scheduler:
         if count > most:
             raise InvalidRequest(field, f"{count} sequences in one request, more than this server takes at once "
                                         f"({most}); send them in parts")
-        if self.batcher.num_waiting + count > self.max_waiting + self.batcher.free_slots:
-            raise QueueFull(f"{self.batcher.num_waiting} requests already waiting (limit {self.max_waiting})"
+        waiting, free_slots = self.batcher.room()
+        if waiting + count > self.max_waiting + free_slots:
+            raise QueueFull(f"{waiting} requests already waiting (limit {self.max_waiting})"
                             + (f"; this one has {count}" if count > 1 else ""))
 
     async def stream(self, seq: Sequence) -> AsyncIterator[Sequence]:
