@@ -23,7 +23,7 @@ MAX_CHOICES = 16  # n: completions per prompt
 NOT_CHAT = ("Switch Transformers are not chat models, so there is no /v1/chat/completions: send a prompt to "
             "/v1/completions")
 # Fields named otherwise in the native API, for the errors it raises.
-FIELD_NAMES = {"max_new_tokens": "max_tokens"}
+FIELD_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
 Prompts = str | list[str] | list[int] | list[list[int]]  # one text, texts, one token-id list, token-id lists
 
 

@@ -134,3 +134,20 @@ def test_rows_of_zeros_or_of_subnormals_keep_a_positive_scale():
     assert bool(((q.dequantized(torch.float32) - w).abs() <= q.scale[:, None] / 2).all())
     for tokens in (1, int8.PACKED_MAX_TOKENS + 1):
         assert bool(int8.linear(torch.randn(tokens, 64), q).isfinite().all())
+
+
+def test_an_int8_expert_holds_its_int8_weights_and_a_float32_scale_per_output_channel():
+    """What the planner counts an int8 expert as: exactly its int8 weights and the scales of wi's and wo's output
+    channels. Fails if either's scales go uncounted (the plan would over-fill a GPU)."""
+    config = SwitchConfig(d_model=768, d_ff=3072)
+    wi, wo = int8.quantize(torch.zeros(3072, 768)), int8.quantize(torch.zeros(768, 3072))
+    assert expert_bytes(config, "int8") == wi.nbytes + wo.nbytes == 2 * 768 * 3072 + 4 * (3072 + 768)
+
+
+def test_dequantized_weights_are_the_float32_product_in_the_dtype_asked():
+    """Scaled in float32, then cast once (CUDA's and float16's path): fails if the product is taken in the target
+    dtype, which rounds the int8 values' products twice."""
+    torch.manual_seed(6)
+    q = int8.quantize(torch.randn(16, 32))
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(q.dequantized(dtype), (q.q.float() * q.scale[:, None]).to(dtype))

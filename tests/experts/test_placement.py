@@ -122,3 +122,10 @@ def test_a_gpu_is_shared_by_as_many_actors_as_asked(gpus, per_gpu, sizes):
     assert len(placement.actors) == gpus * per_gpu
     assert sorted(len(spec.experts) for spec in placement.actors) == sorted(sizes)
     assert all(spec.gpus == math.floor(10_000 / per_gpu) / 10_000 for spec in placement.actors)
+
+
+def test_the_fleet_sees_a_placement_without_the_fronts_own_settings():
+    """A change to what only the fronts read (how long they wait for room, or for a restarting actor) leaves the
+    fleet's view, and so the fleet and the experts it loaded, as they were; any other field changes it."""
+    assert PlacementConfig(timeout_s=5, restart_timeout_s=7).for_fleet() == PlacementConfig().for_fleet()
+    assert PlacementConfig(experts_per_actor=2).for_fleet() != PlacementConfig().for_fleet()

@@ -11,8 +11,8 @@ from transformers import SwitchTransformersConfig
 
 from cluster.cli import main
 from cluster.testing import tiny_config
-from experts.plan import ACTIVATION_RESERVE, PlanError, make_plan, parse_bytes, read_stats
-from experts.spec import expert_bytes, sparse_layers
+from experts.plan import ACTIVATION_RESERVE, PlanError, front_bytes, make_plan, parse_bytes, read_stats
+from experts.spec import SwitchConfig, expert_bytes, sparse_layers
 
 CONFIGS = MODEL_CONFIGS
 GiB = 2**30
@@ -216,3 +216,10 @@ def test_plans_of_many_small_shapes_keep_their_rules():
         assert Counter(k for g in plan.gpus for k in g.experts) == {k: plan.replicas.get(".".join(map(str, k)), 1)
                                                                       for k in keys}
     assert placed > 100
+
+
+def test_an_untied_models_front_holds_each_stacks_embeddings_and_the_lm_head():
+    """Untied, the front computes with each stack's own embed_tokens and the LM head (router_service.model): three
+    vocabulary-sized matrices where a tied model holds one. Fails if the plan counts fewer."""
+    tied, untied = (SwitchConfig.from_dict(tiny_config(tie_word_embeddings=tie).to_dict()) for tie in (True, False))
+    assert front_bytes(untied, "bf16") - front_bytes(tied, "bf16") == 2 * untied.vocab_size * untied.d_model * 2

@@ -3,6 +3,7 @@ the same log-probabilities as when it runs alone, and so do the sequences it joi
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import defaultdict
 
@@ -598,3 +599,52 @@ def test_the_python_api_called_from_several_threads_takes_turns(checkpoint_facto
     for thread in threads:
         thread.join(60)
     assert not errors and [results[i] for i in range(len(prompts))] == alone
+
+
+def test_top_p_keeps_a_token_whose_probability_reaches_it_exactly():
+    """Probabilities 0.5, 0.25, 0.25 (exact in float32) and top_p 0.5: the first token's probability reaches it, so
+    it is kept alone, as transformers' TopPLogitsWarper keeps it. Fails if the cut counts equality as short."""
+    logits = torch.tensor([0.5, 0.25, 0.25]).log()
+    nucleus = SamplingParams(temperature=1.0, top_p=0.5)
+    assert {sample(logits, nucleus, torch.Generator().manual_seed(s)) for s in range(100)} == {0}
+
+
+@torch.inference_mode()
+def test_a_stop_token_or_any_of_several_eos_ids_ends_a_sequence(checkpoint_factory):
+    """A token of `stop_token_ids` ends its sequence with finish_reason "stop", and one of a config's several
+    eos_token_id (a list) with "eos", the token kept as the last. Fails if either is ignored."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    prompt = [7, 8, 1]  # its tokens are not all one (the tiny random model repeats itself for many prompts)
+    free = run_to_completion(ContinuousBatcher(local_front(path), max_sequences=8),
+                             [Sequence(prompt, SamplingParams(max_new_tokens=8))])[0].token_ids
+    # The first token after the first that the sequence had not made before, and no EOS up to it.
+    at = next(i for i in range(1, len(free)) if free[i] not in free[:i])
+    token = free[at]
+    assert 1 not in free[:at + 1]
+    stopped = run_to_completion(ContinuousBatcher(local_front(path), max_sequences=8),
+                                [Sequence(prompt, SamplingParams(max_new_tokens=8, stop_token_ids=(token,)))])[0]
+    assert stopped.token_ids == free[:at + 1] and stopped.finish_reason == "stop"
+    front = local_front(path)
+    front.config = dataclasses.replace(front.config, eos_token_id=[1, token])
+    ended = run_to_completion(ContinuousBatcher(front, max_sequences=8),
+                              [Sequence(prompt, SamplingParams(max_new_tokens=8))])[0]
+    assert ended.token_ids == free[:at + 1] and ended.finish_reason == "eos"
+
+
+@torch.inference_mode()
+def test_a_prompt_encoded_beside_a_longer_one_gets_its_own_embedding_and_routes(checkpoint_factory):
+    """Padding a short prompt to a longer one's length in the same pass changes neither its mean embedding nor its
+    encoder routes, which cover its own tokens alone. Fails if the padded positions are pooled or reported."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    short, long = [5, 9, 1], [7, 8, 12, 40, 3, 22, 61, 1]
+
+    def encoded(prompts: list[list[int]]) -> list[Sequence]:
+        sequences = [Sequence(p, pooling="mean") for p in prompts] + \
+            [Sequence(p, SamplingParams(max_new_tokens=1, routing=True)) for p in prompts]
+        return run_to_completion(ContinuousBatcher(local_front(path), max_sequences=8), sequences)
+
+    alone, together = encoded([short]), encoded([short, long])
+    assert torch.allclose(alone[0].embedding, together[0].embedding, atol=1e-5)
+    routes = {(r["stack"], r["layer"]): r["experts"] for r in together[2].routing() if r["stack"] == "encoder"}
+    assert routes and all(len(experts) == len(short) for experts in routes.values())
+    assert routes == {(r["stack"], r["layer"]): r["experts"] for r in alone[1].routing() if r["stack"] == "encoder"}

@@ -72,6 +72,7 @@ def test_what_is_sent_is_always_a_prefix_of_the_final_text(pieces, stop):
 
 def test_stop_strings_are_checked():
     assert check_stop_strings(["a", "b"]) == ("a", "b")
+    assert check_stop_strings(["a", "b", "c", "d"]) == ("a", "b", "c", "d")  # OpenAI's most
     with pytest.raises(InvalidRequest, match="^stop: at most 4"):
         check_stop_strings(["a"] * 5)
     with pytest.raises(InvalidRequest, match="^stop: a stop string is empty"):

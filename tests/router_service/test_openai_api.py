@@ -1,0 +1,89 @@
+"""OpenAI's API's requests and answers as router_service.openai_api reads and writes them, without a server (the
+served routes are tests/router_service/test_openai.py's)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from router_service.openai_api import (
+    OpenAIError,
+    completion,
+    each_prompt,
+    embeddings,
+    from_invalid_request,
+    legacy_logprobs,
+    parse_completion_request,
+    parse_embedding_request,
+)
+from router_service.requests import InvalidRequest
+
+MODEL = "switch-base-8"
+
+
+def refused(param: str, parse, *args) -> OpenAIError:
+    with pytest.raises(OpenAIError) as e:
+        parse(*args)
+    assert e.value.status == 400 and e.value.param == param and e.value.message.startswith(f"{param}: ")
+    return e.value
+
+
+def test_a_completion_request_takes_null_for_a_default_and_refuses_what_it_would_ignore():
+    request = parse_completion_request({"model": MODEL, "prompt": "a", "max_tokens": None, "temperature": None,
+                                        "n": None, "echo": None}, MODEL)
+    assert (request.max_tokens, request.temperature, request.n, request.echo) == (None, 1.0, 1, False)
+    assert parse_completion_request({"model": MODEL, "prompt": "a", "n": 2, "best_of": 2}, MODEL).n == 2
+    refused("best_of", parse_completion_request, {"model": MODEL, "prompt": "a", "n": 2, "best_of": 3}, MODEL)
+    refused("stream_options", parse_completion_request,
+            {"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True}}, MODEL)
+    refused("echo", parse_completion_request, {"model": MODEL, "prompt": "a", "echo": True}, MODEL)
+
+
+def test_an_embedding_request_asks_for_the_models_own_dimensions_or_none():
+    assert parse_embedding_request({"model": MODEL, "input": "a", "dimensions": 8}, MODEL, 8).dimensions == 8
+    refused("dimensions", parse_embedding_request, {"model": MODEL, "input": "a", "dimensions": 3}, MODEL, 8)
+
+
+def test_prompts_are_one_or_many_and_never_none():
+    assert each_prompt("a", "prompt") == ["a"] and each_prompt([5, 1], "prompt") == [[5, 1]]
+    assert each_prompt(["a", "b"], "prompt") == ["a", "b"] and each_prompt([[5], [6]], "prompt") == [[5], [6]]
+    refused("prompt", each_prompt, [], "prompt")
+
+
+def test_base64_embeddings_are_the_float_ones_as_little_endian_float32():
+    vectors = [np.array([0.5, -1.25, 3.0e-8], dtype=np.float32), np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)]
+    floats = embeddings(MODEL, vectors, "float", 7)
+    encoded = embeddings(MODEL, vectors, "base64", 7)
+    for plain, packed in zip(floats["data"], encoded["data"]):
+        decoded = np.frombuffer(base64.b64decode(packed["embedding"]), dtype="<f4")
+        assert decoded.tolist() == np.asarray(plain["embedding"], np.float32).reshape(-1).tolist()
+    assert floats["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+
+
+def test_a_streams_chunks_carry_usage_null_only_with_include_usage():
+    assert completion("c", 1, MODEL, [], None, with_usage=True)["usage"] is None
+    assert "usage" not in completion("c", 1, MODEL, [], None, with_usage=False)
+    assert completion("c", 1, MODEL, [], {"total_tokens": 3}, with_usage=False)["usage"] == {"total_tokens": 3}
+
+
+def test_legacy_logprobs_give_each_token_the_text_it_adds_after_those_before_it():
+    """With a SentencePiece-like decode (a word's leading space dropped at the start of a text), a token's text is
+    what it adds to the choice's text so far: the tokens joined are the text, the offsets run on from `offset`,
+    and each token's alternatives include it. Fails if the tokens before are left out of each token's context."""
+    words = {1: "▁hello", 2: "▁world", 3: "!"}
+
+    def decode(ids: list[int]) -> str:
+        return "".join(words[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+    out = legacy_logprobs(decode, [1], [2, 3], [-0.1, -0.2], [[(3, -1.0)], [(2, -2.0)]], 5)
+    assert out["tokens"] == [" world", "!"] and "hello" + "".join(out["tokens"]) == decode([1, 2, 3])
+    assert out["text_offset"] == [5, 11] and out["token_logprobs"] == [-0.1, -0.2]
+    assert out["top_logprobs"] == [{"!": -1.0, " world": -0.1}, {" world": -2.0, "!": -0.2}]
+
+
+def test_the_native_apis_errors_take_openais_field_names():
+    for native, param in (("max_new_tokens", "max_tokens"), ("top_logprobs", "logprobs"), ("seed", "seed")):
+        error = from_invalid_request(InvalidRequest(native, "bad"))
+        assert (error.status, error.param, error.message) == (400, param, f"{param}: bad")
