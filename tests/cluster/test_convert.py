@@ -66,6 +66,9 @@ def test_config_that_disagrees_with_the_weights_follows_them(checkpoint_factory,
         checkpoint = convert(src, tmp_path / "out")
     assert "the weights hold 3 blocks, 3 sparse; following the weights" in caplog.text
     assert checkpoint.config.num_decoder_layers == 3 and checkpoint.config.decoder_sparse_step == 1
+    # Written so: transformers (or anyone) loading the converted folder builds the model its weights are.
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["num_decoder_layers"], written["decoder_sparse_step"]) == (3, 1)
 
 
 def test_pickles_that_are_not_plain_weights_are_refused(checkpoint_factory, tmp_path):
@@ -216,3 +219,33 @@ def test_a_conversion_cut_in_its_last_check_keeps_its_shards(checkpoint_factory,
     monkeypatch.setattr(converting, "convert_shard", lambda *args: pytest.fail("converted a shard again"))
     assert convert(tmp_path / "bin", tmp_path / "out").tensors
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_a_shard_rewritten_since_a_conversion_was_cut_short_is_converted_again(checkpoint_factory, tmp_path,
+                                                                              monkeypatch):
+    """A source shard changed between the run cut short and the next (re-downloaded, fixed) is converted again;
+    the others are kept. Fails if a finished shard is kept whatever its source now holds."""
+    from cluster import convert as converting
+
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=3)
+    real = converting.convert_shard
+
+    def cut_at_the_third(path, number, count, work):
+        if number == 3:
+            raise KeyboardInterrupt
+        return real(path, number, count, work)
+
+    monkeypatch.setattr(converting, "convert_shard", cut_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "out")
+    first = src / "pytorch_model-00001-of-00003.bin"
+    changed = {name: tensor * 2 for name, tensor in torch.load(first, weights_only=True).items()}
+    torch.save(changed, first)
+    converted = []
+    monkeypatch.setattr(converting, "convert_shard", lambda *args: converted.append(args[1]) or real(*args))
+    resumed = convert(src, tmp_path / "out")
+    assert converted == [1, 3]
+    for name, tensor in changed.items():
+        assert torch.equal(resumed.read([name])[name], tensor), name

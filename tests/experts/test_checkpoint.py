@@ -79,7 +79,9 @@ def rewrite_header(path, change) -> None:
     (lambda h: h[EXPERT].update(shape=[-1, 4]), rf"tensor {EXPERT} has a malformed header entry"),
     (lambda h: h[EXPERT].update(data_offsets=[0, h[EXPERT]["data_offsets"][1] - h[EXPERT]["data_offsets"][0]]),
      r"tensor \S+'s bytes \d+\.\.\d+ overlap another tensor's"),
-], ids=["dtype of another size", "no offsets", "negative shape", "overlap"])
+    (lambda h: h[EXPERT].update(data_offsets=h[EXPERT]["data_offsets"][::-1]),
+     rf"tensor {EXPERT} has a malformed header entry"),
+], ids=["dtype of another size", "no offsets", "negative shape", "overlap", "offsets reversed"])
 def test_a_damaged_header_names_the_file_and_tensor(checkpoint, damage, message):
     """Offsets, shapes and dtypes that disagree, as safetensors itself would refuse them when an actor reads the
     tensor: refused as the checkpoint opens, before anything starts."""
@@ -180,6 +182,26 @@ def test_a_router_dtype_transformers_has_not_is_rejected(checkpoint):
     edit_config(checkpoint, router_dtype="float8")
     with pytest.raises(CheckpointError, match=r"config\.json: router_dtype 'float8' is not one of float32"):
         SwitchCheckpoint.open(checkpoint)
+
+
+def test_a_header_longer_than_its_file_is_truncation(checkpoint):
+    """A file cut inside its header: named as truncated, not as a header that does not parse."""
+    file = checkpoint / "model.safetensors"
+    raw = file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    file.write_bytes(raw[:8 + length - 4])
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: truncated safetensors file \(header of {length} "):
+        SwitchCheckpoint.open(checkpoint)
+
+
+def test_an_untied_models_own_lm_head_is_no_copy_to_check(checkpoint):
+    """Untied (tie_word_embeddings false), the LM head is a weight of its own: it differs from shared.weight, and
+    the front serves it. Fails if the tied copies' check refuses it."""
+    rewrite(checkpoint / "model.safetensors", lambda t: t.update({
+        "lm_head.weight": t["shared.weight"] * 2, "encoder.embed_tokens.weight": t["shared.weight"] * 3,
+        "decoder.embed_tokens.weight": t["shared.weight"].clone()}))
+    edit_config(checkpoint, tie_word_embeddings=False)
+    SwitchCheckpoint.open(checkpoint).check_tied_copies()
 
 
 def test_tied_copies_that_differ_from_shared_weight_are_refused(checkpoint):
