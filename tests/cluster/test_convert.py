@@ -14,7 +14,7 @@ from reference import hf_generate
 from safetensors import safe_open
 
 from cluster.cli import main
-from cluster.convert import BIN_INDEX_FILE, convert
+from cluster.convert import BIN_INDEX_FILE, convert, group_of
 from experts.checkpoint import CheckpointError
 from experts.placement import PlacementConfig
 from router_service.engine import SwitchCluster
@@ -249,3 +249,13 @@ def test_a_shard_rewritten_since_a_conversion_was_cut_short_is_converted_again(c
     assert converted == [1, 3]
     for name, tensor in changed.items():
         assert torch.equal(resumed.read([name])[name], tensor), name
+
+
+def test_a_layers_experts_are_written_in_their_numbers_order():
+    """Expert 10 after expert 9, not after expert 1: an actor's experts, a range of numbers, lie together in the
+    file, each read in one go."""
+    names = [f"encoder.block.1.layer.1.mlp.experts.expert_{e}.wi.weight" for e in (10, 2, 9, 1, 0, 11)]
+    groups = {group_of(name)[0] for name in names}
+    ordered = sorted(names, key=lambda name: group_of(name)[1])
+    assert groups == {("encoder", 1)} and [int(n.split("expert_")[1].split(".")[0]) for n in ordered] == \
+        [0, 1, 2, 9, 10, 11]

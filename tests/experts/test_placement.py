@@ -129,3 +129,14 @@ def test_the_fleet_sees_a_placement_without_the_fronts_own_settings():
     fleet's view, and so the fleet and the experts it loaded, as they were; any other field changes it."""
     assert PlacementConfig(timeout_s=5, restart_timeout_s=7).for_fleet() == PlacementConfig().for_fleet()
     assert PlacementConfig(experts_per_actor=2).for_fleet() != PlacementConfig().for_fleet()
+
+
+def test_a_gpu_with_fewer_experts_than_actors_asked_gets_one_actor_an_expert():
+    """No actor without experts: each would still ask for a share of the GPU and a process. Fails if a lightly
+    filled GPU gets as many actors as asked."""
+    from experts.plan import GpuPlan, Plan
+
+    full, light = GpuPlan(0, 0, [("encoder", 1, e) for e in range(3)]), GpuPlan(1, 0, [("encoder", 1, 3)])
+    plan = Plan([full, light], expert_bytes=1, front_bytes=1, budget_bytes=1, min_gpus=2, replicas={}, warnings=[])
+    placement = Placement.from_plan(plan, actors_per_gpu=2)
+    assert [(len(a.experts), a.gpus) for a in placement.actors] == [(1, 0.5), (2, 0.5), (1, 1.0)]

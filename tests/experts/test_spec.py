@@ -64,6 +64,11 @@ def test_weights_win_and_an_impossible_layout_is_refused():
     assert warnings == ["ckpt/config.json: the decoder has 4 layers of which 2 sparse; the weights hold 6 blocks, "
                         "2 sparse; following the weights"]
     assert follow_weights(config, list(expected_tensors(config)[0])) == (config, [])
+    # The last block alone sparse: a step as long as the stack (2 here) is one transformers supports.
+    last = dataclasses.replace(config, num_layers=2, encoder_sparse_step=2, num_sparse_encoder_layers=1)
+    followed, _ = follow_weights(dataclasses.replace(last, encoder_sparse_step=0, num_sparse_encoder_layers=0),
+                                 list(expected_tensors(last)[0]))
+    assert (followed.num_layers, sparse_layers(followed, "encoder")) == (2, [1])
     odd = [n.replace("block.1.", "block.2.") for n in expected_tensors(config)[0] if n.startswith("encoder.block.1.")]
     with pytest.raises(ValueError, match=r"the encoder sparse blocks in the weights, \[2, 3\], follow no sparse step"):
         follow_weights(config, [n for n in expected_tensors(config)[0] if not n.startswith("encoder.block.1.")] + odd)
