@@ -38,6 +38,26 @@ def save_bin_shards(model, folder, shards: int) -> None:
     (folder / BIN_INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def cut_short_at_the_third_shard(monkeypatch, src, dst) -> list[int]:
+    """Convert `src` to `dst` as a run interrupted at its third shard (Ctrl-C; SIGTERM or SIGKILL leave the same),
+    then put the conversion back as it was; returns the shards it converted."""
+    from cluster import convert as converting
+
+    real, converted = converting.convert_shard, []
+
+    def cut_at_the_third(path, number, count, work):
+        if number == 3:
+            raise KeyboardInterrupt
+        converted.append(number)
+        return real(path, number, count, work)
+
+    monkeypatch.setattr(converting, "convert_shard", cut_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, dst)
+    monkeypatch.setattr(converting, "convert_shard", real)
+    return converted
+
+
 def test_sharded_bin_converts_to_the_same_model(ray_cluster, checkpoint_factory, tmp_path):
     _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
     src, dst = tmp_path / "bin", tmp_path / "safetensors"
@@ -150,17 +170,7 @@ def test_a_conversion_cut_short_goes_on_from_the_shards_it_finished(checkpoint_f
     src = tmp_path / "bin"
     save_bin_shards(hf_model, src, shards=3)
     whole = convert(src, tmp_path / "whole")
-    real, converted = converting.convert_shard, []
-
-    def cut_at_the_third(path, number, count, work):
-        if number == 3:
-            raise KeyboardInterrupt
-        converted.append(number)
-        return real(path, number, count, work)
-
-    monkeypatch.setattr(converting, "convert_shard", cut_at_the_third)
-    with pytest.raises(KeyboardInterrupt):
-        convert(src, tmp_path / "out")
+    real, converted = converting.convert_shard, cut_short_at_the_third_shard(monkeypatch, src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir() and converted == [1, 2]
     monkeypatch.setattr(converting, "convert_shard", lambda *args: converted.append(args[1]) or real(*args))
     resumed = convert(src, tmp_path / "out")
@@ -174,23 +184,11 @@ def test_a_conversion_cut_short_goes_on_from_the_shards_it_finished(checkpoint_f
 def test_a_conversion_cut_short_is_not_taken_up_by_another_sources(checkpoint_factory, tmp_path, monkeypatch):
     """Another checkpoint of the same shapes converted to the same `dst` after a run was cut short starts again: its
     shards have the same names and sizes, but not its weights. Fails if the first run's shards are kept."""
-    from cluster import convert as converting
-
     _, first = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
     _, second = checkpoint_factory("convert-other", num_experts=8, expert_capacity=64, seed=1)
     save_bin_shards(first, tmp_path / "first", shards=3)
     save_bin_shards(second, tmp_path / "second", shards=3)
-    real = converting.convert_shard
-
-    def cut_at_the_third(path, number, count, work):
-        if number == 3:
-            raise KeyboardInterrupt
-        return real(path, number, count, work)
-
-    monkeypatch.setattr(converting, "convert_shard", cut_at_the_third)
-    with pytest.raises(KeyboardInterrupt):
-        convert(tmp_path / "first", tmp_path / "out")
-    monkeypatch.setattr(converting, "convert_shard", real)
+    cut_short_at_the_third_shard(monkeypatch, tmp_path / "first", tmp_path / "out")
     out = convert(tmp_path / "second", tmp_path / "out")
     state = second.state_dict()
     for name in out.tensors:
@@ -230,17 +228,8 @@ def test_a_shard_rewritten_since_a_conversion_was_cut_short_is_converted_again(c
     _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
     src = tmp_path / "bin"
     save_bin_shards(hf_model, src, shards=3)
-    real = converting.convert_shard
-
-    def cut_at_the_third(path, number, count, work):
-        if number == 3:
-            raise KeyboardInterrupt
-        return real(path, number, count, work)
-
-    monkeypatch.setattr(converting, "convert_shard", cut_at_the_third)
-    with pytest.raises(KeyboardInterrupt):
-        convert(src, tmp_path / "out")
-    first = src / "pytorch_model-00001-of-00003.bin"
+    cut_short_at_the_third_shard(monkeypatch, src, tmp_path / "out")
+    real, first = converting.convert_shard, src / "pytorch_model-00001-of-00003.bin"
     changed = {name: tensor * 2 for name, tensor in torch.load(first, weights_only=True).items()}
     torch.save(changed, first)
     converted = []

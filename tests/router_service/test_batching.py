@@ -44,6 +44,20 @@ def local_front(path, micro_batches: int = 1) -> SwitchFront:
     return SwitchFront(checkpoint, LocalExperts(checkpoint), micro_batches=micro_batches)
 
 
+def failing_at_the_second_step(front: SwitchFront, error: BaseException) -> list[int]:
+    """Make `front`'s second decoding step raise `error`; returns the list each step appends its batch size to."""
+    decode_step, steps = front.decode_step, []
+
+    def failing(cache, tokens):
+        steps.append(len(tokens))
+        if len(steps) == 2:
+            raise error
+        return decode_step(cache, tokens)
+
+    front.decode_step = failing
+    return steps
+
+
 def run(front, sequences: list[Sequence], join_after: dict[int, int]) -> None:
     """Step the batcher; sequence i joins after join_after.get(i, 0) steps."""
     batcher = ContinuousBatcher(front, max_sequences=8)
@@ -385,15 +399,7 @@ def test_a_python_api_call_that_fails_ends_at_its_first_failure(checkpoint_facto
     path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
     front = local_front(path)
     batcher = ContinuousBatcher(front, max_sequences=2)
-    decode_step, steps = front.decode_step, []
-
-    def fails_once(cache, tokens):
-        steps.append(len(tokens))
-        if len(steps) == 2:
-            raise RuntimeError("expert actor lost")
-        return decode_step(cache, tokens)
-
-    front.decode_step = fails_once
+    steps = failing_at_the_second_step(front, RuntimeError("expert actor lost"))
     sequences = [Sequence([5 + i, 9, 1], SamplingParams(max_new_tokens=20)) for i in range(6)]
     with pytest.raises(RuntimeError, match="expert actor lost"):
         run_to_completion(batcher, sequences)
@@ -432,15 +438,7 @@ def test_an_interrupted_call_of_the_python_api_leaves_nothing_in_the_batch(check
     path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
     front = local_front(path)
     batcher = ContinuousBatcher(front, max_sequences=8)
-    decode_step, steps = front.decode_step, []
-
-    def interrupted(cache, tokens):
-        steps.append(len(tokens))
-        if len(steps) == 2:
-            raise KeyboardInterrupt
-        return decode_step(cache, tokens)
-
-    front.decode_step = interrupted
+    steps = failing_at_the_second_step(front, KeyboardInterrupt())
     first = [Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6)), Sequence([7, 8, 1])]
     with pytest.raises(KeyboardInterrupt):
         run_to_completion(batcher, first)
