@@ -199,8 +199,8 @@ class ContinuousBatcher:
             changed += self._admit(cores)  # embedding requests return done from it, whatever the step does next
             if self.active:
                 changed += self._decode(cores, on_cores)
-        except Exception as e:  # the batch fails together, with those joining it; the requests waiting go on
-            changed += self.fail(e, waiting=False)
+        except Exception as e:  # the batch fails together, and the requests waiting (see `fail`)
+            changed += self.fail(e)
         finally:
             use_threads(cores)
         if self.metrics is not None:  # every step, whether it decoded or only encoded
@@ -257,20 +257,20 @@ class ContinuousBatcher:
                                        (seq.last_token_at - seq.first_token_at) / (n - 1) if n > 1 else None,
                                        seq.dropped_tokens)
 
-    def fail(self, error: BaseException, waiting: bool = True) -> list[Sequence]:
-        """End the batch's sequences, those being admitted to it and (with `waiting`) every waiting one with `error`,
-        and start over with an empty batch."""
+    def fail(self, error: BaseException) -> list[Sequence]:
+        """End the batch's sequences, those being admitted to it and every waiting one with `error`, and start over
+        with an empty batch. The waiting ones too: a batch fails for what they would wait on in turn (expert actors
+        down past restart_timeout_s, most often), so each request waits one restart_timeout_s at most and gets a
+        status to retry on (a served request, on another replica), not one more wait per batch ahead of it."""
         with self.counting:
-            while waiting and not self.inbox.empty():
+            while not self.inbox.empty():
                 self.waiting.append(self.inbox.get())
-        failed = self.active + self.admitting + (list(self.waiting) if waiting else [])
+        failed = self.active + self.admitting + list(self.waiting)
         for seq in failed:
             seq.error = error
         # The cache before the sequences (here and in _leave): a reader on another thread (ModelInfo) that sees no
         # active sequence then sees no cache rows either.
-        self.cache, self.active, self.admitting = None, [], []
-        if waiting:
-            self.waiting = deque()
+        self.cache, self.active, self.admitting, self.waiting = None, [], [], deque()
         self.next_tokens = torch.zeros(0, dtype=torch.long)
         if self.metrics is not None:
             self.metrics.waiting(self.num_waiting)
@@ -361,9 +361,6 @@ def run_to_completion(batcher: ContinuousBatcher, sequences: list[Sequence]) -> 
     try:
         while batcher.has_work and not all(seq.done for seq in sequences):
             batcher.step()
-            error = next((seq.error for seq in sequences if seq.error is not None), None)
-            if error is not None:  # the call fails whole: its sequences still waiting end here, not decoded for naught
-                batcher.fail(error)
     except BaseException as e:  # an interrupt, say: none of them stays in the batch to decode with the next call's
         batcher.fail(e)
         raise

@@ -51,9 +51,8 @@ def test_each_metric_records_what_its_name_says(monkeypatch):
 
 def test_the_queue_depth_follows_every_step_and_a_failed_batch():
     """Set after each step, whether it decoded, only encoded (embeddings) or failed, and after a batch failed outside
-    a step: a failed step leaves the requests still waiting queued, and the gauge counts them; a failure that ends
-    the waiting ones too (the batching thread stopping) empties the queue, and the gauge says so at once. Fails if
-    only a decoding step sets it."""
+    a step: a batch that fails with requests waiting empties the queue, and the gauge says so at once. Fails if only
+    a decoding step sets it."""
     from types import SimpleNamespace
 
     import torch
@@ -69,6 +68,6 @@ def test_the_queue_depth_follows_every_step_and_a_failed_batch():
     batcher = ContinuousBatcher(front, max_sequences=2, metrics=SimpleNamespace(waiting=depth.append))
     for prompt in ([5, 1], [6, 1], [7, 1]):
         batcher.add(Sequence(prompt))
-    assert len(batcher.step()) == 2 and depth[-1] == 1  # the two admitted failed, the one left waiting waits on
+    assert len(batcher.step()) == 3 and depth[-1] == 0  # the two admitted and the one left waiting, failed
     batcher.add(Sequence([8, 1]))
-    assert len(batcher.fail(RuntimeError("the expert fleet died"))) == 2 and depth[-1] == 0
+    assert len(batcher.fail(RuntimeError("the expert fleet died"))) == 1 and depth[-1] == 0
