@@ -105,6 +105,9 @@ def test_console_script_help():
     (["build", "--model", "demo/model", "--cpus", "4", "--experts-per-actor", "2"],
      "cpus: sets how many experts each actor packs, which experts_per_actor sets already"),
     (["serve", "--model", "demo/model", "--http-port", "70000"], "argument --http-port: must be at least 1 and at"),
+    (["serve", "--model", "demo/model", "--grpc-port", "65536"], "argument --grpc-port: must be at least 1 and at"),
+    (["generate", "--address", "localhost:1", "--input-ids", "[[true, 1]]"],
+     "--input-ids: must be a JSON list of lists of token ids"),
     (["build", "--model", "demo/model", "--http-port", "9000"], "--http-port: 9000 is --grpc-port's too"),
     (["serve", "--model", "demo/model", "--nodes", "20"], "nodes: 8 actors cannot be spread over 20 nodes"),
     (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--actor-resource", "slot=1"],
@@ -267,3 +270,18 @@ def test_generate_prints_logprobs_and_routing_without_json(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == ["[0] [4, 1]  (eos, 2 tokens, 0 dropped)", "    logprobs: -0.2500 -1.5000",
                    '    routing: [{"stack": "decoder", "layer": 1, "experts": [3]}]']
+
+
+def test_the_highest_port_and_as_many_concurrent_as_requests_are_taken(monkeypatch):
+    """The edges of what the flags take: port 65535, and a bench whose concurrency equals its requests (every
+    request at once, the run the targets are measured at)."""
+    from cluster import bench
+    from cluster.cli import _port
+
+    assert _port("65535") == 65535
+    runs = []
+    monkeypatch.setattr(bench, "checkpoint", lambda shape, folder: folder)
+    monkeypatch.setattr(bench, "run", lambda *args: runs.append(args) or {})
+    monkeypatch.setattr(bench, "print_report", lambda report, as_json: None)
+    main(["bench", "--requests", "4", "--concurrency", "4"])
+    assert [(r[2], r[3]) for r in runs] == [([4], 4)]

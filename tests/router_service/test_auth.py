@@ -25,6 +25,7 @@ def test_the_key_comes_from_the_file_else_the_environment(tmp_path, monkeypatch)
     ([("x-api-key", "s3cret")], "s3cret"),
     ([("user-agent", "curl"), ("X-API-Key", "s3cret")], "s3cret"),
     ([("authorization", "bearer s3cret")], "s3cret"),  # nor is the scheme's
+    ([("authorization", "Bearer  s3cret ")], "s3cret"),  # spaces around the token, as some clients send them
     ([("authorization", "Basic czNjcmV0")], None),  # not a bearer token
     ([("grpc-trace-bin", b"\x00\x01"), ("authorization", "Bearer s3cret")], "s3cret"),  # binary metadata passed over
     ([], None),

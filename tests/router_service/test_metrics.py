@@ -34,6 +34,7 @@ def test_each_metric_records_what_its_name_says(monkeypatch):
     served.sequence_done(None, None, 0)  # left before its first token: nothing recorded
     served.embedded(4, 1)
     served.request_done("OK")
+    served.request_done("UNAVAILABLE")
     served.dispatched("decoder", 3, 0.004)
     served.computed_here("encoder", 1, 6, 9)
     model = {"model": "m"}
@@ -45,6 +46,7 @@ def test_each_metric_records_what_its_name_says(monkeypatch):
         ("switch_serve_time_per_output_token_seconds", 0.03, model), ("switch_serve_dropped_tokens", 2, model),
         ("switch_serve_embedded_inputs", 4, model), ("switch_serve_dropped_tokens", 1, model),
         ("switch_serve_requests", 1, {"model": "m", "status": "OK"}),
+        ("switch_serve_requests", 1, {"model": "m", "status": "UNAVAILABLE"}),
         ("switch_serve_dispatch_seconds", 0.004, {"model": "m", "stack": "decoder", "layer": "3"}),
         ("switch_serve_expert_tokens", 9, {"model": "m", "stack": "encoder", "layer": "1", "expert": "6"})]
 

@@ -78,6 +78,7 @@ def test_streamed_text_joins_to_the_whole_text(cluster, monkeypatch):
         assert joined == cluster.decode(ids), ids
 
 
+@pytest.mark.ray  # serves through local_serve, which starts Ray itself: not the shared cluster's fixture
 def test_served_text_over_grpc(checkpoint):
     path, _ = checkpoint
     config = ServerConfig(model=str(path), placement=PlacementConfig(experts_per_actor=2))
