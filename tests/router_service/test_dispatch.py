@@ -44,6 +44,11 @@ def test_a_few_tokens_of_a_stacked_layer_are_computed_at_once_and_counted_when_s
     by_expert = dispatcher.send(*LAYER, tokens, expert, torch.ones(5, dtype=torch.bool)).result()
     torch.testing.assert_close(stacked, by_expert)
     assert dispatcher.local_calls == 2 and dispatcher.local_tokens[(*LAYER, 3)] == 6
+    # A second stacked step is counted once too: each settle adds what came since the last.
+    dispatcher.send(*LAYER, tokens, expert, None).result()
+    dispatcher.settle()
+    dispatcher.settle()
+    assert dispatcher.local_tokens == {(*LAYER, 3): 9, (*LAYER, 0): 3, (*LAYER, 1): 3}
 
 
 def test_one_token_dropped_tokens_or_more_than_pay_go_expert_by_expert(monkeypatch):
