@@ -145,11 +145,12 @@ class ContinuousBatcher:
         self.inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
-        self.joining = 0  # generation requests being encoded to join: no longer waiting, not yet active
         # Held while a sequence moves from one of the counts `room` reads to another (the queue, those joining, the
         # batch), so that a reader on another thread never sees it in two of them, or in none.
         self.counting = threading.Lock()
-        self.admitting: list[Sequence] = []  # the requests being encoded, until they are active or returned done
+        # The requests being encoded: no longer waiting, not yet active or returned done. Those that will decode
+        # take room in the batch already.
+        self.admitting: list[Sequence] = []
         self.cache: DecoderCache | None = None
         self.next_tokens = torch.zeros(0, dtype=torch.long)
         self.steps = 0  # decoding steps run
@@ -159,7 +160,7 @@ class ContinuousBatcher:
 
     @property
     def free_slots(self) -> int:
-        return self.max_sequences - len(self.active) - self.joining
+        return self.max_sequences - len(self.active) - sum(seq.pooling is None for seq in self.admitting)
 
     def room(self) -> tuple[int, int]:
         """(num_waiting, free_slots), read together."""
@@ -290,13 +291,10 @@ class ContinuousBatcher:
                 room -= seq.pooling is None
                 joining.append(seq)
             self.waiting.extendleft(reversed(skipped))
-            self.joining, self.admitting = sum(seq.pooling is None for seq in joining), joining  # fail() ends them too
+            self.admitting = joining  # until they join the batch or return: fail() ends them too
         if not joining:
             return []
-        try:
-            done = self._join(joining, cores)
-        finally:
-            self.joining = 0  # set with the batch where they joined it
+        done = self._join(joining, cores)
         self.admitting = []
         return done
 
@@ -332,7 +330,7 @@ class ContinuousBatcher:
         start = torch.full((len(ordered),), self.front.config.decoder_start_token_id, dtype=torch.long)
         self.cache, self.next_tokens = merged, torch.cat([self.next_tokens, start])
         with self.counting:
-            self.active, self.joining = self.active + ordered, 0
+            self.active, self.admitting = self.active + ordered, []
         return embedded
 
     def _leave(self, staying: list[bool]) -> None:

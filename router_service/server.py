@@ -601,8 +601,10 @@ class SwitchServer:
         """grpc.health.v1.Health/Check: SERVING while this replica's experts are up and its batching thread
         runs; NOT_FOUND for a service other than the server's ("") or the API's, as grpcio's own health servicer
         answers."""
-        if isinstance(request, UndecodableRequest):
-            set_grpc_error(grpc_context, InvalidRequest("body", request.reason))
+        try:
+            readable(request)
+        except InvalidRequest as e:
+            set_grpc_error(grpc_context, e)
             return health_pb2.HealthCheckResponse()
         if request.service not in HEALTH_SERVICES:
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
