@@ -251,7 +251,7 @@ class ContinuousBatcher:
         return stepped
 
     def _record(self, leaving: list[Sequence]) -> None:
-        """The latencies and dropped tokens of sequences leaving the batch, finished or cancelled."""
+        """The latencies and dropped tokens of sequences leaving the batch, finished, cancelled or failed."""
         for seq in leaving:
             n = len(seq.token_ids)
             self.metrics.sequence_done(None if n == 0 else seq.first_token_at - seq.arrived,
@@ -273,7 +273,8 @@ class ContinuousBatcher:
         # active sequence then sees no cache rows either.
         self.cache, self.active, self.admitting, self.waiting = None, [], [], deque()
         self.next_tokens = torch.zeros(0, dtype=torch.long)
-        if self.metrics is not None:
+        if self.metrics is not None:  # their latencies up to the failure, and their dropped tokens, count too
+            self._record(failed)
             self.metrics.waiting(self.num_waiting)
         return failed
 

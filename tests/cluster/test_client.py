@@ -143,3 +143,51 @@ def test_a_call_that_fails_for_good_ends_the_others_at_once(monkeypatch):
         assert time.monotonic() - began < 2.5 and servicer.calls < 20
     finally:
         server.stop(0)
+
+
+class Refusing:
+    """A stub's method refusing its first `refusals` calls with UNAVAILABLE, then answering "done"."""
+
+    def __init__(self, refusals: int):
+        self.refusals, self.calls = refusals, 0
+
+    def __call__(self, request, timeout, metadata):
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise StatusFromProxy(grpc.StatusCode.UNAVAILABLE, "expert actors are down")
+        return "done"
+
+
+class Waits:
+    """A `given_up` event that records each wait asked of it and returns at once; set after `set_after` waits."""
+
+    def __init__(self, set_after: int | None = None):
+        self.waits, self.set_after = [], set_after
+
+    def is_set(self) -> bool:
+        return self.set_after is not None and len(self.waits) >= self.set_after
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        return self.is_set()
+
+
+def test_the_wait_between_attempts_doubles_up_to_its_cap(monkeypatch):
+    """Without its random part, the waits go 0.5, 1, 2, 4, 8 s and stay at 8. Fails if the wait does not grow,
+    grows past the cap, or a refusal is not asked again."""
+    monkeypatch.setattr(client.random, "uniform", lambda low, high: high)
+    method, waits = Refusing(refusals=7), Waits()
+    assert client.call_with_retries(method, None, time.monotonic() + 3600, [], waits) == "done"
+    assert waits.waits == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0] and method.calls == 8
+
+
+def test_a_given_up_call_stops_asking(monkeypatch):
+    """Once another call has failed for good (`given_up` set during a wait), the refusal is raised and no more
+    attempts are made; a call whose turn comes after that is not made at all. Fails if the waits go on."""
+    method, waits = Refusing(refusals=100), Waits(set_after=2)
+    with pytest.raises(client.RemoteError, match="UNAVAILABLE: expert actors are down"):
+        client.call_with_retries(method, None, time.monotonic() + 3600, [], waits)
+    assert method.calls == 2 and len(waits.waits) == 2
+    with pytest.raises(client.CancelledError):
+        client.call_with_retries(method, None, time.monotonic() + 3600, [], waits)
+    assert method.calls == 2

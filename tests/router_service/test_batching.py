@@ -342,6 +342,27 @@ def test_metrics_count_every_sequence_that_leaves(checkpoint_factory):
 
 
 @torch.inference_mode()
+def test_metrics_count_the_sequences_a_failed_batch_ends(checkpoint_factory):
+    """A failed step ends the batch and the queue: each sequence records what it had, a decoding one its time to
+    first token, one still queued nothing but the call. Fails if a failure's sequences leave no latency behind."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    front = local_front(path)
+    failing_at_the_second_step(front, RuntimeError("expert actor lost"))
+    metrics = RecordingMetrics()
+    batcher = ContinuousBatcher(front, max_sequences=1, metrics=metrics)
+    decoding, queued = Sequence([5, 9, 23, 1]), Sequence([7, 1])
+    for seq in (decoding, queued):
+        batcher.add(seq)
+    batcher.step()
+    assert metrics.done == [] and metrics.queue == [1]
+    assert set(batcher.step()) == {decoding, queued} and decoding.error is queued.error is not None
+    assert len(decoding.token_ids) == 1
+    assert metrics.done == [(decoding.first_token_at - decoding.arrived, None, decoding.dropped_tokens),
+                            (None, None, 0)]
+    assert metrics.queue[0] == 1 and metrics.queue[-1] == 0
+
+
+@torch.inference_mode()
 def test_an_embedding_returns_though_the_decoding_step_after_it_fails(checkpoint_factory):
     """An embedding request encoded in a step whose decoding then fails (an expert actor lost, say) returns its
     embedding: it needs nothing of that step. The sequences decoding get the error. Fails if the embedding is never

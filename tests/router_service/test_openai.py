@@ -90,8 +90,10 @@ def test_streaming_equals_unary_and_reports_usage(served, client):
     # With include_usage, every chunk before the last has "usage": null, as OpenAI's; all have one id and time.
     assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1])
     assert len({(c.id, c.created) for c in chunks}) == 1
-    plain = list(client.completions.create(model=served["model"], prompt=PROMPTS[2], max_tokens=3, stream=True))
-    assert not any("usage" in c.model_fields_set for c in plain)
+    for options in (None, {"include_usage": False}):  # without stream_options, and with include_usage false
+        plain = list(client.completions.create(model=served["model"], prompt=PROMPTS[2], max_tokens=3, stream=True,
+                                               stream_options=options))
+        assert plain[-1].choices and not any("usage" in c.model_fields_set for c in plain)
 
 
 def test_n_choices_sampled_with_a_seed_are_reproducible(served, client):

@@ -373,6 +373,8 @@ def test_a_failed_batch_sends_what_the_stream_holds_before_the_error():
     assert [p.text for p in pieces[:-1]] == ["<11>", "<12><13><14>"]
     assert [p.routing[0]["experts"] for p in pieces[:-1]] == [[3], [4, 5, 6]]
     assert pieces[-1] is error and pieces[-2].finish_reason is None
+    # One token held: it goes before the error too.
+    assert [p.token_ids for p in streamed([11, 12, 13], error=error, stream_interval_ms=1e9)[:-1]] == [[11], [12]]
     # Nothing held: the error alone.
     assert [p.token_ids for p in streamed([11, 12], error=error, stream_interval_ms=0)[:-1]] == [[11]]
 
