@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import threading
 import uuid
@@ -23,13 +24,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from experts.actor import ExpertActor
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import KEPT_HEAP_ENV
-from experts.placement import Placement, PlacementConfig
+from experts.placement import Placement, PlacementConfig, PlacementError
 from experts.plan import parse_bytes
 from experts.spec import expert_format, expert_tensor_names
 from experts.wire import INLINE_ACTIVATIONS_ENV
 
 log = logging.getLogger(__name__)
 
+# Ray counts a resource in ten-thousandths.
+RESOURCE_UNITS = 10_000
 # How often a fleet waiting for room says so (in its status and its log).
 ROOM_POLL_S = 10.0
 # Calls a fleet actor answers at once (each `actors` call may wait for the load).
@@ -88,7 +91,13 @@ def actor_cpus(placement: Placement, resources: dict[str, float]) -> float:
     sizes = node_cpus_largest_first(needs)
     weakest = sizes[placement.nodes - 1] if len(sizes) >= placement.nodes else 0.0
     per_node = max(sum(1 for a in placement.actors if a.node == node) for node in range(placement.nodes))
-    return max(0.01, min(1.0, round(weakest / (per_node + 1), 2)))
+    # Rounded down to Ray's unit of a resource, so that a node's actors together never ask for more than it has.
+    share = min(1.0, math.floor(weakest / (per_node + 1) * RESOURCE_UNITS) / RESOURCE_UNITS)
+    if weakest and not share:
+        raise PlacementError(f"placement: {per_node} expert actors on a node of {weakest:g} CPUs get no share of them "
+                             f"(Ray's least is {1 / RESOURCE_UNITS} CPU): put more experts in each actor "
+                             f"(experts_per_actor), or use larger nodes")
+    return share or 1 / RESOURCE_UNITS  # no node could hold them yet: the bundle waits for one
 
 
 def bundles(placement: Placement, cpus: float, resources: dict[str, float]) -> list[dict[str, float]]:
@@ -171,9 +180,10 @@ class ExpertFleet:
             cpus = actor_cpus(self.placement, self.actor_resources)
             wanted = bundles(self.placement, cpus, self.actor_resources)
             with self._lock:
+                # A predecessor's group, left when its process died: removed even when stopped before starting.
+                _remove_group_named(self.name)
                 if self._released:
                     return
-                _remove_group_named(self.name)
                 # Read from here on as `group`: release() may set self.group to None meanwhile.
                 self.group = group = placement_group(wanted, strategy="STRICT_SPREAD", name=self.name)
             waited = 0.0

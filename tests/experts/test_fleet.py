@@ -7,7 +7,7 @@ import pytest
 from cluster.testing import tiny_config, write_random_checkpoint
 from experts import fleet
 from experts.checkpoint import SwitchCheckpoint
-from experts.placement import Placement, PlacementConfig
+from experts.placement import Placement, PlacementConfig, PlacementError
 
 
 def test_a_fleet_whose_load_failed_says_so_to_its_fronts_and_to_serve(tmp_path, monkeypatch):
@@ -56,7 +56,7 @@ def test_expert_actors_are_sized_by_the_nodes_that_could_hold_them(monkeypatch):
     assert fleet.bundles(on_gpus, 0.4, {}) == [{"CPU": 1.6, "GPU": 1.0}] * 2
     packed = Placement.packed(tiny_config(num_experts=8), 4)  # two actors on one node
     assert fleet.actor_cpus(packed, {}) == 1.0
-    assert fleet.actor_cpus(packed, {"accel": 0.5}) == 0.67
+    assert fleet.actor_cpus(packed, {"accel": 0.5}) == 0.6666  # rounded down: two ask for no more than 2
     monkeypatch.setattr(fleet.ray, "is_initialized", lambda: True)
     assert fleet.for_cluster(PlacementConfig(actor_resources={"accel": 0.5})).cpus == 2
     assert fleet.for_cluster(PlacementConfig()).cpus == 96
@@ -134,3 +134,46 @@ def test_gpus_smaller_than_the_plan_took_them_to_be_are_named():
                     "24.0 GiB or less: plan with their size")
     assert fleet.smaller_gpus(infos[:1] + infos[2:3], 80 * gib) is None
     assert fleet.smaller_gpus(infos, None) is None
+
+
+def test_a_nodes_actors_never_ask_for_more_cpus_than_it_has(monkeypatch):
+    """128 actors on a node of 2 CPUs each get 2/129 of a CPU rounded down to Ray's unit, so that their bundle asks
+    for no more than the node has (rounded to hundredths, 0.02 each asked for 2.56, and the fleet waited for room for
+    good); where not even Ray's least share is left for each, the placement is refused, saying what to change. Fails
+    if a share is rounded up."""
+    placement = Placement.packed(tiny_config(num_experts=128), 1)
+    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda needs: [2.0])
+    share = fleet.actor_cpus(placement, {})
+    assert share == 0.0155
+    assert fleet.bundles(placement, share, {})[0]["CPU"] <= 2.0
+    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda needs: [0.01])
+    with pytest.raises(PlacementError, match="128 expert actors on a node of 0.01 CPUs get no share.*experts_per_actor"):
+        fleet.actor_cpus(placement, {})
+    monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda needs: [])  # no node could hold them yet
+    assert fleet.actor_cpus(placement, {}) == 0.0001
+
+
+def test_a_fleet_stopped_before_it_asks_for_its_group_removes_its_predecessors(tmp_path, monkeypatch):
+    """Ray started the fleet's process again and the Python API stops it at once, before the new one has asked for
+    its placement group: the group its predecessor left (named as its own) is removed all the same, not left
+    reserving the nodes' CPUs and GPUs until the driver's job ends. Fails if the stop skips the removal."""
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    fleets, removed, asked = [], [], []
+
+    def sized_as_it_stops(placement, resources):
+        fleets[0].release()
+        return 1.0
+
+    monkeypatch.setattr(fleet, "actor_cpus", sized_as_it_stops)
+    monkeypatch.setattr(fleet, "_remove_group_named", removed.append)
+    monkeypatch.setattr(fleet, "placement_group", lambda *args, **kwargs: asked.append(args))
+
+    class Starting(fleet.ExpertFleet):
+        def __init__(self, *args, **kwargs):
+            fleets.append(self)
+            super().__init__(*args, **kwargs)
+
+    stopped = Starting(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
+                       name="experts-left-behind")
+    assert stopped.actors(wait_s=30).actors == [] and stopped.state == "released"
+    assert removed == ["experts-left-behind"] and asked == []
