@@ -152,27 +152,44 @@ def convert_shard(path: Path, number: int, count: int, work: Path) -> dict:
 
 def resolve_model(model: str | os.PathLike, weights: bool = True) -> Path:
     """A checkpoint folder for `model`: a folder as it is, else a Hugging Face Hub id, downloaded (only the
-    config, tokenizer and, with `weights`, the weights) and converted to safetensors on first use."""
+    config, tokenizer and, with `weights`, the weights) and converted to safetensors on first use; where the Hub
+    cannot be reached (offline, HF_HUB_OFFLINE), the copy an earlier run downloaded."""
     path = Path(model)
     if path.exists() or not HUB_ID.fullmatch(str(model)):
         return path
     try:
-        from huggingface_hub import HfApi, snapshot_download
-        from huggingface_hub.utils import logging as hub_logging
-
-        hub_logging.set_verbosity_error()  # its retry notices; the outcome is reported below in one line
-        files = HfApi().list_repo_files(str(model)) if weights else []
-        safetensors = [f for f in files if f.endswith(".safetensors") or f == INDEX_FILE]
-        wanted = safetensors or [f for f in files if f.endswith(".bin") or f == BIN_INDEX_FILE]
-        folder = Path(snapshot_download(str(model), allow_patterns=HUB_FILES + wanted))
-    except Exception as e:  # unreachable hub, offline mode, unknown repo, ...
+        folder = hub_snapshot(str(model), weights)
+    except Exception as e:  # unreachable hub with nothing downloaded before, unknown repo, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"model: {model} is not a folder here, and downloading it from the Hugging Face Hub "
                               f"failed ({reason})") from None
-    if safetensors or not weights:
+    if not weights or any(folder.glob("*.safetensors")):
         return folder
     converted = folder.parent.parent / "switch-serve-safetensors" / folder.name
     if not converted.exists():
+        if not any(folder.glob("*.bin")):
+            raise CheckpointError(f"model: {model}: the copy downloaded before ({folder}) holds no weights; run once "
+                                  f"with the Hugging Face Hub reachable to download them")
         log.warning("%s has only .bin weights; converting them to safetensors in %s (once)", model, converted)
         convert(folder, converted)
     return converted
+
+
+def hub_snapshot(model: str, weights: bool) -> Path:
+    """The files of Hub id `model` that serving needs, in the Hub's cache: its config and tokenizer and, with
+    `weights`, its safetensors weights, or its .bin ones where it has none. Where the Hub cannot be reached, the
+    snapshot an earlier run downloaded, if any; else the Hub's error."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its retry notices; the outcome is reported in one line
+    try:
+        files = HfApi().list_repo_files(model) if weights else []
+    except Exception as online:
+        try:
+            return Path(snapshot_download(model, local_files_only=True))
+        except Exception:
+            raise online from None
+    safetensors = [f for f in files if f.endswith(".safetensors") or f == INDEX_FILE]
+    wanted = safetensors or [f for f in files if f.endswith(".bin") or f == BIN_INDEX_FILE]
+    return Path(snapshot_download(model, allow_patterns=HUB_FILES + wanted))

@@ -248,3 +248,58 @@ def test_a_layers_experts_are_written_in_their_numbers_order():
     ordered = sorted(names, key=lambda name: group_of(name)[1])
     assert groups == {("encoder", 1)} and [int(n.split("expert_")[1].split(".")[0]) for n in ordered] == \
         [0, 1, 2, 9, 10, 11]
+
+
+def test_a_hub_id_downloaded_before_is_served_without_the_hub(tmp_path):
+    """Offline (HF_HUB_OFFLINE), a Hub id an earlier run downloaded resolves to the copy in the Hub's cache, as the
+    Hub's own library lays it out. Fails if every run must reach the Hub."""
+    from reference import MODEL_CONFIGS
+
+    repo = tmp_path / "hub" / "models--google--switch-base-8"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    (snapshot / "config.json").write_text((MODEL_CONFIGS / "switch-base-8.json").read_text())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", "--model", "google/switch-base-8",
+                             "--gpus", "1", "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["front_bytes"] == 332703744  # switch-base-8's non-expert weights in float32
+
+
+def test_without_the_hub_the_copy_downloaded_before_is_taken_as_it_is(tmp_path, monkeypatch):
+    """The Hub unreachable: safetensors weights downloaded before are served, .bin ones through their conversion made
+    before; a copy with the config alone (planned, never served) is refused, naming what to do; with nothing
+    downloaded, the Hub's own error is the one reported. Fails if a stale or empty copy is taken silently."""
+    import huggingface_hub
+
+    from cluster import convert as converting
+
+    class Offline:
+        def list_repo_files(self, repo_id):
+            raise ConnectionError("the Hub is unreachable")
+
+    cached = {"google/safe": tmp_path / "safe", "google/bin": tmp_path / "bin" / "snapshots" / "abc",
+              "google/config-only": tmp_path / "config-only"}
+    for folder in cached.values():
+        folder.mkdir(parents=True)
+    (cached["google/safe"] / "model.safetensors").touch()
+    (cached["google/bin"] / "pytorch_model.bin").touch()
+    converted = tmp_path / "bin" / "switch-serve-safetensors" / "abc"
+    converted.mkdir(parents=True)
+
+    def snapshot_download(repo_id, local_files_only=False, allow_patterns=None):
+        assert local_files_only, "asked the Hub for files after it did not answer"
+        if repo_id not in cached:
+            raise FileNotFoundError("not in the local cache")
+        return str(cached[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert converting.resolve_model("google/safe") == cached["google/safe"]
+    assert converting.resolve_model("google/bin") == converted
+    with pytest.raises(CheckpointError, match="config-only: the copy downloaded before .* holds no weights; run once"):
+        converting.resolve_model("google/config-only")
+    with pytest.raises(CheckpointError, match=r"google/unseen is not a folder here.*\(the Hub is unreachable\)"):
+        converting.resolve_model("google/unseen")
