@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import types
 import typing
@@ -51,9 +52,22 @@ def fail(message: str) -> typing.NoReturn:
 def _resource(text: str) -> tuple[str, float]:
     name, _, amount = text.partition("=")
     try:
-        return name, float(amount)
+        value = float(amount)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}") from None
+        value = math.nan
+    if not name or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}")
+    return name, value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
+    return value
 
 
 def _whole(text: str, least: int, most: int | None = None) -> int:
@@ -210,11 +224,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
                              "own")
 
         try:
-            results = generate_remote(args.address, prompts, logprobs=args.logprobs, timeout=args.timeout,
+            results = generate_remote(args.address, prompts, logprobs=args.logprobs,
+                                      timeout=CLIENT_TIMEOUT_S if args.timeout is None else args.timeout,
                                       api_key=load_api_key(args.api_key_file), **sampling)
         except RemoteError as e:
             fail(str(e))
     else:  # argparse asks for --model or --address
+        for flag, value in (("--timeout", args.timeout), ("--api-key-file", args.api_key_file)):
+            if value is not None:
+                raise ValueError(f"{flag}: for a call to a server (--address); the cluster --model starts takes none")
         config = engine_config(args, EngineConfig, resolve_model(args.model))
         # The cluster started here serves this request alone: its limit is the request's.
         config = config.model_copy(update={"max_new_tokens": max(config.max_new_tokens,
@@ -234,7 +252,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def generate_local(config: EngineConfig, prompts: list, as_text: bool, logprobs: bool, sampling: dict) -> list[dict]:
     from router_service.engine import SwitchCluster
+    from router_service.requests import check_prompt, make_sampling_params
 
+    # Checked before the cluster starts (minutes, for a large checkpoint), as the cluster checks them again.
+    vocab = SwitchCheckpoint.open(config.model).config.vocab_size
+    make_sampling_params(vocab, config, **sampling)
+    if not as_text:
+        for i, ids in enumerate(prompts):
+            check_prompt(ids, vocab, config, f"input_ids[{i}]")
     with SwitchCluster(config) as model:
         outputs = model.generate(texts=prompts, **sampling) if as_text else model.generate(prompts, **sampling)
         results = [o.to_dict(logprobs=logprobs) for o in outputs]
@@ -424,9 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logprobs", action="store_true", help="include each chosen token's log-probability")
     g.add_argument("--json", action="store_true", help="print one JSON object {\"outputs\": [...]}")
     add_api_key_option(g, "with --address: the server's API key")
-    g.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT_S, metavar="S",
+    g.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                    help="with --address: the most the calls take, retries of those refused or cut by a server's "
-                        "failure included (default: %(default)g)")
+                        f"failure included (default: {CLIENT_TIMEOUT_S:g})")
     add_engine_options(g, EngineConfig, skip=("max_new_tokens",))  # --max-new-tokens is the request's
     g.set_defaults(func=cmd_generate)
 

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from experts.checkpoint import INDEX_FILE, CheckpointError, SwitchCheckpoint, config_of_weights, read_config
@@ -145,7 +146,10 @@ def convert_shard(path: Path, number: int, count: int, work: Path) -> dict:
             seen.add(t.untyped_storage().data_ptr())
             tensors[name] = t
             total += t.nbytes
-        save_file(tensors, work / file, metadata={"format": "pt"})
+        try:
+            save_file(tensors, work / file, metadata={"format": "pt"})
+        except SafetensorError as e:  # a full disk, say: one line naming the file, not a traceback
+            raise CheckpointError(f"{work / file}: {e}") from None
         files[file] = names
     return {"files": files, "bytes": total}
 

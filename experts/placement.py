@@ -30,6 +30,8 @@ RAY_OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
     for name, amount in resources.items():
+        if not name:
+            raise ValueError("a resource without a name")
         if name in RAY_OWN_RESOURCES:
             raise ValueError(f"{name} is Ray's own resource, which the processes ask for by themselves; name a "
                              "custom resource of the nodes (rayStartParams' resources)")
@@ -49,7 +51,7 @@ FRONTS_ONLY = ("timeout_s", "restart_timeout_s")
 class PlacementConfig(BaseModel):
     """How to spread the experts: the placement part of the server's config and of `SwitchCluster`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no infinity, no NaN
 
     experts_per_actor: int | None = Field(
         None, ge=1, description="without GPUs: expert indices packed into one actor, hosting those experts of every "

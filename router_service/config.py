@@ -49,7 +49,8 @@ class EngineConfig(BaseModel):
     """A checkpoint served with expert parallelism: where the experts go, the dtype, the capacity rule, the
     batch and the limits on what a request may ask."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)  # a misspelt field fails instead of being ignored
+    # A misspelt field fails instead of being ignored; infinity and NaN, which no field means, are refused.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model: str = Field(description="checkpoint folder, readable from every node")
     placement: PlacementConfig = PlacementConfig()

@@ -118,6 +118,19 @@ def test_console_script_help():
     (["plan", "--config", "README.md", "--gpus", "1"], "README.md: Expecting value: line 1 column 1"),
     (["plan", "--config", "tests/data/model-configs/switch-c-2048.json", "--gpus", "1", "--gpu-memory", "40MiB"],
      "gpu_memory: 40 MiB (90% usable) holds no expert of 49 MiB"),
+    (["generate", "--model", "demo/model", "--input-ids", "[[5, 1]]", "--timeout", "5"],
+     "--timeout: for a call to a server (--address); the cluster --model starts takes none"),
+    (["generate", "--model", "demo/model", "--input-ids", "[[5, 1]]", "--api-key-file", "key.txt"],
+     "--api-key-file: for a call to a server (--address)"),
+    (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--timeout", "-5"],
+     "argument --timeout: expected seconds above 0, got '-5'"),
+    (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--timeout", "nan"],
+     "argument --timeout: expected seconds above 0, got 'nan'"),
+    (["build", "--model", "demo/model", "--actor-resource", "=1"], "argument --actor-resource: expected NAME=AMOUNT"),
+    (["build", "--model", "demo/model", "--front-resource", "slot=nan"],
+     "argument --front-resource: expected NAME=AMOUNT, got 'slot=nan'"),
+    (["build", "--model", "demo/model", "--front-gpus", "inf"], "front_gpus: Input should be a finite number"),
+    (["build", "--model", "demo/model", "--drain-timeout-s", "inf"], "drain_timeout_s: Input should be a finite"),
 ])
 def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, message):
     """Before Ray or a benchmark starts (each case here would have run for a minute first, or ended in a
@@ -126,6 +139,22 @@ def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, messa
         main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and err.splitlines()[-1].startswith("switch-serve")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-ids", "[[5, 1000000000]]"], "input_ids[0]: token ids [1000000000] outside the vocabulary"),
+    (["--input-ids", "[[5, 1], []]"], "input_ids[1]: empty prompt"),
+    (["--input-ids", "[[5, 1]]", "--temperature", "500"], "temperature: must be 0 (greedy) or between"),
+])
+def test_generate_here_checks_its_request_before_the_cluster_starts(monkeypatch, capsys, argv, message):
+    """A bad prompt or sampling flag is refused before the cluster starts (minutes, for a large checkpoint), not
+    once it has. Fails if the cluster starts first."""
+    import router_service.engine
+
+    monkeypatch.setattr(router_service.engine, "SwitchCluster", lambda config: pytest.fail("the cluster started"))
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "demo/model", *argv])
+    assert message in capsys.readouterr().err
 
 
 def test_generate_here_takes_as_many_new_tokens_as_asked(checkpoint_factory, monkeypatch):

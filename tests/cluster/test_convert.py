@@ -303,3 +303,30 @@ def test_without_the_hub_the_copy_downloaded_before_is_taken_as_it_is(tmp_path, 
         converting.resolve_model("google/config-only")
     with pytest.raises(CheckpointError, match=r"google/unseen is not a folder here.*\(the Hub is unreachable\)"):
         converting.resolve_model("google/unseen")
+
+
+def test_a_shard_that_cannot_be_written_is_named_in_one_line(checkpoint_factory, tmp_path, monkeypatch, capsys):
+    """A full disk while writing a shard: one line naming the file and the I/O error, not a traceback, and the
+    shards finished before kept for the next run. Fails if safetensors' error escapes as it is."""
+    from safetensors import SafetensorError
+
+    from cluster import convert as converting
+
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=2)
+    real, written = converting.save_file, []
+
+    def full_disk(tensors, path, metadata):
+        if written and path.name.startswith("model-00002"):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        written.append(path.name)
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(converting, "save_file", full_disk)
+    with pytest.raises(SystemExit):
+        main(["convert", str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"switch-serve: error: {tmp_path}/.out.partial/model-00002")
+    assert err.endswith("No space left on device (os error 28)")
+    assert any((tmp_path / ".out.partial").glob(".shard-*.json")) and not (tmp_path / "out").exists()
