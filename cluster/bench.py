@@ -44,7 +44,7 @@ from transformers import SwitchTransformersForConditionalGeneration
 from cluster.app import front_env, local_serve, start_ray
 from cluster.testing import free_port, percentile, tiny_config, write_random_checkpoint
 from cluster.workloads import HF_BATCH_SIZES, SHAPES, WORKLOADS
-from experts.fleet import this_node_cpus
+from experts.fleet import compute_threads
 from experts.placement import PlacementConfig, experts_per_cpu
 from experts.spec import (
     DTYPES,
@@ -402,7 +402,7 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     server = server.model_copy(update={"placement": placement, "front_gpus": front_gpus})
     report["streams"] = {"interval_ms": server.stream_interval_ms, "chunks_per_s": server.stream_chunks_per_s}
     start_ray(ingress=ingress, include_dashboard=False, log_to_driver=False, **ray_options)
-    report["front_threads"] = server.front_threads or this_node_cpus()  # a replica's default
+    report["front_threads"] = compute_threads(server.front_threads)  # as a replica counts them
     try:
         with local_serve(server, http_port=free_port(), grpc_port=free_port()) as served:
             for name, pool in work.items():

@@ -48,13 +48,15 @@ def node_cpus_largest_first(needs: dict[str, float] | None = None) -> list[float
                   reverse=True)
 
 
-def this_node_cpus() -> int:
-    """The CPUs Ray counts on this process's node (on Kubernetes, the container's limit rather than the host's
-    cores), at most the cores this process may run on."""
-    here = ray.get_runtime_context().get_node_id()
-    counted = next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here)
+def compute_threads(asked: int | None = None) -> int:
+    """The threads of a process's math: `asked`, else the CPUs Ray counts on its node (on Kubernetes, the
+    container's limit rather than the host's cores); at most the cores this process may run on, since busy threads
+    beyond them only wait for one another."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(int(counted), cores))
+    if asked is None:
+        here = ray.get_runtime_context().get_node_id()
+        asked = int(next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here))
+    return max(1, min(asked, cores))
 
 
 def for_cluster(config: PlacementConfig) -> PlacementConfig:

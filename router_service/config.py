@@ -87,8 +87,8 @@ class ServerConfig(EngineConfig):
         default_factory=dict, description="a Ray resource each front replica asks for, to keep the fronts on the "
                                           "nodes meant for them (e.g. one only their worker group offers)")
     front_threads: int | None = Field(
-        None, ge=1, description="CPU threads of each replica's math (default: the CPUs Ray counts on its node, "
-                                "since the front and the expert actors take turns)")
+        None, ge=1, description="CPU threads of each replica's math, at most the cores it may run on (default: the "
+                                "CPUs Ray counts on its node, since the front and the expert actors take turns)")
     drain_timeout_s: float = Field(
         60.0, gt=0, description="how long a front replica that is stopping (a config change, the app deleted, "
                                 "SIGTERM) lets its requests finish; those still running then end with UNAVAILABLE")

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.fleet import ExpertFleet, this_node_cpus
+from experts.fleet import ExpertFleet, compute_threads
 from experts.placement import PlacementConfig
 from experts.spec import sparse_layers
 from router_service.auth import Unauthenticated, load_api_key, presented_key
@@ -391,7 +391,7 @@ class SwitchServer:
         fleet = serve.get_deployment_handle(FLEET_DEPLOYMENT, fleet_app_name(serve.get_replica_context().app_name))
         self.cluster = SwitchCluster(config, fleet=fleet, wait=False, metrics=self.metrics)
         self.metrics.serving(self.cluster.checkpoint.config.num_experts)
-        self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting, config.front_threads or this_node_cpus())
+        self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting, compute_threads(config.front_threads))
         try:
             _ = self.cluster.tokenizer  # loaded now rather than on the first request
             self.has_tokenizer = True

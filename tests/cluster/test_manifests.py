@@ -361,3 +361,45 @@ def test_pods_spread_so_that_one_node_lost_takes_one_front_or_a_share_of_the_exp
             assert rule["operator"] == "Lt" and int(rule["values"][0]) <= gpus(experts)
         if group["groupName"] == "experts" and group["replicas"] > 1 and gpus(group) < 8:
             assert terms, "expert pods may all share a node"
+
+
+def cpus(group: dict) -> float:
+    """The CPUs each pod of a head or worker group is limited to."""
+    return float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+
+
+@pytest.mark.parametrize("file", MANIFESTS, ids=lambda p: p.stem)
+def test_the_fronts_of_a_pod_ask_for_no_more_threads_than_it_has_cpus(file):
+    """Each front computes on `front_threads` threads, or on every CPU Ray counts on its node: two fronts on one pod
+    without it would run twice as many busy threads as the pod has CPUs. Fails if a pod's fronts oversubscribe it."""
+    manifest = yaml.safe_load(file.read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
+    args = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (resource, amount), = args["front_resources"].items()
+    (group,) = [g for g in groups.values() if resource in offered(g)]
+    fronts_per_pod = offered(group)[resource] // amount
+    assert fronts_per_pod * (args.get("front_threads") or cpus(group)) <= cpus(group)
+
+
+@pytest.mark.parametrize("file", MANIFESTS, ids=lambda p: p.stem)
+def test_the_ports_the_model_path_and_rays_version_agree_across_files(file):
+    """Serve's ports are the Service's targets and the head's declared ports; the checkpoint folder the apps read
+    lies under every pod's mount of the claim; the manifest's Ray is the image's and the package's. Fails if one
+    file changes without the others."""
+    manifest = yaml.safe_load(file.read_text())
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    cluster = manifest["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    declared = {p["name"]: p["containerPort"] for p in head["ports"]}
+    targets = {p["name"]: p["targetPort"] for p in manifest["spec"]["serveService"]["spec"]["ports"]}
+    ports = {"serve": serve_config["http_options"]["port"], "serve-grpc": serve_config["grpc_options"]["port"]}
+    assert targets == ports and {name: declared[name] for name in ports} == ports
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (mount,) = [m["mountPath"] for m in group["template"]["spec"]["containers"][0]["volumeMounts"]
+                    if m["name"] == "checkpoints"]
+        for app in serve_config["applications"]:
+            assert app["args"]["model"].startswith(mount.rstrip("/") + "/")
+    version = cluster["rayVersion"]
+    assert f"FROM rayproject/ray:{version}-" in (ROOT / "manifests" / "Dockerfile").read_text()
+    assert f'"ray[serve]=={version}"' in (ROOT / "pyproject.toml").read_text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from cluster.testing import tiny_config, write_random_checkpoint
@@ -177,3 +179,16 @@ def test_a_fleet_stopped_before_it_asks_for_its_group_removes_its_predecessors(t
                        name="experts-left-behind")
     assert stopped.actors(wait_s=30).actors == [] and stopped.state == "released"
     assert removed == ["experts-left-behind"] and asked == []
+
+
+def test_a_processs_math_takes_no_more_threads_than_its_cores(monkeypatch):
+    """Asked for 4 threads (switch-base-8's manifest sets --front-threads 4) on a machine of 2 cores, a front takes
+    2; unasked, the CPUs Ray counts on its node, capped the same way. Fails if busy threads outnumber the cores."""
+    monkeypatch.setattr(fleet.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert [fleet.compute_threads(n) for n in (1, 2, 4)] == [1, 2, 2]
+    monkeypatch.setattr(fleet.ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "b"))
+    monkeypatch.setattr(fleet.ray, "nodes", lambda: [{"NodeID": "a", "Resources": {"CPU": 1.0}},
+                                                     {"NodeID": "b", "Resources": {"CPU": 8.0}}])
+    assert fleet.compute_threads() == 2
+    monkeypatch.setattr(fleet.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert fleet.compute_threads() == 8
