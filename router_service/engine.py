@@ -438,11 +438,20 @@ class SwitchCluster:
     def expert_token_counts(self) -> dict[tuple[str, int], list[int]]:
         """Tokens each expert of each sparse layer has computed since its actor started, counted by the actors
         (so every front that shares them is included), and by this front where it computed them itself."""
-        return count_expert_tokens(ray.get([actor.token_counts.remote() for actor in self.actors])
-                                   + [self.dispatcher.local_tokens], self.checkpoint.config.num_experts)
+        return count_expert_tokens(self._ask_actors("token_counts") + [self.dispatcher.local_tokens],
+                                   self.checkpoint.config.num_experts)
 
     def actor_info(self) -> list[dict]:
-        return ray.get([actor.info.remote() for actor in self.actors])
+        return self._ask_actors("info")
+
+    def _ask_actors(self, method: str) -> list:
+        """Every expert actor's answer to `method`, waited for as long as a step waits for actors that are down."""
+        timeout_s = self.config.placement.restart_timeout_s
+        try:
+            return ray.get([getattr(actor, method).remote() for actor in self.actors], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ExpertsUnavailable(f"the expert actors did not answer within {timeout_s:g} s "
+                                     "(placement.restart_timeout_s)") from None
 
     def shutdown(self) -> None:
         """Stop the fleet this object started (one it was given stays for the other fronts), and Ray if it started

@@ -181,3 +181,26 @@ def test_expert_actors_that_fail_to_load_fail_the_python_api_at_once_saying_why(
     failed = rf"^placement: the expert actors failed to load: \S*CheckpointError: \S*{shard}: tensor \S+ is cut off"
     with pytest.raises(PlacementError, match=failed):
         SwitchCluster(path, placement={"experts_per_actor": 4, "timeout_s": 600})
+
+
+def test_asking_the_actors_waits_as_long_as_a_step_would_then_says_so(monkeypatch):
+    """actor_info and expert_token_counts wait for actors that do not answer (restarting where there is no room) no
+    longer than a step waits for them, then raise ExpertsUnavailable. Fails if they wait for good."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from router_service.dispatch import ExpertsUnavailable
+
+    waited = []
+
+    def get(refs, timeout=None):
+        waited.append(timeout)
+        raise ray.exceptions.GetTimeoutError("Get timed out")
+
+    monkeypatch.setattr(engine.ray, "get", get)
+    actor = SimpleNamespace(info=SimpleNamespace(remote=lambda: "ref"))
+    model = SimpleNamespace(actors=[actor], config=SimpleNamespace(placement=SimpleNamespace(restart_timeout_s=7.0)))
+    with pytest.raises(ExpertsUnavailable, match=r"did not answer within 7 s \(placement.restart_timeout_s\)"):
+        SwitchCluster._ask_actors(model, "info")
+    assert waited == [7.0]
