@@ -276,6 +276,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from cluster.app import check_placement, local_serve
 
     check_ports(args)
+    if args.address is not None and args.ingress != DEFAULT_INGRESS:
+        raise ValueError("--ingress: sets up the Ray cluster started here; a cluster joined with --address takes "
+                         "RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of every node instead")
     free_ports(grpc_port=args.grpc_port, http_port=args.http_port)
     folder, checkpoint = open_checkpoint(args.model)
     config = engine_config(args, ServerConfig, folder)
@@ -398,12 +401,24 @@ def cmd_bench(args: argparse.Namespace) -> None:
         folder = Path(open_checkpoint(args.model)[0])
     else:
         folder = checkpoint(args.shape, Path.home() / ".cache" / "switch-serve" / "bench" / args.shape)
+    if args.plot:  # before a run of many minutes, not after it
+        check_plot(args.plot)
     options = given(args, PlacementConfig) | given(args, EngineConfig) | given(args, ServerConfig)
     report = run(folder, args.workload or ["default", "long-prompts"], args.concurrency, args.requests, options,
                  args.device, args.ingress)
     print_report(report, args.json)
     if args.plot:
         plot(report, args.plot)
+
+
+def check_plot(path: str) -> None:
+    """Refuse a plot that could not be drawn, or saved where asked."""
+    try:
+        import matplotlib  # noqa: F401 (an optional dependency)
+    except ImportError:
+        raise ValueError("--plot: needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
+    if not Path(path).resolve().parent.is_dir():
+        raise ValueError(f"--plot: {Path(path).parent} is not a folder")
 
 
 def cmd_quality(args: argparse.Namespace) -> None:
@@ -417,6 +432,8 @@ def cmd_soak(args: argparse.Namespace) -> None:
 
     if args.chaos_every is not None and not args.chaos:
         raise ValueError("--chaos-every: sets how often --chaos injects faults; without --chaos there are none")
+    if args.chaos_every is not None and args.chaos_every[0] > args.chaos_every[1]:
+        raise ValueError(f"--chaos-every: MIN_S {args.chaos_every[0]:g} is more than MAX_S {args.chaos_every[1]:g}")
     model = args.model and open_checkpoint(args.model)[0]
     sys.exit(main(model, args.duration, args.concurrency, tuple(args.chaos_every or CHAOS_EVERY_S) if args.chaos
                   else None, args.replicas, args.nodes))
@@ -537,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("soak", help="serve a checkpoint locally under mixed load, optionally killing its processes, "
                                     "and check every answer")
     k.add_argument("--model", default=None, help="checkpoint with a tokenizer (default: the demo model)")
-    k.add_argument("--duration", type=float, default=600.0, help="seconds of load (default: %(default)g)")
+    k.add_argument("--duration", type=_seconds, default=600.0, help="seconds of load (default: %(default)g)")
     k.add_argument("--concurrency", type=_positive, default=8, help="requests in flight at once (default: %(default)s)")
     k.add_argument("--replicas", type=_positive, default=2, help="front replicas (default: %(default)s)")
     k.add_argument("--nodes", type=_count, default=0,
@@ -546,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--chaos", action="store_true", help="kill an expert actor, the expert fleet and a front replica "
                                                         "in turn, at random times; with --nodes, replace a worker "
                                                         "node as well")
-    k.add_argument("--chaos-every", type=float, nargs=2, default=None, metavar=("MIN_S", "MAX_S"),
+    k.add_argument("--chaos-every", type=_seconds, nargs=2, default=None, metavar=("MIN_S", "MAX_S"),
                    help=f"with --chaos: seconds between faults, drawn between these (default: "
                         f"{' '.join(f'{s:g}' for s in CHAOS_EVERY_S)})")
     k.set_defaults(func=cmd_soak)

@@ -105,9 +105,9 @@ class ServerConfig(EngineConfig):
                                  "many seconds between chunks, so that relaying them takes less of the CPU the "
                                  "decoding needs; 0: no limit")
     num_replicas: int = Field(1, ge=1, description="front replicas (they share the expert actors)")
-    served_model_name: str | None = Field(None, description="the model's id in the OpenAI-compatible API and the "
-                                                            "metrics (default: the checkpoint folder's name; the Hub "
-                                                            "id for serve --model HUB_ID)")
+    served_model_name: str | None = Field(
+        None, min_length=1, description="the model's id in the OpenAI-compatible API and the metrics (default: the "
+                                        "checkpoint folder's name; the Hub id for serve --model HUB_ID)")
     fleet_resources: RayResources = Field(
         default_factory=dict, description="a Ray resource the expert fleet (the owner of the expert actors) asks "
                                           "for, to keep it on a node that outlives the fronts, e.g. the head's")

@@ -131,6 +131,12 @@ def test_console_script_help():
      "argument --front-resource: expected NAME=AMOUNT, got 'slot=nan'"),
     (["build", "--model", "demo/model", "--front-gpus", "inf"], "front_gpus: Input should be a finite number"),
     (["build", "--model", "demo/model", "--drain-timeout-s", "inf"], "drain_timeout_s: Input should be a finite"),
+    (["build", "--model", "demo/model", "--served-model-name", ""], "served_model_name: String should have at least"),
+    (["soak", "--duration", "0"], "argument --duration: expected seconds above 0, got '0'"),
+    (["soak", "--chaos", "--chaos-every", "0", "0"], "argument --chaos-every: expected seconds above 0, got '0'"),
+    (["soak", "--chaos", "--chaos-every", "9", "5"], "--chaos-every: MIN_S 9 is more than MAX_S 5"),
+    (["serve", "--model", "demo/model", "--address", "auto", "--ingress", "haproxy"],
+     "--ingress: sets up the Ray cluster started here; a cluster joined with --address takes"),
 ])
 def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, message):
     """Before Ray or a benchmark starts (each case here would have run for a minute first, or ended in a
@@ -155,6 +161,23 @@ def test_generate_here_checks_its_request_before_the_cluster_starts(monkeypatch,
     with pytest.raises(SystemExit):
         main(["generate", "--model", "demo/model", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_a_plot_that_could_not_be_drawn_is_refused_before_the_bench_runs(monkeypatch, capsys):
+    """Without matplotlib, or into a folder that is not there: refused before a run of many minutes, not after it.
+    Fails if the bench starts first."""
+    import types
+
+    import cluster.bench
+
+    monkeypatch.setattr(cluster.bench, "run", lambda *args: pytest.fail("the bench ran"))
+    for matplotlib, path, message in [(None, "plot.png", "--plot: needs matplotlib"),
+                                      (types.ModuleType("matplotlib"), "/no/such/folder/plot.png",
+                                       "--plot: /no/such/folder is not a folder")]:
+        monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)  # None: not installed
+        with pytest.raises(SystemExit):
+            main(["bench", "--shape", "tiny", "--plot", path])
+        assert message in capsys.readouterr().err
 
 
 def test_generate_here_takes_as_many_new_tokens_as_asked(checkpoint_factory, monkeypatch):
