@@ -67,7 +67,8 @@ def test_the_queue_depth_follows_every_step_and_a_failed_batch():
     depth = []
     front = SimpleNamespace(config=SimpleNamespace(eos_token_id=1), device=torch.device("cpu"), dtype=torch.float32,
                             encode=encode)
-    batcher = ContinuousBatcher(front, max_sequences=2, metrics=SimpleNamespace(waiting=depth.append))
+    metrics = SimpleNamespace(waiting=depth.append, sequence_done=lambda first_token_s, per_token_s, dropped: None)
+    batcher = ContinuousBatcher(front, max_sequences=2, metrics=metrics)
     for prompt in ([5, 1], [6, 1], [7, 1]):
         batcher.add(Sequence(prompt))
     assert len(batcher.step()) == 3 and depth[-1] == 0  # the two admitted and the one left waiting, failed
