@@ -24,15 +24,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from experts.actor import ExpertActor
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import KEPT_HEAP_ENV
-from experts.placement import Placement, PlacementConfig, PlacementError
+from experts.placement import RESOURCE_UNITS, Placement, PlacementConfig, PlacementError
 from experts.plan import parse_bytes
 from experts.spec import expert_format, expert_tensor_names
 from experts.wire import INLINE_ACTIVATIONS_ENV
 
 log = logging.getLogger(__name__)
 
-# Ray counts a resource in ten-thousandths.
-RESOURCE_UNITS = 10_000
 # How often a fleet waiting for room says so (in its status and its log).
 ROOM_POLL_S = 10.0
 # Calls a fleet actor answers at once (each `actors` call may wait for the load).

@@ -23,7 +23,7 @@ from experts.spec import STACKS, ExpertKey, LayerKey, SwitchConfig, sparse_layer
 class PlacementError(RuntimeError):
     """Ray cannot find room for the actors the placement asks for."""
 
-GPU_UNITS = 10_000  # the parts of a GPU Ray counts in
+RESOURCE_UNITS = 10_000  # Ray counts a resource (a GPU, a CPU, a custom one) in ten-thousandths
 # Ray's own resources, which a process asks for by its options (num_cpus, num_gpus, ...), never by name.
 RAY_OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
@@ -159,7 +159,7 @@ class Placement:
             groups = [gpu.experts[i * n // k:(i + 1) * n // k] for i in range(k)]
             # Ray counts a GPU in ten-thousandths: shares rounded down add up to at most the GPU (1/6 rounded to
             # the nearest would ask for 1.0002 of it).
-            gpus = math.floor(GPU_UNITS / len(groups)) / GPU_UNITS
+            gpus = math.floor(RESOURCE_UNITS / len(groups)) / RESOURCE_UNITS
             actors += [ActorSpec(tuple(group), node=node_index[gpu.node], gpus=gpus) for group in groups]
         return cls(tuple(actors), len(node_index))
 
