@@ -397,12 +397,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise ValueError("--device: cuda, but this machine's torch sees no CUDA GPU")
+    if args.plot:  # before the checkpoint is written and the run of many minutes, not after them
+        check_plot(args.plot)
     if args.model is not None:
         folder = Path(open_checkpoint(args.model)[0])
     else:
         folder = checkpoint(args.shape, Path.home() / ".cache" / "switch-serve" / "bench" / args.shape)
-    if args.plot:  # before a run of many minutes, not after it
-        check_plot(args.plot)
     options = given(args, PlacementConfig) | given(args, EngineConfig) | given(args, ServerConfig)
     report = run(folder, args.workload or ["default", "long-prompts"], args.concurrency, args.requests, options,
                  args.device, args.ingress)

@@ -162,7 +162,7 @@ def resolve_model(model: str | os.PathLike, weights: bool = True) -> Path:
     if path.exists() or not HUB_ID.fullmatch(str(model)):
         return path
     try:
-        folder = hub_snapshot(str(model), weights)
+        folder, online = hub_snapshot(str(model), weights)
     except Exception as e:  # unreachable hub with nothing downloaded before, unknown repo, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"model: {model} is not a folder here, and downloading it from the Hugging Face Hub "
@@ -172,28 +172,32 @@ def resolve_model(model: str | os.PathLike, weights: bool = True) -> Path:
     converted = folder.parent.parent / "switch-serve-safetensors" / folder.name
     if not converted.exists():
         if not any(folder.glob("*.bin")):
-            raise CheckpointError(f"model: {model}: the copy downloaded before ({folder}) holds no weights; run once "
-                                  f"with the Hugging Face Hub reachable to download them")
+            raise CheckpointError(
+                f"model: {model} has no .safetensors or .bin weights on the Hugging Face Hub" if online else
+                f"model: {model}: the copy downloaded before ({folder}) holds no weights; run once with the Hugging "
+                "Face Hub reachable to download them")
         log.warning("%s has only .bin weights; converting them to safetensors in %s (once)", model, converted)
         convert(folder, converted)
     return converted
 
 
-def hub_snapshot(model: str, weights: bool) -> Path:
+def hub_snapshot(model: str, weights: bool) -> tuple[Path, bool]:
     """The files of Hub id `model` that serving needs, in the Hub's cache: its config and tokenizer and, with
-    `weights`, its safetensors weights, or its .bin ones where it has none. Where the Hub cannot be reached, the
-    snapshot an earlier run downloaded, if any; else the Hub's error."""
+    `weights`, its safetensors weights, or its .bin ones where it has none; and whether the Hub answered. Where the
+    Hub cannot be reached, the snapshot an earlier run downloaded, if any; else the Hub's error."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.set_verbosity_error()  # its retry notices; the outcome is reported in one line
     try:
         files = HfApi().list_repo_files(model) if weights else []
-    except Exception as online:
+    except Exception as unreachable:
         try:
-            return Path(snapshot_download(model, local_files_only=True))
+            # The config's files alone asked for: the Hub's library refuses a snapshot that lacks any file of the
+            # repo's listing asked for, and a run downloads one of its kinds of weights (checked by the caller).
+            return Path(snapshot_download(model, local_files_only=True, allow_patterns=HUB_FILES)), False
         except Exception:
-            raise online from None
+            raise unreachable from None
     safetensors = [f for f in files if f.endswith(".safetensors") or f == INDEX_FILE]
     wanted = safetensors or [f for f in files if f.endswith(".bin") or f == BIN_INDEX_FILE]
-    return Path(snapshot_download(model, allow_patterns=HUB_FILES + wanted))
+    return Path(snapshot_download(model, allow_patterns=HUB_FILES + wanted)), True

@@ -273,8 +273,8 @@ class ContinuousBatcher:
         # active sequence then sees no cache rows either.
         self.cache, self.active, self.admitting, self.waiting = None, [], [], deque()
         self.next_tokens = torch.zeros(0, dtype=torch.long)
-        if self.metrics is not None:  # their latencies up to the failure, and their dropped tokens, count too
-            self._record(failed)
+        if self.metrics is not None:  # the generation requests' latencies up to the failure count too (once)
+            self._record([seq for seq in failed if seq.pooling is None and seq.finish_reason is None])
             self.metrics.waiting(self.num_waiting)
         return failed
 

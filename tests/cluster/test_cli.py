@@ -170,6 +170,7 @@ def test_a_plot_that_could_not_be_drawn_is_refused_before_the_bench_runs(monkeyp
 
     import cluster.bench
 
+    monkeypatch.setattr(cluster.bench, "checkpoint", lambda *args: pytest.fail("the checkpoint was written"))
     monkeypatch.setattr(cluster.bench, "run", lambda *args: pytest.fail("the bench ran"))
     for matplotlib, path, message in [(None, "plot.png", "--plot: needs matplotlib"),
                                       (types.ModuleType("matplotlib"), "/no/such/folder/plot.png",

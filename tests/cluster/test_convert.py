@@ -252,36 +252,45 @@ def test_a_layers_experts_are_written_in_their_numbers_order():
 
 def test_a_hub_id_downloaded_before_is_served_without_the_hub(tmp_path):
     """Offline (HF_HUB_OFFLINE), a Hub id an earlier run downloaded resolves to the copy in the Hub's cache, as the
-    Hub's own library lays it out. Fails if every run must reach the Hub."""
-    from reference import MODEL_CONFIGS
-
+    Hub's library lays it out: the snapshot, and the listing of every file of the repo at that commit, including
+    those a run does not download (the other kind of weights, the README). Fails if every run must reach the Hub, or
+    if the cache is asked for files it was never meant to hold."""
     repo = tmp_path / "hub" / "models--google--switch-base-8"
     snapshot = repo / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
-    (snapshot / "config.json").write_text((MODEL_CONFIGS / "switch-base-8.json").read_text())
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_text("{}")
+    listing = {name: {"size": 2, "blob_id": f"{i:040x}"}
+               for i, name in enumerate(["config.json", "model.safetensors", "pytorch_model.bin", "README.md"])}
+    (repo / "trees").mkdir()
+    (repo / "trees" / "0123abcd.json").write_text(json.dumps({"format_version": 1, "files": listing}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", "--model", "google/switch-base-8",
-                             "--gpus", "1", "--json"], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run([sys.executable, "-c", "from cluster.convert import resolve_model; "
+                                                   "print(resolve_model('google/switch-base-8'))"],
+                            capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["front_bytes"] == 332703744  # switch-base-8's non-expert weights in float32
+    assert result.stdout.strip() == str(snapshot)
 
 
 def test_without_the_hub_the_copy_downloaded_before_is_taken_as_it_is(tmp_path, monkeypatch):
     """The Hub unreachable: safetensors weights downloaded before are served, .bin ones through their conversion made
     before; a copy with the config alone (planned, never served) is refused, naming what to do; with nothing
-    downloaded, the Hub's own error is the one reported. Fails if a stale or empty copy is taken silently."""
+    downloaded, the Hub's own error is the one reported. A repo the Hub lists without weights switch-serve reads is
+    said to be so. Fails if a stale or empty copy is taken silently."""
     import huggingface_hub
 
     from cluster import convert as converting
 
     class Offline:
         def list_repo_files(self, repo_id):
+            if repo_id == "google/no-weights":
+                return ["config.json", "flax_model.msgpack"]
             raise ConnectionError("the Hub is unreachable")
 
     cached = {"google/safe": tmp_path / "safe", "google/bin": tmp_path / "bin" / "snapshots" / "abc",
-              "google/config-only": tmp_path / "config-only"}
+              "google/config-only": tmp_path / "config-only", "google/no-weights": tmp_path / "no-weights"}
     for folder in cached.values():
         folder.mkdir(parents=True)
     (cached["google/safe"] / "model.safetensors").touch()
@@ -290,7 +299,7 @@ def test_without_the_hub_the_copy_downloaded_before_is_taken_as_it_is(tmp_path, 
     converted.mkdir(parents=True)
 
     def snapshot_download(repo_id, local_files_only=False, allow_patterns=None):
-        assert local_files_only, "asked the Hub for files after it did not answer"
+        assert local_files_only or repo_id == "google/no-weights", "asked the Hub for files after it did not answer"
         if repo_id not in cached:
             raise FileNotFoundError("not in the local cache")
         return str(cached[repo_id])
@@ -303,6 +312,8 @@ def test_without_the_hub_the_copy_downloaded_before_is_taken_as_it_is(tmp_path, 
         converting.resolve_model("google/config-only")
     with pytest.raises(CheckpointError, match=r"google/unseen is not a folder here.*\(the Hub is unreachable\)"):
         converting.resolve_model("google/unseen")
+    with pytest.raises(CheckpointError, match="google/no-weights has no .safetensors or .bin weights on the Hugging"):
+        converting.resolve_model("google/no-weights")  # the Hub answered: nothing to download again
 
 
 def test_a_shard_that_cannot_be_written_is_named_in_one_line(checkpoint_factory, tmp_path, monkeypatch, capsys):
