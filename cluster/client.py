@@ -32,10 +32,13 @@ FIRST_BACKOFF_S, LAST_BACKOFF_S = 0.5, 8.0
 def retryable(error: grpc.RpcError) -> bool:
     """UNAVAILABLE (expert actors down, a replica not ready), RESOURCE_EXHAUSTED (a replica's queue full), or a
     front replica that died mid-request, which Serve's gRPC proxy reports as INTERNAL ("actor died", or "is
-    unavailable" where it reached the replica over gRPC). Generation has no side effects, so asking again is safe."""
+    unavailable" where it reached the replica over gRPC) and HAProxy at times as an HTTP error of its own, which gRPC
+    reads as UNKNOWN ("Received http2 header with status: 500"). Generation has no side effects, so asking again is
+    safe."""
     details = (error.details() or "").lower()
     return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) or (
-        error.code() == grpc.StatusCode.INTERNAL and ("actor died" in details or "is unavailable" in details))
+        error.code() == grpc.StatusCode.INTERNAL and ("actor died" in details or "is unavailable" in details)) or (
+        error.code() == grpc.StatusCode.UNKNOWN and details.startswith("received http2 header with status: 5"))
 
 
 def key_metadata(api_key: str | None) -> list[tuple[str, str]]:

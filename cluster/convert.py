@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (BIN_FILE, BIN_INDEX_FILE, "model.safetensors", INDEX_FILE)
+# Weights a source folder may hold besides those converted (other shards, other frameworks'): never copied over.
+OTHER_WEIGHTS = (".bin", ".safetensors", ".msgpack", ".h5", ".ckpt", ".pt", ".pth", ".onnx", ".gguf")
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "spiece.model",
              "special_tokens_map.json"]
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -109,9 +111,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
         raw = json.loads(config_file.read_text())
         config = config_of_weights(config, list(weight_map), config_file)
         (work / "config.json").write_text(json.dumps(raw | {f: getattr(config, f) for f in LAYER_FIELDS}, indent=2))
-        for other in src.iterdir():
+        for other in src.iterdir():  # the tokenizer's files, the generation config: not weights of any kind
             if other.is_file() and other.name not in WEIGHT_FILES and other.name != "config.json" \
-                    and not other.name.endswith(".bin"):
+                    and not other.name.endswith(OTHER_WEIGHTS):
                 shutil.copy2(other, work / other.name)
         SwitchCheckpoint.open(work)  # every tensor checked before dst appears
         os.replace(work, dst)

@@ -34,6 +34,8 @@ class StatusFromProxy(grpc.RpcError):
     (grpc.StatusCode.INTERNAL, "The actor died unexpectedly before finishing this task.", True),
     (grpc.StatusCode.INTERNAL, "The actor ce26 is unavailable: Actor is unavailable.. The task may or may not have "
                                "been executed on the actor.", True),  # the proxy reached the replica over gRPC
+    (grpc.StatusCode.UNKNOWN, "Received http2 header with status: 500", True),  # HAProxy's, a front lost behind it
+    (grpc.StatusCode.UNKNOWN, "Exception calling application: boom", False),
     (grpc.StatusCode.INTERNAL, "division by zero", False),
     (grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens: must be at least 1", False),
 ])

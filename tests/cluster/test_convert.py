@@ -129,17 +129,22 @@ def test_hub_id_without_network_fails_in_one_line(env):
 
 def test_the_tokenizer_and_generation_config_come_along(checkpoint_factory, tmp_path):
     """The files beside the weights (tokenizer, generation config) are copied into the converted folder as they
-    are; the .bin weights are not. Fails if conversion leaves them behind (the converted model could not decode)."""
+    are; the .bin weights are not, nor other frameworks' weights or stray shards (gigabytes, of no use there). Fails
+    if conversion leaves the tokenizer behind (the converted model could not decode)."""
     _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
     src = tmp_path / "bin"
     save_bin_shards(hf_model, src, shards=1)
     others = {"tokenizer.json": '{"version": "1.0"}', "generation_config.json": '{"decoder_start_token_id": 0}'}
     for name, text in others.items():
         (src / name).write_text(text)
+    for name in ("flax_model.msgpack", "tf_model.h5", "model-00001-of-00002.safetensors"):  # other weights: left
+        (src / name).write_bytes(b"\0" * 16)
     convert(src, tmp_path / "out")
     for name, text in others.items():
         assert (tmp_path / "out" / name).read_text() == text
     assert not list((tmp_path / "out").glob("*.bin")) and not (tmp_path / "out" / BIN_INDEX_FILE).exists()
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.suffix in (".msgpack", ".h5")]
+    assert not (tmp_path / "out" / "model-00001-of-00002.safetensors").exists()
 
 
 def test_converting_into_an_existing_folder_is_refused(checkpoint_factory, tmp_path):
