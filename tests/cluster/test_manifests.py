@@ -17,6 +17,7 @@ from cluster.cli import main
 
 CRD = DATA / "crds" / "ray.io_rayservices.yaml"  # copied from KubeRay
 MANIFESTS = sorted((ROOT / "manifests").glob("rayservice-*.yaml"))
+README = (ROOT / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +263,10 @@ def test_the_fronts_take_their_api_key_from_a_secret_and_ray_asks_for_a_token(fi
     for name, pod in pod_groups(manifest).items():
         env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
         if name == front_group(manifest):  # where the fronts, which check the key, run
-            assert "secretKeyRef" in env[API_KEY_ENV]["valueFrom"]
+            # The Secret the README's `kubectl create secret generic switch-serve-api-key --from-literal=api-key=...`
+            # makes.
+            assert env[API_KEY_ENV]["valueFrom"]["secretKeyRef"] == {"name": "switch-serve-api-key", "key": "api-key"}
+            assert "kubectl create secret generic switch-serve-api-key --from-literal=api-key=" in README
         assert all("value" not in e for e in env.values() if "KEY" in e["name"])  # no secret in the file
     assert manifest["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
     assert manifest["spec"]["upgradeStrategy"]["type"] in ("NewCluster", "None")
