@@ -302,6 +302,9 @@ class SwitchCluster:
         here = ray.get_runtime_context().get_node_id()
         try:
             infos = ray.get([actor.info.remote() for actor in actors], timeout=FLEET_POLL_S)
+        except ray.exceptions.GetTimeoutError:  # busy: taken up again shortly, not served without these for good
+            raise ExpertsUnavailable(f"the expert actors did not say where they run within {FLEET_POLL_S:g} s") \
+                from None
         except Exception:  # lost already: the link finds out and asks again
             return {}, {}
         device, experts = self.front.device, self.checkpoint.config.num_experts

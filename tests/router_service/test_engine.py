@@ -204,3 +204,29 @@ def test_asking_the_actors_waits_as_long_as_a_step_would_then_says_so(monkeypatc
     with pytest.raises(ExpertsUnavailable, match=r"did not answer within 7 s \(placement.restart_timeout_s\)"):
         SwitchCluster._ask_actors(model, "info")
     assert waited == [7.0]
+
+
+def test_actors_too_busy_to_say_where_they_run_are_taken_up_again_not_left_to_their_round_trips(monkeypatch):
+    """At take-up, actors that do not say within FLEET_POLL_S where they run (busy with other fronts' long prompts)
+    fail the take-up, which the link tries again: the front is not left computing none of its node's experts until
+    the next loss. Actors already lost leave the take-up to the link's next look, as before. Fails if a busy fleet
+    is taken up without the experts beside the front."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from router_service.dispatch import ExpertsUnavailable
+
+    failure = ray.exceptions.GetTimeoutError("Get timed out")
+
+    def get(refs, timeout=None):
+        raise failure
+
+    monkeypatch.setattr(engine.ray, "get", get)
+    monkeypatch.setattr(engine.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "here"))
+    actor = SimpleNamespace(info=SimpleNamespace(remote=lambda: "ref"))
+    model = SimpleNamespace(config=SimpleNamespace(local_experts=True))
+    with pytest.raises(ExpertsUnavailable, match="did not say where they run within 5 s"):
+        SwitchCluster._local_experts(model, [actor])
+    failure = ray.exceptions.RayActorError()
+    assert SwitchCluster._local_experts(model, [actor]) == ({}, {})
