@@ -221,7 +221,8 @@ class ExpertFleet:
 
     def _wait_loaded(self, handles: list) -> None:
         try:
-            infos = asyncio.run(_all_loaded(handles))  # a load failure surfaces here, not mid-request
+            # A load failure surfaces here, not mid-request.
+            infos = asyncio.run(all_loaded([h.info.remote() for h in handles], self._loading))
             if (smaller := smaller_gpus(infos, self.gpu_memory)) is not None:
                 log.warning("%s", smaller)
             with self._lock:
@@ -231,6 +232,13 @@ class ExpertFleet:
             self._failed(e)
         finally:
             self._done.set()
+
+    def _loading(self, loaded: int, total: int) -> None:
+        """Say how far the load has come: an actor that never loads (killed as it reads its weights, and started
+        again by Ray, over and over) shows as the count that stops."""
+        with self._lock:
+            if not self._released:
+                self.state = f"loading {total} expert actors ({loaded} loaded)"
 
     def _failed(self, error: BaseException) -> None:
         if self._released:  # stopped while starting: what failed is the stop's doing (its group or actors gone)
@@ -305,9 +313,26 @@ def smaller_gpus(infos: list[dict], planned_bytes: int | None) -> str | None:
             f"{small} have GPUs of {least / 2**30:.1f} GiB or less: plan with their size")
 
 
-async def _all_loaded(handles: list) -> list[dict]:
-    # Awaited rather than ray.get: Ray warns about blocking gets in a process that runs an event loop (Serve's).
-    return await asyncio.gather(*[h.info.remote() for h in handles])
+async def all_loaded(calls: list, progress, every_s: float = ROOM_POLL_S) -> list[dict]:
+    """The answers of `calls` (each actor's `info`, which it answers once loaded), in order; the first failure
+    raised at once. Every `every_s`, `progress(answered, len(calls))`. Awaited rather than ray.get: Ray warns about
+    blocking gets in a process that runs an event loop (Serve's)."""
+    async def answer(call):
+        return await call
+
+    tasks = [asyncio.ensure_future(answer(call)) for call in calls]
+    try:
+        while True:
+            done, pending = await asyncio.wait(tasks, timeout=every_s, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()
+            if not pending:
+                return [task.result() for task in tasks]
+            progress(len(done), len(tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _kill(handles: list) -> None:

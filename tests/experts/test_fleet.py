@@ -192,3 +192,30 @@ def test_a_processs_math_takes_no_more_threads_than_its_cores(monkeypatch):
     assert fleet.compute_threads() == 2
     monkeypatch.setattr(fleet.os, "sched_getaffinity", lambda pid: set(range(16)))
     assert fleet.compute_threads() == 8
+
+
+def test_a_load_says_how_far_it_has_come_and_fails_at_its_first_failure():
+    """While actors load, the fleet's state counts those loaded (an actor killed as it loads, again and again, shows
+    as the count that stops), in the actors' order once all have answered; an actor whose load fails ends the wait at
+    once, the others still loading. Fails if the wait says nothing until all have loaded."""
+    import asyncio
+
+    async def answers_after(seconds: float, answer):
+        await asyncio.sleep(seconds)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    said = []
+    infos = asyncio.run(fleet.all_loaded([answers_after(0.2, "second"), answers_after(0.0, "first")],
+                                         lambda loaded, total: said.append((loaded, total)), every_s=0.05))
+    assert infos == ["second", "first"] and said[0] == (1, 2) and set(said) == {(1, 2)}
+
+    async def failing() -> float:
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(RuntimeError, match="no such file"):
+            await fleet.all_loaded([answers_after(3600, "never"), answers_after(0.05, RuntimeError("no such file"))],
+                                   lambda loaded, total: None, every_s=0.01)
+        return asyncio.get_running_loop().time() - began
+
+    assert asyncio.run(failing()) < 5
