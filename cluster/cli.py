@@ -35,7 +35,7 @@ from router_service.config import (
     EngineConfig,
     ServerConfig,
 )
-from router_service.requests import SamplingParams
+from router_service.requests import SamplingParams, check_prompt, make_sampling_params
 
 # Flags named otherwise than their field.
 FLAG_NAMES = {"num_replicas": "--replicas", "actor_resources": "--actor-resource",
@@ -49,23 +49,26 @@ def fail(message: str) -> typing.NoReturn:
     sys.exit(2)
 
 
+def _finite(text: str) -> float | None:
+    """`text` as a finite number; None where it is none (not a number, infinity, NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def _resource(text: str) -> tuple[str, float]:
     name, _, amount = text.partition("=")
-    try:
-        value = float(amount)
-    except ValueError:
-        value = math.nan
-    if not name or not math.isfinite(value):
+    value = _finite(amount)
+    if not name or value is None:
         raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}")
     return name, value
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
+    value = _finite(text)
+    if value is None or value <= 0:
         raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
     return value
 
@@ -233,10 +236,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for flag, value in (("--timeout", args.timeout), ("--api-key-file", args.api_key_file)):
             if value is not None:
                 raise ValueError(f"{flag}: for a call to a server (--address); the cluster --model starts takes none")
-        config = engine_config(args, EngineConfig, resolve_model(args.model))
+        folder, checkpoint = open_checkpoint(args.model)
+        config = engine_config(args, EngineConfig, folder)
         # The cluster started here serves this request alone: its limit is the request's.
         config = config.model_copy(update={"max_new_tokens": max(config.max_new_tokens,
                                                                  sampling.get("max_new_tokens", 0))})
+        # Checked before the cluster starts (minutes, for a large checkpoint), as the cluster checks them again.
+        vocab = checkpoint.config.vocab_size
+        make_sampling_params(vocab, config, **sampling)
+        if args.text is None:
+            for i, ids in enumerate(prompts):
+                check_prompt(ids, vocab, config, f"input_ids[{i}]")
         results = generate_local(config, prompts, args.text is not None, args.logprobs, sampling)
     if args.json:
         print(json.dumps({"outputs": results}))
@@ -252,14 +262,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def generate_local(config: EngineConfig, prompts: list, as_text: bool, logprobs: bool, sampling: dict) -> list[dict]:
     from router_service.engine import SwitchCluster
-    from router_service.requests import check_prompt, make_sampling_params
 
-    # Checked before the cluster starts (minutes, for a large checkpoint), as the cluster checks them again.
-    vocab = SwitchCheckpoint.open(config.model).config.vocab_size
-    make_sampling_params(vocab, config, **sampling)
-    if not as_text:
-        for i, ids in enumerate(prompts):
-            check_prompt(ids, vocab, config, f"input_ids[{i}]")
     with SwitchCluster(config) as model:
         outputs = model.generate(texts=prompts, **sampling) if as_text else model.generate(prompts, **sampling)
         results = [o.to_dict(logprobs=logprobs) for o in outputs]
