@@ -122,11 +122,9 @@ def test_each_deployment_and_actor_can_only_land_where_it_is_meant_to(file):
     expert fleet on the head (it outlives any front or expert pod), the expert actors on the experts group: each
     asks for a custom resource that only that group offers, in the amounts the group's pods hold."""
     manifest = yaml.safe_load(file.read_text())
-    cluster = manifest["spec"]["rayClusterConfig"]
-    groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
+    groups = ray_groups(manifest)
     args = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
-    front_group = "front" if "front" in groups else "head"
-    for asked, meant, wanted in [(args["front_resources"], front_group, args["num_replicas"]),
+    for asked, meant, wanted in [(args["front_resources"], front_group(manifest), args["num_replicas"]),
                                  (args["fleet_resources"], "head", 1),
                                  (args["placement"]["actor_resources"], "experts", args["placement"]["gpus"])]:
         (resource, amount), = asked.items()
@@ -190,11 +188,15 @@ def test_the_checkpoint_claim_is_shipped_read_only_many():
 
 # -- what an operator's cluster asks of the manifests -----------------------------------------------------------
 
-def pod_groups(manifest: dict) -> dict[str, dict]:
-    """Each group's pod spec: the head's and every worker group's, by name."""
+def ray_groups(manifest: dict) -> dict[str, dict]:
+    """The head group and every worker group, by name."""
     cluster = manifest["spec"]["rayClusterConfig"]
-    return {"head": cluster["headGroupSpec"]["template"]["spec"],
-            **{g["groupName"]: g["template"]["spec"] for g in cluster["workerGroupSpecs"]}}
+    return {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
+
+
+def pod_groups(manifest: dict) -> dict[str, dict]:
+    """Each group's pod spec, by name."""
+    return {name: group["template"]["spec"] for name, group in ray_groups(manifest).items()}
 
 
 def front_group(manifest: dict) -> str:
@@ -377,11 +379,9 @@ def test_the_fronts_of_a_pod_ask_for_no_more_threads_than_it_has_cpus(file):
     """Each front computes on `front_threads` threads, or on every CPU Ray counts on its node: two fronts on one pod
     without it would run twice as many busy threads as the pod has CPUs. Fails if a pod's fronts oversubscribe it."""
     manifest = yaml.safe_load(file.read_text())
-    cluster = manifest["spec"]["rayClusterConfig"]
-    groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
     args = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     (resource, amount), = args["front_resources"].items()
-    (group,) = [g for g in groups.values() if resource in offered(g)]
+    (group,) = [g for g in ray_groups(manifest).values() if resource in offered(g)]
     fronts_per_pod = offered(group)[resource] // amount
     assert fronts_per_pod * (args.get("front_threads") or cpus(group)) <= cpus(group)
 
@@ -399,9 +399,8 @@ def test_the_ports_the_model_path_and_rays_version_agree_across_files(file):
     targets = {p["name"]: p["targetPort"] for p in manifest["spec"]["serveService"]["spec"]["ports"]}
     ports = {"serve": serve_config["http_options"]["port"], "serve-grpc": serve_config["grpc_options"]["port"]}
     assert targets == ports and {name: declared[name] for name in ports} == ports
-    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
-        (mount,) = [m["mountPath"] for m in group["template"]["spec"]["containers"][0]["volumeMounts"]
-                    if m["name"] == "checkpoints"]
+    for pod in pod_groups(manifest).values():
+        (mount,) = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"] == "checkpoints"]
         for app in serve_config["applications"]:
             assert app["args"]["model"].startswith(mount.rstrip("/") + "/")
     version = cluster["rayVersion"]
