@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 ROOM_POLL_S = 10.0
 # Calls a fleet actor answers at once (each `actors` call may wait for the load).
 FLEET_CALLERS = 16
+# How many times Ray starts again an expert actor that dies (reloading its weights each time). One lost once more is
+# dead for good: while loading, the load fails naming it (an actor killed for memory as it reads its weights would
+# otherwise be started again for ever while the load waits); while serving, its fleet starts a new one (replace_dead).
+ACTOR_RESTARTS = 3
+
+
+class ExpertLoadError(RuntimeError):
+    """An expert actor's process kept dying as it loaded."""
 
 
 def node_cpus_largest_first(needs: dict[str, float] | None = None) -> list[float]:
@@ -210,19 +218,20 @@ class ExpertFleet:
 
     def _new_actor(self, spec, group):
         """The actor of `spec` (an ActorSpec) in its bundle of `group`. One that dies is started again by Ray
-        (reloading its weights) and the calls it had in flight are sent again: it holds no per-request state, so a
-        retried call gives the same result."""
+        (reloading its weights), up to ACTOR_RESTARTS times, and the calls it had in flight are sent again: it holds
+        no per-request state, so a retried call gives the same result."""
         strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=spec.node)
         return ray.remote(ExpertActor).options(
             num_cpus=self._cpus, num_gpus=spec.gpus, resources=self.actor_resources, scheduling_strategy=strategy,
-            max_restarts=-1, max_task_retries=-1, runtime_env={"env_vars": KEPT_HEAP_ENV | INLINE_ACTIVATIONS_ENV}
+            max_restarts=ACTOR_RESTARTS, max_task_retries=-1,
+            runtime_env={"env_vars": KEPT_HEAP_ENV | INLINE_ACTIVATIONS_ENV}
         ).remote(self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype, self.quantize,
                  self.model_id)
 
     def _wait_loaded(self, handles: list) -> None:
         try:
             # A load failure surfaces here, not mid-request.
-            infos = asyncio.run(all_loaded([h.info.remote() for h in handles], self._loading))
+            infos = asyncio.run(all_loaded([self._loaded(i, h) for i, h in enumerate(handles)], self._loading))
             if (smaller := smaller_gpus(infos, self.gpu_memory)) is not None:
                 log.warning("%s", smaller)
             with self._lock:
@@ -233,9 +242,24 @@ class ExpertFleet:
         finally:
             self._done.set()
 
+    async def _loaded(self, index: int, handle) -> dict:
+        """Actor `index`'s info, which it answers once loaded; where its process died as it loaded until Ray gave it
+        up, an error that names it and says why (the first sentence of Ray's reason, its message's last line)."""
+        try:
+            return await handle.info.remote()
+        except ray.exceptions.ActorDiedError as e:
+            if e.actor_init_failed:  # its own error (a bad checkpoint, ...), which names what
+                raise
+            spec = self.placement.actors[index]
+            reason = str(e).splitlines()[-1].split(". ")[0].rstrip(".")
+            raise ExpertLoadError(
+                f"expert actor {index} (node {spec.node} of the placement, {len(spec.experts)} experts) died as it "
+                f"loaded and is not started again: {reason} (Ray starts a lost actor again {ACTOR_RESTARTS} times; "
+                "one killed for memory as it reads its weights, say, dies each time)") from e
+
     def _loading(self, loaded: int, total: int) -> None:
-        """Say how far the load has come: an actor that never loads (killed as it reads its weights, and started
-        again by Ray, over and over) shows as the count that stops."""
+        """Say how far the load has come: an actor slow to load, or killed as it reads its weights and started again
+        by Ray, shows as the count that stops."""
         with self._lock:
             if not self._released:
                 self.state = f"loading {total} expert actors ({loaded} loaded)"

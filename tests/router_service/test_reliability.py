@@ -13,6 +13,9 @@ import ray
 from ray.util.placement_group import placement_group_table
 from reference import generate_in_background, hf_generate
 
+from experts import fleet
+from experts.actor import ExpertActor
+from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import fleet_name
 from experts.placement import PlacementConfig
 from router_service.batching import Sequence, run_to_completion
@@ -91,6 +94,29 @@ def test_an_actor_gone_for_good_is_started_again_by_its_fleet_the_others_kept(ra
         now = [info["pid"] for info in model.actor_info()]
     assert now[1] != pids[1] and now[:1] + now[2:] == pids[:1] + pids[2:]
     assert [o.token_ids for o in outputs] == reference
+
+
+def test_an_actor_that_dies_each_time_it_loads_fails_the_load_naming_it(ray_cluster, checkpoint, monkeypatch):
+    """An actor whose process dies as it loads (killed for memory as it reads its weights, say) is started again
+    `ACTOR_RESTARTS` times, then the load fails naming it, and the fleet frees its actors and placement group. Fails
+    if Ray starts such an actor again for ever (the load waits for good, saying only how many have loaded)."""
+    path, _ = checkpoint
+    starts = path.parent / f"{path.name}-starts"
+
+    class DiesAsItLoads(ExpertActor):  # defined here, so that Ray sends it to the actors' processes whole
+        def __init__(self, *args):
+            with open(starts, "a") as f:
+                f.write("started\n")
+            os._exit(1)
+
+    monkeypatch.setattr(fleet, "ExpertActor", DiesAsItLoads)
+    loading = fleet.ExpertFleet(SwitchCheckpoint.open(path), PlacementConfig(experts_per_actor=1000), "float32",
+                                name="dies-as-it-loads")
+    with pytest.raises(fleet.ExpertLoadError, match=r"^expert actor 0 \(node 0 of the placement, \d+ experts\) died "
+                                                    r"as it loaded and is not started again: The actor is dead "):
+        loading.actors(wait_s=120)
+    assert starts.read_text().count("started") == fleet.ACTOR_RESTARTS + 1
+    assert live_groups("dies-as-it-loads") == []
 
 
 def test_fleet_that_dies_comes_back_with_new_actors(ray_cluster, checkpoint):
