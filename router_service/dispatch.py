@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -40,6 +41,39 @@ def sorted_by(index: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, list[int
     count of each, in that order."""
     present, counts = np.unique(keys, return_counts=True)
     return index[np.argsort(keys, kind="stable")], present.tolist(), counts.tolist()
+
+
+class Routes(NamedTuple):
+    """Where a sparse layer's tokens go, built whole by `ExpertDispatcher.use` and read once a layer: a step still
+    running while new actors are taken up (its actors lost) routes by the old tables alone, never half of each."""
+
+    actors: list  # in placement order
+    local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]]  # (wi, wo) of the experts computed here
+    stacks: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]  # those of the layers held here stacked
+    # By layer, each expert's: number of copies; the actors holding them [experts, most copies]; the copy its next
+    # token goes to (the turn goes on from call to call); whether it is computed here.
+    copies: dict[LayerKey, np.ndarray]
+    hosts: dict[LayerKey, np.ndarray]
+    turns: dict[LayerKey, np.ndarray]
+    is_local: dict[LayerKey, np.ndarray]
+    # Tokens per expert of each stacked layer computed since the last `settle`, on the device (a row each), and a one
+    # to add up (expanded to the tokens, a view): made once, since each tensor made is a kernel launched every step.
+    tally: tuple[torch.Tensor, dict[LayerKey, int], torch.Tensor]
+
+    def owner(self, layer: LayerKey, expert: np.ndarray) -> np.ndarray:
+        """The actor each token goes to: an expert's copies take its tokens in turn, the turn going on from one call
+        to the next (a decoding step's one or two tokens an expert would otherwise all go to its first copy)."""
+        hosts = self.hosts[layer]
+        if hosts.shape[1] == 1:  # one copy of each expert
+            return hosts[expert, 0]
+        copies, turn = self.copies[layer], self.turns[layer]
+        order = np.argsort(expert, kind="stable")
+        counts = np.bincount(expert, minlength=len(copies))
+        rank = np.empty_like(expert)
+        rank[order] = np.arange(len(expert)) - (counts.cumsum() - counts)[expert[order]]
+        owners = hosts[expert, (turn[expert] + rank) % copies[expert]]
+        turn += counts
+        return owners
 
 
 class ExpertsUnavailable(RuntimeError):
@@ -75,8 +109,8 @@ class ExpertDispatcher:
         """New actors (in placement order), and the (wi, wo) weights of the experts to compute here instead (see the
         module's doc); `stacks`: those of the layers whose every expert is here, stacked (experts.ffn.stacked_ffn);
         `owners`: which actors host each expert, where the actors place them otherwise than the ones before."""
-        # Each table built whole before it is set: a step still running (its actors lost) finds none half made.
-        copies, hosts, turns = (self.copies, self.hosts, self.turns) if owners is None else ({}, {}, {})
+        copies, hosts, turns = ((self.routes.copies, self.routes.hosts, self.routes.turns) if owners is None
+                                else ({}, {}, {}))
         if owners is not None:
             # The tables a sparse layer's tokens are grouped by, in numpy, whose operations on a few numbers each
             # take several times less than torch's: grouping 32 tokens and encoding their calls took 0.09 ms against
@@ -85,22 +119,29 @@ class ExpertDispatcher:
                 most = max(len(table[e]) for e in range(self.num_experts))
                 copies[layer] = np.array([len(table[e]) for e in range(self.num_experts)])
                 hosts[layer] = np.array([table[e] + table[e][:1] * (most - len(table[e]))
-                                         for e in range(self.num_experts)])  # [experts, most copies]
-                # The copy each expert's next token goes to: the turn goes on from call to call.
+                                         for e in range(self.num_experts)])
                 turns[layer] = np.zeros(self.num_experts, dtype=np.int64)
         is_local = {layer: np.zeros(self.num_experts, dtype=bool) for layer in hosts}
         for stack, layer, expert in local:
             is_local[(stack, layer)][expert] = True
-        self.copies, self.hosts, self.turns, self.actors, self.local, self.stacks, self.is_local = (
-            copies, hosts, turns, actors, local, stacks or {}, is_local)
-        # Tokens per expert of each stacked layer computed since the last `settle`, on the device (a row each), and a
-        # one to add up (expanded to the tokens, a view): made once, since each tensor made is a kernel launched at
-        # every step.
-        device = next(iter(self.stacks.values()))[0].device if self.stacks else None
-        self._tally = (torch.zeros(len(self.stacks), self.num_experts, dtype=torch.long, device=device),
-                       {layer: row for row, layer in enumerate(self.stacks)},
-                       torch.ones(1, dtype=torch.long, device=device))
+        stacks = stacks or {}
+        device = next(iter(stacks.values()))[0].device if stacks else None
+        tally = (torch.zeros(len(stacks), self.num_experts, dtype=torch.long, device=device),
+                 {layer: row for row, layer in enumerate(stacks)}, torch.ones(1, dtype=torch.long, device=device))
+        self.routes = Routes(actors, local, stacks, copies, hosts, turns, is_local, tally)
         self._unsettled = False
+
+    @property
+    def actors(self) -> list:
+        return self.routes.actors
+
+    @property
+    def local(self) -> dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]]:
+        return self.routes.local
+
+    @property
+    def stacks(self) -> dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]:
+        return self.routes.stacks
 
     def actors_dead(self, timeout_s: float = 1.0) -> bool:
         """Whether the first actor is dead for good: all of them are when their fleet died. One that is
@@ -108,51 +149,36 @@ class ExpertDispatcher:
         handles = self.actors
         return bool(handles) and bool(dead_for_good(handles[:1], timeout_s))
 
-    def owner(self, layer: tuple[str, int], expert: np.ndarray) -> np.ndarray:
-        """The actor each token goes to: an expert's copies take its tokens in turn, the turn going on from one call
-        to the next (a decoding step's one or two tokens an expert would otherwise all go to its first copy)."""
-        hosts = self.hosts[layer]
-        if hosts.shape[1] == 1:  # one copy of each expert
-            return hosts[expert, 0]
-        copies, turn = self.copies[layer], self.turns[layer]
-        order = np.argsort(expert, kind="stable")
-        counts = np.bincount(expert, minlength=self.num_experts)
-        rank = np.empty_like(expert)
-        rank[order] = np.arange(len(expert)) - (counts.cumsum() - counts)[expert[order]]
-        owners = hosts[expert, (turn[expert] + rank) % copies[expert]]
-        turn += counts
-        return owners
-
     def send(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
              keep: torch.Tensor | None) -> PendingDispatch:
         """Start the calls for one sparse layer's kept tokens (`keep` None: all of them), then compute those whose
         expert is here; the expert outputs come from `.result()`."""
-        began = time.perf_counter()
-        stacked = self.stacks.get((stack, layer))
+        began, r = time.perf_counter(), self.routes
+        stacked = r.stacks.get((stack, layer))
         if stacked is not None and keep is None and 1 < len(tokens) <= STACKED_MAX_ROWS // self.num_experts:
-            return self._stacked_here((stack, layer), tokens, expert, stacked)
+            return self._stacked_here(r, (stack, layer), tokens, expert, stacked)
         expert = expert.cpu()
         if len(expert) == 1 and (keep is None or bool(keep[0])):
             key = (stack, layer, int(expert[0]))
-            return self._one_token_here(key, tokens) if key in self.local else self._one_token_there(key, tokens)
+            return self._one_token_here(r, key, tokens) if key in r.local else self._one_token_there(r, key, tokens)
         expert = expert.numpy()
         index = np.arange(len(expert)) if keep is None else np.flatnonzero(keep.cpu().numpy())
-        here = self.is_local[(stack, layer)][expert[index]]
+        here = r.is_local[(stack, layer)][expert[index]]
         pending = PendingDispatch(self, stack, layer, tokens, index[~here])
         if len(pending.index):
-            self._call(pending, expert)
+            self._call(r, pending, expert)
         pending.sending_s = time.perf_counter() - began
         if here.any():
             computing = time.perf_counter()
-            self._compute_here(pending, index[here], expert)
+            self._compute_here(r, pending, index[here], expert)
             pending.local_s = time.perf_counter() - computing
         return pending
 
-    def _call(self, pending: PendingDispatch, expert: np.ndarray) -> None:
+    def _call(self, r: Routes, pending: PendingDispatch, expert: np.ndarray) -> None:
         """One call per actor that owns some of `pending.index`'s tokens."""
         layer, expert = (pending.stack, pending.layer), expert[pending.index]
         # Group tokens by owning actor, then by expert within it (stable: token order kept inside a group).
-        pending.index, keys, per_key = sorted_by(pending.index, self.owner(layer, expert) * self.num_experts + expert)
+        pending.index, keys, per_key = sorted_by(pending.index, r.owner(layer, expert) * self.num_experts + expert)
         groups: dict[int, tuple[list[int], list[int]]] = {}  # actor: its experts and their tokens' counts, in order
         for key, n in zip(keys, per_key):
             actor, e = divmod(key, self.num_experts)
@@ -166,11 +192,11 @@ class ExpertDispatcher:
             n = sum(counts)
             calls.append((actor, call_to_wire(pending.stack, pending.layer, experts, counts, tokens[start:start + n])))
             start += n
-        self._submit(pending, calls)
+        self._submit(r, pending, calls)
 
-    def _submit(self, pending: PendingDispatch, calls: list[Call]) -> None:
+    def _submit(self, r: Routes, pending: PendingDispatch, calls: list[Call]) -> None:
         """Start these calls back to back."""
-        handles = self.actors
+        handles = r.actors
         if not handles:
             raise ExpertsUnavailable("the expert actors are not up")
         if self.trips is not None:
@@ -179,42 +205,42 @@ class ExpertDispatcher:
             pending.calls.append(handles[actor].forward.remote(call))
             pending.called.append(actor)
 
-    def _compute_here(self, pending: PendingDispatch, index: np.ndarray, expert: np.ndarray) -> None:
+    def _compute_here(self, r: Routes, pending: PendingDispatch, index: np.ndarray, expert: np.ndarray) -> None:
         """The FFN outputs of these tokens, whose experts are all here, into `pending`."""
         pending.local_index, experts, counts = sorted_by(index, expert[index])
         keys = [(pending.stack, pending.layer, e) for e in experts]
         pending.computed = grouped_ffn(pending.tokens[torch.from_numpy(pending.local_index)], counts,
-                                       [self.local[k] for k in keys], self.act)
+                                       [r.local[k] for k in keys], self.act)
         self.local_calls += 1
         self._count_here(keys, counts)
 
-    def _one_token_here(self, key: ExpertKey, tokens: torch.Tensor) -> PendingDispatch:
+    def _one_token_here(self, r: Routes, key: ExpertKey, tokens: torch.Tensor) -> PendingDispatch:
         """A decoding step of one sequence whose token's expert (`key`) is here: its output, without the sorting,
         grouping and scattering of several tokens, which took most of such a sparse layer's time beyond the expert's
         math (docs/BENCHMARKS.md)."""
         pending = PendingDispatch(self, key[0], key[1], tokens, NO_TOKENS)
         computing = time.perf_counter()
-        pending.computed = expert_ffn(tokens, *self.local[key], self.act, core_threads())
+        pending.computed = expert_ffn(tokens, *r.local[key], self.act, core_threads())
         pending.local_s = time.perf_counter() - computing
         self.local_calls += 1
         self._count_here([key], [1])
         return pending
 
-    def _one_token_there(self, key: ExpertKey, tokens: torch.Tensor) -> PendingDispatch:
+    def _one_token_there(self, r: Routes, key: ExpertKey, tokens: torch.Tensor) -> PendingDispatch:
         """A decoding step of one sequence whose token's expert (`key`) is in an actor: one call, to the copy whose
         turn it is (as `owner` deals them), without the sorting and grouping of several tokens, which took 0.4 ms of
         such a round trip here (docs/BENCHMARKS.md)."""
         began = time.perf_counter()
         stack, layer, expert = key
         pending = PendingDispatch(self, stack, layer, tokens, ONE_TOKEN)
-        turn = self.turns[(stack, layer)]
-        actor = int(self.hosts[(stack, layer)][expert, turn[expert] % self.copies[(stack, layer)][expert]])
+        turn = r.turns[(stack, layer)]
+        actor = int(r.hosts[(stack, layer)][expert, turn[expert] % r.copies[(stack, layer)][expert]])
         turn[expert] += 1
-        self._submit(pending, [(actor, call_to_wire(stack, layer, [expert], [1], tokens))])
+        self._submit(r, pending, [(actor, call_to_wire(stack, layer, [expert], [1], tokens))])
         pending.sending_s = time.perf_counter() - began
         return pending
 
-    def _stacked_here(self, layer: LayerKey, tokens: torch.Tensor, expert: torch.Tensor,
+    def _stacked_here(self, r: Routes, layer: LayerKey, tokens: torch.Tensor, expert: torch.Tensor,
                       stacked: tuple[torch.Tensor, torch.Tensor]) -> PendingDispatch:
         """Every token of a layer held here stacked, through all its experts at once (experts.ffn.stacked_ffn); its
         tokens per expert counted on the device until `settle`."""
@@ -223,7 +249,7 @@ class ExpertDispatcher:
         pending.computed = stacked_ffn(tokens, expert, *stacked, self.act)
         pending.local_s = time.perf_counter() - computing
         self.local_calls += 1
-        counts, rows, one = self._tally
+        counts, rows, one = r.tally
         if layer in rows:  # not when `use` has just held other layers: a step's counts are lost
             counts[rows[layer]].index_add_(0, expert, one.expand(len(expert)))
             self._unsettled = True
@@ -234,7 +260,7 @@ class ExpertDispatcher:
         the device, since reading the counts waits for it."""
         if not self._unsettled:
             return
-        counts, rows, _ = self._tally
+        counts, rows, _ = self.routes.tally
         per_layer = counts.tolist()  # one read back
         counts.zero_()
         self._unsettled = False
