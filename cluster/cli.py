@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -94,6 +95,25 @@ def _count(text: str) -> int:
 
 def _port(text: str) -> int:
     return _whole(text, 1, 65535)
+
+
+def _file(text: str) -> str:
+    """A file on this machine that can be read: checked as the flags are parsed, so that the error names the flag."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a file")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot be read")
+    return text
+
+
+def _output(text: str) -> str:
+    """A file to write, in a folder that is there."""
+    if not Path(text).resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{Path(text).parent} is not a folder")
+    return text
 
 
 def _int_list(text: str) -> list[int]:
@@ -488,17 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="write the Serve config of an app (serve deploy FILE, a RayService's "
                                      "serveConfigV2)")
     b.add_argument("--model", required=True, help="checkpoint folder as the Ray cluster's nodes see it")
-    b.add_argument("--config", default=None, help="that checkpoint's config.json on this machine, to check that "
+    b.add_argument("--config", type=_file, default=None, help="that checkpoint's config.json on this machine, to check that "
                                                   "the placement fits (default: --model's, when it is here)")
     add_port_options(b)
-    b.add_argument("-o", "--output", default=None, help="file to write (default: print)")
+    b.add_argument("-o", "--output", type=_output, default=None, help="file to write (default: print)")
     add_engine_options(b, ServerConfig, skip=())
     b.set_defaults(func=cmd_build)
 
     p = sub.add_parser("plan", help="place every expert on a GPU within a memory budget (no weights needed)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint folder or Hugging Face Hub id")
-    source.add_argument("--config", help="a config.json alone")
+    source.add_argument("--config", type=_file, help="a config.json alone")
     # Its own --gpus: the field's help speaks of 0 (CPU actors), which a plan over GPUs does not take.
     p.add_argument("--gpus", type=_positive, required=True, dest="PlacementConfig.gpus", metavar="GPUS",
                    help="GPUs to plan the experts over")

@@ -16,7 +16,10 @@ class Unauthenticated(Exception):
 def load_api_key(path: str | None) -> str | None:
     """The key calls must present: the file's content, else the environment variable; None: no key needed."""
     if path is not None:
-        key = Path(path).read_text().strip()
+        try:
+            key = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"api_key_file: {path}: {getattr(e, 'strerror', None) or e}") from None
         if not key:
             raise ValueError(f"api_key_file: {path} is empty")
         return key

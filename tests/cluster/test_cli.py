@@ -83,7 +83,6 @@ def test_console_script_help():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["plan", "--config", "/no/such/config.json", "--gpus", "2"], "No such file or directory: '/no/such/config.json'"),
     (["generate", "--address", "localhost:1", "--input-ids", '[["a"]]'], "--input-ids: must be a JSON list of lists"),
     (["demo", "--model", "/no/such/model"], "/no/such/model/config.json: missing"),
     (["soak", "--model", "/no/such/model", "--duration", "1"], "/no/such/model/config.json: missing"),
@@ -137,6 +136,13 @@ def test_console_script_help():
     (["soak", "--chaos", "--chaos-every", "9", "5"], "--chaos-every: MIN_S 9 is more than MAX_S 5"),
     (["serve", "--model", "demo/model", "--address", "auto", "--ingress", "haproxy"],
      "--ingress: sets up the Ray cluster started here; a cluster joined with --address takes"),
+    (["plan", "--config", "/no/such/config.json", "--gpus", "1"], "argument --config: /no/such/config.json: no such"),
+    (["build", "--model", "demo/model", "--config", "demo"], "argument --config: demo: not a file"),
+    (["build", "--model", "demo/model", "-o", "/no/such/folder/app.yaml"],
+     "argument -o/--output: /no/such/folder is not a folder"),
+    (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--api-key-file", "/no/such/key"],
+     "api_key_file: /no/such/key: No such file or directory"),
+    (["serve", "--model", "demo/model", "--api-key-file", "demo"], f"api_key_file: {Path('demo').resolve()}: Is a"),
 ])
 def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, message):
     """Before Ray or a benchmark starts (each case here would have run for a minute first, or ended in a
