@@ -508,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="write the Serve config of an app (serve deploy FILE, a RayService's "
                                      "serveConfigV2)")
     b.add_argument("--model", required=True, help="checkpoint folder as the Ray cluster's nodes see it")
-    b.add_argument("--config", type=_file, default=None, help="that checkpoint's config.json on this machine, to check that "
-                                                  "the placement fits (default: --model's, when it is here)")
+    b.add_argument("--config", type=_file, default=None,
+                   help="that checkpoint's config.json on this machine, to check that the placement fits (default: "
+                        "--model's, when it is here)")
     add_port_options(b)
     b.add_argument("-o", "--output", type=_output, default=None, help="file to write (default: print)")
     add_engine_options(b, ServerConfig, skip=())
