@@ -57,13 +57,17 @@ class Scheduler:
     def num_waiting(self) -> int:
         return self.batcher.num_waiting
 
-    def check_room(self, count: int = 1, field: str = "") -> None:
-        """Raise QueueFull unless `count` more sequences may queue: a request of several (choices, inputs) checks
-        for all of them before it queues any; one of more than could ever queue is refused as bad input (`field`)."""
+    def check_count(self, count: int, field: str) -> None:
+        """Refuse as bad input (`field`) a request of more sequences (choices, inputs) than could ever queue, which a
+        retry would not get past either."""
         most = self.max_waiting + self.batcher.max_sequences
         if count > most:
             raise InvalidRequest(field, f"{count} sequences in one request, more than this server takes at once "
                                         f"({most}); send them in parts")
+
+    def check_room(self, count: int = 1) -> None:
+        """Raise QueueFull unless `count` more sequences may queue: a request of several (choices, inputs) checks
+        for all of them before it queues any."""
         waiting, free_slots = self.batcher.room()
         if waiting + count > self.max_waiting + free_slots:
             raise QueueFull(f"{waiting} requests already waiting (limit {self.max_waiting})"

@@ -270,32 +270,37 @@ async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: 
         return Piece(seq.token_ids[sent:count], seq.logprobs[sent:count], seq.top_logprobs[sent:count], new_text,
                      reason, routing)
 
+    def read(finished: bool, due: bool) -> None:
+        """Take up the tokens made so far (`count`, cut at a stop string's end) and the text the next piece carries.
+        The text is decoded (all of it, on the event loop) at every token only where a stop string may end it there
+        (an update may bring several, when the loop falls behind the steps: the answer ends with the token that
+        completed the stop string); else once a piece."""
+        nonlocal count, checked, new_text
+        # The batching thread appends a token, then its logprob, then sets finish_reason: read in reverse order (the
+        # caller reads finish_reason first) and every token counted here is complete.
+        count = len(seq.logprobs)
+        if text.stop:
+            for end in range(checked + 1, count + 1):
+                new_text += text.update(seq.token_ids[:end], finished and end == count)
+                if text.stopped:
+                    count = end
+                    break
+            if finished and checked == count:  # it finished without a new token: what was held goes now
+                new_text += text.update(seq.token_ids[:count], True)
+            checked = count
+        elif due:
+            new_text += text.update(seq.token_ids[:count], finished)
+
     async with aclosing(scheduler.stream(seq)) as updates:
         try:
             async for _ in updates:
-                # The batching thread appends a token, then its logprob, then sets finish_reason: read in reverse
-                # order and every token counted here is complete.
                 finished = seq.finish_reason is not None
-                count = len(seq.logprobs)
-                if count == sent and not finished:  # an update whose token went out with the one before
+                if len(seq.logprobs) == sent and not finished:  # an update whose token went out with the one before
                     continue
                 # The first piece goes at once, the last when it is made; the others wait for the interval.
                 due = finished or not sent or (
                     time.monotonic() - sent_at >= stream_interval_s(config, scheduler.num_active))
-                # The text is decoded (all of it, on the event loop) at every token only where a stop string may end
-                # it there (an update may bring several, when the loop falls behind the steps: the answer ends with
-                # the token that completed the stop string); else once a piece.
-                if text.stop:
-                    for end in range(checked + 1, count + 1):
-                        new_text += text.update(seq.token_ids[:end], finished and end == count)
-                        if text.stopped:
-                            count = end
-                            break
-                    if finished and checked == count:  # it finished without a new token: what was held goes now
-                        new_text += text.update(seq.token_ids[:count], True)
-                    checked = count
-                elif due:
-                    new_text += text.update(seq.token_ids[:count], finished)
+                read(finished, due)
                 reason = "stop" if text.stopped else seq.finish_reason if finished else None
                 if reason is None and not due:
                     continue
@@ -303,10 +308,12 @@ async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: 
                 sent, new_text, sent_at = count, "", time.monotonic()
                 if reason is not None:
                     return
-        except Exception:  # the batch failed: the tokens held go out before the error
+        except Exception:  # the batch failed: the tokens made before it go out, then the error
+            read(False, True)  # those of the steps this loop had yet to see too
             if count > sent:
-                new_text += text.update(seq.token_ids[:count], False)
-                yield piece(None)
+                yield piece("stop" if text.stopped else None)
+            if text.stopped:  # a stop string had ended the answer: it is whole
+                return
             raise
 
 
@@ -429,10 +436,11 @@ class SwitchServer:
         if not inputs:
             raise InvalidRequest(field, "at least one input is needed")
         pooling = check_pooling(pooling)
-        self.scheduler.check_room(len(inputs), field)  # before any is tokenized: a request of too many costs nothing
+        self.scheduler.check_count(len(inputs), field)  # before any is tokenized: a request of too many costs nothing
         vocab = self.cluster.checkpoint.config.vocab_size
         sequences = [Sequence(check_prompt(self.cluster.encode_text(item, name) if isinstance(item, str) else item,
                                            vocab, self.config, name), pooling=pooling) for item, name in inputs]
+        self.scheduler.check_room(len(sequences))  # after the checks: bad input is refused as such, whatever the load
         self.cluster.check_experts()
 
         async def run(seq: Sequence) -> None:
@@ -730,7 +738,7 @@ class SwitchServer:
                       else request.max_tokens)
         prompts, out = request.prompts(), []
         # Before any is tokenized: a request of too many costs nothing.
-        self.scheduler.check_room(len(prompts) * request.n, "n" if len(prompts) == 1 else "prompt")
+        self.scheduler.check_count(len(prompts) * request.n, "n" if len(prompts) == 1 else "prompt")
         for i, prompt in enumerate(prompts):
             field = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             ids = self.cluster.encode_text(prompt, field) if isinstance(prompt, str) else prompt
@@ -739,6 +747,7 @@ class SwitchServer:
                     ids, field, request.stop_strings(), max_new_tokens=max_tokens, temperature=request.temperature,
                     top_p=request.top_p, seed=None if request.seed is None else (request.seed + j) % 2**64,
                     top_logprobs=request.logprobs or 0))
+        self.scheduler.check_room(len(out))  # after the checks: bad input is refused as such, whatever the load
         return out
 
     def _logprobs(self, request: CompletionRequest, before: list[int], piece: Piece, offset: int) -> dict | None:

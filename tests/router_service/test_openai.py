@@ -309,16 +309,47 @@ def test_a_request_of_too_many_choices_is_refused_before_any_prompt_is_tokenized
 
     asked, tokenized = [], []
 
-    def check_room(count, field):
+    def check_count(count, field):
         asked.append((count, field))
         raise InvalidRequest(field, "more than this server takes at once")
 
     server = SimpleNamespace(has_tokenizer=True, config=ServerConfig(model="unused"),
-                             scheduler=SimpleNamespace(check_room=check_room),
+                             scheduler=SimpleNamespace(check_count=check_count),
                              cluster=SimpleNamespace(encode_text=lambda text, field: tokenized.append(text)))
     with pytest.raises(InvalidRequest):
         SwitchServer.func_or_class._completion_choices(server, CompletionRequest(model="m", prompt=["x"] * 500, n=16))
     assert asked == [(8000, "prompt")] and tokenized == []
+
+
+@pytest.mark.parametrize("call", ["completion", "embedding"])
+def test_bad_input_is_refused_as_such_when_the_queue_is_full(call):
+    """A request that could never be served is bad input (400, INVALID_ARGUMENT), not a full queue (429, which
+    OpenAI's client retries, then reports as a rate limit): its fields are checked before the room. Fails if the room
+    is checked first."""
+    from types import SimpleNamespace
+
+    from router_service.openai_api import CompletionRequest
+    from router_service.requests import InvalidRequest
+    from router_service.scheduler import QueueFull
+    from router_service.server import SwitchServer
+
+    def full(*_):
+        raise QueueFull("32 requests already waiting (limit 32)")
+
+    server = SimpleNamespace(has_tokenizer=True, config=ServerConfig(model="unused"),
+                             scheduler=SimpleNamespace(check_count=lambda count, field: None, check_room=full),
+                             cluster=SimpleNamespace(checkpoint=SimpleNamespace(config=SimpleNamespace(vocab_size=100)),
+                                                     check_experts=lambda: None))
+    server._new_sequence = lambda *args, **kwargs: SwitchServer.func_or_class._new_sequence(server, *args, **kwargs)
+    with pytest.raises(InvalidRequest, match="token ids"):
+        if call == "completion":
+            SwitchServer.func_or_class._completion_choices(server, CompletionRequest(model="m", prompt=[5, 999999]))
+        else:
+            asyncio.run(SwitchServer.func_or_class._embed(server, [([5, 1], "input[0]"), ([999999], "input[1]")],
+                                                          "mean", "input"))
+    good = CompletionRequest(model="m", prompt=[5, 9])
+    with pytest.raises(QueueFull):  # and a good one is told the queue is full
+        SwitchServer.func_or_class._completion_choices(server, good)
 
 
 def test_a_stream_whose_client_left_before_its_first_event_ends_its_work():

@@ -72,13 +72,14 @@ def test_a_request_of_several_sequences_is_let_in_whole_or_not_at_all():
     batcher = IdleBatcher(CrashingFront(), max_sequences=4)
     scheduler = Scheduler(batcher, max_waiting=4)
     with pytest.raises(InvalidRequest, match="^n: 9 sequences in one request"):
-        scheduler.check_room(9, "n")
-    scheduler.check_room(8, "n")
+        scheduler.check_count(9, "n")
+    scheduler.check_count(8, "n")
+    scheduler.check_room(8)
     for _ in range(3):
         batcher.add(Sequence([5, 1]))
     with pytest.raises(QueueFull, match="3 requests already waiting .*; this one has 6"):
-        scheduler.check_room(6, "n")
-    scheduler.check_room(5, "n")
+        scheduler.check_room(6)
+    scheduler.check_room(5)
 
 
 class SlowFront(CrashingFront):

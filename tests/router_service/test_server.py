@@ -379,6 +379,18 @@ def test_a_failed_batch_sends_what_the_stream_holds_before_the_error():
     assert [p.token_ids for p in streamed([11, 12], error=error, stream_interval_ms=0)[:-1]] == [[11]]
 
 
+def test_a_failed_batch_sends_the_tokens_made_that_the_stream_had_yet_to_see():
+    """The event loop behind the steps (it saw 13, then the steps made 14 and failed): 14 goes out before the error,
+    and where it completed a stop string, the answer is whole and ends with it, without the error. Fails if the
+    stream sends only the tokens it had seen."""
+    error = RuntimeError("expert actor lost")
+    pieces = streamed([11, 12, 13, 14, 15], error=error, behind=3, stream_interval_ms=0)
+    assert [p.token_ids for p in pieces[:-1]] == [[11, 12, 13], [14]] and pieces[-1] is error
+    assert pieces[-2].text == "<14>" and pieces[-2].finish_reason is None
+    stopped = streamed([11, 12, 13, 14, 15], stop=("<14>",), error=error, behind=3, stream_interval_ms=0)
+    assert [(p.token_ids, p.finish_reason) for p in stopped] == [([11, 12, 13], None), ([14], "stop")]
+
+
 def test_routing_over_grpc_streams_and_http(server, hf_model):
     """The unary answer's routing, the stream's (the encoder's on the first chunk, each chunk's decoder positions on
     it) and HTTP's are the same, and equal transformers' routers."""
