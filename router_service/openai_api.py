@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from router_service.requests import DEFAULT_POOLING, MAX_TOP_LOGPROBS, InvalidRequest
+from router_service.requests import DEFAULT_POOLING, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, InvalidRequest
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's, where a request gives none (at most the server's own limit)
 # Tokens decoded before one to find the text it adds: enough for its word's leading space (which SentencePiece drops
@@ -25,6 +25,9 @@ NOT_CHAT = ("Switch Transformers are not chat models, so there is no /v1/chat/co
 # Fields named otherwise in the native API, for the errors it raises.
 FIELD_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
 Prompts = str | list[str] | list[int] | list[list[int]]  # one text, texts, one token-id list, token-id lists
+# What a field of several types takes, for its errors (pydantic's name the first type alone).
+PROMPTS_TAKE = "a string, a list of strings, a list of token ids (whole numbers) or a list of such lists"
+UNION_FIELDS = {"prompt": PROMPTS_TAKE, "input": PROMPTS_TAKE, "stop": "a string or a list of strings"}
 
 
 def each_prompt(prompts: Prompts, param: str) -> list[str | list[int]]:
@@ -85,6 +88,13 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted and unused, as a tag for the caller's own logs
 
+    @field_validator("temperature")
+    @classmethod
+    def sampled_or_greedy(cls, temperature: float) -> float:
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 2, got {temperature:g}")
+        return temperature
+
     def prompts(self) -> list[str | list[int]]:
         return each_prompt(self.prompt, "prompt")
 
@@ -112,15 +122,29 @@ def validated(body: object, kind: type[BaseModel], model_id: str):
     """The request in `body`, checked against `kind`'s fields and the served model's id."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object")
-    try:  # OpenAI's optional fields take null for their default, as its client sends them
-        request = kind.model_validate({name: value for name, value in body.items() if value is not None})
+    try:
+        request = kind.model_validate(without_nulls(body))
     except ValidationError as e:
         first = e.errors()[0]
-        param = str(first["loc"][0]) if first["loc"] else None
-        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        raise OpenAIError(400, f"{param}: {message}" if param else message, param) from None
+        loc = first["loc"]
+        param = str(loc[0]) if loc else None
+        if param in UNION_FIELDS:
+            where, message = param, f"must be {UNION_FIELDS[param]}"
+        else:  # a nested field by its path: stream_options.include_usage
+            where = ".".join(str(part) for part in loc)
+            message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix(
+                "Value error, ")
+        raise OpenAIError(400, f"{where}: {message}" if where else message, where or None) from None
     check_model(request.model, model_id)
     return request
+
+
+def without_nulls(value: object) -> object:
+    """A JSON object without its fields sent as null, at every depth: OpenAI's optional fields take null for their
+    default, as its client sends them. (A null in a list stays, and is refused.)"""
+    if isinstance(value, dict):
+        return {name: without_nulls(v) for name, v in value.items() if v is not None}
+    return value
 
 
 def check_model(model: str, model_id: str) -> None:

@@ -129,13 +129,13 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     temperature = defaults.temperature if temperature is None else _number("temperature", temperature)
     if not (temperature == 0.0 or MIN_TEMPERATURE * (1 - FLOAT32_ROUNDING) <= temperature <= 100.0):
         raise InvalidRequest("temperature",
-                             f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {temperature}")
+                             f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {temperature:g}")
     top_k = defaults.top_k if top_k is None else _whole("top_k", top_k)
     if top_k < 0:
         raise InvalidRequest("top_k", f"must be 0 (off) or positive, got {top_k}")
     top_p = defaults.top_p if top_p is None else _number("top_p", top_p)
     if not 0.0 <= top_p <= 1.0:  # NaN too
-        raise InvalidRequest("top_p", f"must be between 0 and 1, got {top_p}")
+        raise InvalidRequest("top_p", f"must be between 0 and 1, got {top_p:g}")  # :g, not float32's digits
     seed = None if seed is None else _whole("seed", seed)
     if seed is not None and not 0 <= seed < 2**64:  # the proto's uint64, what torch's generators take
         raise InvalidRequest("seed", f"must be between 0 and 2**64 - 1, got {seed}")

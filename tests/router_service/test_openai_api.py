@@ -87,3 +87,26 @@ def test_the_native_apis_errors_take_openais_field_names():
     for native, param in (("max_new_tokens", "max_tokens"), ("top_logprobs", "logprobs"), ("seed", "seed")):
         error = from_invalid_request(InvalidRequest(native, "bad"))
         assert (error.status, error.param, error.message) == (400, param, f"{param}: bad")
+
+
+@pytest.mark.parametrize("param, fields, message", [
+    ("prompt", {"prompt": [1, True]}, "must be a string, a list of strings, a list of token ids (whole numbers) or a "),
+    ("prompt", {"prompt": [[1, 2], [3, 4.0]]}, "must be a string, a list of strings, a list of token ids"),
+    ("stop", {"stop": [1]}, "must be a string or a list of strings"),
+    ("temperature", {"temperature": 0.005}, "must be 0 (greedy) or between 0.01 and 2, got 0.005"),
+    ("stream_options.include_usage", {"stream": True, "stream_options": {"include_usage": "yes"}},
+     "Input should be a valid boolean"),
+    ("stream_options.usage", {"stream": True, "stream_options": {"usage": True}}, "unknown field"),
+])
+def test_a_refusal_says_what_the_field_takes(param, fields, message):
+    """A field of several types names them all (pydantic's first error names the first alone: a string, for token
+    ids with a true among them); a nested field is named by its path; the temperature's range is this API's."""
+    request = {"model": MODEL, "prompt": "a", **fields}
+    assert refused(param, parse_completion_request, request, MODEL).message.startswith(f"{param}: {message}")
+
+
+def test_a_nested_field_sent_as_null_takes_its_default():
+    request = parse_completion_request({"model": MODEL, "prompt": "a", "stream": True,
+                                        "stream_options": {"include_usage": None}}, MODEL)
+    assert request.stream_options.include_usage is False
+    refused("prompt", parse_completion_request, {"model": MODEL, "prompt": [5, None]}, MODEL)  # a null in a list
