@@ -190,13 +190,14 @@ class ContinuousBatcher:
         changed = [seq for seq, cancelled in waiting if cancelled]
         self.waiting = deque(seq for seq, cancelled in waiting if not cancelled)
         staying = [not seq.cancelled for seq in self.active]
-        if self.metrics is not None:  # a sequence cancelled mid-way (by its caller, or a stop string) counts too
-            self._record([seq for seq, stays in zip(self.active, staying) if not stays])
-        self._leave(staying)
+        cancelled = [seq for seq, stays in zip(self.active, staying) if not stays]
         cores = self.threads or torch.get_num_threads()
         # On a GPU the products are the device's: no CPU's cores to split them over.
         on_cores = self.front.device.type == "cpu" and core_threads(cores, self.front.dtype) is not None
         try:
+            self._leave(staying)  # (its cache copy may raise, a GPU's error of an earlier op: then `fail` counts them)
+            if self.metrics is not None:  # a sequence cancelled mid-way (by its caller, or a stop string) counts too
+                self._record(cancelled)
             changed += self._admit(cores)  # embedding requests return done from it, whatever the step does next
             if self.active:
                 changed += self._decode(cores, on_cores)
@@ -268,7 +269,8 @@ class ContinuousBatcher:
                 self.waiting.append(self.inbox.get())
         failed = self.active + self.admitting + list(self.waiting)
         for seq in failed:
-            seq.error = error
+            if seq.finish_reason is None:  # one that finished at the failed step keeps its answer
+                seq.error = error
         # The cache before the sequences (here and in _leave): a reader on another thread (ModelInfo) that sees no
         # active sequence then sees no cache rows either.
         self.cache, self.active, self.admitting, self.waiting = None, [], [], deque()

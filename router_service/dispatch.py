@@ -164,7 +164,7 @@ class ExpertDispatcher:
         expert = expert.numpy()
         index = np.arange(len(expert)) if keep is None else np.flatnonzero(keep.cpu().numpy())
         here = r.is_local[(stack, layer)][expert[index]]
-        pending = PendingDispatch(self, stack, layer, tokens, index[~here])
+        pending = PendingDispatch(self, r, stack, layer, tokens, index[~here])
         if len(pending.index):
             self._call(r, pending, expert)
         pending.sending_s = time.perf_counter() - began
@@ -218,7 +218,7 @@ class ExpertDispatcher:
         """A decoding step of one sequence whose token's expert (`key`) is here: its output, without the sorting,
         grouping and scattering of several tokens, which took most of such a sparse layer's time beyond the expert's
         math (docs/BENCHMARKS.md)."""
-        pending = PendingDispatch(self, key[0], key[1], tokens, NO_TOKENS)
+        pending = PendingDispatch(self, r, key[0], key[1], tokens, NO_TOKENS)
         computing = time.perf_counter()
         pending.computed = expert_ffn(tokens, *r.local[key], self.act, core_threads())
         pending.local_s = time.perf_counter() - computing
@@ -232,7 +232,7 @@ class ExpertDispatcher:
         such a round trip here (docs/BENCHMARKS.md)."""
         began = time.perf_counter()
         stack, layer, expert = key
-        pending = PendingDispatch(self, stack, layer, tokens, ONE_TOKEN)
+        pending = PendingDispatch(self, r, stack, layer, tokens, ONE_TOKEN)
         turn = r.turns[(stack, layer)]
         actor = int(r.hosts[(stack, layer)][expert, turn[expert] % r.copies[(stack, layer)][expert]])
         turn[expert] += 1
@@ -244,7 +244,7 @@ class ExpertDispatcher:
                       stacked: tuple[torch.Tensor, torch.Tensor]) -> PendingDispatch:
         """Every token of a layer held here stacked, through all its experts at once (experts.ffn.stacked_ffn); its
         tokens per expert counted on the device until `settle`."""
-        pending = PendingDispatch(self, *layer, tokens, NO_TOKENS)
+        pending = PendingDispatch(self, r, *layer, tokens, NO_TOKENS)
         computing = time.perf_counter()
         pending.computed = stacked_ffn(tokens, expert, *stacked, self.act)
         pending.local_s = time.perf_counter() - computing
@@ -279,9 +279,10 @@ class ExpertDispatcher:
 class PendingDispatch:
     """One sparse layer's calls in flight."""
 
-    def __init__(self, dispatcher: ExpertDispatcher, stack: str, layer: int, tokens: torch.Tensor,
+    def __init__(self, dispatcher: ExpertDispatcher, routes: Routes, stack: str, layer: int, tokens: torch.Tensor,
                  index: np.ndarray):
         self.dispatcher, self.stack, self.layer = dispatcher, stack, layer
+        self.routes = routes  # those its calls went by
         self.tokens, self.index = tokens, index  # the tokens the calls carry, in their order
         self.calls, self.called = [], []  # object refs, and the actor index of each
         # The tokens computed here, and their outputs; all the tokens, in order, where local_index is None.
@@ -308,7 +309,8 @@ class PendingDispatch:
                     f"expert actors {late} did not answer {self.stack} layer {self.layer} within {d.timeout_s:g} s "
                     "(restarting, no room to restart them, or busy for longer than restart_timeout_s)") from None
             except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them
-                if d.on_lost is not None:
+                # Actors replaced already (their fleet started again while this layer's calls were out) are no news.
+                if d.on_lost is not None and self.routes is d.routes:
                     d.on_lost(e)
                 raise
             # What the front spent sending and then waiting: with micro-batches, the rest of the round trip

@@ -362,6 +362,45 @@ def test_metrics_count_the_sequences_a_failed_batch_ends(checkpoint_factory):
     assert metrics.queue[0] == 1 and metrics.queue[-1] == 0
 
 
+def step_as_the_scheduler_does(batcher: ContinuousBatcher) -> list[Sequence]:
+    """router_service.scheduler.Scheduler._step: a step that raises fails the batch."""
+    try:
+        return batcher.step()
+    except Exception as e:
+        return batcher.fail(e)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("leaving", ["cancelled", "finished"])
+def test_a_batch_that_fails_as_sequences_leave_counts_each_once_and_keeps_finished_answers(checkpoint_factory,
+                                                                                          monkeypatch, leaving):
+    """Taking sequences out of the cache can raise (on a GPU, the error of an earlier op surfaces at its first read
+    back): the batch fails, each of its sequences is counted once, and one that finished at that step keeps its
+    answer. Fails if a cancelled sequence is counted before it has left, or a finished one gets the error."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    metrics = RecordingMetrics()
+    batcher = ContinuousBatcher(local_front(path), max_sequences=8, metrics=metrics)
+    ending, staying = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=2)), Sequence([7, 1])
+    for seq in (ending, staying):
+        batcher.add(seq)
+    step_as_the_scheduler_does(batcher)
+    assert len(ending.token_ids) == 1 and metrics.done == []
+    if leaving == "cancelled":
+        ending.cancelled = True
+
+    def device_error(self, leaving):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(type(batcher.cache), "without", device_error)
+    step_as_the_scheduler_does(batcher)
+    assert len(metrics.done) == 2 and staying.error is not None
+    if leaving == "finished":
+        assert ending.finish_reason == "length" and ending.error is None and len(ending.token_ids) == 2
+    else:
+        assert ending.error is not None and len(ending.token_ids) == 1
+    assert batcher.active == [] and batcher.cache is None
+
+
 @torch.inference_mode()
 def test_an_embedding_returns_though_the_decoding_step_after_it_fails(checkpoint_factory):
     """An embedding request encoded in a step whose decoding then fails (an expert actor lost, say) returns its

@@ -146,6 +146,13 @@ def test_a_call_that_finds_its_actor_dead_tells_the_link_and_fails(monkeypatch):
     with pytest.raises(ray.exceptions.RayActorError):
         dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 0]), None).result()
     assert len(lost) == 1 and isinstance(lost[0], ray.exceptions.RayActorError)
+    # Calls to actors the link has replaced meanwhile (their fleet started again): the layer fails, the link is not
+    # told (it would take the new actors for lost, and refuse requests until it had looked again).
+    pending = dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 0]), None)
+    dispatcher.use([RecordingActor(i, []) for i in range(2)], {}, owners={LAYER: {0: [0], 1: [1]}})
+    with pytest.raises(ray.exceptions.RayActorError):
+        pending.result()
+    assert len(lost) == 1
 
 
 def test_calls_that_time_out_are_cancelled_and_the_late_actors_named(monkeypatch):
