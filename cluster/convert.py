@@ -4,8 +4,9 @@
 
 Conversion goes one `.bin` shard at a time (loaded with `weights_only`, memory-mapped), so memory stays near
 one shard's size. Each shard's tensors are written grouped: the front's in one file, and each sparse layer's
-experts in their own file, in expert order, so an actor hosting a range of a layer's experts reads one
-contiguous run of one file. A conversion cut short goes on, run again, from the shards it finished.
+experts in files of their own, one for each count of digits of their numbers (0-9, 10-99, ...). safetensors lays a
+file's tensors out in the order of their names, which is the experts' order among numbers of as many digits (10
+before 2, but 2 before 3), so an actor hosting a range of a layer's experts reads one contiguous run of each file. A conversion cut short goes on, run again, from the shards it finished.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ def bin_shards(src: Path) -> list[str]:
 
 
 def group_of(name: str) -> tuple:
-    """File group and sort key of a tensor: the front's first, then each sparse layer's experts in order."""
+    """The file group of a tensor: the front's, or a sparse layer's experts whose numbers have as many digits as its
+    expert's (see the module's doc)."""
     match = EXPERT_TENSOR.match(name)
     if not match:
-        return ("front",), (0, name)
+        return ("front",)
     stack, layer, expert = match.groups()
-    return (stack, int(layer)), (int(expert), name)
+    return stack, int(layer), "experts", 10 ** (len(expert) - 1) if len(expert) > 1 else 0, 10 ** len(expert) - 1
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -135,11 +137,10 @@ def convert_shard(path: Path, number: int, count: int, work: Path) -> dict:
     state = load_shard(path)
     groups: dict[tuple, list[str]] = {}
     for name in state:
-        groups.setdefault(group_of(name)[0], []).append(name)
+        groups.setdefault(group_of(name), []).append(name)
     files, total = {}, 0
     for group, names in sorted(groups.items(), key=lambda item: (item[0] != ("front",), item[0])):
         file = f"model-{number:05d}-of-{count:05d}-{'-'.join(map(str, group))}.safetensors"
-        names.sort(key=lambda n: group_of(n)[1])
         tensors, seen = {}, set()
         for name in names:
             t = state[name].contiguous()

@@ -14,7 +14,7 @@ from reference import hf_generate
 from safetensors import safe_open
 
 from cluster.cli import main
-from cluster.convert import BIN_INDEX_FILE, convert, group_of
+from cluster.convert import BIN_INDEX_FILE, convert
 from experts.checkpoint import CheckpointError
 from experts.placement import PlacementConfig
 from router_service.engine import SwitchCluster
@@ -245,14 +245,24 @@ def test_a_shard_rewritten_since_a_conversion_was_cut_short_is_converted_again(c
         assert torch.equal(resumed.read([name])[name], tensor), name
 
 
-def test_a_layers_experts_are_written_in_their_numbers_order():
-    """Expert 10 after expert 9, not after expert 1: an actor's experts, a range of numbers, lie together in the
-    file, each read in one go."""
-    names = [f"encoder.block.1.layer.1.mlp.experts.expert_{e}.wi.weight" for e in (10, 2, 9, 1, 0, 11)]
-    groups = {group_of(name)[0] for name in names}
-    ordered = sorted(names, key=lambda name: group_of(name)[1])
-    assert groups == {("encoder", 1)} and [int(n.split("expert_")[1].split(".")[0]) for n in ordered] == \
-        [0, 1, 2, 9, 10, 11]
+def test_a_layers_experts_lie_in_their_numbers_order(checkpoint_factory, tmp_path):
+    """safetensors lays a file out by name (expert_10 before expert_2): each file holds experts of as many digits,
+    so that in each, the experts lie in their numbers' order, and an actor's experts (a range of numbers) are one
+    contiguous run of each file it reads. Fails if a layer's experts of one and of two digits share a file."""
+    _, hf_model = checkpoint_factory("convert-12-experts", num_experts=12, num_layers=2, num_sparse_encoder_layers=1,
+                                     num_sparse_decoder_layers=1)
+    src, dst = tmp_path / "bin", tmp_path / "safetensors"
+    save_bin_shards(hf_model, src, shards=1)
+    convert(src, dst)
+    layer_files = 0
+    for file in dst.glob("*.safetensors"):
+        header = json.loads(file.read_bytes()[8:8 + int.from_bytes(file.read_bytes()[:8], "little")])
+        laid_out = sorted((entry["data_offsets"][0], name) for name, entry in header.items() if name != "__metadata__")
+        experts = [int(name.split("expert_")[1].split(".")[0]) for _, name in laid_out if ".mlp.experts." in name]
+        if experts:
+            layer_files += 1
+            assert experts == sorted(experts) and len({len(str(e)) for e in experts}) == 1, (file.name, experts)
+    assert layer_files == 2 * 2  # two sparse layers, experts 0-9 and 10-11 of each
 
 
 def test_a_hub_id_downloaded_before_is_served_without_the_hub(tmp_path):
