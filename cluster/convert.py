@@ -2,11 +2,12 @@
 
     switch-serve convert /models/switch-c-2048-bin /models/switch-c-2048
 
-Conversion goes one `.bin` shard at a time (loaded with `weights_only`, memory-mapped), so memory stays near
-one shard's size. Each shard's tensors are written grouped: the front's in one file, and each sparse layer's
-experts in files of their own, one for each count of digits of their numbers (0-9, 10-99, ...). safetensors lays a
-file's tensors out in the order of their names, which is the experts' order among numbers of as many digits (10
-before 2, but 2 before 3), so an actor hosting a range of a layer's experts reads one contiguous run of each file. A conversion cut short goes on, run again, from the shards it finished.
+Conversion goes one `.bin` shard at a time (loaded with `weights_only`, memory-mapped), so memory stays near one
+shard's size. Each shard's tensors are written grouped: the front's in one file, and each sparse layer's experts in
+files of their own, one for each count of digits of their numbers (0-9, 10-99, ...). safetensors lays a file's
+tensors out in the order of their names, which is the experts' order among numbers of as many digits (10 before 2,
+but 2 before 3), so an actor hosting a range of a layer's experts reads one contiguous run of each file. A
+conversion cut short goes on, run again, from the shards it finished.
 """
 
 from __future__ import annotations
