@@ -155,9 +155,9 @@ def test_the_batching_threads_openmp_team_is_the_only_one():
 
 
 def test_a_stream_its_client_closes_closes_what_it_follows_at_once():
-    """A gRPC stream closed by its client (Serve closes the replica's generator) closes the generators it reads at
-    once, down to the scheduler's, whose `finally` takes the sequence out of the batch. Fails if they are left to
-    the garbage collector, which closes them only some loop turns later."""
+    """A gRPC stream closed by its client (Serve closes the replica's generator) closes the generator it reads at
+    once (`follow`'s, a stand-in here; its own chain down to the scheduler is the next test's). Fails if it is left to
+    the garbage collector, which closes it only some loop turns later."""
     from router_service.proto import switch_serve_pb2 as pb
     from router_service.server import SwitchServer
 
@@ -184,3 +184,30 @@ def test_a_stream_its_client_closes_closes_what_it_follows_at_once():
         return len(closed)
 
     assert asyncio.run(first_chunk_then_close()) == 1
+
+
+def test_a_followed_stream_closed_after_its_first_piece_leaves_the_batch_at_once():
+    """The real chain under a closed stream: router_service.server.follow over the scheduler's own stream. Closing
+    it after its first piece cancels the sequence at once (the batching thread takes it out at its next step). Fails
+    if `follow` leaves the scheduler's generator to the garbage collector, or the scheduler's `finally` does not
+    cancel."""
+    from router_service.config import ServerConfig
+    from router_service.server import follow
+    from router_service.text import TextStream
+
+    scheduler = Scheduler(IdleBatcher(CrashingFront(), max_sequences=4), max_waiting=4)
+    seq = Sequence([5, 1])
+
+    async def first_piece_then_close():
+        pieces = follow(scheduler, seq, TextStream(lambda ids: "", ()), ServerConfig(model="unused"))
+        first = asyncio.ensure_future(anext(pieces))
+        await asyncio.sleep(0.05)  # queued, and waiting for its first token
+        seq.token_ids.append(7)  # as the batching thread makes it
+        seq.logprobs.append(-0.1)
+        seq.top_logprobs.append([])
+        seq.on_update()
+        assert (await first).token_ids == [7] and not seq.cancelled
+        await pieces.aclose()
+        return seq.cancelled
+
+    assert asyncio.run(first_piece_then_close())
