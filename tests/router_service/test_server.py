@@ -867,6 +867,7 @@ fuzzed_fields = st.fixed_dictionaries({}, optional={
 
 # Random draws may all be refused (or all served); these two make sure each run sees both answers.
 VALID_FIELDS = {"input_ids": [5, 6, 7], "max_new_tokens": 2}
+REFUSED_FIELDS = {**VALID_FIELDS, "top_k": -1}
 
 
 def tally(counts: dict, key) -> None:
@@ -879,13 +880,17 @@ def test_fuzzed_grpc_requests_get_the_right_status(server):
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
     @given(fuzzed_fields)
     @example(VALID_FIELDS).via("a request that must be served")
-    @example({**VALID_FIELDS, "top_k": -1}).via("a request that must be refused")
+    @example(REFUSED_FIELDS).via("a request that must be refused")
     def check(fields):
         try:
             server["stub"].Generate(pb.GenerateRequest(**fields), timeout=60)
             tally(seen, "OK")
+            assert fields != REFUSED_FIELDS
         except grpc.RpcError as e:
             tally(seen, e.code().name)
+            assert fields != VALID_FIELDS, e.details()
+            assert fields != REFUSED_FIELDS or (e.code(), e.details().split(":")[0]) == (
+                grpc.StatusCode.INVALID_ARGUMENT, "top_k")
             assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), e.details()
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 assert e.details().split(":")[0] in REQUEST_FIELDS and "\n" not in e.details()
@@ -911,17 +916,20 @@ def test_fuzzed_http_requests_get_the_right_status(server):
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
     @given(fuzzed_bodies)
     @example(VALID_FIELDS).via("a request that must be served")
-    @example({**VALID_FIELDS, "top_k": -1}).via("a request that must be refused")
+    @example(REFUSED_FIELDS).via("a request that must be refused")
     def check(body):
         request = urllib.request.Request(f"{server['http']}/v1/generate", data=json.dumps(body).encode())
         try:
             with urllib.request.urlopen(request, timeout=60) as r:
                 tally(seen, r.status)
                 r.read()
+            assert body != REFUSED_FIELDS
         except urllib.error.HTTPError as e:
             tally(seen, e.code)
             assert e.code in (400, 429), e.read()
             answer = json.loads(e.read())
+            assert body != VALID_FIELDS, answer
+            assert body != REFUSED_FIELDS or (e.code, answer["field"]) == (400, "top_k"), answer
             if e.code == 400:  # a field of the API, or the unknown one sent
                 named = REQUEST_FIELDS | (set(body) if isinstance(body, dict) else set())
                 assert answer["field"] in named and "\n" not in answer["error"]
