@@ -418,6 +418,11 @@ def test_routing_over_grpc_streams_and_http(server, hf_model):
         {k: r[k] for k in ("stack", "layer", "experts")} for r in routing]
     expected = hf_routing(hf_model, [PROMPTS[2]], 10)[0]
     assert {(r["stack"], r["layer"]): r["experts"] for r in routing} == {k: v[0] for k, v in expected.items()}
+    for r in routing:  # the probabilities and drops as the proto and the JSON carry them
+        _, probs, dropped = expected[(r["stack"], r["layer"])]
+        assert r["probs"] == pytest.approx(probs, abs=1e-5) and r["dropped"] == dropped
+    for r, sent in zip(body["routing"], routing):
+        assert r["probs"] == pytest.approx(sent["probs"], abs=1e-6) and r["dropped"] == sent["dropped"]
     assert not server["stub"].Generate(pb.GenerateRequest(input_ids=PROMPTS[2], max_new_tokens=3)).routing
 
 
