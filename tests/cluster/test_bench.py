@@ -47,7 +47,11 @@ def test_bench_quick_run(tmp_path):
         assert 0 < b["round_trip_s"] < b["seconds"]
         assert 0 < b["sending_s"] < b["round_trip_s"]
         assert 0 < b["mean_compute_s"] <= b["slowest_compute_s"] <= b["expert_compute_s"]
-        assert b["imbalance_ms_per_call"] >= 0
+        calls = b["sparse_layer_calls"]  # the slowest actor's compute beyond the mean, and the overhead beyond it
+        assert b["imbalance_ms_per_call"] == pytest.approx(
+            1000 * (b["slowest_compute_s"] - b["mean_compute_s"]) / calls)
+        assert b["overhead_ms_per_call"] == pytest.approx(
+            1000 * max(0.0, b["round_trip_s"] - b["slowest_compute_s"]) / calls)
     for b in w["breakdown"][2:]:
         assert 0 < b["bare_call_ms"] < 1000 * b["round_trip_s"] and b["bare_call_in_step_ms"] > 0
         assert b["front_bytes_between_trips"] > 0 and b["expert_bytes"] > 0
