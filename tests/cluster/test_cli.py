@@ -49,6 +49,12 @@ def test_generate_text_uses_the_checkpoint_tokenizer(ray_cluster, tmp_path, caps
     for o in out["outputs"]:
         assert "logprobs" not in o and o["dropped_tokens"] == 0
         assert o["text"] == tokenizer.decode(o["token_ids"], skip_special_tokens=True)
+    # Each text encoded by the checkpoint's tokenizer: the same tokens as its ids given.
+    ids = [tokenizer(text)["input_ids"] for text in ("sort : 2 1", "spell : 4 7 2")]
+    by_ids = run_cli(capsys, "--model", str(tmp_path), "--input-ids", json.dumps(ids), "--max-new-tokens", "4",
+                     "--experts-per-actor", "4", "--capacity", "dropless", "--json")
+    assert [o["token_ids"] for o in by_ids["outputs"]] == [o["token_ids"] for o in out["outputs"]]
+    assert out["outputs"][0]["token_ids"] != out["outputs"][1]["token_ids"]  # each prompt's own answer
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -67,14 +67,20 @@ def test_greedy_completion_equals_the_native_api(served, client):
 
 
 def test_async_client_and_token_id_prompts(served):
+    """Each token-id prompt's choice is the native API's answer to those ids, in the prompts' order."""
+    ids = list(native(served, PROMPTS[1], 1).token_ids)  # any ids in the vocabulary
+    prompts = [[5, 9, 1], ids + [1]]
+
     async def run():
         async with openai.AsyncOpenAI(base_url=served["base_url"], api_key=KEY, max_retries=0) as client:
-            ids = list(native(served, PROMPTS[1], 1).token_ids)  # any ids in the vocabulary
-            return await client.completions.create(model=served["model"], prompt=[[5, 9, 1], ids + [1]],
-                                                   max_tokens=6, temperature=0)
+            return await client.completions.create(model=served["model"], prompt=prompts, max_tokens=6,
+                                                   temperature=0)
 
     out = asyncio.run(run())
-    assert [c.index for c in out.choices] == [0, 1] and all(c.finish_reason for c in out.choices)
+    answers = [served["stub"].Generate(pb.GenerateRequest(input_ids=p, max_new_tokens=6),
+                                       metadata=[("authorization", f"Bearer {KEY}")], timeout=60) for p in prompts]
+    assert [c.index for c in out.choices] == [0, 1]
+    assert [c.text for c in out.choices] == [a.text for a in answers] and answers[0].text != answers[1].text
 
 
 def test_streaming_equals_unary_and_reports_usage(served, client):
