@@ -119,7 +119,11 @@ def test_unary_requests_on_a_dying_replica_still_complete(two_replicas, caplog):
         thread.start()
         while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).active_sequences == 0:  # decoding has begun
             time.sleep(0.01)
-        ray.kill(ray.get_actor(replica_names()[0], namespace="serve"), no_restart=True)
+        # The replica killed is one that carries some of the requests.
+        replicas = [ray.get_actor(name, namespace="serve") for name in replica_names()]
+        carried = ray.get([replica.get_num_ongoing_requests.remote() for replica in replicas], timeout=60)
+        assert max(carried) > 0, carried
+        ray.kill(replicas[carried.index(max(carried))], no_restart=True)
         thread.join(180)
     print(f"\nclient retries: {caplog.text.count('retrying a request after')}")
     assert "error" not in result, result.get("error")
