@@ -79,6 +79,18 @@ def test_actor_gone_for_good_fails_its_requests_at_once(ray_cluster, checkpoint)
     assert isinstance(result.get("error"), ray.exceptions.RayActorError)
 
 
+def test_a_batch_failed_by_lost_actors_is_retryable_when_served():
+    """What the Python API raises when actors are lost (their death, or their absence past restart_timeout_s) is
+    served as UNAVAILABLE (503), which clients retry: a request that was cut short, not a bad one."""
+    import grpc
+
+    from router_service.dispatch import ExpertsUnavailable
+    from router_service.server import error_status
+
+    for error in (ray.exceptions.ActorDiedError(), ray.exceptions.RayActorError(), ExpertsUnavailable("late")):
+        assert error_status(error) == (grpc.StatusCode.UNAVAILABLE, 503)
+
+
 def test_an_actor_gone_for_good_is_started_again_by_its_fleet_the_others_kept(ray_cluster, checkpoint):
     """Ray starts again an actor that dies, but not one killed for good or whose restart failed (its checkpoint
     missing on the node it was moved to, say): the batch that needed it fails, then its fleet starts that actor
