@@ -228,11 +228,13 @@ class ExpertFleet:
         ).remote(self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype, self.quantize,
                  self.model_id)
 
-    def _wait_loaded(self, handles: list) -> None:
+    def _wait_loaded(self, handles: list, loading: list[int] | None = None) -> None:
+        """Wait for the actors `loading` (indices in `handles`; default: all) to load."""
+        loading = range(len(handles)) if loading is None else loading
         try:
             # A load failure surfaces here, not mid-request.
-            infos = asyncio.run(all_loaded([self._loaded(i, h) for i, h in enumerate(handles)], self._loading))
-            if (smaller := smaller_gpus(infos, self.gpu_memory)) is not None:
+            infos = asyncio.run(all_loaded([self._loaded(i, handles[i]) for i in loading], self._loading))
+            if (smaller := smaller_gpus(dict(zip(loading, infos)), self.gpu_memory)) is not None:
                 log.warning("%s", smaller)
             with self._lock:
                 if not self._released:
@@ -289,7 +291,9 @@ class ExpertFleet:
             handles = list(self.handles)
             self.fleet_id, self.state = uuid.uuid4().hex, f"loading {len(dead)} expert actors again"
             self._done.clear()
-        threading.Thread(target=self._wait_loaded, args=(handles,), name="switch-serve-fleet", daemon=True).start()
+        # The new actors alone: one of the others lost meanwhile is Ray's to start again, or the fronts' to report.
+        threading.Thread(target=self._wait_loaded, args=(handles, dead), name="switch-serve-fleet",
+                         daemon=True).start()
         return True
 
     def release(self) -> None:
@@ -322,13 +326,14 @@ def dead_for_good(handles: list, timeout_s: float = 1.0) -> list[int]:
     return dead
 
 
-def smaller_gpus(infos: list[dict], planned_bytes: int | None) -> str | None:
-    """What to say where the actors' GPUs are smaller than the plan took them to be (`gpu_memory`): their experts
-    then leave less room for activations than planned, and a later batch may run out of memory."""
+def smaller_gpus(infos: dict[int, dict], planned_bytes: int | None) -> str | None:
+    """What to say where the actors' GPUs (`infos`: each actor's info by its index) are smaller than the plan took
+    them to be (`gpu_memory`): their experts then leave less room for activations than planned, and a later batch
+    may run out of memory."""
     if not planned_bytes:
         return None
     # 5% short of it is not worth a word: an "80 GB" card holds 79.2 GiB, and the default is 80GiB.
-    small = [i for i, info in enumerate(infos)
+    small = [i for i, info in infos.items()
              if info["gpu_bytes"] is not None and info["gpu_bytes"] < 0.95 * planned_bytes]
     if not small:
         return None

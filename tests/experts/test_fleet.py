@@ -130,11 +130,14 @@ def test_gpus_smaller_than_the_plan_took_them_to_be_are_named():
     79.2 GiB, against the default 80GiB), CPU actors and a plan without GPUs say nothing. Fails if the card's size goes
     unread."""
     gib = 2**30
-    infos = [{"gpu_bytes": 79.2 * gib}, {"gpu_bytes": 40 * gib}, {"gpu_bytes": None}, {"gpu_bytes": 24 * gib}]
+    infos = dict(enumerate([{"gpu_bytes": 79.2 * gib}, {"gpu_bytes": 40 * gib}, {"gpu_bytes": None},
+                            {"gpu_bytes": 24 * gib}]))
     said = fleet.smaller_gpus(infos, 80 * gib)
     assert said == ("gpu_memory: the experts were planned for GPUs of 80.0 GiB, but expert actors [1, 3] have GPUs of "
                     "24.0 GiB or less: plan with their size")
-    assert fleet.smaller_gpus(infos[:1] + infos[2:3], 80 * gib) is None
+    assert fleet.smaller_gpus({0: infos[0], 2: infos[2]}, 80 * gib) is None
+    assert fleet.smaller_gpus({5: infos[1]}, 80 * gib).startswith("gpu_memory: the experts were planned for GPUs of "
+                                                                  "80.0 GiB, but expert actors [5] have")
     assert fleet.smaller_gpus(infos, None) is None
 
 
