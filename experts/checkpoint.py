@@ -264,6 +264,8 @@ class SwitchCheckpoint:
 
         by_file: dict[str, list[str]] = {}
         for name in names:
+            if name not in self.tensors:  # asked for by a placement of another checkpoint's layout
+                raise CheckpointError(f"{self.path}: no tensor {name}")
             by_file.setdefault(self.tensors[name].file, []).append(name)
         for file, file_names in by_file.items():
             self._check_here(file, file_names)

@@ -263,9 +263,12 @@ def follow_weights(config, names: list[str] | None = None,
         else:
             held = (sparse_count, list(range(sparse_count))) if sparse_count > total else None
             evidence = "reading it as {blocks} blocks, all sparse, as the released weights hold"
-        if held is None or (held[0], held[1]) == (total, sparse_layers(config, stack)):
+        if held is None:
             continue
         blocks, sparse = held
+        agrees = (blocks, sparse) == (total, sparse_layers(config, stack))
+        if agrees and sparse_count == len(sparse):
+            continue
         steps = [s for s in range(1, blocks + 1) if sparse_indices(blocks, s) == sparse]
         if sparse and not steps:
             raise ValueError(f"{where}: the {stack} sparse blocks in the weights, {sparse}, follow no sparse step "
@@ -273,6 +276,8 @@ def follow_weights(config, names: list[str] | None = None,
         config = dataclasses.replace(config, **{
             "num_layers" if stack == "encoder" else "num_decoder_layers": blocks,
             f"num_sparse_{stack}_layers": len(sparse), f"{stack}_sparse_step": steps[0] if sparse else 0})
+        if agrees:  # read alike, but the count said otherwise: written as held, so that a reading without the
+            continue  # weights (planning) does not take more sparse layers than layers for all sparse
         relation = "but" if sparse_count > total else "of which"
         warnings.append(f"{where}: the {stack} has {total} layers {relation} {sparse_count} sparse; "
                         + evidence.format(blocks=blocks, sparse=len(sparse)))

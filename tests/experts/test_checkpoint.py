@@ -258,3 +258,12 @@ def test_sparse_layers_follow_transformers(layers, sparse, expected):
     model = SwitchTransformersForConditionalGeneration(config)
     assert [i for i, block in enumerate(model.encoder.block) if block.is_sparse] == expected
     assert expert_tensor_names("encoder", 1, 0)[0] == "encoder.block.1.layer.1.mlp.experts.expert_0.wi.weight"
+
+
+def test_a_tensor_the_checkpoint_does_not_hold_is_named(checkpoint):
+    """Asked for by a placement made for another layout: a CheckpointError naming the folder and the tensor, not a
+    bare KeyError."""
+    ckpt = SwitchCheckpoint.open(checkpoint)
+    missing = expert_tensor_names("decoder", 7, 0)[0]
+    with pytest.raises(CheckpointError, match=rf"^{checkpoint}: no tensor {missing}$"):
+        ckpt.read([missing])

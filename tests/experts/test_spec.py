@@ -72,3 +72,15 @@ def test_weights_win_and_an_impossible_layout_is_refused():
     odd = [n.replace("block.1.", "block.2.") for n in expected_tensors(config)[0] if n.startswith("encoder.block.1.")]
     with pytest.raises(ValueError, match=r"the encoder sparse blocks in the weights, \[2, 3\], follow no sparse step"):
         follow_weights(config, [n for n in expected_tensors(config)[0] if not n.startswith("encoder.block.1.")] + odd)
+
+
+def test_a_sparse_count_that_transformers_reads_as_the_weights_hold_is_written_as_they_hold_it():
+    """2 decoder layers of which 3 sparse: transformers' step is then 0, a dense decoder, as the weights hold it.
+    Read with the weights, the config says so in its counts, so that a reading without them (the GPU planner's)
+    does not take it for 3 blocks, all sparse. Fails if the planner would place experts the weights do not hold."""
+    config = SwitchConfig(num_layers=2, num_sparse_encoder_layers=1, num_decoder_layers=2,
+                          num_sparse_decoder_layers=3)
+    assert sparse_layers(config, "decoder") == []
+    followed, warnings = follow_weights(config, list(expected_tensors(config)[0]))
+    assert warnings == [] and sparse_layers(followed, "decoder") == [] and followed.num_decoder_layers == 2
+    assert follow_weights(followed)[0] == followed  # the planner's reading, after it
