@@ -157,9 +157,20 @@ class Placement:
         node_index = {node: i for i, node in enumerate(sorted({g.node for g in used}))}  # nodes left empty go
         actors = []
         for gpu in used:
-            n = len(gpu.experts)
-            k = min(actors_per_gpu, n)  # as many actors as asked, as evenly filled as can be
-            groups = [gpu.experts[i * n // k:(i + 1) * n // k] for i in range(k)]
+            k = min(actors_per_gpu, len(gpu.experts))  # as many actors as asked, as evenly filled as can be
+            groups = [[] for _ in range(k)]
+            # Each actor a contiguous part of every layer the GPU holds: a layer's call then keeps all of them busy
+            # (whole layers each would leave all but one idle at every layer). Each layer starts where the last one
+            # ended, so that the larger parts, and the experts of a layer with fewer than `k`, go round.
+            layers: dict[LayerKey, list[ExpertKey]] = {}
+            for key in gpu.experts:
+                layers.setdefault(key[:2], []).append(key)
+            start = 0
+            for keys in layers.values():
+                m = len(keys)
+                for rank, key in enumerate(keys):
+                    groups[(start + (rank * k // m if m >= k else rank)) % k].append(key)
+                start += m
             # Ray counts a GPU in ten-thousandths: shares rounded down add up to at most the GPU (1/6 rounded to
             # the nearest would ask for 1.0002 of it).
             gpus = math.floor(RESOURCE_UNITS / len(groups)) / RESOURCE_UNITS

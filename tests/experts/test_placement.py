@@ -147,4 +147,23 @@ def test_a_gpu_with_fewer_experts_than_actors_asked_gets_one_actor_an_expert():
     full, light = GpuPlan(0, 0, [("encoder", 1, e) for e in range(3)]), GpuPlan(1, 0, [("encoder", 1, 3)])
     plan = Plan([full, light], expert_bytes=1, front_bytes=1, budget_bytes=1, min_gpus=2, replicas={}, warnings=[])
     placement = Placement.from_plan(plan, actors_per_gpu=2)
-    assert [(len(a.experts), a.gpus) for a in placement.actors] == [(1, 0.5), (2, 0.5), (1, 1.0)]
+    assert [(len(a.experts), a.gpus) for a in placement.actors] == [(2, 0.5), (1, 0.5), (1, 1.0)]
+
+
+@pytest.mark.parametrize("gpus, per_gpu", [(1, 2), (2, 3), (5, 4)])
+def test_the_actors_sharing_a_gpu_each_take_a_part_of_every_layer_it_holds(gpus, per_gpu):
+    """A sparse layer's tokens go to every actor holding some of its experts at once: actors that each held whole
+    layers would compute one at a time, the others idle. Each actor's part of a layer is a run of the GPU's experts
+    of it. Fails if the GPU's experts are cut into runs of whole layers."""
+    config = SwitchConfig.from_json_file(MODEL_CONFIGS / "switch-base-8.json")
+    placement = PlacementConfig(gpus=gpus, actors_per_gpu=per_gpu).place(config, "bf16")
+    for gpu_first in range(0, len(placement.actors), per_gpu):
+        sharing = placement.actors[gpu_first:gpu_first + per_gpu]
+        layers = {key[:2] for spec in sharing for key in spec.experts}
+        for layer in layers:
+            parts = [sorted(e for (*at, e) in spec.experts if tuple(at) == layer) for spec in sharing]
+            held = sorted(e for part in parts for e in part)  # the GPU's experts of the layer
+            assert sum(bool(part) for part in parts) == min(per_gpu, len(held)), (layer, parts)
+            for part in (part for part in parts if part):
+                first = held.index(part[0])
+                assert part == held[first:first + len(part)], (layer, parts)
