@@ -6,6 +6,7 @@ with the status OpenAI would use. The server maps them onto the same batcher as 
 from __future__ import annotations
 
 import base64
+import typing
 import uuid
 from collections.abc import Callable
 from typing import Literal
@@ -92,7 +93,7 @@ class CompletionRequest(BaseModel):
     @classmethod
     def sampled_or_greedy(cls, temperature: float) -> float:
         if 0 < temperature < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 2, got {temperature:g}")
+            raise ValueError(f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 2, got {temperature!r}")
         return temperature
 
     def prompts(self) -> list[str | list[int]]:
@@ -123,12 +124,12 @@ def validated(body: object, kind: type[BaseModel], model_id: str):
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object")
     try:
-        request = kind.model_validate(without_nulls(body))
+        request = kind.model_validate(without_nulls(body, kind))
     except ValidationError as e:
         first = e.errors()[0]
         loc = first["loc"]
         param = str(loc[0]) if loc else None
-        if param in UNION_FIELDS:
+        if param in UNION_FIELDS and len(loc) > 1:  # a value of none of its types (not one missing, or unknown)
             where, message = param, f"must be {UNION_FIELDS[param]}"
         else:  # a nested field by its path: stream_options.include_usage
             where = ".".join(str(part) for part in loc)
@@ -139,12 +140,19 @@ def validated(body: object, kind: type[BaseModel], model_id: str):
     return request
 
 
-def without_nulls(value: object) -> object:
-    """A JSON object without its fields sent as null, at every depth: OpenAI's optional fields take null for their
-    default, as its client sends them. (A null in a list stays, and is refused.)"""
-    if isinstance(value, dict):
-        return {name: without_nulls(v) for name, v in value.items() if v is not None}
-    return value
+def without_nulls(body: dict, kind: type[BaseModel]) -> dict:
+    """A request's body without the fields sent as null, its own and those of the objects it nests (stream_options):
+    OpenAI's optional fields take null for their default, as its client sends them. (A null among a map's values,
+    logit_bias's, or in a list stays, and is refused.)"""
+    out = {}
+    for name, value in body.items():
+        if value is None:
+            continue
+        field = kind.model_fields.get(name)
+        nested = field is not None and next((t for t in (field.annotation, *typing.get_args(field.annotation))
+                                             if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        out[name] = without_nulls(value, nested) if nested and isinstance(value, dict) else value
+    return out
 
 
 def check_model(model: str, model_id: str) -> None:

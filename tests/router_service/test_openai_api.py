@@ -97,6 +97,9 @@ def test_the_native_apis_errors_take_openais_field_names():
     ("stream_options.include_usage", {"stream": True, "stream_options": {"include_usage": "yes"}},
      "Input should be a valid boolean"),
     ("stream_options.usage", {"stream": True, "stream_options": {"usage": True}}, "unknown field"),
+    ("input", {"input": "a"}, "unknown field"),  # not the union's message: an embeddings field sent here
+    ("prompt", {"prompt": None}, "Field required"),
+    ("logit_bias.5", {"logit_bias": {"5": None}}, "Input should be a valid number"),  # refused, not emptied
 ])
 def test_a_refusal_says_what_the_field_takes(param, fields, message):
     """A field of several types names them all (pydantic's first error names the first alone: a string, for token
