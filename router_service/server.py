@@ -191,19 +191,18 @@ async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool
     stream = False if stream is None else stream  # null is the default, as for the request's other fields
     if not isinstance(stream, bool):
         raise InvalidRequest("stream", f"must be true or false, got {stream!r}")
+    for field in pb.GenerateRequest.DESCRIPTOR.fields:  # protobuf takes the last of the two, or names a oneof
+        if field.json_name != field.name and field.name in body and field.json_name in body:
+            raise InvalidRequest(field.name, f"given twice, as {field.name} and as {field.json_name}")
     try:
         return json_format.ParseDict(body, pb.GenerateRequest()), stream
     except json_format.ParseError as e:
-        # An optional field is a oneof of its own to protobuf, which names that, not the field, when it comes twice.
-        why = "given twice, in its two spellings" if "oneof fields" in str(e) else str(e)
-        raise InvalidRequest(field_in_parse_error(str(e)), why) from None
+        raise InvalidRequest(field_in_parse_error(str(e)), str(e)) from None
 
 
 def field_in_parse_error(message: str) -> str:
     """protobuf names the field in quotes ('... field named "foo"'), before its error ('Failed to parse top_k field:
     ...') or, for a number of the wrong kind, after it ("Couldn't parse float: hot at GenerateRequest.temperature")."""
-    if '" oneof fields' in message:  # 'should not have multiple "_max_new_tokens" oneof fields'
-        return message.split('multiple "', 1)[1].split('" oneof fields', 1)[0].removeprefix("_")
     if 'field named "' in message:  # the name may itself hold quotes
         return message.split('field named "', 1)[1].rsplit('" at "', 1)[0]
     if "Failed to parse " in message:
