@@ -310,7 +310,7 @@ class PendingDispatch:
                     "(restarting, no room to restart them, or busy for longer than restart_timeout_s)") from None
             except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them
                 # Actors replaced already (their fleet started again while this layer's calls were out) are no news.
-                if d.on_lost is not None and self.routes is d.routes:
+                if d.on_lost is not None and self.routes.actors == d.routes.actors:
                     d.on_lost(e)
                 raise
             # What the front spent sending and then waiting: with micro-batches, the rest of the round trip

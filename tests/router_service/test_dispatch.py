@@ -153,6 +153,12 @@ def test_a_call_that_finds_its_actor_dead_tells_the_link_and_fails(monkeypatch):
     with pytest.raises(ray.exceptions.RayActorError):
         pending.result()
     assert len(lost) == 1
+    # The same actors taken up again (tables rebuilt, nothing replaced): a loss is news.
+    pending = dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 0]), None)
+    dispatcher.use(list(dispatcher.actors), {}, owners={LAYER: {0: [0], 1: [1]}})
+    with pytest.raises(ray.exceptions.RayActorError):
+        pending.result()
+    assert len(lost) == 2
 
 
 def test_calls_that_time_out_are_cancelled_and_the_late_actors_named(monkeypatch):
