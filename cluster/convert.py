@@ -38,6 +38,9 @@ HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokeniz
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 PARTIAL = ".{name}.partial"  # where a conversion to NAME is written, beside it, until it is whole
 SOURCE_RECORD = ".source.json"  # in PARTIAL: what it converts (a run for another source starts it again)
+# The layout of the files written (see the module's doc), in SOURCE_RECORD: a conversion begun with another is begun
+# again, not finished in two layouts.
+LAYOUT = "experts by layer and digits"
 
 
 def bin_shards(src: Path) -> list[str]:
@@ -85,9 +88,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
     config = read_config(config_file)  # a bad one fails before any shard is converted
     shards = bin_shards(src)
     work = dst.parent / PARTIAL.format(name=dst.name)
-    origin = {"src": str(src.resolve()), "shards": shards}
+    origin = {"src": str(src.resolve()), "shards": shards, "layout": LAYOUT}
     if (work / SOURCE_RECORD).is_file() and json.loads((work / SOURCE_RECORD).read_text()) != origin:
-        log.warning("%s holds a conversion of another source: started again", work)
+        log.warning("%s holds a conversion of another source, or in another layout: started again", work)
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / SOURCE_RECORD).write_text(json.dumps(origin))

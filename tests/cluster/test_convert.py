@@ -200,6 +200,22 @@ def test_a_conversion_cut_short_is_not_taken_up_by_another_sources(checkpoint_fa
         assert torch.equal(out.read([name])[name], state[name]), name
 
 
+def test_a_conversion_cut_short_in_another_layout_starts_again(checkpoint_factory, tmp_path, monkeypatch):
+    """A conversion begun by a version that wrote another layout of files (its record names none) is not finished in
+    this one: the files of the two would mix in one checkpoint. Fails if its shards are kept."""
+    from cluster import convert as converting
+
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=3)
+    real, converted = converting.convert_shard, cut_short_at_the_third_shard(monkeypatch, src, tmp_path / "out")
+    record = tmp_path / ".out.partial" / converting.SOURCE_RECORD
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "layout"}))
+    monkeypatch.setattr(converting, "convert_shard", lambda *args: converted.append(args[1]) or real(*args))
+    convert(src, tmp_path / "out")
+    assert converted == [1, 2, 1, 2, 3]
+
+
 def test_a_conversion_cut_in_its_last_check_keeps_its_shards(checkpoint_factory, tmp_path, monkeypatch):
     """Cut short while the whole result is checked, a conversion keeps every shard it converted for the next run.
     Fails if the shards' records go before that check."""
