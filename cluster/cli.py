@@ -110,9 +110,14 @@ def _file(text: str) -> str:
 
 
 def _output(text: str) -> str:
-    """A file to write, in a folder that is there."""
-    if not Path(text).resolve().parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{Path(text).parent} is not a folder")
+    """A file to write, in a folder that is there and may be written."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a folder, not a file")
+    if not path.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} is not a folder")
+    if not os.access(path if path.exists() else path.resolve().parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot be written")
     return text
 
 

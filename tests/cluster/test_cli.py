@@ -146,6 +146,7 @@ def test_console_script_help():
     (["build", "--model", "demo/model", "--config", "demo"], "argument --config: demo: not a file"),
     (["build", "--model", "demo/model", "-o", "/no/such/folder/app.yaml"],
      "argument -o/--output: /no/such/folder is not a folder"),
+    (["build", "--model", "demo/model", "-o", "demo"], "argument -o/--output: demo: a folder, not a file"),
     (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--api-key-file", "/no/such/key"],
      "api_key_file: /no/such/key: No such file or directory"),
     (["serve", "--model", "demo/model", "--api-key-file", "demo"], f"api_key_file: {Path('demo').resolve()}: Is a"),
