@@ -17,6 +17,7 @@ from unittest import mock
 
 import grpc
 import pytest
+import ray
 import yaml
 from reference import ROOT, hf_generate
 from test_app import fronts_args
@@ -154,15 +155,12 @@ class ManifestCluster:
         wait_for(lambda: set(self.app_statuses().values()) == {"RUNNING"}, "every application RUNNING")
 
     def shutdown(self) -> None:
-        import ray
-
         ray.shutdown()
         self.cluster.shutdown()
 
 
 @contextlib.contextmanager
 def manifest_cluster(file: str):
-    import ray
     from conftest import instead_of_shared_ray
 
     # Ray's token auth off, as on the manifests' clusters: a local ray.init earlier in this process turns it on (in
@@ -230,13 +228,17 @@ def reference_tokens(cluster: ManifestCluster, hf_model) -> list[list[int]]:
     return [tokens for tokens, _ in hf_generate(hf_model.to(torch_dtype(dtype)), PROMPTS, NEW_TOKENS)]
 
 
+def sampled_stream(stub, i: int):
+    """Stream `i` of a test: sampled (a random model rarely ends one early), 100 tokens."""
+    return stub.GenerateStream(pb.GenerateRequest(input_ids=PROMPTS[i % len(PROMPTS)], max_new_tokens=100,
+                                                  temperature=1.0, seed=i), timeout=300, metadata=key_metadata(API_KEY))
+
+
 def start_streams(address: str, count: int) -> tuple[grpc.Channel, list]:
-    """`count` sampled streams (a random model rarely ends one early), each past its first chunk."""
+    """`count` sampled streams, each past its first chunk."""
     channel = grpc.insecure_channel(address)
     stub = pb_grpc.SwitchServeStub(channel)
-    streams = [stub.GenerateStream(pb.GenerateRequest(input_ids=PROMPTS[i % len(PROMPTS)], max_new_tokens=100,
-                                                      temperature=1.0, seed=i), timeout=300,
-                                   metadata=key_metadata(API_KEY)) for i in range(count)]
+    streams = [sampled_stream(stub, i) for i in range(count)]
     for stream in streams:
         next(stream)
     return channel, streams
@@ -245,8 +247,6 @@ def start_streams(address: str, count: int) -> tuple[grpc.Channel, list]:
 def stall_every_expert_actor(seconds: float) -> None:
     """Each of the fleet's expert actors stalls this long in its next call (ExpertActor.inject_fault). Asked from a
     Ray task: Serve keeps its handles' state per process, and this one's may be of an earlier test's cluster."""
-    import ray
-
     @ray.remote(num_cpus=0)
     def stall() -> None:
         from ray import serve
@@ -322,17 +322,26 @@ def test_switch_c_2048_manifest(tmp_path):
         assert groups_holding(cluster, "ExpertActor") == ["experts"] * 3
 
         fleet, actors = ids(FLEET), ids("ExpertActor")
-        lost = next(n for n in cluster.nodes["front"] if n.node_id == alive_actors(FRONT)[0].node_id)
-        # Streams in flight on both fronts (12, spread by Serve's proxy: all on one front 1 time in 2,048), held by
-        # the actors while the node goes: the lost front's end retryably, the other front's complete.
-        channel, streams = start_streams(cluster.grpc_address, 12)
+        # Streams on both fronts, held by the actors (each stalls in its next call) while the node of one goes:
+        # that front's end retryably, the other front's complete. Opened until both fronts carry some: Serve's
+        # proxy may send a burst to one front.
+        stall_every_expert_actor(STALL_S)
+        fronts = alive_actors(FRONT)
+        replicas = [ray.get_actor(front.name, namespace="serve") for front in fronts]
+        channel = grpc.insecure_channel(cluster.grpc_address)
+        stub, streams, carried = pb_grpc.SwitchServeStub(channel), [], [0] * len(fronts)
         with channel:
-            stall_every_expert_actor(5)
+            while len(streams) < 6 or 0 in carried:
+                assert len(streams) < 24, f"Serve's proxy sent every stream to one front: {carried}"
+                streams.append(sampled_stream(stub, len(streams)))
+                time.sleep(0.3)  # on its way to a front
+                carried = ray.get([replica.get_num_ongoing_requests.remote() for replica in replicas], timeout=60)
+            lost = next(n for n in cluster.nodes["front"] if n.node_id == fronts[0].node_id)
             cluster.remove_pod(lost)
             lost_at = time.monotonic()
             outcomes, details = finish_streams(streams)
-        print(f"\nstreams as a front's node was lost: {outcomes}; {details}")
-        assert "OK" in outcomes and set(outcomes) <= {"OK", "UNAVAILABLE", "INTERNAL"}, details
+        print(f"\nstreams as a front's node was lost ({carried[0]} of them on it): {outcomes}; {details}")
+        assert outcomes.count("OK") == carried[1] and set(outcomes) <= {"OK", "UNAVAILABLE", "INTERNAL"}, details
         generate_until(cluster.grpc_address, expected)  # the other front
         print(f"served again {time.monotonic() - lost_at:.1f} s after the node was lost")
         assert ids(FLEET) == fleet and ids("ExpertActor") == actors
