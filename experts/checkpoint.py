@@ -157,8 +157,12 @@ class SwitchCheckpoint:
 
     @staticmethod
     def _index(path: Path) -> dict[str, TensorInfo]:
+        """The tensors of the folder's safetensors: its single file where it has one, else its index's shards, as
+        transformers' from_pretrained picks them."""
         index_file = path / INDEX_FILE
-        if index_file.is_file():
+        if (path / SINGLE_FILE).is_file():
+            weight_map, files = {}, [SINGLE_FILE]
+        elif index_file.is_file():
             try:
                 weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
@@ -167,8 +171,6 @@ class SwitchCheckpoint:
                 raise CheckpointError(f"{index_file}: not a safetensors index (weight_map must map tensor names to "
                                       "file names)")
             files = sorted(set(weight_map.values()))
-        elif (path / SINGLE_FILE).is_file():
-            weight_map, files = {}, [SINGLE_FILE]
         else:
             raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are "
                                   "served; convert .bin checkpoints first)")

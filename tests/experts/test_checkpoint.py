@@ -267,3 +267,10 @@ def test_a_tensor_the_checkpoint_does_not_hold_is_named(checkpoint):
     missing = expert_tensor_names("decoder", 7, 0)[0]
     with pytest.raises(CheckpointError, match=rf"^{checkpoint}: no tensor {missing}$"):
         ckpt.read([missing])
+
+
+def test_a_folder_with_a_single_file_and_an_index_serves_the_single_file(checkpoint):
+    """As transformers' from_pretrained loads it (the single file first), so that the parity holds. Fails if the
+    index's shards are served instead (here, one that is missing)."""
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"shared.weight": "gone"}}))
+    assert {info.file for info in SwitchCheckpoint.open(checkpoint).tensors.values()} == {"model.safetensors"}
