@@ -192,7 +192,7 @@ class SwitchCheckpoint:
     @staticmethod
     def _check(config: SwitchConfig, tensors: dict[str, TensorInfo], path: Path) -> None:
         required, optional = expected_tensors(config)
-        where = path / (INDEX_FILE if (path / INDEX_FILE).is_file() else SINGLE_FILE)
+        where = path / (SINGLE_FILE if (path / SINGLE_FILE).is_file() else INDEX_FILE)  # the one `_index` read
         for name, shape in required.items():
             if name not in tensors:
                 raise CheckpointError(f"{where}: tensor {name} is missing (config.json expects shape {list(shape)})")

@@ -159,9 +159,10 @@ class Placement:
         for gpu in used:
             k = min(actors_per_gpu, len(gpu.experts))  # as many actors as asked, as evenly filled as can be
             groups = [[] for _ in range(k)]
-            # Each actor a contiguous part of every layer the GPU holds: a layer's call then keeps all of them busy
-            # (whole layers each would leave all but one idle at every layer). Each layer starts where the last one
-            # ended, so that the larger parts, and the experts of a layer with fewer than `k`, go round.
+            # Each layer's experts on the GPU shared among the actors, a contiguous run each: a layer's call then
+            # keeps all of them busy (whole layers each would leave all but one idle at every layer). Each layer
+            # starts where the last one ended, so that the larger runs, and a layer of fewer experts than actors,
+            # go round.
             layers: dict[LayerKey, list[ExpertKey]] = {}
             for key in gpu.experts:
                 layers.setdefault(key[:2], []).append(key)

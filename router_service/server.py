@@ -192,7 +192,7 @@ async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool
     if not isinstance(stream, bool):
         raise InvalidRequest("stream", f"must be true or false, got {stream!r}")
     for field in pb.GenerateRequest.DESCRIPTOR.fields:  # protobuf takes the last of the two, or names a oneof
-        if field.json_name != field.name and field.name in body and field.json_name in body:
+        if field.json_name != field.name and None not in (body.get(field.name), body.get(field.json_name)):
             raise InvalidRequest(field.name, f"given twice, as {field.name} and as {field.json_name}")
     try:
         return json_format.ParseDict(body, pb.GenerateRequest()), stream

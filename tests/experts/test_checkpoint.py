@@ -274,3 +274,6 @@ def test_a_folder_with_a_single_file_and_an_index_serves_the_single_file(checkpo
     index's shards are served instead (here, one that is missing)."""
     (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"shared.weight": "gone"}}))
     assert {info.file for info in SwitchCheckpoint.open(checkpoint).tensors.values()} == {"model.safetensors"}
+    rewrite(checkpoint / "model.safetensors", lambda tensors: tensors.pop("encoder.final_layer_norm.weight"))
+    with pytest.raises(CheckpointError, match=rf"^{checkpoint}/model.safetensors: tensor encoder.final_layer_norm"):
+        SwitchCheckpoint.open(checkpoint)  # the file read named, not the index

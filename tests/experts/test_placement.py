@@ -44,14 +44,14 @@ def test_packed_placement_splits_actors_evenly_over_nodes():
 def test_default_packing_is_one_actor_per_cpu_and_at_least_one_per_node():
     assert experts_per_cpu(8, cpus=2) == 4 and experts_per_cpu(8, cpus=3) == 3 and experts_per_cpu(8, cpus=64) == 1
     assert experts_per_cpu(8, cpus=6, nodes=5) == 1  # 2 per actor would leave a node without an actor
-    # As many actors as nodes, each node as many experts but for one: 128 over 3 nodes as 43, 43 and 42 (not 42, 42,
-    # 42 and a fourth actor of 2 beside the first on node 0), 2048 as 683, 683 and 682.
+    # As many actors as nodes, each as many experts but the last, which takes the rest: 128 over 3 nodes as 43, 43
+    # and 42 (not 42, 42, 42 and a fourth actor of 2 beside the first on node 0), 2048 as 683, 683 and 682.
     for experts, nodes, cpus in ((128, 3, 3), (2048, 3, 1), (8, 3, 3), (128, 6, 6)):
         placement = Placement.packed(tiny_config(num_experts=experts), experts_per_cpu(experts, cpus, nodes), nodes)
         per_node = [sum(key[:2] == ("encoder", 1) for a in placement.actors if a.node == n for key in a.experts)
                     for n in range(nodes)]  # one layer's experts on each node
-        assert len(placement.actors) == nodes and max(per_node) - min(per_node) <= max(1, experts // nodes // 4), \
-            (experts, nodes, per_node)
+        per_actor = -(-experts // nodes)
+        assert per_node == [per_actor] * (nodes - 1) + [experts - per_actor * (nodes - 1)], (experts, nodes, per_node)
     placement = PlacementConfig(cpus=2).place(tiny_config(num_experts=8), "fp32")
     assert len(placement.actors) == 2
 

@@ -80,8 +80,8 @@ def test_actor_gone_for_good_fails_its_requests_at_once(ray_cluster, checkpoint)
 
 
 def test_a_batch_failed_by_lost_actors_is_retryable_when_served():
-    """What the Python API raises when actors are lost (their death, or their absence past restart_timeout_s) is
-    served as UNAVAILABLE (503), which clients retry: a request that was cut short, not a bad one."""
+    """What the Python API raises when actors are lost (their death, or their absence past restart_timeout_s; the
+    tests above) is served as UNAVAILABLE (503), which clients retry. Fails if one is mapped to another status."""
     import grpc
 
     from router_service.dispatch import ExpertsUnavailable

@@ -685,6 +685,10 @@ def test_http_generate_equals_grpc(server):
     # Every field is there, empty or zero ones too, as the README says.
     assert set(body) == {f.name for f in pb.GenerateResponse.DESCRIPTOR.fields}
     assert body["routing"] == [] and body["dropped_tokens"] == unary.dropped_tokens
+    # A field null in one spelling and given in the other is given once.
+    status, body = post(f"{server['http']}/v1/generate", {"input_ids": PROMPTS[0], "max_new_tokens": None,
+                                                          "maxNewTokens": 6})
+    assert status == 200 and body["token_ids"] == list(unary.token_ids)
 
 
 def test_http_stream_is_server_sent_events(server):
