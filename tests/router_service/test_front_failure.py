@@ -37,6 +37,16 @@ def replica_names(deployment: str = FRONT_DEPLOYMENT) -> list[str]:
     return testing.replica_names(FLEET_APP if deployment == FLEET_DEPLOYMENT else APP_NAME, deployment)
 
 
+def both_replicas_serving(timeout_s: float = 180) -> None:
+    """Serve has replaced a replica an earlier test killed, and both replicas serve: a call sent meanwhile may go to
+    the dead one (INTERNAL, "actor is unavailable")."""
+    deadline = time.monotonic() + timeout_s
+    while len(replica_names()) < 2:
+        assert time.monotonic() < deadline, "Serve did not replace the replica"
+        time.sleep(0.2)
+    wait_until_serving(serve.get_deployment_handle(FRONT_DEPLOYMENT, APP_NAME), 2, deadline - time.monotonic())
+
+
 @pytest.fixture(scope="module")
 def two_replicas(ray_cluster, tmp_path_factory):
     """Two front replicas on a random model (it rarely emits EOS, so requests run their full length)."""
@@ -101,10 +111,7 @@ def test_unary_requests_on_a_dying_replica_still_complete(two_replicas, caplog):
     from cluster.client import generate_remote
 
     stub = two_replicas["stub"]
-    deadline = time.monotonic() + 120
-    while len(replica_names()) < 2:  # the previous test's replacement is up
-        assert time.monotonic() < deadline
-        time.sleep(1)
+    both_replicas_serving()
     result = {}
 
     def run():
@@ -139,6 +146,7 @@ def test_killed_fleet_comes_back_by_itself(two_replicas):
     """Fails if nothing restarts the owner of the expert actors (the fleet as a plain detached actor, as it once
     was), if a front keeps its dead actors (router_service.engine.ExpertLink), or if health stays SERVING."""
     stub, health = two_replicas["stub"], two_replicas["health"]
+    both_replicas_serving()
     probe = pb.GenerateRequest(text="sort : 3 1 2", max_new_tokens=8)
     expected = stub.Generate(probe, timeout=60).token_ids
     old_pids = [a.pid for a in stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).actors]
