@@ -24,7 +24,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-# Every test but the slow ones (a minute or more each): about 10 minutes on 2 cores.
+# Every test but the slow ones (a minute or more each): 10-15 minutes on 2 cores.
 test: lint
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
