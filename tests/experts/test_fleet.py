@@ -222,3 +222,37 @@ def test_a_load_says_how_far_it_has_come_and_fails_at_its_first_failure():
         return asyncio.get_running_loop().time() - began
 
     assert asyncio.run(failing()) < 5
+
+
+def test_a_replacement_waits_for_the_new_actors_alone(tmp_path, monkeypatch):
+    """The fleet starts again an actor dead for good and waits for it to load; another of its actors lost meanwhile
+    (Ray's to start again, or the fronts' to report) does not fail the fleet as a load that failed. Fails if the
+    replacement waits for every actor."""
+    import ray
+
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+
+    class Actor:
+        def __init__(self, answer):
+            self.info = types.SimpleNamespace(remote=lambda: self.answered(answer))
+
+        async def answered(self, answer):
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+
+    lost_meanwhile, dead, new = (Actor(ray.exceptions.ActorDiedError()), Actor({"gpu_bytes": None}),
+                                 Actor({"gpu_bytes": None}))
+
+    def ready(self):
+        self.handles, self.state = [lost_meanwhile, dead], "ready"
+        self._done.set()
+
+    monkeypatch.setattr(fleet.ExpertFleet, "_start", ready)
+    monkeypatch.setattr(fleet, "dead_for_good", lambda handles: [1])
+    monkeypatch.setattr(fleet.ExpertFleet, "_new_actor", lambda self, spec, group: new)
+    serving = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32")
+    assert serving.actors(wait_s=10).status == "ready"
+    assert serving.replace_dead(serving.fleet_id)
+    view = serving.actors(wait_s=10)
+    assert view.status == "ready" and view.actors == [lost_meanwhile, new] and serving.error is None
