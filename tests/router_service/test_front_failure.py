@@ -158,11 +158,16 @@ def test_killed_fleet_comes_back_by_itself(two_replicas):
     (fleet,) = replica_names(FLEET_DEPLOYMENT)
     killed = time.monotonic()
     ray.kill(ray.get_actor(fleet, namespace="serve"), no_restart=True)  # Serve starts another
+    # Health turns NOT_SERVING once a front has noticed, before the new fleet has loaded (a tiny model's loads in
+    # about 10 s): looked for at once, not after the streams, which a slow machine may take as long to end.
+    states, status = [health.Check(health_pb2.HealthCheckRequest(), timeout=10).status], ""
+    while states[-1] != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() - killed < 30:
+        states.append(health.Check(health_pb2.HealthCheckRequest(), timeout=10).status)
+        time.sleep(0.1)
     outcomes, _ = finish_streams(streams)
     assert set(outcomes) <= {"OK", "UNAVAILABLE"} and "UNAVAILABLE" in outcomes, outcomes
 
-    states, status = [], ""
-    while not states or states[-1] != health_pb2.HealthCheckResponse.SERVING:
+    while states[-1] != health_pb2.HealthCheckResponse.SERVING:
         assert time.monotonic() - killed < 180, f"not serving again: {status}"
         states.append(health.Check(health_pb2.HealthCheckRequest(), timeout=10).status)
         status = stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).status
