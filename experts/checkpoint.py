@@ -150,30 +150,36 @@ class SwitchCheckpoint:
         path = Path(path).resolve()
         config_file = path / "config.json"
         config = read_config(config_file)
-        tensors = cls._index(path)
+        listing = cls._listing(path)
+        tensors = cls._index(path, listing)
         config = config_of_weights(config, list(tensors), config_file)
-        cls._check(config, tensors, path)
+        cls._check(config, tensors, path, listing)
         return cls(path=path, config=config, tensors=tensors)
 
     @staticmethod
-    def _index(path: Path) -> dict[str, TensorInfo]:
-        """The tensors of the folder's safetensors: its single file where it has one, else its index's shards, as
+    def _listing(path: Path) -> Path:
+        """The file that says which tensors the folder holds: its single file where it has one, else its index, as
         transformers' from_pretrained picks them."""
-        index_file = path / INDEX_FILE
-        if (path / SINGLE_FILE).is_file():
+        for name in (SINGLE_FILE, INDEX_FILE):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are served; "
+                              "convert .bin checkpoints first)")
+
+    @staticmethod
+    def _index(path: Path, listing: Path) -> dict[str, TensorInfo]:
+        """The tensors `listing` (see `_listing`) names: the single file's own, or those of the index's shards."""
+        if listing.name == SINGLE_FILE:
             weight_map, files = {}, [SINGLE_FILE]
-        elif index_file.is_file():
+        else:
             try:
-                weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+                weight_map: dict[str, str] = json.loads(listing.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_file}: not a safetensors index ({e})") from None
+                raise CheckpointError(f"{listing}: not a safetensors index ({e})") from None
             if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
-                raise CheckpointError(f"{index_file}: not a safetensors index (weight_map must map tensor names to "
+                raise CheckpointError(f"{listing}: not a safetensors index (weight_map must map tensor names to "
                                       "file names)")
             files = sorted(set(weight_map.values()))
-        else:
-            raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are "
-                                  "served; convert .bin checkpoints first)")
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             shard = path / file
@@ -190,12 +196,11 @@ class SwitchCheckpoint:
         return tensors
 
     @staticmethod
-    def _check(config: SwitchConfig, tensors: dict[str, TensorInfo], path: Path) -> None:
+    def _check(config: SwitchConfig, tensors: dict[str, TensorInfo], path: Path, listing: Path) -> None:
         required, optional = expected_tensors(config)
-        where = path / (SINGLE_FILE if (path / SINGLE_FILE).is_file() else INDEX_FILE)  # the one `_index` read
         for name, shape in required.items():
             if name not in tensors:
-                raise CheckpointError(f"{where}: tensor {name} is missing (config.json expects shape {list(shape)})")
+                raise CheckpointError(f"{listing}: tensor {name} is missing (config.json expects shape {list(shape)})")
         for name, info in tensors.items():
             shape = required.get(name) or optional.get(name)
             if shape is None:
