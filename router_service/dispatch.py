@@ -166,19 +166,20 @@ class ExpertDispatcher:
         here = r.is_local[(stack, layer)][expert[index]]
         pending = PendingDispatch(self, r, stack, layer, tokens, index[~here])
         if len(pending.index):
-            self._call(r, pending, expert)
+            self._call(pending, expert)
         pending.sending_s = time.perf_counter() - began
         if here.any():
             computing = time.perf_counter()
-            self._compute_here(r, pending, index[here], expert)
+            self._compute_here(pending, index[here], expert)
             pending.local_s = time.perf_counter() - computing
         return pending
 
-    def _call(self, r: Routes, pending: PendingDispatch, expert: np.ndarray) -> None:
+    def _call(self, pending: PendingDispatch, expert: np.ndarray) -> None:
         """One call per actor that owns some of `pending.index`'s tokens."""
         layer, expert = (pending.stack, pending.layer), expert[pending.index]
         # Group tokens by owning actor, then by expert within it (stable: token order kept inside a group).
-        pending.index, keys, per_key = sorted_by(pending.index, r.owner(layer, expert) * self.num_experts + expert)
+        owners = pending.routes.owner(layer, expert)
+        pending.index, keys, per_key = sorted_by(pending.index, owners * self.num_experts + expert)
         groups: dict[int, tuple[list[int], list[int]]] = {}  # actor: its experts and their tokens' counts, in order
         for key, n in zip(keys, per_key):
             actor, e = divmod(key, self.num_experts)
@@ -192,11 +193,11 @@ class ExpertDispatcher:
             n = sum(counts)
             calls.append((actor, call_to_wire(pending.stack, pending.layer, experts, counts, tokens[start:start + n])))
             start += n
-        self._submit(r, pending, calls)
+        self._submit(pending, calls)
 
-    def _submit(self, r: Routes, pending: PendingDispatch, calls: list[Call]) -> None:
-        """Start these calls back to back."""
-        handles = r.actors
+    def _submit(self, pending: PendingDispatch, calls: list[Call]) -> None:
+        """Start these calls back to back, to the actors of the routes `pending` went by."""
+        handles = pending.routes.actors
         if not handles:
             raise ExpertsUnavailable("the expert actors are not up")
         if self.trips is not None:
@@ -205,12 +206,12 @@ class ExpertDispatcher:
             pending.calls.append(handles[actor].forward.remote(call))
             pending.called.append(actor)
 
-    def _compute_here(self, r: Routes, pending: PendingDispatch, index: np.ndarray, expert: np.ndarray) -> None:
+    def _compute_here(self, pending: PendingDispatch, index: np.ndarray, expert: np.ndarray) -> None:
         """The FFN outputs of these tokens, whose experts are all here, into `pending`."""
         pending.local_index, experts, counts = sorted_by(index, expert[index])
         keys = [(pending.stack, pending.layer, e) for e in experts]
         pending.computed = grouped_ffn(pending.tokens[torch.from_numpy(pending.local_index)], counts,
-                                       [r.local[k] for k in keys], self.act)
+                                       [pending.routes.local[k] for k in keys], self.act)
         self.local_calls += 1
         self._count_here(keys, counts)
 
@@ -236,7 +237,7 @@ class ExpertDispatcher:
         turn = r.turns[(stack, layer)]
         actor = int(r.hosts[(stack, layer)][expert, turn[expert] % r.copies[(stack, layer)][expert]])
         turn[expert] += 1
-        self._submit(r, pending, [(actor, call_to_wire(stack, layer, [expert], [1], tokens))])
+        self._submit(pending, [(actor, call_to_wire(stack, layer, [expert], [1], tokens))])
         pending.sending_s = time.perf_counter() - began
         return pending
 
