@@ -22,9 +22,9 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from cluster.testing import tiny_config, write_random_checkpoint
 from cluster.workloads import SHAPES
-from experts.actor import stacked_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS
+from experts.held import stacked_experts
 from experts.spec import STACKS, sparse_layers
 from router_service.dispatch import ExpertDispatcher
 from router_service.model import DecoderCache, SwitchFront
@@ -69,7 +69,7 @@ def front_step(folder: str, prompts: list[list[int]], device: str, dtype: torch.
     stacks = {layer: stacked_experts(checkpoint, layer, device, dtype) for layer in layers}
     dispatcher = ExpertDispatcher([], {layer: {e: [0] for e in experts} for layer in layers}, config.num_experts,
                                   act=ACTIVATION_FUNCTIONS[config.dense_act_fn])
-    # The experts' weights views of the stacks, as experts.actor.held_experts holds them on a GPU.
+    # The experts' weights views of the stacks, as experts.held.held_experts holds them on a GPU.
     dispatcher.use([], {(*layer, e): (wi[e], wo[e]) for layer, (wi, wo) in stacks.items() for e in experts}, stacks)
     front = SwitchFront(checkpoint, dispatcher, dtype=dtype, device=device, packed_weights=False)
     cache = DecoderCache.merge([front.start_decoding(encoded) for _, encoded in front.encode(prompts)], len(prompts))

@@ -29,9 +29,9 @@ from transformers import DynamicCache, EncoderDecoderCache, SwitchTransformersFo
 
 from cluster.bench import Request, checkpoint, workload
 from cluster.demo import DEMO_MODEL, PROMPTS, STREAMED, make_held_out
-from experts.actor import held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS
+from experts.held import held_experts
 from experts.spec import QUANTIZE_MODES, STACKS, sparse_layers
 from router_service.dispatch import ExpertDispatcher
 from router_service.engine import SwitchCluster

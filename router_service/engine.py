@@ -16,10 +16,10 @@ from pathlib import Path
 import ray
 import torch
 
-from experts.actor import gpu_uuid, held_experts
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS, packs
 from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
+from experts.held import gpu_uuid, held_experts
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
 from experts.spec import ExpertKey, expert_bytes, expert_format

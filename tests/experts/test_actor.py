@@ -12,9 +12,10 @@ import torch
 
 from cluster.testing import tiny_config, write_random_checkpoint
 from experts import actor as actor_module
-from experts.actor import ExpertActor, held_experts
+from experts.actor import ExpertActor
 from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import start_fleet, stop_fleet
+from experts.held import held_experts
 from experts.placement import PlacementConfig
 from experts.spec import expert_tensor_names, sparse_layers
 from experts.wire import call_to_wire, from_wire

@@ -10,8 +10,8 @@ import pytest
 import torch
 from reference import LocalExperts, dequantized_model, hf_generate
 
-from experts.actor import held_experts
 from experts.checkpoint import SwitchCheckpoint
+from experts.held import held_experts
 from experts.placement import PlacementConfig
 from experts.spec import STACKS, expert_tensor_names, sparse_layers
 from experts.wire import torch_dtype
