@@ -28,12 +28,15 @@ CONCURRENCY = [1, 8, 32]
 
 
 def parity_tests() -> tuple[int, str]:
-    """(exit status, pytest's summary lines) of the CUDA tests."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "gpu",
+    """(exit status, pytest's summary lines) of the CUDA tests: the tests that failed, errored or were skipped by
+    name, and what went to stderr (an import error before any test, say)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "-m", "gpu",
                           *CUDA_TESTS],
                          cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.strip()]
-    return out.returncode, "\n".join(lines[-12:])
+    summary = lines[next((i for i, line in enumerate(lines) if "short test summary info" in line), -12):]
+    errors = [line for line in out.stderr.splitlines() if line.strip()]
+    return out.returncode, "\n".join(summary + (["stderr:", *errors[-12:]] if errors else []))
 
 
 # What the Ray-bound parts say where this interpreter lacks Ray (a GPU machine's own Python may).

@@ -63,3 +63,25 @@ def test_gpu_check_passes_only_where_every_part_ran(capsys, tmp_path, monkeypatc
     monkeypatch.setattr(gpu_check, "benchmark", lambda: table)
     assert gpu_check.main([]) == status
     assert record.read_text().rstrip().splitlines()[-1].startswith(f"gpu-check: {said}")
+
+
+
+def test_the_parity_tests_record_names_what_failed(tmp_path, monkeypatch):
+    """The record of the parity tests names each test that failed, not only the skipped ones (pytest's -rs)."""
+    module = tmp_path / "test_on_the_gpu.py"
+    module.write_text("import pytest\n\n\n@pytest.mark.gpu\ndef test_tokens_match():\n    assert 1 == 2\n\n\n"
+                      "@pytest.mark.gpu\ndef test_bf16_matches():\n    pytest.skip('needs CUDA')\n")
+    monkeypatch.setattr(gpu_check, "CUDA_TESTS", [str(module)])
+    status, summary = gpu_check.parity_tests()
+    assert status == 1
+    assert "FAILED" in summary and "test_tokens_match" in summary and "needs CUDA" in summary
+
+
+def test_the_parity_tests_record_keeps_what_pytest_wrote_to_stderr(tmp_path, monkeypatch):
+    """A run that stops before any test (a conftest that fails to import) is recorded with what pytest wrote to
+    stderr, not as an empty block and an exit status."""
+    (tmp_path / "conftest.py").write_text("raise ImportError('no module named cuda_helpers')\n")
+    (tmp_path / "test_on_the_gpu.py").write_text("def test_tokens_match():\n    pass\n")
+    monkeypatch.setattr(gpu_check, "CUDA_TESTS", [str(tmp_path / "test_on_the_gpu.py")])
+    status, summary = gpu_check.parity_tests()
+    assert status != 0 and "no module named cuda_helpers" in summary
