@@ -41,8 +41,11 @@ DEFAULT_INGRESS = "proxy"
 # The proxies the controller starts inherit its environment: with RAY_SERVE_PROXY_USE_GRPC, a proxy passes each call,
 # and each streamed chunk, to a front replica over gRPC instead of a Ray actor call and Ray's streaming generator
 # (Serve's throughput-optimized mode does the same). On 2 vCPUs, alternated: 5% more tokens/s with 32 requests at
-# once, one at a time within noise (docs/BENCHMARKS.md).
-CONTROLLER_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_PROXY_USE_GRPC": "1"}
+# once, one at a time within noise (docs/BENCHMARKS.md). That link takes answers of up to 4 MiB by default (an
+# embedding of a few long prompts, token by token, is more): the proxies take them as large as their clients' side
+# does (2 GiB, gRPC's most).
+CONTROLLER_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_PROXY_USE_GRPC": "1",
+                  "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 
 class EngineConfig(BaseModel):

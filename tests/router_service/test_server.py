@@ -444,6 +444,19 @@ def test_grpc_embed_equals_transformers_encoder(server, hf_model):
         assert torch.allclose(torch.tensor(list(got.values)).view(-1, d_model), expected, atol=1e-4)
 
 
+def test_an_answer_over_grpcs_default_4_mib_comes_through_the_proxy(server):
+    """Serve's proxy takes a front's answer over gRPC, whose default limit is 4 MiB: 16 prompts of 500 tokens
+    embedded token by token are a 10 MiB answer. Fails if the proxy refuses it (a 500 and no embedding)."""
+    ids = [[3 + (i * 7 + j) % 40 for j in range(499)] + [1] for i in range(16)]
+    status, body = post(f"{server['http']}/v1/embeddings",
+                        {"model": server["path"].name, "input": ids, "pooling": "none"})
+    assert status == 200, body
+    assert [len(d["embedding"]) for d in body["data"]] == [500] * 16
+    alone = server["stub"].Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(input_ids=ids[5])], pooling="none"))
+    assert torch.allclose(torch.tensor(body["data"][5]["embedding"]).view(-1),
+                          torch.tensor(list(alone.embeddings[0].values)), atol=1e-5)
+
+
 @pytest.mark.parametrize("request_fields, field", [
     ({}, "inputs"),
     ({"inputs": [{"input_ids": [5, 1]}], "pooling": "max"}, "pooling"),
