@@ -326,15 +326,18 @@ def dead_for_good(handles: list, timeout_s: float = 1.0) -> list[int]:
     return dead
 
 
+# How much smaller than planned a GPU may be without a word: an "80 GB" card holds 79.2 GiB, and the default is 80GiB.
+GPU_SIZE_SLACK = 0.95
+
+
 def smaller_gpus(infos: dict[int, dict], planned_bytes: int | None) -> str | None:
     """What to say where the actors' GPUs (`infos`: each actor's info by its index) are smaller than the plan took
     them to be (`gpu_memory`): their experts then leave less room for activations than planned, and a later batch
     may run out of memory."""
     if not planned_bytes:
         return None
-    # 5% short of it is not worth a word: an "80 GB" card holds 79.2 GiB, and the default is 80GiB.
     small = [i for i, info in infos.items()
-             if info["gpu_bytes"] is not None and info["gpu_bytes"] < 0.95 * planned_bytes]
+             if info["gpu_bytes"] is not None and info["gpu_bytes"] < GPU_SIZE_SLACK * planned_bytes]
     if not small:
         return None
     least = min(infos[i]["gpu_bytes"] for i in small)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shlex
 
 import jsonschema
@@ -262,14 +263,15 @@ def test_the_fronts_take_their_api_key_from_a_secret_and_ray_asks_for_a_token(fi
     from router_service.auth import API_KEY_ENV
 
     manifest = yaml.safe_load(file.read_text())
+    assert front_group(manifest) in pod_groups(manifest)
     for name, pod in pod_groups(manifest).items():
         env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
-        if name == front_group(manifest):  # where the fronts, which check the key, run
-            # The Secret the README's `kubectl create secret generic switch-serve-api-key --from-literal=api-key=...`
-            # makes.
-            assert env[API_KEY_ENV]["valueFrom"]["secretKeyRef"] == {"name": "switch-serve-api-key", "key": "api-key"}
-            assert "kubectl create secret generic switch-serve-api-key --from-literal=api-key=" in README
+        # On every pod, not only where the fronts run now: a front without it would serve without a key, silently.
+        # The Secret the README's `kubectl create secret generic switch-serve-api-key --from-literal=api-key=...`
+        # makes.
+        assert env[API_KEY_ENV]["valueFrom"]["secretKeyRef"] == {"name": "switch-serve-api-key", "key": "api-key"}, name
         assert all("value" not in e for e in env.values() if "KEY" in e["name"])  # no secret in the file
+    assert "kubectl create secret generic switch-serve-api-key --from-literal=api-key=" in README
     assert manifest["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
     assert manifest["spec"]["upgradeStrategy"]["type"] in ("NewCluster", "None")
 
@@ -278,21 +280,27 @@ def test_the_fronts_take_their_api_key_from_a_secret_and_ray_asks_for_a_token(fi
 def test_expert_pods_land_only_on_gpus_that_hold_the_plan(file):
     """The experts group asks for nodes whose GPUs (nvidia.com/gpu.memory, in MiB) are big enough for the plan the
     serve config makes: the smallest GPU admitted holds the fullest GPU's experts within the planner's budget."""
+    from experts.fleet import GPU_SIZE_SLACK
     from experts.placement import PlacementConfig
-    from experts.plan import ACTIVATION_RESERVE
+    from experts.plan import ACTIVATION_RESERVE, parse_bytes
     from experts.spec import SwitchConfig, expert_format
 
     manifest = yaml.safe_load(file.read_text())
     args = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     command = shlex.split(manifest["metadata"]["annotations"]["switch-serve/build"])
     config = SwitchConfig.from_json_file(ROOT / command[command.index("--config") + 1])
-    plan = PlacementConfig(**args["placement"]).plan(config, expert_format(args["dtype"], "none"))
+    placement = PlacementConfig(**args["placement"])
+    plan = placement.plan(config, expert_format(args["dtype"], "none"))
     (term,) = pod_groups(manifest)["experts"]["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     (rule,) = term["matchExpressions"]
     assert rule["key"] == "nvidia.com/gpu.memory" and rule["operator"] == "Gt"
     smallest = (int(rule["values"][0]) + 1) * 2**20
     assert smallest * (1 - ACTIVATION_RESERVE) >= max(gpu.bytes for gpu in plan.gpus)
+    # ... and was planned for GPUs no bigger than those admitted, or the fleet warns on every load that they are
+    # smaller than planned.
+    assert smallest >= GPU_SIZE_SLACK * parse_bytes(placement.gpu_memory), \
+        "plan with --gpu-memory of the smallest GPU the experts group admits"
 
 
 def test_the_podmonitors_scrape_ports_that_their_pods_declare():
@@ -406,3 +414,11 @@ def test_the_ports_the_model_path_and_rays_version_agree_across_files(file):
     version = cluster["rayVersion"]
     assert f"FROM rayproject/ray:{version}-" in (ROOT / "manifests" / "Dockerfile").read_text()
     assert f'"ray[serve]=={version}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_readmes_build_command_is_the_manifests():
+    """The README shows the command that writes switch-base-8's serveConfigV2: the annotation's own, flag for flag."""
+    manifest = yaml.safe_load((ROOT / "manifests" / "rayservice-switch-base-8.yaml").read_text())
+    command = shlex.split(manifest["metadata"]["annotations"]["switch-serve/build"])
+    shown = re.search(r"\.venv/bin/(switch-serve build --model /models/switch-base-8 [^`]*?)\n```", README, re.S)
+    assert shown and shlex.split(shown.group(1).replace("\\\n", " ")) == command
