@@ -171,20 +171,44 @@ def http_error(e: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-async def json_body(request: Request, refused: Callable[[str], Exception]) -> object:
-    """The request's JSON body; `refused(why)` is raised where it is not JSON."""
+async def json_body(request: Request, refused: Callable[[str, str], Exception]) -> object:
+    """The request's JSON body; `refused(field, why)` is raised where it is not JSON ("body"), or where a string of it
+    holds half of a UTF-16 surrogate pair (JSON's "\\ud800" parses to one), which is no text: no tokenizer takes it,
+    nor any answer that would repeat it."""
     try:
-        return json.loads(await request.body())
+        body = json.loads(await request.body())
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
-        raise refused(f"not JSON ({e})") from None
+        raise refused("body", f"not JSON ({e})") from None
+    if (where := unpaired_surrogate(body)) is not None:
+        raise refused(where, "not valid Unicode (half of a UTF-16 surrogate pair)")
+    return body
 
 
-def not_openai_json(why: str) -> OpenAIError:
-    return OpenAIError(400, f"the body is {why}")
+def unpaired_surrogate(value, path: str = "body") -> str | None:
+    """The path (`prompt[1]`, `stream_options.include_usage`) of the first string, or key, in a parsed JSON value
+    that UTF-8 cannot encode; None where there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, list):
+        return next((found for i, item in enumerate(value)
+                     if (found := unpaired_surrogate(item, f"{path}[{i}]")) is not None), None)
+    elif isinstance(value, dict):
+        prefix = "" if path == "body" else f"{path}."
+        return next((found for key, item in value.items()
+                     if (found := unpaired_surrogate(key, path) or unpaired_surrogate(item, f"{prefix}{key}"))
+                     is not None), None)
+    return None
+
+
+def not_openai_json(field: str, why: str) -> OpenAIError:
+    return OpenAIError(400, f"the body is {why}") if field == "body" else OpenAIError(400, f"{field}: {why}", field)
 
 
 async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool]:
-    body = await json_body(request, lambda why: InvalidRequest("body", why))
+    body = await json_body(request, InvalidRequest)
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
     stream = body.pop("stream", None)

@@ -724,6 +724,8 @@ def test_http_stream_is_server_sent_events(server):
     ({"input_ids": [3, 1], "inputIds": [3]}, "input_ids"),
     (b"{not json", "body"),
     (b"[" * 100_000, "body"),  # nested deeper than Python's stack
+    ({"text": "sort : 3 \ud800 1"}, "text"),  # half of a UTF-16 surrogate pair: no text, for any tokenizer
+    ({"input_ids": [3, 1], "stop": ["b", "\udc00"]}, "stop[1]"),
 ])
 def test_http_bad_input_is_400(server, body, field):
     status, answer = post(f"{server['http']}/v1/generate", body)
@@ -741,6 +743,22 @@ def test_fastapis_own_pages_are_not_served(server):
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(f"{server['http']}{page}", timeout=30)
         assert error.value.code == 404, page
+
+
+@pytest.mark.parametrize("route, fields, param", [
+    ("/v1/completions", {"prompt": "sort : 3 \ud800 1"}, "prompt"),
+    ("/v1/completions", {"prompt": ["sort : 3 1", "x\udfff"]}, "prompt[1]"),
+    ("/v1/completions", {"prompt": "sort : 3 1", "stream_options": {"\ud800": True}}, "stream_options"),
+    ("/v1/embeddings", {"input": ["sort : 3 1", "\ud800"]}, "input[1]"),
+    ("/v1/embeddings", {"input": "sort : 3 1", "model": "m\ud800"}, "model"),
+])
+def test_openai_text_that_is_not_unicode_is_a_400_naming_the_field(server, route, fields, param):
+    """A JSON string may hold half of a surrogate pair ("\\ud800"), which no tokenizer takes: refused as bad
+    input naming where it is. (The tokenizer's TypeError was a 503, which OpenAI's client retries; a model's name
+    holding one broke the 404's JSON.)"""
+    status, answer = post(f"{server['http']}{route}", {"model": server["path"].name, **fields})
+    assert status == 400 and answer["error"]["param"] == param, answer
+    assert answer["error"]["message"] == f"{param}: not valid Unicode (half of a UTF-16 surrogate pair)"
 
 
 def test_openai_requests_refused_for_a_full_queue_get_429(server):
