@@ -6,6 +6,7 @@ with the status OpenAI would use. The server maps them onto the same batcher as 
 from __future__ import annotations
 
 import base64
+import math
 import typing
 import uuid
 from collections.abc import Callable
@@ -240,13 +241,19 @@ def legacy_logprobs(decode: Callable[[list[int]], str], before: list[int], token
     """The completions API's logprobs object for some tokens of a choice, which follow its tokens `before` them,
     whose text takes `offset` characters. Each token's text is what it adds to the text before it, so the tokens
     joined are the choice's text; each token's alternatives (`top`, where asked) include the token itself, as
-    OpenAI's do."""
+    OpenAI's do. Alternatives that add the same text (a word with and without its leading space at the start, the
+    special tokens, which add none) are one key, with the likeliest's log-probability (the token itself's, where it
+    is one of them)."""
     texts, tops, offsets = [], [], []
     for i, (token, logprob) in enumerate(zip(token_ids, token_logprobs)):
         context = (before + token_ids[:i])[-CONTEXT_TOKENS:]
         start = len(decode(context))
         texts.append(decode(context + [token])[start:])
-        tops.append({decode(context + [t])[start:]: lp for t, lp in (top[i] if top else [])} | {texts[-1]: logprob})
+        alternatives: dict[str, float] = {}
+        for t, lp in top[i] if top else []:
+            text = decode(context + [t])[start:]
+            alternatives[text] = max(lp, alternatives.get(text, -math.inf))
+        tops.append(alternatives | {texts[-1]: logprob})
         offsets.append(offset)
         offset += len(texts[-1])
     return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

@@ -83,6 +83,21 @@ def test_legacy_logprobs_give_each_token_the_text_it_adds_after_those_before_it(
     assert out["top_logprobs"] == [{"!": -1.0, " world": -0.1}, {" world": -2.0, "!": -0.2}]
 
 
+def test_alternatives_that_add_the_same_text_keep_the_likeliest():
+    """At a choice's start "▁o" and "o" both add "o", and special tokens add nothing: one key each, with the likeliest
+    alternative's log-probability (the chosen token's own where it is one). Fails if a less likely alternative
+    overwrites a likelier one."""
+    words = {1: "▁o", 2: "o", 3: "</s>", 4: "<pad>", 5: "x"}
+
+    def decode(ids: list[int]) -> str:
+        return "".join("" if words[i].startswith("<") else words[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+    out = legacy_logprobs(decode, [], [5], [-0.5], [[(5, -0.5), (3, -1.0), (4, -2.0), (1, -2.5), (2, -3.0)]], 0)
+    assert out["top_logprobs"] == [{"x": -0.5, "": -1.0, "o": -2.5}]
+    out = legacy_logprobs(decode, [], [2], [-2.0], [[(1, -0.1), (2, -2.0)]], 0)
+    assert out["tokens"] == ["o"] and out["top_logprobs"] == [{"o": -2.0}]
+
+
 def test_the_native_apis_errors_take_openais_field_names():
     for native, param in (("max_new_tokens", "max_tokens"), ("top_logprobs", "logprobs"), ("seed", "seed")):
         error = from_invalid_request(InvalidRequest(native, "bad"))
