@@ -10,6 +10,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from functools import partial
 
 import torch
 
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """More requests are waiting than the configured limit: maps to RESOURCE_EXHAUSTED / HTTP 429."""
+
+
+STOPPED = "this replica's batching thread has stopped; Serve replaces the replica"
 
 
 class BatcherStopped(RuntimeError):
@@ -73,19 +77,30 @@ class Scheduler:
             raise QueueFull(f"{waiting} requests already waiting (limit {self.max_waiting})"
                             + (f"; this one has {count}" if count > 1 else ""))
 
-    async def stream(self, seq: Sequence) -> AsyncIterator[Sequence]:
-        """Queue `seq` and yield it each time it has new tokens, until it is done. A caller that stops
-        iterating (a cancelled request) takes the sequence out of the batch before the next step."""
+    def queue(self, seqs: list[Sequence]) -> list[AsyncIterator[Sequence]]:
+        """Queue a request's sequences (its choices, its inputs) together, now: room for all of them, or QueueFull
+        and none queued, with no other request's between the check and them (had it waited, a request that found
+        room could be refused once others took it). Returns an iterator of each one's updates: it yields the
+        sequence each time it has new tokens, until it is done; closed before (a cancelled request, a stop string),
+        it takes the sequence out of the batch before the next step. One never started does not: a request's
+        caller `cancel`s all of its sequences as it ends."""
         if not self.alive:  # a stopped thread takes nothing more: nothing queued that no one would ever fail
-            raise BatcherStopped("this replica's batching thread has stopped; Serve replaces the replica")
-        self.check_room()
+            raise BatcherStopped(STOPPED)
+        self.check_room(len(seqs))
         loop = asyncio.get_running_loop()
-        updated = asyncio.Event()
-        seq.on_update = lambda: loop.call_soon_threadsafe(updated.set)
-        self.batcher.add(seq)
+        updates = []
+        for seq in seqs:
+            updated = asyncio.Event()
+            seq.on_update = partial(loop.call_soon_threadsafe, updated.set)
+            updates.append(self._updates(seq, updated))
+        for seq in seqs:
+            self.batcher.add(seq)
         self._wake.set()
         if not self.alive:  # checked after queueing: a thread that stops from now on fails what it has queued
-            raise BatcherStopped("this replica's batching thread has stopped; Serve replaces the replica")
+            raise BatcherStopped(STOPPED)
+        return updates
+
+    async def _updates(self, seq: Sequence, updated: asyncio.Event) -> AsyncIterator[Sequence]:
         try:
             while True:
                 await updated.wait()
@@ -98,9 +113,15 @@ class Scheduler:
                 if finished:
                     return
         finally:
-            if not seq.done:
-                seq.cancelled = True
-                self._wake.set()
+            self.cancel([seq])
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Take those of `seqs` that are not done out of the batch, or the queue, before the next step."""
+        unfinished = [seq for seq in seqs if not seq.done]
+        for seq in unfinished:
+            seq.cancelled = True
+        if unfinished:
+            self._wake.set()
 
     @property
     def alive(self) -> bool:

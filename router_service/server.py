@@ -14,7 +14,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 
@@ -287,9 +287,11 @@ def stream_interval_s(config: ServerConfig, decoding: int) -> float:
     return max(config.stream_interval_ms / 1000, budget)
 
 
-async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: ServerConfig) -> AsyncIterator[Piece]:
-    """Queue `seq` and yield what the steps add, a piece at most every `stream_interval_s` after the first, until it
-    ends or a stop string ends its `text` (which takes it out of the batch)."""
+async def follow(scheduler: Scheduler, seq: Sequence, updates: AsyncIterator[Sequence], text: TextStream,
+                 config: ServerConfig) -> AsyncIterator[Piece]:
+    """What the steps add to `seq` (queued: its `updates`, Scheduler.queue), a piece at most every
+    `stream_interval_s` after the first, until it ends or a stop string ends its `text` (which takes it out of the
+    batch)."""
     sent, count, checked, new_text, sent_at = 0, 0, 0, "", 0.0
 
     def piece(reason: str | None) -> Piece:
@@ -318,7 +320,7 @@ async def follow(scheduler: Scheduler, seq: Sequence, text: TextStream, config: 
         elif due:
             new_text += text.update(seq.token_ids[:count], finished)
 
-    async with aclosing(scheduler.stream(seq)) as updates:
+    async with aclosing(updates):
         try:
             async for _ in updates:
                 finished = seq.finish_reason is not None
@@ -467,19 +469,29 @@ class SwitchServer:
         vocab = self.cluster.checkpoint.config.vocab_size
         sequences = [Sequence(check_prompt(self.cluster.encode_text(item, name) if isinstance(item, str) else item,
                                            vocab, self.config, name), pooling=pooling) for item, name in inputs]
-        self.scheduler.check_room(len(sequences))  # after the checks: bad input is refused as such, whatever the load
         self.cluster.check_experts()
 
-        async def run(seq: Sequence) -> None:
-            async with aclosing(self.scheduler.stream(seq)) as updates:
+        async def run(updates: AsyncIterator[Sequence]) -> None:
+            async with aclosing(updates):
                 async for _ in updates:
                     pass
 
-        await all_or_first_error(run(seq) for seq in sequences)
+        with self._queued(sequences) as updates:  # after the checks: bad input is refused as such, whatever the load
+            await all_or_first_error(map(run, updates))
         return sequences
 
-    def _follow(self, seq: Sequence, stop: tuple[str, ...]) -> AsyncIterator[Piece]:
-        return follow(self.scheduler, seq, TextStream(self._text, stop), self.config)
+    @contextmanager
+    def _queued(self, sequences: list[Sequence]) -> Iterator[list[AsyncIterator[Sequence]]]:
+        """A request's sequences queued together (Scheduler.queue), and those not done taken out of the batch as the
+        block ends, the sequences of updates never started too (a task cancelled before it ran)."""
+        updates = self.scheduler.queue(sequences)
+        try:
+            yield updates
+        finally:
+            self.scheduler.cancel(sequences)
+
+    def _follow(self, seq: Sequence, updates: AsyncIterator[Sequence], stop: tuple[str, ...]) -> AsyncIterator[Piece]:
+        return follow(self.scheduler, seq, updates, TextStream(self._text, stop), self.config)
 
     def _authorize(self, metadata) -> None:
         """Every call but the health check presents the API key, when the server has one."""
@@ -505,7 +517,8 @@ class SwitchServer:
 
     async def _generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
         seq, stop = self._sequence(request)
-        pieces = [piece async for piece in self._follow(seq, stop)]
+        with self._queued([seq]) as (updates,):
+            pieces = [piece async for piece in self._follow(seq, updates, stop)]
         logprobs = [lp for p in pieces for lp in p.logprobs]
         token_ids = [t for p in pieces for t in p.token_ids]
         routing = seq.routing(0, len(token_ids)) if request.return_routing else []
@@ -517,15 +530,16 @@ class SwitchServer:
 
     async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         seq, stop = self._sequence(request)
-        async with aclosing(self._follow(seq, stop)) as pieces:  # closed with this stream: its sequence leaves at once
-            async for piece in pieces:
-                chunk = pb.GenerateChunk(token_ids=piece.token_ids, text=piece.text,
-                                         logprobs=piece.logprobs if request.return_logprobs else [],
-                                         routing=[pb.LayerRouting(**r) for r in piece.routing])
-                if piece.finish_reason is not None:
-                    chunk.finish_reason = piece.finish_reason
-                    chunk.prompt_tokens, chunk.dropped_tokens = len(seq.prompt), seq.dropped_tokens
-                yield chunk
+        with self._queued([seq]) as (updates,):  # closed with this stream: its sequence leaves at once
+            async with aclosing(self._follow(seq, updates, stop)) as pieces:
+                async for piece in pieces:
+                    chunk = pb.GenerateChunk(token_ids=piece.token_ids, text=piece.text,
+                                             logprobs=piece.logprobs if request.return_logprobs else [],
+                                             routing=[pb.LayerRouting(**r) for r in piece.routing])
+                    if piece.finish_reason is not None:
+                        chunk.finish_reason = piece.finish_reason
+                        chunk.prompt_tokens, chunk.dropped_tokens = len(seq.prompt), seq.dropped_tokens
+                    yield chunk
 
     async def _model_info(self) -> pb.ModelInfoResponse:
         cluster, config = self.cluster, self.cluster.checkpoint.config
@@ -722,7 +736,7 @@ class SwitchServer:
                     self._finished()
                     return response
                 events = asyncio.Queue()
-                following = asyncio.create_task(self._follow_choices(choices, events))
+                following = self._follow_choices(choices, events)
                 try:
                     first = await events.get()
                 except BaseException:  # the client went away before the first piece
@@ -774,7 +788,6 @@ class SwitchServer:
                     ids, field, request.stop_strings(), max_new_tokens=max_tokens, temperature=request.temperature,
                     top_p=request.top_p, seed=None if request.seed is None else (request.seed + j) % 2**64,
                     top_logprobs=request.logprobs or 0))
-        self.scheduler.check_room(len(out))  # after the checks: bad input is refused as such, whatever the load
         return out
 
     def _logprobs(self, request: CompletionRequest, before: list[int], piece: Piece, offset: int) -> dict | None:
@@ -786,8 +799,8 @@ class SwitchServer:
                                offset)
 
     async def _complete(self, request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> dict:
-        async def one(index: int, seq: Sequence, stop: tuple) -> tuple[dict, int]:
-            pieces = [piece async for piece in self._follow(seq, stop)]
+        async def one(index: int, seq: Sequence, updates: AsyncIterator[Sequence], stop: tuple) -> tuple[dict, int]:
+            pieces = [piece async for piece in self._follow(seq, updates, stop)]
             whole = Piece([t for p in pieces for t in p.token_ids], [lp for p in pieces for lp in p.logprobs],
                           [top for p in pieces for top in p.top_logprobs], "".join(p.text for p in pieces),
                           pieces[-1].finish_reason, [])
@@ -795,21 +808,33 @@ class SwitchServer:
                             self._logprobs(request, [], whole, 0))
             return answer, len(whole.token_ids)
 
-        results = await all_or_first_error(one(i, seq, stop) for i, (seq, stop) in enumerate(choices))
+        with self._queued([seq for seq, _ in choices]) as updates:
+            results = await all_or_first_error(one(i, seq, u, stop)
+                                               for i, ((seq, stop), u) in enumerate(zip(choices, updates)))
         return completion(completion_id(), int(time.time()), self.model_id, [c for c, _ in results],
                           usage(prompt_tokens(request, choices), sum(n for _, n in results)))
 
-    async def _follow_choices(self, choices: list[tuple[Sequence, tuple]], events: asyncio.Queue) -> None:
-        """Put each choice's pieces on `events` as (choice index, piece); the first failure ends the others and is
-        put last. Runs as a task of its own, which holds its task group from start to end."""
-        async def one(index: int, seq: Sequence, stop: tuple) -> None:
-            async for piece in self._follow(seq, stop):
+    def _follow_choices(self, choices: list[tuple[Sequence, tuple]], events: asyncio.Queue) -> asyncio.Task:
+        """Queue the choices (Scheduler.queue), and put each one's pieces on `events` as (choice index, piece) in a
+        task of its own, which holds its task group from start to end; the first failure ends the others and is put
+        last. Returns the task: as it ends, however (cancelled before it ran too), the choices leave the batch."""
+        sequences = [seq for seq, _ in choices]
+        updates = self.scheduler.queue(sequences)
+
+        async def one(index: int, seq: Sequence, updates: AsyncIterator[Sequence], stop: tuple) -> None:
+            async for piece in self._follow(seq, updates, stop):
                 events.put_nowait((index, piece))
 
-        try:
-            await all_or_first_error(one(i, seq, stop) for i, (seq, stop) in enumerate(choices))
-        except Exception as e:
-            events.put_nowait(e)
+        async def every() -> None:
+            try:
+                await all_or_first_error(one(i, seq, u, stop)
+                                         for i, ((seq, stop), u) in enumerate(zip(choices, updates)))
+            except Exception as e:
+                events.put_nowait(e)
+
+        following = asyncio.create_task(every())
+        following.add_done_callback(lambda _: self.scheduler.cancel(sequences))
+        return following
 
     async def _completion_events(self, request: CompletionRequest, choices: list[tuple[Sequence, tuple]],
                                  events: asyncio.Queue, first, following: asyncio.Task) -> AsyncIterator[str]:

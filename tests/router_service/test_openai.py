@@ -342,20 +342,24 @@ def test_bad_input_is_refused_as_such_when_the_queue_is_full(call):
     def full(*_):
         raise QueueFull("32 requests already waiting (limit 32)")
 
+    replica = SwitchServer.func_or_class
     server = SimpleNamespace(has_tokenizer=True, config=ServerConfig(model="unused"),
-                             scheduler=SimpleNamespace(check_count=lambda count, field: None, check_room=full),
+                             scheduler=SimpleNamespace(check_count=lambda count, field: None, queue=full),
                              cluster=SimpleNamespace(checkpoint=SimpleNamespace(config=SimpleNamespace(vocab_size=100)),
                                                      check_experts=lambda: None))
-    server._new_sequence = lambda *args, **kwargs: SwitchServer.func_or_class._new_sequence(server, *args, **kwargs)
+    server._new_sequence = lambda *args, **kwargs: replica._new_sequence(server, *args, **kwargs)
+    server._queued = lambda seqs: replica._queued(server, seqs)
     with pytest.raises(InvalidRequest, match="token ids"):
         if call == "completion":
-            SwitchServer.func_or_class._completion_choices(server, CompletionRequest(model="m", prompt=[5, 999999]))
+            replica._completion_choices(server, CompletionRequest(model="m", prompt=[5, 999999]))
         else:
-            asyncio.run(SwitchServer.func_or_class._embed(server, [([5, 1], "input[0]"), ([999999], "input[1]")],
-                                                          "mean", "input"))
-    good = CompletionRequest(model="m", prompt=[5, 9])
+            asyncio.run(replica._embed(server, [([5, 1], "input[0]"), ([999999], "input[1]")], "mean", "input"))
     with pytest.raises(QueueFull):  # and a good one is told the queue is full
-        SwitchServer.func_or_class._completion_choices(server, good)
+        if call == "completion":
+            good = CompletionRequest(model="m", prompt=[5, 9])
+            asyncio.run(replica._complete(server, good, replica._completion_choices(server, good)))
+        else:
+            asyncio.run(replica._embed(server, [([5, 1], "input[0]"), ([9, 1], "input[1]")], "mean", "input"))
 
 
 def test_a_stream_whose_client_left_before_its_first_event_ends_its_work():
@@ -404,14 +408,16 @@ def test_a_choice_failing_mid_stream_ends_the_stream_with_the_error():
 
     replica, finished = SwitchServer.func_or_class, []  # the class, without Serve
 
-    async def follow(seq, stop):
+    async def follow(seq, updates, stop):
         yield Piece([7], [-0.5], [], "seven", None, [])
         await asyncio.sleep(0.05)
         if seq == "failing":
             raise ExpertsUnavailable("expert actor lost")
         await asyncio.sleep(60)  # the other choice would go on for long
 
-    server = SimpleNamespace(model_id="m", _follow=follow, _finished=finished.append)
+    cancelled = []
+    scheduler = SimpleNamespace(queue=lambda seqs: [None] * len(seqs), cancel=cancelled.extend)
+    server = SimpleNamespace(model_id="m", _follow=follow, _finished=finished.append, scheduler=scheduler)
     server._follow_choices = lambda choices, events: replica._follow_choices(server, choices, events)
     server._logprobs = lambda *args: None
     request = CompletionRequest(model="m", prompt="x", stream=True)
@@ -419,7 +425,7 @@ def test_a_choice_failing_mid_stream_ends_the_stream_with_the_error():
 
     async def run() -> list[str]:
         events = asyncio.Queue()
-        following = asyncio.create_task(server._follow_choices(choices, events))
+        following = server._follow_choices(choices, events)
         first = await events.get()
         stream = replica._completion_events(server, request, choices, events, first, following)
         read = asyncio.create_task(asyncio.wait_for(collect(stream), 10))  # another task, as Starlette's
@@ -431,6 +437,7 @@ def test_a_choice_failing_mid_stream_ends_the_stream_with_the_error():
     events = asyncio.run(run())
     assert len(events) == 3 and '"expert actor lost"' in events[-1] and '"server_error"' in events[-1]
     assert len(finished) == 1 and isinstance(finished[0], ExpertsUnavailable)
+    assert cancelled == ["failing", "slow"]  # both out of the batch as the choices' task ended
 
 
 @pytest.mark.parametrize("key", [None, "wrong"])

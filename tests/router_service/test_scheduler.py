@@ -35,7 +35,8 @@ class CrashingFront:
 
 
 async def generate(scheduler: Scheduler) -> list:
-    return [seq async for seq in scheduler.stream(Sequence([5, 1]))]
+    (updates,) = scheduler.queue([Sequence([5, 1])])
+    return [seq async for seq in updates]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -80,6 +81,29 @@ def test_a_request_of_several_sequences_is_let_in_whole_or_not_at_all():
     with pytest.raises(QueueFull, match="3 requests already waiting .*; this one has 6"):
         scheduler.check_room(6)
     scheduler.check_room(5)
+
+
+def test_a_requests_sequences_queue_together_at_once_and_leave_together():
+    """A request's sequences queue all at once, with no await between the room's check and the queueing, or none
+    do; as the request ends, every one not done leaves, those whose updates were never read too (a choice's task
+    cancelled before it ran). Fails if they queue as each is first followed (a request of four that found room was
+    refused once another's sequence had queued meanwhile, three of its own queued), or if the unread stay queued."""
+    from router_service.server import SwitchServer
+
+    scheduler = Scheduler(IdleBatcher(CrashingFront(), max_sequences=4), max_waiting=4)
+    server = SimpleNamespace(scheduler=scheduler)
+    sequences = [Sequence([5, 1]) for _ in range(4)]
+
+    async def request() -> None:
+        with SwitchServer.func_or_class._queued(server, sequences) as updates:
+            assert len(updates) == 4 and scheduler.num_waiting == 4  # before any of them is read
+            with pytest.raises(QueueFull):  # room for 4 more, not 5: none of them queues
+                scheduler.queue([Sequence([5, 1]) for _ in range(5)])
+            assert scheduler.num_waiting == 4
+            assert not any(seq.cancelled for seq in sequences)
+
+    asyncio.run(request())
+    assert all(seq.cancelled for seq in sequences)
 
 
 class SlowFront(CrashingFront):
@@ -163,15 +187,17 @@ def test_a_stream_its_client_closes_closes_what_it_follows_at_once():
 
     replica, closed = SwitchServer.func_or_class, []
 
-    async def follow(seq, stop):
+    async def follow(seq, updates, stop):
         try:
             yield SimpleNamespace(token_ids=[5], text="", logprobs=[], routing=[], finish_reason=None)
             await asyncio.Event().wait()
         finally:
             closed.append(seq)
 
-    server = SimpleNamespace(api_key=None, _finished=lambda error=None: None, _follow=follow,
+    scheduler = SimpleNamespace(queue=lambda seqs: [None] * len(seqs), cancel=lambda seqs: None)
+    server = SimpleNamespace(api_key=None, _finished=lambda error=None: None, _follow=follow, scheduler=scheduler,
                              _sequence=lambda request: (Sequence(list(request.input_ids)), ()))
+    server._queued = lambda seqs: replica._queued(server, seqs)
     server._authorize = lambda metadata: replica._authorize(server, metadata)
     server._stream = lambda request: replica._stream(server, request)
     context = SimpleNamespace(invocation_metadata=lambda: [], set_code=lambda code: None,
@@ -187,10 +213,9 @@ def test_a_stream_its_client_closes_closes_what_it_follows_at_once():
 
 
 def test_a_followed_stream_closed_after_its_first_piece_leaves_the_batch_at_once():
-    """The real chain under a closed stream: router_service.server.follow over the scheduler's own stream. Closing
+    """The real chain under a closed stream: router_service.server.follow over the scheduler's own updates. Closing
     it after its first piece cancels the sequence at once (the batching thread takes it out at its next step). Fails
-    if `follow` leaves the scheduler's generator to the garbage collector, or the scheduler's `finally` does not
-    cancel."""
+    if `follow` leaves the updates to the garbage collector, or their `finally` does not cancel."""
     from router_service.config import ServerConfig
     from router_service.server import follow
     from router_service.text import TextStream
@@ -199,7 +224,8 @@ def test_a_followed_stream_closed_after_its_first_piece_leaves_the_batch_at_once
     seq = Sequence([5, 1])
 
     async def first_piece_then_close():
-        pieces = follow(scheduler, seq, TextStream(lambda ids: "", ()), ServerConfig(model="unused"))
+        (updates,) = scheduler.queue([seq])
+        pieces = follow(scheduler, seq, updates, TextStream(lambda ids: "", ()), ServerConfig(model="unused"))
         first = asyncio.ensure_future(anext(pieces))
         await asyncio.sleep(0.05)  # queued, and waiting for its first token
         seq.token_ids.append(7)  # as the batching thread makes it

@@ -165,7 +165,7 @@ class ScriptedBatcher:
         # between the stream's two reads.
         self.finish_apart = finish_apart
 
-    async def stream(self, seq: Sequence):
+    async def updates(self, seq: Sequence):
         seq.routes[("decoder", 1)] = Route()
         for i, token in enumerate(self.tokens):
             self.now += self.STEP_S
@@ -206,7 +206,7 @@ def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, 
     async def pieces() -> list:
         out = []
         try:
-            async for p in follow(batcher, seq, text, config):
+            async for p in follow(batcher, seq, batcher.updates(seq), text, config):
                 out.append(p)
         except Exception as e:
             out.append(e)
@@ -494,8 +494,8 @@ STEPS_AFTER_CANCEL = 10
 
 
 def test_cancelled_stream_stops_within_a_few_steps_and_frees_its_slot(server):
-    """Fails if a cancelled stream goes on decoding (Scheduler.stream not marking it cancelled, or the batcher
-    not dropping cancelled rows): its ~250 remaining steps would show in the step counter."""
+    """Fails if a cancelled stream goes on decoding (its updates from Scheduler.queue not marking it cancelled, or
+    the batcher not dropping cancelled rows): its ~250 remaining steps would show in the step counter."""
     stub = server["stub"]
     long_running = long_request(stub)
     stream = stub.GenerateStream(long_running)
