@@ -18,8 +18,9 @@ arithmetic by float32's own matmul: the activations and scales rounded to bfloat
 int8 values as float32 for that call, the output rounded to bfloat16 as the kernel's is. Both give a token the same
 output up to the order of float32's sums (99.99% of outputs equal bit for bit at switch-base-8's shape), so a
 token's expert output does not depend on how many tokens share its expert in a step. CUDA has no such kernel in
-PyTorch, so there the weights are always dequantized for the call (into the serving dtype, a transient copy per
-expert).
+PyTorch: there the int8 values are cast to the serving dtype for the call (a transient copy per expert), and the
+product scaled per output channel after (in float16, whose range that product would overflow, the weights are
+dequantized first).
 """
 
 from __future__ import annotations

@@ -122,8 +122,8 @@ def test_engine_with_expert_actors_on_the_gpu(checkpoint_factory, dtype, local_e
 @pytest.mark.ray
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_int8_experts_on_the_gpu(checkpoint_factory, dtype, request):
-    """int8 experts dequantized for each call on CUDA: transformers with the dequantized expert weights, on the
-    same GPU in the same dtype, gives the same tokens."""
+    """int8 experts on CUDA (their values cast for each call, the products scaled after): transformers with the
+    dequantized expert weights, on the same GPU in the same dtype, gives the same tokens."""
     pytest.importorskip("ray", reason="Ray is not installed here")
     request.getfixturevalue("ray_cluster")
     from router_service.engine import SwitchCluster
