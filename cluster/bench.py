@@ -142,15 +142,16 @@ class TokenClock:
         pass
 
 
-def gpu_setup() -> tuple[PlacementConfig, dict]:
-    """The expert placement and `ray.init` options for a run on the GPUs here: the front on one GPU, the experts on
-    the others, two actors to a GPU. With one GPU, Ray counts it twice (one for the front, one the actors share)
-    and leaves CUDA_VISIBLE_DEVICES alone, so that every process uses that one."""
+def gpu_setup() -> tuple[PlacementConfig, float]:
+    """The expert placement and the front's GPUs for a run on the GPUs here: the front on one GPU, the experts on
+    the others, two actors to a GPU. With one GPU, the actors take it from Ray and the front asks for none: Ray
+    then leaves the front's CUDA_VISIBLE_DEVICES as this process's, so that it uses the same GPU. (Ray counting the
+    one GPU twice failed to start where CUDA_VISIBLE_DEVICES names fewer, as containers and job schedulers set it.)"""
     gpus = torch.cuda.device_count()
     if gpus == 1:
-        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # read by Ray's workers, which inherit it
-        return PlacementConfig(gpus=1, actors_per_gpu=2), {"num_gpus": 2}
-    return PlacementConfig(gpus=gpus - 1, actors_per_gpu=2), {}
+        os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"  # Ray's default today; read by its workers
+        return PlacementConfig(gpus=1, actors_per_gpu=2), 0.0
+    return PlacementConfig(gpus=gpus - 1, actors_per_gpu=2), 1.0
 
 
 # WARM: each system decodes each workload once, at its widest and unmeasured, before its measured runs. A process's
@@ -393,15 +394,14 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     speeds.append(summarize("transformers-1", hf_run(hf_model, speed_check, 1)).tokens_per_s)  # before the cluster
     del hf_model
     if device == "cuda":
-        placement, ray_options = gpu_setup()
-        front_gpus = 1.0
+        placement, front_gpus = gpu_setup()
     else:
         per_actor = experts_per_actor or experts_per_cpu(config.num_experts, os.cpu_count() or 1)
-        placement, ray_options, front_gpus = PlacementConfig(experts_per_actor=per_actor), {}, 0.0
+        placement, front_gpus = PlacementConfig(experts_per_actor=per_actor), 0.0
     report["placement"] = placement.model_dump(exclude_defaults=True)
     server = server.model_copy(update={"placement": placement, "front_gpus": front_gpus})
     report["streams"] = {"interval_ms": server.stream_interval_ms, "chunks_per_s": server.stream_chunks_per_s}
-    start_ray(ingress=ingress, include_dashboard=False, log_to_driver=False, **ray_options)
+    start_ray(ingress=ingress, include_dashboard=False, log_to_driver=False)
     report["front_threads"] = compute_threads(server.front_threads)  # as a replica counts them
     try:
         with local_serve(server, http_port=free_port(), grpc_port=free_port()) as served:
@@ -416,9 +416,12 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                     report["workloads"][name]["unary"].append(
                         {"concurrency": c, "system": result.system, "tokens": result.tokens,
                          "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "outputs": result.outputs})
+        # A front on a GPU of its own has no experts beside it to compute: the breakdown with local_experts on would
+        # be the one without, under another name.
+        ways = [False] if front_gpus else list(dict.fromkeys([server.local_experts, False]))
         for name, pool in work.items():
             report["workloads"][name]["breakdown"] = [
-                row for local in dict.fromkeys([server.local_experts, False])
+                row for local in ways
                 for row in breakdown(folder, pool[:requests], placement, engine | {"local_experts": local},
                                      front_gpus, report["front_threads"])]
     finally:

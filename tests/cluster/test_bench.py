@@ -157,3 +157,32 @@ def test_transformers_rows_end_at_their_own_last_token(monkeypatch):
     for step in ([5, 6, 7], [5, 1, 7], [0, 0, 7], [0, 0, 1]):
         tokens.put(torch.tensor(step))
     assert tokens.first == 1.0 and tokens.ends == [2.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("gpus, planned, front_gpus", [(1, 1, 0.0), (4, 3, 1.0)])
+def test_the_gpu_benchmark_asks_ray_for_no_more_gpus_than_there_are(monkeypatch, gpus, planned, front_gpus):
+    """On one GPU the actors take it and the front asks for none (Ray counting it twice refuses to start where
+    CUDA_VISIBLE_DEVICES names one); on more, the front has one of its own and the experts the others."""
+    import torch
+
+    from cluster import bench
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")  # restored after the test: gpu_setup sets it
+    placement, front = bench.gpu_setup()
+    assert (placement.gpus, placement.actors_per_gpu, front) == (planned, 2, front_gpus)
+    if not front_gpus:  # the front sees the actors' GPU (the next test)
+        assert os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "0"
+
+
+def test_a_ray_worker_given_no_gpu_keeps_the_cuda_devices_it_started_with(ray_cluster):
+    """What the one-GPU benchmark relies on: Ray sets CUDA_VISIBLE_DEVICES only in workers it gives GPUs, so a front
+    that asks for none sees the GPU its actors were given. Fails if Ray starts hiding every GPU from such workers (its
+    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO on)."""
+    import ray
+
+    @ray.remote(num_cpus=0, num_gpus=0)
+    def visible() -> str | None:
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    assert ray.get(visible.remote()) == os.environ.get("CUDA_VISIBLE_DEVICES")
