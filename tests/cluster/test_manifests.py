@@ -422,3 +422,19 @@ def test_the_readmes_build_command_is_the_manifests():
     command = shlex.split(manifest["metadata"]["annotations"]["switch-serve/build"])
     shown = re.search(r"\.venv/bin/(switch-serve build --model /models/switch-base-8 [^`]*?)\n```", README, re.S)
     assert shown and shlex.split(shown.group(1).replace("\\\n", " ")) == command
+
+
+def test_front_pods_drain_their_node_before_they_stop():
+    """Pods of fronts apart from the head drain their Ray node as Kubernetes stops them (`switch-serve drain-node`,
+    tested as such in test_topology), within their grace period. (Fronts on the head stop with the whole cluster.)"""
+    from cluster.cli import DRAIN_NODE_TIMEOUT_S, build_parser
+
+    manifests = [yaml.safe_load(file.read_text()) for file in MANIFESTS]
+    groups = [pod_groups(m)[front_group(m)] for m in manifests if front_group(m) != "head"]
+    assert groups  # switch-c-2048's front pods
+    for pod in groups:
+        (container,) = pod["containers"]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["switch-serve", "drain-node"]
+        args = build_parser().parse_args(command[1:])
+        assert args.timeout_s == DRAIN_NODE_TIMEOUT_S < pod["terminationGracePeriodSeconds"]

@@ -22,7 +22,8 @@ import yaml
 from reference import ROOT, hf_generate
 from test_app import fronts_args
 
-from cluster.app import APP_NAME, FLEET_APP
+from cluster.app import APP_NAME, FLEET_APP, drain_node
+from cluster.cli import DRAIN_NODE_TIMEOUT_S
 from cluster.client import RemoteError, generate_remote, key_metadata
 from cluster.testing import (
     finish_streams,
@@ -308,8 +309,9 @@ def test_switch_c_2048_manifest(tmp_path):
     """switch-c-2048's layout, with a look-alike of 2048 experts a layer on a smaller plan (3 of its 48 GPUs, then
     6): the fronts on the front GPU pods, the fleet on the head, the expert actors on the 8-GPU pods, answers equal
     to transformers'. Losing the node of a front leaves the fleet and every expert actor as they were, and the
-    other front serving; a new front pod gets a front again. The plan changed in place over all six expert pods
-    leaves nothing of the old one."""
+    other front serving; a new front pod gets a front again. A front pod drained as it stops (its preStop hook,
+    `switch-serve drain-node`) ends every stream whole, its front started again on a spare pod. The plan changed in
+    place over all six expert pods leaves nothing of the old one."""
     config = tiny_config(vocab_size=64, d_model=8, d_kv=4, num_heads=2, d_ff=8, num_experts=2048, num_layers=2,
                          num_decoder_layers=2, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
     with manifest_cluster("rayservice-switch-c-2048.yaml") as cluster:
@@ -348,6 +350,29 @@ def test_switch_c_2048_manifest(tmp_path):
         cluster.add_pod("front")  # as KubeRay would, for the pod lost
         wait_for(lambda: groups_holding(cluster, FRONT) == ["front", "front"], "a front on the new pod")
         cluster.wait_until_running()
+        generate_until(cluster.grpc_address, expected)
+        assert ids(FLEET) == fleet and ids("ExpertActor") == actors
+
+        # A front pod deleted (a node drained for an upgrade): its preStop hook, `switch-serve drain-node`, drains
+        # its Ray node while streams run on both fronts, and its front starts again on a spare front pod: every
+        # stream ends whole, and once the hook returns nothing of Serve's is left on the node for its deletion.
+        spare = cluster.add_pod("front")
+        channel, streams = start_streams(cluster.grpc_address, 6)
+        with channel:
+            stall_every_expert_actor(STALL_S)  # keeps the streams running well into the drain
+            fronts = alive_actors(FRONT)
+            carried = ray.get([ray.get_actor(front.name, namespace="serve").get_num_ongoing_requests.remote()
+                               for front in fronts], timeout=60)
+            draining = fronts[carried.index(max(carried))].node_id  # the front with the most streams
+            assert max(carried) > 0
+            began = time.monotonic()
+            assert drain_node(DRAIN_NODE_TIMEOUT_S, draining) == []
+            print(f"drained in {time.monotonic() - began:.1f} s, {max(carried)} streams on its front")
+            assert spare.node_id in {a.node_id for a in alive_actors(FRONT)}
+            # As Kubernetes deletes the pod once its hook has returned: the streams it carried have ended whole.
+            cluster.remove_pod(next(n for n in cluster.nodes["front"] if n.node_id == draining))
+            outcomes, details = finish_streams(streams)
+        assert outcomes == ["OK"] * len(streams), details
         generate_until(cluster.grpc_address, expected)
         assert ids(FLEET) == fleet and ids("ExpertActor") == actors
 
