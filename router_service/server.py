@@ -13,6 +13,7 @@ import gc
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from contextlib import aclosing, contextmanager
@@ -173,33 +174,41 @@ def http_error(e: Exception) -> JSONResponse:
 
 async def json_body(request: Request, refused: Callable[[str, str], Exception]) -> object:
     """The request's JSON body; `refused(field, why)` is raised where it is not JSON ("body"), or where a string of it
-    holds half of a UTF-16 surrogate pair (JSON's "\\ud800" parses to one), which is no text: no tokenizer takes it,
-    nor any answer that would repeat it."""
+    holds half of a UTF-16 surrogate pair, which is no text: no tokenizer takes it, nor any answer that would repeat
+    it."""
+    raw = await request.body()
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise refused("body", f"not JSON ({e})") from None
-    if (where := unpaired_surrogate(body)) is not None:
+    if SURROGATE.search(raw) and (where := unpaired_surrogate(body)) is not None:
         raise refused(where, "not valid Unicode (half of a UTF-16 surrogate pair)")
     return body
 
 
-def unpaired_surrogate(value, path: str = "body") -> str | None:
-    """The path (`prompt[1]`, `stream_options.include_usage`) of the first string, or key, in a parsed JSON value
-    that UTF-8 cannot encode; None where there is none."""
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return path
-    elif isinstance(value, list):
-        return next((found for i, item in enumerate(value)
-                     if (found := unpaired_surrogate(item, f"{path}[{i}]")) is not None), None)
-    elif isinstance(value, dict):
-        prefix = "" if path == "body" else f"{path}."
-        return next((found for key, item in value.items()
-                     if (found := unpaired_surrogate(key, path) or unpaired_surrogate(item, f"{prefix}{key}"))
-                     is not None), None)
+# What in a body's bytes can make json.loads return a lone surrogate: the escape of one ("\\ud800", the halves of a
+# pair too, which the walk then finds whole), or its UTF-8 bytes, which json.loads lets through.
+SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def unpaired_surrogate(body) -> str | None:
+    """The path (`prompt[1]`, `stream_options.include_usage`; "body" at the top) of the first string, or the object
+    holding the first key, in a parsed JSON body that UTF-8 cannot encode; None where there is none. A walk of its
+    own, not recursion: a body nested as deep as json.loads takes would exceed Python's stack."""
+    stack = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            prefix = f"{path}." if path else ""
+            for key, item in reversed(value.items()):
+                stack += [(item, f"{prefix}{key}"), (key, path)]
     return None
 
 

@@ -327,15 +327,19 @@ def test_a_request_of_too_many_choices_is_refused_before_any_prompt_is_tokenized
     assert asked == [(8000, "prompt")] and tokenized == []
 
 
-@pytest.mark.parametrize("call", ["completion", "embedding"])
-def test_bad_input_is_refused_as_such_when_the_queue_is_full(call):
-    """A request that could never be served is bad input (400, INVALID_ARGUMENT), not a full queue (429, which
-    OpenAI's client retries, then reports as a rate limit): its fields are checked before the room. Fails if the room
-    is checked first."""
+@pytest.mark.parametrize("route, bad, good", [
+    ("openai_completions", {"prompt": [5, 999999]}, {"prompt": [5, 9]}),
+    ("openai_completions", {"prompt": [5, 999999], "stream": True}, {"prompt": [5, 9], "stream": True}),
+    ("openai_completions", {"prompt": [[5, 9]] * 2, "n": 2, "max_tokens": 0}, {"prompt": [[5, 9]] * 2, "n": 2}),
+    ("openai_embeddings", {"input": [[5, 1], [999999]]}, {"input": [[5, 1], [9, 1]]}),
+])
+def test_bad_input_is_refused_as_such_when_the_queue_is_full(route, bad, good):
+    """Through the routes' own handlers: a request that could never be served is bad input (400), not a full queue
+    (429, which OpenAI's client retries, then reports as a rate limit): its fields are checked before it queues.
+    Fails if the room is checked first."""
+    import json
     from types import SimpleNamespace
 
-    from router_service.openai_api import CompletionRequest
-    from router_service.requests import InvalidRequest
     from router_service.scheduler import QueueFull
     from router_service.server import SwitchServer
 
@@ -343,23 +347,24 @@ def test_bad_input_is_refused_as_such_when_the_queue_is_full(call):
         raise QueueFull("32 requests already waiting (limit 32)")
 
     replica = SwitchServer.func_or_class
-    server = SimpleNamespace(has_tokenizer=True, config=ServerConfig(model="unused"),
+    server = SimpleNamespace(has_tokenizer=True, config=ServerConfig(model="unused"), model_id="m", api_key=None,
                              scheduler=SimpleNamespace(check_count=lambda count, field: None, queue=full),
-                             cluster=SimpleNamespace(checkpoint=SimpleNamespace(config=SimpleNamespace(vocab_size=100)),
-                                                     check_experts=lambda: None))
-    server._new_sequence = lambda *args, **kwargs: replica._new_sequence(server, *args, **kwargs)
-    server._queued = lambda seqs: replica._queued(server, seqs)
-    with pytest.raises(InvalidRequest, match="token ids"):
-        if call == "completion":
-            replica._completion_choices(server, CompletionRequest(model="m", prompt=[5, 999999]))
-        else:
-            asyncio.run(replica._embed(server, [([5, 1], "input[0]"), ([999999], "input[1]")], "mean", "input"))
-    with pytest.raises(QueueFull):  # and a good one is told the queue is full
-        if call == "completion":
-            good = CompletionRequest(model="m", prompt=[5, 9])
-            asyncio.run(replica._complete(server, good, replica._completion_choices(server, good)))
-        else:
-            asyncio.run(replica._embed(server, [([5, 1], "input[0]"), ([9, 1], "input[1]")], "mean", "input"))
+                             cluster=SimpleNamespace(checkpoint=SimpleNamespace(config=SimpleNamespace(
+                                 vocab_size=100, d_model=8)), check_experts=lambda: None),
+                             _finished=lambda error=None: None)
+    for name in ("_new_sequence", "_queued", "_completion_choices", "_complete", "_follow_choices", "_embed",
+                 "_authorize"):
+        setattr(server, name, getattr(replica, name).__get__(server))
+
+    def status(body: dict) -> int:
+        async def read() -> bytes:
+            return json.dumps({"model": "m", **body}).encode()
+
+        request = SimpleNamespace(body=read, headers={})
+        return asyncio.run(getattr(replica, route)(server, request)).status_code
+
+    assert status(bad) == 400
+    assert status(good) == 429  # and a good one is told the queue is full
 
 
 def test_a_stream_whose_client_left_before_its_first_event_ends_its_work():

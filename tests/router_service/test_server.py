@@ -761,6 +761,20 @@ def test_openai_text_that_is_not_unicode_is_a_400_naming_the_field(server, route
     assert answer["error"]["message"] == f"{param}: not valid Unicode (half of a UTF-16 surrogate pair)"
 
 
+def test_a_lone_surrogate_is_found_at_any_depth_and_named_by_its_path():
+    """Found at a depth json.loads takes but Python's stack would not, with a key named `body` at the top told apart
+    from the top itself; a surrogate pair is text. Fails if the walk recurses (a RecursionError, a 503)."""
+    from router_service.server import SURROGATE, unpaired_surrogate
+
+    deep = b'{"prompt": ' + b"[" * 900 + b'"\\ud800"' + b"]" * 900 + b"}"
+    assert unpaired_surrogate(json.loads(deep)) == "prompt" + "[0]" * 900
+    assert unpaired_surrogate(json.loads(b'{"body": {"x": "\\udc00"}}')) == "body.x"
+    assert unpaired_surrogate(json.loads(b'{"\\ud800": 1}')) == "body"
+    pair = b'{"prompt": "\\ud83d\\ude00"}'
+    assert SURROGATE.search(pair) and unpaired_surrogate(json.loads(pair)) is None
+    assert not SURROGATE.search('{"prompt": "caf\u00e9 \u00e9t\u00e9"}'.encode())
+
+
 def test_openai_requests_refused_for_a_full_queue_get_429(server):
     """Far more completions at once than the batch and queue hold, half of them streamed: each the replica refuses
     gets 429 and OpenAI's rate-limit error, a streamed one too (refused before its headers, not as an event of a 200
