@@ -283,37 +283,3 @@ def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_
             ray.shutdown()
 
 
-
-# The actors of Serve's on a node that a drain waits for: the fronts' and the fleet's replicas, and the node's proxy
-# (which relays its clients' calls to the replicas of every node).
-SERVE_ACTORS = ("ServeReplica:", "ProxyActor")
-DRAIN_POLL_S = 1.0
-
-
-def drain_node(timeout_s: float, node_id: str | None = None) -> list[str]:
-    """Drain this Ray node (or `node_id`) before it stops, and wait, up to `timeout_s`, until none of Serve's actors
-    is left on it: Ray's DrainNode with that deadline, as Ray's autoscaler asks before it removes a node. Serve then
-    starts the node's replicas again elsewhere where there is room, and stops these as each replacement runs (at
-    the latest `graceful_shutdown_timeout_s` before the deadline), each finishing its requests for up to that
-    timeout (the fronts' drain_timeout_s); the node's proxy takes no new calls (its health check fails, which takes
-    the pod out of its Service) and stops once its own have ended and 30 s have passed. Returns the class names of
-    Serve's actors still on the node at the deadline: none, where the drain ended in time."""
-    from ray._raylet import GcsClient
-    from ray.core.generated.autoscaler_pb2 import DrainNodeReason
-    from ray.util.state import list_actors
-
-    context = ray.get_runtime_context()
-    node_id = node_id or context.get_node_id()
-    deadline = time.time() + timeout_s
-    # Preemption: a drain Ray accepts whatever runs on the node (an idle one's it refuses where anything does).
-    accepted, why = GcsClient(address=context.gcs_address).drain_node(
-        node_id, DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "its pod is stopping", int(deadline * 1000))
-    if not accepted:
-        raise RuntimeError(f"Ray did not accept to drain node {node_id}: {why}")
-    while True:
-        left = sorted(a.class_name for a in list_actors(filters=[("node_id", "=", node_id), ("state", "=", "ALIVE")],
-                                                        limit=10_000)
-                      if a.class_name.startswith(SERVE_ACTORS))
-        if not left or time.time() >= deadline:
-            return left
-        time.sleep(DRAIN_POLL_S)

@@ -43,9 +43,6 @@ FLAG_NAMES = {"num_replicas": "--replicas", "actor_resources": "--actor-resource
               "fleet_resources": "--fleet-resource", "front_resources": "--front-resource"}
 PLANNER_FIELDS = ("gpu_memory", "nodes", "replicate_hot", "stats")  # with --gpus, plan's flags
 CHAOS_EVERY_S = (15.0, 30.0)  # soak --chaos: the range the seconds between faults are drawn from
-# drain-node: a front's drain (drain_timeout_s, 60 s by default) as its replacement starts, and its proxy's (Serve's
-# proxies drain for 30 s at least).
-DRAIN_NODE_TIMEOUT_S = 90.0
 
 
 def fail(message: str) -> typing.NoReturn:
@@ -478,18 +475,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
         fail(f"the demo model answered {right} of its {len(PROMPTS)} requests right")
 
 
-def cmd_drain_node(args: argparse.Namespace) -> None:
-    import logging
-
-    import ray
-
-    from cluster.app import drain_node
-
-    ray.init(address=args.address, logging_level=logging.WARNING)  # a driver on this node's own Ray cluster
-    left = drain_node(args.timeout_s)
-    print(f"switch-serve: {'still on the node at the deadline: ' + ', '.join(left) if left else 'drained'}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switch-serve", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -611,13 +596,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --chaos: seconds between faults, drawn between these (default: "
                         f"{' '.join(f'{s:g}' for s in CHAOS_EVERY_S)})")
     k.set_defaults(func=cmd_soak)
-
-    r = sub.add_parser("drain-node", help="drain this node's Serve replicas and proxy before it stops (a Ray pod's "
-                                          "preStop hook)")
-    r.add_argument("--timeout-s", type=float, default=DRAIN_NODE_TIMEOUT_S,
-                   help="wait at most this long; under the pod's terminationGracePeriodSeconds (default: %(default)s)")
-    r.add_argument("--address", default="auto", help="the Ray cluster (default: the one this node runs)")
-    r.set_defaults(func=cmd_drain_node)
 
     d = sub.add_parser("demo", help="serve the demo checkpoint, call it over gRPC, print the answers")
     d.add_argument("--model", default=None, help="checkpoint to serve (default: the trained demo model in demo/model)")

@@ -15,6 +15,7 @@ from reference import DATA, ROOT
 from test_app import check_serve_config, fronts_args
 
 from cluster.cli import main
+from router_service.config import ServerConfig
 
 CRD = DATA / "crds" / "ray.io_rayservices.yaml"  # copied from KubeRay
 MANIFESTS = sorted((ROOT / "manifests").glob("rayservice-*.yaml"))
@@ -425,16 +426,16 @@ def test_the_readmes_build_command_is_the_manifests():
 
 
 def test_front_pods_drain_their_node_before_they_stop():
-    """Pods of fronts apart from the head drain their Ray node as Kubernetes stops them (`switch-serve drain-node`,
-    tested as such in test_topology), within their grace period. (Fronts on the head stop with the whole cluster.)"""
-    from cluster.cli import DRAIN_NODE_TIMEOUT_S, build_parser
-
+    """Pods of fronts apart from the head have Ray drain their node for longer than a front's drain, as `ray start`
+    does on Kubernetes' SIGTERM (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S; tested as such in test_topology), and a grace
+    period beyond it. (Fronts on the head stop with the whole cluster.)"""
     manifests = [yaml.safe_load(file.read_text()) for file in MANIFESTS]
-    groups = [pod_groups(m)[front_group(m)] for m in manifests if front_group(m) != "head"]
-    assert groups  # switch-c-2048's front pods
-    for pod in groups:
+    fronts = [(m, pod_groups(m)[front_group(m)]) for m in manifests if front_group(m) != "head"]
+    assert fronts  # switch-c-2048's front pods
+    for manifest, pod in fronts:
         (container,) = pod["containers"]
-        command = container["lifecycle"]["preStop"]["exec"]["command"]
-        assert command[:2] == ["switch-serve", "drain-node"]
-        args = build_parser().parse_args(command[1:])
-        assert args.timeout_s == DRAIN_NODE_TIMEOUT_S < pod["terminationGracePeriodSeconds"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        drain_s = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        front_drain_s = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"])).get(
+            "drain_timeout_s", ServerConfig.model_fields["drain_timeout_s"].default)
+        assert front_drain_s < drain_s < pod["terminationGracePeriodSeconds"]

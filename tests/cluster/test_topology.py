@@ -10,9 +10,12 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from unittest import mock
 
 import grpc
@@ -22,8 +25,7 @@ import yaml
 from reference import ROOT, hf_generate
 from test_app import fronts_args
 
-from cluster.app import APP_NAME, FLEET_APP, drain_node
-from cluster.cli import DRAIN_NODE_TIMEOUT_S
+from cluster.app import APP_NAME, FLEET_APP
 from cluster.client import RemoteError, generate_remote, key_metadata
 from cluster.testing import (
     finish_streams,
@@ -80,8 +82,9 @@ def group_of(spec: dict, name: str, pods: int) -> Group:
     limits = container.get("resources", {}).get("limits", {})
     gpus = int(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
     resources = json.loads(json.loads(params["resources"])) if "resources" in params else {}
-    # A Secret's key becomes this test's key where the pods take it.
-    env = {e["name"]: API_KEY for e in container.get("env", []) if e["name"] == API_KEY_ENV}
+    # The container's environment; a Secret's key becomes this test's key where the pods take it.
+    env = {e["name"]: API_KEY if e["name"] == API_KEY_ENV else e["value"] for e in container.get("env", [])
+           if e["name"] == API_KEY_ENV or "value" in e}
     return Group(name, pods, min(CPU_CAP, int(limits.get("cpu", 1))), gpus, resources, env)
 
 
@@ -111,12 +114,34 @@ class ManifestCluster:
                 self.add_pod(group.name)
         self.cluster.wait_for_nodes()
         self.ports = {"http": free_port(), "grpc": free_port()}
+        self.processes: list[subprocess.Popen] = []  # pods started as processes of their own (start_pod_process)
 
     def add_pod(self, group: str):
         node = self.cluster.add_node(**self.groups[group].node_args())
         self.node_group[node.node_id] = group
         self.nodes.setdefault(group, []).append(node)
         return node
+
+    def start_pod_process(self, group: str) -> tuple[subprocess.Popen, str]:
+        """A pod of `group` as KubeRay starts one: `ray start --block` joining the cluster, with the group's resources
+        and its container's environment, in a process of its own, which a SIGTERM reaches as Kubernetes' does; the
+        process, and its node's id."""
+        g = self.groups[group]
+
+        def alive() -> set[str]:
+            return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+
+        before = alive()
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--block", f"--address={self.cluster.address}",
+             f"--num-cpus={g.cpus}", f"--num-gpus={g.gpus}", f"--resources={json.dumps(g.resources)}",
+             f"--object-store-memory={80 * 2**20}"],
+            env={**os.environ, **g.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.processes.append(process)
+        wait_for(lambda: len(alive() - before) == 1, f"a {group} pod's node to join", timeout_s=60)
+        (node_id,) = alive() - before
+        self.node_group[node_id] = group
+        return process, node_id
 
     def remove_pod(self, node) -> None:
         self.cluster.remove_node(node)
@@ -156,6 +181,13 @@ class ManifestCluster:
         wait_for(lambda: set(self.app_statuses().values()) == {"RUNNING"}, "every application RUNNING")
 
     def shutdown(self) -> None:
+        for process in self.processes:  # their Ray processes with them, once their drain has given up on the cluster
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                process.kill()
         ray.shutdown()
         self.cluster.shutdown()
 
@@ -165,8 +197,12 @@ def manifest_cluster(file: str):
     from conftest import instead_of_shared_ray
 
     # Ray's token auth off, as on the manifests' clusters: a local ray.init earlier in this process turns it on (in
-    # its environment) for every cluster started after it, whose dashboard then refuses the deploy.
-    with instead_of_shared_ray(), mock.patch.dict(os.environ, {"RAY_AUTH_MODE": "disabled"}):
+    # its environment) for every cluster started after it, whose dashboard then refuses the deploy. And Serve's proxies
+    # choosing among every front: here every node's proxy listens on the same port of one machine and takes the
+    # connections the kernel hands it, and one on a front's node would send them all to its own front (where each
+    # pod has an address of its own, the Service spreads the connections over the pods).
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+    with instead_of_shared_ray(), mock.patch.dict(os.environ, env):
         cluster = ManifestCluster(file)
         try:
             ray.init(address=cluster.cluster.address, logging_level=logging.WARNING)
@@ -309,9 +345,9 @@ def test_switch_c_2048_manifest(tmp_path):
     """switch-c-2048's layout, with a look-alike of 2048 experts a layer on a smaller plan (3 of its 48 GPUs, then
     6): the fronts on the front GPU pods, the fleet on the head, the expert actors on the 8-GPU pods, answers equal
     to transformers'. Losing the node of a front leaves the fleet and every expert actor as they were, and the
-    other front serving; a new front pod gets a front again. A front pod drained as it stops (its preStop hook,
-    `switch-serve drain-node`) ends every stream whole, its front started again on a spare pod. The plan changed in
-    place over all six expert pods leaves nothing of the old one."""
+    other front serving; a new front pod gets a front again. That pod stopped as Kubernetes stops one (SIGTERM to its
+    `ray start`, which drains the node) ends every stream whole, its front started again on a spare pod. The plan
+    changed in place over all six expert pods leaves nothing of the old one."""
     config = tiny_config(vocab_size=64, d_model=8, d_kv=4, num_heads=2, d_ff=8, num_experts=2048, num_layers=2,
                          num_decoder_layers=2, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
     with manifest_cluster("rayservice-switch-c-2048.yaml") as cluster:
@@ -347,32 +383,37 @@ def test_switch_c_2048_manifest(tmp_path):
         generate_until(cluster.grpc_address, expected)  # the other front
         print(f"served again {time.monotonic() - lost_at:.1f} s after the node was lost")
         assert ids(FLEET) == fleet and ids("ExpertActor") == actors
-        cluster.add_pod("front")  # as KubeRay would, for the pod lost
+        # As KubeRay would, for the pod lost: `ray start --block` in a process of its own, as a pod runs it.
+        pod, pod_node = cluster.start_pod_process("front")
         wait_for(lambda: groups_holding(cluster, FRONT) == ["front", "front"], "a front on the new pod")
         cluster.wait_until_running()
         generate_until(cluster.grpc_address, expected)
         assert ids(FLEET) == fleet and ids("ExpertActor") == actors
 
-        # A front pod deleted (a node drained for an upgrade): its preStop hook, `switch-serve drain-node`, drains
-        # its Ray node while streams run on both fronts, and its front starts again on a spare front pod: every
-        # stream ends whole, and once the hook returns nothing of Serve's is left on the node for its deletion.
+        # Kubernetes stopping that pod (its node drained for an upgrade, say) sends `ray start` SIGTERM: Ray drains
+        # the node for up to the manifest's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S while streams run on its front,
+        # which Serve starts again on a spare front pod; every stream ends whole.
         spare = cluster.add_pod("front")
-        channel, streams = start_streams(cluster.grpc_address, 6)
+        (front,) = [a for a in alive_actors(FRONT) if a.node_id == pod_node]
+        replica = ray.get_actor(front.name, namespace="serve")
+        channel = grpc.insecure_channel(cluster.grpc_address)
+        stub, streams = pb_grpc.SwitchServeStub(channel), []
         with channel:
+            while len(streams) < 6 or not ray.get(replica.get_num_ongoing_requests.remote(), timeout=60):
+                assert len(streams) < 24, "Serve's proxy sent no stream to the front of the pod to stop"
+                streams.append(sampled_stream(stub, len(streams)))
+                next(streams[-1])  # on a front
+            on_pod = ray.get(replica.get_num_ongoing_requests.remote(), timeout=60)
             stall_every_expert_actor(STALL_S)  # keeps the streams running well into the drain
-            fronts = alive_actors(FRONT)
-            carried = ray.get([ray.get_actor(front.name, namespace="serve").get_num_ongoing_requests.remote()
-                               for front in fronts], timeout=60)
-            draining = fronts[carried.index(max(carried))].node_id  # the front with the most streams
-            assert max(carried) > 0
-            began = time.monotonic()
-            assert drain_node(DRAIN_NODE_TIMEOUT_S, draining) == []
-            print(f"drained in {time.monotonic() - began:.1f} s, {max(carried)} streams on its front")
-            assert spare.node_id in {a.node_id for a in alive_actors(FRONT)}
-            # As Kubernetes deletes the pod once its hook has returned: the streams it carried have ended whole.
-            cluster.remove_pod(next(n for n in cluster.nodes["front"] if n.node_id == draining))
+            stopped = time.monotonic()
+            pod.terminate()
+            pod.wait(float(cluster.groups["front"].env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]) + 30)
+            print(f"the pod's Ray stopped {time.monotonic() - stopped:.1f} s after SIGTERM, {on_pod} of "
+                  f"{len(streams)} streams on its front")
             outcomes, details = finish_streams(streams)
         assert outcomes == ["OK"] * len(streams), details
+        assert groups_holding(cluster, FRONT) == ["front", "front"]
+        assert spare.node_id in {a.node_id for a in alive_actors(FRONT)}
         generate_until(cluster.grpc_address, expected)
         assert ids(FLEET) == fleet and ids("ExpertActor") == actors
 
