@@ -181,13 +181,15 @@ async def json_body(request: Request, refused: Callable[[str, str], Exception]) 
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise refused("body", f"not JSON ({e})") from None
-    if SURROGATE.search(raw) and (where := unpaired_surrogate(body)) is not None:
+    may_hold_one = SURROGATE.search(raw) or not json.detect_encoding(raw).startswith("utf-8")
+    if may_hold_one and (where := unpaired_surrogate(body)) is not None:
         raise refused(where, "not valid Unicode (half of a UTF-16 surrogate pair)")
     return body
 
 
-# What in a body's bytes can make json.loads return a lone surrogate: the escape of one ("\\ud800", the halves of a
-# pair too, which the walk then finds whole), or its UTF-8 bytes, which json.loads lets through.
+# What in a body's UTF-8 bytes can make json.loads return a lone surrogate: the escape of one ("\\ud800", the halves
+# of a pair too, which the walk then finds whole), or its UTF-8 bytes, which json.loads lets through. (A body in
+# UTF-16 or UTF-32, which json.loads reads too, is walked whatever its bytes.)
 SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
@@ -204,7 +206,7 @@ def unpaired_surrogate(body) -> str | None:
             except UnicodeEncodeError:
                 return path or "body"
         elif isinstance(value, list):
-            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(value))))
+            stack.extend((item, f"{path or 'body'}[{i}]") for i, item in reversed(list(enumerate(value))))
         elif isinstance(value, dict):
             prefix = f"{path}." if path else ""
             for key, item in reversed(value.items()):

@@ -403,13 +403,17 @@ def test_switch_c_2048_manifest(tmp_path):
                 assert len(streams) < 24, "Serve's proxy sent no stream to the front of the pod to stop"
                 streams.append(sampled_stream(stub, len(streams)))
                 next(streams[-1])  # on a front
-            on_pod = ray.get(replica.get_num_ongoing_requests.remote(), timeout=60)
             stall_every_expert_actor(STALL_S)  # keeps the streams running well into the drain
+            on_pod = ray.get(replica.get_num_ongoing_requests.remote(), timeout=60)
+            assert on_pod > 0  # still running as the pod is told to stop
+            drain_s = float(cluster.groups["front"].env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
             stopped = time.monotonic()
             pod.terminate()
-            pod.wait(float(cluster.groups["front"].env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]) + 30)
-            print(f"the pod's Ray stopped {time.monotonic() - stopped:.1f} s after SIGTERM, {on_pod} of "
-                  f"{len(streams)} streams on its front")
+            pod.wait(drain_s + 30)
+            stopped = time.monotonic() - stopped
+            print(f"the pod's Ray stopped {stopped:.1f} s after SIGTERM, {on_pod} of {len(streams)} streams on its "
+                  "front")
+            assert stopped < drain_s  # once Serve had left the node, not at the drain's deadline
             outcomes, details = finish_streams(streams)
         assert outcomes == ["OK"] * len(streams), details
         assert groups_holding(cluster, FRONT) == ["front", "front"]

@@ -330,7 +330,7 @@ def test_a_request_of_too_many_choices_is_refused_before_any_prompt_is_tokenized
 @pytest.mark.parametrize("route, bad, good", [
     ("openai_completions", {"prompt": [5, 999999]}, {"prompt": [5, 9]}),
     ("openai_completions", {"prompt": [5, 999999], "stream": True}, {"prompt": [5, 9], "stream": True}),
-    ("openai_completions", {"prompt": [[5, 9]] * 2, "n": 2, "max_tokens": 0}, {"prompt": [[5, 9]] * 2, "n": 2}),
+    ("openai_completions", {"prompt": [[5, 9]] * 2, "n": 2, "max_tokens": 10**9}, {"prompt": [[5, 9]] * 2, "n": 2}),
     ("openai_embeddings", {"input": [[5, 1], [999999]]}, {"input": [[5, 1], [9, 1]]}),
 ])
 def test_bad_input_is_refused_as_such_when_the_queue_is_full(route, bad, good):

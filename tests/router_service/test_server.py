@@ -751,12 +751,19 @@ def test_fastapis_own_pages_are_not_served(server):
     ("/v1/completions", {"prompt": "sort : 3 1", "stream_options": {"\ud800": True}}, "stream_options"),
     ("/v1/embeddings", {"input": ["sort : 3 1", "\ud800"]}, "input[1]"),
     ("/v1/embeddings", {"input": "sort : 3 1", "model": "m\ud800"}, "model"),
+    ("/v1/completions", {"prompt": "sort : 3 \ud800 1", "encoding": "utf-8"}, "prompt"),
+    ("/v1/completions", {"prompt": "sort : 3 \ud800 1", "encoding": "utf-16"}, "prompt"),
+    ("/v1/embeddings", {"input": ["\ud800"], "encoding": "utf-32"}, "input[0]"),
 ])
 def test_openai_text_that_is_not_unicode_is_a_400_naming_the_field(server, route, fields, param):
     """A JSON string may hold half of a surrogate pair ("\\ud800"), which no tokenizer takes: refused as bad
     input naming where it is. (The tokenizer's TypeError was a 503, which OpenAI's client retries; a model's name
     holding one broke the 404's JSON.)"""
-    status, answer = post(f"{server['http']}{route}", {"model": server["path"].name, **fields})
+    encoding = fields.pop("encoding", None)  # else escaped ("\\ud800"); json.loads reads UTF-16 and UTF-32 too
+    body = {"model": server["path"].name, **fields}
+    if encoding is not None:
+        body = json.dumps(body, ensure_ascii=False).encode(encoding, "surrogatepass")
+    status, answer = post(f"{server['http']}{route}", body)
     assert status == 400 and answer["error"]["param"] == param, answer
     assert answer["error"]["message"] == f"{param}: not valid Unicode (half of a UTF-16 surrogate pair)"
 
@@ -772,6 +779,7 @@ def test_a_lone_surrogate_is_found_at_any_depth_and_named_by_its_path():
     assert unpaired_surrogate(json.loads(b'{"\\ud800": 1}')) == "body"
     pair = b'{"prompt": "\\ud83d\\ude00"}'
     assert SURROGATE.search(pair) and unpaired_surrogate(json.loads(pair)) is None
+    assert unpaired_surrogate(json.loads(b'[{"x": "\\ud800"}]')) == "body[0].x"
     assert not SURROGATE.search('{"prompt": "caf\u00e9 \u00e9t\u00e9"}'.encode())
 
 
