@@ -281,5 +281,3 @@ def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_
             serve.shutdown()
         if owns_ray:
             ray.shutdown()
-
-

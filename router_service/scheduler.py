@@ -91,9 +91,8 @@ class Scheduler:
         updates = []
         for seq in seqs:
             updated = asyncio.Event()
-            seq.on_update = partial(loop.call_soon_threadsafe, updated.set)
+            seq.on_update = partial(loop.call_soon_threadsafe, updated.set)  # before the batching thread can step it
             updates.append(self._updates(seq, updated))
-        for seq in seqs:
             self.batcher.add(seq)
         self._wake.set()
         if not self.alive:  # checked after queueing: a thread that stops from now on fails what it has queued

@@ -172,6 +172,12 @@ def http_error(e: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+# What in a body's UTF-8 bytes can make json.loads return a lone surrogate: the escape of one ("\\ud800", the halves
+# of a pair too, which the walk then finds whole), or its UTF-8 bytes, which json.loads lets through. (A body in
+# UTF-16 or UTF-32, which json.loads reads too, is walked whatever its bytes.)
+SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
 async def json_body(request: Request, refused: Callable[[str, str], Exception]) -> object:
     """The request's JSON body; `refused(field, why)` is raised where it is not JSON ("body"), or where a string of it
     holds half of a UTF-16 surrogate pair, which is no text: no tokenizer takes it, nor any answer that would repeat
@@ -185,12 +191,6 @@ async def json_body(request: Request, refused: Callable[[str, str], Exception]) 
     if may_hold_one and (where := unpaired_surrogate(body)) is not None:
         raise refused(where, "not valid Unicode (half of a UTF-16 surrogate pair)")
     return body
-
-
-# What in a body's UTF-8 bytes can make json.loads return a lone surrogate: the escape of one ("\\ud800", the halves
-# of a pair too, which the walk then finds whole), or its UTF-8 bytes, which json.loads lets through. (A body in
-# UTF-16 or UTF-32, which json.loads reads too, is walked whatever its bytes.)
-SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 def unpaired_surrogate(body) -> str | None:

@@ -65,7 +65,6 @@ def test_gpu_check_passes_only_where_every_part_ran(capsys, tmp_path, monkeypatc
     assert record.read_text().rstrip().splitlines()[-1].startswith(f"gpu-check: {said}")
 
 
-
 def test_the_parity_tests_record_names_what_failed(tmp_path, monkeypatch):
     """The record of the parity tests names each test that failed, not only the skipped ones (pytest's -rs)."""
     module = tmp_path / "test_on_the_gpu.py"

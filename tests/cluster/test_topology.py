@@ -407,13 +407,13 @@ def test_switch_c_2048_manifest(tmp_path):
             on_pod = ray.get(replica.get_num_ongoing_requests.remote(), timeout=60)
             assert on_pod > 0  # still running as the pod is told to stop
             drain_s = float(cluster.groups["front"].env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
-            stopped = time.monotonic()
+            signalled = time.monotonic()
             pod.terminate()
             pod.wait(drain_s + 30)
-            stopped = time.monotonic() - stopped
-            print(f"the pod's Ray stopped {stopped:.1f} s after SIGTERM, {on_pod} of {len(streams)} streams on its "
-                  "front")
-            assert stopped < drain_s  # once Serve had left the node, not at the drain's deadline
+            stopped_after = time.monotonic() - signalled
+            print(f"the pod's Ray stopped {stopped_after:.1f} s after SIGTERM, {on_pod} of {len(streams)} streams on "
+                  "its front")
+            assert stopped_after < drain_s  # once Serve had left the node, not at the drain's deadline
             outcomes, details = finish_streams(streams)
         assert outcomes == ["OK"] * len(streams), details
         assert groups_holding(cluster, FRONT) == ["front", "front"]
