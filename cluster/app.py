@@ -110,11 +110,11 @@ def build_fleet(args: dict | ServerConfig) -> Application:
 
 
 def fleet_drain(config: ServerConfig) -> dict:
-    """The fleet's deployment options of its drain: a stopping fleet waits for the fronts that drain, each for up to
-    the drain timeout, one after another at worst (see ServedFleet.__del__), and must release its placement group
-    before Serve's own deadline ends it."""
+    """The fleet's deployment options of its drain: a stopping fleet waits up to the drain timeout for the fronts to
+    begin draining, then for each that does, for up to the drain timeout from when it began, one after another at
+    worst (see ServedFleet.__del__), and must release its placement groups before Serve's own deadline ends it."""
     return {"user_config": {"drain_timeout_s": config.drain_timeout_s},
-            "graceful_shutdown_timeout_s": config.drain_timeout_s * config.num_replicas + FLEET_RELEASE_S}
+            "graceful_shutdown_timeout_s": config.drain_timeout_s * (config.num_replicas + 1) + FLEET_RELEASE_S}
 
 
 def fleet_config(config: ServerConfig) -> ServerConfig:

@@ -72,7 +72,7 @@ class ExpertActor:
         self.model_id = model_id or Path(checkpoint.path).name
 
     def info(self) -> dict:
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "gpu_ids": ray.get_gpu_ids(),
                 "device": str(self.device), "gpu_uuid": gpu_uuid(self.device), "gpu_bytes": gpu_bytes(self.device),
                 "experts": sorted(self.weights),
                 **self.loaded}

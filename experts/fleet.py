@@ -1,9 +1,11 @@
-"""Starting the expert actors where the placement says, through a Ray placement group.
+"""Starting the expert actors where the placement says, through Ray placement groups.
 
-An `ExpertFleet` actor owns one placement group (a bundle per node, `STRICT_SPREAD`, so each planned node is a
-different Ray node and the resources of all its actors are reserved at once) and the expert actors inside it.
-The actors are the fleet's children, so nothing outlives it. Served, the fleet is a Serve deployment of its
-own that every front replica asks for the actors.
+An `ExpertFleet` actor owns a placement group per planned node (`STRICT_PACK`, each on a Ray node that none of
+the groups before it took) and the expert actors inside them. A group holds a bundle per GPU, which the actors
+sharing that GPU ask their fractions of, so that they share one physical GPU (Ray gives fractions of a bundle of
+several GPUs out where they fit, and actors of different planned GPUs, started or restarted together, mix); without
+GPUs, one bundle for all the node's actors. The actors are the fleet's children, so nothing outlives it. Served,
+the fleet is a Serve deployment of its own that every front replica asks for the actors.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ import uuid
 from typing import NamedTuple
 
 import ray
-from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    get_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from experts.actor import ExpertActor
@@ -92,10 +99,9 @@ def actor_cpus(placement: Placement, resources: dict[str, float]) -> float:
     An actor asking for more than a node has stays pending, so small machines get fractions. Read from the
     nodes' sizes, not from what is free at the time, so that a fleet started again asks for the same."""
     needs = {}
-    for bundle in bundles(placement, 0.0, resources):
-        for name, amount in bundle.items():
-            if name != "CPU":
-                needs[name] = max(needs.get(name, 0.0), amount)
+    for node in bundles(placement, 0.0, resources):
+        for name in {name for bundle in node for name in bundle} - {"CPU"}:
+            needs[name] = max(needs.get(name, 0.0), sum(bundle.get(name, 0.0) for bundle in node))
     sizes = node_cpus_largest_first(needs)
     weakest = sizes[placement.nodes - 1] if len(sizes) >= placement.nodes else 0.0
     per_node = max(sum(1 for a in placement.actors if a.node == node) for node in range(placement.nodes))
@@ -108,17 +114,20 @@ def actor_cpus(placement: Placement, resources: dict[str, float]) -> float:
     return share or 1 / RESOURCE_UNITS  # no node could hold them yet: the bundle waits for one
 
 
-def bundles(placement: Placement, cpus: float, resources: dict[str, float]) -> list[dict[str, float]]:
-    """One bundle per node: the sum of what its actors ask for, and the whole GPUs they share."""
-    out = [{"CPU": 0.0} for _ in range(placement.nodes)]
+def bundles(placement: Placement, cpus: float, resources: dict[str, float]) -> list[list[dict[str, float]]]:
+    """For each node, the bundles of its placement group: one per GPU (`ActorSpec.gpu`), or one without GPUs; each the
+    sum of what its actors ask for, and the whole GPU they share."""
+    out: list[list[dict[str, float]]] = [[] for _ in range(placement.nodes)]
     for spec in placement.actors:
-        bundle = out[spec.node]
+        node = out[spec.node]
+        node += [{"CPU": 0.0} for _ in range(spec.gpu + 1 - len(node))]
+        bundle = node[spec.gpu]
         for name, amount in {"CPU": cpus, "GPU": spec.gpus, **resources}.items():
             if amount:
                 bundle[name] = round(bundle.get(name, 0.0) + amount, 4)
-    for bundle in out:
+    for bundle in (bundle for node in out for bundle in node):
         if "GPU" in bundle:  # the actors sharing a GPU ask for a little less than all of it between them
-            bundle["GPU"] = float(round(bundle["GPU"]))
+            bundle["GPU"] = 1.0
     return out
 
 
@@ -133,8 +142,8 @@ class FleetActors(NamedTuple):
 
 
 class ExpertFleet:
-    """Owns one placement group and the expert actors inside it. The actors are its children: they die with it,
-    and so does the group, so nothing it started outlives it.
+    """Owns a placement group per node and the expert actors inside them. The actors are its children: they die with
+    it, and so do the groups, so nothing it started outlives it.
 
     Runs as a Ray actor for the Python API and as a Serve deployment of the served app, whose controller starts
     a new one (with new actors) when its process dies. It starts at once and places and loads its actors on a
@@ -150,16 +159,17 @@ class ExpertFleet:
         self.actor_resources = config.actor_resources
         self.gpu_memory = parse_bytes(config.gpu_memory) if config.gpus else None  # what the plan sized each GPU by
         self.serves = fleet_name(checkpoint, config, dtype, quantize)
-        # Names the placement group. Ray keeps a group until its creator's job ends, even when the creator dies,
-        # so a fleet started again after its process died removes the group its predecessor left.
+        # Names the placement groups. Ray keeps a group until its creator's job ends, even when the creator dies,
+        # so a fleet started again after its process died removes the groups its predecessor left.
         self.name = name or self.serves
-        self.group = None
+        self.groups: list = []  # a node's after another's, as each finds room
         self.handles: list = []
         self._cpus = None  # each actor's, as _start found them
         self.error: BaseException | None = None
+        self._error_traceback = None
         self.state = "starting"
         self.fleet_id = uuid.uuid4().hex  # new each time the fleet starts, and so its actors
-        self._lock = threading.Lock()  # the starting thread and release() take turns with group and handles
+        self._lock = threading.Lock()  # the starting thread and release() take turns with groups and handles
         self._done = threading.Event()  # set once the actors have loaded, or failed to
         self._released = False
         threading.Thread(target=self._start, name="switch-serve-fleet", daemon=True).start()
@@ -171,56 +181,68 @@ class ExpertFleet:
         """The expert actors once loaded, waiting up to `wait_s` for that; none, and why, before. Raises what
         failed the load (a bad checkpoint, ...). Runs on a thread of its own (a threaded Ray actor; Serve runs
         sync methods in a thread pool)."""
-        if not self._done.wait(wait_s):
-            return FleetActors([], self.state, self.fleet_id, self.serves)
-        if self.error is not None:
-            raise self.error
-        # No actors once released.
-        return FleetActors(list(self.handles), self.state, self.fleet_id, self.serves, self.placement)
+        self._done.wait(wait_s)
+        self._raise_error()
+        with self._lock:  # the actors, their state and id as one: a replacement may begin meanwhile
+            if not self._done.is_set():
+                return FleetActors([], self.state, self.fleet_id, self.serves)
+            # No actors once released.
+            return FleetActors(list(self.handles), self.state, self.fleet_id, self.serves, self.placement)
 
     def check_health(self) -> None:
         """Serve's health check: a fleet whose load failed is replaced, and so tried again."""
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        """What failed the load, if anything, with the traceback it failed with (raised again as it is, it would gain
+        this call's frames each time a front or Serve asks)."""
         if self.error is not None:
-            raise self.error
+            raise self.error.with_traceback(self._error_traceback)
 
     def _start(self) -> None:
         try:
             cpus = actor_cpus(self.placement, self.actor_resources)
             wanted = bundles(self.placement, cpus, self.actor_resources)
             with self._lock:
-                # A predecessor's group, left when its process died: removed even when stopped before starting.
-                _remove_group_named(self.name)
-                if self._released:
-                    return
-                # Read from here on as `group`: release() may set self.group to None meanwhile.
-                self.group = group = placement_group(wanted, strategy="STRICT_SPREAD", name=self.name)
-            waited = 0.0
-            while not group.wait(ROOM_POLL_S):
-                if self._released:
-                    return
-                waited += ROOM_POLL_S
-                self.state = (f"waiting {waited:.0f} s for room for {len(wanted)} node(s) holding {wanted} (one "
-                              f"node each); the cluster has {alive_node_resources()}")
-                log.warning("expert fleet %s", self.state)
+                # A predecessor's groups, left when its process died: removed even when stopped before starting.
+                _remove_groups_named(self.name, len(wanted))
+            taken: list[str] = []  # the Ray nodes of the groups placed so far
+            for node, node_bundles in enumerate(wanted):
+                with self._lock:
+                    if self._released:
+                        return
+                    # Read from here on as `group`: release() may empty self.groups meanwhile.
+                    group = placement_group(node_bundles, strategy="STRICT_PACK", name=group_name(self.name, node),
+                                            bundle_label_selector=[not_on(taken)] * len(node_bundles) if taken
+                                            else None)
+                    self.groups.append(group)
+                waited = 0.0
+                while not group.wait(ROOM_POLL_S):
+                    if self._released:
+                        return
+                    waited += ROOM_POLL_S
+                    self.state = (f"waiting {waited:.0f} s for room for node {node + 1} of {len(wanted)}: "
+                                  f"{node_bundles} on one node, none of the {len(taken)} taken; the cluster has "
+                                  f"{alive_node_resources()}")
+                    log.warning("expert fleet %s", self.state)
+                taken.append(placement_group_table(group)["bundles_to_node_id"][0])
             self.state = f"loading {len(self.placement.actors)} expert actors"
             self._cpus = cpus
-            handles = [self._new_actor(spec, group) for spec in self.placement.actors]
             with self._lock:
                 if self._released:
-                    _kill(handles)
                     return
-                self.handles = handles
+                handles = self.handles = [self._new_actor(spec) for spec in self.placement.actors]
             self._wait_loaded(handles)
         except BaseException as e:
             self._failed(e)
         finally:
             self._done.set()
 
-    def _new_actor(self, spec, group):
-        """The actor of `spec` (an ActorSpec) in its bundle of `group`. One that dies is started again by Ray
-        (reloading its weights), up to ACTOR_RESTARTS times, and the calls it had in flight are sent again: it holds
-        no per-request state, so a retried call gives the same result."""
-        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=spec.node)
+    def _new_actor(self, spec):
+        """The actor of `spec` (an ActorSpec) in its bundle of its node's group. One that dies is started again by
+        Ray (reloading its weights), up to ACTOR_RESTARTS times, and the calls it had in flight are sent again: it
+        holds no per-request state, so a retried call gives the same result."""
+        strategy = PlacementGroupSchedulingStrategy(self.groups[spec.node], placement_group_bundle_index=spec.gpu)
         return ray.remote(ExpertActor).options(
             num_cpus=self._cpus, num_gpus=spec.gpus, resources=self.actor_resources, scheduling_strategy=strategy,
             max_restarts=ACTOR_RESTARTS, max_task_retries=-1,
@@ -269,25 +291,30 @@ class ExpertFleet:
     def _failed(self, error: BaseException) -> None:
         if self._released:  # stopped while starting: what failed is the stop's doing (its group or actors gone)
             return
-        self.error = error
+        self.error, self._error_traceback = error, error.__traceback__
         log.error("expert fleet failed: %s", error)
         self.release()
 
     def replace_dead(self, fleet_id: str) -> bool:
         """Start again, under a new fleet id, the actors handed out as `fleet_id` that are dead for good (Ray starts
-        again an actor that dies, but not one whose restart failed, or that was killed for good), the others kept;
-        whether there were any. Its fronts call it when a call finds an actor dead and the fleet still hands it out."""
+        again an actor that dies, but not one whose restart failed, or that was killed for good), the others kept.
+        Whether the actors of `fleet_id` are no longer the fleet's: it started dead ones again, now or at another
+        front's call. Its fronts call it when a call finds an actor dead and the fleet still hands it out."""
         with self._lock:
-            if fleet_id != self.fleet_id or self._released or self.state != "ready":
-                return False  # started again already, stopping, or loading
+            if fleet_id != self.fleet_id:
+                return True
+            if self._released or self.state != "ready":
+                return False  # stopping, or loading
             handles = list(self.handles)
         dead = dead_for_good(handles)
         with self._lock:
-            if not dead or fleet_id != self.fleet_id or self._released:
+            if fleet_id != self.fleet_id:
+                return True
+            if not dead or self._released:
                 return False
             log.warning("expert actors %s are dead for good; starting them again", dead)
             for i in dead:
-                self.handles[i] = self._new_actor(self.placement.actors[i], self.group)
+                self.handles[i] = self._new_actor(self.placement.actors[i])
             handles = list(self.handles)
             self.fleet_id, self.state = uuid.uuid4().hex, f"loading {len(dead)} expert actors again"
             self._done.clear()
@@ -297,14 +324,14 @@ class ExpertFleet:
         return True
 
     def release(self) -> None:
-        """Stop the actors and free the placement group's reservation at once, rather than when Ray notices the
+        """Stop the actors and free the placement groups' reservations at once, rather than when Ray notices the
         fleet is gone."""
         with self._lock:
             self._released = True
             _kill(self.handles)
-            if self.group is not None:
-                remove_placement_group(self.group)
-            self.group, self.handles = None, []
+            for group in self.groups:
+                remove_placement_group(group)
+            self.groups, self.handles = [], []
         if self.error is None:
             self.state = "released"
 
@@ -372,11 +399,25 @@ def _kill(handles: list) -> None:
         ray.kill(h)
 
 
-def _remove_group_named(name: str) -> None:
-    try:
-        remove_placement_group(get_placement_group(name))
-    except ValueError:  # none
-        pass
+def group_name(fleet: str, node: int) -> str:
+    return f"{fleet}-node{node}"
+
+
+def _remove_groups_named(fleet: str, nodes: int) -> None:
+    for node in range(nodes):
+        try:
+            remove_placement_group(get_placement_group(group_name(fleet, node)))
+        except ValueError:  # none
+            pass
+
+
+# The label of every Ray node that names it.
+NODE_ID_LABEL = "ray.io/node-id"
+
+
+def not_on(nodes: list[str]) -> dict[str, str]:
+    """A bundle's label selector: on none of `nodes` (Ray node ids)."""
+    return {NODE_ID_LABEL: f"!in({','.join(nodes)})"}
 
 
 def alive_node_resources() -> list[dict[str, float]]:

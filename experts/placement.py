@@ -127,8 +127,9 @@ def experts_per_cpu(num_experts: int, cpus: float, nodes: int = 1) -> int:
 @dataclass(frozen=True)
 class ActorSpec:
     experts: tuple[ExpertKey, ...]
-    node: int = 0  # index of the node (placement group bundle) it runs on
+    node: int = 0  # index of the node (the fleet's placement group) it runs on
     gpus: float = 0.0  # GPUs it asks Ray for
+    gpu: int = 0  # index of its GPU among its node's (the bundle of the node's group it runs in)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class Placement:
         """One actor per planned GPU (or `actors_per_gpu` actors sharing it, with a fraction each)."""
         used = [g for g in plan.gpus if g.experts]
         node_index = {node: i for i, node in enumerate(sorted({g.node for g in used}))}  # nodes left empty go
-        actors = []
+        actors, node_gpus = [], [0] * len(node_index)  # the GPUs of each node given actors so far
         for gpu in used:
             k = min(actors_per_gpu, len(gpu.experts))  # as many actors as asked, as evenly filled as can be
             groups = [[] for _ in range(k)]
@@ -175,7 +176,9 @@ class Placement:
             # Ray counts a GPU in ten-thousandths: shares rounded down add up to at most the GPU (1/6 rounded to
             # the nearest would ask for 1.0002 of it).
             gpus = math.floor(RESOURCE_UNITS / len(groups)) / RESOURCE_UNITS
-            actors += [ActorSpec(tuple(group), node=node_index[gpu.node], gpus=gpus) for group in groups]
+            node = node_index[gpu.node]
+            actors += [ActorSpec(tuple(group), node=node, gpus=gpus, gpu=node_gpus[node]) for group in groups]
+            node_gpus[node] += 1
         return cls(tuple(actors), len(node_index))
 
     def owners(self) -> dict[LayerKey, dict[int, list[int]]]:

@@ -293,6 +293,16 @@ class PendingDispatch:
         self.local_index, self.computed = None, None
         self.sending_s, self.local_s = 0.0, 0.0
 
+    def cancel(self) -> list[int]:
+        """Cancel the calls that have not answered, and return their actors' indices: left queued for an actor that is
+        restarting, they would run once it is back, ahead of the calls that still matter. (Ray runs a call already
+        sent to a live actor all the same.)"""
+        ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=0) if self.calls else ([], [])
+        late = [(actor, call) for actor, call in zip(self.called, self.calls) if call not in ready]
+        for _, call in late:
+            ray.cancel(call)
+        return [actor for actor, _ in late]
+
     def result(self) -> torch.Tensor:
         """Expert outputs [tokens, d_model] in token order, zero where not kept. Waits for every call."""
         d = self.dispatcher
@@ -302,13 +312,7 @@ class PendingDispatch:
             try:
                 results = ray.get(self.calls, timeout=d.timeout_s)
             except ray.exceptions.GetTimeoutError:
-                ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=0)
-                late = [a for a, call in zip(self.called, self.calls) if call not in ready]
-                # Left queued for an actor that is restarting, they would run once it is back, ahead of the calls
-                # that still matter. (Ray runs a call already sent to a live actor all the same.)
-                for call in self.calls:
-                    if call not in ready:
-                        ray.cancel(call)
+                late = self.cancel()
                 raise ExpertsUnavailable(
                     f"expert actors {late} did not answer {self.stack} layer {self.layer} within {d.timeout_s:g} s "
                     "(restarting, no room to restart them, or busy for longer than restart_timeout_s)") from None

@@ -359,8 +359,10 @@ class SwitchCluster:
         return self.link.ready.is_set()
 
     def check_experts(self, wait_s: float = 0.0) -> None:
-        """Raise ExpertsUnavailable, saying why, unless the expert actors are up (waiting up to `wait_s`)."""
-        if not self.link.wait(wait_s):
+        """Raise ExpertsUnavailable, saying why, unless the expert actors are up (waiting up to `wait_s`; not at all
+        where the load of a fleet this object started has failed, which nothing starts again)."""
+        failed_for_good = self._owns_fleet and self.link.load_error is not None
+        if not self.link.wait(0.0 if failed_for_good else wait_s):
             raise ExpertsUnavailable(f"the experts are not serving: {self.link.status}")
 
     @property
@@ -428,6 +430,12 @@ class SwitchCluster:
             raise InvalidRequest("input_ids", "at least one prompt is needed")
         vocab = self.checkpoint.config.vocab_size
         return [check_prompt(ids, vocab, self.config, f"input_ids[{i}]") for i, ids in enumerate(input_ids)]
+
+    @property
+    def hidden_ids(self) -> set[int]:
+        """The special tokens that `decode` leaves out."""
+        _ = self.tokenizer
+        return self._hidden_ids
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated tokens: special tokens left out, except T5's sentinels (`<extra_id_N>`), which mark

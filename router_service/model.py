@@ -45,13 +45,19 @@ def run_overlapped(micro_batches: list[MicroBatch]) -> list:
     the next one computes while those calls are out. Returns what each returned."""
     n = len(micro_batches)
     pending, results, live = [None] * n, [None] * n, list(range(n))
-    while live:
-        for j in list(live):
-            try:
-                pending[j] = micro_batches[j].send(None if pending[j] is None else pending[j].result())
-            except StopIteration as finished:
-                results[j] = finished.value
-                live.remove(j)
+    try:
+        while live:
+            for j in list(live):
+                try:
+                    pending[j] = micro_batches[j].send(None if pending[j] is None else pending[j].result())
+                except StopIteration as finished:
+                    results[j] = finished.value
+                    live.remove(j)
+    except BaseException:  # the others' calls in flight too (see PendingDispatch.cancel)
+        for j in live:
+            if pending[j] is not None:
+                pending[j].cancel()
+        raise
     return results
 
 

@@ -373,4 +373,4 @@ def test_a_new_fleet_config_names_its_placement_group_anew_and_a_drain_timeout_c
         update={"drain_timeout_s": 90.0}))["applications"][0]
     assert fleet["args"] == slower["args"] and "drain_timeout_s" not in fleet["args"]
     assert slower["deployments"] == [{"name": "ExpertFleet", "user_config": {"drain_timeout_s": 90.0},
-                                      "graceful_shutdown_timeout_s": 100.0}]
+                                      "graceful_shutdown_timeout_s": 190.0}]  # 90 s for the front to begin, 90 to drain

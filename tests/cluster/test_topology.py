@@ -251,11 +251,12 @@ def placement_groups(state: str) -> list:
 
 
 def check_nothing_of_the_old_plan_is_left(actors: int) -> None:
-    """One placement group (the new fleet's), holding every live expert actor, and one fleet."""
+    """One fleet, and the placement groups of its nodes (one each), holding every live expert actor, and none else."""
     wait_for(lambda: len(alive_actors("ExpertActor")) == actors and len(alive_actors(FLEET)) == 1,
              "the old fleet and its actors to go")
-    (group,) = placement_groups("CREATED")
-    assert {a.placement_group_id for a in alive_actors("ExpertActor")} == {group.placement_group_id}
+    groups = placement_groups("CREATED")
+    assert {a.placement_group_id for a in alive_actors("ExpertActor")} == {g.placement_group_id for g in groups}
+    assert len({g.name.rsplit("-node", 1)[0] for g in groups}) == 1, [g.name for g in groups]
     assert not placement_groups("PENDING") and not placement_groups("RESCHEDULING")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 import types
 
 import pytest
@@ -55,7 +56,7 @@ def test_expert_actors_are_sized_by_the_nodes_that_could_hold_them(monkeypatch):
     monkeypatch.setattr(fleet.ray, "nodes", lambda: cluster)
     on_gpus = PlacementConfig(gpus=2, nodes=2, actors_per_gpu=4).place(tiny_config(num_experts=8), "fp32")
     assert fleet.actor_cpus(on_gpus, {}) == 0.4
-    assert fleet.bundles(on_gpus, 0.4, {}) == [{"CPU": 1.6, "GPU": 1.0}] * 2
+    assert fleet.bundles(on_gpus, 0.4, {}) == [[{"CPU": 1.6, "GPU": 1.0}]] * 2
     packed = Placement.packed(tiny_config(num_experts=8), 4)  # two actors on one node
     assert fleet.actor_cpus(packed, {}) == 1.0
     assert fleet.actor_cpus(packed, {"accel": 0.5}) == 0.6666  # rounded down: two ask for no more than 2
@@ -96,6 +97,21 @@ def test_a_fleet_given_its_placement_does_not_plan_it_again(tmp_path, monkeypatc
         given.actors(wait_s=30)
 
 
+def test_a_failed_load_is_raised_with_its_own_traceback_each_time(tmp_path, monkeypatch):
+    """The fronts ask a fleet whose load failed every 2 s, and Serve's health check as often: each time, the error it
+    raises has the traceback it failed with and this call's frames, not every earlier call's. Fails if the stored
+    error is raised as it is (its traceback grows by a call's frames each time)."""
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 1 / 0)
+    failed = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32")
+    depths = []
+    for ask in (failed.actors, failed.check_health) * 3:
+        with pytest.raises(ZeroDivisionError) as raised:
+            ask()
+        depths.append(len(traceback.extract_tb(raised.value.__traceback__)))
+    assert depths[2:] == depths[:2] * 2
+
+
 def test_a_fleet_released_while_it_waits_for_room_reports_no_failure(tmp_path, monkeypatch):
     """Serve stops a fleet (a new config, the app deleted) while it waits for room for its placement group: the
     group removed under it is the stop's doing, not a failed load, so the fleet neither reports an error to its fronts
@@ -109,8 +125,8 @@ def test_a_fleet_released_while_it_waits_for_room_reports_no_failure(tmp_path, m
             raise RuntimeError("placement group removed")
 
     monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 1.0)
-    monkeypatch.setattr(fleet, "_remove_group_named", lambda name: None)
-    monkeypatch.setattr(fleet, "placement_group", lambda bundles, strategy, name: Group())
+    monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: None)
+    monkeypatch.setattr(fleet, "placement_group", lambda bundles, **options: Group())
     monkeypatch.setattr(fleet, "remove_placement_group", lambda group: None)
 
     class Starting(fleet.ExpertFleet):
@@ -150,7 +166,7 @@ def test_a_nodes_actors_never_ask_for_more_cpus_than_it_has(monkeypatch):
     monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda needs: [2.0])
     share = fleet.actor_cpus(placement, {})
     assert share == 0.0155
-    assert fleet.bundles(placement, share, {})[0]["CPU"] <= 2.0
+    assert fleet.bundles(placement, share, {})[0][0]["CPU"] <= 2.0
     monkeypatch.setattr(fleet, "node_cpus_largest_first", lambda needs: [0.01])
     with pytest.raises(PlacementError, match="128 expert actors on a node of 0.01 CPUs get no share.*experts_per"):
         fleet.actor_cpus(placement, {})
@@ -170,7 +186,7 @@ def test_a_fleet_stopped_before_it_asks_for_its_group_removes_its_predecessors(t
         return 1.0
 
     monkeypatch.setattr(fleet, "actor_cpus", sized_as_it_stops)
-    monkeypatch.setattr(fleet, "_remove_group_named", removed.append)
+    monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: removed.append((name, nodes)))
     monkeypatch.setattr(fleet, "placement_group", lambda *args, **kwargs: asked.append(args))
 
     class Starting(fleet.ExpertFleet):
@@ -181,7 +197,7 @@ def test_a_fleet_stopped_before_it_asks_for_its_group_removes_its_predecessors(t
     stopped = Starting(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
                        name="experts-left-behind")
     assert stopped.actors(wait_s=30).actors == [] and stopped.state == "released"
-    assert removed == ["experts-left-behind"] and asked == []
+    assert removed == [("experts-left-behind", 1)] and asked == []
 
 
 def test_a_processs_math_takes_no_more_threads_than_its_cores(monkeypatch):
@@ -250,9 +266,13 @@ def test_a_replacement_waits_for_the_new_actors_alone(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fleet.ExpertFleet, "_start", ready)
     monkeypatch.setattr(fleet, "dead_for_good", lambda handles: [1])
-    monkeypatch.setattr(fleet.ExpertFleet, "_new_actor", lambda self, spec, group: new)
+    monkeypatch.setattr(fleet.ExpertFleet, "_new_actor", lambda self, spec: new)
     serving = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32")
     assert serving.actors(wait_s=10).status == "ready"
-    assert serving.replace_dead(serving.fleet_id)
+    first = serving.fleet_id
+    assert serving.replace_dead(first)
+    # Another front found the same actor dead: the actors it holds are no longer the fleet's, and it looks again.
+    monkeypatch.setattr(fleet, "dead_for_good", lambda handles: pytest.fail("looked for dead actors again"))
+    assert serving.replace_dead(first)
     view = serving.actors(wait_s=10)
     assert view.status == "ready" and view.actors == [lost_meanwhile, new] and serving.error is None

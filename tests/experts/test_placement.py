@@ -36,7 +36,7 @@ def test_packed_placement_places_every_expert_once(per_actor, actors):
 def test_packed_placement_splits_actors_evenly_over_nodes():
     placement = Placement.packed(tiny_config(num_experts=8), 2, nodes=2)
     assert [spec.node for spec in placement.actors] == [0, 0, 1, 1]
-    assert bundles(placement, 0.5, {}) == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert bundles(placement, 0.5, {}) == [[{"CPU": 1.0}], [{"CPU": 1.0}]]
     with pytest.raises(ValueError, match="nodes"):
         Placement.packed(tiny_config(num_experts=8), 8, nodes=2)
 
@@ -62,7 +62,10 @@ def test_experts_per_actor_must_be_positive():
 
 
 def test_planned_placement_follows_the_plan():
-    """Every expert on the GPU the planner chose, hot ones twice on different GPUs, GPUs shared as asked."""
+    """Every expert on the GPU the planner chose, hot ones twice on different GPUs, GPUs shared as asked: the actors
+    of each GPU ask for their fractions of one bundle of their node's placement group, that GPU's. Fails if two
+    GPUs' actors share a bundle (Ray gives fractions of a bundle of several GPUs out where they fit, and mixes
+    them)."""
     config = tiny_config(num_experts=8)
     expert_mib = 2 * config.d_model * config.d_ff * 4 / 2**20
     options = PlacementConfig(gpus=4, nodes=2, gpu_memory=f"{expert_mib * 12}MiB", replicate_hot=3,
@@ -76,7 +79,8 @@ def test_planned_placement_follows_the_plan():
     for key in (k for k, n in hosted.items() if n == 2):
         gpus = [i // 2 for i, spec in enumerate(placement.actors) if key in spec.experts]
         assert gpus[0] != gpus[1]
-    assert bundles(placement, 0.25, options.actor_resources) == [{"CPU": 1.0, "GPU": 2.0, "expert_slot": 4.0}] * 2
+    assert [(spec.node, spec.gpu) for spec in placement.actors] == [(n, g) for n in (0, 1) for g in (0, 0, 1, 1)]
+    assert bundles(placement, 0.25, options.actor_resources) == [[{"CPU": 0.5, "GPU": 1.0, "expert_slot": 2.0}] * 2] * 2
 
 
 @pytest.mark.parametrize("per_gpu", [3, 6, 7, 15])
@@ -88,7 +92,7 @@ def test_actors_sharing_a_gpu_ask_for_no_more_than_it(per_gpu):
     sharing = len(placement.actors) // 2  # actors on each GPU (per_gpu, or fewer for 32 experts a GPU)
     for spec in placement.actors:  # as Ray counts it: whole ten-thousandths, at most a GPU between them
         assert abs(spec.gpus * 10_000 - round(spec.gpus * 10_000)) < 1e-6 and sharing * spec.gpus <= 1
-    assert bundles(placement, 0.1, {})[0]["GPU"] == 2.0
+    assert [bundle["GPU"] for bundle in bundles(placement, 0.1, {})[0]] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("options, message", [

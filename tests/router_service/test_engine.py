@@ -230,3 +230,22 @@ def test_actors_too_busy_to_say_where_they_run_are_taken_up_again_not_left_to_th
         SwitchCluster._local_experts(model, [actor])
     failure = ray.exceptions.RayActorError()
     assert SwitchCluster._local_experts(model, [actor]) == ({}, {})
+
+
+def test_experts_whose_own_fleet_failed_for_good_are_refused_at_once():
+    """A Python API front whose fleet's load failed (a replacement actor that cannot load, say) refuses a request at
+    once, naming why: nothing starts that fleet again. One whose fleet is Serve's (started again by Serve) waits
+    as asked. Fails if every request waits the whole restart timeout first."""
+    from types import SimpleNamespace
+
+    from router_service.dispatch import ExpertsUnavailable
+
+    waited = []
+    front = SwitchCluster.__new__(SwitchCluster)  # no Ray: the check alone
+    front.link = SimpleNamespace(load_error=RuntimeError("tensor cut off"), status="expert fleet: tensor cut off",
+                                 wait=lambda wait_s: waited.append(wait_s) and False)
+    for owns, asked in ((True, 0.0), (False, 60.0)):
+        front._owns_fleet = owns
+        with pytest.raises(ExpertsUnavailable, match="^the experts are not serving: expert fleet: tensor cut off$"):
+            front.check_experts(60.0)
+        assert waited.pop() == asked

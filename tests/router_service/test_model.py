@@ -11,6 +11,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 )
 
 from experts.checkpoint import SwitchCheckpoint
+from router_service.dispatch import ExpertsUnavailable
 from router_service.model import (
     Routing,
     SwitchFront,
@@ -19,6 +20,7 @@ from router_service.model import (
     length_groups,
     relative_position_bucket,
     rms_norm,
+    run_overlapped,
 )
 
 
@@ -115,3 +117,52 @@ def test_length_groups_pad_least(lengths):
     assert flat == sorted(lengths)  # shortest first, each group a run of similar lengths
     cost = sum(max(lengths[i] for i in g) * len(g) + 32 for g in groups)
     assert cost == brute_force_cost(lengths, 32)
+
+
+def test_a_micro_batch_that_fails_cancels_the_others_calls():
+    """Micro-batches in turns: where one's expert calls fail (actors down past the restart timeout), the calls the
+    others have out are cancelled too, not left queued for the actors to compute once back, ahead of the next
+    requests'. Fails if only the failing layer's calls are cancelled."""
+    class Calls:
+        def __init__(self, fails: bool):
+            self.fails, self.cancelled = fails, False
+
+        def result(self):
+            if self.fails:
+                raise ExpertsUnavailable("expert actors [1] did not answer")
+            return "outputs"
+
+        def cancel(self):
+            self.cancelled = True
+            return []
+
+    first, second = Calls(fails=False), Calls(fails=True)
+    done = Calls(fails=False)
+
+    def micro_batch(*layers):
+        for calls in layers:
+            assert (yield calls) == "outputs"
+
+    with pytest.raises(ExpertsUnavailable):
+        run_overlapped([micro_batch(done), micro_batch(second), micro_batch(first, first)])
+    assert second.cancelled and first.cancelled and not done.cancelled
+
+
+def test_a_tied_copy_that_differs_from_shared_weight_fails_the_fronts_load(checkpoint_factory, tmp_path):
+    """Tied embeddings with an LM head copy that differs from `shared.weight` (a config.json that is not the weights'):
+    the front refuses to load, naming the tensor, rather than serve `shared.weight` for it. Fails if the front skips
+    the check (experts.checkpoint.SwitchCheckpoint.check_tied_copies)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from experts.checkpoint import CheckpointError
+
+    source, _ = checkpoint_factory("plain")
+    path = shutil.copytree(source, tmp_path / "ckpt")
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["shared.weight"] * 2
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = SwitchCheckpoint.open(path)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor lm_head\.weight differs from shared"):
+        SwitchFront(checkpoint, LocalExperts(checkpoint))

@@ -49,10 +49,22 @@ def test_planned_over_two_gpu_nodes_with_replicas(multi_node_cluster, checkpoint
     assert all(len(ids) == 1 for ids in node_of.values())
     assert {ids.pop() for ids in node_of.values()} == {w.node_id for w in workers}
     assert len(specs) == 8 and all(spec.gpus == 0.5 for spec in specs)
+    check_each_planned_gpu_is_one_gpu(specs, infos)
     # The hottest expert has two copies, on different GPUs, and both computed some of its tokens.
     copies = [i for i, spec in enumerate(specs) if hottest in spec.experts]
     assert len(copies) == 2 and copies[0] // 2 != copies[1] // 2
     assert all(counts_after[i][hottest] > 0 for i in copies)
+
+
+def check_each_planned_gpu_is_one_gpu(specs, infos) -> None:
+    """The actors sharing a planned GPU run on one GPU of one node, and no two planned GPUs share one (as Ray
+    assigned them: the GPUs of these nodes are Ray's resources alone). Fails where a node's GPUs are one bundle, whose
+    fractions Ray gives out where they fit: the actors of two planned GPUs started together then mix."""
+    gpu_of: dict[tuple[int, int], set] = {}
+    for spec, info in zip(specs, infos):
+        gpu_of.setdefault((spec.node, spec.gpu), set()).add((info["node_id"], tuple(info["gpu_ids"])))
+    assert all(len(gpus) == 1 for gpus in gpu_of.values()), gpu_of
+    assert len({gpus.pop() for gpus in gpu_of.values()}) == len(gpu_of), gpu_of
 
 
 def test_losing_a_node(multi_node_cluster, checkpoint_factory):
@@ -69,7 +81,7 @@ def test_losing_a_node(multi_node_cluster, checkpoint_factory):
     reference = [tokens for tokens, _ in hf_generate(hf_model, prompts, 30)]
     spare = cluster.add_node(num_cpus=2, num_gpus=2, object_store_memory=200 * 2**20)
     cluster.wait_for_nodes()
-    options = PlacementConfig(gpus=4, nodes=2, gpu_memory="1GiB", restart_timeout_s=20)
+    options = PlacementConfig(gpus=4, nodes=2, gpu_memory="1GiB", actors_per_gpu=2, restart_timeout_s=20)
     with SwitchCluster(path, placement=options) as model:
         fleet_node = ray.get(model.fleet.node_id.remote())
         assert fleet_node == ray.get_runtime_context().get_node_id()  # with the front, not on an expert node
@@ -80,8 +92,10 @@ def test_losing_a_node(multi_node_cluster, checkpoint_factory):
         thread.join(120)
         assert "error" not in result, result.get("error")
         assert [o.token_ids for o in result["outputs"]] == reference
-        now_on = {info["node_id"] for info in model.actor_info()}
+        infos = model.actor_info()
+        now_on = {info["node_id"] for info in infos}
         assert lost.node_id not in now_on and spare.node_id in now_on
+        check_each_planned_gpu_is_one_gpu(model.placement.actors, infos)  # the lost node's actors restarted together
 
         # No room now: the next requests fail after the restart timeout, naming the actors that are down.
         cluster.remove_node(next(w for w in [*workers, spare] if w is not lost and w.node_id in now_on))
