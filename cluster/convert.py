@@ -44,12 +44,20 @@ LAYOUT = "experts by layer and digits"
 
 
 def bin_shards(src: Path) -> list[str]:
+    """The `.bin` files of a folder, each there: checked before any is converted (switch-c-2048's 364 take hours)."""
     index = src / BIN_INDEX_FILE
     if index.is_file():
         try:
-            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError("its weight_map maps no tensor names to file names")
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a checkpoint index ({e})") from None
+        shards = sorted(set(weight_map.values()))
+        if missing := [shard for shard in shards if not (src / shard).is_file()]:
+            raise CheckpointError(f"{src / missing[0]}: listed in {BIN_INDEX_FILE} but missing"
+                                  + (f" ({len(missing)} shards missing in all)" if len(missing) > 1 else ""))
+        return shards
     if (src / BIN_FILE).is_file():
         return [BIN_FILE]
     raise CheckpointError(f"{src}: no {BIN_FILE} or {BIN_INDEX_FILE} to convert")

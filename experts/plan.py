@@ -16,12 +16,14 @@ from pathlib import Path
 from experts.spec import (
     DTYPES,
     EXPERT_FORMATS,
+    EXPERT_TENSOR,
     STACKS,
     ExpertKey,
     SwitchConfig,
+    expected_tensors,
     expert_bytes,
     follow_weights,
-    num_layers,
+    router_tensor_name,
     sparse_layers,
 )
 
@@ -44,16 +46,14 @@ def parse_bytes(text: str) -> int:
 
 
 def front_bytes(config: SwitchConfig, dtype: str) -> int:
-    """The non-expert weights (embeddings, attention, norms, dense FFNs, routers, LM head) in `dtype`, one of
-    DTYPES."""
-    d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
-    params = config.vocab_size * d * (1 if config.tie_word_embeddings else 3)
-    for stack in STACKS:
-        total, sparse = num_layers(config, stack), len(sparse_layers(config, stack))
-        attentions = 1 if stack == "encoder" else 2
-        params += total * (attentions * (4 * d * inner + d) + d)  # attention + its norm, FFN norm
-        params += (total - sparse) * 2 * d * ff + sparse * config.num_experts * d
-    return params * DTYPES[dtype].bytes
+    """The non-expert weights (embeddings, attention, norms, dense FFNs, routers, LM head) as the front holds them: in
+    `dtype`, one of DTYPES, and the routers in their `router_dtype`, as transformers computes them."""
+    routers = {router_tensor_name(stack, layer, which) for stack in STACKS for layer in sparse_layers(config, stack)
+               for which in ("weight", "bias")}
+    router_bytes = next(d.bytes for d in DTYPES.values() if d.torch == config.router_dtype)
+    required, _ = expected_tensors(config)
+    return sum(math.prod(shape) * (router_bytes if name in routers else DTYPES[dtype].bytes)
+               for name, shape in required.items() if not EXPERT_TENSOR.match(name))
 
 
 @dataclass

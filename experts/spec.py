@@ -249,26 +249,26 @@ def follow_weights(config, names: list[str] | None = None,
                    where: str = "config.json") -> tuple[SwitchConfig, list[str]]:
     """The config that describes the weights, and one warning per stack where config.json does not.
 
-    Where config.json's layer counts disagree with the blocks the weights hold, the weights win. Without the
-    weights' tensor names (planning from config.json alone), the only disagreement visible is a stack with more
-    sparse layers than layers, and it is read as the weights of such a config hold it: that many blocks, all
-    sparse. switch-c-2048's published config says 12 decoder layers of which 15 are sparse; its weights hold 15
-    decoder blocks, all sparse."""
+    A stack whose config.json says it has more sparse layers than layers is read as the weights hold it, or,
+    without the weights' tensor names (planning from config.json alone), as such weights hold it: that many blocks,
+    all sparse. switch-c-2048's published config says 12 decoder layers of which 15 are sparse; its weights hold 15
+    decoder blocks, all sparse. Any other config stands, as transformers reads it: weights that differ from it (a
+    block missing, or one more) are the checkpoint's check's to name."""
     config, warnings = SwitchConfig.of(config), []
     for stack in STACKS:
         total, sparse_count = num_layers(config, stack), getattr(config, f"num_sparse_{stack}_layers")
+        if sparse_count <= total:
+            continue
         if names is not None:
             held = _blocks_in_weights(names, stack)
             evidence = "the weights hold {blocks} blocks, {sparse} sparse; following the weights"
         else:
-            held = (sparse_count, list(range(sparse_count))) if sparse_count > total else None
+            held = (sparse_count, list(range(sparse_count)))
             evidence = "reading it as {blocks} blocks, all sparse, as the released weights hold"
         if held is None:
             continue
         blocks, sparse = held
         agrees = (blocks, sparse) == (total, sparse_layers(config, stack))
-        if agrees and sparse_count == len(sparse):
-            continue
         steps = [s for s in range(1, blocks + 1) if sparse_indices(blocks, s) == sparse]
         if sparse and not steps:
             raise ValueError(f"{where}: the {stack} sparse blocks in the weights, {sparse}, follow no sparse step "
@@ -278,7 +278,6 @@ def follow_weights(config, names: list[str] | None = None,
             f"num_sparse_{stack}_layers": len(sparse), f"{stack}_sparse_step": steps[0] if sparse else 0})
         if agrees:  # read alike, but the count said otherwise: written as held, so that a reading without the
             continue  # weights (planning) does not take more sparse layers than layers for all sparse
-        relation = "but" if sparse_count > total else "of which"
-        warnings.append(f"{where}: the {stack} has {total} layers {relation} {sparse_count} sparse; "
+        warnings.append(f"{where}: the {stack} has {total} layers but {sparse_count} sparse; "
                         + evidence.format(blocks=blocks, sparse=len(sparse)))
     return config, warnings

@@ -9,7 +9,7 @@ import base64
 import math
 import typing
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Literal
 
 import numpy as np
@@ -236,17 +236,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def legacy_logprobs(decode: Callable[[list[int]], str], before: list[int], token_ids: list[int],
-                    token_logprobs: list[float], top: list[list[tuple[int, float]]], offset: int) -> dict:
+def legacy_logprobs(decode: Callable[[list[int]], str], hidden: Collection[int], before: list[int],
+                    token_ids: list[int], token_logprobs: list[float], top: list[list[tuple[int, float]]],
+                    offset: int) -> dict:
     """The completions API's logprobs object for some tokens of a choice, which follow its tokens `before` them,
-    whose text takes `offset` characters. Each token's text is what it adds to the text before it, so the tokens
-    joined are the choice's text; each token's alternatives (`top`, where asked) include the token itself, as
-    OpenAI's do. Alternatives that add the same text (a word with and without its leading space at the start, the
-    special tokens, which add none) are one key, with the likeliest's log-probability (the token itself's, where it
-    is one of them)."""
+    whose text takes `offset` characters. Each token's text is what it adds to the text before it (`decode`, which
+    leaves out the `hidden` tokens), so the tokens joined are the choice's text; each token's alternatives (`top`,
+    where asked) include the token itself, as OpenAI's do. Alternatives that add the same text (a word with and
+    without its leading space at the start, the special tokens, which add none) are one key, with the likeliest's
+    log-probability (the token itself's, where it is one of them)."""
     texts, tops, offsets = [], [], []
     for i, (token, logprob) in enumerate(zip(token_ids, token_logprobs)):
-        context = (before + token_ids[:i])[-CONTEXT_TOKENS:]
+        context = last_shown(before + token_ids[:i], hidden, CONTEXT_TOKENS)
         start = len(decode(context))
         texts.append(decode(context + [token])[start:])
         alternatives: dict[str, float] = {}
@@ -257,6 +258,17 @@ def legacy_logprobs(decode: Callable[[list[int]], str], before: list[int], token
         offsets.append(offset)
         offset += len(texts[-1])
     return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def last_shown(token_ids: list[int], hidden: Collection[int], n: int) -> list[int]:
+    """The last `n` of `token_ids` that are not `hidden`: a context of hidden tokens alone decodes to nothing."""
+    shown = []
+    for token in reversed(token_ids):
+        if token not in hidden:
+            shown.append(token)
+            if len(shown) == n:
+                break
+    return shown[::-1]
 
 
 def finish_reason(native: str | None) -> str | None:

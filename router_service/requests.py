@@ -8,7 +8,7 @@ import typing
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router_service.config import EngineConfig
+from router_service.config import EngineConfig, ServerConfig
 
 
 class InvalidRequest(ValueError):
@@ -33,6 +33,8 @@ MAX_STOP_TOKEN_IDS = 64
 # runs on the replica's event loop (13 MB of text took 7 s of it to be refused): a bound on the work a request may
 # cause, whatever its text tokenizes to (a run of spaces or of unknown characters may be one token).
 MAX_CHARS_PER_PROMPT_TOKEN = 64
+# The most bytes a character of a prompt's text takes in a JSON body: escaped, as json.dumps writes any but ASCII.
+JSON_BYTES_PER_CHAR = 6
 
 
 class SamplingParams(BaseModel):
@@ -154,3 +156,20 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, stop_token_ids=stop_token_ids, top_logprobs=top_logprobs,
                           routing=routing)
+
+
+class BodyLimits(typing.NamedTuple):
+    """Bounds on a JSON request body, checked before the body is parsed into a request (protobuf's and pydantic's
+    parsing of 2 million token ids took 1-4 s of the replica's event loop, before the prompt's length was checked):
+    none that a request the server takes could exceed."""
+
+    bytes: int  # a request's every sequence with a prompt of the most characters, each escaped, and 1 MiB more
+    # In any list (a prompt's token ids, a request's prompts or inputs, its stop token ids), twice the most any
+    # takes: one a little over its limit gets the check that names that limit.
+    items: int
+
+    @classmethod
+    def of(cls, limits: ServerConfig) -> BodyLimits:
+        sequences = limits.max_waiting + limits.max_sequences  # the most one request may queue (Scheduler.check_count)
+        prompt_bytes = limits.max_prompt_tokens * MAX_CHARS_PER_PROMPT_TOKEN * JSON_BYTES_PER_CHAR
+        return cls(sequences * prompt_bytes + 2**20, 2 * max(limits.max_prompt_tokens, sequences, MAX_STOP_TOKEN_IDS))

@@ -58,6 +58,7 @@ from router_service.proto import UndecodableRequest
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.requests import (
     DEFAULT_POOLING,
+    BodyLimits,
     InvalidRequest,
     check_pooling,
     check_prompt,
@@ -178,19 +179,41 @@ def http_error(e: Exception) -> JSONResponse:
 SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
-async def json_body(request: Request, refused: Callable[[str, str], Exception]) -> object:
-    """The request's JSON body; `refused(field, why)` is raised where it is not JSON ("body"), or where a string of it
-    holds half of a UTF-16 surrogate pair, which is no text: no tokenizer takes it, nor any answer that would repeat
-    it."""
-    raw = await request.body()
+async def json_body(request: Request, refused: Callable[[str, str], Exception], limits: BodyLimits) -> object:
+    """The request's JSON body; `refused(field, why)` is raised where it is larger than `limits` ("body", or the
+    list's path), not JSON ("body"), or where a string of it holds half of a UTF-16 surrogate pair, which is no text:
+    no tokenizer takes it, nor any answer that would repeat it."""
+    raw = await request.body()  # here already: Serve's proxy passed it whole
+    if len(raw) > limits.bytes:
+        raise refused("body", f"{len(raw)} bytes, more than a request this server takes can have ({limits.bytes})")
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise refused("body", f"not JSON ({e})") from None
+    if (longest := long_list(body, limits.items)) is not None:
+        where, items = longest
+        raise refused(where, f"{items} items, more than any list of a request here may hold ({limits.items})")
     may_hold_one = SURROGATE.search(raw) or not json.detect_encoding(raw).startswith("utf-8")
     if may_hold_one and (where := unpaired_surrogate(body)) is not None:
         raise refused(where, "not valid Unicode (half of a UTF-16 surrogate pair)")
     return body
+
+
+def long_list(body: object, most: int) -> tuple[str, int] | None:
+    """The path and length of a list of more than `most` items among a JSON object's fields and their lists' items
+    (`input_ids`, `prompt[2]`: where a request's lists are), or None. Looks at no token id: as fast for a large body as
+    for a small one."""
+    if not isinstance(body, dict):
+        return None
+    for key, value in body.items():
+        if not isinstance(value, list):
+            continue
+        if len(value) > most:
+            return key, len(value)
+        for i, item in enumerate(value):
+            if isinstance(item, list) and len(item) > most:
+                return f"{key}[{i}]", len(item)
+    return None
 
 
 def unpaired_surrogate(body) -> str | None:
@@ -218,8 +241,8 @@ def not_openai_json(field: str, why: str) -> OpenAIError:
     return OpenAIError(400, f"the body is {why}") if field == "body" else OpenAIError(400, f"{field}: {why}", field)
 
 
-async def parse_http_request(request: Request) -> tuple[pb.GenerateRequest, bool]:
-    body = await json_body(request, InvalidRequest)
+async def parse_http_request(request: Request, limits: BodyLimits) -> tuple[pb.GenerateRequest, bool]:
+    body = await json_body(request, InvalidRequest, limits)
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
     stream = body.pop("stream", None)
@@ -429,6 +452,7 @@ class SwitchServer:
     def __init__(self, config: ServerConfig):
         math_here_on_one_thread()  # before any math: the batching thread's OpenMP team is the only one
         self.config = config
+        self.body_limits = BodyLimits.of(config)
         self.model_id = config.model_id
         self.started = int(time.time())
         self.api_key = load_api_key(config.api_key_file)
@@ -683,7 +707,7 @@ class SwitchServer:
         try:
             with counting_failures(self._finished):
                 self._authorize(request.headers.items())
-                message, stream = await parse_http_request(request)
+                message, stream = await parse_http_request(request, self.body_limits)
                 if not stream:
                     response = JSONResponse(to_json(await self._generate(message)))
                     self._finished()
@@ -739,8 +763,8 @@ class SwitchServer:
         try:
             with counting_failures(self._finished):
                 self._authorize(request.headers.items())
-                completion_request = parse_completion_request(await json_body(request, not_openai_json),
-                                                              self.model_id)
+                body = await json_body(request, not_openai_json, self.body_limits)
+                completion_request = parse_completion_request(body, self.model_id)
                 choices = self._completion_choices(completion_request)
                 if not completion_request.stream:
                     response = JSONResponse(await self._complete(completion_request, choices))
@@ -770,8 +794,8 @@ class SwitchServer:
             with counting_failures(self._finished):
                 self._authorize(request.headers.items())
                 d_model = self.cluster.checkpoint.config.d_model
-                embed_request = parse_embedding_request(await json_body(request, not_openai_json), self.model_id,
-                                                        d_model)
+                body = await json_body(request, not_openai_json, self.body_limits)
+                embed_request = parse_embedding_request(body, self.model_id, d_model)
                 items = embed_request.inputs()
                 inputs = [(item, f"input[{i}]" if len(items) > 1 else "input") for i, item in enumerate(items)]
                 sequences = await self._embed(inputs, embed_request.pooling, "input")
@@ -806,8 +830,8 @@ class SwitchServer:
         text takes `offset` characters."""
         if request.logprobs is None:
             return None
-        return legacy_logprobs(self.cluster.decode, before, piece.token_ids, piece.logprobs, piece.top_logprobs,
-                               offset)
+        return legacy_logprobs(self.cluster.decode, self.cluster.hidden_ids, before, piece.token_ids, piece.logprobs,
+                               piece.top_logprobs, offset)
 
     async def _complete(self, request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> dict:
         async def one(index: int, seq: Sequence, updates: AsyncIterator[Sequence], stop: tuple) -> tuple[dict, int]:

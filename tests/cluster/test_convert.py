@@ -117,6 +117,32 @@ def test_a_bad_config_fails_before_any_shard_is_converted(checkpoint_factory, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda src: (src / "pytorch_model-00002-of-00003.bin").unlink(),
+     r"bin/pytorch_model-00002-of-00003\.bin: listed in pytorch_model\.bin\.index\.json but missing$"),
+    (lambda src: [(src / f"pytorch_model-0000{i}-of-00003.bin").unlink() for i in (2, 3)],
+     r"bin/pytorch_model-00002-of-00003\.bin: listed in .* but missing \(2 shards missing in all\)$"),
+    (lambda src: (src / BIN_INDEX_FILE).write_text(json.dumps({"weight_map": ["shared.weight"]})),
+     r"pytorch_model\.bin\.index\.json: not a checkpoint index \(its weight_map maps no tensor names"),
+    (lambda src: (src / BIN_INDEX_FILE).write_text(json.dumps({"weight_map": {"shared.weight": 3}})),
+     r"pytorch_model\.bin\.index\.json: not a checkpoint index \(its weight_map maps no tensor names"),
+])
+def test_a_bad_index_or_a_missing_shard_fails_before_any_shard_is_converted(checkpoint_factory, tmp_path,
+                                                                           monkeypatch, damage, message):
+    """An index that lists no files (a traceback before), or shards it lists that are not there (found only after
+    the shards before them were converted, hours into switch-c-2048's), fail at once, naming the file."""
+    from cluster import convert as converting
+
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=3)
+    damage(src)
+    monkeypatch.setattr(converting, "load_shard", lambda path: pytest.fail(f"converted {path.name} first"))
+    with pytest.raises(CheckpointError, match=message):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
 def test_hub_id_without_network_fails_in_one_line(env):
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", "--model", "google/switch-base-8",

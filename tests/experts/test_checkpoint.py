@@ -121,6 +121,19 @@ def test_missing_expert(checkpoint):
         SwitchCheckpoint.open(checkpoint)
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_weights_short_of_their_last_blocks_name_the_first_missing_tensor(checkpoint, blocks):
+    """A download cut short of the decoder's last block(s): the config (4 decoder layers) stands, as transformers
+    reads it, and the load fails naming a tensor of the first block missing. Fails if the weights are read as a
+    shallower model."""
+    config = SwitchCheckpoint.open(checkpoint).config
+    first = config.num_decoder_layers - blocks
+    cut = tuple(f"decoder.block.{i}." for i in range(first, config.num_decoder_layers))
+    rewrite(checkpoint / "model.safetensors", lambda t: [t.pop(n) for n in list(t) if n.startswith(cut)])
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor decoder\.block\.{first}\.\S+ is missing"):
+        SwitchCheckpoint.open(checkpoint)
+
+
 def test_wrong_shape(checkpoint):
     rewrite(checkpoint / "model.safetensors", lambda t: t.update({EXPERT: torch.zeros(3, 3)}))
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {EXPERT} has shape \[3, 3\]"):

@@ -26,6 +26,13 @@ def test_fields_and_defaults_are_transformers(raw):
     assert ours.decoder_start_token_id == raw.get("decoder_start_token_id", ours.pad_token_id)  # T5's convention
 
 
+def test_without_a_decoder_start_token_the_decoder_starts_at_the_pad_token():
+    """T5's convention, whatever the pad token is: fails if the default is 0 rather than the pad token (every
+    released config pads with 0)."""
+    assert SwitchConfig.from_dict({"pad_token_id": 3}).decoder_start_token_id == 3
+    assert SwitchConfig.from_dict({"pad_token_id": 3, "decoder_start_token_id": 5}).decoder_start_token_id == 5
+
+
 def test_a_field_of_the_wrong_type_is_named():
     with pytest.raises(ValueError, match="num_experts: expected int, got 'eight'"):
         SwitchConfig.from_dict({"num_experts": "eight"})
@@ -55,23 +62,30 @@ def test_switch_c_2048_config_alone_reads_as_its_weights():
     assert from_weights == config
 
 
-def test_weights_win_and_an_impossible_layout_is_refused():
+def test_a_config_that_holds_together_stands_and_one_that_does_not_follows_the_weights():
+    """A config of as many sparse layers as layers or fewer is read as transformers reads it, whatever the weights
+    hold (a block missing, or one more: the checkpoint's check names them). One of more sparse layers than layers
+    (switch-c-2048's decoder) takes the weights' blocks, and a layout of them transformers cannot build is refused.
+    Fails if weights short of their last block are read as a shallower model."""
     config = SwitchConfig(num_layers=4, num_sparse_encoder_layers=2, num_decoder_layers=4,
                           num_sparse_decoder_layers=2)
-    names = list(expected_tensors(dataclasses.replace(config, num_decoder_layers=6, decoder_sparse_step=3))[0])
-    followed, warnings = follow_weights(config, names, "ckpt/config.json")
+    deeper = list(expected_tensors(dataclasses.replace(config, num_decoder_layers=6, decoder_sparse_step=3))[0])
+    shallower = [n for n in expected_tensors(config)[0] if not n.startswith("decoder.block.3.")]
+    assert follow_weights(config, deeper) == follow_weights(config, shallower) == (config, [])
+    claims = dataclasses.replace(config, num_sparse_decoder_layers=6)  # 4 layers, of which 6 sparse
+    followed, warnings = follow_weights(claims, deeper, "ckpt/config.json")
     assert (followed.num_decoder_layers, sparse_layers(followed, "decoder")) == (6, [1, 4])
-    assert warnings == ["ckpt/config.json: the decoder has 4 layers of which 2 sparse; the weights hold 6 blocks, "
+    assert warnings == ["ckpt/config.json: the decoder has 4 layers but 6 sparse; the weights hold 6 blocks, "
                         "2 sparse; following the weights"]
-    assert follow_weights(config, list(expected_tensors(config)[0])) == (config, [])
     # The last block alone sparse: a step as long as the stack (2 here) is one transformers supports.
     last = dataclasses.replace(config, num_layers=2, encoder_sparse_step=2, num_sparse_encoder_layers=1)
-    followed, _ = follow_weights(dataclasses.replace(last, encoder_sparse_step=0, num_sparse_encoder_layers=0),
+    followed, _ = follow_weights(dataclasses.replace(last, num_sparse_encoder_layers=3),
                                  list(expected_tensors(last)[0]))
     assert (followed.num_layers, sparse_layers(followed, "encoder")) == (2, [1])
     odd = [n.replace("block.1.", "block.2.") for n in expected_tensors(config)[0] if n.startswith("encoder.block.1.")]
     with pytest.raises(ValueError, match=r"the encoder sparse blocks in the weights, \[2, 3\], follow no sparse step"):
-        follow_weights(config, [n for n in expected_tensors(config)[0] if not n.startswith("encoder.block.1.")] + odd)
+        follow_weights(dataclasses.replace(config, num_sparse_encoder_layers=5),
+                       [n for n in expected_tensors(config)[0] if not n.startswith("encoder.block.1.")] + odd)
 
 
 def test_a_sparse_count_that_transformers_reads_as_the_weights_hold_is_written_as_they_hold_it():

@@ -140,6 +140,19 @@ def test_sampling_cuts():
     assert {sample(logits, hot, torch.Generator().manual_seed(s)) for s in range(200)} == {0, 1, 2, 3}
 
 
+def test_top_p_cuts_after_the_temperature_as_transformers_does():
+    """At temperature 0.5, token 1 has 0.84 of the mass, so top_p 0.8 keeps it alone, as transformers' warpers in
+    their order (temperature, then top-p) do; cut before the temperature (0.64 at 1.0), token 2 would stay too. Fails
+    if the cut comes first."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    logits = torch.tensor([0.0, 3.0, 2.0, 1.0])
+    warped = TopPLogitsWarper(0.8)(None, TemperatureLogitsWarper(0.5)(None, logits[None]))[0]
+    params = SamplingParams(temperature=0.5, top_p=0.8)
+    sampled = {sample(logits, params, torch.Generator().manual_seed(s)) for s in range(300)}
+    assert sampled == set(torch.isfinite(warped).nonzero().flatten().tolist()) == {1}
+
+
 @pytest.mark.parametrize("pay", [True, False])
 def test_small_decoding_steps_run_on_one_thread_and_encoder_passes_on_all(checkpoint_factory, core_threads_pay, pay):
     """Where core threads pay: fails if the batcher sets its threads once for every step, or runs the encoder pass

@@ -144,6 +144,8 @@ def test_logprobs_in_the_legacy_layout(served, client):
     for token, top, chosen in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs):
         assert len(top) <= 2 and top[token] == pytest.approx(chosen, abs=1e-5)
         assert max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy: the best
+    # Two alternatives a token, fewer only where both add the same text: fails if fewer are asked for.
+    assert any(len(top) == 2 for top in lp.top_logprobs)
     alone = complete(0).choices[0].logprobs
     assert alone.tokens == lp.tokens and alone.top_logprobs == [{t: c} for t, c in zip(lp.tokens, alone.token_logprobs)]
     chunks = [c.choices[0].logprobs for c in complete(2, stream=True) if c.choices[0].logprobs]
@@ -340,6 +342,7 @@ def test_bad_input_is_refused_as_such_when_the_queue_is_full(route, bad, good):
     import json
     from types import SimpleNamespace
 
+    from router_service.requests import BodyLimits
     from router_service.scheduler import QueueFull
     from router_service.server import SwitchServer
 
@@ -347,7 +350,9 @@ def test_bad_input_is_refused_as_such_when_the_queue_is_full(route, bad, good):
         raise QueueFull("32 requests already waiting (limit 32)")
 
     replica = SwitchServer.func_or_class
-    server = SimpleNamespace(has_tokenizer=True, config=ServerConfig(model="unused"), model_id="m", api_key=None,
+    config = ServerConfig(model="unused")
+    server = SimpleNamespace(has_tokenizer=True, config=config, body_limits=BodyLimits.of(config), model_id="m",
+                             api_key=None,
                              scheduler=SimpleNamespace(check_count=lambda count, field: None, queue=full),
                              cluster=SimpleNamespace(checkpoint=SimpleNamespace(config=SimpleNamespace(
                                  vocab_size=100, d_model=8)), check_experts=lambda: None),

@@ -77,10 +77,23 @@ def test_legacy_logprobs_give_each_token_the_text_it_adds_after_those_before_it(
     def decode(ids: list[int]) -> str:
         return "".join(words[i] for i in ids).replace("▁", " ").removeprefix(" ")
 
-    out = legacy_logprobs(decode, [1], [2, 3], [-0.1, -0.2], [[(3, -1.0)], [(2, -2.0)]], 5)
+    out = legacy_logprobs(decode, set(), [1], [2, 3], [-0.1, -0.2], [[(3, -1.0)], [(2, -2.0)]], 5)
     assert out["tokens"] == [" world", "!"] and "hello" + "".join(out["tokens"]) == decode([1, 2, 3])
     assert out["text_offset"] == [5, 11] and out["token_logprobs"] == [-0.1, -0.2]
     assert out["top_logprobs"] == [{"!": -1.0, " world": -0.1}, {" world": -2.0, "!": -0.2}]
+
+
+def test_a_tokens_text_follows_the_shown_tokens_before_it_past_any_hidden_ones():
+    """Hidden tokens (<unk>, which decode leaves out) between two words: the second still adds its leading space,
+    as in the choice's text. Fails if its context is the last tokens whatever they are (hidden alone, it decodes to
+    nothing, and the word loses its space)."""
+    words = {1: "▁hello", 2: "▁world", 9: "<unk>"}
+
+    def decode(ids: list[int]) -> str:
+        return "".join(words[i] for i in ids if i != 9).replace("▁", " ").removeprefix(" ")
+
+    out = legacy_logprobs(decode, {9}, [1] + [9] * 12, [2], [-0.1], [], 5)
+    assert out["tokens"] == [" world"] and "hello" + out["tokens"][0] == decode([1] + [9] * 12 + [2])
 
 
 def test_alternatives_that_add_the_same_text_keep_the_likeliest():
@@ -92,9 +105,9 @@ def test_alternatives_that_add_the_same_text_keep_the_likeliest():
     def decode(ids: list[int]) -> str:
         return "".join("" if words[i].startswith("<") else words[i] for i in ids).replace("▁", " ").removeprefix(" ")
 
-    out = legacy_logprobs(decode, [], [5], [-0.5], [[(5, -0.5), (3, -1.0), (4, -2.0), (1, -2.5), (2, -3.0)]], 0)
+    out = legacy_logprobs(decode, set(), [], [5], [-0.5], [[(5, -0.5), (3, -1.0), (4, -2.0), (1, -2.5), (2, -3.0)]], 0)
     assert out["top_logprobs"] == [{"x": -0.5, "": -1.0, "o": -2.5}]
-    out = legacy_logprobs(decode, [], [2], [-2.0], [[(1, -0.1), (2, -2.0)]], 0)
+    out = legacy_logprobs(decode, set(), [], [2], [-2.0], [[(1, -0.1), (2, -2.0)]], 0)
     assert out["tokens"] == ["o"] and out["top_logprobs"] == [{"o": -2.0}]
 
 

@@ -79,7 +79,7 @@ def test_greedy_over_grpc_matches_transformers(server, hf_model):
         r = server["stub"].Generate(pb.GenerateRequest(input_ids=prompt, max_new_tokens=8, return_logprobs=True))
         assert list(r.token_ids) == tokens
         assert list(r.logprobs) == pytest.approx(logprobs, abs=1e-4)
-        assert r.prompt_tokens == len(prompt) and r.finish_reason in ("eos", "length")
+        assert r.prompt_tokens == len(prompt) and r.finish_reason == ("eos" if tokens[-1] == 1 else "length")
 
 
 def test_text_in_text_out(server, hf_model):
@@ -766,6 +766,31 @@ def test_openai_text_that_is_not_unicode_is_a_400_naming_the_field(server, route
     status, answer = post(f"{server['http']}{route}", body)
     assert status == 400 and answer["error"]["param"] == param, answer
     assert answer["error"]["message"] == f"{param}: not valid Unicode (half of a UTF-16 surrogate pair)"
+
+
+@pytest.mark.parametrize("route, fields, param", [
+    ("/v1/generate", {"input_ids": [5] * 1025}, "input_ids"),
+    ("/v1/completions", {"prompt": [[5, 1], [5] * 1025]}, "prompt[1]"),
+    ("/v1/embeddings", {"input": [[5]] * 1025}, "input"),
+    ("/v1/completions", {"prompt": "sort " * 2**20}, "body"),
+    ("/v1/generate", {"text": "sort " * 2**20}, "body"),
+])
+def test_a_body_beyond_any_request_the_server_takes_is_refused_before_it_is_parsed(server, route, fields, param):
+    """A list of more items than twice any limit (512 prompt tokens here), or more bytes than the most sequences a
+    request may queue with the longest prompts (4980736 here), is a 400 naming it, before protobuf or pydantic parse the
+    body (2 million token ids took them 1-4 s of the replica's event loop before the prompt's length was checked).
+    Fails if a body is parsed whole first (the message then names the prompt's limit)."""
+    body = {"model": server["path"].name, **fields} if route != "/v1/generate" else fields
+    size = len(json.dumps(body).encode())
+    status, answer = post(f"{server['http']}{route}", body)
+    assert status == 400, answer
+    error, field = (answer["error"], answer["field"]) if route == "/v1/generate" else (
+        answer["error"]["message"], answer["error"]["param"] or "body")
+    assert field == param
+    if param == "body":
+        assert error.endswith(f"{size} bytes, more than a request this server takes can have (4980736)")
+    else:
+        assert error.endswith("1025 items, more than any list of a request here may hold (1024)")
 
 
 def test_a_lone_surrogate_is_found_at_any_depth_and_named_by_its_path():
