@@ -21,10 +21,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from cluster.workloads import CONCURRENCY, REQUESTS, SHAPES, WORKLOADS
-from experts.checkpoint import INDEX_FILE, SINGLE_FILE, SwitchCheckpoint
+from experts.checkpoint import INDEX_FILE, SINGLE_FILE, SwitchCheckpoint, read_config
 from experts.placement import PlacementConfig, PlacementError
 from experts.plan import PLAN_DTYPE
-from experts.spec import EXPERT_FORMATS, SwitchConfig
+from experts.spec import EXPERT_FORMATS
 from router_service.auth import API_KEY_ENV, load_api_key
 from router_service.config import (
     CLIENT_TIMEOUT_S,
@@ -351,7 +351,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     check_ports(args)
     config = engine_config(args, ServerConfig, args.model)
     if args.config is not None:
-        model_config, dtype = SwitchConfig.from_json_file(args.config), None
+        model_config, dtype = read_config(Path(args.config)), None
     elif (Path(args.model) / "config.json").is_file():
         checkpoint = SwitchCheckpoint.open(args.model)
         model_config, dtype = checkpoint.config, checkpoint.dtype_name
@@ -375,7 +375,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         checkpoint = SwitchCheckpoint.open(folder)  # the weights' tensor names checked against config.json
         config, dtype = checkpoint.config, checkpoint.served_dtype(dtype)  # as `serve` holds them
     else:  # config.json alone (a Hub id's is all that is downloaded)
-        config = SwitchConfig.from_json_file(args.config if folder is None else folder / "config.json")
+        config = read_config(Path(args.config) if folder is None else folder / "config.json")
     plan = PlacementConfig(**given(args, PlacementConfig)).plan(config, dtype or PLAN_DTYPE)
     for warning in plan.warnings:
         print(f"switch-serve: warning: {warning}", file=sys.stderr)

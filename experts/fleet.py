@@ -217,7 +217,8 @@ class ExpertFleet:
                                             else None)
                     self.groups.append(group)
                 waited = 0.0
-                while not group.wait(ROOM_POLL_S):
+                # A node lost as the group was placed on it leaves it placed nowhere until Ray moves it.
+                while not group.wait(ROOM_POLL_S) or not (node_id := placed_on(group)):
                     if self._released:
                         return
                     waited += ROOM_POLL_S
@@ -225,7 +226,7 @@ class ExpertFleet:
                                   f"{node_bundles} on one node, none of the {len(taken)} taken; the cluster has "
                                   f"{alive_node_resources()}")
                     log.warning("expert fleet %s", self.state)
-                taken.append(placement_group_table(group)["bundles_to_node_id"][0])
+                taken.append(node_id)
             self.state = f"loading {len(self.placement.actors)} expert actors"
             self._cpus = cpus
             with self._lock:
@@ -413,6 +414,11 @@ def _remove_groups_named(fleet: str, nodes: int) -> None:
 
 # The label of every Ray node that names it.
 NODE_ID_LABEL = "ray.io/node-id"
+
+
+def placed_on(group) -> str:
+    """The Ray node of a placed group's bundles (all on one node), or "" where it has none."""
+    return placement_group_table(group)["bundles_to_node_id"].get(0) or ""
 
 
 def not_on(nodes: list[str]) -> dict[str, str]:

@@ -33,8 +33,9 @@ MAX_STOP_TOKEN_IDS = 64
 # runs on the replica's event loop (13 MB of text took 7 s of it to be refused): a bound on the work a request may
 # cause, whatever its text tokenizes to (a run of spaces or of unknown characters may be one token).
 MAX_CHARS_PER_PROMPT_TOKEN = 64
-# The most bytes a character of a prompt's text takes in a JSON body: escaped, as json.dumps writes any but ASCII.
-JSON_BYTES_PER_CHAR = 6
+# The most bytes a character of a prompt's text takes in a JSON body: escaped, as json.dumps writes any but ASCII,
+# one beyond the Basic Multilingual Plane (an emoji) as two escapes of a surrogate pair.
+JSON_BYTES_PER_CHAR = 12
 
 
 class SamplingParams(BaseModel):

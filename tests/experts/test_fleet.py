@@ -276,3 +276,45 @@ def test_a_replacement_waits_for_the_new_actors_alone(tmp_path, monkeypatch):
     assert serving.replace_dead(first)
     view = serving.actors(wait_s=10)
     assert view.status == "ready" and view.actors == [lost_meanwhile, new] and serving.error is None
+
+
+def test_each_nodes_group_is_kept_off_the_nodes_of_the_groups_before_it(tmp_path, monkeypatch):
+    """A placement group per planned node, its bundles on one Ray node (STRICT_PACK), each with a label selector that
+    keeps it off the nodes the groups before it took, so that the planned nodes are different Ray nodes; a group
+    placed on a node lost meanwhile (placed nowhere) is waited for again. Fails if a group is created without the
+    selector."""
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    asked = []
+
+    class Group:
+        def __init__(self, name):
+            self.name, self.waits = name, 0
+
+        def wait(self, timeout_s):
+            self.waits += 1
+            return True
+
+    def create(bundles, **options):
+        asked.append(options)
+        return Group(options["name"])
+
+    def table(group):
+        # The second group's node is lost as it is placed: nowhere at its first look.
+        node = "" if group.name.endswith("node1") and group.waits == 1 else f"id-{group.name[-5:]}"
+        return {"bundles_to_node_id": {0: node}}
+
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 0.5)
+    monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: None)
+    monkeypatch.setattr(fleet, "placement_group", create)
+    monkeypatch.setattr(fleet, "placement_group_table", table)
+    monkeypatch.setattr(fleet, "alive_node_resources", lambda: [{"CPU": 2.0}] * 3)
+    monkeypatch.setattr(fleet.ExpertFleet, "_new_actor", lambda self, spec: spec)
+    monkeypatch.setattr(fleet.ExpertFleet, "_wait_loaded", lambda self, handles: self._done.set())
+    spread = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=1, nodes=3),
+                               "float32", name="spread")
+    assert spread.actors(wait_s=30).status == "loading 4 expert actors" and spread.error is None
+    assert [group.waits for group in spread.groups] == [1, 2, 1]  # the second looked at again
+    assert [a["name"] for a in asked] == ["spread-node0", "spread-node1", "spread-node2"]
+    assert all(a["strategy"] == "STRICT_PACK" for a in asked)
+    assert [a["bundle_label_selector"] for a in asked] == [
+        None, [{"ray.io/node-id": "!in(id-node0)"}], [{"ray.io/node-id": "!in(id-node0,id-node1)"}]]

@@ -159,6 +159,17 @@ def test_plan_command_json(capsys):
     assert sum(len(g["experts"]) for g in out["gpus"]) == 12 * 128
 
 
+def test_a_config_the_front_cannot_serve_is_refused_by_plan_naming_the_field(capsys, tmp_path):
+    """`plan --config` reads config.json as serving does: a router_dtype no front computes in (transformers takes any
+    of torch's) is an error of one line naming the file and the field, not a traceback."""
+    config = json.loads((CONFIGS / "switch-base-128.json").read_text()) | {"router_dtype": "float64"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "--config", str(tmp_path / "config.json"), "--gpus", "4"])
+    assert exited.value.code == 2
+    assert "config.json: router_dtype 'float64' is not one of float32, bfloat16, float16" in capsys.readouterr().err
+
+
 def test_experts_spread_evenly_over_the_nodes():
     """Of GPUs alike, the planner takes one node's after another's in turn: 96 experts on 64 GPUs of 4 nodes put 24 on
     each node (the 32 GPUs holding two spread over all four), and 96 on 128 GPUs use every node. Fails if the GPUs

@@ -772,12 +772,12 @@ def test_openai_text_that_is_not_unicode_is_a_400_naming_the_field(server, route
     ("/v1/generate", {"input_ids": [5] * 1025}, "input_ids"),
     ("/v1/completions", {"prompt": [[5, 1], [5] * 1025]}, "prompt[1]"),
     ("/v1/embeddings", {"input": [[5]] * 1025}, "input"),
-    ("/v1/completions", {"prompt": "sort " * 2**20}, "body"),
-    ("/v1/generate", {"text": "sort " * 2**20}, "body"),
+    ("/v1/completions", {"prompt": "sort " * 2**21}, "body"),
+    ("/v1/generate", {"text": "sort " * 2**21}, "body"),
 ])
 def test_a_body_beyond_any_request_the_server_takes_is_refused_before_it_is_parsed(server, route, fields, param):
     """A list of more items than twice any limit (512 prompt tokens here), or more bytes than the most sequences a
-    request may queue with the longest prompts (4980736 here), is a 400 naming it, before protobuf or pydantic parse the
+    request may queue with the longest prompts (8912896 here), is a 400 naming it, before protobuf or pydantic parse the
     body (2 million token ids took them 1-4 s of the replica's event loop before the prompt's length was checked).
     Fails if a body is parsed whole first (the message then names the prompt's limit)."""
     body = {"model": server["path"].name, **fields} if route != "/v1/generate" else fields
@@ -788,7 +788,7 @@ def test_a_body_beyond_any_request_the_server_takes_is_refused_before_it_is_pars
         answer["error"]["message"], answer["error"]["param"] or "body")
     assert field == param
     if param == "body":
-        assert error.endswith(f"{size} bytes, more than a request this server takes can have (4980736)")
+        assert error.endswith(f"{size} bytes, more than a request this server takes can have (8912896)")
     else:
         assert error.endswith("1025 items, more than any list of a request here may hold (1024)")
 
