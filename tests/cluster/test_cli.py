@@ -120,7 +120,7 @@ def test_console_script_help():
     (["generate", "--address", "localhost:1", "--input-ids", "[]"], "--input-ids: must be a JSON list of lists"),
     (["soak", "--nodes", "-1"], "argument --nodes: must be at least 0, got '-1'"),
     (["soak", "--chaos-every", "5", "9"], "--chaos-every: sets how often --chaos injects faults"),
-    (["plan", "--config", "README.md", "--gpus", "1"], "README.md: Expecting value: line 1 column 1"),
+    (["plan", "--config", "README.md", "--gpus", "1"], "README.md: not a valid Switch Transformers config"),
     (["plan", "--config", "tests/data/model-configs/switch-c-2048.json", "--gpus", "1", "--gpu-memory", "40MiB"],
      "gpu_memory: 40 MiB (90% usable) holds no expert of 49 MiB"),
     (["generate", "--model", "demo/model", "--input-ids", "[[5, 1]]", "--timeout", "5"],
