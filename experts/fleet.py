@@ -15,7 +15,9 @@ import hashlib
 import logging
 import math
 import os
+import random
 import threading
+import time
 import uuid
 from typing import NamedTuple
 
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 
 # How often a fleet waiting for room says so (in its status and its log).
 ROOM_POLL_S = 10.0
+# How long a fleet holding some of its nodes' groups waits for the next before it gives them back and tries again
+# after a random pause: two fleets starting at once, each holding a node the other needs, would wait for good.
+HOLDING_WAIT_S = 60.0
 # Calls a fleet actor answers at once (each `actors` call may wait for the load).
 FLEET_CALLERS = 16
 # How many times Ray starts again an expert actor that dies (reloading its weights each time). One lost once more is
@@ -206,27 +211,8 @@ class ExpertFleet:
             with self._lock:
                 # A predecessor's groups, left when its process died: removed even when stopped before starting.
                 _remove_groups_named(self.name, len(wanted))
-            taken: list[str] = []  # the Ray nodes of the groups placed so far
-            for node, node_bundles in enumerate(wanted):
-                with self._lock:
-                    if self._released:
-                        return
-                    # Read from here on as `group`: release() may empty self.groups meanwhile.
-                    group = placement_group(node_bundles, strategy="STRICT_PACK", name=group_name(self.name, node),
-                                            bundle_label_selector=[not_on(taken)] * len(node_bundles) if taken
-                                            else None)
-                    self.groups.append(group)
-                waited = 0.0
-                # A node lost as the group was placed on it leaves it placed nowhere until Ray moves it.
-                while not group.wait(ROOM_POLL_S) or not (node_id := placed_on(group)):
-                    if self._released:
-                        return
-                    waited += ROOM_POLL_S
-                    self.state = (f"waiting {waited:.0f} s for room for node {node + 1} of {len(wanted)}: "
-                                  f"{node_bundles} on one node, none of the {len(taken)} taken; the cluster has "
-                                  f"{alive_node_resources()}")
-                    log.warning("expert fleet %s", self.state)
-                taken.append(node_id)
+            if not self._reserve(wanted):
+                return
             self.state = f"loading {len(self.placement.actors)} expert actors"
             self._cpus = cpus
             with self._lock:
@@ -238,6 +224,48 @@ class ExpertFleet:
             self._failed(e)
         finally:
             self._done.set()
+
+    def _reserve(self, wanted: list[list[dict[str, float]]]) -> bool:
+        """A placement group for each node of `wanted` (its bundles), one after another, each kept off the Ray nodes
+        of those before it; False where the fleet was released meanwhile. Holding some, it gives them back where the
+        next one finds no room within HOLDING_WAIT_S, and starts again after a random pause."""
+        while True:
+            taken: list[str] = []  # the Ray nodes of the groups placed so far
+            for node in range(len(wanted)):
+                if (node_id := self._place(wanted, node, taken)) is None:
+                    break
+                taken.append(node_id)
+            if len(taken) == len(wanted):
+                return True
+            with self._lock:
+                if self._released:
+                    return False
+                for group in self.groups:
+                    remove_placement_group(group)
+                self.groups = []
+            log.warning("expert fleet: gave back the %d node(s) it held, waiting for node %d of %d; trying again",
+                        len(taken), len(taken) + 1, len(wanted))
+            time.sleep(random.uniform(0, ROOM_POLL_S))
+
+    def _place(self, wanted: list[list[dict[str, float]]], node: int, taken: list[str]) -> str | None:
+        """The Ray node of node `node`'s group, once placed; None where the fleet was released meanwhile, or where
+        the groups `taken` are held and it found no room within HOLDING_WAIT_S."""
+        with self._lock:
+            if self._released:
+                return None
+            group = placement_group(wanted[node], strategy="STRICT_PACK", name=group_name(self.name, node),
+                                    bundle_label_selector=[not_on(taken)] * len(wanted[node]) if taken else None)
+            self.groups.append(group)
+        waited = 0.0
+        # A node lost as the group was placed on it leaves it placed nowhere until Ray moves it.
+        while not group.wait(ROOM_POLL_S) or not (node_id := placed_on(group)):
+            if self._released or (taken and waited >= HOLDING_WAIT_S):
+                return None
+            waited += ROOM_POLL_S
+            self.state = (f"waiting {waited:.0f} s for room for node {node + 1} of {len(wanted)}: {wanted[node]} on "
+                          f"one node, none of the {len(taken)} taken; the cluster has {alive_node_resources()}")
+            log.warning("expert fleet %s", self.state)
+        return node_id
 
     def _new_actor(self, spec):
         """The actor of `spec` (an ActorSpec) in its bundle of its node's group. One that dies is started again by

@@ -318,3 +318,39 @@ def test_each_nodes_group_is_kept_off_the_nodes_of_the_groups_before_it(tmp_path
     assert all(a["strategy"] == "STRICT_PACK" for a in asked)
     assert [a["bundle_label_selector"] for a in asked] == [
         None, [{"ray.io/node-id": "!in(id-node0)"}], [{"ray.io/node-id": "!in(id-node0,id-node1)"}]]
+
+
+def test_a_fleet_holding_some_nodes_gives_them_back_where_the_next_finds_no_room(tmp_path, monkeypatch):
+    """Two fleets starting at once might each hold a node the other needs: one that holds some of its groups and
+    finds no room for the next within HOLDING_WAIT_S gives back all it holds and starts again after a pause (here:
+    the second node's room comes once it has). Fails if it holds its first node for good."""
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    created, removed = [], []
+
+    class Group:
+        def __init__(self, name):
+            self.name, self.round = name, sum(g.name == name for g in created)
+
+        def wait(self, timeout_s):
+            return not (self.name.endswith("node1") and self.round == 0)  # no room for node 1 the first time
+
+    def create(bundles, **options):
+        created.append(Group(options["name"]))
+        return created[-1]
+
+    monkeypatch.setattr(fleet, "ROOM_POLL_S", 0.01)
+    monkeypatch.setattr(fleet, "HOLDING_WAIT_S", 0.05)
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 0.5)
+    monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: None)
+    monkeypatch.setattr(fleet, "placement_group", create)
+    monkeypatch.setattr(fleet, "remove_placement_group", removed.append)
+    monkeypatch.setattr(fleet, "placement_group_table", lambda group: {"bundles_to_node_id": {0: group.name}})
+    monkeypatch.setattr(fleet, "alive_node_resources", lambda: [{"CPU": 2.0}] * 2)
+    monkeypatch.setattr(fleet.ExpertFleet, "_new_actor", lambda self, spec: spec)
+    monkeypatch.setattr(fleet.ExpertFleet, "_wait_loaded", lambda self, handles: self._done.set())
+    held = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2, nodes=2),
+                             "float32", name="held")
+    assert held.actors(wait_s=30).status == "loading 2 expert actors"
+    assert [(g.name, g.round) for g in created] == [("held-node0", 0), ("held-node1", 0), ("held-node0", 1),
+                                                    ("held-node1", 1)]
+    assert removed == created[:2] and held.groups == created[2:]
