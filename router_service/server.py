@@ -825,6 +825,14 @@ class SwitchServer:
                     top_logprobs=request.logprobs or 0))
         return out
 
+    def _first_offsets(self, request: CompletionRequest) -> list[int]:
+        """Each choice's first `text_offset`, where logprobs are asked: its prompt's characters (its text, or its
+        token ids decoded), as OpenAI's offsets count from the prompt's start, `echo` or not."""
+        if request.logprobs is None:
+            return [0] * len(request.prompts()) * request.n
+        return [len(prompt if isinstance(prompt, str) else self.cluster.decode(prompt))
+                for prompt in request.prompts() for _ in range(request.n)]
+
     def _logprobs(self, request: CompletionRequest, before: list[int], piece: Piece, offset: int) -> dict | None:
         """OpenAI's logprobs object of the piece's tokens, which follow the choice's tokens `before` them, whose
         text takes `offset` characters."""
@@ -834,13 +842,15 @@ class SwitchServer:
                                piece.top_logprobs, offset)
 
     async def _complete(self, request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> dict:
+        first_offsets = self._first_offsets(request)
+
         async def one(index: int, seq: Sequence, updates: AsyncIterator[Sequence], stop: tuple) -> tuple[dict, int]:
             pieces = [piece async for piece in self._follow(seq, updates, stop)]
             whole = Piece([t for p in pieces for t in p.token_ids], [lp for p in pieces for lp in p.logprobs],
                           [top for p in pieces for top in p.top_logprobs], "".join(p.text for p in pieces),
                           pieces[-1].finish_reason, [])
             answer = choice(index, whole.text, finish_reason(whole.finish_reason),
-                            self._logprobs(request, [], whole, 0))
+                            self._logprobs(request, [], whole, first_offsets[index]))
             return answer, len(whole.token_ids)
 
         with self._queued([seq for seq, _ in choices]) as updates:
@@ -878,7 +888,9 @@ class SwitchServer:
         gone ends the choices."""
         cid, created, generated, done = completion_id(), int(time.time()), 0, 0
         with_usage = request.stream_options is not None and request.stream_options.include_usage
-        before, offsets = [[] for _ in choices], [0] * len(choices)  # each choice's tokens and logprobs' text so far
+        # Each choice's tokens so far, and its logprobs' next text offset.
+        before = [[] for _ in choices]
+        offsets = self._first_offsets(request)
         try:
             with counting_failures(self._finished):
                 event = first

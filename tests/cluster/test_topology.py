@@ -260,6 +260,14 @@ def check_nothing_of_the_old_plan_is_left(actors: int) -> None:
     assert not placement_groups("PENDING") and not placement_groups("RESCHEDULING")
 
 
+def head_proxy_only(config: dict) -> dict:
+    """`config` with Serve's proxy on the head alone. Here every node's proxy listens on the same port of one machine
+    and takes the connections the kernel hands it: one on a front's node, lost with the node, would end every stream
+    of its connection, whichever front carried it (where each pod has an address of its own, a client reaches the
+    pods that live)."""
+    return config | {"proxy_location": "HeadOnly"}
+
+
 def reference_tokens(cluster: ManifestCluster, hf_model) -> list[list[int]]:
     """transformers' greedy tokens in the dtype the manifest serves in."""
     dtype = fronts_args(yaml.safe_load(cluster.manifest["spec"]["serveConfigV2"]))["dtype"]
@@ -353,7 +361,7 @@ def test_switch_c_2048_manifest(tmp_path):
                          num_decoder_layers=2, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
     with manifest_cluster("rayservice-switch-c-2048.yaml") as cluster:
         expected = reference_tokens(cluster, write_random_checkpoint(tmp_path, config))
-        cluster.deploy(cluster.serve_config(str(tmp_path), gpus=3, nodes=3))
+        cluster.deploy(head_proxy_only(cluster.serve_config(str(tmp_path), gpus=3, nodes=3)))
         cluster.wait_until_running()
         generate_until(cluster.grpc_address, expected)
         assert groups_holding(cluster, FRONT) == ["front", "front"]
@@ -422,7 +430,7 @@ def test_switch_c_2048_manifest(tmp_path):
         generate_until(cluster.grpc_address, expected)
         assert ids(FLEET) == fleet and ids("ExpertActor") == actors
 
-        cluster.deploy(cluster.serve_config(str(tmp_path), gpus=6, nodes=6))
+        cluster.deploy(head_proxy_only(cluster.serve_config(str(tmp_path), gpus=6, nodes=6)))
         cluster.wait_until_running()
         wait_for(lambda: len({a.node_id for a in alive_actors("ExpertActor")}) == 6, "actors on six nodes")
         generate_until(cluster.grpc_address, expected)

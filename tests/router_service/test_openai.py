@@ -128,8 +128,9 @@ def test_stop_strings_end_the_text_before_them(served, client):
 
 def test_logprobs_in_the_legacy_layout(served, client):
     """Each token's text is what it adds to the text (its word's leading space included), so the tokens joined are
-    the text and each offset is where its token starts in it; each token's alternatives include it, as OpenAI's do,
-    with logprobs 0 too; a stream gives the same as a unary call."""
+    the text, and each offset is where its token starts, counted from the prompt's start as OpenAI's are (a prompt of
+    token ids: their text); each token's alternatives include it, as OpenAI's do, with logprobs 0 too; a stream
+    gives the same as a unary call."""
     reference = native(served, PROMPTS[5], 6, return_logprobs=True)
 
     def complete(logprobs: int, stream: bool = False):
@@ -140,7 +141,10 @@ def test_logprobs_in_the_legacy_layout(served, client):
     text, lp = out.choices[0].text, out.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx(list(reference.logprobs), abs=1e-5)
     assert "".join(lp.tokens) == text and " " in text
-    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert lp.text_offset == [len(PROMPTS[5]) + len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    by_ids = client.completions.create(model=served["model"], prompt=list(reference.token_ids), max_tokens=2,
+                                       temperature=0, logprobs=0)
+    assert by_ids.choices[0].logprobs.text_offset[0] == len(reference.text) > 0
     for token, top, chosen in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs):
         assert len(top) <= 2 and top[token] == pytest.approx(chosen, abs=1e-5)
         assert max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy: the best
@@ -357,8 +361,8 @@ def test_bad_input_is_refused_as_such_when_the_queue_is_full(route, bad, good):
                              cluster=SimpleNamespace(checkpoint=SimpleNamespace(config=SimpleNamespace(
                                  vocab_size=100, d_model=8)), check_experts=lambda: None),
                              _finished=lambda error=None: None)
-    for name in ("_new_sequence", "_queued", "_completion_choices", "_complete", "_follow_choices", "_embed",
-                 "_authorize"):
+    for name in ("_new_sequence", "_queued", "_completion_choices", "_complete", "_first_offsets", "_follow_choices",
+                 "_embed", "_authorize"):
         setattr(server, name, getattr(replica, name).__get__(server))
 
     def status(body: dict) -> int:
@@ -430,6 +434,7 @@ def test_a_choice_failing_mid_stream_ends_the_stream_with_the_error():
     server = SimpleNamespace(model_id="m", _follow=follow, _finished=finished.append, scheduler=scheduler)
     server._follow_choices = lambda choices, events: replica._follow_choices(server, choices, events)
     server._logprobs = lambda *args: None
+    server._first_offsets = lambda request: [0, 0]
     request = CompletionRequest(model="m", prompt="x", stream=True)
     choices = [("failing", ()), ("slow", ())]
 
