@@ -154,7 +154,10 @@ class SwitchCheckpoint:
         tensors = cls._index(path, listing)
         config = config_of_weights(config, list(tensors), config_file)
         cls._check(config, tensors, path, listing)
-        return cls(path=path, config=config, tensors=tensors)
+        checkpoint = cls(path=path, config=config, tensors=tensors)
+        for warning in checkpoint.dtype_warnings(json.loads(config_file.read_text())):
+            log.warning(warning)
+        return checkpoint
 
     @staticmethod
     def _listing(path: Path) -> Path:
@@ -218,6 +221,26 @@ class SwitchCheckpoint:
         """The checkpoint's floating-point dtype (that of its embedding): "fp32", "bf16" or "fp16"."""
         name = "shared.weight" if "shared.weight" in self.tensors else "lm_head.weight"
         return DTYPE_OF_SAFETENSORS[self.tensors[name].dtype]
+
+    def dtype_warnings(self, raw_config: dict) -> list[str]:
+        """What to say where the tensors' dtypes differ from one another, or from the dtype config.json gives
+        (`dtype`, or `torch_dtype` as transformers wrote it before v5), which transformers' default load follows:
+        served in the embedding's dtype by default, the outputs are then not those of that load."""
+        own, warnings = DTYPES[self.dtype_name], []
+        # The routers aside: they compute in their router_dtype, whatever they are held in.
+        if other := next((name for name, info in self.tensors.items()
+                          if info.dtype != own.safetensors and ".mlp.router." not in name), None):
+            info = self.tensors[other]
+            warnings.append(f"{self.path / info.file}: tensor {other} is {info.dtype}, the embedding "
+                            f"{own.safetensors}: served in {own.torch} unless --dtype says otherwise, each tensor "
+                            "cast as it loads")
+        said = raw_config.get("dtype") or raw_config.get("torch_dtype")
+        if isinstance(said, str) and said in {d.torch for d in DTYPES.values()} and said != own.torch:
+            warnings.append(f"{self.path / 'config.json'}: dtype {said}, but the tensors are {own.torch}: served in "
+                            f"{own.torch} unless --dtype says otherwise (transformers' default load follows the "
+                            f"config: --dtype {next(d.name for d in DTYPES.values() if d.torch == said)} serves as it "
+                            "does)")
+        return warnings
 
     def served_dtype(self, dtype: str | None) -> str:
         """The dtype it is served in: `dtype`, else its own."""

@@ -369,7 +369,9 @@ def dead_for_good(handles: list, timeout_s: float = 1.0) -> list[int]:
     """The indices of the actors that are dead and will not be started again; one restarting, or busy beyond
     `timeout_s`, is not."""
     pings = [handle.info.remote() for handle in handles]
-    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+    ready, unanswered = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+    for ping in unanswered:  # not left queued for an actor restarting (each link looks every 2 s)
+        ray.cancel(ping)
     answered, dead = set(ready), []
     for i, ping in enumerate(pings):
         try:

@@ -290,3 +290,37 @@ def test_a_folder_with_a_single_file_and_an_index_serves_the_single_file(checkpo
     rewrite(checkpoint / "model.safetensors", lambda tensors: tensors.pop("encoder.final_layer_norm.weight"))
     with pytest.raises(CheckpointError, match=rf"^{checkpoint}/model.safetensors: tensor encoder.final_layer_norm"):
         SwitchCheckpoint.open(checkpoint)  # the file read named, not the index
+
+
+def test_dtypes_that_differ_are_said_naming_the_file_and_tensor(checkpoint, caplog):
+    """A tensor held in another dtype than the embedding's, or a config.json whose `dtype` (which transformers'
+    default load follows) is not the tensors': served in the embedding's dtype, each said once as the checkpoint
+    opens; a router in float32 beside bfloat16 weights is as transformers computes it, and said nothing of."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="experts.checkpoint"):
+        SwitchCheckpoint.open(checkpoint)
+    assert "dtype" not in caplog.text  # as transformers saved it
+    rewrite(checkpoint / "model.safetensors", lambda t: t.update({EXPERT: t[EXPERT].half()}))
+    edit_config(checkpoint, dtype="bfloat16")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="experts.checkpoint"):
+        assert SwitchCheckpoint.open(checkpoint).dtype_name == "fp32"
+    assert f"model.safetensors: tensor {EXPERT} is F16, the embedding F32: served in float32" in caplog.text
+    assert "config.json: dtype bfloat16, but the tensors are float32" in caplog.text
+    assert "--dtype bf16 serves as it does" in caplog.text
+
+
+def test_routers_held_in_float32_beside_other_weights_are_said_nothing_of(checkpoint, caplog):
+    import logging
+
+    def to_bf16_but_routers(tensors):
+        for name, tensor in tensors.items():
+            if ".mlp.router." not in name:
+                tensors[name] = tensor.to(torch.bfloat16)
+
+    rewrite(checkpoint / "model.safetensors", to_bf16_but_routers)
+    edit_config(checkpoint, dtype="bfloat16")
+    with caplog.at_level(logging.WARNING, logger="experts.checkpoint"):
+        assert SwitchCheckpoint.open(checkpoint).dtype_name == "bf16"
+    assert "dtype" not in caplog.text and "F32" not in caplog.text

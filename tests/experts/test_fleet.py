@@ -354,3 +354,15 @@ def test_a_fleet_holding_some_nodes_gives_them_back_where_the_next_finds_no_room
     assert [(g.name, g.round) for g in created] == [("held-node0", 0), ("held-node1", 0), ("held-node0", 1),
                                                     ("held-node1", 1)]
     assert removed == created[:2] and held.groups == created[2:]
+
+
+def test_a_ping_left_unanswered_is_cancelled(monkeypatch):
+    """Each front's link pings the actors every 2 s: a ping to an actor restarting (or busy) that does not answer in
+    time is cancelled, not left queued for it to answer once back, ahead of the calls that matter. Fails if it is
+    left."""
+    handles = [types.SimpleNamespace(info=types.SimpleNamespace(remote=lambda i=i: f"ping {i}")) for i in range(3)]
+    cancelled = []
+    monkeypatch.setattr(fleet.ray, "wait", lambda pings, num_returns, timeout: (pings[:1], pings[1:]))
+    monkeypatch.setattr(fleet.ray, "get", lambda ping: {"pid": 1})
+    monkeypatch.setattr(fleet.ray, "cancel", cancelled.append)
+    assert fleet.dead_for_good(handles) == [] and cancelled == ["ping 1", "ping 2"]
