@@ -229,10 +229,11 @@ class ExpertFleet:
         """A placement group for each node of `wanted` (its bundles), one after another, each kept off the Ray nodes
         of those before it; False where the fleet was released meanwhile. Holding some, it gives them back where the
         next one finds no room within HOLDING_WAIT_S, and starts again after a random pause."""
+        began, tries = time.monotonic(), 1
         while True:
             taken: list[str] = []  # the Ray nodes of the groups placed so far
             for node in range(len(wanted)):
-                if (node_id := self._place(wanted, node, taken)) is None:
+                if (node_id := self._place(wanted, node, taken, began, tries)) is None:
                     break
                 taken.append(node_id)
             if len(taken) == len(wanted):
@@ -243,13 +244,17 @@ class ExpertFleet:
                 for group in self.groups:
                     remove_placement_group(group)
                 self.groups = []
-            log.warning("expert fleet: gave back the %d node(s) it held, waiting for node %d of %d; trying again",
-                        len(taken), len(taken) + 1, len(wanted))
+            log.warning("expert fleet: gave back the %d node(s) it held after %.0f s, waiting for node %d of %d (%s); "
+                        "trying again", len(taken), time.monotonic() - began, len(taken) + 1, len(wanted),
+                        wanted[len(taken)])
             time.sleep(random.uniform(0, ROOM_POLL_S))
+            tries += 1
 
-    def _place(self, wanted: list[list[dict[str, float]]], node: int, taken: list[str]) -> str | None:
+    def _place(self, wanted: list[list[dict[str, float]]], node: int, taken: list[str], began: float,
+               tries: int) -> str | None:
         """The Ray node of node `node`'s group, once placed; None where the fleet was released meanwhile, or where
-        the groups `taken` are held and it found no room within HOLDING_WAIT_S."""
+        the groups `taken` are held and it found no room within HOLDING_WAIT_S. `began` and `tries`: when the
+        fleet began placing its groups, and how many times, for its state."""
         with self._lock:
             if self._released:
                 return None
@@ -259,11 +264,12 @@ class ExpertFleet:
         waited = 0.0
         # A node lost as the group was placed on it leaves it placed nowhere until Ray moves it.
         while not group.wait(ROOM_POLL_S) or not (node_id := placed_on(group)):
+            waited += ROOM_POLL_S
             if self._released or (taken and waited >= HOLDING_WAIT_S):
                 return None
-            waited += ROOM_POLL_S
-            self.state = (f"waiting {waited:.0f} s for room for node {node + 1} of {len(wanted)}: {wanted[node]} on "
-                          f"one node, none of the {len(taken)} taken; the cluster has {alive_node_resources()}")
+            self.state = (f"waiting {time.monotonic() - began:.0f} s for room for node {node + 1} of {len(wanted)}"
+                          + (f" (try {tries})" if tries > 1 else "") + f": {wanted[node]} on one node, none of the "
+                          f"{len(taken)} taken; the cluster has {alive_node_resources()}")
             log.warning("expert fleet %s", self.state)
         return node_id
 

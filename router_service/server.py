@@ -888,11 +888,10 @@ class SwitchServer:
         gone ends the choices."""
         cid, created, generated, done = completion_id(), int(time.time()), 0, 0
         with_usage = request.stream_options is not None and request.stream_options.include_usage
-        # Each choice's tokens so far, and its logprobs' next text offset.
-        before = [[] for _ in choices]
-        offsets = self._first_offsets(request)
+        before = [[] for _ in choices]  # each choice's tokens so far
         try:
             with counting_failures(self._finished):
+                offsets = self._first_offsets(request)  # each choice's logprobs' next text offset
                 event = first
                 while True:
                     if isinstance(event, Exception):
