@@ -20,6 +20,7 @@ from pathlib import Path
 from experts.spec import (
     ACTIVATIONS,
     DTYPE_OF_SAFETENSORS,
+    DTYPE_OF_TORCH,
     DTYPES,
     ROUTER_DTYPES,
     TIED_COPIES,
@@ -235,11 +236,10 @@ class SwitchCheckpoint:
                             f"{own.safetensors}: served in {own.torch} unless --dtype says otherwise, each tensor "
                             "cast as it loads")
         said = raw_config.get("dtype") or raw_config.get("torch_dtype")
-        if isinstance(said, str) and said in {d.torch for d in DTYPES.values()} and said != own.torch:
+        if isinstance(said, str) and said in DTYPE_OF_TORCH and said != own.torch:
             warnings.append(f"{self.path / 'config.json'}: dtype {said}, but the tensors are {own.torch}: served in "
                             f"{own.torch} unless --dtype says otherwise (transformers' default load follows the "
-                            f"config: --dtype {next(d.name for d in DTYPES.values() if d.torch == said)} serves as it "
-                            "does)")
+                            f"config: --dtype {DTYPE_OF_TORCH[said]} serves as it does)")
         return warnings
 
     def served_dtype(self, dtype: str | None) -> str:

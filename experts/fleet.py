@@ -241,9 +241,7 @@ class ExpertFleet:
             with self._lock:
                 if self._released:
                     return False
-                for group in self.groups:
-                    remove_placement_group(group)
-                self.groups = []
+                self._remove_groups()
             log.warning("expert fleet: gave back the %d node(s) it held after %.0f s, waiting for node %d of %d (%s); "
                         "trying again", len(taken), time.monotonic() - began, len(taken) + 1, len(wanted),
                         wanted[len(taken)])
@@ -272,6 +270,12 @@ class ExpertFleet:
                           f"{len(taken)} taken; the cluster has {alive_node_resources()}")
             log.warning("expert fleet %s", self.state)
         return node_id
+
+    def _remove_groups(self) -> None:
+        """Free the groups' reservations (the caller holds the lock)."""
+        for group in self.groups:
+            remove_placement_group(group)
+        self.groups = []
 
     def _new_actor(self, spec):
         """The actor of `spec` (an ActorSpec) in its bundle of its node's group. One that dies is started again by
@@ -364,9 +368,8 @@ class ExpertFleet:
         with self._lock:
             self._released = True
             _kill(self.handles)
-            for group in self.groups:
-                remove_placement_group(group)
-            self.groups, self.handles = [], []
+            self._remove_groups()
+            self.handles = []
         if self.error is None:
             self.state = "released"
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experts.spec import (
+    DTYPE_OF_TORCH,
     DTYPES,
     EXPERT_FORMATS,
     EXPERT_TENSOR,
@@ -50,7 +51,7 @@ def front_bytes(config: SwitchConfig, dtype: str) -> int:
     `dtype`, one of DTYPES, and the routers in their `router_dtype`, as transformers computes them."""
     routers = {router_tensor_name(stack, layer, which) for stack in STACKS for layer in sparse_layers(config, stack)
                for which in ("weight", "bias")}
-    router_bytes = next(d.bytes for d in DTYPES.values() if d.torch == config.router_dtype)
+    router_bytes = DTYPES[DTYPE_OF_TORCH[config.router_dtype]].bytes
     required, _ = expected_tensors(config)
     return sum(math.prod(shape) * (router_bytes if name in routers else DTYPES[dtype].bytes)
                for name, shape in required.items() if not EXPERT_TENSOR.match(name))

@@ -30,6 +30,7 @@ class DType:
 DTYPES = {d.name: d for d in (DType("fp32", "float32", "F32", 4), DType("bf16", "bfloat16", "BF16", 2),
                               DType("fp16", "float16", "F16", 2))}
 DTYPE_OF_SAFETENSORS = {d.safetensors: d.name for d in DTYPES.values()}
+DTYPE_OF_TORCH = {d.torch: d.name for d in DTYPES.values()}
 DTypeName = Literal[tuple(DTYPES)]
 # none: the experts are held in the serving dtype; int8: weight-only int8 with a float32 scale per output channel
 # (experts.int8), quantized at load time; the front and the activations keep the serving dtype.
