@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-all test-fast gpu-check clean
+.PHONY: install demo lint test test-all test-fast gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,19 @@ test-fast: lint
 # interpreter to use (a GPU machine's own python3, whose torch has CUDA; the parts that need Ray say so and are
 # skipped where it is not installed). It stops with a message where there is no CUDA.
 GPU_PYTHON ?= $(VENV)/bin/python
+# For a GPU machine without network whose Python has PyTorch but not Ray: `make gpu-wheels` here puts the wheels it
+# lacks in GPU_WHEELS (GPU_HAVE: a file listing what that Python holds, `pip list --format=freeze` there, left out),
+# and gpu-check there installs them for a GPU_PYTHON of that machine's into GPU_WHEELS/site, first on its path
+# (cluster/gpu_wheels.py).
+GPU_WHEELS ?= .gpu-wheels
+GPU_SITE := $(if $(filter-out $(VENV)/bin/python,$(GPU_PYTHON)),$(if $(wildcard $(GPU_WHEELS)/*.whl),$(abspath $(GPU_WHEELS))/site))
+
+gpu-wheels: install
+	$(VENV)/bin/python -m cluster.gpu_wheels $(GPU_WHEELS) $(if $(GPU_HAVE),--have $(GPU_HAVE))
 
 gpu-check: $(if $(filter $(VENV)/bin/python,$(GPU_PYTHON)),install)
-	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m cluster.gpu_check
+	$(if $(GPU_SITE),$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl)
+	PYTHONPATH=$(CURDIR)$(if $(GPU_SITE),:$(GPU_SITE)) $(GPU_PYTHON) -m cluster.gpu_check
 
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) build $(GPU_WHEELS)

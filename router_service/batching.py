@@ -8,6 +8,7 @@ sampling has a generator per sequence, so a request gets the same tokens whateve
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -21,6 +22,8 @@ from experts.ffn import core_threads
 from experts.spec import LayerKey
 from router_service.model import DecoderCache, Routing, SwitchFront
 from router_service.requests import SamplingParams
+
+log = logging.getLogger(__name__)
 
 # A decoding step of this many sequences or fewer runs its math on one OpenMP thread where core threads pay
 # (experts.ffn.core_threads): its ops are too small for OpenMP's fork and join to pay there, and its large products run
@@ -202,7 +205,8 @@ class ContinuousBatcher:
             if self.active:
                 changed += self._decode(cores, on_cores)
         except Exception as e:  # the batch fails together, and the requests waiting (see `fail`)
-            changed += self.fail(e)
+            log.exception("a batching step failed: its batch and the requests waiting end with this error")
+            changed += self.fail(frameless(e))
         finally:
             use_threads(cores)
         if self.metrics is not None:  # every step, whether it decoded or only encoded
@@ -351,6 +355,17 @@ def use_threads(n: int) -> None:
     """n OpenMP threads for this thread's math (OpenMP keeps the count per thread)."""
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def frameless(error: BaseException) -> BaseException:
+    """`error`, and the errors it was raised from, without their tracebacks: the requests it ends hold it until they
+    are gone, and a failed step's frames hold the batch's cache and activations (a GPU's memory, on one)."""
+    seen, chained = set(), error
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
+    return error
 
 
 @torch.inference_mode()

@@ -25,8 +25,8 @@ from experts.wire import call_to_wire, from_wire
 
 # The most token-expert products (a layer's tokens times its experts) computed by every expert of a layer held
 # stacked (experts.ffn.stacked_ffn) rather than by each token's own expert. On an H200, a switch-base-8 layer took
-# 86-207 us stacked against 311-953 by expert from 4 to 64 tokens, 504 against 693-917 at 256, the most timed; one
-# token, 82-142 against 70-99, goes to its expert alone (cluster.bench_experts, docs/BENCHMARKS.md).
+# 86-207 us stacked against 311-953 by expert from 4 to 64 tokens, 504 against 693-917 at 256, the most timed
+# (cluster.bench_experts, docs/BENCHMARKS.md). A lone token goes to its expert alone.
 STACKED_MAX_ROWS = 256 * 8
 
 

@@ -131,7 +131,9 @@ class ExpertLink:
                                    f"{self.serves}); waiting for this config's", "", "")
         if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
             self._on_lost(view.status if not view.actors else "their fleet started again")
-        elif not ready and view.actors:
+        elif ready and view.moving:  # a batch's calls to them wait, up to restart_timeout_s; new requests should not
+            self._on_lost(view.moving)
+        elif not ready and view.actors and not view.moving:
             if view.fleet_id == self._fleet_id and call(self.fleet.replace_dead.remote(view.fleet_id),
                                                         FLEET_POLL_S + LINK_CHECK_S):
                 self.status = "expert actors dead for good; their fleet is starting them again"
@@ -142,8 +144,8 @@ class ExpertLink:
             self.status = "ready"
             self.ready.set()
         elif not ready:
-            self.status = view.status
-        return self.ready.is_set() or not view.fleet_id
+            self.status = view.moving or view.status
+        return self.ready.is_set() or not view.fleet_id or bool(view.moving)
 
 
 def call(response, timeout_s: float):

@@ -364,12 +364,19 @@ class PromptGroup:
         if self.count == self.mask.numel():
             return packed.reshape(shape)
         out = packed.new_full((self.mask.numel(), *packed.shape[1:]), fill)
-        return out.index_copy_(0, self.index.to(packed.device), packed).view(shape)
+        return out.index_copy_(0, self._index_on(packed.device), packed).view(shape)
 
     def packed(self, padded: torch.Tensor) -> torch.Tensor:
         """The real tokens of padded [prompts, length, ...], packed."""
         flat = padded.reshape(-1, *padded.shape[2:])
-        return flat if self.count == self.mask.numel() else flat.index_select(0, self.index.to(padded.device))
+        return flat if self.count == self.mask.numel() else flat.index_select(0, self._index_on(padded.device))
+
+    def _index_on(self, device: torch.device) -> torch.Tensor:
+        """`index` on `device`, moved there once: a copy to a GPU waits for the work queued on it, and every layer of
+        the encoder pass would wait twice."""
+        if self.index.device != device:
+            self.index = self.index.to(device)
+        return self.index
 
 
 class SwitchFront:

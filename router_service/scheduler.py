@@ -104,8 +104,8 @@ class Scheduler:
             while True:
                 await updated.wait()
                 updated.clear()
-                if seq.error is not None:
-                    raise seq.error
+                if seq.error is not None:  # one error for many requests: each raise's frames its own
+                    raise seq.error.with_traceback(None)
                 # Read before yielding: if it finishes while the caller looks, another update follows.
                 finished = seq.finish_reason is not None
                 yield seq

@@ -4,7 +4,10 @@ the same log-probabilities as when it runs alone, and so do the sequences it joi
 from __future__ import annotations
 
 import dataclasses
+import gc
+import logging
 import threading
+import weakref
 from collections import defaultdict
 
 import pytest
@@ -13,7 +16,7 @@ from reference import LocalExperts, hf_generate
 
 from experts import ffn
 from experts.checkpoint import SwitchCheckpoint
-from router_service import model
+from router_service import batching, model
 from router_service.batching import (
     ONE_THREAD_UP_TO,
     ContinuousBatcher,
@@ -721,3 +724,43 @@ def test_a_prompt_encoded_beside_a_longer_one_gets_its_own_embedding_and_routes(
     routes = {(r["stack"], r["layer"]): r["experts"] for r in together[2].routing() if r["stack"] == "encoder"}
     assert routes and all(len(experts) == len(short) for experts in routes.values())
     assert routes == {(r["stack"], r["layer"]): r["experts"] for r in alone[1].routing() if r["stack"] == "encoder"}
+
+
+def test_a_failed_steps_error_holds_none_of_its_frames(checkpoint_factory, monkeypatch):
+    """The error a failed step ends its requests with (and the one it was raised from) holds no traceback: the
+    step's locals (the batch's cache and activations: a GPU's memory, on one) go as the step ends, not when the last
+    request lets go of the error or the cycle collector runs. The failure is logged with its traceback first.
+    Fails if the error keeps its frames."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    front = local_front(path)
+    batcher = ContinuousBatcher(front, max_sequences=2)
+    seq = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6))
+    batcher.add(seq)
+    batcher.step()
+    held, logged = [], []
+
+    def lost(cache, tokens):
+        activations = torch.zeros(1024)
+        held.append(weakref.ref(activations))
+        try:
+            raise KeyError("actor 3")
+        except KeyError as e:
+            raise RuntimeError("expert actor lost") from e
+
+    class Formatted(logging.Handler):  # keeps the text alone, not the record and its traceback
+        def emit(self, record):
+            logged.append(self.format(record))
+
+    log = logging.getLogger("test_batching.failed_step")
+    log.propagate = False
+    log.addHandler(Formatted())
+    monkeypatch.setattr(batching, "log", log)
+    front.decode_step = lost
+    gc.disable()
+    try:
+        assert batcher.step() == [seq]
+        assert held[0]() is None
+    finally:
+        gc.enable()
+    assert seq.error.__traceback__ is None and seq.error.__cause__.__traceback__ is None
+    assert len(logged) == 1 and "a batching step failed" in logged[0] and "in lost" in logged[0]

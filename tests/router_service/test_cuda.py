@@ -120,18 +120,22 @@ def test_engine_with_expert_actors_on_the_gpu(checkpoint_factory, dtype, local_e
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("local_experts", [False, True], ids=["in-actors", "on-front"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_int8_experts_on_the_gpu(checkpoint_factory, dtype, request):
-    """int8 experts on CUDA (their values cast for each call, the products scaled after): transformers with the
-    dequantized expert weights, on the same GPU in the same dtype, gives the same tokens."""
+def test_int8_experts_on_the_gpu(checkpoint_factory, dtype, local_experts, request):
+    """int8 experts on CUDA (their values cast for each call, the products scaled after), computed by their actors
+    or by the front from its own int8 copy: transformers with the dequantized expert weights, on the same GPU in the
+    same dtype, gives the same tokens."""
     pytest.importorskip("ray", reason="Ray is not installed here")
     request.getfixturevalue("ray_cluster")
     from router_service.engine import SwitchCluster
 
     path, hf_model = checkpoint_factory("cuda", **CONFIG)
     with SwitchCluster(path, placement=PlacementConfig(gpus=1, gpu_memory="2GiB", actors_per_gpu=2),
-                       dtype=dtype, quantize="int8") as model:
+                       dtype=dtype, quantize="int8", local_experts=local_experts) as model:
         assert {info["device"] for info in model.actor_info()} == {"cuda"}
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+        dispatcher = model.dispatcher
+        assert (dispatcher.local_calls > 0) == local_experts and (dispatcher.calls > 0) != local_experts
     assert_same([o.token_ids for o in outputs], [o.logprobs for o in outputs],
                 reference(dequantized_model(hf_model), dtype), dtype)

@@ -91,6 +91,32 @@ def test_link_follows_its_fleet():
         link.close()
 
 
+def test_link_stops_serving_while_its_fleet_waits_for_room_for_lost_actors():
+    """A node with expert actors lost and no other with room for their group: their calls wait (up to
+    restart_timeout_s), so the front takes no new requests (NOT_SERVING, saying why) until the fleet's groups are
+    placed again, then serves with the same actors. Fails if the link stays ready, or asks its fleet without pause
+    meanwhile."""
+    fleet = StandInFleet(FleetActors(["actor 0", "actor 1"], "ready", "first", SERVES, PLACED))
+    dispatcher = stand_in_dispatcher()
+    link = ExpertLink(fleet, SERVES, dispatcher)
+    asked = []
+    remote = fleet.remote
+    fleet.remote = lambda wait_s: asked.append(wait_s) or remote(wait_s)
+    try:
+        assert link.wait(5)
+        waiting = "the expert actors of node 2 of 2 wait for room on another node (theirs was lost)"
+        fleet.view = fleet.view._replace(moving=waiting)
+        assert wait_for(lambda: not link.ready.is_set(), LINK_CHECK_S + 2)
+        assert wait_for(lambda: link.status == waiting, 5)
+        asked.clear()
+        time.sleep(LINK_CHECK_S + 0.5)
+        assert len(asked) <= 2 and not link.ready.is_set()
+        fleet.view = fleet.view._replace(moving="")
+        assert link.wait(LINK_CHECK_S + 2) and dispatcher.actors == ["actor 0", "actor 1"] and link.status == "ready"
+    finally:
+        link.close()
+
+
 def test_link_takes_only_the_actors_of_a_fleet_serving_its_config():
     """While a config change is under way, the fronts of one config may ask the other's fleet: its actors place the
     experts otherwise. Fails if the link takes them (the check of `serves` in ExpertLink._run)."""

@@ -59,7 +59,8 @@ def test_sampling_limits(field, taken, past):
 
 
 @pytest.mark.parametrize("field, value", [("max_new_tokens", 2.5), ("top_k", "5"), ("seed", 1.0), ("temperature", "1"),
-                                          ("top_p", "0.5"), ("stop_token_ids", [3.5]), ("top_logprobs", True)])
+                                          ("top_p", "0.5"), ("stop_token_ids", [3.5]), ("top_logprobs", True),
+                                          ("routing", "yes"), ("routing", 2), ("routing", None)])
 def test_a_value_of_the_wrong_type_is_refused_naming_its_field(field, value):
     """From the Python API, where nothing typed the values before: fails if one gets through to a TypeError or a
     pydantic error that names no field of the call."""
@@ -72,10 +73,12 @@ def test_numpys_and_torchs_numbers_are_taken_as_python_ones():
     import torch
 
     params = make_sampling_params(VOCAB, LIMITS, max_new_tokens=np.int64(5), top_k=torch.tensor(3),
-                                  top_p=np.float32(0.5), seed=np.uint64(2**63), stop_token_ids=np.array([3, 4]))
+                                  top_p=np.float32(0.5), seed=np.uint64(2**63), stop_token_ids=np.array([3, 4]),
+                                  routing=np.True_)
     assert (params.max_new_tokens, params.top_k, params.top_p, params.seed, params.stop_token_ids) == \
         (5, 3, 0.5, 2**63, (3, 4))
     assert all(type(v) is int for v in (params.max_new_tokens, params.top_k, params.seed, *params.stop_token_ids))
+    assert params.routing is True
     assert check_prompt(np.array([5, 1]), VOCAB, LIMITS) == [5, 1]
     refused("stop_token_ids", make_sampling_params, VOCAB, LIMITS, stop_token_ids=5)
     refused("input_ids", check_prompt, 5, VOCAB, LIMITS)
