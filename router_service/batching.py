@@ -360,11 +360,13 @@ def use_threads(n: int) -> None:
 def frameless(error: BaseException) -> BaseException:
     """`error`, and the errors it was raised from, without their tracebacks: the requests it ends hold it until they
     are gone, and a failed step's frames hold the batch's cache and activations (a GPU's memory, on one)."""
-    seen, chained = set(), error
-    while chained is not None and id(chained) not in seen:
-        seen.add(id(chained))
-        chained.__traceback__ = None
-        chained = chained.__cause__ or chained.__context__
+    seen, chained = set(), [error]
+    while chained:
+        e = chained.pop()
+        if e is not None and id(e) not in seen:
+            seen.add(id(e))
+            e.__traceback__ = None
+            chained += [e.__cause__, e.__context__]
     return error
 
 

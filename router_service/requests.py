@@ -154,7 +154,7 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     top_logprobs = _whole("top_logprobs", top_logprobs)
     if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")
-    if routing not in (True, False):  # numpy's and torch's booleans too
+    if type(routing).__name__ not in ("bool", "bool_"):  # Python's or numpy's (bool_ before numpy 2), not 0 or 1
         raise InvalidRequest("routing", f"must be true or false, got {routing!r}")
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, stop_token_ids=stop_token_ids, top_logprobs=top_logprobs,

@@ -61,6 +61,17 @@ def failing_at_the_second_step(front: SwitchFront, error: BaseException) -> list
     return steps
 
 
+def one_decoding(checkpoint_factory, max_sequences: int) -> tuple[SwitchFront, ContinuousBatcher, Sequence]:
+    """A batcher on a front computing its experts here, holding one sequence decoding after its first step."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    front = local_front(path)
+    batcher = ContinuousBatcher(front, max_sequences=max_sequences)
+    decoding = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6))
+    batcher.add(decoding)
+    batcher.step()
+    return front, batcher, decoding
+
+
 def run(front, sequences: list[Sequence], join_after: dict[int, int]) -> None:
     """Step the batcher; sequence i joins after join_after.get(i, 0) steps."""
     batcher = ContinuousBatcher(front, max_sequences=8)
@@ -422,12 +433,7 @@ def test_an_embedding_returns_though_the_decoding_step_after_it_fails(checkpoint
     """An embedding request encoded in a step whose decoding then fails (an expert actor lost, say) returns its
     embedding: it needs nothing of that step. The sequences decoding get the error. Fails if the embedding is never
     returned, which leaves its caller waiting for good."""
-    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
-    front = local_front(path)
-    batcher = ContinuousBatcher(front, max_sequences=8)
-    decoding = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6))
-    batcher.add(decoding)
-    batcher.step()
+    front, batcher, decoding = one_decoding(checkpoint_factory, max_sequences=8)
 
     def lost(cache, tokens):
         raise RuntimeError("expert actor lost")
@@ -447,12 +453,8 @@ def test_a_failed_step_ends_the_requests_waiting_too_and_the_next_is_served(chec
     waiting for room with its error at once: each would wait for the same actors in turn, one restart_timeout_s a
     batch ahead of it, where a retryable status lets its client go to another replica. A request after is served.
     Fails if the queue outlives its batch's failure."""
-    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
-    front = local_front(path)
-    batcher = ContinuousBatcher(front, max_sequences=1)
-    decoding, waiting = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6)), Sequence([7, 8, 1])
-    batcher.add(decoding)
-    batcher.step()
+    front, batcher, decoding = one_decoding(checkpoint_factory, max_sequences=1)
+    waiting = Sequence([7, 8, 1])
     batcher.add(waiting)
     decode_step = front.decode_step
 
@@ -731,12 +733,7 @@ def test_a_failed_steps_error_holds_none_of_its_frames(checkpoint_factory, monke
     step's locals (the batch's cache and activations: a GPU's memory, on one) go as the step ends, not when the last
     request lets go of the error or the cycle collector runs. The failure is logged with its traceback first.
     Fails if the error keeps its frames."""
-    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
-    front = local_front(path)
-    batcher = ContinuousBatcher(front, max_sequences=2)
-    seq = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6))
-    batcher.add(seq)
-    batcher.step()
+    front, batcher, seq = one_decoding(checkpoint_factory, max_sequences=2)
     held, logged = [], []
 
     def lost(cache, tokens):

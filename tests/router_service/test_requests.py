@@ -60,7 +60,7 @@ def test_sampling_limits(field, taken, past):
 
 @pytest.mark.parametrize("field, value", [("max_new_tokens", 2.5), ("top_k", "5"), ("seed", 1.0), ("temperature", "1"),
                                           ("top_p", "0.5"), ("stop_token_ids", [3.5]), ("top_logprobs", True),
-                                          ("routing", "yes"), ("routing", 2), ("routing", None)])
+                                          ("routing", "yes"), ("routing", 1), ("routing", None)])
 def test_a_value_of_the_wrong_type_is_refused_naming_its_field(field, value):
     """From the Python API, where nothing typed the values before: fails if one gets through to a TypeError or a
     pydantic error that names no field of the call."""
