@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import traceback
 from types import SimpleNamespace
 
 import pytest
@@ -59,6 +60,29 @@ def test_a_stopped_batching_thread_fails_requests_and_health():
     assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(BatcherStopped):
         replica.check_health(server)
+
+
+class FailingFront(CrashingFront):
+    def encode(self, prompts):
+        raise RuntimeError("expert actors lost")
+
+
+def test_one_error_ending_many_requests_carries_each_raises_frames_alone():
+    """A failed step hands every sequence it ends one error: each request's raise of it holds its own frames, not
+    those of every request that raised it before. Fails if the traceback grows from one raise to the next."""
+    scheduler = Scheduler(ContinuousBatcher(FailingFront(), max_sequences=4), max_waiting=4)
+
+    async def raised() -> list[BaseException]:
+        errors = []
+        for updates in scheduler.queue([Sequence([5, 1]), Sequence([6, 1])]):  # admitted, and failed, together
+            with pytest.raises(RuntimeError, match="expert actors lost") as info:
+                async for _ in updates:
+                    pass
+            errors.append((info.value, len(traceback.extract_tb(info.value.__traceback__))))
+        return errors
+
+    (first, first_depth), (second, second_depth) = asyncio.run(asyncio.wait_for(raised(), timeout=10))
+    assert first is second and first_depth == second_depth
 
 
 class IdleBatcher(ContinuousBatcher):
