@@ -35,6 +35,7 @@ from router_service.config import (
     LOCAL_HTTP_HOST,
     ServerConfig,
 )
+from router_service.engine import FLEET_POLL_S, first_line
 from router_service.server import FLEET_DEPLOYMENT, FRONT_DEPLOYMENT, ServedFleet, SwitchServer, fleet_app_name
 
 APP_NAME = "switch-serve"
@@ -199,12 +200,14 @@ def applications() -> dict:
     return serve.status().applications
 
 
-def wait_until_serving(front, replicas: int, timeout_s: float, asks: dict[str, dict] | None = None) -> None:
-    """Wait for both applications to run (a replica that never finds room keeps one deploying: PlacementError after
-    `timeout_s`, saying what each deployment's replicas are doing, what they ask for, `asks` by deployment, and
-    what the cluster has), then for the fronts (a Serve handle to them) to have their expert actors, every replica:
-    each finds them on its own, and a handle cannot pick a replica, so wait for SERVING_IN_A_ROW answers a replica
-    saying so."""
+def wait_until_serving(front, replicas: int, timeout_s: float, asks: dict[str, dict] | None = None,
+                       fleet=None) -> None:
+    """Wait for both applications to run: a front replica starts once it has its expert actors, so a replica that
+    never finds room, or experts that never load, keep one deploying: PlacementError after `timeout_s`, saying what
+    each deployment's replicas are doing, what they ask for (`asks` by deployment), what the experts wait for (as
+    `fleet`, a Serve handle to it, says) and what the cluster has. Then for the fronts (a Serve handle to them) to
+    serve, every replica (one may have lost its actors since it started, and finds new ones on its own): a handle
+    cannot pick a replica, so wait for SERVING_IN_A_ROW answers a replica saying so."""
     deadline, in_a_row = time.monotonic() + timeout_s, 0
     while True:
         apps = applications()
@@ -216,8 +219,9 @@ def wait_until_serving(front, replicas: int, timeout_s: float, asks: dict[str, d
             waiting = [f"{kind} replicas {d.replica_states}, each asking for {(asks or {}).get(kind, {})}"
                        + (f" ({d.message})" if d.message else "") for app in apps.values()
                        for kind, d in app.deployments.items() if d.status != "HEALTHY"]
+            experts = "" if fleet is None else f"; the experts: {experts_status(fleet)}"
             raise PlacementError(f"placement: the applications are not running after {timeout_s:.0f} s: "
-                                 f"{'; '.join(waiting)}; the cluster has {alive_node_resources()}")
+                                 f"{'; '.join(waiting)}{experts}; the cluster has {alive_node_resources()}")
         time.sleep(0.2)
     while in_a_row < SERVING_IN_A_ROW * replicas:
         status = front.status.remote().result(timeout_s=max(deadline - time.monotonic(), 1.0))
@@ -226,6 +230,15 @@ def wait_until_serving(front, replicas: int, timeout_s: float, asks: dict[str, d
             raise PlacementError(f"placement: {status} after {timeout_s:.0f} s")
         if status != "serving":
             time.sleep(0.2)
+
+
+def experts_status(fleet) -> str:
+    """What the expert fleet (a Serve handle to it) says of its actors: "ready", what they wait for, or why it
+    cannot say."""
+    try:
+        return fleet.actors.remote(0.0).result(timeout_s=FLEET_POLL_S).status
+    except Exception as e:  # its load failed, or it does not run
+        return first_line(e)
 
 
 @dataclass(frozen=True)
@@ -260,12 +273,12 @@ def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_
         owns_serve, serving = True, False
         try:
             # Both at once, as from the Serve config: HAProxy counts as serving only once some app has a route.
-            _, front = serve.run_many([RunTarget(build_fleet(config), name=FLEET_APP, route_prefix=None),
+            fleet, front = serve.run_many([RunTarget(build_fleet(config), name=FLEET_APP, route_prefix=None),
                                        RunTarget(build_app(config), name=APP_NAME, route_prefix="/")],
                                       wait_for_applications_running=False)  # waited for below, with a deadline
             asks = {FRONT_DEPLOYMENT: {"GPU": config.front_gpus, **config.front_resources},
                     FLEET_DEPLOYMENT: config.fleet_resources}
-            wait_until_serving(front, config.num_replicas, config.placement.timeout_s, asks)
+            wait_until_serving(front, config.num_replicas, config.placement.timeout_s, asks, fleet)
             serving = True
             yield Endpoints(grpc=f"{http_host}:{grpc_port}", http=f"http://{http_host}:{http_port}")
         finally:

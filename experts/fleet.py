@@ -264,15 +264,18 @@ class ExpertFleet:
             group = placement_group(wanted[node], strategy="STRICT_PACK", name=group_name(self.name, node),
                                     bundle_label_selector=[not_on(taken)] * len(wanted[node]) if taken else None)
             self.groups.append(group)
-        waited = 0.0
+        def waiting() -> str:
+            return (f"waiting {time.monotonic() - began:.0f} s for room for node {node + 1} of {len(wanted)}"
+                    + (f" (try {tries})" if tries > 1 else "") + f": {wanted[node]} on one node, none of the "
+                    f"{len(taken)} taken; the cluster has {alive_node_resources()}")
+
+        self.state, waited = waiting(), 0.0
         # A node lost as the group was placed on it leaves it placed nowhere until Ray moves it.
         while not group.wait(ROOM_POLL_S) or not (node_id := placed_on(group)):
             waited += ROOM_POLL_S
             if self._released or (taken and waited >= HOLDING_WAIT_S):
                 return None
-            self.state = (f"waiting {time.monotonic() - began:.0f} s for room for node {node + 1} of {len(wanted)}"
-                          + (f" (try {tries})" if tries > 1 else "") + f": {wanted[node]} on one node, none of the "
-                          f"{len(taken)} taken; the cluster has {alive_node_resources()}")
+            self.state = waiting()
             log.warning("expert fleet %s", self.state)
         return node_id
 

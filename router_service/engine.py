@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -44,6 +45,8 @@ SENTINEL = re.compile(r"<extra_id_\d+>")  # T5's span-filling sentinels
 FLEET_POLL_S = 5.0
 # How often a front checks that its fleet is the one that started its actors.
 LINK_CHECK_S = 2.0
+# How often a wait for the expert actors with no deadline says what they wait for (and whenever that changes).
+STATUS_LOG_S = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -277,22 +280,28 @@ class SwitchCluster:
             self.link = ExpertLink(self.fleet, fleet_name(self.checkpoint, placement, self.dtype, quantize),
                                    self.dispatcher, self._local_experts)
             if wait:
-                self._wait_for_experts(placement.timeout_s)
+                self.wait_for_experts(placement.timeout_s)
         except BaseException:
             self.shutdown()
             raise
         self.batcher = ContinuousBatcher(self.front, self.config.max_sequences, metrics)
 
-    def _wait_for_experts(self, timeout_s: float) -> None:
-        """Until the expert actors have loaded: PlacementError after `timeout_s`, or as soon as the load of a fleet
-        this object started fails (Serve starts its fleets again; nothing would start this one again)."""
-        deadline = time.monotonic() + timeout_s
+    def wait_for_experts(self, timeout_s: float | None) -> None:
+        """Until the expert actors have loaded: PlacementError after `timeout_s` (None: however long it takes, saying
+        what they wait for every STATUS_LOG_S and as it changes), or as soon as the load of a fleet this object
+        started fails (Serve starts its fleets again; nothing would start this one again)."""
+        began = time.monotonic()
+        deadline = math.inf if timeout_s is None else began + timeout_s
+        said, said_at = None, began
         while not self.link.wait(min(LINK_CHECK_S, max(0.0, deadline - time.monotonic()))):
             if self._owns_fleet and self.link.load_error is not None:
                 raise PlacementError(f"placement: the expert actors failed to load: {first_line(self.link.load_error)}")
             if time.monotonic() >= deadline:
                 raise PlacementError(f"placement: the expert actors were not up within {timeout_s:.0f} s: "
                                      f"{self.link.status}")
+            if timeout_s is None and (self.link.status != said or time.monotonic() - said_at >= STATUS_LOG_S):
+                said, said_at = self.link.status, time.monotonic()
+                log.info("waiting %.0f s so far for the expert actors: %s", said_at - began, said)
 
     def _local_experts(self, actors: list) -> tuple[dict, dict]:
         """The (wi, wo) weights of the experts whose actors compute where this front does: on this node's CPU,

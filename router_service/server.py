@@ -457,8 +457,7 @@ class SwitchServer:
         self.started = int(time.time())
         self.api_key = load_api_key(config.api_key_file)
         self.metrics = ServingMetrics(self.model_id)
-        # Up at once: until the experts have loaded, health says NOT_SERVING and ModelInfo says why. The fleet's
-        # application may start after this one: a handle waits for it.
+        # The fleet's application may start after this one: a handle waits for it.
         fleet = serve.get_deployment_handle(FLEET_DEPLOYMENT, fleet_app_name(serve.get_replica_context().app_name))
         self.cluster = SwitchCluster(config, fleet=fleet, wait=False, metrics=self.metrics)
         self.metrics.serving(self.cluster.checkpoint.config.num_experts)
@@ -468,6 +467,10 @@ class SwitchServer:
             self.has_tokenizer = True
         except InvalidRequest:
             self.has_tokenizer = False  # token ids only
+        # Up once it can serve: Serve routes calls to a replica, a rolling update stops the next old one, and KubeRay
+        # moves traffic to a new cluster, only once its constructor has returned. However long the experts take to
+        # load (Serve starts a failed fleet again); health says NOT_SERVING only for experts lost after.
+        self.cluster.wait_for_experts(None)
 
     # -- shared by gRPC and HTTP ---------------------------------------------------------------------------
 

@@ -337,10 +337,30 @@ def test_fronts_that_never_find_room_end_the_serve_at_its_deadline(ray_cluster, 
     began = time.monotonic()
     with pytest.raises(PlacementError, match=r"^placement: the applications are not running after 8 s: "
                                              r"SwitchServer replicas \{'STARTING': 1\}, each asking for "
-                                             r"\{'GPU': 1.0\}; the cluster has"):
+                                             r"\{'GPU': 1.0\}; the experts: ready; the cluster has"):
         with local_serve(config, http_port=free_port(), grpc_port=free_port()):
             pass
     assert time.monotonic() - began < 60
+
+
+def test_a_front_runs_only_once_its_experts_have_loaded(ray_cluster, checkpoint_factory):
+    """Expert actors asking for a resource no node has never load: the front replica, which waits for them in its
+    constructor, stays starting, so Serve routes it no calls, a rolling update keeps the old replica it would
+    replace, and KubeRay moves no traffic to a new cluster; `local_serve` gives up at its deadline saying what the
+    experts wait for. Fails if the front counts as running while it cannot serve (it once did: every call then got
+    UNAVAILABLE until the experts had loaded)."""
+    from cluster.app import local_serve
+    from cluster.testing import free_port
+
+    path, _ = checkpoint_factory("tiny")
+    config = ServerConfig(model=str(path), drain_timeout_s=1,
+                          placement=PlacementConfig(experts_per_actor=4, timeout_s=8,
+                                                    actor_resources={"no_such_node": 1}))
+    with pytest.raises(PlacementError, match=r"^placement: the applications are not running after 8 s: "
+                                             r"SwitchServer replicas \{'STARTING': 1\}.*; the experts: waiting \d+ s "
+                                             r"for room for node 1 of 1"):
+        with local_serve(config, http_port=free_port(), grpc_port=free_port()):
+            pass
 
 
 def test_the_fleet_labels_its_actors_metrics_with_the_served_models_id():

@@ -232,6 +232,31 @@ def test_actors_too_busy_to_say_where_they_run_are_taken_up_again_not_left_to_th
     assert SwitchCluster._local_experts(model, [actor]) == ({}, {})
 
 
+def test_a_served_front_waits_for_its_experts_however_long_saying_what_they_wait_for(caplog):
+    """A Serve front waits in its constructor with no deadline: past its fleet's failed load (Serve starts that fleet
+    again), saying each new status once, until the actors are up. Fails if it gives up, or logs every look."""
+    import logging
+    from types import SimpleNamespace
+
+    statuses = ["expert fleet: tensor cut off"] * 3 + ["waiting 10 s for room"] * 3 + ["ready"]
+    looks = []
+
+    def wait(timeout_s):
+        looks.append(timeout_s)
+        link.status = statuses[len(looks)]
+        return link.status == "ready"
+
+    link = SimpleNamespace(load_error=RuntimeError("tensor cut off"), status="asking the expert fleet", wait=wait)
+    front = SwitchCluster.__new__(SwitchCluster)  # no Ray: the wait alone
+    front.link, front._owns_fleet = link, False
+    with caplog.at_level(logging.INFO, logger=engine.__name__):
+        front.wait_for_experts(None)
+    assert len(looks) == 6 and all(0 < t <= engine.LINK_CHECK_S for t in looks)
+    said = [r.getMessage() for r in caplog.records if r.name == engine.__name__]
+    assert len(said) == 2 and said[0].endswith("s so far for the expert actors: expert fleet: tensor cut off")
+    assert said[1].endswith(": waiting 10 s for room")
+
+
 def test_experts_whose_own_fleet_failed_for_good_are_refused_at_once():
     """A Python API front whose fleet's load failed (a replacement actor that cannot load, say) refuses a request at
     once, naming why: nothing starts that fleet again. One whose fleet is Serve's (started again by Serve) waits

@@ -193,9 +193,9 @@ def test_a_change_to_the_fronts_config_lets_every_stream_finish_and_keeps_the_ex
     """A changed front setting (here max_waiting) deployed while 16 streams run: Serve rebuilds the fronts'
     application (a change to its args gives its deployments a new version), the old front replicas drain
     (drain_timeout_s) and every stream completes; the fleet's application is another, so the experts stay loaded:
-    the same fleet, the same actors. Fails if the fronts' graceful shutdown is shorter than the streams (Serve's
-    default is 20 s) or if the fleet is part of the fronts' application (as it once was: every change reloaded
-    the experts)."""
+    the same fleet, the same actors, and health, asked throughout, says SERVING. Fails if the fronts' graceful
+    shutdown is shorter than the streams (Serve's default is 20 s), or if the fleet is part of the fronts'
+    application (as it once was: every change reloaded the experts)."""
     import threading
 
     from cluster.app import build_app
@@ -210,13 +210,28 @@ def test_a_change_to_the_fronts_config_lets_every_stream_finish_and_keeps_the_ex
     changed = two_replicas["config"].model_copy(update={"max_waiting": two_replicas["config"].max_waiting + 1})
     deploy = threading.Thread(target=serve.run, args=(build_app(changed),), kwargs={"name": APP_NAME,
                                                                                       "route_prefix": "/"})
+    health, states = two_replicas["health"], []
+
+    def ask_health() -> None:
+        while deploy.is_alive():
+            try:
+                states.append(health_pb2.HealthCheckResponse.ServingStatus.Name(
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=10).status))
+            except grpc.RpcError as e:
+                states.append(e.code().name)
+            time.sleep(0.02)
+
     deploy.start()
+    asking = threading.Thread(target=ask_health)
+    asking.start()
     reasons = []
     for first, s in zip(firsts, streams):
         chunks = [first, *s]  # raises if the stream was cut
         reasons.append(chunks[-1].finish_reason)
     deploy.join(300)
+    asking.join(30)
     assert all(reasons), reasons
+    assert set(states) == {"SERVING"}, {state: states.count(state) for state in set(states)}
     assert not set(replica_names()) & set(fronts_before)
     deadline = time.monotonic() + 120
     while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).status != "serving":
