@@ -144,10 +144,11 @@ class ExpertDispatcher:
         return self.routes.stacks
 
     def actors_dead(self, timeout_s: float = 1.0) -> bool:
-        """Whether the first actor is dead for good: all of them are when their fleet died. One that is
-        restarting, or busy beyond `timeout_s`, counts as alive."""
+        """Whether an actor is dead for good (every one is when their fleet died; one alone when Ray could not start
+        it again), found before a batch needs it. One that is restarting, or busy beyond `timeout_s`, counts as
+        alive."""
         handles = self.actors
-        return bool(handles) and bool(dead_for_good(handles[:1], timeout_s))
+        return bool(handles) and bool(dead_for_good(handles, timeout_s))
 
     def send(self, stack: str, layer: int, tokens: torch.Tensor, expert: torch.Tensor,
              keep: torch.Tensor | None) -> PendingDispatch:

@@ -91,11 +91,16 @@ def test_a_batch_failed_by_lost_actors_is_retryable_when_served():
         assert error_status(error) == (grpc.StatusCode.UNAVAILABLE, 503)
 
 
-def test_an_actor_gone_for_good_is_started_again_by_its_fleet_the_others_kept(ray_cluster, checkpoint):
+def test_an_actor_gone_for_good_is_started_again_by_its_fleet_the_others_kept(ray_cluster, checkpoint,
+                                                                            monkeypatch):
     """Ray starts again an actor that dies, but not one killed for good or whose restart failed (its checkpoint
-    missing on the node it was moved to, say): the batch that needed it fails, then its fleet starts that actor
-    again, keeping the others, and the same prompts give the same tokens. Fails if the fleet goes on handing out
-    the dead actor (every request after failing)."""
+    missing on the node it was moved to, say): the batch that needed it fails (the link's periodic look, which
+    would find it first, put off here), then its fleet starts that actor again, keeping the others, and the same
+    prompts give the same tokens. Fails if the fleet goes on handing out the dead actor (every request after
+    failing)."""
+    from router_service import engine
+
+    monkeypatch.setattr(engine, "LINK_CHECK_S", 3600.0)
     path, reference = checkpoint
     with SwitchCluster(path, placement=PACKING, local_experts=False) as model:
         pids = [info["pid"] for info in model.actor_info()]
@@ -105,6 +110,25 @@ def test_an_actor_gone_for_good_is_started_again_by_its_fleet_the_others_kept(ra
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)  # waits for the actor started again
         now = [info["pid"] for info in model.actor_info()]
     assert now[1] != pids[1] and now[:1] + now[2:] == pids[:1] + pids[2:]
+    assert [o.token_ids for o in outputs] == reference
+
+
+def test_an_idle_front_finds_any_actor_gone_for_good_and_has_it_started_again(ray_cluster, checkpoint):
+    """With no request in flight, the link's look every few seconds finds an actor killed for good, whichever it is,
+    and its fleet starts it again: the next batch does not fail. Fails if the look pings only the first actor (as it
+    once did: the next batch to need another failed)."""
+    path, reference = checkpoint
+    with SwitchCluster(path, placement=PACKING, local_experts=False) as model:
+        pids = [info["pid"] for info in model.actor_info()]
+        ray.kill(model.actors[-1], no_restart=True)
+        deadline = time.monotonic() + 60
+        while model.experts_ready:  # until the link has found it
+            assert time.monotonic() < deadline, "the dead actor was not found"
+            time.sleep(0.1)
+        model.check_experts(60.0)
+        now = [info["pid"] for info in model.actor_info()]
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert now[-1] != pids[-1] and now[:-1] == pids[:-1]
     assert [o.token_ids for o in outputs] == reference
 
 
