@@ -142,14 +142,14 @@ def validated(body: object, kind: type[BaseModel], model_id: str):
 
 
 def without_nulls(body: dict, kind: type[BaseModel]) -> dict:
-    """A request's body without the fields sent as null, its own and those of the objects it nests (stream_options):
-    OpenAI's optional fields take null for their default, as its client sends them. (A null among a map's values,
-    logit_bias's, or in a list stays, and is refused.)"""
+    """A request's body without the fields of `kind` sent as null, its own and those of the objects it nests
+    (stream_options): OpenAI's optional fields take null for their default, as its client sends them. (An unknown
+    field stays, null or not, and is refused; so does a null among a map's values, logit_bias's, or in a list.)"""
     out = {}
     for name, value in body.items():
-        if value is None:
-            continue
         field = kind.model_fields.get(name)
+        if value is None and field is not None:
+            continue
         nested = field is not None and next((t for t in (field.annotation, *typing.get_args(field.annotation))
                                              if isinstance(t, type) and issubclass(t, BaseModel)), None)
         out[name] = without_nulls(value, nested) if nested and isinstance(value, dict) else value
@@ -165,9 +165,11 @@ def check_model(model: str, model_id: str) -> None:
 
 def parse_completion_request(body: object, model_id: str) -> CompletionRequest:
     request = validated(body, CompletionRequest, model_id)
-    unsupported = {"echo": request.echo, "suffix": request.suffix is not None,
+    # Values that ask for nothing (an empty suffix, biases of 0) are taken, as generic clients and templates send them.
+    unsupported = {"echo": request.echo, "suffix": bool(request.suffix),
                    "presence_penalty": request.presence_penalty != 0,
-                   "frequency_penalty": request.frequency_penalty != 0, "logit_bias": bool(request.logit_bias)}
+                   "frequency_penalty": request.frequency_penalty != 0,
+                   "logit_bias": any(bias != 0 for bias in (request.logit_bias or {}).values())}
     for name, asked in unsupported.items():
         if asked:
             raise OpenAIError(400, f"{name}: not supported by this server", name)

@@ -41,6 +41,16 @@ def test_a_completion_request_takes_null_for_a_default_and_refuses_what_it_would
     refused("echo", parse_completion_request, {"model": MODEL, "prompt": "a", "echo": True}, MODEL)
 
 
+def test_values_that_ask_for_nothing_are_taken_and_the_rest_refused():
+    """An empty suffix and biases of 0 change nothing, and generic clients send them: taken. Fails if they are
+    refused as the fields' other values are."""
+    request = parse_completion_request({"model": MODEL, "prompt": "a", "suffix": "", "logit_bias": {"5": 0}}, MODEL)
+    assert request.suffix == "" and request.logit_bias == {"5": 0}
+    refused("suffix", parse_completion_request, {"model": MODEL, "prompt": "a", "suffix": "b"}, MODEL)
+    refused("logit_bias", parse_completion_request,
+            {"model": MODEL, "prompt": "a", "logit_bias": {"5": 0, "6": -100}}, MODEL)
+
+
 def test_an_embedding_request_asks_for_the_models_own_dimensions_or_none():
     assert parse_embedding_request({"model": MODEL, "input": "a", "dimensions": 8}, MODEL, 8).dimensions == 8
     refused("dimensions", parse_embedding_request, {"model": MODEL, "input": "a", "dimensions": 3}, MODEL, 8)
@@ -127,6 +137,8 @@ def test_the_native_apis_errors_take_openais_field_names():
     ("stream_options.usage", {"stream": True, "stream_options": {"usage": True}}, "unknown field"),
     ("input", {"input": "a"}, "unknown field"),  # not the union's message: an embeddings field sent here
     ("prompt", {"prompt": None}, "Field required"),
+    ("colour", {"colour": None}, "unknown field"),  # a null does not hide an unknown field
+    ("stream_options.usage", {"stream": True, "stream_options": {"usage": None}}, "unknown field"),
     ("logit_bias.5", {"logit_bias": {"5": None}}, "Input should be a valid number"),  # refused, not emptied
 ])
 def test_a_refusal_says_what_the_field_takes(param, fields, message):
