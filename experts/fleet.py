@@ -185,6 +185,11 @@ class ExpertFleet:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    @property
+    def loaded(self) -> bool:
+        """Whether its actors have loaded, and so may serve fronts (until released)."""
+        return self._done.is_set() and self.error is None
+
     def actors(self, wait_s: float = 0.0) -> FleetActors:
         """The expert actors once loaded, waiting up to `wait_s` for that; none, and why, before. Raises what
         failed the load (a bad checkpoint, ...). Runs on a thread of its own (a threaded Ray actor; Serve runs

@@ -430,11 +430,12 @@ class ServedFleet(ExpertFleet):
         fronts' application is deployed anew or deleted, the old fronts still draining keep their actors until
         they have stopped, each for up to the drain timeout from when it began (Serve rolls fronts out a few at a
         time, so the last may begin well after the fleet stopped). Then the actors and their placement group go at
-        once, making room for the new fleet's."""
+        once, making room for the new fleet's. A fleet that never handed out loaded actors (its load failed, or had
+        yet to end) has no front to wait for: it releases at once, so that Serve's next try starts without delay."""
         try:
             fronts = serve.get_replica_context().app_name.removesuffix(FLEET_APP_SUFFIX)
             deadline, stopping = time.monotonic() + self.drain_timeout_s, 0
-            while time.monotonic() < deadline:
+            while self.loaded and time.monotonic() < deadline:
                 changing, now_stopping = fronts_changing(fronts)
                 if not changing:
                     break
@@ -449,7 +450,7 @@ class ServedFleet(ExpertFleet):
 @serve.deployment(name=FRONT_DEPLOYMENT)
 @serve.ingress(http_app)
 class SwitchServer:
-    def __init__(self, config: ServerConfig):
+    async def __init__(self, config: ServerConfig):
         math_here_on_one_thread()  # before any math: the batching thread's OpenMP team is the only one
         self.config = config
         self.body_limits = BodyLimits.of(config)
@@ -469,8 +470,9 @@ class SwitchServer:
             self.has_tokenizer = False  # token ids only
         # Up once it can serve: Serve routes calls to a replica, a rolling update stops the next old one, and KubeRay
         # moves traffic to a new cluster, only once its constructor has returned. However long the experts take to
-        # load (Serve starts a failed fleet again); health says NOT_SERVING only for experts lost after.
-        self.cluster.wait_for_experts(None)
+        # load (Serve starts a failed fleet again); health says NOT_SERVING only for experts lost after. Waited for
+        # off the replica's event loop, which stays free to stop the replica gracefully meanwhile.
+        await asyncio.to_thread(self.cluster.wait_for_experts, None)
 
     # -- shared by gRPC and HTTP ---------------------------------------------------------------------------
 

@@ -121,13 +121,14 @@ def offered(group: dict) -> dict[str, float]:
 @pytest.mark.parametrize("file", MANIFESTS, ids=lambda p: p.stem)
 def test_each_deployment_and_actor_can_only_land_where_it_is_meant_to(file):
     """The fronts on the group meant for them (the head on switch-base-8, the front GPU pods on switch-c-2048), the
-    expert fleet on the head (it outlives any front or expert pod), the expert actors on the experts group: each
-    asks for a custom resource that only that group offers, in the amounts the group's pods hold."""
+    expert fleet on the head (it outlives any front or expert pod; room for two, the old config's and a new one's),
+    the expert actors on the experts group: each asks for a custom resource that only that group offers, in the
+    amounts the group's pods hold."""
     manifest = yaml.safe_load(file.read_text())
     groups = ray_groups(manifest)
     args = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     for asked, meant, wanted in [(args["front_resources"], front_group(manifest), args["num_replicas"]),
-                                 (args["fleet_resources"], "head", 1),
+                                 (args["fleet_resources"], "head", 2),  # the old fleet and a new config's
                                  (args["placement"]["actor_resources"], "experts", args["placement"]["gpus"])]:
         (resource, amount), = asked.items()
         holders = [name for name, group in groups.items() if resource in offered(group)]

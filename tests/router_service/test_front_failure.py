@@ -5,6 +5,7 @@ actors, and nothing of the old one is left."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -106,7 +107,6 @@ def test_unary_requests_on_a_dying_replica_still_complete(two_replicas, caplog):
     """`generate --address` (cluster.client) gets every answer when a replica dies under its requests: Serve
     re-sends some of them itself, and the client asks again for those that fail with the replica's death."""
     import logging
-    import threading
 
     from cluster.client import generate_remote
 
@@ -196,7 +196,6 @@ def test_a_change_to_the_fronts_config_lets_every_stream_finish_and_keeps_the_ex
     the same fleet, the same actors, and health, asked throughout, says SERVING. Fails if the fronts' graceful
     shutdown is shorter than the streams (Serve's default is 20 s), or if the fleet is part of the fronts'
     application (as it once was: every change reloaded the experts)."""
-    import threading
 
     from cluster.app import build_app
 
@@ -246,11 +245,7 @@ def test_a_fleet_stopped_where_serve_cannot_say_whose_fronts_to_wait_for_still_r
     cannot be asked (no replica context, or no drain timeout configured yet), it releases them at once. Fails if
     either is read before the release's `try`: a new config's fleet names its group otherwise, so nothing would
     remove the old one."""
-    class Stopping(ServedFleet.func_or_class):
-        def __del__(self):  # the probe's own end releases nothing
-            pass
-
-    fleet, released = object.__new__(Stopping), []
+    fleet, released = stopping_fleet(loaded=True), []
     fleet.release = lambda: released.append(True)
 
     def no_context():
@@ -269,10 +264,6 @@ def test_a_stopping_fleet_gives_each_draining_front_its_whole_timeout(monkeypatc
     streams would lose their experts part way)."""
     from types import SimpleNamespace
 
-    class Stopping(ServedFleet.func_or_class):
-        def __del__(self):  # the probe's own end releases nothing
-            pass
-
     now, released = [0.0], []
     # The fronts' application as the fleet sees it over time: one front drains until 40 s, the next from 55 s to 100 s.
     def fronts_changing(app):
@@ -283,7 +274,34 @@ def test_a_stopping_fleet_gives_each_draining_front_its_whole_timeout(monkeypatc
     monkeypatch.setattr(server.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
     monkeypatch.setattr(server, "fronts_changing", fronts_changing)
     monkeypatch.setattr(server.serve, "get_replica_context", lambda: SimpleNamespace(app_name=FLEET_APP))
-    fleet = object.__new__(Stopping)
+    fleet = stopping_fleet(loaded=True)
     fleet.drain_timeout_s, fleet.release = 60.0, lambda: released.append(now[0])
     ServedFleet.func_or_class.__del__(fleet)
     assert released == [100.0]
+
+
+def test_a_stopping_fleet_that_never_loaded_releases_at_once(monkeypatch):
+    """A fleet whose load failed (or had yet to end) handed no front its actors: stopped while the fronts' application
+    is still deploying (its fronts wait for their experts), it releases at once, and Serve's next try starts without
+    waiting out the drain timeout. Fails if it waits for fronts that never used it."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(server, "fronts_changing", lambda app: (True, 0))
+    monkeypatch.setattr(server.serve, "get_replica_context", lambda: SimpleNamespace(app_name=FLEET_APP))
+    monkeypatch.setattr(server.time, "sleep", lambda s: pytest.fail("waited for fronts that never had its actors"))
+    fleet, released = stopping_fleet(loaded=False), []
+    fleet.drain_timeout_s, fleet.release = 60.0, lambda: released.append(True)
+    ServedFleet.func_or_class.__del__(fleet)
+    assert released == [True]
+
+
+def stopping_fleet(loaded: bool):
+    """A fleet replica, built without its constructor, for its stop alone."""
+    class Stopping(ServedFleet.func_or_class):
+        def __del__(self):  # the probe's own end releases nothing
+            pass
+
+    fleet = object.__new__(Stopping)
+    fleet._done, fleet.error = threading.Event(), None if loaded else RuntimeError("tensor cut off")
+    fleet._done.set()
+    return fleet
