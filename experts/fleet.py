@@ -45,6 +45,8 @@ ROOM_POLL_S = 10.0
 # How long a fleet holding some of its nodes' groups waits for the next before it gives them back and tries again
 # after a random pause: two fleets starting at once, each holding a node the other needs, would wait for good.
 HOLDING_WAIT_S = 60.0
+# How often a fleet looks whether the fleet it replaces, of the same config, has stopped.
+PREDECESSOR_POLL_S = 0.5
 # Calls a fleet actor answers at once (each `actors` call may wait for the load).
 FLEET_CALLERS = 16
 # How many times Ray starts again an expert actor that dies (reloading its weights each time). One lost once more is
@@ -147,6 +149,9 @@ class FleetActors(NamedTuple):
     # With the actors: what those of the groups Ray is moving wait for (their node lost: each group waits for room
     # on another), "" where every group is placed. Calls to those actors wait; the fronts take no new requests.
     moving: str = ""
+    # Before them: whether it waits for room while the fleet it replaces (another config's, keeping its actors for
+    # the fronts still draining) holds placement groups, whose room it may need.
+    behind_predecessor: bool = False
 
 
 class ExpertFleet:
@@ -160,7 +165,8 @@ class ExpertFleet:
     """
 
     def __init__(self, checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str = "none",
-                 name: str | None = None, placement: Placement | None = None, model_id: str | None = None):
+                 name: str | None = None, placement: Placement | None = None, model_id: str | None = None,
+                 family: str | None = None):
         self.checkpoint, self.dtype, self.quantize = checkpoint, dtype, quantize
         self.model_id = model_id  # the label of its actors' metrics (see ExpertActor)
         self.placement = placement if placement is not None else served_placement(checkpoint, config, dtype, quantize)
@@ -170,6 +176,10 @@ class ExpertFleet:
         # Names the placement groups. Ray keeps a group until its creator's job ends, even when the creator dies,
         # so a fleet started again after its process died removes the groups its predecessor left.
         self.name = name or self.serves
+        # The names of the fleets that replace one another (a served app's) begin with it: "{family}-{version}".
+        self.family = family
+        self.behind_predecessor = False  # see FleetActors
+        self.loaded = False  # whether its actors have loaded once, and so may serve fronts (until released)
         self.groups: list = []  # a node's after another's, as each finds room
         self.handles: list = []
         self._cpus = None  # each actor's, as _start found them
@@ -185,11 +195,6 @@ class ExpertFleet:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    @property
-    def loaded(self) -> bool:
-        """Whether its actors have loaded, and so may serve fronts (until released)."""
-        return self._done.is_set() and self.error is None
-
     def actors(self, wait_s: float = 0.0) -> FleetActors:
         """The expert actors once loaded, waiting up to `wait_s` for that; none, and why, before. Raises what
         failed the load (a bad checkpoint, ...). Runs on a thread of its own (a threaded Ray actor; Serve runs
@@ -198,7 +203,8 @@ class ExpertFleet:
         self._raise_error()
         with self._lock:  # the actors, their state and id as one: a replacement may begin meanwhile
             if not self._done.is_set():
-                return FleetActors([], self.state, self.fleet_id, self.serves)
+                return FleetActors([], self.state, self.fleet_id, self.serves,
+                                   behind_predecessor=self.behind_predecessor)
             # No actors once released.
             view = FleetActors(list(self.handles), self.state, self.fleet_id, self.serves, self.placement)
             groups = list(self.groups)
@@ -218,6 +224,9 @@ class ExpertFleet:
         try:
             cpus = actor_cpus(self.placement, self.actor_resources)
             wanted = bundles(self.placement, cpus, self.actor_resources)
+            while self._predecessor_stopping() and not self._released:
+                self.state = "waiting for the fleet it replaces, of the same config, to stop"
+                time.sleep(PREDECESSOR_POLL_S)
             with self._lock:
                 # A predecessor's groups, left when its process died: removed even when stopped before starting.
                 _remove_groups_named(self.name, len(wanted))
@@ -280,9 +289,23 @@ class ExpertFleet:
             waited += ROOM_POLL_S
             if self._released or (taken and waited >= HOLDING_WAIT_S):
                 return None
-            self.state = waiting()
+            self.state, self.behind_predecessor = waiting(), self._predecessor_holds_groups()
             log.warning("expert fleet %s", self.state)
+        self.behind_predecessor = False
         return node_id
+
+    def _predecessor_stopping(self) -> bool:
+        """Whether a fleet this one replaces still stops, keeping its actors for the fronts draining (a served
+        fleet's: see router_service.server.ServedFleet); its groups bear this one's name where its config is the
+        same, and this one would remove them."""
+        return False
+
+    def _predecessor_holds_groups(self) -> bool:
+        """Whether another fleet of its family (another version) holds placement groups."""
+        if self.family is None:
+            return False
+        return any(info["state"] == "CREATED" and of_family(info["name"], self.family)
+                   and not info["name"].startswith(f"{self.name}-") for info in placement_group_table().values())
 
     def _remove_groups(self) -> None:
         """Free the groups' reservations (the caller holds the lock)."""
@@ -312,7 +335,7 @@ class ExpertFleet:
                 log.warning("%s", smaller)
             with self._lock:
                 if not self._released:
-                    self.state = "ready"
+                    self.state, self.loaded = "ready", True
         except BaseException as e:
             self._failed(e)
         finally:
@@ -473,6 +496,13 @@ def moving(groups: list) -> str:
 
 def group_name(fleet: str, node: int) -> str:
     return f"{fleet}-node{node}"
+
+
+def of_family(group: str, family: str) -> bool:
+    """Whether `group` (a placement group's name) is a node's of a fleet named "{family}-{version}"."""
+    fleet, _, node = group.rpartition("-node")
+    version = fleet.removeprefix(f"{family}-")
+    return node.isdigit() and fleet.startswith(f"{family}-") and version != "" and "-" not in version
 
 
 def _remove_groups_named(fleet: str, nodes: int) -> None:

@@ -76,6 +76,7 @@ class ExpertLink:
         self.status = "asking the expert fleet for its actors"
         self.load_error: BaseException | None = None  # what the fleet answered instead of its actors: its load failed
         self.placement = None  # the fleet's, with its actors: which actor hosts which expert
+        self.behind_predecessor = False  # as the fleet last said before its actors (FleetActors.behind_predecessor)
         self.ready = threading.Event()
         self._fleet_id = None
         self._wake = threading.Event()
@@ -148,6 +149,7 @@ class ExpertLink:
             self.ready.set()
         elif not ready:
             self.status = view.moving or view.status
+            self.behind_predecessor = view.behind_predecessor
         return self.ready.is_set() or not view.fleet_id or bool(view.moving)
 
 
@@ -286,10 +288,12 @@ class SwitchCluster:
             raise
         self.batcher = ContinuousBatcher(self.front, self.config.max_sequences, metrics)
 
-    def wait_for_experts(self, timeout_s: float | None) -> None:
+    def wait_for_experts(self, timeout_s: float | None, behind_predecessor: bool = False) -> None:
         """Until the expert actors have loaded: PlacementError after `timeout_s` (None: however long it takes, saying
         what they wait for every STATUS_LOG_S and as it changes), or as soon as the load of a fleet this object
-        started fails (Serve starts its fleets again; nothing would start this one again)."""
+        started fails (Serve starts its fleets again; nothing would start this one again). With
+        `behind_predecessor`, it also ends (without them) once their fleet waits for room that the fleet it
+        replaces holds (FleetActors.behind_predecessor)."""
         began = time.monotonic()
         deadline = math.inf if timeout_s is None else began + timeout_s
         said, said_at = None, began
@@ -299,9 +303,14 @@ class SwitchCluster:
             if time.monotonic() >= deadline:
                 raise PlacementError(f"placement: the expert actors were not up within {timeout_s:.0f} s: "
                                      f"{self.link.status}")
+            if behind_predecessor and self.link.behind_predecessor:
+                log.warning("starting without the expert actors, whose fleet waits for room that the fleet it "
+                            "replaces holds for the fronts still serving: %s", self.link.status)
+                return
             if timeout_s is None and (self.link.status != said or time.monotonic() - said_at >= STATUS_LOG_S):
                 said, said_at = self.link.status, time.monotonic()
-                log.info("waiting %.0f s so far for the expert actors: %s", said_at - began, said)
+                # A warning, as Ray's workers show by default (their processes' stderr): a front waiting is not up.
+                log.warning("waiting %.0f s so far for the expert actors: %s", said_at - began, said)
 
     def _local_experts(self, actors: list) -> tuple[dict, dict]:
         """The (wi, wo) weights of the experts whose actors compute where this front does: on this node's CPU,

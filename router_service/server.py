@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 from ray import serve
+from ray.util.placement_group import placement_group_table
 
 from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import ExpertFleet, compute_threads
@@ -419,7 +420,23 @@ class ServedFleet(ExpertFleet):
         dtype = checkpoint.served_dtype(dtype)
         app = serve.get_replica_context().app_name  # two apps serving one checkpoint keep apart
         # Its placement group's name: see cluster.app.fleet_version.
-        super().__init__(checkpoint, placement, dtype, quantize, name=f"{app}-{version}", model_id=model_id)
+        super().__init__(checkpoint, placement, dtype, quantize, name=f"{app}-{version}", model_id=model_id,
+                         family=app)
+
+    def _predecessor_stopping(self) -> bool:
+        """Whether a replica of this fleet's deployment stops while groups of this fleet's name exist: a fleet of the
+        same config (the app deployed anew with the same fleet args, another runtime_env say), keeping its actors for
+        the fronts draining. Left behind by a fleet whose process died, the groups come with no replica stopping."""
+        try:
+            status = serve.status().applications.get(serve.get_replica_context().app_name)
+        except Exception as e:  # Serve's controller starting again, say: as where none stops
+            log.warning("the expert fleet could not ask Serve whether the fleet it replaces still stops: %s", e)
+            return False
+        deployment = None if status is None else status.deployments.get(FLEET_DEPLOYMENT)
+        if deployment is None or not deployment.replica_states.get("STOPPING", 0):
+            return False
+        return any(info["state"] == "CREATED" and info["name"].startswith(f"{self.name}-node")
+                   for info in placement_group_table().values())
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config: settings that change without a new fleet."""
@@ -470,9 +487,10 @@ class SwitchServer:
             self.has_tokenizer = False  # token ids only
         # Up once it can serve: Serve routes calls to a replica, a rolling update stops the next old one, and KubeRay
         # moves traffic to a new cluster, only once its constructor has returned. However long the experts take to
-        # load (Serve starts a failed fleet again); health says NOT_SERVING only for experts lost after. Waited for
-        # off the replica's event loop, which stays free to stop the replica gracefully meanwhile.
-        await asyncio.to_thread(self.cluster.wait_for_experts, None)
+        # load (Serve starts a failed fleet again), unless their fleet waits for room that the fleet it replaces
+        # holds for the old fronts: Serve then goes on stopping those, each draining, and the old fleet releases its
+        # room once they have stopped. Waited for off the replica's event loop, free to stop the replica meanwhile.
+        await asyncio.to_thread(self.cluster.wait_for_experts, None, behind_predecessor=True)
 
     # -- shared by gRPC and HTTP ---------------------------------------------------------------------------
 

@@ -337,7 +337,7 @@ def test_fronts_that_never_find_room_end_the_serve_at_its_deadline(ray_cluster, 
     began = time.monotonic()
     with pytest.raises(PlacementError, match=r"^placement: the applications are not running after 8 s: "
                                              r"SwitchServer replicas \{'STARTING': 1\}, each asking for "
-                                             r"\{'GPU': 1.0\}; the experts: ready; the cluster has"):
+                                             r"\{'GPU': 1.0\}; the experts: .*; the cluster has"):
         with local_serve(config, http_port=free_port(), grpc_port=free_port()):
             pass
     assert time.monotonic() - began < 60
@@ -354,9 +354,9 @@ def test_a_front_runs_only_once_its_experts_have_loaded(ray_cluster, checkpoint_
 
     path, _ = checkpoint_factory("tiny")
     config = ServerConfig(model=str(path), drain_timeout_s=1,
-                          placement=PlacementConfig(experts_per_actor=4, timeout_s=8,
+                          placement=PlacementConfig(experts_per_actor=4, timeout_s=15,
                                                     actor_resources={"no_such_node": 1}))
-    with pytest.raises(PlacementError, match=r"^placement: the applications are not running after 8 s: "
+    with pytest.raises(PlacementError, match=r"^placement: the applications are not running after 15 s: "
                                              r"SwitchServer replicas \{'STARTING': 1\}.*; the experts: waiting \d+ s "
                                              r"for room for node 1 of 1"):
         with local_serve(config, http_port=free_port(), grpc_port=free_port()):

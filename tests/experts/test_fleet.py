@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import traceback
 import types
 
@@ -128,6 +129,7 @@ def test_a_fleet_released_while_it_waits_for_room_reports_no_failure(tmp_path, m
     monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: None)
     monkeypatch.setattr(fleet, "placement_group", lambda bundles, **options: Group())
     monkeypatch.setattr(fleet, "remove_placement_group", lambda group: None)
+    monkeypatch.setattr(fleet, "alive_node_resources", lambda: [{"CPU": 2.0}])
 
     class Starting(fleet.ExpertFleet):
         def __init__(self, *args, **kwargs):
@@ -419,3 +421,134 @@ def test_a_ping_left_unanswered_is_left_for_the_actor_to_answer(monkeypatch):
     monkeypatch.setattr(fleet.ray, "get", lambda ping: {"pid": 1})
     monkeypatch.setattr(fleet.ray, "cancel", lambda ping: pytest.fail(f"{ping} cancelled"))
     assert fleet.dead_for_good(handles) == []
+
+
+def test_a_fleet_waiting_for_room_says_whether_the_fleet_it_replaces_holds_groups(tmp_path, monkeypatch):
+    """A new config's fleet that finds no room while another version of its family (the fleet it replaces, keeping
+    its actors for the old fronts) holds placement groups says so, which its fronts start on without their experts;
+    another app's groups, its own, and groups already removed do not count. Fails if the fleet never says so (the
+    new fronts would wait for room that the old fleet frees only once the old fronts have gone)."""
+    import threading
+
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    others = {"app-0123456789-node0": "CREATED", "app-x-experts-0123456789-node0": "CREATED"}
+    placed = threading.Event()
+
+    class Group:
+        def __init__(self, name):
+            self.name = name
+
+        def wait(self, timeout_s):
+            return placed.wait(timeout_s)
+
+    def table(group=None):
+        if group is not None:
+            return {"bundles_to_node_id": {0: "node"}, "state": "CREATED"}
+        return {i: {"name": name, "state": state} for i, (name, state) in enumerate(others.items())}
+
+    monkeypatch.setattr(fleet, "ROOM_POLL_S", 0.01)
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 0.5)
+    monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: None)
+    monkeypatch.setattr(fleet, "placement_group", lambda bundles, **options: Group(options["name"]))
+    monkeypatch.setattr(fleet, "placement_group_table", table)
+    monkeypatch.setattr(fleet, "alive_node_resources", lambda: [{"CPU": 2.0}])
+    monkeypatch.setattr(fleet.ExpertFleet, "_new_actor", lambda self, spec: spec)
+    monkeypatch.setattr(fleet.ExpertFleet, "_wait_loaded", lambda self, handles: self._done.set())
+    waiting = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
+                                name="app-abcdef0123", family="app")
+    deadline = time.monotonic() + 30
+    while not waiting.actors().behind_predecessor:
+        assert time.monotonic() < deadline, waiting.actors()
+        time.sleep(0.01)
+    others["app-0123456789-node0"] = "REMOVED"  # the old fleet released its room: only another app's left
+    while waiting.actors().behind_predecessor:
+        assert time.monotonic() < deadline, waiting.actors()
+        time.sleep(0.01)
+    placed.set()
+    assert waiting.actors(wait_s=30).status == "loading 2 expert actors"
+
+
+@pytest.mark.parametrize("group, family, of", [
+    ("app-0123456789-node0", "app", True), ("app-0123456789-node12", "app", True),
+    ("app-x-experts-0123456789-node0", "app", False), ("app-0123456789", "app", False), ("app--node0", "app", False),
+    ("other-0123456789-node0", "app", False)])
+def test_a_fleets_family_is_its_apps_versions(group, family, of):
+    assert fleet.of_family(group, family) is of
+
+
+def test_a_fleet_counts_as_loaded_from_its_first_load_on_through_replacements(tmp_path, monkeypatch):
+    """`loaded` (whose fronts a stopping fleet waits for) is false while the first load runs and where it failed,
+    and true from the first load on, while a replacement of dead actors loads too (the others serve meanwhile).
+    Fails if a replacement makes a stopping fleet release the actors that draining fronts still use."""
+    import asyncio
+    import threading
+
+    import ray
+
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    gate = {}
+
+    class Actor:
+        def __init__(self, name, answer):
+            self.name, self.answer = name, answer
+            self.info = types.SimpleNamespace(remote=self.answered)
+
+        async def answered(self):
+            await asyncio.to_thread(gate.setdefault(self.name, threading.Event()).wait)
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            return self.answer
+
+    def start(self):
+        self.handles = [Actor(f"{self.name} 0", {"gpu_bytes": None}), Actor(f"{self.name} 1", {"gpu_bytes": None})]
+        self._wait_loaded(self.handles)
+
+    monkeypatch.setattr(fleet.ExpertFleet, "_start", start)
+    monkeypatch.setattr(fleet, "dead_for_good", lambda handles: [1])
+    monkeypatch.setattr(fleet.ExpertFleet, "_new_actor", lambda self, spec: Actor("new", {"gpu_bytes": None}))
+    serving = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
+                                name="serving")
+    assert not serving.loaded and serving.actors().status.startswith("starting")
+    for name in ("serving 0", "serving 1"):
+        gate.setdefault(name, threading.Event()).set()
+    assert serving.actors(wait_s=30).status == "ready" and serving.loaded
+    assert serving.replace_dead(serving.fleet_id)
+    assert serving.actors().status == "loading 1 expert actors again" and serving.loaded
+    gate.setdefault("new", threading.Event()).set()
+    assert serving.actors(wait_s=30).status == "ready" and serving.loaded
+
+    monkeypatch.setattr(fleet.ExpertFleet, "release", lambda self: None)
+    failing = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
+                                name="failing")
+    gate.setdefault("failing 0", threading.Event()).set()
+    failing.handles[1].answer = ray.exceptions.RaySystemError("the GCS is gone")
+    gate.setdefault("failing 1", threading.Event()).set()
+    with pytest.raises(ray.exceptions.RaySystemError):
+        failing.actors(wait_s=30)
+    assert not failing.loaded
+
+
+def test_a_fleet_removes_groups_of_its_name_only_once_the_fleet_it_replaces_has_stopped(tmp_path, monkeypatch):
+    """While the fleet it replaces (of the same config, so its groups bear the same name) still stops, the new one
+    waits, saying so, and removes nothing; then it removes what is left of them and goes on. Fails if it removes the
+    groups of a fleet still keeping its actors for the fronts draining."""
+    import threading
+
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    stopped, removed = threading.Event(), []
+    monkeypatch.setattr(fleet, "PREDECESSOR_POLL_S", 0.01)
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 0.5)
+    monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: removed.append(name))
+    monkeypatch.setattr(fleet.ExpertFleet, "_predecessor_stopping", lambda self: not stopped.is_set())
+    monkeypatch.setattr(fleet.ExpertFleet, "_reserve", lambda self, wanted: self._done.set() or False)
+    replacing = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
+                                  name="same")
+    deadline = time.monotonic() + 30
+    while replacing.state != "waiting for the fleet it replaces, of the same config, to stop":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert removed == []
+    stopped.set()
+    replacing._done.wait(30)
+    assert removed == ["same"]

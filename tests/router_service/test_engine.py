@@ -246,15 +246,44 @@ def test_a_served_front_waits_for_its_experts_however_long_saying_what_they_wait
         link.status = statuses[len(looks)]
         return link.status == "ready"
 
-    link = SimpleNamespace(load_error=RuntimeError("tensor cut off"), status="asking the expert fleet", wait=wait)
+    link = SimpleNamespace(load_error=RuntimeError("tensor cut off"), status="asking the expert fleet", wait=wait,
+                           behind_predecessor=False)
     front = SwitchCluster.__new__(SwitchCluster)  # no Ray: the wait alone
     front.link, front._owns_fleet = link, False
-    with caplog.at_level(logging.INFO, logger=engine.__name__):
-        front.wait_for_experts(None)
+    # Warnings: Ray's workers show those (their stderr), not a module's info lines, with no logging set up.
+    with caplog.at_level(logging.WARNING, logger=engine.__name__):
+        front.wait_for_experts(None, behind_predecessor=True)
     assert len(looks) == 6 and all(0 < t <= engine.LINK_CHECK_S for t in looks)
     said = [r.getMessage() for r in caplog.records if r.name == engine.__name__]
     assert len(said) == 2 and said[0].endswith("s so far for the expert actors: expert fleet: tensor cut off")
     assert said[1].endswith(": waiting 10 s for room")
+
+
+def test_a_served_front_starts_without_its_experts_where_their_fleet_waits_for_the_old_ones_room(caplog):
+    """A new config's fleet waiting for room that the fleet it replaces holds for the old fronts: the front starts
+    without its experts, so that Serve goes on stopping the old fronts (each draining with the old actors) and the
+    old fleet frees its room. Fails if the front waits on (the old fleet would free its room only at its deadline,
+    under old fronts still taking calls)."""
+    import logging
+    from types import SimpleNamespace
+
+    looks = []
+
+    def wait(timeout_s):
+        looks.append(timeout_s)
+        link.behind_predecessor = len(looks) >= 3
+        return False
+
+    link = SimpleNamespace(load_error=None, status="waiting 10 s for room for node 1 of 2", wait=wait,
+                           behind_predecessor=False)
+    front = SwitchCluster.__new__(SwitchCluster)
+    front.link, front._owns_fleet = link, False
+    with caplog.at_level(logging.WARNING, logger=engine.__name__):
+        front.wait_for_experts(None, behind_predecessor=True)
+    assert len(looks) == 3
+    said = [r.getMessage() for r in caplog.records if r.name == engine.__name__]
+    assert said[-1] == ("starting without the expert actors, whose fleet waits for room that the fleet it replaces "
+                        "holds for the fronts still serving: waiting 10 s for room for node 1 of 2")
 
 
 def test_experts_whose_own_fleet_failed_for_good_are_refused_at_once():

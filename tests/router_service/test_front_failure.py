@@ -283,7 +283,8 @@ def test_a_stopping_fleet_gives_each_draining_front_its_whole_timeout(monkeypatc
 def test_a_stopping_fleet_that_never_loaded_releases_at_once(monkeypatch):
     """A fleet whose load failed (or had yet to end) handed no front its actors: stopped while the fronts' application
     is still deploying (its fronts wait for their experts), it releases at once, and Serve's next try starts without
-    waiting out the drain timeout. Fails if it waits for fronts that never used it."""
+    waiting out the drain timeout. Fails if it waits for fronts that never used it. (ExpertFleet.loaded in each
+    state: tests/experts/test_fleet.py.)"""
     from types import SimpleNamespace
 
     monkeypatch.setattr(server, "fronts_changing", lambda app: (True, 0))
@@ -302,6 +303,41 @@ def stopping_fleet(loaded: bool):
             pass
 
     fleet = object.__new__(Stopping)
-    fleet._done, fleet.error = threading.Event(), None if loaded else RuntimeError("tensor cut off")
-    fleet._done.set()
+    fleet.loaded = loaded
     return fleet
+
+
+def test_a_fleet_replacing_one_of_its_own_config_waits_for_it_to_stop(monkeypatch):
+    """The app deployed anew with the same fleet args (another runtime_env, say): the new fleet bears the old one's
+    name, and so do the old one's placement groups, which it would remove as a dead predecessor's while the old
+    fleet still keeps its actors for the fronts draining. It waits while a replica of its deployment stops and groups
+    of its name exist; groups of another name, or none stopping (a predecessor whose process died), do not hold it.
+    Fails if the new fleet removes a draining fleet's groups."""
+    from types import SimpleNamespace
+
+    stopping, groups = [1], {"a": {"name": "app-0123456789-node0", "state": "CREATED"}}
+
+    def status():
+        states = {"STOPPING": stopping[0], "RUNNING": 1} if stopping[0] else {"RUNNING": 1}
+        return SimpleNamespace(applications={FLEET_APP: SimpleNamespace(deployments={
+            FLEET_DEPLOYMENT: SimpleNamespace(replica_states=states)})})
+
+    monkeypatch.setattr(server.serve, "status", status)
+    monkeypatch.setattr(server.serve, "get_replica_context", lambda: SimpleNamespace(app_name=FLEET_APP))
+    monkeypatch.setattr(server, "placement_group_table", lambda: groups)
+    fleet = stopping_fleet(loaded=False)
+    fleet.name = "app-0123456789"
+    assert fleet._predecessor_stopping()
+    fleet.name = "app-9876543210"  # another config's fleet: the old groups are not its to remove
+    assert not fleet._predecessor_stopping()
+    fleet.name, stopping[0] = "app-0123456789", 0  # left by a fleet whose process died
+    assert not fleet._predecessor_stopping()
+
+
+def test_a_fleet_whose_check_for_a_stopping_predecessor_fails_starts_anyway(monkeypatch):
+    """Serve's controller not answering (starting again, say) does not fail the fleet's start."""
+    def status():
+        raise ConnectionError("the controller is gone")
+
+    monkeypatch.setattr(server.serve, "status", status)
+    assert not stopping_fleet(loaded=False)._predecessor_stopping()

@@ -94,13 +94,12 @@ def test_a_batch_failed_by_lost_actors_is_retryable_when_served():
 def test_an_actor_gone_for_good_is_started_again_by_its_fleet_the_others_kept(ray_cluster, checkpoint,
                                                                             monkeypatch):
     """Ray starts again an actor that dies, but not one killed for good or whose restart failed (its checkpoint
-    missing on the node it was moved to, say): the batch that needed it fails (the link's periodic look, which
-    would find it first, put off here), then its fleet starts that actor again, keeping the others, and the same
-    prompts give the same tokens. Fails if the fleet goes on handing out the dead actor (every request after
-    failing)."""
-    from router_service import engine
+    missing on the node it was moved to, say): the batch that needed it fails (the link's pings, which would find
+    it first, left out here), then its fleet starts that actor again, keeping the others, and the same prompts give
+    the same tokens. Fails if the fleet goes on handing out the dead actor (every request after failing)."""
+    from router_service.dispatch import ExpertDispatcher
 
-    monkeypatch.setattr(engine, "LINK_CHECK_S", 3600.0)
+    monkeypatch.setattr(ExpertDispatcher, "actors_dead", lambda self, timeout_s=1.0: False)
     path, reference = checkpoint
     with SwitchCluster(path, placement=PACKING, local_experts=False) as model:
         pids = [info["pid"] for info in model.actor_info()]
