@@ -55,6 +55,9 @@ FLEET_MAX_CALLS = 256
 FLEET_HEALTH_CHECK_S = 2.0
 # Time a stopping fleet has, after the fronts' drain timeout, to release its actors and placement group.
 FLEET_RELEASE_S = 10.0
+# Time a new front replica takes to start, where it starts without its experts (their fleet waiting for the old
+# fleet's room): Serve stops the next old front only once it runs.
+FRONT_START_S = 60.0
 # After every op, a front's idle OpenMP threads spin for a while before they sleep (OpenMP reads GOMP_SPINCOUNT as
 # torch loads, so it goes in the replicas' environment). Where two vCPUs share a core (SMT), a spinning thread takes
 # half the core from the one computing, so a short spin frees it: on an AMD EPYC whose 2 vCPUs barely sped up a
@@ -112,10 +115,13 @@ def build_fleet(args: dict | ServerConfig) -> Application:
 
 def fleet_drain(config: ServerConfig) -> dict:
     """The fleet's deployment options of its drain: a stopping fleet waits up to the drain timeout for the fronts to
-    begin draining, then for each that does, for up to the drain timeout from when it began, one after another at
-    worst (see ServedFleet.__del__), and must release its placement groups before Serve's own deadline ends it."""
+    begin draining, then while each drains (up to the drain timeout, one after another at worst, each after the new
+    front before it has started: see ServedFleet.__del__), and must release its placement groups before Serve's own
+    deadline ends it."""
+    replicas = config.num_replicas
     return {"user_config": {"drain_timeout_s": config.drain_timeout_s},
-            "graceful_shutdown_timeout_s": config.drain_timeout_s * (config.num_replicas + 1) + FLEET_RELEASE_S}
+            "graceful_shutdown_timeout_s": config.drain_timeout_s * (replicas + 1) + FRONT_START_S * replicas
+            + FLEET_RELEASE_S}
 
 
 def fleet_config(config: ServerConfig) -> ServerConfig:
@@ -220,8 +226,9 @@ def wait_until_serving(front, replicas: int, timeout_s: float, asks: dict[str, d
                        + (f" ({d.message})" if d.message else "") for app in apps.values()
                        for kind, d in app.deployments.items() if d.status != "HEALTHY"]
             experts = "" if fleet is None else f"; the experts: {experts_status(fleet)}"
+            cluster = "" if "the cluster has" in experts else f"; the cluster has {alive_node_resources()}"
             raise PlacementError(f"placement: the applications are not running after {timeout_s:.0f} s: "
-                                 f"{'; '.join(waiting)}{experts}; the cluster has {alive_node_resources()}")
+                                 f"{'; '.join(waiting)}{experts}{cluster}")
         time.sleep(0.2)
     while in_a_row < SERVING_IN_A_ROW * replicas:
         status = front.status.remote().result(timeout_s=max(deadline - time.monotonic(), 1.0))

@@ -444,21 +444,21 @@ class ServedFleet(ExpertFleet):
 
     def __del__(self):
         """Serve calls it as it stops the replica (its application deleted, or its placement changed): while the
-        fronts' application is deployed anew or deleted, the old fronts still draining keep their actors until
-        they have stopped, each for up to the drain timeout from when it began (Serve rolls fronts out a few at a
-        time, so the last may begin well after the fleet stopped). Then the actors and their placement group go at
-        once, making room for the new fleet's. A fleet that never handed out loaded actors (its load failed, or had
-        yet to end) has no front to wait for: it releases at once, so that Serve's next try starts without delay."""
+        fronts' application is deployed anew or deleted, the old fronts keep their actors until they have stopped:
+        while any drains (Serve ends each at its drain timeout), and up to the drain timeout between two (Serve rolls
+        fronts out a few at a time, so the last may begin well after the fleet stopped). Then the actors and their
+        placement group go at once, making room for the new fleet's. A fleet that never handed out loaded actors
+        (its load failed, or had yet to end) has no front to wait for: it releases at once, so that Serve's next try
+        starts without delay."""
         try:
             fronts = serve.get_replica_context().app_name.removesuffix(FLEET_APP_SUFFIX)
-            deadline, stopping = time.monotonic() + self.drain_timeout_s, 0
+            deadline = time.monotonic() + self.drain_timeout_s
             while self.loaded and time.monotonic() < deadline:
-                changing, now_stopping = fronts_changing(fronts)
+                changing, stopping = fronts_changing(fronts)
                 if not changing:
                     break
-                if now_stopping > stopping:  # another front began to drain: its whole timeout
+                if stopping:  # a front drains: the next may begin as it ends
                     deadline = time.monotonic() + self.drain_timeout_s
-                stopping = now_stopping
                 time.sleep(0.5)
         finally:  # released even if Serve's controller cannot be asked
             self.release()

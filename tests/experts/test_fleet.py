@@ -431,7 +431,8 @@ def test_a_fleet_waiting_for_room_says_whether_the_fleet_it_replaces_holds_group
     import threading
 
     write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
-    others = {"app-0123456789-node0": "CREATED", "app-x-experts-0123456789-node0": "CREATED"}
+    others = {"app-0123456789-node0": "CREATED", "app-x-experts-0123456789-node0": "CREATED",
+              "app-abcdef0123-node0": "CREATED"}  # the old fleet's, another app's, its own
     placed = threading.Event()
 
     class Group:
@@ -460,7 +461,7 @@ def test_a_fleet_waiting_for_room_says_whether_the_fleet_it_replaces_holds_group
     while not waiting.actors().behind_predecessor:
         assert time.monotonic() < deadline, waiting.actors()
         time.sleep(0.01)
-    others["app-0123456789-node0"] = "REMOVED"  # the old fleet released its room: only another app's left
+    others["app-0123456789-node0"] = "REMOVED"  # the old fleet released its room: another app's and its own left
     while waiting.actors().behind_predecessor:
         assert time.monotonic() < deadline, waiting.actors()
         time.sleep(0.01)

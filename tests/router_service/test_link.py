@@ -193,3 +193,17 @@ def test_the_front_places_its_experts_as_its_fleet_did():
         assert given == [{("encoder", 1): {0: [1], 1: [0]}}] and link.placement is fleet_placement
     finally:
         link.close()
+
+
+def test_link_says_whether_its_fleet_waits_behind_the_one_it_replaces():
+    """The fleet's word that it waits for room the fleet it replaces holds reaches the link, whose front then starts
+    without its experts (SwitchCluster.wait_for_experts), and goes once the room is free. Fails if the link drops it."""
+    fleet = StandInFleet(FleetActors([], "waiting 10 s for room for node 1 of 2", "new", SERVES,
+                                     behind_predecessor=True))
+    link = ExpertLink(fleet, SERVES, stand_in_dispatcher())
+    try:
+        assert wait_for(lambda: link.behind_predecessor, 5)
+        fleet.view = FleetActors([], "loading 2 expert actors", "new", SERVES)
+        assert wait_for(lambda: not link.behind_predecessor, 5) and link.status == "loading 2 expert actors"
+    finally:
+        link.close()
