@@ -307,8 +307,7 @@ class ExpertFleet:
         """Whether another fleet of its family (another version) holds placement groups."""
         if self.family is None:
             return False
-        return any(info["state"] == "CREATED" and of_family(info["name"], self.family)
-                   and not info["name"].startswith(f"{self.name}-") for info in placement_group_table().values())
+        return any(of_family(name, self.family) and not name.startswith(f"{self.name}-") for name in created_groups())
 
     def _remove_groups(self) -> None:
         """Free the groups' reservations (the caller holds the lock)."""
@@ -499,6 +498,11 @@ def moving(groups: list) -> str:
 
 def group_name(fleet: str, node: int) -> str:
     return f"{fleet}-node{node}"
+
+
+def created_groups() -> list[str]:
+    """The names of the cluster's placement groups that hold their room."""
+    return [info["name"] for info in placement_group_table().values() if info["state"] == "CREATED"]
 
 
 def of_family(group: str, family: str) -> bool:

@@ -25,10 +25,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 from ray import serve
-from ray.util.placement_group import placement_group_table
 
 from experts.checkpoint import SwitchCheckpoint
-from experts.fleet import ExpertFleet, compute_threads
+from experts.fleet import ExpertFleet, compute_threads, created_groups
 from experts.placement import PlacementConfig
 from experts.spec import sparse_layers
 from router_service.auth import Unauthenticated, load_api_key, presented_key
@@ -435,8 +434,7 @@ class ServedFleet(ExpertFleet):
         deployment = None if status is None else status.deployments.get(FLEET_DEPLOYMENT)
         if deployment is None or not deployment.replica_states.get("STOPPING", 0):
             return False
-        return any(info["state"] == "CREATED" and info["name"].startswith(f"{self.name}-node")
-                   for info in placement_group_table().values())
+        return any(name.startswith(f"{self.name}-node") for name in created_groups())
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config: settings that change without a new fleet."""

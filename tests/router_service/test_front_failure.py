@@ -315,6 +315,8 @@ def test_a_fleet_replacing_one_of_its_own_config_waits_for_it_to_stop(monkeypatc
     Fails if the new fleet removes a draining fleet's groups."""
     from types import SimpleNamespace
 
+    from experts import fleet as fleet_module
+
     stopping, groups = [1], {"a": {"name": "app-0123456789-node0", "state": "CREATED"}}
 
     def status():
@@ -324,7 +326,7 @@ def test_a_fleet_replacing_one_of_its_own_config_waits_for_it_to_stop(monkeypatc
 
     monkeypatch.setattr(server.serve, "status", status)
     monkeypatch.setattr(server.serve, "get_replica_context", lambda: SimpleNamespace(app_name=FLEET_APP))
-    monkeypatch.setattr(server, "placement_group_table", lambda: groups)
+    monkeypatch.setattr(fleet_module, "placement_group_table", lambda: groups)
     fleet = stopping_fleet(loaded=False)
     fleet.name = "app-0123456789"
     assert fleet._predecessor_stopping()
