@@ -307,7 +307,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.address is not None and args.ingress != DEFAULT_INGRESS:
         raise ValueError("--ingress: sets up the Ray cluster started here; a cluster joined with --address takes "
                          "RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of every node instead")
-    free_ports(grpc_port=args.grpc_port, http_port=args.http_port)
+    if args.address is None:  # a cluster joined serves on its own nodes' ports, not this machine's
+        free_ports(grpc_port=args.grpc_port, http_port=args.http_port)
     folder, checkpoint = open_checkpoint(args.model)
     config = engine_config(args, ServerConfig, folder)
     if config.served_model_name is None and not Path(args.model).exists():  # a Hub id, whose folder is a commit hash

@@ -1,5 +1,6 @@
 """Helpers for tests, the benchmark and the soak run: small randomly initialised Switch checkpoints written by
-transformers itself, free ports, the memory of running processes, the replicas Serve runs and percentiles."""
+transformers itself, free ports, the memory of running processes, the replicas Serve runs, waits on a server and
+percentiles."""
 
 from __future__ import annotations
 
@@ -112,6 +113,28 @@ def serve_actor_names(prefix: str) -> list[str]:
 def replica_names(app: str, deployment: str) -> list[str]:
     """The named actors (namespace "serve") Serve runs a deployment's live replicas in."""
     return serve_actor_names(f"SERVE_REPLICA::{app}#{deployment}#")
+
+
+def busiest_replica(app: str, deployment: str):
+    """The actor of the deployment's live replica with the most requests under way (one, where it carries any)."""
+    import ray
+
+    replicas = [ray.get_actor(name, namespace="serve") for name in replica_names(app, deployment)]
+    carried = ray.get([replica.get_num_ongoing_requests.remote() for replica in replicas], timeout=60)
+    assert max(carried) > 0, f"no replica carries a request: {carried}"
+    return replicas[carried.index(max(carried))]
+
+
+def wait_until_decoding(stub, timeout_s: float = 60.0) -> None:
+    """Until a front replica says it decodes a sequence (ModelInfo's active_sequences); fails after `timeout_s`."""
+    import time
+
+    from router_service.proto import switch_serve_pb2 as pb
+
+    deadline = time.monotonic() + timeout_s
+    while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).active_sequences == 0:
+        assert time.monotonic() < deadline, f"no request reached a batch within {timeout_s:g} s"
+        time.sleep(0.01)
 
 
 def serve_controller():

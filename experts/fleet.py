@@ -149,9 +149,11 @@ class FleetActors(NamedTuple):
     # With the actors: what those of the groups Ray is moving wait for (their node lost: each group waits for room
     # on another), "" where every group is placed. Calls to those actors wait; the fronts take no new requests.
     moving: str = ""
-    # Before them: whether it waits for room while the fleet it replaces (another config's, keeping its actors for
-    # the fronts still draining) holds placement groups, whose room it may need.
+    # Before them: whether it waits for the fleet it replaces, which keeps its actors for the fronts still draining:
+    # for room while another version's holds placement groups, or for one of its own version to stop.
     behind_predecessor: bool = False
+    # The fleet's name: kept as it starts again, another for a fleet that replaces it (a served app's new version).
+    name: str = ""
 
 
 class ExpertFleet:
@@ -204,9 +206,10 @@ class ExpertFleet:
         with self._lock:  # the actors, their state and id as one: a replacement may begin meanwhile
             if not self._done.is_set():
                 return FleetActors([], self.state, self.fleet_id, self.serves,
-                                   behind_predecessor=self.behind_predecessor)
+                                   behind_predecessor=self.behind_predecessor, name=self.name)
             # No actors once released.
-            view = FleetActors(list(self.handles), self.state, self.fleet_id, self.serves, self.placement)
+            view = FleetActors(list(self.handles), self.state, self.fleet_id, self.serves, self.placement,
+                               name=self.name)
             groups = list(self.groups)
         return view._replace(moving=moving(groups)) if view.actors else view
 
@@ -240,7 +243,9 @@ class ExpertFleet:
             with self._lock:
                 if self._released:
                     return
-                handles = self.handles = [self._new_actor(spec) for spec in self.placement.actors]
+                for spec in self.placement.actors:  # each kept as it starts: a failure to start one releases those
+                    self.handles.append(self._new_actor(spec))
+                handles = list(self.handles)
             self._wait_loaded(handles)
         except BaseException as e:
             self._failed(e)

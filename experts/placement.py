@@ -68,7 +68,8 @@ class PlacementConfig(BaseModel):
     replicate_hot: int = Field(0, ge=0, description="the busiest experts that get a second copy on another GPU")
     stats: str | None = Field(None, description="token counts per expert (`switch-serve stats`) to balance by")
     actor_resources: RayResources = Field(
-        default_factory=dict, description="a Ray resource each expert actor asks for, e.g. a GPU worker group's")
+        default_factory=dict, description="a Ray resource each expert actor asks for, e.g. a GPU worker group's (the "
+                                          "actors sharing a GPU ask for it each)")
     timeout_s: float = Field(600.0, gt=0, description="how long to wait for Ray to find room for the actors")
     restart_timeout_s: float = Field(
         60.0, gt=0, description="how long a sparse layer waits for its expert actors' answers, the time to "

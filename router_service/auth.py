@@ -14,7 +14,8 @@ class Unauthenticated(Exception):
 
 
 def load_api_key(path: str | None) -> str | None:
-    """The key calls must present: the file's content, else the environment variable; None: no key needed."""
+    """The key calls must present: the file's content, else the environment variable; None: no key needed. An empty
+    file or variable is an error."""
     if path is not None:
         try:
             key = Path(path).read_text().strip()
@@ -23,7 +24,12 @@ def load_api_key(path: str | None) -> str | None:
         if not key:
             raise ValueError(f"api_key_file: {path} is empty")
         return key
-    return os.environ.get(API_KEY_ENV, "").strip() or None  # a Secret's value may end in a newline
+    if API_KEY_ENV not in os.environ:
+        return None
+    key = os.environ[API_KEY_ENV].strip()  # a Secret's value may end in a newline
+    if not key:  # a Secret made from an empty value, say: failing beats serving every caller unasked
+        raise ValueError(f"{API_KEY_ENV} is set but empty: give it the key, or unset it to need none")
+    return key
 
 
 def presented_key(metadata) -> str | None:

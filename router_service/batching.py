@@ -3,7 +3,10 @@
 Every step decodes all active sequences as one batch, so each sparse layer sends one call per expert actor
 for all requests together. New prompts are encoded together when they are admitted; a sequence that ends
 (or is cancelled) leaves at once, its cache rows kept for those that join later. Capacity is per sequence and
-sampling has a generator per sequence, so a request gets the same tokens whatever it is batched with.
+sampling has a generator per sequence, so what a request is batched with changes neither which of its tokens an
+expert drops nor its random draws. Its values may round otherwise in the last place: a product's kernel depends on
+its count of rows (experts.ffn.linear), which the batch makes, so a near tie can go either way, as it can between
+transformers' own batch sizes.
 """
 
 from __future__ import annotations

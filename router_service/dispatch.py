@@ -94,7 +94,8 @@ class ExpertDispatcher:
                  metrics=None, timeout_s: float | None = None, act=None):
         self.act = act
         self.timeout_s = timeout_s
-        self.on_lost: Callable[[BaseException], None] | None = None  # told when a call finds its actor dead
+        # Told when a call finds its actor dead, with the actors its layer went to.
+        self.on_lost: Callable[[BaseException, list], None] | None = None
         # Sparse-layer round trips made, the front's time sending and waiting in them, and sending alone.
         self.calls, self.seconds, self.sending_seconds = 0, 0.0, 0.0
         self.trips: list[list[int]] | None = None  # for the benchmark, where a list: each round trip's actors called
@@ -169,13 +170,17 @@ class ExpertDispatcher:
         index = np.arange(len(expert)) if keep is None else np.flatnonzero(keep.cpu().numpy())
         here = r.is_local[(stack, layer)][expert[index]]
         pending = PendingDispatch(self, r, stack, layer, tokens, index[~here])
-        if len(pending.index):
-            self._call(pending, expert)
-        pending.sending_s = time.perf_counter() - began
-        if here.any():
-            computing = time.perf_counter()
-            self._compute_here(pending, index[here], expert)
-            pending.local_s = time.perf_counter() - computing
+        try:
+            if len(pending.index):
+                self._call(pending, expert)
+            pending.sending_s = time.perf_counter() - began
+            if here.any():
+                computing = time.perf_counter()
+                self._compute_here(pending, index[here], expert)
+                pending.local_s = time.perf_counter() - computing
+        except BaseException:  # its calls out would not be waited for: cancelled as late ones are (see cancel)
+            pending.cancel()
+            raise
         return pending
 
     def _call(self, pending: PendingDispatch, expert: np.ndarray) -> None:
@@ -318,9 +323,8 @@ class PendingDispatch:
                     f"expert actors {late} did not answer {self.stack} layer {self.layer} within {d.timeout_s:g} s "
                     "(restarting, no room to restart them, or busy for longer than restart_timeout_s)") from None
             except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them
-                # Actors replaced already (their fleet started again while this layer's calls were out) are no news.
-                if d.on_lost is not None and self.routes.actors == d.routes.actors:
-                    d.on_lost(e)
+                if d.on_lost is not None:
+                    d.on_lost(e, self.routes.actors)
                 raise
             # What the front spent sending and then waiting: with micro-batches, the rest of the round trip
             # overlaps the front's work on another micro-batch.

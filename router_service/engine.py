@@ -66,7 +66,9 @@ class ExpertLink:
     seconds checks that they live and that the fleet is still the one that started them (it started again, with
     new actors, if not); asks again as soon as a call finds an actor dead. A fleet that does not answer in time
     (Serve has not yet noticed it died) leaves live actors in use, and so does a fleet that serves another
-    checkpoint, placement or dtype than `serves` (while a config change is under way, the other config's).
+    checkpoint, placement or dtype than `serves` (while a config change is under way, the other config's), and one
+    that replaces theirs serving the same (another version: a change of the served model's name, say; or the same,
+    waiting for theirs to stop), which keeps their actors until its fronts have drained.
     `status` says why the experts are not ready while they are not."""
 
     def __init__(self, fleet, serves: str, dispatcher: ExpertDispatcher, local_experts=lambda actors: ({}, {})):
@@ -78,10 +80,11 @@ class ExpertLink:
         self.placement = None  # the fleet's, with its actors: which actor hosts which expert
         self.behind_predecessor = False  # as the fleet last said before its actors (FleetActors.behind_predecessor)
         self.ready = threading.Event()
-        self._fleet_id = None
+        self._fleet_id = self._fleet_name = None  # those of the fleet that handed out the actors in use
+        self._taking = threading.Lock()  # held while new actors are taken up, and a call's loss of the old ones told
         self._wake = threading.Event()
         self._closed = False
-        dispatcher.on_lost = self._on_lost
+        dispatcher.on_lost = self._on_call_lost
         threading.Thread(target=self._run, name="switch-serve-experts", daemon=True).start()
 
     def wait(self, timeout_s: float) -> bool:
@@ -90,6 +93,13 @@ class ExpertLink:
     def close(self) -> None:
         self._closed = True
         self._wake.set()
+
+    def _on_call_lost(self, why: BaseException, actors: list) -> None:
+        """A call found its actor dead (the dispatcher tells, from the batching thread): no news where the actors its
+        layer went to were replaced meanwhile (their fleet started again while the layer's calls were out)."""
+        with self._taking:
+            if actors == self.dispatcher.actors:
+                self._on_lost(why)
 
     def _on_lost(self, why: BaseException | str) -> None:
         if self.ready.is_set():
@@ -133,6 +143,9 @@ class ExpertLink:
         if view.serves and view.serves != self.serves:
             view = FleetActors([], f"the expert fleet serves another config ({view.serves}, this front's is "
                                    f"{self.serves}); waiting for this config's", "", "")
+        if (ready and view.fleet_id and view.fleet_id != self._fleet_id
+                and (view.name != self._fleet_name or view.behind_predecessor)):
+            return True  # one that replaces theirs, of the same experts: theirs keeps their actors while they drain
         if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
             self._on_lost(view.status if not view.actors else "their fleet started again")
         elif ready and view.moving:  # a batch's calls to them wait, up to restart_timeout_s; new requests should not
@@ -142,11 +155,13 @@ class ExpertLink:
                                                         FLEET_POLL_S + LINK_CHECK_S):
                 self.status = "expert actors dead for good; their fleet is starting them again"
                 return False
-            self.dispatcher.use(view.actors, *self.local_experts(view.actors), owners=view.placement.owners())
-            self.placement = view.placement
-            self._fleet_id = view.fleet_id
-            self.status = "ready"
-            self.ready.set()
+            local = self.local_experts(view.actors)
+            with self._taking:
+                self.dispatcher.use(view.actors, *local, owners=view.placement.owners())
+                self.placement = view.placement
+                self._fleet_id, self._fleet_name = view.fleet_id, view.name
+                self.status = "ready"
+                self.ready.set()
         elif not ready:
             self.status = view.moving or view.status
             self.behind_predecessor = view.behind_predecessor

@@ -79,8 +79,8 @@ def check_prompt(ids, vocab_size: int, limits: EngineConfig, field: str = "input
     """A prompt's token ids (a list, or numpy's or torch's integers) as a list of ints, checked."""
     if not is_list(ids):
         raise InvalidRequest(field, f"must be a list of token ids, got {type(ids).__name__}")
-    ids = list(ids)
-    if not ids:
+    ids = sized(ids)
+    if not len(ids):
         raise InvalidRequest(field, "empty prompt")
     if len(ids) > limits.max_prompt_tokens:
         raise InvalidRequest(field, f"{len(ids)} tokens, more than the limit of {limits.max_prompt_tokens}")
@@ -94,6 +94,12 @@ def check_prompt(ids, vocab_size: int, limits: EngineConfig, field: str = "input
 def is_list(value) -> bool:
     """Whether `value` is a list of values (any iterable but a string)."""
     return isinstance(value, typing.Iterable) and not isinstance(value, str | bytes)
+
+
+def sized(values: typing.Iterable) -> typing.Sized:
+    """`values` as they are where their count is known (a list, a protobuf message's repeated field, an array), else
+    as a list: a count is checked before the values are copied, which a request of millions would make slow."""
+    return values if isinstance(values, typing.Sized) else list(values)
 
 
 def integer(value) -> int | None:
@@ -144,7 +150,7 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
         raise InvalidRequest("seed", f"must be between 0 and 2**64 - 1, got {seed}")
     if not is_list(stop_token_ids):
         raise InvalidRequest("stop_token_ids", f"must be a list of token ids, got {stop_token_ids!r}")
-    stop_token_ids = list(stop_token_ids)
+    stop_token_ids = sized(stop_token_ids)
     if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidRequest("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS}, got {len(stop_token_ids)}")
     stop_token_ids = tuple(_whole("stop_token_ids", t) for t in stop_token_ids)

@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 
@@ -472,6 +472,8 @@ class SwitchServer:
         self.model_id = config.model_id
         self.started = int(time.time())
         self.api_key = load_api_key(config.api_key_file)
+        if self.api_key is None:
+            log.warning("serving without an API key: anyone who can reach Serve's ports can call the model")
         self.metrics = ServingMetrics(self.model_id)
         # The fleet's application may start after this one: a handle waits for it.
         fleet = serve.get_deployment_handle(FLEET_DEPLOYMENT, fleet_app_name(serve.get_replica_context().app_name))
@@ -492,7 +494,8 @@ class SwitchServer:
 
     # -- shared by gRPC and HTTP ---------------------------------------------------------------------------
 
-    def _new_sequence(self, prompt: list[int], field: str, stop: list[str], **sampling) -> tuple[Sequence, tuple]:
+    def _new_sequence(self, prompt: Collection[int], field: str, stop: Collection[str],
+                      **sampling) -> tuple[Sequence, tuple]:
         """A checked sequence and its stop strings; `sampling`: make_sampling_params' keywords."""
         vocab = self.cluster.checkpoint.config.vocab_size
         params = make_sampling_params(vocab, self.config, **sampling)
@@ -508,12 +511,12 @@ class SwitchServer:
             raise InvalidRequest("text", "give text or input_ids, not both")
         if not request.text and not request.input_ids:
             raise InvalidRequest("text", "give text or input_ids")
-        prompt = self.cluster.encode_text(request.text) if request.text else list(request.input_ids)
+        # The repeated fields go to the checks as they are: their counts are checked before any is copied.
+        prompt = self.cluster.encode_text(request.text) if request.text else request.input_ids
         optional = {name: getattr(request, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
                     if request.HasField(name)}
-        return self._new_sequence(prompt, "text" if request.text else "input_ids", list(request.stop),
-                                  stop_token_ids=list(request.stop_token_ids), routing=request.return_routing,
-                                  **optional)
+        return self._new_sequence(prompt, "text" if request.text else "input_ids", request.stop,
+                                  stop_token_ids=request.stop_token_ids, routing=request.return_routing, **optional)
 
     async def _embed(self, inputs: list[tuple[str | list[int], str]], pooling: str, field: str) -> list[Sequence]:
         """Encode each (text or prompt ids, its field) in the batch's encoder passes, beside the prompts of generation
@@ -658,8 +661,9 @@ class SwitchServer:
         try:
             with counting_failures(self._finished):
                 self._authorize(grpc_context.invocation_metadata())
+                self.scheduler.check_count(len(readable(request).inputs), "inputs")  # before the inputs are read
                 inputs = []
-                for i, item in enumerate(readable(request).inputs):
+                for i, item in enumerate(request.inputs):
                     if bool(item.text) == bool(item.input_ids):
                         raise InvalidRequest(f"inputs[{i}]", "give exactly one of text and input_ids")
                     name = f"inputs[{i}].text" if item.text else f"inputs[{i}].input_ids"

@@ -7,19 +7,23 @@ A trailing U+FFFD (a multi-byte character whose remaining bytes are in the next 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection
 
 from router_service.requests import InvalidRequest
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API allows
+# Characters a stop string may have: each is looked for at every step of its sequence, on the replica's event loop.
+MAX_STOP_STRING_CHARS = 1000
 INCOMPLETE = "\ufffd"
 
 
-def check_stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
+def check_stop_strings(stop: Collection[str]) -> tuple[str, ...]:
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     if any(not s for s in stop):
         raise InvalidRequest("stop", "a stop string is empty")
+    if longest := max((len(s) for s in stop if len(s) > MAX_STOP_STRING_CHARS), default=0):
+        raise InvalidRequest("stop", f"a stop string of {longest} characters, more than {MAX_STOP_STRING_CHARS}")
     return tuple(stop)
 
 
@@ -53,10 +57,16 @@ class TextStream:
         """How many characters at the end of `text` may still change: an incomplete character, and a proper prefix
         of a stop string before it (the incomplete character may be the stop string's next)."""
         complete = text.rstrip(INCOMPLETE)
-        prefix = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(complete)), 0, -1):
-                if complete.endswith(s[:n]):
-                    prefix = max(prefix, n)
-                    break
-        return len(text) - len(complete) + prefix
+        return len(text) - len(complete) + max((prefix_at_end(complete, s) for s in self.stop), default=0)
+
+
+def prefix_at_end(text: str, stop: str) -> int:
+    """The length of the longest proper prefix of `stop` that `text` ends with (0 for none). Only where the text's
+    last len(stop) - 1 characters hold the stop string's first is a prefix tried, the longest first."""
+    tail = text[max(0, len(text) - len(stop) + 1):]
+    start = tail.find(stop[0])
+    while start >= 0:
+        if stop.startswith(tail[start:]):
+            return len(tail) - start
+        start = tail.find(stop[0], start + 1)
+    return 0

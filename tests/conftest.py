@@ -78,15 +78,19 @@ def multi_node_cluster():
 
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
-    """make(name, max_shard_size=None, **config) -> (folder, transformers model), cached per name."""
+    """make(name, max_shard_size=None, **config) -> (folder, transformers model), cached per name: a name asked for
+    again with other arguments fails."""
     made: dict[str, tuple] = {}
 
     def make(name: str, max_shard_size: str | None = None, seed: int = 0, **overrides):
+        asked = (max_shard_size, seed, overrides)
         if name not in made:
             path = tmp_path_factory.mktemp(name)
             model = write_random_checkpoint(path, tiny_config(**overrides), seed=seed, max_shard_size=max_shard_size)
-            made[name] = (path, model)
-        return made[name]
+            made[name] = (path, model, asked)
+        path, model, first = made[name]
+        assert asked == first, f"checkpoint {name!r} made with {first}, asked for with {asked}"
+        return path, model
 
     return make
 

@@ -128,7 +128,15 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
 
     from cluster.app import APP_NAME, local_serve
     from cluster.client import generate_remote
-    from cluster.testing import free_port, replica_names, resident_memory, serve_constant, serve_controller
+    from cluster.testing import (
+        busiest_replica,
+        free_port,
+        replica_names,
+        resident_memory,
+        serve_constant,
+        serve_controller,
+        wait_until_decoding,
+    )
     from router_service.proto import switch_serve_pb2 as pb
     from router_service.proto import switch_serve_pb2_grpc as pb_grpc
     from router_service.server import FRONT_DEPLOYMENT
@@ -162,9 +170,8 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
             with caplog.at_level(logging.WARNING, logger="cluster.client"):
                 thread = threading.Thread(target=run)
                 thread.start()
-                while stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).active_sequences == 0:  # decoding has begun
-                    time.sleep(0.01)
-                ray.kill(front, no_restart=True)
+                wait_until_decoding(stub)
+                ray.kill(busiest_replica(APP_NAME, FRONT_DEPLOYMENT), no_restart=True)
                 thread.join(180)
             assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
             assert "retrying a request after" in caplog.text
@@ -326,8 +333,6 @@ def test_fronts_that_never_find_room_end_the_serve_at_its_deadline(ray_cluster, 
     """A front replica asking for a GPU the cluster lacks can never start: `local_serve` (the `serve` command) gives
     up at the placement's timeout, with Serve's word on what waits, and takes the applications down. Fails if it waits
     for good (as Serve's own wait for its applications does)."""
-    import time
-
     from cluster.app import local_serve
     from cluster.testing import free_port
 

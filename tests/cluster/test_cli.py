@@ -219,7 +219,7 @@ def test_bench_on_cuda_refuses_a_packing_for_cpus(capsys):
     assert "--experts-per-actor: packs experts for CPUs" in capsys.readouterr().err
 
 
-def test_a_taken_port_is_named_before_serving_starts(capsys):
+def test_a_taken_port_is_named_before_serving_starts(capsys, tmp_path):
     import socket
 
     with socket.socket() as taken:
@@ -227,7 +227,12 @@ def test_a_taken_port_is_named_before_serving_starts(capsys):
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit):
             main(["serve", "--model", "demo/model", "--grpc-port", str(port)])
-    assert f"--grpc-port: port {port} is not free" in capsys.readouterr().err
+        assert f"--grpc-port: port {port} is not free" in capsys.readouterr().err
+        # Joining a cluster, whose proxies listen on its nodes: this machine's ports are not asked about.
+        with pytest.raises(SystemExit):
+            main(["serve", "--model", str(tmp_path), "--grpc-port", str(port), "--address", "auto"])
+        err = capsys.readouterr().err
+        assert "is not free" not in err and "config.json" in err, err
 
 
 def test_plan_of_a_hub_id_downloads_its_config_alone(monkeypatch, tmp_path, capsys):

@@ -303,9 +303,15 @@ def test_openmp_and_parts_are_timed_on_the_callers_threads_in_the_dtype(expert_t
 def test_a_wo_of_another_dtype_gets_its_input_in_its_own_dtype():
     """As transformers' expert does before its `wo` (for a checkpoint that keeps `wo` in float32): the activation
     cast to wo's dtype, both for one expert and stacked. Fails if wo's product takes the activation as it is."""
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersDenseActDense
+
     torch.manual_seed(7)
     x, wi, wo = torch.randn(3, 8).bfloat16(), torch.randn(16, 8).bfloat16(), torch.randn(8, 16)
-    expected = F.linear(F.relu(F.linear(x, wi)).float(), wo)
-    assert torch.equal(ffn.expert_ffn(x, wi, wo, F.relu), expected)
+    theirs = SwitchTransformersDenseActDense(SwitchTransformersConfig(d_model=8, d_ff=16, dense_act_fn="relu")).eval()
+    theirs.wi.weight.data, theirs.wo.weight.data = wi, wo
+    with torch.no_grad():
+        expected = theirs(x)
+    assert expected.dtype == torch.float32 and torch.equal(ffn.expert_ffn(x, wi, wo, F.relu), expected)
     stacked = ffn.stacked_ffn(x, torch.zeros(3, dtype=torch.long), wi[None], wo[None], F.relu)
     assert stacked.dtype == torch.float32 and torch.allclose(stacked, expected, rtol=1e-6, atol=1e-6)

@@ -202,6 +202,30 @@ def test_a_fleet_stopped_before_it_asks_for_its_group_removes_its_predecessors(t
     assert removed == [("experts-left-behind", 1)] and asked == []
 
 
+def test_a_fleet_that_fails_to_start_an_actor_kills_those_it_started(tmp_path, monkeypatch):
+    """Ray's control service failing as the third of four actors starts: the load fails, and the two started are
+    killed, not left loading and holding their CPUs and GPUs until the fleet's process ends. Fails if the fleet keeps
+    its actors only once all have started."""
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    started, killed = [], []
+
+    def new_actor(self, spec):
+        if len(started) == 2:
+            raise RuntimeError("the GCS did not answer")
+        started.append(f"actor {len(started)}")
+        return started[-1]
+
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 1.0)
+    monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: None)
+    monkeypatch.setattr(fleet.ExpertFleet, "_reserve", lambda self, wanted: True)
+    monkeypatch.setattr(fleet.ExpertFleet, "_new_actor", new_actor)
+    monkeypatch.setattr(fleet.ray, "kill", killed.append)
+    failing = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=1), "float32")
+    with pytest.raises(RuntimeError, match="the GCS did not answer"):
+        failing.actors(wait_s=30)
+    assert killed == started == ["actor 0", "actor 1"]
+
+
 def test_a_processs_math_takes_no_more_threads_than_its_cores(monkeypatch):
     """Asked for 4 threads (switch-base-8's manifest sets --front-threads 4) on a machine of 2 cores, a front takes
     2; unasked, the CPUs Ray counts on its node, capped the same way. Fails if busy threads outnumber the cores."""

@@ -19,6 +19,14 @@ def test_the_key_comes_from_the_file_else_the_environment(tmp_path, monkeypatch)
         load_api_key(str(tmp_path / "empty"))
 
 
+@pytest.mark.parametrize("value", ["", " \n"])
+def test_a_key_variable_set_empty_is_an_error_not_no_key(monkeypatch, value):
+    """A Secret made from an empty value must not leave the server open to every caller."""
+    monkeypatch.setenv(API_KEY_ENV, value)
+    with pytest.raises(ValueError, match=f"^{API_KEY_ENV} is set but empty"):
+        load_api_key(None)
+
+
 @pytest.mark.parametrize("metadata, key", [
     ([("authorization", "Bearer s3cret")], "s3cret"),
     ([("Authorization", "Bearer s3cret")], "s3cret"),  # HTTP header names are case-insensitive

@@ -587,6 +587,48 @@ def test_top_logprobs_are_transformers_most_likely_first(checkpoint_factory):
 
 
 @torch.inference_mode()
+def test_a_seeded_sequence_samples_the_same_alone_or_joining_a_sampling_batch(checkpoint_factory):
+    """Its own generator: sequences sampling beside it, which it joins as they decode, change none of its draws.
+    Fails if the batch draws from one generator, or a row takes another's."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    params = SamplingParams(max_new_tokens=10, temperature=1.5, top_k=20, top_p=0.95, seed=1234)
+    prompt = [14, 15, 16, 20, 27, 1]
+    [alone] = run_to_completion(ContinuousBatcher(local_front(path), max_sequences=4), [Sequence(prompt, params)])
+    batcher = ContinuousBatcher(local_front(path), max_sequences=4)
+    others = [Sequence([5 + i, 9, 23, 1], SamplingParams(max_new_tokens=16, temperature=1.0, seed=i)) for i in range(3)]
+    for seq in others:
+        batcher.add(seq)
+    batcher.step()
+    batcher.step()
+    joining = Sequence(prompt, params)
+    run_to_completion(batcher, [joining])
+    assert not all(seq.done for seq in others)  # some decoded beside it throughout
+    assert joining.token_ids == alone.token_ids
+
+
+@torch.inference_mode()
+def test_a_sampled_tokens_logprob_is_transformers_before_temperature_and_cuts(checkpoint_factory):
+    """Sampled hot and cut (temperature 2, top_k 3, top_p 0.9), each token's log-probability is the model's own,
+    as transformers computes it over the same tokens (teacher-forced), and each token is among its 3 most likely.
+    Fails if the log-probabilities are taken after the temperature or a cut."""
+    # Room for every decoder token an expert: teacher-forced, transformers routes the whole sequence at once.
+    path, hf_model = checkpoint_factory("roomy", num_experts=4, expert_capacity=64, num_decoder_layers=3)
+    prompts = [[5, 9, 23, 1], [71, 3, 8, 44, 1]]
+    sequences = [Sequence(p, SamplingParams(max_new_tokens=8, temperature=2.0, top_k=3, top_p=0.9, seed=7 + i))
+                 for i, p in enumerate(prompts)]
+    run_to_completion(ContinuousBatcher(local_front(path), max_sequences=2), sequences)
+    start, not_greedy = hf_model.config.decoder_start_token_id, False
+    for seq, prompt in zip(sequences, prompts):
+        decoder = torch.tensor([[start, *seq.token_ids[:-1]]])
+        logits = hf_model(input_ids=torch.tensor([prompt]), decoder_input_ids=decoder).logits[0]
+        theirs = torch.log_softmax(logits.float(), dim=-1)
+        assert seq.logprobs == pytest.approx([float(theirs[i, t]) for i, t in enumerate(seq.token_ids)], abs=1e-4)
+        assert all(t in torch.topk(theirs[i], 3).indices.tolist() for i, t in enumerate(seq.token_ids))
+        not_greedy |= any(t != int(torch.argmax(theirs[i])) for i, t in enumerate(seq.token_ids))
+    assert not_greedy  # the checks above saw tokens that greedy decoding would not have chosen
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gelu_new_served_in_half_precision_follows_transformers(checkpoint_factory, dtype):
     """gelu_new rounds after each of its ops in half precision, as transformers computes it: F.gelu's tanh form,
@@ -661,13 +703,13 @@ def test_the_python_api_called_from_several_threads_takes_turns(checkpoint_facto
                                                     [Sequence(p, SamplingParams(max_new_tokens=6)) for p in prompts])]
     model = SimpleNamespace(batcher=ContinuousBatcher(local_front(path), max_sequences=8),
                             _stepping=threading.Lock())
-    results, errors = {}, []
+    results, errors = [], []
 
     def call(i: int) -> None:
         try:
             with torch.inference_mode():
-                results[i] = [s.token_ids for s in SwitchCluster._run(
-                    model, [Sequence(prompts[i], SamplingParams(max_new_tokens=6))])][0]
+                results.append((i, [s.token_ids for s in SwitchCluster._run(
+                    model, [Sequence(prompts[i], SamplingParams(max_new_tokens=6))])][0]))
         except Exception as e:
             errors.append(e)
 
@@ -676,15 +718,19 @@ def test_the_python_api_called_from_several_threads_takes_turns(checkpoint_facto
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert not errors and [results[i] for i in range(len(prompts))] == alone
+    assert not any(thread.is_alive() for thread in threads) and not errors
+    assert sorted(results) == sorted((i, alone[i]) for i in range(len(prompts)) for _ in range(3))
 
 
 def test_top_p_keeps_a_token_whose_probability_reaches_it_exactly():
     """Probabilities 0.5, 0.25, 0.25 (exact in float32) and top_p 0.5: the first token's probability reaches it, so
     it is kept alone, as transformers' TopPLogitsWarper keeps it. Fails if the cut counts equality as short."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
     logits = torch.tensor([0.5, 0.25, 0.25]).log()
     nucleus = SamplingParams(temperature=1.0, top_p=0.5)
-    assert {sample(logits, nucleus, torch.Generator().manual_seed(s)) for s in range(100)} == {0}
+    kept = set(torch.isfinite(TopPLogitsWarper(0.5)(None, logits[None])[0]).nonzero().flatten().tolist())
+    assert {sample(logits, nucleus, torch.Generator().manual_seed(s)) for s in range(100)} == kept == {0}
 
 
 @torch.inference_mode()

@@ -41,7 +41,7 @@ def assert_same(token_ids: list[list[int]], logprobs: list[list[float]], expecte
     either way), and our log-probability of our token within the tolerance of transformers'; the sequences may part
     after it."""
     tolerance = LOGPROB_TOLERANCE[dtype]
-    for ours, got, (tokens, want, steps) in zip(token_ids, logprobs, expected):
+    for ours, got, (tokens, want, steps) in zip(token_ids, logprobs, expected, strict=True):
         if dtype == "fp32":
             assert ours == tokens
         n = next((i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b), min(len(ours), len(tokens)))

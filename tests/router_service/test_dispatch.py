@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -132,7 +134,8 @@ def test_tokens_are_grouped_by_actor_and_expert_and_put_back_in_order(monkeypatc
 
 
 def test_a_call_that_finds_its_actor_dead_tells_the_link_and_fails(monkeypatch):
-    """The link is told at once (it looks for new actors then, not at its next check), and the batch fails."""
+    """The link is told at once (it looks for new actors then, not at its next check), with the actors the layer
+    went to (the link ignores the loss of actors it has replaced already), and the batch fails."""
     import ray
 
     def dead(refs, timeout=None):
@@ -142,23 +145,17 @@ def test_a_call_that_finds_its_actor_dead_tells_the_link_and_fails(monkeypatch):
     dispatcher = ExpertDispatcher([RecordingActor(i, []) for i in range(2)], {LAYER: {0: [0], 1: [1]}},
                                   num_experts=2)
     lost = []
-    dispatcher.on_lost = lost.append
+    dispatcher.on_lost = lambda why, actors: lost.append((why, actors))
+    old = dispatcher.actors
     with pytest.raises(ray.exceptions.RayActorError):
         dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 0]), None).result()
-    assert len(lost) == 1 and isinstance(lost[0], ray.exceptions.RayActorError)
-    # Calls to actors the link has replaced meanwhile (their fleet started again): the layer fails, the link is not
-    # told (it would take the new actors for lost, and refuse requests until it had looked again).
+    assert len(lost) == 1 and isinstance(lost[0][0], ray.exceptions.RayActorError) and lost[0][1] is old
+    # Calls to actors replaced meanwhile (their fleet started again): the layer fails, naming the old actors.
     pending = dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 0]), None)
     dispatcher.use([RecordingActor(i, []) for i in range(2)], {}, owners={LAYER: {0: [0], 1: [1]}})
     with pytest.raises(ray.exceptions.RayActorError):
         pending.result()
-    assert len(lost) == 1
-    # The same actors taken up again (tables rebuilt, nothing replaced): a loss is news.
-    pending = dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 0]), None)
-    dispatcher.use(list(dispatcher.actors), {}, owners={LAYER: {0: [0], 1: [1]}})
-    with pytest.raises(ray.exceptions.RayActorError):
-        pending.result()
-    assert len(lost) == 2
+    assert len(lost) == 2 and lost[1][1] is old and dispatcher.actors is not old
 
 
 def test_calls_that_time_out_are_cancelled_and_the_late_actors_named(monkeypatch):
@@ -181,6 +178,29 @@ def test_calls_that_time_out_are_cancelled_and_the_late_actors_named(monkeypatch
                                                           r"within 20 s"):
         pending.result()
     assert cancelled == pending.calls[1:]
+
+
+@pytest.mark.parametrize("failing", ["here", "the second call"])
+def test_a_layer_that_fails_as_it_is_sent_cancels_the_calls_it_sent(monkeypatch, failing):
+    """Its expert computed here fails (out of memory, say), or its second call cannot be sent: the first call is
+    out, and no one will wait for it. Fails if it is left queued (see the test above)."""
+    cancelled = []
+    monkeypatch.setattr(dispatch.ray, "wait", lambda refs, num_returns, timeout: ([], refs))
+    monkeypatch.setattr(dispatch.ray, "cancel", cancelled.append)
+    def fails(*args):
+        raise MemoryError("out of memory")
+
+    actors = [RecordingActor(i, []) for i in range(2)]
+    dispatcher = ExpertDispatcher(actors, {LAYER: {0: [0], 1: [1], 2: [0]}}, num_experts=3)
+    if failing == "here":  # expert 2 here: both actors have their calls
+        dispatcher.use(actors, {(*LAYER, 2): (torch.randn(16, 8), torch.randn(8, 16))},
+                       owners={LAYER: {0: [0], 1: [1], 2: [0]}})
+        monkeypatch.setattr(dispatch, "grouped_ffn", fails)
+    else:  # actor 0's call is out
+        actors[1].forward = SimpleNamespace(remote=fails)
+    with pytest.raises(MemoryError):
+        dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 2]), None)
+    assert len(cancelled) == (2 if failing == "here" else 1)
 
 
 def test_a_layer_sent_while_new_actors_are_taken_up_goes_to_the_old_ones_whole(monkeypatch):

@@ -72,7 +72,11 @@ def test_link_follows_its_fleet():
 
         fleet.error, dispatcher.actors_dead = None, lambda: False
         assert link.wait(LINK_CHECK_S + 2)  # the same fleet again: the same actors
-        dispatcher.on_lost(RuntimeError("actor 2 died"))  # a call found an actor dead
+        # A call to actors replaced already (a layer's calls out as the link took these up) is no news: the link
+        # would take these for lost, and refuse requests until it had looked again.
+        dispatcher.on_lost(RuntimeError("actor 0 died"), ["actor 0", "actor 1"])
+        assert link.ready.is_set()
+        dispatcher.on_lost(RuntimeError("actor 2 died"), ["actor 2", "actor 3"])  # a call found an actor dead
         assert not link.ready.is_set() and "actor 2 died" in link.status
         assert link.wait(5)
 
@@ -83,7 +87,7 @@ def test_link_follows_its_fleet():
 
         # An actor dead for good, which the fleet still hands out: the link asks it to start that one again.
         fleet.replacing = True
-        dispatcher.on_lost(RuntimeError("actor 5 killed"))
+        dispatcher.on_lost(RuntimeError("actor 5 killed"), ["actor 4", "actor 5"])
         assert wait_for(lambda: "their fleet is starting them again" in link.status, 5)
         fleet.replacing, fleet.view = False, FleetActors(["actor 4", "actor 6"], "ready", "fourth", SERVES, PLACED)
         assert link.wait(2 * LINK_CHECK_S + 2) and dispatcher.actors == ["actor 4", "actor 6"]
@@ -99,9 +103,7 @@ def test_link_stops_serving_while_its_fleet_waits_for_room_for_lost_actors():
     fleet = StandInFleet(FleetActors(["actor 0", "actor 1"], "ready", "first", SERVES, PLACED))
     dispatcher = stand_in_dispatcher()
     link = ExpertLink(fleet, SERVES, dispatcher)
-    asked = []
-    remote = fleet.remote
-    fleet.remote = lambda wait_s: asked.append(wait_s) or remote(wait_s)
+    asked = counted_looks(fleet)
     try:
         assert link.wait(5)
         waiting = "the expert actors of node 2 of 2 wait for room on another node (theirs was lost)"
@@ -130,8 +132,42 @@ def test_link_takes_only_the_actors_of_a_fleet_serving_its_config():
         fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "old", SERVES, PLACED)
         assert link.wait(5) and dispatcher.actors == ["actor 0", "actor 1"]
         fleet.view = FleetActors(["new 0", "new 1", "new 2"], "ready", "new", "experts-new-plan", PLACED)
-        time.sleep(LINK_CHECK_S + 1)  # a draining front keeps its own fleet's actors while they live
+        looks = counted_looks(fleet)
+        assert wait_for(lambda: len(looks) >= 2, 2 * LINK_CHECK_S + 2)  # a draining front keeps its fleet's actors
         assert link.ready.is_set() and dispatcher.actors == ["actor 0", "actor 1"]
+    finally:
+        link.close()
+
+
+def counted_looks(fleet: StandInFleet) -> list[float]:
+    """The link's looks at `fleet` from now on, one item each."""
+    looks, remote = [], fleet.remote
+    fleet.remote = lambda wait_s: looks.append(wait_s) or remote(wait_s)
+    return looks
+
+
+def test_a_draining_front_keeps_its_actors_while_the_fleet_replacing_theirs_serves_the_same():
+    """A new fleet of the same experts (a change of the served model's name makes a new version; the same version,
+    rebuilt, waits for the old one to stop): the old fleet keeps its actors for its fronts until they have drained.
+    Fails if the front drops them once the new fleet answers (the check of the fleet's name and of its wait behind
+    its predecessor in ExpertLink._check), and so refuses calls it could serve."""
+    fleet = StandInFleet(FleetActors(["actor 0", "actor 1"], "ready", "old", SERVES, PLACED, name="app-v1"))
+    dispatcher = stand_in_dispatcher()
+    link = ExpertLink(fleet, SERVES, dispatcher)
+    try:
+        assert link.wait(5)
+        for view in (FleetActors([], "loading 2 expert actors", "new", SERVES, name="app-v2"),
+                     FleetActors(["new 0", "new 1"], "ready", "new", SERVES, PLACED, name="app-v2"),
+                     FleetActors([], "waiting for the fleet it replaces, of the same config, to stop", "rebuilt",
+                                 SERVES, behind_predecessor=True, name="app-v1")):
+            fleet.view, looks = view, counted_looks(fleet)
+            assert wait_for(lambda looks=looks: len(looks) >= 2, 2 * LINK_CHECK_S + 2)
+            assert link.ready.is_set() and dispatcher.actors == ["actor 0", "actor 1"], view
+
+        fleet.view = FleetActors(["new 0", "new 1"], "ready", "new", SERVES, PLACED, name="app-v2")
+        # The old fleet released them (its fronts have stopped): a front left takes the new ones.
+        dispatcher.actors_dead = lambda: dispatcher.actors == ["actor 0", "actor 1"]
+        assert wait_for(lambda: dispatcher.actors == ["new 0", "new 1"] and link.ready.is_set(), LINK_CHECK_S + 2)
     finally:
         link.close()
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from reference import LocalExperts
 from transformers.models.switch_transformers.modeling_switch_transformers import (
     SwitchTransformersAttention,
     SwitchTransformersLayerNorm,
+    eager_attention_forward,
 )
 
 from experts.checkpoint import SwitchCheckpoint
@@ -72,14 +75,14 @@ def test_float16_is_clamped_as_transformers_clamps_it():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_attention_is_transformers_bit_for_bit(dtype):
-    """Our attention against transformers' own on the same projections, position bias and mask."""
+    """Our attention against transformers' own (the function SwitchTransformersAttention calls, unscaled) on the same
+    projections and position bias, the mask in it."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 4, 7, 8).to(dtype) for _ in range(3))
     bias = torch.randn(1, 4, 7, 7).to(dtype)
-    scores = torch.matmul(q, k.transpose(3, 2)) + bias  # transformers' SwitchTransformersAttention.forward
-    weights = torch.nn.functional.softmax(scores.float(), dim=-1).type_as(scores)
-    theirs = torch.matmul(weights, v).transpose(1, 2).contiguous().view(3, 7, -1)
-    assert torch.equal(attention(q, k, v, bias), theirs)
+    theirs, _ = eager_attention_forward(SimpleNamespace(training=False), q, k, v, None, scaling=1.0,
+                                        position_bias=bias)
+    assert torch.equal(attention(q, k, v, bias), theirs.reshape(3, 7, -1))
 
 
 def test_routing_of_parts_joins_their_rows_layer_by_layer():

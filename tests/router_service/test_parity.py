@@ -51,6 +51,21 @@ def test_matches_transformers(ray_cluster, checkpoint_factory, name):
     assert [o.dropped_tokens for o in outputs] == hf_dropped_tokens(hf_model, PROMPTS)
 
 
+def test_the_python_api_leaves_a_ray_it_found_running(ray_cluster, checkpoint_factory):
+    """As the README says: SwitchCluster uses a Ray already started and leaves it running, its own actors gone.
+    Fails if closing shuts Ray down (later tests would start a Ray of their own unseen)."""
+    import ray
+
+    name = "gelu-16experts-step2-3"
+    path, _ = checkpoint_factory(name, **CONFIGS[name])
+    cluster = ray.get_runtime_context().gcs_address
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=PACKING[name])) as model:
+        fleet_actor = model.fleet
+    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == cluster
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(fleet_actor.node_id.remote(), timeout=30)
+
+
 def test_one_sequence_alone_matches_transformers(ray_cluster, checkpoint_factory):
     """Its decoding steps send each sparse layer's lone token to its expert's actor by a path of its own
     (router_service.dispatch): fails if that path computes with another expert or returns another token's output."""

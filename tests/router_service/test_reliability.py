@@ -18,9 +18,7 @@ from experts.actor import ExpertActor
 from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import fleet_name
 from experts.placement import PlacementConfig
-from router_service.batching import Sequence, run_to_completion
 from router_service.engine import SwitchCluster
-from router_service.requests import SamplingParams
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1], [40, 41, 1],
            [12, 13, 14, 15, 1]]
@@ -192,14 +190,22 @@ def test_a_front_computing_its_nodes_experts_decodes_without_the_actors(ray_clus
     with SwitchCluster(path, placement=PACKING) as model:
         old_actors, old_local = model.actors, model.dispatcher.local
         old_pids = [info["pid"] for info in model.actor_info()]
-        ray.kill(model.fleet, no_restart=False)
-        deadline = time.monotonic() + 30
-        while any(process_exists(pid) for pid in old_pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(process_exists(pid) for pid in old_pids)
-        sequences = [Sequence(p, SamplingParams(max_new_tokens=MAX_NEW)) for p in PROMPTS]
-        assert [s.token_ids for s in run_to_completion(model.batcher, sequences)] == reference
-        assert model.dispatcher.calls == 0
+        decode_step, steps = model.front.decode_step, []
+
+        def decode_step_once_the_fleet_died(*args, **kwargs):
+            steps.append(None)
+            if len(steps) == 3:  # the batch decoding: the fleet and its actors killed, and gone before the next step
+                ray.kill(model.fleet, no_restart=False)
+                deadline = time.monotonic() + 30
+                while any(process_exists(pid) for pid in old_pids) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert not any(process_exists(pid) for pid in old_pids)
+            return decode_step(*args, **kwargs)
+
+        model.front.decode_step = decode_step_once_the_fleet_died
+        assert [o.token_ids for o in model.generate(PROMPTS, max_new_tokens=MAX_NEW)] == reference
+        del model.front.decode_step
+        assert len(steps) > 3 and model.dispatcher.calls == 0
         deadline = time.monotonic() + 90
         while model.actors == old_actors and time.monotonic() < deadline:  # the link takes the new fleet's
             time.sleep(0.5)

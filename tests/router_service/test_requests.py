@@ -34,6 +34,22 @@ def test_a_prompt_of_the_limit_is_taken_and_one_token_more_refused():
     refused("input_ids", check_prompt, [True], VOCAB, LIMITS)
 
 
+class Endless:
+    """A list-like of a huge count, as a protobuf message's repeated field of millions: reading any item fails."""
+
+    def __len__(self):
+        return 10**8
+
+    def __iter__(self):
+        raise AssertionError("read before its count was checked")
+
+
+def test_a_list_over_its_limit_is_refused_by_its_count_before_it_is_read():
+    refused("input_ids", check_prompt, Endless(), VOCAB, LIMITS)
+    refused("stop_token_ids", make_sampling_params, VOCAB, LIMITS, stop_token_ids=Endless())
+    assert check_prompt(iter([3, 4]), VOCAB, LIMITS) == [3, 4]  # an iterator of no count is read first
+
+
 def test_a_request_that_gives_no_length_gets_the_default_within_the_servers_limit():
     assert make_sampling_params(VOCAB, LIMITS).max_new_tokens == min(SamplingParams().max_new_tokens, 20) == 20
     roomy = EngineConfig(model="unused", max_new_tokens=256)

@@ -7,7 +7,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from router_service.requests import InvalidRequest
-from router_service.text import TextStream, check_stop_strings
+from router_service.text import MAX_STOP_STRING_CHARS, TextStream, check_stop_strings, prefix_at_end
 
 PIECES = ["The", " cap", "ital", " of", " Fr", "ance", " is", " Par", "is", ".", " \ufffd"]
 
@@ -77,3 +77,12 @@ def test_stop_strings_are_checked():
         check_stop_strings(["a"] * 5)
     with pytest.raises(InvalidRequest, match="^stop: a stop string is empty"):
         check_stop_strings([""])
+    assert check_stop_strings(["a" * MAX_STOP_STRING_CHARS]) == ("a" * MAX_STOP_STRING_CHARS,)
+    with pytest.raises(InvalidRequest, match=f"^stop: a stop string of {MAX_STOP_STRING_CHARS + 1} characters"):
+        check_stop_strings(["a", "b" * (MAX_STOP_STRING_CHARS + 1)])
+
+
+@given(st.text(alphabet="ab", max_size=12), st.text(alphabet="ab", min_size=1, max_size=6))
+def test_the_prefix_held_back_is_the_longest_the_text_ends_with(text, stop):
+    longest = max((n for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+    assert prefix_at_end(text, stop) == longest
