@@ -154,6 +154,9 @@ class FleetActors(NamedTuple):
     behind_predecessor: bool = False
     # The fleet's name: kept as it starts again, another for a fleet that replaces it (a served app's new version).
     name: str = ""
+    # Before them: whether it may replace a fleet of its own name that still stops (it waits for that one to stop, or
+    # has yet to look), whose fronts keep that one's actors meanwhile.
+    replacing: bool = False
 
 
 class ExpertFleet:
@@ -181,6 +184,7 @@ class ExpertFleet:
         # The names of the fleets that replace one another (a served app's) begin with it: "{family}-{version}".
         self.family = family
         self.behind_predecessor = False  # see FleetActors
+        self.replacing = True  # see FleetActors: until it has looked
         self.loaded = False  # whether its actors have loaded once, and so may serve fronts (until released)
         self.groups: list = []  # a node's after another's, as each finds room
         self.handles: list = []
@@ -206,7 +210,8 @@ class ExpertFleet:
         with self._lock:  # the actors, their state and id as one: a replacement may begin meanwhile
             if not self._done.is_set():
                 return FleetActors([], self.state, self.fleet_id, self.serves,
-                                   behind_predecessor=self.behind_predecessor, name=self.name)
+                                   behind_predecessor=self.behind_predecessor, name=self.name,
+                                   replacing=self.replacing)
             # No actors once released.
             view = FleetActors(list(self.handles), self.state, self.fleet_id, self.serves, self.placement,
                                name=self.name)
@@ -232,7 +237,7 @@ class ExpertFleet:
                 self.state = "waiting for the fleet it replaces, of the same config, to stop"
                 self.behind_predecessor = True
                 time.sleep(PREDECESSOR_POLL_S)
-            self.behind_predecessor = False
+            self.behind_predecessor = self.replacing = False
             with self._lock:
                 # A predecessor's groups, left when its process died: removed even when stopped before starting.
                 _remove_groups_named(self.name, len(wanted))

@@ -10,6 +10,7 @@ an expert's math on the GPU a small part of that."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -22,6 +23,8 @@ from experts.ffn import core_threads, expert_ffn, grouped_ffn, stacked_ffn
 from experts.fleet import dead_for_good
 from experts.spec import ExpertKey, LayerKey
 from experts.wire import call_to_wire, from_wire
+
+log = logging.getLogger(__name__)
 
 # The most token-expert products (a layer's tokens times its experts) computed by every expert of a layer held
 # stacked (experts.ffn.stacked_ffn) rather than by each token's own expert. On an H200, a switch-base-8 layer took
@@ -179,7 +182,10 @@ class ExpertDispatcher:
                 self._compute_here(pending, index[here], expert)
                 pending.local_s = time.perf_counter() - computing
         except BaseException:  # its calls out would not be waited for: cancelled as late ones are (see cancel)
-            pending.cancel()
+            try:
+                pending.cancel()
+            except Exception as e:  # Ray itself failing, say: the error that stopped the layer is the one to raise
+                log.warning("cancelling a failed layer's calls failed: %s", e)
             raise
         return pending
 

@@ -144,7 +144,7 @@ class ExpertLink:
             view = FleetActors([], f"the expert fleet serves another config ({view.serves}, this front's is "
                                    f"{self.serves}); waiting for this config's", "", "")
         if (ready and view.fleet_id and view.fleet_id != self._fleet_id
-                and (view.name != self._fleet_name or view.behind_predecessor)):
+                and (view.name != self._fleet_name or view.replacing)):
             return True  # one that replaces theirs, of the same experts: theirs keeps their actors while they drain
         if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
             self._on_lost(view.status if not view.actors else "their fleet started again")

@@ -518,7 +518,7 @@ class SwitchServer:
         return self._new_sequence(prompt, "text" if request.text else "input_ids", request.stop,
                                   stop_token_ids=request.stop_token_ids, routing=request.return_routing, **optional)
 
-    async def _embed(self, inputs: list[tuple[str | list[int], str]], pooling: str, field: str) -> list[Sequence]:
+    async def _embed(self, inputs: list[tuple[str | Collection[int], str]], pooling: str, field: str) -> list[Sequence]:
         """Encode each (text or prompt ids, its field) in the batch's encoder passes, beside the prompts of generation
         requests; their sequences, each with its `embedding`, in input order. `field` names the inputs."""
         if not inputs:
@@ -667,7 +667,7 @@ class SwitchServer:
                     if bool(item.text) == bool(item.input_ids):
                         raise InvalidRequest(f"inputs[{i}]", "give exactly one of text and input_ids")
                     name = f"inputs[{i}].text" if item.text else f"inputs[{i}].input_ids"
-                    inputs.append((item.text or list(item.input_ids), name))
+                    inputs.append((item.text or item.input_ids, name))  # the ids' count checked before a copy
                 sequences = await self._embed(inputs, request.pooling or DEFAULT_POOLING, "inputs")
         except Exception as e:
             set_grpc_error(grpc_context, e)

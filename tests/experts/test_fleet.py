@@ -568,12 +568,13 @@ def test_a_fleet_removes_groups_of_its_name_only_once_the_fleet_it_replaces_has_
     monkeypatch.setattr(fleet.ExpertFleet, "_reserve", lambda self, wanted: self._done.set() or False)
     replacing = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
                                   name="same")
+    assert replacing.actors().replacing  # the old fronts keep their actors from the start
     deadline = time.monotonic() + 30
     while replacing.state != "waiting for the fleet it replaces, of the same config, to stop":
         assert time.monotonic() < deadline
         time.sleep(0.01)
     time.sleep(0.1)
-    assert removed == []
+    assert removed == [] and replacing.actors().replacing
     stopped.set()
     replacing._done.wait(30)
-    assert removed == ["same"]
+    assert removed == ["same"] and not replacing.replacing

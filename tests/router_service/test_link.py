@@ -148,9 +148,9 @@ def counted_looks(fleet: StandInFleet) -> list[float]:
 
 def test_a_draining_front_keeps_its_actors_while_the_fleet_replacing_theirs_serves_the_same():
     """A new fleet of the same experts (a change of the served model's name makes a new version; the same version,
-    rebuilt, waits for the old one to stop): the old fleet keeps its actors for its fronts until they have drained.
-    Fails if the front drops them once the new fleet answers (the check of the fleet's name and of its wait behind
-    its predecessor in ExpertLink._check), and so refuses calls it could serve."""
+    rebuilt, waits for the old one to stop, and says so before it has looked): the old fleet keeps its actors for its
+    fronts until they have drained. Fails if the front drops them once the new fleet answers (the check of the fleet's
+    name and of `replacing` in ExpertLink._check), and so refuses calls it could serve."""
     fleet = StandInFleet(FleetActors(["actor 0", "actor 1"], "ready", "old", SERVES, PLACED, name="app-v1"))
     dispatcher = stand_in_dispatcher()
     link = ExpertLink(fleet, SERVES, dispatcher)
@@ -159,7 +159,8 @@ def test_a_draining_front_keeps_its_actors_while_the_fleet_replacing_theirs_serv
         for view in (FleetActors([], "loading 2 expert actors", "new", SERVES, name="app-v2"),
                      FleetActors(["new 0", "new 1"], "ready", "new", SERVES, PLACED, name="app-v2"),
                      FleetActors([], "waiting for the fleet it replaces, of the same config, to stop", "rebuilt",
-                                 SERVES, behind_predecessor=True, name="app-v1")):
+                                 SERVES, behind_predecessor=True, name="app-v1", replacing=True),
+                     FleetActors([], "starting", "rebuilt", SERVES, name="app-v1", replacing=True)):
             fleet.view, looks = view, counted_looks(fleet)
             assert wait_for(lambda looks=looks: len(looks) >= 2, 2 * LINK_CHECK_S + 2)
             assert link.ready.is_set() and dispatcher.actors == ["actor 0", "actor 1"], view
