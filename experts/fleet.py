@@ -232,12 +232,14 @@ class ExpertFleet:
         try:
             cpus = actor_cpus(self.placement, self.actor_resources)
             wanted = bundles(self.placement, cpus, self.actor_resources)
-            while self._predecessor_stopping() and not self._released:
+            while (stopping := self._predecessor_stopping()) and not self._released:
                 # Its fronts start without it meanwhile, so that Serve goes on draining the old ones.
                 self.state = "waiting for the fleet it replaces, of the same config, to stop"
                 self.behind_predecessor = True
                 time.sleep(PREDECESSOR_POLL_S)
             self.behind_predecessor = self.replacing = False
+            if stopping:  # stopped itself first: the groups of its name are that one's, its draining fronts' actors
+                return
             with self._lock:
                 # A predecessor's groups, left when its process died: removed even when stopped before starting.
                 _remove_groups_named(self.name, len(wanted))

@@ -202,6 +202,25 @@ def test_a_fleet_stopped_before_it_asks_for_its_group_removes_its_predecessors(t
     assert removed == [("experts-left-behind", 1)] and asked == []
 
 
+def test_a_fleet_stopped_while_the_one_it_replaces_stops_leaves_that_ones_groups(tmp_path, monkeypatch):
+    """Stopped (its app deleted, or deployed anew) while it waits for the fleet of its own name to stop: the groups of
+    that name are the other's, whose actors its fronts still drain with. Fails if the stop removes them."""
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    removed = []
+    monkeypatch.setattr(fleet, "PREDECESSOR_POLL_S", 0.01)
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 0.5)
+    monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: removed.append(name))
+    monkeypatch.setattr(fleet.ExpertFleet, "_predecessor_stopping", lambda self: True)
+    waiting = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
+                                name="same")
+    deadline = time.monotonic() + 30
+    while not waiting.behind_predecessor:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    waiting.release()
+    assert waiting.actors(wait_s=30).actors == [] and waiting.state == "released" and removed == []
+
+
 def test_a_fleet_that_fails_to_start_an_actor_kills_those_it_started(tmp_path, monkeypatch):
     """Ray's control service failing as the third of four actors starts: the load fails, and the two started are
     killed, not left loading and holding their CPUs and GPUs until the fleet's process ends. Fails if the fleet keeps
