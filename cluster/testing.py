@@ -8,6 +8,7 @@ import math
 import os
 import random
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -127,8 +128,6 @@ def busiest_replica(app: str, deployment: str):
 
 def wait_until_decoding(stub, timeout_s: float = 60.0) -> None:
     """Until a front replica says it decodes a sequence (ModelInfo's active_sequences); fails after `timeout_s`."""
-    import time
-
     from router_service.proto import switch_serve_pb2 as pb
 
     deadline = time.monotonic() + timeout_s

@@ -150,6 +150,14 @@ def dequantized_model(hf_model):
     return model
 
 
+def wait_until(condition, what: str, timeout_s: float = 30.0, poll_s: float = 0.01) -> None:
+    """Until `condition()` holds; fails, naming `what`, after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll_s)
+
+
 def generate_in_background(model, prompts, **sampling):
     """`model.generate` (a SwitchCluster) on its own thread; returns (thread, result) once the batch is
     decoding. `result` gets "outputs", or "error" if generation raised."""

@@ -22,7 +22,7 @@ import grpc
 import pytest
 import ray
 import yaml
-from reference import ROOT, hf_generate
+from reference import ROOT, hf_generate, wait_until
 from test_app import fronts_args
 
 from cluster.app import APP_NAME, FLEET_APP
@@ -238,10 +238,8 @@ def generate_until(address: str, expected: list[list[int]], timeout_s: float = D
 
 
 def wait_for(condition, what: str, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
+    """wait_until with a deployment's timeout, looking every second."""
+    wait_until(condition, what, timeout_s, poll_s=1.0)
 
 
 def placement_groups(state: str) -> list:

@@ -7,6 +7,7 @@ import traceback
 import types
 
 import pytest
+from reference import wait_until
 
 from cluster.testing import tiny_config, write_random_checkpoint
 from experts import fleet
@@ -213,10 +214,7 @@ def test_a_fleet_stopped_while_the_one_it_replaces_stops_leaves_that_ones_groups
     monkeypatch.setattr(fleet.ExpertFleet, "_predecessor_stopping", lambda self: True)
     waiting = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
                                 name="same")
-    deadline = time.monotonic() + 30
-    while not waiting.behind_predecessor:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: waiting.behind_predecessor, "the fleet to wait behind the one it replaces")
     waiting.release()
     assert waiting.actors(wait_s=30).actors == [] and waiting.state == "released" and removed == []
 
@@ -500,14 +498,9 @@ def test_a_fleet_waiting_for_room_says_whether_the_fleet_it_replaces_holds_group
     monkeypatch.setattr(fleet.ExpertFleet, "_wait_loaded", lambda self, handles: self._done.set())
     waiting = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
                                 name="app-abcdef0123", family="app")
-    deadline = time.monotonic() + 30
-    while not waiting.actors().behind_predecessor:
-        assert time.monotonic() < deadline, waiting.actors()
-        time.sleep(0.01)
+    wait_until(lambda: waiting.actors().behind_predecessor, "the fleet to say it waits behind the one it replaces")
     others["app-0123456789-node0"] = "REMOVED"  # the old fleet released its room: another app's and its own left
-    while waiting.actors().behind_predecessor:
-        assert time.monotonic() < deadline, waiting.actors()
-        time.sleep(0.01)
+    wait_until(lambda: not waiting.actors().behind_predecessor, "the fleet to stop waiting behind it")
     placed.set()
     assert waiting.actors(wait_s=30).status == "loading 2 expert actors"
 
@@ -588,10 +581,8 @@ def test_a_fleet_removes_groups_of_its_name_only_once_the_fleet_it_replaces_has_
     replacing = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
                                   name="same")
     assert replacing.actors().replacing  # the old fronts keep their actors from the start
-    deadline = time.monotonic() + 30
-    while replacing.state != "waiting for the fleet it replaces, of the same config, to stop":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: replacing.state == "waiting for the fleet it replaces, of the same config, to stop",
+               "the fleet to wait for the one it replaces")
     time.sleep(0.1)
     assert removed == [] and replacing.actors().replacing
     stopped.set()

@@ -33,6 +33,7 @@ from cluster.testing import (
     processes,
     replica_class,
     resident_memory,
+    wait_until_decoding,
     write_random_checkpoint_with_tokenizer,
 )
 from experts.checkpoint import SwitchCheckpoint
@@ -621,10 +622,7 @@ def test_health_and_model_info_answer_while_generating(server):
     stub = server["stub"]
     request = long_request(stub)  # a few hundred steps each: still running while we look
     calls = [stub.Generate.future(request) for _ in range(3)]
-    deadline = time.monotonic() + 30
-    while stub.ModelInfo(pb.ModelInfoRequest()).active_sequences == 0:
-        assert time.monotonic() < deadline, "the requests never reached the batch"
-        time.sleep(0.01)
+    wait_until_decoding(stub, timeout_s=30)
     health = health_pb2_grpc.HealthStub(server["channel"]).Check(health_pb2.HealthCheckRequest(), timeout=10)
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
     busy = not all(c.done() for c in calls)
