@@ -202,6 +202,7 @@ def cluster_run(address: str, requests: list[Request], concurrency: int, stream:
     queue = iter(range(len(requests)))
     lock = threading.Lock()
     with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)  # connected before the clock starts
         stub = pb_grpc.SwitchServeStub(channel)
 
         def client() -> None:
@@ -218,10 +219,10 @@ def cluster_run(address: str, requests: list[Request], concurrency: int, stream:
                     t.first_token = t.end = time.perf_counter()
                     continue
                 for chunk in stub.GenerateStream(request, timeout=3600):
-                    if chunk.token_ids and t.first_token is None:
-                        t.first_token = time.perf_counter()
+                    if chunk.token_ids:  # the end is the last token's arrival, as transformers' streamer times it
+                        t.end = time.perf_counter()
+                        t.first_token = t.first_token or t.end
                     t.token_ids += chunk.token_ids
-                t.end = time.perf_counter()
 
         threads = [threading.Thread(target=client) for _ in range(min(concurrency, len(requests)))]
         for thread in threads:
@@ -384,10 +385,13 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                                    "transformers": [], "cluster": [], "unary": []} for name in workloads}}
     # Static batches of each size over the requests; for a concurrency above `requests`, one batch of that many.
     sizes = sorted({*(s for s in HF_BATCH_SIZES if s <= requests), *concurrency, requests})
+    # Each request's greedy tokens from transformers one at a time, the reference of every run: the batch of one's
+    # run, and untimed for the requests beyond `requests` that a concurrency above it sends.
+    reference = {name: [t.token_ids for t in hf_run(hf_model, pool[requests:], 1)] for name, pool in work.items()}
     for name, pool in work.items():
         hf_run(hf_model, pool[:sizes[-1]], sizes[-1])  # warm (see WARM)
         for size in sizes:
-            label = "all" if size == requests else str(size)
+            label = "all" if size == requests > 1 else str(size)
             timings = hf_run(hf_model, pool[:max(requests, size)], size)
             report["workloads"][name]["transformers"].append(
                 {"batch_size": label, **asdict(summarize(f"transformers-{label}", timings))})
@@ -430,13 +434,11 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     hf_run(hf_model, speed_check[:1], 1)  # warm, as the first check was
     speeds.append(summarize("transformers-1", hf_run(hf_model, speed_check, 1)).tokens_per_s)
     report["speed_check"] = {"workload": workloads[0], "requests": len(speed_check), "tokens_per_s": speeds}
-    for w in report["workloads"].values():  # greedy outputs must not depend on the system or the batch
-        reference = next(r for r in w["transformers"] if r["batch_size"] == "1").get("outputs")
+    for name, w in report["workloads"].items():  # greedy outputs must not depend on the system or the batch
+        alone = next(r for r in w["transformers"] if r["batch_size"] == "1")["outputs"] + reference[name]
         for r in w["transformers"] + w["cluster"] + w["unary"]:
-            # A run of more requests than `requests` (a concurrency above it) is compared on the first `requests`.
-            r["compared_outputs"] = min(len(r["outputs"]), len(reference))
-            r["differing_outputs"] = sum(a != b for a, b in zip(r["outputs"], reference))
-            del r["outputs"]
+            outputs = r.pop("outputs")
+            r["differing_outputs"] = sum(a != b for a, b in zip(outputs, alone[:len(outputs)], strict=True))
     return report
 
 

@@ -38,7 +38,9 @@ class Echo:
 
     def forward(self, stack: str, layer: int, experts: list[int], counts: list[int],
                 x: bytes | np.ndarray) -> bytes | np.ndarray:
-        return x
+        # Taken apart and made again as `call` does, so that the forms differ by their form alone.
+        tokens = from_wire(x, torch.float32, D_MODEL)
+        return to_wire(tokens) if isinstance(x, bytes) else tokens.numpy()
 
     def call(self, call: bytes | np.ndarray) -> bytes | np.ndarray:
         *_, tokens = call_from_wire(call, torch.float32, D_MODEL)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from cluster.workloads import CONCURRENCY, REQUESTS, SHAPES, WORKLOADS
-from experts.checkpoint import INDEX_FILE, SINGLE_FILE, SwitchCheckpoint, read_config
+from experts.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, SwitchCheckpoint, read_config
 from experts.placement import PlacementConfig, PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import EXPERT_FORMATS
@@ -36,7 +36,7 @@ from router_service.config import (
     EngineConfig,
     ServerConfig,
 )
-from router_service.requests import SamplingParams, check_prompt, make_sampling_params
+from router_service.requests import SamplingParams, check_prompt, check_prompt_text, make_sampling_params
 
 # Flags named otherwise than their field.
 FLAG_NAMES = {"num_replicas": "--replicas", "actor_resources": "--actor-resource",
@@ -272,6 +272,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.text is None:
             for i, ids in enumerate(prompts):
                 check_prompt(ids, vocab, config, f"input_ids[{i}]")
+        else:
+            from router_service.engine import load_tokenizer
+
+            tokenizer = load_tokenizer(folder)
+            for i, text in enumerate(prompts):
+                ids = tokenizer(check_prompt_text(text, config, f"texts[{i}]"))["input_ids"]
+                check_prompt(ids, vocab, config, f"texts[{i}]")
         results = generate_local(config, prompts, args.text is not None, args.logprobs, sampling)
     if args.json:
         print(json.dumps({"outputs": results}))
@@ -336,7 +343,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopping.set())
         print(f"switch-serve: serving {args.model}\n"
-              f"  gRPC  {args.host}:{args.grpc_port}  (switchserve.v1.SwitchServe, grpc.health.v1.Health, reflection)\n"
+              f"  gRPC  port {args.grpc_port}, every address  (switchserve.v1.SwitchServe, grpc.health.v1.Health, "
+              "reflection)\n"
               f"  HTTP  http://{args.host}:{args.http_port}/v1/generate, /v1/model, /v1/completions, /v1/embeddings, "
               "/v1/models\n"
               "Ctrl-C to stop.", flush=True)
@@ -353,7 +361,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     config = engine_config(args, ServerConfig, args.model)
     if args.config is not None:
         model_config, dtype = read_config(Path(args.config)), None
-    elif (Path(args.model) / "config.json").is_file():
+    elif (Path(args.model) / CONFIG_FILE).is_file():
         checkpoint = SwitchCheckpoint.open(args.model)
         model_config, dtype = checkpoint.config, checkpoint.dtype_name
     else:
@@ -376,7 +384,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         checkpoint = SwitchCheckpoint.open(folder)  # the weights' tensor names checked against config.json
         config, dtype = checkpoint.config, checkpoint.served_dtype(dtype)  # as `serve` holds them
     else:  # config.json alone (a Hub id's is all that is downloaded)
-        config = read_config(Path(args.config) if folder is None else folder / "config.json")
+        config = read_config(Path(args.config) if folder is None else folder / CONFIG_FILE)
     plan = PlacementConfig(**given(args, PlacementConfig)).plan(config, dtype or PLAN_DTYPE)
     for warning in plan.warnings:
         print(f"switch-serve: warning: {warning}", file=sys.stderr)

@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from router_service.config import CLIENT_TIMEOUT_S
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+from router_service.requests import nth_seed
 
 
 class RemoteError(RuntimeError):
@@ -69,10 +70,11 @@ def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logpr
     `switch-serve generate` prints. A call that fails retryably is made again, until `timeout` seconds from the
     start have passed; the first that fails for good ends the others at once, and is raised."""
     deadline = time.monotonic() + timeout
+    given = {k: v for k, v in sampling.items() if v is not None and v != []}
     requests = [pb.GenerateRequest(**({"text": p} if isinstance(p, str) else {"input_ids": p}),
                                    return_logprobs=logprobs, return_routing=routing,
-                                   **{k: v for k, v in sampling.items() if v is not None and v != []})
-                for p in prompts]
+                                   **given | ({"seed": nth_seed(given["seed"], i)} if "seed" in given else {}))
+                for i, p in enumerate(prompts)]
     channel = grpc.insecure_channel(address)
     stub, metadata = pb_grpc.SwitchServeStub(channel), key_metadata(api_key)
     given_up = threading.Event()  # set as the calls end: those not begun are not, and none is retried

@@ -23,7 +23,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from experts.checkpoint import INDEX_FILE, CheckpointError, SwitchCheckpoint, config_of_weights, read_config
+from experts.checkpoint import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    CheckpointError,
+    SwitchCheckpoint,
+    config_of_weights,
+    read_config,
+)
 from experts.spec import EXPERT_TENSOR, LAYER_FIELDS
 
 log = logging.getLogger(__name__)
@@ -33,7 +40,7 @@ BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (BIN_FILE, BIN_INDEX_FILE, "model.safetensors", INDEX_FILE)
 # Weights a source folder may hold besides those converted (other shards, other frameworks'): never copied over.
 OTHER_WEIGHTS = (".bin", ".safetensors", ".msgpack", ".h5", ".ckpt", ".pt", ".pth", ".onnx", ".gguf")
-HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "spiece.model",
+HUB_FILES = [CONFIG_FILE, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "spiece.model",
              "special_tokens_map.json"]
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 PARTIAL = ".{name}.partial"  # where a conversion to NAME is written, beside it, until it is whole
@@ -92,7 +99,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
     src, dst = Path(src), Path(dst)
     if dst.exists():
         raise CheckpointError(f"{dst}: already exists")
-    config_file = src / "config.json"
+    config_file = src / CONFIG_FILE
     config = read_config(config_file)  # a bad one fails before any shard is converted
     shards = bin_shards(src)
     work = dst.parent / PARTIAL.format(name=dst.name)
@@ -124,9 +131,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
                                                   indent=2))
         raw = json.loads(config_file.read_text())
         config = config_of_weights(config, list(weight_map), config_file)
-        (work / "config.json").write_text(json.dumps(raw | {f: getattr(config, f) for f in LAYER_FIELDS}, indent=2))
+        (work / CONFIG_FILE).write_text(json.dumps(raw | {f: getattr(config, f) for f in LAYER_FIELDS}, indent=2))
         for other in src.iterdir():  # the tokenizer's files, the generation config: not weights of any kind
-            if other.is_file() and other.name not in WEIGHT_FILES and other.name != "config.json" \
+            if other.is_file() and other.name not in WEIGHT_FILES and other.name != CONFIG_FILE \
                     and not other.name.endswith(OTHER_WEIGHTS):
                 shutil.copy2(other, work / other.name)
         SwitchCheckpoint.open(work)  # every tensor checked before dst appears

@@ -214,7 +214,7 @@ def finish_streams(streams) -> tuple[list[str], set[str]]:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank percentile: the smallest value that at least q% of them do not exceed (with 100 values or
+    """The nearest-rank percentile: the smallest value that at least q% of them do not exceed (with 99 values or
     fewer, p99 is the largest)."""
     values = sorted(values)
     if not values:

@@ -31,6 +31,7 @@ from experts.spec import (
 
 log = logging.getLogger(__name__)
 
+CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -149,7 +150,7 @@ class SwitchCheckpoint:
     @classmethod
     def open(cls, path: str | os.PathLike) -> SwitchCheckpoint:
         path = Path(path).resolve()
-        config_file = path / "config.json"
+        config_file = path / CONFIG_FILE
         config = read_config(config_file)
         listing = cls._listing(path)
         tensors = cls._index(path, listing)

@@ -86,8 +86,11 @@ KEPT_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_
 
 
 def packs(dtype: torch.dtype) -> bool:
-    """Whether a float weight of `dtype` on the CPU gets a packed copy (see pack)."""
-    return dtype in PACKED_MIN_ROWS and torch.backends.mkldnn.is_available()
+    """Whether a float weight of `dtype` on the CPU gets a packed copy (see pack): bfloat16 only on CPUs whose
+    instructions oneDNN computes it with (AVX-512's or AVX-NE-CONVERT; elsewhere its packing refuses bfloat16)."""
+    if dtype not in PACKED_MIN_ROWS or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def pack(weight: Weight) -> Weight:

@@ -234,7 +234,7 @@ class ExpertFleet:
             wanted = bundles(self.placement, cpus, self.actor_resources)
             while (stopping := self._predecessor_stopping()) and not self._released:
                 # Its fronts start without it meanwhile, so that Serve goes on draining the old ones.
-                self.state = "waiting for the fleet it replaces, of the same config, to stop"
+                self._say("waiting for the fleet it replaces, of the same config, to stop")
                 self.behind_predecessor = True
                 time.sleep(PREDECESSOR_POLL_S)
             self.behind_predecessor = self.replacing = False
@@ -245,7 +245,7 @@ class ExpertFleet:
                 _remove_groups_named(self.name, len(wanted))
             if not self._reserve(wanted):
                 return
-            self.state = f"loading {len(self.placement.actors)} expert actors"
+            self._say(f"loading {len(self.placement.actors)} expert actors")
             self._cpus = cpus
             with self._lock:
                 if self._released:
@@ -298,14 +298,16 @@ class ExpertFleet:
                     + (f" (try {tries})" if tries > 1 else "") + f": {wanted[node]} on one node, none of the "
                     f"{len(taken)} taken; the cluster has {alive_node_resources()}")
 
-        self.state, waited = waiting(), 0.0
+        self._say(waiting())
+        waited = 0.0
         # A node lost as the group was placed on it leaves it placed nowhere until Ray moves it.
         while not group.wait(ROOM_POLL_S) or not (node_id := placed_on(group)):
             waited += ROOM_POLL_S
             if self._released or (taken and waited >= HOLDING_WAIT_S):
                 return None
-            self.state, self.behind_predecessor = waiting(), self._predecessor_holds_groups()
-            log.warning("expert fleet %s", self.state)
+            state, self.behind_predecessor = waiting(), self._predecessor_holds_groups()
+            self._say(state)
+            log.warning("expert fleet %s", state)
         self.behind_predecessor = False
         return node_id
 
@@ -366,16 +368,21 @@ class ExpertFleet:
             spec = self.placement.actors[index]
             reason = str(e).splitlines()[-1].split(". ")[0].rstrip(".")
             raise ExpertLoadError(
-                f"expert actor {index} (node {spec.node} of the placement, {len(spec.experts)} experts) died as it "
-                f"loaded and is not started again: {reason} (Ray starts a lost actor again {ACTOR_RESTARTS} times; "
-                "one killed for memory as it reads its weights, say, dies each time)") from e
+                f"expert actor {index} (node {spec.node + 1} of {self.placement.nodes} in the placement, "
+                f"{len(spec.experts)} experts) died as it loaded and is not started again: {reason} (Ray starts a "
+                f"lost actor again {ACTOR_RESTARTS} times; one killed for memory as it reads its weights, say, dies "
+                "each time)") from e
 
     def _loading(self, loaded: int, total: int) -> None:
         """Say how far the load has come: an actor slow to load, or killed as it reads its weights and started again
         by Ray, shows as the count that stops."""
+        self._say(f"loading {total} expert actors ({loaded} loaded)")
+
+    def _say(self, state: str) -> None:
+        """The fleet's state, unless it was released meanwhile (which says so, and stays)."""
         with self._lock:
             if not self._released:
-                self.state = f"loading {total} expert actors ({loaded} loaded)"
+                self.state = state
 
     def _failed(self, error: BaseException) -> None:
         if self._released:  # stopped while starting: what failed is the stop's doing (its group or actors gone)
@@ -425,8 +432,8 @@ class ExpertFleet:
             _kill(self.handles)
             self._remove_groups()
             self.handles = []
-        if self.error is None:
-            self.state = "released"
+            if self.error is None:
+                self.state = "released"
 
 
 def dead_for_good(handles: list, timeout_s: float = 1.0) -> list[int]:

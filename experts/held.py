@@ -43,11 +43,18 @@ def held_experts(checkpoint: SwitchCheckpoint, keys: list[ExpertKey], quantize: 
 
 def stacked_experts(checkpoint: SwitchCheckpoint, layer: LayerKey, device: torch.device | str,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every expert's wi and wo of one sparse layer, each stacked [experts, ...] (experts.ffn.stacked_ffn): stacked on
-    the host, then copied to `device` in `dtype`, so that a GPU holds no second copy of the layer."""
-    names = [expert_tensor_names(*layer, e) for e in range(checkpoint.config.num_experts)]
-    tensors = checkpoint.read([name for pair in names for name in pair])
-    return tuple(torch.stack([tensors[pair[i]] for pair in names]).to(device, dtype) for i in (0, 1))
+    """Every expert's wi and wo of one sparse layer, each stacked [experts, ...] (experts.ffn.stacked_ffn) on `device`
+    in `dtype`: each tensor read and copied into its place in turn, so that neither the host nor the device holds a
+    second copy of the layer."""
+    where = {name: (e, i) for e in range(checkpoint.config.num_experts)
+             for i, name in enumerate(expert_tensor_names(*layer, e))}
+    stacks: list[torch.Tensor | None] = [None, None]
+    for name, tensor in checkpoint.iter_tensors(list(where)):
+        e, i = where[name]
+        if stacks[i] is None:
+            stacks[i] = torch.empty((len(where) // 2, *tensor.shape), device=device, dtype=dtype)
+        stacks[i][e].copy_(tensor)
+    return stacks[0], stacks[1]
 
 
 def gpu_uuid(device: torch.device) -> str | None:

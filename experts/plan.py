@@ -200,7 +200,9 @@ def read_stats(path: str) -> dict[ExpertKey, float]:
     stats = {}
     for layer, counts in raw.items():
         stack, _, index = layer.partition(".")
-        if not (index.isdigit() and isinstance(counts, list) and all(isinstance(n, (int, float)) for n in counts)):
+        # Counts of tokens: JSON's NaN, Infinity, negatives and booleans would order the experts arbitrarily.
+        if not (index.isdigit() and isinstance(counts, list) and all(
+                isinstance(n, (int, float)) and not isinstance(n, bool) and 0 <= n < math.inf for n in counts)):
             raise refused({layer: counts})
         stats |= {(stack, int(index), e): float(n) for e, n in enumerate(counts)}
     return stats

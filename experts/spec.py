@@ -109,7 +109,21 @@ class SwitchConfig:
             least = 0 if name.startswith("num_sparse_") else 1 if name in SIZES else None
             if least is not None and value is not None and value < least:
                 raise ValueError(f"{name}: must be at least {least}, got {value}")
-        return cls(**values)
+        config = cls(**values)
+        # T5's position buckets: the encoder's halved (keys before and after), of which half exact, the rest spread
+        # over distances up to max_distance, beyond the decoder's exact ones; fewer would divide by zero.
+        buckets, distance = config.relative_attention_num_buckets, config.relative_attention_max_distance
+        if buckets < 4:
+            raise ValueError(f"relative_attention_num_buckets: must be at least 4, got {buckets}")
+        if distance <= buckets // 2:
+            raise ValueError(f"relative_attention_max_distance: must be more than {buckets // 2} (half the buckets), "
+                             f"got {distance}")
+        eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        for name, ids in [("pad_token_id", [config.pad_token_id]), ("eos_token_id", eos),
+                          ("decoder_start_token_id", [config.decoder_start_token_id])]:
+            if bad := [i for i in ids if i is not None and not (type(i) is int and 0 <= i < config.vocab_size)]:
+                raise ValueError(f"{name}: {bad[0]!r} is not a token id of the vocabulary [0, {config.vocab_size})")
+        return config
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> SwitchConfig:

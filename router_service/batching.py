@@ -23,6 +23,7 @@ import torch
 
 from experts.ffn import core_threads
 from experts.spec import LayerKey
+from router_service.metrics import metrics_updated
 from router_service.model import DecoderCache, Routing, SwitchFront
 from router_service.requests import SamplingParams
 
@@ -203,7 +204,8 @@ class ContinuousBatcher:
         try:
             self._leave(staying)  # (its cache copy may raise, a GPU's error of an earlier op: then `fail` counts them)
             if self.metrics is not None:  # a sequence cancelled mid-way (by its caller, or a stop string) counts too
-                self._record(cancelled)
+                with metrics_updated():
+                    self._record(cancelled)
             changed += self._admit(cores)  # embedding requests return done from it, whatever the step does next
             if self.active:
                 changed += self._decode(cores, on_cores)
@@ -213,7 +215,8 @@ class ContinuousBatcher:
         finally:
             use_threads(cores)
         if self.metrics is not None:  # every step, whether it decoded or only encoded
-            self.metrics.waiting(self.num_waiting)
+            with metrics_updated():
+                self.metrics.waiting(self.num_waiting)
         return changed
 
     def _decode(self, cores: int, on_cores: bool) -> list[Sequence]:
@@ -252,8 +255,9 @@ class ContinuousBatcher:
                 seq.finish_reason = "length"
         stepped = list(self.active)
         if self.metrics is not None:
-            self.metrics.step(len(stepped))
-            self._record([seq for seq in stepped if seq.finish_reason is not None])
+            with metrics_updated():
+                self.metrics.step(len(stepped))
+                self._record([seq for seq in stepped if seq.finish_reason is not None])
         self.next_tokens = torch.tensor(tokens, dtype=torch.long)
         self._leave([not seq.done for seq in self.active])
         return stepped
@@ -283,8 +287,9 @@ class ContinuousBatcher:
         self.cache, self.active, self.admitting, self.waiting = None, [], [], deque()
         self.next_tokens = torch.zeros(0, dtype=torch.long)
         if self.metrics is not None:  # the generation requests' latencies up to the failure count too (once)
-            self._record([seq for seq in failed if seq.pooling is None and seq.finish_reason is None])
-            self.metrics.waiting(self.num_waiting)
+            with metrics_updated():
+                self._record([seq for seq in failed if seq.pooling is None and seq.finish_reason is None])
+                self.metrics.waiting(self.num_waiting)
         return failed
 
     def _admit(self, cores: int) -> list[Sequence]:
@@ -334,7 +339,8 @@ class ContinuousBatcher:
                 seq.finish_reason = "embedded"
                 embedded.append(seq)
         if self.metrics is not None and embedded:
-            self.metrics.embedded(len(embedded), sum(seq.dropped_tokens for seq in embedded))
+            with metrics_updated():
+                self.metrics.embedded(len(embedded), sum(seq.dropped_tokens for seq in embedded))
         if not ordered:
             return embedded
         start = torch.full((len(ordered),), self.front.config.decoder_start_token_id, dtype=torch.long)

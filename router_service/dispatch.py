@@ -23,6 +23,7 @@ from experts.ffn import core_threads, expert_ffn, grouped_ffn, stacked_ffn
 from experts.fleet import dead_for_good
 from experts.spec import ExpertKey, LayerKey
 from experts.wire import call_to_wire, from_wire
+from router_service.metrics import metrics_updated
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,8 @@ class ExpertDispatcher:
                 continue
             self.local_tokens[key] = self.local_tokens.get(key, 0) + n
             if self.metrics is not None:
-                self.metrics.computed_here(*key, n)
+                with metrics_updated():
+                    self.metrics.computed_here(*key, n)
 
 
 class PendingDispatch:
@@ -349,5 +351,6 @@ class PendingDispatch:
             if results:
                 out[torch.from_numpy(self.index)] = torch.cat(results).to(out.device)
         if d.metrics is not None and (self.calls or self.computed is not None):
-            d.metrics.dispatched(self.stack, self.layer, self.sending_s + self.local_s + waited)
+            with metrics_updated():
+                d.metrics.dispatched(self.stack, self.layer, self.sending_s + self.local_s + waited)
         return out

@@ -37,10 +37,12 @@ from router_service.requests import (
     check_prompt_text,
     is_list,
     make_sampling_params,
+    nth_seed,
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 SENTINEL = re.compile(r"<extra_id_\d+>")  # T5's span-filling sentinels
+
 # How long one call to the fleet waits for its actors to load, between updates of the link's status.
 FLEET_POLL_S = 5.0
 # How often a front checks that its fleet is the one that started its actors.
@@ -49,6 +51,17 @@ LINK_CHECK_S = 2.0
 STATUS_LOG_S = 30.0
 
 log = logging.getLogger(__name__)
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer saved in a checkpoint folder, by transformers' AutoTokenizer; InvalidRequest where it holds
+    none."""
+    path = Path(folder)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise InvalidRequest("text", f"{path} holds no tokenizer; pass token ids instead")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def count_expert_tokens(per_actor: list[dict], num_experts: int) -> dict[tuple[str, int], list[int]]:
@@ -404,12 +417,7 @@ class SwitchCluster:
     def tokenizer(self):
         """The tokenizer saved in the checkpoint folder (loaded on first use)."""
         if self._tokenizer is None:
-            path = Path(self.checkpoint.path)
-            if not any((path / f).is_file() for f in TOKENIZER_FILES):
-                raise InvalidRequest("text", f"{path} holds no tokenizer; pass token ids instead")
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self._tokenizer = load_tokenizer(self.checkpoint.path)
             self._hidden_ids = {i for token, i in zip(self._tokenizer.all_special_tokens,
                                                       self._tokenizer.all_special_ids) if not SENTINEL.fullmatch(token)}
         return self._tokenizer
@@ -425,11 +433,12 @@ class SwitchCluster:
     def generate(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
                  **sampling) -> list[Sequence]:
         """Generate for a batch of prompts, given as token ids or as text (exactly one of them).
-        `sampling`: SamplingParams' fields (greedy by default)."""
+        `sampling`: SamplingParams' fields (greedy by default); with a `seed`, prompt i samples with seed + i."""
         prompts = self._prompts(input_ids, texts)
         params = make_sampling_params(self.checkpoint.config.vocab_size, self.config, **sampling)
         self.check_experts(self.config.placement.restart_timeout_s)
-        return self._run([Sequence(p, params) for p in prompts])
+        return self._run([Sequence(p, params.model_copy(update={"seed": nth_seed(params.seed, i)}))
+                          for i, p in enumerate(prompts)])
 
     def embed(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
               pooling: str = DEFAULT_POOLING) -> list[torch.Tensor]:

@@ -4,12 +4,27 @@ their tokens per expert themselves (experts/actor.py), and a replica those it co
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from experts.actor import expert_token_counter
 
+log = logging.getLogger(__name__)
+
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+@contextmanager
+def metrics_updated():
+    """Where the serving path updates metrics: one that fails is logged, not raised, so that a step's requests are
+    still answered and told how they ended (a metric is not worth a request)."""
+    try:
+        yield
+    except Exception:
+        log.exception("updating the serving metrics failed")
 
 
 class ServingMetrics:

@@ -315,12 +315,16 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     return buckets + torch.where(distance < exact, distance, log_bucket.clamp(max=num_buckets - 1))
 
 
-def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
-    """transformers' guard after every sub-layer in float16: keep values finite."""
+def clamp_fp16(x: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """transformers' guard after every sub-layer in float16, keeping values finite: clamped to float16's largest, or
+    1000 below it where any is infinite, which transformers asks of a request's values alone: here of each sequence's
+    rows of x (`sequence`: each row's sequence), so that a batch mate's overflow changes no other sequence."""
     if x.dtype != torch.float16:
         return x
     top = torch.finfo(torch.float16).max
-    limit = torch.where(torch.isinf(x).any(), top - 1000, top)
+    infinite = torch.isinf(x).flatten(1).any(1).to(torch.int32)
+    infinite = torch.zeros_like(infinite).index_add_(0, sequence, infinite)[sequence] > 0
+    limit = torch.where(infinite, top - 1000, top).to(x.dtype).view(-1, *[1] * (x.dim() - 1))
     return torch.clamp(x, min=-limit, max=limit)
 
 
@@ -574,9 +578,9 @@ class SwitchFront:
         for i in range(num_layers(self.config, "encoder")):
             p = f"encoder.block.{i}.layer.0"
             n = rms_norm(h, self._w(f"{p}.layer_norm.weight"), self.eps)
-            h = clamp_fp16(h + self._grouped_self_attention(f"{p}.SelfAttention", n, groups, biases))
+            h = clamp_fp16(h + self._grouped_self_attention(f"{p}.SelfAttention", n, groups, biases), sequence)
             ffn_out, routed = yield from self._ffn("encoder", i, h, sequence, longest)
-            h = clamp_fp16(h + ffn_out)
+            h = clamp_fp16(h + ffn_out, sequence)
             if routed is not None:
                 routing[i] = routed
         return rms_norm(h, self._w("encoder.final_layer_norm.weight"), self.eps), routing
@@ -631,13 +635,13 @@ class SwitchFront:
             self_k, self_v = cache.self_k[i][rows], cache.self_v[i][rows]  # views: written in place
             self_k[:, :, width - 1:width] = k
             self_v[:, :, width - 1:width] = v
-            h = clamp_fp16(h + self._attend(attn, q, self_k[:, :, :width], self_v[:, :, :width], self_bias))
+            h = clamp_fp16(h + self._attend(attn, q, self_k[:, :, :width], self_v[:, :, :width], self_bias), sequence)
             n = rms_norm(h, self._w(f"{p}.1.layer_norm.weight"), self.eps)
             attn = f"{p}.1.EncDecAttention"
             h = clamp_fp16(h + self._attend(attn, self._project(attn, "q", n), cache.cross_k[i][rows],
-                                            cache.cross_v[i][rows], cache.cross_bias[rows]))
+                                            cache.cross_v[i][rows], cache.cross_bias[rows]), sequence)
             ffn_out, routed = yield from self._ffn("decoder", i, h.view(batch, -1), sequence, 1)
-            h = clamp_fp16(h + ffn_out.view_as(h))
+            h = clamp_fp16(h + ffn_out.view_as(h), sequence)
             if routed is not None:
                 routing[i] = Routing(*(t.view(batch, 1) for t in routed))
         h = rms_norm(h, self._w("decoder.final_layer_norm.weight"), self.eps)

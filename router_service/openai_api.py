@@ -243,7 +243,8 @@ def legacy_logprobs(decode: Callable[[list[int]], str], hidden: Collection[int],
                     offset: int) -> dict:
     """The completions API's logprobs object for some tokens of a choice, which follow its tokens `before` them,
     whose text takes `offset` characters. Each token's text is what it adds to the text before it (`decode`, which
-    leaves out the `hidden` tokens), so the tokens joined are the choice's text; each token's alternatives (`top`,
+    leaves out the `hidden` tokens), so the tokens joined are the choice's text (and, where a stop string ended it,
+    the text of the tokens that made it up, which the choice's text leaves out); each token's alternatives (`top`,
     where asked) include the token itself, as OpenAI's do. Alternatives that add the same text (a word with and
     without its leading space at the start, the special tokens, which add none) are one key, with the likeliest's
     log-probability (the token itself's, where it is one of them)."""

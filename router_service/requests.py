@@ -56,6 +56,12 @@ class SamplingParams(BaseModel):
     routing: bool = Field(False, description="record where each sparse layer sent each of the request's positions")
 
 
+def nth_seed(seed: int | None, n: int) -> int | None:
+    """The seed of the nth of the samplings one `seed` asks for (a call's prompts, OpenAI's choices): seed + n, so
+    that they differ and the call is reproducible."""
+    return None if seed is None else (seed + n) % 2**64
+
+
 def check_pooling(pooling: str) -> str:
     if pooling not in POOLINGS:
         raise InvalidRequest("pooling", f"must be one of {', '.join(POOLINGS)}, got {pooling!r}")

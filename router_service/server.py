@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from fastapi import FastAPI, Request
@@ -25,8 +26,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from experts.checkpoint import SwitchCheckpoint
+from experts.checkpoint import CONFIG_FILE, SwitchCheckpoint
 from experts.fleet import ExpertFleet, compute_threads, created_groups
 from experts.placement import PlacementConfig
 from experts.spec import sparse_layers
@@ -34,7 +36,7 @@ from router_service.auth import Unauthenticated, load_api_key, presented_key
 from router_service.batching import Sequence
 from router_service.config import ServerConfig
 from router_service.engine import SwitchCluster, count_expert_tokens, first_line
-from router_service.metrics import ServingMetrics
+from router_service.metrics import ServingMetrics, metrics_updated
 from router_service.openai_api import (
     DEFAULT_MAX_TOKENS,
     NOT_CHAT,
@@ -63,6 +65,7 @@ from router_service.requests import (
     check_pooling,
     check_prompt,
     make_sampling_params,
+    nth_seed,
 )
 from router_service.scheduler import BatcherStopped, QueueFull, Scheduler, math_here_on_one_thread
 from router_service.text import TextStream, check_stop_strings
@@ -71,6 +74,14 @@ log = logging.getLogger(__name__)
 # No /docs, /redoc or /openapi.json: they would answer without the API key (the API is in the README and the proto).
 http_app = FastAPI(title="switch-serve", description="Switch Transformers with experts in Ray actors", docs_url=None,
                    redoc_url=None, openapi_url=None)
+
+
+@http_app.exception_handler(StarletteHTTPException)
+async def no_such_route(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    """A path or method no route takes: in OpenAI's error shape (not FastAPI's `detail`), which OpenAI's clients
+    read."""
+    error = OpenAIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
+    return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
 
 
 # What goes wrong, as a gRPC status and an HTTP status.
@@ -470,7 +481,6 @@ class SwitchServer:
         self.config = config
         self.body_limits = BodyLimits.of(config)
         self.model_id = config.model_id
-        self.started = int(time.time())
         self.api_key = load_api_key(config.api_key_file)
         if self.api_key is None:
             log.warning("serving without an API key: anyone who can reach Serve's ports can call the model")
@@ -479,6 +489,8 @@ class SwitchServer:
         fleet = serve.get_deployment_handle(FLEET_DEPLOYMENT, fleet_app_name(serve.get_replica_context().app_name))
         self.cluster = SwitchCluster(config, fleet=fleet, wait=False, metrics=self.metrics)
         self.metrics.serving(self.cluster.checkpoint.config.num_experts)
+        # The model's `created` in /v1/models: its checkpoint's, the same whichever replica answers.
+        self.created = int((Path(self.cluster.checkpoint.path) / CONFIG_FILE).stat().st_mtime)
         self.scheduler = Scheduler(self.cluster.batcher, config.max_waiting, compute_threads(config.front_threads))
         try:
             _ = self.cluster.tokenizer  # loaded now rather than on the first request
@@ -569,7 +581,8 @@ class SwitchServer:
             status = grpc.StatusCode.CANCELLED.name
         else:
             status = error_status(error)[0].name
-        self.metrics.request_done(status)
+        with metrics_updated():
+            self.metrics.request_done(status)
 
     def _text(self, token_ids: list[int]) -> str:
         return self.cluster.decode(token_ids) if self.has_tokenizer else ""
@@ -764,7 +777,7 @@ class SwitchServer:
             self._authorize(request.headers.items())
         except Unauthenticated as e:
             return openai_error(e)
-        return JSONResponse(models_list(self.model_id, self.started))
+        return JSONResponse(models_list(self.model_id, self.created))
 
     @http_app.get("/v1/models/{model:path}")  # a Hub id holds a slash
     async def openai_model(self, request: Request, model: str):
@@ -773,7 +786,7 @@ class SwitchServer:
             check_model(model, self.model_id)
         except Exception as e:
             return openai_error(e)
-        return JSONResponse(model_card(self.model_id, self.started))
+        return JSONResponse(model_card(self.model_id, self.created))
 
     @http_app.post("/v1/chat/completions")
     async def openai_chat(self, request: Request):
@@ -846,7 +859,7 @@ class SwitchServer:
             for j in range(request.n):
                 out.append(self._new_sequence(
                     ids, field, request.stop_strings(), max_new_tokens=max_tokens, temperature=request.temperature,
-                    top_p=request.top_p, seed=None if request.seed is None else (request.seed + j) % 2**64,
+                    top_p=request.top_p, seed=nth_seed(request.seed, j),
                     top_logprobs=request.logprobs or 0))
         return out
 

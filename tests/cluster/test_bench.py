@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -186,3 +187,35 @@ def test_a_ray_worker_given_no_gpu_keeps_the_cuda_devices_it_started_with(ray_cl
         return os.environ.get("CUDA_VISIBLE_DEVICES")
 
     assert ray.get(visible.remote()) == os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_a_streams_times_run_to_its_last_token_not_its_close():
+    """The cluster's side is timed as transformers' is: from the request's sending (its connection made before) to
+    its last token's arrival, not to the stream's close. Fails if the close (or the connection) is counted."""
+    from concurrent import futures
+
+    import grpc
+
+    from cluster import bench
+    from cluster.testing import free_port
+    from router_service.proto import switch_serve_pb2 as pb
+    from router_service.proto import switch_serve_pb2_grpc as pb_grpc
+
+    class Closing(pb_grpc.SwitchServeServicer):
+        def GenerateStream(self, request, context):
+            yield pb.GenerateChunk(token_ids=[5])
+            yield pb.GenerateChunk(token_ids=[6, 7])
+            time.sleep(1.0)  # what a server does after its last token: not the client's wait for tokens
+            yield pb.GenerateChunk(finish_reason="length")
+
+    server, port = grpc.server(futures.ThreadPoolExecutor(2)), free_port()
+    pb_grpc.add_SwitchServeServicer_to_server(Closing(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        began = time.perf_counter()
+        (timing,) = bench.cluster_run(f"127.0.0.1:{port}", [bench.Request([1], 3)], 1)
+    finally:
+        server.stop(None)
+    assert timing.token_ids == [5, 6, 7]
+    assert began < timing.sent <= timing.first_token <= timing.end < timing.sent + 0.5 < time.perf_counter() - 0.5

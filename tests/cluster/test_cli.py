@@ -164,6 +164,8 @@ def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, messa
     (["--input-ids", "[[5, 1000000000]]"], "input_ids[0]: token ids [1000000000] outside the vocabulary"),
     (["--input-ids", "[[5, 1], []]"], "input_ids[1]: empty prompt"),
     (["--input-ids", "[[5, 1]]", "--temperature", "500"], "temperature: must be 0 (greedy) or between"),
+    (["--text", "sort : 2 1", ""], "texts[1]: empty prompt"),
+    (["--text", "sort : 2 1 4 3", "--max-prompt-tokens", "4"], "texts[0]: 7 tokens, more than the limit of 4"),
 ])
 def test_generate_here_checks_its_request_before_the_cluster_starts(monkeypatch, capsys, argv, message):
     """A bad prompt or sampling flag is refused before the cluster starts (minutes, for a large checkpoint), not

@@ -193,3 +193,25 @@ def test_a_given_up_call_stops_asking(monkeypatch):
     with pytest.raises(client.CancelledError):
         client.call_with_retries(method, None, time.monotonic() + 3600, [], waits)
     assert method.calls == 2
+
+
+def test_a_calls_prompts_ask_each_for_a_seed_of_its_own():
+    """generate_remote(prompts, seed=s) asks for prompt i's samples with seed s + i, as the Python API draws them: the
+    same prompt twice gets two samples, the call again the same two; without a seed, none. Fails if every prompt asks
+    for the one seed."""
+
+    class Seeds(pb_grpc.SwitchServeServicer):
+        def Generate(self, request, context):
+            seed = request.seed if request.HasField("seed") else -1
+            return pb.GenerateResponse(token_ids=[seed], finish_reason="eos")
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_SwitchServeServicer_to_server(Seeds(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        seeded = client.generate_remote(address, [[5, 1]] * 3, seed=7, temperature=1.0, timeout=30)
+        assert [r["token_ids"] for r in seeded] == [[7], [8], [9]]
+        assert [r["token_ids"] for r in client.generate_remote(address, [[5, 1]] * 2, timeout=30)] == [[-1], [-1]]
+    finally:
+        server.stop(0)

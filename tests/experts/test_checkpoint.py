@@ -191,6 +191,17 @@ def test_gated_activation_rejected(checkpoint):
         SwitchCheckpoint.open(checkpoint)
 
 
+def test_a_config_whose_position_buckets_or_start_token_cannot_be_used_is_rejected(checkpoint):
+    """At load, naming the file and the field, not at the first request (a division by zero, an index error)."""
+    original = (checkpoint / "config.json").read_text()
+    for fields, message in [({"relative_attention_num_buckets": 2}, "relative_attention_num_buckets: must be"),
+                            ({"decoder_start_token_id": 10**6}, "decoder_start_token_id: 1000000 is not a token id")]:
+        edit_config(checkpoint, **fields)
+        with pytest.raises(CheckpointError, match=r"config\.json: not a valid Switch Transformers config \(" + message):
+            SwitchCheckpoint.open(checkpoint)
+        (checkpoint / "config.json").write_text(original)
+
+
 def test_a_router_dtype_transformers_has_not_is_rejected(checkpoint):
     edit_config(checkpoint, router_dtype="float8")
     with pytest.raises(CheckpointError, match=r"config\.json: router_dtype 'float8' is not one of float32"):

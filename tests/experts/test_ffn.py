@@ -28,6 +28,7 @@ from experts.ffn import (
     linear,
     linear_on_cores,
     pack,
+    packs,
     stacked_ffn,
     transposed_is_faster,
 )
@@ -65,6 +66,26 @@ def test_stacked_experts_give_each_token_its_own_experts_output(dtype):
     out = stacked_ffn(x, expert, wi, wo, act)
     for row, e in enumerate(expert.tolist()):
         torch.testing.assert_close(out[row:row + 1], expert_ffn(x[row:row + 1], wi[e], wo[e], act))
+
+
+def test_a_layers_stacked_experts_are_its_weights_copied_in_place_one_by_one(checkpoint_factory, monkeypatch):
+    """experts.held.stacked_experts, as a front on a GPU holds a layer (here on the CPU, in bfloat16): each expert's
+    wi and wo in its place of the stack, cast; copied in one tensor at a time. Fails if the layer is stacked in host
+    memory first (torch.stack: a second copy of a whole layer, 21 GB of switch-xxl-128's in bfloat16)."""
+    from experts.checkpoint import SwitchCheckpoint
+    from experts.held import stacked_experts
+    from experts.spec import expert_tensor_names, sparse_layers
+
+    path, _ = checkpoint_factory("stacked", num_experts=4)
+    checkpoint = SwitchCheckpoint.open(path)
+    layer = ("decoder", sparse_layers(checkpoint.config, "decoder")[-1])
+    monkeypatch.setattr(torch, "stack", lambda *args, **kwargs: pytest.fail("stacked in host memory"))
+    wi, wo = stacked_experts(checkpoint, layer, "cpu", torch.bfloat16)
+    assert wi.shape[0] == wo.shape[0] == 4 and wi.dtype == wo.dtype == torch.bfloat16
+    for e in range(4):
+        weights = checkpoint.read(list(expert_tensor_names(*layer, e)))
+        for stacked, name in zip((wi[e], wo[e]), expert_tensor_names(*layer, e), strict=True):
+            assert torch.equal(stacked, weights[name].bfloat16())
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1, 2, 4, 0, 1], [1], [0, 9, 0]])
@@ -133,7 +154,10 @@ def test_a_product_of_a_few_rows_runs_the_way_measured_faster(turned, monkeypatc
     assert calls == ([2, 5, TRANSPOSED_MAX_ROWS, 2] if turned else [])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+BF16_PACKED = pytest.mark.skipif(not packs(torch.bfloat16), reason="oneDNN packs no bfloat16 on this CPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=BF16_PACKED)])
 def test_products_of_several_rows_run_on_the_packed_copy(dtype):
     """A PackedWeight's products of PACKED_MIN_ROWS (for its dtype) to PACKED_MAX_ROWS rows run on its packed copy,
     fewer or more on the weight itself: told apart here by a copy packed from another weight. Either gives F.linear's
@@ -156,10 +180,22 @@ def test_products_of_several_rows_run_on_the_packed_copy(dtype):
 
 def test_only_float_weights_on_the_cpu_are_packed():
     weight = torch.randn(96, 64)
-    assert isinstance(pack(weight), PackedWeight) and isinstance(pack(weight.bfloat16()), PackedWeight)
+    assert isinstance(pack(weight), PackedWeight)
+    assert isinstance(pack(weight.bfloat16()), PackedWeight) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert pack(weight.half()).dtype == torch.float16 and not isinstance(pack(weight.half()), PackedWeight)
     quantized = int8.quantize(weight)
     assert pack(quantized) is quantized
+
+
+def test_a_cpu_without_bfloat16_products_in_onednn_gets_no_packed_bfloat16(monkeypatch):
+    """Where oneDNN computes no bfloat16 (CPUs without AVX-512 or AVX-NE-CONVERT), a bfloat16 weight stays as it is
+    and its products are F.linear's; float32 weights are still packed. Fails if bfloat16 is packed there: oneDNN's
+    packing raises, and a front serving bfloat16 fails to start."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    weight = torch.randn(96, 64, dtype=torch.bfloat16)
+    assert not packs(torch.bfloat16) and pack(weight) is weight and packs(torch.float32)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    assert torch.equal(linear(x, pack(weight)), F.linear(x, weight))
 
 
 def test_the_faster_way_is_timed_per_shape_rows_and_threads_at_the_uses_due(monkeypatch):

@@ -143,6 +143,22 @@ def test_a_fleet_released_while_it_waits_for_room_reports_no_failure(tmp_path, m
     stopped.check_health()
 
 
+def test_a_fleet_released_as_it_finds_room_stays_released(tmp_path, monkeypatch):
+    """Released just as its groups were placed: it says "released" from then on, not the load it would have begun
+    (its fronts would report the experts loading for good). Fails if the start thread's state overwrites the stop's."""
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 1.0)
+    monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: None)
+
+    class ReleasedAsPlaced(fleet.ExpertFleet):
+        def _reserve(self, wanted):
+            self.release()
+            return True
+
+    stopped = ReleasedAsPlaced(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32")
+    assert stopped.actors(wait_s=30).actors == [] and stopped.state == "released"
+
+
 def test_gpus_smaller_than_the_plan_took_them_to_be_are_named():
     """The plan sized each GPU's experts by `gpu_memory`; actors on smaller cards are named once they have loaded
     (their experts leave less room for activations than planned). A card a little under it (an "80 GB" H100 holds

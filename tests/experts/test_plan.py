@@ -129,7 +129,8 @@ def test_parse_bytes():
 
 
 @pytest.mark.parametrize("text", ['{"encoder": [1, 2]}', '{"encoder.x": [1]}', '{"encoder.1": 5}', "[1, 2]",
-                                  '{"encoder.1": ["a"]}'])
+                                  '{"encoder.1": ["a"]}', '{"encoder.1": [1, NaN]}', '{"encoder.1": [Infinity, 1]}',
+                                  '{"encoder.1": [3, -5]}', '{"encoder.1": [true, 1]}'])
 def test_a_stats_file_not_of_token_counts_is_refused_naming_it(tmp_path, text):
     path = tmp_path / "stats.json"
     path.write_text(text)

@@ -42,9 +42,21 @@ def test_a_field_of_the_wrong_type_is_named():
 
 @pytest.mark.parametrize("raw, message", [({"d_model": 0}, "d_model: must be at least 1, got 0"),
                                           ({"num_experts": -8}, "num_experts: must be at least 1, got -8"),
-                                          ({"num_sparse_decoder_layers": -1}, "must be at least 0, got -1")])
+                                          ({"num_sparse_decoder_layers": -1}, "must be at least 0, got -1"),
+                                          ({"relative_attention_num_buckets": 2},
+                                           "relative_attention_num_buckets: must be at least 4, got 2"),
+                                          ({"relative_attention_num_buckets": 32,
+                                            "relative_attention_max_distance": 16},
+                                           r"relative_attention_max_distance: must be more than 16 \(half the"),
+                                          ({"decoder_start_token_id": 32128},
+                                           r"decoder_start_token_id: 32128 is not a token id of the vocabulary \[0, "
+                                           r"32128\)"),
+                                          ({"eos_token_id": [1, -1]}, "eos_token_id: -1 is not a token id"),
+                                          ({"eos_token_id": [1, "2"]}, "eos_token_id: '2' is not a token id"),
+                                          ({"pad_token_id": 40000}, "pad_token_id: 40000 is not a token id")])
 def test_a_size_a_model_cannot_have_is_named(raw, message):
-    """Rather than a division by zero, or a plan of no experts, further on."""
+    """Rather than a division by zero, or a plan of no experts, further on; a special token outside the vocabulary
+    rather than an index error at the first request (or an end of sequence that never comes)."""
     with pytest.raises(ValueError, match=message):
         SwitchConfig.from_dict(raw)
     assert SwitchConfig.from_dict({"num_sparse_decoder_layers": 0, "num_decoder_layers": None}).num_decoder_layers == 12

@@ -389,6 +389,37 @@ def test_metrics_count_the_sequences_a_failed_batch_ends(checkpoint_factory):
     assert metrics.queue[0] == 1 and metrics.queue[-1] == 0
 
 
+class FailingMetrics(RecordingMetrics):
+    """Metrics whose every update raises (Ray's metrics agent refusing a value, say)."""
+
+    def __getattribute__(self, name):
+        if name in ("step", "waiting", "sequence_done", "embedded"):
+            raise RuntimeError(f"metric {name} failed")
+        return super().__getattribute__(name)
+
+
+@torch.inference_mode()
+def test_metrics_that_fail_lose_no_request(checkpoint_factory, caplog):
+    """Every sequence is answered and told how it ended, finished, embedded or failed, though every metric update
+    raises: the failures are logged. Fails if a step's or a failure's sequences are lost to a metric's error (their
+    callers would wait for ever)."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    batcher = ContinuousBatcher(local_front(path), max_sequences=8, metrics=FailingMetrics())
+    finishing, embedding = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=3)), Sequence([7, 1], pooling="mean")
+    told = set()
+    for seq in (finishing, embedding):
+        batcher.add(seq)
+    while batcher.has_work:
+        told.update(step_as_the_scheduler_does(batcher))
+    assert told == {finishing, embedding}
+    assert finishing.finish_reason == "length" and embedding.finish_reason == "embedded"
+    assert finishing.error is None and len(finishing.token_ids) == 3
+    queued = Sequence([7, 1])
+    batcher.add(queued)
+    assert batcher.fail(RuntimeError("expert actor lost")) == [queued] and queued.error is not None
+    assert "updating the serving metrics failed" in caplog.text
+
+
 def step_as_the_scheduler_does(batcher: ContinuousBatcher) -> list[Sequence]:
     """router_service.scheduler.Scheduler._step: a step that raises fails the batch."""
     try:
@@ -486,26 +517,27 @@ def test_a_python_api_call_that_fails_ends_at_its_first_failure(checkpoint_facto
 
 
 @torch.inference_mode()
-def test_requests_whose_admission_fails_after_their_encoder_pass_get_the_error(checkpoint_factory):
-    """A failure after the encoder pass, as the prompts join the batch (here the metrics' call; a GPU's error shows
-    there too), fails the requests being admitted with the rest of the batch, but for an embedding already made. Fails
-    if they are left out of both the queue and the batch, where no one ever tells their callers."""
+def test_requests_whose_admission_fails_after_their_encoder_pass_get_the_error(checkpoint_factory, monkeypatch):
+    """A failure after the encoder pass, as the prompts join the batch (here the start tokens' tensor; a GPU's error
+    of an earlier op shows at such a later one), fails the requests being admitted with the rest of the batch, but for
+    an embedding already made. Fails if they are left out of both the queue and the batch, where no one ever tells
+    their callers."""
     path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
-    metrics = RecordingMetrics()
-
-    def broken(inputs, dropped):
-        raise RuntimeError("metrics broke")
-
-    metrics.embedded = broken
-    batcher = ContinuousBatcher(local_front(path), max_sequences=8, metrics=metrics)
+    batcher = ContinuousBatcher(local_front(path), max_sequences=8, metrics=RecordingMetrics())
     decoding = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=6))
     batcher.add(decoding)
     batcher.step()
+
+    class FailingFull:  # the batcher's torch, whose `full` fails
+        def __getattr__(self, name):
+            return getattr(torch, name) if name != "full" else lambda *args, **kwargs: 1 / 0
+
+    monkeypatch.setattr(batching, "torch", FailingFull())
     joining, embedding = Sequence([7, 8, 1], SamplingParams(max_new_tokens=6)), Sequence([71, 3, 1], pooling="mean")
     batcher.add(joining)
     batcher.add(embedding)
     assert set(batcher.step()) == {decoding, joining, embedding}
-    assert all(isinstance(seq.error, RuntimeError) for seq in (decoding, joining))
+    assert all(isinstance(seq.error, ZeroDivisionError) for seq in (decoding, joining))
     # The embedding was made before the failure: it keeps it.
     assert embedding.error is None and embedding.finish_reason == "embedded" and embedding.embedding is not None
     assert not batcher.has_work and batcher.cache is None

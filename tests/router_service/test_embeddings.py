@@ -1,6 +1,7 @@
 """Embeddings, the encoder alone: the Python API equals transformers' SwitchTransformersEncoderModel (mean over
 the tokens, and every token's vector), and embedding requests share the encoder's passes with generation. gRPC
-`Embed` is tested in test_server, OpenAI's /v1/embeddings with its client in test_openai."""
+`Embed` is tested in test_server, OpenAI's /v1/embeddings with its client in test_openai. And, on the same Python
+API model, a call's prompts sampling with seeds of their own."""
 
 from __future__ import annotations
 
@@ -80,3 +81,13 @@ def test_embedding_requests_do_not_wait_for_room_in_the_batch(model):
     assert not decoding.done and len(decoding.token_ids) == 2
     assert embedding in changed and embedding.done and embedding.embedding is not None
     assert waiting.token_ids == [] and list(batcher.waiting) == [waiting]
+
+
+def test_a_calls_prompts_sample_each_with_a_seed_of_its_own(model):
+    """generate(prompts, seed=s) samples prompt i with seed s + i, as OpenAI's choices are: the same prompt twice in a
+    call gets two samples, and the call again the same two. Fails if every prompt samples with the one seed."""
+    sampling = dict(max_new_tokens=12, temperature=2.0, seed=7)
+    twice = [o.token_ids for o in model.generate([PROMPTS[0], PROMPTS[0]], **sampling)]
+    assert twice[0] != twice[1]
+    assert [o.token_ids for o in model.generate([PROMPTS[0], PROMPTS[0]], **sampling)] == twice
+    assert model.generate([PROMPTS[0]], **sampling | {"seed": 8})[0].token_ids == twice[1]

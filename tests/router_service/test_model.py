@@ -60,17 +60,24 @@ def test_a_decoding_steps_position_bias_is_computed_for_its_width(checkpoint_fac
         assert torch.equal(front._decoder_position_bias(width), computed), width
 
 
-def test_float16_is_clamped_as_transformers_clamps_it():
+def test_float16_is_clamped_as_transformers_clamps_it_a_sequence_alone():
     """transformers' guard after each float16 sub-layer: values at most the float16 maximum, 1000 less where any
-    value overflowed to inf; other dtypes pass untouched. Fails if the clamp is left out or its margin lost."""
+    value of the request overflowed to inf; here by sequence (rows of packed tokens, or a decoding step's one row
+    each), so that a batch mate's overflow leaves a sequence's values as they are alone; other dtypes pass untouched.
+    Fails if the clamp is left out, its margin lost, or taken over the whole batch."""
     top = torch.finfo(torch.float16).max
-    overflowed = torch.tensor([float("inf"), -float("inf"), 1.5, top], dtype=torch.float16)
-    expected = torch.tensor([top - 1000, -(top - 1000), 1.5, top - 1000], dtype=torch.float16)
-    assert torch.equal(clamp_fp16(overflowed), expected)
-    finite = torch.tensor([top, -top, 2.0], dtype=torch.float16)
-    assert torch.equal(clamp_fp16(finite), finite)
-    wide = torch.tensor([float("inf"), 3e38])
-    assert clamp_fp16(wide) is wide
+    tokens = torch.tensor([[float("inf"), 1.5], [-float("inf"), top], [top, 2.0], [-top, 3.0]], dtype=torch.float16)
+    lower = top - 1000
+    expected = torch.tensor([[lower, 1.5], [-lower, lower], [top, 2.0], [-top, 3.0]], dtype=torch.float16)
+    assert torch.equal(clamp_fp16(tokens, torch.tensor([0, 0, 1, 1])), expected)  # two prompts of two tokens
+    # A decoding step: [batch, 1, d_model], a row a sequence.
+    steps = tokens[:, None, :]
+    assert torch.equal(clamp_fp16(steps, torch.arange(4)), torch.tensor(
+        [[lower, 1.5], [-lower, lower], [top, 2.0], [-top, 3.0]], dtype=torch.float16)[:, None, :])
+    alone = clamp_fp16(tokens[2:], torch.tensor([0, 0]))
+    assert torch.equal(alone, tokens[2:])
+    wide = torch.tensor([[float("inf"), 3e38]])
+    assert clamp_fp16(wide, torch.tensor([0])) is wide
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -33,7 +33,7 @@ def served(ray_cluster, tmp_path_factory):
                           api_key_file=str(key_file))
     with local_serve(config, http_port=free_port(), grpc_port=free_port()) as endpoints:
         with grpc.insecure_channel(endpoints.grpc) as channel:
-            yield {"model": path.name, "base_url": f"{endpoints.http}/v1", "http": endpoints.http,
+            yield {"model": path.name, "path": path, "base_url": f"{endpoints.http}/v1", "http": endpoints.http,
                    "grpc": endpoints.grpc, "stub": pb_grpc.SwitchServeStub(channel)}
 
 
@@ -49,6 +49,8 @@ def native(served, prompt: str, max_new_tokens: int, **fields) -> pb.GenerateRes
 
 def test_models_and_model_info_describe_the_served_model(served, client):
     assert [m.id for m in client.models.list()] == [served["model"]]
+    # Created when its checkpoint was, whichever replica answers (not when the one that answers started).
+    assert client.models.list().data[0].created == int((served["path"] / "config.json").stat().st_mtime)
     assert client.models.retrieve(served["model"]).id == served["model"]
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("gpt-4")
@@ -194,6 +196,15 @@ def test_errors_are_openais(served, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
     assert "not chat models" in e.value.body["message"]
+    # A path or a method no route takes: OpenAI's error too (FastAPI's own says {"detail": ...}).
+    for method, route, status in [("GET", "/v1/responses", 404), ("GET", "/v1/completions", 405)]:
+        request = urllib.request.Request(served["http"] + route, method=method,
+                                         headers={"Authorization": f"Bearer {KEY}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        error = json.loads(refused.value.read())["error"]
+        assert refused.value.code == status and error["message"].startswith(f"{method} {route}: "), error
+        assert error["type"] == "invalid_request_error"
 
 
 def test_native_stop_strings(served):

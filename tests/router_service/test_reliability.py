@@ -145,8 +145,8 @@ def test_an_actor_that_dies_each_time_it_loads_fails_the_load_naming_it(ray_clus
     monkeypatch.setattr(fleet, "ExpertActor", DiesAsItLoads)
     loading = fleet.ExpertFleet(SwitchCheckpoint.open(path), PlacementConfig(experts_per_actor=1000), "float32",
                                 name="dies-as-it-loads")
-    with pytest.raises(fleet.ExpertLoadError, match=r"^expert actor 0 \(node 0 of the placement, \d+ experts\) died "
-                                                    r"as it loaded and is not started again: The actor is dead "):
+    with pytest.raises(fleet.ExpertLoadError, match=r"^expert actor 0 \(node 1 of 1 in the placement, \d+ experts\) "
+                                                    r"died as it loaded and is not started again: The actor is dead "):
         loading.actors(wait_s=120)
     assert starts.read_text().count("started") == fleet.ACTOR_RESTARTS + 1
     assert live_groups("dies-as-it-loads") == []
