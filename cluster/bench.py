@@ -519,8 +519,7 @@ def table(report: dict) -> str:
                 for u in w["unary"] for c in [u["concurrency"]]))
         differing = {r["system"]: r["differing_outputs"] for r in w["transformers"] + w["cluster"] + w.get("unary", [])
                      if r["differing_outputs"]}
-        lines.append(f"requests whose tokens differ from transformers one at a time (the first {report['requests']} "
-                     f"of each run): {differing or 'none'}")
+        lines.append(f"requests whose tokens differ from transformers one at a time: {differing or 'none'}")
         targets = comparisons(w, report["requests"])
         lines.append("targets: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in targets.items()))
         for b in w["breakdown"]:

@@ -21,10 +21,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from cluster.workloads import CONCURRENCY, REQUESTS, SHAPES, WORKLOADS
-from experts.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, SwitchCheckpoint, read_config
+from experts.checkpoint import INDEX_FILE, SINGLE_FILE, SwitchCheckpoint, read_config
 from experts.placement import PlacementConfig, PlacementError
 from experts.plan import PLAN_DTYPE
-from experts.spec import EXPERT_FORMATS
+from experts.spec import CONFIG_FILE, EXPERT_FORMATS
 from router_service.auth import API_KEY_ENV, load_api_key
 from router_service.config import (
     CLIENT_TIMEOUT_S,
@@ -36,7 +36,7 @@ from router_service.config import (
     EngineConfig,
     ServerConfig,
 )
-from router_service.requests import SamplingParams, check_prompt, check_prompt_text, make_sampling_params
+from router_service.requests import SamplingParams, check_prompt, make_sampling_params
 
 # Flags named otherwise than their field.
 FLAG_NAMES = {"num_replicas": "--replicas", "actor_resources": "--actor-resource",
@@ -273,12 +273,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
             for i, ids in enumerate(prompts):
                 check_prompt(ids, vocab, config, f"input_ids[{i}]")
         else:
-            from router_service.engine import load_tokenizer
+            from router_service.engine import load_tokenizer, text_prompt_ids
 
-            tokenizer = load_tokenizer(folder)
+            tokenizer = load_tokenizer(folder, "texts")
             for i, text in enumerate(prompts):
-                ids = tokenizer(check_prompt_text(text, config, f"texts[{i}]"))["input_ids"]
-                check_prompt(ids, vocab, config, f"texts[{i}]")
+                text_prompt_ids(tokenizer, text, vocab, config, f"texts[{i}]")
         results = generate_local(config, prompts, args.text is not None, args.logprobs, sampling)
     if args.json:
         print(json.dumps({"outputs": results}))

@@ -24,14 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from experts.checkpoint import (
-    CONFIG_FILE,
     INDEX_FILE,
     CheckpointError,
     SwitchCheckpoint,
     config_of_weights,
     read_config,
 )
-from experts.spec import EXPERT_TENSOR, LAYER_FIELDS
+from experts.spec import CONFIG_FILE, EXPERT_TENSOR, LAYER_FIELDS
 
 log = logging.getLogger(__name__)
 

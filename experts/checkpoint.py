@@ -19,6 +19,7 @@ from pathlib import Path
 
 from experts.spec import (
     ACTIVATIONS,
+    CONFIG_FILE,
     DTYPE_OF_SAFETENSORS,
     DTYPE_OF_TORCH,
     DTYPES,
@@ -31,7 +32,6 @@ from experts.spec import (
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 

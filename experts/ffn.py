@@ -95,7 +95,8 @@ def packs(dtype: torch.dtype) -> bool:
 
 def pack(weight: Weight) -> Weight:
     """`weight` with a packed copy (PackedWeight) where products can use one: a float32 or bfloat16 tensor on a CPU
-    with oneDNN; else `weight` itself. The copy takes as much memory again."""
+    with oneDNN (bfloat16 where it computes it, see `packs`); else `weight` itself. The copy takes as much memory
+    again."""
     if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or not packs(weight.dtype):
         return weight
     return PackedWeight(weight, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKED_FOR_ROWS))

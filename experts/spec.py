@@ -95,6 +95,19 @@ class SwitchConfig:
             total, sparse = num_layers(self, stack), getattr(self, f"num_sparse_{stack}_layers")
             default(f"{stack}_sparse_step", total // sparse if sparse > 0 else total)
         default("decoder_start_token_id", self.pad_token_id)
+        # T5's position buckets: the encoder's halved (keys before and after), of which half exact, the rest spread
+        # over distances up to max_distance, beyond the decoder's exact ones; fewer would divide by zero.
+        buckets, distance = self.relative_attention_num_buckets, self.relative_attention_max_distance
+        if buckets < 4:
+            raise ValueError(f"relative_attention_num_buckets: must be at least 4, got {buckets}")
+        if distance <= buckets // 2:
+            raise ValueError(f"relative_attention_max_distance: must be more than {buckets // 2} (half the buckets), "
+                             f"got {distance}")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        for name, ids in [("pad_token_id", [self.pad_token_id]), ("eos_token_id", eos),
+                          ("decoder_start_token_id", [self.decoder_start_token_id])]:
+            if bad := [i for i in ids if i is not None and not (type(i) is int and 0 <= i < self.vocab_size)]:
+                raise ValueError(f"{name}: {bad[0]!r} is not a token id of the vocabulary [0, {self.vocab_size})")
 
     @classmethod
     def from_dict(cls, raw: dict) -> SwitchConfig:
@@ -109,21 +122,7 @@ class SwitchConfig:
             least = 0 if name.startswith("num_sparse_") else 1 if name in SIZES else None
             if least is not None and value is not None and value < least:
                 raise ValueError(f"{name}: must be at least {least}, got {value}")
-        config = cls(**values)
-        # T5's position buckets: the encoder's halved (keys before and after), of which half exact, the rest spread
-        # over distances up to max_distance, beyond the decoder's exact ones; fewer would divide by zero.
-        buckets, distance = config.relative_attention_num_buckets, config.relative_attention_max_distance
-        if buckets < 4:
-            raise ValueError(f"relative_attention_num_buckets: must be at least 4, got {buckets}")
-        if distance <= buckets // 2:
-            raise ValueError(f"relative_attention_max_distance: must be more than {buckets // 2} (half the buckets), "
-                             f"got {distance}")
-        eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-        for name, ids in [("pad_token_id", [config.pad_token_id]), ("eos_token_id", eos),
-                          ("decoder_start_token_id", [config.decoder_start_token_id])]:
-            if bad := [i for i in ids if i is not None and not (type(i) is int and 0 <= i < config.vocab_size)]:
-                raise ValueError(f"{name}: {bad[0]!r} is not a token id of the vocabulary [0, {config.vocab_size})")
-        return config
+        return cls(**values)
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> SwitchConfig:
@@ -143,6 +142,7 @@ class SwitchConfig:
 
 
 # The sizes a model cannot have none of.
+CONFIG_FILE = "config.json"  # a checkpoint's architecture, beside its weights
 SIZES = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers", "num_experts",
          "expert_capacity", "relative_attention_num_buckets", "relative_attention_max_distance")
 _JSON_TYPES = {"int": int, "bool": bool, "str": str, "float": (int, float), "list[int]": list, "None": type(None)}
@@ -261,7 +261,7 @@ def _blocks_in_weights(names: list[str], stack: str) -> tuple[int, list[int]] | 
 
 
 def follow_weights(config, names: list[str] | None = None,
-                   where: str = "config.json") -> tuple[SwitchConfig, list[str]]:
+                   where: str = CONFIG_FILE) -> tuple[SwitchConfig, list[str]]:
     """The config that describes the weights, and one warning per stack where config.json does not.
 
     A stack whose config.json says it has more sparse layers than layers is read as the weights hold it, or,

@@ -257,6 +257,7 @@ class ContinuousBatcher:
         if self.metrics is not None:
             with metrics_updated():
                 self.metrics.step(len(stepped))
+            with metrics_updated():
                 self._record([seq for seq in stepped if seq.finish_reason is not None])
         self.next_tokens = torch.tensor(tokens, dtype=torch.long)
         self._leave([not seq.done for seq in self.active])
@@ -289,6 +290,7 @@ class ContinuousBatcher:
         if self.metrics is not None:  # the generation requests' latencies up to the failure count too (once)
             with metrics_updated():
                 self._record([seq for seq in failed if seq.pooling is None and seq.finish_reason is None])
+            with metrics_updated():
                 self.metrics.waiting(self.num_waiting)
         return failed
 

@@ -75,8 +75,8 @@ class EngineConfig(BaseModel):
     packed_weights: bool = Field(
         True, description="on the CPU, the front also holds every weight it multiplies by (its own, and those of the "
                           "experts it computes) in oneDNN's packed layout, for products of several tokens (4 in "
-                          "float32): steps of several sequences about 20% faster, for as much memory again as those "
-                          "weights take")
+                          "float32; bfloat16 on CPUs whose instructions oneDNN computes it with): steps of several "
+                          "sequences about 20% faster, for as much memory again as those weights take")
     max_prompt_tokens: int = Field(512, ge=1, description="the longest prompt a request may send")
     max_new_tokens: int = Field(256, ge=1, description="the most new tokens a request may ask for")
     max_sequences: int = Field(32, ge=1, description="sequences decoding together in one batch")

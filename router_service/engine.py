@@ -53,15 +53,20 @@ STATUS_LOG_S = 30.0
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(folder: str | Path):
-    """The tokenizer saved in a checkpoint folder, by transformers' AutoTokenizer; InvalidRequest where it holds
-    none."""
+def load_tokenizer(folder: str | Path, field: str = "text"):
+    """The tokenizer saved in a checkpoint folder, by transformers' AutoTokenizer; where it holds none, an
+    InvalidRequest naming `field`, the one that brought text."""
     path = Path(folder)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise InvalidRequest("text", f"{path} holds no tokenizer; pass token ids instead")
+        raise InvalidRequest(field, f"{path} holds no tokenizer; pass token ids instead")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def text_prompt_ids(tokenizer, text: str, vocab_size: int, limits: EngineConfig, field: str) -> list[int]:
+    """A prompt given as text, checked before and after the tokenizer makes its ids."""
+    return check_prompt(tokenizer(check_prompt_text(text, limits, field))["input_ids"], vocab_size, limits, field)
 
 
 def count_expert_tokens(per_actor: list[dict], num_experts: int) -> dict[tuple[str, int], list[int]]:
@@ -422,13 +427,16 @@ class SwitchCluster:
                                                       self._tokenizer.all_special_ids) if not SENTINEL.fullmatch(token)}
         return self._tokenizer
 
+    def tokenizer_for(self, field: str):
+        """The tokenizer; where the checkpoint has none, an InvalidRequest naming `field`, the one that brought text."""
+        try:
+            return self.tokenizer
+        except InvalidRequest as e:
+            raise InvalidRequest(field, e.message) from None
+
     def encode_text(self, text: str, field: str = "text") -> list[int]:
         check_prompt_text(text, self.config, field)
-        try:
-            tokenizer = self.tokenizer
-        except InvalidRequest as e:  # named by the field that brought text
-            raise InvalidRequest(field, e.message) from None
-        return tokenizer(text)["input_ids"]
+        return self.tokenizer_for(field)(text)["input_ids"]
 
     def generate(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
                  **sampling) -> list[Sequence]:
@@ -461,10 +469,14 @@ class SwitchCluster:
         """Checked prompts from token ids or texts (exactly one of them)."""
         if input_ids is not None and texts is not None:
             raise InvalidRequest("texts", "give input_ids or texts, not both")
+        vocab = self.checkpoint.config.vocab_size
         if texts is not None:
             if not is_list(texts):
                 raise InvalidRequest("texts", f"a list of prompts, got {type(texts).__name__}")
-            input_ids = [self.encode_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+            if not (texts := list(texts)):
+                raise InvalidRequest("texts", "at least one prompt is needed")
+            tokenizer = self.tokenizer_for("texts")
+            return [text_prompt_ids(tokenizer, t, vocab, self.config, f"texts[{i}]") for i, t in enumerate(texts)]
         if input_ids is None:
             raise InvalidRequest("input_ids", "give input_ids or texts")
         if not is_list(input_ids):
@@ -472,7 +484,6 @@ class SwitchCluster:
         input_ids = list(input_ids)
         if not input_ids:
             raise InvalidRequest("input_ids", "at least one prompt is needed")
-        vocab = self.checkpoint.config.vocab_size
         return [check_prompt(ids, vocab, self.config, f"input_ids[{i}]") for i, ids in enumerate(input_ids)]
 
     @property

@@ -5,13 +5,14 @@ their tokens per expert themselves (experts/actor.py), and a replica those it co
 from __future__ import annotations
 
 import logging
+import math
+import time
 from contextlib import contextmanager
 
-from ray.util.metrics import Counter, Gauge, Histogram
-
-from experts.actor import expert_token_counter
-
 log = logging.getLogger(__name__)
+# A metric that fails keeps failing at every step: said with its traceback at most this often.
+FAILURE_LOG_S = 60.0
+_failure_logged_at = -math.inf
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -21,14 +22,23 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 def metrics_updated():
     """Where the serving path updates metrics: one that fails is logged, not raised, so that a step's requests are
     still answered and told how they ended (a metric is not worth a request)."""
+    global _failure_logged_at
     try:
         yield
     except Exception:
-        log.exception("updating the serving metrics failed")
+        if time.monotonic() - _failure_logged_at >= FAILURE_LOG_S:
+            _failure_logged_at = time.monotonic()
+            log.exception("updating the serving metrics failed (said at most every %.0f s)", FAILURE_LOG_S)
 
 
 class ServingMetrics:
     def __init__(self, model: str):
+        # Ray's, imported here: the batcher imports this module for `metrics_updated`, and the front's math (the CUDA
+        # checks in a Python without Ray) imports no Ray.
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        from experts.actor import expert_token_counter
+
         self.tags = {"model": model}
         keys = ("model",)
         self.requests = Counter("switch_serve_requests", "Requests finished, by status",

@@ -56,10 +56,18 @@ class SamplingParams(BaseModel):
     routing: bool = Field(False, description="record where each sparse layer sent each of the request's positions")
 
 
+def check_seed(seed) -> int:
+    """A seed as the proto's uint64 carries it, what torch's generators take."""
+    seed = _whole("seed", seed)
+    if not 0 <= seed < 2**64:
+        raise InvalidRequest("seed", f"must be between 0 and 2**64 - 1, got {seed}")
+    return seed
+
+
 def nth_seed(seed: int | None, n: int) -> int | None:
-    """The seed of the nth of the samplings one `seed` asks for (a call's prompts, OpenAI's choices): seed + n, so
-    that they differ and the call is reproducible."""
-    return None if seed is None else (seed + n) % 2**64
+    """The seed of the nth of the samplings one `seed` asks for (a call's prompts, OpenAI's choices): seed + n, past
+    the largest from 0 again, so that they differ and the call is reproducible."""
+    return None if seed is None else (check_seed(seed) + n) % 2**64
 
 
 def check_pooling(pooling: str) -> str:
@@ -151,9 +159,7 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     top_p = defaults.top_p if top_p is None else _number("top_p", top_p)
     if not 0.0 <= top_p <= 1.0:  # NaN too
         raise InvalidRequest("top_p", f"must be between 0 and 1, got {top_p:g}")  # :g, not float32's digits
-    seed = None if seed is None else _whole("seed", seed)
-    if seed is not None and not 0 <= seed < 2**64:  # the proto's uint64, what torch's generators take
-        raise InvalidRequest("seed", f"must be between 0 and 2**64 - 1, got {seed}")
+    seed = None if seed is None else check_seed(seed)
     if not is_list(stop_token_ids):
         raise InvalidRequest("stop_token_ids", f"must be a list of token ids, got {stop_token_ids!r}")
     stop_token_ids = sized(stop_token_ids)

@@ -28,10 +28,10 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from experts.checkpoint import CONFIG_FILE, SwitchCheckpoint
+from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import ExpertFleet, compute_threads, created_groups
 from experts.placement import PlacementConfig
-from experts.spec import sparse_layers
+from experts.spec import CONFIG_FILE, sparse_layers
 from router_service.auth import Unauthenticated, load_api_key, presented_key
 from router_service.batching import Sequence
 from router_service.config import ServerConfig
@@ -76,12 +76,18 @@ http_app = FastAPI(title="switch-serve", description="Switch Transformers with e
                    redoc_url=None, openapi_url=None)
 
 
+# The native API's HTTP routes; the others are OpenAI's.
+GENERATE_PATH, MODEL_INFO_PATH = "/v1/generate", "/v1/model"
+
+
 @http_app.exception_handler(StarletteHTTPException)
 async def no_such_route(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    """A path or method no route takes: in OpenAI's error shape (not FastAPI's `detail`), which OpenAI's clients
-    read."""
-    error = OpenAIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
-    return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
+    """A path or method no route takes: in the native API's error shape on its paths, OpenAI's elsewhere (which
+    OpenAI's clients read), not FastAPI's `detail`."""
+    message = f"{request.method} {request.url.path}: {e.detail}"
+    native = request.url.path in (GENERATE_PATH, MODEL_INFO_PATH)
+    body = {"error": message} if native else OpenAIError(e.status_code, message).body()
+    return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
 
 # What goes wrong, as a gRPC status and an HTTP status.
@@ -738,7 +744,7 @@ class SwitchServer:
 
     # -- HTTP JSON -----------------------------------------------------------------------------------------
 
-    @http_app.post("/v1/generate")
+    @http_app.post(GENERATE_PATH)
     async def http_generate(self, request: Request):
         """The GenerateRequest fields as JSON; `"stream": true` answers with server-sent events, one
         GenerateChunk each."""
@@ -761,7 +767,7 @@ class SwitchServer:
 
         return EventStream(sse_events(first, chunks, self._finished), unread)
 
-    @http_app.get("/v1/model")
+    @http_app.get(MODEL_INFO_PATH)
     async def http_model(self, request: Request):
         try:
             self._authorize(request.headers.items())

@@ -213,5 +213,7 @@ def test_a_calls_prompts_ask_each_for_a_seed_of_its_own():
         seeded = client.generate_remote(address, [[5, 1]] * 3, seed=7, temperature=1.0, timeout=30)
         assert [r["token_ids"] for r in seeded] == [[7], [8], [9]]
         assert [r["token_ids"] for r in client.generate_remote(address, [[5, 1]] * 2, timeout=30)] == [[-1], [-1]]
+        with pytest.raises(ValueError, match=r"^seed: must be between 0 and 2\*\*64 - 1, got -1"):
+            client.generate_remote(address, [[5, 1]], seed=-1, timeout=30)  # not sent as 2**64 - 1
     finally:
         server.stop(0)

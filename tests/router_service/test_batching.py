@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import math
+import subprocess
+import sys
 import threading
 import weakref
 from collections import defaultdict
@@ -399,10 +402,13 @@ class FailingMetrics(RecordingMetrics):
 
 
 @torch.inference_mode()
-def test_metrics_that_fail_lose_no_request(checkpoint_factory, caplog):
+def test_metrics_that_fail_lose_no_request(checkpoint_factory, caplog, monkeypatch):
     """Every sequence is answered and told how it ended, finished, embedded or failed, though every metric update
-    raises: the failures are logged. Fails if a step's or a failure's sequences are lost to a metric's error (their
-    callers would wait for ever)."""
+    raises: the failures are logged, once within FAILURE_LOG_S (not at every step). Fails if a step's or a failure's
+    sequences are lost to a metric's error (their callers would wait for ever)."""
+    from router_service import metrics
+
+    monkeypatch.setattr(metrics, "_failure_logged_at", -math.inf)
     path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
     batcher = ContinuousBatcher(local_front(path), max_sequences=8, metrics=FailingMetrics())
     finishing, embedding = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=3)), Sequence([7, 1], pooling="mean")
@@ -417,7 +423,14 @@ def test_metrics_that_fail_lose_no_request(checkpoint_factory, caplog):
     queued = Sequence([7, 1])
     batcher.add(queued)
     assert batcher.fail(RuntimeError("expert actor lost")) == [queued] and queued.error is not None
-    assert "updating the serving metrics failed" in caplog.text
+    assert caplog.text.count("updating the serving metrics failed") == 1
+
+
+def test_the_front_and_its_batcher_import_no_ray():
+    """What the CUDA checks run in a GPU machine's own Python, which may have no Ray (test_cuda.py). Fails if the
+    batcher's modules import Ray (as its metrics module's Ray imports once did)."""
+    code = "import sys, router_service.batching, experts.held; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 def step_as_the_scheduler_does(batcher: ContinuousBatcher) -> list[Sequence]:

@@ -205,6 +205,12 @@ def test_errors_are_openais(served, client):
         error = json.loads(refused.value.read())["error"]
         assert refused.value.code == status and error["message"].startswith(f"{method} {route}: "), error
         assert error["type"] == "invalid_request_error"
+    # On the native API's paths, its own shape.
+    request = urllib.request.Request(served["http"] + "/v1/generate", headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 405
+    assert json.loads(refused.value.read()) == {"error": "GET /v1/generate: Method Not Allowed"}
 
 
 def test_native_stop_strings(served):

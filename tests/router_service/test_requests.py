@@ -13,6 +13,7 @@ from router_service.requests import (
     check_pooling,
     check_prompt,
     make_sampling_params,
+    nth_seed,
 )
 
 VOCAB = 100
@@ -103,3 +104,15 @@ def test_numpys_and_torchs_numbers_are_taken_as_python_ones():
 def test_pooling():
     assert check_pooling("mean") == "mean" and check_pooling("none") == "none"
     refused("pooling", check_pooling, "max")
+
+
+def test_the_nth_seed_of_a_call_is_its_seed_plus_n_and_a_bad_seed_is_refused():
+    """A call's prompts (OpenAI's choices) sample with seed + n, past the largest from 0 again; a seed no request
+    could carry is refused, not wrapped into one (-1 would become 2**64 - 1). Fails if a bad seed is taken."""
+    import numpy as np
+
+    assert nth_seed(None, 3) is None and nth_seed(7, 0) == 7 and nth_seed(np.int64(7), 2) == 9
+    assert nth_seed(2**64 - 1, 1) == 0
+    for bad in (-1, 2**64, 1.5, "7"):
+        with pytest.raises(InvalidRequest, match="^seed: must be"):
+            nth_seed(bad, 1)
