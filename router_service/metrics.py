@@ -10,9 +10,10 @@ import time
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
-# A metric that fails keeps failing at every step: said with its traceback at most this often.
+# A metric that fails keeps failing at every step: failures said with a traceback at most this often, with a count of
+# those left unsaid since.
 FAILURE_LOG_S = 60.0
-_failure_logged_at = -math.inf
+_failure_logged_at, _failures_unsaid = -math.inf, 0
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -22,13 +23,16 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 def metrics_updated():
     """Where the serving path updates metrics: one that fails is logged, not raised, so that a step's requests are
     still answered and told how they ended (a metric is not worth a request)."""
-    global _failure_logged_at
+    global _failure_logged_at, _failures_unsaid
     try:
         yield
     except Exception:
-        if time.monotonic() - _failure_logged_at >= FAILURE_LOG_S:
-            _failure_logged_at = time.monotonic()
-            log.exception("updating the serving metrics failed (said at most every %.0f s)", FAILURE_LOG_S)
+        if time.monotonic() - _failure_logged_at < FAILURE_LOG_S:
+            _failures_unsaid += 1
+            return
+        log.exception("updating the serving metrics failed (%d failures more since the last said; one said every "
+                      "%.0f s at most)", _failures_unsaid, FAILURE_LOG_S)
+        _failure_logged_at, _failures_unsaid = time.monotonic(), 0
 
 
 class ServingMetrics:

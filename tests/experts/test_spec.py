@@ -110,3 +110,12 @@ def test_a_sparse_count_that_transformers_reads_as_the_weights_hold_is_written_a
     followed, warnings = follow_weights(config, list(expected_tensors(config)[0]))
     assert warnings == [] and sparse_layers(followed, "decoder") == [] and followed.num_decoder_layers == 2
     assert follow_weights(followed)[0] == followed  # the planner's reading, after it
+
+
+def test_a_config_made_otherwise_than_from_json_is_checked_too():
+    """The checks are the config's own: made in code, or by replacing a field, not only read from config.json. Fails
+    if they are made in from_dict alone."""
+    with pytest.raises(ValueError, match="relative_attention_num_buckets: must be at least 4"):
+        SwitchConfig(relative_attention_num_buckets=2)
+    with pytest.raises(ValueError, match="eos_token_id: 32128 is not a token id"):
+        dataclasses.replace(SwitchConfig(), eos_token_id=32128)

@@ -116,7 +116,7 @@ def test_prompts_are_token_ids_or_texts_and_an_empty_text_is_refused():
 
     model = SimpleNamespace(tokenizer=lambda text: {"input_ids": [5, 1]}, config=SimpleNamespace(max_prompt_tokens=2),
                             checkpoint=SimpleNamespace(config=SimpleNamespace(vocab_size=10)))
-    model.encode_text = lambda text, field: SwitchCluster.encode_text(model, text, field)
+    model.tokenizer_for = lambda field: SwitchCluster.tokenizer_for(model, field)
     for input_ids, texts, message in [([[5, 1]], ["sort : 2 1"], "texts: give input_ids or texts, not both"),
                                       (None, None, "input_ids: give input_ids or texts"),
                                       ([5, 1], None, "input_ids[0]: must be a list of token ids, got int"),

@@ -22,9 +22,13 @@ class Recorder:
 def test_each_metric_records_what_its_name_says(monkeypatch):
     """Fails if a metric records another value than its own: tokens by the step rather than by the sequence, the
     queue's depth, the time per token rather than to the first."""
-    for kind in ("Counter", "Gauge", "Histogram"):
-        monkeypatch.setattr(metrics, kind, Recorder)
-    monkeypatch.setattr(metrics, "expert_token_counter", lambda: Recorder("switch_serve_expert_tokens"))
+    import ray.util.metrics
+
+    import experts.actor
+
+    for kind in ("Counter", "Gauge", "Histogram"):  # imported as ServingMetrics is made
+        monkeypatch.setattr(ray.util.metrics, kind, Recorder)
+    monkeypatch.setattr(experts.actor, "expert_token_counter", lambda: Recorder("switch_serve_expert_tokens"))
     monkeypatch.setattr(Recorder, "calls", [])
     served = metrics.ServingMetrics("m")
     served.serving(8)
