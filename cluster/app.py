@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 from ray.serve import Application, RunTarget
 from ray.serve.config import gRPCOptions
@@ -239,6 +241,26 @@ def wait_until_serving(front, replicas: int, timeout_s: float, asks: dict[str, d
             time.sleep(0.2)
 
 
+def wait_until_ingress_serves(address: str, timeout_s: float) -> None:
+    """Wait for a health check through the ingress at `address` (gRPC) to answer SERVING: HAProxy takes up the
+    fronts a moment after they serve, and a call made in between waited behind it for a minute, unanswered.
+    PlacementError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            except grpc.RpcError:  # not taken up yet, or not answering in time
+                status = None
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            if time.monotonic() > deadline:
+                raise PlacementError(f"placement: the fronts serve, but not through the ingress at {address} after "
+                                     f"{timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
 def experts_status(fleet) -> str:
     """What the expert fleet (a Serve handle to it) says of its actors: "ready", what they wait for, or why it
     cannot say."""
@@ -286,6 +308,8 @@ def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_
             asks = {FRONT_DEPLOYMENT: {"GPU": config.front_gpus, **config.front_resources},
                     FLEET_DEPLOYMENT: config.fleet_resources}
             wait_until_serving(front, config.num_replicas, config.placement.timeout_s, asks, fleet)
+            if address is None:  # the ingress on this machine's port
+                wait_until_ingress_serves(f"{LOCAL_HTTP_HOST}:{grpc_port}", config.placement.timeout_s)
             serving = True
             yield Endpoints(grpc=f"{http_host}:{grpc_port}", http=f"http://{http_host}:{http_port}")
         finally:

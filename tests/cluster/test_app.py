@@ -427,3 +427,32 @@ def test_a_new_fleet_config_names_its_placement_group_anew_and_a_drain_timeout_c
     assert slower["deployments"] == [{"name": "ExpertFleet", "user_config": {"drain_timeout_s": 90.0},
                                       "graceful_shutdown_timeout_s": 250.0}]
     # 90 s for the front to begin, 90 to drain, 60 for a new front to start (FRONT_START_S), 10 to release
+
+
+def test_serving_waits_until_a_health_check_through_the_ingress_answers_serving():
+    """local_serve returns only once the ingress passes calls to the fronts (HAProxy takes them up a moment after they
+    serve; a call in between waited a minute): here a health service that says NOT_SERVING for 0.5 s, then SERVING;
+    one that never does is a PlacementError naming the address. Fails if the wait returns at once or never ends."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from cluster.app import wait_until_ingress_serves
+
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with pytest.raises(PlacementError, match=f"not through the ingress at {address} after 1 s"):
+            wait_until_ingress_serves(address, timeout_s=1)
+        threading.Timer(0.5, servicer.set, ("", health_pb2.HealthCheckResponse.SERVING)).start()
+        began = time.monotonic()
+        wait_until_ingress_serves(address, timeout_s=30)
+        assert 0.4 < time.monotonic() - began < 10
+    finally:
+        server.stop(0)
