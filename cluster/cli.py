@@ -223,6 +223,17 @@ def open_checkpoint(model: str) -> tuple[str, SwitchCheckpoint]:
     return str(folder), SwitchCheckpoint.open(folder)
 
 
+def checkpoint_with_tokenizer(model: str, command: str) -> str:
+    """`open_checkpoint`'s folder for a command that sends text prompts: one without a tokenizer is refused before
+    anything starts (the server would refuse each prompt)."""
+    from router_service.engine import TOKENIZER_FILES
+
+    folder, _ = open_checkpoint(model)
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"--model: {folder} holds no tokenizer, and {command} sends text prompts")
+    return folder
+
+
 def free_ports(**ports: int) -> None:
     """Fail, naming the flag, where a port is taken (Ray would fail later, with a traceback)."""
     import socket
@@ -470,7 +481,7 @@ def cmd_soak(args: argparse.Namespace) -> None:
         raise ValueError("--chaos-every: sets how often --chaos injects faults; without --chaos there are none")
     if args.chaos_every is not None and args.chaos_every[0] > args.chaos_every[1]:
         raise ValueError(f"--chaos-every: MIN_S {args.chaos_every[0]:g} is more than MAX_S {args.chaos_every[1]:g}")
-    model = args.model and open_checkpoint(args.model)[0]
+    model = args.model and checkpoint_with_tokenizer(args.model, "soak")
     sys.exit(main(model, args.duration, args.concurrency, tuple(args.chaos_every or CHAOS_EVERY_S) if args.chaos
                   else None, args.replicas, args.nodes))
 
@@ -478,7 +489,8 @@ def cmd_soak(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from cluster.demo import DEMO_MODEL, PROMPTS, run_demo
 
-    right = run_demo(open_checkpoint(args.model)[0] if args.model else DEMO_MODEL, **given(args, PlacementConfig))
+    right = run_demo(checkpoint_with_tokenizer(args.model, "demo") if args.model else DEMO_MODEL,
+                     **given(args, PlacementConfig))
     if args.model is None and right < len(PROMPTS):  # another model was not trained on the demo's tasks
         fail(f"the demo model answered {right} of its {len(PROMPTS)} requests right")
 

@@ -89,6 +89,21 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_record(path: Path, record: dict) -> None:
+    """A conversion's record, written whole or not at all (a full disk, a kill mid-write)."""
+    path.with_suffix(".tmp").write_text(json.dumps(record))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def read_record(path: Path) -> dict | None:
+    """A record `write_record` wrote; None for one that is not (written by another version, damaged)."""
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
     """Convert a `.bin` checkpoint folder (one file or shards with an index) to a safetensors folder at `dst`,
     which must not exist yet; returns it opened (and so fully checked). Written shard by shard into a folder beside
@@ -103,24 +118,24 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
     shards = bin_shards(src)
     work = dst.parent / PARTIAL.format(name=dst.name)
     origin = {"src": str(src.resolve()), "shards": shards, "layout": LAYOUT}
-    if (work / SOURCE_RECORD).is_file() and json.loads((work / SOURCE_RECORD).read_text()) != origin:
-        log.warning("%s holds a conversion of another source, or in another layout: started again", work)
+    if (work / SOURCE_RECORD).is_file() and read_record(work / SOURCE_RECORD) != origin:
+        log.warning("%s holds a conversion of another source, or in another layout, or a record cut short: "
+                    "started again", work)
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / SOURCE_RECORD).write_text(json.dumps(origin))
+    write_record(work / SOURCE_RECORD, origin)
     try:
         weight_map, total = {}, 0
         for number, shard in enumerate(shards, 1):
             done = work / f".shard-{number:05d}.json"
             stat = (src / shard).stat()  # a shard changed since is converted again
             source = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-            record = json.loads(done.read_text()) if done.is_file() else None
-            if record is None or record["source"] != source:
+            record = read_record(done) if done.is_file() else None
+            if record is None or record.get("source") != source:
                 for file in (record or {}).get("files", {}):
                     (work / file).unlink(missing_ok=True)
                 record = {"source": source, **convert_shard(src / shard, number, len(shards), work)}
-                done.with_suffix(".tmp").write_text(json.dumps(record))
-                os.replace(done.with_suffix(".tmp"), done)  # written whole, after the shard's files
+                write_record(done, record)  # after the shard's files
             else:
                 log.warning("%s: converted by an earlier run, kept from %s", shard, work)
             for file, names in record["files"].items():
@@ -135,7 +150,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
             if other.is_file() and other.name not in WEIGHT_FILES and other.name != CONFIG_FILE \
                     and not other.name.endswith(OTHER_WEIGHTS):
                 shutil.copy2(other, work / other.name)
-        SwitchCheckpoint.open(work)  # every tensor checked before dst appears
+        SwitchCheckpoint.open(work).check_tied_copies()  # every tensor checked before dst appears, as a front would
         os.replace(work, dst)
         for marker in [dst / SOURCE_RECORD, *dst.glob(".shard-*")]:  # kept until dst is whole
             marker.unlink()

@@ -31,6 +31,7 @@ WORDS = DIGITS + list(TASKS) + [":"] + ONES + TENS[2:] + ["hundred"]  # the demo
 PROMPTS = ["reverse : 3 1 4 1 5", "sort : 9 2 6 5 3", "spell : 4 7 2", "reverse : 2 7 1 8", "sort : 8 0 8 1",
            "spell : 1 9", "spell : 9 9 9"]
 STREAMED = "spell : 3 1 4"
+CALL_S = 120.0  # the most each of the demo's calls may take: a server that stops answering fails the demo, not hangs it
 ROUTED, ROUTED_WORD = "reverse : 2 7 1 8", 2  # whose route the demo shows: the word at that position
 EMBEDDED = ("sort : 3 1 2", "sort : 3 2 1", "spell : 3 1 2")  # the first's embedding against the others'
 # Distinct prompts per task that training never sees. Lists get many so that 100% on them means the task is
@@ -104,7 +105,7 @@ def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None =
         with grpc.insecure_channel(served.grpc) as channel:
             stub = pb_grpc.SwitchServeStub(channel)
             print(f"\nstreamed as it is generated:\n  {STREAMED!r} ->", end="", flush=True)
-            for chunk in stub.GenerateStream(pb.GenerateRequest(text=STREAMED, max_new_tokens=12)):
+            for chunk in stub.GenerateStream(pb.GenerateRequest(text=STREAMED, max_new_tokens=12), timeout=CALL_S):
                 print(f" {chunk.text.strip()}" if chunk.text.strip() else "", end="", flush=True)
                 if chunk.finish_reason:
                     print(f"  [{chunk.finish_reason}]")
@@ -113,15 +114,16 @@ def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None =
             calls = [stub.Generate.future(pb.GenerateRequest(text=p, max_new_tokens=12)) for p in PROMPTS]
             right = 0
             for prompt, call in zip(PROMPTS, calls):
-                answer, expected = call.result().text, expected_answer(prompt)
+                answer, expected = call.result(timeout=CALL_S).text, expected_answer(prompt)
                 right += answer == expected
                 mark = "ok" if answer == expected else f"expected {expected!r}"
                 print(f"  {prompt!r:26} -> {answer!r:30} {mark}")
             print(f"  {right} of {len(PROMPTS)} right")
 
-            routed = stub.Generate(pb.GenerateRequest(text=ROUTED, max_new_tokens=12, return_routing=True))
+            routed = stub.Generate(pb.GenerateRequest(text=ROUTED, max_new_tokens=12, return_routing=True),
+                                   timeout=CALL_S)
             vectors = [list(e.values) for e in stub.Embed(pb.EmbedRequest(
-                inputs=[pb.EmbedInput(text=t) for t in EMBEDDED])).embeddings]
+                inputs=[pb.EmbedInput(text=t) for t in EMBEDDED]), timeout=CALL_S).embeddings]
             print("\nembeddings (Embed: the encoder's output, averaged over the tokens), cosine similarity:")
             for text, vector in zip(EMBEDDED[1:], vectors[1:]):
                 print(f"  {EMBEDDED[0]!r} and {text!r}: {cosine(vectors[0], vector):.3f}")
@@ -131,7 +133,7 @@ def run_demo(model_dir: str | Path = DEMO_MODEL, experts_per_actor: int | None =
                 print(f"  encoder layer {layer.layer}: expert {layer.experts[ROUTED_WORD]}, router probability "
                       f"{layer.probs[ROUTED_WORD]:.2f}{', over capacity' if layer.dropped[ROUTED_WORD] else ''}")
 
-            info = stub.ModelInfo(pb.ModelInfoRequest())
+            info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=CALL_S)
         print(f"\n{info.num_experts} experts in each of {len(info.expert_tokens)} sparse layers, "
               f"{len(info.actors)} expert actors; tokens each expert has computed:")
         print(f"  {'layer':<12}" + "".join(f"{'e' + str(e):>6}" for e in range(info.num_experts)))

@@ -358,3 +358,19 @@ def test_the_highest_port_and_as_many_concurrent_as_requests_are_taken(monkeypat
     monkeypatch.setattr(bench, "print_report", lambda report, as_json: None)
     main(["bench", "--requests", "4", "--concurrency", "4"])
     assert [(r[2], r[3]) for r in runs] == [([4], 4)]
+
+
+def test_soak_and_demo_refuse_a_checkpoint_without_a_tokenizer(checkpoint_factory, monkeypatch, capsys):
+    """Both send text prompts: a checkpoint without a tokenizer is refused in one line before anything starts, not
+    by the server prompt by prompt after the cluster has (a traceback). Fails if either starts."""
+    import cluster.demo
+    import cluster.soak
+
+    path, _ = checkpoint_factory("plain")
+    monkeypatch.setattr(cluster.soak, "main", lambda *args: pytest.fail("the soak started"))
+    monkeypatch.setattr(cluster.demo, "run_demo", lambda *args, **kwargs: pytest.fail("the demo started"))
+    for command in ("soak", "demo"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--model", str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"holds no tokenizer, and {command} sends text prompts" in err

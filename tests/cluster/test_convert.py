@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -242,6 +243,45 @@ def test_a_conversion_cut_short_in_another_layout_starts_again(checkpoint_factor
     assert converted == [1, 2, 1, 2, 3]
 
 
+def test_a_conversion_whose_records_were_cut_short_starts_again(checkpoint_factory, tmp_path, monkeypatch):
+    """A record left empty (a full disk as it was written): the conversion starts again, or converts that shard
+    again, rather than failing every later run on a JSON error that names no file. Fails if the record is read as
+    it is."""
+    from cluster import convert as converting
+
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=3)
+    real, converted = converting.convert_shard, cut_short_at_the_third_shard(monkeypatch, src, tmp_path / "out")
+    partial = tmp_path / ".out.partial"
+    (partial / ".shard-00002.json").write_text("")
+    monkeypatch.setattr(converting, "convert_shard", lambda *args: converted.append(args[1]) or real(*args))
+    convert(src, tmp_path / "out")
+    assert converted == [1, 2, 2, 3]  # the second shard's record cut short: that shard again
+    shutil.rmtree(tmp_path / "out")
+    cut_short_at_the_third_shard(monkeypatch, src, tmp_path / "out")
+    (partial / converting.SOURCE_RECORD).write_text("")
+    converted.clear()
+    monkeypatch.setattr(converting, "convert_shard", lambda *args: converted.append(args[1]) or real(*args))
+    convert(src, tmp_path / "out")
+    assert converted == [1, 2, 3]  # the source's record cut short: from the start
+
+
+def test_weights_whose_tied_copies_differ_are_not_converted(checkpoint_factory, tmp_path):
+    """With tied embeddings, an LM head that is not shared.weight: refused as the conversion checks its result, as a
+    front would refuse it at load, so that no checkpoint that cannot be served appears. Fails if it is written."""
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=1)
+    (file,) = src.glob("*.bin")
+    state = torch.load(file, weights_only=True)
+    state["lm_head.weight"] = state["shared.weight"] + 1  # its own tensor, no longer the shared one
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match="tensor lm_head.weight differs from shared.weight"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_conversion_cut_in_its_last_check_keeps_its_shards(checkpoint_factory, tmp_path, monkeypatch):
     """Cut short while the whole result is checked, a conversion keeps every shard it converted for the next run.
     Fails if the shards' records go before that check."""
@@ -277,7 +317,11 @@ def test_a_shard_rewritten_since_a_conversion_was_cut_short_is_converted_again(c
     save_bin_shards(hf_model, src, shards=3)
     cut_short_at_the_third_shard(monkeypatch, src, tmp_path / "out")
     real, first = converting.convert_shard, src / "pytorch_model-00001-of-00003.bin"
-    changed = {name: tensor * 2 for name, tensor in torch.load(first, weights_only=True).items()}
+    from experts.checkpoint import TIED_COPIES
+
+    # Its weights changed, its embeddings' copies still equal (a checkpoint that could not be served is refused).
+    changed = {name: tensor if name in ("shared.weight", *TIED_COPIES) else tensor * 2
+               for name, tensor in torch.load(first, weights_only=True).items()}
     torch.save(changed, first)
     converted = []
     monkeypatch.setattr(converting, "convert_shard", lambda *args: converted.append(args[1]) or real(*args))

@@ -6,7 +6,18 @@ from __future__ import annotations
 import pytest
 
 from cluster.demo import DEMO_MODEL
-from cluster.soak import FAULT_WINDOW_S, FAULTS, NODE_FAULT, Report, faults, ray_for_soak, run_soak, soak_config
+from cluster.soak import (
+    FAULT_WINDOW_S,
+    FAULTS,
+    NODE_FAULT,
+    PROMPTS,
+    Report,
+    faults,
+    one_request,
+    ray_for_soak,
+    run_soak,
+    soak_config,
+)
 
 
 def test_a_minute_of_chaos_loses_and_corrupts_nothing(ray_cluster):
@@ -17,7 +28,7 @@ def test_a_minute_of_chaos_loses_and_corrupts_nothing(ray_cluster):
     print("\n" + report.summary())
     assert {kind for _, kind in report.faults} == set(FAULTS)
     assert report.wrong == 0 and report.hung == 0 and report.lost == 0 and report.passed()
-    for kind, outcome in [("unary", "OK"), ("stream", "OK"), ("cancelled stream", "CANCELLED"),
+    for kind, outcome in [("unary", "OK"), ("stream", "OK"), ("cancelled stream", "CANCELLED_BY_CLIENT"),
                           ("bad input", "REFUSED")]:
         assert report.count(kind, outcome) > 0, (kind, outcome)
 
@@ -70,3 +81,38 @@ def test_a_soak_passes_only_with_answers_and_failures_near_faults():
     report.failures.pop()
     report.outcomes.update({("unary", "WRONG"): 1, ("stream", "HUNG"): 1})
     assert (report.wrong, report.hung, report.lost) == (1, 1, 0) and not report.passed()
+
+
+def test_a_stream_the_server_cancelled_is_lost_and_chaos_without_a_fault_fails():
+    """CANCELLED from the server (no retryable status) is a lost request, unlike a stream the client cancelled after
+    two right tokens; a chaos run that injected no fault tested nothing. Fails if either passes."""
+    report = Report(started=0.0, load_s=10.0, elapsed=10.0, chaos=True)
+    report.outcomes.update({("unary", "OK"): 3, ("cancelled stream", "CANCELLED_BY_CLIENT"): 2})
+    report.latencies += [(0.0, 1.0)]
+    assert report.lost == 0 and not report.passed()  # no fault injected
+    report.faults.append((0.5, "expert fleet"))
+    assert report.passed()
+    report.outcomes[("stream", "CANCELLED")] += 1
+    assert report.lost == 1 and not report.passed()
+
+
+def test_a_cancelled_streams_tokens_are_checked_before_it_is_cancelled():
+    """The tokens a client cancels a stream after are compared with the clean run's: wrong ones are WRONG, not a
+    fine cancel. Fails if a cancelled stream's tokens go unchecked."""
+    from types import SimpleNamespace
+
+    class Stream:
+        def __init__(self, tokens):
+            self.chunks, self.cancelled = [SimpleNamespace(token_ids=[t]) for t in tokens], False
+
+        def __iter__(self):
+            return iter(self.chunks)
+
+        def cancel(self):
+            self.cancelled = True
+
+    for sent, outcome in [([1, 2, 3], "CANCELLED_BY_CLIENT"), ([999, 998, 3], "WRONG")]:
+        stream = Stream(sent)
+        stub = SimpleNamespace(GenerateStream=lambda request, timeout, stream=stream: stream)
+        assert one_request(stub, "cancelled stream", PROMPTS[0], [1, 2, 3], 100) == outcome
+        assert stream.cancelled == (outcome == "CANCELLED_BY_CLIENT")
