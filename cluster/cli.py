@@ -226,10 +226,10 @@ def open_checkpoint(model: str) -> tuple[str, SwitchCheckpoint]:
 def checkpoint_with_tokenizer(model: str, command: str) -> str:
     """`open_checkpoint`'s folder for a command that sends text prompts: one without a tokenizer is refused before
     anything starts (the server would refuse each prompt)."""
-    from router_service.engine import TOKENIZER_FILES
+    from router_service.engine import has_tokenizer
 
     folder, _ = open_checkpoint(model)
-    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(folder):
         raise ValueError(f"--model: {folder} holds no tokenizer, and {command} sends text prompts")
     return folder
 

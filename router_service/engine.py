@@ -53,11 +53,15 @@ STATUS_LOG_S = 30.0
 log = logging.getLogger(__name__)
 
 
+def has_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(folder: str | Path, field: str = "text"):
     """The tokenizer saved in a checkpoint folder, by transformers' AutoTokenizer; where it holds none, an
     InvalidRequest naming `field`, the one that brought text."""
     path = Path(folder)
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+    if not has_tokenizer(path):
         raise InvalidRequest(field, f"{path} holds no tokenizer; pass token ids instead")
     from transformers import AutoTokenizer
 
