@@ -141,8 +141,10 @@ class SwitchConfig:
                       if getattr(config, f.name, None) is not None})
 
 
-# The sizes a model cannot have none of.
 CONFIG_FILE = "config.json"  # a checkpoint's architecture, beside its weights
+# A checkpoint's tokenizer: any one of them is enough for transformers' AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+# The sizes a model cannot have none of.
 SIZES = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers", "num_experts",
          "expert_capacity", "relative_attention_num_buckets", "relative_attention_max_distance")
 _JSON_TYPES = {"int": int, "bool": bool, "str": str, "float": (int, float), "list[int]": list, "None": type(None)}

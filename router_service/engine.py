@@ -23,7 +23,7 @@ from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet
 from experts.held import gpu_uuid, held_experts
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
-from experts.spec import ExpertKey, expert_bytes, expert_format
+from experts.spec import TOKENIZER_FILES, ExpertKey, expert_bytes, expert_format
 from experts.wire import INLINE_ACTIVATIONS_ENV, torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion, use_threads
 from router_service.config import EngineConfig
@@ -40,7 +40,6 @@ from router_service.requests import (
     nth_seed,
 )
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 SENTINEL = re.compile(r"<extra_id_\d+>")  # T5's span-filling sentinels
 
 # How long one call to the fleet waits for its actors to load, between updates of the link's status.
