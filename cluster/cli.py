@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from cluster.workloads import CONCURRENCY, REQUESTS, SHAPES, WORKLOADS
-from experts.checkpoint import INDEX_FILE, SINGLE_FILE, SwitchCheckpoint, read_config
+from experts.checkpoint import INDEX_FILE, SINGLE_FILE, SwitchCheckpoint, has_tokenizer, read_config
 from experts.placement import PlacementConfig, PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import CONFIG_FILE, EXPERT_FORMATS
@@ -37,6 +37,7 @@ from router_service.config import (
     ServerConfig,
 )
 from router_service.requests import SamplingParams, check_prompt, make_sampling_params
+from router_service.text import check_stop_strings
 
 # Flags named otherwise than their field.
 FLAG_NAMES = {"num_replicas": "--replicas", "actor_resources": "--actor-resource",
@@ -226,8 +227,6 @@ def open_checkpoint(model: str) -> tuple[str, SwitchCheckpoint]:
 def checkpoint_with_tokenizer(model: str, command: str) -> str:
     """`open_checkpoint`'s folder for a command that sends text prompts: one without a tokenizer is refused before
     anything starts (the server would refuse each prompt)."""
-    from router_service.engine import has_tokenizer
-
     folder, _ = open_checkpoint(model)
     if not has_tokenizer(folder):
         raise ValueError(f"--model: {folder} holds no tokenizer, and {command} sends text prompts")
@@ -265,7 +264,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         try:
             results = generate_remote(args.address, prompts, logprobs=args.logprobs,
                                       timeout=CLIENT_TIMEOUT_S if args.timeout is None else args.timeout,
-                                      api_key=load_api_key(args.api_key_file), **sampling)
+                                      api_key=load_api_key(args.api_key_file), stop=args.stop or [], **sampling)
         except RemoteError as e:
             fail(str(e))
     else:  # argparse asks for --model or --address
@@ -289,7 +288,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             tokenizer = load_tokenizer(folder, "texts")
             for i, text in enumerate(prompts):
                 text_prompt_ids(tokenizer, text, vocab, config, f"texts[{i}]")
-        results = generate_local(config, prompts, args.text is not None, args.logprobs, sampling)
+        stop = check_stop_strings(args.stop or (), has_tokenizer(folder))
+        results = generate_local(config, prompts, args.text is not None, args.logprobs, sampling, stop)
     if args.json:
         print(json.dumps({"outputs": results}))
         return
@@ -302,15 +302,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(f"    routing: {json.dumps(r['routing'])}")
 
 
-def generate_local(config: EngineConfig, prompts: list, as_text: bool, logprobs: bool, sampling: dict) -> list[dict]:
+def generate_local(config: EngineConfig, prompts: list, as_text: bool, logprobs: bool, sampling: dict,
+                   stop: tuple[str, ...]) -> list[dict]:
+    """The answers, in the shape generate_remote gives them: with their text for prompts given as text, or where stop
+    strings cut it."""
     from router_service.engine import SwitchCluster
 
     with SwitchCluster(config) as model:
-        outputs = model.generate(texts=prompts, **sampling) if as_text else model.generate(prompts, **sampling)
-        results = [o.to_dict(logprobs=logprobs) for o in outputs]
-        if as_text:
-            for r, o in zip(results, outputs):
-                r["text"] = model.decode(o.token_ids)
+        inputs = {"texts": prompts} if as_text else {"input_ids": prompts}
+        outputs = model.generate(**inputs, stop=stop, **sampling)
+    results = [o.to_dict(logprobs=logprobs) for o in outputs]
+    if as_text or stop:
+        for r, o in zip(results, outputs):
+            r["text"] = o.text
     return results
 
 
@@ -511,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--text", nargs="+", metavar="TEXT", help="prompts as text (uses the checkpoint's tokenizer)")
     # The alternatives' log-probabilities are the OpenAI API's (its `logprobs`); the gRPC API does not carry them.
     add_fields(g, SamplingParams, [name for name in SamplingParams.model_fields if name != "top_logprobs"])
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end each answer before this text (repeat for several; needs the checkpoint's tokenizer)")
     g.add_argument("--logprobs", action="store_true", help="include each chosen token's log-probability")
     g.add_argument("--json", action="store_true", help="print one JSON object {\"outputs\": [...]}")
     add_api_key_option(g, "with --address: the server's API key")

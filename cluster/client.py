@@ -98,7 +98,7 @@ def generate_remote(address: str, prompts: list[list[int]] | list[str], *, logpr
             out["routing"] = [json_format.MessageToDict(layer, preserving_proto_field_name=True,
                                                         always_print_fields_with_no_presence=True)
                               for layer in r.routing]
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) or given.get("stop"):
             out["text"] = r.text
         results.append(out)
     return results

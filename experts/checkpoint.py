@@ -25,6 +25,7 @@ from experts.spec import (
     DTYPES,
     ROUTER_DTYPES,
     TIED_COPIES,
+    TOKENIZER_FILES,
     SwitchConfig,
     expected_tensors,
     follow_weights,
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
 class CheckpointError(ValueError):

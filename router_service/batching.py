@@ -64,6 +64,7 @@ class Sequence:
     pooling: str | None = None  # "mean" or "none": an embedding request (requests.POOLINGS)
     embedding: torch.Tensor | None = None  # float32 [d_model] (mean) or [tokens, d_model] (none), once encoded
     finish_reason: str | None = None  # "eos", "stop" or "length" once finished ("embedded" for an embedding)
+    text: str | None = None  # the answer as text, where the Python API decoded it (engine.SwitchCluster.generate)
     error: BaseException | None = None  # set when the batch it was in failed
     cancelled: bool = False  # set by the caller; the sequence leaves before the next step
     on_update: Callable[[], None] | None = None  # called by the Scheduler's batching thread after each change
@@ -382,14 +383,17 @@ def frameless(error: BaseException) -> BaseException:
 
 
 @torch.inference_mode()
-def run_to_completion(batcher: ContinuousBatcher, sequences: list[Sequence]) -> list[Sequence]:
+def run_to_completion(batcher: ContinuousBatcher, sequences: list[Sequence],
+                      after_step: Callable[[], None] | None = None) -> list[Sequence]:
     """Decode the given sequences on this thread until every one is done, or cancelled (by another thread) and gone
-    from the batch (the Python API's path)."""
+    from the batch (the Python API's path); `after_step` is called after each step (to end some, say)."""
     for seq in sequences:
         batcher.add(seq)
     try:
         while batcher.has_work and not all(seq.done for seq in sequences):
             batcher.step()
+            if after_step is not None:
+                after_step()
     except BaseException as e:  # an interrupt, say: none of them stays in the batch to decode with the next call's
         batcher.fail(e)
         raise

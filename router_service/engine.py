@@ -12,18 +12,19 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import ray
 import torch
 
-from experts.checkpoint import SwitchCheckpoint
+from experts.checkpoint import SwitchCheckpoint, has_tokenizer
 from experts.ffn import ACTIVATION_FUNCTIONS, packs
 from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
 from experts.held import gpu_uuid, held_experts
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
-from experts.spec import TOKENIZER_FILES, ExpertKey, expert_bytes, expert_format
+from experts.spec import ExpertKey, expert_bytes, expert_format
 from experts.wire import INLINE_ACTIVATIONS_ENV, torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion, use_threads
 from router_service.config import EngineConfig
@@ -39,6 +40,7 @@ from router_service.requests import (
     make_sampling_params,
     nth_seed,
 )
+from router_service.text import TextStream, check_stop_strings
 
 SENTINEL = re.compile(r"<extra_id_\d+>")  # T5's span-filling sentinels
 
@@ -50,10 +52,6 @@ LINK_CHECK_S = 2.0
 STATUS_LOG_S = 30.0
 
 log = logging.getLogger(__name__)
-
-
-def has_tokenizer(folder: str | Path) -> bool:
-    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(folder: str | Path, field: str = "text"):
@@ -442,14 +440,35 @@ class SwitchCluster:
         return self.tokenizer_for(field)(text)["input_ids"]
 
     def generate(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
-                 **sampling) -> list[Sequence]:
+                 stop: str | Iterable[str] = (), **sampling) -> list[Sequence]:
         """Generate for a batch of prompts, given as token ids or as text (exactly one of them).
-        `sampling`: SamplingParams' fields (greedy by default); with a `seed`, prompt i samples with seed + i."""
+        `sampling`: SamplingParams' fields (greedy by default); with a `seed`, prompt i samples with seed + i.
+        Each answer's `text` is set where the checkpoint has a tokenizer; a stop string (`stop`: one, or several)
+        ends the text before it and the tokens at the one that completed it (finish_reason "stop")."""
         prompts = self._prompts(input_ids, texts)
         params = make_sampling_params(self.checkpoint.config.vocab_size, self.config, **sampling)
+        stop = check_stop_strings(stop, has_tokenizer(self.checkpoint.path))
         self.check_experts(self.config.placement.restart_timeout_s)
-        return self._run([Sequence(p, params.model_copy(update={"seed": nth_seed(params.seed, i)}))
-                          for i, p in enumerate(prompts)])
+        outputs = [Sequence(p, params.model_copy(update={"seed": nth_seed(params.seed, i)}))
+                   for i, p in enumerate(prompts)]
+        streams = [TextStream(self.decode, stop) for _ in outputs]
+        checked = [0] * len(outputs)  # tokens looked at for stop strings, each answer's
+
+        def end_at_stop_strings() -> None:
+            """Called after every step: a stop string found ends its answer at the step's token, the one that
+            completed it, and takes it out of the batch before the next step."""
+            for i, (seq, text) in enumerate(zip(outputs, streams)):
+                if checked[i] < len(seq.token_ids):
+                    checked[i] = len(seq.token_ids)
+                    text.update(seq.token_ids, seq.done)
+                    if text.stopped:
+                        seq.finish_reason, seq.cancelled = "stop", True
+
+        self._run(outputs, end_at_stop_strings if stop else None)
+        if has_tokenizer(self.checkpoint.path):
+            for seq, text in zip(outputs, streams):
+                seq.text = text.text if text.stopped else self.decode(seq.token_ids)
+        return outputs
 
     def embed(self, input_ids: list[list[int]] | None = None, *, texts: list[str] | None = None,
               pooling: str = DEFAULT_POOLING) -> list[torch.Tensor]:
@@ -464,9 +483,9 @@ class SwitchCluster:
         # for backward), each its own (not a view of its encoder pass's padded batch).
         return [s.embedding.clone() for s in sequences]
 
-    def _run(self, sequences: list[Sequence]) -> list[Sequence]:
+    def _run(self, sequences: list[Sequence], after_step: Callable[[], None] | None = None) -> list[Sequence]:
         with self._stepping:
-            return run_to_completion(self.batcher, sequences)
+            return run_to_completion(self.batcher, sequences, after_step)
 
     def _prompts(self, input_ids: list[list[int]] | None, texts: list[str] | None) -> list[list[int]]:
         """Checked prompts from token ids or texts (exactly one of them)."""

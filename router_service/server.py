@@ -360,13 +360,8 @@ async def follow(scheduler: Scheduler, seq: Sequence, updates: AsyncIterator[Seq
         # caller reads finish_reason first) and every token counted here is complete.
         count = len(seq.logprobs)
         if text.stop:
-            for end in range(checked + 1, count + 1):
-                new_text += text.update(seq.token_ids[:end], finished and end == count)
-                if text.stopped:
-                    count = end
-                    break
-            if finished and checked == count:  # it finished without a new token: what was held goes now
-                new_text += text.update(seq.token_ids[:count], True)
+            added, count = text.advance(seq.token_ids, checked, count, finished)
+            new_text += added
             checked = count
         elif due:
             new_text += text.update(seq.token_ids[:count], finished)
@@ -518,9 +513,7 @@ class SwitchServer:
         vocab = self.cluster.checkpoint.config.vocab_size
         params = make_sampling_params(vocab, self.config, **sampling)
         prompt = check_prompt(prompt, vocab, self.config, field)
-        stop = check_stop_strings(stop)
-        if stop and not self.has_tokenizer:
-            raise InvalidRequest("stop", "stop strings need the checkpoint's tokenizer; use stop_token_ids")
+        stop = check_stop_strings(stop, self.has_tokenizer)
         self.cluster.check_experts()  # after the checks: bad input is refused as such whatever the experts' state
         return Sequence(prompt, params), stop
 

@@ -7,9 +7,9 @@ A trailing U+FFFD (a multi-byte character whose remaining bytes are in the next 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Iterable
 
-from router_service.requests import InvalidRequest
+from router_service.requests import InvalidRequest, is_list
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API allows
 # Characters a stop string may have: each is looked for at every step of its sequence, on the replica's event loop.
@@ -17,14 +17,24 @@ MAX_STOP_STRING_CHARS = 1000
 INCOMPLETE = "\ufffd"
 
 
-def check_stop_strings(stop: Collection[str]) -> tuple[str, ...]:
+def check_stop_strings(stop: str | Iterable[str], has_tokenizer: bool) -> tuple[str, ...]:
+    """A stop string, or several, checked; for a checkpoint that `has_tokenizer` (they end text)."""
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not is_list(stop):
+        raise InvalidRequest("stop", f"a string or a list of strings, got {type(stop).__name__}")
+    stop = tuple(stop)
+    if not all(isinstance(s, str) for s in stop):
+        raise InvalidRequest("stop", f"stop strings must be strings, got {list(stop)!r:.80}")
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     if any(not s for s in stop):
         raise InvalidRequest("stop", "a stop string is empty")
     if longest := max((len(s) for s in stop if len(s) > MAX_STOP_STRING_CHARS), default=0):
         raise InvalidRequest("stop", f"a stop string of {longest} characters, more than {MAX_STOP_STRING_CHARS}")
-    return tuple(stop)
+    if stop and not has_tokenizer:
+        raise InvalidRequest("stop", "stop strings need the checkpoint's tokenizer; use stop_token_ids")
+    return stop
 
 
 class TextStream:
@@ -52,6 +62,19 @@ class TextStream:
             return ""
         new, self.text = safe[len(self.text):], safe
         return new
+
+    def advance(self, token_ids: list[int], checked: int, count: int, finished: bool) -> tuple[str, int]:
+        """The text that is safe to send once tokens [checked, count) of `token_ids` are made, each looked at in
+        turn for a stop string (a step may bring several to a reader that fell behind), and how many tokens the
+        answer keeps: those up to the one that completed a stop string, else `count`."""
+        new = ""
+        for end in range(checked + 1, count + 1):
+            new += self.update(token_ids[:end], finished and end == count)
+            if self.stopped:
+                return new, end
+        if finished and checked == count:  # it finished without a new token: what was held goes now
+            new += self.update(token_ids[:count], True)
+        return new, count
 
     def _held_back(self, text: str) -> int:
         """How many characters at the end of `text` may still change: an incomplete character, and a proper prefix

@@ -61,6 +61,7 @@ def test_generate_text_uses_the_checkpoint_tokenizer(ray_cluster, tmp_path, caps
     (["--input-ids", "[[5, 1000]]"], "input_ids[0]: token ids [1000] outside the vocabulary"),
     (["--input-ids", "[[]]"], "input_ids[0]: empty prompt"),
     (["--text", "hello"], "holds no tokenizer"),
+    (["--input-ids", "[[5, 1]]", "--stop", "x"], "stop: stop strings need the checkpoint's tokenizer"),
     (["--input-ids", "[[5, 1]]", "--replicate-hot", "2"], "error: replicate_hot needs gpus"),
     (["--input-ids", "[[5, 1]]", "--nodes", "3"], "error: nodes: 1 actors cannot be spread over 3 nodes"),
 ])
@@ -166,6 +167,7 @@ def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, messa
     (["--input-ids", "[[5, 1]]", "--temperature", "500"], "temperature: must be 0 (greedy) or between"),
     (["--text", "sort : 2 1", ""], "texts[1]: empty prompt"),
     (["--text", "sort : 2 1 4 3", "--max-prompt-tokens", "4"], "texts[0]: 7 tokens, more than the limit of 4"),
+    (["--text", "sort : 2 1", "--stop", "1", "--stop", ""], "stop: a stop string is empty"),
 ])
 def test_generate_here_checks_its_request_before_the_cluster_starts(monkeypatch, capsys, argv, message):
     """A bad prompt or sampling flag is refused before the cluster starts (minutes, for a large checkpoint), not

@@ -860,6 +860,15 @@ def test_cli_generate_is_a_client_of_the_server(server, capsys):
     remote = json.loads(capsys.readouterr().out)["outputs"]
     with SwitchCluster(server["path"], placement=PlacementConfig(experts_per_actor=4)) as model:
         local = [o.to_dict() for o in model.generate(PROMPTS[:2], max_new_tokens=5, routing=True)]
+        stop = " ".join(model.decode(local[0]["token_ids"]).split()[1:3])
+        cut_here = model.generate(PROMPTS[:2], max_new_tokens=5, stop=[stop])
+    # Stop strings: the server cuts its answers where the Python API cuts them, at a token before the last.
+    main(["generate", "--address", server["grpc"], "--input-ids", json.dumps(PROMPTS[:2]), "--max-new-tokens", "5",
+          "--stop", stop, "--json"])
+    cut_there = json.loads(capsys.readouterr().out)["outputs"]
+    assert [(r["text"], r["token_ids"], r["finish_reason"]) for r in cut_there] == [
+        (o.text, o.token_ids, o.finish_reason) for o in cut_here]
+    assert cut_here[0].finish_reason == "stop" and len(cut_here[0].token_ids) < len(local[0]["token_ids"])
     assert [r["token_ids"] for r in remote] == [r["token_ids"] for r in local]
     assert [r["finish_reason"] for r in remote] == [r["finish_reason"] for r in local]
     def routes(output: dict) -> list[dict]:  # less the probabilities, float32 on the wire

@@ -64,6 +64,29 @@ def test_text_generation_equals_transformers_and_keeps_sentinels(checkpoint, clu
     assert cluster.decode([sentinel, *paris, 1, 0]) == "<extra_id_1> Paris"  # pad and </s> left out
 
 
+def test_stop_strings_end_the_python_apis_answers_as_the_servers(cluster):
+    """A stop string from the middle of one answer's text: an answer whose text holds it ends before it, its tokens
+    (and logprobs, routes) at the one that completed it, finish_reason "stop"; the others are as without it. Fails if
+    the stop string is ignored, cut after the fact in the text alone, or ends the other answers."""
+    full = cluster.generate(texts=PROMPTS, max_new_tokens=12, routing=True)
+    assert [o.text for o in full] == [cluster.decode(o.token_ids) for o in full]
+    text = full[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = cluster.generate(texts=PROMPTS, max_new_tokens=12, routing=True, stop=stop)
+    assert len(stop) == 2 and cut[0].finish_reason == "stop"
+    for alone, both in zip(full, cut, strict=True):
+        if stop not in alone.text:
+            assert (both.token_ids, both.text, both.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
+            continue
+        kept = next(n for n in range(1, 13) if stop in cluster.decode(alone.token_ids[:n]))
+        assert both.text == alone.text[:alone.text.index(stop)] and both.finish_reason == "stop"
+        assert both.token_ids == alone.token_ids[:kept] and both.logprobs == alone.logprobs[:kept]
+        assert both.routing(encoder=False) == alone.routing(0, kept, encoder=False)
+    assert len(cut[0].token_ids) < len(full[0].token_ids)  # ended before its last token
+    # The cluster goes on serving after answers cut mid-batch: the same answers again.
+    assert [o.token_ids for o in cluster.generate(texts=PROMPTS, max_new_tokens=12)] == [o.token_ids for o in full]
+
+
 def test_streamed_text_joins_to_the_whole_text(cluster, monkeypatch):
     """Any token sequence: each step's new text, joined, is the text of all the tokens; nothing sent is taken back
     (TextStream only sends what extends what it sent). So also where the tokenizer's config asks for its spaces

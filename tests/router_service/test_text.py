@@ -71,15 +71,21 @@ def test_what_is_sent_is_always_a_prefix_of_the_final_text(pieces, stop):
 
 
 def test_stop_strings_are_checked():
-    assert check_stop_strings(["a", "b"]) == ("a", "b")
-    assert check_stop_strings(["a", "b", "c", "d"]) == ("a", "b", "c", "d")  # OpenAI's most
+    assert check_stop_strings(["a", "b"], True) == ("a", "b")
+    assert check_stop_strings(["a", "b", "c", "d"], True) == ("a", "b", "c", "d")  # OpenAI's most
     with pytest.raises(InvalidRequest, match="^stop: at most 4"):
-        check_stop_strings(["a"] * 5)
+        check_stop_strings(["a"] * 5, True)
     with pytest.raises(InvalidRequest, match="^stop: a stop string is empty"):
-        check_stop_strings([""])
-    assert check_stop_strings(["a" * MAX_STOP_STRING_CHARS]) == ("a" * MAX_STOP_STRING_CHARS,)
+        check_stop_strings([""], True)
+    assert check_stop_strings(["a" * MAX_STOP_STRING_CHARS], True) == ("a" * MAX_STOP_STRING_CHARS,)
     with pytest.raises(InvalidRequest, match=f"^stop: a stop string of {MAX_STOP_STRING_CHARS + 1} characters"):
-        check_stop_strings(["a", "b" * (MAX_STOP_STRING_CHARS + 1)])
+        check_stop_strings(["a", "b" * (MAX_STOP_STRING_CHARS + 1)], True)
+    # One string is one stop string, not its characters; what is not strings is refused.
+    assert check_stop_strings("\n\n", True) == ("\n\n",) and check_stop_strings(iter(["a"]), True) == ("a",)
+    with pytest.raises(InvalidRequest, match="^stop: a string or a list of strings, got int"):
+        check_stop_strings(5, True)
+    with pytest.raises(InvalidRequest, match="^stop: stop strings must be strings"):
+        check_stop_strings(["a", 5], True)
 
 
 @given(st.text(alphabet="ab", max_size=12), st.text(alphabet="ab", min_size=1, max_size=6))
