@@ -30,7 +30,7 @@ from experts.checkpoint import (
     config_of_weights,
     read_config,
 )
-from experts.spec import CONFIG_FILE, EXPERT_TENSOR, LAYER_FIELDS, TOKENIZER_FILES
+from experts.spec import CONFIG_FILE, EXPERT_TENSOR, GENERATION_CONFIG_FILE, LAYER_FIELDS, TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (BIN_FILE, BIN_INDEX_FILE, "model.safetensors", INDEX_FILE)
 # Weights a source folder may hold besides those converted (other shards, other frameworks'): never copied over.
 OTHER_WEIGHTS = (".bin", ".safetensors", ".msgpack", ".h5", ".ckpt", ".pt", ".pth", ".onnx", ".gguf")
-HUB_FILES = [CONFIG_FILE, "generation_config.json", *TOKENIZER_FILES, "special_tokens_map.json"]
+HUB_FILES = [CONFIG_FILE, GENERATION_CONFIG_FILE, *TOKENIZER_FILES, "special_tokens_map.json"]
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 PARTIAL = ".{name}.partial"  # where a conversion to NAME is written, beside it, until it is whole
 SOURCE_RECORD = ".source.json"  # in PARTIAL: what it converts (a run for another source starts it again)

@@ -20,9 +20,12 @@ from pathlib import Path
 from experts.spec import (
     ACTIVATIONS,
     CONFIG_FILE,
+    DECODING_DEFAULTS,
     DTYPE_OF_SAFETENSORS,
     DTYPE_OF_TORCH,
     DTYPES,
+    GENERATION_CONFIG_FILE,
+    GENERATION_TOKEN_FIELDS,
     ROUTER_DTYPES,
     TIED_COPIES,
     TOKENIZER_FILES,
@@ -114,14 +117,37 @@ def _well_formed(entry) -> bool:
             and entry["data_offsets"][0] <= entry["data_offsets"][1])
 
 
+def generation_config(config_file: Path) -> dict | None:
+    """The fields of the generation_config.json beside a config.json (None where there is none), or a
+    CheckpointError naming it."""
+    file = config_file.parent / GENERATION_CONFIG_FILE
+    if not file.is_file():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+    except ValueError as e:  # a JSONDecodeError, bytes that are not UTF-8
+        raise CheckpointError(f"{file}: not JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object of fields, got {type(raw).__name__}")
+    return raw
+
+
 def read_config(config_file: Path) -> SwitchConfig:
-    """A checkpoint's config.json, checked: one of a model switch-serve serves, or a CheckpointError naming it."""
+    """A checkpoint's config.json, checked: one of a model switch-serve serves, or a CheckpointError naming it. Its
+    token ids for decoding are those of the generation_config.json beside it where there is one (a field it lacks
+    unset), as transformers' generate reads them."""
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing (a Switch checkpoint folder needs config.json)")
     try:
-        config = SwitchConfig.from_dict(json.loads(config_file.read_text()))
+        raw = json.loads(config_file.read_text())
+        config = SwitchConfig.from_dict(raw)
     except ValueError as e:  # a JSONDecodeError too
         raise CheckpointError(f"{config_file}: not a valid Switch Transformers config ({e})") from None
+    if (generation := generation_config(config_file)) is not None:
+        try:
+            config = SwitchConfig.from_dict(raw | {name: generation.get(name) for name in GENERATION_TOKEN_FIELDS})
+        except ValueError as e:
+            raise CheckpointError(f"{config_file.parent / GENERATION_CONFIG_FILE}: {e}") from None
     if config.dense_act_fn not in ACTIVATIONS:
         raise CheckpointError(f"{config_file}: dense_act_fn {config.dense_act_fn!r} is not an activation "
                               f"switch-serve serves (one of: {', '.join(ACTIVATIONS)})")
@@ -129,6 +155,17 @@ def read_config(config_file: Path) -> SwitchConfig:
         raise CheckpointError(f"{config_file}: router_dtype {config.router_dtype!r} is not one of "
                               f"{', '.join(ROUTER_DTYPES)}")
     return config
+
+
+def unapplied_generation_settings(config_file: Path) -> list[str]:
+    """The settings that change what transformers' generate makes and that switch-serve does not apply
+    (spec.DECODING_DEFAULTS), as "name=value": the generation_config.json's beside a config.json, else its own
+    (transformers' generate reads them there where there is none)."""
+    generation = generation_config(config_file)
+    if generation is None:
+        generation = json.loads(config_file.read_text())
+    return [f"{name}={generation[name]!r}" for name, default in DECODING_DEFAULTS.items()
+            if generation.get(name, default) != default]
 
 
 def config_of_weights(config: SwitchConfig, names: list[str], config_file: Path) -> SwitchConfig:

@@ -82,7 +82,8 @@ class SwitchConfig:
     tie_word_embeddings: bool = True
     pad_token_id: int = 0
     eos_token_id: int | list[int] | None = 1
-    decoder_start_token_id: int | None = None  # None: the pad token, T5's convention
+    bos_token_id: int | None = None
+    decoder_start_token_id: int | None = None  # None: the BOS token, as transformers' generate; else the pad token
 
     def __post_init__(self):
         def default(name: str, value) -> None:
@@ -94,7 +95,9 @@ class SwitchConfig:
             # transformers: num_layers // num_sparse, or num_layers when there are no sparse layers.
             total, sparse = num_layers(self, stack), getattr(self, f"num_sparse_{stack}_layers")
             default(f"{stack}_sparse_step", total // sparse if sparse > 0 else total)
-        default("decoder_start_token_id", self.pad_token_id)
+        # transformers' generate starts the decoder with the BOS token where no start token is set (and fails where
+        # neither is); T5's convention, the pad token, where neither is.
+        default("decoder_start_token_id", self.pad_token_id if self.bos_token_id is None else self.bos_token_id)
         # T5's position buckets: the encoder's halved (keys before and after), of which half exact, the rest spread
         # over distances up to max_distance, beyond the decoder's exact ones; fewer would divide by zero.
         buckets, distance = self.relative_attention_num_buckets, self.relative_attention_max_distance
@@ -105,6 +108,7 @@ class SwitchConfig:
                              f"got {distance}")
         eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
         for name, ids in [("pad_token_id", [self.pad_token_id]), ("eos_token_id", eos),
+                          ("bos_token_id", [self.bos_token_id]),
                           ("decoder_start_token_id", [self.decoder_start_token_id])]:
             if bad := [i for i in ids if i is not None and not (type(i) is int and 0 <= i < self.vocab_size)]:
                 raise ValueError(f"{name}: {bad[0]!r} is not a token id of the vocabulary [0, {self.vocab_size})")
@@ -142,6 +146,21 @@ class SwitchConfig:
 
 
 CONFIG_FILE = "config.json"  # a checkpoint's architecture, beside its weights
+# How transformers' generate decodes it, where the checkpoint says (else config.json's fields say).
+GENERATION_CONFIG_FILE = "generation_config.json"
+# The token ids of GENERATION_CONFIG_FILE that switch-serve decodes with, over config.json's.
+GENERATION_TOKEN_FIELDS = ("eos_token_id", "bos_token_id", "decoder_start_token_id")
+# Its settings that change what transformers' generate makes, at their defaults there (transformers'
+# GenerationConfig): a request decodes by its own options (greedy unless it samples), so a checkpoint that sets one
+# otherwise is served without it, as its fronts say as they start.
+DECODING_DEFAULTS = {
+    "do_sample": False, "num_beams": 1, "penalty_alpha": None, "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0,
+    "min_new_tokens": None, "bad_words_ids": None, "force_words_ids": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
+    "exponential_decay_length_penalty": None, "renormalize_logits": False, "guidance_scale": None,
+    "stop_strings": None,
+}
 # A checkpoint's tokenizer: any one of them is enough for transformers' AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 # The sizes a model cannot have none of.

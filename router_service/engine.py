@@ -18,13 +18,13 @@ from pathlib import Path
 import ray
 import torch
 
-from experts.checkpoint import SwitchCheckpoint, has_tokenizer
+from experts.checkpoint import SwitchCheckpoint, has_tokenizer, unapplied_generation_settings
 from experts.ffn import ACTIVATION_FUNCTIONS, packs
 from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
 from experts.held import gpu_uuid, held_experts
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
-from experts.spec import ExpertKey, expert_bytes, expert_format
+from experts.spec import CONFIG_FILE, ExpertKey, expert_bytes, expert_format
 from experts.wire import INLINE_ACTIVATIONS_ENV, torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion, use_threads
 from router_service.config import EngineConfig
@@ -283,6 +283,9 @@ class SwitchCluster:
                  wait: bool = True, metrics=None, **options):
         self.config = model if isinstance(model, EngineConfig) else EngineConfig(model=str(model), **options)
         self.checkpoint = SwitchCheckpoint.open(self.config.model)
+        if unapplied := unapplied_generation_settings(Path(self.checkpoint.path) / CONFIG_FILE):
+            log.warning("the checkpoint's generation config sets %s, which switch-serve does not apply: each "
+                        "request decodes by its own options (greedy unless it samples)", ", ".join(unapplied))
         self.capacity = self.config.capacity
         self._tokenizer, self._hidden_ids = None, None
         self._owns_fleet, self.fleet, self.link = fleet is None, None, None

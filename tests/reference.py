@@ -55,9 +55,9 @@ def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def edit_config(path, **changes) -> None:
-    """Rewrite fields of a checkpoint's config.json (None deletes the field)."""
-    file = path / "config.json"
+def edit_config(path, file: str = "config.json", **changes) -> None:
+    """Rewrite fields of a checkpoint's config.json, or of another of its JSON files (None deletes the field)."""
+    file = path / file
     config = json.loads(file.read_text())
     for key, value in changes.items():
         if value is None:
@@ -80,10 +80,11 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, decoder_st
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, past_key_values=cache, **kwargs)
     logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.logits], dim=1)
-    eos = model.config.eos_token_id
+    eos = model.generation_config.eos_token_id  # what generate ended on
+    eos = set(eos if isinstance(eos, list) else [eos])
     results = []
     for row, seq in enumerate(out.sequences[:, 1:].tolist()):
-        tokens = seq[:seq.index(eos) + 1] if eos in seq else seq
+        tokens = seq[:next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))]
         chosen = [float(logprobs[row, i, t]) for i, t in enumerate(tokens)]
         results.append((tokens, chosen, logprobs[row, :len(tokens)].cpu()) if distributions else (tokens, chosen))
     return results

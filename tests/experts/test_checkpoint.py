@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 
@@ -12,7 +13,7 @@ from reference import edit_config
 from safetensors.torch import load_file, save_file
 
 from cluster.testing import tiny_config
-from experts.checkpoint import CheckpointError, SwitchCheckpoint
+from experts.checkpoint import CheckpointError, SwitchCheckpoint, unapplied_generation_settings
 from experts.spec import expert_tensor_names, sparse_layers
 
 EXPERT = "encoder.block.1.layer.1.mlp.experts.expert_2.wi.weight"
@@ -200,6 +201,34 @@ def test_a_config_whose_position_buckets_or_start_token_cannot_be_used_is_reject
         with pytest.raises(CheckpointError, match=r"config\.json: not a valid Switch Transformers config \(" + message):
             SwitchCheckpoint.open(checkpoint)
         (checkpoint / "config.json").write_text(original)
+
+
+def test_generation_config_gives_the_decoding_token_ids_and_a_bad_one_is_named(checkpoint):
+    """generation_config.json's EOS and start tokens over config.json's (transformers' generate reads it); one that
+    cannot be used, or a file that is no JSON object, names that file at load."""
+    edit_config(checkpoint, "generation_config.json", eos_token_id=[7, 1], decoder_start_token_id=None, bos_token_id=4)
+    config = SwitchCheckpoint.open(checkpoint).config
+    assert (config.eos_token_id, config.decoder_start_token_id) == ([7, 1], 4)
+    file = checkpoint / "generation_config.json"
+    for text, message in [('{"eos_token_id": 1000000}', "eos_token_id: 1000000 is not a token id"),
+                          ('{"bos_token_id": "<s>"}', "bos_token_id: expected"),
+                          ("[1]", "expected a JSON object of fields, got list"), ("{", "not JSON")]:
+        file.write_text(text)
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(file))}: {message}"):
+            SwitchCheckpoint.open(checkpoint)
+    file.unlink()  # then config.json's
+    assert SwitchCheckpoint.open(checkpoint).config.eos_token_id == 1
+
+
+def test_decoding_settings_switch_serve_does_not_apply_are_listed(checkpoint):
+    file = checkpoint / "config.json"
+    assert unapplied_generation_settings(file) == []  # as transformers saves a model's
+    edit_config(checkpoint, "generation_config.json", do_sample=False, temperature=0.5, num_beams=1,
+                repetition_penalty=1.2, no_repeat_ngram_size=3, min_new_tokens=None)
+    assert unapplied_generation_settings(file) == ["repetition_penalty=1.2", "no_repeat_ngram_size=3"]
+    (checkpoint / "generation_config.json").unlink()  # then config.json's, as transformers reads them
+    edit_config(checkpoint, num_beams=4)
+    assert unapplied_generation_settings(file) == ["num_beams=4"]
 
 
 def test_a_router_dtype_transformers_has_not_is_rejected(checkpoint):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import ray
 from reference import edit_config, hf_dropped_tokens, hf_generate
+from transformers import SwitchTransformersForConditionalGeneration
 
 from experts.ffn import PackedWeight, unpacked
 from experts.placement import PlacementConfig
@@ -196,26 +197,24 @@ def test_front_and_actors_read_only_their_own_tensors(ray_cluster, checkpoint_fa
     assert sorted(read_by_actors) == sorted(expert_names)  # every expert tensor read exactly once
 
 
-def test_eos_ends_a_sequence_early(ray_cluster, checkpoint_factory, tmp_path):
-    """Make a token the model emits mid-sequence the EOS: that sequence stops there, the others go on."""
+def test_eos_ends_a_sequence_early(ray_cluster, checkpoint_factory, tmp_path, caplog):
+    """Make a token the model emits mid-sequence the EOS in generation_config.json (config.json keeps its own, as
+    transformers' generate reads the former): that sequence stops there, the others go on, as transformers' model
+    loaded from the folder decodes them. A sampling default there is not applied, and said so."""
     import shutil
 
     path, hf_model = checkpoint_factory("relu-tied-step1-2", **CONFIGS["relu-tied-step1-2"])
-    free_running = hf_generate(hf_model, PROMPTS, MAX_NEW)
-    eos = free_running[0][0][2]
+    eos = hf_generate(hf_model, PROMPTS, MAX_NEW)[0][0][2]
     eos_path = tmp_path / "eos"
     shutil.copytree(path, eos_path)
-    edit_config(eos_path, eos_token_id=eos)
-    hf_model.config.eos_token_id = hf_model.generation_config.eos_token_id = eos
-    try:
-        reference = hf_generate(hf_model, PROMPTS, MAX_NEW)
-    finally:
-        hf_model.config.eos_token_id = hf_model.generation_config.eos_token_id = 1
+    edit_config(eos_path, "generation_config.json", eos_token_id=[eos, 1], do_sample=True, temperature=0.7)
+    reference = hf_generate(SwitchTransformersForConditionalGeneration.from_pretrained(eos_path), PROMPTS, MAX_NEW)
     with SwitchCluster(eos_path, placement=PlacementConfig(experts_per_actor=4)) as model:
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
     assert outputs[0].finish_reason == "eos" and outputs[0].token_ids[-1] == eos
     assert [o.token_ids for o in outputs] == [tokens for tokens, _ in reference]
     assert any(o.finish_reason == "length" for o in outputs)
+    assert "generation config sets do_sample=True, which switch-serve does not apply" in caplog.text
 
 
 def test_dropless_equals_unlimited_capacity(ray_cluster, checkpoint_factory):
@@ -234,14 +233,24 @@ def test_dropless_equals_unlimited_capacity(ray_cluster, checkpoint_factory):
     assert [o.token_ids for o in outputs] == [tokens for tokens, _ in reference]
 
 
-def test_missing_decoder_start_token_uses_pad(ray_cluster, checkpoint_factory, tmp_path):
+def test_a_missing_decoder_start_token_is_the_bos_token_else_pad(ray_cluster, checkpoint_factory, tmp_path):
+    """Without a start token, transformers' generate starts with the BOS token (generation_config.json's); without
+    either, switch-serve starts with the pad token, T5's convention. Both other than 0, the start token of the
+    checkpoints made here: fails if the start token is not read from them."""
     import shutil
 
     path, hf_model = checkpoint_factory("relu-tied-step1-2", **CONFIGS["relu-tied-step1-2"])
-    bare = tmp_path / "no-start"
-    shutil.copytree(path, bare)
-    edit_config(bare, decoder_start_token_id=None)
-    with SwitchCluster(bare, placement=PlacementConfig(experts_per_actor=4)) as model:
-        assert model.checkpoint.config.decoder_start_token_id == 0
-        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
-    assert_same_as_hf(outputs, hf_generate(hf_model, PROMPTS, MAX_NEW, decoder_start_token_id=0))
+    for bos, start in [(5, 5), (None, 3)]:
+        bare = tmp_path / f"no-start-{bos}"
+        shutil.copytree(path, bare)
+        edit_config(bare, decoder_start_token_id=None, pad_token_id=3)
+        edit_config(bare, "generation_config.json", decoder_start_token_id=None, bos_token_id=bos)
+        with SwitchCluster(bare, placement=PlacementConfig(experts_per_actor=4)) as model:
+            assert model.checkpoint.config.decoder_start_token_id == start
+            outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+        if bos is not None:  # as transformers' model loaded from the folder decodes
+            reference = hf_generate(SwitchTransformersForConditionalGeneration.from_pretrained(bare), PROMPTS, MAX_NEW)
+        else:  # transformers refuses to decode without either
+            reference = hf_generate(hf_model, PROMPTS, MAX_NEW, decoder_start_token_id=start)
+        assert_same_as_hf(outputs, reference)
+        assert [o.token_ids for o in outputs] != [t for t, _ in hf_generate(hf_model, PROMPTS, MAX_NEW)]
