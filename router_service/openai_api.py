@@ -97,6 +97,15 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 2, got {temperature!r}")
         return temperature
 
+    @field_validator("seed")
+    @classmethod
+    def unsigned_seed(cls, seed: int | None) -> int | None:
+        """OpenAI's seed is a signed 64-bit integer, the native API's (and torch's) an unsigned one: a negative one
+        is taken as its two's complement."""
+        if seed is not None and not -2**63 <= seed < 2**64:
+            raise ValueError(f"must be a 64-bit integer, got {seed}")
+        return None if seed is None else seed % 2**64
+
     def prompts(self) -> list[str | list[int]]:
         return each_prompt(self.prompt, "prompt")
 

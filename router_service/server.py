@@ -266,8 +266,9 @@ async def parse_http_request(request: Request, limits: BodyLimits) -> tuple[pb.G
     stream = False if stream is None else stream  # null is the default, as for the request's other fields
     if not isinstance(stream, bool):
         raise InvalidRequest("stream", f"must be true or false, got {stream!r}")
-    for field in pb.GenerateRequest.DESCRIPTOR.fields:  # protobuf takes the last of the two, or names a oneof
-        if field.json_name != field.name and None not in (body.get(field.name), body.get(field.json_name)):
+    # protobuf takes the last of the two (a null clearing the other), or names a oneof.
+    for field in pb.GenerateRequest.DESCRIPTOR.fields:
+        if field.json_name != field.name and field.name in body and field.json_name in body:
             raise InvalidRequest(field.name, f"given twice, as {field.name} and as {field.json_name}")
     try:
         return json_format.ParseDict(body, pb.GenerateRequest()), stream

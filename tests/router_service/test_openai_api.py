@@ -140,12 +140,20 @@ def test_the_native_apis_errors_take_openais_field_names():
     ("colour", {"colour": None}, "unknown field"),  # a null does not hide an unknown field
     ("stream_options.usage", {"stream": True, "stream_options": {"usage": None}}, "unknown field"),
     ("logit_bias.5", {"logit_bias": {"5": None}}, "Input should be a valid number"),  # refused, not emptied
+    ("seed", {"seed": 2**64}, "must be a 64-bit integer, got 18446744073709551616"),
+    ("seed", {"seed": -2**63 - 1}, "must be a 64-bit integer"),
 ])
 def test_a_refusal_says_what_the_field_takes(param, fields, message):
     """A field of several types names them all (pydantic's first error names the first alone: a string, for token
     ids with a true among them); a nested field is named by its path; the temperature's range is this API's."""
     request = {"model": MODEL, "prompt": "a", **fields}
     assert refused(param, parse_completion_request, request, MODEL).message.startswith(f"{param}: {message}")
+
+
+def test_a_negative_seed_is_its_twos_complement():
+    """OpenAI takes signed seeds; the native API (and torch) unsigned ones."""
+    for seed, unsigned in [(-1, 2**64 - 1), (-2**63, 2**63), (0, 0), (2**64 - 1, 2**64 - 1), (None, None)]:
+        assert parse_completion_request({"model": MODEL, "prompt": "a", "seed": seed}, MODEL).seed == unsigned
 
 
 def test_a_nested_field_sent_as_null_takes_its_default():

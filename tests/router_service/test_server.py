@@ -723,6 +723,7 @@ def test_http_stream_is_server_sent_events(server):
     ({"input_ids": [3, 1], "no_such_field": 1}, "no_such_field"),
     ({"input_ids": [3, 1], "stream": "yes"}, "stream"),
     ({"input_ids": [3, 1], "max_new_tokens": 2, "maxNewTokens": 3}, "max_new_tokens"),  # given twice
+    ({"input_ids": [3, 1], "max_new_tokens": 2, "maxNewTokens": None}, "max_new_tokens"),  # the null would clear it
     ({"input_ids": [3, 1], "inputIds": [3]}, "input_ids"),
     (b"{not json", "body"),
     (b"[" * 100_000, "body"),  # nested deeper than Python's stack
