@@ -96,7 +96,7 @@ def test_a_typo_in_the_serve_config_is_caught():
 def test_builders_make_applications():
     assert isinstance(build_app({"model": "demo/model", "max_sequences": 8}), Application)
     assert isinstance(build_fleet({"model": "demo/model", "placement": {"experts_per_actor": 2}}), Application)
-    with pytest.raises(Exception, match="max_sequences"):
+    with pytest.raises(ValidationError, match="max_sequences"):
         build_app({"model": "demo/model", "max_sequences": 0})
 
 

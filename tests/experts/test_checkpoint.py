@@ -248,8 +248,8 @@ def test_a_header_longer_than_its_file_is_truncation(checkpoint):
 
 
 def test_an_untied_models_own_lm_head_is_no_copy_to_check(checkpoint):
-    """Untied (tie_word_embeddings false), the LM head is a weight of its own: it differs from shared.weight, and
-    the front serves it. Fails if the tied copies' check refuses it."""
+    """Untied (tie_word_embeddings false), the LM head is a weight of its own: it may differ from shared.weight.
+    Fails if the tied copies' check refuses it (test_parity serves untied checkpoints against transformers)."""
     rewrite(checkpoint / "model.safetensors", lambda t: t.update({
         "lm_head.weight": t["shared.weight"] * 2, "encoder.embed_tokens.weight": t["shared.weight"] * 3,
         "decoder.embed_tokens.weight": t["shared.weight"].clone()}))

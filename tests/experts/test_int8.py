@@ -99,6 +99,26 @@ def test_grouped_ffn_with_int8_weights_matches_the_dequantized_experts():
     assert torch.allclose(out, reference, rtol=2e-2, atol=2e-2 * float(reference.abs().mean()))
 
 
+@pytest.mark.parametrize("features", [12, 2 * int8.PACKED_FEATURES_MULTIPLE], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_ffn_with_int8_weights_under_half_precision_activations(dtype, features):
+    """A bfloat16 or float16 front's activations: the experts' output in that dtype, near the dequantized experts'
+    (computed in float32) and nearer them than the unquantized weights'. Fails if int8 weights are computed
+    unquantized, or their output comes back in float32."""
+    torch.manual_seed(2)
+    weights = [(torch.randn(2 * features, features), torch.randn(features, 2 * features)) for _ in range(3)]
+    x, counts = torch.randn(9, features).to(dtype), [4, 0, 5]
+    quantized = [(int8.quantize(wi), int8.quantize(wo)) for wi, wo in weights]
+    dequantized = [(wi.dequantized(torch.float32), wo.dequantized(torch.float32)) for wi, wo in quantized]
+    out = grouped_ffn(x, counts, quantized, F.relu)
+    reference = grouped_ffn(x.float(), counts, dequantized, F.relu)
+    unquantized = grouped_ffn(x.float(), counts, weights, F.relu)
+    assert out.dtype == dtype
+    error = float((out.float() - reference).abs().mean())
+    assert error < 2e-2 * float(reference.abs().mean())
+    assert 2 * error < float((out.float() - unquantized).abs().mean())
+
+
 def test_int8_experts_take_a_quarter_of_float32_and_about_half_of_bfloat16():
     config = SwitchConfig(d_model=768, d_ff=3072)
     assert expert_bytes(config, "int8") / expert_bytes(config, "fp32") < 0.26

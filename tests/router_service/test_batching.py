@@ -64,6 +64,12 @@ def failing_at_the_second_step(front: SwitchFront, error: BaseException) -> list
     return steps
 
 
+def transformers_mean_embedding(checkpoint_factory, prompt: list[int]) -> torch.Tensor:
+    """transformers' encoder output for `prompt` alone, averaged over its tokens (one_decoding's checkpoint)."""
+    _, hf_model = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    return hf_model.encoder(input_ids=torch.tensor([prompt])).last_hidden_state[0].mean(dim=0)
+
+
 def one_decoding(checkpoint_factory, max_sequences: int) -> tuple[SwitchFront, ContinuousBatcher, Sequence]:
     """A batcher on a front computing its experts here, holding one sequence decoding after its first step."""
     path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
@@ -308,17 +314,30 @@ def test_sequences_that_join_write_into_the_caches_room(checkpoint_factory):
         assert batcher.cache.batch == 3 and memory(batcher.cache) == before
 
 
-def test_the_encoders_products_take_every_prompts_real_tokens_at_once(checkpoint_factory, monkeypatch):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_the_encoders_products_take_every_prompts_real_tokens_at_once(checkpoint_factory, monkeypatch,
+                                                                        micro_batches):
     """Prompts of different lengths are attended in groups, each padded to its longest, but every product of the
-    encoder multiplies the real tokens of all of them at once, and no padding."""
-    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
-    front = local_front(path)
+    encoder multiplies the real tokens of all of them at once (of a micro-batch's), and no padding; each prompt's
+    output is transformers' encoder's for it alone. Fails if a group reads another's tokens, position biases or
+    padding, or its rows come back in another order."""
+    path, hf_model = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    front = local_front(path, micro_batches)
     lengths, rows, product = [3, 9, 4, 20], [], front._linear
+    prompts = [[(7 * i + 3 * j) % 50 + 5 for j in range(n)] for i, n in enumerate(lengths)]
     monkeypatch.setattr(model, "ENCODER_GROUP_COST", 0)  # a group for each length
     monkeypatch.setattr(front, "_linear", lambda x, weight: rows.append(x.shape[:-1]) or product(x, weight))
-    encoded = front.encode([list(range(5, 5 + n)) for n in lengths])
+    with torch.inference_mode():  # as the batcher runs it (and transformers' model, as the other tests here do)
+        encoded = front.encode(prompts)
+        alone = [hf_model.encoder(input_ids=torch.tensor([p])).last_hidden_state[0] for p in prompts]
+    assert sorted(r for group, _ in encoded for r in group) == list(range(len(prompts)))
     assert len(encoded) == len(lengths)
-    assert rows and set(rows) == {(sum(lengths),)}
+    halves = [sorted(lengths)[:2], sorted(lengths)[2:]] if micro_batches == 2 else [lengths]
+    assert rows and set(rows) == {(sum(half),) for half in halves}
+    for group, out in encoded:
+        for b, r in enumerate(group):
+            assert out.mask[b].sum() == lengths[r]
+            torch.testing.assert_close(out.hidden[b, :lengths[r]], alone[r], atol=1e-4, rtol=1e-4)
 
 
 class RecordingMetrics:
@@ -489,7 +508,8 @@ def test_an_embedding_returns_though_the_decoding_step_after_it_fails(checkpoint
     batcher.add(embedding)
     assert set(batcher.step()) == {decoding, embedding}
     assert isinstance(decoding.error, RuntimeError) and embedding.error is None
-    assert embedding.finish_reason == "embedded" and embedding.embedding is not None
+    assert embedding.finish_reason == "embedded"
+    torch.testing.assert_close(embedding.embedding, transformers_mean_embedding(checkpoint_factory, [71, 3, 1]))
     assert not batcher.has_work
 
 
@@ -554,7 +574,8 @@ def test_requests_whose_admission_fails_after_their_encoder_pass_get_the_error(c
     assert set(batcher.step()) == {decoding, joining, embedding}
     assert all(isinstance(seq.error, ZeroDivisionError) for seq in (decoding, joining))
     # The embedding was made before the failure: it keeps it.
-    assert embedding.error is None and embedding.finish_reason == "embedded" and embedding.embedding is not None
+    assert embedding.error is None and embedding.finish_reason == "embedded"
+    torch.testing.assert_close(embedding.embedding, transformers_mean_embedding(checkpoint_factory, [71, 3, 1]))
     assert not batcher.has_work and batcher.cache is None
 
 

@@ -79,7 +79,8 @@ def test_embedding_requests_do_not_wait_for_room_in_the_batch(model):
     batcher.add(embedding)
     changed = batcher.step()
     assert not decoding.done and len(decoding.token_ids) == 2
-    assert embedding in changed and embedding.done and embedding.embedding is not None
+    assert embedding in changed and embedding.done
+    assert torch.allclose(embedding.embedding, model.embed([PROMPTS[1]])[0], atol=1e-5)
     assert waiting.token_ids == [] and list(batcher.waiting) == [waiting]
 
 

@@ -9,6 +9,7 @@ from reference import dequantized_model, hf_generate
 
 from experts import int8
 from experts.placement import PlacementConfig
+from experts.wire import torch_dtype
 from router_service.engine import SwitchCluster
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1], [88, 1]]
@@ -19,6 +20,8 @@ CONFIG = dict(num_experts=4, num_layers=3, num_sparse_encoder_layers=3, num_deco
 # The CPU's packed int8 kernel takes its activations in bfloat16 (experts.int8): log-probabilities move by that
 # rounding (up to 0.008 here), less than by the quantization itself (0.03).
 LOGPROB_TOLERANCE = 1.5e-2
+# Served in bfloat16 or float16, against transformers in that dtype: its rounding of the dequantized weights too.
+HALF_PRECISION_TOLERANCE = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +53,20 @@ def test_int8_experts_match_transformers_with_dequantized_experts(ray_cluster, c
     assert 2 * largest_difference(outputs, reference) < largest_difference(outputs, float32)
     for info in infos:  # float32 checkpoint: int8 weights plus a float32 scale per output channel
         assert 0.25 < info["held_bytes"] / info["tensor_bytes"] <= 0.3
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_int8_experts_under_a_half_precision_front(ray_cluster, checkpoint_factory, dtype):
+    """int8 experts served in bfloat16 or float16, held as int8 by the front and its actors: the tokens of
+    transformers' model with the experts' dequantized values, cast to that dtype. (In these dtypes the rounding of
+    the activations is as large as the quantization's: experts.test_int8 tells the two apart.)"""
+    path, hf_model = checkpoint_factory("int8", **CONFIG)
+    reference = hf_generate(dequantized_model(hf_model).to(torch_dtype(dtype)), PROMPTS, MAX_NEW)
+    with SwitchCluster(path, placement=PlacementConfig(experts_per_actor=2), quantize="int8", dtype=dtype) as model:
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+        held = [w for pair in model.dispatcher.local.values() for w in pair]
+        assert held and all(isinstance(w, int8.Int8Weight) for w in held)
+        assert all(0.25 < info["held_bytes"] / info["tensor_bytes"] <= 0.3 for info in model.actor_info())
+    assert [o.token_ids for o in outputs] == [tokens for tokens, _ in reference]
+    for out, (_, logprobs) in zip(outputs, reference, strict=True):
+        assert out.logprobs == pytest.approx(logprobs, abs=HALF_PRECISION_TOLERANCE)

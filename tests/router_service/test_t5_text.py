@@ -61,7 +61,8 @@ def test_text_generation_equals_transformers_and_keeps_sentinels(checkpoint, clu
     hf_tokenizer = AutoTokenizer.from_pretrained(path)
     paris = hf_tokenizer("Paris", add_special_tokens=False)["input_ids"]
     sentinel = hf_tokenizer.convert_tokens_to_ids("<extra_id_1>")
-    assert cluster.decode([sentinel, *paris, 1, 0]) == "<extra_id_1> Paris"  # pad and </s> left out
+    assert cluster.decode([sentinel, 2, *paris, 1, 0]) == "<extra_id_1> Paris"  # <unk>, pad and </s> left out
+    assert hf_tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "</s>", "<unk>"]
 
 
 def test_stop_strings_end_the_python_apis_answers_as_the_servers(cluster):
