@@ -11,7 +11,7 @@ import time
 import pytest
 import ray
 from ray.util.placement_group import placement_group_table
-from reference import generate_in_background, hf_generate
+from reference import generate_in_background, hf_generate, wait_until
 
 from experts import fleet
 from experts.actor import ExpertActor
@@ -46,6 +46,11 @@ def live_groups(prefix: str) -> list[str]:
             if g["name"].startswith(prefix) and g["state"] != "REMOVED"]
 
 
+def wait_until_stalled(actor) -> None:
+    """Until `actor` (which takes one call at a time) holds a call past half a second: the stall injected."""
+    wait_until(lambda: not ray.wait([actor.info.remote()], timeout=0.5)[0], "the actor to stall in a call")
+
+
 def test_actor_that_crashes_mid_call_restarts_and_every_request_completes_unchanged(ray_cluster, checkpoint):
     """Fails if the actors lose `max_restarts`/`max_task_retries` (experts/fleet.py): the call in flight is
     lost and the batch fails instead of being retried."""
@@ -69,7 +74,7 @@ def test_actor_gone_for_good_fails_its_requests_at_once(ray_cluster, checkpoint)
         victim = model.actors[0]
         ray.get(victim.inject_fault.remote(at_call=3, stall_s=60))
         thread, result = generate_in_background(model, PROMPTS, max_new_tokens=MAX_NEW)
-        time.sleep(2)  # the batch is now held by the stalled call
+        wait_until_stalled(victim)  # the batch is now held by the stalled call
         started = time.monotonic()
         ray.kill(victim, no_restart=True)
         thread.join(60)
@@ -166,7 +171,7 @@ def test_fleet_that_dies_comes_back_with_new_actors(ray_cluster, checkpoint):
         old_pids = [info["pid"] for info in model.actor_info()]
         ray.get(model.actors[0].inject_fault.remote(at_call=3, stall_s=30))
         thread, result = generate_in_background(model, PROMPTS, max_new_tokens=MAX_NEW)
-        time.sleep(2)
+        wait_until_stalled(model.actors[0])
         killed = time.monotonic()
         ray.kill(model.fleet, no_restart=False)  # as if its process crashed
         thread.join(60)
