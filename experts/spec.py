@@ -48,6 +48,8 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
 CAPACITY_MODES = ("hf", "dropless")
 CapacityMode = Literal[CAPACITY_MODES]
 
+# Other names transformers' config takes for its fields (SwitchTransformersConfig.attribute_map).
+CONFIG_ALIASES = {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
 # The config fields that say which blocks there are and which are sparse (what `follow_weights` may correct).
 LAYER_FIELDS = ("num_layers", "num_decoder_layers", "num_sparse_encoder_layers", "num_sparse_decoder_layers",
                 "encoder_sparse_step", "decoder_sparse_step")
@@ -115,9 +117,14 @@ class SwitchConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> SwitchConfig:
-        """From config.json's fields (the others are ignored); raises ValueError naming a field of the wrong type."""
+        """From config.json's fields (the others are ignored; CONFIG_ALIASES read as the fields they name); raises
+        ValueError naming a field of the wrong type."""
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object of the model's fields, got {type(raw).__name__}")
+        for alias, name in CONFIG_ALIASES.items():
+            if alias in raw and name in raw and raw[alias] != raw[name]:
+                raise ValueError(f"{alias}: {raw[alias]!r}, but {name} (the same field) is {raw[name]!r}")
+        raw = {CONFIG_ALIASES.get(key, key): value for key, value in raw.items()}
         values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
         for name, value in values.items():
             annotation = cls.__dataclass_fields__[name].type

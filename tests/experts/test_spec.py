@@ -10,7 +10,7 @@ import pytest
 from reference import MODEL_CONFIGS
 from transformers import SwitchTransformersConfig
 
-from experts.spec import SwitchConfig, expected_tensors, follow_weights, sparse_layers
+from experts.spec import CONFIG_ALIASES, SwitchConfig, expected_tensors, follow_weights, sparse_layers
 
 CONFIGS = MODEL_CONFIGS
 FIELDS = [f.name for f in dataclasses.fields(SwitchConfig) if f.name != "decoder_start_token_id"]
@@ -31,6 +31,19 @@ def test_without_a_decoder_start_token_the_decoder_starts_at_the_pad_token():
     released config pads with 0)."""
     assert SwitchConfig.from_dict({"pad_token_id": 3}).decoder_start_token_id == 3
     assert SwitchConfig.from_dict({"pad_token_id": 3, "decoder_start_token_id": 5}).decoder_start_token_id == 5
+
+
+def test_transformers_other_names_of_fields_are_read_as_theirs():
+    """config.json may say hidden_size for d_model (and so on), which transformers reads as d_model: fails if they
+    are ignored (the defaults served, 768 wide) or one that contradicts its field is taken."""
+    assert CONFIG_ALIASES == SwitchTransformersConfig.attribute_map
+    raw = {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 4, "num_sparse_encoder_layers": 2}
+    ours, theirs = SwitchConfig.from_dict(raw), SwitchTransformersConfig.from_dict(raw)
+    assert (ours.d_model, ours.num_heads, ours.num_layers) == (theirs.d_model, theirs.num_heads, theirs.num_layers)
+    assert (ours.d_model, ours.num_heads, ours.num_layers) == (32, 2, 4)
+    assert SwitchConfig.from_dict({"hidden_size": 32, "d_model": 32}).d_model == 32
+    with pytest.raises(ValueError, match="hidden_size: 32, but d_model .the same field. is 64"):
+        SwitchConfig.from_dict({"hidden_size": 32, "d_model": 64})
 
 
 def test_a_field_of_the_wrong_type_is_named():
