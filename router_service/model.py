@@ -330,15 +330,15 @@ def clamp_fp16(x: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """T5 attention of q, k, v [batch, heads, len, d_kv] to [batch, len, heads * d_kv]: no 1/sqrt(d_kv) scaling;
-    position bias and mask are added to the scores; softmax in float32, as transformers does (torch's fused
-    attention rounds differently in half precision), the scores widened by the softmax's own kernel."""
+    position bias and mask are added to the scores; softmax in the scores' dtype, as transformers' (torch's fused
+    attention rounds differently in half precision)."""
     if k.device.type == "cpu" and k.dtype != torch.float32:
         # A decoding step's keys are a view of the cache's first columns, its room between one head's matrix and the
         # next: torch's bfloat16 product of that view took twice as long as a copy of it and a product of the copy
         # (in float32 a whole step took as long either way; docs/BENCHMARKS.md).
         k = k.contiguous()
     scores = torch.matmul(q, k.transpose(2, 3)) + bias
-    out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).type_as(scores), v)
+    out = torch.matmul(F.softmax(scores, dim=-1), v)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
