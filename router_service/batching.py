@@ -223,7 +223,7 @@ class ContinuousBatcher:
     def _decode(self, cores: int, on_cores: bool) -> list[Sequence]:
         use_threads(1 if on_cores and len(self.active) <= ONE_THREAD_UP_TO else cores)
         self.cache, logits, routing = self.front.decode_step(self.cache, self.next_tokens)
-        dropped = Routing.dropped_per_row(routing, len(self.active))
+        dropped = Routing.dropped_per_row(routing, len(self.active)).tolist()
         self.steps += 1
         # On the front's device: what comes back to the host is a token and its log-probability a sequence, not the
         # logits (4 MB a step of 32 at switch-base-8's vocabulary, whose log-softmax took 1 ms of a CPU core).
@@ -247,7 +247,7 @@ class ContinuousBatcher:
                     route.dropped.append(bool(r.dropped[row, 0]))
             seq.token_ids.append(token)
             seq.logprobs.append(chosen[row])
-            seq.dropped_tokens += int(dropped[row])
+            seq.dropped_tokens += dropped[row]
             if token in self.eos_ids:
                 seq.finish_reason = "eos"
             elif token in seq.params.stop_token_ids:

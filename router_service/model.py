@@ -88,8 +88,8 @@ class Routing:
 def on_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Tensors of one dtype on the CPU, read back from a GPU in one copy: each copy waits for the device and has a
     fixed cost, and a step has a few tensors of routing for every sparse layer."""
-    if not tensors:
-        return []
+    if all(t.device.type == "cpu" for t in tensors):  # none to read back (an empty list too)
+        return tensors
     flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
@@ -183,9 +183,14 @@ class DecoderCache:
             return [t[:n, :, columns] for t in tensors]
 
         keep, cross = slice(first, None), slice(0, src)  # the self caches' room beyond their width stays
-        return DecoderCache(cut(self.self_k, keep), cut(self.self_v, keep), valid[:, first:],
-                            cut(self.cross_k, cross), cut(self.cross_v, cross), cross_bias[..., :src],
-                            max(self.row_room, batch)), order
+        cross_k, row_room = cut(self.cross_k, cross), max(self.row_room, batch)
+        if src < self.cross_bias.shape[-1] and cross_k and multiplies_keys_contiguous(cross_k[0]):
+            # Cut to the longest prompt left, the keys are a strided view that attention would copy at every step
+            # of every layer (0.7 ms of a step of 32 in bfloat16, 2 ms of 64, over 12 layers): copied once, with
+            # the rows' room.
+            cross_k = [compact(t, row_room) for t in cross_k]
+        return DecoderCache(cut(self.self_k, keep), cut(self.self_v, keep), valid[:, first:], cross_k,
+                            cut(self.cross_v, cross), cross_bias[..., :src], row_room), order
 
     @staticmethod
     def merge(caches: list[DecoderCache], row_room: int = 0) -> DecoderCache:
@@ -243,6 +248,13 @@ class DecoderCache:
                 into[rows, :, :own.shape[2]] = own
                 into[rows, :, own.shape[2]:] = 0
             row += c.batch
+
+
+def compact(t: torch.Tensor, row_room: int) -> torch.Tensor:
+    """A contiguous copy of `t`, in memory that holds `row_room` rows (or as many as it has)."""
+    out = t.new_empty(max(row_room, t.shape[0]), *t.shape[1:])[:t.shape[0]]
+    out.copy_(t)
+    return out
 
 
 def self_columns(width: int) -> int:
@@ -328,14 +340,19 @@ def clamp_fp16(x: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x, min=-limit, max=limit)
 
 
+def multiplies_keys_contiguous(k: torch.Tensor) -> bool:
+    """Whether `attention` copies keys that are a strided view (a decoding step's: the cache's first columns, its
+    room between one head's matrix and the next) before their product: torch's bfloat16 product of such a view took
+    twice as long as a copy of it and a product of the copy (in float32 a whole step took as long either way;
+    docs/BENCHMARKS.md)."""
+    return k.device.type == "cpu" and k.dtype != torch.float32
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """T5 attention of q, k, v [batch, heads, len, d_kv] to [batch, len, heads * d_kv]: no 1/sqrt(d_kv) scaling;
     position bias and mask are added to the scores; softmax in the scores' dtype, as transformers' (torch's fused
     attention rounds differently in half precision)."""
-    if k.device.type == "cpu" and k.dtype != torch.float32:
-        # A decoding step's keys are a view of the cache's first columns, its room between one head's matrix and the
-        # next: torch's bfloat16 product of that view took twice as long as a copy of it and a product of the copy
-        # (in float32 a whole step took as long either way; docs/BENCHMARKS.md).
+    if multiplies_keys_contiguous(k):
         k = k.contiguous()
     scores = torch.matmul(q, k.transpose(2, 3)) + bias
     out = torch.matmul(F.softmax(scores, dim=-1), v)
