@@ -4,7 +4,7 @@ reads back to the host (copies, scalars, nonzero's indices: each waits for the d
 the count does not move with the machine's speed; the weights' sizes do not change it, so the checkpoint is
 switch-base-8's layout with tiny dimensions, its every expert held stacked as on a front's GPU, and a batch of
 prompts of 5 to 13 tokens. The count is of one device's ops: a CPU's and a GPU's can differ where one fuses what the
-other runs as two (a bfloat16 softmax to float32 is one op on the CPU, a cast and a softmax on CUDA).
+other runs as two.
 
     .venv/bin/python -m cluster.bench_step                 # float32, batches of 1 and 32, on the GPU if there is one
     .venv/bin/python -m cluster.bench_step --dtype bfloat16
