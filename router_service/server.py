@@ -266,8 +266,12 @@ async def parse_http_request(request: Request, limits: BodyLimits) -> tuple[pb.G
     stream = False if stream is None else stream  # null is the default, as for the request's other fields
     if not isinstance(stream, bool):
         raise InvalidRequest("stream", f"must be true or false, got {stream!r}")
-    # protobuf takes the last of the two (a null clearing the other), or names a oneof.
-    for field in pb.GenerateRequest.DESCRIPTOR.fields:
+    # A null is the field's default, as if it were not there: protobuf would clear with it what the field's other
+    # spelling gave before it. A null under an unknown name is refused as that name.
+    fields = pb.GenerateRequest.DESCRIPTOR.fields
+    known = {name for field in fields for name in (field.name, field.json_name)}
+    body = {key: value for key, value in body.items() if value is not None or key not in known}
+    for field in fields:  # protobuf takes the last of the two, or names a oneof
         if field.json_name != field.name and field.name in body and field.json_name in body:
             raise InvalidRequest(field.name, f"given twice, as {field.name} and as {field.json_name}")
     try:
