@@ -414,13 +414,25 @@ def test_a_new_fleet_config_names_its_placement_group_anew_and_a_drain_timeout_c
     from cluster.app import fleet_version
 
     base = ServerConfig(model="/models/switch-base-8", placement=PlacementConfig(experts_per_actor=2))
-    changes = [{"served_model_name": "base-8"}, {"fleet_resources": {"switch_fleet": 1.0}}, {"dtype": "bf16"},
-               {"placement": PlacementConfig(experts_per_actor=4)}]
-    versions = {fleet_version(base.model_copy(update=change)) for change in changes}
-    assert len(versions) == len(changes) and fleet_version(base) not in versions
-    same = [{"drain_timeout_s": 90.0}, {"max_waiting": 8}, {"placement": PlacementConfig(experts_per_actor=2,
-                                                                                        restart_timeout_s=5)}]
-    assert {fleet_version(base.model_copy(update=change)) for change in same} == {fleet_version(base)}
+    # Every field, changed alone: a new field fails here until it is put on one side or the other.
+    server = {"model": "/models/switch-base-16", "dtype": "bf16", "quantize": "int8", "capacity": "dropless",
+              "micro_batches": 2, "local_experts": False, "packed_weights": False, "max_prompt_tokens": 64,
+              "max_new_tokens": 64, "max_sequences": 8, "front_gpus": 1.0, "front_resources": {"front": 1.0},
+              "front_threads": 1, "drain_timeout_s": 90.0, "max_waiting": 8, "stream_interval_ms": 10.0,
+              "stream_chunks_per_s": 0.0, "num_replicas": 2, "served_model_name": "base-8",
+              "fleet_resources": {"switch_fleet": 1.0}, "api_key_file": "/keys/api-key"}
+    placement = {"experts_per_actor": 4, "cpus": 4, "gpus": 2, "nodes": 2, "gpu_memory": "40GiB", "actors_per_gpu": 2,
+                 "replicate_hot": 1, "stats": "/stats.json", "actor_resources": {"expert": 1.0}, "timeout_s": 5.0,
+                 "restart_timeout_s": 5.0}
+    assert set(server) == set(ServerConfig.model_fields) - {"placement"}
+    assert set(placement) == set(PlacementConfig.model_fields)
+    changed = {**{name: base.model_copy(update={name: value}) for name, value in server.items()},
+               **{f"placement.{name}": base.model_copy(update={"placement": base.placement.model_copy(
+                   update={name: value})}) for name, value in placement.items()}}
+    new_fleet = {name for name, config in changed.items() if fleet_version(config) != fleet_version(base)}
+    assert new_fleet == {"model", "dtype", "quantize", "served_model_name", "fleet_resources",
+                         *(f"placement.{name}" for name in placement if name not in ("timeout_s", "restart_timeout_s"))}
+    assert len({fleet_version(changed[name]) for name in new_fleet}) == len(new_fleet)
     fleet, slower = serve_config(base)["applications"][0], serve_config(base.model_copy(
         update={"drain_timeout_s": 90.0}))["applications"][0]
     assert fleet["args"] == slower["args"] and "drain_timeout_s" not in fleet["args"]

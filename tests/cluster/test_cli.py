@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import hf_generate
+from reference import hf_dropped_tokens, hf_generate
 
 from cluster import cli
 from cluster.cli import main
@@ -31,6 +31,8 @@ def test_generate_json_matches_transformers(ray_cluster, checkpoint_factory, cap
                   "--experts-per-actor", "2", "--micro-batches", "2", "--logprobs", "--json")
     reference = hf_generate(hf_model, PROMPTS, 6)
     assert len(out["outputs"]) == len(PROMPTS)
+    dropped = hf_dropped_tokens(hf_model, PROMPTS)  # an expert takes 2 tokens of a prompt: some go over
+    assert [o["dropped_tokens"] for o in out["outputs"]] == dropped and sum(dropped) > 0
     for got, (tokens, logprobs) in zip(out["outputs"], reference):
         assert set(got) == {"token_ids", "logprobs", "finish_reason", "dropped_tokens"}
         assert got["token_ids"] == tokens
@@ -337,14 +339,38 @@ def test_serve_hands_the_replicas_absolute_paths_and_says_where_they_read_the_ke
 
 
 def test_generate_prints_logprobs_and_routing_without_json(monkeypatch, capsys):
-    """Asked for, they are shown, not dropped. Fails if the plain output leaves them out."""
+    """Asked for, they are asked of the cluster and shown, not dropped. Fails if either is not passed on, or the
+    plain output leaves them out."""
     result = {"token_ids": [4, 1], "finish_reason": "eos", "dropped_tokens": 0, "logprobs": [-0.25, -1.5],
               "routing": [{"stack": "decoder", "layer": 1, "experts": [3]}]}
-    monkeypatch.setattr(cli, "generate_local", lambda *args: [result])
+    calls = []
+    monkeypatch.setattr(cli, "generate_local", lambda *args: calls.append(args) or [result])
     main(["generate", "--model", "demo/model", "--input-ids", "[[5, 1]]", "--logprobs", "--routing"])
+    (_, prompts, as_text, logprobs, sampling, stop), = calls
+    assert (prompts, as_text, logprobs, sampling, stop) == ([[5, 1]], False, True, {"routing": True}, ())
     out = capsys.readouterr().out.splitlines()
     assert out == ["[0] [4, 1]  (eos, 2 tokens, 0 dropped)", "    logprobs: -0.2500 -1.5000",
                    '    routing: [{"stack": "decoder", "layer": 1, "experts": [3]}]']
+
+
+def test_generate_passes_every_request_flag_on_here_and_to_a_server(monkeypatch):
+    """The sampling and stop flags reach the cluster `--model` starts and the calls to `--address` alike, and
+    `--timeout` the calls (600 s unless given, at most 32 in flight). Fails if one is dropped or renamed on the
+    way."""
+    import cluster.client
+
+    flags = ["--max-new-tokens", "5", "--temperature", "0.5", "--top-k", "3", "--top-p", "0.9", "--seed", "7",
+             "--stop-token-ids", "4", "9", "--stop", "1 2", "--stop", "x"]
+    sampling = {"max_new_tokens": 5, "temperature": 0.5, "top_k": 3, "top_p": 0.9, "seed": 7, "stop_token_ids": [4, 9]}
+    here, there = [], []
+    monkeypatch.setattr(cli, "generate_local", lambda *args: here.append(args) or [])
+    monkeypatch.setattr(cluster.client, "generate_remote", lambda *args, **kwargs: there.append(kwargs) or [])
+    main(["generate", "--model", "demo/model", "--text", "sort : 2 1", *flags])
+    assert here[0][4] == sampling and here[0][5] == ("1 2", "x")
+    for timeout, expected in (([], cluster.client.CLIENT_TIMEOUT_S), (["--timeout", "20"], 20.0)):
+        main(["generate", "--address", "localhost:1", "--text", "sort : 2 1", *flags, *timeout])
+        assert there[-1] == {**sampling, "stop": ["1 2", "x"], "logprobs": False, "timeout": expected, "api_key": None}
+    assert cluster.client.CLIENT_TIMEOUT_S == 600 and cluster.client.MAX_IN_FLIGHT == 32
 
 
 def test_the_highest_port_and_as_many_concurrent_as_requests_are_taken(monkeypatch):

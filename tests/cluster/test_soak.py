@@ -83,6 +83,29 @@ def test_a_soak_passes_only_with_answers_and_failures_near_faults():
     assert (report.wrong, report.hung, report.lost) == (1, 1, 0) and not report.passed()
 
 
+def test_the_soak_command_exits_1_unless_its_run_passed(monkeypatch, capsys):
+    """`switch-serve soak` exits with the run's verdict (CI reads it): 0 where Report.passed, else 1, after the
+    summary. Fails if a failed run exits 0."""
+    import contextlib
+
+    import cluster.soak
+    from cluster.cli import main
+
+    passed = Report(started=0.0, load_s=10.0, elapsed=10.0)
+    passed.outcomes[("unary", "OK")] += 1
+    passed.latencies.append((0.0, 1.0))
+    failed = Report(started=0.0, load_s=10.0, elapsed=10.0)
+    failed.outcomes.update({("unary", "OK"): 1, ("unary", "WRONG"): 1})
+    failed.latencies.append((0.0, 1.0))
+    monkeypatch.setattr(cluster.soak, "ray_for_soak", lambda workers: contextlib.nullcontext())
+    for report, code in ((passed, 0), (failed, 1)):
+        assert report.passed() == (code == 0)
+        monkeypatch.setattr(cluster.soak, "run_soak", lambda *args, report=report, **kwargs: report)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["soak", "--duration", "1"])
+        assert exit_info.value.code == code and "requests" in capsys.readouterr().out
+
+
 def test_a_stream_the_server_cancelled_is_lost_and_chaos_without_a_fault_fails():
     """CANCELLED from the server (no retryable status) is a lost request, unlike a stream the client cancelled after
     two right tokens; a chaos run that injected no fault tested nothing. Fails if either passes."""

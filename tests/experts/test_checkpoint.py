@@ -231,6 +231,39 @@ def test_decoding_settings_switch_serve_does_not_apply_are_listed(checkpoint):
     assert unapplied_generation_settings(file) == ["num_beams=4"]
 
 
+def test_reading_tensors_reads_those_asked_for_and_no_other(checkpoint, monkeypatch):
+    """What an expert actor or a front loads is only its own tensors, each read on its own from the shard (the
+    per-process byte counts in test_actor measure it where the kernel counts reads). Fails if a shard is loaded
+    whole, or other tensors are read with those asked for."""
+    import safetensors
+    import safetensors.torch
+
+    opened = safetensors.safe_open
+    got = []
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.file = opened(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def get_tensor(self, name):
+            got.append(name)
+            return self.file.get_tensor(name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *args, **kwargs: pytest.fail("a shard loaded whole"))
+    model = SwitchCheckpoint.open(checkpoint)
+    wanted = [*expert_tensor_names("decoder", sparse_layers(model.config, "decoder")[0], 1), "shared.weight"]
+    tensors = model.read(wanted)
+    assert sorted(got) == sorted(wanted) == sorted(tensors) and model.names_read == set(wanted)
+
+
 def test_a_router_dtype_transformers_has_not_is_rejected(checkpoint):
     edit_config(checkpoint, router_dtype="float8")
     with pytest.raises(CheckpointError, match=r"config\.json: router_dtype 'float8' is not one of float32"):

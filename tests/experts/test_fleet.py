@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import traceback
 import types
 
@@ -174,6 +173,31 @@ def test_gpus_smaller_than_the_plan_took_them_to_be_are_named():
     assert fleet.smaller_gpus({5: infos[1]}, 80 * gib).startswith("gpu_memory: the experts were planned for GPUs of "
                                                                   "80.0 GiB, but expert actors [5] have")
     assert fleet.smaller_gpus(infos, None) is None
+
+
+def test_a_fleet_says_so_once_its_actors_have_loaded_on_smaller_gpus_than_planned(tmp_path, monkeypatch, caplog):
+    """The warning above, from a fleet planned for 80 GiB cards whose actors report 24 GiB ones as they load. Fails
+    if the fleet does not look at what its actors report."""
+    import logging
+
+    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
+    checkpoint = SwitchCheckpoint.open(tmp_path)
+
+    async def loaded_on_a_small_gpu():
+        return {"gpu_bytes": 24 * 2**30}
+
+    def start(self):
+        self.handles = [types.SimpleNamespace(info=types.SimpleNamespace(remote=loaded_on_a_small_gpu))
+                        for _ in self.placement.actors]
+        self._wait_loaded(self.handles)
+
+    monkeypatch.setattr(fleet.ExpertFleet, "_start", start)
+    with caplog.at_level(logging.WARNING, logger="experts.fleet"):
+        small = fleet.ExpertFleet(checkpoint, PlacementConfig(gpus=2), "float32", name="small",
+                                  placement=Placement.packed(checkpoint.config, 2))
+        assert small.actors(wait_s=30).status == "ready"
+    assert ("gpu_memory: the experts were planned for GPUs of 80.0 GiB, but expert actors [0, 1] have GPUs of 24.0 GiB"
+            in caplog.text)
 
 
 def test_a_nodes_actors_never_ask_for_more_cpus_than_it_has(monkeypatch):
@@ -592,15 +616,17 @@ def test_a_fleet_removes_groups_of_its_name_only_once_the_fleet_it_replaces_has_
     monkeypatch.setattr(fleet, "PREDECESSOR_POLL_S", 0.01)
     monkeypatch.setattr(fleet, "actor_cpus", lambda placement, resources: 0.5)
     monkeypatch.setattr(fleet, "_remove_groups_named", lambda name, nodes: removed.append(name))
-    monkeypatch.setattr(fleet.ExpertFleet, "_predecessor_stopping", lambda self: not stopped.is_set())
+    asked = []
+    monkeypatch.setattr(fleet.ExpertFleet, "_predecessor_stopping",
+                        lambda self: asked.append(1) or not stopped.is_set())
     monkeypatch.setattr(fleet.ExpertFleet, "_reserve", lambda self, wanted: self._done.set() or False)
     replacing = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=2), "float32",
                                   name="same")
     assert replacing.actors().replacing  # the old fronts keep their actors from the start
     wait_until(lambda: replacing.state == "waiting for the fleet it replaces, of the same config, to stop",
                "the fleet to wait for the one it replaces")
-    time.sleep(0.1)
-    assert removed == [] and replacing.actors().replacing
+    wait_until(lambda: len(asked) >= 50, "the fleet to ask fifty times whether the one it replaces still stops")
+    assert removed == [] and replacing.actors().replacing  # it went on waiting, however many times it asked
     stopped.set()
     replacing._done.wait(30)
     assert removed == ["same"] and not replacing.replacing
