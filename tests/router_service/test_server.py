@@ -701,9 +701,9 @@ def test_http_generate_equals_grpc(server):
     assert set(body) == {f.name for f in pb.GenerateResponse.DESCRIPTOR.fields}
     assert body["routing"] == [] and body["dropped_tokens"] == unary.dropped_tokens
     # A field null in one spelling and given in the other is given once, whichever comes first.
-    for given in ({"max_new_tokens": None, "maxNewTokens": 6}, {"max_new_tokens": 6, "maxNewTokens": None}):
-        status, body = post(f"{server['http']}/v1/generate", {"input_ids": PROMPTS[0], **given})
-        assert status == 200 and body["token_ids"] == list(unary.token_ids), given
+    for spellings in ({"max_new_tokens": None, "maxNewTokens": 6}, {"max_new_tokens": 6, "maxNewTokens": None}):
+        status, body = post(f"{server['http']}/v1/generate", {"input_ids": PROMPTS[0], **spellings})
+        assert status == 200 and body["token_ids"] == list(unary.token_ids), spellings
 
 
 def test_http_stream_is_server_sent_events(server):
