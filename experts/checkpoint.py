@@ -143,7 +143,8 @@ def read_config(config_file: Path) -> SwitchConfig:
         config = SwitchConfig.from_dict(raw)
     except ValueError as e:  # a JSONDecodeError too
         raise CheckpointError(f"{config_file}: not a valid Switch Transformers config ({e})") from None
-    if (generation := generation_config(config_file)) is not None:
+    # Beside a checkpoint's config.json (a config file of another name, given to `plan --config`, stands alone).
+    if config_file.name == CONFIG_FILE and (generation := generation_config(config_file)) is not None:
         try:
             config = SwitchConfig.from_dict(raw | {name: generation.get(name) for name in GENERATION_TOKEN_FIELDS})
         except ValueError as e:
@@ -164,8 +165,9 @@ def unapplied_generation_settings(config_file: Path) -> list[str]:
     generation = generation_config(config_file)
     if generation is None:
         generation = json.loads(config_file.read_text())
+    # A null is transformers' default too.
     return [f"{name}={generation[name]!r}" for name, default in DECODING_DEFAULTS.items()
-            if generation.get(name, default) != default]
+            if generation.get(name) is not None and generation[name] != default]
 
 
 def config_of_weights(config: SwitchConfig, names: list[str], config_file: Path) -> SwitchConfig:

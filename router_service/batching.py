@@ -64,7 +64,7 @@ class Sequence:
     pooling: str | None = None  # "mean" or "none": an embedding request (requests.POOLINGS)
     embedding: torch.Tensor | None = None  # float32 [d_model] (mean) or [tokens, d_model] (none), once encoded
     finish_reason: str | None = None  # "eos", "stop" or "length" once finished ("embedded" for an embedding)
-    text: str | None = None  # the answer as text, where the Python API decoded it (engine.SwitchCluster.generate)
+    text: str | None = None  # the answer as text, where the Python API gives it (engine.SwitchCluster.generate)
     error: BaseException | None = None  # set when the batch it was in failed
     cancelled: bool = False  # set by the caller; the sequence leaves before the next step
     on_update: Callable[[], None] | None = None  # called by the Scheduler's batching thread after each change
@@ -394,6 +394,8 @@ def run_to_completion(batcher: ContinuousBatcher, sequences: list[Sequence],
             batcher.step()
             if after_step is not None:
                 after_step()
+        if any(seq.cancelled for seq in batcher.active):  # ended by after_step: out of the batch, its rows freed
+            batcher.step()
     except BaseException as e:  # an interrupt, say: none of them stays in the batch to decode with the next call's
         batcher.fail(e)
         raise

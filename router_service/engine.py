@@ -446,8 +446,8 @@ class SwitchCluster:
                  stop: str | Iterable[str] = (), **sampling) -> list[Sequence]:
         """Generate for a batch of prompts, given as token ids or as text (exactly one of them).
         `sampling`: SamplingParams' fields (greedy by default); with a `seed`, prompt i samples with seed + i.
-        Each answer's `text` is set where the checkpoint has a tokenizer; a stop string (`stop`: one, or several)
-        ends the text before it and the tokens at the one that completed it (finish_reason "stop")."""
+        A stop string (`stop`: one, or several) ends the text before it and the tokens at the one that completed it
+        (finish_reason "stop"). Each answer's `text` is set for prompts given as text, or with stop strings."""
         prompts = self._prompts(input_ids, texts)
         params = make_sampling_params(self.checkpoint.config.vocab_size, self.config, **sampling)
         stop = check_stop_strings(stop, has_tokenizer(self.checkpoint.path))
@@ -459,16 +459,15 @@ class SwitchCluster:
 
         def end_at_stop_strings() -> None:
             """Called after every step: a stop string found ends its answer at the step's token, the one that
-            completed it, and takes it out of the batch before the next step."""
+            completed it, and takes it out of the batch."""
             for i, (seq, text) in enumerate(zip(outputs, streams)):
                 if checked[i] < len(seq.token_ids):
-                    checked[i] = len(seq.token_ids)
-                    text.update(seq.token_ids, seq.done)
+                    _, checked[i] = text.advance(seq.token_ids, checked[i], len(seq.token_ids), seq.done)
                     if text.stopped:
                         seq.finish_reason, seq.cancelled = "stop", True
 
         self._run(outputs, end_at_stop_strings if stop else None)
-        if has_tokenizer(self.checkpoint.path):
+        if texts is not None or stop:
             for seq, text in zip(outputs, streams):
                 seq.text = text.text if text.stopped else self.decode(seq.token_ids)
         return outputs

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from router_service.requests import InvalidRequest, is_list
+from router_service.requests import InvalidRequest, is_list, sized
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API allows
 # Characters a stop string may have: each is looked for at every step of its sequence, on the replica's event loop.
@@ -17,17 +17,20 @@ MAX_STOP_STRING_CHARS = 1000
 INCOMPLETE = "\ufffd"
 
 
-def check_stop_strings(stop: str | Iterable[str], has_tokenizer: bool) -> tuple[str, ...]:
-    """A stop string, or several, checked; for a checkpoint that `has_tokenizer` (they end text)."""
+def check_stop_strings(stop: str | Iterable[str] | None, has_tokenizer: bool) -> tuple[str, ...]:
+    """A stop string, or several (None: none), checked; for a checkpoint that `has_tokenizer` (they end text)."""
+    if stop is None:
+        return ()
     if isinstance(stop, str):
         stop = (stop,)
     if not is_list(stop):
         raise InvalidRequest("stop", f"a string or a list of strings, got {type(stop).__name__}")
+    stop = sized(stop)  # counted before it is copied
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     stop = tuple(stop)
     if not all(isinstance(s, str) for s in stop):
         raise InvalidRequest("stop", f"stop strings must be strings, got {list(stop)!r:.80}")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     if any(not s for s in stop):
         raise InvalidRequest("stop", "a stop string is empty")
     if longest := max((len(s) for s in stop if len(s) > MAX_STOP_STRING_CHARS), default=0):

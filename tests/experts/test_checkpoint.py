@@ -13,7 +13,7 @@ from reference import edit_config
 from safetensors.torch import load_file, save_file
 
 from cluster.testing import tiny_config
-from experts.checkpoint import CheckpointError, SwitchCheckpoint, unapplied_generation_settings
+from experts.checkpoint import CheckpointError, SwitchCheckpoint, read_config, unapplied_generation_settings
 from experts.spec import expert_tensor_names, sparse_layers
 
 EXPERT = "encoder.block.1.layer.1.mlp.experts.expert_2.wi.weight"
@@ -216,6 +216,9 @@ def test_generation_config_gives_the_decoding_token_ids_and_a_bad_one_is_named(c
         file.write_text(text)
         with pytest.raises(CheckpointError, match=f"^{re.escape(str(file))}: {message}"):
             SwitchCheckpoint.open(checkpoint)
+    # A config file of another name (as `plan --config` takes) stands alone.
+    shutil.copy(checkpoint / "config.json", checkpoint / "other.json")
+    assert read_config(checkpoint / "other.json").eos_token_id == 1
     file.unlink()  # then config.json's
     assert SwitchCheckpoint.open(checkpoint).config.eos_token_id == 1
 
@@ -226,6 +229,8 @@ def test_decoding_settings_switch_serve_does_not_apply_are_listed(checkpoint):
     edit_config(checkpoint, "generation_config.json", do_sample=False, temperature=0.5, num_beams=1,
                 repetition_penalty=1.2, no_repeat_ngram_size=3, min_new_tokens=None)
     assert unapplied_generation_settings(file) == ["repetition_penalty=1.2", "no_repeat_ngram_size=3"]
+    (checkpoint / "generation_config.json").write_text('{"num_beams": null, "bad_words_ids": null}')
+    assert unapplied_generation_settings(file) == []  # a null is transformers' default too
     (checkpoint / "generation_config.json").unlink()  # then config.json's, as transformers reads them
     edit_config(checkpoint, num_beams=4)
     assert unapplied_generation_settings(file) == ["num_beams=4"]

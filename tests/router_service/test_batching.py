@@ -67,7 +67,8 @@ def failing_at_the_second_step(front: SwitchFront, error: BaseException) -> list
 def transformers_mean_embedding(checkpoint_factory, prompt: list[int]) -> torch.Tensor:
     """transformers' encoder output for `prompt` alone, averaged over its tokens (one_decoding's checkpoint)."""
     _, hf_model = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
-    return hf_model.encoder(input_ids=torch.tensor([prompt])).last_hidden_state[0].mean(dim=0)
+    with torch.inference_mode():
+        return hf_model.encoder(input_ids=torch.tensor([prompt])).last_hidden_state[0].mean(dim=0)
 
 
 def one_decoding(checkpoint_factory, max_sequences: int) -> tuple[SwitchFront, ContinuousBatcher, Sequence]:

@@ -47,8 +47,9 @@ def live_groups(prefix: str) -> list[str]:
 
 
 def wait_until_stalled(actor) -> None:
-    """Until `actor` (which takes one call at a time) holds a call past half a second: the stall injected."""
-    wait_until(lambda: not ray.wait([actor.info.remote()], timeout=0.5)[0], "the actor to stall in a call")
+    """Until `actor` (which takes one call at a time) holds a call past 2 s: the stall injected (a decoding step's
+    calls take milliseconds)."""
+    wait_until(lambda: not ray.wait([actor.info.remote()], timeout=2.0)[0], "the actor to stall in a call")
 
 
 def test_actor_that_crashes_mid_call_restarts_and_every_request_completes_unchanged(ray_cluster, checkpoint):

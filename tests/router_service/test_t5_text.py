@@ -84,6 +84,13 @@ def test_stop_strings_end_the_python_apis_answers_as_the_servers(cluster):
         assert both.token_ids == alone.token_ids[:kept] and both.logprobs == alone.logprobs[:kept]
         assert both.routing(encoder=False) == alone.routing(0, kept, encoder=False)
     assert len(cut[0].token_ids) < len(full[0].token_ids)  # ended before its last token
+    # An answer a stop string ended, the last of its call: out of the batch as the call returns (its rows freed).
+    assert cluster.generate(texts=PROMPTS[:1], max_new_tokens=12, stop=stop)[0].token_ids == cut[0].token_ids
+    assert cluster.batcher.active == [] and not cluster.batcher.has_work
+    # Prompts of token ids: their answers' text only where stop strings may cut it.
+    ids = [cluster.encode_text(t) for t in PROMPTS]
+    assert [o.text for o in cluster.generate(ids, max_new_tokens=12)] == [None] * len(PROMPTS)
+    assert [o.text for o in cluster.generate(ids, max_new_tokens=12, stop=stop)] == [o.text for o in cut]
     # The cluster goes on serving after answers cut mid-batch: the same answers again.
     assert [o.token_ids for o in cluster.generate(texts=PROMPTS, max_new_tokens=12)] == [o.token_ids for o in full]
 

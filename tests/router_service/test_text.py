@@ -82,6 +82,7 @@ def test_stop_strings_are_checked():
         check_stop_strings(["a", "b" * (MAX_STOP_STRING_CHARS + 1)], True)
     # One string is one stop string, not its characters; what is not strings is refused.
     assert check_stop_strings("\n\n", True) == ("\n\n",) and check_stop_strings(iter(["a"]), True) == ("a",)
+    assert check_stop_strings(None, False) == check_stop_strings([], False) == ()  # none: no tokenizer needed
     with pytest.raises(InvalidRequest, match="^stop: a string or a list of strings, got int"):
         check_stop_strings(5, True)
     with pytest.raises(InvalidRequest, match="^stop: stop strings must be strings"):
