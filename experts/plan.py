@@ -99,7 +99,10 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
     """Spread experts, held in `dtype` (EXPERT_FORMATS), over GPUs, heaviest expected load first, each to the
     least-loaded GPU with room (longest-processing-time scheduling); the `replicate_hot` busiest experts get a
     second copy that halves their load."""
-    if gpus < 1 or nodes < 1 or gpus % nodes:
+    for name, count in (("gpus", gpus), ("nodes", nodes)):
+        if count < 1:
+            raise PlanError(f"{name}: must be at least 1, got {count}")
+    if gpus % nodes:
         raise PlanError(f"gpus: {gpus} GPUs cannot be spread evenly over {nodes} nodes")
     if replicate_hot and gpus < 2:
         raise PlanError("replicate_hot: replicas need at least 2 GPUs")
