@@ -264,7 +264,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         try:
             results = generate_remote(args.address, prompts, logprobs=args.logprobs,
                                       timeout=CLIENT_TIMEOUT_S if args.timeout is None else args.timeout,
-                                      api_key=load_api_key(args.api_key_file), stop=args.stop or [], **sampling)
+                                      api_key=load_api_key(args.api_key_file), stop=args.stop, **sampling)
         except RemoteError as e:
             fail(str(e))
     else:  # argparse asks for --model or --address
@@ -288,7 +288,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             tokenizer = load_tokenizer(folder, "texts")
             for i, text in enumerate(prompts):
                 text_prompt_ids(tokenizer, text, vocab, config, f"texts[{i}]")
-        stop = check_stop_strings(args.stop or (), has_tokenizer(folder))
+        stop = check_stop_strings(args.stop, has_tokenizer(folder))
         results = generate_local(config, prompts, args.text is not None, args.logprobs, sampling, stop)
     if args.json:
         print(json.dumps({"outputs": results}))
@@ -304,18 +304,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def generate_local(config: EngineConfig, prompts: list, as_text: bool, logprobs: bool, sampling: dict,
                    stop: tuple[str, ...]) -> list[dict]:
-    """The answers, in the shape generate_remote gives them: with their text for prompts given as text, or where stop
-    strings cut it."""
+    """The answers, in the shape generate_remote gives them: with their text where the Python API gives it (prompts
+    given as text, or stop strings)."""
     from router_service.engine import SwitchCluster
 
     with SwitchCluster(config) as model:
         inputs = {"texts": prompts} if as_text else {"input_ids": prompts}
         outputs = model.generate(**inputs, stop=stop, **sampling)
-    results = [o.to_dict(logprobs=logprobs) for o in outputs]
-    if as_text or stop:
-        for r, o in zip(results, outputs):
-            r["text"] = o.text
-    return results
+    return [o.to_dict(logprobs=logprobs) | ({"text": o.text} if o.text is not None else {}) for o in outputs]
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

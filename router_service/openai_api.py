@@ -109,9 +109,6 @@ class CompletionRequest(BaseModel):
     def prompts(self) -> list[str | list[int]]:
         return each_prompt(self.prompt, "prompt")
 
-    def stop_strings(self) -> list[str]:
-        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
 
 class EmbeddingRequest(BaseModel):
     """POST /v1/embeddings, with `pooling` besides OpenAI's fields."""

@@ -512,7 +512,7 @@ class SwitchServer:
 
     # -- shared by gRPC and HTTP ---------------------------------------------------------------------------
 
-    def _new_sequence(self, prompt: Collection[int], field: str, stop: Collection[str],
+    def _new_sequence(self, prompt: Collection[int], field: str, stop: str | Iterable[str] | None,
                       **sampling) -> tuple[Sequence, tuple]:
         """A checked sequence and its stop strings; `sampling`: make_sampling_params' keywords."""
         vocab = self.cluster.checkpoint.config.vocab_size
@@ -862,7 +862,7 @@ class SwitchServer:
             ids = self.cluster.encode_text(prompt, field) if isinstance(prompt, str) else prompt
             for j in range(request.n):
                 out.append(self._new_sequence(
-                    ids, field, request.stop_strings(), max_new_tokens=max_tokens, temperature=request.temperature,
+                    ids, field, request.stop, max_new_tokens=max_tokens, temperature=request.temperature,
                     top_p=request.top_p, seed=nth_seed(request.seed, j),
                     top_logprobs=request.logprobs or 0))
         return out
