@@ -519,11 +519,19 @@ class SwitchCluster:
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated tokens: special tokens left out, except T5's sentinels (`<extra_id_N>`), which mark
         the spans a span-filling answer fills."""
+        return self.decode_many([token_ids])[0]
+
+    def decode_many(self, token_id_lists: list[list[int]]) -> list[str]:
+        """`decode` of each list. A fast tokenizer decodes them all in one call that releases the GIL (an answer's
+        logprobs decode thousands of lists, which one by one held the batching thread and the event loop)."""
         tokenizer = self.tokenizer
+        shown = [[t for t in ids if t not in self._hidden_ids] for ids in token_id_lists]
         # Without clean-up of spaces (transformers' default, which a tokenizer's config may override): it changes
         # text already decoded as tokens follow (" !" to "!"), and a stream cannot take back what it has sent.
-        return tokenizer.decode([t for t in token_ids if t not in self._hidden_ids], skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.decode_batch(shown, skip_special_tokens=False)
+        return [tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) for ids in shown]
 
     def expert_token_counts(self) -> dict[tuple[str, int], list[int]]:
         """Tokens each expert of each sparse layer has computed since its actor started, counted by the actors

@@ -9,6 +9,7 @@ import base64
 import math
 import typing
 import uuid
+from collections import deque
 from collections.abc import Callable, Collection
 from typing import Literal
 
@@ -244,26 +245,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def legacy_logprobs(decode: Callable[[list[int]], str], hidden: Collection[int], before: list[int],
+def legacy_logprobs(decode_many: Callable[[list[list[int]]], list[str]], hidden: Collection[int], before: list[int],
                     token_ids: list[int], token_logprobs: list[float], top: list[list[tuple[int, float]]],
                     offset: int) -> dict:
     """The completions API's logprobs object for some tokens of a choice, which follow its tokens `before` them,
-    whose text takes `offset` characters. Each token's text is what it adds to the text before it (`decode`, which
-    leaves out the `hidden` tokens), so the tokens joined are the choice's text (and, where a stop string ended it,
-    the text of the tokens that made it up, which the choice's text leaves out); each token's alternatives (`top`,
-    where asked) include the token itself, as OpenAI's do. Alternatives that add the same text (a word with and
-    without its leading space at the start, the special tokens, which add none) are one key, with the likeliest's
-    log-probability (the token itself's, where it is one of them)."""
+    whose text takes `offset` characters. Each token's text is what it adds to the text before it (`decode_many`,
+    which leaves out the `hidden` tokens, decodes every list at once), so the tokens joined are the choice's text
+    (and, where a stop string ended it, the text of the tokens that made it up, which the choice's text leaves out);
+    each token's alternatives (`top`, where asked) include the token itself, as OpenAI's do. Alternatives that add
+    the same text (a word with and without its leading space at the start, the special tokens, which add none) are
+    one key, with the likeliest's log-probability (the token itself's, where it is one of them)."""
+    shown = deque(last_shown(before, hidden, CONTEXT_TOKENS), maxlen=CONTEXT_TOKENS)
+    lists, options = [], []  # per token: its context, then the context and each option (the token, its alternatives)
+    for i, token in enumerate(token_ids):
+        context = list(shown)
+        options.append([(token, token_logprobs[i])] + (top[i] if top else []))
+        lists.append(context)
+        lists.extend(context + [t] for t, _ in options[-1])
+        if token not in hidden:
+            shown.append(token)
+    decoded = iter(decode_many(lists))
     texts, tops, offsets = [], [], []
-    for i, (token, logprob) in enumerate(zip(token_ids, token_logprobs)):
-        context = last_shown(before + token_ids[:i], hidden, CONTEXT_TOKENS)
-        start = len(decode(context))
-        texts.append(decode(context + [token])[start:])
-        alternatives: dict[str, float] = {}
-        for t, lp in top[i] if top else []:
-            text = decode(context + [t])[start:]
-            alternatives[text] = max(lp, alternatives.get(text, -math.inf))
-        tops.append(alternatives | {texts[-1]: logprob})
+    for (_, logprob), *alternatives in options:
+        start = len(next(decoded))
+        texts.append(next(decoded)[start:])
+        added: dict[str, float] = {}
+        for _, lp in alternatives:
+            text = next(decoded)[start:]
+            added[text] = max(lp, added.get(text, -math.inf))
+        tops.append(added | {texts[-1]: logprob})
         offsets.append(offset)
         offset += len(texts[-1])
     return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

@@ -880,8 +880,8 @@ class SwitchServer:
         text takes `offset` characters."""
         if request.logprobs is None:
             return None
-        return legacy_logprobs(self.cluster.decode, self.cluster.hidden_ids, before, piece.token_ids, piece.logprobs,
-                               piece.top_logprobs, offset)
+        return legacy_logprobs(self.cluster.decode_many, self.cluster.hidden_ids, before, piece.token_ids,
+                               piece.logprobs, piece.top_logprobs, offset)
 
     async def _complete(self, request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> dict:
         first_offsets = self._first_offsets(request)
@@ -891,8 +891,9 @@ class SwitchServer:
             whole = Piece([t for p in pieces for t in p.token_ids], [lp for p in pieces for lp in p.logprobs],
                           [top for p in pieces for top in p.top_logprobs], "".join(p.text for p in pieces),
                           pieces[-1].finish_reason, [])
-            answer = choice(index, whole.text, finish_reason(whole.finish_reason),
-                            self._logprobs(request, [], whole, first_offsets[index]))
+            # In a thread: a long answer's logprobs take a while to build, and the replica's other streams go on.
+            logprobs = await asyncio.to_thread(self._logprobs, request, [], whole, first_offsets[index])
+            answer = choice(index, whole.text, finish_reason(whole.finish_reason), logprobs)
             return answer, len(whole.token_ids)
 
         with self._queued([seq for seq, _ in choices]) as updates:

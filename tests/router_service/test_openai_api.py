@@ -78,6 +78,11 @@ def test_a_streams_chunks_carry_usage_null_only_with_include_usage():
     assert completion("c", 1, MODEL, [], {"total_tokens": 3}, with_usage=False)["usage"] == {"total_tokens": 3}
 
 
+def decode_each(decode):
+    """A `decode_many` from a decode of one list."""
+    return lambda lists: [decode(ids) for ids in lists]
+
+
 def test_legacy_logprobs_give_each_token_the_text_it_adds_after_those_before_it():
     """With a SentencePiece-like decode (a word's leading space dropped at the start of a text), a token's text is
     what it adds to the choice's text so far: the tokens joined are the text, the offsets run on from `offset`,
@@ -87,7 +92,7 @@ def test_legacy_logprobs_give_each_token_the_text_it_adds_after_those_before_it(
     def decode(ids: list[int]) -> str:
         return "".join(words[i] for i in ids).replace("▁", " ").removeprefix(" ")
 
-    out = legacy_logprobs(decode, set(), [1], [2, 3], [-0.1, -0.2], [[(3, -1.0)], [(2, -2.0)]], 5)
+    out = legacy_logprobs(decode_each(decode), set(), [1], [2, 3], [-0.1, -0.2], [[(3, -1.0)], [(2, -2.0)]], 5)
     assert out["tokens"] == [" world", "!"] and "hello" + "".join(out["tokens"]) == decode([1, 2, 3])
     assert out["text_offset"] == [5, 11] and out["token_logprobs"] == [-0.1, -0.2]
     assert out["top_logprobs"] == [{"!": -1.0, " world": -0.1}, {" world": -2.0, "!": -0.2}]
@@ -102,7 +107,7 @@ def test_a_tokens_text_follows_the_shown_tokens_before_it_past_any_hidden_ones()
     def decode(ids: list[int]) -> str:
         return "".join(words[i] for i in ids if i != 9).replace("▁", " ").removeprefix(" ")
 
-    out = legacy_logprobs(decode, {9}, [1] + [9] * 12, [2], [-0.1], [], 5)
+    out = legacy_logprobs(decode_each(decode), {9}, [1] + [9] * 12, [2], [-0.1], [], 5)
     assert out["tokens"] == [" world"] and "hello" + out["tokens"][0] == decode([1] + [9] * 12 + [2])
 
 
@@ -115,9 +120,10 @@ def test_alternatives_that_add_the_same_text_keep_the_likeliest():
     def decode(ids: list[int]) -> str:
         return "".join("" if words[i].startswith("<") else words[i] for i in ids).replace("▁", " ").removeprefix(" ")
 
-    out = legacy_logprobs(decode, set(), [], [5], [-0.5], [[(5, -0.5), (3, -1.0), (4, -2.0), (1, -2.5), (2, -3.0)]], 0)
+    out = legacy_logprobs(decode_each(decode), set(), [], [5], [-0.5],
+                          [[(5, -0.5), (3, -1.0), (4, -2.0), (1, -2.5), (2, -3.0)]], 0)
     assert out["top_logprobs"] == [{"x": -0.5, "": -1.0, "o": -2.5}]
-    out = legacy_logprobs(decode, set(), [], [2], [-2.0], [[(1, -0.1), (2, -2.0)]], 0)
+    out = legacy_logprobs(decode_each(decode), set(), [], [2], [-2.0], [[(1, -0.1), (2, -2.0)]], 0)
     assert out["tokens"] == ["o"] and out["top_logprobs"] == [{"o": -2.0}]
 
 

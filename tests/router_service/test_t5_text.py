@@ -109,6 +109,21 @@ def test_streamed_text_joins_to_the_whole_text(cluster, monkeypatch):
         assert joined == cluster.decode(ids), ids
 
 
+
+def test_many_token_lists_decode_as_each_alone(checkpoint, cluster):
+    """decode_many (one call of the tokenizer's Rust side for all the lists) gives what transformers' decode gives
+    each list, special tokens but the sentinels left out and no clean-up of spaces. Fails if it cleans up spaces,
+    keeps <unk>, pad or </s>, or loses the sentinels or a list's order."""
+    hf_tokenizer = AutoTokenizer.from_pretrained(checkpoint[0], clean_up_tokenization_spaces=True)
+    rng = random.Random(1)
+    vocab = len(hf_tokenizer)
+    lists = [[rng.randrange(vocab) for _ in range(rng.randint(0, 16))] + [0, 1, 2, vocab - 1] for _ in range(500)]
+    lists += [hf_tokenizer("c !", add_special_tokens=False)["input_ids"]]
+    shown = [[t for t in ids if t not in (0, 1, 2)] for ids in lists]
+    expected = [hf_tokenizer.decode(ids, clean_up_tokenization_spaces=False) for ids in shown]
+    assert cluster.decode_many(lists) == expected and expected[-1] == "c !"
+    assert all(text.endswith("<extra_id_0>") for text in expected[:-1])
+
 @pytest.mark.ray  # serves through local_serve, which starts Ray itself: not the shared cluster's fixture
 def test_served_text_over_grpc(checkpoint):
     path, _ = checkpoint
