@@ -48,6 +48,7 @@ GRPC_SERVICER_FUNCTIONS = [
 # Health checks and ModelInfo must get through while the batch is full.
 CONTROL_HEADROOM = 16
 FLEET_APP = fleet_app_name(APP_NAME)
+EVERY_ADDRESS = ("0.0.0.0", "::")  # the bind addresses that stand for every address
 # What the fleet's application is built from (see build_fleet): a change to any of them starts a new fleet. Its drain
 # timeout is set apart, as a deployment option Serve changes in place (see serve_config).
 FLEET_FIELDS = ("model", "placement", "dtype", "quantize", "fleet_resources", "served_model_name")
@@ -270,6 +271,18 @@ def experts_status(fleet) -> str:
         return first_line(e)
 
 
+def grpc_listens_on(ingress: str, http_host: str) -> str:
+    """Where gRPC listens, in words: Serve's proxy on every address (it has no option to bind one), HAProxy where
+    HTTP does (Ray's HAProxy config binds its gRPC frontend to the HTTP host)."""
+    return "every address" if ingress == "proxy" or http_host in EVERY_ADDRESS else http_host
+
+
+def reachable(host: str, port: int) -> str:
+    """HOST:PORT of a server bound to `host`, as this machine calls it."""
+    host = LOCAL_HTTP_HOST if host in EVERY_ADDRESS else host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class Endpoints:
     grpc: str  # HOST:PORT
@@ -308,10 +321,11 @@ def local_serve(config: ServerConfig, *, http_host: str = LOCAL_HTTP_HOST, http_
             asks = {FRONT_DEPLOYMENT: {"GPU": config.front_gpus, **config.front_resources},
                     FLEET_DEPLOYMENT: config.fleet_resources}
             wait_until_serving(front, config.num_replicas, config.placement.timeout_s, asks, fleet)
+            endpoints = Endpoints(reachable(http_host, grpc_port), f"http://{reachable(http_host, http_port)}")
             if address is None:  # the ingress on this machine's port
-                wait_until_ingress_serves(f"{LOCAL_HTTP_HOST}:{grpc_port}", config.placement.timeout_s)
+                wait_until_ingress_serves(endpoints.grpc, config.placement.timeout_s)
             serving = True
-            yield Endpoints(grpc=f"{http_host}:{grpc_port}", http=f"http://{http_host}:{http_port}")
+            yield endpoints
         finally:
             # Served, the fronts drain first, then the fleet releases its actors and placement group. Never served,
             # there is nothing to drain, and a replica that never started would hold a blocking delete for its whole

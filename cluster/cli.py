@@ -318,15 +318,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import signal
     import threading
 
-    from cluster.app import check_placement, local_serve
+    from cluster.app import EVERY_ADDRESS, check_placement, grpc_listens_on, local_serve
+    from router_service.engine import load_tokenizer
 
     check_ports(args)
     if args.address is not None and args.ingress != DEFAULT_INGRESS:
         raise ValueError("--ingress: sets up the Ray cluster started here; a cluster joined with --address takes "
                          "RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of every node instead")
+    if args.ingress == "haproxy" and args.host not in (LOCAL_HTTP_HOST, *EVERY_ADDRESS):
+        # Each front binds its own HTTP port to --host, and HAProxy calls it at the node's address (127.0.0.1 here).
+        raise ValueError(f"--host: behind HAProxy, {LOCAL_HTTP_HOST} or every address ({' or '.join(EVERY_ADDRESS)}), "
+                         f"got {args.host}: the fronts' own HTTP ports, bound to it, would be out of HAProxy's reach")
     if args.address is None:  # a cluster joined serves on its own nodes' ports, not this machine's
         free_ports(grpc_port=args.grpc_port, http_port=args.http_port)
     folder, checkpoint = open_checkpoint(args.model)
+    if has_tokenizer(folder):  # a broken one fails here, naming its files, not as each front starts
+        load_tokenizer(folder)
     config = engine_config(args, ServerConfig, folder)
     if config.served_model_name is None and not Path(args.model).exists():  # a Hub id, whose folder is a commit hash
         config = config.model_copy(update={"served_model_name": args.model})
@@ -339,7 +346,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for warning in check_placement(config, checkpoint.config, checkpoint.dtype_name):  # before anything starts
         print(f"switch-serve: warning: {warning}", file=sys.stderr)
     key = load_api_key(config.api_key_file)  # an unreadable or empty key file fails here
-    anyone = (f"anyone who can reach gRPC port {args.grpc_port} (every address) or HTTP port {args.http_port} can "
+    grpc_host = grpc_listens_on(args.ingress, args.host)
+    anyone = (f"anyone who can reach gRPC port {args.grpc_port} ({grpc_host}) or HTTP port {args.http_port} can "
               "call the model")
     if args.address is not None and config.api_key_file is None:
         print(f"switch-serve: warning: the replicas read ${API_KEY_ENV} on the nodes they run on, not here: where it "
@@ -353,7 +361,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopping.set())
         print(f"switch-serve: serving {args.model}\n"
-              f"  gRPC  port {args.grpc_port}, every address  (switchserve.v1.SwitchServe, grpc.health.v1.Health, "
+              f"  gRPC  port {args.grpc_port}, {grpc_host}  (switchserve.v1.SwitchServe, grpc.health.v1.Health, "
               "reflection)\n"
               f"  HTTP  http://{args.host}:{args.http_port}/v1/generate, /v1/model, /v1/completions, /v1/embeddings, "
               "/v1/models\n"
@@ -525,8 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a checkpoint over gRPC and HTTP until interrupted")
     s.add_argument("--model", required=True, help="checkpoint folder readable from every node, or Hub id")
     add_port_options(s)
-    s.add_argument("--host", default=LOCAL_HTTP_HOST, help=f"HTTP bind address (default: {LOCAL_HTTP_HOST}; gRPC "
-                                                        "listens on all addresses)")
+    s.add_argument("--host", default=LOCAL_HTTP_HOST, help=f"HTTP bind address (default: {LOCAL_HTTP_HOST}); Serve's "
+                                                        "proxy takes gRPC on every address, HAProxy (--ingress "
+                                                        f"haproxy) here too, and takes {LOCAL_HTTP_HOST} or 0.0.0.0 "
+                                                        "alone")
     s.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     add_ingress_option(s)
     add_engine_options(s, ServerConfig, skip=())

@@ -27,6 +27,7 @@ from experts.checkpoint import (
     INDEX_FILE,
     CheckpointError,
     SwitchCheckpoint,
+    check_tensor_names,
     config_of_weights,
     read_config,
 )
@@ -48,8 +49,9 @@ SOURCE_RECORD = ".source.json"  # in PARTIAL: what it converts (a run for anothe
 LAYOUT = "experts by layer and digits"
 
 
-def bin_shards(src: Path) -> list[str]:
-    """The `.bin` files of a folder, each there: checked before any is converted (switch-c-2048's 364 take hours)."""
+def bin_shards(src: Path) -> tuple[list[str], list[str] | None]:
+    """The `.bin` files of a folder, each there: checked before any is converted (switch-c-2048's 364 take hours);
+    and the tensors its index names (None for a single file, which has none)."""
     index = src / BIN_INDEX_FILE
     if index.is_file():
         try:
@@ -62,9 +64,9 @@ def bin_shards(src: Path) -> list[str]:
         if missing := [shard for shard in shards if not (src / shard).is_file()]:
             raise CheckpointError(f"{src / missing[0]}: listed in {BIN_INDEX_FILE} but missing"
                                   + (f" ({len(missing)} shards missing in all)" if len(missing) > 1 else ""))
-        return shards
+        return shards, list(weight_map)
     if (src / BIN_FILE).is_file():
-        return [BIN_FILE]
+        return [BIN_FILE], None
     raise CheckpointError(f"{src}: no {BIN_FILE} or {BIN_INDEX_FILE} to convert")
 
 
@@ -114,7 +116,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
         raise CheckpointError(f"{dst}: already exists")
     config_file = src / CONFIG_FILE
     config = read_config(config_file)  # a bad one fails before any shard is converted
-    shards = bin_shards(src)
+    shards, names = bin_shards(src)
+    if names is not None:  # the weights' names, checked against the config before hours of converting
+        check_tensor_names(config_of_weights(config, names, config_file), names, src / BIN_INDEX_FILE)
     work = dst.parent / PARTIAL.format(name=dst.name)
     origin = {"src": str(src.resolve()), "shards": shards, "layout": LAYOUT}
     if (work / SOURCE_RECORD).is_file() and read_record(work / SOURCE_RECORD) != origin:

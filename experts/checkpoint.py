@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import struct
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,21 +135,23 @@ def generation_config(config_file: Path) -> dict | None:
 
 def read_config(config_file: Path) -> SwitchConfig:
     """A checkpoint's config.json, checked: one of a model switch-serve serves, or a CheckpointError naming it. Its
-    token ids for decoding are those of the generation_config.json beside it where there is one (a field it lacks
-    unset), as transformers' generate reads them."""
+    token ids for decoding are those of the generation_config.json beside it where there is one, else its own, a
+    field the file lacks unset (not the architecture's default): as transformers' generate reads them."""
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing (a Switch checkpoint folder needs config.json)")
     try:
         raw = json.loads(config_file.read_text())
-        config = SwitchConfig.from_dict(raw)
+        SwitchConfig.from_dict(raw)  # its own fields first, for errors that name this file
     except ValueError as e:  # a JSONDecodeError too
         raise CheckpointError(f"{config_file}: not a valid Switch Transformers config ({e})") from None
     # Beside a checkpoint's config.json (a config file of another name, given to `plan --config`, stands alone).
-    if config_file.name == CONFIG_FILE and (generation := generation_config(config_file)) is not None:
-        try:
-            config = SwitchConfig.from_dict(raw | {name: generation.get(name) for name in GENERATION_TOKEN_FIELDS})
-        except ValueError as e:
-            raise CheckpointError(f"{config_file.parent / GENERATION_CONFIG_FILE}: {e}") from None
+    generation = generation_config(config_file) if config_file.name == CONFIG_FILE else None
+    try:
+        config = SwitchConfig.from_dict(raw | {name: (raw if generation is None else generation).get(name)
+                                               for name in GENERATION_TOKEN_FIELDS})
+    except ValueError as e:
+        raise CheckpointError(f"{config_file if generation is None else config_file.parent / GENERATION_CONFIG_FILE}: "
+                              f"{e}") from None
     if config.dense_act_fn not in ACTIVATIONS:
         raise CheckpointError(f"{config_file}: dense_act_fn {config.dense_act_fn!r} is not an activation "
                               f"switch-serve serves (one of: {', '.join(ACTIVATIONS)})")
@@ -180,6 +183,20 @@ def config_of_weights(config: SwitchConfig, names: list[str], config_file: Path)
     for warning in warnings:
         log.warning(warning)
     return config
+
+
+def check_tensor_names(config: SwitchConfig, names: Collection[str], listing: Path,
+                       file_of: Callable[[str], Path] | None = None) -> None:
+    """That `names` holds every tensor the model `config` describes needs, and none it has not: a CheckpointError
+    naming the `listing` of the names, or the file that holds a tensor (`file_of`)."""
+    required, optional = expected_tensors(config)
+    for name, shape in required.items():
+        if name not in names:
+            raise CheckpointError(f"{listing}: tensor {name} is missing (config.json expects shape {list(shape)})")
+    for name in names:
+        if name not in required and name not in optional:
+            raise CheckpointError(f"{listing if file_of is None else file_of(name)}: tensor {name} is not part of the "
+                                  "model config.json describes")
 
 
 @dataclass
@@ -246,15 +263,10 @@ class SwitchCheckpoint:
 
     @staticmethod
     def _check(config: SwitchConfig, tensors: dict[str, TensorInfo], path: Path, listing: Path) -> None:
+        check_tensor_names(config, tensors, listing, lambda name: path / tensors[name].file)
         required, optional = expected_tensors(config)
-        for name, shape in required.items():
-            if name not in tensors:
-                raise CheckpointError(f"{listing}: tensor {name} is missing (config.json expects shape {list(shape)})")
         for name, info in tensors.items():
             shape = required.get(name) or optional.get(name)
-            if shape is None:
-                raise CheckpointError(f"{path / info.file}: tensor {name} is not part of the model config.json "
-                                      "describes")
             if info.dtype not in DTYPE_OF_SAFETENSORS:
                 raise CheckpointError(f"{path / info.file}: tensor {name} has dtype {info.dtype}, expected one of "
                                       f"{', '.join(DTYPE_OF_SAFETENSORS)}")

@@ -82,7 +82,7 @@ class SwitchConfig:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     tie_word_embeddings: bool = True
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     bos_token_id: int | None = None
     decoder_start_token_id: int | None = None  # None: the BOS token, as transformers' generate; else the pad token
@@ -100,6 +100,8 @@ class SwitchConfig:
         # transformers' generate starts the decoder with the BOS token where no start token is set (and fails where
         # neither is); T5's convention, the pad token, where neither is.
         default("decoder_start_token_id", self.pad_token_id if self.bos_token_id is None else self.bos_token_id)
+        if self.decoder_start_token_id is None:
+            raise ValueError("decoder_start_token_id: none, nor bos_token_id or pad_token_id to start the decoder with")
         # T5's position buckets: the encoder's halved (keys before and after), of which half exact, the rest spread
         # over distances up to max_distance, beyond the decoder's exact ones; fewer would divide by zero.
         buckets, distance = self.relative_attention_num_buckets, self.relative_attention_max_distance
@@ -155,7 +157,8 @@ class SwitchConfig:
 CONFIG_FILE = "config.json"  # a checkpoint's architecture, beside its weights
 # How transformers' generate decodes it, where the checkpoint says (else config.json's fields say).
 GENERATION_CONFIG_FILE = "generation_config.json"
-# The token ids of GENERATION_CONFIG_FILE that switch-serve decodes with, over config.json's.
+# The token ids switch-serve decodes with: GENERATION_CONFIG_FILE's where there is one, else config.json's; a field
+# the file lacks is unset (not the architecture's default), as transformers' generate reads them.
 GENERATION_TOKEN_FIELDS = ("eos_token_id", "bos_token_id", "decoder_start_token_id")
 # Its settings that change what transformers' generate makes, at their defaults there (transformers'
 # GenerationConfig): a request decodes by its own options (greedy unless it samples), so a checkpoint that sets one

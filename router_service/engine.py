@@ -18,13 +18,13 @@ from pathlib import Path
 import ray
 import torch
 
-from experts.checkpoint import SwitchCheckpoint, has_tokenizer, unapplied_generation_settings
+from experts.checkpoint import CheckpointError, SwitchCheckpoint, has_tokenizer, unapplied_generation_settings
 from experts.ffn import ACTIVATION_FUNCTIONS, packs
 from experts.fleet import FleetActors, fleet_name, served_placement, start_fleet, stop_fleet
 from experts.held import gpu_uuid, held_experts
 from experts.placement import PlacementError
 from experts.plan import ACTIVATION_RESERVE
-from experts.spec import CONFIG_FILE, ExpertKey, expert_bytes, expert_format
+from experts.spec import CONFIG_FILE, TOKENIZER_FILES, ExpertKey, expert_bytes, expert_format
 from experts.wire import INLINE_ACTIVATIONS_ENV, torch_dtype
 from router_service.batching import ContinuousBatcher, Sequence, run_to_completion, use_threads
 from router_service.config import EngineConfig
@@ -62,7 +62,11 @@ def load_tokenizer(folder: str | Path, field: str = "text"):
         raise InvalidRequest(field, f"{path} holds no tokenizer; pass token ids instead")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # a broken file of it (a copy cut short, say): named, as a bad checkpoint's are
+        files = ", ".join(name for name in TOKENIZER_FILES if (path / name).is_file())
+        raise CheckpointError(f"{path}: its tokenizer ({files}) does not load: {first_line(e)}") from e
 
 
 def text_prompt_ids(tokenizer, text: str, vocab_size: int, limits: EngineConfig, field: str) -> list[int]:
@@ -402,14 +406,14 @@ class SwitchCluster:
 
     @property
     def actors(self) -> list:
-        """The expert actors, in placement order (none while they are not up)."""
-        return self.dispatcher.actors
+        """The expert actors, in placement order (none while they are not up: not yet, or lost)."""
+        return self.dispatcher.actors if self.experts_ready else []
 
     @property
     def placement(self):
-        """Which actor hosts which expert (an experts.placement.Placement), as their fleet placed them; None until
-        they are up."""
-        return self.link.placement
+        """Which actor hosts which expert (an experts.placement.Placement), as their fleet placed them; None while
+        they are not up."""
+        return self.link.placement if self.experts_ready else None
 
     @property
     def experts_ready(self) -> bool:
@@ -545,6 +549,7 @@ class SwitchCluster:
     def _ask_actors(self, method: str) -> list:
         """Every expert actor's answer to `method`, waited for as long as a step waits for actors that are down."""
         timeout_s = self.config.placement.restart_timeout_s
+        self.check_experts(timeout_s)  # lost ones, or none yet: their successors' answers, not a dead one's error
         try:
             return ray.get([getattr(actor, method).remote() for actor in self.actors], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:

@@ -442,16 +442,18 @@ class ServedFleet(ExpertFleet):
     def _predecessor_stopping(self) -> bool:
         """Whether a replica of this fleet's deployment stops while groups of this fleet's name exist: a fleet of the
         same config (the app deployed anew with the same fleet args, another runtime_env say), keeping its actors for
-        the fronts draining. Left behind by a fleet whose process died, the groups come with no replica stopping."""
+        the fronts draining. Left behind by a fleet whose process died, the groups come with no replica stopping.
+        Where Serve does not answer (its controller starting again, say), groups of its name may be a draining
+        fleet's: it waits for an answer rather than remove them."""
+        if not any(name.startswith(f"{self.name}-node") for name in created_groups()):
+            return False
         try:
             status = serve.status().applications.get(serve.get_replica_context().app_name)
-        except Exception as e:  # Serve's controller starting again, say: as where none stops
+        except Exception as e:
             log.warning("the expert fleet could not ask Serve whether the fleet it replaces still stops: %s", e)
-            return False
+            return True
         deployment = None if status is None else status.deployments.get(FLEET_DEPLOYMENT)
-        if deployment is None or not deployment.replica_states.get("STOPPING", 0):
-            return False
-        return any(name.startswith(f"{self.name}-node") for name in created_groups())
+        return deployment is not None and deployment.replica_states.get("STOPPING", 0) > 0
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config: settings that change without a new fleet."""
@@ -619,7 +621,7 @@ class SwitchServer:
 
     async def _model_info(self) -> pb.ModelInfoResponse:
         cluster, config = self.cluster, self.cluster.checkpoint.config
-        actors = cluster.actors if cluster.experts_ready else []
+        actors = cluster.actors
         try:  # an actor restarting answers once it is back: not worth waiting long for
             infos, counts = await asyncio.wait_for(asyncio.gather(
                 asyncio.gather(*[a.info.remote() for a in actors]),

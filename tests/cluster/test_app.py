@@ -25,6 +25,8 @@ from cluster.app import (
     SERVING_IN_A_ROW,
     build_app,
     build_fleet,
+    grpc_listens_on,
+    reachable,
     serve_config,
     vcpus_share_cores,
     wait_until_serving,
@@ -176,6 +178,13 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
             assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
             assert "retrying a request after" in caplog.text
     assert resident_memory(HAPROXY) == 0
+
+
+def test_grpc_listens_on_every_address_but_behind_haproxy_where_http_does():
+    assert grpc_listens_on("proxy", "127.0.0.1") == grpc_listens_on("haproxy", "0.0.0.0") == "every address"
+    assert grpc_listens_on("haproxy", "127.0.0.1") == "127.0.0.1"
+    assert reachable("10.1.2.3", 9000) == "10.1.2.3:9000" and reachable("0.0.0.0", 9000) == "127.0.0.1:9000"
+    assert reachable("::", 9000) == "127.0.0.1:9000" and reachable("::1", 9000) == "[::1]:9000"
 
 
 @pytest.mark.parametrize("siblings, shared", [("0\n", False), ("0-1\n", True), ("0,2\n", True)])

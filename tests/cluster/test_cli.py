@@ -153,6 +153,8 @@ def test_console_script_help():
     (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--api-key-file", "/no/such/key"],
      "api_key_file: /no/such/key: No such file or directory"),
     (["serve", "--model", "demo/model", "--api-key-file", "demo"], f"api_key_file: {Path('demo').resolve()}: Is a"),
+    (["serve", "--model", "demo/model", "--ingress", "haproxy", "--host", "127.0.0.2"],
+     "--host: behind HAProxy, 127.0.0.1 or every address (0.0.0.0 or ::), got 127.0.0.2: the fronts' own HTTP"),
 ])
 def test_bad_flags_exit_with_one_line_before_anything_starts(capsys, argv, message):
     """Before Ray or a benchmark starts (each case here would have run for a minute first, or ended in a
@@ -180,6 +182,28 @@ def test_generate_here_checks_its_request_before_the_cluster_starts(monkeypatch,
     with pytest.raises(SystemExit):
         main(["generate", "--model", "demo/model", *argv])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "--text", "sort : 2 1"]])
+def test_a_broken_tokenizer_fails_before_anything_starts_naming_its_files(monkeypatch, capsys, tmp_path, command):
+    """A tokenizer.json cut short: refused as the command starts, naming the folder and its tokenizer files, not
+    as each front replica starts (Serve trying again until the deploy failed). Fails if the cluster starts."""
+    import shutil
+
+    import cluster.app
+    import router_service.engine
+
+    model = tmp_path / "model"
+    shutil.copytree("demo/model", model)
+    (model / "tokenizer.json").write_text((Path("demo/model/tokenizer.json").read_text())[:100])
+    monkeypatch.setattr(cluster.app, "local_serve", lambda *args, **kwargs: pytest.fail("the server started"))
+    monkeypatch.setattr(router_service.engine, "SwitchCluster", lambda config: pytest.fail("the cluster started"))
+    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port())] if command == ["serve"] else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--model", str(model), *ports])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"{model}: its tokenizer (tokenizer.json, tokenizer_config.json) does not load: " in err
 
 
 def test_a_plot_that_could_not_be_drawn_is_refused_before_the_bench_runs(monkeypatch, capsys):
@@ -329,13 +353,17 @@ def test_serve_hands_the_replicas_absolute_paths_and_says_where_they_read_the_ke
     monkeypatch.delenv("SWITCH_SERVE_API_KEY")
     with pytest.raises(KeyboardInterrupt):
         main(["serve", "--model", "model", *ports])
-    assert "warning: no API key, so anyone who can reach gRPC port" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"warning: no API key, so anyone who can reach gRPC port {ports[1]} (every address)" in err
+    with pytest.raises(KeyboardInterrupt):  # behind HAProxy, gRPC listens where HTTP does
+        main(["serve", "--model", "model", *ports, "--ingress", "haproxy"])
+    assert f"reach gRPC port {ports[1]} (127.0.0.1)" in capsys.readouterr().err
     # A link keeps its own name, the model's default id: `current` is not served as what it points to.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "current").symlink_to(root / "demo/model")
     with pytest.raises(KeyboardInterrupt):
         main(["serve", "--model", "current", *ports])
-    assert served[3].model == str(tmp_path / "current") and served[3].model_id == "current"
+    assert served[4].model == str(tmp_path / "current") and served[4].model_id == "current"
 
 
 def test_generate_prints_logprobs_and_routing_without_json(monkeypatch, capsys):

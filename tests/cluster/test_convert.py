@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,7 +119,21 @@ def test_a_bad_config_fails_before_any_shard_is_converted(checkpoint_factory, tm
     assert not (tmp_path / "out").exists()
 
 
+EXTRA = "encoder.block.9.layer.0.SelfAttention.q.weight"  # a block the tiny models have not
+
+
+def edit_index(src, change) -> None:
+    """Rewrite the `.bin` index's weight_map with `change` (a function of it)."""
+    index = json.loads((src / BIN_INDEX_FILE).read_text())
+    (src / BIN_INDEX_FILE).write_text(json.dumps(index | {"weight_map": change(index["weight_map"])}))
+
+
 @pytest.mark.parametrize("damage, message", [
+    (lambda src: edit_index(src, lambda m: m | {EXTRA: m["shared.weight"]}),
+     rf"bin/pytorch_model\.bin\.index\.json: tensor {re.escape(EXTRA)} is not part of the model config\.json "
+     "describes$"),
+    (lambda src: edit_index(src, lambda m: {k: v for k, v in m.items() if k != "shared.weight"}),
+     r"bin/pytorch_model\.bin\.index\.json: tensor shared\.weight is missing \(config\.json expects shape"),
     (lambda src: (src / "pytorch_model-00002-of-00003.bin").unlink(),
      r"bin/pytorch_model-00002-of-00003\.bin: listed in pytorch_model\.bin\.index\.json but missing$"),
     (lambda src: [(src / f"pytorch_model-0000{i}-of-00003.bin").unlink() for i in (2, 3)],
@@ -130,8 +145,9 @@ def test_a_bad_config_fails_before_any_shard_is_converted(checkpoint_factory, tm
 ])
 def test_a_bad_index_or_a_missing_shard_fails_before_any_shard_is_converted(checkpoint_factory, tmp_path,
                                                                            monkeypatch, damage, message):
-    """An index that lists no files (a traceback before), or shards it lists that are not there (found only after
-    the shards before them were converted, hours into switch-c-2048's), fail at once, naming the file."""
+    """An index that lists no files (a traceback before), shards it lists that are not there, or tensors that are
+    not the model's config.json describes (both found only after the shards before them were converted, hours into
+    switch-c-2048's), fail at once, naming the file."""
     from cluster import convert as converting
 
     _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)

@@ -223,6 +223,30 @@ def test_generation_config_gives_the_decoding_token_ids_and_a_bad_one_is_named(c
     assert SwitchCheckpoint.open(checkpoint).config.eos_token_id == 1
 
 
+def test_without_generation_config_the_decoding_token_ids_are_config_jsons_own(checkpoint):
+    """Where there is no generation_config.json, transformers builds its generation config from config.json's own
+    fields: one it lacks is unset, not the architecture's default (no EOS: an answer ends at its length). A null
+    pad token loads, as in transformers; with no start, BOS or pad token the decoder has none to start with,
+    refused at load. Fails if a missing EOS is taken as token 1."""
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    (checkpoint / "generation_config.json").unlink()
+    edit_config(checkpoint, eos_token_id=None)
+    config = SwitchCheckpoint.open(checkpoint).config
+    hf = SwitchTransformersForConditionalGeneration.from_pretrained(checkpoint).generation_config
+    assert config.eos_token_id is None and hf.eos_token_id is None
+    assert config.decoder_start_token_id == hf.decoder_start_token_id == 0
+    raw = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(raw | {"pad_token_id": None, "bos_token_id": 4,
+                                                              "decoder_start_token_id": None}))
+    config = SwitchCheckpoint.open(checkpoint).config
+    assert (config.pad_token_id, config.decoder_start_token_id) == (None, 4)
+    (checkpoint / "config.json").write_text(json.dumps(raw | {"pad_token_id": None, "decoder_start_token_id": None}))
+    with pytest.raises(CheckpointError, match="config.json: not a valid Switch Transformers config "
+                                              r"\(decoder_start_token_id: none, nor bos_token_id or pad_token_id"):
+        SwitchCheckpoint.open(checkpoint)
+
+
 def test_decoding_settings_switch_serve_does_not_apply_are_listed(checkpoint):
     file = checkpoint / "config.json"
     assert unapplied_generation_settings(file) == []  # as transformers saves a model's

@@ -333,10 +333,24 @@ def test_a_fleet_replacing_one_of_its_own_config_waits_for_it_to_stop(monkeypatc
     assert not fleet._predecessor_stopping()
 
 
-def test_a_fleet_whose_check_for_a_stopping_predecessor_fails_starts_anyway(monkeypatch):
-    """Serve's controller not answering (starting again, say) does not fail the fleet's start."""
+def test_a_fleet_whose_check_for_a_stopping_predecessor_fails_waits_only_where_groups_of_its_name_exist(
+        monkeypatch):
+    """Serve's controller not answering (starting again, say): groups of the fleet's name may be a draining
+    fleet's, so it waits for an answer rather than remove them; without such groups it starts. Fails if an
+    unanswered question lets it remove a draining fleet's actors, or holds a fleet that has nothing to wait for."""
+    from types import SimpleNamespace
+
+    from experts import fleet as fleet_module
+
     def status():
         raise ConnectionError("the controller is gone")
 
+    groups = {"a": {"name": "app-0123456789-node0", "state": "CREATED"}}
     monkeypatch.setattr(server.serve, "status", status)
-    assert not stopping_fleet(loaded=False)._predecessor_stopping()
+    monkeypatch.setattr(server.serve, "get_replica_context", lambda: SimpleNamespace(app_name=FLEET_APP))
+    monkeypatch.setattr(fleet_module, "placement_group_table", lambda: groups)
+    fleet = stopping_fleet(loaded=False)
+    fleet.name = "app-0123456789"
+    assert fleet._predecessor_stopping()
+    fleet.name = "app-9876543210"
+    assert not fleet._predecessor_stopping()
