@@ -184,8 +184,9 @@ def test_expert_actors_that_fail_to_load_fail_the_python_api_at_once_saying_why(
 
 
 def test_asking_the_actors_waits_as_long_as_a_step_would_then_says_so(monkeypatch):
-    """actor_info and expert_token_counts wait for actors that do not answer (restarting where there is no room) no
-    longer than a step waits for them, then raise ExpertsUnavailable. Fails if they wait for good."""
+    """actor_info and expert_token_counts wait for actors that are not up (lost, their successors not taken up yet)
+    or that do not answer (restarting where there is no room) no longer than a step waits for them, then raise
+    ExpertsUnavailable. Fails if they wait for good, or ask actors that are not up."""
     from types import SimpleNamespace
 
     import ray
@@ -200,10 +201,11 @@ def test_asking_the_actors_waits_as_long_as_a_step_would_then_says_so(monkeypatc
 
     monkeypatch.setattr(engine.ray, "get", get)
     actor = SimpleNamespace(info=SimpleNamespace(remote=lambda: "ref"))
-    model = SimpleNamespace(actors=[actor], config=SimpleNamespace(placement=SimpleNamespace(restart_timeout_s=7.0)))
+    model = SimpleNamespace(actors=[actor], config=SimpleNamespace(placement=SimpleNamespace(restart_timeout_s=7.0)),
+                            check_experts=waited.append)
     with pytest.raises(ExpertsUnavailable, match=r"did not answer within 7 s \(placement.restart_timeout_s\)"):
         SwitchCluster._ask_actors(model, "info")
-    assert waited == [7.0]
+    assert waited == [7.0, 7.0]  # for them to be up, then for their answers
 
 
 def test_actors_too_busy_to_say_where_they_run_are_taken_up_again_not_left_to_their_round_trips(monkeypatch):
