@@ -447,3 +447,53 @@ def test_front_pods_drain_their_node_before_they_stop():
         front_drain_s = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"])).get(
             "drain_timeout_s", ServerConfig.model_fields["drain_timeout_s"].default)
         assert front_drain_s < drain_s < pod["terminationGracePeriodSeconds"]
+
+
+BUDGETS = list(yaml.safe_load_all((ROOT / "manifests" / "disruption-budgets.yaml").read_text()))
+
+
+def test_drains_leave_the_head_alone_and_a_front_serving():
+    """Every head pod is kept from the cluster autoscaler's and Karpenter's scale-down (annotations) and from drains
+    (a PodDisruptionBudget), as is one of switch-c-2048's two fronts: a budget of the integer minAvailable that pods
+    of a RayCluster allow, selecting a pod group of a manifest by its template's labels, with pods left to drain
+    where the group has more than one. Fails if a head can be evicted, or a budget selects no pod."""
+    groups = {(file.stem.removeprefix("rayservice-"), name): group
+              for file in MANIFESTS for name, group in ray_groups(yaml.safe_load(file.read_text())).items()}
+    selected = {}
+    for budget in BUDGETS:
+        assert (budget["apiVersion"], budget["kind"]) == ("policy/v1", "PodDisruptionBudget")
+        assert set(budget["spec"]) == {"minAvailable", "selector"} and type(budget["spec"]["minAvailable"]) is int
+        (key, group), = [(key, g) for key, g in groups.items()
+                         if budget["spec"]["selector"]["matchLabels"].items()
+                         <= g["template"].get("metadata", {}).get("labels", {}).items()]
+        replicas = group.get("replicas", 1)
+        assert budget["spec"]["minAvailable"] == (1 if key[1] == "head" else replicas - 1), key
+        selected[key] = budget["metadata"]["name"]
+    assert selected == {("switch-base-8", "head"): "switch-base-8-head",
+                        ("switch-c-2048", "head"): "switch-c-2048-head",
+                        ("switch-c-2048", "front"): "switch-c-2048-front"}
+    for (_, name), group in groups.items():
+        if name == "head":
+            assert group["template"]["metadata"]["annotations"] == {
+                "cluster-autoscaler.kubernetes.io/safe-to-evict": "false", "karpenter.sh/do-not-disrupt": "true"}
+    assert "kubectl apply -f manifests/disruption-budgets.yaml" in README
+
+
+# The nodes each group's comment names: (vCPUs, GiB).
+NODES = {("switch-base-8", "head"): (16, 64), ("switch-base-8", "experts"): (8, 32),
+         ("switch-c-2048", "head"): (16, 64), ("switch-c-2048", "front"): (16, 64),
+         ("switch-c-2048", "experts"): (96, 1152)}
+
+
+def test_every_pod_fits_the_allocatable_of_the_node_its_comment_names():
+    """A pod's requests must fit a node's allocatable, less than its size (the kubelet's and system reservations,
+    the eviction threshold): at least a vCPU and 15% of the memory kept back. Fails if a group asks for a node's
+    whole size, which stays Pending on such nodes."""
+    from experts.plan import parse_bytes
+
+    for file in MANIFESTS:
+        for name, group in ray_groups(yaml.safe_load(file.read_text())).items():
+            cpus, gib = NODES[(file.stem.removeprefix("rayservice-"), name)]
+            requests = group["template"]["spec"]["containers"][0]["resources"]["requests"]
+            assert float(requests["cpu"]) <= cpus - 1, (file.name, name)
+            assert parse_bytes(requests["memory"]) <= 0.85 * gib * 2**30, (file.name, name)
