@@ -59,7 +59,8 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # generated, without the decoder start token
     logprobs: list[float] = field(default_factory=list)  # the model's log-probability of each chosen token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when params ask
-    dropped_tokens: int = 0  # tokens over an expert's capacity, over all sparse layers of both stacks
+    encoder_dropped: int = 0  # the prompt's tokens over an expert's capacity, over the encoder's sparse layers
+    decoder_dropped: list[int] = field(default_factory=list)  # per token made, the decoder's sparse layers it missed
     routes: dict[LayerKey, Route] = field(default_factory=dict)  # when params ask: encoder layers, then decoder
     pooling: str | None = None  # "mean" or "none": an embedding request (requests.POOLINGS)
     embedding: torch.Tensor | None = None  # float32 [d_model] (mean) or [tokens, d_model] (none), once encoded
@@ -80,6 +81,15 @@ class Sequence:
                 self.generator.seed()
             else:
                 self.generator.manual_seed(self.params.seed)
+
+    @property
+    def dropped_tokens(self) -> int:
+        """Tokens over an expert's capacity, over all sparse layers of both stacks."""
+        return self.dropped_in(len(self.decoder_dropped))
+
+    def dropped_in(self, count: int) -> int:
+        """`dropped_tokens` up to the first `count` tokens made (an answer a stop string cut)."""
+        return self.encoder_dropped + sum(self.decoder_dropped[:count])
 
     @property
     def done(self) -> bool:
@@ -245,9 +255,9 @@ class ContinuousBatcher:
                     route.experts.append(int(r.expert[row, 0]))
                     route.probs.append(float(r.prob[row, 0]))
                     route.dropped.append(bool(r.dropped[row, 0]))
+            seq.decoder_dropped.append(dropped[row])  # the same
             seq.token_ids.append(token)
             seq.logprobs.append(chosen[row])
-            seq.dropped_tokens += dropped[row]
             if token in self.eos_ids:
                 seq.finish_reason = "eos"
             elif token in seq.params.stop_token_ids:
@@ -329,7 +339,7 @@ class ContinuousBatcher:
         for rows, encoded in groups:
             for b, (row, dropped) in enumerate(zip(rows, encoded.dropped.tolist())):
                 seq, n = joining[row], len(joining[row].prompt)
-                seq.dropped_tokens += dropped
+                seq.encoder_dropped += dropped
                 if seq.params.routing:
                     for layer, r in encoded.routing.items():
                         seq.routes[("encoder", layer)] = Route(r.expert[b, :n].tolist(), r.prob[b, :n].tolist(),

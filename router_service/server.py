@@ -180,6 +180,7 @@ class Piece:
     text: str
     finish_reason: str | None  # set on the last piece: "eos", "stop" or "length"
     routing: list[dict]  # when asked: the decoder's routes of these tokens, and on the first piece the encoder's
+    dropped_tokens: int  # the answer's so far (Sequence.dropped_tokens), up to its last token sent
 
 
 def http_error(e: Exception) -> JSONResponse:
@@ -353,7 +354,7 @@ async def follow(scheduler: Scheduler, seq: Sequence, updates: AsyncIterator[Seq
     def piece(reason: str | None) -> Piece:
         routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
         return Piece(seq.token_ids[sent:count], seq.logprobs[sent:count], seq.top_logprobs[sent:count], new_text,
-                     reason, routing)
+                     reason, routing, seq.dropped_in(count))
 
     def read(finished: bool, due: bool) -> None:
         """Take up the tokens made so far (`count`, cut at a stop string's end) and the text the next piece carries.
@@ -603,7 +604,7 @@ class SwitchServer:
         return pb.GenerateResponse(text="".join(p.text for p in pieces), token_ids=token_ids,
                                    logprobs=logprobs if request.return_logprobs else [],
                                    finish_reason=pieces[-1].finish_reason, prompt_tokens=len(seq.prompt),
-                                   dropped_tokens=seq.dropped_tokens,
+                                   dropped_tokens=pieces[-1].dropped_tokens,
                                    routing=[pb.LayerRouting(**r) for r in routing])
 
     async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
@@ -616,7 +617,7 @@ class SwitchServer:
                                              routing=[pb.LayerRouting(**r) for r in piece.routing])
                     if piece.finish_reason is not None:
                         chunk.finish_reason = piece.finish_reason
-                        chunk.prompt_tokens, chunk.dropped_tokens = len(seq.prompt), seq.dropped_tokens
+                        chunk.prompt_tokens, chunk.dropped_tokens = len(seq.prompt), piece.dropped_tokens
                     yield chunk
 
     async def _model_info(self) -> pb.ModelInfoResponse:
@@ -892,7 +893,7 @@ class SwitchServer:
             pieces = [piece async for piece in self._follow(seq, updates, stop)]
             whole = Piece([t for p in pieces for t in p.token_ids], [lp for p in pieces for lp in p.logprobs],
                           [top for p in pieces for top in p.top_logprobs], "".join(p.text for p in pieces),
-                          pieces[-1].finish_reason, [])
+                          pieces[-1].finish_reason, [], pieces[-1].dropped_tokens)
             # In a thread: a long answer's logprobs take a while to build, and the replica's other streams go on.
             logprobs = await asyncio.to_thread(self._logprobs, request, [], whole, first_offsets[index])
             answer = choice(index, whole.text, finish_reason(whole.finish_reason), logprobs)

@@ -440,7 +440,7 @@ def test_a_choice_failing_mid_stream_ends_the_stream_with_the_error():
     replica, finished = SwitchServer.func_or_class, []  # the class, without Serve
 
     async def follow(seq, updates, stop):
-        yield Piece([7], [-0.5], [], "seven", None, [])
+        yield Piece([7], [-0.5], [], "seven", None, [], 0)
         await asyncio.sleep(0.05)
         if seq == "failing":
             raise ExpertsUnavailable("expert actor lost")

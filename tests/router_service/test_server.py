@@ -176,6 +176,7 @@ class ScriptedBatcher:
                 raise self.error
             self.num_active = self.decoding[i]
             seq.routes[("decoder", 1)].experts.append(token % 8)
+            seq.decoder_dropped.append(i % 2)  # every second token over an expert's capacity
             seq.token_ids.append(token)
             seq.top_logprobs.append([(token, -0.5 * i)])
             seq.logprobs.append(-0.5 * i)
@@ -286,10 +287,11 @@ def test_a_stop_string_ends_a_held_stream_at_once():
 def test_a_stop_string_ends_the_answer_at_its_token_though_the_stream_saw_several_at_once(pacing):
     """Where the event loop falls behind the steps, an update brings several tokens: the answer still ends with the
     token that completed the stop string, not with the others that came with it. Fails if the tokens after it go
-    out (in token_ids, logprobs, routing and the usage counts)."""
+    out (in token_ids, logprobs, routing, the dropped tokens and the usage counts)."""
     pieces = streamed([11, 12, 13, 14, 15, 16], stop=("<13>",), behind=4, **pacing)
     assert [t for p in pieces for t in p.token_ids] == [11, 12, 13]
     assert [x for p in pieces for x in p.logprobs] == [0.0, -0.5, -1.0]
+    assert pieces[-1].dropped_tokens == 1  # of the three tokens sent, not of the four made
     assert pieces[-1].routing[-1]["experts"][-1] == 13 % 8  # the stop token's route is the last one sent
     assert "".join(p.text for p in pieces) == "<11><12>" and pieces[-1].finish_reason == "stop"
 
