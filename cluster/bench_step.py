@@ -60,8 +60,8 @@ class DeviceWork(TorchDispatchMode):
         return out
 
 
-def front_step(folder: str, prompts: list[list[int]], device: str, dtype: torch.dtype) -> DeviceWork:
-    """The front's decoding step, every expert held stacked."""
+def front_with_every_expert(folder: str, device: str, dtype: torch.dtype, packed_weights: bool = False) -> SwitchFront:
+    """A front that computes every expert itself, each layer's held stacked (no actors, no Ray)."""
     checkpoint = SwitchCheckpoint.open(folder)
     config = checkpoint.config
     experts = range(config.num_experts)
@@ -71,7 +71,12 @@ def front_step(folder: str, prompts: list[list[int]], device: str, dtype: torch.
                                   act=ACTIVATION_FUNCTIONS[config.dense_act_fn])
     # The experts' weights views of the stacks, as experts.held.held_experts holds them on a GPU.
     dispatcher.use([], {(*layer, e): (wi[e], wo[e]) for layer, (wi, wo) in stacks.items() for e in experts}, stacks)
-    front = SwitchFront(checkpoint, dispatcher, dtype=dtype, device=device, packed_weights=False)
+    return SwitchFront(checkpoint, dispatcher, dtype=dtype, device=device, packed_weights=packed_weights)
+
+
+def front_step(folder: str, prompts: list[list[int]], device: str, dtype: torch.dtype) -> DeviceWork:
+    """The front's decoding step, every expert held stacked."""
+    front = front_with_every_expert(folder, device, dtype)
     cache = DecoderCache.merge([front.start_decoding(encoded) for _, encoded in front.encode(prompts)], len(prompts))
     tokens = torch.zeros(len(prompts), dtype=torch.long)
     for _ in range(STEPS_BEFORE):
