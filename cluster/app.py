@@ -272,9 +272,12 @@ def experts_status(fleet) -> str:
 
 
 def grpc_listens_on(ingress: str, http_host: str) -> str:
-    """Where gRPC listens, in words: Serve's proxy on every address (it has no option to bind one), HAProxy where
-    HTTP does (Ray's HAProxy config binds its gRPC frontend to the HTTP host)."""
-    return "every address" if ingress == "proxy" or http_host in EVERY_ADDRESS else http_host
+    """Where gRPC listens, in words: Serve's proxy on every address (it has no option to bind one); HAProxy where
+    HTTP does (Ray's HAProxy config binds its gRPC frontend to the HTTP host), and behind it each front's own gRPC
+    port, which Ray binds to every address."""
+    if ingress == "proxy" or http_host in EVERY_ADDRESS:
+        return "every address"
+    return f"{http_host}, and each front's own gRPC port behind HAProxy on every address"
 
 
 def reachable(host: str, port: int) -> str:

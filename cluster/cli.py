@@ -535,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_port_options(s)
     s.add_argument("--host", default=LOCAL_HTTP_HOST, help=f"HTTP bind address (default: {LOCAL_HTTP_HOST}); Serve's "
                                                         "proxy takes gRPC on every address, HAProxy (--ingress "
-                                                        f"haproxy) here too, and takes {LOCAL_HTTP_HOST} or 0.0.0.0 "
-                                                        "alone")
+                                                        f"haproxy) here too, and takes {LOCAL_HTTP_HOST} or every "
+                                                        "address (0.0.0.0, ::) alone")
     s.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     add_ingress_option(s)
     add_engine_options(s, ServerConfig, skip=())

@@ -139,19 +139,18 @@ def read_config(config_file: Path) -> SwitchConfig:
     field the file lacks unset (not the architecture's default): as transformers' generate reads them."""
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing (a Switch checkpoint folder needs config.json)")
-    try:
-        raw = json.loads(config_file.read_text())
-        SwitchConfig.from_dict(raw)  # its own fields first, for errors that name this file
-    except ValueError as e:  # a JSONDecodeError too
-        raise CheckpointError(f"{config_file}: not a valid Switch Transformers config ({e})") from None
     # Beside a checkpoint's config.json (a config file of another name, given to `plan --config`, stands alone).
     generation = generation_config(config_file) if config_file.name == CONFIG_FILE else None
     try:
-        config = SwitchConfig.from_dict(raw | {name: (raw if generation is None else generation).get(name)
-                                               for name in GENERATION_TOKEN_FIELDS})
-    except ValueError as e:
-        raise CheckpointError(f"{config_file if generation is None else config_file.parent / GENERATION_CONFIG_FILE}: "
-                              f"{e}") from None
+        raw = json.loads(config_file.read_text())
+        if isinstance(raw, dict):  # (else from_dict says what it is)
+            raw |= {name: (raw if generation is None else generation).get(name) for name in GENERATION_TOKEN_FIELDS}
+        config = SwitchConfig.from_dict(raw)
+    except ValueError as e:  # a JSONDecodeError too
+        # A token id the generation config gives, or lacks, is its to name; any other field, config.json's.
+        if generation is not None and str(e).startswith(GENERATION_TOKEN_FIELDS):
+            raise CheckpointError(f"{config_file.parent / GENERATION_CONFIG_FILE}: {e}") from None
+        raise CheckpointError(f"{config_file}: not a valid Switch Transformers config ({e})") from None
     if config.dense_act_fn not in ACTIVATIONS:
         raise CheckpointError(f"{config_file}: dense_act_fn {config.dense_act_fn!r} is not an activation "
                               f"switch-serve serves (one of: {', '.join(ACTIVATIONS)})")

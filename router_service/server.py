@@ -895,7 +895,8 @@ class SwitchServer:
                           [top for p in pieces for top in p.top_logprobs], "".join(p.text for p in pieces),
                           pieces[-1].finish_reason, [], pieces[-1].dropped_tokens)
             # In a thread: a long answer's logprobs take a while to build, and the replica's other streams go on.
-            logprobs = await asyncio.to_thread(self._logprobs, request, [], whole, first_offsets[index])
+            logprobs = (None if request.logprobs is None else
+                        await asyncio.to_thread(self._logprobs, request, [], whole, first_offsets[index]))
             answer = choice(index, whole.text, finish_reason(whole.finish_reason), logprobs)
             return answer, len(whole.token_ids)
 

@@ -182,7 +182,8 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
 
 def test_grpc_listens_on_every_address_but_behind_haproxy_where_http_does():
     assert grpc_listens_on("proxy", "127.0.0.1") == grpc_listens_on("haproxy", "0.0.0.0") == "every address"
-    assert grpc_listens_on("haproxy", "127.0.0.1") == "127.0.0.1"
+    assert (grpc_listens_on("haproxy", "127.0.0.1")
+            == "127.0.0.1, and each front's own gRPC port behind HAProxy on every address")
     assert reachable("10.1.2.3", 9000) == "10.1.2.3:9000" and reachable("0.0.0.0", 9000) == "127.0.0.1:9000"
     assert reachable("::", 9000) == "127.0.0.1:9000" and reachable("::1", 9000) == "[::1]:9000"
 

@@ -357,7 +357,7 @@ def test_serve_hands_the_replicas_absolute_paths_and_says_where_they_read_the_ke
     assert f"warning: no API key, so anyone who can reach gRPC port {ports[1]} (every address)" in err
     with pytest.raises(KeyboardInterrupt):  # behind HAProxy, gRPC listens where HTTP does
         main(["serve", "--model", "model", *ports, "--ingress", "haproxy"])
-    assert f"reach gRPC port {ports[1]} (127.0.0.1)" in capsys.readouterr().err
+    assert f"reach gRPC port {ports[1]} (127.0.0.1, and each front's own gRPC port" in capsys.readouterr().err
     # A link keeps its own name, the model's default id: `current` is not served as what it points to.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "current").symlink_to(root / "demo/model")

@@ -193,7 +193,9 @@ def test_gated_activation_rejected(checkpoint):
 
 
 def test_a_config_whose_position_buckets_or_start_token_cannot_be_used_is_rejected(checkpoint):
-    """At load, naming the file and the field, not at the first request (a division by zero, an index error)."""
+    """At load, naming the file and the field, not at the first request (a division by zero, an index error). The
+    start token config.json's, with no generation config to give it."""
+    (checkpoint / "generation_config.json").unlink()
     original = (checkpoint / "config.json").read_text()
     for fields, message in [({"relative_attention_num_buckets": 2}, "relative_attention_num_buckets: must be"),
                             ({"decoder_start_token_id": 10**6}, "decoder_start_token_id: 1000000 is not a token id")]:
@@ -244,6 +246,13 @@ def test_without_generation_config_the_decoding_token_ids_are_config_jsons_own(c
     (checkpoint / "config.json").write_text(json.dumps(raw | {"pad_token_id": None, "decoder_start_token_id": None}))
     with pytest.raises(CheckpointError, match="config.json: not a valid Switch Transformers config "
                                               r"\(decoder_start_token_id: none, nor bos_token_id or pad_token_id"):
+        SwitchCheckpoint.open(checkpoint)
+    # The start token from a generation config (where transformers 5 saves it), the pad token null: served.
+    (checkpoint / "generation_config.json").write_text('{"decoder_start_token_id": 2, "eos_token_id": 1}')
+    config = SwitchCheckpoint.open(checkpoint).config
+    assert (config.pad_token_id, config.decoder_start_token_id, config.eos_token_id) == (None, 2, 1)
+    (checkpoint / "generation_config.json").write_text('{"eos_token_id": 1}')  # none there either: named
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: decoder_start_token_id: none"):
         SwitchCheckpoint.open(checkpoint)
 
 
