@@ -189,8 +189,10 @@ def check_tensor_names(config: SwitchConfig, names: Collection[str], listing: Pa
     """That `names` holds every tensor the model `config` describes needs, and none it has not: a CheckpointError
     naming the `listing` of the names, or the file that holds a tensor (`file_of`)."""
     required, optional = expected_tensors(config)
+    # Tied, any copy of shared.weight stands for it, as transformers ties them.
+    tied = config.tie_word_embeddings and any(name in names for name in TIED_COPIES)
     for name, shape in required.items():
-        if name not in names:
+        if name not in names and not (tied and name == "shared.weight"):
             raise CheckpointError(f"{listing}: tensor {name} is missing (config.json expects shape {list(shape)})")
     for name in names:
         if name not in required and name not in optional:
@@ -276,8 +278,13 @@ class SwitchCheckpoint:
     @property
     def dtype_name(self) -> str:
         """The checkpoint's floating-point dtype (that of its embedding): "fp32", "bf16" or "fp16"."""
-        name = "shared.weight" if "shared.weight" in self.tensors else "lm_head.weight"
-        return DTYPE_OF_SAFETENSORS[self.tensors[name].dtype]
+        return DTYPE_OF_SAFETENSORS[self.tensors[self.embedding].dtype]
+
+    @property
+    def embedding(self) -> str:
+        """The tensor of the tied embedding and LM head: `shared.weight`, else the first copy of it the checkpoint
+        holds, which transformers ties in its place (untied, the embedding of the first stack there is)."""
+        return next(name for name in ("shared.weight", *TIED_COPIES) if name in self.tensors)
 
     def dtype_warnings(self, raw_config: dict) -> list[str]:
         """What to say where the tensors' dtypes differ from one another, or from the dtype config.json gives
@@ -328,14 +335,15 @@ class SwitchCheckpoint:
         also hold (the embeddings of each stack, the LM head) must equal it: transformers would use a copy that
         differs as it is, and warn; serving `shared.weight` for it would give other answers. A CheckpointError
         naming the file and the copy. Reads them: the front's check, at load."""
-        copies = [name for name in TIED_COPIES if name in self.tensors]
+        embedding = self.embedding
+        copies = [name for name in TIED_COPIES if name in self.tensors and name != embedding]
         if not self.config.tie_word_embeddings or not copies:
             return
-        tensors = self.read(["shared.weight", *copies])
+        tensors = self.read([embedding, *copies])
         for name in copies:
-            if not tensors[name].equal(tensors["shared.weight"]):
+            if not tensors[name].equal(tensors[embedding]):
                 raise CheckpointError(f"{self.path / self.tensors[name].file}: tensor {name} differs from "
-                                      "shared.weight, though config.json ties them (tie_word_embeddings): the config "
+                                      f"{embedding}, though config.json ties them (tie_word_embeddings): the config "
                                       "is not the weights'")
 
     def read(self, names: list[str]) -> dict:

@@ -419,7 +419,8 @@ class SwitchFront:
         self.dispatch = dispatch
         self.micro_batches = micro_batches
         required, _ = expected_tensors(config)
-        names = [n for n in required if ".mlp.experts." not in n]
+        # shared.weight's own name, or the copy a tied checkpoint holds in its place.
+        names = [checkpoint.embedding if n == "shared.weight" else n for n in required if ".mlp.experts." not in n]
         self.device = torch.device(device)
         self.dtype = dtype or checkpoint.dtype
         self.weights = {name: t.to(self.device, self.dtype) for name, t in checkpoint.read(names).items()}
@@ -449,7 +450,7 @@ class SwitchFront:
         self._decoder_bias = torch.zeros(1, self.heads, 1, 0, dtype=self.dtype, device=self.device)
         if config.tie_word_embeddings:
             checkpoint.check_tied_copies()
-            shared = self.weights["shared.weight"]
+            shared = self.weights[checkpoint.embedding]
             self.embed = {"encoder": shared, "decoder": shared}
             self.lm_head = pack(shared) if packed_weights else shared
         else:

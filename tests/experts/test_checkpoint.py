@@ -344,6 +344,27 @@ def test_tied_copies_that_differ_from_shared_weight_are_refused(checkpoint):
         tied.check_tied_copies()
 
 
+def test_a_tied_checkpoint_without_shared_weight_is_served_from_a_copy_of_it(checkpoint):
+    """Tied, a checkpoint may hold a copy of `shared.weight` in its place (the encoder's embedding, say), which
+    transformers ties as shared.weight: it opens, and the copy is the embedding (checked against the other copies);
+    with neither, shared.weight is missing. Fails if such a checkpoint is refused."""
+    def only_the_encoders(tensors):
+        tensors["encoder.embed_tokens.weight"] = tensors.pop("shared.weight")
+        tensors["lm_head.weight"] = tensors["encoder.embed_tokens.weight"].clone()
+
+    rewrite(checkpoint / "model.safetensors", only_the_encoders)
+    tied = SwitchCheckpoint.open(checkpoint)
+    assert tied.embedding == "encoder.embed_tokens.weight" and tied.dtype_name == "fp32"
+    tied.check_tied_copies()
+    rewrite(checkpoint / "model.safetensors", lambda t: t["lm_head.weight"].mul_(2))
+    with pytest.raises(CheckpointError, match=r"tensor lm_head\.weight differs from encoder\.embed_tokens\.weight"):
+        SwitchCheckpoint.open(checkpoint).check_tied_copies()
+    rewrite(checkpoint / "model.safetensors", lambda t: [t.pop(n) for n in ("encoder.embed_tokens.weight",
+                                                                            "lm_head.weight")])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor shared\.weight is missing"):
+        SwitchCheckpoint.open(checkpoint)
+
+
 def test_no_weights_or_config(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: missing"):
         SwitchCheckpoint.open(tmp_path)

@@ -158,6 +158,34 @@ def test_a_micro_batch_that_fails_cancels_the_others_calls():
     assert second.cancelled and first.cancelled and not done.cancelled
 
 
+@torch.inference_mode()
+def test_a_tied_checkpoint_holding_a_copy_in_place_of_shared_weight_decodes_as_with_it(checkpoint_factory, tmp_path):
+    """The encoder's embedding alone in place of `shared.weight` (tied): the front embeds and computes its LM head
+    with it, a step's logits the same as from the checkpoint with shared.weight, as transformers loads both. Fails
+    if the front refuses it, or embeds or computes the head with another tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    source, hf_model = checkpoint_factory("plain")
+    path = shutil.copytree(source, tmp_path / "ckpt")
+    tensors = load_file(path / "model.safetensors")
+    tensors["encoder.embed_tokens.weight"] = tensors.pop("shared.weight")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(SwitchTransformersForConditionalGeneration.from_pretrained(path).lm_head.weight,
+                       hf_model.lm_head.weight)
+    prompts = [[5, 9, 23, 1], [7, 11, 1]]
+    logits = []
+    for folder in (source, path):
+        checkpoint = SwitchCheckpoint.open(folder)
+        front = SwitchFront(checkpoint, LocalExperts(checkpoint))
+        (_, encoded), = front.encode(prompts)
+        _, step, _ = front.decode_step(front.start_decoding(encoded), torch.zeros(2, dtype=torch.long))
+        logits.append(step)
+    torch.testing.assert_close(*logits, rtol=0, atol=1e-6)  # a product's sums may differ with its weights' alignment
+
+
 def test_a_tied_copy_that_differs_from_shared_weight_fails_the_fronts_load(checkpoint_factory, tmp_path):
     """Tied embeddings with an LM head copy that differs from `shared.weight` (a config.json that is not the weights'):
     the front refuses to load, naming the tensor, rather than serve `shared.weight` for it. Fails if the front skips
