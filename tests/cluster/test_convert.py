@@ -132,8 +132,9 @@ def edit_index(src, change) -> None:
     (lambda src: edit_index(src, lambda m: m | {EXTRA: m["shared.weight"]}),
      rf"bin/pytorch_model\.bin\.index\.json: tensor {re.escape(EXTRA)} is not part of the model config\.json "
      "describes$"),
-    (lambda src: edit_index(src, lambda m: {k: v for k, v in m.items() if k != "shared.weight"}),
-     r"bin/pytorch_model\.bin\.index\.json: tensor shared\.weight is missing \(config\.json expects shape"),
+    (lambda src: edit_index(src, lambda m: {k: v for k, v in m.items() if k != "encoder.final_layer_norm.weight"}),
+     r"bin/pytorch_model\.bin\.index\.json: tensor encoder\.final_layer_norm\.weight is missing \(config\.json "
+     "expects shape"),
     (lambda src: (src / "pytorch_model-00002-of-00003.bin").unlink(),
      r"bin/pytorch_model-00002-of-00003\.bin: listed in pytorch_model\.bin\.index\.json but missing$"),
     (lambda src: [(src / f"pytorch_model-0000{i}-of-00003.bin").unlink() for i in (2, 3)],
