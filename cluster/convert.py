@@ -118,7 +118,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
     config = read_config(config_file)  # a bad one fails before any shard is converted
     shards, names = bin_shards(src)
     if names is not None:  # the weights' names, checked against the config before hours of converting
-        check_tensor_names(config_of_weights(config, names, config_file), names, src / BIN_INDEX_FILE)
+        config = config_of_weights(config, names, config_file)  # (what it logs, once: the later call finds it so)
+        check_tensor_names(config, names, src / BIN_INDEX_FILE)
     work = dst.parent / PARTIAL.format(name=dst.name)
     origin = {"src": str(src.resolve()), "shards": shards, "layout": LAYOUT}
     if (work / SOURCE_RECORD).is_file() and read_record(work / SOURCE_RECORD) != origin:

@@ -180,7 +180,7 @@ class Piece:
     text: str
     finish_reason: str | None  # set on the last piece: "eos", "stop" or "length"
     routing: list[dict]  # when asked: the decoder's routes of these tokens, and on the first piece the encoder's
-    dropped_tokens: int  # the answer's so far (Sequence.dropped_tokens), up to its last token sent
+    dropped_tokens: int | None  # set on the last piece: the answer's (Sequence.dropped_tokens), up to its last token
 
 
 def http_error(e: Exception) -> JSONResponse:
@@ -354,7 +354,7 @@ async def follow(scheduler: Scheduler, seq: Sequence, updates: AsyncIterator[Seq
     def piece(reason: str | None) -> Piece:
         routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
         return Piece(seq.token_ids[sent:count], seq.logprobs[sent:count], seq.top_logprobs[sent:count], new_text,
-                     reason, routing, seq.dropped_in(count))
+                     reason, routing, None if reason is None else seq.dropped_in(count))
 
     def read(finished: bool, due: bool) -> None:
         """Take up the tokens made so far (`count`, cut at a stop string's end) and the text the next piece carries.
