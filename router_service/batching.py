@@ -12,7 +12,6 @@ transformers' own batch sizes.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -160,7 +159,6 @@ class ContinuousBatcher:
         self.metrics = metrics  # a router_service.metrics.ServingMetrics, or None
         eos = front.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         # Held while a sequence moves from one of the counts `room` reads to another (the queue, those joining, the
@@ -174,11 +172,15 @@ class ContinuousBatcher:
         self.steps = 0  # decoding steps run
 
     def add(self, seq: Sequence) -> None:
-        self.inbox.put(seq)
+        with self.counting:
+            self.waiting.append(seq)
 
+    # A cancelled sequence counts nowhere, though it leaves only at the next step: while a step waits (on expert
+    # actors that restart, say), the requests its callers gave up on must not keep new ones out.
     @property
     def free_slots(self) -> int:
-        return self.max_sequences - len(self.active) - sum(seq.pooling is None for seq in self.admitting)
+        return (self.max_sequences - sum(not seq.cancelled for seq in self.active)
+                - sum(seq.pooling is None and not seq.cancelled for seq in self.admitting))
 
     def room(self) -> tuple[int, int]:
         """(num_waiting, free_slots), read together."""
@@ -187,11 +189,11 @@ class ContinuousBatcher:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.active or self.waiting or not self.inbox.empty())
+        return bool(self.active or self.waiting)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting) + self.inbox.qsize()
+        return sum(not seq.cancelled for seq in self.waiting)
 
     @property
     def cache_rows(self) -> int:
@@ -201,12 +203,10 @@ class ContinuousBatcher:
     def step(self) -> list[Sequence]:
         """Admit waiting sequences, decode one token for every active one; returns the sequences that changed."""
         with self.counting:
-            while not self.inbox.empty():
-                self.waiting.append(self.inbox.get())
-        # Each flag read once: callers set them from other threads.
-        waiting = [(seq, seq.cancelled) for seq in self.waiting]
-        changed = [seq for seq, cancelled in waiting if cancelled]
-        self.waiting = deque(seq for seq, cancelled in waiting if not cancelled)
+            # Each flag read once: callers set them from other threads.
+            waiting = [(seq, seq.cancelled) for seq in self.waiting]
+            changed = [seq for seq, cancelled in waiting if cancelled]
+            self.waiting = deque(seq for seq, cancelled in waiting if not cancelled)
         staying = [not seq.cancelled for seq in self.active]
         cancelled = [seq for seq, stays in zip(self.active, staying) if not stays]
         cores = self.threads or torch.get_num_threads()
@@ -287,16 +287,14 @@ class ContinuousBatcher:
         with an empty batch. The waiting ones too: a batch fails for what they would wait on in turn (expert actors
         down past restart_timeout_s, most often), so each request waits one restart_timeout_s at most and gets a
         status to retry on (a served request, on another replica), not one more wait per batch ahead of it."""
-        with self.counting:
-            while not self.inbox.empty():
-                self.waiting.append(self.inbox.get())
-        failed = self.active + self.admitting + list(self.waiting)
+        with self.counting:  # a sequence added meanwhile is either failed here or left queued
+            failed = self.active + self.admitting + list(self.waiting)
+            # The cache before the sequences (here and in _leave): a reader on another thread (ModelInfo) that sees
+            # no active sequence then sees no cache rows either.
+            self.cache, self.active, self.admitting, self.waiting = None, [], [], deque()
         for seq in failed:
             if seq.finish_reason is None:  # one that finished at the failed step keeps its answer
                 seq.error = error
-        # The cache before the sequences (here and in _leave): a reader on another thread (ModelInfo) that sees no
-        # active sequence then sees no cache rows either.
-        self.cache, self.active, self.admitting, self.waiting = None, [], [], deque()
         self.next_tokens = torch.zeros(0, dtype=torch.long)
         if self.metrics is not None:  # the generation requests' latencies up to the failure count too (once)
             with metrics_updated():
@@ -410,6 +408,8 @@ def run_to_completion(batcher: ContinuousBatcher, sequences: list[Sequence],
         batcher.fail(e)
         raise
     for seq in sequences:
-        if seq.error is not None:
+        if seq.finish_reason is not None:  # `after_step` may end one at a step that failed after its token: whole
+            seq.error = None
+        elif seq.error is not None:
             raise seq.error
     return sequences

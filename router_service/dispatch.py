@@ -100,6 +100,9 @@ class ExpertDispatcher:
         self.timeout_s = timeout_s
         # Told when a call finds its actor dead, with the actors its layer went to.
         self.on_lost: Callable[[BaseException, list], None] | None = None
+        # Told when a layer's calls go unanswered past timeout_s: the error, the late actors' indices, and the actors
+        # its layer went to.
+        self.on_late: Callable[[BaseException, list[int], list], None] | None = None
         # Sparse-layer round trips made, the front's time sending and waiting in them, and sending alone.
         self.calls, self.seconds, self.sending_seconds = 0, 0.0, 0.0
         self.trips: list[list[int]] | None = None  # for the benchmark, where a list: each round trip's actors called
@@ -327,9 +330,12 @@ class PendingDispatch:
                 results = ray.get(self.calls, timeout=d.timeout_s)
             except ray.exceptions.GetTimeoutError:
                 late = self.cancel()
-                raise ExpertsUnavailable(
+                error = ExpertsUnavailable(
                     f"expert actors {late} did not answer {self.stack} layer {self.layer} within {d.timeout_s:g} s "
-                    "(restarting, no room to restart them, or busy for longer than restart_timeout_s)") from None
+                    "(restarting, no room to restart them, or busy for longer than restart_timeout_s)")
+                if d.on_late is not None:
+                    d.on_late(error, late, self.routes.actors)
+                raise error from None
             except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them
                 if d.on_lost is not None:
                     d.on_lost(e, self.routes.actors)

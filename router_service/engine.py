@@ -104,10 +104,11 @@ class ExpertLink:
         self.behind_predecessor = False  # as the fleet last said before its actors (FleetActors.behind_predecessor)
         self.ready = threading.Event()
         self._fleet_id = self._fleet_name = None  # those of the fleet that handed out the actors in use
+        self._pings: list = []  # of the actors in use whose calls went unanswered, until each answers (see _on_late)
         self._taking = threading.Lock()  # held while new actors are taken up, and a call's loss of the old ones told
         self._wake = threading.Event()
         self._closed = False
-        dispatcher.on_lost = self._on_call_lost
+        dispatcher.on_lost, dispatcher.on_late = self._on_call_lost, self._on_late
         threading.Thread(target=self._run, name="switch-serve-experts", daemon=True).start()
 
     def wait(self, timeout_s: float) -> bool:
@@ -123,6 +124,33 @@ class ExpertLink:
         with self._taking:
             if actors == self.dispatcher.actors:
                 self._on_lost(why)
+
+    def _on_late(self, why: BaseException, late: list[int], actors: list) -> None:
+        """A layer's calls went unanswered past the restart timeout (the dispatcher tells, from the batching thread):
+        until those actors answer, the front takes no requests (each batch would wait as long and fail) and says why.
+        Their pings are not cancelled (see experts.fleet.dead_for_good): one restarting answers once back, one busy
+        in a long call once it is done."""
+        with self._taking:
+            if actors != self.dispatcher.actors or not self.ready.is_set():
+                return
+            self._pings = [actors[i].info.remote() for i in late]
+            log.warning("%s; serving nothing until they answer", first_line(why))
+            self.ready.clear()
+            self.status = f"{first_line(why)}; waiting for them to answer"
+            self._wake.set()
+
+    def _late_answered(self) -> bool:
+        """Whether the actors whose calls went unanswered have answered since, alive; waits up to LINK_CHECK_S. One
+        found dead (or unavailable) is left to the look at the fleet's actors that follows: its pings are dropped."""
+        answered, _ = ray.wait(self._pings, num_returns=len(self._pings), timeout=LINK_CHECK_S)
+        if len(answered) < len(self._pings):
+            return False
+        pings, self._pings = self._pings, []
+        try:
+            ray.get(pings)
+        except ray.exceptions.RayActorError:
+            return False
+        return True
 
     def _on_lost(self, why: BaseException | str) -> None:
         if self.ready.is_set():
@@ -174,6 +202,11 @@ class ExpertLink:
         elif ready and view.moving:  # a batch's calls to them wait, up to restart_timeout_s; new requests should not
             self._on_lost(view.moving)
         elif not ready and view.actors and not view.moving:
+            if self._pings and view.fleet_id == self._fleet_id:  # those in use were late: taken up again once back
+                if self._late_answered():
+                    self.status = "ready"
+                    self.ready.set()
+                return False  # (waited for them)
             if view.fleet_id == self._fleet_id and call(self.fleet.replace_dead.remote(view.fleet_id),
                                                         FLEET_POLL_S + LINK_CHECK_S):
                 self.status = "expert actors dead for good; their fleet is starting them again"
@@ -183,6 +216,7 @@ class ExpertLink:
                 self.dispatcher.use(view.actors, *local, owners=view.placement.owners())
                 self.placement = view.placement
                 self._fleet_id, self._fleet_name = view.fleet_id, view.name
+                self._pings = []
                 self.status = "ready"
                 self.ready.set()
         elif not ready:

@@ -525,6 +525,28 @@ def test_a_batch_that_fails_as_sequences_leave_counts_each_once_and_keeps_finish
 
 
 @torch.inference_mode()
+def test_an_answer_the_python_api_ends_at_a_failed_step_is_returned_whole(checkpoint_factory, monkeypatch):
+    """A step can fail after its tokens are made (here as a finished sequence leaves the cache): an answer that its
+    token completed (a stop string, found after the step as SwitchCluster.generate finds them) is whole, and is
+    returned. Fails if the call raises the step's error for it."""
+    path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
+    batcher = ContinuousBatcher(local_front(path), max_sequences=8)
+    ending, stopping = Sequence([5, 9, 23, 1], SamplingParams(max_new_tokens=2)), Sequence([7, 1])
+
+    def device_error(self, leaving):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def end_at_a_stop_string() -> None:  # its second token completes one
+        if len(stopping.token_ids) == 2:
+            stopping.finish_reason, stopping.cancelled = "stop", True
+
+    monkeypatch.setattr(model.DecoderCache, "without", device_error)
+    run_to_completion(batcher, [ending, stopping], end_at_a_stop_string)
+    assert stopping.error is None and len(stopping.token_ids) == 2 and stopping.finish_reason == "stop"
+    assert ending.finish_reason == "length" and ending.error is None
+
+
+@torch.inference_mode()
 def test_an_embedding_returns_though_the_decoding_step_after_it_fails(checkpoint_factory):
     """An embedding request encoded in a step whose decoding then fails (an expert actor lost, say) returns its
     embedding: it needs nothing of that step. The sequences decoding get the error. Fails if the embedding is never

@@ -83,6 +83,27 @@ def test_actor_gone_for_good_fails_its_requests_at_once(ray_cluster, checkpoint)
     assert isinstance(result.get("error"), ray.exceptions.RayActorError)
 
 
+def test_an_actor_that_does_not_answer_in_time_stops_the_front_until_it_answers(ray_cluster, checkpoint):
+    """An actor holding a call past restart_timeout_s (a stall injected here; in service, a restart that outlasts
+    it) fails its batch, and the front serves nothing until that actor answers again: its experts are not ready,
+    saying why (a served front answers NOT_SERVING and refuses requests at once), where each new batch would wait
+    out the timeout in turn and fail. Once it answers, the same prompts give the same tokens. Fails if the front
+    stays ready after the timeout, or stays down once the actor answers."""
+    from router_service.dispatch import ExpertsUnavailable
+
+    path, reference = checkpoint
+    with SwitchCluster(path, placement=PACKING.model_copy(update={"restart_timeout_s": 3}),
+                       local_experts=False) as model:
+        ray.get(model.actors[0].inject_fault.remote(at_call=1, stall_s=10))
+        with pytest.raises(ExpertsUnavailable, match=r"expert actors \[0\] did not answer .* within 3 s"):
+            model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+        assert not model.experts_ready
+        assert "did not answer" in model.link.status and model.link.status.endswith("waiting for them to answer")
+        wait_until(lambda: model.experts_ready, "the late actor to answer")
+        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert [o.token_ids for o in outputs] == reference
+
+
 def test_a_batch_failed_by_lost_actors_is_retryable_when_served():
     """What the Python API raises when actors are lost (their death, or their absence past restart_timeout_s; the
     tests above) is served as UNAVAILABLE (503), which clients retry. Fails if one is mapped to another status."""

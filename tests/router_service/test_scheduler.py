@@ -160,6 +160,34 @@ def test_requests_being_encoded_keep_their_rooms_in_the_batch():
         front.release.set()
 
 
+
+def test_requests_cancelled_while_a_step_waits_give_their_room_back_at_once():
+    """While a step waits (here an encoder pass; in service, most often on expert actors that restart), the requests
+    whose callers gave up, queued or joining the batch, no longer count against the queue's limit or the batch's
+    rows. Fails if they keep counting until the next step (callers retrying were refused RESOURCE_EXHAUSTED)."""
+    front = SlowFront()
+    scheduler = Scheduler(ContinuousBatcher(front, max_sequences=4), max_waiting=2)
+    joining = [Sequence([5, 1]) for _ in range(4)]
+    for seq in joining:
+        scheduler.batcher.add(seq)
+    scheduler._wake.set()
+    assert front.encoding.wait(10)
+    try:
+        queued = [Sequence([5, 1]) for _ in range(2)]
+        for seq in queued:
+            scheduler.batcher.add(seq)
+        with pytest.raises(QueueFull):
+            scheduler.check_room(1)
+        scheduler.cancel(queued)
+        assert scheduler.num_waiting == 0
+        scheduler.check_room(2)
+        with pytest.raises(QueueFull):
+            scheduler.check_room(3)
+        scheduler.cancel(joining)
+        scheduler.check_room(6)
+    finally:
+        front.release.set()
+
 # In a process of its own, so that no other test's OpenMP threads are counted: the native threads that are not
 # Python's (OpenMP's workers) after the model's building and after a batching thread's step.
 OPENMP_TEAMS = """
