@@ -23,12 +23,21 @@ def load_api_key(path: str | None) -> str | None:
             raise ValueError(f"api_key_file: {path}: {getattr(e, 'strerror', None) or e}") from None
         if not key:
             raise ValueError(f"api_key_file: {path} is empty")
-        return key
+        return sendable(key, f"api_key_file: {path}")
     if API_KEY_ENV not in os.environ:
         return None
     key = os.environ[API_KEY_ENV].strip()  # a Secret's value may end in a newline
     if not key:  # a Secret made from an empty value, say: failing beats serving every caller unasked
         raise ValueError(f"{API_KEY_ENV} is set but empty: give it the key, or unset it to need none")
+    return sendable(key, API_KEY_ENV)
+
+
+def sendable(key: str, source: str) -> str:
+    """`key`, where a client can send it: gRPC metadata and HTTP headers carry printable ASCII alone (a key of
+    other characters would refuse every call)."""
+    if not all(" " <= c <= "~" for c in key):
+        raise ValueError(f"{source}: the key holds characters other than printable ASCII, which neither gRPC "
+                         "metadata nor HTTP headers carry")
     return key
 
 

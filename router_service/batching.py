@@ -193,7 +193,8 @@ class ContinuousBatcher:
 
     @property
     def num_waiting(self) -> int:
-        return sum(not seq.cancelled for seq in self.waiting)
+        # Over a copy, made at once under the GIL: callers other than `room` read without the lock.
+        return sum(not seq.cancelled for seq in list(self.waiting))
 
     @property
     def cache_rows(self) -> int:

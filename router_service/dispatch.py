@@ -334,7 +334,10 @@ class PendingDispatch:
                     f"expert actors {late} did not answer {self.stack} layer {self.layer} within {d.timeout_s:g} s "
                     "(restarting, no room to restart them, or busy for longer than restart_timeout_s)")
                 if d.on_late is not None:
-                    d.on_late(error, late, self.routes.actors)
+                    try:
+                        d.on_late(error, late, self.routes.actors)
+                    except Exception:  # the batch's requests still get the error that says what happened
+                        log.exception("telling the expert link of late actors failed")
                 raise error from None
             except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them
                 if d.on_lost is not None:

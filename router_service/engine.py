@@ -104,7 +104,7 @@ class ExpertLink:
         self.behind_predecessor = False  # as the fleet last said before its actors (FleetActors.behind_predecessor)
         self.ready = threading.Event()
         self._fleet_id = self._fleet_name = None  # those of the fleet that handed out the actors in use
-        self._pings: list = []  # of the actors in use whose calls went unanswered, until each answers (see _on_late)
+        self._late: list[tuple] = []  # (actor, its ping) of those in use whose calls went unanswered (see _on_late)
         self._taking = threading.Lock()  # held while new actors are taken up, and a call's loss of the old ones told
         self._wake = threading.Event()
         self._closed = False
@@ -131,31 +131,45 @@ class ExpertLink:
         Their pings are not cancelled (see experts.fleet.dead_for_good): one restarting answers once back, one busy
         in a long call once it is done."""
         with self._taking:
-            if actors != self.dispatcher.actors or not self.ready.is_set():
+            if not late or actors != self.dispatcher.actors or not self.ready.is_set():
                 return
-            self._pings = [actors[i].info.remote() for i in late]
+            self._late = [(actors[i], actors[i].info.remote()) for i in late]
             log.warning("%s; serving nothing until they answer", first_line(why))
             self.ready.clear()
             self.status = f"{first_line(why)}; waiting for them to answer"
             self._wake.set()
 
-    def _late_answered(self) -> bool:
-        """Whether the actors whose calls went unanswered have answered since, alive; waits up to LINK_CHECK_S. One
-        found dead (or unavailable) is left to the look at the fleet's actors that follows: its pings are dropped."""
-        answered, _ = ray.wait(self._pings, num_returns=len(self._pings), timeout=LINK_CHECK_S)
-        if len(answered) < len(self._pings):
-            return False
-        pings, self._pings = self._pings, []
-        try:
-            ray.get(pings)
-        except ray.exceptions.RayActorError:
-            return False
-        return True
+    def _back_from_late(self) -> bool:
+        """Waits up to LINK_CHECK_S for the late actors' answers; whether to go on looking at the fleet: once every one
+        has answered alive (the front serves again), one is dead (left to that look: their fleet starts it again
+        where it is dead for good), or a loss was told meanwhile. One unavailable (restarting) is pinged again."""
+        late = self._late
+        answered, _ = ray.wait([ping for _, ping in late], num_returns=len(late), timeout=LINK_CHECK_S)
+        answered, waiting, dead = set(answered), [], False
+        for actor, ping in late:
+            try:
+                if ping in answered:
+                    ray.get(ping)
+                else:
+                    waiting.append((actor, ping))
+            except ray.exceptions.ActorUnavailableError:
+                waiting.append((actor, actor.info.remote()))
+            except ray.exceptions.RayActorError:
+                dead = True
+        with self._taking:
+            if self._late is not late:  # a loss told meanwhile (_on_lost)
+                return True
+            self._late = [] if dead else waiting
+            if not self._late and not dead:
+                self.status = "ready"
+                self.ready.set()
+        return not self._late
 
     def _on_lost(self, why: BaseException | str) -> None:
         if self.ready.is_set():
             log.warning("expert actors lost: %s", first_line(why))
         self.ready.clear()
+        self._late = []  # their fleet's actors are looked at again, whatever the late ones answer
         self.status = f"expert actors lost ({first_line(why)}); waiting for their fleet to start new ones"
         self._wake.set()
 
@@ -177,6 +191,8 @@ class ExpertLink:
 
     def _check(self) -> bool:
         """One look at the actors and their fleet; whether to wait before the next."""
+        if self._late and not self._back_from_late():
+            return False  # (waited for them)
         ready = self.ready.is_set()
         if ready and self.dispatcher.actors_dead():  # their fleet died, or they were killed for good
             self._on_lost("an expert actor is dead")
@@ -202,11 +218,6 @@ class ExpertLink:
         elif ready and view.moving:  # a batch's calls to them wait, up to restart_timeout_s; new requests should not
             self._on_lost(view.moving)
         elif not ready and view.actors and not view.moving:
-            if self._pings and view.fleet_id == self._fleet_id:  # those in use were late: taken up again once back
-                if self._late_answered():
-                    self.status = "ready"
-                    self.ready.set()
-                return False  # (waited for them)
             if view.fleet_id == self._fleet_id and call(self.fleet.replace_dead.remote(view.fleet_id),
                                                         FLEET_POLL_S + LINK_CHECK_S):
                 self.status = "expert actors dead for good; their fleet is starting them again"
@@ -216,7 +227,6 @@ class ExpertLink:
                 self.dispatcher.use(view.actors, *local, owners=view.placement.owners())
                 self.placement = view.placement
                 self._fleet_id, self._fleet_name = view.fleet_id, view.name
-                self._pings = []
                 self.status = "ready"
                 self.ready.set()
         elif not ready:

@@ -94,9 +94,9 @@ class CompletionRequest(BaseModel):
     @field_validator("temperature")
     @classmethod
     def sampled_or_greedy(cls, temperature: float) -> float:
-        if 0 < temperature < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 2, got {temperature!r}")
-        return temperature
+        """OpenAI takes any temperature from 0 to 2; one below MIN_TEMPERATURE, which the native API refuses, is
+        greedy here (some evaluation tools send 0.001 for it)."""
+        return 0.0 if temperature < MIN_TEMPERATURE else temperature
 
     @field_validator("seed")
     @classmethod

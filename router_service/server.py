@@ -299,13 +299,17 @@ def to_json(message) -> dict:
                                      always_print_fields_with_no_presence=True)
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 class EventStream(StreamingResponse):
     """Server-sent events. Where the response ends before its events are read (the client gone as the headers went
     out), their generator never starts, so its own clean-up never runs: `unread` does it then."""
 
     def __init__(self, events: AsyncIterator[str], unread: Callable[[], Coroutine]):
         self.read, self.unread = False, unread
-        super().__init__(self._reading(events), media_type="text/event-stream")
+        # Each event as it comes, through proxies too (an nginx ingress buffers responses unless told not to).
+        super().__init__(self._reading(events), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _reading(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
         self.read = True

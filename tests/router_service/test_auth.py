@@ -27,6 +27,18 @@ def test_a_key_variable_set_empty_is_an_error_not_no_key(monkeypatch, value):
         load_api_key(None)
 
 
+@pytest.mark.parametrize("key", ["clé", "tab\tin-it"])
+def test_a_key_no_client_could_send_is_an_error(tmp_path, monkeypatch, key):
+    """gRPC metadata and HTTP headers carry printable ASCII alone: a key of other characters would refuse every
+    call, so the server refuses to start with it, naming where it came from."""
+    monkeypatch.setenv(API_KEY_ENV, key)
+    with pytest.raises(ValueError, match=f"^{API_KEY_ENV}: the key holds characters other than printable ASCII"):
+        load_api_key(None)
+    (tmp_path / "key").write_text(key)
+    with pytest.raises(ValueError, match="^api_key_file: .*key: the key holds characters other than printable"):
+        load_api_key(str(tmp_path / "key"))
+
+
 @pytest.mark.parametrize("metadata, key", [
     ([("authorization", "Bearer s3cret")], "s3cret"),
     ([("Authorization", "Bearer s3cret")], "s3cret"),  # HTTP header names are case-insensitive

@@ -35,6 +35,8 @@ def test_a_completion_request_takes_null_for_a_default_and_refuses_what_it_would
                                         "n": None, "echo": None}, MODEL)
     assert (request.max_tokens, request.temperature, request.n, request.echo) == (None, 1.0, 1, False)
     assert parse_completion_request({"model": MODEL, "prompt": "a", "n": 2, "best_of": 2}, MODEL).n == 2
+    # OpenAI's range, 0 to 2: one too small to sample by (the native API refuses it) is greedy
+    assert parse_completion_request({"model": MODEL, "prompt": "a", "temperature": 0.005}, MODEL).temperature == 0.0
     refused("best_of", parse_completion_request, {"model": MODEL, "prompt": "a", "n": 2, "best_of": 3}, MODEL)
     refused("stream_options", parse_completion_request,
             {"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True}}, MODEL)
@@ -137,7 +139,7 @@ def test_the_native_apis_errors_take_openais_field_names():
     ("prompt", {"prompt": [1, True]}, "must be a string, a list of strings, a list of token ids (whole numbers) or a "),
     ("prompt", {"prompt": [[1, 2], [3, 4.0]]}, "must be a string, a list of strings, a list of token ids"),
     ("stop", {"stop": [1]}, "must be a string or a list of strings"),
-    ("temperature", {"temperature": 0.005}, "must be 0 (greedy) or between 0.01 and 2, got 0.005"),
+    ("temperature", {"temperature": 2.5}, "Input should be less than or equal to 2"),
     ("stream_options.include_usage", {"stream": True, "stream_options": {"include_usage": "yes"}},
      "Input should be a valid boolean"),
     ("stream_options.usage", {"stream": True, "stream_options": {"usage": True}}, "unknown field"),
@@ -151,7 +153,7 @@ def test_the_native_apis_errors_take_openais_field_names():
 ])
 def test_a_refusal_says_what_the_field_takes(param, fields, message):
     """A field of several types names them all (pydantic's first error names the first alone: a string, for token
-    ids with a true among them); a nested field is named by its path; the temperature's range is this API's."""
+    ids with a true among them); a nested field is named by its path; the temperature's range is OpenAI's."""
     request = {"model": MODEL, "prompt": "a", **fields}
     assert refused(param, parse_completion_request, request, MODEL).message.startswith(f"{param}: {message}")
 

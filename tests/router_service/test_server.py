@@ -527,6 +527,8 @@ def test_a_streamed_completion_whose_client_goes_stops_every_choice(server):
     connection.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
     response = connection.getresponse()
     assert response.status == 200 and response.readline().startswith(b"data: ")
+    # Told to pass each event on as it comes: a buffering proxy (nginx) would hold them back
+    assert (response.getheader("cache-control"), response.getheader("x-accel-buffering")) == ("no-cache", "no")
     assert stub.ModelInfo(pb.ModelInfoRequest()).active_sequences == 2
     connection.close()
     steps = stub.ModelInfo(pb.ModelInfoRequest()).decode_steps
