@@ -193,6 +193,7 @@ class ExpertFleet:
         self._error_traceback = None
         self.state = "starting"
         self.fleet_id = uuid.uuid4().hex  # new each time the fleet starts, and so its actors
+        self._hung_killed: dict[int, float] = {}  # when restart_hung last killed each actor (time.monotonic)
         self._lock = threading.Lock()  # the starting thread and release() take turns with groups and handles
         self._done = threading.Event()  # set once the actors have loaded, or failed to
         self._released = False
@@ -423,6 +424,26 @@ class ExpertFleet:
         threading.Thread(target=self._wait_loaded, args=(handles, dead), name="switch-serve-fleet",
                          daemon=True).start()
         return True
+
+    def restart_hung(self, fleet_id: str, indices: list[int], wait_s: float) -> list[int]:
+        """Kill, for Ray to start them again in their bundles, the actors `indices` handed out as `fleet_id` that a
+        front found answering nothing for a long while (alive, but hung: a deadlocked device, say), unless killed
+        so within `wait_s` already (at another front's asking); returns those killed now. Each kill counts one of
+        the actor's ACTOR_RESTARTS; a call it held is sent again to the new process."""
+        with self._lock:
+            if fleet_id != self.fleet_id or self._released or self.state != "ready":
+                return []
+            now, killed = time.monotonic(), []
+            for i in indices:
+                if now - self._hung_killed.get(i, -math.inf) >= wait_s:
+                    self._hung_killed[i] = now
+                    killed.append(i)
+            handles = [self.handles[i] for i in killed]
+        if killed:
+            log.warning("expert actors %s answer nothing; starting them again", killed)
+        for handle in handles:
+            ray.kill(handle, no_restart=False)
+        return killed
 
     def release(self) -> None:
         """Stop the actors and free the placement groups' reservations at once, rather than when Ray notices the

@@ -104,7 +104,10 @@ class ExpertLink:
         self.behind_predecessor = False  # as the fleet last said before its actors (FleetActors.behind_predecessor)
         self.ready = threading.Event()
         self._fleet_id = self._fleet_name = None  # those of the fleet that handed out the actors in use
-        self._late: list[tuple] = []  # (actor, its ping) of those in use whose calls went unanswered (see _on_late)
+        # (index, actor, its ping) of those in use whose calls went unanswered (see _on_late), since when, and whether
+        # their fleet was asked to start them again
+        self._late: list[tuple] = []
+        self._late_since, self._restart_asked = 0.0, False
         self._taking = threading.Lock()  # held while new actors are taken up, and a call's loss of the old ones told
         self._wake = threading.Event()
         self._closed = False
@@ -129,11 +132,13 @@ class ExpertLink:
         """A layer's calls went unanswered past the restart timeout (the dispatcher tells, from the batching thread):
         until those actors answer, the front takes no requests (each batch would wait as long and fail) and says why.
         Their pings are not cancelled (see experts.fleet.dead_for_good): one restarting answers once back, one busy
-        in a long call once it is done."""
+        in a long call once it is done; one that answers nothing for as long again is hung, and its fleet starts it
+        again."""
         with self._taking:
             if not late or actors != self.dispatcher.actors or not self.ready.is_set():
                 return
-            self._late = [(actors[i], actors[i].info.remote()) for i in late]
+            self._late = [(i, actors[i], actors[i].info.remote()) for i in late]
+            self._late_since, self._restart_asked = time.monotonic(), False
             log.warning("%s; serving nothing until they answer", first_line(why))
             self.ready.clear()
             self.status = f"{first_line(why)}; waiting for them to answer"
@@ -144,16 +149,16 @@ class ExpertLink:
         has answered alive (the front serves again), one is dead (left to that look: their fleet starts it again
         where it is dead for good), or a loss was told meanwhile. One unavailable (restarting) is pinged again."""
         late = self._late
-        answered, _ = ray.wait([ping for _, ping in late], num_returns=len(late), timeout=LINK_CHECK_S)
+        answered, _ = ray.wait([ping for _, _, ping in late], num_returns=len(late), timeout=LINK_CHECK_S)
         answered, waiting, dead = set(answered), [], False
-        for actor, ping in late:
+        for i, actor, ping in late:
             try:
                 if ping in answered:
                     ray.get(ping)
                 else:
-                    waiting.append((actor, ping))
+                    waiting.append((i, actor, ping))
             except ray.exceptions.ActorUnavailableError:
-                waiting.append((actor, actor.info.remote()))
+                waiting.append((i, actor, actor.info.remote()))
             except ray.exceptions.RayActorError:
                 dead = True
         with self._taking:
@@ -163,7 +168,21 @@ class ExpertLink:
             if not self._late and not dead:
                 self.status = "ready"
                 self.ready.set()
+        if self._late and not self._restart_asked and time.monotonic() - self._late_since >= self.dispatcher.timeout_s:
+            self._restart_hung([i for i, _, _ in self._late])
         return not self._late
+
+    def _restart_hung(self, indices: list[int]) -> None:
+        """Ask the fleet to start again the late actors that have answered nothing for a second restart timeout."""
+        self._restart_asked = True
+        try:
+            call(self.fleet.restart_hung.remote(self._fleet_id, indices, self.dispatcher.timeout_s),
+                 FLEET_POLL_S + LINK_CHECK_S)
+        except Exception as e:  # the fleet gone or starting again: its own new actors are taken up then
+            log.warning("asking the expert fleet to start hung actors %s again failed: %s", indices, first_line(e))
+            return
+        self.status = (f"expert actors {indices} answered nothing for {2 * self.dispatcher.timeout_s:g} s; "
+                       "their fleet starts them again")
 
     def _on_lost(self, why: BaseException | str) -> None:
         if self.ready.is_set():
