@@ -169,7 +169,7 @@ DECODING_DEFAULTS = {
     "min_new_tokens": None, "bad_words_ids": None, "force_words_ids": None, "suppress_tokens": None,
     "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
     "exponential_decay_length_penalty": None, "renormalize_logits": False, "guidance_scale": None,
-    "stop_strings": None,
+    "stop_strings": None, "watermarking_config": None,
 }
 # A checkpoint's tokenizer: any one of them is enough for transformers' AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")

@@ -104,10 +104,7 @@ class ExpertLink:
         self.behind_predecessor = False  # as the fleet last said before its actors (FleetActors.behind_predecessor)
         self.ready = threading.Event()
         self._fleet_id = self._fleet_name = None  # those of the fleet that handed out the actors in use
-        # (index, actor, its ping) of those in use whose calls went unanswered (see _on_late), since when, and whether
-        # their fleet was asked to start them again
-        self._late: list[tuple] = []
-        self._late_since, self._restart_asked = 0.0, False
+        self._late: LateActors | None = None  # those in use whose calls went unanswered (see _on_late)
         self._taking = threading.Lock()  # held while new actors are taken up, and a call's loss of the old ones told
         self._wake = threading.Event()
         self._closed = False
@@ -131,64 +128,55 @@ class ExpertLink:
     def _on_late(self, why: BaseException, late: list[int], actors: list) -> None:
         """A layer's calls went unanswered past the restart timeout (the dispatcher tells, from the batching thread):
         until those actors answer, the front takes no requests (each batch would wait as long and fail) and says why.
-        Their pings are not cancelled (see experts.fleet.dead_for_good): one restarting answers once back, one busy
-        in a long call once it is done; one that answers nothing for as long again is hung, and its fleet starts it
-        again."""
+        One stuck in a single call for twice that timeout is hung: its fleet starts it again."""
         with self._taking:
             if not late or actors != self.dispatcher.actors or not self.ready.is_set():
                 return
-            self._late = [(i, actors[i], actors[i].info.remote()) for i in late]
-            self._late_since, self._restart_asked = time.monotonic(), False
+            self._late = LateActors({i: actors[i] for i in late})
             log.warning("%s; serving nothing until they answer", first_line(why))
             self.ready.clear()
             self.status = f"{first_line(why)}; waiting for them to answer"
             self._wake.set()
 
-    def _back_from_late(self) -> bool:
+    def _back_from_late(self, late: LateActors) -> bool:
         """Waits up to LINK_CHECK_S for the late actors' answers; whether to go on looking at the fleet: once every one
         has answered alive (the front serves again), one is dead (left to that look: their fleet starts it again
-        where it is dead for good), or a loss was told meanwhile. One unavailable (restarting) is pinged again."""
-        late = self._late
-        answered, _ = ray.wait([ping for _, _, ping in late], num_returns=len(late), timeout=LINK_CHECK_S)
-        answered, waiting, dead = set(answered), [], False
-        for i, actor, ping in late:
-            try:
-                if ping in answered:
-                    ray.get(ping)
-                else:
-                    waiting.append((i, actor, ping))
-            except ray.exceptions.ActorUnavailableError:
-                waiting.append((i, actor, actor.info.remote()))
-            except ray.exceptions.RayActorError:
-                dead = True
+        where it is dead for good), or a loss was told meanwhile."""
+        answered = late.answered(LINK_CHECK_S)
         with self._taking:
             if self._late is not late:  # a loss told meanwhile (_on_lost)
                 return True
-            self._late = [] if dead else waiting
-            if not self._late and not dead:
-                self.status = "ready"
-                self.ready.set()
-        if self._late and not self._restart_asked and time.monotonic() - self._late_since >= self.dispatcher.timeout_s:
-            self._restart_hung([i for i, _, _ in self._late])
-        return not self._late
+            if answered is not None:
+                self._late = None
+                if answered:
+                    self.status = "ready"
+                    self.ready.set()
+                return True
+        if hung := late.hung(2 * self.dispatcher.timeout_s):
+            self._restart_hung(late, hung)
+        return False
 
-    def _restart_hung(self, indices: list[int]) -> None:
-        """Ask the fleet to start again the late actors that have answered nothing for a second restart timeout."""
-        self._restart_asked = True
+    def _restart_hung(self, late: LateActors, hung: list[int]) -> None:
+        """Ask the fleet to start again the late actors stuck in one call for twice the restart timeout."""
         try:
-            call(self.fleet.restart_hung.remote(self._fleet_id, indices, self.dispatcher.timeout_s),
-                 FLEET_POLL_S + LINK_CHECK_S)
-        except Exception as e:  # the fleet gone or starting again: its own new actors are taken up then
-            log.warning("asking the expert fleet to start hung actors %s again failed: %s", indices, first_line(e))
+            killed = call(self.fleet.restart_hung.remote(self._fleet_id, hung, self.dispatcher.timeout_s),
+                          FLEET_POLL_S + LINK_CHECK_S)
+        except Exception as e:  # the fleet gone or starting again (its new actors are taken up then): asked again
+            log.warning("asking the expert fleet to start hung actors %s again failed: %s", hung, first_line(e))
             return
-        self.status = (f"expert actors {indices} answered nothing for {2 * self.dispatcher.timeout_s:g} s; "
-                       "their fleet starts them again")
+        if killed is None:  # it hands out another set now: the fleet's actors are looked at again
+            with self._taking:
+                if self._late is late:
+                    self._late = None
+        elif killed:
+            self.status = (f"expert actors {killed} were stuck in one call for {2 * self.dispatcher.timeout_s:g} s; "
+                           "their fleet starts them again")
 
     def _on_lost(self, why: BaseException | str) -> None:
         if self.ready.is_set():
             log.warning("expert actors lost: %s", first_line(why))
         self.ready.clear()
-        self._late = []  # their fleet's actors are looked at again, whatever the late ones answer
+        self._late = None  # their fleet's actors are looked at again, whatever the late ones answer
         self.status = f"expert actors lost ({first_line(why)}); waiting for their fleet to start new ones"
         self._wake.set()
 
@@ -210,7 +198,8 @@ class ExpertLink:
 
     def _check(self) -> bool:
         """One look at the actors and their fleet; whether to wait before the next."""
-        if self._late and not self._back_from_late():
+        late = self._late
+        if late is not None and not self._back_from_late(late):
             return False  # (waited for them)
         ready = self.ready.is_set()
         if ready and self.dispatcher.actors_dead():  # their fleet died, or they were killed for good
@@ -252,6 +241,55 @@ class ExpertLink:
             self.status = view.moving or view.status
             self.behind_predecessor = view.behind_predecessor
         return self.ready.is_set() or not view.fleet_id or bool(view.moving)
+
+
+class LateActors:
+    """Expert actors whose calls went unanswered past the restart timeout: pinged until each answers (the pings not
+    cancelled, see experts.fleet.dead_for_good: one restarting answers once back, one busy once its calls are done),
+    and asked meanwhile, beside their calls, how long the call under way has run (ExpertActor.call_running_s)."""
+
+    def __init__(self, actors: dict):
+        self.actors = actors  # by index in the placement
+        self.pings = {i: actor.info.remote() for i, actor in actors.items()}  # of those yet to answer
+        self.asked = {}  # call_running_s asked, not yet answered
+
+    def answered(self, timeout_s: float) -> bool | None:
+        """Waits up to `timeout_s` for the pings: True once every actor has answered alive, False where one is dead (or
+        its answer was lost), None while some have yet to answer (one unavailable, restarting, is pinged again)."""
+        done, _ = ray.wait(list(self.pings.values()), num_returns=len(self.pings), timeout=timeout_s)
+        done = set(done)
+        for i, ping in list(self.pings.items()):
+            if ping not in done:
+                continue
+            try:
+                ray.get(ping)
+            except ray.exceptions.ActorUnavailableError:
+                self.pings[i] = self.actors[i].info.remote()
+                continue
+            except Exception:  # dead, or its answer lost
+                return False
+            del self.pings[i]
+        return None if self.pings else True
+
+    def hung(self, least_s: float) -> list[int]:
+        """Those yet to answer whose call under way had run `least_s` or more when they last said (each is asked again
+        once it has answered; one restarting or moving to another node answers nothing, and is not hung)."""
+        hung = []
+        for i in self.pings:
+            asked = self.asked.get(i)
+            if asked is None:
+                self.asked[i] = self.actors[i].call_running_s.remote()
+                continue
+            if not ray.wait([asked], timeout=0)[0]:
+                continue
+            del self.asked[i]
+            try:
+                running_s = ray.get(asked)
+            except Exception:  # not alive: a restart, or a death its ping tells
+                continue
+            if running_s is not None and running_s >= least_s:
+                hung.append(i)
+        return hung
 
 
 def call(response, timeout_s: float):

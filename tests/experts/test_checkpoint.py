@@ -262,6 +262,8 @@ def test_decoding_settings_switch_serve_does_not_apply_are_listed(checkpoint):
     edit_config(checkpoint, "generation_config.json", do_sample=False, temperature=0.5, num_beams=1,
                 repetition_penalty=1.2, no_repeat_ngram_size=3, min_new_tokens=None)
     assert unapplied_generation_settings(file) == ["repetition_penalty=1.2", "no_repeat_ngram_size=3"]
+    edit_config(checkpoint, "generation_config.json", watermarking_config={"greenlist_ratio": 0.25})
+    assert unapplied_generation_settings(file)[-1] == "watermarking_config={'greenlist_ratio': 0.25}"
     (checkpoint / "generation_config.json").write_text('{"num_beams": null, "bad_words_ids": null}')
     assert unapplied_generation_settings(file) == []  # a null is transformers' default too
     (checkpoint / "generation_config.json").unlink()  # then config.json's, as transformers reads them

@@ -111,12 +111,13 @@ def test_an_actor_that_does_not_answer_in_time_stops_the_front_until_it_answers(
 
 def test_an_actor_that_answers_nothing_is_started_again(ray_cluster, checkpoint):
     """An actor hung in a call (a stall of minutes injected; in service, a deadlocked device, say) answers neither the
-    batch's calls nor the link's pings: a second restart_timeout_s on, its fleet kills it for Ray to start it again,
-    and the front serves again, the same prompts giving the same tokens. Fails if the front waits on it for good."""
+    batch's calls nor the link's pings, but says beside the call how long it has run: at twice restart_timeout_s,
+    its fleet kills it for Ray to start it again, and the front serves again, the same prompts giving the same
+    tokens. Fails if the front waits on it for good."""
     from router_service.dispatch import ExpertsUnavailable
 
     path, reference = checkpoint
-    with SwitchCluster(path, placement=PACKING.model_copy(update={"restart_timeout_s": 3}),
+    with SwitchCluster(path, placement=PACKING.model_copy(update={"restart_timeout_s": 5}),
                        local_experts=False) as model:
         victim = model.actors[0]
         pid = ray.get(victim.info.remote())["pid"]
