@@ -30,12 +30,6 @@ def disk_bytes_read() -> int:
         return 0
 
 
-# The concurrency group of the one method answered beside a call under way, on a thread of its own; the actor class
-# is made with these groups (ray.remote(concurrency_groups=...)), which Ray takes nowhere else.
-PROGRESS_GROUP = "progress"
-CONCURRENCY_GROUPS = {PROGRESS_GROUP: 1}
-
-
 def expert_token_counter() -> Counter:
     """The metric of tokens computed per expert, recorded where they are computed (the actors, or a front that
     computed a layer itself)."""
@@ -72,7 +66,6 @@ class ExpertActor:
         self.act = ACTIVATION_FUNCTIONS[checkpoint.config.dense_act_fn]
         self.tokens = dict.fromkeys(self.weights, 0)  # tokens computed per hosted expert, from every front
         self.calls = 0  # forward calls begun
-        self.call_began: float | None = None  # time.monotonic() as the forward call under way began
         self.call_log: list[float] | None = None  # see log_calls
         self.fault: tuple[int, float | None] | None = None  # see inject_fault
         self.token_metric = expert_token_counter()
@@ -103,13 +96,6 @@ class ExpertActor:
         it, never a request; an actor started again after the exit has no fault."""
         self.fault = (self.calls + at_call, stall_s)
 
-    @ray.method(concurrency_group=PROGRESS_GROUP)
-    def call_running_s(self) -> float | None:
-        """How long the forward call under way has run (None between calls). Answered beside it, so that a call that
-        never ends (a hung device, say) is told apart from a backlog of short ones, and from a restart (no answer)."""
-        began = self.call_began
-        return None if began is None else time.monotonic() - began
-
     # Ray records no task events of these calls (its dashboard's and state API's list of tasks), as Serve does for its
     # replicas: a call per sparse layer and step would report hundreds a second to the GCS. In a loop of calls that
     # each took 1.5 ms, 0.13-0.31 ms less a round trip on a 2-vCPU VM (docs/BENCHMARKS.md).
@@ -119,13 +105,6 @@ class ExpertActor:
         """`call` (experts.wire.call_to_wire) holds counts[i] tokens for experts[i] of a sparse layer, back to back;
         returns their FFN outputs in the same order."""
         self.calls += 1
-        self.call_began = time.monotonic()
-        try:
-            return self._forward(call)
-        finally:
-            self.call_began = None
-
-    def _forward(self, call: bytes | np.ndarray) -> bytes | np.ndarray:
         if self.fault is not None and self.calls == self.fault[0]:
             if self.fault[1] is None:
                 os._exit(1)

@@ -30,7 +30,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from experts.actor import CONCURRENCY_GROUPS, ExpertActor
+from experts.actor import ExpertActor
 from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import KEPT_HEAP_ENV
 from experts.placement import RESOURCE_UNITS, Placement, PlacementConfig, PlacementError
@@ -193,7 +193,6 @@ class ExpertFleet:
         self._error_traceback = None
         self.state = "starting"
         self.fleet_id = uuid.uuid4().hex  # new each time the fleet starts, and so its actors
-        self._hung_killed: dict[int, float] = {}  # when restart_hung last killed each actor (time.monotonic)
         self._lock = threading.Lock()  # the starting thread and release() take turns with groups and handles
         self._done = threading.Event()  # set once the actors have loaded, or failed to
         self._released = False
@@ -335,7 +334,7 @@ class ExpertFleet:
         Ray (reloading its weights), up to ACTOR_RESTARTS times, and the calls it had in flight are sent again: it
         holds no per-request state, so a retried call gives the same result."""
         strategy = PlacementGroupSchedulingStrategy(self.groups[spec.node], placement_group_bundle_index=spec.gpu)
-        return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertActor).options(
+        return ray.remote(ExpertActor).options(
             num_cpus=self._cpus, num_gpus=spec.gpus, resources=self.actor_resources, scheduling_strategy=strategy,
             max_restarts=ACTOR_RESTARTS, max_task_retries=-1,
             runtime_env={"env_vars": KEPT_HEAP_ENV | INLINE_ACTIVATIONS_ENV}
@@ -424,35 +423,6 @@ class ExpertFleet:
         threading.Thread(target=self._wait_loaded, args=(handles, dead), name="switch-serve-fleet",
                          daemon=True).start()
         return True
-
-    def restart_hung(self, fleet_id: str, indices: list[int], wait_s: float) -> list[int] | None:
-        """Kill, for Ray to start them again in their bundles, the actors `indices` handed out as `fleet_id` that a
-        front found stuck in one call (alive, but hung: a deadlocked device, say), unless killed so within `wait_s`
-        already (at another front's asking); returns those killed now, or None where the fleet hands out another
-        set than `fleet_id` (the front then takes that one up). Each kill counts one of the actor's ACTOR_RESTARTS;
-        the calls it held are sent again to the new process."""
-        with self._lock:
-            if fleet_id != self.fleet_id:
-                return None
-            if self._released or self.state != "ready":
-                return []
-            now = time.monotonic()
-            due = [i for i in indices if now - self._hung_killed.get(i, -math.inf) >= wait_s]
-            self._hung_killed.update(dict.fromkeys(due, now))  # before the kills: one front's asking kills each
-            handles = [self.handles[i] for i in due]
-        killed = []
-        for i, handle in zip(due, handles):
-            try:
-                ray.kill(handle, no_restart=False)
-            except Exception as e:  # the others still, and this one at the next asking
-                log.warning("killing hung expert actor %d failed: %s", i, e)
-                with self._lock:
-                    self._hung_killed.pop(i, None)
-                continue
-            killed.append(i)
-        if killed:
-            log.warning("expert actors %s are stuck in a call; Ray starts them again", killed)
-        return killed
 
     def release(self) -> None:
         """Stop the actors and free the placement groups' reservations at once, rather than when Ray notices the

@@ -127,8 +127,7 @@ class ExpertLink:
 
     def _on_late(self, why: BaseException, late: list[int], actors: list) -> None:
         """A layer's calls went unanswered past the restart timeout (the dispatcher tells, from the batching thread):
-        until those actors answer, the front takes no requests (each batch would wait as long and fail) and says why.
-        One stuck in a single call for twice that timeout is hung: its fleet starts it again."""
+        until those actors answer, the front takes no requests (each batch would wait as long and fail) and says why."""
         with self._taking:
             if not late or actors != self.dispatcher.actors or not self.ready.is_set():
                 return
@@ -146,33 +145,21 @@ class ExpertLink:
         with self._taking:
             if self._late is not late:  # a loss told meanwhile (_on_lost)
                 return True
-            if answered is not None:
-                self._late = None
-                if answered:
-                    self.status = "ready"
-                    self.ready.set()
-                return True
-        if hung := late.hung(2 * self.dispatcher.timeout_s):
-            self._restart_hung(late, hung)
-        return False
+            if answered is None:
+                return False
+            self._late = None
+            if answered:
+                self.status = "ready"
+                self.ready.set()
+            return True
 
-    def _restart_hung(self, late: LateActors, hung: list[int]) -> None:
-        """Ask the fleet to start again the late actors stuck in one call for twice the restart timeout."""
-        try:
-            killed = call(self.fleet.restart_hung.remote(self._fleet_id, hung, self.dispatcher.timeout_s),
-                          FLEET_POLL_S + LINK_CHECK_S)
-        except Exception as e:  # the fleet gone or starting again (its new actors are taken up then): asked again
-            log.warning("asking the expert fleet to start hung actors %s again failed: %s", hung, first_line(e))
-            return
-        if killed is None:  # it hands out another set now: the fleet's actors are looked at again
-            with self._taking:
-                if self._late is late:
-                    self._late = None
-        elif killed:
-            self.status = (f"expert actors {killed} were stuck in one call for {2 * self.dispatcher.timeout_s:g} s; "
-                           "their fleet starts them again")
+    def _lost(self, why: str) -> None:
+        """_on_lost, told by the link's own look (under the lock, as a call's loss and lateness are told)."""
+        with self._taking:
+            self._on_lost(why)
 
     def _on_lost(self, why: BaseException | str) -> None:
+        """The actors in use are lost (the caller holds _taking)."""
         if self.ready.is_set():
             log.warning("expert actors lost: %s", first_line(why))
         self.ready.clear()
@@ -203,7 +190,7 @@ class ExpertLink:
             return False  # (waited for them)
         ready = self.ready.is_set()
         if ready and self.dispatcher.actors_dead():  # their fleet died, or they were killed for good
-            self._on_lost("an expert actor is dead")
+            self._lost("an expert actor is dead")
             return False
         try:
             view = call(self.fleet.actors.remote(0.0 if ready else FLEET_POLL_S), FLEET_POLL_S + LINK_CHECK_S)
@@ -222,9 +209,9 @@ class ExpertLink:
                 and (view.name != self._fleet_name or view.replacing)):
             return True  # one that replaces theirs, of the same experts: theirs keeps their actors while they drain
         if ready and view.fleet_id and (view.fleet_id != self._fleet_id or not view.actors):
-            self._on_lost(view.status if not view.actors else "their fleet started again")
+            self._lost(view.status if not view.actors else "their fleet started again")
         elif ready and view.moving:  # a batch's calls to them wait, up to restart_timeout_s; new requests should not
-            self._on_lost(view.moving)
+            self._lost(view.moving)
         elif not ready and view.actors and not view.moving:
             if view.fleet_id == self._fleet_id and call(self.fleet.replace_dead.remote(view.fleet_id),
                                                         FLEET_POLL_S + LINK_CHECK_S):
@@ -244,14 +231,12 @@ class ExpertLink:
 
 
 class LateActors:
-    """Expert actors whose calls went unanswered past the restart timeout: pinged until each answers (the pings not
-    cancelled, see experts.fleet.dead_for_good: one restarting answers once back, one busy once its calls are done),
-    and asked meanwhile, beside their calls, how long the call under way has run (ExpertActor.call_running_s)."""
+    """Expert actors whose calls went unanswered past the restart timeout, pinged until each answers (the pings not
+    cancelled, see experts.fleet.dead_for_good: one restarting answers once back, one busy once its calls are done)."""
 
     def __init__(self, actors: dict):
         self.actors = actors  # by index in the placement
         self.pings = {i: actor.info.remote() for i, actor in actors.items()}  # of those yet to answer
-        self.asked = {}  # call_running_s asked, not yet answered
 
     def answered(self, timeout_s: float) -> bool | None:
         """Waits up to `timeout_s` for the pings: True once every actor has answered alive, False where one is dead (or
@@ -270,26 +255,6 @@ class LateActors:
                 return False
             del self.pings[i]
         return None if self.pings else True
-
-    def hung(self, least_s: float) -> list[int]:
-        """Those yet to answer whose call under way had run `least_s` or more when they last said (each is asked again
-        once it has answered; one restarting or moving to another node answers nothing, and is not hung)."""
-        hung = []
-        for i in self.pings:
-            asked = self.asked.get(i)
-            if asked is None:
-                self.asked[i] = self.actors[i].call_running_s.remote()
-                continue
-            if not ray.wait([asked], timeout=0)[0]:
-                continue
-            del self.asked[i]
-            try:
-                running_s = ray.get(asked)
-            except Exception:  # not alive: a restart, or a death its ping tells
-                continue
-            if running_s is not None and running_s >= least_s:
-                hung.append(i)
-        return hung
 
 
 def call(response, timeout_s: float):

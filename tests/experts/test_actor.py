@@ -12,7 +12,7 @@ import torch
 
 from cluster.testing import tiny_config, write_random_checkpoint
 from experts import actor as actor_module
-from experts.actor import CONCURRENCY_GROUPS, ExpertActor
+from experts.actor import ExpertActor
 from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import start_fleet, stop_fleet
 from experts.held import held_experts
@@ -67,7 +67,7 @@ def test_each_actor_reads_about_its_own_bytes(ray_cluster, tmp_path):
     # Faults on a memory-mapped file read a window around them and, once the access looks sequential, windows
     # ahead of it: allow four windows per run of the actor's tensors (it has two: one per sparse layer).
     slack = 2 * 4 * read_ahead_bytes(file)
-    remote = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertActor)
+    remote = ray.remote(ExpertActor)
     for expert in (0, 7, 15):
         experts = {(s, 1, expert): expert_tensor_names(s, 1, expert) for s in ("encoder", "decoder")}
         evict_from_page_cache(tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import traceback
 import types
 
@@ -389,32 +388,6 @@ def test_a_replacement_that_fails_to_start_an_actor_changes_nothing(tmp_path, mo
         serving.replace_dead(first)
     view = serving.actors(wait_s=10)
     assert (view.actors, view.fleet_id, view.status) == (old, first, "ready") and killed == started
-
-
-def test_a_hung_actor_is_killed_once_for_every_front_that_asks(tmp_path, monkeypatch):
-    """Each front that finds an actor hung asks its fleet to start it again: the fleet kills it once (each kill costs
-    one of the actor's restarts) for all the fronts that ask within their wait, and again only after it; a front
-    asking with an older set's id is told so, and a fleet not ready kills nothing. Fails if every front's asking
-    kills it."""
-    write_random_checkpoint(tmp_path, tiny_config(num_experts=4))
-    killed = []
-
-    def ready(self):
-        self.handles, self.state = ["a", "b", "c", "d"], "ready"
-        self._done.set()
-
-    monkeypatch.setattr(fleet.ExpertFleet, "_start", ready)
-    monkeypatch.setattr(fleet.ray, "kill", lambda handle, no_restart: killed.append((handle, no_restart)))
-    serving = fleet.ExpertFleet(SwitchCheckpoint.open(tmp_path), PlacementConfig(experts_per_actor=1), "float32")
-    fleet_id = serving.actors(wait_s=10).fleet_id
-    assert serving.restart_hung(fleet_id, [1], wait_s=1.0) == [1]
-    assert serving.restart_hung(fleet_id, [1, 3], wait_s=1.0) == [3]  # another front, within the first's wait
-    assert serving.restart_hung("an older set", [0], wait_s=1.0) is None  # the front takes up the fleet's set
-    time.sleep(1.1)
-    assert serving.restart_hung(fleet_id, [1], wait_s=1.0) == [1]
-    assert killed == [("b", False), ("d", False), ("b", False)]  # each for Ray to start again
-    serving.state = "loading 1 expert actors again"
-    assert serving.restart_hung(fleet_id, [2], wait_s=1.0) == [] and len(killed) == 3
 
 
 def test_a_fleet_says_which_nodes_actors_wait_for_room(tmp_path, monkeypatch):

@@ -87,45 +87,21 @@ def test_an_actor_that_does_not_answer_in_time_stops_the_front_until_it_answers(
     """An actor holding a call past restart_timeout_s (a stall injected here; in service, a restart that outlasts
     it, or a long call) fails its batch, and the front serves nothing until that actor answers again: its experts are
     not ready, saying why (a served front answers NOT_SERVING and refuses requests at once), where each new batch
-    would wait out the timeout in turn and fail. Once it answers, within a second timeout, the front serves on with
-    the same actor, the same prompts giving the same tokens. Fails if the front stays ready after the timeout, stays
-    down once the actor answers, or has it started again."""
+    would wait out the timeout in turn and fail. Once it answers, the same prompts give the same tokens. Fails if
+    the front stays ready after the timeout, or stays down once the actor answers."""
     from router_service.dispatch import ExpertsUnavailable
 
     path, reference = checkpoint
-    with SwitchCluster(path, placement=PACKING.model_copy(update={"restart_timeout_s": 8}),
+    with SwitchCluster(path, placement=PACKING.model_copy(update={"restart_timeout_s": 4}),
                        local_experts=False) as model:
-        pid = ray.get(model.actors[0].info.remote())["pid"]
-        ray.get(model.actors[0].inject_fault.remote(at_call=1, stall_s=13))
-        with pytest.raises(ExpertsUnavailable, match=r"expert actors \[0\] did not answer .* within 8 s"):
+        ray.get(model.actors[0].inject_fault.remote(at_call=1, stall_s=10))
+        with pytest.raises(ExpertsUnavailable, match=r"expert actors \[0\] did not answer .* within 4 s"):
             model.generate(PROMPTS, max_new_tokens=MAX_NEW)
         time.sleep(LINK_CHECK_S + 0.5)  # the link's looks at the fleet, all within the stall
         assert not model.experts_ready
         assert model.link.status.startswith("expert actors [0] did not answer")
         assert model.link.status.endswith("waiting for them to answer")
         wait_until(lambda: model.experts_ready, "the late actor to answer")
-        outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
-        assert ray.get(model.actors[0].info.remote())["pid"] == pid
-    assert [o.token_ids for o in outputs] == reference
-
-
-def test_an_actor_that_answers_nothing_is_started_again(ray_cluster, checkpoint):
-    """An actor hung in a call (a stall of minutes injected; in service, a deadlocked device, say) answers neither the
-    batch's calls nor the link's pings, but says beside the call how long it has run: at twice restart_timeout_s,
-    its fleet kills it for Ray to start it again, and the front serves again, the same prompts giving the same
-    tokens. Fails if the front waits on it for good."""
-    from router_service.dispatch import ExpertsUnavailable
-
-    path, reference = checkpoint
-    with SwitchCluster(path, placement=PACKING.model_copy(update={"restart_timeout_s": 5}),
-                       local_experts=False) as model:
-        victim = model.actors[0]
-        pid = ray.get(victim.info.remote())["pid"]
-        ray.get(victim.inject_fault.remote(at_call=1, stall_s=600))
-        with pytest.raises(ExpertsUnavailable, match="did not answer"):
-            model.generate(PROMPTS, max_new_tokens=MAX_NEW)
-        wait_until(lambda: model.experts_ready, "the hung actor to be started again", timeout_s=60)
-        assert ray.get(victim.info.remote())["pid"] != pid
         outputs = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
     assert [o.token_ids for o in outputs] == reference
 
