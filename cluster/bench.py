@@ -11,7 +11,8 @@ For each workload (prompt and output lengths drawn at random, greedy decoding), 
   sweep, and all requests in one batch, in order;
 - the cluster served over gRPC streams, at each concurrency of the sweep: that many clients, each sending its
   next request when the last one has finished; then at the lowest concurrency and with every request at once as
-  unary calls (one whole answer each), which shows what the streams cost;
+  unary calls (one whole answer each) beside the same as streams once more, each process's CPU counted in both by
+  its role, which shows what the streams cost, and where;
 - where the cluster's time goes: the same requests decoded through the Python API in a Ray worker set up like a
   Serve replica, all at once and one at a time, split into the front's compute (with the experts it computes
   itself), sending to the expert actors, waiting for them and their compute; the rest of the served time is
@@ -62,6 +63,37 @@ from router_service.engine import SwitchCluster
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 from router_service.requests import SamplingParams
+
+# The processes of a served run on this node, by a word of their command lines (Ray names its workers by what they
+# run); CPU seconds are counted for each, for the benchmark's own process ("client": the requests' gRPC clients), and
+# for the rest of the machine (Ray's own processes, and anything else running).
+PROCESS_ROLES = {"front": "SwitchServer", "Serve's proxy": "ProxyActor", "expert actors": "ExpertActor",
+                 "expert fleet": "ExpertFleet"}
+
+
+def cpu_seconds(proc: Path = Path("/proc")) -> dict[int, tuple[str, float]]:
+    """Each process's role (PROCESS_ROLES, "client" for this one, else "rest") and the CPU seconds it has used, user
+    and system, by pid; empty where there is no /proc (not Linux)."""
+    tick, own, seconds = os.sysconf("SC_CLK_TCK"), os.getpid(), {}
+    for entry in proc.glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+        role = "client" if int(entry.name) == own else next(
+            (role for role, word in PROCESS_ROLES.items() if word in command), "rest")
+        seconds[int(entry.name)] = (role, (int(fields[11]) + int(fields[12])) / tick)
+    return seconds
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds by role between two `cpu_seconds` (a process that ended between them is not counted)."""
+    used: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        used[role] = used.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+    return used
 
 
 @dataclass
@@ -416,10 +448,17 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                     report["workloads"][name]["cluster"].append(
                         {"concurrency": c, **asdict(summarize(f"cluster-{c}", timings))})
                 for c in sorted({min(concurrency), max(c for c in concurrency if c <= requests)}):
-                    result = summarize(f"cluster-unary-{c}", cluster_run(served.grpc, pool[:requests], c, stream=False))
+                    # Streams and unary calls once more each, every process's CPU counted: what the streams cost where
+                    cpu = {}
+                    for stream in (True, False):
+                        before = cpu_seconds()
+                        timings = cluster_run(served.grpc, pool[:requests], c, stream=stream)
+                        cpu["streams" if stream else "unary"] = cpu_used(before, cpu_seconds())
+                    result = summarize(f"cluster-unary-{c}", timings)
                     report["workloads"][name]["unary"].append(
                         {"concurrency": c, "system": result.system, "tokens": result.tokens,
-                         "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "outputs": result.outputs})
+                         "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "outputs": result.outputs,
+                         "cpu_s": cpu})
         # A front on a GPU of its own has no experts beside it to compute: the breakdown with local_experts on would
         # be the one without, under another name.
         ways = [False] if front_gpus else list(dict.fromkeys([server.local_experts, False]))
@@ -517,6 +556,7 @@ def table(report: dict) -> str:
             lines.append("the same requests as unary calls (one whole answer each): " + ", ".join(
                 f"concurrency {c}: {u['tokens_per_s']:.1f} tok/s (streams {streams[c]:.1f})"
                 for u in w["unary"] for c in [u["concurrency"]]))
+            lines += [cpu_line(u) for u in w["unary"] if u.get("cpu_s")]
         differing = {r["system"]: r["differing_outputs"] for r in w["transformers"] + w["cluster"] + w.get("unary", [])
                      if r["differing_outputs"]}
         lines.append(f"requests whose tokens differ from transformers one at a time: {differing or 'none'}")
@@ -534,6 +574,14 @@ def table(report: dict) -> str:
                          f"{b['imbalance_ms_per_call']:.2f} ms between its compute and their mean; a bare actor call "
                          f"carrying one token, {b['bare_call_ms']:.2f} ms back to back{in_step(b)})")
     return "\n".join(lines)
+
+
+def cpu_line(unary: dict) -> str:
+    """The CPU seconds each kind of process used, the requests as streams against unary calls (a run of each)."""
+    cpu = unary["cpu_s"]
+    roles = [*PROCESS_ROLES, "client", "rest"]
+    return (f"CPU seconds at concurrency {unary['concurrency']}, streams against unary calls: "
+            + ", ".join(f"{role} {cpu['streams'].get(role, 0):.2f}/{cpu['unary'].get(role, 0):.2f}" for role in roles))
 
 
 def in_step(b: dict) -> str:

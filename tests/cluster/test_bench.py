@@ -33,6 +33,8 @@ def test_bench_quick_run(tmp_path):
     assert [r["batch_size"] for r in w["transformers"]] == ["1", "4", "all", "8"]
     assert [r["concurrency"] for r in w["cluster"]] == [1, 4, 8]
     assert [r["concurrency"] for r in w["unary"]] == [1, 4]  # the lowest, and the most at once of 6 requests
+    for u in w["unary"]:  # each beside a streamed run, every process's CPU counted (Linux)
+        assert min(u["cpu_s"]["streams"]["front"], u["cpu_s"]["unary"]["front"]) > 0
     for r in w["transformers"] + w["cluster"] + w["unary"]:
         assert r["differing_outputs"] == 0, r["system"]  # the same greedy tokens everywhere
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r.get("ttft_p50", 1) > 0
@@ -131,6 +133,34 @@ def test_transformers_runs_in_the_dtype_the_cluster_serves(tmp_path, dtype):
     write_random_checkpoint(tmp_path, tiny_config())
     model = load_transformers(tmp_path, "cpu", dtype)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16 if dtype else torch.float32}
+
+
+def test_cpu_is_counted_by_what_each_process_runs(tmp_path, monkeypatch):
+    """From /proc: each process's user and system time by its role in a served run, this one the client's; a process
+    that started between two counts counts whole, one that ended is left out."""
+    from cluster import bench
+
+    def process(pid: int, command: str, utime: int, stime: int) -> None:
+        (tmp_path / str(pid)).mkdir(exist_ok=True)
+        (tmp_path / str(pid) / "cmdline").write_bytes(command.encode().replace(b" ", b"\0"))
+        # The command's name in parentheses may hold spaces and parentheses: the fields are counted after the last.
+        fields = ["S", "1"] + ["0"] * 9 + [str(utime), str(stime)] + ["0"] * 30
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (ray::a (b) c) " + " ".join(fields))
+
+    monkeypatch.setattr(bench.os, "getpid", lambda: 10)
+    monkeypatch.setattr(bench.os, "sysconf", lambda name: 100)
+    process(10, "python -m cluster.cli bench", 50, 10)
+    process(11, "ray::ServeReplica:switch-serve:SwitchServer", 300, 100)
+    process(12, "ray::ProxyActor", 20, 5)
+    process(13, "ray::ExpertActor.forward", 7, 3)
+    process(14, "/usr/bin/raylet --node", 1, 1)
+    before = bench.cpu_seconds(tmp_path)
+    assert before[11] == ("front", 4.0) and before[10] == ("client", 0.6) and before[14] == ("rest", 0.02)
+    process(11, "ray::ServeReplica:switch-serve:SwitchServer", 500, 150)
+    process(15, "ray::ExpertActor", 10, 0)
+    (tmp_path / "12" / "stat").unlink()  # ended
+    used = bench.cpu_used(before, bench.cpu_seconds(tmp_path))
+    assert used == pytest.approx({"front": 2.5, "expert actors": 0.1, "client": 0.0, "rest": 0.0})
 
 
 def test_percentiles_are_nearest_rank():
