@@ -449,16 +449,17 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                         {"concurrency": c, **asdict(summarize(f"cluster-{c}", timings))})
                 for c in sorted({min(concurrency), max(c for c in concurrency if c <= requests)}):
                     # Streams and unary calls once more each, every process's CPU counted: what the streams cost where
-                    cpu = {}
+                    cpu, paired = {}, {}
                     for stream in (True, False):
                         before = cpu_seconds()
                         timings = cluster_run(served.grpc, pool[:requests], c, stream=stream)
                         cpu["streams" if stream else "unary"] = cpu_used(before, cpu_seconds())
-                    result = summarize(f"cluster-unary-{c}", timings)
+                        paired[stream] = summarize(f"cluster-{'streams' if stream else 'unary'}-{c}", timings)
+                    result = paired[False]
                     report["workloads"][name]["unary"].append(
                         {"concurrency": c, "system": result.system, "tokens": result.tokens,
                          "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "outputs": result.outputs,
-                         "cpu_s": cpu})
+                         "cpu_s": cpu, "paired_streams_tokens_per_s": paired[True].tokens_per_s})
         # A front on a GPU of its own has no experts beside it to compute: the breakdown with local_experts on would
         # be the one without, under another name.
         ways = [False] if front_gpus else list(dict.fromkeys([server.local_experts, False]))
@@ -580,7 +581,8 @@ def cpu_line(unary: dict) -> str:
     """The CPU seconds each kind of process used, the requests as streams against unary calls (a run of each)."""
     cpu = unary["cpu_s"]
     roles = [*PROCESS_ROLES, "client", "rest"]
-    return (f"CPU seconds at concurrency {unary['concurrency']}, streams against unary calls: "
+    return (f"CPU seconds at concurrency {unary['concurrency']}, streams against unary calls (a run of each, "
+            f"{unary['paired_streams_tokens_per_s']:.1f} against {unary['tokens_per_s']:.1f} tok/s): "
             + ", ".join(f"{role} {cpu['streams'].get(role, 0):.2f}/{cpu['unary'].get(role, 0):.2f}" for role in roles))
 
 

@@ -35,6 +35,7 @@ def test_bench_quick_run(tmp_path):
     assert [r["concurrency"] for r in w["unary"]] == [1, 4]  # the lowest, and the most at once of 6 requests
     for u in w["unary"]:  # each beside a streamed run, every process's CPU counted (Linux)
         assert min(u["cpu_s"]["streams"]["front"], u["cpu_s"]["unary"]["front"]) > 0
+        assert u["paired_streams_tokens_per_s"] > 0
     for r in w["transformers"] + w["cluster"] + w["unary"]:
         assert r["differing_outputs"] == 0, r["system"]  # the same greedy tokens everywhere
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r.get("ttft_p50", 1) > 0

@@ -8,6 +8,7 @@ import time
 from types import SimpleNamespace
 
 from experts.fleet import FleetActors
+from router_service import engine
 from router_service.engine import LINK_CHECK_S, ExpertLink
 
 SERVES = "experts-0123456789ab"  # the config the link's front serves
@@ -116,6 +117,62 @@ def test_link_stops_serving_while_its_fleet_waits_for_room_for_lost_actors():
         fleet.view = fleet.view._replace(moving="")
         assert link.wait(LINK_CHECK_S + 2) and dispatcher.actors == ["actor 0", "actor 1"] and link.status == "ready"
     finally:
+        link.close()
+
+
+class StandInLate:
+    """engine.LateActors, whose answer the test sets: None (some yet to answer), True (all alive), False (one dead)."""
+
+    answer: bool | None = None
+    made: list = []
+
+    def __init__(self, actors: dict):
+        self.actors = actors
+        StandInLate.made.append(self)
+
+    def answered(self, timeout_s: float) -> bool | None:
+        time.sleep(0.02)  # a real one waits for its pings
+        return StandInLate.answer
+
+
+def test_a_front_with_late_actors_waits_for_them_before_anything_else(monkeypatch):
+    """Calls unanswered past restart_timeout_s: the front serves nothing until those actors answer, and meanwhile
+    looks at nothing else (a draining front whose fleet handle answers for another config stayed down for good
+    when it did); once they answer it serves again with the same actors, not taken up anew. A loss told meanwhile,
+    or a late actor found dead, sends it to its fleet's actors (one dead for good: the fleet starts it again)."""
+    monkeypatch.setattr(engine, "LateActors", StandInLate)
+    monkeypatch.setattr(StandInLate, "made", [])
+    fleet = StandInFleet(FleetActors(["actor 0", "actor 1"], "ready", "first", SERVES, PLACED))
+    dispatcher, taken = stand_in_dispatcher(), []
+    use = dispatcher.use
+    dispatcher.use = lambda *args, **kwargs: taken.append(args[0]) or use(*args, **kwargs)
+    link = ExpertLink(fleet, SERVES, dispatcher)
+    late = RuntimeError("expert actors [1] did not answer decoder layer 1 within 60 s (restarting, ...)")
+    try:
+        assert link.wait(5) and taken == [["actor 0", "actor 1"]]
+        dispatcher.on_late(late, [1], ["actor 0", "actor 1"])
+        assert not link.ready.is_set() and StandInLate.made[-1].actors == {1: "actor 1"}
+        assert link.status == f"{late}; waiting for them to answer"
+        fleet.view = FleetActors([], "ready", "other", "experts-other-config")  # as during a config change
+        looks = counted_looks(fleet)
+        time.sleep(LINK_CHECK_S + 0.5)
+        assert looks == [] and not link.ready.is_set() and link.status.endswith("waiting for them to answer")
+        StandInLate.answer = True
+        assert link.wait(5) and link.status == "ready" and taken == [["actor 0", "actor 1"]]
+
+        StandInLate.answer = None
+        fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "first", SERVES, PLACED)
+        dispatcher.on_late(late, [1], ["actor 0", "actor 1"])
+        dispatcher.on_lost(RuntimeError("actor 0 died"), ["actor 0", "actor 1"])  # told while late
+        assert link.wait(LINK_CHECK_S + 2) and len(taken) == 2  # taken up again from the fleet's answer
+
+        StandInLate.answer = False  # one of the late actors is dead for good
+        fleet.replacing = True
+        dispatcher.on_late(late, [1], ["actor 0", "actor 1"])
+        assert wait_for(lambda: "their fleet is starting them again" in link.status, 5)
+        assert not link.ready.is_set()
+    finally:
+        StandInLate.answer = None
         link.close()
 
 
