@@ -67,7 +67,11 @@ class Sequence:
     text: str | None = None  # the answer as text, where the Python API gives it (engine.SwitchCluster.generate)
     error: BaseException | None = None  # set when the batch it was in failed
     cancelled: bool = False  # set by the caller; the sequence leaves before the next step
-    on_update: Callable[[], None] | None = None  # called by the Scheduler's batching thread after each change
+    on_update: Callable[[], None] | None = None  # called by the Scheduler's batching thread after a change it wants
+    # Set by whoever follows it: the steps before this time.monotonic() change nothing it would look at (a paced stream
+    # holds its tokens until then; a unary call waits for the end), so the batching thread does not wake its event
+    # loop for them. Its end always does.
+    wake_at: float = 0.0
     generator: torch.Generator | None = field(default=None, repr=False)
     arrived: float = field(default_factory=time.monotonic, repr=False)
     first_token_at: float | None = field(default=None, repr=False)
@@ -94,8 +98,9 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
-    def notify(self) -> None:
-        if self.on_update is not None:
+    def notify(self, now: float) -> None:
+        """Tell whoever follows it of a change at `now` (time.monotonic()), if it wants this one (`wake_at`)."""
+        if self.on_update is not None and (self.done or now >= self.wake_at):
             self.on_update()
 
     def routing(self, start: int = 0, end: int | None = None, encoder: bool = True) -> list[dict]:

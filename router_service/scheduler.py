@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -149,8 +150,9 @@ class Scheduler:
 
     @staticmethod
     def _notify(changed: list[Sequence]) -> None:
+        now = time.monotonic()
         for seq in changed:
             try:
-                seq.notify()
+                seq.notify(now)
             except RuntimeError:  # its caller's event loop is gone
                 pass

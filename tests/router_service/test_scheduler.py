@@ -6,10 +6,12 @@ thread's OpenMP team is the process's only one."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from types import SimpleNamespace
 
@@ -289,3 +291,47 @@ def test_a_followed_stream_closed_after_its_first_piece_leaves_the_batch_at_once
         return seq.cancelled
 
     assert asyncio.run(first_piece_then_close())
+
+
+class TokenBatcher(ContinuousBatcher):
+    """Makes a token a step (STEP_S apart) for every queued sequence, without a model, the last at `length`."""
+
+    STEP_S = 0.01
+
+    def __init__(self, length: int):
+        super().__init__(CrashingFront(), max_sequences=4)
+        self.length = length
+
+    def step(self) -> list[Sequence]:
+        time.sleep(self.STEP_S)
+        with self.counting:
+            self.active += [seq for seq in self.waiting if not seq.cancelled]
+            self.waiting.clear()
+        for seq in self.active:
+            seq.token_ids.append(7)
+            seq.logprobs.append(-0.1)
+            if len(seq.token_ids) == self.length:
+                seq.finish_reason = "length"
+        stepped, self.active = self.active, [seq for seq in self.active if not seq.done]
+        return stepped
+
+
+@pytest.mark.parametrize("wake_at, woken", [(0.0, 20), (math.inf, 1)])
+def test_the_batching_thread_wakes_a_follower_only_for_the_steps_it_wants(wake_at, woken):
+    """Every step, where the follower wants every one; only its end, where it waits for that (a unary call's, or a
+    paced stream's until its next piece is due: router_service.server.follow). Fails if the thread wakes the event
+    loop at every step whatever its follower wants, or not at the end."""
+    scheduler = Scheduler(TokenBatcher(length=20), max_waiting=4)
+    seq = Sequence([5, 1], wake_at=wake_at)
+
+    calls = []
+
+    async def follow() -> None:
+        (following,) = scheduler.queue([seq])  # its first step starts STEP_S later
+        wake = seq.on_update
+        seq.on_update = lambda: (calls.append(1), wake())
+        async for _ in following:
+            pass
+
+    asyncio.run(asyncio.wait_for(follow(), timeout=10))
+    assert len(calls) == woken and seq.finish_reason == "length"

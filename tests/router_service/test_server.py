@@ -153,9 +153,9 @@ def test_stream_equals_unary(server):
 
 
 class ScriptedBatcher:
-    """Stands in for the scheduler and the clock: each update is a step of STEP_S that adds one token to the
-    sequence (its logprob, top logprobs and decoder route too), with `decoding[i]` sequences decoding at step i; the
-    last one ends it."""
+    """Stands in for the scheduler and the clock: each step of STEP_S adds one token to the sequence (its logprob,
+    top logprobs and decoder route too), with `decoding[i]` sequences decoding at step i; the last one ends it. A
+    step is an update where the sequence wants it (Sequence.notify); `wakeups` counts them."""
 
     STEP_S = 0.02
 
@@ -167,6 +167,7 @@ class ScriptedBatcher:
         # The last token seen by one update and its finish by the next, as when the batching thread sets the finish
         # between the stream's two reads.
         self.finish_apart = finish_apart
+        self.wakeups = 0
 
     async def updates(self, seq: Sequence):
         seq.routes[("decoder", 1)] = Route()
@@ -184,17 +185,19 @@ class ScriptedBatcher:
                 if self.finish_apart:
                     yield seq
                 seq.finish_reason = "length"
-            if (i + 1) % self.behind == 0 or seq.finish_reason is not None:
+            wanted = seq.done or self.now >= seq.wake_at
+            if ((i + 1) % self.behind == 0 and wanted) or seq.finish_reason is not None:
+                self.wakeups += 1
                 yield seq
 
 
 def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, ...] = (),
              error: Exception | None = None, decoded: list | None = None, finish_apart: bool = False,
-             behind: int = 1, **pacing) -> list:
+             behind: int = 1, whole: bool = False, wakeups: list | None = None, **pacing) -> list:
     """The pieces `follow` yields for these tokens, one a step of ScriptedBatcher.STEP_S, with the text "<t>" per
     token; `decoding`: the sequences decoding, at every step or step by step. With `error`, the batch fails at the
     last token's step: the pieces before it, then the error as the last item. `decoded` gets the tokens of each
-    decoding of the text."""
+    decoding of the text, `wakeups` the count of updates the follower was woken for."""
     config = ServerConfig(model="unused", **pacing)
 
     def decode(ids: list[int]) -> str:
@@ -210,10 +213,12 @@ def streamed(tokens: list[int], decoding: int | list[int] = 1, stop: tuple[str, 
     async def pieces() -> list:
         out = []
         try:
-            async for p in follow(batcher, seq, batcher.updates(seq), text, config):
+            async for p in follow(batcher, seq, batcher.updates(seq), text, config, whole):
                 out.append(p)
         except Exception as e:
             out.append(e)
+        if wakeups is not None:
+            wakeups.append(batcher.wakeups)
         return out
 
     with patch("router_service.server.time.monotonic", lambda: batcher.now):
@@ -260,9 +265,25 @@ def test_a_stream_sends_what_it_holds_once_the_interval_has_passed():
     assert [p.top_logprobs for p in pieces] == [[[(t, -0.5 * (t - 11))] for t in p.token_ids] for p in pieces]
     assert [p.routing[0]["experts"] for p in pieces] == [[t % 8 for t in p.token_ids] for p in pieces]
     assert [p.text for p in pieces] == ["".join(f"<{t}>" for t in p.token_ids) for p in pieces]
-    # The budget's share follows the load: 5 sequences decoding hold a stream 50 ms, one alone 10 ms.
+    # The budget's share is the load's as each piece goes: 5 sequences decoding hold a stream 50 ms, one alone 10 ms.
     pieces = streamed(tokens, [5] * 5 + [1] * 4, stream_interval_ms=0, stream_chunks_per_s=100)
-    assert [p.token_ids for p in pieces] == [[11], [12, 13, 14], [15, 16], [17], [18], [19]]
+    assert [p.token_ids for p in pieces] == [[11], [12, 13, 14], [15, 16, 17], [18], [19]]
+
+
+def test_a_follower_is_woken_only_for_the_steps_it_looks_at():
+    """The batching thread wakes the event loop for a paced stream once a piece is due, for a unary call at its end,
+    and at every step only where a stop string may end the text. Fails if a step wakes a follower with nothing to
+    send (with 32 streams, a wake-up a step each took the cores' time from the decoding), or a wanted one is missed."""
+    tokens, wakeups = list(range(11, 20)), []
+    paced = streamed(tokens, stream_interval_ms=50, stream_chunks_per_s=0, wakeups=wakeups)
+    assert [p.token_ids for p in paced] == [[11], [12, 13, 14], [15, 16, 17], [18, 19]] and wakeups == [4]
+    whole = streamed(tokens, stream_interval_ms=50, stream_chunks_per_s=0, whole=True, wakeups=wakeups)
+    assert [(p.token_ids, p.text, p.finish_reason) for p in whole] == [
+        (tokens, "".join(f"<{t}>" for t in tokens), "length")]
+    assert wakeups[-1] == 1
+    stopped = streamed(tokens, stop=("<16>",), whole=True, wakeups=wakeups)
+    assert [(p.token_ids, p.finish_reason) for p in stopped] == [([11, 12, 13, 14, 15, 16], "stop")]
+    assert wakeups[-1] == 6  # every step up to the one that completed it
 
 
 def test_a_held_stream_decodes_its_text_once_a_piece_unless_a_stop_string_may_end_it():
