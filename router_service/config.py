@@ -104,9 +104,9 @@ class ServerConfig(EngineConfig):
                                 "every step)")
     stream_chunks_per_s: float = Field(
         100.0, ge=0, description="the most chunks a second a front replica sends over all its streams together, their "
-                                 "first and last aside: with n sequences decoding, a stream waits at least n / this "
-                                 "many seconds between chunks, so that relaying them takes less of the CPU the "
-                                 "decoding needs; 0: no limit")
+                                 "first and last aside: with n sequences decoding as it sends one, a stream waits at "
+                                 "least n / this many seconds before the next, so that relaying them takes less of the "
+                                 "CPU the decoding needs; 0: no limit")
     num_replicas: int = Field(1, ge=1, description="front replicas (they share the expert actors)")
     served_model_name: str | None = Field(
         None, min_length=1, description="the model's id in the OpenAI-compatible API and the metrics (default: the "
