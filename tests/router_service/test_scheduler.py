@@ -294,16 +294,22 @@ def test_a_followed_stream_closed_after_its_first_piece_leaves_the_batch_at_once
 
 
 class TokenBatcher(ContinuousBatcher):
-    """Makes a token a step (STEP_S apart) for every queued sequence, without a model, the last at `length`."""
+    """Makes a token a step (STEP_S apart) for every queued sequence, without a model, the last at `length`; the
+    step `fail_at` (counted from 1) fails instead. Its first step waits for `go`: the test's hook on the sequence is in
+    place by then."""
 
     STEP_S = 0.01
 
-    def __init__(self, length: int):
+    def __init__(self, length: int, fail_at: int | None = None):
         super().__init__(CrashingFront(), max_sequences=4)
-        self.length = length
+        self.length, self.fail_at, self.go = length, fail_at, threading.Event()
 
     def step(self) -> list[Sequence]:
+        self.go.wait(10)
         time.sleep(self.STEP_S)
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise RuntimeError("expert actors lost")
         with self.counting:
             self.active += [seq for seq in self.waiting if not seq.cancelled]
             self.waiting.clear()
@@ -316,22 +322,50 @@ class TokenBatcher(ContinuousBatcher):
         return stepped
 
 
+def followed(batcher: TokenBatcher, seq: Sequence, follower=None) -> tuple[list, list]:
+    """The updates of `seq` queued on a Scheduler over `batcher` (or, with `follower`, what it yields from them, as
+    router_service.server.follow does), and the batching thread's calls of its `on_update` (its event loop woken)."""
+    scheduler, calls = Scheduler(batcher, max_waiting=4), []
+
+    async def run() -> list:
+        (updates,) = scheduler.queue([seq])
+        wake = seq.on_update
+        seq.on_update = lambda: (calls.append(1), wake())
+        batcher.go.set()
+        return [item async for item in (updates if follower is None else follower(scheduler, updates))]
+
+    return asyncio.run(asyncio.wait_for(run(), timeout=10)), calls
+
+
 @pytest.mark.parametrize("wake_at, woken", [(0.0, 20), (math.inf, 1)])
 def test_the_batching_thread_wakes_a_follower_only_for_the_steps_it_wants(wake_at, woken):
     """Every step, where the follower wants every one; only its end, where it waits for that (a unary call's, or a
     paced stream's until its next piece is due: router_service.server.follow). Fails if the thread wakes the event
     loop at every step whatever its follower wants, or not at the end."""
-    scheduler = Scheduler(TokenBatcher(length=20), max_waiting=4)
     seq = Sequence([5, 1], wake_at=wake_at)
-
-    calls = []
-
-    async def follow() -> None:
-        (following,) = scheduler.queue([seq])  # its first step starts STEP_S later
-        wake = seq.on_update
-        seq.on_update = lambda: (calls.append(1), wake())
-        async for _ in following:
-            pass
-
-    asyncio.run(asyncio.wait_for(follow(), timeout=10))
+    _, calls = followed(TokenBatcher(length=20), seq)
     assert len(calls) == woken and seq.finish_reason == "length"
+
+
+def test_a_follower_waiting_for_the_end_is_woken_by_a_failed_step():
+    """A unary call's follower wants its sequence's end alone: a step that fails ends it too, with the error. Fails
+    if the batching thread wakes it only for a finish (the call would wait forever)."""
+    seq = Sequence([5, 1], wake_at=math.inf)
+    with pytest.raises(RuntimeError, match="expert actors lost"):
+        followed(TokenBatcher(length=20, fail_at=3), seq)
+
+
+def test_a_paced_stream_is_woken_once_a_piece_a_step_apart_on_the_threads_clock():
+    """The real follow over the batching thread: a stream paced at 50 ms over steps of 10 ms sends several pieces,
+    each after one wake-up, far fewer than the steps. Fails if the batching thread and the follower read different
+    clocks (wall time: woken every step; a thread's CPU time: nothing between the first piece and the last)."""
+    from router_service.config import ServerConfig
+    from router_service.server import follow
+    from router_service.text import TextStream
+
+    config = ServerConfig(model="unused", stream_interval_ms=50, stream_chunks_per_s=0)
+    seq = Sequence([5, 1])
+    pieces, calls = followed(TokenBatcher(length=20), seq, lambda scheduler, updates: follow(
+        scheduler, seq, updates, TextStream(lambda ids: "", ()), config))
+    assert [t for p in pieces for t in p.token_ids] == [7] * 20 and pieces[-1].finish_reason == "length"
+    assert len(pieces) >= 3 and len(calls) <= 12  # of 20 steps

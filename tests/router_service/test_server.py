@@ -171,6 +171,8 @@ class ScriptedBatcher:
 
     async def updates(self, seq: Sequence):
         seq.routes[("decoder", 1)] = Route()
+        woken = []
+        seq.on_update = lambda: woken.append(self.now)  # called by Sequence.notify, as the batching thread calls it
         for i, token in enumerate(self.tokens):
             self.now += self.STEP_S
             if i == len(self.tokens) - 1 and self.error is not None:
@@ -185,8 +187,8 @@ class ScriptedBatcher:
                 if self.finish_apart:
                     yield seq
                 seq.finish_reason = "length"
-            wanted = seq.done or self.now >= seq.wake_at
-            if ((i + 1) % self.behind == 0 and wanted) or seq.finish_reason is not None:
+            seq.notify(self.now)
+            if ((i + 1) % self.behind == 0 and woken and woken[-1] == self.now) or seq.finish_reason is not None:
                 self.wakeups += 1
                 yield seq
 
