@@ -449,6 +449,20 @@ def test_front_pods_drain_their_node_before_they_stop():
         assert front_drain_s < drain_s < pod["terminationGracePeriodSeconds"]
 
 
+def test_every_pod_outlasts_the_drain_ray_gives_its_node():
+    """Kubernetes' grace period of every pod, the heads' too, is longer than the drain `ray start` runs on its SIGTERM
+    (its pod's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, else Ray's default): a shorter one kills the pod in the middle
+    of it. Fails if a pod group leaves Kubernetes' default grace period (30 s, Ray's drain too)."""
+    from ray._private.ray_constants import RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+
+    for file in MANIFESTS:
+        for name, pod in pod_groups(yaml.safe_load(file.read_text())).items():
+            (container,) = pod["containers"]
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            drain_s = float(env.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S))
+            assert pod.get("terminationGracePeriodSeconds", 30) > drain_s, (file.name, name)
+
+
 BUDGETS = list(yaml.safe_load_all((ROOT / "manifests" / "disruption-budgets.yaml").read_text()))
 
 

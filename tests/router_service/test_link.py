@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+from reference import wait_until
+
 from experts.fleet import FleetActors
 from router_service import engine
 from router_service.engine import LINK_CHECK_S, ExpertLink
@@ -39,37 +41,29 @@ def stand_in_dispatcher() -> SimpleNamespace:
     return dispatcher
 
 
-def wait_for(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_link_follows_its_fleet():
     """Fails if the link only learns of a new fleet from a failed call (the check in ExpertLink._run)."""
     fleet = StandInFleet(FleetActors([], "waiting 10 s for room for 2 node(s)", "first", SERVES))
     dispatcher = stand_in_dispatcher()
     link = ExpertLink(fleet, SERVES, dispatcher)
     try:
-        assert wait_for(lambda: link.status.startswith("waiting 10 s for room"), 5)
+        wait_until(lambda: link.status.startswith("waiting 10 s for room"), "the link waiting for room", 5)
         assert not link.ready.is_set()
 
         fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "first", SERVES, PLACED)
         assert link.wait(5) and dispatcher.actors == ["actor 0", "actor 1"] and link.status == "ready"
 
         fleet.view = FleetActors([], "loading 2 expert actors", "second", SERVES)  # the fleet died and started again
-        assert wait_for(lambda: not link.ready.is_set(), LINK_CHECK_S + 2)
-        assert wait_for(lambda: link.status == "loading 2 expert actors", 5)
+        wait_until(lambda: not link.ready.is_set(), "the link not ready", LINK_CHECK_S + 2)
+        wait_until(lambda: link.status == "loading 2 expert actors", "the link loading", 5)
         fleet.view = FleetActors(["actor 2", "actor 3"], "ready", "second", SERVES, PLACED)
         assert link.wait(5) and dispatcher.actors == ["actor 2", "actor 3"]
 
         dispatcher.actors_dead = lambda: True  # the fleet died; Serve has not noticed yet
         fleet.error = TimeoutError()
-        assert wait_for(lambda: not link.ready.is_set(), LINK_CHECK_S + 2)
-        assert wait_for(lambda: "the expert fleet did not answer" in link.status, 2)
+        wait_until(lambda: not link.ready.is_set(), "the link not ready", LINK_CHECK_S + 2)
+        wait_until(lambda: "the expert fleet did not answer" in link.status,
+                   "the link saying the fleet did not answer", 2)
 
         fleet.error, dispatcher.actors_dead = None, lambda: False
         assert link.wait(LINK_CHECK_S + 2)  # the same fleet again: the same actors
@@ -83,13 +77,14 @@ def test_link_follows_its_fleet():
 
         # The fleet started again and loaded its new actors between two checks: the old ones were its own.
         fleet.view = FleetActors(["actor 4", "actor 5"], "ready", "third", SERVES, PLACED)
-        assert wait_for(lambda: dispatcher.actors == ["actor 4", "actor 5"], 2 * LINK_CHECK_S + 2)
+        wait_until(lambda: dispatcher.actors == ["actor 4", "actor 5"], "the new actors taken up", 2 * LINK_CHECK_S + 2)
         assert link.ready.is_set()
 
         # An actor dead for good, which the fleet still hands out: the link asks it to start that one again.
         fleet.replacing = True
         dispatcher.on_lost(RuntimeError("actor 5 killed"), ["actor 4", "actor 5"])
-        assert wait_for(lambda: "their fleet is starting them again" in link.status, 5)
+        wait_until(lambda: "their fleet is starting them again" in link.status,
+                   "the link saying the fleet starts them again", 5)
         fleet.replacing, fleet.view = False, FleetActors(["actor 4", "actor 6"], "ready", "fourth", SERVES, PLACED)
         assert link.wait(2 * LINK_CHECK_S + 2) and dispatcher.actors == ["actor 4", "actor 6"]
     finally:
@@ -109,8 +104,8 @@ def test_link_stops_serving_while_its_fleet_waits_for_room_for_lost_actors():
         assert link.wait(5)
         waiting = "the expert actors of node 2 of 2 wait for room on another node (theirs was lost)"
         fleet.view = fleet.view._replace(moving=waiting)
-        assert wait_for(lambda: not link.ready.is_set(), LINK_CHECK_S + 2)
-        assert wait_for(lambda: link.status == waiting, 5)
+        wait_until(lambda: not link.ready.is_set(), "the link not ready", LINK_CHECK_S + 2)
+        wait_until(lambda: link.status == waiting, "the link waiting", 5)
         asked.clear()
         time.sleep(LINK_CHECK_S + 0.5)
         assert len(asked) <= 2 and not link.ready.is_set()
@@ -169,7 +164,8 @@ def test_a_front_with_late_actors_waits_for_them_before_anything_else(monkeypatc
         StandInLate.answer = False  # one of the late actors is dead for good
         fleet.replacing = True
         dispatcher.on_late(late, [1], ["actor 0", "actor 1"])
-        assert wait_for(lambda: "their fleet is starting them again" in link.status, 5)
+        wait_until(lambda: "their fleet is starting them again" in link.status,
+                   "the link saying the fleet starts them again", 5)
         assert not link.ready.is_set()
     finally:
         StandInLate.answer = None
@@ -183,14 +179,16 @@ def test_link_takes_only_the_actors_of_a_fleet_serving_its_config():
     dispatcher = stand_in_dispatcher()
     link = ExpertLink(fleet, SERVES, dispatcher)
     try:
-        assert wait_for(lambda: "serves another config (experts-new-plan" in link.status, 5)
+        wait_until(lambda: "serves another config (experts-new-plan" in link.status,
+                   "the link saying the fleet serves another config", 5)
         assert not link.ready.is_set() and dispatcher.actors == []
 
         fleet.view = FleetActors(["actor 0", "actor 1"], "ready", "old", SERVES, PLACED)
         assert link.wait(5) and dispatcher.actors == ["actor 0", "actor 1"]
         fleet.view = FleetActors(["new 0", "new 1", "new 2"], "ready", "new", "experts-new-plan", PLACED)
         looks = counted_looks(fleet)
-        assert wait_for(lambda: len(looks) >= 2, 2 * LINK_CHECK_S + 2)  # a draining front keeps its fleet's actors
+        # a draining front keeps its fleet's actors
+        wait_until(lambda: len(looks) >= 2, "two looks at the fleet", 2 * LINK_CHECK_S + 2)
         assert link.ready.is_set() and dispatcher.actors == ["actor 0", "actor 1"]
     finally:
         link.close()
@@ -219,13 +217,14 @@ def test_a_draining_front_keeps_its_actors_while_the_fleet_replacing_theirs_serv
                                  SERVES, behind_predecessor=True, name="app-v1", replacing=True),
                      FleetActors([], "starting", "rebuilt", SERVES, name="app-v1", replacing=True)):
             fleet.view, looks = view, counted_looks(fleet)
-            assert wait_for(lambda looks=looks: len(looks) >= 2, 2 * LINK_CHECK_S + 2)
+            wait_until(lambda looks=looks: len(looks) >= 2, "two looks at the fleet", 2 * LINK_CHECK_S + 2)
             assert link.ready.is_set() and dispatcher.actors == ["actor 0", "actor 1"], view
 
         fleet.view = FleetActors(["new 0", "new 1"], "ready", "new", SERVES, PLACED, name="app-v2")
         # The old fleet released them (its fronts have stopped): a front left takes the new ones.
         dispatcher.actors_dead = lambda: dispatcher.actors == ["actor 0", "actor 1"]
-        assert wait_for(lambda: dispatcher.actors == ["new 0", "new 1"] and link.ready.is_set(), LINK_CHECK_S + 2)
+        wait_until(lambda: dispatcher.actors == ["new 0", "new 1"] and link.ready.is_set(),
+                   "the new fleet's actors taken up", LINK_CHECK_S + 2)
     finally:
         link.close()
 
@@ -266,7 +265,8 @@ def test_link_outlives_a_failure_to_take_up_the_actors():
 
     link = ExpertLink(fleet, SERVES, dispatcher, local_experts)
     try:
-        assert wait_for(lambda: "taking up the expert actors failed (out of memory)" in link.status, 5)
+        wait_until(lambda: "taking up the expert actors failed (out of memory)" in link.status,
+                   "the link saying its take-up failed", 5)
         assert not link.ready.is_set()
         assert link.wait(LINK_CHECK_S + 2) and dispatcher.actors == ["actor 0"] and link.status == "ready"
     finally:
@@ -296,8 +296,9 @@ def test_link_says_whether_its_fleet_waits_behind_the_one_it_replaces():
                                      behind_predecessor=True))
     link = ExpertLink(fleet, SERVES, stand_in_dispatcher())
     try:
-        assert wait_for(lambda: link.behind_predecessor, 5)
+        wait_until(lambda: link.behind_predecessor, "the link behind its predecessor", 5)
         fleet.view = FleetActors([], "loading 2 expert actors", "new", SERVES)
-        assert wait_for(lambda: not link.behind_predecessor, 5) and link.status == "loading 2 expert actors"
+        wait_until(lambda: not link.behind_predecessor, "the link no longer behind its predecessor", 5)
+        assert link.status == "loading 2 expert actors"
     finally:
         link.close()
