@@ -433,34 +433,39 @@ def test_the_readmes_build_command_is_the_manifests():
     assert shown and shlex.split(shown.group(1).replace("\\\n", " ")) == command
 
 
+def ray_drain_s(pod: dict) -> float:
+    """How long `ray start` drains the pod's Ray node on Kubernetes' SIGTERM: its RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S,
+    else Ray's default (tested as such in test_topology)."""
+    from ray._private.ray_constants import RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    return float(env.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S))
+
+
 def test_front_pods_drain_their_node_before_they_stop():
-    """Pods of fronts apart from the head have Ray drain their node for longer than a front's drain, as `ray start`
-    does on Kubernetes' SIGTERM (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S; tested as such in test_topology), and a grace
+    """Pods of fronts apart from the head have Ray drain their node for longer than a front's drain, and a grace
     period beyond it. (Fronts on the head stop with the whole cluster.)"""
     manifests = [yaml.safe_load(file.read_text()) for file in MANIFESTS]
     fronts = [(m, pod_groups(m)[front_group(m)]) for m in manifests if front_group(m) != "head"]
     assert fronts  # switch-c-2048's front pods
     for manifest, pod in fronts:
-        (container,) = pod["containers"]
-        env = {e["name"]: e.get("value") for e in container["env"]}
-        drain_s = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
         front_drain_s = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"])).get(
             "drain_timeout_s", ServerConfig.model_fields["drain_timeout_s"].default)
-        assert front_drain_s < drain_s < pod["terminationGracePeriodSeconds"]
+        assert front_drain_s < ray_drain_s(pod) < pod["terminationGracePeriodSeconds"]
+
+
+# Kubernetes' grace period of a pod that sets none.
+KUBERNETES_GRACE_S = 30
 
 
 def test_every_pod_outlasts_the_drain_ray_gives_its_node():
-    """Kubernetes' grace period of every pod, the heads' too, is longer than the drain `ray start` runs on its SIGTERM
-    (its pod's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, else Ray's default): a shorter one kills the pod in the middle
-    of it. Fails if a pod group leaves Kubernetes' default grace period (30 s, Ray's drain too)."""
-    from ray._private.ray_constants import RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
-
+    """Kubernetes' grace period of every pod, the heads' too, is longer than the drain `ray start` runs on its SIGTERM:
+    a shorter one kills the pod in the middle of it. Fails if a pod group leaves Kubernetes' default (30 s, Ray's
+    default drain too)."""
     for file in MANIFESTS:
         for name, pod in pod_groups(yaml.safe_load(file.read_text())).items():
-            (container,) = pod["containers"]
-            env = {e["name"]: e.get("value") for e in container.get("env", [])}
-            drain_s = float(env.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S))
-            assert pod.get("terminationGracePeriodSeconds", 30) > drain_s, (file.name, name)
+            assert pod.get("terminationGracePeriodSeconds", KUBERNETES_GRACE_S) > ray_drain_s(pod), (file.name, name)
 
 
 BUDGETS = list(yaml.safe_load_all((ROOT / "manifests" / "disruption-budgets.yaml").read_text()))
