@@ -27,11 +27,23 @@ from experts.checkpoint import (
     INDEX_FILE,
     CheckpointError,
     SwitchCheckpoint,
+    TensorInfo,
+    check_finite,
     check_tensor_names,
+    check_tensor_shapes,
     config_of_weights,
     read_config,
 )
-from experts.spec import CONFIG_FILE, EXPERT_TENSOR, GENERATION_CONFIG_FILE, LAYER_FIELDS, TOKENIZER_FILES
+from experts.spec import (
+    CONFIG_FILE,
+    DTYPE_OF_TORCH,
+    DTYPES,
+    EXPERT_TENSOR,
+    GENERATION_CONFIG_FILE,
+    LAYER_FIELDS,
+    TOKENIZER_FILES,
+    SwitchConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +90,12 @@ def group_of(name: str) -> tuple:
         return ("front",)
     stack, layer, expert = match.groups()
     return stack, int(layer), "experts", 10 ** (len(expert) - 1) if len(expert) > 1 else 0, 10 ** len(expert) - 1
+
+
+def safetensors_dtype(dtype: torch.dtype) -> str:
+    """The safetensors header's code of a dtype switch-serve serves (F32, BF16, F16), else torch's name of it."""
+    name = str(dtype).removeprefix("torch.")
+    return DTYPES[DTYPE_OF_TORCH[name]].safetensors if name in DTYPE_OF_TORCH else name
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +156,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
             if record is None or record.get("source") != source:
                 for file in (record or {}).get("files", {}):
                     (work / file).unlink(missing_ok=True)
-                record = {"source": source, **convert_shard(src / shard, number, len(shards), work)}
+                record = {"source": source, **convert_shard(src / shard, number, len(shards), work,
+                                                            config if names is not None else None)}
                 write_record(done, record)  # after the shard's files
             else:
                 log.warning("%s: converted by an earlier run, kept from %s", shard, work)
@@ -168,10 +187,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> SwitchCheckpoint:
     return SwitchCheckpoint.open(dst)
 
 
-def convert_shard(path: Path, number: int, count: int, work: Path) -> dict:
+def convert_shard(path: Path, number: int, count: int, work: Path, config: SwitchConfig | None) -> dict:
     """Write the tensors of `.bin` shard `path` (number `number` of `count`) into `work`, grouped; returns
-    {"files": {file: tensor names}, "bytes": their size}."""
+    {"files": {file: tensor names}, "bytes": their size}. Each tensor is checked first, its dtype and shape against
+    `config` where the weights' names are known before converting (a sharded checkpoint's index), naming the shard:
+    else the converted folder's check, at the end, names the file it was written to."""
     state = load_shard(path)
+    if config is not None:
+        check_tensor_shapes(config, {name: TensorInfo(path.name, tuple(t.shape), safetensors_dtype(t.dtype))
+                                     for name, t in state.items()}, lambda name: path)
+    for name, t in state.items():
+        check_finite(t, name, path)
     groups: dict[tuple, list[str]] = {}
     for name in state:
         groups.setdefault(group_of(name), []).append(name)

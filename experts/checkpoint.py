@@ -76,7 +76,11 @@ def _read_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(value, str) for value in metadata.values())):
+        raise CheckpointError(f"{path}: the safetensors header's __metadata__ is not a JSON object of strings "
+                              f"({json.dumps(metadata)[:200]})")
     data_size = size - 8 - header_len
     for name, entry in header.items():
         if not _well_formed(entry):
@@ -200,6 +204,29 @@ def check_tensor_names(config: SwitchConfig, names: Collection[str], listing: Pa
                                   "model config.json describes")
 
 
+def check_tensor_shapes(config: SwitchConfig, tensors: dict[str, TensorInfo],
+                        file_of: Callable[[str], Path]) -> None:
+    """That each of `tensors` (named as check_tensor_names checks) has a floating-point dtype switch-serve serves and
+    the shape the model `config` describes gives it: a CheckpointError naming the file that holds it (`file_of`)."""
+    required, optional = expected_tensors(config)
+    for name, info in tensors.items():
+        shape = required.get(name) or optional.get(name)
+        if info.dtype not in DTYPE_OF_SAFETENSORS:
+            raise CheckpointError(f"{file_of(name)}: tensor {name} has dtype {info.dtype}, expected one of "
+                                  f"{', '.join(DTYPE_OF_SAFETENSORS)}")
+        if info.shape != shape:
+            raise CheckpointError(f"{file_of(name)}: tensor {name} has shape {list(info.shape)}, "
+                                  f"config.json expects {list(shape)}")
+
+
+def check_finite(tensor, name: str, file: Path) -> None:
+    """A tensor that holds a NaN or an infinity is a CheckpointError naming `file` and it: served, every answer its
+    layer touches would be NaN."""
+    if not (finite := tensor.isfinite()).all():
+        raise CheckpointError(f"{file}: tensor {name} holds {finite.numel() - int(finite.sum())} NaN or infinite "
+                              "values")
+
+
 @dataclass
 class SwitchCheckpoint:
     """A validated checkpoint folder: its config and where every tensor lives. Cheap to pickle."""
@@ -265,15 +292,7 @@ class SwitchCheckpoint:
     @staticmethod
     def _check(config: SwitchConfig, tensors: dict[str, TensorInfo], path: Path, listing: Path) -> None:
         check_tensor_names(config, tensors, listing, lambda name: path / tensors[name].file)
-        required, optional = expected_tensors(config)
-        for name, info in tensors.items():
-            shape = required.get(name) or optional.get(name)
-            if info.dtype not in DTYPE_OF_SAFETENSORS:
-                raise CheckpointError(f"{path / info.file}: tensor {name} has dtype {info.dtype}, expected one of "
-                                      f"{', '.join(DTYPE_OF_SAFETENSORS)}")
-            if info.shape != shape:
-                raise CheckpointError(f"{path / info.file}: tensor {name} has shape {list(info.shape)}, "
-                                      f"config.json expects {list(shape)}")
+        check_tensor_shapes(config, tensors, lambda name: path / tensors[name].file)
 
     @property
     def dtype_name(self) -> str:
@@ -352,7 +371,7 @@ class SwitchCheckpoint:
 
     def iter_tensors(self, names: list[str]):
         """(name, tensor) for each named tensor, shard by shard, read as the caller asks for the next one (so a
-        caller that moves each to a GPU holds one tensor at a time in host memory)."""
+        caller that moves each to a GPU holds one tensor at a time in host memory), each checked (check_finite)."""
         # Reading tensors needs torch; importing it here keeps commands that only read headers quick.
         from safetensors import safe_open
 
@@ -366,4 +385,6 @@ class SwitchCheckpoint:
             with safe_open(self.path / file, framework="pt") as f:
                 for name in file_names:
                     self.names_read.add(name)
-                    yield name, f.get_tensor(name)
+                    tensor = f.get_tensor(name)
+                    check_finite(tensor, name, self.path / file)
+                    yield name, tensor

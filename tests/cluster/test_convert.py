@@ -22,6 +22,7 @@ from experts.placement import PlacementConfig
 from router_service.engine import SwitchCluster
 
 PROMPTS = [[5, 9, 23, 4, 17, 60, 33, 2, 11, 48, 1], [71, 3, 1], [14, 15, 16, 90, 27, 1]]
+EXPERT = "decoder.block.1.layer.2.mlp.experts.expert_5.wi.weight"
 
 
 def save_bin_shards(model, folder, shards: int) -> None:
@@ -47,11 +48,11 @@ def cut_short_at_the_third_shard(monkeypatch, src, dst) -> list[int]:
 
     real, converted = converting.convert_shard, []
 
-    def cut_at_the_third(path, number, count, work):
+    def cut_at_the_third(path, number, *args):
         if number == 3:
             raise KeyboardInterrupt
         converted.append(number)
-        return real(path, number, count, work)
+        return real(path, number, *args)
 
     monkeypatch.setattr(converting, "convert_shard", cut_at_the_third)
     with pytest.raises(KeyboardInterrupt):
@@ -159,6 +160,30 @@ def test_a_bad_index_or_a_missing_shard_fails_before_any_shard_is_converted(chec
     with pytest.raises(CheckpointError, match=message):
         convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.update({EXPERT: t[EXPERT][:, :4].clone()}), rf"tensor {EXPERT} has shape \[\d+, 4\], config\.json "),
+    (lambda t: t.update({EXPERT: t[EXPERT].double()}), rf"tensor {EXPERT} has dtype float64, expected one of F32"),
+    (lambda t: t[EXPERT].view(-1)[:3].fill_(float("nan")), rf"tensor {EXPERT} holds 3 NaN or infinite values"),
+], ids=["shape", "dtype", "nan"])
+def test_a_bad_tensor_is_named_in_its_shard_before_the_shard_is_converted(checkpoint_factory, tmp_path, damage,
+                                                                          message):
+    """A tensor of the wrong shape or dtype, or one that holds a NaN, in a sharded checkpoint: named in its source
+    .bin shard as that shard is read, nothing written for it (found only by the converted folder's check before,
+    after every shard was converted, and named in the converted file). Fails if the shard is converted first."""
+    _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
+    src = tmp_path / "bin"
+    save_bin_shards(hf_model, src, shards=3)
+    shard = src / json.loads((src / BIN_INDEX_FILE).read_text())["weight_map"][EXPERT]
+    state = torch.load(shard, weights_only=True)
+    damage(state)
+    torch.save(state, shard)
+    number = int(shard.name.split("-")[1])
+    with pytest.raises(CheckpointError, match=rf"bin/{shard.name}: {message}"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / ".out.partial").glob(f"model-{number:05d}-*"))  # (shards before it kept)
 
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
