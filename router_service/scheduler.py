@@ -96,7 +96,8 @@ class Scheduler:
             updates.append(self._updates(seq, updated))
             self.batcher.add(seq)
         self._wake.set()
-        if not self.alive:  # checked after queueing: a thread that stops from now on fails what it has queued
+        if not self.alive:  # checked after queueing: a thread that stops from now on fails what it has queued,
+            self.cancel(seqs)  # and those queued after it failed the rest count nowhere
             raise BatcherStopped(STOPPED)
         return updates
 

@@ -202,9 +202,7 @@ async def json_body(request: Request, refused: Callable[[str, str], Exception], 
     """The request's JSON body; `refused(field, why)` is raised where it is larger than `limits` ("body", or the
     list's path), not JSON ("body"), or where a string of it holds half of a UTF-16 surrogate pair, which is no text:
     no tokenizer takes it, nor any answer that would repeat it."""
-    raw = await request.body()  # here already: Serve's proxy passed it whole
-    if len(raw) > limits.bytes:
-        raise refused("body", f"{len(raw)} bytes, more than a request this server takes can have ({limits.bytes})")
+    raw = await body_within(request, refused, limits.bytes)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
@@ -216,6 +214,33 @@ async def json_body(request: Request, refused: Callable[[str, str], Exception], 
     if may_hold_one and (where := unpaired_surrogate(body)) is not None:
         raise refused(where, "not valid Unicode (half of a UTF-16 surrogate pair)")
     return body
+
+
+async def body_within(request: Request, refused: Callable[[str, str], Exception], most: int) -> bytes:
+    """The request's body, `refused("body", why)` where it has more than `most` bytes: told by its Content-Length,
+    or for a body sent in chunks once those read pass `most`, and the rest read without being kept (behind HAProxy, a
+    replica reads the body from the client itself: a body of gigabytes would take its memory; a client that sends
+    its whole body before reading the answer, as most do, got a reset connection instead of the 400 where the rest
+    was left unread)."""
+    declared = request.headers.get("content-length")
+    declared = int(declared) if declared is not None and declared.isdigit() else None
+    if declared is not None and declared <= most:
+        return await request.body()
+    chunks = request.stream()
+
+    async def too_long(size: str) -> Exception:
+        async for _ in chunks:
+            pass
+        return refused("body", f"{size} bytes, more than a request this server takes can have ({most})")
+
+    if declared is not None:
+        raise await too_long(str(declared))
+    raw = bytearray()
+    async for chunk in chunks:
+        raw += chunk
+        if len(raw) > most:
+            raise await too_long(f"more than {len(raw)}")
+    return bytes(raw)
 
 
 def long_list(body: object, most: int) -> tuple[str, int] | None:
@@ -356,7 +381,14 @@ async def follow(scheduler: Scheduler, seq: Sequence, updates: AsyncIterator[Seq
     `text` (which takes it out of the batch); `whole`: one piece at the end (a unary call's). The batching thread
     wakes this loop only once a piece is due (`seq.wake_at`), or at every step where a stop string may end the text:
     with 32 streams on two vCPUs, a wake-up a step each took the event loop's share of the cores from the decoding."""
-    sent, count, checked, new_text, due_at = 0, 0, 0, "", math.inf if whole else 0.0
+    sent, count, checked, new_text = 0, 0, 0, ""
+
+    def next_piece_at(at: float) -> float:
+        """`at`, the next piece's due time, told to the batching thread (with stop strings, it wakes this loop at
+        every step)."""
+        if not text.stop:
+            seq.wake_at = at
+        return at
 
     def piece(reason: str | None) -> Piece:
         routing = seq.routing(sent, count, encoder=sent == 0) if seq.params.routing else []
@@ -379,8 +411,7 @@ async def follow(scheduler: Scheduler, seq: Sequence, updates: AsyncIterator[Seq
         elif due:
             new_text += text.update(seq.token_ids[:count], finished)
 
-    if not text.stop:
-        seq.wake_at = due_at
+    due_at = next_piece_at(math.inf if whole else 0.0)
     async with aclosing(updates):
         try:
             async for _ in updates:
@@ -394,9 +425,7 @@ async def follow(scheduler: Scheduler, seq: Sequence, updates: AsyncIterator[Seq
                 if reason is None and not due:
                     continue
                 if reason is None:  # before the piece goes: a step meanwhile need not wake this loop
-                    due_at = time.monotonic() + stream_interval_s(config, scheduler.num_active)
-                    if not text.stop:
-                        seq.wake_at = due_at
+                    due_at = next_piece_at(time.monotonic() + stream_interval_s(config, scheduler.num_active))
                 yield piece(reason)
                 sent, new_text = count, ""
                 if reason is not None:
@@ -529,12 +558,12 @@ class SwitchServer:
 
     def _new_sequence(self, prompt: Collection[int], field: str, stop: str | Iterable[str] | None,
                       **sampling) -> tuple[Sequence, tuple]:
-        """A checked sequence and its stop strings; `sampling`: make_sampling_params' keywords."""
+        """A checked sequence and its stop strings; `sampling`: make_sampling_params' keywords. The caller checks
+        the experts once every sequence of its request is (bad input is refused as such whatever their state)."""
         vocab = self.cluster.checkpoint.config.vocab_size
         params = make_sampling_params(vocab, self.config, **sampling)
         prompt = check_prompt(prompt, vocab, self.config, field)
         stop = check_stop_strings(stop, self.has_tokenizer)
-        self.cluster.check_experts()  # after the checks: bad input is refused as such whatever the experts' state
         return Sequence(prompt, params), stop
 
     def _sequence(self, request: pb.GenerateRequest) -> tuple[Sequence, tuple]:
@@ -546,8 +575,10 @@ class SwitchServer:
         prompt = self.cluster.encode_text(request.text) if request.text else request.input_ids
         optional = {name: getattr(request, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
                     if request.HasField(name)}
-        return self._new_sequence(prompt, "text" if request.text else "input_ids", request.stop,
-                                  stop_token_ids=request.stop_token_ids, routing=request.return_routing, **optional)
+        checked = self._new_sequence(prompt, "text" if request.text else "input_ids", request.stop,
+                                     stop_token_ids=request.stop_token_ids, routing=request.return_routing, **optional)
+        self.cluster.check_experts()
+        return checked
 
     async def _embed(self, inputs: list[tuple[str | Collection[int], str]], pooling: str, field: str) -> list[Sequence]:
         """Encode each (text or prompt ids, its field) in the batch's encoder passes, beside the prompts of generation
@@ -881,6 +912,7 @@ class SwitchServer:
                     ids, field, request.stop, max_new_tokens=max_tokens, temperature=request.temperature,
                     top_p=request.top_p, seed=nth_seed(request.seed, j),
                     top_logprobs=request.logprobs or 0))
+        self.cluster.check_experts()
         return out
 
     def _first_offsets(self, request: CompletionRequest) -> list[int]:

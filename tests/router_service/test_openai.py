@@ -354,15 +354,19 @@ def test_a_request_of_too_many_choices_is_refused_before_any_prompt_is_tokenized
     ("openai_completions", {"prompt": [5, 999999]}, {"prompt": [5, 9]}),
     ("openai_completions", {"prompt": [5, 999999], "stream": True}, {"prompt": [5, 9], "stream": True}),
     ("openai_completions", {"prompt": [[5, 9]] * 2, "n": 2, "max_tokens": 10**9}, {"prompt": [[5, 9]] * 2, "n": 2}),
+    ("openai_completions", {"prompt": [[5, 9], [5, 999999]]}, {"prompt": [[5, 9], [5, 10]]}),
     ("openai_embeddings", {"input": [[5, 1], [999999]]}, {"input": [[5, 1], [9, 1]]}),
 ])
-def test_bad_input_is_refused_as_such_when_the_queue_is_full(route, bad, good):
+@pytest.mark.parametrize("busy", ["the queue is full", "the experts are down"])
+def test_bad_input_is_refused_as_such_when_the_server_is_busy_or_down(route, bad, good, busy):
     """Through the routes' own handlers: a request that could never be served is bad input (400), not a full queue
-    (429, which OpenAI's client retries, then reports as a rate limit): its fields are checked before it queues.
-    Fails if the room is checked first."""
+    (429) nor experts down (503), both of which OpenAI's client retries, then reports as a rate limit or a server
+    error: every field of every prompt is checked before the experts are looked at or the request queues. Fails if
+    the room or the experts are checked before the last prompt."""
     import json
     from types import SimpleNamespace
 
+    from router_service.dispatch import ExpertsUnavailable
     from router_service.requests import BodyLimits
     from router_service.scheduler import QueueFull
     from router_service.server import SwitchServer
@@ -370,27 +374,34 @@ def test_bad_input_is_refused_as_such_when_the_queue_is_full(route, bad, good):
     def full(*_):
         raise QueueFull("32 requests already waiting (limit 32)")
 
+    def down():
+        raise ExpertsUnavailable("the experts are not serving: expert actors lost")
+
     replica = SwitchServer.func_or_class
     config = ServerConfig(model="unused")
+    queue_full = busy == "the queue is full"
     server = SimpleNamespace(has_tokenizer=True, config=config, body_limits=BodyLimits.of(config), model_id="m",
                              api_key=None,
-                             scheduler=SimpleNamespace(check_count=lambda count, field: None, queue=full),
+                             scheduler=SimpleNamespace(check_count=lambda count, field: None,
+                                                       queue=full if queue_full else lambda *_: pytest.fail("queued")),
                              cluster=SimpleNamespace(checkpoint=SimpleNamespace(config=SimpleNamespace(
-                                 vocab_size=100, d_model=8)), check_experts=lambda: None),
+                                 vocab_size=100, d_model=8)), check_experts=(lambda: None) if queue_full else down),
                              _finished=lambda error=None: None)
     for name in ("_new_sequence", "_queued", "_completion_choices", "_complete", "_first_offsets", "_follow_choices",
                  "_embed", "_authorize"):
         setattr(server, name, getattr(replica, name).__get__(server))
 
     def status(body: dict) -> int:
-        async def read() -> bytes:
-            return json.dumps({"model": "m", **body}).encode()
+        raw = json.dumps({"model": "m", **body}).encode()
 
-        request = SimpleNamespace(body=read, headers={})
+        async def read() -> bytes:
+            return raw
+
+        request = SimpleNamespace(body=read, headers={"content-length": str(len(raw))})
         return asyncio.run(getattr(replica, route)(server, request)).status_code
 
     assert status(bad) == 400
-    assert status(good) == 429  # and a good one is told the queue is full
+    assert status(good) == (429 if queue_full else 503)  # and a good one is told what holds it
 
 
 def test_a_stream_whose_client_left_before_its_first_event_ends_its_work():

@@ -64,6 +64,22 @@ def test_a_stopped_batching_thread_fails_requests_and_health():
         replica.check_health(server)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_request_queued_as_the_batching_thread_stops_is_refused_and_counts_nowhere(monkeypatch):
+    """The thread may stop, failing what it has queued, between a request's look at it and its queueing: the
+    request is refused, and its sequences count neither as waiting nor against the room (the health check's status
+    and ModelInfo say what waits). Fails if they stay queued, counted, for a thread that is gone."""
+    scheduler = Scheduler(ContinuousBatcher(CrashingFront(), max_sequences=4), max_waiting=4)
+    with pytest.raises(BatcherStopped):
+        asyncio.run(asyncio.wait_for(generate(scheduler), timeout=10))
+    scheduler._thread.join(10)
+    looks = iter([True, False])  # alive at the request's first look, stopped at its second
+    monkeypatch.setattr(Scheduler, "alive", property(lambda self: next(looks)))
+    with pytest.raises(BatcherStopped):
+        asyncio.run(asyncio.wait_for(generate(scheduler), timeout=10))
+    assert scheduler.num_waiting == 0 and scheduler.batcher.room() == (0, 4)
+
+
 class FailingFront(CrashingFront):
     def encode(self, prompts):
         raise RuntimeError("expert actors lost")

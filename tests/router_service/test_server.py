@@ -823,6 +823,36 @@ def test_a_body_beyond_any_request_the_server_takes_is_refused_before_it_is_pars
         assert error.endswith("1025 items, more than any list of a request here may hold (1024)")
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_body_beyond_the_limit_is_refused_before_it_is_read_whole(declared):
+    """Behind HAProxy a replica reads the body from the client: one of more bytes than any request may have is
+    refused by its Content-Length, and one sent in chunks as soon as the chunks read pass the limit, the rest read
+    (the client then gets the 400, not a reset connection) but not kept. Fails if the body is read whole first (a
+    body of gigabytes would take the replica's memory)."""
+    from router_service.requests import InvalidRequest
+    from router_service.server import body_within
+
+    read = []
+
+    async def body() -> bytes:
+        pytest.fail("the body read whole")
+
+    async def stream():
+        for _ in range(1000):
+            read.append(100)
+            yield b"x" * 100
+
+    request = SimpleNamespace(headers={"content-length": "100000"} if declared else {}, body=body, stream=stream)
+    with pytest.raises(InvalidRequest) as e:
+        asyncio.run(body_within(request, InvalidRequest, 250))
+    size = "100000" if declared else "more than 300"  # where the chunks read passed the limit: kept no further
+    assert (e.value.field, str(e.value)) == ("body", f"body: {size} bytes, more than a request this server takes "
+                                                     "can have (250)")
+    assert len(read) == 1000  # the rest read, not left for the connection to be reset
+    request = SimpleNamespace(headers={}, stream=stream)  # a chunked body within the limit, read whole
+    assert asyncio.run(body_within(request, InvalidRequest, 10**6)) == b"x" * 100_000
+
+
 def test_a_lone_surrogate_is_found_at_any_depth_and_named_by_its_path():
     """Found at a depth json.loads takes but Python's stack would not, with a key named `body` at the top told apart
     from the top itself; a surrogate pair is text. Fails if the walk recurses (a RecursionError, a 503)."""
