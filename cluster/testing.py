@@ -196,10 +196,11 @@ def environment(proc: Path) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
 
 
-def finish_streams(streams) -> tuple[list[str], set[str]]:
+def finish_streams(streams, tokens: list | None = None) -> tuple[list[str], set[str]]:
     """Read each gRPC stream of GenerateChunks to its end: each one's outcome ("OK", "CUT" for a stream that ended
     without a status but before its last chunk, or its status code's name), and the first lines of the errors'
-    messages."""
+    messages; into `tokens`, where given, each stream's token ids (those read since the caller's last `next`; None
+    for one that failed)."""
     import grpc
 
     outcomes, details = [], set()
@@ -207,9 +208,13 @@ def finish_streams(streams) -> tuple[list[str], set[str]]:
         try:
             chunks = list(stream)
             outcomes.append("OK" if chunks and chunks[-1].finish_reason else "CUT")
+            read = [t for chunk in chunks for t in chunk.token_ids]
         except grpc.RpcError as e:
             outcomes.append(e.code().name)
             details.add((e.details() or "").splitlines()[0] if e.details() else "")
+            read = None
+        if tokens is not None:
+            tokens.append(read)
     return outcomes, details
 
 

@@ -164,6 +164,7 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
                 assert json.loads(r.read())["token_ids"] == expected
 
             result = {}
+            clean = generate_remote(served.grpc, [prompt] * 8, max_new_tokens=200, temperature=1.0, seed=7)
 
             def run():
                 result["outputs"] = generate_remote(served.grpc, [prompt] * 8, max_new_tokens=200, temperature=1.0,
@@ -176,6 +177,7 @@ def test_behind_haproxy_calls_match_transformers_and_a_lost_front_loses_no_call(
                 ray.kill(busiest_replica(APP_NAME, FRONT_DEPLOYMENT), no_restart=True)
                 thread.join(180)
             assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
+            assert [o["token_ids"] for o in result["outputs"]] == [o["token_ids"] for o in clean]
             assert "retrying a request after" in caplog.text
     assert resident_memory(HAPROXY) == 0
 

@@ -79,16 +79,17 @@ def test_killed_front_replica(two_replicas):
 
     # Streams on both replicas, sampled so that they run their full length: Serve spreads them, but at random, so
     # more are opened while one replica has none (all of six go to one replica 2 times in 64).
-    streams = []
+    streams, requests, firsts, rests = [], [], [], []
     while len(streams) < 6 or 0 in carried():
         assert len(streams) < 24, f"Serve sent every stream to one replica: {carried()}"
         i = len(streams)
-        streams.append(stub.GenerateStream(pb.GenerateRequest(text=PROMPTS[i % len(PROMPTS)], max_new_tokens=200,
-                                                              temperature=1.0, seed=i), timeout=120))
-        next(streams[-1])
+        requests.append(pb.GenerateRequest(text=PROMPTS[i % len(PROMPTS)], max_new_tokens=200, temperature=1.0,
+                                           seed=i))
+        streams.append(stub.GenerateStream(requests[-1], timeout=120))
+        firsts.append(list(next(streams[-1]).token_ids))
     killed = time.monotonic()
     ray.kill(replicas[0], no_restart=True)
-    outcomes, details = finish_streams(streams)
+    outcomes, details = finish_streams(streams, rests)
     print(f"\nstreams after a replica was killed: {outcomes}; {details}")
     assert "OK" in outcomes and len(outcomes) == len(streams)  # the other replica's finished; none hung
     assert "UNAVAILABLE" in outcomes and set(outcomes) == {"OK", "UNAVAILABLE"}, outcomes
@@ -103,23 +104,31 @@ def test_killed_front_replica(two_replicas):
     print(f"a new replica {time.monotonic() - killed:.1f} s after the kill")
     for _ in range(4):
         assert stub.Generate(probe, timeout=60).token_ids == expected
+    # The other replica's streams whole, each as the same request makes it without a kill (sampled, seeded).
+    again = [stub.Generate.future(request, timeout=60) for request in requests]
+    for first, rest, outcome, answer in zip(firsts, rests, outcomes, again):
+        if outcome == "OK":
+            assert first + rest == list(answer.result().token_ids)
 
 
 def test_unary_requests_on_a_dying_replica_still_complete(two_replicas, caplog):
-    """`generate --address` (cluster.client) gets every answer when a replica dies under its requests: Serve
-    re-sends some of them itself, and the client asks again for those that fail with the replica's death."""
+    """`generate --address` (cluster.client) gets every answer when a replica dies under its requests, each the
+    one a run without the kill gets (sampled, seeded): Serve re-sends some of them itself, and the client asks again
+    for those that fail with the replica's death (which statuses it asks again for: test_client). Fails if an
+    answer is lost, cut short, or made again otherwise than it was asked."""
     import logging
 
     from cluster.client import generate_remote
 
     stub = two_replicas["stub"]
     both_replicas_serving()
-    result = {}
+    prompts, result = [PROMPTS[i % len(PROMPTS)] for i in range(8)], {}
+    clean = generate_remote(two_replicas["address"], prompts, max_new_tokens=200, temperature=1.0, seed=7)
 
     def run():
         try:
-            result["outputs"] = generate_remote(two_replicas["address"], [PROMPTS[i % len(PROMPTS)] for i in range(8)],
-                                                max_new_tokens=200, temperature=1.0, seed=7)
+            result["outputs"] = generate_remote(two_replicas["address"], prompts, max_new_tokens=200, temperature=1.0,
+                                                seed=7)
         except Exception as e:
             result["error"] = e
 
@@ -132,6 +141,7 @@ def test_unary_requests_on_a_dying_replica_still_complete(two_replicas, caplog):
     print(f"\nclient retries: {caplog.text.count('retrying a request after')}")
     assert "error" not in result, result.get("error")
     assert len(result["outputs"]) == 8 and all(o["finish_reason"] for o in result["outputs"])
+    assert [o["token_ids"] for o in result["outputs"]] == [o["token_ids"] for o in clean]
 
 
 def fleet_groups() -> list[tuple[str, str]]:
