@@ -441,6 +441,7 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     report["front_threads"] = compute_threads(server.front_threads)  # as a replica counts them
     try:
         with local_serve(server, http_port=free_port(), grpc_port=free_port()) as served:
+            pairs = 0
             for name, pool in work.items():
                 cluster_run(served.grpc, pool[:max(requests, *concurrency)], max(concurrency))  # warm (see WARM)
                 for c in concurrency:
@@ -448,9 +449,13 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                     report["workloads"][name]["cluster"].append(
                         {"concurrency": c, **asdict(summarize(f"cluster-{c}", timings))})
                 for c in sorted({min(concurrency), max(c for c in concurrency if c <= requests)}):
-                    # Streams and unary calls once more each, every process's CPU counted: what the streams cost where
+                    # Streams and unary calls once more each, every process's CPU counted: what the streams cost where.
+                    # Which runs first flips from pair to pair, so that a machine speeding up or slowing down over a
+                    # run favours neither.
                     cpu, paired = {}, {}
-                    for stream in (True, False):
+                    order = (True, False) if pairs % 2 == 0 else (False, True)
+                    pairs += 1
+                    for stream in order:
                         before = cpu_seconds()
                         timings = cluster_run(served.grpc, pool[:requests], c, stream=stream)
                         cpu["streams" if stream else "unary"] = cpu_used(before, cpu_seconds())
@@ -459,7 +464,8 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                     report["workloads"][name]["unary"].append(
                         {"concurrency": c, "system": result.system, "tokens": result.tokens,
                          "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "outputs": result.outputs,
-                         "cpu_s": cpu, "paired_streams_tokens_per_s": paired[True].tokens_per_s})
+                         "cpu_s": cpu, "paired_streams_tokens_per_s": paired[True].tokens_per_s,
+                         "unary_first": not order[0]})
         # A front on a GPU of its own has no experts beside it to compute: the breakdown with local_experts on would
         # be the one without, under another name.
         ways = [False] if front_gpus else list(dict.fromkeys([server.local_experts, False]))
@@ -581,8 +587,9 @@ def cpu_line(unary: dict) -> str:
     """The CPU seconds each kind of process used, the requests as streams against unary calls (a run of each)."""
     cpu = unary["cpu_s"]
     roles = [*PROCESS_ROLES, "client", "rest"]
-    return (f"CPU seconds at concurrency {unary['concurrency']}, streams against unary calls (a run of each, "
-            f"{unary['paired_streams_tokens_per_s']:.1f} against {unary['tokens_per_s']:.1f} tok/s): "
+    first = "unary calls" if unary.get("unary_first") else "streams"  # reports before the order flipped: streams
+    return (f"CPU seconds at concurrency {unary['concurrency']}, streams against unary calls (a run of each, {first} "
+            f"first, {unary['paired_streams_tokens_per_s']:.1f} against {unary['tokens_per_s']:.1f} tok/s): "
             + ", ".join(f"{role} {cpu['streams'].get(role, 0):.2f}/{cpu['unary'].get(role, 0):.2f}" for role in roles))
 
 

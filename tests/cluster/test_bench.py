@@ -36,6 +36,7 @@ def test_bench_quick_run(tmp_path):
     for u in w["unary"]:  # each beside a streamed run, every process's CPU counted (Linux)
         assert min(u["cpu_s"]["streams"]["front"], u["cpu_s"]["unary"]["front"]) > 0
         assert u["paired_streams_tokens_per_s"] > 0
+    assert [u["unary_first"] for u in w["unary"]] == [False, True]  # the order flips, pair by pair
     for r in w["transformers"] + w["cluster"] + w["unary"]:
         assert r["differing_outputs"] == 0, r["system"]  # the same greedy tokens everywhere
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r.get("ttft_p50", 1) > 0
