@@ -23,7 +23,7 @@ from ray.serve import Application, RunTarget
 from ray.serve.config import gRPCOptions
 
 from experts.ffn import KEPT_HEAP_ENV
-from experts.fleet import alive_node_resources
+from experts.fleet import CLUSTER_HAS, cluster_has
 from experts.placement import PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import SwitchConfig, expert_format, follow_weights
@@ -229,7 +229,7 @@ def wait_until_serving(front, replicas: int, timeout_s: float, asks: dict[str, d
                        + (f" ({d.message})" if d.message else "") for app in apps.values()
                        for kind, d in app.deployments.items() if d.status != "HEALTHY"]
             experts = "" if fleet is None else f"; the experts: {experts_status(fleet)}"
-            cluster = "" if "the cluster has" in experts else f"; the cluster has {alive_node_resources()}"
+            cluster = "" if CLUSTER_HAS in experts else f"; {cluster_has()}"
             raise PlacementError(f"placement: the applications are not running after {timeout_s:.0f} s: "
                                  f"{'; '.join(waiting)}{experts}{cluster}")
         time.sleep(0.2)

@@ -296,7 +296,7 @@ class ExpertFleet:
         def waiting() -> str:
             return (f"waiting {time.monotonic() - began:.0f} s for room for node {node + 1} of {len(wanted)}"
                     + (f" (try {tries})" if tries > 1 else "") + f": {wanted[node]} on one node, none of the "
-                    f"{len(taken)} taken; the cluster has {alive_node_resources()}")
+                    f"{len(taken)} taken; {cluster_has()}")
 
         self._say(waiting())
         waited = 0.0
@@ -512,7 +512,7 @@ def moving(groups: list) -> str:
     if not unplaced:
         return ""
     return (f"the expert actors of node {', '.join(str(node + 1) for node in unplaced)} of {len(groups)} wait for room "
-            f"on another node (theirs was lost); the cluster has {alive_node_resources()}")
+            f"on another node (theirs was lost); {cluster_has()}")
 
 
 def group_name(fleet: str, node: int) -> str:
@@ -554,10 +554,18 @@ def not_on(nodes: list[str]) -> dict[str, str]:
 
 
 def alive_node_resources() -> list[dict[str, float]]:
-    """What each live node of the running Ray cluster offers (CPUs, GPUs, custom resources), for messages."""
+    """What each live node of the running Ray cluster offers (CPUs, GPUs, custom resources)."""
     skip = ("memory", "object_store_memory")
     return [{k: v for k, v in n["Resources"].items() if k not in skip and not k.startswith("node:")}
             for n in ray.nodes() if n["Alive"]]
+
+
+CLUSTER_HAS = "the cluster has"  # how a message says what the live nodes offer (one that says it needs it once)
+
+
+def cluster_has() -> str:
+    """What the live nodes offer, as a message says it."""
+    return f"{CLUSTER_HAS} {alive_node_resources()}"
 
 
 def fleet_name(checkpoint: SwitchCheckpoint, config: PlacementConfig, dtype: str, quantize: str) -> str:

@@ -300,13 +300,14 @@ def test_applications_that_never_run_fail_the_wait_saying_why(monkeypatch):
     from types import SimpleNamespace
 
     from cluster import app
+    from experts import fleet
 
     stuck = "1 replicas that have taken more than 30s to be scheduled; resources required: {'GPU': 1.0}"
     apps = {FLEET_APP: SimpleNamespace(status="RUNNING", message="", deployments={}),
             APP_NAME: SimpleNamespace(status="DEPLOYING", message="", deployments={"SwitchServer": SimpleNamespace(
                 status="UPDATING", replica_states={"STARTING": 1}, message=stuck)})}
     monkeypatch.setattr(app, "applications", lambda: apps)
-    monkeypatch.setattr(app, "alive_node_resources", lambda: [{"CPU": 2.0}])
+    monkeypatch.setattr(fleet, "alive_node_resources", lambda: [{"CPU": 2.0}])
     front = SimpleNamespace(status=SimpleNamespace(remote=lambda: pytest.fail("asked a front that never ran")))
     with pytest.raises(PlacementError, match=r"not running after 1 s: SwitchServer replicas \{'STARTING': 1\}, each "
                                              r"asking for \{\} \(1 replicas that have taken more"):
