@@ -289,15 +289,16 @@ def test_the_fronts_take_their_api_key_from_a_secret_and_ray_asks_for_a_token(fi
 def test_expert_pods_land_only_on_gpus_that_hold_the_plan(file):
     """The experts group asks for nodes whose GPUs (nvidia.com/gpu.memory, in MiB) are big enough for the plan the
     serve config makes: the smallest GPU admitted holds the fullest GPU's experts within the planner's budget."""
+    from experts.checkpoint import read_config
     from experts.fleet import GPU_SIZE_SLACK
     from experts.placement import PlacementConfig
     from experts.plan import ACTIVATION_RESERVE, parse_bytes
-    from experts.spec import SwitchConfig, expert_format
+    from experts.spec import expert_format
 
     manifest = yaml.safe_load(file.read_text())
     args = fronts_args(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     command = shlex.split(manifest["metadata"]["annotations"]["switch-serve/build"])
-    config = SwitchConfig.from_json_file(ROOT / command[command.index("--config") + 1])
+    config = read_config(ROOT / command[command.index("--config") + 1])
     placement = PlacementConfig(**args["placement"])
     plan = placement.plan(config, expert_format(args["dtype"], "none"))
     (term,) = pod_groups(manifest)["experts"]["affinity"]["nodeAffinity"][
@@ -340,6 +341,10 @@ def test_the_dashboard_filters_by_cluster_and_stays_readable_at_61440_experts():
     assert "avg by" not in imbalance and "ray_switch_serve_experts_per_layer" in imbalance
     (restarts,) = [e for e in exprs if "ray_actors" in e]
     assert "max_over_time(" in restarts and "increase(" not in restarts and 'Name="ExpertActor"' in restarts
+    # A layer or an expert is one model's: grouped by it without the model, two models' layer 1 would be added up.
+    for grouping in re.findall(r"by \(([^)]*)\)", " ".join(exprs)):
+        names = {name.strip() for name in grouping.split(",")}
+        assert "model" in names or not names & {"stack", "layer", "expert"}, grouping
 
 
 def gpus(group: dict) -> int:

@@ -30,7 +30,7 @@ def test_each_metric_records_what_its_name_says(monkeypatch):
         monkeypatch.setattr(ray.util.metrics, kind, Recorder)
     monkeypatch.setattr(experts.actor, "expert_token_counter", lambda: Recorder("switch_serve_expert_tokens"))
     monkeypatch.setattr(Recorder, "calls", [])
-    served = metrics.ServingMetrics("m")
+    served = metrics.ServingMetrics("m", gauges_every_s=3600)
     served.serving(8)
     served.step(3)
     served.waiting(5)
@@ -53,6 +53,32 @@ def test_each_metric_records_what_its_name_says(monkeypatch):
         ("switch_serve_requests", 1, {"model": "m", "status": "UNAVAILABLE"}),
         ("switch_serve_dispatch_seconds", 0.004, {"model": "m", "stack": "decoder", "layer": "3"}),
         ("switch_serve_expert_tokens", 9, {"model": "m", "stack": "encoder", "layer": "1", "expert": "6"})]
+
+
+def test_the_gauges_are_set_again_at_their_last_values(monkeypatch):
+    """Ray's agent drops a gauge's series that is not exported again within two report intervals, and a process
+    exports only what was set since: fails if a gauge set once (the experts per layer, at the start) is not set
+    again (test_server scrapes Ray's endpoint for it)."""
+    import time
+
+    import ray.util.metrics
+
+    import experts.actor
+
+    for kind in ("Counter", "Gauge", "Histogram"):
+        monkeypatch.setattr(ray.util.metrics, kind, Recorder)
+    monkeypatch.setattr(experts.actor, "expert_token_counter", lambda: Recorder("switch_serve_expert_tokens"))
+    monkeypatch.setattr(Recorder, "calls", [])
+    served = metrics.ServingMetrics("m", gauges_every_s=0.01)
+    served.serving(8)
+    served.waiting(5)
+    served.waiting(2)
+    time.sleep(0.2)
+    again = Recorder.calls[3:]
+    assert ("switch_serve_experts_per_layer", 8, {"model": "m"}) in again
+    assert ("switch_serve_queue_depth", 2, {"model": "m"}) in again
+    assert ("switch_serve_queue_depth", 5, {"model": "m"}) not in again
+    assert metrics.GAUGE_REFRESH_S < 10 / 2  # within Ray's default report interval, twice over
 
 
 def test_the_queue_depth_follows_every_step_and_a_failed_batch():

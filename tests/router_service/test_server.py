@@ -61,7 +61,7 @@ def server(ray_cluster, tmp_path_factory):
     with local_serve(config, http_port=free_port(), grpc_port=free_port()) as served:
         with grpc.insecure_channel(served.grpc) as channel:
             yield {"path": path, "stub": pb_grpc.SwitchServeStub(channel), "channel": channel, "http": served.http,
-                   "grpc": served.grpc}
+                   "grpc": served.grpc, "started": time.monotonic()}
 
 
 @pytest.fixture(scope="module")
@@ -985,12 +985,18 @@ def test_the_front_and_the_expert_actors_keep_the_memory_their_tensors_free(serv
 
 
 def test_metrics_reach_rays_prometheus_endpoint(server):
+    """Every metric the service records, on Ray's endpoint; the experts per layer too, a gauge set once as the
+    replica starts, which Ray's agent drops where it is not exported again within two of its report intervals (10 s
+    by default): looked at once the replica is older than that."""
+    time.sleep(max(0.0, server["started"] + 2 * 10 + 5 - time.monotonic()))
     for prompt in PROMPTS:
         server["stub"].Generate(pb.GenerateRequest(input_ids=prompt, max_new_tokens=4))
+    server["stub"].Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(input_ids=PROMPTS[0])]))
     names = ["ray_switch_serve_requests_total", "ray_switch_serve_generated_tokens_total",
              "ray_switch_serve_time_to_first_token_seconds_count", "ray_switch_serve_time_per_output_token_seconds_sum",
              "ray_switch_serve_batch_size_count", "ray_switch_serve_dispatch_seconds_count",
-             "ray_switch_serve_expert_tokens_total"]
+             "ray_switch_serve_expert_tokens_total", "ray_switch_serve_embedded_inputs_total",
+             "ray_switch_serve_experts_per_layer"]
     deadline = time.monotonic() + 60  # the agent exports every few seconds
     while True:
         page = scrape_ray_metrics()
