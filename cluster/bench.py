@@ -139,9 +139,11 @@ def workload(n: int, vocab: int, name: str, seed: int) -> list[Request]:
                     rng.randint(output_min, output_max)) for _ in range(n)]
 
 
-def checkpoint(shape: str, folder: Path) -> Path:
-    """The benchmark checkpoint of a built-in shape, written once by transformers (random weights, float32): into a
-    folder beside, then renamed, so that a run stopped while writing leaves no half a checkpoint."""
+def checkpoint(shape: str) -> Path:
+    """The benchmark checkpoint of a built-in shape, written once by transformers (random weights, float32) into the
+    user's cache: into a folder beside, then renamed, so that a run stopped while writing leaves no half a
+    checkpoint."""
+    folder = Path.home() / ".cache" / "switch-serve" / "bench" / shape
     if not folder.is_dir():
         writing = folder.with_name(f"{folder.name}.writing-{os.getpid()}")
         shutil.rmtree(writing, ignore_errors=True)

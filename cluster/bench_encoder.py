@@ -2,7 +2,7 @@
 longest, as `generate` pads them), beside this machine's speed at the pass's largest product in the same dtype: how
 near the hardware the encoder runs. No Ray: the front computes every expert itself, as it does those on its node.
 
-    .venv/bin/python -m cluster.bench_encoder --dtype bfloat16     # the benchmark's switch-base-8, 32 default prompts
+    .venv/bin/python -m cluster.bench_encoder --dtype bf16     # the benchmark's switch-base-8, 32 default prompts
     .venv/bin/python -m cluster.bench_encoder --workload long-prompts --model DIR
 """
 
@@ -22,6 +22,7 @@ from cluster.bench_step import front_with_every_expert
 from cluster.workloads import REQUESTS, WORKLOADS
 from experts.checkpoint import read_config
 from experts.spec import CONFIG_FILE, num_layers
+from experts.wire import torch_dtype
 
 RUNS = 5  # of each, alternated (the machine's speed moves between runs), after one each to warm up
 
@@ -63,15 +64,15 @@ def measure(folder: Path, prompts: list[list[int]], dtype: torch.dtype) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a checkpoint folder (default: the benchmark's switch-base-8)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--workload", choices=list(WORKLOADS), default="default")
     parser.add_argument("--requests", type=int, default=REQUESTS)
     args = parser.parse_args()
     folder = (Path(args.model) if args.model else
-              checkpoint("base-8", Path.home() / ".cache" / "switch-serve" / "bench" / "base-8"))
+              checkpoint("base-8"))
     vocab = read_config(folder / CONFIG_FILE).vocab_size
     prompts = [r.prompt for r in workload(args.requests, vocab, args.workload, seed=0)]
-    r = measure(folder, prompts, getattr(torch, args.dtype))
+    r = measure(folder, prompts, torch_dtype(args.dtype))
     print(f"{r['prompts']} prompts, {r['tokens']} tokens ({r['padded_tokens']} padded), {args.dtype}, "
           f"{torch.get_num_threads()} threads: the front's encoder {r['front_s']:.3f} s, transformers' "
           f"{r['transformers_s']:.3f} s ({r['transformers_s'] / r['front_s']:.2f}x); the front's products at "

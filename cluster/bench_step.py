@@ -7,7 +7,7 @@ prompts of 5 to 13 tokens. The count is of one device's ops: a CPU's and a GPU's
 other runs as two.
 
     .venv/bin/python -m cluster.bench_step                 # float32, batches of 1 and 32, on the GPU if there is one
-    .venv/bin/python -m cluster.bench_step --dtype bfloat16
+    .venv/bin/python -m cluster.bench_step --dtype bf16
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from experts.checkpoint import SwitchCheckpoint
 from experts.ffn import ACTIVATION_FUNCTIONS
 from experts.held import stacked_experts
 from experts.spec import STACKS, sparse_layers
+from experts.wire import torch_dtype
 from router_service.dispatch import ExpertDispatcher
 from router_service.model import DecoderCache, SwitchFront
 
@@ -136,10 +137,10 @@ def report(batches: list[int], dtype: torch.dtype) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--batches", default="1,32", help="batch sizes, comma-separated")
     args = parser.parse_args()
-    print(report([int(b) for b in args.batches.split(",")], getattr(torch, args.dtype)))
+    print(report([int(b) for b in args.batches.split(",")], torch_dtype(args.dtype)))
 
 
 if __name__ == "__main__":

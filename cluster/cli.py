@@ -20,12 +20,12 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from cluster.workloads import CONCURRENCY, REQUESTS, SHAPES, WORKLOADS
+from cluster.workloads import BENCH_SHAPE, BENCH_WORKLOADS, CONCURRENCY, REQUESTS, SHAPES, WORKLOADS
 from experts.checkpoint import INDEX_FILE, SINGLE_FILE, SwitchCheckpoint, has_tokenizer, read_config
 from experts.placement import PlacementConfig, PlacementError
 from experts.plan import PLAN_DTYPE
 from experts.spec import CONFIG_FILE, EXPERT_FORMATS
-from router_service.auth import API_KEY_ENV, load_api_key
+from router_service.auth import API_KEY_ENV, API_KEY_FILE_DEFAULT, load_api_key
 from router_service.config import (
     CLIENT_TIMEOUT_S,
     DEFAULT_INGRESS,
@@ -166,8 +166,13 @@ def add_fields(parser: argparse.ArgumentParser, model: type[BaseModel], names: t
         options = _flag_options(field.annotation)
         if "choices" not in options and "metavar" not in options and "action" not in options:
             options["metavar"] = name.upper()  # the default would show the dest, which names the config too
-        parser.add_argument(FLAG_NAMES.get(name, "--" + name.replace("_", "-")), dest=f"{model.__name__}.{name}",
+        parser.add_argument(flag_name(name), dest=f"{model.__name__}.{name}",
                             help=_help(field, name in required), **options, **extra)
+
+
+def flag_name(field: str) -> str:
+    """The flag of a config field: its name with dashes, unless FLAG_NAMES says otherwise."""
+    return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 def given(args: argparse.Namespace, model: type[BaseModel]) -> dict:
@@ -189,8 +194,8 @@ def engine_config(args: argparse.Namespace, config: type[EngineConfig], model: s
 
 
 def add_api_key_option(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--api-key-file", default=None, metavar="FILE",
-                        help=f"{what} (default: ${API_KEY_ENV}, if set)")
+    parser.add_argument("--api-key-file", default=None, metavar="API_KEY_FILE",
+                        help=f"file holding {what} ({API_KEY_FILE_DEFAULT})")
 
 
 def add_ingress_option(parser: argparse.ArgumentParser) -> None:
@@ -257,7 +262,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         local_only = [*given(args, EngineConfig), *given(args, PlacementConfig)]
         if local_only:
-            flag = FLAG_NAMES.get(local_only[0], "--" + local_only[0].replace("_", "-"))
+            flag = flag_name(local_only[0])
             raise ValueError(f"{flag}: sets up the cluster that --model starts; the server at --address has its "
                              "own")
 
@@ -457,9 +462,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.model is not None:
         folder = Path(open_checkpoint(args.model)[0])
     else:
-        folder = checkpoint(args.shape, Path.home() / ".cache" / "switch-serve" / "bench" / args.shape)
+        folder = checkpoint(args.shape)
     options = given(args, PlacementConfig) | given(args, EngineConfig) | given(args, ServerConfig)
-    report = run(folder, args.workload or ["default", "long-prompts"], args.concurrency, args.requests, options,
+    report = run(folder, args.workload or list(BENCH_WORKLOADS), args.concurrency, args.requests, options,
                  args.device, args.ingress)
     print_report(report, args.json)
     if args.plot:
@@ -472,8 +477,6 @@ def check_plot(path: str) -> None:
         import matplotlib  # noqa: F401 (an optional dependency)
     except ImportError:
         raise ValueError("--plot: needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
-    if not Path(path).resolve().parent.is_dir():
-        raise ValueError(f"--plot: {Path(path).parent} is not a folder")
 
 
 def cmd_quality(args: argparse.Namespace) -> None:
@@ -523,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end each answer before this text (repeat for several; needs the checkpoint's tokenizer)")
     g.add_argument("--logprobs", action="store_true", help="include each chosen token's log-probability")
     g.add_argument("--json", action="store_true", help="print one JSON object {\"outputs\": [...]}")
-    add_api_key_option(g, "with --address: the server's API key")
+    add_api_key_option(g, "the API key of the server at --address")
     g.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                    help="with --address: the most the calls take, retries of those refused or cut by a server's "
                         f"failure included (default: {CLIENT_TIMEOUT_S:g})")
@@ -574,25 +577,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("stats", help="write a running server's tokens per expert, for `plan --stats`")
     t.add_argument("--address", required=True, metavar="HOST:PORT", help="gRPC address of the server")
-    t.add_argument("-o", "--output", default=None, help="file to write (default: print)")
+    t.add_argument("-o", "--output", type=_output, default=None, help="file to write (default: print)")
     add_api_key_option(t, "the server's API key")
     t.set_defaults(func=cmd_stats)
 
     n = sub.add_parser("bench", help="benchmark the served cluster against transformers' generate")
     model = n.add_mutually_exclusive_group()
-    model.add_argument("--shape", choices=SHAPES, default="base-8",
-                       help="a built-in shape with random float32 weights: base-8 is switch-base-8's (default), tiny "
-                            "a quick run")
+    model.add_argument("--shape", choices=SHAPES, default=BENCH_SHAPE,
+                       help="a built-in shape with random float32 weights: base-8 is switch-base-8's, tiny a quick run "
+                            "(default: %(default)s)")
     model.add_argument("--model", default=None, help="a checkpoint folder to benchmark instead")
     n.add_argument("--workload", choices=WORKLOADS, action="append",
-                   help="prompt and output lengths (repeatable; default: default and long-prompts)")
+                   help=f"prompt and output lengths (repeatable; default: {' and '.join(BENCH_WORKLOADS)})")
     n.add_argument("--concurrency", type=_int_list, default=CONCURRENCY, metavar="C,C,...",
                    help=f"concurrent requests, one run each (default: {','.join(map(str, CONCURRENCY))})")
     n.add_argument("--requests", type=_positive, default=REQUESTS,
                    help=f"requests per workload (default: {REQUESTS}); a concurrency above it runs as many as it "
                         "keeps in flight")
-    n.add_argument("--plot", default=None, metavar="FILE.png", help="draw tokens/s against concurrency (needs "
-                                                                    "matplotlib: pip install '.[bench]')")
+    n.add_argument("--plot", type=_output, default=None, metavar="FILE.png",
+                   help="draw tokens/s against concurrency (needs matplotlib: pip install '.[bench]')")
     add_fields(n, PlacementConfig, ["experts_per_actor"])
     add_fields(n, EngineConfig, ["dtype", "micro_batches", "local_experts", "packed_weights", "quantize"])
     add_fields(n, ServerConfig, ["front_threads", "stream_interval_ms", "stream_chunks_per_s"])
@@ -604,8 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quality", help="what int8 experts change: the demo model's held-out accuracy and answers, "
                                        "and log-probabilities on a built-in shape, against float32")
-    q.add_argument("--shape", choices=SHAPES, default="base-8", help="the built-in shape to measure (default: "
-                                                                     "%(default)s)")
+    q.add_argument("--shape", choices=SHAPES, default=BENCH_SHAPE, help="the built-in shape to measure (default: "
+                                                                       "%(default)s)")
     q.add_argument("--requests", type=_positive, default=16,
                    help="requests of the default workload (default: %(default)s)")
     q.add_argument("--no-demo", action="store_true", help="skip the demo model")

@@ -11,7 +11,7 @@ from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecut
 import grpc
 from google.protobuf import json_format
 
-from router_service.config import CLIENT_TIMEOUT_S
+from router_service.config import CLIENT_TIMEOUT_S, EngineConfig
 from router_service.proto import switch_serve_pb2 as pb
 from router_service.proto import switch_serve_pb2_grpc as pb_grpc
 from router_service.requests import nth_seed
@@ -24,7 +24,7 @@ class RemoteError(RuntimeError):
 
 
 log = logging.getLogger(__name__)
-MAX_IN_FLIGHT = 32  # calls a client keeps in flight at once: a default replica's batch
+MAX_IN_FLIGHT = EngineConfig.model_fields["max_sequences"].default  # calls a client keeps in flight: a default batch
 # Waits between attempts: doubling from the first to the last, each a random part of it (so that clients refused
 # together do not come back together), while the deadline leaves time.
 FIRST_BACKOFF_S, LAST_BACKOFF_S = 0.5, 8.0

@@ -77,7 +77,7 @@ def benchmark() -> str:
     from cluster.workloads import REQUESTS
     from router_service.config import DEFAULT_INGRESS
 
-    folder = checkpoint("base-8", Path.home() / ".cache" / "switch-serve" / "bench" / "base-8")
+    folder = checkpoint("base-8")
     return table(run(folder, WORKLOADS, CONCURRENCY, REQUESTS, {}, "cuda", DEFAULT_INGRESS))
 
 

@@ -154,7 +154,7 @@ def run(shape: str, requests: int, demo: bool = True) -> dict:
             ray.shutdown()
         report["demo"] = {q: {"held_out_accuracy": acc, "answers": answers} for q, (acc, answers) in runs.items()}
         report["demo"]["answers_changed"] = sum(a != b for a, b in zip(*(answers for _, answers in runs.values())))
-    folder = checkpoint(shape, Path.home() / ".cache" / "switch-serve" / "bench" / shape)
+    folder = checkpoint(shape)
     vocab = SwitchCheckpoint.open(folder).config.vocab_size
     report[shape] = {"requests": requests, "vocab_size": vocab,
                      **logprob_drift(folder, workload(requests, vocab, "default", seed=0))}

@@ -8,10 +8,8 @@ Pure Python (no torch, no transformers), so that commands that only plan start a
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 STACKS = ("encoder", "decoder")
@@ -136,14 +134,6 @@ class SwitchConfig:
             if least is not None and value is not None and value < least:
                 raise ValueError(f"{name}: must be at least {least}, got {value}")
         return cls(**values)
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> SwitchConfig:
-        """From a config.json; raises ValueError naming the file where it is not one."""
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except ValueError as e:  # a JSONDecodeError too
-            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def of(cls, config) -> SwitchConfig:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 API_KEY_ENV = "SWITCH_SERVE_API_KEY"
+API_KEY_FILE_DEFAULT = f"default: ${API_KEY_ENV}, if set"  # where a key file's flag finds the key without one
 
 
 class Unauthenticated(Exception):

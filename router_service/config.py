@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from experts.placement import PlacementConfig, RayResources
 from experts.spec import CapacityMode, DTypeName, QuantizeMode
-from router_service.auth import API_KEY_ENV
+from router_service.auth import API_KEY_FILE_DEFAULT
 
 # Serve's own defaults for its proxies' ports.
 HTTP_PORT = 8000
@@ -115,7 +115,7 @@ class ServerConfig(EngineConfig):
         default_factory=dict, description="a Ray resource the expert fleet (the owner of the expert actors) asks "
                                           "for, to keep it on a node that outlives the fronts, e.g. the head's")
     api_key_file: str | None = Field(None, description=f"file holding the API key every call but the health check "
-                                                       f"must present (default: ${API_KEY_ENV}, if set)")
+                                                       f"must present ({API_KEY_FILE_DEFAULT})")
 
     @property
     def model_id(self) -> str:

@@ -25,6 +25,7 @@ class InvalidRequest(ValueError):
 POOLINGS = ("mean", "none")  # an embedding: the mean over the input's tokens, or every token's vector
 DEFAULT_POOLING = "mean"
 MIN_TEMPERATURE = 0.01  # below it sampling is greedy in all but name
+MAX_TEMPERATURE = 100.0  # above it sampling is uniform in all but name
 FLOAT32_ROUNDING = 1e-7  # relative: the proto's floats are float32, in which 0.01 arrives as 0.0099999998
 MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allows
 # Each is looked for at every step of its sequence, on the batching thread the whole batch shares.
@@ -44,7 +45,8 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     max_new_tokens: int = Field(32, description="the most tokens to generate")
-    temperature: float = Field(0.0, description="0: greedy; otherwise sample (0.01 to 100)")
+    temperature: float = Field(0.0, description=f"0: greedy; otherwise sample ({MIN_TEMPERATURE:g} to "
+                                                f"{MAX_TEMPERATURE:g})")
     top_k: int = Field(0, description="sample among the k most likely tokens (0: off)")
     top_p: float = Field(1.0, description="sample among the most likely tokens whose probability adds up to p "
                                           "(1: off; 0: the most likely alone); applied after temperature and top_k, "
@@ -52,7 +54,7 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, description="makes sampling reproducible (default: a fresh random seed)")
     stop_token_ids: tuple[int, ...] = Field((), description="end on any of these (finish_reason stop)")
     top_logprobs: int = Field(0, description="record this many most likely tokens and their log-probabilities at "
-                                             "each step (0 to 5)")
+                                             f"each step (0 to {MAX_TOP_LOGPROBS})")
     routing: bool = Field(False, description="record where each sparse layer sent each of the request's positions")
 
 
@@ -140,8 +142,8 @@ def _number(field: str, value) -> float:
 
 def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_tokens: int | None = None,
                          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                         seed: int | None = None, stop_token_ids: list[int] | tuple[int, ...] = (),
-                         top_logprobs: int = 0, routing: bool = False) -> SamplingParams:
+                         seed: int | None = None, stop_token_ids: list[int] | tuple[int, ...] | None = None,
+                         top_logprobs: int | None = None, routing: bool | None = None) -> SamplingParams:
     """Defaults (SamplingParams') for what is not given; range checks for what is."""
     defaults = SamplingParams()
     if max_new_tokens is None:
@@ -150,9 +152,9 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise InvalidRequest("max_new_tokens", f"must be between 1 and {limits.max_new_tokens}, got {max_new_tokens}")
     temperature = defaults.temperature if temperature is None else _number("temperature", temperature)
-    if not (temperature == 0.0 or MIN_TEMPERATURE * (1 - FLOAT32_ROUNDING) <= temperature <= 100.0):
-        raise InvalidRequest("temperature",
-                             f"must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {temperature:g}")
+    if not (temperature == 0.0 or MIN_TEMPERATURE * (1 - FLOAT32_ROUNDING) <= temperature <= MAX_TEMPERATURE):
+        raise InvalidRequest("temperature", f"must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                                            f"{MAX_TEMPERATURE:g}, got {temperature:g}")
     top_k = defaults.top_k if top_k is None else _whole("top_k", top_k)
     if top_k < 0:
         raise InvalidRequest("top_k", f"must be 0 (off) or positive, got {top_k}")
@@ -160,6 +162,7 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     if not 0.0 <= top_p <= 1.0:  # NaN too
         raise InvalidRequest("top_p", f"must be between 0 and 1, got {top_p:g}")  # :g, not float32's digits
     seed = None if seed is None else check_seed(seed)
+    stop_token_ids = defaults.stop_token_ids if stop_token_ids is None else stop_token_ids
     if not is_list(stop_token_ids):
         raise InvalidRequest("stop_token_ids", f"must be a list of token ids, got {stop_token_ids!r}")
     stop_token_ids = sized(stop_token_ids)
@@ -169,9 +172,10 @@ def make_sampling_params(vocab_size: int, limits: EngineConfig, *, max_new_token
     bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequest("stop_token_ids", f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
-    top_logprobs = _whole("top_logprobs", top_logprobs)
+    top_logprobs = defaults.top_logprobs if top_logprobs is None else _whole("top_logprobs", top_logprobs)
     if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")
+    routing = defaults.routing if routing is None else routing
     if type(routing).__name__ not in ("bool", "bool_"):  # Python's or numpy's (bool_ before numpy 2), not 0 or 1
         raise InvalidRequest("routing", f"must be true or false, got {routing!r}")
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

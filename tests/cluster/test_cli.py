@@ -150,6 +150,8 @@ def test_console_script_help():
     (["build", "--model", "demo/model", "-o", "/no/such/folder/app.yaml"],
      "argument -o/--output: /no/such/folder is not a folder"),
     (["build", "--model", "demo/model", "-o", "demo"], "argument -o/--output: demo: a folder, not a file"),
+    (["stats", "--address", "localhost:1", "-o", "/no/such/folder/stats.json"],
+     "argument -o/--output: /no/such/folder is not a folder"),
     (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--api-key-file", "/no/such/key"],
      "api_key_file: /no/such/key: No such file or directory"),
     (["serve", "--model", "demo/model", "--api-key-file", "demo"], f"api_key_file: {Path('demo').resolve()}: Is a"),
@@ -409,7 +411,7 @@ def test_the_highest_port_and_as_many_concurrent_as_requests_are_taken(monkeypat
 
     assert _port("65535") == 65535
     runs = []
-    monkeypatch.setattr(bench, "checkpoint", lambda shape, folder: folder)
+    monkeypatch.setattr(bench, "checkpoint", lambda shape: Path(shape))
     monkeypatch.setattr(bench, "run", lambda *args: runs.append(args) or {})
     monkeypatch.setattr(bench, "print_report", lambda report, as_json: None)
     main(["bench", "--requests", "4", "--concurrency", "4"])

@@ -10,9 +10,10 @@ from pydantic import ValidationError
 from reference import MODEL_CONFIGS
 
 from cluster.testing import tiny_config
+from experts.checkpoint import read_config
 from experts.fleet import bundles
 from experts.placement import Placement, PlacementConfig, experts_per_cpu
-from experts.spec import SwitchConfig, sparse_layers
+from experts.spec import sparse_layers
 
 
 def all_experts(config):
@@ -129,7 +130,7 @@ def test_a_gpu_is_shared_by_as_many_actors_as_asked(gpus, per_gpu, sizes):
     """`actors_per_gpu` actors on each GPU, its experts shared out as evenly as can be: switch-base-8's 96 experts on
     24 GPUs (4 each), 3 actors of 1, 1 and 2; on 10 GPUs (10 or 9 each), 4 actors of 2 or 3. Fails if fewer actors are
     made (48 of 72 were) or one is left with far fewer experts than the others (3, 3, 3 and 1 were)."""
-    config = SwitchConfig.from_json_file(MODEL_CONFIGS / "switch-base-8.json")
+    config = read_config(MODEL_CONFIGS / "switch-base-8.json")
     placement = PlacementConfig(gpus=gpus, actors_per_gpu=per_gpu).place(config, "bf16")
     assert len(placement.actors) == gpus * per_gpu
     assert sorted(len(spec.experts) for spec in placement.actors) == sorted(sizes)
@@ -159,7 +160,7 @@ def test_the_actors_sharing_a_gpu_each_take_a_part_of_every_layer_it_holds(gpus,
     """A sparse layer's tokens go to every actor holding some of its experts at once: actors that each held whole
     layers would compute one at a time, the others idle. Each actor's part of a layer is a run of the GPU's experts
     of it. Fails if the GPU's experts are cut into runs of whole layers."""
-    config = SwitchConfig.from_json_file(MODEL_CONFIGS / "switch-base-8.json")
+    config = read_config(MODEL_CONFIGS / "switch-base-8.json")
     placement = PlacementConfig(gpus=gpus, actors_per_gpu=per_gpu).place(config, "bf16")
     for gpu_first in range(0, len(placement.actors), per_gpu):
         sharing = placement.actors[gpu_first:gpu_first + per_gpu]

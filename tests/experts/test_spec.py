@@ -10,6 +10,7 @@ import pytest
 from reference import MODEL_CONFIGS
 from transformers import SwitchTransformersConfig
 
+from experts.checkpoint import read_config
 from experts.spec import CONFIG_ALIASES, SwitchConfig, expected_tensors, follow_weights, sparse_layers
 
 CONFIGS = MODEL_CONFIGS
@@ -76,7 +77,7 @@ def test_a_size_a_model_cannot_have_is_named(raw, message):
 
 
 def test_switch_c_2048_config_alone_reads_as_its_weights():
-    published = SwitchConfig.from_json_file(CONFIGS / "switch-c-2048.json")
+    published = read_config(CONFIGS / "switch-c-2048.json")
     assert sparse_layers(published, "decoder") == []  # a literal reading: 12 decoder layers, none sparse
     config, warnings = follow_weights(published)
     assert config.num_decoder_layers == 15 and sparse_layers(config, "decoder") == list(range(15))

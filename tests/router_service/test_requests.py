@@ -77,11 +77,21 @@ def test_sampling_limits(field, taken, past):
 
 @pytest.mark.parametrize("field, value", [("max_new_tokens", 2.5), ("top_k", "5"), ("seed", 1.0), ("temperature", "1"),
                                           ("top_p", "0.5"), ("stop_token_ids", [3.5]), ("top_logprobs", True),
-                                          ("routing", "yes"), ("routing", 1), ("routing", None)])
+                                          ("routing", "yes"), ("routing", 1)])
 def test_a_value_of_the_wrong_type_is_refused_naming_its_field(field, value):
     """From the Python API, where nothing typed the values before: fails if one gets through to a TypeError or a
     pydantic error that names no field of the call."""
     refused(field, make_sampling_params, VOCAB, LIMITS, **{field: value})
+
+
+def test_a_field_given_as_none_gets_its_default():
+    """None is "not given", for every field alike: the defaults are SamplingParams' own, capped by the server's
+    limit on new tokens."""
+    from router_service.requests import SamplingParams
+
+    fields = SamplingParams.model_fields
+    given = make_sampling_params(VOCAB, LIMITS, **dict.fromkeys(fields))
+    assert given == SamplingParams(max_new_tokens=min(SamplingParams().max_new_tokens, LIMITS.max_new_tokens))
 
 
 def test_numpys_and_torchs_numbers_are_taken_as_python_ones():
