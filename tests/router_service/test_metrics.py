@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from router_service import metrics
 
 
@@ -19,9 +21,9 @@ class Recorder:
     inc = observe = set = _record
 
 
-def test_each_metric_records_what_its_name_says(monkeypatch):
-    """Fails if a metric records another value than its own: tokens by the step rather than by the sequence, the
-    queue's depth, the time per token rather than to the first."""
+@pytest.fixture
+def recorders(monkeypatch):
+    """Ray's metric classes, and the actors' counter, replaced by Recorders, their calls so far none."""
     import ray.util.metrics
 
     import experts.actor
@@ -30,6 +32,11 @@ def test_each_metric_records_what_its_name_says(monkeypatch):
         monkeypatch.setattr(ray.util.metrics, kind, Recorder)
     monkeypatch.setattr(experts.actor, "expert_token_counter", lambda: Recorder("switch_serve_expert_tokens"))
     monkeypatch.setattr(Recorder, "calls", [])
+
+
+def test_each_metric_records_what_its_name_says(recorders):
+    """Fails if a metric records another value than its own: tokens by the step rather than by the sequence, the
+    queue's depth, the time per token rather than to the first."""
     served = metrics.ServingMetrics("m", gauges_every_s=3600)
     served.serving(8)
     served.step(3)
@@ -55,20 +62,12 @@ def test_each_metric_records_what_its_name_says(monkeypatch):
         ("switch_serve_expert_tokens", 9, {"model": "m", "stack": "encoder", "layer": "1", "expert": "6"})]
 
 
-def test_the_gauges_are_set_again_at_their_last_values(monkeypatch):
+def test_the_gauges_are_set_again_at_their_last_values(recorders):
     """Ray's agent drops a gauge's series that is not exported again within two report intervals, and a process
     exports only what was set since: fails if a gauge set once (the experts per layer, at the start) is not set
     again (test_server scrapes Ray's endpoint for it)."""
     import time
 
-    import ray.util.metrics
-
-    import experts.actor
-
-    for kind in ("Counter", "Gauge", "Histogram"):
-        monkeypatch.setattr(ray.util.metrics, kind, Recorder)
-    monkeypatch.setattr(experts.actor, "expert_token_counter", lambda: Recorder("switch_serve_expert_tokens"))
-    monkeypatch.setattr(Recorder, "calls", [])
     served = metrics.ServingMetrics("m", gauges_every_s=0.01)
     served.serving(8)
     served.waiting(5)
