@@ -211,6 +211,8 @@ def check_tensor_shapes(config: SwitchConfig, tensors: dict[str, TensorInfo],
     required, optional = expected_tensors(config)
     for name, info in tensors.items():
         shape = required.get(name) or optional.get(name)
+        if shape is None:  # (where its names were not checked first: a .bin shard's, converted)
+            raise CheckpointError(f"{file_of(name)}: tensor {name} is not part of the model config.json describes")
         if info.dtype not in DTYPE_OF_SAFETENSORS:
             raise CheckpointError(f"{file_of(name)}: tensor {name} has dtype {info.dtype}, expected one of "
                                   f"{', '.join(DTYPE_OF_SAFETENSORS)}")

@@ -78,19 +78,27 @@ class ServingMetrics:
                                        "of an expert's tokens divides by it: an expert given none has no series)",
                                        tag_keys=keys)
         self._gauges: dict = {}  # gauge -> its last value, set again every `gauges_every_s` (GAUGE_REFRESH_S)
-        threading.Thread(target=self._set_gauges_again, args=(gauges_every_s,), name="switch-serve-gauges",
+        # Held across a value's note and its set: a value set again must not overwrite a newer one set meanwhile.
+        self._gauges_lock = threading.Lock()
+        threading.Thread(target=self._gauges_again_every, args=(gauges_every_s,), name="switch-serve-gauges",
                          daemon=True).start()
 
     def _set(self, gauge, value: float) -> None:
-        self._gauges[gauge] = value
-        gauge.set(value, tags=self.tags)
+        with self._gauges_lock:
+            self._gauges[gauge] = value
+            gauge.set(value, tags=self.tags)
 
-    def _set_gauges_again(self, every_s: float) -> None:
+    def set_gauges_again(self) -> None:
+        """Every gauge set again at its last value."""
+        with self._gauges_lock:
+            for gauge, value in self._gauges.items():
+                gauge.set(value, tags=self.tags)
+
+    def _gauges_again_every(self, every_s: float) -> None:
         while True:
             time.sleep(every_s)
             with metrics_updated():
-                for gauge, value in list(self._gauges.items()):  # a copy: the batching thread may add one
-                    gauge.set(value, tags=self.tags)
+                self.set_gauges_again()
 
     def serving(self, experts_per_layer: int) -> None:
         self._set(self.experts_per_layer, experts_per_layer)

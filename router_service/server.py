@@ -218,19 +218,22 @@ async def json_body(request: Request, refused: Callable[[str, str], Exception], 
 
 async def body_within(request: Request, refused: Callable[[str, str], Exception], most: int) -> bytes:
     """The request's body, `refused("body", why)` where it has more than `most` bytes: told by its Content-Length,
-    or for a body sent in chunks once those read pass `most`, and the rest read without being kept (behind HAProxy, a
-    replica reads the body from the client itself: a body of gigabytes would take its memory; a client that sends
-    its whole body before reading the answer, as most do, got a reset connection instead of the 400 where the rest
-    was left unread)."""
+    or for a body sent in chunks once those read pass `most`. Behind HAProxy a replica reads the body from the client
+    itself: a body of gigabytes would take its memory. The rest is read without being kept, up to `most` bytes more
+    (a client that sends its whole body before it reads the answer, as most do, got a reset connection instead of
+    the 400 where the rest was left unread; one that sends gigabytes gets that reset)."""
     declared = request.headers.get("content-length")
-    declared = int(declared) if declared is not None and declared.isdigit() else None
+    declared = int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
     if declared is not None and declared <= most:
         return await request.body()
     chunks = request.stream()
 
     async def too_long(size: str) -> Exception:
-        async for _ in chunks:
-            pass
+        drained = 0
+        async for chunk in chunks:
+            drained += len(chunk)
+            if drained > most:
+                break
         return refused("body", f"{size} bytes, more than a request this server takes can have ({most})")
 
     if declared is not None:
@@ -239,7 +242,7 @@ async def body_within(request: Request, refused: Callable[[str, str], Exception]
     async for chunk in chunks:
         raw += chunk
         if len(raw) > most:
-            raise await too_long(f"more than {len(raw)}")
+            raise await too_long(f"at least {len(raw)}")
     return bytes(raw)
 
 

@@ -166,12 +166,14 @@ def test_a_bad_index_or_a_missing_shard_fails_before_any_shard_is_converted(chec
     (lambda t: t.update({EXPERT: t[EXPERT][:, :4].clone()}), rf"tensor {EXPERT} has shape \[\d+, 4\], config\.json "),
     (lambda t: t.update({EXPERT: t[EXPERT].double()}), rf"tensor {EXPERT} has dtype float64, expected one of F32"),
     (lambda t: t[EXPERT].view(-1)[:3].fill_(float("nan")), rf"tensor {EXPERT} holds 3 NaN or infinite values"),
-], ids=["shape", "dtype", "nan"])
+    (lambda t: t.update({"extra.weight": torch.zeros(2)}), r"tensor extra\.weight is not part of the model"),
+], ids=["shape", "dtype", "nan", "not the index's"])
 def test_a_bad_tensor_is_named_in_its_shard_before_the_shard_is_converted(checkpoint_factory, tmp_path, damage,
                                                                           message):
-    """A tensor of the wrong shape or dtype, or one that holds a NaN, in a sharded checkpoint: named in its source
-    .bin shard as that shard is read, nothing written for it (found only by the converted folder's check before,
-    after every shard was converted, and named in the converted file). Fails if the shard is converted first."""
+    """A tensor of the wrong shape or dtype, one that holds a NaN, or one the index does not list (none of the
+    model's) in a sharded checkpoint: named in its source .bin shard as that shard is read, nothing written for it
+    (found only by the converted folder's check before, after every shard was converted, and named in the converted
+    file). Fails if the shard is converted first."""
     _, hf_model = checkpoint_factory("convert", num_experts=8, expert_capacity=64)
     src = tmp_path / "bin"
     save_bin_shards(hf_model, src, shards=3)
