@@ -356,13 +356,16 @@ def test_a_request_of_too_many_choices_is_refused_before_any_prompt_is_tokenized
     ("openai_completions", {"prompt": [[5, 9]] * 2, "n": 2, "max_tokens": 10**9}, {"prompt": [[5, 9]] * 2, "n": 2}),
     ("openai_completions", {"prompt": [[5, 9], [5, 999999]]}, {"prompt": [[5, 9], [5, 10]]}),
     ("openai_embeddings", {"input": [[5, 1], [999999]]}, {"input": [[5, 1], [9, 1]]}),
+    ("http_generate", {"input_ids": [5, 999999]}, {"input_ids": [5, 9]}),
+    ("http_generate", {"input_ids": [5, 999999], "stream": True}, {"input_ids": [5, 9], "stream": True}),
 ])
 @pytest.mark.parametrize("busy", ["the queue is full", "the experts are down"])
 def test_bad_input_is_refused_as_such_when_the_server_is_busy_or_down(route, bad, good, busy):
-    """Through the routes' own handlers: a request that could never be served is bad input (400), not a full queue
-    (429) nor experts down (503), both of which OpenAI's client retries, then reports as a rate limit or a server
-    error: every field of every prompt is checked before the experts are looked at or the request queues. Fails if
-    the room or the experts are checked before the last prompt."""
+    """Through the routes' own handlers (OpenAI's and the native HTTP API's, whose gRPC methods share its path): a
+    request that could never be served is bad input (400), not a full queue (429) nor experts down (503, refused at
+    once rather than queued), both of which clients retry: every field of every prompt is checked before the experts
+    are looked at or the request queues. Fails if the room or the experts are checked before the last prompt, or a
+    request queues while the experts are down."""
     import json
     from types import SimpleNamespace
 
@@ -388,11 +391,11 @@ def test_bad_input_is_refused_as_such_when_the_server_is_busy_or_down(route, bad
                                  vocab_size=100, d_model=8)), check_experts=(lambda: None) if queue_full else down),
                              _finished=lambda error=None: None)
     for name in ("_new_sequence", "_queued", "_completion_choices", "_complete", "_first_offsets", "_follow_choices",
-                 "_embed", "_authorize"):
+                 "_embed", "_authorize", "_sequence", "_generate", "_stream", "_follow"):
         setattr(server, name, getattr(replica, name).__get__(server))
 
     def status(body: dict) -> int:
-        raw = json.dumps({"model": "m", **body}).encode()
+        raw = json.dumps(({"model": "m"} if route.startswith("openai") else {}) | body).encode()
 
         async def read() -> bytes:
             return raw
