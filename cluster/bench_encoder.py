@@ -19,7 +19,7 @@ from transformers import SwitchTransformersForConditionalGeneration
 
 from cluster.bench import checkpoint, workload
 from cluster.bench_step import front_with_every_expert
-from cluster.workloads import REQUESTS, WORKLOADS
+from cluster.workloads import BENCH_SHAPE, REQUESTS, WORKLOADS
 from experts.checkpoint import read_config
 from experts.spec import CONFIG_FILE, num_layers
 from experts.wire import torch_dtype
@@ -68,8 +68,7 @@ def main() -> None:
     parser.add_argument("--workload", choices=list(WORKLOADS), default="default")
     parser.add_argument("--requests", type=int, default=REQUESTS)
     args = parser.parse_args()
-    folder = (Path(args.model) if args.model else
-              checkpoint("base-8"))
+    folder = Path(args.model) if args.model else checkpoint(BENCH_SHAPE)
     vocab = read_config(folder / CONFIG_FILE).vocab_size
     prompts = [r.prompt for r in workload(args.requests, vocab, args.workload, seed=0)]
     r = measure(folder, prompts, torch_dtype(args.dtype))

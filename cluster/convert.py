@@ -28,7 +28,6 @@ from experts.checkpoint import (
     CheckpointError,
     SwitchCheckpoint,
     TensorInfo,
-    check_finite,
     check_tensor_names,
     check_tensor_shapes,
     config_of_weights,
@@ -96,6 +95,15 @@ def safetensors_dtype(dtype: torch.dtype) -> str:
     """The safetensors header's code of a dtype switch-serve serves (F32, BF16, F16), else torch's name of it."""
     name = str(dtype).removeprefix("torch.")
     return DTYPES[DTYPE_OF_TORCH[name]].safetensors if name in DTYPE_OF_TORCH else name
+
+
+def check_finite(tensor: torch.Tensor, name: str, file: Path) -> None:
+    """A tensor that holds a NaN or an infinity is a CheckpointError naming `file` and it: served, every answer its
+    layer touches would be NaN. Checked here, not as a served process reads its weights, which safetensors maps
+    lazily: there the check would read every page at load."""
+    if not (finite := tensor.isfinite()).all():
+        raise CheckpointError(f"{file}: tensor {name} holds {finite.numel() - int(finite.sum())} NaN or infinite "
+                              "values")
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:

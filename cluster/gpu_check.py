@@ -74,10 +74,10 @@ def benchmark() -> str:
     if importlib.util.find_spec("ray") is None:
         return NO_RAY
     from cluster.bench import checkpoint, run, table
-    from cluster.workloads import REQUESTS
+    from cluster.workloads import BENCH_SHAPE, REQUESTS
     from router_service.config import DEFAULT_INGRESS
 
-    folder = checkpoint("base-8")
+    folder = checkpoint(BENCH_SHAPE)
     return table(run(folder, WORKLOADS, CONCURRENCY, REQUESTS, {}, "cuda", DEFAULT_INGRESS))
 
 

@@ -206,12 +206,12 @@ def check_tensor_names(config: SwitchConfig, names: Collection[str], listing: Pa
 
 def check_tensor_shapes(config: SwitchConfig, tensors: dict[str, TensorInfo],
                         file_of: Callable[[str], Path]) -> None:
-    """That each of `tensors` (named as check_tensor_names checks) has a floating-point dtype switch-serve serves and
-    the shape the model `config` describes gives it: a CheckpointError naming the file that holds it (`file_of`)."""
+    """That each of `tensors` is one the model `config` describes, with a floating-point dtype switch-serve serves
+    and the shape the config gives it: a CheckpointError naming the file that holds it (`file_of`)."""
     required, optional = expected_tensors(config)
     for name, info in tensors.items():
         shape = required.get(name) or optional.get(name)
-        if shape is None:  # (where its names were not checked first: a .bin shard's, converted)
+        if shape is None:  # (found by check_tensor_names first where a checkpoint opens)
             raise CheckpointError(f"{file_of(name)}: tensor {name} is not part of the model config.json describes")
         if info.dtype not in DTYPE_OF_SAFETENSORS:
             raise CheckpointError(f"{file_of(name)}: tensor {name} has dtype {info.dtype}, expected one of "
@@ -219,15 +219,6 @@ def check_tensor_shapes(config: SwitchConfig, tensors: dict[str, TensorInfo],
         if info.shape != shape:
             raise CheckpointError(f"{file_of(name)}: tensor {name} has shape {list(info.shape)}, "
                                   f"config.json expects {list(shape)}")
-
-
-def check_finite(tensor, name: str, file: Path) -> None:
-    """A tensor that holds a NaN or an infinity is a CheckpointError naming `file` and it: served, every answer its
-    layer touches would be NaN. Checked where a checkpoint is converted, not as a served process reads its weights,
-    which safetensors maps lazily: there the check would read every page at load."""
-    if not (finite := tensor.isfinite()).all():
-        raise CheckpointError(f"{file}: tensor {name} holds {finite.numel() - int(finite.sum())} NaN or infinite "
-                              "values")
 
 
 @dataclass

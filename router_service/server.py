@@ -914,7 +914,7 @@ class SwitchServer:
                 out.append(self._new_sequence(
                     ids, field, request.stop, max_new_tokens=max_tokens, temperature=request.temperature,
                     top_p=request.top_p, seed=nth_seed(request.seed, j),
-                    top_logprobs=request.logprobs or 0))
+                    top_logprobs=request.logprobs))
         self.cluster.check_experts()
         return out
 
