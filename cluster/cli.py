@@ -268,12 +268,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         try:
             results = generate_remote(args.address, prompts, logprobs=args.logprobs,
-                                      timeout=CLIENT_TIMEOUT_S if args.timeout is None else args.timeout,
+                                      timeout=args.request_timeout_s or CLIENT_TIMEOUT_S,
                                       api_key=load_api_key(args.api_key_file), stop=args.stop, **sampling)
         except RemoteError as e:
             fail(str(e))
     else:  # argparse asks for --model or --address
-        for flag, value in (("--timeout", args.timeout), ("--api-key-file", args.api_key_file)):
+        for flag, value in (("--request-timeout-s", args.request_timeout_s), ("--api-key-file", args.api_key_file)):
             if value is not None:
                 raise ValueError(f"{flag}: for a call to a server (--address); the cluster --model starts takes none")
         folder, checkpoint = open_checkpoint(args.model)
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logprobs", action="store_true", help="include each chosen token's log-probability")
     g.add_argument("--json", action="store_true", help="print one JSON object {\"outputs\": [...]}")
     add_api_key_option(g, "the API key of the server at --address")
-    g.add_argument("--timeout", type=_seconds, default=None, metavar="S",
+    g.add_argument("--request-timeout-s", type=_seconds, default=None, metavar="S",
                    help="with --address: the most the calls take, retries of those refused or cut by a server's "
                         f"failure included (default: {CLIENT_TIMEOUT_S:g})")
     add_engine_options(g, EngineConfig, skip=("max_new_tokens",))  # --max-new-tokens is the request's

@@ -126,14 +126,14 @@ def test_console_script_help():
     (["plan", "--config", "README.md", "--gpus", "1"], "README.md: not a valid Switch Transformers config"),
     (["plan", "--config", "tests/data/model-configs/switch-c-2048.json", "--gpus", "1", "--gpu-memory", "40MiB"],
      "gpu_memory: 40 MiB (90% usable) holds no expert of 49 MiB"),
-    (["generate", "--model", "demo/model", "--input-ids", "[[5, 1]]", "--timeout", "5"],
-     "--timeout: for a call to a server (--address); the cluster --model starts takes none"),
+    (["generate", "--model", "demo/model", "--input-ids", "[[5, 1]]", "--request-timeout-s", "5"],
+     "--request-timeout-s: for a call to a server (--address); the cluster --model starts takes none"),
     (["generate", "--model", "demo/model", "--input-ids", "[[5, 1]]", "--api-key-file", "key.txt"],
      "--api-key-file: for a call to a server (--address)"),
-    (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--timeout", "-5"],
-     "argument --timeout: expected seconds above 0, got '-5'"),
-    (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--timeout", "nan"],
-     "argument --timeout: expected seconds above 0, got 'nan'"),
+    (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--request-timeout-s", "-5"],
+     "argument --request-timeout-s: expected seconds above 0, got '-5'"),
+    (["generate", "--address", "localhost:1", "--input-ids", "[[5, 1]]", "--request-timeout-s", "nan"],
+     "argument --request-timeout-s: expected seconds above 0, got 'nan'"),
     (["build", "--model", "demo/model", "--actor-resource", "=1"], "argument --actor-resource: expected NAME=AMOUNT"),
     (["build", "--model", "demo/model", "--front-resource", "slot=nan"],
      "argument --front-resource: expected NAME=AMOUNT, got 'slot=nan'"),
@@ -385,8 +385,8 @@ def test_generate_prints_logprobs_and_routing_without_json(monkeypatch, capsys):
 
 def test_generate_passes_every_request_flag_on_here_and_to_a_server(monkeypatch):
     """The sampling and stop flags reach the cluster `--model` starts and the calls to `--address` alike, and
-    `--timeout` the calls (600 s unless given, at most 32 in flight). Fails if one is dropped or renamed on the
-    way."""
+    `--request-timeout-s` the calls (600 s unless given, at most 32 in flight). Fails if one is dropped or renamed on
+    the way."""
     import cluster.client
 
     flags = ["--max-new-tokens", "5", "--temperature", "0.5", "--top-k", "3", "--top-p", "0.9", "--seed", "7",
@@ -397,7 +397,7 @@ def test_generate_passes_every_request_flag_on_here_and_to_a_server(monkeypatch)
     monkeypatch.setattr(cluster.client, "generate_remote", lambda *args, **kwargs: there.append(kwargs) or [])
     main(["generate", "--model", "demo/model", "--text", "sort : 2 1", *flags])
     assert here[0][4] == sampling and here[0][5] == ("1 2", "x")
-    for timeout, expected in (([], cluster.client.CLIENT_TIMEOUT_S), (["--timeout", "20"], 20.0)):
+    for timeout, expected in (([], cluster.client.CLIENT_TIMEOUT_S), (["--request-timeout-s", "20"], 20.0)):
         main(["generate", "--address", "localhost:1", "--text", "sort : 2 1", *flags, *timeout])
         assert there[-1] == {**sampling, "stop": ["1 2", "x"], "logprobs": False, "timeout": expected, "api_key": None}
     assert cluster.client.CLIENT_TIMEOUT_S == 600 and cluster.client.MAX_IN_FLIGHT == 32
