@@ -25,6 +25,8 @@ and again after, so that a machine whose speed changed during the run (a shared 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -45,6 +47,7 @@ from transformers import SwitchTransformersForConditionalGeneration
 from cluster.app import front_env, local_serve, start_ray
 from cluster.testing import free_port, percentile, tiny_config, write_random_checkpoint
 from cluster.workloads import HF_BATCH_SIZES, SHAPES, WORKLOADS
+from experts.ffn import KEPT_HEAP_ENV
 from experts.fleet import compute_threads
 from experts.placement import PlacementConfig, experts_per_cpu
 from experts.spec import (
@@ -108,6 +111,7 @@ class Timing:
     first_token: float | None = None
     end: float | None = None
     token_ids: list[int] = field(default_factory=list)
+    first_tokens: int = 1  # how many came at first_token: a stream's first chunk may carry several
 
 
 @dataclass
@@ -127,7 +131,8 @@ def summarize(system: str, timings: list[Timing]) -> Result:
     tokens = sum(len(t.token_ids) for t in timings)
     seconds = max(t.end for t in timings) - min(t.sent for t in timings)
     ttft = [t.first_token - t.sent for t in timings]
-    tpot = [(t.end - t.first_token) / (len(t.token_ids) - 1) for t in timings if len(t.token_ids) > 1]
+    tpot = [(t.end - t.first_token) / (len(t.token_ids) - t.first_tokens) for t in timings
+            if len(t.token_ids) > t.first_tokens]
     return Result(system, tokens, seconds, tokens / seconds, percentile(ttft, 50), percentile(ttft, 99),
                   percentile(tpot, 50), percentile(tpot, 99), [t.token_ids for t in timings])
 
@@ -189,14 +194,33 @@ def gpu_setup() -> tuple[PlacementConfig, float]:
 
 
 # WARM: each system decodes each workload once, at its widest and unmeasured, before its measured runs. A process's
-# first burst of many prompts is its first touch of the memory it keeps from then on (the fronts keep what they free,
-# see experts.ffn.KEPT_HEAP_ENV): served, the first two bursts of 32 prompts took 2.8-3.1 s to encode here, the later
-# ones 1.3-1.5 s (docs/BENCHMARKS.md). A replica pays that once, after it starts; the runs measure serving after it.
+# first burst of many prompts is its first touch of the memory it keeps from then on (the fronts, and transformers
+# here, keep what they free: see keep_freed_heap): served, the first two bursts of 32 prompts took 2.8-3.1 s to
+# encode here, the later ones 1.3-1.5 s (docs/BENCHMARKS.md). A replica pays that once, after it starts; the runs
+# measure serving after it.
 
 # Requests of the first workload that transformers decodes one at a time at the start of a run and at its end.
 SPEED_CHECK_REQUESTS = 8
 # A change of the machine's speed between the two beyond which the table warns that the run's ratios are uncertain.
 SPEED_DRIFT_WARNING = 0.10
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_heap() -> bool:
+    """This process's allocator set as the fronts' and the expert actors' are (experts.ffn.KEPT_HEAP_ENV, which
+    glibc reads as a process starts), so that transformers runs here with the same advantage: without it, its padded
+    batches' activations over 32 MiB went back to the system as they were freed and were faulted in anew each pass
+    (long prompts, 32 and 64 at once: 13-15% fewer tokens/s on a 2-vCPU VM). False where the C library has no
+    mallopt (not glibc)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt"):
+        return False
+    return all(libc.mallopt(param, int(KEPT_HEAP_ENV[name])) == 1
+               for param, name in ((M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"),
+                                   (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_")))
 
 
 def load_transformers(folder: Path, device: str, dtype: str | None):
@@ -251,11 +275,13 @@ def cluster_run(address: str, requests: list[Request], concurrency: int, stream:
                 if not stream:
                     t.token_ids = list(stub.Generate(request, timeout=3600).token_ids)
                     t.first_token = t.end = time.perf_counter()
+                    t.first_tokens = len(t.token_ids)
                     continue
                 for chunk in stub.GenerateStream(request, timeout=3600):
                     if chunk.token_ids:  # the end is the last token's arrival, as transformers' streamer times it
                         t.end = time.perf_counter()
-                        t.first_token = t.first_token or t.end
+                        if t.first_token is None:
+                            t.first_token, t.first_tokens = t.end, len(chunk.token_ids)
                     t.token_ids += chunk.token_ids
 
         threads = [threading.Thread(target=client) for _ in range(min(concurrency, len(requests)))]
@@ -405,6 +431,7 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
                           max_waiting=max(defaults["max_waiting"].default, requests))
     engine = {name: getattr(server, name)
               for name in ("dtype", "micro_batches", "local_experts", "packed_weights", "quantize")}
+    heap_kept = keep_freed_heap()
     hf_model = load_transformers(folder, device, server.dtype)
     config = hf_model.config
     work = {name: workload(max(requests, *concurrency), config.vocab_size, name, seed) for name in workloads}
@@ -414,6 +441,7 @@ def run(folder: Path, workloads: list[str], concurrency: list[int], requests: in
     hf_run(hf_model, speed_check[:1], 1)
     speeds = [summarize("transformers-1", hf_run(hf_model, speed_check, 1)).tokens_per_s]
     report = {"model": str(folder), "requests": requests, "cpus": os.cpu_count(), "ingress": ingress, **engine,
+              "transformers_threads": torch.get_num_threads(), "transformers_heap_kept": heap_kept,
               "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
               "workloads": {name: {"prompt_tokens": WORKLOADS[name][0], "output_tokens": WORKLOADS[name][1],
                                    "transformers": [], "cluster": [], "unary": []} for name in workloads}}
@@ -517,6 +545,13 @@ def where_experts_run(local_experts: bool) -> str:
     return "the front computing its node's experts" if local_experts else "every expert in its actor"
 
 
+def transformers_text(report: dict) -> str:
+    if "transformers_threads" not in report:  # a report older than these keys: transformers kept no freed memory
+        return "transformers' allocator glibc's default, "
+    heap = "the fronts' allocator settings" if report["transformers_heap_kept"] else "its allocator's default"
+    return f"transformers threads {report['transformers_threads']} and {heap}, "
+
+
 def streams_text(streams: dict | None) -> str:
     if streams is None:  # a report of a build that sent a chunk every step
         return ""
@@ -542,7 +577,7 @@ def table(report: dict) -> str:
     lines = [f"{report['model']}: {report['requests']} requests per workload, {report['cpus']} CPUs, "
              f"device {report['device']}, dtype {dtype}, ingress {report.get('ingress', 'proxy')}, "
              f"placement {report['placement']}, "
-             f"front threads {report['front_threads']}, "
+             f"front threads {report['front_threads']}, " + transformers_text(report) +
              f"{report['micro_batches']} micro-batches, "
              f"{where_experts_run(report['local_experts'])}, experts quantized: {report.get('quantize', 'none')}"
              + streams_text(report.get("streams"))]
