@@ -121,6 +121,9 @@ def make_plan(config: SwitchConfig, *, gpus: int, gpu_memory: int, nodes: int = 
         raise PlanError(f"stats: {stack}.{layer} has no expert {e} in this model (its sparse layers: "
                         f"{', '.join(f'{s}.{i}' for s in STACKS for i in sparse_layers(config, s))}; "
                         f"{config.num_experts} experts each)")
+    if replicate_hot and not stats:  # every load the same, the copies would go to the first experts listed
+        raise PlanError("replicate_hot: needs stats (the token counts of `switch-serve stats`) to tell the busiest "
+                        "experts")
     load = {key: float((stats or {}).get(key, 1.0)) for key in keys}
     hot = sorted(keys, key=lambda k: -load[k])[:replicate_hot]
     copies = {key: 2 if key in hot else 1 for key in keys}

@@ -180,6 +180,13 @@ class ContinuousBatcher:
         with self.counting:
             self.waiting.append(seq)
 
+    def count_waiting(self) -> None:
+        """Set the queue-depth gauge now: each step sets it, and sequences queued or cancelled set it again, as a step
+        may wait long (on expert actors that restart) with callers arriving and leaving meanwhile."""
+        if self.metrics is not None:
+            with metrics_updated():
+                self.metrics.waiting(self.num_waiting)
+
     # A cancelled sequence counts nowhere, though it leaves only at the next step: while a step waits (on expert
     # actors that restart, say), the requests its callers gave up on must not keep new ones out.
     @property
@@ -231,9 +238,7 @@ class ContinuousBatcher:
             changed += self.fail(frameless(e))
         finally:
             use_threads(cores)
-        if self.metrics is not None:  # every step, whether it decoded or only encoded
-            with metrics_updated():
-                self.metrics.waiting(self.num_waiting)
+        self.count_waiting()  # every step, whether it decoded or only encoded
         return changed
 
     def _decode(self, cores: int, on_cores: bool) -> list[Sequence]:
@@ -264,10 +269,10 @@ class ContinuousBatcher:
             seq.decoder_dropped.append(dropped[row])  # the same
             seq.token_ids.append(token)
             seq.logprobs.append(chosen[row])
-            if token in self.eos_ids:
-                seq.finish_reason = "eos"
-            elif token in seq.params.stop_token_ids:
+            if token in seq.params.stop_token_ids:  # first: a stop token asked for ends as "stop", an EOS id too
                 seq.finish_reason = "stop"
+            elif token in self.eos_ids:
+                seq.finish_reason = "eos"
             elif len(seq.token_ids) >= seq.params.max_new_tokens:
                 seq.finish_reason = "length"
         stepped = list(self.active)
@@ -305,8 +310,7 @@ class ContinuousBatcher:
         if self.metrics is not None:  # the generation requests' latencies up to the failure count too (once)
             with metrics_updated():
                 self._record([seq for seq in failed if seq.pooling is None and seq.finish_reason is None])
-            with metrics_updated():
-                self.metrics.waiting(self.num_waiting)
+        self.count_waiting()
         return failed
 
     def _admit(self, cores: int) -> list[Sequence]:

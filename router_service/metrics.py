@@ -63,7 +63,8 @@ class ServingMetrics:
                                              "From arrival to the first generated token", LATENCY_BUCKETS, keys)
         self.time_per_output_token = Histogram("switch_serve_time_per_output_token_seconds",
                                                "Between generated tokens, per request", LATENCY_BUCKETS, keys)
-        self.queue_depth = Gauge("switch_serve_queue_depth", "Requests waiting for a place in the batch",
+        self.queue_depth = Gauge("switch_serve_queue_depth",
+                                 "Sequences waiting for a place in the batch (each of a request's choices counts)",
                                  tag_keys=keys)
         self.batch_size = Histogram("switch_serve_batch_size", "Sequences in each decoding step", BATCH_BUCKETS,
                                     keys)

@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from router_service.batching import ContinuousBatcher, Sequence, use_threads
+from router_service.batching import ContinuousBatcher, Sequence, frameless, use_threads
 from router_service.requests import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,9 @@ class Scheduler:
         for all of them before it queues any."""
         waiting, free_slots = self.batcher.room()
         if waiting + count > self.max_waiting + free_slots:
-            raise QueueFull(f"{waiting} requests already waiting (limit {self.max_waiting})"
-                            + (f"; this one has {count}" if count > 1 else ""))
+            raise QueueFull(f"{waiting} sequences already waiting, room for {self.max_waiting + free_slots} "
+                            "(max_waiting and the batch's free places)"
+                            + (f"; this request has {count}" if count > 1 else ""))
 
     def queue(self, seqs: list[Sequence]) -> list[AsyncIterator[Sequence]]:
         """Queue a request's sequences (its choices, its inputs) together, now: room for all of them, or QueueFull
@@ -95,6 +96,7 @@ class Scheduler:
             seq.on_update = partial(loop.call_soon_threadsafe, updated.set)  # before the batching thread can step it
             updates.append(self._updates(seq, updated))
             self.batcher.add(seq)
+        self.batcher.count_waiting()
         self._wake.set()
         if not self.alive:  # checked after queueing: a thread that stops from now on fails what it has queued,
             self.cancel(seqs)  # and those queued after it failed the rest count nowhere
@@ -122,6 +124,7 @@ class Scheduler:
         for seq in unfinished:
             seq.cancelled = True
         if unfinished:
+            self.batcher.count_waiting()
             self._wake.set()
 
     @property
@@ -147,7 +150,7 @@ class Scheduler:
             return self.batcher.step()
         except Exception as e:  # keep the thread alive: the batch fails, later requests start afresh
             log.exception("batching step failed")
-            return self.batcher.fail(e)
+            return self.batcher.fail(frameless(e))
 
     @staticmethod
     def _notify(changed: list[Sequence]) -> None:

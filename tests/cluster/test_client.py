@@ -30,7 +30,7 @@ class StatusFromProxy(grpc.RpcError):
 
 @pytest.mark.parametrize("code, details, retry", [
     (grpc.StatusCode.UNAVAILABLE, "expert actors are down", True),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, "64 requests already waiting (limit 64)", True),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "64 sequences already waiting, room for 64", True),
     (grpc.StatusCode.INTERNAL, "The actor died unexpectedly before finishing this task.", True),
     (grpc.StatusCode.INTERNAL, "The actor ce26 is unavailable: Actor is unavailable.. The task may or may not have "
                                "been executed on the actor.", True),  # the proxy reached the replica over gRPC

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -62,14 +63,16 @@ def test_experts_per_actor_must_be_positive():
         Placement.packed(tiny_config(), 0)
 
 
-def test_planned_placement_follows_the_plan():
+def test_planned_placement_follows_the_plan(tmp_path):
     """Every expert on the GPU the planner chose, hot ones twice on different GPUs, GPUs shared as asked: the actors
     of each GPU ask for their fractions of one bundle of their node's placement group, that GPU's. Fails if two
     GPUs' actors share a bundle (Ray gives fractions of a bundle of several GPUs out where they fit, and mixes
     them)."""
     config = tiny_config(num_experts=8)
     expert_mib = 2 * config.d_model * config.d_ff * 4 / 2**20
-    options = PlacementConfig(gpus=4, nodes=2, gpu_memory=f"{expert_mib * 12}MiB", replicate_hot=3,
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"encoder.1": [9, 8, 7, 1, 1, 1, 1, 1]}))
+    options = PlacementConfig(gpus=4, nodes=2, gpu_memory=f"{expert_mib * 12}MiB", replicate_hot=3, stats=str(stats),
                               actors_per_gpu=2, actor_resources={"expert_slot": 1})
     placement = options.place(config, "fp32")
     assert placement.nodes == 2 and len(placement.actors) == 8

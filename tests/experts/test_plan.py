@@ -114,6 +114,7 @@ def test_experts_no_token_went_to_spread_over_the_gpus():
     ({"gpus": 1, "replicate_hot": 1}, "replicate_hot: replicas need at least 2 GPUs"),
     ({"gpus": 4, "dtype": "fp8"}, "dtype: one of fp32, bf16, fp16, int8, got 'fp8'"),
     ({"gpus": 4, "replicate_hot": 97}, "replicate_hot: 97 is more than the model's 96 experts"),
+    ({"gpus": 4, "replicate_hot": 2}, "replicate_hot: needs stats"),
     ({"gpus": 4, "stats": {("decoder", 2, 0): 5.0}}, "stats: decoder.2 has no expert 0 in this model"),
     ({"gpus": 4, "stats": {("encoder", 1, 8): 5.0}}, "stats: encoder.1 has no expert 8 in this model")])
 def test_a_plan_that_cannot_be_is_refused_naming_the_field(options, message):
@@ -205,7 +206,9 @@ def test_every_expert_replicated_where_the_copies_fit(stats):
 def test_replicas_need_two_gpus_however_few_experts():
     """An expert's second copy goes to another GPU: a plan with replicas says so in its least GPUs. Fails if one GPU,
     which make_plan itself refuses for replicas, is given as enough."""
-    assert make_plan(config("switch-base-8"), gpus=2, gpu_memory=80 * GiB, replicate_hot=1).min_gpus == 2
+    c = config("switch-base-8")
+    stats = {("encoder", 1, 3): 9.0}
+    assert make_plan(c, gpus=2, gpu_memory=80 * GiB, replicate_hot=1, stats=stats).min_gpus == 2
 
 
 def test_plans_of_many_small_shapes_keep_their_rules():

@@ -857,7 +857,8 @@ def test_top_p_keeps_a_token_whose_probability_reaches_it_exactly():
 @torch.inference_mode()
 def test_a_stop_token_or_any_of_several_eos_ids_ends_a_sequence(checkpoint_factory):
     """A token of `stop_token_ids` ends its sequence with finish_reason "stop", and one of a config's several
-    eos_token_id (a list) with "eos", the token kept as the last. Fails if either is ignored."""
+    eos_token_id (a list) with "eos", the token kept as the last; one that is both, with "stop" (the request's
+    field says so). Fails if either is ignored."""
     path, _ = checkpoint_factory("batching", num_experts=4, expert_capacity=2, num_decoder_layers=3)
     prompt = [7, 8, 1]  # its tokens are not all one (the tiny random model repeats itself for many prompts)
     free = run_to_completion(ContinuousBatcher(local_front(path), max_sequences=8),
@@ -874,6 +875,10 @@ def test_a_stop_token_or_any_of_several_eos_ids_ends_a_sequence(checkpoint_facto
     ended = run_to_completion(ContinuousBatcher(front, max_sequences=8),
                               [Sequence(prompt, SamplingParams(max_new_tokens=8))])[0]
     assert ended.token_ids == free[:at + 1] and ended.finish_reason == "eos"
+    # An EOS id asked for as a stop token ends as the request asked: "stop".
+    asked = run_to_completion(ContinuousBatcher(front, max_sequences=8),
+                              [Sequence(prompt, SamplingParams(max_new_tokens=8, stop_token_ids=(token,)))])[0]
+    assert asked.token_ids == free[:at + 1] and asked.finish_reason == "stop"
 
 
 @torch.inference_mode()

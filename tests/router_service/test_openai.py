@@ -375,7 +375,7 @@ def test_bad_input_is_refused_as_such_when_the_server_is_busy_or_down(route, bad
     from router_service.server import SwitchServer
 
     def full(*_):
-        raise QueueFull("32 requests already waiting (limit 32)")
+        raise QueueFull("32 sequences already waiting, room for 32 (max_waiting and the batch's free places)")
 
     def down():
         raise ExpertsUnavailable("the experts are not serving: expert actors lost")

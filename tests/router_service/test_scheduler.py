@@ -120,9 +120,27 @@ def test_a_request_of_several_sequences_is_let_in_whole_or_not_at_all():
     scheduler.check_room(8)
     for _ in range(3):
         batcher.add(Sequence([5, 1]))
-    with pytest.raises(QueueFull, match="3 requests already waiting .*; this one has 6"):
+    with pytest.raises(QueueFull, match="3 sequences already waiting, room for .*; this request has 6"):
         scheduler.check_room(6)
     scheduler.check_room(5)
+
+
+def test_the_queue_depth_is_set_as_sequences_queue_and_leave_not_only_at_a_step():
+    """A step may wait long (on expert actors that restart): the gauge follows the callers arriving and leaving
+    meanwhile. Fails if only the batching thread's steps set it (here, a thread that never steps)."""
+    depth = []
+    batcher = IdleBatcher(CrashingFront(), max_sequences=4)
+    batcher.metrics = SimpleNamespace(waiting=depth.append)
+    scheduler = Scheduler(batcher, max_waiting=4)
+
+    async def queue_and_leave():
+        first, second = Sequence([5, 1]), Sequence([6, 1])
+        scheduler.queue([first, second])
+        queued = depth[-1]
+        scheduler.cancel([first])
+        return queued, depth[-1]
+
+    assert asyncio.run(queue_and_leave()) == (2, 1)
 
 
 def test_a_requests_sequences_queue_together_at_once_and_leave_together():
