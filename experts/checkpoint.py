@@ -15,7 +15,7 @@ import os
 import platform
 import struct
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from experts.spec import (
@@ -223,7 +223,8 @@ def check_tensor_shapes(config: SwitchConfig, tensors: dict[str, TensorInfo],
 
 @dataclass
 class SwitchCheckpoint:
-    """A validated checkpoint folder: its config and where every tensor lives. Cheap to pickle."""
+    """A validated checkpoint folder: its config and where every tensor lives. Pickled, its tensors' places take
+    MiBs for a large checkpoint (switch-c-2048's 123,170): a process that reads a few gets `with_only` them."""
 
     path: Path
     config: SwitchConfig
@@ -358,6 +359,11 @@ class SwitchCheckpoint:
                 raise CheckpointError(f"{self.path / self.tensors[name].file}: tensor {name} differs from "
                                       f"{embedding}, though config.json ties them (tie_word_embeddings): the config "
                                       "is not the weights'")
+
+    def with_only(self, names: Collection[str]) -> SwitchCheckpoint:
+        """This checkpoint knowing only the tensors `names`: what an expert actor, which reads its own alone, is
+        sent."""
+        return replace(self, tensors={name: self.tensors[name] for name in names}, names_read=set())
 
     def read(self, names: list[str]) -> dict:
         """{name: torch.Tensor} of the named tensors, opening each shard once and reading only their bytes."""

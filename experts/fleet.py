@@ -4,7 +4,8 @@ An `ExpertFleet` actor owns a placement group per planned node (`STRICT_PACK`, e
 the groups before it took) and the expert actors inside them. A group holds a bundle per GPU, which the actors
 sharing that GPU ask their fractions of, so that they share one physical GPU (Ray gives fractions of a bundle of
 several GPUs out where they fit, and actors of different planned GPUs, started or restarted together, mix); without
-GPUs, one bundle for all the node's actors. The actors are the fleet's children, so nothing outlives it. Served,
+GPUs, one bundle for all the node's actors. The actors are the fleet's children and die with it; its groups last
+until it releases them, or its creator's job ends (a fleet started again removes those its predecessor left). Served,
 the fleet is a Serve deployment of its own that every front replica asks for the actors.
 """
 
@@ -161,7 +162,7 @@ class FleetActors(NamedTuple):
 
 class ExpertFleet:
     """Owns a placement group per node and the expert actors inside them. The actors are its children: they die with
-    it, and so do the groups, so nothing it started outlives it.
+    it. The groups last until it releases them, or until its creator's job ends (see `name`).
 
     Runs as a Ray actor for the Python API and as a Serve deployment of the served app, whose controller starts
     a new one (with new actors) when its process dies. It starts at once and places and loads its actors on a
@@ -324,9 +325,13 @@ class ExpertFleet:
         return any(of_family(name, self.family) and not name.startswith(f"{self.name}-") for name in created_groups())
 
     def _remove_groups(self) -> None:
-        """Free the groups' reservations (the caller holds the lock)."""
+        """Free the groups' reservations (the caller holds the lock): one that fails to (its GCS call, say) leaves
+        the others to be freed."""
         for group in self.groups:
-            remove_placement_group(group)
+            try:
+                remove_placement_group(group)
+            except Exception as e:
+                log.warning("removing placement group %s failed: %s", group.id, e)
         self.groups = []
 
     def _new_actor(self, spec):
@@ -334,12 +339,13 @@ class ExpertFleet:
         Ray (reloading its weights), up to ACTOR_RESTARTS times, and the calls it had in flight are sent again: it
         holds no per-request state, so a retried call gives the same result."""
         strategy = PlacementGroupSchedulingStrategy(self.groups[spec.node], placement_group_bundle_index=spec.gpu)
+        experts = {key: expert_tensor_names(*key) for key in spec.experts}
+        own = self.checkpoint.with_only([name for pair in experts.values() for name in pair])
         return ray.remote(ExpertActor).options(
             num_cpus=self._cpus, num_gpus=spec.gpus, resources=self.actor_resources, scheduling_strategy=strategy,
             max_restarts=ACTOR_RESTARTS, max_task_retries=-1,
             runtime_env={"env_vars": KEPT_HEAP_ENV | INLINE_ACTIVATIONS_ENV}
-        ).remote(self.checkpoint, {key: expert_tensor_names(*key) for key in spec.experts}, self.dtype, self.quantize,
-                 self.model_id)
+        ).remote(own, experts, self.dtype, self.quantize, self.model_id)
 
     def _wait_loaded(self, handles: list, loading: list[int] | None = None) -> None:
         """Wait for the actors `loading` (indices in `handles`; default: all) to load."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import platform
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +195,9 @@ def read_stats(path: str) -> dict[ExpertKey, float]:
     """Token counts as `{"encoder.1": [tokens per expert], ...}` (what the running cluster reports)."""
     try:
         raw = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+    except OSError as e:  # missing on the node that reads it (a served fleet's), say
+        raise PlanError(f"stats: {path} cannot be read on {platform.node()} ({e.strerror})") from None
+    except ValueError as e:  # a JSONDecodeError, bytes that are not UTF-8
         raise PlanError(f"stats: {path} is not JSON ({e})") from None
 
     def refused(found) -> PlanError:

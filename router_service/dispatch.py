@@ -137,7 +137,7 @@ class ExpertDispatcher:
         tally = (torch.zeros(len(stacks), self.num_experts, dtype=torch.long, device=device),
                  {layer: row for row, layer in enumerate(stacks)}, torch.ones(1, dtype=torch.long, device=device))
         self.routes = Routes(actors, local, stacks, copies, hosts, turns, is_local, tally)
-        self._unsettled = False
+        self._unsettled = False  # (taken up between steps: a step cut short by the loss of the actors counts nowhere)
 
     @property
     def actors(self) -> list:
@@ -270,9 +270,8 @@ class ExpertDispatcher:
         pending.local_s = time.perf_counter() - computing
         self.local_calls += 1
         counts, rows, one = r.tally
-        if layer in rows:  # not when `use` has just held other layers: a step's counts are lost
-            counts[rows[layer]].index_add_(0, expert, one.expand(len(expert)))
-            self._unsettled = True
+        counts[rows[layer]].index_add_(0, expert, one.expand(len(expert)))
+        self._unsettled = True
         return pending
 
     def settle(self) -> None:

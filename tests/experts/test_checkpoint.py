@@ -468,3 +468,21 @@ def test_routers_held_in_float32_beside_other_weights_are_said_nothing_of(checkp
     with caplog.at_level(logging.WARNING, logger="experts.checkpoint"):
         assert SwitchCheckpoint.open(checkpoint).dtype_name == "bf16"
     assert "dtype" not in caplog.text and "F32" not in caplog.text
+
+
+def test_an_expert_actor_is_sent_the_places_of_its_own_tensors_alone(tmp_path):
+    """Every tensor's place, pickled, takes MiBs for a large checkpoint (switch-c-2048's 123,170), and each actor's
+    creation sends its checkpoint: `with_only` keeps those it reads, which it reads as the whole would. Fails if the
+    others are kept."""
+    import pickle
+
+    from cluster.testing import write_random_checkpoint
+
+    write_random_checkpoint(tmp_path, tiny_config())
+    checkpoint = SwitchCheckpoint.open(tmp_path)
+    names = list(expert_tensor_names("encoder", sparse_layers(checkpoint.config, "encoder")[0], 1))
+    own = checkpoint.with_only(names)
+    assert sorted(own.tensors) == sorted(names) and own.names_read == set()
+    assert len(pickle.dumps(own)) * 5 < len(pickle.dumps(checkpoint))
+    read, whole = own.read(names), checkpoint.read(names)
+    assert all(torch.equal(read[name], whole[name]) for name in names)

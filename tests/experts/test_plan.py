@@ -144,6 +144,12 @@ def test_a_stats_file_not_of_token_counts_is_refused_naming_it(tmp_path, text):
     path.write_text("encoder.1: [1, 2]")  # not JSON
     with pytest.raises(PlanError, match=rf"^stats: {path} is not JSON \(Expecting value"):
         read_stats(str(path))
+    path.write_bytes(b"\xff\xfe")  # not UTF-8
+    with pytest.raises(PlanError, match=rf"^stats: {path} is not JSON"):
+        read_stats(str(path))
+    path.unlink()  # as on a node without the file
+    with pytest.raises(PlanError, match=rf"^stats: {path} cannot be read on .* \(No such file or directory\)"):
+        read_stats(str(path))
 
 
 def test_int8_experts_fit_switch_c_2048_on_about_half_the_gpus(capsys):
@@ -187,7 +193,7 @@ def test_experts_spread_evenly_over_the_nodes():
     assert PlacementConfig(gpus=128, nodes=4).place(config("switch-base-8"), "bf16").nodes == 4
 
 
-@pytest.mark.parametrize("stats", [None, [1, 2, 1, 7, 1, 7]])
+@pytest.mark.parametrize("stats", [[1] * 6, [1, 2, 1, 7, 1, 7]])
 def test_every_expert_replicated_where_the_copies_fit(stats):
     """Six experts, each twice, on 3 GPUs of room for 4: a layout exists whatever the loads; the planner finds it,
     each expert's copies on two GPUs. Fails if the hot experts' loads leave a copy only its twin's GPU."""
@@ -196,8 +202,8 @@ def test_every_expert_replicated_where_the_copies_fit(stats):
     room = 4.5 * expert_bytes(c, "fp32") / (1 - ACTIVATION_RESERVE)
     keys = [(stack, layer, e) for stack in ("encoder", "decoder") for layer in sparse_layers(c, stack)
             for e in range(3)]
-    loads = None if stats is None else dict(zip(keys, map(float, stats)))
-    plan = make_plan(c, gpus=3, gpu_memory=int(room), dtype="fp32", replicate_hot=6, stats=loads)
+    plan = make_plan(c, gpus=3, gpu_memory=int(room), dtype="fp32", replicate_hot=6,
+                     stats=dict(zip(keys, map(float, stats))))
     for key in keys:
         assert len({g.gpu for g in plan.gpus if key in g.experts}) == 2, key
     assert plan.min_gpus == 3
