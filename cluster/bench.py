@@ -213,7 +213,7 @@ def keep_freed_heap() -> bool:
     """This process's allocator set as the fronts' and the expert actors' are (experts.ffn.KEPT_HEAP_ENV, which
     glibc reads as a process starts), so that transformers runs here with the same advantage: without it, its padded
     batches' activations over 32 MiB went back to the system as they were freed and were faulted in anew each pass
-    (long prompts, 32 and 64 at once: 13-15% fewer tokens/s on a 2-vCPU VM). False where the C library has no
+    (long prompts, 32 and 64 at once: 13-16% fewer tokens/s on a 2-vCPU VM). False where the C library has no
     mallopt (not glibc)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if not hasattr(libc, "mallopt"):

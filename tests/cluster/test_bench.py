@@ -285,7 +285,7 @@ print(faults[-1])
 def test_transformers_keeps_the_memory_it_frees_as_the_fronts_do():
     """The bench's own process, where transformers runs, keeps its freed activations as the fronts' processes do
     (KEPT_HEAP_ENV): a 96 MiB block made again takes no page faults, where by default each is faulted in anew.
-    Fails if keep_freed_heap sets nothing (transformers made 13-15% fewer tokens/s with long prompts without it)."""
+    Fails if keep_freed_heap sets nothing (transformers made 13-16% fewer tokens/s with long prompts without it)."""
     faults = {how: int(subprocess.run([sys.executable, "-c", KEPT_HEAP_CHECK, how], capture_output=True, text=True,
                                       check=True).stdout) for how in ("default", "kept")}
     assert faults["default"] > 10_000 and faults["kept"] < 1_000, faults

@@ -110,10 +110,10 @@ def test_a_fleets_actors_return_activations_of_up_to_a_mib_inside_rays_messages(
     checkpoint = SwitchCheckpoint.open(tmp_path)
     fleet = start_fleet(checkpoint, PlacementConfig(experts_per_actor=config.num_experts), checkpoint.dtype_name)
     try:
-        actor, = ray.get(fleet.actors.remote(120)).actors
+        view = ray.get(fleet.actors.remote(120))
+        actor, = view.actors
         # Sent the places of its own experts' tensors alone (SwitchCheckpoint.with_only), not the whole checkpoint's.
-        own = {name for stack in ("encoder", "decoder") for layer in sparse_layers(config, stack)
-               for e in range(config.num_experts) for name in expert_tensor_names(stack, layer, e)}
+        own = {name for key in view.placement.actors[0].experts for name in expert_tensor_names(*key)}
         assert ray.get(actor.__ray_call__.remote(lambda actor: set(actor.checkpoint.tensors))) == own
         layer = sparse_layers(checkpoint.config, "encoder")[0]
         rows = (200 << 10) // (4 * config.d_model)
