@@ -3,6 +3,7 @@ user could read in `ps`), presented as `authorization: Bearer KEY` in gRPC metad
 
 from __future__ import annotations
 
+import hmac
 import os
 from pathlib import Path
 
@@ -12,6 +13,10 @@ API_KEY_FILE_DEFAULT = f"default: ${API_KEY_ENV}, if set"  # where a key file's 
 
 class Unauthenticated(Exception):
     """A call without the right API key."""
+
+
+# What an HTTP 401 names as the way to authenticate (RFC 9110: a 401 carries one).
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def load_api_key(path: str | None) -> str | None:
@@ -42,13 +47,21 @@ def sendable(key: str, source: str) -> str:
     return key
 
 
-def presented_key(metadata) -> str | None:
-    """The key from `authorization: Bearer KEY` or `x-api-key: KEY` (gRPC metadata or HTTP headers)."""
+def presented_keys(metadata) -> list[str]:
+    """The keys from every `authorization: Bearer KEY` and `x-api-key: KEY` (gRPC metadata or HTTP headers): a
+    gateway in front may send a bearer token of its own beside the caller's x-api-key."""
+    keys = []
     for name, value in metadata:
         if name.lower() == "authorization":
             scheme, _, key = value.partition(" ")
             if scheme.lower() == "bearer":  # a scheme's case does not count (RFC 9110)
-                return key.strip()
-        if name.lower() == "x-api-key":
-            return value
-    return None
+                keys.append(key.strip())
+        elif name.lower() == "x-api-key":
+            keys.append(value.strip())
+    return keys
+
+
+def is_authorized(metadata, api_key: str) -> bool:
+    """Whether any key presented is `api_key`, each compared in constant time."""
+    wanted = api_key.encode()
+    return any(hmac.compare_digest(key.encode(), wanted) for key in presented_keys(metadata))

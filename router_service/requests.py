@@ -189,12 +189,16 @@ class BodyLimits(typing.NamedTuple):
     none that a request the server takes could exceed."""
 
     bytes: int  # a request's every sequence with a prompt of the most characters, each escaped, and 1 MiB more
-    # In any list (a prompt's token ids, a request's prompts or inputs, its stop token ids), twice the most any
-    # takes: one a little over its limit gets the check that names that limit.
+    # In any list (a prompt's token ids, a request's prompts or inputs, its stop token ids) or object (logit_bias),
+    # twice the most any takes: one a little over its limit gets the check that names that limit.
     items: int
+    # Lists and objects in the whole body: two for each sequence (an input's object and its ids) and some for the
+    # request's own (stop, stream_options and the like). Bounds the walks over a body before it is parsed.
+    containers: int
 
     @classmethod
     def of(cls, limits: ServerConfig) -> BodyLimits:
         sequences = limits.max_waiting + limits.max_sequences  # the most one request may queue (Scheduler.check_count)
         prompt_bytes = limits.max_prompt_tokens * MAX_CHARS_PER_PROMPT_TOKEN * JSON_BYTES_PER_CHAR
-        return cls(sequences * prompt_bytes + 2**20, 2 * max(limits.max_prompt_tokens, sequences, MAX_STOP_TOKEN_IDS))
+        return cls(sequences * prompt_bytes + 2**20, 2 * max(limits.max_prompt_tokens, sequences, MAX_STOP_TOKEN_IDS),
+                   2 * sequences + 64)

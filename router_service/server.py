@@ -10,7 +10,6 @@ placement changes.
 
 import asyncio
 import gc
-import hmac
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from experts.checkpoint import SwitchCheckpoint
 from experts.fleet import ExpertFleet, compute_threads, created_groups
 from experts.placement import PlacementConfig
 from experts.spec import CONFIG_FILE, sparse_layers
-from router_service.auth import Unauthenticated, load_api_key, presented_key
+from router_service.auth import CHALLENGE, Unauthenticated, is_authorized, load_api_key
 from router_service.batching import Sequence
 from router_service.config import ServerConfig
 from router_service.engine import SwitchCluster, count_expert_tokens, first_line
@@ -162,7 +161,7 @@ def as_openai_error(e: Exception) -> OpenAIError:
 
 def openai_error(e: Exception) -> JSONResponse:
     error = as_openai_error(e)
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=CHALLENGE if error.status == 401 else None)
 
 
 def prompt_tokens(request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> int:
@@ -189,7 +188,7 @@ def http_error(e: Exception) -> JSONResponse:
     body = {"error": first_line(e)}
     if isinstance(e, InvalidRequest):
         body["field"] = e.field
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=CHALLENGE if status == 401 else None)
 
 
 # What in a body's UTF-8 bytes can make json.loads return a lone surrogate: the escape of one ("\\ud800", the halves
@@ -207,9 +206,8 @@ async def json_body(request: Request, refused: Callable[[str, str], Exception], 
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise refused("body", f"not JSON ({e})") from None
-    if (longest := long_list(body, limits.items)) is not None:
-        where, items = longest
-        raise refused(where, f"{items} items, more than any list of a request here may hold ({limits.items})")
+    if (over := oversized(body, limits)) is not None:
+        raise refused(*over)
     may_hold_one = SURROGATE.search(raw) or not json.detect_encoding(raw).startswith("utf-8")
     if may_hold_one and (where := unpaired_surrogate(body)) is not None:
         raise refused(where, "not valid Unicode (half of a UTF-16 surrogate pair)")
@@ -246,27 +244,45 @@ async def body_within(request: Request, refused: Callable[[str, str], Exception]
     return bytes(raw)
 
 
-def long_list(body: object, most: int) -> tuple[str, int] | None:
-    """The path and length of a list of more than `most` items among a JSON object's fields and their lists' items
-    (`input_ids`, `prompt[2]`: where a request's lists are), or None. Looks at no token id: as fast for a large body as
-    for a small one."""
-    if not isinstance(body, dict):
-        return None
-    for key, value in body.items():
-        if not isinstance(value, list):
+CONTAINERS = frozenset({list, dict})
+TEXT_OR_CONTAINERS = frozenset({str, list, dict})
+
+
+def nested(value: list | dict, path: str, kinds: frozenset) -> list[tuple[object, str]]:
+    """The items of a parsed JSON list or object whose type is one of `kinds`, each with its path (`prompt[2]`,
+    `stream_options.include_usage`; "body" at the top), last first (for a walk's stack). A list is looked at item by
+    item in Python only where it holds any (a prompt's token ids hold none): a large body costs about what its
+    parse did."""
+    if isinstance(value, dict):
+        prefix = f"{path}." if path else ""
+        return [(item, f"{prefix}{key}") for key, item in reversed(value.items()) if type(item) in kinds]
+    if kinds.isdisjoint(map(type, value)):
+        return []
+    return [(item, f"{path or 'body'}[{i}]") for i, item in reversed(list(enumerate(value))) if type(item) in kinds]
+
+
+def oversized(body: object, limits: BodyLimits) -> tuple[str, str] | None:
+    """Where a parsed JSON body exceeds `limits` and why: the path of a list or object of more items than any request
+    takes, or "body" where it holds more lists and objects than any; None where it does not. A walk of its own, not
+    recursion: a body nested as deep as json.loads takes would exceed Python's stack."""
+    stack, seen = [(body, "")], 0
+    while stack:
+        value, path = stack.pop()
+        if not isinstance(value, (list, dict)):
             continue
-        if len(value) > most:
-            return key, len(value)
-        for i, item in enumerate(value):
-            if isinstance(item, list) and len(item) > most:
-                return f"{key}[{i}]", len(item)
+        if (seen := seen + 1) > limits.containers:
+            return "body", f"more than {limits.containers} lists and objects, more than a request here may hold"
+        if len(value) > limits.items:
+            return path or "body", (f"{len(value)} items, more than any list or object of a request here may hold "
+                                    f"({limits.items})")
+        stack += nested(value, path, CONTAINERS)
     return None
 
 
 def unpaired_surrogate(body) -> str | None:
     """The path (`prompt[1]`, `stream_options.include_usage`; "body" at the top) of the first string, or the object
     holding the first key, in a parsed JSON body that UTF-8 cannot encode; None where there is none. A walk of its
-    own, not recursion: a body nested as deep as json.loads takes would exceed Python's stack."""
+    own, not recursion (see oversized)."""
     stack = [(body, "")]
     while stack:
         value, path = stack.pop()
@@ -276,7 +292,7 @@ def unpaired_surrogate(body) -> str | None:
             except UnicodeEncodeError:
                 return path or "body"
         elif isinstance(value, list):
-            stack.extend((item, f"{path or 'body'}[{i}]") for i, item in reversed(list(enumerate(value))))
+            stack += nested(value, path, TEXT_OR_CONTAINERS)
         elif isinstance(value, dict):
             prefix = f"{path}." if path else ""
             for key, item in reversed(value.items()):
@@ -622,8 +638,7 @@ class SwitchServer:
         """Every call but the health check presents the API key, when the server has one."""
         if self.api_key is None:
             return
-        key = presented_key(metadata)
-        if key is None or not hmac.compare_digest(key.encode(), self.api_key.encode()):
+        if not is_authorized(metadata, self.api_key):
             raise Unauthenticated("api key: missing or wrong (send the header authorization: Bearer KEY)")
 
     def _finished(self, error: BaseException | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router_service.auth import API_KEY_ENV, load_api_key, presented_key
+from router_service.auth import API_KEY_ENV, is_authorized, load_api_key, presented_keys
 
 
 def test_the_key_comes_from_the_file_else_the_environment(tmp_path, monkeypatch):
@@ -39,16 +39,25 @@ def test_a_key_no_client_could_send_is_an_error(tmp_path, monkeypatch, key):
         load_api_key(str(tmp_path / "key"))
 
 
-@pytest.mark.parametrize("metadata, key", [
-    ([("authorization", "Bearer s3cret")], "s3cret"),
-    ([("Authorization", "Bearer s3cret")], "s3cret"),  # HTTP header names are case-insensitive
-    ([("x-api-key", "s3cret")], "s3cret"),
-    ([("user-agent", "curl"), ("X-API-Key", "s3cret")], "s3cret"),
-    ([("authorization", "bearer s3cret")], "s3cret"),  # nor is the scheme's
-    ([("authorization", "Bearer  s3cret ")], "s3cret"),  # spaces around the token, as some clients send them
-    ([("authorization", "Basic czNjcmV0")], None),  # not a bearer token
-    ([("grpc-trace-bin", b"\x00\x01"), ("authorization", "Bearer s3cret")], "s3cret"),  # binary metadata passed over
-    ([], None),
+@pytest.mark.parametrize("metadata, keys", [
+    ([("authorization", "Bearer s3cret")], ["s3cret"]),
+    ([("Authorization", "Bearer s3cret")], ["s3cret"]),  # HTTP header names are case-insensitive
+    ([("x-api-key", "s3cret")], ["s3cret"]),
+    ([("user-agent", "curl"), ("X-API-Key", " s3cret ")], ["s3cret"]),  # gRPC metadata is not trimmed for us
+    ([("authorization", "bearer s3cret")], ["s3cret"]),  # nor is the scheme's
+    ([("authorization", "Bearer  s3cret ")], ["s3cret"]),  # spaces around the token, as some clients send them
+    ([("authorization", "Basic czNjcmV0")], []),  # not a bearer token
+    ([("grpc-trace-bin", b"\x00\x01"), ("authorization", "Bearer s3cret")], ["s3cret"]),  # binary metadata passed over
+    ([("authorization", "Bearer gateway"), ("x-api-key", "s3cret")], ["gateway", "s3cret"]),  # another layer's too
+    ([], []),
 ])
-def test_presented_key(metadata, key):
-    assert presented_key(metadata) == key
+def test_presented_keys(metadata, keys):
+    assert presented_keys(metadata) == keys
+
+
+def test_any_key_presented_may_be_the_right_one():
+    """Fails if only the first key presented counts (a gateway's bearer token beside the caller's x-api-key)."""
+    assert is_authorized([("authorization", "Bearer gateway"), ("x-api-key", "s3cret")], "s3cret")
+    assert is_authorized([("x-api-key", "s3cret"), ("authorization", "Bearer gateway")], "s3cret")
+    assert not is_authorized([("authorization", "Bearer gateway"), ("x-api-key", "other")], "s3cret")
+    assert not is_authorized([], "s3cret")

@@ -4,6 +4,7 @@ server with an API key: the same tokens as the native API, stop strings, n, logp
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import urllib.error
 import urllib.request
@@ -113,6 +114,32 @@ def test_n_choices_sampled_with_a_seed_are_reproducible(served, client):
     assert first.usage.prompt_tokens == native(served, PROMPTS[3], 1).prompt_tokens  # the prompt once, not n times
     assert [c.text for c in first.choices] == [c.text for c in second.choices]
     assert len({c.text for c in first.choices}) > 1  # temperature 1 by default: the choices differ
+
+
+def test_a_stream_of_several_prompts_and_choices_equals_the_unary_answer(served, client):
+    """Streamed by the async client, two prompts of three sampled choices each: every index's text and finish reason
+    as the unary call's, its finish reason once, and the usage the choices' tokens summed. Fails if the chunks of
+    the choices mix or one is lost."""
+    fields = {"model": served["model"], "prompt": [PROMPTS[3], PROMPTS[4]], "max_tokens": 8, "n": 3, "seed": 5}
+    unary = client.completions.create(**fields)
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=served["base_url"], api_key=KEY, max_retries=0) as aclient:
+            stream = await aclient.completions.create(**fields, stream=True, stream_options={"include_usage": True})
+            return [chunk async for chunk in stream]
+
+    chunks = asyncio.run(run())
+    texts, finished = collections.defaultdict(str), collections.defaultdict(list)
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason is not None:
+                finished[choice.index].append(choice.finish_reason)
+    assert sorted(texts) == list(range(6))
+    assert [texts[i] for i in range(6)] == [c.text for c in unary.choices]
+    assert [finished[i] for i in range(6)] == [[c.finish_reason] for c in unary.choices]
+    assert chunks[-1].usage.completion_tokens == unary.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == unary.usage.prompt_tokens
 
 
 def test_stop_strings_end_the_text_before_them(served, client):
@@ -509,6 +536,7 @@ def test_every_call_but_the_health_check_asks_for_the_key(served, key):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=60)
         assert refused.value.code == 401, route
+        assert refused.value.headers["WWW-Authenticate"] == "Bearer", route  # RFC 9110: a 401 names the scheme
     with grpc.insecure_channel(served["grpc"]) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
     assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from reference import hf_generate, hf_routing
+from reference import hf_generate, hf_routing, wait_until
 from transformers import AutoTokenizer
 
 from cluster.app import APP_NAME, local_serve
@@ -560,6 +560,23 @@ def test_a_streamed_completion_whose_client_goes_stops_every_choice(server):
     assert info.active_sequences == 0 and info.cache_rows == 0
 
 
+def test_a_unary_completion_whose_client_goes_stops_every_choice(server):
+    """As the test above, the completion unary: the client closes the connection while its two choices decode. Fails
+    if they go on decoding to their end (Serve's cancellation of the call not reaching the choices)."""
+    stub = server["stub"]
+    prompt = list(long_request(stub).input_ids)
+    url = urllib.parse.urlsplit(server["http"])
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    body = {"model": server["path"].name, "prompt": prompt, "max_tokens": MAX_NEW_LIMIT, "temperature": 0, "n": 2}
+    connection.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    wait_until(lambda: stub.ModelInfo(pb.ModelInfoRequest()).active_sequences == 2, "the choices to decode", 60)
+    connection.close()
+    steps = stub.ModelInfo(pb.ModelInfoRequest()).decode_steps
+    info = wait_for_idle(stub)
+    assert info.decode_steps - steps <= STEPS_AFTER_CANCEL, (steps, info.decode_steps)
+    assert info.active_sequences == 0 and info.cache_rows == 0
+
+
 def test_deadline_stops_within_a_few_steps_and_frees_its_slot(server):
     """Fails as the test above does, for a unary call whose deadline passes."""
     stub = server["stub"]
@@ -798,18 +815,27 @@ def test_openai_text_that_is_not_unicode_is_a_400_naming_the_field(server, route
     assert answer["error"]["message"] == f"{param}: not valid Unicode (half of a UTF-16 surrogate pair)"
 
 
-@pytest.mark.parametrize("route, fields, param", [
-    ("/v1/generate", {"input_ids": [5] * 1025}, "input_ids"),
-    ("/v1/completions", {"prompt": [[5, 1], [5] * 1025]}, "prompt[1]"),
-    ("/v1/embeddings", {"input": [[5]] * 1025}, "input"),
-    ("/v1/completions", {"prompt": "sort " * 2**21}, "body"),
-    ("/v1/generate", {"text": "sort " * 2**21}, "body"),
+ITEMS_OVER = "1025 items, more than any list or object of a request here may hold (1024)"
+
+
+@pytest.mark.parametrize("route, fields, param, why", [
+    ("/v1/generate", {"input_ids": [5] * 1025}, "input_ids", ITEMS_OVER),
+    ("/v1/completions", {"prompt": [[5, 1], [5] * 1025]}, "prompt[1]", ITEMS_OVER),
+    ("/v1/completions", {"prompt": [[[5] * 1025]]}, "prompt[0][0]", ITEMS_OVER),  # at any depth
+    ("/v1/completions", {"prompt": "sort", "logit_bias": {str(i): 0 for i in range(1025)}}, "logit_bias",
+     ITEMS_OVER),
+    ("/v1/embeddings", {"input": [[5]] * 1025}, "input", ITEMS_OVER),
+    ("/v1/generate", {"input_ids": [[]] * 200}, "body",  # 20 sequences a request: 104 lists and objects at most
+     "more than 104 lists and objects, more than a request here may hold"),
+    ("/v1/completions", {"prompt": "sort " * 2**21}, "body", None),
+    ("/v1/generate", {"text": "sort " * 2**21}, "body", None),
 ])
-def test_a_body_beyond_any_request_the_server_takes_is_refused_before_it_is_parsed(server, route, fields, param):
-    """A list of more items than twice any limit (512 prompt tokens here), or more bytes than the most sequences a
-    request may queue with the longest prompts (8912896 here), is a 400 naming it, before protobuf or pydantic parse the
-    body (2 million token ids took them 1-4 s of the replica's event loop before the prompt's length was checked).
-    Fails if a body is parsed whole first (the message then names the prompt's limit)."""
+def test_a_body_beyond_any_request_the_server_takes_is_refused_before_it_is_parsed(server, route, fields, param, why):
+    """A list or object of more items than twice any limit (512 prompt tokens here) at any depth, more lists and
+    objects than two for each sequence a request may queue and 64, or more bytes than the most sequences a request may
+    queue with the longest prompts (8912896 here), is a 400 naming it, before protobuf or pydantic parse the body (2
+    million token ids took them 1-4 s of the replica's event loop before the prompt's length was checked). Fails if
+    a body is parsed whole first (the message then names the prompt's limit, or the field's type)."""
     body = {"model": server["path"].name, **fields} if route != "/v1/generate" else fields
     size = len(json.dumps(body).encode())
     status, answer = post(f"{server['http']}{route}", body)
@@ -817,10 +843,21 @@ def test_a_body_beyond_any_request_the_server_takes_is_refused_before_it_is_pars
     error, field = (answer["error"], answer["field"]) if route == "/v1/generate" else (
         answer["error"]["message"], answer["error"]["param"] or "body")
     assert field == param
-    if param == "body":
-        assert error.endswith(f"{size} bytes, more than a request this server takes can have (8912896)")
-    else:
-        assert error.endswith("1025 items, more than any list of a request here may hold (1024)")
+    assert error.endswith(why or f"{size} bytes, more than a request this server takes can have (8912896)")
+
+
+def test_the_walks_over_a_body_make_no_path_for_a_number(monkeypatch):
+    """A body of many token ids in lists of lists is walked without a path made for each id (the surrogate walk made
+    one for every item: seconds and gigabytes for a body at the byte limit). Fails if either walk makes them."""
+    import router_service.server as server_module
+    from router_service.requests import BodyLimits
+
+    made, nested = [], server_module.nested
+    monkeypatch.setattr(server_module, "nested", lambda *args: made.extend(out := nested(*args)) or out)
+    body = {"prompt": [[5] * 1000 for _ in range(90)], "stop": ["a", "\udc00"]}
+    assert server_module.oversized(body, BodyLimits(bytes=2**30, items=1000, containers=100)) is None
+    assert server_module.unpaired_surrogate(body) == "stop[1]"
+    assert len(made) == 2 * 92  # by each walk: the 90 lists of ids, and the top's two lists or stop's two strings
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
