@@ -9,6 +9,7 @@ the heavy libraries it uses (torch, transformers, Ray, Serve, gRPC) only when it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -294,7 +295,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             for i, text in enumerate(prompts):
                 text_prompt_ids(tokenizer, text, vocab, config, f"texts[{i}]")
         stop = check_stop_strings(args.stop, has_tokenizer(folder))
-        results = generate_local(config, prompts, args.text is not None, args.logprobs, sampling, stop)
+        with stdout_for_json(args.json):
+            results = generate_local(config, prompts, args.text is not None, args.logprobs, sampling, stop)
     if args.json:
         print(json.dumps({"outputs": results}))
         return
@@ -464,11 +466,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         folder = checkpoint(args.shape)
     options = given(args, PlacementConfig) | given(args, EngineConfig) | given(args, ServerConfig)
-    report = run(folder, args.workload or list(BENCH_WORKLOADS), args.concurrency, args.requests, options,
-                 args.device, args.ingress)
+    with stdout_for_json(args.json):
+        report = run(folder, args.workload or list(BENCH_WORKLOADS), args.concurrency, args.requests, options,
+                     args.device, args.ingress)
     print_report(report, args.json)
     if args.plot:
         plot(report, args.plot)
+
+
+def stdout_for_json(as_json: bool) -> contextlib.AbstractContextManager:
+    """With --json, what is printed meanwhile (Ray's word of an actor's task retried as a cluster stops, say) goes to
+    stderr: stdout is the one JSON object, for a pipe or a file."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
 
 def check_plot(path: str) -> None:
@@ -482,7 +491,9 @@ def check_plot(path: str) -> None:
 def cmd_quality(args: argparse.Namespace) -> None:
     from cluster.quality import print_report, run
 
-    print_report(run(args.shape, args.requests, demo=not args.no_demo), args.json)
+    with stdout_for_json(args.json):
+        report = run(args.shape, args.requests, demo=not args.no_demo)
+    print_report(report, args.json)
 
 
 def cmd_soak(args: argparse.Namespace) -> None:

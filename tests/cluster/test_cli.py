@@ -418,6 +418,23 @@ def test_the_highest_port_and_as_many_concurrent_as_requests_are_taken(monkeypat
     assert [(r[2], r[3]) for r in runs] == [([4], 4)]
 
 
+def test_bench_json_is_the_only_thing_on_stdout(monkeypatch, capsys):
+    """What is printed during the run (Ray's word of a task retried as the cluster stops, printed on the driver's
+    stdout) goes to stderr: stdout parses as the report. Fails if it stays on stdout."""
+    from cluster import bench
+
+    def run(*args):
+        print("(raylet) Task ServeController.listen_for_change failed.")
+        return {"workloads": {}}
+
+    monkeypatch.setattr(bench, "checkpoint", lambda shape: Path(shape))
+    monkeypatch.setattr(bench, "run", run)
+    main(["bench", "--requests", "4", "--concurrency", "4", "--json"])
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"workloads": {}}
+    assert "listen_for_change" in err
+
+
 def test_soak_and_demo_refuse_a_checkpoint_without_a_tokenizer(checkpoint_factory, monkeypatch, capsys):
     """Both send text prompts: a checkpoint without a tokenizer is refused in one line before anything starts, not
     by the server prompt by prompt after the cluster has (a traceback). Fails if either starts."""
