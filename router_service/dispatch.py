@@ -48,8 +48,9 @@ def sorted_by(index: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, list[int
 
 
 class Routes(NamedTuple):
-    """Where a sparse layer's tokens go, built whole by `ExpertDispatcher.use` and read once a layer: a step still
-    running while new actors are taken up (its actors lost) routes by the old tables alone, never half of each."""
+    """Where a sparse layer's tokens go, built whole by `ExpertDispatcher.use` and read once a layer: a layer sent
+    while new actors are taken up (its actors lost) routes by the old tables alone, never half of each; the step's
+    later layers go by the new ones (the same experts: a link takes up only a fleet that serves the same config)."""
 
     actors: list  # in placement order
     local: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]]  # (wi, wo) of the experts computed here
@@ -186,10 +187,7 @@ class ExpertDispatcher:
                 self._compute_here(pending, index[here], expert)
                 pending.local_s = time.perf_counter() - computing
         except BaseException:  # its calls out would not be waited for: cancelled as late ones are (see cancel)
-            try:
-                pending.cancel()
-            except Exception as e:  # Ray itself failing, say: the error that stopped the layer is the one to raise
-                log.warning("cancelling a failed layer's calls failed: %s", e)
+            pending.cancel()
             raise
         return pending
 
@@ -312,12 +310,30 @@ class PendingDispatch:
     def cancel(self) -> list[int]:
         """Cancel the calls that have not answered, and return their actors' indices: left queued for an actor that is
         restarting, they would run once it is back, ahead of the calls that still matter. (Ray runs a call already
-        sent to a live actor all the same.)"""
-        ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=0) if self.calls else ([], [])
-        late = [(actor, call) for actor, call in zip(self.called, self.calls) if call not in ready]
-        for _, call in late:
-            ray.cancel(call)
+        sent to a live actor all the same.) An answer not yet copied to this node counts as one (fetch_local off):
+        its actor is not late. Where Ray fails to say or to cancel, every actor called is named."""
+        try:
+            ready, _ = ray.wait(self.calls, num_returns=len(self.calls), timeout=0,
+                                fetch_local=False) if self.calls else ([], [])
+            late = [(actor, call) for actor, call in zip(self.called, self.calls) if call not in ready]
+            for _, call in late:
+                ray.cancel(call)
+        except Exception:  # the error that ended the layer is the one to raise
+            log.exception("cancelling a layer's calls failed")
+            return sorted(set(self.called))
         return [actor for actor, _ in late]
+
+    def _answers(self, timeout_s: float | None = None) -> list:
+        """The calls' answers; an actor gone for good, or with the fleet that owned it, told to the link."""
+        try:
+            return ray.get(self.calls, timeout=timeout_s)
+        except ray.exceptions.RayActorError as e:
+            if self.dispatcher.on_lost is not None:
+                try:
+                    self.dispatcher.on_lost(e, self.routes.actors)
+                except Exception:  # the batch's requests still get the error that says what happened
+                    log.exception("telling the expert link of lost actors failed")
+            raise
 
     def result(self) -> torch.Tensor:
         """Expert outputs [tokens, d_model] in token order, zero where not kept. Waits for every call."""
@@ -326,22 +342,20 @@ class PendingDispatch:
         if self.calls:
             began = time.perf_counter()
             try:
-                results = ray.get(self.calls, timeout=d.timeout_s)
+                results = self._answers(d.timeout_s)
             except ray.exceptions.GetTimeoutError:
                 late = self.cancel()
-                error = ExpertsUnavailable(
-                    f"expert actors {late} did not answer {self.stack} layer {self.layer} within {d.timeout_s:g} s "
-                    "(restarting, no room to restart them, or busy for longer than restart_timeout_s)")
-                if d.on_late is not None:
-                    try:
-                        d.on_late(error, late, self.routes.actors)
-                    except Exception:  # the batch's requests still get the error that says what happened
-                        log.exception("telling the expert link of late actors failed")
-                raise error from None
-            except ray.exceptions.RayActorError as e:  # gone for good, or with the fleet that owned them
-                if d.on_lost is not None:
-                    d.on_lost(e, self.routes.actors)
-                raise
+                if late:
+                    error = ExpertsUnavailable(
+                        f"expert actors {late} did not answer {self.stack} layer {self.layer} within {d.timeout_s:g} "
+                        "s (restarting, no room to restart them, or busy for longer than restart_timeout_s)")
+                    if d.on_late is not None:
+                        try:
+                            d.on_late(error, late, self.routes.actors)
+                        except Exception:  # the batch's requests still get the error that says what happened
+                            log.exception("telling the expert link of late actors failed")
+                    raise error from None
+                results = self._answers()  # every call answered between the timeout and the look
             # What the front spent sending and then waiting: with micro-batches, the rest of the round trip
             # overlaps the front's work on another micro-batch.
             waited = time.perf_counter() - began

@@ -432,8 +432,8 @@ class SwitchCluster:
         except ray.exceptions.GetTimeoutError:  # busy: taken up again shortly, not served without these for good
             raise ExpertsUnavailable(f"the expert actors did not say where they run within {FLEET_POLL_S:g} s") \
                 from None
-        except Exception:  # lost already: the link finds out and asks again
-            return {}, {}
+        except Exception as e:  # lost already: taken up again at the link's next look, not served dead meanwhile
+            raise ExpertsUnavailable(f"the expert actors were lost as they were taken up ({first_line(e)})") from None
         device, experts = self.front.device, self.checkpoint.config.num_experts
         keys = experts_beside(infos, here, gpu_uuid(device))
         # Those held already are kept: built again, each would be packed or quantized again while the old copies

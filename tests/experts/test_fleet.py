@@ -504,6 +504,25 @@ def test_a_ping_left_unanswered_is_left_for_the_actor_to_answer(monkeypatch):
     assert fleet.dead_for_good(handles) == []
 
 
+def test_a_ping_answered_with_an_error_counts_its_actor_alive_and_the_rest_are_looked_at(monkeypatch):
+    """An actor whose info() raises (a RayTaskError: it answered) is alive; the others are still looked at. Fails if
+    the error escapes (the link's every look would then end there, never seeing its fleet start again)."""
+    import ray
+
+    handles = [types.SimpleNamespace(info=types.SimpleNamespace(remote=lambda i=i: i)) for i in range(3)]
+
+    def get(ping):
+        if ping == 0:
+            raise ray.exceptions.RayTaskError("info", "Traceback ...", ValueError("no"))
+        if ping == 2:
+            raise ray.exceptions.RayActorError()
+        return {"pid": 1}
+
+    monkeypatch.setattr(fleet.ray, "wait", lambda pings, num_returns, timeout: (pings, []))
+    monkeypatch.setattr(fleet.ray, "get", get)
+    assert fleet.dead_for_good(handles) == [2]
+
+
 def test_a_fleet_waiting_for_room_says_whether_the_fleet_it_replaces_holds_groups(tmp_path, monkeypatch):
     """A new config's fleet that finds no room while another version of its family (the fleet it replaces, keeping
     its actors for the old fronts) holds placement groups says so, which its fronts start on without their experts;

@@ -159,25 +159,80 @@ def test_a_call_that_finds_its_actor_dead_tells_the_link_and_fails(monkeypatch):
 
 
 def test_calls_that_time_out_are_cancelled_and_the_late_actors_named(monkeypatch):
-    """A sparse layer whose actors do not answer within the restart timeout fails, naming them, and cancels its calls
-    still out: left queued on an actor that is restarting, they would be computed for nothing once it is back, ahead
-    of the next requests' calls. Fails if a late call is left queued, or one that answered is cancelled."""
+    """A sparse layer whose actors do not answer within the restart timeout fails, naming them to its requests and to
+    the link (on_late), and cancels its calls still out: left queued on an actor that is restarting, they would be
+    computed for nothing once it is back, ahead of the next requests' calls. An answer not yet copied to this node is
+    an answer (fetch_local off). Fails if a late call is left queued, one that answered is cancelled, or the link is
+    not told."""
     import ray
 
     def late(refs, timeout=None):
         raise ray.exceptions.GetTimeoutError()
 
-    cancelled = []
+    def wait(refs, num_returns, timeout, fetch_local=True):
+        assert not fetch_local  # an answer still on another node is not late
+        return [refs[0]], refs[1:]
+
+    cancelled, told = [], []
     monkeypatch.setattr(dispatch.ray, "get", late)
-    monkeypatch.setattr(dispatch.ray, "wait", lambda refs, num_returns, timeout: ([refs[0]], refs[1:]))
+    monkeypatch.setattr(dispatch.ray, "wait", wait)
     monkeypatch.setattr(dispatch.ray, "cancel", cancelled.append)
-    dispatcher = ExpertDispatcher([RecordingActor(i, []) for i in range(3)], {LAYER: {0: [0], 1: [1], 2: [2]}},
-                                  num_experts=3, timeout_s=20)
+    actors = [RecordingActor(i, []) for i in range(3)]
+    dispatcher = ExpertDispatcher(actors, {LAYER: {0: [0], 1: [1], 2: [2]}}, num_experts=3, timeout_s=20)
+    dispatcher.on_late = lambda error, late, called: told.append((late, called))
     pending = dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 2]), None)
     with pytest.raises(dispatch.ExpertsUnavailable, match=r"expert actors \[1, 2\] did not answer decoder layer 1 "
                                                           r"within 20 s"):
         pending.result()
     assert cancelled == pending.calls[1:]
+    assert told == [([1, 2], actors)]
+
+
+def test_a_layer_whose_late_calls_ray_cannot_cancel_names_every_actor_it_called(monkeypatch):
+    """Ray failing at the look at which calls are late: the layer's own error is raised, naming every actor it
+    called, and the link is told of them all. Fails if Ray's error replaces it (the link never told: each new batch
+    would wait out the timeout again)."""
+    import ray
+
+    def late(refs, timeout=None):
+        raise ray.exceptions.GetTimeoutError()
+
+    def wait(*args, **kwargs):
+        raise RuntimeError("the raylet is gone")
+
+    told = []
+    monkeypatch.setattr(dispatch.ray, "get", late)
+    monkeypatch.setattr(dispatch.ray, "wait", wait)
+    dispatcher = ExpertDispatcher([RecordingActor(i, []) for i in range(3)], {LAYER: {0: [0], 1: [1], 2: [2]}},
+                                  num_experts=3, timeout_s=20)
+    dispatcher.on_late = lambda error, late, called: told.append(late)
+    with pytest.raises(dispatch.ExpertsUnavailable, match=r"expert actors \[0, 1, 2\] did not answer"):
+        dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 2]), None).result()
+    assert told == [[0, 1, 2]]
+
+
+def test_calls_that_all_answer_between_the_timeout_and_the_look_are_the_layers_result(monkeypatch):
+    """The restart timeout passes, and by the look at which calls are late every one has answered: the layer has its
+    outputs, no actor is named late. Fails if the layer fails (its requests a 503 for nothing, the front not ready
+    until its actors answer a ping)."""
+    import ray
+
+    answers = iter([ray.exceptions.GetTimeoutError(), None])
+
+    def get(refs, timeout=None):
+        if (error := next(answers)) is not None:
+            raise error
+        return [to_wire(torch.full((1, 8), float(i))) for i in range(3)]
+
+    told = []
+    monkeypatch.setattr(dispatch.ray, "get", get)
+    monkeypatch.setattr(dispatch.ray, "wait", lambda refs, num_returns, timeout, fetch_local: (refs, []))
+    monkeypatch.setattr(dispatch.ray, "cancel", lambda call: pytest.fail("an answered call cancelled"))
+    dispatcher = ExpertDispatcher([RecordingActor(i, []) for i in range(3)], {LAYER: {0: [0], 1: [1], 2: [2]}},
+                                  num_experts=3, timeout_s=20)
+    dispatcher.on_late = lambda *args: told.append(args)
+    out = dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([2, 0, 1]), None).result()
+    assert out[:, 0].tolist() == [2.0, 0.0, 1.0] and not told
 
 
 @pytest.mark.parametrize("failing", ["here", "the second call"])
@@ -185,7 +240,7 @@ def test_a_layer_that_fails_as_it_is_sent_cancels_the_calls_it_sent(monkeypatch,
     """Its expert computed here fails (out of memory, say), or its second call cannot be sent: the first call is
     out, and no one will wait for it. Fails if it is left queued (see the test above)."""
     cancelled = []
-    monkeypatch.setattr(dispatch.ray, "wait", lambda refs, num_returns, timeout: ([], refs))
+    monkeypatch.setattr(dispatch.ray, "wait", lambda refs, num_returns, timeout, fetch_local: ([], refs))
     monkeypatch.setattr(dispatch.ray, "cancel", cancelled.append)
     def fails(*args):
         raise MemoryError("out of memory")

@@ -211,8 +211,8 @@ def test_asking_the_actors_waits_as_long_as_a_step_would_then_says_so(monkeypatc
 def test_actors_too_busy_to_say_where_they_run_are_taken_up_again_not_left_to_their_round_trips(monkeypatch):
     """At take-up, actors that do not say within FLEET_POLL_S where they run (busy with other fronts' long prompts)
     fail the take-up, which the link tries again: the front is not left computing none of its node's experts until
-    the next loss. Actors already lost leave the take-up to the link's next look, as before. Fails if a busy fleet
-    is taken up without the experts beside the front."""
+    the next loss. Actors already lost fail it too: the front is not made ready with actors it found dead. Fails if
+    a busy or lost fleet is taken up (without the experts beside the front, or with dead actors)."""
     from types import SimpleNamespace
 
     import ray
@@ -231,7 +231,8 @@ def test_actors_too_busy_to_say_where_they_run_are_taken_up_again_not_left_to_th
     with pytest.raises(ExpertsUnavailable, match="did not say where they run within 5 s"):
         SwitchCluster._local_experts(model, [actor])
     failure = ray.exceptions.RayActorError()
-    assert SwitchCluster._local_experts(model, [actor]) == ({}, {})
+    with pytest.raises(ExpertsUnavailable, match="the expert actors were lost as they were taken up"):
+        SwitchCluster._local_experts(model, [actor])
 
 
 def test_a_served_front_waits_for_its_experts_however_long_saying_what_they_wait_for(caplog):
