@@ -86,6 +86,10 @@ class ExpertsUnavailable(RuntimeError):
     the requests fail, retryable."""
 
 
+class CallsUnanswered(ExpertsUnavailable):
+    """A layer's calls that did not answer within the restart timeout."""
+
+
 class ExpertDispatcher:
     """One call per actor that has tokens, all in flight at once; results put back in token order.
 
@@ -323,6 +327,21 @@ class PendingDispatch:
             return sorted(set(self.called))
         return [actor for actor, _ in late]
 
+    def abandon(self, error: BaseException) -> None:
+        """Cancel the calls, another micro-batch of the step having failed with `error`. Where that was its actors
+        answering late, the calls of this one still out have waited about as long: their actors are told to the link
+        as late too (else the next batch would wait out the restart timeout on them in turn)."""
+        late = self.cancel()
+        if late and isinstance(error, CallsUnanswered):
+            self._tell_late(error, late)
+
+    def _tell_late(self, error: CallsUnanswered, late: list[int]) -> None:
+        if self.dispatcher.on_late is not None:
+            try:
+                self.dispatcher.on_late(error, late, self.routes.actors)
+            except Exception:  # the batch's requests still get the error that says what happened
+                log.exception("telling the expert link of late actors failed")
+
     def _answers(self, timeout_s: float | None = None) -> list:
         """The calls' answers; an actor gone for good, or with the fleet that owned it, told to the link."""
         try:
@@ -346,14 +365,10 @@ class PendingDispatch:
             except ray.exceptions.GetTimeoutError:
                 late = self.cancel()
                 if late:
-                    error = ExpertsUnavailable(
+                    error = CallsUnanswered(
                         f"expert actors {late} did not answer {self.stack} layer {self.layer} within {d.timeout_s:g} "
                         "s (restarting, no room to restart them, or busy for longer than restart_timeout_s)")
-                    if d.on_late is not None:
-                        try:
-                            d.on_late(error, late, self.routes.actors)
-                        except Exception:  # the batch's requests still get the error that says what happened
-                            log.exception("telling the expert link of late actors failed")
+                    self._tell_late(error, late)
                     raise error from None
                 results = self._answers()  # every call answered between the timeout and the look
             # What the front spent sending and then waiting: with micro-batches, the rest of the round trip

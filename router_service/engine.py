@@ -129,7 +129,12 @@ class ExpertLink:
         """A layer's calls went unanswered past the restart timeout (the dispatcher tells, from the batching thread):
         until those actors answer, the front takes no requests (each batch would wait as long and fail) and says why."""
         with self._taking:
-            if not late or actors != self.dispatcher.actors or not self.ready.is_set():
+            if not late or actors != self.dispatcher.actors:
+                return
+            if self._late is not None:  # another micro-batch's layer of the same step, say: waited for too
+                self._late.add({i: actors[i] for i in late})
+                return
+            if not self.ready.is_set():
                 return
             self._late = LateActors({i: actors[i] for i in late})
             log.warning("%s; serving nothing until they answer", first_line(why))
@@ -145,7 +150,7 @@ class ExpertLink:
         with self._taking:
             if self._late is not late:  # a loss told meanwhile (_on_lost)
                 return True
-            if answered is None:
+            if answered is None or (answered and late.pings):  # (pings: actors added meanwhile, see _on_late)
                 return False
             self._late = None
             if answered:
@@ -237,6 +242,13 @@ class LateActors:
     def __init__(self, actors: dict):
         self.actors = actors  # by index in the placement
         self.pings = {i: actor.info.remote() for i, actor in actors.items()}  # of those yet to answer
+
+    def add(self, actors: dict) -> None:
+        """Those of `actors` not pinged yet, pinged too."""
+        for i, actor in actors.items():
+            if i not in self.actors:
+                self.actors[i] = actor
+                self.pings[i] = actor.info.remote()
 
     def answered(self, timeout_s: float) -> bool | None:
         """Waits up to `timeout_s` for the pings: True once every actor has answered alive, False where one is dead (or

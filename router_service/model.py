@@ -30,9 +30,9 @@ from experts.spec import (
 
 # The front's dispatch (router_service.dispatch.ExpertDispatcher): `dispatch.send(stack, layer, tokens [N,
 # d_model], expert [N], keep [N] or None for all)` starts the expert calls and returns a handle whose `.result()` is
-# the expert outputs [N, d_model], zero where not kept; `dispatch.settle()` is told when a pass's results are back
-# from the device. A micro-batch's math is a generator that yields that handle at each sparse layer and is resumed
-# with the outputs.
+# the expert outputs [N, d_model], zero where not kept, and whose `.abandon(error)` cancels its calls where another
+# micro-batch failed with `error`; `dispatch.settle()` is told when a pass's results are back from the device. A
+# micro-batch's math is a generator that yields that handle at each sparse layer and is resumed with the outputs.
 MicroBatch = Generator
 
 # The names' endings of the front's weights that multiply activations, besides the fused attention weights and a tied
@@ -53,10 +53,10 @@ def run_overlapped(micro_batches: list[MicroBatch]) -> list:
                 except StopIteration as finished:
                     results[j] = finished.value
                     live.remove(j)
-    except BaseException:  # the others' calls in flight too (see PendingDispatch.cancel)
+    except BaseException as e:  # the others' calls in flight too (see PendingDispatch.abandon)
         for j in live:
             if pending[j] is not None:
-                pending[j].cancel()
+                pending[j].abandon(e)
         raise
     return results
 

@@ -211,6 +211,26 @@ def test_a_layer_whose_late_calls_ray_cannot_cancel_names_every_actor_it_called(
     assert told == [[0, 1, 2]]
 
 
+def test_calls_abandoned_for_another_layers_late_actors_name_their_own_late_ones(monkeypatch):
+    """Another micro-batch's layer of the step failed on actors past the restart timeout: this layer's calls still
+    out are cancelled, and their actors told to the link as late too (they have waited about as long); abandoned for
+    another failure, they are cancelled alone. Fails if the link is not told (the next batch would wait out the
+    timeout on them in turn), or is told of a failure that was not lateness."""
+    cancelled, told = [], []
+    monkeypatch.setattr(dispatch.ray, "wait", lambda refs, num_returns, timeout, fetch_local: ([refs[0]], refs[1:]))
+    monkeypatch.setattr(dispatch.ray, "cancel", cancelled.append)
+    actors = [RecordingActor(i, []) for i in range(3)]
+    dispatcher = ExpertDispatcher(actors, {LAYER: {0: [0], 1: [1], 2: [2]}}, num_experts=3, timeout_s=20)
+    dispatcher.on_late = lambda error, late, called: told.append((late, called))
+    late = dispatch.CallsUnanswered("expert actors [4] did not answer decoder layer 3 within 20 s")
+    pending = dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 2]), None)
+    pending.abandon(late)
+    assert cancelled == pending.calls[1:] and told == [([1, 2], actors)]
+    pending = dispatcher.send(*LAYER, torch.randn(3, 8), torch.tensor([0, 1, 2]), None)
+    pending.abandon(MemoryError("out of memory"))
+    assert cancelled[2:] == pending.calls[1:] and len(told) == 1
+
+
 def test_calls_that_all_answer_between_the_timeout_and_the_look_are_the_layers_result(monkeypatch):
     """The restart timeout passes, and by the look at which calls are late every one has answered: the layer has its
     outputs, no actor is named late. Fails if the layer fails (its requests a 503 for nothing, the front not ready

@@ -122,18 +122,35 @@ class StandInLate:
     made: list = []
 
     def __init__(self, actors: dict):
-        self.actors = actors
+        self.actors, self.pings = actors, {}
         StandInLate.made.append(self)
+
+    def add(self, actors: dict) -> None:
+        self.actors = actors | self.actors
 
     def answered(self, timeout_s: float) -> bool | None:
         time.sleep(0.02)  # a real one waits for its pings
         return StandInLate.answer
 
 
+def test_late_actors_added_are_pinged_once():
+    """Actors told late while others are waited for are pinged too; one already waited for is not pinged again.
+    Fails if an added actor is not waited for."""
+    pinged = []
+
+    def actor(name):
+        return SimpleNamespace(info=SimpleNamespace(remote=lambda: pinged.append(name) or f"ping {name}"))
+
+    late = engine.LateActors({1: actor("actor 1")})
+    late.add({1: actor("actor 1 again"), 0: actor("actor 0")})
+    assert pinged == ["actor 1", "actor 0"] and late.pings == {1: "ping actor 1", 0: "ping actor 0"}
+
+
 def test_a_front_with_late_actors_waits_for_them_before_anything_else(monkeypatch):
     """Calls unanswered past restart_timeout_s: the front serves nothing until those actors answer, and meanwhile
     looks at nothing else (a draining front whose fleet handle answers for another config stayed down for good
-    when it did); once they answer it serves again with the same actors, not taken up anew. A loss told meanwhile,
+    when it did); once they answer it serves again with the same actors, not taken up anew; late actors told while
+    it waits (another micro-batch's) are waited for too. A loss told meanwhile,
     or a late actor found dead, sends it to its fleet's actors (one dead for good: the fleet starts it again)."""
     monkeypatch.setattr(engine, "LateActors", StandInLate)
     monkeypatch.setattr(StandInLate, "made", [])
@@ -148,6 +165,8 @@ def test_a_front_with_late_actors_waits_for_them_before_anything_else(monkeypatc
         dispatcher.on_late(late, [1], ["actor 0", "actor 1"])
         assert not link.ready.is_set() and StandInLate.made[-1].actors == {1: "actor 1"}
         assert link.status == f"{late}; waiting for them to answer"
+        dispatcher.on_late(late, [0], ["actor 0", "actor 1"])  # another micro-batch's layer of the step: waited for too
+        assert len(StandInLate.made) == 1 and StandInLate.made[-1].actors == {0: "actor 0", 1: "actor 1"}
         fleet.view = FleetActors([], "ready", "other", "experts-other-config")  # as during a config change
         looks = counted_looks(fleet)
         time.sleep(LINK_CHECK_S + 0.5)

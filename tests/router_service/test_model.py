@@ -131,20 +131,21 @@ def test_length_groups_pad_least(lengths):
 
 def test_a_micro_batch_that_fails_cancels_the_others_calls():
     """Micro-batches in turns: where one's expert calls fail (actors down past the restart timeout), the calls the
-    others have out are cancelled too, not left queued for the actors to compute once back, ahead of the next
-    requests'. Fails if only the failing layer's calls are cancelled."""
+    others have out are abandoned too, told the error (PendingDispatch.abandon): not left queued for the actors to
+    compute once back, ahead of the next requests'. Fails if only the failing layer's calls are cancelled."""
+    failure = ExpertsUnavailable("expert actors [1] did not answer")
+
     class Calls:
         def __init__(self, fails: bool):
-            self.fails, self.cancelled = fails, False
+            self.fails, self.cancelled = fails, None
 
         def result(self):
             if self.fails:
-                raise ExpertsUnavailable("expert actors [1] did not answer")
+                raise failure
             return "outputs"
 
-        def cancel(self):
-            self.cancelled = True
-            return []
+        def abandon(self, error):
+            self.cancelled = error
 
     first, second = Calls(fails=False), Calls(fails=True)
     done = Calls(fails=False)
@@ -155,7 +156,7 @@ def test_a_micro_batch_that_fails_cancels_the_others_calls():
 
     with pytest.raises(ExpertsUnavailable):
         run_overlapped([micro_batch(done), micro_batch(second), micro_batch(first, first)])
-    assert second.cancelled and first.cancelled and not done.cancelled
+    assert second.cancelled is failure and first.cancelled is failure and done.cancelled is None
 
 
 @torch.inference_mode()
