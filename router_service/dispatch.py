@@ -336,22 +336,23 @@ class PendingDispatch:
             self._tell_late(error, late)
 
     def _tell_late(self, error: CallsUnanswered, late: list[int]) -> None:
-        if self.dispatcher.on_late is not None:
+        self._tell_link(self.dispatcher.on_late, "late", error, late, self.routes.actors)
+
+    def _tell_link(self, tell, what: str, *args) -> None:
+        """`tell(*args)`, the link's on_late or on_lost where set; its failure logged, not raised: the batch's
+        requests still get the error that says what happened."""
+        if tell is not None:
             try:
-                self.dispatcher.on_late(error, late, self.routes.actors)
-            except Exception:  # the batch's requests still get the error that says what happened
-                log.exception("telling the expert link of late actors failed")
+                tell(*args)
+            except Exception:
+                log.exception("telling the expert link of %s actors failed", what)
 
     def _answers(self, timeout_s: float | None = None) -> list:
         """The calls' answers; an actor gone for good, or with the fleet that owned it, told to the link."""
         try:
             return ray.get(self.calls, timeout=timeout_s)
         except ray.exceptions.RayActorError as e:
-            if self.dispatcher.on_lost is not None:
-                try:
-                    self.dispatcher.on_lost(e, self.routes.actors)
-                except Exception:  # the batch's requests still get the error that says what happened
-                    log.exception("telling the expert link of lost actors failed")
+            self._tell_link(self.dispatcher.on_lost, "lost", e, self.routes.actors)
             raise
 
     def result(self) -> torch.Tensor:

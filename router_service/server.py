@@ -161,7 +161,12 @@ def as_openai_error(e: Exception) -> OpenAIError:
 
 def openai_error(e: Exception) -> JSONResponse:
     error = as_openai_error(e)
-    return JSONResponse(error.body(), status_code=error.status, headers=CHALLENGE if error.status == 401 else None)
+    return error_response(error.body(), error.status)
+
+
+def error_response(body: dict, status: int) -> JSONResponse:
+    """An error's JSON body with its status; a 401 with the scheme to authenticate by (CHALLENGE)."""
+    return JSONResponse(body, status_code=status, headers=CHALLENGE if status == 401 else None)
 
 
 def prompt_tokens(request: CompletionRequest, choices: list[tuple[Sequence, tuple]]) -> int:
@@ -188,7 +193,7 @@ def http_error(e: Exception) -> JSONResponse:
     body = {"error": first_line(e)}
     if isinstance(e, InvalidRequest):
         body["field"] = e.field
-    return JSONResponse(body, status_code=status, headers=CHALLENGE if status == 401 else None)
+    return error_response(body, status)
 
 
 # What in a body's UTF-8 bytes can make json.loads return a lone surrogate: the escape of one ("\\ud800", the halves
